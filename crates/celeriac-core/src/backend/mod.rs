@@ -1,0 +1,96 @@
+//! The result backend contract: where task states and results are kept.
+//!
+//! [`ResultBackend::store`] respects state precedence (see
+//! [`TaskState::may_be_replaced_by`](crate::TaskState::may_be_replaced_by)): a late STARTED or a
+//! duplicate run never overwrites SUCCESS. [`ResultBackend::wait`] returns when the task is
+//! ready; drivers that can push (Redis pub/sub, Postgres LISTEN) do, the others poll with a
+//! bounded backoff via [`poll_until_ready`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::broker::BoxFuture;
+use crate::error::{Error, ErrorKind, Result};
+use crate::meta::TaskMeta;
+
+/// A result backend chosen at run time.
+pub type DynBackend = Arc<dyn ResultBackend>;
+
+/// A store of task results.
+pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
+    /// The driver's name, e.g. `sqlite`.
+    fn driver(&self) -> &'static str;
+
+    /// Stores `meta` unless the stored state takes precedence; returns whether it was written.
+    fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>>;
+
+    /// The stored record of `task_id`, if any (an unknown id is PENDING to callers).
+    fn get<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<Option<TaskMeta>>>;
+
+    /// Waits until `task_id` is ready; fails with [`ErrorKind::Timeout`] after `timeout`.
+    fn wait<'a>(
+        &'a self,
+        task_id: &'a str,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<TaskMeta>>;
+
+    /// Deletes the record of `task_id`.
+    fn forget<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<()>>;
+
+    /// Saves the member ids of a group.
+    fn save_group<'a>(
+        &'a self,
+        group_id: &'a str,
+        task_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<()>>;
+
+    /// The member ids of a saved group.
+    fn restore_group<'a>(&'a self, group_id: &'a str)
+    -> BoxFuture<'a, Result<Option<Vec<String>>>>;
+
+    /// Atomically adds `by` to the counter `key` and returns the new value (chord counting).
+    fn incr<'a>(&'a self, key: &'a str, by: i64) -> BoxFuture<'a, Result<i64>>;
+
+    /// Closes the backend.
+    fn close(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+/// Waits for a ready record by polling `get`, backing off from 1 ms to `max_interval`.
+///
+/// For drivers that cannot push; the first checks are quick so short tasks are seen at once.
+pub async fn poll_until_ready<B: ResultBackend + ?Sized>(
+    backend: &B,
+    task_id: &str,
+    timeout: Option<Duration>,
+    max_interval: Duration,
+) -> Result<TaskMeta> {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut interval = Duration::from_millis(1);
+    loop {
+        if let Some(meta) = backend.get(task_id).await? {
+            if meta.status.is_ready() {
+                return Ok(meta);
+            }
+        }
+        let mut sleep = interval;
+        if let Some(deadline) = deadline {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(timeout_error(task_id, timeout));
+            }
+            sleep = sleep.min(deadline - now);
+        }
+        tokio::time::sleep(sleep).await;
+        interval = (interval * 2).min(max_interval);
+    }
+}
+
+/// The error `wait` returns when the timeout passes.
+pub fn timeout_error(task_id: &str, timeout: Option<Duration>) -> Error {
+    let secs = timeout.map_or(0.0, |t| t.as_secs_f64());
+    Error::new(
+        ErrorKind::Timeout,
+        format!("task {task_id} not ready after {secs:.3}s"),
+    )
+}

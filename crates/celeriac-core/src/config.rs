@@ -1,0 +1,316 @@
+//! Configuration: defaults, then `celeriac.toml`, then `CELERIAC_*` environment variables.
+//!
+//! This is the only module that reads the environment.
+//!
+//! ```toml
+//! broker_url = "sqlite://celeriac.db"
+//! result_backend = "sqlite://celeriac.db"
+//! default_queue = "celery"
+//! result_expires = 86400          # seconds; 0 keeps results forever
+//! visibility_timeout = 3600       # seconds a delivery stays leased
+//!
+//! [routes]
+//! "tasks.send_*" = "email"        # task-name glob -> queue
+//!
+//! [worker]
+//! concurrency = 8
+//! pool = "async"                  # async | threads
+//! queues = ["celery", "email"]
+//! prefetch_buffer = 4
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Error, Result};
+
+/// The file read by [`Config::load`] when present in the working directory.
+pub const DEFAULT_FILE: &str = "celeriac.toml";
+
+/// The URL used when none is configured: a SQLite file in the working directory.
+pub const DEFAULT_URL: &str = "sqlite://celeriac.db";
+
+/// Application configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Config {
+    /// Broker URL (`sqlite://path`, `memory://`, ...). Default: [`DEFAULT_URL`].
+    pub broker_url: Option<String>,
+    /// Result backend URL. Default: the broker URL.
+    pub result_backend: Option<String>,
+    /// Queue for tasks with no queue option and no route. Default `celery`.
+    pub default_queue: String,
+    /// How long results are kept; `None` keeps them. Default one day.
+    #[serde(deserialize_with = "opt_secs")]
+    pub result_expires: Option<Duration>,
+    /// How long a delivery stays leased before it is handed out again. Default one hour.
+    #[serde(deserialize_with = "secs")]
+    pub visibility_timeout: Duration,
+    /// Body serializer: `json` (default) or `msgpack`.
+    pub serializer: String,
+    /// Store STARTED when a task begins (per-task option wins when set). Default false.
+    pub track_started: bool,
+    /// Task-name glob → queue.
+    pub routes: BTreeMap<String, String>,
+    /// Worker settings.
+    pub worker: WorkerConfig,
+}
+
+/// Worker settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct WorkerConfig {
+    /// Tasks run at once. Default: the number of CPUs.
+    pub concurrency: usize,
+    /// `async` or `threads`.
+    pub pool: String,
+    /// Queues to consume. Default: the default queue.
+    pub queues: Vec<String>,
+    /// Deliveries held beyond what can run at once. Default 4.
+    pub prefetch_buffer: usize,
+    /// Node name; default `celeriac@<host>`.
+    pub hostname: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            broker_url: None,
+            result_backend: None,
+            default_queue: "celery".to_owned(),
+            result_expires: Some(Duration::from_secs(86_400)),
+            visibility_timeout: Duration::from_secs(3600),
+            serializer: "json".to_owned(),
+            track_started: false,
+            routes: BTreeMap::new(),
+            worker: WorkerConfig::default(),
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            pool: "async".to_owned(),
+            queues: Vec::new(),
+            prefetch_buffer: 4,
+            hostname: None,
+        }
+    }
+}
+
+fn secs<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let s = f64::deserialize(d)?;
+    Duration::try_from_secs_f64(s).map_err(serde::de::Error::custom)
+}
+
+fn opt_secs<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
+    let s = f64::deserialize(d)?;
+    if s == 0.0 {
+        return Ok(None);
+    }
+    Duration::try_from_secs_f64(s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+impl Config {
+    /// Defaults, then `$CELERIAC_CONFIG` or `./celeriac.toml` if present, then the environment.
+    pub fn load() -> Result<Self> {
+        let path = std::env::var_os("CELERIAC_CONFIG").map(PathBuf::from);
+        let explicit = path.is_some();
+        let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_FILE));
+        let file = match std::fs::read_to_string(&path) {
+            Ok(text) => Some((path, text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => None,
+            Err(e) => {
+                return Err(
+                    Error::config(format!("cannot read config file {}", path.display()))
+                        .with_source(e),
+                );
+            }
+        };
+        let file = file.as_ref().map(|(p, t)| (p.as_path(), t.as_str()));
+        Self::from_sources(file, |k| std::env::var(k).ok())
+    }
+
+    /// Builds a config from file text (with its path, for messages) and an environment lookup.
+    pub fn from_sources(
+        file: Option<(&Path, &str)>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let mut cfg = match file {
+            Some((path, text)) => toml::from_str::<Config>(text).map_err(|e| {
+                Error::config(format!("invalid config file {}", path.display())).with_source(e)
+            })?,
+            None => Config::default(),
+        };
+        if let Some(v) = env("CELERIAC_BROKER_URL") {
+            cfg.broker_url = Some(v);
+        }
+        if let Some(v) = env("CELERIAC_RESULT_BACKEND") {
+            cfg.result_backend = Some(v);
+        }
+        if let Some(v) = env("CELERIAC_DEFAULT_QUEUE") {
+            cfg.default_queue = v;
+        }
+        if let Some(v) = env("CELERIAC_SERIALIZER") {
+            cfg.serializer = v;
+        }
+        if let Some(v) = env("CELERIAC_CONCURRENCY") {
+            cfg.worker.concurrency = v.parse().map_err(|_| {
+                Error::config(format!("CELERIAC_CONCURRENCY must be a number, got {v:?}"))
+            })?;
+        }
+        if let Some(v) = env("CELERIAC_QUEUES") {
+            cfg.worker.queues = v
+                .split(',')
+                .map(str::trim)
+                .filter(|q| !q.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        crate::protocol::ContentType::from_name(&self.serializer)?;
+        if self.worker.concurrency == 0 {
+            return Err(Error::config("worker.concurrency must be at least 1"));
+        }
+        if !matches!(self.worker.pool.as_str(), "async" | "threads") {
+            return Err(Error::config(format!(
+                "unknown pool {:?} (known: async, threads)",
+                self.worker.pool
+            )));
+        }
+        if self.default_queue.is_empty() {
+            return Err(Error::config("default_queue must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The broker URL in effect.
+    pub fn broker_url(&self) -> &str {
+        self.broker_url.as_deref().unwrap_or(DEFAULT_URL)
+    }
+
+    /// The result backend URL in effect.
+    pub fn result_backend_url(&self) -> &str {
+        self.result_backend
+            .as_deref()
+            .unwrap_or_else(|| self.broker_url())
+    }
+
+    /// The queue a task goes to by the routes, if one matches (first match in glob order).
+    pub fn route(&self, task: &str) -> Option<&str> {
+        self.routes
+            .iter()
+            .find(|(pattern, _)| glob_match(pattern, task))
+            .map(|(_, q)| q.as_str())
+    }
+}
+
+/// Matches `name` against a pattern where `*` stands for any run of characters.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_are_celerys() {
+        let c = Config::from_sources(None, no_env).unwrap();
+        assert_eq!(c.default_queue, "celery");
+        assert_eq!(c.broker_url(), DEFAULT_URL);
+        assert_eq!(c.result_backend_url(), DEFAULT_URL);
+        assert_eq!(c.result_expires, Some(Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let text = r#"
+            broker_url = "sqlite://file.db"
+            result_expires = 0
+            [routes]
+            "tasks.send_*" = "email"
+            "tasks.*" = "default"
+            [worker]
+            concurrency = 3
+            queues = ["a"]
+        "#;
+        let env = |k: &str| (k == "CELERIAC_BROKER_URL").then(|| "memory://".to_owned());
+        let c = Config::from_sources(Some((Path::new("celeriac.toml"), text)), env).unwrap();
+        assert_eq!(c.broker_url(), "memory://");
+        assert_eq!(c.result_expires, None);
+        assert_eq!(c.worker.concurrency, 3);
+        assert_eq!(c.route("tasks.send_mail"), Some("default"));
+        assert_eq!(c.route("other.x"), None);
+    }
+
+    #[test]
+    fn bad_config_names_the_file_and_the_problem() {
+        let e = Config::from_sources(
+            Some((Path::new("x/celeriac.toml"), "brokr_url = 1")),
+            no_env,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Config);
+        assert!(e.to_string().contains("x/celeriac.toml"), "{e}");
+        let src = std::error::Error::source(&e).unwrap().to_string();
+        assert!(src.contains("brokr_url"), "{src}");
+        let env = |k: &str| (k == "CELERIAC_CONCURRENCY").then(|| "lots".to_owned());
+        assert!(
+            Config::from_sources(None, env)
+                .unwrap_err()
+                .to_string()
+                .contains("CELERIAC_CONCURRENCY")
+        );
+        let e = Config::from_sources(
+            Some((Path::new("c.toml"), "[worker]\npool = \"forks\"")),
+            no_env,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown pool"), "{e}");
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("tasks.*", "tasks.add"));
+        assert!(glob_match("*", "x"));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXcYYb"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exactly"));
+        assert!(!glob_match("ab*ba", "aba"));
+    }
+}

@@ -1,0 +1,53 @@
+//! The core of celeriac: the message protocol, the broker and result backend contracts, and
+//! in-memory drivers.
+//!
+//! Depend on this crate, not on `celeriac`, to write a broker or backend driver: it names no
+//! network library. Users of the task queue depend on the `celeriac` facade.
+//!
+//! # A tour
+//!
+//! - [`protocol`]: Celery's message protocol v2 ([`Message`], [`Headers`], [`Body`]) and
+//!   kombu's JSON envelope, so Python Celery peers read what we write.
+//! - [`TaskState`] and [`TaskMeta`]: states with Celery's ready sets and precedence, and the
+//!   record a result backend keeps.
+//! - [`broker`] and [`backend`]: the [`Broker`] and [`ResultBackend`] traits every driver
+//!   implements, held as [`DynBroker`] / [`DynBackend`] and opened from a URL through
+//!   [`Drivers`].
+//! - [`task`]: what the worker runs: [`TaskDef`], [`Registry`], [`Args`], [`TaskError`],
+//!   [`TaskContext`].
+//! - [`memory`]: drivers with real semantics (leases, delays, priorities) for tests.
+//! - [`Config`]: `celeriac.toml` plus `CELERIAC_*` variables.
+//!
+//! # Features
+//!
+//! - `msgpack`: the `application/x-msgpack` body codec.
+
+pub mod backend;
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod memory;
+pub mod meta;
+pub mod protocol;
+pub mod ratelimit;
+pub mod state;
+pub mod task;
+pub mod time;
+pub mod url;
+
+pub use backend::{DynBackend, ResultBackend};
+pub use broker::{
+    Acker, BoxFuture, Broker, Capabilities, ConsumeOptions, Consumer, Delivery, DeliveryHandle,
+    DynBroker, PublishOptions, QueueStats, Requeue,
+};
+pub use config::Config;
+pub use error::{BoxError, Error, ErrorKind, Result};
+pub use meta::{RemoteError, TaskMeta};
+pub use protocol::{Body, ContentType, Embed, Headers, Message, Properties, Signature, TimeLimit};
+pub use ratelimit::{RateLimit, TokenBucket};
+pub use state::TaskState;
+pub use task::{
+    Args, Cancellation, Handler, Registry, Task, TaskContext, TaskDef, TaskError, TaskErrorKind,
+    TaskOptions,
+};
+pub use url::Drivers;

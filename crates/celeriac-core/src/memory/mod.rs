@@ -1,0 +1,10 @@
+//! In-memory broker and result backend with the same semantics as the real drivers.
+//!
+//! For unit tests and eager mode: leases, delays, priorities and precedence behave as they do on
+//! SQLite, but nothing survives the process. URL: `memory://`.
+
+mod backend;
+mod broker;
+
+pub use backend::MemoryBackend;
+pub use broker::MemoryBroker;

@@ -1,0 +1,262 @@
+//! Body codecs: JSON (the default, compatible with kombu's JSON) and msgpack (feature `msgpack`).
+//!
+//! Pickle and any other content type are refused: decoding a pickle runs code chosen by
+//! whoever can write to the broker.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// A body serializer celeriac speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ContentType {
+    /// `application/json`, `utf-8`.
+    #[default]
+    Json,
+    /// `application/x-msgpack`, `binary` (feature `msgpack`).
+    MsgPack,
+}
+
+impl ContentType {
+    /// The MIME type.
+    pub fn mime(self) -> &'static str {
+        match self {
+            ContentType::Json => "application/json",
+            ContentType::MsgPack => "application/x-msgpack",
+        }
+    }
+
+    /// The content encoding kombu pairs with the MIME type.
+    pub fn encoding(self) -> &'static str {
+        match self {
+            ContentType::Json => "utf-8",
+            ContentType::MsgPack => "binary",
+        }
+    }
+
+    /// Parses a MIME type, refusing the ones celeriac does not accept.
+    pub fn from_mime(mime: &str) -> Result<Self> {
+        match mime {
+            "application/json" | "json" => Ok(ContentType::Json),
+            "application/x-msgpack" | "msgpack" => Ok(ContentType::MsgPack),
+            "application/x-python-serialize" => Err(Error::protocol(
+                "refusing pickle content (application/x-python-serialize): it can execute code",
+            )),
+            other => Err(Error::protocol(format!(
+                "content type {other:?} is not accepted (accepted: application/json, application/x-msgpack)"
+            ))),
+        }
+    }
+
+    /// Parses a serializer name as used in configuration (`json`, `msgpack`).
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "json" => Ok(ContentType::Json),
+            "msgpack" => Ok(ContentType::MsgPack),
+            other => Err(Error::config(format!(
+                "unknown serializer {other:?} (known: json, msgpack)"
+            ))),
+        }
+    }
+}
+
+/// Serializes `value` with `ct`.
+pub fn encode<T: Serialize>(ct: ContentType, value: &T) -> Result<Vec<u8>> {
+    match ct {
+        ContentType::Json => Ok(serde_json::to_vec(value)?),
+        ContentType::MsgPack => encode_msgpack(value),
+    }
+}
+
+/// Deserializes bytes written with `ct`, unwrapping kombu's typed JSON values.
+pub fn decode<T: DeserializeOwned>(ct: ContentType, bytes: &[u8]) -> Result<T> {
+    match ct {
+        ContentType::Json => {
+            let v = json_from_slice(bytes)?;
+            serde_json::from_value(v)
+                .map_err(|e| Error::protocol(format!("invalid message body: {e}")))
+        }
+        ContentType::MsgPack => decode_msgpack(bytes),
+    }
+}
+
+#[cfg(feature = "msgpack")]
+fn encode_msgpack<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    rmp_serde::to_vec_named(value)
+        .map_err(|e| Error::protocol("cannot encode msgpack").with_source(e))
+}
+
+#[cfg(not(feature = "msgpack"))]
+fn encode_msgpack<T: Serialize>(_: &T) -> Result<Vec<u8>> {
+    Err(Error::new(
+        crate::ErrorKind::Unsupported,
+        "msgpack needs the `msgpack` feature",
+    ))
+}
+
+#[cfg(feature = "msgpack")]
+fn decode_msgpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    let v: Value = rmp_serde::from_slice(bytes)
+        .map_err(|e| Error::protocol("invalid msgpack body").with_source(e))?;
+    serde_json::from_value(v).map_err(|e| Error::protocol(format!("invalid message body: {e}")))
+}
+
+#[cfg(not(feature = "msgpack"))]
+fn decode_msgpack<T: DeserializeOwned>(_: &[u8]) -> Result<T> {
+    Err(Error::new(
+        crate::ErrorKind::Unsupported,
+        "msgpack needs the `msgpack` feature",
+    ))
+}
+
+/// Parses JSON as kombu writes it.
+///
+/// Python's encoder writes bare `NaN`, `Infinity` and `-Infinity`; JSON has no such tokens, so
+/// they become `null`. Objects with exactly the keys `__type__` and `__value__` are kombu's
+/// typed values (datetime, uuid, decimal, bytes): they become their plain JSON form.
+pub fn json_from_slice(bytes: &[u8]) -> Result<Value> {
+    let v = match serde_json::from_slice::<Value>(bytes) {
+        Ok(v) => v,
+        Err(first) => {
+            let Some(fixed) = replace_non_finite(bytes) else {
+                return Err(Error::protocol("invalid json").with_source(first));
+            };
+            serde_json::from_slice(&fixed)
+                .map_err(|_| Error::protocol("invalid json").with_source(first))?
+        }
+    };
+    Ok(unwrap_typed(v))
+}
+
+/// Replaces the bare tokens `NaN`, `Infinity` and `-Infinity` outside strings with `null`.
+/// Returns `None` when there is nothing to replace.
+fn replace_non_finite(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut replaced = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            i += 1;
+            continue;
+        }
+        let rest = &bytes[i..];
+        let token: Option<usize> = if rest.starts_with(b"NaN") {
+            Some(3)
+        } else if rest.starts_with(b"Infinity") {
+            Some(8)
+        } else if rest.starts_with(b"-Infinity") {
+            Some(9)
+        } else {
+            None
+        };
+        if let Some(n) = token {
+            out.extend_from_slice(b"null");
+            replaced = true;
+            i += n;
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+        }
+        out.push(b);
+        i += 1;
+    }
+    replaced.then_some(out)
+}
+
+/// Turns kombu's `{"__type__": ..., "__value__": ...}` wrappers into plain JSON values.
+pub fn unwrap_typed(v: Value) -> Value {
+    match v {
+        Value::Array(items) => Value::Array(items.into_iter().map(unwrap_typed).collect()),
+        Value::Object(map) => {
+            if map.len() == 2 && map.contains_key("__type__") && map.contains_key("__value__") {
+                return unwrap_one(map);
+            }
+            Value::Object(map.into_iter().map(|(k, v)| (k, unwrap_typed(v))).collect())
+        }
+        other => other,
+    }
+}
+
+fn unwrap_one(mut map: Map<String, Value>) -> Value {
+    let ty = map
+        .get("__type__")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let value = map.remove("__value__").unwrap_or(Value::Null);
+    match (ty.as_str(), value) {
+        ("uuid", Value::Object(inner)) => match inner.get("hex").and_then(Value::as_str) {
+            Some(hex) if hex.len() == 32 => Value::String(format!(
+                "{}-{}-{}-{}-{}",
+                &hex[0..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..32]
+            )),
+            _ => Value::Object(inner),
+        },
+        // datetime, date, time, decimal, bytes and base64 all carry a string: keep it.
+        (_, value) => value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn refuses_pickle_with_a_reason() {
+        let e = ContentType::from_mime("application/x-python-serialize").unwrap_err();
+        assert!(e.to_string().contains("pickle"));
+        let e = ContentType::from_mime("application/x-yaml").unwrap_err();
+        assert!(e.to_string().contains("not accepted"));
+    }
+
+    #[test]
+    fn tolerates_python_non_finite_floats_outside_strings() {
+        let v = json_from_slice(br#"[NaN, Infinity, -Infinity, "NaN stays", 1.5]"#).unwrap();
+        assert_eq!(v, json!([null, null, null, "NaN stays", 1.5]));
+        assert!(json_from_slice(b"[nope]").is_err());
+    }
+
+    #[test]
+    fn unwraps_kombu_typed_values() {
+        let raw = br#"{"when": {"__type__": "datetime", "__value__": "2024-01-02T03:04:05+00:00"},
+            "id": {"__type__": "uuid", "__value__": {"hex": "12345678123456781234567812345678"}},
+            "price": {"__type__": "decimal", "__value__": "1.10"},
+            "nested": [{"__type__": "bytes", "__value__": "raw"}],
+            "not_typed": {"__type__": "x", "__value__": 1, "other": 2}}"#;
+        let v = json_from_slice(raw).unwrap();
+        assert_eq!(v["when"], json!("2024-01-02T03:04:05+00:00"));
+        assert_eq!(v["id"], json!("12345678-1234-5678-1234-567812345678"));
+        assert_eq!(v["price"], json!("1.10"));
+        assert_eq!(v["nested"], json!(["raw"]));
+        assert_eq!(v["not_typed"]["other"], json!(2));
+    }
+
+    #[cfg(feature = "msgpack")]
+    #[test]
+    fn msgpack_round_trips_a_body() {
+        let body = crate::protocol::Body::new(vec![json!(1), json!("two")], Map::new());
+        let bytes = encode(ContentType::MsgPack, &body).unwrap();
+        let back: crate::protocol::Body = decode(ContentType::MsgPack, &bytes).unwrap();
+        assert_eq!(back, body);
+    }
+}

@@ -1,0 +1,379 @@
+//! kombu's JSON envelope: a whole message as one JSON document.
+//!
+//! Transports without native message properties (Redis, SQL) store every message this way:
+//! `{"body", "content-encoding", "content-type", "headers", "properties"}` with the body in
+//! base64. Celeriac's SQLite broker stores the same text, so a message can be inspected with
+//! any JSON tool and moved between brokers unchanged.
+//!
+//! Decoding also accepts protocol 1 messages (all fields in the body, empty headers) and turns
+//! them into protocol 2, as Celery's worker does.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::{Body, ContentType, Embed, Headers, Message, Properties, TimeLimit, codec};
+use crate::error::{Error, Result};
+
+#[derive(Serialize)]
+struct Out<'a> {
+    body: String,
+    #[serde(rename = "content-encoding")]
+    content_encoding: &'a str,
+    #[serde(rename = "content-type")]
+    content_type: &'a str,
+    headers: &'a Headers,
+    properties: OutProps<'a>,
+}
+
+#[derive(Serialize)]
+struct OutProps<'a> {
+    correlation_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply_to: Option<&'a str>,
+    delivery_mode: u8,
+    delivery_info: DeliveryInfo<'a>,
+    priority: u8,
+    body_encoding: &'static str,
+    delivery_tag: String,
+}
+
+#[derive(Serialize)]
+struct DeliveryInfo<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+}
+
+/// Writes `message` as kombu's JSON envelope, published to `exchange` with `routing_key`.
+///
+/// The body is base64, and the delivery tag a fresh UUID, as kombu writes them.
+pub fn encode(message: &Message, exchange: &str, routing_key: &str) -> Result<Vec<u8>> {
+    let out = Out {
+        body: B64.encode(&message.body),
+        content_encoding: &message.content_encoding,
+        content_type: &message.content_type,
+        headers: &message.headers,
+        properties: OutProps {
+            correlation_id: &message.properties.correlation_id,
+            reply_to: message.properties.reply_to.as_deref(),
+            delivery_mode: message.properties.delivery_mode,
+            delivery_info: DeliveryInfo {
+                exchange,
+                routing_key,
+            },
+            priority: message.properties.priority,
+            body_encoding: "base64",
+            delivery_tag: super::new_id(),
+        },
+    };
+    Ok(serde_json::to_vec(&out)?)
+}
+
+/// Reads a kombu JSON envelope (protocol 2 or 1) into a [`Message`].
+pub fn decode(bytes: &[u8]) -> Result<Message> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| Error::protocol("message is not a json envelope").with_source(e))?;
+    let Value::Object(mut env) = v else {
+        return Err(Error::protocol("message envelope must be a json object"));
+    };
+    let content_type =
+        take_str(&mut env, "content-type").unwrap_or_else(|| "application/json".to_owned());
+    let content_encoding =
+        take_str(&mut env, "content-encoding").unwrap_or_else(|| "utf-8".to_owned());
+    let props = match env.remove("properties") {
+        Some(Value::Object(p)) => p,
+        None | Some(Value::Null) => Map::new(),
+        Some(_) => return Err(Error::protocol("envelope properties must be an object")),
+    };
+    let body = match env.remove("body") {
+        Some(Value::String(s)) => {
+            if props.get("body_encoding").and_then(Value::as_str) == Some("base64") {
+                B64.decode(s.as_bytes()).map_err(|e| {
+                    Error::protocol("envelope body is not valid base64").with_source(e)
+                })?
+            } else {
+                s.into_bytes()
+            }
+        }
+        Some(Value::Null) | None => return Err(Error::protocol("envelope has no body")),
+        Some(other) => serde_json::to_vec(&other)?,
+    };
+    let properties = Properties {
+        correlation_id: props
+            .get("correlation_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        reply_to: props
+            .get("reply_to")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        delivery_mode: props
+            .get("delivery_mode")
+            .and_then(Value::as_u64)
+            .map_or(2, |m| m.min(2) as u8),
+        priority: props
+            .get("priority")
+            .and_then(Value::as_u64)
+            .map_or(0, |p| p.min(255) as u8),
+    };
+    let headers = env.remove("headers").unwrap_or(Value::Null);
+    let has_task = headers.get("task").is_some_and(|t| !t.is_null());
+    if has_task {
+        let headers: Headers = serde_json::from_value(headers)
+            .map_err(|e| Error::protocol(format!("invalid task headers: {e}")))?;
+        let mut properties = properties;
+        if properties.correlation_id.is_empty() {
+            properties.correlation_id = headers.id.clone();
+        }
+        return Ok(Message {
+            headers,
+            properties,
+            content_type,
+            content_encoding,
+            body,
+        });
+    }
+    from_protocol_v1(&content_type, &body, properties)
+}
+
+fn take_str(map: &mut Map<String, Value>, key: &str) -> Option<String> {
+    match map.remove(key) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// Converts a protocol 1 message (everything in the body) into protocol 2.
+fn from_protocol_v1(
+    content_type: &str,
+    body: &[u8],
+    mut properties: Properties,
+) -> Result<Message> {
+    let ct = ContentType::from_mime(content_type)?;
+    let v: Value = codec::decode(ct, body)?;
+    let Value::Object(mut m) = v else {
+        return Err(Error::protocol(
+            "not a celery task message: no task header and the body is not a protocol 1 map",
+        ));
+    };
+    let Some(Value::String(task)) = m.remove("task") else {
+        return Err(Error::protocol(
+            "not a celery task message: no task name in headers or body",
+        ));
+    };
+    let Some(Value::String(id)) = m.remove("id") else {
+        return Err(Error::protocol("protocol 1 message has no task id"));
+    };
+    let mut headers = Headers::new(task, id.clone());
+    let time = |v: Option<Value>| -> Result<_> {
+        match v {
+            Some(Value::String(s)) => crate::time::parse(&s).map(Some),
+            _ => Ok(None),
+        }
+    };
+    headers.eta = time(m.remove("eta"))?;
+    headers.expires = time(m.remove("expires"))?;
+    headers.retries = m.remove("retries").and_then(|r| r.as_u64()).unwrap_or(0) as u32;
+    let group = m.remove("group").filter(|g| !g.is_null());
+    headers.group = match group.or_else(|| m.remove("taskset")) {
+        Some(Value::String(g)) => Some(g),
+        _ => None,
+    };
+    headers.group_index = m
+        .remove("group_index")
+        .and_then(|g| g.as_u64())
+        .map(|g| g as u32);
+    if let Some(tl) = m.remove("timelimit") {
+        headers.timelimit = serde_json::from_value::<TimeLimit>(tl).unwrap_or_default();
+    }
+    let args = match m.remove("args") {
+        Some(Value::Array(a)) => a,
+        _ => Vec::new(),
+    };
+    let kwargs = match m.remove("kwargs") {
+        Some(Value::Object(k)) => k,
+        _ => Map::new(),
+    };
+    let sigs = |v: Option<Value>| -> Option<Vec<super::Signature>> {
+        v.and_then(|v| serde_json::from_value(v).ok())
+    };
+    let embed = Embed {
+        callbacks: sigs(m.remove("callbacks")),
+        errbacks: sigs(m.remove("errbacks")),
+        chain: None,
+        chord: m
+            .remove("chord")
+            .and_then(|c| serde_json::from_value(c).ok()),
+    };
+    let body = Body {
+        args,
+        kwargs,
+        embed,
+    };
+    if properties.correlation_id.is_empty() {
+        properties.correlation_id = id;
+    }
+    Ok(Message {
+        headers,
+        properties,
+        content_type: ContentType::Json.mime().to_owned(),
+        content_encoding: ContentType::Json.encoding().to_owned(),
+        body: codec::encode(ContentType::Json, &body)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+    use serde_json::json;
+
+    /// The complete message of celery-wire.md §2.5, as it sits in Redis, written by hand.
+    const PY_MESSAGE: &str = r#"{"body": "W1syLCAyXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d",
+ "content-encoding": "utf-8", "content-type": "application/json",
+ "headers": {"lang": "py", "task": "proj.tasks.add", "id": "3f0e8d4c-1c2b-4a59-8e7d-6b5a4c3d2e1f",
+             "shadow": null, "eta": "2026-01-05T10:15:30.250000+00:00",
+             "expires": "2026-01-05T10:16:20.250000+00:00", "group": null, "group_index": null,
+             "retries": 0, "timelimit": [30, 20], "root_id": "3f0e8d4c-1c2b-4a59-8e7d-6b5a4c3d2e1f",
+             "parent_id": null, "argsrepr": "(2, 2)", "kwargsrepr": "{}", "origin": "gen4242@build-01",
+             "ignore_result": false, "replaced_task_nesting": 0, "stamped_headers": null, "stamps": {}},
+ "properties": {"correlation_id": "3f0e8d4c-1c2b-4a59-8e7d-6b5a4c3d2e1f",
+                "reply_to": "55d606cb-8f74-314c-aae5-41b36c5c970b", "delivery_mode": 2,
+                "expiration": "60000",
+                "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 5,
+                "body_encoding": "base64", "delivery_tag": "f267f1e1-fc42-41a8-9586-fe3375a52891"}}"#;
+
+    #[test]
+    fn decodes_a_python_celery_message() {
+        let m = decode(PY_MESSAGE.as_bytes()).unwrap();
+        assert_eq!(m.task(), "proj.tasks.add");
+        assert_eq!(m.id(), "3f0e8d4c-1c2b-4a59-8e7d-6b5a4c3d2e1f");
+        let eta = Utc.with_ymd_and_hms(2026, 1, 5, 10, 15, 30).unwrap()
+            + chrono::Duration::milliseconds(250);
+        assert_eq!(m.headers.eta, Some(eta));
+        assert_eq!(
+            m.headers.timelimit,
+            TimeLimit {
+                hard: Some(30.0),
+                soft: Some(20.0)
+            }
+        );
+        assert_eq!(m.headers.origin.as_deref(), Some("gen4242@build-01"));
+        assert_eq!(m.properties.priority, 5);
+        assert_eq!(
+            m.properties.reply_to.as_deref(),
+            Some("55d606cb-8f74-314c-aae5-41b36c5c970b")
+        );
+        let body = m.decode_body().unwrap();
+        assert_eq!(body.args, vec![json!(2), json!(2)]);
+        assert!(body.kwargs.is_empty());
+        assert_eq!(body.embed, Embed::default());
+    }
+
+    #[test]
+    fn encodes_what_kombu_writes_and_reads_it_back() {
+        let m = decode(PY_MESSAGE.as_bytes()).unwrap();
+        let bytes = encode(&m, "", "celery").unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        crate::protocol::assert_key_order(
+            &text,
+            &[
+                "body",
+                "content-encoding",
+                "content-type",
+                "headers",
+                "properties",
+            ],
+        );
+        assert_eq!(v["properties"]["body_encoding"], "base64");
+        assert_eq!(
+            v["properties"]["delivery_info"],
+            json!({"exchange": "", "routing_key": "celery"})
+        );
+        assert_eq!(v["properties"]["delivery_tag"].as_str().unwrap().len(), 36);
+        crate::protocol::assert_key_order(
+            &text,
+            &[
+                "lang",
+                "task",
+                "id",
+                "shadow",
+                "eta",
+                "expires",
+                "group",
+                "group_index",
+                "retries",
+                "timelimit",
+                "root_id",
+                "parent_id",
+                "argsrepr",
+                "kwargsrepr",
+                "origin",
+                "ignore_result",
+                "replaced_task_nesting",
+                "stamped_headers",
+                "stamps",
+            ],
+        );
+        assert_eq!(v["headers"]["eta"], "2026-01-05T10:15:30.250000+00:00");
+        assert_eq!(v["headers"]["timelimit"], json!([30.0, 20.0]));
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn accepts_a_raw_utf8_body_and_redelivered_noise() {
+        let raw = r#"{"body": "[[1], {}, {}]", "content-type": "application/json",
+            "headers": {"task": "t", "id": "i", "redelivered": true}, "properties": {}}"#;
+        let m = decode(raw.as_bytes()).unwrap();
+        assert_eq!(m.properties.correlation_id, "i");
+        assert_eq!(m.decode_body().unwrap().args, vec![json!(1)]);
+    }
+
+    #[test]
+    fn converts_protocol_1() {
+        let body = r#"{"task": "proj.tasks.add", "id": "c5a564a7", "args": [1, 2], "kwargs": {},
+            "group": null, "retries": 1, "eta": "2026-01-05T10:15:30.672544+00:00", "expires": null,
+            "utc": true, "callbacks": null, "errbacks": null, "timelimit": [10, 5], "taskset": "g1", "chord": null}"#;
+        let env = json!({"body": body, "content-type": "application/json", "headers": {}, "properties": {}});
+        let m = decode(env.to_string().as_bytes()).unwrap();
+        assert_eq!(m.task(), "proj.tasks.add");
+        assert_eq!(m.headers.retries, 1);
+        assert_eq!(m.headers.group.as_deref(), Some("g1"));
+        assert_eq!(
+            m.headers.timelimit,
+            TimeLimit {
+                hard: Some(10.0),
+                soft: Some(5.0)
+            }
+        );
+        assert_eq!(m.decode_body().unwrap().args, vec![json!(1), json!(2)]);
+    }
+
+    #[test]
+    fn malformed_envelopes_get_clear_errors() {
+        for (raw, want) in [
+            ("not json", "not a json envelope"),
+            ("[1,2]", "must be a json object"),
+            (r#"{"headers": {"task": "t", "id": "i"}}"#, "no body"),
+            (
+                r#"{"body": "e30=", "properties": {"body_encoding": "base64"}, "headers": {}}"#,
+                "no task name",
+            ),
+            (
+                r#"{"body": "!!", "properties": {"body_encoding": "base64"}, "headers": {"task": "t", "id": "i"}}"#,
+                "base64",
+            ),
+            (
+                r#"{"body": "x", "headers": {"task": "t"}}"#,
+                "invalid task headers",
+            ),
+        ] {
+            let e = decode(raw.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains(want), "{raw}: {e}");
+        }
+    }
+}

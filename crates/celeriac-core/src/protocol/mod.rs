@@ -1,0 +1,476 @@
+//! Celery message protocol v2: the one message type celeriac sends and runs.
+//!
+//! A [`Message`] is what travels through a broker: typed [`Headers`] (task name, id, eta,
+//! retries, ...), [`Properties`] (correlation id, priority, ...), a content type, and the
+//! serialized body. The body decodes to a [`Body`]: positional `args`, named `kwargs` and the
+//! [`Embed`] that carries canvas callbacks.
+//!
+//! Brokers that keep whole messages as text (SQLite, Redis) store them in kombu's JSON
+//! envelope; see [`envelope`]. Python Celery writes and reads the same bytes.
+
+pub mod codec;
+pub mod envelope;
+
+use chrono::{DateTime, Utc};
+use serde::de::Error as _;
+use serde::ser::SerializeSeq;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+pub use codec::ContentType;
+
+use crate::error::{Error, Result};
+
+/// A task message: headers, properties and the serialized body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Protocol v2 task headers.
+    pub headers: Headers,
+    /// Transport properties.
+    pub properties: Properties,
+    /// The body's MIME type, e.g. `application/json`.
+    pub content_type: String,
+    /// `utf-8` for text codecs, `binary` otherwise.
+    pub content_encoding: String,
+    /// The serialized [`Body`].
+    pub body: Vec<u8>,
+}
+
+impl Message {
+    /// Builds a message for `headers`, encoding `body` with `content_type`.
+    ///
+    /// The correlation id is the task id, and the delivery mode persistent.
+    pub fn new(headers: Headers, body: &Body, content_type: ContentType) -> Result<Self> {
+        let bytes = codec::encode(content_type, body)?;
+        let properties = Properties {
+            correlation_id: headers.id.clone(),
+            ..Properties::default()
+        };
+        Ok(Message {
+            headers,
+            properties,
+            content_type: content_type.mime().to_owned(),
+            content_encoding: content_type.encoding().to_owned(),
+            body: bytes,
+        })
+    }
+
+    /// The task id.
+    pub fn id(&self) -> &str {
+        &self.headers.id
+    }
+
+    /// The registered task name.
+    pub fn task(&self) -> &str {
+        &self.headers.task
+    }
+
+    /// Decodes the body according to the content type.
+    ///
+    /// Fails for content types celeriac does not accept (pickle, unknown ones), for compressed
+    /// bodies, and for bodies that are not a `[args, kwargs, embed]` triple.
+    pub fn decode_body(&self) -> Result<Body> {
+        if let Some(c) = self.headers.extra.get("compression") {
+            return Err(Error::protocol(format!(
+                "compressed bodies are not supported (compression {c})"
+            )));
+        }
+        let ct = ContentType::from_mime(&self.content_type)?;
+        codec::decode(ct, &self.body)
+    }
+}
+
+/// Transport properties of a task message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Properties {
+    /// The task id, for task messages.
+    pub correlation_id: String,
+    /// Where RPC results go; set by Python clients, used only by the `rpc://` backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// 2 = persistent, 1 = transient.
+    #[serde(default = "persistent")]
+    pub delivery_mode: u8,
+    /// 0 (lowest) to 9 (highest): higher runs first.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub priority: u8,
+}
+
+fn persistent() -> u8 {
+    2
+}
+
+impl Default for Properties {
+    fn default() -> Self {
+        Properties {
+            correlation_id: String::new(),
+            reply_to: None,
+            delivery_mode: 2,
+            priority: 0,
+        }
+    }
+}
+
+/// `[hard, soft]` time limits in seconds, as on the wire (hard first).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TimeLimit {
+    /// After this many seconds the task is stopped.
+    pub hard: Option<f64>,
+    /// After this many seconds the task is asked to stop (its cancellation fires).
+    pub soft: Option<f64>,
+}
+
+impl Serialize for TimeLimit {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(2))?;
+        seq.serialize_element(&self.hard)?;
+        seq.serialize_element(&self.soft)?;
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for TimeLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v: Option<Vec<Option<f64>>> = Option::deserialize(d)?;
+        match v.as_deref() {
+            None | Some([]) => Ok(TimeLimit::default()),
+            Some([hard]) => Ok(TimeLimit {
+                hard: *hard,
+                soft: None,
+            }),
+            Some([hard, soft]) => Ok(TimeLimit {
+                hard: *hard,
+                soft: *soft,
+            }),
+            Some(_) => Err(D::Error::custom("timelimit must be [hard, soft]")),
+        }
+    }
+}
+
+/// Protocol v2 task headers, in the order Python writes them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Headers {
+    /// Sender language; informational.
+    #[serde(default = "lang")]
+    pub lang: String,
+    /// Registered task name.
+    pub task: String,
+    /// Task id (a UUID).
+    pub id: String,
+    /// Display name override for logs and monitors.
+    #[serde(default)]
+    pub shadow: Option<String>,
+    /// Earliest time to run.
+    #[serde(default, with = "crate::time::opt_serde")]
+    pub eta: Option<DateTime<Utc>>,
+    /// After this time the task is revoked as expired instead of run.
+    #[serde(default, with = "crate::time::opt_serde")]
+    pub expires: Option<DateTime<Utc>>,
+    /// Group id, when part of a group or chord header.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Position in the group.
+    #[serde(default)]
+    pub group_index: Option<u32>,
+    /// How many times the task has been retried.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub retries: u32,
+    /// `[hard, soft]` time limits.
+    #[serde(default)]
+    pub timelimit: TimeLimit,
+    /// Id of the first task of the workflow (own id when there is no parent).
+    #[serde(default)]
+    pub root_id: Option<String>,
+    /// Id of the task that sent this one.
+    #[serde(default)]
+    pub parent_id: Option<String>,
+    /// Printable form of the args, for logs and monitors.
+    #[serde(default)]
+    pub argsrepr: Option<String>,
+    /// Printable form of the kwargs.
+    #[serde(default)]
+    pub kwargsrepr: Option<String>,
+    /// Node name of the sender.
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// When true, no result is stored.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub ignore_result: bool,
+    /// Depth of task replacement.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub replaced_task_nesting: u32,
+    /// Names of stamp keys.
+    #[serde(default)]
+    pub stamped_headers: Option<Vec<String>>,
+    /// Stamp values.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub stamps: Map<String, Value>,
+    /// Any other header (user headers pass through to the task).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn lang() -> String {
+    "py".to_owned()
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+impl Headers {
+    /// Headers for a new task: every standard key filled, `root_id` = `id`.
+    pub fn new(task: impl Into<String>, id: impl Into<String>) -> Self {
+        let id = id.into();
+        Headers {
+            lang: lang(),
+            task: task.into(),
+            root_id: Some(id.clone()),
+            id,
+            shadow: None,
+            eta: None,
+            expires: None,
+            group: None,
+            group_index: None,
+            retries: 0,
+            timelimit: TimeLimit::default(),
+            parent_id: None,
+            argsrepr: None,
+            kwargsrepr: None,
+            origin: None,
+            ignore_result: false,
+            replaced_task_nesting: 0,
+            stamped_headers: None,
+            stamps: Map::new(),
+            extra: Map::new(),
+        }
+    }
+}
+
+/// A signature: a task name with stored arguments and options, in Celery's map form.
+///
+/// Canvas callbacks, chain steps and chord bodies travel as signatures inside [`Embed`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Signature {
+    /// Task name (`celery.chain`, `celery.group`, `celery.chord` for composites).
+    pub task: String,
+    /// Stored positional args; a callback's parent result is prepended unless immutable.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub args: Vec<Value>,
+    /// Stored keyword args.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub kwargs: Map<String, Value>,
+    /// `apply_async` options (queue, countdown, task_id, ...).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub options: Map<String, Value>,
+    /// `null` for a plain task; `chain`, `group`, `chord`, ... for composites.
+    #[serde(default)]
+    pub subtask_type: Option<String>,
+    /// When true the parent's result is not prepended.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub immutable: bool,
+}
+
+impl Signature {
+    /// A plain signature of `task` with `args`.
+    pub fn new(task: impl Into<String>, args: Vec<Value>) -> Self {
+        Signature {
+            task: task.into(),
+            args,
+            kwargs: Map::new(),
+            options: Map::new(),
+            subtask_type: None,
+            immutable: false,
+        }
+    }
+}
+
+/// Canvas data carried in the body: callbacks, errbacks, the rest of a chain, a chord body.
+///
+/// Always serialized with all four keys (null when empty): Python workers need them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Embed {
+    /// Run on success with the result prepended.
+    #[serde(default)]
+    pub callbacks: Option<Vec<Signature>>,
+    /// Run on failure with the failed task id prepended.
+    #[serde(default)]
+    pub errbacks: Option<Vec<Signature>>,
+    /// Remaining chain steps, in reverse: the next step is the last element.
+    #[serde(default)]
+    pub chain: Option<Vec<Signature>>,
+    /// The chord body this task is a header member of.
+    #[serde(default)]
+    pub chord: Option<Signature>,
+}
+
+/// A decoded task body: `[args, kwargs, embed]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Body {
+    /// Positional arguments.
+    pub args: Vec<Value>,
+    /// Keyword arguments.
+    pub kwargs: Map<String, Value>,
+    /// Canvas data.
+    pub embed: Embed,
+}
+
+impl Body {
+    /// A body with `args` and `kwargs` and no canvas data.
+    pub fn new(args: Vec<Value>, kwargs: Map<String, Value>) -> Self {
+        Body {
+            args,
+            kwargs,
+            embed: Embed::default(),
+        }
+    }
+}
+
+impl Serialize for Body {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(3))?;
+        seq.serialize_element(&self.args)?;
+        seq.serialize_element(&self.kwargs)?;
+        seq.serialize_element(&self.embed)?;
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        Body::from_value(v).map_err(D::Error::custom)
+    }
+}
+
+impl Body {
+    /// Reads a body from a decoded value: a 3-array, or (leniently) a 2-array without embed.
+    pub fn from_value(v: Value) -> Result<Self, String> {
+        let Value::Array(parts) = v else {
+            return Err("task body must be an array [args, kwargs, embed]".to_owned());
+        };
+        if parts.len() != 3 && parts.len() != 2 {
+            return Err(format!(
+                "task body must have 3 elements [args, kwargs, embed], got {}",
+                parts.len()
+            ));
+        }
+        let mut it = parts.into_iter();
+        let args = match it.next() {
+            Some(Value::Array(a)) => a,
+            Some(Value::Null) => Vec::new(),
+            _ => return Err("task args must be an array".to_owned()),
+        };
+        let kwargs = match it.next() {
+            Some(Value::Object(m)) => m,
+            Some(Value::Null) => Map::new(),
+            _ => return Err("task kwargs must be an object".to_owned()),
+        };
+        let embed = match it.next() {
+            None | Some(Value::Null) => Embed::default(),
+            Some(v @ Value::Object(_)) => {
+                serde_json::from_value(v).map_err(|e| format!("invalid embed: {e}"))?
+            }
+            Some(_) => return Err("task embed must be an object".to_owned()),
+        };
+        Ok(Body {
+            args,
+            kwargs,
+            embed,
+        })
+    }
+}
+
+/// A new task id: a random UUID4 in hyphenated form.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Asserts that each `"key":` first appears in `json` in the given order.
+#[cfg(test)]
+pub(crate) fn assert_key_order(json: &str, keys: &[&str]) {
+    let positions: Vec<usize> = keys
+        .iter()
+        .map(|k| {
+            json.find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("key {k} missing in {json}"))
+        })
+        .collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "keys out of order {keys:?} in {json}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn body_is_always_a_triple_with_four_embed_keys() {
+        let body = Body::new(vec![json!(2), json!(2)], Map::new());
+        let s = serde_json::to_string(&body).unwrap();
+        assert_eq!(
+            s,
+            r#"[[2,2],{},{"callbacks":null,"errbacks":null,"chain":null,"chord":null}]"#
+        );
+        let back: Body = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, body);
+    }
+
+    #[test]
+    fn body_errors_are_clear() {
+        let e = serde_json::from_str::<Body>(r#"{"task": "x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be an array"), "{e}");
+        let e = serde_json::from_str::<Body>("[[1]]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3 elements"), "{e}");
+        let e = serde_json::from_str::<Body>(r#"[1, {}, {}]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("args must be an array"), "{e}");
+    }
+
+    #[test]
+    fn headers_decode_a_minimal_python_message() {
+        let h: Headers = serde_json::from_value(json!({"task": "tasks.add", "id": "abc"})).unwrap();
+        assert_eq!(h.task, "tasks.add");
+        assert_eq!(h.retries, 0);
+        assert_eq!(h.timelimit, TimeLimit::default());
+        assert!(h.extra.is_empty());
+    }
+
+    #[test]
+    fn timelimit_is_hard_first_and_accepts_floats() {
+        let h: Headers =
+            serde_json::from_value(json!({"task": "t", "id": "i", "timelimit": [30, 0.5]}))
+                .unwrap();
+        assert_eq!(
+            h.timelimit,
+            TimeLimit {
+                hard: Some(30.0),
+                soft: Some(0.5)
+            }
+        );
+        let v = serde_json::to_value(h.timelimit).unwrap();
+        assert_eq!(v, json!([30.0, 0.5]));
+    }
+
+    #[test]
+    fn user_headers_pass_through() {
+        let mut h = Headers::new("t", "i");
+        h.extra.insert("tenant".into(), json!("acme"));
+        let v = serde_json::to_value(&h).unwrap();
+        assert_eq!(v["tenant"], json!("acme"));
+        let back: Headers = serde_json::from_value(v).unwrap();
+        assert_eq!(back, h);
+    }
+}

@@ -1,0 +1,115 @@
+//! Celery's time format: ISO-8601 as Python's `datetime.isoformat()` writes it.
+//!
+//! We emit `YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00` (microseconds omitted when zero, never `Z`) and
+//! accept `Z`, any offset, and naive values (taken as UTC, as protocol 2 has no `utc` flag).
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+
+use crate::error::{Error, Result};
+
+/// Formats a time the way Python's `isoformat()` does for an aware UTC datetime.
+pub fn format(t: DateTime<Utc>) -> String {
+    let t = t.with_nanosecond_truncated();
+    let micros = t.timestamp_subsec_micros();
+    if micros == 0 {
+        t.to_rfc3339_opts(SecondsFormat::Secs, false)
+    } else {
+        t.to_rfc3339_opts(SecondsFormat::Micros, false)
+    }
+}
+
+/// Parses an ISO-8601 time with any offset, `Z`, or none (naive is UTC).
+pub fn parse(s: &str) -> Result<DateTime<Utc>> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    // Python allows a space separator and naive values.
+    let normalized = s.replacen(' ', "T", 1);
+    if let Ok(t) = DateTime::parse_from_rfc3339(&normalized) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(&normalized, fmt) {
+            return Ok(t.and_utc());
+        }
+    }
+    Err(Error::protocol(format!("invalid iso-8601 time {s:?}")))
+}
+
+trait TruncateNanos {
+    fn with_nanosecond_truncated(self) -> Self;
+}
+
+impl TruncateNanos for DateTime<Utc> {
+    fn with_nanosecond_truncated(self) -> Self {
+        use chrono::Timelike;
+        let micros = self.nanosecond() / 1_000 * 1_000;
+        self.with_nanosecond(micros).unwrap_or(self)
+    }
+}
+
+/// Serde helpers for `Option<DateTime<Utc>>` in Celery's format.
+pub mod opt_serde {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serializes `None` as null and a time in Celery's format.
+    pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&super::format(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Accepts null or any ISO-8601 string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        let raw: Option<String> = Option::deserialize(d)?;
+        match raw {
+            None => Ok(None),
+            Some(s) if s.is_empty() => Ok(None),
+            Some(s) => super::parse(&s).map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn formats_like_python_isoformat() {
+        let t = Utc.with_ymd_and_hms(2026, 1, 5, 10, 15, 30).unwrap();
+        assert_eq!(format(t), "2026-01-05T10:15:30+00:00");
+        let t = t + chrono::Duration::microseconds(250_000);
+        assert_eq!(format(t), "2026-01-05T10:15:30.250000+00:00");
+        let t = t + chrono::Duration::nanoseconds(999);
+        assert_eq!(format(t), "2026-01-05T10:15:30.250000+00:00");
+    }
+
+    #[test]
+    fn parses_every_variant_celery_accepts() {
+        let want = Utc.with_ymd_and_hms(2026, 1, 5, 10, 15, 30).unwrap();
+        for s in [
+            "2026-01-05T10:15:30+00:00",
+            "2026-01-05T10:15:30Z",
+            "2026-01-05T11:15:30+01:00",
+            "2026-01-05T10:15:30",
+            "2026-01-05 10:15:30",
+        ] {
+            assert_eq!(parse(s).unwrap(), want, "{s}");
+        }
+        assert_eq!(
+            parse("2026-01-05T10:15:30.250000+00:00")
+                .unwrap()
+                .timestamp_subsec_micros(),
+            250_000
+        );
+        assert!(parse("yesterday").is_err());
+    }
+}

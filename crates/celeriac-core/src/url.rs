@@ -1,0 +1,189 @@
+//! URLs: choosing a driver by scheme, and keeping secrets out of logs.
+
+use std::fmt;
+
+use crate::backend::DynBackend;
+use crate::broker::{BoxFuture, DynBroker};
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// Opens a broker for a URL.
+pub type BrokerFactory = fn(String, Config) -> BoxFuture<'static, Result<DynBroker>>;
+
+/// Opens a result backend for a URL.
+pub type BackendFactory = fn(String, Config) -> BoxFuture<'static, Result<DynBackend>>;
+
+/// The drivers an application can open, by URL scheme.
+#[derive(Clone, Default)]
+pub struct Drivers {
+    brokers: Vec<(&'static str, BrokerFactory)>,
+    backends: Vec<(&'static str, BackendFactory)>,
+}
+
+impl fmt::Debug for Drivers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Drivers")
+            .field(
+                "brokers",
+                &self.brokers.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+            )
+            .field(
+                "backends",
+                &self.backends.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Drivers {
+    /// The in-memory drivers (`memory://`) only.
+    pub fn new() -> Self {
+        let mut d = Drivers::default();
+        d.add_broker("memory", |_, _| {
+            Box::pin(async {
+                Ok(std::sync::Arc::new(crate::memory::MemoryBroker::new()) as DynBroker)
+            })
+        });
+        d.add_backend("memory", |_, _| {
+            Box::pin(async {
+                Ok(std::sync::Arc::new(crate::memory::MemoryBackend::new()) as DynBackend)
+            })
+        });
+        d
+    }
+
+    /// Registers a broker driver for `scheme`.
+    pub fn add_broker(&mut self, scheme: &'static str, open: BrokerFactory) {
+        self.brokers.retain(|(s, _)| *s != scheme);
+        self.brokers.push((scheme, open));
+    }
+
+    /// Registers a result backend driver for `scheme`.
+    pub fn add_backend(&mut self, scheme: &'static str, open: BackendFactory) {
+        self.backends.retain(|(s, _)| *s != scheme);
+        self.backends.push((scheme, open));
+    }
+
+    /// Opens the broker for `url`.
+    pub async fn open_broker(&self, url: &str, config: &Config) -> Result<DynBroker> {
+        let open = pick(&self.brokers, url, "broker")?;
+        open(url.to_owned(), config.clone()).await
+    }
+
+    /// Opens the result backend for `url`.
+    pub async fn open_backend(&self, url: &str, config: &Config) -> Result<DynBackend> {
+        let open = pick(&self.backends, url, "result backend")?;
+        open(url.to_owned(), config.clone()).await
+    }
+}
+
+fn pick<F: Copy>(table: &[(&'static str, F)], url: &str, what: &str) -> Result<F> {
+    let s = scheme(url).ok_or_else(|| {
+        Error::config(format!(
+            "{what} url {:?} has no scheme (expected e.g. sqlite://celeriac.db)",
+            redact(url)
+        ))
+    })?;
+    if let Some((_, f)) = table.iter().find(|(name, _)| *name == s) {
+        return Ok(*f);
+    }
+    let known: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+    let hint = known
+        .iter()
+        .map(|k| (distance(k, s), k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, k)| format!("; did you mean {k}://?"))
+        .unwrap_or_default();
+    Err(Error::config(format!(
+        "unknown {what} scheme {s:?} (known: {}; a driver may need its cargo feature){hint}",
+        known.join(", ")
+    )))
+}
+
+/// The scheme of a URL (`sqlite` in `sqlite://x.db`).
+pub fn scheme(url: &str) -> Option<&str> {
+    let (s, _) = url.split_once("://")?;
+    (!s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)))
+    .then_some(s)
+}
+
+/// A URL with its password replaced by `***`, safe to log.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let host = &authority[at..];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***{host}{tail}"),
+                None => format!("{scheme}://{userinfo}{host}{tail}"),
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact("redis://:s3cret@localhost:6379/0"),
+            "redis://:***@localhost:6379/0"
+        );
+        assert_eq!(
+            redact("amqp://guest:guest@127.0.0.1//"),
+            "amqp://guest:***@127.0.0.1//"
+        );
+        assert_eq!(redact("amqp://user@host/v"), "amqp://user@host/v");
+        assert_eq!(redact("sqlite://celeriac.db"), "sqlite://celeriac.db");
+        assert_eq!(redact("redis://u:p@ss@h/0"), "redis://u:***@h/0");
+    }
+
+    #[tokio::test]
+    async fn unknown_schemes_list_the_known_ones_with_a_hint() {
+        let d = Drivers::new();
+        let e = d
+            .open_broker("memroy://", &Config::default())
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("unknown broker scheme \"memroy\""), "{msg}");
+        assert!(msg.contains("known: memory"), "{msg}");
+        assert!(msg.contains("did you mean memory://"), "{msg}");
+        let e = d
+            .open_broker("redis://:pw@h", &Config::default())
+            .await
+            .unwrap_err();
+        assert!(!e.to_string().contains("pw"));
+        let e = d
+            .open_backend("no-scheme", &Config::default())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("has no scheme"));
+        assert!(d.open_broker("memory://", &Config::default()).await.is_ok());
+    }
+}

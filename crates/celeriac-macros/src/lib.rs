@@ -1,0 +1,1 @@
+//! The `#[celeriac::task]` attribute (work in progress).

@@ -1,0 +1,1 @@
+//! The embedded SQLite broker and result backend for celeriac (work in progress).

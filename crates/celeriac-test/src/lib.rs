@@ -1,0 +1,1 @@
+//! Conformance suite and fixtures for celeriac drivers (work in progress).

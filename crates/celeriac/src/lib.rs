@@ -1,0 +1,1 @@
+//! celeriac: a distributed task queue for Rust that speaks Celery's protocol (work in progress).
