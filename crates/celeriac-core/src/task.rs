@@ -37,6 +37,12 @@ pub trait Task: Send + Sync + 'static {
     const NAME: &'static str;
     /// The type-erased definition the worker runs.
     fn definition() -> TaskDef;
+
+    /// The task's options (what callers apply when sending). Override when
+    /// [`Task::definition`] is costly to build.
+    fn options() -> TaskOptions {
+        Self::definition().options
+    }
 }
 
 /// The outcome of a handler: the encoded return value, or why there is none.
