@@ -1,1 +1,94 @@
-//! celeriac: a distributed task queue for Rust that speaks Celery's protocol (work in progress).
+//! celeriac is a distributed task queue for Rust that speaks Celery's message protocol.
+//!
+//! It is for Rust services that need background jobs — retried, rate limited, scheduled,
+//! spread over many processes and machines — and for teams that already run Python Celery and
+//! want Rust workers or clients on the same broker.
+//!
+//! # A tour
+//!
+//! A task is a plain function marked [`task`]. An [`App`] knows the broker, the result backend
+//! and the tasks. Sending a task returns an [`AsyncResult`]; a worker (another process, or the
+//! same one) runs it and stores the outcome.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> celeriac::Result<()> {
+//! use std::time::Duration;
+//!
+//! #[celeriac::task(name = "tasks.add")]
+//! async fn add(x: i64, y: i64) -> i64 {
+//!     x + y
+//! }
+//!
+//! let app = celeriac::App::builder().broker_url("memory://").task::<add>().build().await?;
+//!
+//! // A worker in this process, for the example; usually `my-app worker` in another one.
+//! let worker = app.worker(app.worker_options());
+//! let stop = worker.shutdown_handle();
+//! let running = tokio::spawn(worker.run());
+//!
+//! let result = add::delay(&app, 2, 3).await?;
+//! assert_eq!(result.get_timeout(Duration::from_secs(10)).await?, 5);
+//!
+//! stop.warm();
+//! running.await.expect("worker task").expect("worker");
+//! # Ok(()) }
+//! ```
+//!
+//! - Tasks: `#[celeriac::task]` on an `async fn` (runs on the runtime) or a plain `fn` (runs on
+//!   a thread pool, never on the runtime). Options: `name`, `queue`, `priority`, `rate_limit`,
+//!   `max_retries`, `default_retry_delay`, `retry_backoff`, `retry_backoff_max`,
+//!   `retry_jitter`, `autoretry_for`, `acks_late`, `soft_time_limit`, `time_limit`,
+//!   `ignore_result`, `expires`, `track_started`. A first parameter of type [`TaskContext`]
+//!   gives the request (id, retries, headers, cancellation).
+//! - Sending: `task::delay(&app, args..)`, or `task::s(args..)` plus [`Signature`] options
+//!   (countdown, eta, expires, queue, priority, task id, headers) and
+//!   [`Signature::apply_async`]; [`App::send_task`] by name.
+//! - Results: [`AsyncResult`] (`state`, `ready`, `get`, `traceback`, `forget`, `revoke`),
+//!   also rebuilt from an id with [`AsyncResult::from_id`].
+//! - A command line for your binary: [`cli::run`] gives it `worker`, `call`, `result`,
+//!   `purge` and `status`.
+//!
+//! # Features
+//!
+//! - `sqlite` (default): the embedded SQLite broker and result backend, `sqlite://path`.
+//! - `worker` (default): [`App::worker`].
+//! - `cli` (default): [`cli::run`].
+//! - `msgpack`: the msgpack body codec.
+
+#[allow(unused_extern_crates)]
+extern crate self as celeriac;
+
+mod app;
+#[cfg(feature = "cli")]
+pub mod cli;
+mod result;
+mod signature;
+
+pub use app::{App, AppBuilder, default_drivers};
+pub use celeriac_core::{
+    Cancellation, Config, ContentType, DynBackend, DynBroker, Error, ErrorKind, RemoteError,
+    Result, TaskContext, TaskDef, TaskError, TaskErrorKind, TaskMeta, TaskOptions, TaskState,
+};
+pub use celeriac_macros::task;
+pub use result::AsyncResult;
+pub use signature::{SendOptions, Signature};
+
+/// The core crate: protocol, contracts, in-memory drivers (for driver authors and tests).
+pub use celeriac_core as core;
+#[cfg(feature = "worker")]
+pub use celeriac_worker as worker;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use celeriac_core::task::{Args, Handler, Task, TaskDef, TaskOptions, encode_output};
+    pub use celeriac_core::{BoxFuture, RateLimit, TaskContext, TaskError};
+    pub use inventory;
+    pub use serde_json;
+
+    /// A task collected by `App::builder().collect_tasks()`.
+    #[derive(Debug)]
+    pub struct Registration(pub fn() -> TaskDef);
+
+    inventory::collect!(Registration);
+}

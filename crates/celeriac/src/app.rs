@@ -1,0 +1,420 @@
+//! [`App`]: the broker, the result backend, the registered tasks and the configuration.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use serde_json::{Map, Value};
+
+use crate::signature::Signature;
+use crate::{AsyncResult, Error, Result};
+use celeriac_core::protocol::{Body, Headers, Message, TimeLimit};
+use celeriac_core::{
+    Config, ContentType, Drivers, DynBackend, DynBroker, PublishOptions, Registry, Task, TaskDef,
+    TaskOptions,
+};
+
+/// Longest `argsrepr`/`kwargsrepr` written into headers, as Celery does.
+const REPR_MAX: usize = 1024;
+
+/// A celeriac application: where tasks are sent, where results are kept, and which tasks this
+/// process can run. Cheap to clone; `Send + Sync`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> celeriac::Result<()> {
+/// #[celeriac::task(name = "tasks.add")]
+/// fn add(x: i64, y: i64) -> i64 {
+///     x + y
+/// }
+///
+/// let app = celeriac::App::builder()
+///     .broker_url("memory://")
+///     .task::<add>()
+///     .build()
+///     .await?;
+/// let result = add::delay(&app, 2, 3).await?;
+/// # let _ = result;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    broker: DynBroker,
+    backend: DynBackend,
+    registry: Arc<Registry>,
+    content_type: ContentType,
+    origin: String,
+    declared: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("broker", &self.inner.broker.driver())
+            .field("backend", &self.inner.backend.driver())
+            .field("tasks", &self.inner.registry.names())
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Starts building an app.
+    pub fn builder() -> AppBuilder {
+        AppBuilder::default()
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &DynBroker {
+        &self.inner.broker
+    }
+
+    /// The result backend.
+    pub fn backend(&self) -> &DynBackend {
+        &self.inner.backend
+    }
+
+    /// The tasks this process can run.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
+    }
+
+    /// A handle on the result of task `id`.
+    pub fn result<T>(&self, id: impl Into<String>) -> AsyncResult<T> {
+        AsyncResult::from_id(self, id)
+    }
+
+    /// Sends a task known only by its name, with JSON arguments.
+    ///
+    /// Options come from the task's registration in this app when it has one.
+    pub async fn send_task(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+    ) -> Result<AsyncResult> {
+        Signature::<Value>::new(name)
+            .args_json(args)
+            .kwargs_json(kwargs)
+            .apply_async(self)
+            .await
+    }
+
+    /// The queue a task goes to when the caller names none: the task's own queue, then the
+    /// routes, then the default queue.
+    pub fn queue_for(&self, task: &str, task_options: &TaskOptions) -> String {
+        task_options
+            .queue
+            .clone()
+            .or_else(|| self.inner.config.route(task).map(str::to_owned))
+            .unwrap_or_else(|| self.inner.config.default_queue.clone())
+    }
+
+    /// Builds and publishes the message for `sig`; returns the task id.
+    pub(crate) async fn send_signature<O>(&self, sig: &Signature<O>) -> Result<String> {
+        if let Some(e) = &sig.encode_error {
+            return Err(Error::protocol(e.clone()));
+        }
+        let task_options = match sig.task_options {
+            Some(f) => f(),
+            None => self
+                .inner
+                .registry
+                .get(&sig.task)
+                .map(|d| d.options.clone())
+                .unwrap_or_default(),
+        };
+        let opts = &sig.options;
+        let id = opts
+            .task_id
+            .clone()
+            .unwrap_or_else(celeriac_core::protocol::new_id);
+        let queue = opts
+            .queue
+            .clone()
+            .unwrap_or_else(|| self.queue_for(&sig.task, &task_options));
+        let now = Utc::now();
+        let eta = opts
+            .eta
+            .or_else(|| opts.countdown.map(|c| now + to_chrono(c)));
+        let expires = opts
+            .expires_at
+            .or_else(|| opts.expires_in.map(|e| now + to_chrono(e)))
+            .or_else(|| task_options.expires.map(|e| now + to_chrono(e)));
+        let priority = opts.priority.or(task_options.priority);
+
+        let mut headers = Headers::new(sig.task.clone(), id.clone());
+        headers.eta = eta;
+        headers.expires = expires;
+        headers.timelimit = TimeLimit {
+            hard: opts
+                .time_limit
+                .or(task_options.time_limit)
+                .map(|d| d.as_secs_f64()),
+            soft: opts
+                .soft_time_limit
+                .or(task_options.soft_time_limit)
+                .map(|d| d.as_secs_f64()),
+        };
+        headers.argsrepr = Some(repr(&Value::Array(sig.args.clone())));
+        headers.kwargsrepr = Some(repr(&Value::Object(sig.kwargs.clone())));
+        headers.origin = Some(self.inner.origin.clone());
+        headers.ignore_result = opts.ignore_result.unwrap_or(task_options.ignore_result);
+        headers.extra = opts.headers.clone();
+
+        let body = Body::new(sig.args.clone(), sig.kwargs.clone());
+        let mut message = Message::new(headers, &body, self.inner.content_type)?;
+        message.properties.priority = priority.unwrap_or(0);
+
+        self.declare(&queue).await?;
+        let publish = PublishOptions::default()
+            .priority(priority)
+            .not_before(eta.filter(|t| *t > now));
+        self.inner.broker.publish(&queue, &message, publish).await?;
+        tracing::debug!(task_id = %id, task_name = %sig.task, queue = %queue, "task sent");
+        Ok(id)
+    }
+
+    async fn declare(&self, queue: &str) -> Result<()> {
+        if self
+            .inner
+            .declared
+            .lock()
+            .expect("declared lock")
+            .contains(queue)
+        {
+            return Ok(());
+        }
+        self.inner.broker.declare(queue).await?;
+        self.inner
+            .declared
+            .lock()
+            .expect("declared lock")
+            .insert(queue.to_owned());
+        Ok(())
+    }
+
+    /// A worker for this app, configured from [`App::config`]; adjust it with the returned
+    /// options before calling `run`.
+    #[cfg(feature = "worker")]
+    pub fn worker_options(&self) -> celeriac_worker::WorkerOptions {
+        let mut o = celeriac_worker::WorkerOptions::from_config(&self.inner.config);
+        o.content_type = self.inner.content_type;
+        o
+    }
+
+    /// A worker running this app's tasks with `options`.
+    #[cfg(feature = "worker")]
+    pub fn worker(&self, options: celeriac_worker::WorkerOptions) -> celeriac_worker::Worker {
+        celeriac_worker::Worker::new(
+            self.inner.broker.clone(),
+            Some(self.inner.backend.clone()),
+            self.inner.registry.clone(),
+            options,
+        )
+    }
+
+    /// Closes the broker and the result backend.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.broker.close().await?;
+        self.inner.backend.close().await
+    }
+}
+
+fn to_chrono(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// A short printable form of arguments, for logs and monitors.
+fn repr(v: &Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > REPR_MAX {
+        let mut cut = REPR_MAX - 3;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
+/// Builds an [`App`].
+#[derive(Debug, Default)]
+pub struct AppBuilder {
+    config: Option<Config>,
+    load_config: bool,
+    broker_url: Option<String>,
+    backend_url: Option<String>,
+    broker: Option<DynBroker>,
+    backend: Option<DynBackend>,
+    tasks: Vec<TaskDef>,
+    collect: bool,
+    routes: Vec<(String, String)>,
+    drivers: Option<Drivers>,
+}
+
+impl AppBuilder {
+    /// Uses `config` instead of the defaults.
+    #[must_use]
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// Reads `celeriac.toml` (or `$CELERIAC_CONFIG`) and the `CELERIAC_*` environment at build.
+    #[must_use]
+    pub fn load_config(mut self) -> Self {
+        self.load_config = true;
+        self
+    }
+
+    /// Sets the broker URL (overrides the configuration).
+    #[must_use]
+    pub fn broker_url(mut self, url: impl Into<String>) -> Self {
+        self.broker_url = Some(url.into());
+        self
+    }
+
+    /// Sets the result backend URL (overrides the configuration).
+    #[must_use]
+    pub fn result_backend(mut self, url: impl Into<String>) -> Self {
+        self.backend_url = Some(url.into());
+        self
+    }
+
+    /// Uses an already open broker.
+    #[must_use]
+    pub fn broker(mut self, broker: DynBroker) -> Self {
+        self.broker = Some(broker);
+        self
+    }
+
+    /// Uses an already open result backend.
+    #[must_use]
+    pub fn backend(mut self, backend: DynBackend) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Registers task `T` (generated by `#[celeriac::task]`).
+    #[must_use]
+    pub fn task<T: Task>(mut self) -> Self {
+        self.tasks.push(T::definition());
+        self
+    }
+
+    /// Registers a task definition written by hand.
+    #[must_use]
+    pub fn register(mut self, def: TaskDef) -> Self {
+        self.tasks.push(def);
+        self
+    }
+
+    /// Registers every `#[celeriac::task]` linked into this binary.
+    #[must_use]
+    pub fn collect_tasks(mut self) -> Self {
+        self.collect = true;
+        self
+    }
+
+    /// Routes tasks whose name matches `pattern` (`*` globs) to `queue`.
+    #[must_use]
+    pub fn route(mut self, pattern: impl Into<String>, queue: impl Into<String>) -> Self {
+        self.routes.push((pattern.into(), queue.into()));
+        self
+    }
+
+    /// Uses `drivers` instead of the built-in set (to add a third-party driver).
+    #[must_use]
+    pub fn drivers(mut self, drivers: Drivers) -> Self {
+        self.drivers = Some(drivers);
+        self
+    }
+
+    /// Opens the broker and backend and builds the app.
+    pub async fn build(self) -> Result<App> {
+        let mut config = match (self.config, self.load_config) {
+            (Some(c), _) => c,
+            (None, true) => Config::load()?,
+            (None, false) => Config::default(),
+        };
+        if let Some(u) = self.broker_url {
+            config.broker_url = Some(u);
+        }
+        if let Some(u) = self.backend_url {
+            config.result_backend = Some(u);
+        }
+        for (pattern, queue) in self.routes {
+            config.routes.insert(pattern, queue);
+        }
+        config.validate()?;
+        let content_type = ContentType::from_name(&config.serializer)?;
+        let drivers = self.drivers.unwrap_or_else(default_drivers);
+        let broker = match self.broker {
+            Some(b) => b,
+            None => drivers.open_broker(config.broker_url(), &config).await?,
+        };
+        let backend = match self.backend {
+            Some(b) => b,
+            None => {
+                drivers
+                    .open_backend(config.result_backend_url(), &config)
+                    .await?
+            }
+        };
+        let mut registry = Registry::new();
+        if self.collect {
+            for reg in inventory::iter::<crate::__private::Registration> {
+                registry.insert((reg.0)());
+            }
+        }
+        for def in self.tasks {
+            registry.insert(def);
+        }
+        let origin = format!("gen{}@{}", std::process::id(), celeriac_core::hostname());
+        Ok(App {
+            inner: Arc::new(Inner {
+                config,
+                broker,
+                backend,
+                registry: Arc::new(registry),
+                content_type,
+                origin,
+                declared: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+}
+
+/// The drivers compiled in: `memory://` always, `sqlite://` with the `sqlite` feature.
+pub fn default_drivers() -> Drivers {
+    #[allow(unused_mut)]
+    let mut d = Drivers::new();
+    #[cfg(feature = "sqlite")]
+    celeriac_sqlite::register(&mut d);
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repr_is_bounded_and_char_safe() {
+        let long = Value::String("é".repeat(2000));
+        let r = repr(&long);
+        assert!(r.len() <= REPR_MAX);
+        assert!(r.ends_with("..."));
+        assert_eq!(repr(&serde_json::json!([1, "a"])), r#"[1,"a"]"#);
+    }
+}

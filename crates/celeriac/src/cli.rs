@@ -1,0 +1,434 @@
+//! A command line for the user's own binary: `worker`, `call`, `result`, `purge`, `status`,
+//! `tasks`.
+//!
+//! ```no_run
+//! #[celeriac::task(name = "tasks.add")]
+//! fn add(x: i64, y: i64) -> i64 {
+//!     x + y
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     celeriac::cli::run(celeriac::App::builder().load_config().task::<add>())
+//! }
+//! ```
+//!
+//! Then `my-app worker -Q celery -c 8`, `my-app call tasks.add --args '[2, 3]' --wait`,
+//! `my-app result <id>`, `my-app status`. Errors print with their causes and exit with 1;
+//! a task that failed exits with 2.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Map, Value};
+
+use crate::{App, AppBuilder, Signature};
+use celeriac_core::{ErrorKind, TaskMeta};
+
+#[derive(Parser, Debug)]
+#[command(about = "celeriac: run workers, send tasks, read results", version)]
+struct Cli {
+    /// Broker URL (overrides celeriac.toml and CELERIAC_BROKER_URL).
+    #[arg(long, short = 'b', global = true)]
+    broker: Option<String>,
+    /// Result backend URL.
+    #[arg(long, global = true)]
+    result_backend: Option<String>,
+    /// Log filter: error, warn, info, debug, trace, or target=level pairs (also RUST_LOG).
+    #[arg(long, short = 'l', global = true)]
+    loglevel: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a worker until SIGTERM/SIGINT (a second signal stops at once).
+    Worker {
+        /// Queues to consume, comma separated.
+        #[arg(short = 'Q', long, value_delimiter = ',')]
+        queues: Vec<String>,
+        /// Tasks run at once.
+        #[arg(short = 'c', long)]
+        concurrency: Option<usize>,
+        /// Pool: async or threads.
+        #[arg(short = 'P', long)]
+        pool: Option<String>,
+        /// Node name (default celeriac@<host>).
+        #[arg(short = 'n', long)]
+        hostname: Option<String>,
+        /// Deliveries held beyond what can run at once.
+        #[arg(long)]
+        prefetch_buffer: Option<usize>,
+    },
+    /// Send a task by name.
+    Call {
+        /// The task name, e.g. tasks.add.
+        name: String,
+        /// Positional arguments as a JSON array.
+        #[arg(long, short = 'a', default_value = "[]")]
+        args: String,
+        /// Keyword arguments as a JSON object.
+        #[arg(long, short = 'k', default_value = "{}")]
+        kwargs: String,
+        /// Queue to send to.
+        #[arg(long, short = 'Q')]
+        queue: Option<String>,
+        /// Seconds to wait before running.
+        #[arg(long)]
+        countdown: Option<f64>,
+        /// Seconds after which the task is revoked instead of run.
+        #[arg(long)]
+        expires: Option<f64>,
+        /// Priority 0-9.
+        #[arg(long)]
+        priority: Option<u8>,
+        /// Send this many copies (progress is shown while waiting).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Wait for the result(s) and print them.
+        #[arg(long, short = 'w')]
+        wait: bool,
+        /// Seconds to wait at most.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Show a task's state and result.
+    Result {
+        /// The task id.
+        id: String,
+        /// Wait until it is ready.
+        #[arg(long, short = 'w')]
+        wait: bool,
+        /// Seconds to wait at most.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Delete all ready and delayed messages of queues.
+    Purge {
+        /// Queues to purge, comma separated (default: the default queue).
+        #[arg(short = 'Q', long, value_delimiter = ',')]
+        queues: Vec<String>,
+    },
+    /// Show queue lengths.
+    Status,
+    /// List the tasks this binary can run.
+    Tasks,
+}
+
+/// Parses the process arguments, builds the app and runs the command.
+pub fn run(builder: AppBuilder) -> ExitCode {
+    run_from(builder, std::env::args_os())
+}
+
+/// Like [`run`], with explicit arguments (the first is the program name).
+pub fn run_from<I, T>(builder: AppBuilder, args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(cli.loglevel.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(builder, cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let task_failed = e.chain().any(|c| {
+                c.downcast_ref::<crate::Error>()
+                    .is_some_and(|e| e.kind() == ErrorKind::TaskFailed)
+            });
+            if task_failed {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let spec = level
+        .map(str::to_owned)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".to_owned());
+    let filter: Targets = spec.parse().unwrap_or_else(|_| {
+        eprintln!("warning: invalid log filter {spec:?}; using info");
+        Targets::new().with_default(tracing::Level::INFO)
+    });
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(filter)
+        .try_init();
+}
+
+async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(b) = cli.broker {
+        builder = builder.broker_url(b);
+    }
+    if let Some(b) = cli.result_backend {
+        builder = builder.result_backend(b);
+    }
+    let app = builder.build().await.context("cannot start the app")?;
+    let code = match cli.command {
+        Command::Worker {
+            queues,
+            concurrency,
+            pool,
+            hostname,
+            prefetch_buffer,
+        } => {
+            let mut o = app.worker_options();
+            if !queues.is_empty() {
+                o.queues = queues;
+            }
+            if let Some(c) = concurrency {
+                if c == 0 {
+                    bail!("--concurrency must be at least 1");
+                }
+                o.concurrency = c;
+            }
+            if let Some(p) = pool {
+                o.pool = p
+                    .parse()
+                    .map_err(|e: celeriac_core::Error| anyhow::anyhow!(e))?;
+            }
+            if let Some(h) = hostname {
+                o.hostname = h;
+            }
+            if let Some(b) = prefetch_buffer {
+                o.prefetch_buffer = b;
+            }
+            if app.registry().is_empty() {
+                tracing::warn!("no task is registered: every message will fail as NotRegistered");
+            }
+            let report = app.worker(o).run_until_signal().await?;
+            tracing::info!(?report, "worker stopped");
+            ExitCode::SUCCESS
+        }
+        Command::Call {
+            name,
+            args,
+            kwargs,
+            queue,
+            countdown,
+            expires,
+            priority,
+            repeat,
+            wait,
+            timeout,
+        } => {
+            let args: Vec<Value> =
+                serde_json::from_str(&args).context("--args must be a JSON array")?;
+            let kwargs: Map<String, Value> =
+                serde_json::from_str(&kwargs).context("--kwargs must be a JSON object")?;
+            let mut sig = Signature::<Value>::new(&name)
+                .args_json(args)
+                .kwargs_json(kwargs);
+            if let Some(q) = queue {
+                sig = sig.queue(q);
+            }
+            if let Some(c) = countdown {
+                sig = sig.countdown(secs(c, "--countdown")?);
+            }
+            if let Some(e) = expires {
+                sig = sig.expires_in(secs(e, "--expires")?);
+            }
+            if let Some(p) = priority {
+                sig = sig.priority(p);
+            }
+            let mut ids = Vec::with_capacity(repeat);
+            for _ in 0..repeat.max(1) {
+                ids.push(sig.clone().apply_async(&app).await?.id().to_owned());
+            }
+            if !wait {
+                for id in &ids {
+                    println!("{id}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let timeout = timeout.map(|t| secs(t, "--timeout")).transpose()?;
+            wait_all(&app, &ids, timeout).await?
+        }
+        Command::Result { id, wait, timeout } => {
+            let r = app.result::<Value>(&id);
+            let meta = if wait {
+                let timeout = timeout.map(|t| secs(t, "--timeout")).transpose()?;
+                r.wait_meta(timeout).await?
+            } else {
+                r.meta().await?
+            };
+            print_meta(&meta)?
+        }
+        Command::Purge { queues } => {
+            let queues = if queues.is_empty() {
+                vec![app.config().default_queue.clone()]
+            } else {
+                queues
+            };
+            for q in queues {
+                let n = app.broker().purge(&q).await?;
+                println!("purged {n} message(s) from {q}");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Status => {
+            let queues = app.broker().queues().await?;
+            println!(
+                "{:<24} {:>10} {:>10} {:>10}",
+                "queue", "ready", "delayed", "unacked"
+            );
+            for q in queues {
+                let s = app.broker().stats(&q).await?;
+                println!(
+                    "{q:<24} {:>10} {:>10} {:>10}",
+                    s.ready, s.delayed, s.unacked
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Tasks => {
+            for name in app.registry().names() {
+                println!("{name}");
+            }
+            ExitCode::SUCCESS
+        }
+    };
+    app.close().await?;
+    Ok(code)
+}
+
+fn secs(s: f64, flag: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s)
+        .with_context(|| format!("{flag} must be a non-negative number of seconds"))
+}
+
+/// Prints one record; the exit code says whether it failed.
+fn print_meta(meta: &TaskMeta) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{} {}", meta.task_id, meta.status)?;
+    if let Some(e) = meta.error() {
+        writeln!(out, "{}", e.summary())?;
+        if let Some(tb) = &e.traceback {
+            writeln!(out, "{tb}")?;
+        }
+    } else if !meta.result.is_null() {
+        writeln!(out, "{}", meta.result)?;
+    }
+    Ok(if meta.status.propagates() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Waits for every id, with a progress line on stderr when there are several.
+async fn wait_all(
+    app: &App,
+    ids: &[String],
+    timeout: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    if let [id] = ids {
+        let meta = app.result::<Value>(id).wait_meta(timeout).await?;
+        return print_meta(&meta);
+    }
+    let started = Instant::now();
+    let mut failed = 0usize;
+    let mut progress = Progress::new(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
+        let meta = app.result::<Value>(id).wait_meta(left).await?;
+        if meta.status.propagates() {
+            failed += 1;
+        }
+        progress.update(i + 1);
+    }
+    progress.finish();
+    println!(
+        "{} task(s) done, {failed} failed, in {:.2}s",
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(if failed > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// A one-line progress bar on stderr, redrawn at most every 100 ms.
+#[derive(Debug)]
+pub struct Progress {
+    total: usize,
+    started: Instant,
+    last_draw: Option<Instant>,
+}
+
+impl Progress {
+    /// A bar for `total` items.
+    pub fn new(total: usize) -> Self {
+        Progress {
+            total,
+            started: Instant::now(),
+            last_draw: None,
+        }
+    }
+
+    /// Shows `done` of the total.
+    pub fn update(&mut self, done: usize) {
+        let now = Instant::now();
+        if done < self.total
+            && self
+                .last_draw
+                .is_some_and(|t| now - t < Duration::from_millis(100))
+        {
+            return;
+        }
+        self.last_draw = Some(now);
+        let width = 30;
+        let filled = if self.total == 0 {
+            width
+        } else {
+            done * width / self.total
+        };
+        let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        eprint!(
+            "\r[{}{}] {done}/{} {rate:.0}/s",
+            "#".repeat(filled),
+            " ".repeat(width - filled),
+            self.total
+        );
+        let _ = std::io::stderr().flush();
+    }
+
+    /// Ends the line.
+    pub fn finish(&mut self) {
+        eprintln!();
+    }
+}

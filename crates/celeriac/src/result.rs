@@ -1,0 +1,174 @@
+//! [`AsyncResult`]: a handle on a task's state and result.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::{App, Error, Result};
+use celeriac_core::{ErrorKind, RemoteError, TaskMeta, TaskState};
+
+/// A handle on one task's result, by id.
+///
+/// Made by sending a task, or rebuilt from an id alone with [`AsyncResult::from_id`] (another
+/// process, a web request). `T` is the output type [`AsyncResult::get`] decodes to; untyped
+/// handles use `serde_json::Value`.
+///
+/// ```
+/// # async fn demo(app: &celeriac::App) -> celeriac::Result<()> {
+/// use std::time::Duration;
+/// let r = celeriac::AsyncResult::<i64>::from_id(app, "0c2b6d7e-3a41-4f2e-b1a5-9e8d7c6b5a43");
+/// if r.ready().await? {
+///     let sum: i64 = r.get_timeout(Duration::from_secs(1)).await?;
+/// #   let _ = sum;
+/// }
+/// # Ok(()) }
+/// ```
+pub struct AsyncResult<T = Value> {
+    id: String,
+    app: App,
+    _output: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for AsyncResult<T> {
+    fn clone(&self) -> Self {
+        AsyncResult {
+            id: self.id.clone(),
+            app: self.app.clone(),
+            _output: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for AsyncResult<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncResult").field("id", &self.id).finish()
+    }
+}
+
+impl<T> AsyncResult<T> {
+    /// A handle on the task `id` in `app`'s result backend.
+    pub fn from_id(app: &App, id: impl Into<String>) -> Self {
+        AsyncResult {
+            id: id.into(),
+            app: app.clone(),
+            _output: PhantomData,
+        }
+    }
+
+    /// The task id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The stored record; PENDING when there is none.
+    pub async fn meta(&self) -> Result<TaskMeta> {
+        Ok(self
+            .app
+            .backend()
+            .get(&self.id)
+            .await?
+            .unwrap_or_else(|| TaskMeta::pending(self.id.clone())))
+    }
+
+    /// The current state.
+    pub async fn state(&self) -> Result<TaskState> {
+        Ok(self.meta().await?.status)
+    }
+
+    /// Whether the task has finished (SUCCESS, FAILURE or REVOKED).
+    pub async fn ready(&self) -> Result<bool> {
+        Ok(self.state().await?.is_ready())
+    }
+
+    /// Whether the task succeeded.
+    pub async fn successful(&self) -> Result<bool> {
+        Ok(self.state().await? == TaskState::Success)
+    }
+
+    /// Whether the task failed (FAILURE).
+    pub async fn failed(&self) -> Result<bool> {
+        Ok(self.state().await? == TaskState::Failure)
+    }
+
+    /// The raw stored result: the value on success, the exception map on failure, null while
+    /// pending.
+    pub async fn result(&self) -> Result<Value> {
+        Ok(self.meta().await?.result)
+    }
+
+    /// The stored exception, for FAILURE, RETRY and REVOKED.
+    pub async fn error(&self) -> Result<Option<RemoteError>> {
+        Ok(self.meta().await?.error())
+    }
+
+    /// The traceback of a failed task.
+    pub async fn traceback(&self) -> Result<Option<String>> {
+        Ok(self.meta().await?.traceback)
+    }
+
+    /// Deletes the stored result.
+    pub async fn forget(&self) -> Result<()> {
+        self.app.backend().forget(&self.id).await
+    }
+
+    /// Revokes the task: a worker that has not started it will not run it.
+    ///
+    /// Stored as REVOKED in the result backend, so it holds across worker restarts and on every
+    /// worker. A task that is already running is not interrupted.
+    pub async fn revoke(&self) -> Result<()> {
+        let existing = self.app.backend().get(&self.id).await?;
+        if existing.as_ref().is_some_and(|m| m.status.is_ready()) {
+            return Ok(());
+        }
+        let error =
+            RemoteError::new("TaskRevokedError", "revoked").with_module("celery.exceptions");
+        let meta = TaskMeta::exception(self.id.clone(), TaskState::Revoked, &error);
+        self.app.backend().store(&meta).await?;
+        Ok(())
+    }
+
+    /// Waits for a ready state and returns its record, without decoding.
+    pub async fn wait_meta(&self, timeout: Option<Duration>) -> Result<TaskMeta> {
+        self.app.backend().wait(&self.id, timeout).await
+    }
+}
+
+impl<T: DeserializeOwned> AsyncResult<T> {
+    /// Waits for the task and returns its output.
+    ///
+    /// A failed or revoked task is an error of kind [`ErrorKind::TaskFailed`] whose
+    /// [`Error::remote`] carries the exception type, message and traceback.
+    pub async fn get(&self) -> Result<T> {
+        self.get_inner(None).await
+    }
+
+    /// Like [`AsyncResult::get`], failing with [`ErrorKind::Timeout`] after `timeout`.
+    pub async fn get_timeout(&self, timeout: Duration) -> Result<T> {
+        self.get_inner(Some(timeout)).await
+    }
+
+    async fn get_inner(&self, timeout: Option<Duration>) -> Result<T> {
+        let meta = self.wait_meta(timeout).await?;
+        decode_ready(meta)
+    }
+}
+
+/// The output of a ready record, or the task's failure as an error.
+pub(crate) fn decode_ready<T: DeserializeOwned>(meta: TaskMeta) -> Result<T> {
+    if meta.status.propagates() {
+        let remote = meta
+            .error()
+            .unwrap_or_else(|| RemoteError::new("Exception", "task failed"));
+        return Err(Error::task_failed(remote));
+    }
+    serde_json::from_value(meta.result).map_err(|e| {
+        Error::new(
+            ErrorKind::Protocol,
+            format!("task {} returned a value of another type", meta.task_id),
+        )
+        .with_source(e)
+    })
+}

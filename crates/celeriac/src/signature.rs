@@ -1,0 +1,281 @@
+//! Signatures: a task call (name, arguments, send options) as a value.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::{App, AsyncResult, Result};
+use celeriac_core::TaskOptions;
+
+/// Options for one send, as Celery's `apply_async` takes them.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SendOptions {
+    /// Run no earlier than this many seconds from now.
+    pub countdown: Option<Duration>,
+    /// Run no earlier than this time.
+    pub eta: Option<DateTime<Utc>>,
+    /// Revoke instead of running after this time.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Revoke instead of running after this long from now.
+    pub expires_in: Option<Duration>,
+    /// The queue (else the task's queue, the routes, the default queue).
+    pub queue: Option<String>,
+    /// 0 to 9, higher first.
+    pub priority: Option<u8>,
+    /// Use this id instead of a fresh one.
+    pub task_id: Option<String>,
+    /// Extra message headers, visible to the task through its context.
+    pub headers: Map<String, Value>,
+    /// Hard time limit for this call.
+    pub time_limit: Option<Duration>,
+    /// Soft time limit for this call.
+    pub soft_time_limit: Option<Duration>,
+    /// Store no result.
+    pub ignore_result: Option<bool>,
+}
+
+/// A task call ready to send: the task name, encoded arguments and send options.
+///
+/// `O` is the task's output type; [`Signature::apply_async`] returns an [`AsyncResult<O>`].
+/// Typed signatures come from the code `#[celeriac::task]` generates (`add::s(2, 3)`); a
+/// signature of a task known only by name is built with [`Signature::new`].
+///
+/// ```
+/// # async fn demo(app: &celeriac::App) -> celeriac::Result<()> {
+/// use std::time::Duration;
+/// let result = celeriac::Signature::<i64>::new("tasks.add")
+///     .arg(2)
+///     .arg(3)
+///     .countdown(Duration::from_secs(1))
+///     .queue("math")
+///     .apply_async(app)
+///     .await?;
+/// # let _ = result; Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Signature<O = Value> {
+    pub(crate) task: String,
+    pub(crate) args: Vec<Value>,
+    pub(crate) kwargs: Map<String, Value>,
+    pub(crate) encode_error: Option<String>,
+    pub(crate) options: SendOptions,
+    pub(crate) task_options: Option<fn() -> TaskOptions>,
+    _output: PhantomData<fn() -> O>,
+}
+
+impl<O> Clone for Signature<O> {
+    fn clone(&self) -> Self {
+        Signature {
+            task: self.task.clone(),
+            args: self.args.clone(),
+            kwargs: self.kwargs.clone(),
+            encode_error: self.encode_error.clone(),
+            options: self.options.clone(),
+            task_options: self.task_options,
+            _output: PhantomData,
+        }
+    }
+}
+
+impl<O> Signature<O> {
+    /// A call of the task named `task`, with no arguments yet.
+    pub fn new(task: impl Into<String>) -> Self {
+        Signature {
+            task: task.into(),
+            args: Vec::new(),
+            kwargs: Map::new(),
+            encode_error: None,
+            options: SendOptions::default(),
+            task_options: None,
+            _output: PhantomData,
+        }
+    }
+
+    #[doc(hidden)]
+    pub fn __typed(
+        task: &str,
+        args: Vec<std::result::Result<Value, serde_json::Error>>,
+        options: fn() -> TaskOptions,
+    ) -> Self {
+        let mut sig = Signature::new(task);
+        sig.task_options = Some(options);
+        for (i, a) in args.into_iter().enumerate() {
+            match a {
+                Ok(v) => sig.args.push(v),
+                Err(e) => {
+                    sig.encode_error.get_or_insert_with(|| {
+                        format!("cannot encode argument {i} of {task}: {e}")
+                    });
+                }
+            }
+        }
+        sig
+    }
+
+    /// The task name.
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// The encoded positional arguments.
+    pub fn args(&self) -> &[Value] {
+        &self.args
+    }
+
+    /// The encoded keyword arguments.
+    pub fn kwargs(&self) -> &Map<String, Value> {
+        &self.kwargs
+    }
+
+    /// The send options.
+    pub fn options(&self) -> &SendOptions {
+        &self.options
+    }
+
+    /// Appends a positional argument.
+    #[must_use]
+    pub fn arg(mut self, value: impl Serialize) -> Self {
+        match serde_json::to_value(value) {
+            Ok(v) => self.args.push(v),
+            Err(e) => {
+                let n = self.args.len();
+                self.encode_error
+                    .get_or_insert_with(|| format!("cannot encode argument {n}: {e}"));
+            }
+        }
+        self
+    }
+
+    /// Replaces the positional arguments with already encoded values.
+    #[must_use]
+    pub fn args_json(mut self, args: Vec<Value>) -> Self {
+        self.args = args;
+        self
+    }
+
+    /// Adds a keyword argument.
+    #[must_use]
+    pub fn kwarg(mut self, name: &str, value: impl Serialize) -> Self {
+        match serde_json::to_value(value) {
+            Ok(v) => {
+                self.kwargs.insert(name.to_owned(), v);
+            }
+            Err(e) => {
+                self.encode_error
+                    .get_or_insert_with(|| format!("cannot encode argument {name}: {e}"));
+            }
+        }
+        self
+    }
+
+    /// Replaces the keyword arguments with already encoded values.
+    #[must_use]
+    pub fn kwargs_json(mut self, kwargs: Map<String, Value>) -> Self {
+        self.kwargs = kwargs;
+        self
+    }
+
+    /// Runs no earlier than `delay` from the moment it is sent.
+    #[must_use]
+    pub fn countdown(mut self, delay: Duration) -> Self {
+        self.options.countdown = Some(delay);
+        self
+    }
+
+    /// Runs no earlier than `at`.
+    #[must_use]
+    pub fn eta(mut self, at: DateTime<Utc>) -> Self {
+        self.options.eta = Some(at);
+        self
+    }
+
+    /// Revoked instead of run if not started within `after` of sending.
+    #[must_use]
+    pub fn expires_in(mut self, after: Duration) -> Self {
+        self.options.expires_in = Some(after);
+        self
+    }
+
+    /// Revoked instead of run if not started by `at`.
+    #[must_use]
+    pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
+        self.options.expires_at = Some(at);
+        self
+    }
+
+    /// Sends to `queue`.
+    #[must_use]
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.options.queue = Some(queue.into());
+        self
+    }
+
+    /// Priority 0 to 9 (higher runs first); values above 9 count as 9.
+    #[must_use]
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.options.priority = Some(priority.min(9));
+        self
+    }
+
+    /// Uses `id` as the task id.
+    #[must_use]
+    pub fn task_id(mut self, id: impl Into<String>) -> Self {
+        self.options.task_id = Some(id.into());
+        self
+    }
+
+    /// Adds a message header the task can read from its context.
+    #[must_use]
+    pub fn header(mut self, name: &str, value: impl Into<Value>) -> Self {
+        self.options.headers.insert(name.to_owned(), value.into());
+        self
+    }
+
+    /// Sets the hard time limit for this call.
+    #[must_use]
+    pub fn time_limit(mut self, limit: Duration) -> Self {
+        self.options.time_limit = Some(limit);
+        self
+    }
+
+    /// Sets the soft time limit for this call.
+    #[must_use]
+    pub fn soft_time_limit(mut self, limit: Duration) -> Self {
+        self.options.soft_time_limit = Some(limit);
+        self
+    }
+
+    /// Stores no result for this call.
+    #[must_use]
+    pub fn ignore_result(mut self, ignore: bool) -> Self {
+        self.options.ignore_result = Some(ignore);
+        self
+    }
+
+    /// The signature in Celery's map form (for canvas and Python peers).
+    pub fn to_wire(&self) -> celeriac_core::Signature {
+        let mut s = celeriac_core::Signature::new(self.task.clone(), self.args.clone());
+        s.kwargs = self.kwargs.clone();
+        if let Some(q) = &self.options.queue {
+            s.options.insert("queue".into(), Value::String(q.clone()));
+        }
+        if let Some(p) = self.options.priority {
+            s.options.insert("priority".into(), p.into());
+        }
+        if let Some(id) = &self.options.task_id {
+            s.options
+                .insert("task_id".into(), Value::String(id.clone()));
+        }
+        s
+    }
+
+    /// Sends the call; returns a handle on its result.
+    pub async fn apply_async(self, app: &App) -> Result<AsyncResult<O>> {
+        let id = app.send_signature(&self).await?;
+        Ok(AsyncResult::from_id(app, id))
+    }
+}

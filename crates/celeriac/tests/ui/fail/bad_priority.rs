@@ -1,0 +1,4 @@
+#[celeriac::task(priority = 12)]
+fn t() {}
+
+fn main() {}

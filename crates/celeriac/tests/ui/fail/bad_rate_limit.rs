@@ -1,0 +1,4 @@
+#[celeriac::task(rate_limit = "10/d")]
+fn t() {}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[celeriac::task]
+fn greet(name: &str) -> String {
+    format!("hello {name}")
+}
+
+fn main() {}

@@ -1,0 +1,4 @@
+#[celeriac::task(retries = 3)]
+fn t() {}
+
+fn main() {}

@@ -1,0 +1,8 @@
+struct NotSerde;
+
+#[celeriac::task]
+fn t() -> NotSerde {
+    NotSerde
+}
+
+fn main() {}

@@ -1,0 +1,4 @@
+#[celeriac::task(acks_late = "yes")]
+fn t() {}
+
+fn main() {}
