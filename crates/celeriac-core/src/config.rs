@@ -1,6 +1,8 @@
 //! Configuration: defaults, then `celeriac.toml`, then `CELERIAC_*` environment variables.
 //!
-//! This is the only module that reads the environment.
+//! This is the only module that reads the environment (clippy.toml bans `std::env::var`
+//! elsewhere).
+#![allow(clippy::disallowed_methods)]
 //!
 //! ```toml
 //! broker_url = "sqlite://celeriac.db"
@@ -217,6 +219,16 @@ impl Config {
             .find(|(pattern, _)| glob_match(pattern, task))
             .map(|(_, q)| q.as_str())
     }
+}
+
+/// This machine's host name (from the kernel, else `$HOSTNAME`, else `localhost`).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// Matches `name` against a pattern where `*` stands for any run of characters.

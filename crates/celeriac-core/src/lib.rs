@@ -40,7 +40,7 @@ pub use broker::{
     Acker, BoxFuture, Broker, Capabilities, ConsumeOptions, Consumer, Delivery, DeliveryHandle,
     DynBroker, PublishOptions, QueueStats, Requeue,
 };
-pub use config::Config;
+pub use config::{Config, hostname};
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use meta::{RemoteError, TaskMeta};
 pub use protocol::{Body, ContentType, Embed, Headers, Message, Properties, Signature, TimeLimit};
@@ -52,12 +52,3 @@ pub use task::{
 };
 pub use url::Drivers;
 
-/// This machine's host name (from the kernel, else `$HOSTNAME`, else `localhost`).
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".to_owned())
-}

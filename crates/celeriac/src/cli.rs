@@ -168,6 +168,8 @@ where
     }
 }
 
+// The command line is a binary's front end: reading RUST_LOG here is its job.
+#[allow(clippy::disallowed_methods)]
 fn init_logging(level: Option<&str>) {
     use tracing_subscriber::filter::Targets;
     use tracing_subscriber::prelude::*;
