@@ -1,1 +1,86 @@
-//! examples
+//! Example task definitions shared by the example binaries and the end-to-end tests.
+//!
+//! The `tasks.*` names match a Python Celery app's `tasks` module, so Python clients and
+//! workers can call them (and the other way round).
+
+use std::time::Duration;
+
+use celeriac::{TaskContext, TaskError};
+use serde_json::Value;
+
+/// `tasks.add(x, y)`.
+#[celeriac::task(name = "tasks.add")]
+pub fn add(x: i64, y: i64) -> i64 {
+    x + y
+}
+
+/// `tasks.mul(x, y)`.
+#[celeriac::task(name = "tasks.mul")]
+pub fn mul(x: i64, y: i64) -> i64 {
+    x * y
+}
+
+/// `tasks.xsum(numbers)`: the sum of a list of numbers.
+#[celeriac::task(name = "tasks.xsum")]
+pub fn xsum(numbers: Vec<f64>) -> f64 {
+    numbers.iter().sum()
+}
+
+/// `tasks.echo(value)`: returns its argument unchanged.
+#[celeriac::task(name = "tasks.echo")]
+pub async fn echo(value: Value) -> Value {
+    value
+}
+
+/// `tasks.fail(message)`: always fails with that message.
+#[celeriac::task(name = "tasks.fail")]
+pub async fn fail(message: String) -> Result<(), TaskError> {
+    Err(TaskError::new("ValueError", message))
+}
+
+/// `tasks.sleep(seconds)`: sleeps, or stops early when cancelled (soft time limit, shutdown),
+/// failing with `SoftTimeLimitExceeded`. Returns the seconds slept.
+#[celeriac::task(name = "tasks.sleep")]
+pub async fn sleep(ctx: TaskContext, seconds: f64) -> Result<f64, TaskError> {
+    let d = Duration::try_from_secs_f64(seconds).map_err(|e| TaskError::new("ValueError", e.to_string()))?;
+    tokio::select! {
+        () = tokio::time::sleep(d) => Ok(seconds),
+        () = ctx.cancellation().cancelled() => Err(TaskError::new("SoftTimeLimitExceeded", "cancelled before finishing")),
+    }
+}
+
+/// `tasks.flaky(failures)`: asks for a retry until it has been retried `failures` times, then
+/// returns the number of retries. Exercises retries with exponential backoff.
+#[celeriac::task(name = "tasks.flaky", max_retries = 10, retry_backoff = 0.05, retry_backoff_max = 0.5)]
+pub async fn flaky(ctx: TaskContext, failures: u32) -> Result<u32, TaskError> {
+    if ctx.retries() < failures {
+        return Err(TaskError::new("ConnectionError", format!("attempt {} failed", ctx.retries())).into_retry(None));
+    }
+    Ok(ctx.retries())
+}
+
+/// `tasks.limited()`: rate limited to 10 per second per worker; returns when it ran (unix
+/// seconds).
+#[celeriac::task(name = "tasks.limited", rate_limit = "10/s")]
+pub async fn limited() -> f64 {
+    now()
+}
+
+/// `tasks.stamp(seconds)`: sleeps (blocking, on the thread pool) then returns when it finished
+/// (unix seconds). Used to check that nothing is lost at shutdown.
+#[celeriac::task(name = "tasks.stamp", acks_late = true)]
+#[allow(clippy::disallowed_methods)] // a blocking task: it runs on the worker's thread pool
+pub fn stamp(seconds: f64) -> f64 {
+    std::thread::sleep(Duration::from_secs_f64(seconds.clamp(0.0, 60.0)));
+    now()
+}
+
+/// `tasks.panic(message)`: panics, to show that a panicking task fails alone.
+#[celeriac::task(name = "tasks.panic")]
+pub fn panic(message: String) -> i64 {
+    std::panic::panic_any(message)
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}

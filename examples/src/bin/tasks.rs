@@ -1,0 +1,7 @@
+//! The example task app as a command line: `tasks worker`, `tasks call tasks.add --args '[2,3]'
+//! --wait`, `tasks status`, ... against any broker URL (`--broker`, `CELERIAC_BROKER_URL` or
+//! `celeriac.toml`; the default is `sqlite://celeriac.db`).
+
+fn main() -> std::process::ExitCode {
+    celeriac::cli::run(celeriac::App::builder().load_config().collect_tasks())
+}

@@ -1,0 +1,14 @@
+//! End-to-end tests: the example task app runs as a separate worker process over a SQLite file,
+//! and the test is the client.
+
+// Spawning and stopping worker processes, and the client app.
+mod support;
+
+// Results, failures, panics, unknown tasks and bad arguments.
+mod outcomes;
+
+// Retries, countdown/eta, expiry, revoke, rate limits and time limits.
+mod scheduling;
+
+// Shutdown and crashes: nothing is lost.
+mod shutdown;

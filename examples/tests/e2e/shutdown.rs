@@ -1,0 +1,57 @@
+//! Graceful shutdown and crashes lose nothing.
+
+use std::time::Duration;
+
+use celeriac_examples::stamp;
+
+use crate::support::{T, WorkerProcess, client, sqlite_url};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_running_tasks_and_hands_back_the_rest() {
+    let (url, _) = sqlite_url("graceful");
+    let mut w = WorkerProcess::start(&url, &["-c", "2", "--prefetch-buffer", "4"]);
+    let app = client(&url).await;
+    let mut results = Vec::new();
+    for _ in 0..12 {
+        results.push(stamp::delay(&app, 0.4).await.unwrap());
+    }
+    // Let the worker take some, then ask it to stop while tasks run.
+    let first = results[0].clone();
+    tokio::time::timeout(T, async {
+        while first.state().await.unwrap() == celeriac::TaskState::Pending && !w.log().contains("tasks.stamp") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("worker never started a task");
+    w.signal("TERM");
+    let status = w.wait(T);
+    assert!(status.success(), "warm shutdown should exit 0: {status:?}\n{}", w.log());
+
+    // A second worker gets everything the first did not finish.
+    let _w2 = WorkerProcess::start(&url, &["-c", "4"]);
+    for r in &results {
+        r.get_timeout(T).await.unwrap_or_else(|e| panic!("task {} lost: {e:?}", r.id()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_late_tasks_survive_a_killed_worker() {
+    let (url, _) = sqlite_url("sigkill");
+    // A short lease so the test does not wait an hour for redelivery.
+    let config = format!("{}.toml", url.trim_start_matches("sqlite://"));
+    std::fs::write(&config, "visibility_timeout = 1.0\n").unwrap();
+    let app = client(&url).await;
+    let mut w = WorkerProcess::start_with_config(&url, &config, &["-c", "2"]);
+    let mut results = Vec::new();
+    for _ in 0..6 {
+        results.push(stamp::delay(&app, 0.5).await.unwrap());
+    }
+    w.wait_for_log("tasks.stamp", T);
+    w.signal("KILL");
+    w.wait(T);
+    let _w2 = WorkerProcess::start_with_config(&url, &config, &["-c", "4"]);
+    for r in &results {
+        r.get_timeout(T).await.unwrap_or_else(|e| panic!("task {} lost after SIGKILL: {e:?}", r.id()));
+    }
+}
