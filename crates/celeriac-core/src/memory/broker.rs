@@ -44,8 +44,19 @@ struct Queue {
     ready: BTreeMap<(Reverse<u8>, u64), Stored>,
     /// Delayed messages: (not_before, seq) -> message.
     delayed: BTreeMap<(Instant, u64), Stored>,
-    /// Leased messages: seq -> (lease deadline, message).
-    unacked: HashMap<u64, (Instant, Stored)>,
+    /// Leased messages: seq -> lease.
+    unacked: HashMap<u64, Lease>,
+}
+
+/// A message handed to a consumer.
+#[derive(Debug)]
+struct Lease {
+    /// When the message returns to ready unless acked or extended.
+    deadline: Instant,
+    /// Tells this lease from a later one of the same message, so that a delivery whose lease
+    /// expired cannot settle or extend the copy handed to another consumer.
+    token: u64,
+    stored: Stored,
 }
 
 impl Queue {
@@ -61,16 +72,16 @@ impl Queue {
         let expired: Vec<u64> = self
             .unacked
             .iter()
-            .filter(|(_, (d, _))| *d <= now)
+            .filter(|(_, lease)| lease.deadline <= now)
             .map(|(s, _)| *s)
             .collect();
         for seq in expired {
-            let (_, mut stored) = self.unacked.remove(&seq).expect("present");
+            let mut stored = self.unacked.remove(&seq).expect("present").stored;
             stored.redeliveries += 1;
             self.ready.insert((Reverse(stored.priority), seq), stored);
         }
         let next_delay = self.delayed.keys().next().map(|(at, _)| *at);
-        let next_lease = self.unacked.values().map(|(d, _)| *d).min();
+        let next_lease = self.unacked.values().map(|lease| lease.deadline).min();
         match (next_delay, next_lease) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -230,6 +241,7 @@ impl Broker for MemoryBroker {
 
     fn queues(&self) -> BoxFuture<'_, Result<Vec<String>>> {
         Box::pin(async move {
+            self.check_open()?;
             let mut names: Vec<String> = self
                 .inner
                 .queues
@@ -280,6 +292,7 @@ impl MemoryConsumer {
             }
             if let Some(((_, seq), stored)) = q.ready.pop_first() {
                 self.next_queue = (self.next_queue + i + 1) % n;
+                let token = self.broker.inner.seq.fetch_add(1, Ordering::Relaxed);
                 let delivery = Delivery::new(
                     Ok(stored.message.clone()),
                     name.clone(),
@@ -288,11 +301,19 @@ impl MemoryConsumer {
                         broker: self.broker.clone(),
                         queue: name.clone(),
                         seq,
+                        token,
                         outstanding: self.outstanding.clone(),
                         settled: AtomicBool::new(false),
                     }),
                 );
-                q.unacked.insert(seq, (now + self.lease, stored));
+                q.unacked.insert(
+                    seq,
+                    Lease {
+                        deadline: now + self.lease,
+                        token,
+                        stored,
+                    },
+                );
                 self.outstanding.fetch_add(1, Ordering::AcqRel);
                 return Ok(delivery);
             }
@@ -332,21 +353,45 @@ struct MemoryAcker {
     broker: MemoryBroker,
     queue: String,
     seq: u64,
+    token: u64,
     outstanding: Arc<AtomicUsize>,
     settled: AtomicBool,
 }
 
 impl MemoryAcker {
-    /// Removes the leased copy if this delivery still holds it.
-    fn take(&self, queues: &mut HashMap<String, Queue>) -> Option<Stored> {
+    /// Frees the consumer's prefetch slot, once.
+    fn release(&self) {
         if !self.settled.swap(true, Ordering::AcqRel) {
             self.outstanding.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+
+    /// This delivery's lease, unless it expired and the message went back to the queue.
+    fn lease<'q>(&self, queues: &'q mut HashMap<String, Queue>) -> Option<&'q mut Lease> {
+        queues
+            .get_mut(&self.queue)?
+            .unacked
+            .get_mut(&self.seq)
+            .filter(|lease| lease.token == self.token)
+    }
+
+    /// Removes the leased copy if this delivery still holds it.
+    fn take(&self, queues: &mut HashMap<String, Queue>) -> Option<Stored> {
+        self.release();
+        self.lease(queues)?;
         queues
             .get_mut(&self.queue)?
             .unacked
             .remove(&self.seq)
-            .map(|(_, s)| s)
+            .map(|lease| lease.stored)
+    }
+}
+
+impl Drop for MemoryAcker {
+    /// A delivery dropped unsettled no longer counts against the prefetch; its message stays
+    /// leased until the lease runs out, as if its consumer had died.
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -386,12 +431,9 @@ impl Acker for MemoryAcker {
     fn extend_lease(&self, by: Duration) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let mut queues = self.broker.inner.queues.lock().expect("memory broker lock");
-            match queues
-                .get_mut(&self.queue)
-                .and_then(|q| q.unacked.get_mut(&self.seq))
-            {
-                Some((deadline, _)) => {
-                    *deadline = Instant::now() + by;
+            match self.lease(&mut queues) {
+                Some(lease) => {
+                    lease.deadline = Instant::now() + by;
                     Ok(())
                 }
                 None => Err(Error::broker(
@@ -399,5 +441,70 @@ impl Acker for MemoryAcker {
                 )),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Body, ContentType, Headers, new_id};
+
+    fn message() -> Message {
+        let body = Body::new(vec![], serde_json::Map::new());
+        Message::new(Headers::new("t", new_id()), &body, ContentType::Json).unwrap()
+    }
+
+    async fn leased_then_redelivered(
+        broker: &MemoryBroker,
+    ) -> (Delivery, Delivery, Box<dyn Consumer>) {
+        let queues = ["q".to_owned()];
+        broker
+            .publish("q", &message(), PublishOptions::default())
+            .await
+            .unwrap();
+        let lease = Duration::from_millis(50);
+        let mut first = broker
+            .consume(&queues, ConsumeOptions::new(1).lease(lease))
+            .await
+            .unwrap();
+        let stale = first.next().await.unwrap().unwrap();
+        let mut second = broker
+            .consume(&queues, ConsumeOptions::new(1))
+            .await
+            .unwrap();
+        let fresh = second.next().await.unwrap().unwrap();
+        assert_eq!(fresh.redeliveries, 1);
+        (stale, fresh, second)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_whose_lease_expired_cannot_settle_the_new_copy() {
+        let broker = MemoryBroker::new();
+        let (stale, fresh, _second) = leased_then_redelivered(&broker).await;
+        assert!(stale.extend_lease(Duration::from_secs(60)).await.is_err());
+        stale.ack().await.unwrap();
+        let s = broker.stats("q").await.unwrap();
+        assert_eq!(s, QueueStats::new(0, 0, 1), "the new copy stays leased");
+        fresh.ack().await.unwrap();
+        assert_eq!(broker.stats("q").await.unwrap(), QueueStats::default());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_delivery_frees_its_prefetch_slot() {
+        let broker = MemoryBroker::new();
+        let queues = ["q".to_owned()];
+        for _ in 0..2 {
+            broker
+                .publish("q", &message(), PublishOptions::default())
+                .await
+                .unwrap();
+        }
+        let mut c = broker
+            .consume(&queues, ConsumeOptions::new(1))
+            .await
+            .unwrap();
+        drop(c.next().await.unwrap().unwrap());
+        let next = tokio::time::timeout(Duration::from_secs(1), c.next()).await;
+        assert!(matches!(next, Ok(Ok(Some(_)))), "{next:?}");
     }
 }
