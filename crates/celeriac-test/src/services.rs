@@ -7,6 +7,7 @@
 //! never pass silently there. (This is cargo's `requires` / `CARGO_TEST_REQUIRE_EXTERNAL_TOOLS`
 //! pattern.)
 
+use std::io::Write as _;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Once;
@@ -52,7 +53,10 @@ pub fn require_service(name: &str, addr: &str) -> bool {
              ({REQUIRE_SERVICES_VAR}=1 forbids skipping)"
         );
     }
-    eprintln!(
+    // Straight to the stream, not eprintln!: the test harness captures the macros' output of
+    // passing tests, and a skip must be seen.
+    let _ = writeln!(
+        std::io::stderr().lock(),
         "SKIPPED: {test} needs {name} at {addr} (set {REQUIRE_SERVICES_VAR}=1 to fail instead)"
     );
     false

@@ -6,6 +6,7 @@
 //! [`capabilities`](celeriac_core::Broker::capabilities) says the driver lacks it.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -128,7 +129,9 @@ fn delayed_until(t: DateTime<Utc>) -> PublishOptions {
 }
 
 fn skipped(case: &str, broker: &DynBroker, capability: &str) {
-    eprintln!(
+    // Not eprintln!, which the test harness captures for passing tests.
+    let _ = writeln!(
+        std::io::stderr().lock(),
         "SKIPPED: {case} needs the {capability} capability, which the {} broker lacks",
         broker.driver()
     );
