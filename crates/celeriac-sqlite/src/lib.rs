@@ -1,1 +1,114 @@
-//! The embedded SQLite broker and result backend for celeriac (work in progress).
+//! The embedded default broker and result backend of celeriac: one SQLite file, no server.
+//!
+//! This crate is for applications that want a durable task queue without running Redis,
+//! RabbitMQ or Postgres: a producer, a few worker processes and a beat on one machine, all
+//! sharing `celeriac.db`. Users normally reach it through the `celeriac` facade and the URL
+//! `sqlite://celeriac.db`; call [`register`] to add the `sqlite` scheme to a
+//! [`celeriac_core::Drivers`] table, or open [`SqliteBroker`] and [`SqliteBackend`] directly.
+//!
+//! # URLs
+//!
+//! - `sqlite://relative/path.db`: relative to the working directory;
+//! - `sqlite:///absolute/path.db`;
+//! - `sqlite://:memory:`: a private in-memory database for one process (a broker and a backend
+//!   opened this way do not see each other's tables, which they never need to).
+//!
+//! The file is created if missing; its directory must exist. The lease (`visibility_timeout`)
+//! and `result_expires` come from [`celeriac_core::Config`] (see [`SqliteOptions`]).
+//!
+//! # Design
+//!
+//! **A connection thread per file and process.** SQLite calls block, so the one connection
+//! lives on a dedicated OS thread named `celeriac-sqlite`, fed by a channel of commands, each
+//! answered on a oneshot channel; async code never blocks on the database. A broker and a
+//! backend of one process that open the same file share that thread (a process-wide map keyed
+//! by the canonical path), so they never contend for SQLite's write lock with each other.
+//!
+//! **Group commit.** The thread takes every command queued at that moment (up to 1024) and runs
+//! them in one transaction: `BEGIN IMMEDIATE` when any of them writes, a plain `BEGIN` for a
+//! batch of reads. N concurrent publishers, acks and fetches thus cost one commit. Statements
+//! are prepared once and cached. A failing statement fails only its own command (a batch
+//! publish is all-or-nothing through a savepoint); a failing `BEGIN`/`COMMIT` fails the batch.
+//!
+//! **Durability.** The file is in WAL mode with `synchronous = NORMAL`: a commit is not fsynced,
+//! the WAL is at checkpoints. The database never corrupts, and a crash of a process loses
+//! nothing, but a power loss or OS crash may lose the last commits before the checkpoint (a
+//! published message or an ack: an ack lost means one more delivery, which at-least-once
+//! allows). This buys roughly two orders of magnitude of throughput over `FULL`. Writers from
+//! other processes wait up to `busy_timeout` (default 5 s) for the write lock, then fail with
+//! a transient error.
+//!
+//! **Schema.** Tables are created on first open and versioned with `PRAGMA user_version`:
+//!
+//! - `celeriac_queues(name)`: declared queues.
+//! - `celeriac_messages(id, queue, priority, state, visible_at, deliveries, body)`: every
+//!   message; `id` gives FIFO order, `body` is kombu's JSON envelope, so rows can be read with
+//!   `sqlite3` and any JSON tool. `state` is 0 ready, 1 delayed, 2 leased; `visible_at` (Unix
+//!   ms) is the not-before time of a delayed row and the lease expiry of a leased one. Two
+//!   partial indexes make fetching cheap however long the queue: `(queue, priority DESC, id)
+//!   WHERE state = 0` and `(queue, visible_at) WHERE state <> 0`.
+//! - `celeriac_results(task_id, status, date_done, expires_at, meta)`: the TaskMeta JSON,
+//!   plus columns to query by.
+//! - `celeriac_groups(group_id, task_ids, expires_at)` and
+//!   `celeriac_counters(key, value, expires_at)`: groups and chord counters.
+//!
+//! **Leases.** A fetch, in one statement per queue, promotes due rows (delayed ones whose time
+//! came, leased ones whose lease ran out) to ready, then leases up to the consumer's free
+//! prefetch: `state = 2`, `visible_at = now + lease`, `deliveries + 1`. The new `deliveries`
+//! value is the lease's identity: ack, reject and `extend_lease` only touch the row if it still
+//! holds that value, so a consumer whose lease expired cannot settle a copy now leased to
+//! another. Redeliveries are `deliveries - 1`. Delayed messages stay rows with a future
+//! `visible_at` and are never held in memory nor delivered early. A row whose text does not
+//! decode is delivered with `message: Err(..)` for the worker to reject.
+//!
+//! **Waiting.** An idle consumer waits for an in-process notice (fired after a commit that made
+//! messages ready), for the next due time of its queues, or for a change by another process.
+//! The connection thread detects those by polling `PRAGMA data_version` while someone waits:
+//! every millisecond right after a change, backing off to every 20 ms. Result waiters use the
+//! same notices. Expired results are invisible at once and deleted by a sweep at most once a
+//! minute, piggybacked on a store.
+//!
+//! # What it is not
+//!
+//! Not a network broker: processes must share a local file system (not NFS, where SQLite
+//! locking is unreliable). No fanout (events and remote control need another channel).
+
+mod backend;
+mod broker;
+mod conn;
+mod options;
+mod schema;
+
+use std::sync::Arc;
+
+use celeriac_core::{Drivers, DynBackend, DynBroker};
+
+pub use backend::SqliteBackend;
+pub use broker::SqliteBroker;
+pub use options::SqliteOptions;
+
+/// Adds the `sqlite` scheme, for brokers and result backends, to `drivers`.
+///
+/// ```
+/// # async fn demo() -> celeriac_core::Result<()> {
+/// let mut drivers = celeriac_core::Drivers::new();
+/// celeriac_sqlite::register(&mut drivers);
+/// let config = celeriac_core::Config::default();
+/// let broker = drivers.open_broker("sqlite://:memory:", &config).await?;
+/// assert_eq!(broker.driver(), "sqlite");
+/// # Ok(()) }
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+/// #     .block_on(demo()).unwrap();
+/// ```
+pub fn register(drivers: &mut Drivers) {
+    drivers.add_broker("sqlite", |url, config| {
+        Box::pin(
+            async move { Ok(Arc::new(SqliteBroker::connect(&url, &config).await?) as DynBroker) },
+        )
+    });
+    drivers.add_backend("sqlite", |url, config| {
+        Box::pin(
+            async move { Ok(Arc::new(SqliteBackend::connect(&url, &config).await?) as DynBackend) },
+        )
+    });
+}

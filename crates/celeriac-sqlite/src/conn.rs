@@ -1,0 +1,509 @@
+//! The connection thread: one SQLite connection per file and process, on its own OS thread,
+//! fed by a command channel, committing every queued command in one transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use celeriac_core::{Error, ErrorKind, Result};
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use tokio::sync::{Notify, oneshot};
+
+use crate::options::{Location, SqliteOptions};
+use crate::schema;
+
+/// At most this many commands share one transaction, so one batch never holds the write lock
+/// for long.
+const MAX_BATCH: usize = 1024;
+/// How often the thread checks `PRAGMA data_version` right after another process wrote.
+const MIN_POLL: Duration = Duration::from_millis(1);
+/// ... and at most, when nothing happens.
+const MAX_POLL: Duration = Duration::from_millis(20);
+/// How long the thread sleeps when nobody waits for other processes' writes.
+const IDLE_TICK: Duration = Duration::from_millis(100);
+
+/// Connections by canonical path, so a broker and a backend of one process share one thread.
+static OPEN: LazyLock<Mutex<HashMap<PathBuf, Weak<Conn>>>> = LazyLock::new(Default::default);
+
+/// Milliseconds since the Unix epoch: the time unit of every time column.
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A handle to a connection thread. The thread ends when the last handle is dropped.
+pub(crate) struct Conn {
+    tx: mpsc::Sender<Msg>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) location: String,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by the async handles and the connection thread.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Fired after a commit that made messages deliverable, and on other processes' writes.
+    pub(crate) messages: Notify,
+    /// Fired after a commit that stored a result, and on other processes' writes.
+    pub(crate) results: Notify,
+    /// How many tasks wait for other processes' writes; the thread polls only when some do.
+    watchers: AtomicUsize,
+    /// Leased rows nobody will hand out (a dropped consumer's buffer): `(id, lease token)`.
+    orphans: Mutex<Vec<(i64, i64)>>,
+}
+
+impl Shared {
+    /// Gives back leased rows that were never handed out, as if never delivered.
+    pub(crate) fn release(&self, rows: impl IntoIterator<Item = (i64, i64)>) {
+        self.orphans.lock().expect("orphans lock").extend(rows);
+    }
+}
+
+/// Counts a waiter while alive, so the thread watches for other processes' writes.
+#[derive(Debug)]
+pub(crate) struct Watch {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.shared.watchers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What runs on the connection thread: the connection plus per-batch bookkeeping.
+pub(crate) struct Db {
+    pub(crate) conn: Connection,
+    /// Queues known to exist, so publish skips the `INSERT OR IGNORE` into the queue table.
+    pub(crate) known_queues: HashSet<String>,
+    messages_changed: bool,
+    results_changed: bool,
+}
+
+impl Db {
+    /// Wakes waiting consumers once this batch commits.
+    pub(crate) fn messages_changed(&mut self) {
+        self.messages_changed = true;
+    }
+
+    /// Wakes result waiters once this batch commits.
+    pub(crate) fn results_changed(&mut self) {
+        self.results_changed = true;
+    }
+}
+
+/// A transaction-level failure, copied to every command of the batch.
+#[derive(Debug, Clone)]
+pub(crate) struct TxnError {
+    code: Option<ErrorCode>,
+    message: String,
+}
+
+impl fmt::Display for TxnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TxnError {}
+
+impl TxnError {
+    fn new(e: &rusqlite::Error) -> Self {
+        TxnError {
+            code: e.sqlite_error_code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Why a command failed, before it is given a kind and a message.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    Sql(rusqlite::Error),
+    Txn(TxnError),
+}
+
+impl Failure {
+    fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Failure::Sql(e) => e.sqlite_error_code(),
+            Failure::Txn(e) => e.code,
+        }
+    }
+
+    /// A celeriac error of `kind`; busy and locked databases are transient.
+    pub(crate) fn into_error(self, kind: ErrorKind, what: &str) -> Error {
+        let transient = matches!(
+            self.code(),
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+        );
+        let e = Error::new(kind, what);
+        let e = match self {
+            Failure::Sql(s) => e.with_source(s),
+            Failure::Txn(t) => e.with_source(t),
+        };
+        if transient { e.transient() } else { e }
+    }
+}
+
+trait Job: Send {
+    fn is_write(&self) -> bool;
+    fn run(&mut self, db: &mut Db);
+    /// Replies once the batch's transaction has committed or failed.
+    fn finish(self: Box<Self>, txn: std::result::Result<(), &TxnError>);
+}
+
+enum Msg {
+    Run(Box<dyn Job>),
+    /// Look at the watchers and orphans now.
+    Wake,
+}
+
+struct Call<F, T> {
+    write: bool,
+    f: Option<F>,
+    out: Option<rusqlite::Result<T>>,
+    reply: oneshot::Sender<std::result::Result<T, Failure>>,
+}
+
+impl<F, T> Job for Call<F, T>
+where
+    F: FnOnce(&mut Db) -> rusqlite::Result<T> + Send,
+    T: Send,
+{
+    fn is_write(&self) -> bool {
+        self.write
+    }
+
+    fn run(&mut self, db: &mut Db) {
+        if let Some(f) = self.f.take() {
+            self.out = Some(f(db));
+        }
+    }
+
+    fn finish(self: Box<Self>, txn: std::result::Result<(), &TxnError>) {
+        let Call { out, reply, .. } = *self;
+        let r = match (txn, out) {
+            (Err(e), _) => Err(Failure::Txn(e.clone())),
+            (Ok(()), Some(r)) => r.map_err(Failure::Sql),
+            (Ok(()), None) => Err(Failure::Txn(TxnError {
+                code: None,
+                message: "command did not run".to_owned(),
+            })),
+        };
+        // A dropped receiver is a cancelled caller; its values clean up after themselves.
+        let _ = reply.send(r);
+    }
+}
+
+/// The reply of a submitted command, awaited separately so a caller can keep it across
+/// cancellation.
+pub(crate) type Reply<T> = oneshot::Receiver<std::result::Result<T, Failure>>;
+
+impl Conn {
+    /// Opens (or joins this process's connection to) the database at `location`.
+    pub(crate) async fn open(
+        location: &Location,
+        options: &SqliteOptions,
+        kind: ErrorKind,
+    ) -> Result<Arc<Conn>> {
+        let key = match location {
+            Location::Memory => None,
+            Location::File(path) => Some(canonical(path, kind)?),
+        };
+        if let Some(key) = &key {
+            let open = OPEN.lock().expect("sqlite registry lock");
+            if let Some(conn) = open.get(key).and_then(Weak::upgrade) {
+                return Ok(conn);
+            }
+        }
+        let display = location.display();
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let shared = Arc::new(Shared::default());
+        let thread_shared = shared.clone();
+        let target = key.clone();
+        let busy = options.get_busy_timeout();
+        let thread_display = display.clone();
+        std::thread::Builder::new()
+            .name("celeriac-sqlite".to_owned())
+            .spawn(move || {
+                let db = match open_db(target.as_deref(), busy, &thread_display, kind) {
+                    Ok(db) => {
+                        let _ = ready_tx.send(Ok(()));
+                        db
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                run(db, &rx, &thread_shared);
+            })
+            .map_err(|e| {
+                Error::new(kind, "cannot start the sqlite connection thread").with_source(e)
+            })?;
+        ready_rx
+            .await
+            .map_err(|_| Error::new(kind, format!("cannot open sqlite database {display}")))??;
+        let conn = Arc::new(Conn {
+            tx,
+            shared,
+            location: display.clone(),
+        });
+        if let Some(key) = key {
+            let mut open = OPEN.lock().expect("sqlite registry lock");
+            open.retain(|_, c| c.strong_count() > 0);
+            open.insert(key, Arc::downgrade(&conn));
+        }
+        tracing::debug!(database = %conn.location, "opened sqlite database");
+        Ok(conn)
+    }
+
+    /// Queues `f` for the connection thread; await the reply with [`Conn::wait`].
+    pub(crate) fn submit<T, F>(&self, write: bool, f: F) -> Option<Reply<T>>
+    where
+        F: FnOnce(&mut Db) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job = Box::new(Call {
+            write,
+            f: Some(f),
+            out: None,
+            reply,
+        });
+        self.tx.send(Msg::Run(job)).ok().map(|()| rx)
+    }
+
+    /// Awaits a reply, naming the failure `what` with `kind`.
+    pub(crate) async fn wait<T>(rx: &mut Reply<T>, kind: ErrorKind, what: &str) -> Result<T> {
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(f)) => Err(f.into_error(kind, what)),
+            Err(_) => Err(stopped(kind)),
+        }
+    }
+
+    /// Runs `f` on the connection thread inside the current batch's transaction.
+    ///
+    /// `write` commands take the write lock (`BEGIN IMMEDIATE`); a batch of reads does not.
+    pub(crate) async fn call<T, F>(
+        &self,
+        kind: ErrorKind,
+        write: bool,
+        what: &str,
+        f: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(&mut Db) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let mut rx = self.submit(write, f).ok_or_else(|| stopped(kind))?;
+        Self::wait(&mut rx, kind, what).await
+    }
+
+    /// Registers a waiter for other processes' writes until the guard drops.
+    pub(crate) fn watch(&self) -> Watch {
+        if self.shared.watchers.fetch_add(1, Ordering::AcqRel) == 0 {
+            let _ = self.tx.send(Msg::Wake);
+        }
+        Watch {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Asks the thread to process released rows now.
+    pub(crate) fn wake(&self) {
+        let _ = self.tx.send(Msg::Wake);
+    }
+}
+
+fn stopped(kind: ErrorKind) -> Error {
+    Error::new(kind, "the sqlite connection thread has stopped")
+}
+
+/// The absolute path of `path` with its directory resolved, checking that the directory exists.
+fn canonical(path: &Path, kind: ErrorKind) -> Result<PathBuf> {
+    let cannot = || {
+        Error::new(
+            kind,
+            format!("cannot open sqlite database {}", path.display()),
+        )
+    };
+    let Some(name) = path.file_name() else {
+        return Err(cannot().with_source(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path names no file",
+        )));
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let dir = dir.canonicalize().map_err(|e| {
+        let e = if e.kind() == std::io::ErrorKind::NotFound {
+            std::io::Error::new(
+                e.kind(),
+                format!("directory {} does not exist", dir.display()),
+            )
+        } else {
+            e
+        };
+        cannot().with_source(e)
+    })?;
+    Ok(dir.join(name))
+}
+
+fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) -> Result<Db> {
+    let cannot = |e: rusqlite::Error| {
+        let msg = if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) {
+            format!("{display} is not a sqlite database")
+        } else {
+            format!("cannot open sqlite database {display}")
+        };
+        Failure::Sql(e).into_error(kind, &msg)
+    };
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = match path {
+        Some(p) => Connection::open_with_flags(p, flags),
+        None => Connection::open_in_memory(),
+    }
+    .map_err(cannot)?;
+    conn.busy_timeout(busy).map_err(cannot)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    let _mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(cannot)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(cannot)?;
+    schema::migrate(&conn).map_err(cannot)?;
+    Ok(Db {
+        conn,
+        known_queues: HashSet::new(),
+        messages_changed: false,
+        results_changed: false,
+    })
+}
+
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+}
+
+/// The thread's loop: batches, orphan release, and watching for other processes' writes.
+fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
+    let mut version = data_version(&db.conn).unwrap_or_default();
+    let mut interval = MAX_POLL;
+    let mut last_watch = Instant::now();
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(64);
+    loop {
+        let timeout = if shared.watchers.load(Ordering::Acquire) > 0 {
+            interval.saturating_sub(last_watch.elapsed())
+        } else {
+            IDLE_TICK
+        };
+        match rx.recv_timeout(timeout) {
+            Ok(Msg::Run(job)) => batch.push(job),
+            Ok(Msg::Wake) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Run(job)) => batch.push(job),
+                Ok(Msg::Wake) => {}
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            run_batch(&mut db, &mut batch, shared);
+        }
+        release_orphans(&mut db, shared);
+        if shared.watchers.load(Ordering::Acquire) > 0 && last_watch.elapsed() >= interval {
+            last_watch = Instant::now();
+            match data_version(&db.conn) {
+                Ok(v) if v != version => {
+                    version = v;
+                    interval = MIN_POLL;
+                    shared.messages.notify_waiters();
+                    shared.results.notify_waiters();
+                }
+                Ok(_) => interval = (interval * 2).min(MAX_POLL),
+                Err(e) => tracing::warn!(error = %e, "cannot read sqlite data_version"),
+            }
+        }
+    }
+    tracing::debug!("sqlite connection thread exits");
+}
+
+fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
+    let write = batch.iter().any(|j| j.is_write());
+    let begin = if write { "BEGIN IMMEDIATE" } else { "BEGIN" };
+    let outcome = db.conn.execute_batch(begin).map_err(|e| TxnError::new(&e));
+    let outcome = outcome.and_then(|()| {
+        for job in batch.iter_mut() {
+            job.run(db);
+        }
+        db.conn.execute_batch("COMMIT").map_err(|e| {
+            let err = TxnError::new(&e);
+            let _ = db.conn.execute_batch("ROLLBACK");
+            err
+        })
+    });
+    if outcome.is_ok() {
+        if std::mem::take(&mut db.messages_changed) {
+            shared.messages.notify_waiters();
+        }
+        if std::mem::take(&mut db.results_changed) {
+            shared.results.notify_waiters();
+        }
+    } else {
+        db.messages_changed = false;
+        db.results_changed = false;
+        // A rolled back batch may have declared queues that do not exist after all.
+        db.known_queues.clear();
+    }
+    for job in batch.drain(..) {
+        job.finish(outcome.as_ref().map(|_| ()));
+    }
+}
+
+fn release_orphans(db: &mut Db, shared: &Shared) {
+    let rows = std::mem::take(&mut *shared.orphans.lock().expect("orphans lock"));
+    if rows.is_empty() {
+        return;
+    }
+    let r = (|| -> rusqlite::Result<()> {
+        let tx = db
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE celeriac_messages SET state = 0, deliveries = deliveries - 1 \
+                 WHERE id = ?1 AND deliveries = ?2",
+            )?;
+            for (id, token) in &rows {
+                stmt.execute((id, token))?;
+            }
+        }
+        tx.commit()
+    })();
+    match r {
+        Ok(()) => shared.messages.notify_waiters(),
+        Err(e) => {
+            tracing::warn!(error = %e, rows = rows.len(), "cannot give back prefetched messages; retrying");
+            shared.release(rows);
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! Broker behaviour on one file: ordering, delays, leases, prefetch, settling, closing.
+
+use std::time::{Duration, Instant};
+
+use celeriac_core::{
+    Broker, ConsumeOptions, ErrorKind, PublishOptions, QueueStats, Requeue, ResultBackend, TaskMeta,
+};
+use celeriac_sqlite::{SqliteBackend, SqliteBroker, SqliteOptions};
+
+use crate::util::{db, msg, next_within, quiet_for};
+
+const SOON: Duration = Duration::from_secs(5);
+
+async fn broker(name: &str) -> SqliteBroker {
+    SqliteBroker::open(db(name), SqliteOptions::default())
+        .await
+        .unwrap()
+}
+
+fn q(name: &str) -> Vec<String> {
+    vec![name.to_owned()]
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn assert<T: Send + Sync + Clone + 'static>() {}
+    assert::<SqliteBroker>();
+    assert::<SqliteBackend>();
+}
+
+#[tokio::test]
+async fn publish_consume_ack_round_trip() {
+    let b = broker("round_trip").await;
+    let m = msg();
+    b.publish("q", &m, PublishOptions::default()).await.unwrap();
+    assert_eq!(b.stats("q").await.unwrap(), QueueStats::new(1, 0, 0));
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(4)).await.unwrap();
+    let d = next_within(&mut c, SOON).await;
+    assert_eq!(d.message.as_ref().unwrap(), &m);
+    assert_eq!(d.queue, "q");
+    assert_eq!(d.redeliveries, 0);
+    assert_eq!(b.stats("q").await.unwrap(), QueueStats::new(0, 0, 1));
+    d.ack().await.unwrap();
+    assert_eq!(b.stats("q").await.unwrap(), QueueStats::default());
+    assert_eq!(b.queues().await.unwrap(), vec!["q".to_owned()]);
+    assert!(b.capabilities().delay && b.capabilities().multi_process);
+    assert!(!b.capabilities().fanout);
+}
+
+#[tokio::test]
+async fn rows_hold_kombu_json_envelopes() {
+    let path = db("envelope_rows");
+    let b = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let m = msg();
+    b.publish("q", &m, PublishOptions::default()).await.unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let body: String = raw
+        .query_row("SELECT body FROM celeriac_messages", [], |r| r.get(0))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["headers"]["id"], m.id());
+    assert_eq!(v["properties"]["delivery_info"]["routing_key"], "q");
+}
+
+#[tokio::test]
+async fn higher_priority_first_fifo_within() {
+    let b = broker("priority").await;
+    let mut sent = Vec::new();
+    for p in [0u8, 5, 9, 5, 0, 9] {
+        let m = msg();
+        b.publish("q", &m, PublishOptions::default().priority(Some(p)))
+            .await
+            .unwrap();
+        sent.push((p, m.id().to_owned()));
+    }
+    let mut want = sent.clone();
+    want.sort_by_key(|(p, _)| std::cmp::Reverse(*p));
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(100)).await.unwrap();
+    for (_, id) in want {
+        let d = next_within(&mut c, SOON).await;
+        assert_eq!(d.message.as_ref().unwrap().id(), id);
+    }
+}
+
+#[tokio::test]
+async fn delayed_messages_wait_in_the_database() {
+    let b = broker("delay").await;
+    let m = msg();
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(400);
+    b.publish("q", &m, PublishOptions::default().not_before(Some(at)))
+        .await
+        .unwrap();
+    assert_eq!(b.stats("q").await.unwrap(), QueueStats::new(0, 1, 0));
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(1)).await.unwrap();
+    let d = next_within(&mut c, SOON).await;
+    assert!(chrono::Utc::now() >= at, "delivered early");
+    assert_eq!(d.message.unwrap().id(), m.id());
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_handed_out_again() {
+    let b = broker("lease").await;
+    b.publish("q", &msg(), PublishOptions::default())
+        .await
+        .unwrap();
+    let opts = ConsumeOptions::new(1).lease(Duration::from_millis(200));
+    let mut c1 = b.consume(&q("q"), opts.clone()).await.unwrap();
+    let first = next_within(&mut c1, SOON).await;
+    let mut c2 = b.consume(&q("q"), opts).await.unwrap();
+    let again = next_within(&mut c2, SOON).await;
+    assert_eq!(again.redeliveries, 1);
+    assert_eq!(
+        first.message.as_ref().unwrap().id(),
+        again.message.as_ref().unwrap().id()
+    );
+    // The first holder lost its lease: it can neither extend nor settle the new copy.
+    let e = first
+        .extend_lease(Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Broker);
+    first.ack().await.unwrap();
+    assert_eq!(b.stats("q").await.unwrap().unacked, 1);
+    again.extend_lease(Duration::from_secs(60)).await.unwrap();
+    again.ack().await.unwrap();
+    assert_eq!(b.stats("q").await.unwrap().total(), 0);
+}
+
+#[tokio::test]
+async fn extend_lease_keeps_the_message() {
+    let b = broker("extend").await;
+    b.publish("q", &msg(), PublishOptions::default())
+        .await
+        .unwrap();
+    let opts = ConsumeOptions::new(1).lease(Duration::from_millis(300));
+    let mut c1 = b.consume(&q("q"), opts.clone()).await.unwrap();
+    let d = next_within(&mut c1, SOON).await;
+    d.extend_lease(Duration::from_secs(30)).await.unwrap();
+    let mut c2 = b.consume(&q("q"), opts).await.unwrap();
+    assert!(quiet_for(&mut c2, Duration::from_millis(600)).await);
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn reject_drops_or_requeues() {
+    let b = broker("reject").await;
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(1)).await.unwrap();
+    b.publish("q", &msg(), PublishOptions::default())
+        .await
+        .unwrap();
+    let d = next_within(&mut c, SOON).await;
+    d.reject(Requeue::Now).await.unwrap();
+    let d = next_within(&mut c, SOON).await;
+    assert_eq!(d.redeliveries, 1);
+    let started = Instant::now();
+    d.reject(Requeue::After(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    assert_eq!(b.stats("q").await.unwrap(), QueueStats::new(0, 1, 0));
+    let d = next_within(&mut c, SOON).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(d.redeliveries, 2);
+    d.reject(Requeue::Drop).await.unwrap();
+    assert_eq!(b.stats("q").await.unwrap().total(), 0);
+}
+
+#[tokio::test]
+async fn never_more_than_prefetch_unacked() {
+    let b = broker("prefetch").await;
+    for _ in 0..5 {
+        b.publish("q", &msg(), PublishOptions::default())
+            .await
+            .unwrap();
+    }
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(2)).await.unwrap();
+    let d1 = next_within(&mut c, SOON).await;
+    let _d2 = next_within(&mut c, SOON).await;
+    assert_eq!(b.stats("q").await.unwrap(), QueueStats::new(3, 0, 2));
+    assert!(quiet_for(&mut c, Duration::from_millis(200)).await);
+    d1.ack().await.unwrap();
+    let _d3 = next_within(&mut c, SOON).await;
+    assert_eq!(b.stats("q").await.unwrap(), QueueStats::new(2, 0, 2));
+}
+
+#[tokio::test]
+async fn a_dropped_consumer_gives_back_its_prefetched_messages() {
+    let b = broker("drop_consumer").await;
+    for _ in 0..5 {
+        b.publish("q", &msg(), PublishOptions::default())
+            .await
+            .unwrap();
+    }
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(10)).await.unwrap();
+    let d = next_within(&mut c, SOON).await;
+    drop(c);
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(10)).await.unwrap();
+    for _ in 0..4 {
+        let again = next_within(&mut c, SOON).await;
+        assert_eq!(
+            again.redeliveries, 0,
+            "never handed out, so not redelivered"
+        );
+    }
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_undecodable_row_is_delivered_as_an_error_and_does_not_block() {
+    let path = db("garbage_row");
+    let b = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    b.declare("q").await.unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute(
+        "INSERT INTO celeriac_messages (queue, priority, state, visible_at, body) \
+         VALUES ('q', 0, 0, 0, 'not json')",
+        [],
+    )
+    .unwrap();
+    let good = msg();
+    b.publish("q", &good, PublishOptions::default())
+        .await
+        .unwrap();
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(4)).await.unwrap();
+    let bad = next_within(&mut c, SOON).await;
+    assert_eq!(
+        bad.message.as_ref().unwrap_err().kind(),
+        ErrorKind::Protocol
+    );
+    bad.reject(Requeue::Drop).await.unwrap();
+    let d = next_within(&mut c, SOON).await;
+    assert_eq!(d.message.unwrap().id(), good.id());
+}
+
+#[tokio::test]
+async fn purge_counts_ready_and_delayed() {
+    let b = broker("purge").await;
+    b.publish("q", &msg(), PublishOptions::default())
+        .await
+        .unwrap();
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    b.publish(
+        "q",
+        &msg(),
+        PublishOptions::default().not_before(Some(later)),
+    )
+    .await
+    .unwrap();
+    b.publish("q", &msg(), PublishOptions::default())
+        .await
+        .unwrap();
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(1)).await.unwrap();
+    let d = next_within(&mut c, SOON).await;
+    assert_eq!(b.purge("q").await.unwrap(), 2);
+    assert_eq!(b.stats("q").await.unwrap(), QueueStats::new(0, 0, 1));
+    d.ack().await.unwrap();
+    assert_eq!(b.purge("nothing-here").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn publish_batch_and_several_queues() {
+    let b = broker("batch").await;
+    let batch: Vec<_> = (0..10)
+        .map(|_| (msg(), PublishOptions::default()))
+        .collect();
+    b.publish_batch("a", &batch).await.unwrap();
+    b.publish("b", &msg(), PublishOptions::default())
+        .await
+        .unwrap();
+    let mut c = b
+        .consume(&["a".to_owned(), "b".to_owned()], ConsumeOptions::new(20))
+        .await
+        .unwrap();
+    let mut from_b = 0;
+    for _ in 0..11 {
+        let d = next_within(&mut c, SOON).await;
+        from_b += usize::from(d.queue == "b");
+        d.ack().await.unwrap();
+    }
+    assert_eq!(from_b, 1);
+    assert_eq!(
+        b.queues().await.unwrap(),
+        vec!["a".to_owned(), "b".to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_consumer_wakes_on_publish() {
+    let b = broker("wake").await;
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(1)).await.unwrap();
+    let b2 = b.clone();
+    let publisher = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        b2.publish("q", &msg(), PublishOptions::default())
+            .await
+            .unwrap();
+        started
+    });
+    let d = next_within(&mut c, SOON).await;
+    let latency = publisher.await.unwrap().elapsed();
+    assert!(latency < Duration::from_millis(200), "{latency:?}");
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn another_connections_publish_is_seen() {
+    // A second connection stands in for another process: no in-process notice reaches us.
+    let path = db("other_conn");
+    let b = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(1)).await.unwrap();
+    assert!(quiet_for(&mut c, Duration::from_millis(100)).await);
+    let body =
+        String::from_utf8(celeriac_core::protocol::envelope::encode(&msg(), "", "q").unwrap())
+            .unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute(
+        "INSERT INTO celeriac_messages (queue, priority, state, visible_at, body) \
+         VALUES ('q', 0, 0, 0, ?1)",
+        [body],
+    )
+    .unwrap();
+    let started = Instant::now();
+    let d = next_within(&mut c, SOON).await;
+    assert!(started.elapsed() < Duration::from_millis(500));
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn close_ends_consumers_and_refuses_calls() {
+    let b = broker("close").await;
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(1)).await.unwrap();
+    let b2 = b.clone();
+    let closer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b2.close().await.unwrap();
+    });
+    let end = tokio::time::timeout(SOON, c.next()).await.unwrap().unwrap();
+    assert!(end.is_none());
+    closer.await.unwrap();
+    let e = b
+        .publish("q", &msg(), PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Closed);
+    assert_eq!(b.stats("q").await.unwrap_err().kind(), ErrorKind::Closed);
+}
+
+#[tokio::test]
+async fn broker_and_backend_share_one_file() {
+    let path = db("shared");
+    let b = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let r = SqliteBackend::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    b.publish("q", &msg(), PublishOptions::default())
+        .await
+        .unwrap();
+    r.store(&TaskMeta::success("t1", 3.into())).await.unwrap();
+    assert_eq!(r.get("t1").await.unwrap().unwrap().result, 3);
+    assert_eq!(b.stats("q").await.unwrap().ready, 1);
+}
+
+#[tokio::test]
+async fn opens_from_urls_through_the_driver_table() {
+    let mut drivers = celeriac_core::Drivers::new();
+    celeriac_sqlite::register(&mut drivers);
+    let config = celeriac_core::Config::default();
+    let path = db("url");
+    let url = format!("sqlite://{}", path.display());
+    let broker = drivers.open_broker(&url, &config).await.unwrap();
+    let backend = drivers.open_backend(&url, &config).await.unwrap();
+    assert_eq!(broker.driver(), "sqlite");
+    assert_eq!(backend.driver(), "sqlite");
+    let mem = drivers
+        .open_broker("sqlite://:memory:", &config)
+        .await
+        .unwrap();
+    mem.publish("q", &msg(), PublishOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(mem.stats("q").await.unwrap().ready, 1);
+}

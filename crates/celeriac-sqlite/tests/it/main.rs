@@ -1,0 +1,12 @@
+//! The integration tests of celeriac-sqlite: one binary, one module per area.
+
+// Broker behaviour on one file: ordering, delays, leases, prefetch, settling, closing.
+mod broker;
+// Result backend: precedence, waiting, expiry, groups, counters.
+mod backend;
+// Clear errors for bad input: missing directory, not a database, locked, closed, bad URL.
+mod errors;
+// Several OS processes on one file, including one killed while holding leases.
+mod multiprocess;
+// Shared helpers.
+mod util;

@@ -1,0 +1,207 @@
+//! Several OS processes on one file, including one killed while holding leases.
+//!
+//! The test binary re-executes itself to run [`helper`] in a child process, its role given by
+//! environment variables; the child prints one line per message it handles.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use celeriac_core::{Broker, ConsumeOptions, PublishOptions};
+use celeriac_sqlite::{SqliteBroker, SqliteOptions};
+
+use crate::util::{db, msg, next_within};
+
+const ROLE: &str = "CELERIAC_SQLITE_IT_ROLE";
+const DB: &str = "CELERIAC_SQLITE_IT_DB";
+const COUNT: &str = "CELERIAC_SQLITE_IT_COUNT";
+const QUEUE: &str = "mp";
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "a test process's role, not configuration"
+)]
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn spawn(role: &str, path: &Path, count: usize) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "multiprocess::helper",
+            "--nocapture",
+            "--include-ignored",
+        ])
+        .args(["--test-threads", "1"])
+        .env(ROLE, role)
+        .env(DB, path)
+        .env(COUNT, count.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// The ids a child printed after `tag`, once it has exited successfully.
+fn ids(child: Child, tag: &str) -> Vec<String> {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "helper failed: {:?}", out.status);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix(tag))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The child side: publishes, consumes or holds messages, as `CELERIAC_SQLITE_IT_ROLE` says.
+#[tokio::test]
+#[ignore = "run by the multi-process tests in a child process"]
+async fn helper() {
+    let (Some(role), Some(path), Some(count)) = (env(ROLE), env(DB), env(COUNT)) else {
+        return;
+    };
+    let count: usize = count.parse().unwrap();
+    // libtest has printed "test multiprocess::helper ... " without a newline.
+    println!();
+    let broker = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let queues = [QUEUE.to_owned()];
+    match role.as_str() {
+        "publish" => {
+            // Half in batches of ten, half one by one.
+            for i in 0..count / 10 {
+                if i % 2 == 0 {
+                    let batch: Vec<_> = (0..10)
+                        .map(|_| (msg(), PublishOptions::default()))
+                        .collect();
+                    broker.publish_batch(QUEUE, &batch).await.unwrap();
+                    for (m, _) in &batch {
+                        println!("SENT {}", m.id());
+                    }
+                } else {
+                    for _ in 0..10 {
+                        let m = msg();
+                        broker
+                            .publish(QUEUE, &m, PublishOptions::default())
+                            .await
+                            .unwrap();
+                        println!("SENT {}", m.id());
+                    }
+                }
+            }
+        }
+        "consume" => {
+            let mut c = broker
+                .consume(&queues, ConsumeOptions::new(8))
+                .await
+                .unwrap();
+            // Until the queue has been idle for a while.
+            while let Ok(d) = tokio::time::timeout(Duration::from_secs(3), c.next()).await {
+                let d = d.unwrap().unwrap();
+                println!(
+                    "GOT {} {}",
+                    d.message.as_ref().unwrap().id(),
+                    d.redeliveries
+                );
+                d.ack().await.unwrap();
+            }
+        }
+        "hold" => {
+            let opts = ConsumeOptions::new(count).lease(Duration::from_secs(1));
+            let mut c = broker.consume(&queues, opts).await.unwrap();
+            let mut held = Vec::new();
+            for _ in 0..count {
+                let d = next_within(&mut c, Duration::from_secs(10)).await;
+                println!("HELD {}", d.message.as_ref().unwrap().id());
+                held.push(d);
+            }
+            println!("READY");
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+#[test]
+fn several_processes_deliver_every_message_exactly_once() {
+    let path = db("multiprocess");
+    let consumers: Vec<Child> = (0..3).map(|_| spawn("consume", &path, 0)).collect();
+    let publishers: Vec<Child> = (0..2).map(|_| spawn("publish", &path, 300)).collect();
+    let mut sent: Vec<String> = publishers
+        .into_iter()
+        .flat_map(|p| ids(p, "SENT "))
+        .collect();
+    let got: Vec<String> = consumers.into_iter().flat_map(|c| ids(c, "GOT ")).collect();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in &got {
+        let (id, redeliveries) = line.split_once(' ').unwrap();
+        assert_eq!(redeliveries, "0");
+        *counts.entry(id).or_default() += 1;
+    }
+    sent.sort();
+    assert_eq!(sent.len(), 600);
+    let dupes: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dupes.is_empty(), "delivered more than once: {dupes:?}");
+    assert_eq!(counts.keys().copied().collect::<Vec<_>>(), sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_consumers_leases_go_to_another_process() {
+    let path = db("sigkill");
+    let broker = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let mut published = Vec::new();
+    for _ in 0..10 {
+        let m = msg();
+        broker
+            .publish(QUEUE, &m, PublishOptions::default())
+            .await
+            .unwrap();
+        published.push(m.id().to_owned());
+    }
+    let mut child = spawn("hold", &path, 10);
+    let stdout = child.stdout.take().unwrap();
+    let held = tokio::task::spawn_blocking(move || {
+        let mut held = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if line == "READY" {
+                return held;
+            }
+            if let Some(id) = line.strip_prefix("HELD ") {
+                held.push(id.to_owned());
+            }
+        }
+        panic!("the holder exited before holding every message");
+    });
+    let mut held = tokio::time::timeout(Duration::from_secs(30), held)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(broker.stats(QUEUE).await.unwrap().unacked, 10);
+    child.kill().unwrap(); // SIGKILL: no chance to give anything back
+    child.wait().unwrap();
+    let mut c = broker
+        .consume(&[QUEUE.to_owned()], ConsumeOptions::new(20))
+        .await
+        .unwrap();
+    let mut again = Vec::new();
+    for _ in 0..10 {
+        let d = next_within(&mut c, Duration::from_secs(10)).await;
+        assert_eq!(d.redeliveries, 1);
+        again.push(d.message.as_ref().unwrap().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    held.sort();
+    again.sort();
+    published.sort();
+    assert_eq!(held, published);
+    assert_eq!(again, published);
+    assert_eq!(broker.stats(QUEUE).await.unwrap().total(), 0);
+}
