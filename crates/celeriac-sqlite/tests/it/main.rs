@@ -4,6 +4,8 @@
 mod broker;
 // Result backend: precedence, waiting, expiry, groups, counters.
 mod backend;
+// The generic conformance suites of celeriac-test.
+mod conformance;
 // Clear errors for bad input: missing directory, not a database, locked, closed, bad URL.
 mod errors;
 // Several OS processes on one file, including one killed while holding leases.
