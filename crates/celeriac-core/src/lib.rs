@@ -51,4 +51,3 @@ pub use task::{
     TaskOptions,
 };
 pub use url::Drivers;
-

@@ -18,6 +18,11 @@ pub fn format(t: DateTime<Utc>) -> String {
     }
 }
 
+/// The current time, truncated to microseconds (what Celery's format keeps).
+pub fn now_micros() -> DateTime<Utc> {
+    Utc::now().with_nanosecond_truncated()
+}
+
 /// Parses an ISO-8601 time with any offset, `Z`, or none (naive is UTC).
 pub fn parse(s: &str) -> Result<DateTime<Utc>> {
     let s = s.trim();
