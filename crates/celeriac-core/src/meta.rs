@@ -62,7 +62,7 @@ impl TaskMeta {
     /// A record in `status` with `result`; `date_done` is set for ready states.
     pub fn new(task_id: impl Into<String>, status: TaskState, result: Value) -> Self {
         // Celery's time format keeps microseconds; store what a text backend can return.
-        let date_done = status.is_ready().then(|| crate::time::now_micros());
+        let date_done = status.is_ready().then(crate::time::now_micros);
         TaskMeta {
             status,
             result,
