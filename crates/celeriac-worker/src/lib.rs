@@ -1,1 +1,61 @@
-//! The celeriac worker (work in progress).
+//! The celeriac worker: consumes task queues, runs tasks, stores their results.
+//!
+//! For the `celeriac` facade (`App::worker`) and the CLI's `worker` command, and for anyone
+//! embedding a worker in their own binary or tests. It speaks Celery's protocol v2, so it runs
+//! messages sent by Python Celery clients as well as ours.
+//!
+//! # A tour
+//!
+//! - [`Worker`]: built from a broker, an optional result backend, a [`Registry`](celeriac_core::Registry) of tasks and
+//!   [`WorkerOptions`]; [`Worker::run`] returns a [`WorkerReport`] after a shutdown.
+//! - [`ShutdownHandle`]: warm (finish what runs, hand back the rest) then cold (cancel what
+//!   runs); [`Worker::run_until_signal`] maps SIGINT/SIGTERM onto them.
+//! - [`Pool`]: where blocking task bodies run.
+//!
+//! One delivery goes through small steps, each in its own module with its own tests: decode
+//! (`request`), eta and expiry (`schedule`), per-name rate limit (`ratelimit`), a concurrency
+//! slot, the duplicate check, execution with panics caught (`pool`) under soft and hard time
+//! limits (`timelimit`), the retry decision (`retry`), result recording (`record`), and lease
+//! extension for deliveries held long (`lease`); `execute` composes them.
+//!
+//! # Key design decisions
+//!
+//! - **At least once, with leases.** A delivery is leased for the visibility timeout and the
+//!   worker extends the lease while it holds one long. Acks are early by default (as Celery's),
+//!   late per task with `acks_late`. A task id that already has a ready result in the backend
+//!   is not run again, which also makes revocation work: revoking stores REVOKED.
+//! - **Blocking tasks leave the runtime.** A `Handler::Blocking` body never runs on a tokio
+//!   worker thread, so a slow body cannot stall acks, leases or other tasks. The cost: a
+//!   thread cannot be killed, so a blocking task past its hard time limit is reported as
+//!   `TimeLimitExceeded` and abandoned, not stopped; only a process pool (future work) could.
+//! - **Nothing delayed is held in memory.** A message with a future `eta` (sent by Python
+//!   Celery) is re-published to the broker's delayed store and acked; retries go there too.
+//!   Only a broker without a delayed store makes the worker hold such a message.
+//! - **No lost messages at shutdown.** Deliveries fetched but not started are requeued; a cold
+//!   shutdown requeues acks-late tasks that did not stop in time.
+//! - **Libraries emit, binaries subscribe.** Every execution runs in a `task` span with
+//!   `task_id`, `task_name` and `queue`; the worker never installs a subscriber.
+//!
+//! # Not yet
+//!
+//! Process pool, events and heartbeats, remote control, canvas callbacks (`embed` is read but
+//! not acted on), result expiry (the backend contract has no per-record expiry).
+
+mod execute;
+mod lease;
+mod options;
+mod pool;
+mod ratelimit;
+mod record;
+mod report;
+mod request;
+mod retry;
+mod schedule;
+mod shutdown;
+mod timelimit;
+mod worker;
+
+pub use options::{Pool, WorkerOptions};
+pub use report::WorkerReport;
+pub use shutdown::ShutdownHandle;
+pub use worker::Worker;

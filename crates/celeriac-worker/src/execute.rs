@@ -1,0 +1,351 @@
+//! The life of one delivery, from bytes to a settled message: [`handle`].
+//!
+//! For the worker's consume loop, which spawns one `handle` per delivery inside a span with
+//! `task_id`, `task_name` and `queue`. The steps are small modules composed here in order:
+//! [`request`](crate::request) (decode), [`schedule`](crate::schedule) (eta, expiry),
+//! [`ratelimit`](crate::ratelimit) and the concurrency slot, the duplicate check,
+//! [`pool`](crate::pool) under [`timelimit`](crate::timelimit), then
+//! [`retry`](crate::retry) and [`record`](crate::record). A delivery that has not started yet
+//! watches for a warm shutdown and is handed back (requeued) when one comes; a running one
+//! watches for a cold shutdown.
+//!
+//! Acknowledgement: early by default (when the task starts, so a crash mid-task loses it, as
+//! in Celery), late with `acks_late` (after the result is stored, so a crash runs it again).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use celeriac_core::meta::RemoteError;
+use celeriac_core::{
+    Args, Cancellation, Delivery, DeliveryHandle, DynBroker, PublishOptions, Registry, Requeue,
+    TaskContext, TaskState,
+};
+use chrono::Utc;
+use tokio::sync::Semaphore;
+
+use crate::options::WorkerOptions;
+use crate::pool::{Executor, Finished};
+use crate::ratelimit::RateLimiter;
+use crate::record::Recorder;
+use crate::report::{Counters, Tally};
+use crate::request::{self, Request};
+use crate::retry::{self, Verdict};
+use crate::schedule::{self, Gate};
+use crate::shutdown::{Phase, PhaseWatch};
+use crate::timelimit::{self, Ended, Limits};
+use crate::{lease, retry::retry_message};
+
+/// What every delivery of one worker shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) broker: DynBroker,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) options: WorkerOptions,
+    pub(crate) recorder: Recorder,
+    pub(crate) executor: Executor,
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) limiter: RateLimiter,
+    pub(crate) counters: Counters,
+    pub(crate) phase: PhaseWatch,
+    /// The broker parks delayed messages itself.
+    pub(crate) broker_delays: bool,
+    /// The broker can extend a delivery's lease.
+    pub(crate) lease_extension: bool,
+}
+
+/// Runs one delivery to the end and settles it.
+/// `span` is the execution's span (the caller instruments this future with it); the task id
+/// and name are recorded on it once the message is decoded.
+pub(crate) async fn handle(shared: Arc<Shared>, delivery: Delivery, span: tracing::Span) {
+    let (message, handle) = delivery.into_parts();
+    let handle = Arc::new(handle);
+    let req = match request::decode(message, &handle.queue, &shared.registry) {
+        Ok(r) => r,
+        Err(refusal) => {
+            if let Some(id) = &refusal.task_id {
+                span.record("task_id", id.as_str());
+            }
+            if let Some(name) = &refusal.task_name {
+                span.record("task_name", name.as_str());
+            }
+            tracing::error!(
+                error = %refusal.error,
+                "cannot run the message; rejecting it without requeue"
+            );
+            if let Some(id) = &refusal.task_id {
+                shared
+                    .recorder
+                    .refused(id, refusal.task_name.as_deref(), &refusal.error)
+                    .await;
+            }
+            settle(&handle, Settle::Reject(Requeue::Drop)).await;
+            shared.counters.add(Tally::Rejected);
+            return;
+        }
+    };
+    span.record("task_id", req.id());
+    span.record("task_name", req.name());
+    tracing::info!(retries = req.message.headers.retries, "task received");
+
+    let keeper = lease::keep(
+        handle.clone(),
+        shared.options.visibility_timeout,
+        shared.lease_extension,
+    );
+    let tally = run_request(&shared, &req, &handle, keeper).await;
+    shared.counters.add(tally);
+}
+
+/// How to settle a delivery.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    Ack,
+    Reject(Requeue),
+}
+
+async fn settle(handle: &DeliveryHandle, how: Settle) {
+    let r = match how {
+        Settle::Ack => handle.ack().await,
+        Settle::Reject(requeue) => handle.reject(requeue).await,
+    };
+    if let Err(e) = r {
+        tracing::error!(error = %e, action = ?how, "cannot settle the delivery");
+    }
+}
+
+async fn run_request(
+    shared: &Shared,
+    req: &Request,
+    handle: &DeliveryHandle,
+    keeper: lease::LeaseKeeper,
+) -> Tally {
+    // 1. When: expired, deferred, or now.
+    match schedule::gate(&req.message.headers, Utc::now()) {
+        Gate::Run => {}
+        Gate::Expired => return expire(shared, req, handle, keeper).await,
+        Gate::Defer(eta) => {
+            if shared.broker_delays {
+                let options = PublishOptions::default()
+                    .not_before(Some(eta))
+                    .priority(Some(req.message.properties.priority));
+                match shared
+                    .broker
+                    .publish(&req.queue, &req.message, options)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(eta = %eta, "task has a future eta; parked in the broker");
+                        drop(keeper);
+                        settle(handle, Settle::Ack).await;
+                        return Tally::Requeued;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot park the task in the broker; holding it");
+                    }
+                }
+            }
+            // The fallback for brokers without a delayed store: hold the delivery unacked
+            // (its lease is kept alive) until the eta.
+            let wait = (eta - Utc::now()).to_std().unwrap_or_default();
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shared.phase.reached(Phase::Warm) => return hand_back(handle, keeper).await,
+            }
+        }
+    }
+
+    // 2. Wait for a rate-limit token, then a slot; a warm shutdown hands the delivery back.
+    let wait_turn = async {
+        if let Some(limit) = req.def.options.rate_limit {
+            shared.limiter.acquire(req.name(), limit).await;
+        }
+        shared.slots.clone().acquire_owned().await
+    };
+    let permit = tokio::select! {
+        biased;
+        () = shared.phase.reached(Phase::Warm) => return hand_back(handle, keeper).await,
+        p = wait_turn => match p {
+            Ok(p) => p,
+            Err(_) => return hand_back(handle, keeper).await,
+        },
+    };
+
+    // 3. Last checks: expired while waiting, or already done (a duplicate, or revoked).
+    if schedule::gate(&req.message.headers, Utc::now()) == Gate::Expired {
+        return expire(shared, req, handle, keeper).await;
+    }
+    if let Some(state) = shared.recorder.ready_state(req.id()).await {
+        tracing::info!(state = %state, "task already has a ready result; not running it again");
+        drop(keeper);
+        settle(handle, Settle::Ack).await;
+        return if state == TaskState::Revoked {
+            Tally::Revoked
+        } else {
+            Tally::Skipped
+        };
+    }
+
+    // 4. Start.
+    let opts = &req.def.options;
+    let acks_late = opts.acks_late;
+    let keeper = if acks_late {
+        Some(keeper)
+    } else {
+        drop(keeper);
+        settle(handle, Settle::Ack).await;
+        None
+    };
+    if shared.options.track_started || opts.track_started {
+        shared.recorder.started(req).await;
+    }
+    let cancel = Cancellation::new();
+    let ctx = TaskContext::new(
+        req.message.headers.clone(),
+        &req.queue,
+        &shared.options.hostname,
+        cancel.clone(),
+    );
+    let args = Args::new(req.body.args.clone(), req.body.kwargs.clone());
+    let limits = Limits::resolve(req.message.headers.timelimit, opts);
+    let started = Instant::now();
+    let spawned = shared.executor.spawn(&req.def.handler, ctx, args);
+    // Boxed so that dropping it below really drops the body (which aborts an async one).
+    let mut run = Box::pin(timelimit::run(spawned, limits, cancel.clone()));
+    let ended = tokio::select! {
+        biased;
+        e = &mut run => Some(e),
+        () = shared.phase.reached(Phase::Cold) => {
+            tracing::warn!("cold shutdown: cancelling the task");
+            cancel.cancel();
+            tokio::time::timeout(shared.options.cold_shutdown_grace, &mut run).await.ok()
+        }
+    };
+    drop(permit);
+    let Some(ended) = ended else {
+        drop(run);
+        drop(keeper);
+        return if acks_late {
+            tracing::warn!("task still running after the cold shutdown grace; requeued");
+            settle(handle, Settle::Reject(Requeue::Now)).await;
+            Tally::Requeued
+        } else {
+            tracing::error!("task still running after the cold shutdown grace; it is lost");
+            let lost = RemoteError::new("WorkerLostError", "worker stopped by a cold shutdown")
+                .with_module("billiard.exceptions");
+            shared.recorder.failure(req, &lost).await;
+            Tally::Failed
+        };
+    };
+    let runtime = started.elapsed();
+
+    // 5. Record the outcome, then settle an acks-late delivery.
+    let (tally, how) = match ended {
+        Ended::Finished(Finished::Returned(Ok(value))) => {
+            tracing::info!(runtime = runtime.as_secs_f64(), "task succeeded");
+            shared.recorder.success(req, value).await;
+            (Tally::Succeeded, Settle::Ack)
+        }
+        Ended::Finished(Finished::Returned(Err(err))) => {
+            let retries = req.message.headers.retries;
+            match retry::verdict(&err, opts, retries, req.name(), req.id()) {
+                Verdict::Fail(remote) => {
+                    tracing::error!(runtime = runtime.as_secs_f64(), error = %remote, "task failed");
+                    shared.recorder.failure(req, &remote).await;
+                    (Tally::Failed, Settle::Ack)
+                }
+                Verdict::Retry { delay, cause } => (
+                    schedule_retry(shared, req, delay, &cause).await,
+                    Settle::Ack,
+                ),
+                Verdict::Reject { requeue } => {
+                    tracing::warn!(requeue, reason = err.message(), "task rejected its message");
+                    let requeue = if requeue { Requeue::Now } else { Requeue::Drop };
+                    if !acks_late && requeue == Requeue::Now {
+                        // Already acked when it started: requeue a copy instead.
+                        if let Err(e) = shared
+                            .broker
+                            .publish(&req.queue, &req.message, PublishOptions::default())
+                            .await
+                        {
+                            tracing::error!(error = %e, "cannot requeue the rejected task");
+                        }
+                    }
+                    (Tally::Rejected, Settle::Reject(requeue))
+                }
+            }
+        }
+        Ended::Finished(Finished::Panicked(msg)) => {
+            tracing::error!(runtime = runtime.as_secs_f64(), panic = %msg, "task panicked");
+            let remote = RemoteError::new("Panic", msg);
+            shared.recorder.failure(req, &remote).await;
+            (Tally::Failed, Settle::Ack)
+        }
+        Ended::TimedOut(limit) => {
+            tracing::error!(
+                hard_limit = limit.as_secs_f64(),
+                "hard time limit exceeded; task stopped (a blocking task's thread runs on)"
+            );
+            shared
+                .recorder
+                .failure(req, &timelimit::exceeded(limit))
+                .await;
+            (Tally::Failed, Settle::Ack)
+        }
+    };
+    drop(keeper);
+    if acks_late {
+        settle(handle, how).await;
+    }
+    tally
+}
+
+/// Publishes the retry, stores RETRY; a failed publish becomes FAILURE with the cause.
+async fn schedule_retry(
+    shared: &Shared,
+    req: &Request,
+    delay: Duration,
+    cause: &RemoteError,
+) -> Tally {
+    let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+    let message = retry_message(&req.message, eta);
+    let options = PublishOptions::default()
+        .priority(Some(req.message.properties.priority))
+        .not_before(shared.broker_delays.then_some(eta));
+    match shared.broker.publish(&req.queue, &message, options).await {
+        Ok(()) => {
+            tracing::warn!(
+                retries = message.headers.retries,
+                delay = delay.as_secs_f64(),
+                error = %cause,
+                "task will be retried"
+            );
+            shared.recorder.retry(req, cause).await;
+            Tally::Retried
+        }
+        Err(e) => {
+            tracing::error!(error = %e, cause = %cause, "cannot publish the retry; task failed");
+            shared.recorder.failure(req, cause).await;
+            Tally::Failed
+        }
+    }
+}
+
+async fn expire(
+    shared: &Shared,
+    req: &Request,
+    handle: &DeliveryHandle,
+    keeper: lease::LeaseKeeper,
+) -> Tally {
+    tracing::info!("task expired; revoking it");
+    drop(keeper);
+    shared.recorder.revoked(req, "expired").await;
+    settle(handle, Settle::Ack).await;
+    Tally::Revoked
+}
+
+async fn hand_back(handle: &DeliveryHandle, keeper: lease::LeaseKeeper) -> Tally {
+    drop(keeper);
+    tracing::info!("shutting down: returning the unstarted task to the queue");
+    settle(handle, Settle::Reject(Requeue::Now)).await;
+    Tally::Requeued
+}

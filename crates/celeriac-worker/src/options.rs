@@ -1,0 +1,169 @@
+//! How a worker is configured: [`WorkerOptions`] and the [`Pool`] that runs blocking tasks.
+//!
+//! For the facade and the CLI, which build options from [`Config`] with
+//! [`WorkerOptions::from_config`] and then adjust single fields. The struct is
+//! `#[non_exhaustive]` so options can be added without breaking callers: start from
+//! [`WorkerOptions::default`] or `from_config` and assign fields.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use celeriac_core::{Config, ContentType, Error};
+
+/// Where task bodies run.
+///
+/// Async handlers always run on the tokio runtime. Blocking handlers never do: the pool only
+/// decides which threads take them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pool {
+    /// Blocking handlers go to tokio's blocking thread pool (`spawn_blocking`).
+    #[default]
+    Async,
+    /// Blocking handlers go to the worker's own pool of `concurrency` named threads, which a
+    /// stuck task cannot keep the process from exiting (tokio waits for its blocking threads
+    /// when the runtime shuts down; the worker's threads are not waited for).
+    Threads,
+}
+
+impl FromStr for Pool {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "async" => Ok(Pool::Async),
+            "threads" => Ok(Pool::Threads),
+            other => Err(Error::config(format!(
+                "unknown pool {other:?} (known: async, threads)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Pool::Async => "async",
+            Pool::Threads => "threads",
+        })
+    }
+}
+
+/// Settings of one [`Worker`](crate::Worker).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WorkerOptions {
+    /// Node name, e.g. `celeriac@host`; stored with results as `worker`.
+    pub hostname: String,
+    /// Queues to consume.
+    pub queues: Vec<String>,
+    /// Tasks run at once (at least 1).
+    pub concurrency: usize,
+    /// Where blocking task bodies run.
+    pub pool: Pool,
+    /// Deliveries held beyond those running: prefetch = `concurrency + prefetch_buffer`.
+    pub prefetch_buffer: usize,
+    /// Lease of each delivery; acks-late tasks running longer than a third of it get their
+    /// lease extended when the broker supports it.
+    pub visibility_timeout: Duration,
+    /// Store STARTED when a task begins (a task's own `track_started` also turns it on).
+    pub track_started: bool,
+    /// How long results are kept. The result backend contract has no per-record expiry yet,
+    /// so the worker passes nothing on; kept so that drivers and the facade agree on one value.
+    pub result_expires: Option<Duration>,
+    /// Serializer for messages the worker creates itself (retries re-send the original body).
+    pub content_type: ContentType,
+    /// At a cold shutdown, how long running tasks get to react to their cancellation before
+    /// acks-late ones are handed back. Default 2 s.
+    pub cold_shutdown_grace: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            hostname: format!("celeriac@{}", celeriac_core::hostname()),
+            queues: vec!["celery".to_owned()],
+            concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            pool: Pool::Async,
+            prefetch_buffer: 4,
+            visibility_timeout: Duration::from_secs(3600),
+            track_started: false,
+            result_expires: Some(Duration::from_secs(86_400)),
+            content_type: ContentType::Json,
+            cold_shutdown_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+impl WorkerOptions {
+    /// Options from a loaded configuration.
+    ///
+    /// A [`Config`] that passed [`Config::validate`] always converts; an invalid pool or
+    /// serializer name (possible only on a config changed after loading) falls back to the
+    /// default with a warning.
+    pub fn from_config(config: &Config) -> Self {
+        let w = &config.worker;
+        let pool = w.pool.parse().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "falling back to the async pool");
+            Pool::Async
+        });
+        let content_type = ContentType::from_name(&config.serializer).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "falling back to json");
+            ContentType::Json
+        });
+        let queues = if w.queues.is_empty() {
+            vec![config.default_queue.clone()]
+        } else {
+            w.queues.clone()
+        };
+        WorkerOptions {
+            hostname: w
+                .hostname
+                .clone()
+                .unwrap_or_else(|| format!("celeriac@{}", celeriac_core::hostname())),
+            queues,
+            concurrency: w.concurrency.max(1),
+            pool,
+            prefetch_buffer: w.prefetch_buffer,
+            visibility_timeout: config.visibility_timeout,
+            track_started: config.track_started,
+            result_expires: config.result_expires,
+            content_type,
+            ..WorkerOptions::default()
+        }
+    }
+
+    /// Deliveries held unacknowledged at once: `concurrency + prefetch_buffer`.
+    pub fn prefetch(&self) -> usize {
+        self.concurrency.max(1) + self.prefetch_buffer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_parses_and_prints() {
+        assert_eq!("async".parse::<Pool>().unwrap(), Pool::Async);
+        assert_eq!("threads".parse::<Pool>().unwrap(), Pool::Threads);
+        let e = "forks".parse::<Pool>().unwrap_err().to_string();
+        assert!(e.contains("known: async, threads"), "{e}");
+        assert_eq!(Pool::Threads.to_string(), "threads");
+    }
+
+    #[test]
+    fn from_config_takes_worker_settings_and_defaults_the_queue() {
+        let text = "visibility_timeout = 60\ntrack_started = true\n[worker]\nconcurrency = 3\npool = \"threads\"\nprefetch_buffer = 2\nhostname = \"w1@h\"\n";
+        let c =
+            Config::from_sources(Some((std::path::Path::new("c.toml"), text)), |_| None).unwrap();
+        let o = WorkerOptions::from_config(&c);
+        assert_eq!(o.queues, ["celery"]);
+        assert_eq!(o.concurrency, 3);
+        assert_eq!(o.pool, Pool::Threads);
+        assert_eq!(o.prefetch(), 5);
+        assert_eq!(o.hostname, "w1@h");
+        assert_eq!(o.visibility_timeout, Duration::from_secs(60));
+        assert!(o.track_started);
+    }
+}

@@ -1,0 +1,199 @@
+//! Running a task body off the consume loop, with panics caught: [`Executor`].
+//!
+//! For the delivery pipeline. Async handlers run in their own `tokio::spawn`ed task, so a
+//! panic is seen as a `JoinError` instead of unwinding through the worker, and so a hard time
+//! limit can abort them. Blocking handlers never run on the runtime: under
+//! [`Pool::Async`](crate::Pool) they go to tokio's blocking pool, under
+//! [`Pool::Threads`](crate::Pool) to the worker's own [`ThreadPool`]; `catch_unwind` turns a
+//! panic into a value. Dropping a [`Spawned`] aborts an async body; a blocking body keeps its
+//! thread until it returns.
+
+mod threads;
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+
+use celeriac_core::task::TaskResult;
+use celeriac_core::{Args, Handler, TaskContext};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub(crate) use threads::ThreadPool;
+
+use crate::options::Pool;
+
+/// How a body ended, short of a time limit.
+#[derive(Debug)]
+pub(crate) enum Finished {
+    /// The handler returned.
+    Returned(TaskResult),
+    /// The handler panicked with this message.
+    Panicked(String),
+}
+
+/// Where bodies run.
+#[derive(Debug)]
+pub(crate) enum Executor {
+    Tokio,
+    Threads(ThreadPool),
+}
+
+impl Executor {
+    pub(crate) fn new(pool: Pool, concurrency: usize) -> Self {
+        match pool {
+            Pool::Async => Executor::Tokio,
+            Pool::Threads => Executor::Threads(ThreadPool::new(concurrency)),
+        }
+    }
+
+    /// Starts `handler` with its context and arguments.
+    pub(crate) fn spawn(&self, handler: &Handler, ctx: TaskContext, args: Args) -> Spawned {
+        match handler {
+            Handler::Async(f) => Spawned::Task(AbortOnDrop(tokio::spawn(f(ctx, args)))),
+            Handler::Blocking(f) => {
+                let f = f.clone();
+                let run = move || match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx, args)))
+                {
+                    Ok(r) => Finished::Returned(r),
+                    Err(payload) => Finished::Panicked(panic_message(payload.as_ref())),
+                };
+                match self {
+                    Executor::Tokio => {
+                        Spawned::Blocking(AbortOnDrop(tokio::task::spawn_blocking(run)))
+                    }
+                    Executor::Threads(pool) => {
+                        let (tx, rx) = oneshot::channel();
+                        pool.execute(move || {
+                            let _ = tx.send(run());
+                        });
+                        Spawned::Thread(rx)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A running body.
+#[derive(Debug)]
+pub(crate) enum Spawned {
+    Task(AbortOnDrop<TaskResult>),
+    Blocking(AbortOnDrop<Finished>),
+    Thread(oneshot::Receiver<Finished>),
+}
+
+impl Spawned {
+    /// Waits for the body to end. Cancel-safe: it can be awaited again after a timeout.
+    pub(crate) async fn join(&mut self) -> Finished {
+        match self {
+            Spawned::Task(h) => match (&mut h.0).await {
+                Ok(r) => Finished::Returned(r),
+                Err(e) => Finished::Panicked(join_error_message(e)),
+            },
+            Spawned::Blocking(h) => match (&mut h.0).await {
+                Ok(f) => f,
+                Err(e) => Finished::Panicked(join_error_message(e)),
+            },
+            Spawned::Thread(rx) => match rx.await {
+                Ok(f) => f,
+                Err(_) => Finished::Panicked("the task thread ended without a result".to_owned()),
+            },
+        }
+    }
+}
+
+/// A join handle that aborts its task when dropped (spawn_blocking tasks cannot be aborted
+/// once started; then this only detaches).
+#[derive(Debug)]
+pub(crate) struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn join_error_message(e: tokio::task::JoinError) -> String {
+    if e.is_panic() {
+        panic_message(e.into_panic().as_ref())
+    } else {
+        "the task was cancelled".to_owned()
+    }
+}
+
+/// The text of a panic payload (`panic!("...")` gives a `&str` or a `String`).
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celeriac_core::{Cancellation, Headers, TaskError};
+    use serde_json::json;
+    use std::sync::Arc;
+
+    fn ctx() -> TaskContext {
+        TaskContext::new(Headers::new("t", "id"), "q", "w@h", Cancellation::new())
+    }
+
+    async fn outcomes(exec: &Executor) -> Vec<String> {
+        {
+            let handlers = [
+                Handler::Blocking(Arc::new(|_, _| Ok(json!(1)))),
+                Handler::Blocking(Arc::new(|_, _| panic!("boom {}", 2))),
+                Handler::Async(Arc::new(|_, _| {
+                    Box::pin(async { Err(TaskError::fail("no")) })
+                })),
+                Handler::Async(Arc::new(|_, _| Box::pin(async { panic!("async boom") }))),
+            ];
+            let mut out = Vec::new();
+            for h in &handlers {
+                let mut s = exec.spawn(h, ctx(), Args::default());
+                out.push(match s.join().await {
+                    Finished::Returned(Ok(v)) => format!("ok {v}"),
+                    Finished::Returned(Err(e)) => format!("err {e}"),
+                    Finished::Panicked(m) => format!("panic {m}"),
+                });
+            }
+            out
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn panics_become_values_in_every_pool() {
+        let expected = [
+            "ok 1",
+            "panic boom 2",
+            "err TaskError: no",
+            "panic async boom",
+        ];
+        assert_eq!(outcomes(&Executor::new(Pool::Async, 2)).await, expected);
+        assert_eq!(outcomes(&Executor::new(Pool::Threads, 2)).await, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocking_bodies_never_run_on_a_runtime_thread() {
+        for pool in [Pool::Async, Pool::Threads] {
+            let exec = Executor::new(pool, 1);
+            let h = Handler::Blocking(Arc::new(|_, _| {
+                Ok(json!(std::thread::current().name().map(str::to_owned)))
+            }));
+            let Finished::Returned(Ok(name)) = exec.spawn(&h, ctx(), Args::default()).join().await
+            else {
+                panic!("no name")
+            };
+            let name = name.as_str().unwrap_or_default().to_owned();
+            assert!(
+                !name.starts_with("tokio-runtime-worker"),
+                "{pool}: ran on {name}"
+            );
+        }
+    }
+}

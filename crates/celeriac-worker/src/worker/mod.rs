@@ -1,0 +1,200 @@
+//! [`Worker`]: the consume loop that feeds deliveries to the pipeline, and its shutdown.
+//!
+//! The loop only fetches and spawns: each delivery gets its own tokio task (inside a span with
+//! `task_id`, `task_name`, `queue`) that waits for its rate-limit token and slot, runs and
+//! settles it. Prefetch (`concurrency + prefetch_buffer`) is enforced by the broker's consumer,
+//! which hands out no more unsettled deliveries than that; a semaphore of `concurrency`
+//! permits bounds what runs. So a rate-limited task waits without blocking anything else, and
+//! it stays unacked (counting against prefetch) while it waits.
+
+mod signal;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use celeriac_core::{ConsumeOptions, Delivery, DynBackend, DynBroker, ErrorKind, Registry, Result};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::execute::{self, Shared};
+use crate::options::WorkerOptions;
+use crate::pool::Executor;
+use crate::ratelimit::RateLimiter;
+use crate::record::Recorder;
+use crate::report::{Counters, WorkerReport};
+use crate::shutdown::{Phase, ShutdownHandle};
+
+/// A worker: consumes queues and runs the registered tasks until shut down.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use celeriac_core::memory::{MemoryBackend, MemoryBroker};
+/// # use celeriac_core::Registry;
+/// # use celeriac_worker::{Worker, WorkerOptions};
+/// # async fn demo(registry: Registry) -> celeriac_core::Result<()> {
+/// let mut options = WorkerOptions::default();
+/// options.queues = vec!["celery".into()];
+/// let worker = Worker::new(
+///     Arc::new(MemoryBroker::new()),
+///     Some(Arc::new(MemoryBackend::new())),
+///     Arc::new(registry),
+///     options,
+/// );
+/// let report = worker.run_until_signal().await?;
+/// println!("{} tasks succeeded", report.succeeded);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Worker {
+    broker: DynBroker,
+    backend: Option<DynBackend>,
+    registry: Arc<Registry>,
+    options: WorkerOptions,
+    shutdown: ShutdownHandle,
+}
+
+impl Worker {
+    /// A worker running `registry`'s tasks from `broker`, storing results in `backend`
+    /// (none: results are not stored, and duplicates are not detected).
+    pub fn new(
+        broker: DynBroker,
+        backend: Option<DynBackend>,
+        registry: Arc<Registry>,
+        options: WorkerOptions,
+    ) -> Self {
+        Worker {
+            broker,
+            backend,
+            registry,
+            options,
+            shutdown: ShutdownHandle::new(),
+        }
+    }
+
+    /// A handle to stop the worker (warm, then cold); take it before calling `run`.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// The options the worker runs with.
+    pub fn options(&self) -> &WorkerOptions {
+        &self.options
+    }
+
+    /// Consumes until shut down (or the broker closes), then returns what was done.
+    ///
+    /// Fails only when the queues cannot be declared or consumed at start.
+    pub async fn run(self) -> Result<WorkerReport> {
+        let Worker {
+            broker,
+            backend,
+            registry,
+            options,
+            shutdown,
+        } = self;
+        for q in &options.queues {
+            broker.declare(q).await?;
+        }
+        let consume = ConsumeOptions::new(options.prefetch()).lease(options.visibility_timeout);
+        let mut consumer = broker.consume(&options.queues, consume).await?;
+        let caps = broker.capabilities();
+        let concurrency = options.concurrency.max(1);
+        tracing::info!(
+            hostname = %options.hostname,
+            queues = ?options.queues,
+            concurrency,
+            pool = %options.pool,
+            prefetch = options.prefetch(),
+            tasks = registry.len(),
+            "worker started"
+        );
+        let phase = shutdown.watch();
+        let shared = Arc::new(Shared {
+            broker: broker.clone(),
+            recorder: Recorder::new(backend, options.hostname.clone()),
+            executor: Executor::new(options.pool, concurrency),
+            slots: Arc::new(Semaphore::new(concurrency)),
+            limiter: RateLimiter::default(),
+            counters: Counters::default(),
+            phase: phase.clone(),
+            broker_delays: caps.delay,
+            lease_extension: caps.lease_extension,
+            registry,
+            options,
+        });
+
+        let mut tasks = JoinSet::new();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                biased;
+                () = phase.reached(Phase::Warm) => break,
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
+                next = consumer.next() => match next {
+                    Ok(Some(delivery)) => {
+                        backoff = Duration::from_millis(100);
+                        tasks.spawn(spawn_delivery(shared.clone(), delivery));
+                    }
+                    Ok(None) => {
+                        tracing::info!("the broker closed; stopping");
+                        break;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Closed => {
+                        tracing::info!(error = %e, "the broker closed; stopping");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, retry_in = backoff.as_secs_f64(), "cannot fetch from the broker");
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = phase.reached(Phase::Warm) => break,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                },
+            }
+        }
+        drop(consumer);
+        tracing::info!(
+            in_flight = tasks.len(),
+            "worker stopping: no new deliveries"
+        );
+        while let Some(joined) = tasks.join_next().await {
+            log_join(joined);
+        }
+        let report = shared.counters.report();
+        tracing::info!(?report, "worker stopped");
+        Ok(report)
+    }
+
+    /// Like [`Worker::run`], stopping on SIGINT/SIGTERM (Ctrl-C): the first signal starts a
+    /// warm shutdown, the second a cold one.
+    pub async fn run_until_signal(self) -> Result<WorkerReport> {
+        let listener = tokio::spawn(signal::listen(self.shutdown_handle()));
+        let report = self.run().await;
+        listener.abort();
+        report
+    }
+}
+
+fn spawn_delivery(
+    shared: Arc<Shared>,
+    delivery: Delivery,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let span = tracing::info_span!(
+        "task",
+        task_id = tracing::field::Empty,
+        task_name = tracing::field::Empty,
+        queue = %delivery.queue,
+    );
+    execute::handle(shared, delivery, span.clone()).instrument(span)
+}
+
+fn log_join(joined: std::result::Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        // A bug in the pipeline, not in a task (task panics are caught and stored). The
+        // delivery, never settled, comes back when its lease runs out.
+        tracing::error!(error = %e, "a delivery's handler panicked");
+    }
+}

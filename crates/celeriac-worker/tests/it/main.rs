@@ -1,0 +1,25 @@
+//! Integration tests of the worker, on the in-memory broker and backend.
+//!
+//! Waits poll to a deadline (`support::until`, `backend.wait`) or use paused time; nothing
+//! synchronises with a fixed sleep.
+
+mod support;
+
+// Running tasks: results and extended fields, both pools, concurrency and prefetch.
+mod basics;
+// Messages that cannot run: undecodable, unknown names, wrong arguments, panics.
+mod refusals;
+// When to run: duplicates, revocation, expiry, eta.
+mod schedule;
+// Acknowledgement: early, late, lease extension.
+mod acks;
+// Retries and rejections.
+mod retry;
+// Per-task rate limits.
+mod ratelimit;
+// Soft and hard time limits.
+mod timelimit;
+// Warm and cold shutdown.
+mod shutdown;
+// Tracing spans, auto traits.
+mod misc;
