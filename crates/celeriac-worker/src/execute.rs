@@ -2,12 +2,13 @@
 //!
 //! For the worker's consume loop, which spawns one `handle` per delivery inside a span with
 //! `task_id`, `task_name` and `queue`. The steps are small modules composed here in order:
-//! [`request`](crate::request) (decode), [`schedule`](crate::schedule) (eta, expiry),
-//! [`ratelimit`](crate::ratelimit) and the concurrency slot, the duplicate check,
-//! [`pool`](crate::pool) under [`timelimit`](crate::timelimit), then
-//! [`retry`](crate::retry) and [`record`](crate::record). A delivery that has not started yet
-//! watches for a warm shutdown and is handed back (requeued) when one comes; a running one
-//! watches for a cold shutdown.
+//! `request` (decode), `schedule` (eta, expiry), `ratelimit` and the concurrency slot, the
+//! duplicate check, `pool` under `timelimit`, then `retry` and `record`. A delivery that has
+//! not started yet watches for a warm shutdown and is handed back (requeued) when one comes;
+//! a running one watches for a cold shutdown.
+//!
+//! Why a backend read before every run: it is what makes a redelivered duplicate harmless and
+//! revocation work without a broadcast channel; it costs one lookup per task.
 //!
 //! Acknowledgement: early by default (when the task starts, so a crash mid-task loses it, as
 //! in Celery), late with `acks_late` (after the result is stored, so a crash runs it again).

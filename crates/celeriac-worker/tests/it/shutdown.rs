@@ -110,3 +110,33 @@ async fn started_one(h: &Harness, ids: &[String]) -> Option<String> {
     }
     None
 }
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_stop_a_worker_run_until_signal() {
+    use celeriac_core::memory::{MemoryBackend, MemoryBroker};
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installing a listener first replaces the default action (exit) for the whole process,
+    // so a signal sent before the worker listens cannot kill the test binary.
+    let _keep = signal(SignalKind::interrupt()).unwrap();
+    let worker = celeriac_worker::Worker::new(
+        std::sync::Arc::new(MemoryBroker::new()),
+        Some(std::sync::Arc::new(MemoryBackend::new())),
+        Default::default(),
+        options(|_| {}),
+    );
+    let handle = worker.shutdown_handle();
+    let run = tokio::spawn(worker.run_until_signal());
+    // The worker's listener may not be installed yet: signal until it has reacted.
+    let pid = std::process::id().to_string();
+    until("a signal started a shutdown", || async {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        handle.is_shutting_down()
+    })
+    .await;
+    let report = tokio::time::timeout(DEADLINE, run).await.unwrap().unwrap();
+    assert_eq!(report.unwrap(), celeriac_worker::WorkerReport::default());
+}
