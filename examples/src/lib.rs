@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use celeriac::{TaskContext, TaskError};
+use celeriac::{App, AppBuilder, TaskContext, TaskError};
 use serde_json::Value;
 
 /// `tasks.add(x, y)`.
@@ -42,7 +42,8 @@ pub async fn fail(message: String) -> Result<(), TaskError> {
 /// failing with `SoftTimeLimitExceeded`. Returns the seconds slept.
 #[celeriac::task(name = "tasks.sleep")]
 pub async fn sleep(ctx: TaskContext, seconds: f64) -> Result<f64, TaskError> {
-    let d = Duration::try_from_secs_f64(seconds).map_err(|e| TaskError::new("ValueError", e.to_string()))?;
+    let d = Duration::try_from_secs_f64(seconds)
+        .map_err(|e| TaskError::new("ValueError", e.to_string()))?;
     tokio::select! {
         () = tokio::time::sleep(d) => Ok(seconds),
         () = ctx.cancellation().cancelled() => Err(TaskError::new("SoftTimeLimitExceeded", "cancelled before finishing")),
@@ -51,10 +52,19 @@ pub async fn sleep(ctx: TaskContext, seconds: f64) -> Result<f64, TaskError> {
 
 /// `tasks.flaky(failures)`: asks for a retry until it has been retried `failures` times, then
 /// returns the number of retries. Exercises retries with exponential backoff.
-#[celeriac::task(name = "tasks.flaky", max_retries = 10, retry_backoff = 0.05, retry_backoff_max = 0.5)]
+#[celeriac::task(
+    name = "tasks.flaky",
+    max_retries = 10,
+    retry_backoff = 0.05,
+    retry_backoff_max = 0.5
+)]
 pub async fn flaky(ctx: TaskContext, failures: u32) -> Result<u32, TaskError> {
     if ctx.retries() < failures {
-        return Err(TaskError::new("ConnectionError", format!("attempt {} failed", ctx.retries())).into_retry(None));
+        return Err(TaskError::new(
+            "ConnectionError",
+            format!("attempt {} failed", ctx.retries()),
+        )
+        .into_retry(None));
     }
     Ok(ctx.retries())
 }
@@ -81,6 +91,28 @@ pub fn panic(message: String) -> i64 {
     std::panic::panic_any(message)
 }
 
+/// An app builder with every example task registered, configured from `celeriac.toml` and the
+/// environment.
+///
+/// Registration is explicit: `collect_tasks()` only sees `#[task]`s in object files the linker
+/// keeps, and a binary that names nothing from this crate would keep none of them.
+pub fn app() -> AppBuilder {
+    App::builder()
+        .load_config()
+        .task::<add>()
+        .task::<mul>()
+        .task::<xsum>()
+        .task::<echo>()
+        .task::<fail>()
+        .task::<sleep>()
+        .task::<flaky>()
+        .task::<limited>()
+        .task::<stamp>()
+        .task::<panic>()
+}
+
 fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -164,6 +164,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
     let struct_def = quote_spanned! {span=>
         #[allow(non_camel_case_types)]
         #[doc = #doc_struct]
+        #[derive(Debug, Clone, Copy, Default)]
         #vis struct #fn_ident {}
     };
 

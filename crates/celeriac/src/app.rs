@@ -321,6 +321,9 @@ impl AppBuilder {
     }
 
     /// Registers every `#[celeriac::task]` linked into this binary.
+    ///
+    /// Tasks defined in a library crate are linked only if the binary uses something from that
+    /// crate's object file; when in doubt, register them with [`AppBuilder::task`].
     #[must_use]
     pub fn collect_tasks(mut self) -> Self {
         self.collect = true;

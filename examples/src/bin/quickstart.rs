@@ -27,7 +27,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> celeriac::Result<()> {
-    let count: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5_000);
+    let count: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(5_000);
     let path = "quickstart.db";
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{path}{suffix}"));
@@ -53,7 +56,11 @@ async fn run() -> celeriac::Result<()> {
         results.push(add::delay(&app, i, i).await?);
     }
     let sent = started.elapsed();
-    println!("sent {count} tasks in {:.2}s ({:.0}/s)", sent.as_secs_f64(), count as f64 / sent.as_secs_f64());
+    println!(
+        "sent {count} tasks in {:.2}s ({:.0}/s)",
+        sent.as_secs_f64(),
+        count as f64 / sent.as_secs_f64()
+    );
 
     let mut progress = Progress::new(count);
     let mut total: i64 = 0;
@@ -70,7 +77,10 @@ async fn run() -> celeriac::Result<()> {
     );
 
     let s = xsum::delay(&app, vec![1.5, 2.5, 3.0]).await?;
-    println!("tasks.xsum([1.5, 2.5, 3.0]) = {}", s.get_timeout(Duration::from_secs(10)).await?);
+    println!(
+        "tasks.xsum([1.5, 2.5, 3.0]) = {}",
+        s.get_timeout(Duration::from_secs(10)).await?
+    );
     let f = fail::delay(&app, "this task always fails".to_owned()).await?;
     match f.get_timeout(Duration::from_secs(10)).await {
         Ok(()) => println!("tasks.fail unexpectedly succeeded"),
@@ -78,7 +88,9 @@ async fn run() -> celeriac::Result<()> {
     }
 
     stop.warm();
-    let report = running.await.map_err(|e| celeriac::Error::new(celeriac::ErrorKind::Io, "worker task died").with_source(e))??;
+    let report = running.await.map_err(|e| {
+        celeriac::Error::new(celeriac::ErrorKind::Io, "worker task died").with_source(e)
+    })??;
     println!("worker stopped cleanly: {report:?}");
     app.close().await
 }

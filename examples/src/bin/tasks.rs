@@ -3,5 +3,5 @@
 //! `celeriac.toml`; the default is `sqlite://celeriac.db`).
 
 fn main() -> std::process::ExitCode {
-    celeriac::cli::run(celeriac::App::builder().load_config().collect_tasks())
+    celeriac::cli::run(celeriac_examples::app())
 }

@@ -33,7 +33,9 @@ async fn failures_carry_type_message_and_traceback() {
     let (url, _) = sqlite_url("failures");
     let _w = WorkerProcess::start(&url, &[]);
     let app = client(&url).await;
-    let r = fail::delay(&app, "boom at line 3".to_owned()).await.unwrap();
+    let r = fail::delay(&app, "boom at line 3".to_owned())
+        .await
+        .unwrap();
     let err = r.get_timeout(T).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TaskFailed);
     let remote = err.remote().expect("remote error");
@@ -54,7 +56,15 @@ async fn a_panicking_task_fails_alone_and_the_worker_goes_on() {
     let remote = err.remote().expect("remote error");
     assert_eq!(remote.exc_type, "Panic");
     assert!(remote.message().contains("kaboom"), "{remote:?}");
-    assert_eq!(add::delay(&app, 1, 1).await.unwrap().get_timeout(T).await.unwrap(), 2);
+    assert_eq!(
+        add::delay(&app, 1, 1)
+            .await
+            .unwrap()
+            .get_timeout(T)
+            .await
+            .unwrap(),
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,21 +72,47 @@ async fn unknown_tasks_and_bad_arguments_fail_clearly_and_lose_nothing_else() {
     let (url, _) = sqlite_url("bad-input");
     let _w = WorkerProcess::start(&url, &[]);
     let app = client(&url).await;
-    let unknown = app.send_task("tasks.does_not_exist", vec![json!(1)], Default::default()).await.unwrap();
-    let bad_args = app.send_task("tasks.add", vec![json!("two"), json!(2)], Default::default()).await.unwrap();
-    let too_many = app.send_task("tasks.add", vec![json!(1), json!(2), json!(3)], Default::default()).await.unwrap();
+    let unknown = app
+        .send_task("tasks.does_not_exist", vec![json!(1)], Default::default())
+        .await
+        .unwrap();
+    let bad_args = app
+        .send_task(
+            "tasks.add",
+            vec![json!("two"), json!(2)],
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let too_many = app
+        .send_task(
+            "tasks.add",
+            vec![json!(1), json!(2), json!(3)],
+            Default::default(),
+        )
+        .await
+        .unwrap();
     let good = add::delay(&app, 20, 22).await.unwrap();
 
     let e = unknown.get_timeout(T).await.unwrap_err();
     let remote = e.remote().unwrap();
-    assert_eq!((remote.exc_type.as_str(), remote.exc_module.as_str()), ("NotRegistered", "celery.exceptions"));
+    assert_eq!(
+        (remote.exc_type.as_str(), remote.exc_module.as_str()),
+        ("NotRegistered", "celery.exceptions")
+    );
     assert_eq!(remote.message(), "tasks.does_not_exist");
 
     let e = bad_args.get_timeout(T).await.unwrap_err();
     assert_eq!(e.remote().unwrap().exc_type, "TypeError");
-    assert!(e.remote().unwrap().message().contains("argument 'x'"), "{e:?}");
+    assert!(
+        e.remote().unwrap().message().contains("argument 'x'"),
+        "{e:?}"
+    );
     let e = too_many.get_timeout(T).await.unwrap_err();
-    assert!(e.remote().unwrap().message().contains("3 were given"), "{e:?}");
+    assert!(
+        e.remote().unwrap().message().contains("3 were given"),
+        "{e:?}"
+    );
 
     assert_eq!(good.get_timeout(T).await.unwrap(), 42);
 }

@@ -25,7 +25,11 @@ async fn countdown_and_eta_never_run_early() {
     let _w = WorkerProcess::start(&url, &[]);
     let app = client(&url).await;
     let sent = Utc::now();
-    let by_countdown = add::s(1, 2).countdown(Duration::from_millis(1500)).apply_async(&app).await.unwrap();
+    let by_countdown = add::s(1, 2)
+        .countdown(Duration::from_millis(1500))
+        .apply_async(&app)
+        .await
+        .unwrap();
     let eta = sent + chrono::Duration::milliseconds(1200);
     let by_eta = add::s(3, 4).eta(eta).apply_async(&app).await.unwrap();
     let now = add::delay(&app, 0, 0).await.unwrap();
@@ -33,7 +37,10 @@ async fn countdown_and_eta_never_run_early() {
     assert_eq!(by_countdown.get_timeout(T).await.unwrap(), 3);
     assert_eq!(by_eta.get_timeout(T).await.unwrap(), 7);
     let done = by_countdown.meta().await.unwrap().date_done.unwrap();
-    assert!(done >= sent + chrono::Duration::milliseconds(1500), "ran at {done}, sent at {sent}");
+    assert!(
+        done >= sent + chrono::Duration::milliseconds(1500),
+        "ran at {done}, sent at {sent}"
+    );
     let done = by_eta.meta().await.unwrap().date_done.unwrap();
     assert!(done >= eta, "ran at {done}, eta {eta}");
 }
@@ -61,10 +68,18 @@ async fn a_revoked_task_does_not_run() {
     let (url, _) = sqlite_url("revoke");
     let _w = WorkerProcess::start(&url, &[]);
     let app = client(&url).await;
-    let r = add::s(5, 5).countdown(Duration::from_millis(700)).apply_async(&app).await.unwrap();
+    let r = add::s(5, 5)
+        .countdown(Duration::from_millis(700))
+        .apply_async(&app)
+        .await
+        .unwrap();
     r.revoke().await.unwrap();
     // Wait for a task sent after it to run; by then the revoked one was due long ago.
-    let after = add::s(0, 1).countdown(Duration::from_millis(1200)).apply_async(&app).await.unwrap();
+    let after = add::s(0, 1)
+        .countdown(Duration::from_millis(1200))
+        .apply_async(&app)
+        .await
+        .unwrap();
     assert_eq!(after.get_timeout(T).await.unwrap(), 1);
     assert_eq!(r.state().await.unwrap(), TaskState::Revoked);
     assert_eq!(r.error().await.unwrap().unwrap().message(), "revoked");
@@ -86,7 +101,10 @@ async fn rate_limits_space_out_runs() {
     stamps.sort_by(f64::total_cmp);
     // 10/s with no burst: 8 runs need at least 7 intervals of 100 ms.
     let span = stamps[7] - stamps[0];
-    assert!(span >= 0.69, "8 runs at 10/s took only {span:.3}s: {stamps:?}");
+    assert!(
+        span >= 0.69,
+        "8 runs at 10/s took only {span:.3}s: {stamps:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,9 +112,17 @@ async fn soft_time_limit_cancels_the_task() {
     let (url, _) = sqlite_url("soft-limit");
     let _w = WorkerProcess::start(&url, &[]);
     let app = client(&url).await;
-    let r = sleep::s(30.0).soft_time_limit(Duration::from_millis(300)).apply_async(&app).await.unwrap();
+    let r = sleep::s(30.0)
+        .soft_time_limit(Duration::from_millis(300))
+        .apply_async(&app)
+        .await
+        .unwrap();
     let e = r.get_timeout(T).await.unwrap_err();
     assert_eq!(e.remote().unwrap().exc_type, "SoftTimeLimitExceeded");
-    let quick = sleep::s(0.05).soft_time_limit(Duration::from_secs(10)).apply_async(&app).await.unwrap();
+    let quick = sleep::s(0.05)
+        .soft_time_limit(Duration::from_secs(10))
+        .apply_async(&app)
+        .await
+        .unwrap();
     assert_eq!(quick.get_timeout(T).await.unwrap(), 0.05);
 }

@@ -18,7 +18,9 @@ async fn sigterm_finishes_running_tasks_and_hands_back_the_rest() {
     // Let the worker take some, then ask it to stop while tasks run.
     let first = results[0].clone();
     tokio::time::timeout(T, async {
-        while first.state().await.unwrap() == celeriac::TaskState::Pending && !w.log().contains("tasks.stamp") {
+        while first.state().await.unwrap() == celeriac::TaskState::Pending
+            && !w.log().contains("tasks.stamp")
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -26,12 +28,18 @@ async fn sigterm_finishes_running_tasks_and_hands_back_the_rest() {
     .expect("worker never started a task");
     w.signal("TERM");
     let status = w.wait(T);
-    assert!(status.success(), "warm shutdown should exit 0: {status:?}\n{}", w.log());
+    assert!(
+        status.success(),
+        "warm shutdown should exit 0: {status:?}\n{}",
+        w.log()
+    );
 
     // A second worker gets everything the first did not finish.
     let _w2 = WorkerProcess::start(&url, &["-c", "4"]);
     for r in &results {
-        r.get_timeout(T).await.unwrap_or_else(|e| panic!("task {} lost: {e:?}", r.id()));
+        r.get_timeout(T)
+            .await
+            .unwrap_or_else(|e| panic!("task {} lost: {e:?}", r.id()));
     }
 }
 
@@ -52,6 +60,8 @@ async fn acks_late_tasks_survive_a_killed_worker() {
     w.wait(T);
     let _w2 = WorkerProcess::start_with_config(&url, &config, &["-c", "4"]);
     for r in &results {
-        r.get_timeout(T).await.unwrap_or_else(|e| panic!("task {} lost after SIGKILL: {e:?}", r.id()));
+        r.get_timeout(T)
+            .await
+            .unwrap_or_else(|e| panic!("task {} lost after SIGKILL: {e:?}", r.id()));
     }
 }

@@ -5,35 +5,44 @@ use std::time::{Duration, Instant};
 use celeriac::App;
 
 /// A fresh SQLite URL for one test.
-pub fn sqlite_url(test: &str) -> (String, PathBuf) {
+pub(crate) fn sqlite_url(test: &str) -> (String, PathBuf) {
     let path = celeriac_test::services::temp_sqlite_path(&format!("e2e-{test}"));
     (format!("sqlite://{}", path.display()), path)
 }
 
 /// A client app on `url` that knows the example tasks.
-pub async fn client(url: &str) -> App {
-    App::builder().broker_url(url).collect_tasks().build().await.expect("client app")
+pub(crate) async fn client(url: &str) -> App {
+    App::builder()
+        .broker_url(url)
+        .collect_tasks()
+        .build()
+        .await
+        .expect("client app")
 }
 
 /// A worker process of the example task app.
-pub struct WorkerProcess {
+pub(crate) struct WorkerProcess {
     child: Option<Child>,
     log: PathBuf,
 }
 
 impl WorkerProcess {
     /// Starts `tasks worker` on `url` with extra arguments.
-    pub fn start(url: &str, extra: &[&str]) -> Self {
+    pub(crate) fn start(url: &str, extra: &[&str]) -> Self {
         Self::spawn(url, None, extra)
     }
 
     /// Like [`WorkerProcess::start`], reading `config` as its `celeriac.toml`.
-    pub fn start_with_config(url: &str, config: &str, extra: &[&str]) -> Self {
+    pub(crate) fn start_with_config(url: &str, config: &str, extra: &[&str]) -> Self {
         Self::spawn(url, Some(config), extra)
     }
 
     fn spawn(url: &str, config: Option<&str>, extra: &[&str]) -> Self {
-        let log = PathBuf::from(format!("{}.worker-{}.log", url.trim_start_matches("sqlite://"), fastrand_suffix()));
+        let log = PathBuf::from(format!(
+            "{}.worker-{}.log",
+            url.trim_start_matches("sqlite://"),
+            fastrand_suffix()
+        ));
         let stderr = std::fs::File::create(&log).expect("worker log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tasks"));
         if let Some(c) = config {
@@ -46,23 +55,29 @@ impl WorkerProcess {
             .stderr(stderr)
             .spawn()
             .expect("spawn worker");
-        WorkerProcess { child: Some(child), log }
+        WorkerProcess {
+            child: Some(child),
+            log,
+        }
     }
 
     /// The worker's log so far.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Sends SIGTERM (or SIGKILL) to the worker.
-    pub fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id();
-        let status = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill");
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .expect("kill");
         assert!(status.success(), "kill -{sig} {pid} failed");
     }
 
     /// Waits for the worker to exit, at most `timeout`.
-    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+    pub(crate) fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().expect("running");
         loop {
@@ -70,16 +85,24 @@ impl WorkerProcess {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "worker did not exit in {timeout:?}; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "worker did not exit in {timeout:?}; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// Waits until the worker's log contains `needle`.
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+    pub(crate) fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.log().contains(needle) {
-            assert!(Instant::now() < deadline, "worker log never showed {needle:?}; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "worker log never showed {needle:?}; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -99,4 +122,4 @@ fn fastrand_suffix() -> String {
 }
 
 /// Ten seconds: how long any single result may take in these tests.
-pub const T: Duration = Duration::from_secs(20);
+pub(crate) const T: Duration = Duration::from_secs(20);
