@@ -10,6 +10,7 @@ use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use celeriac_core::{Error, ErrorKind, Result};
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use tokio::sync::{Notify, oneshot};
 
@@ -384,10 +385,18 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
     .map_err(cannot)?;
     conn.busy_timeout(busy).map_err(cannot)?;
     conn.set_prepared_statement_cache_capacity(64);
+    // Query planner stability: without it SQLite re-prepares a cached statement on every new
+    // binding of a parameter it once compared with a literal (a LIMIT, a partial index's
+    // WHERE), which made re-preparing the fetch the thread's main cost. Our plans do not
+    // depend on parameter values.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(cannot)?;
     let _mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(cannot)?;
     conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(cannot)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(cannot)?;
     schema::migrate(&conn).map_err(cannot)?;
     Ok(Db {
@@ -450,12 +459,12 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
 fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
     let write = batch.iter().any(|j| j.is_write());
     let begin = if write { "BEGIN IMMEDIATE" } else { "BEGIN" };
-    let outcome = db.conn.execute_batch(begin).map_err(|e| TxnError::new(&e));
+    let outcome = exec_cached(&db.conn, begin).map_err(|e| TxnError::new(&e));
     let outcome = outcome.and_then(|()| {
         for job in batch.iter_mut() {
             job.run(db);
         }
-        db.conn.execute_batch("COMMIT").map_err(|e| {
+        exec_cached(&db.conn, "COMMIT").map_err(|e| {
             let err = TxnError::new(&e);
             let _ = db.conn.execute_batch("ROLLBACK");
             err
@@ -477,6 +486,11 @@ fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
     for job in batch.drain(..) {
         job.finish(outcome.as_ref().map(|_| ()));
     }
+}
+
+/// Runs a parameterless statement, prepared once.
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 fn release_orphans(db: &mut Db, shared: &Shared) {
