@@ -136,15 +136,12 @@ fn insert(db: &mut Db, queue: &str, rows: &[Row]) -> rusqlite::Result<()> {
         "INSERT INTO celeriac_messages (queue, priority, state, visible_at, body) \
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
-    let mut ready = false;
     for r in rows {
         stmt.execute((queue, r.priority, r.state, r.visible_at, &r.body))?;
-        ready |= r.state == READY;
     }
     drop(stmt);
-    if ready {
-        db.messages_changed();
-    }
+    // Delayed rows too: an idle consumer must learn the new, earlier due time.
+    db.messages_changed();
     Ok(())
 }
 
@@ -410,10 +407,27 @@ struct SqliteConsumer {
 impl Drop for SqliteConsumer {
     fn drop(&mut self) {
         if !self.buffer.rows.is_empty() {
+            let shared = &self.broker.inner.conn.shared;
+            shared.release(self.buffer.rows.drain(..).map(|r| (r.id, r.token)));
             self.broker.conn().wake();
         }
     }
 }
+
+/// Makes due rows of queue `?1` ready: delayed ones whose time came, leases that ran out.
+const PROMOTE_SQL: &str = "UPDATE celeriac_messages SET state = 0 \
+     WHERE queue = ?1 AND state <> 0 AND visible_at <= ?2";
+
+/// Leases up to `?2` ready rows of queue `?1` until `?3`, highest priority then oldest first.
+const LEASE_SQL: &str = "UPDATE celeriac_messages \
+     SET state = 2, visible_at = ?3, deliveries = deliveries + 1 \
+     WHERE id IN (SELECT id FROM celeriac_messages WHERE queue = ?1 AND state = 0 \
+                  ORDER BY priority DESC, id LIMIT ?2) \
+     RETURNING id, deliveries, priority, body";
+
+/// When the next delayed or leased row of queue `?1` becomes due.
+const NEXT_DUE_SQL: &str =
+    "SELECT MIN(visible_at) FROM celeriac_messages WHERE queue = ?1 AND state <> 0";
 
 fn fetch(
     db: &Db,
@@ -429,19 +443,8 @@ fn fetch(
         if left == 0 {
             break;
         }
-        db.conn
-            .prepare_cached(
-                "UPDATE celeriac_messages SET state = 0 \
-                 WHERE queue = ?1 AND state <> 0 AND visible_at <= ?2",
-            )?
-            .execute((queue, now))?;
-        let mut stmt = db.conn.prepare_cached(
-            "UPDATE celeriac_messages \
-             SET state = 2, visible_at = ?3, deliveries = deliveries + 1 \
-             WHERE id IN (SELECT id FROM celeriac_messages WHERE queue = ?1 AND state = 0 \
-                          ORDER BY priority DESC, id LIMIT ?2) \
-             RETURNING id, deliveries, priority, body",
-        )?;
+        db.conn.prepare_cached(PROMOTE_SQL)?.execute((queue, now))?;
+        let mut stmt = db.conn.prepare_cached(LEASE_SQL)?;
         let mut got = stmt
             .query_map((queue, left as i64, now + lease_ms), |r| {
                 Ok((
@@ -460,9 +463,7 @@ fn fetch(
         rows.rows.extend(got.into_iter().map(|(_, r)| r));
     }
     let next_due = if rows.rows.len() < want {
-        let mut stmt = db.conn.prepare_cached(
-            "SELECT MIN(visible_at) FROM celeriac_messages WHERE queue = ?1 AND state <> 0",
-        )?;
+        let mut stmt = db.conn.prepare_cached(NEXT_DUE_SQL)?;
         let mut min: Option<i64> = None;
         for queue in queues {
             let due: Option<i64> = stmt.query_row([queue], |r| r.get(0)).optional()?.flatten();
@@ -681,6 +682,7 @@ impl Acker for SqliteAcker {
                                 .execute((id, token))?
                         }
                         Requeue::After(d) => {
+                            db.messages_changed();
                             let at = now_ms().saturating_add(
                                 i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4),
                             );
@@ -721,5 +723,38 @@ impl Acker for SqliteAcker {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(conn: &rusqlite::Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let mut rows = stmt.raw_query();
+        let mut lines = Vec::new();
+        while let Some(r) = rows.next().unwrap() {
+            lines.push(r.get::<_, String>(3).unwrap());
+        }
+        lines.join("\n")
+    }
+
+    /// Fetching must cost O(log n) however long the queue: every statement seeks an index and
+    /// none sorts.
+    #[test]
+    fn fetch_statements_use_the_partial_indexes() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&conn).unwrap();
+        for (sql, index) in [
+            (PROMOTE_SQL, "celeriac_messages_waiting"),
+            (LEASE_SQL, "celeriac_messages_ready"),
+            (NEXT_DUE_SQL, "celeriac_messages_waiting"),
+        ] {
+            let p = plan(&conn, sql);
+            assert!(p.contains(index), "{sql}\n{p}");
+            assert!(!p.contains("TEMP B-TREE"), "{sql}\n{p}");
+            assert!(!p.contains("SCAN celeriac_messages"), "{sql}\n{p}");
+        }
     }
 }
