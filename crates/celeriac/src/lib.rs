@@ -79,6 +79,16 @@ pub use celeriac_core as core;
 #[cfg(feature = "worker")]
 pub use celeriac_worker as worker;
 
+/// The README's examples, compiled as doctests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
+/// The tasks guide's examples, compiled as doctests.
+#[doc = include_str!("../../../docs/tasks.md")]
+#[cfg(doctest)]
+pub struct TasksGuideDoctests;
+
 #[doc(hidden)]
 pub mod __private {
     pub use celeriac_core::task::{Args, Handler, Task, TaskDef, TaskOptions, encode_output};

@@ -2,3 +2,9 @@
 
 // The #[task] macro: trybuild pass/fail cases.
 mod ui;
+
+// Public handles are Send + Sync.
+mod send_sync;
+
+// The app on the in-memory drivers: wire format, routing, an in-process worker.
+mod app;
