@@ -27,7 +27,7 @@ async fn sigterm_finishes_running_tasks_and_hands_back_the_rest() {
     .await
     .expect("worker never started a task");
     w.signal("TERM");
-    let status = w.wait(T);
+    let status = w.wait(T).await;
     assert!(
         status.success(),
         "warm shutdown should exit 0: {status:?}\n{}",
@@ -55,9 +55,9 @@ async fn acks_late_tasks_survive_a_killed_worker() {
     for _ in 0..6 {
         results.push(stamp::delay(&app, 0.5).await.unwrap());
     }
-    w.wait_for_log("tasks.stamp", T);
+    w.wait_for_log("tasks.stamp", T).await;
     w.signal("KILL");
-    w.wait(T);
+    w.wait(T).await;
     let _w2 = WorkerProcess::start_with_config(&url, &config, &["-c", "4"]);
     for r in &results {
         r.get_timeout(T)

@@ -77,7 +77,7 @@ impl WorkerProcess {
     }
 
     /// Waits for the worker to exit, at most `timeout`.
-    pub(crate) fn wait(&mut self, timeout: Duration) -> ExitStatus {
+    pub(crate) async fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().expect("running");
         loop {
@@ -90,12 +90,12 @@ impl WorkerProcess {
                 "worker did not exit in {timeout:?}; log:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Waits until the worker's log contains `needle`.
-    pub(crate) fn wait_for_log(&self, needle: &str, timeout: Duration) {
+    pub(crate) async fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.log().contains(needle) {
             assert!(
@@ -103,7 +103,7 @@ impl WorkerProcess {
                 "worker log never showed {needle:?}; log:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
