@@ -108,7 +108,8 @@ async fn wait_sees_another_connections_store() {
 #[tokio::test]
 async fn expired_results_are_invisible() {
     let options = SqliteOptions::default().result_expires(Some(Duration::from_millis(100)));
-    let r = SqliteBackend::open(db("expiry"), options).await.unwrap();
+    let path = db("expiry");
+    let r = SqliteBackend::open(&path, options.clone()).await.unwrap();
     r.store(&TaskMeta::success("e", 1.into())).await.unwrap();
     r.save_group("g", &["e".to_owned()]).await.unwrap();
     assert_eq!(r.incr("c", 1).await.unwrap(), 1);
@@ -120,6 +121,23 @@ async fn expired_results_are_invisible() {
     assert_eq!(r.incr("c", 1).await.unwrap(), 1);
     // An expired SUCCESS no longer blocks a new record.
     assert!(r.store(&TaskMeta::started("e", "h")).await.unwrap());
+    // Expired rows are deleted by the next sweep (a fresh handle sweeps on its first store).
+    r.store(&TaskMeta::success("old", 1.into())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let fresh = SqliteBackend::open(&path, options).await.unwrap();
+    fresh
+        .store(&TaskMeta::success("new", 1.into()))
+        .await
+        .unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let ids: Vec<String> = raw
+        .prepare("SELECT task_id FROM celeriac_results ORDER BY task_id")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(ids, vec!["new".to_owned()]);
 }
 
 #[tokio::test]

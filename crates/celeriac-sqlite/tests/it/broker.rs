@@ -100,6 +100,22 @@ async fn delayed_messages_wait_in_the_database() {
 }
 
 #[tokio::test]
+async fn an_idle_consumer_wakes_for_a_delayed_message_when_due() {
+    let b = broker("delay_wake").await;
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(1)).await.unwrap();
+    assert!(quiet_for(&mut c, Duration::from_millis(50)).await);
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(200);
+    b.publish("q", &msg(), PublishOptions::default().not_before(Some(at)))
+        .await
+        .unwrap();
+    let d = next_within(&mut c, SOON).await;
+    let late = chrono::Utc::now() - at;
+    assert!(late >= chrono::Duration::zero(), "early by {late}");
+    assert!(late < chrono::Duration::milliseconds(300), "late by {late}");
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_expired_lease_is_handed_out_again() {
     let b = broker("lease").await;
     b.publish("q", &msg(), PublishOptions::default())

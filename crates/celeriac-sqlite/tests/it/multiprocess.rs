@@ -100,15 +100,19 @@ async fn helper() {
                 .consume(&queues, ConsumeOptions::new(8))
                 .await
                 .unwrap();
-            // Until the queue has been idle for a while.
-            while let Ok(d) = tokio::time::timeout(Duration::from_secs(3), c.next()).await {
-                let d = d.unwrap().unwrap();
-                println!(
-                    "GOT {} {}",
-                    d.message.as_ref().unwrap().id(),
-                    d.redeliveries
-                );
-                d.ack().await.unwrap();
+            // Until the parent says every message was acked.
+            let stop = stop_file(Path::new(&path));
+            loop {
+                match tokio::time::timeout(Duration::from_millis(100), c.next()).await {
+                    Ok(d) => {
+                        let d = d.unwrap().unwrap();
+                        let id = d.message.as_ref().unwrap().id().to_owned();
+                        println!("GOT {id} {}", d.redeliveries);
+                        d.ack().await.unwrap();
+                    }
+                    Err(_) if stop.exists() => break,
+                    Err(_) => {}
+                }
             }
         }
         "hold" => {
@@ -127,16 +131,51 @@ async fn helper() {
     }
 }
 
-#[test]
-fn several_processes_deliver_every_message_exactly_once() {
+/// Tells consumer children to exit once they are idle.
+fn stop_file(db: &Path) -> std::path::PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".stop");
+    p.into()
+}
+
+struct StopOnDrop(std::path::PathBuf);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, b"");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_processes_deliver_every_message_exactly_once() {
     let path = db("multiprocess");
+    let _ = std::fs::remove_file(stop_file(&path));
+    // Children stop even if this test fails half-way.
+    let _stop = StopOnDrop(stop_file(&path));
+    let broker = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
     let consumers: Vec<Child> = (0..3).map(|_| spawn("consume", &path, 0)).collect();
     let publishers: Vec<Child> = (0..2).map(|_| spawn("publish", &path, 300)).collect();
-    let mut sent: Vec<String> = publishers
-        .into_iter()
-        .flat_map(|p| ids(p, "SENT "))
-        .collect();
-    let got: Vec<String> = consumers.into_iter().flat_map(|c| ids(c, "GOT ")).collect();
+    let mut sent: Vec<String> = tokio::task::spawn_blocking(move || {
+        publishers
+            .into_iter()
+            .flat_map(|p| ids(p, "SENT "))
+            .collect()
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while broker.stats(QUEUE).await.unwrap().total() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "messages left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(stop_file(&path), b"").unwrap();
+    let got: Vec<String> = tokio::task::spawn_blocking(move || {
+        consumers.into_iter().flat_map(|c| ids(c, "GOT ")).collect()
+    })
+    .await
+    .unwrap();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for line in &got {
         let (id, redeliveries) = line.split_once(' ').unwrap();
