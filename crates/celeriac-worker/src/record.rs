@@ -40,9 +40,34 @@ impl Recorder {
     }
 
     fn exception(&self, req: &Request, status: TaskState, err: &RemoteError) -> TaskMeta {
-        let mut m = self.meta(req, status, err.to_exception_map());
-        m.traceback = err.traceback.clone();
+        let mut m = self.meta(req, status.clone(), err.to_exception_map());
+        m.traceback = match status {
+            TaskState::Failure | TaskState::Retry => Some(self.traceback(req, err)),
+            _ => err.traceback.clone(),
+        };
         m
+    }
+
+    /// A traceback in Python's shape, so Celery tools show it as they show their own: where the
+    /// task ran, the error's cause chain (or the text the task gave), then `Type: message`.
+    fn traceback(&self, req: &Request, err: &RemoteError) -> String {
+        let mut tb = format!(
+            "Traceback (most recent call last):\n  task {}[{}] on {}, queue {}, retries {}\n",
+            req.name(),
+            req.id(),
+            self.hostname,
+            req.queue,
+            req.message.headers.retries
+        );
+        if let Some(detail) = &err.traceback {
+            for line in detail.lines() {
+                tb.push_str("    ");
+                tb.push_str(line);
+                tb.push('\n');
+            }
+        }
+        tb.push_str(&err.summary());
+        tb
     }
 
     pub(crate) async fn started(&self, req: &Request) {

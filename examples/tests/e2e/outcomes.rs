@@ -44,6 +44,11 @@ async fn failures_carry_type_message_and_traceback() {
     assert_eq!(r.state().await.unwrap(), TaskState::Failure);
     assert!(r.failed().await.unwrap());
     assert_eq!(r.result().await.unwrap()["exc_type"], "ValueError");
+    let tb = r.traceback().await.unwrap().expect("a traceback");
+    assert!(tb.starts_with("Traceback (most recent call last):"), "{tb}");
+    assert!(tb.contains(&format!("task tasks.fail[{}]", r.id())), "{tb}");
+    assert!(tb.ends_with("ValueError: boom at line 3"), "{tb}");
+    assert_eq!(remote.traceback.as_deref(), Some(tb.as_str()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

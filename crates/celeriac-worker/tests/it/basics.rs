@@ -70,7 +70,16 @@ async fn failures_store_the_exception_and_its_traceback() {
         meta.result,
         json!({"exc_type": "ValueError", "exc_message": ["bad input"], "exc_module": "celeriac.errors"})
     );
-    assert_eq!(meta.traceback.as_deref(), Some("at line 1"));
+    let tb = meta.traceback.expect("traceback");
+    assert!(
+        tb.starts_with("Traceback (most recent call last):\n  task tasks.fail["),
+        "{tb}"
+    );
+    assert!(
+        tb.contains("\n    at line 1\n"),
+        "the task's own text is kept: {tb}"
+    );
+    assert!(tb.ends_with("ValueError: bad input"), "{tb}");
     assert_eq!(h.stop().await.failed, 1);
 }
 
