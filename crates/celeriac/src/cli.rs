@@ -414,7 +414,10 @@ impl Progress {
         }
         self.last_draw = Some(now);
         let width = 30;
-        let filled = (done * width).checked_div(self.total).unwrap_or(width).min(width);
+        let filled = (done * width)
+            .checked_div(self.total)
+            .unwrap_or(width)
+            .min(width);
         let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         eprint!(
             "\r[{}{}] {done}/{} {rate:.0}/s",

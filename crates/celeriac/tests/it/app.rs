@@ -7,15 +7,31 @@ use celeriac::core::{Broker, ConsumeOptions};
 use celeriac::{App, ErrorKind, TaskContext, TaskError, TaskState};
 use serde_json::json;
 
-#[celeriac::task(name = "tasks.add", queue = "math", priority = 3, time_limit = 30, soft_time_limit = 20.5)]
+#[celeriac::task(
+    name = "tasks.add",
+    queue = "math",
+    priority = 3,
+    time_limit = 30,
+    soft_time_limit = 20.5
+)]
 async fn add(x: i64, y: i64) -> i64 {
     x + y
 }
 
 #[celeriac::task(name = "tasks.who")]
 fn who(ctx: &TaskContext, greeting: Option<String>) -> String {
-    let tenant = ctx.headers().extra.get("tenant").and_then(|t| t.as_str()).unwrap_or("nobody").to_owned();
-    format!("{} {tenant} from {}", greeting.unwrap_or_else(|| "hi".into()), ctx.queue())
+    let tenant = ctx
+        .headers()
+        .extra
+        .get("tenant")
+        .and_then(|t| t.as_str())
+        .unwrap_or("nobody")
+        .to_owned();
+    format!(
+        "{} {tenant} from {}",
+        greeting.unwrap_or_else(|| "hi".into()),
+        ctx.queue()
+    )
 }
 
 #[celeriac::task(name = "tasks.parse")]
@@ -40,13 +56,31 @@ async fn app_with(broker: MemoryBroker) -> App {
 async fn messages_carry_celery_headers_and_task_options() {
     let broker = MemoryBroker::new();
     let app = app_with(broker.clone()).await;
-    let r = add::s(2, 3).countdown(Duration::from_secs(60)).expires_in(Duration::from_secs(120)).apply_async(&app).await.unwrap();
+    let r = add::s(2, 3)
+        .countdown(Duration::from_secs(60))
+        .expires_in(Duration::from_secs(120))
+        .apply_async(&app)
+        .await
+        .unwrap();
     let stats = broker.stats("math").await.unwrap();
-    assert_eq!((stats.ready, stats.delayed), (0, 1), "a countdown is stored delayed in the broker, in the task's queue");
+    assert_eq!(
+        (stats.ready, stats.delayed),
+        (0, 1),
+        "a countdown is stored delayed in the broker, in the task's queue"
+    );
 
-    app.send_task("tasks.add", vec![json!(1), json!(1)], Default::default()).await.unwrap();
-    let mut consumer = broker.consume(&["math".to_owned()], ConsumeOptions::new(1)).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
+    app.send_task("tasks.add", vec![json!(1), json!(1)], Default::default())
+        .await
+        .unwrap();
+    let mut consumer = broker
+        .consume(&["math".to_owned()], ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let m = d.message.as_ref().unwrap();
     assert_eq!(m.headers.task, "tasks.add");
     assert_eq!(m.headers.root_id.as_deref(), Some(m.headers.id.as_str()));
@@ -67,11 +101,30 @@ async fn routes_and_default_queue() {
     let app = app_with(broker.clone()).await;
     who::delay(&app, None).await.unwrap();
     parse::delay(&app, "1".into()).await.unwrap();
-    add::s(1, 1).queue("elsewhere").apply_async(&app).await.unwrap();
-    assert_eq!(broker.stats("people").await.unwrap().ready, 1, "route by glob");
-    assert_eq!(broker.stats("celery").await.unwrap().ready, 1, "default queue");
-    assert_eq!(broker.stats("elsewhere").await.unwrap().ready, 1, "explicit queue wins");
-    assert_eq!(app.queue_for("tasks.add", &<add as celeriac::__private::Task>::options()), "math");
+    add::s(1, 1)
+        .queue("elsewhere")
+        .apply_async(&app)
+        .await
+        .unwrap();
+    assert_eq!(
+        broker.stats("people").await.unwrap().ready,
+        1,
+        "route by glob"
+    );
+    assert_eq!(
+        broker.stats("celery").await.unwrap().ready,
+        1,
+        "default queue"
+    );
+    assert_eq!(
+        broker.stats("elsewhere").await.unwrap().ready,
+        1,
+        "explicit queue wins"
+    );
+    assert_eq!(
+        app.queue_for("tasks.add", &<add as celeriac::__private::Task>::options()),
+        "math"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,11 +138,36 @@ async fn an_in_process_worker_runs_typed_tasks() {
     let running = tokio::spawn(worker.run());
 
     let t = Duration::from_secs(10);
-    assert_eq!(add::delay(&app, 40, 2).await.unwrap().get_timeout(t).await.unwrap(), 42);
-    let greeting = who::s(Some("hello".into())).header("tenant", "acme").apply_async(&app).await.unwrap();
-    assert_eq!(greeting.get_timeout(t).await.unwrap(), "hello acme from people");
-    let kw = app.send_task("tasks.who", vec![], serde_json::from_value(json!({"greeting": "yo"})).unwrap()).await.unwrap();
-    assert_eq!(kw.get_timeout(t).await.unwrap(), json!("yo nobody from people"));
+    assert_eq!(
+        add::delay(&app, 40, 2)
+            .await
+            .unwrap()
+            .get_timeout(t)
+            .await
+            .unwrap(),
+        42
+    );
+    let greeting = who::s(Some("hello".into()))
+        .header("tenant", "acme")
+        .apply_async(&app)
+        .await
+        .unwrap();
+    assert_eq!(
+        greeting.get_timeout(t).await.unwrap(),
+        "hello acme from people"
+    );
+    let kw = app
+        .send_task(
+            "tasks.who",
+            vec![],
+            serde_json::from_value(json!({"greeting": "yo"})).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        kw.get_timeout(t).await.unwrap(),
+        json!("yo nobody from people")
+    );
 
     let bad = parse::delay(&app, "x".into()).await.unwrap();
     let e = bad.get_timeout(t).await.unwrap_err();
@@ -99,11 +177,21 @@ async fn an_in_process_worker_runs_typed_tasks() {
 
     // A result read as the wrong type is a clear protocol error, not a panic.
     let wrong = app.result::<Vec<String>>(add::delay(&app, 1, 1).await.unwrap().id());
-    assert_eq!(wrong.get_timeout(t).await.unwrap_err().kind(), ErrorKind::Protocol);
+    assert_eq!(
+        wrong.get_timeout(t).await.unwrap_err().kind(),
+        ErrorKind::Protocol
+    );
 
     // Waiting on an id nobody sent times out.
     let never = app.result::<i64>("no-such-id");
-    assert_eq!(never.get_timeout(Duration::from_millis(50)).await.unwrap_err().kind(), ErrorKind::Timeout);
+    assert_eq!(
+        never
+            .get_timeout(Duration::from_millis(50))
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Timeout
+    );
 
     stop.warm();
     running.await.unwrap().unwrap();
@@ -111,11 +199,22 @@ async fn an_in_process_worker_runs_typed_tasks() {
 
 #[tokio::test]
 async fn config_errors_are_clear() {
-    let e = App::builder().broker_url("nosuch://x").build().await.unwrap_err();
+    let e = App::builder()
+        .broker_url("nosuch://x")
+        .build()
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Config);
     assert!(e.to_string().contains("known: memory, sqlite"), "{e}");
-    let e = App::builder().broker_url("sqlite:///nonexistent-dir/sub/x.db").build().await.unwrap_err();
-    assert!(e.to_string().contains("nonexistent-dir") || std::error::Error::source(&e).is_some(), "{e}");
+    let e = App::builder()
+        .broker_url("sqlite:///nonexistent-dir/sub/x.db")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("nonexistent-dir") || std::error::Error::source(&e).is_some(),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -123,7 +222,11 @@ async fn unencodable_arguments_fail_at_send() {
     let app = app_with(MemoryBroker::new()).await;
     let mut map = std::collections::HashMap::new();
     map.insert((1, 2), "tuple keys are not json");
-    let e = celeriac::Signature::<()>::new("tasks.x").arg(map).apply_async(&app).await.unwrap_err();
+    let e = celeriac::Signature::<()>::new("tasks.x")
+        .arg(map)
+        .apply_async(&app)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Protocol);
     assert!(e.to_string().contains("cannot encode argument 0"), "{e}");
 }
