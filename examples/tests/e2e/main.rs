@@ -12,3 +12,6 @@ mod scheduling;
 
 // Shutdown and crashes: nothing is lost.
 mod shutdown;
+
+// The command line: call, result, status, purge, and its errors.
+mod cli;

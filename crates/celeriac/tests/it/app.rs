@@ -230,3 +230,17 @@ async fn unencodable_arguments_fail_at_send() {
     assert_eq!(e.kind(), ErrorKind::Protocol);
     assert!(e.to_string().contains("cannot encode argument 0"), "{e}");
 }
+
+#[tokio::test]
+async fn collect_tasks_finds_every_task_linked_into_the_binary() {
+    let app = App::builder()
+        .broker_url("memory://")
+        .collect_tasks()
+        .build()
+        .await
+        .unwrap();
+    let names = app.registry().names();
+    for name in ["tasks.add", "tasks.who", "tasks.parse"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+}
