@@ -181,7 +181,9 @@ fn init_logging(level: Option<&str>) {
         eprintln!("warning: invalid log filter {spec:?}; using info");
         Targets::new().with_default(tracing::Level::INFO)
     });
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .with_target(false);
     let _ = tracing_subscriber::registry()
@@ -230,8 +232,7 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             if app.registry().is_empty() {
                 tracing::warn!("no task is registered: every message will fail as NotRegistered");
             }
-            let report = app.worker(o).run_until_signal().await?;
-            tracing::info!(?report, "worker stopped");
+            app.worker(o).run_until_signal().await?;
             ExitCode::SUCCESS
         }
         Command::Call {
