@@ -26,9 +26,12 @@
 //!
 //! **Group commit.** The thread takes every command queued at that moment (up to 1024) and runs
 //! them in one transaction: `BEGIN IMMEDIATE` when any of them writes, a plain `BEGIN` for a
-//! batch of reads. N concurrent publishers, acks and fetches thus cost one commit. Statements
-//! are prepared once and cached. A failing statement fails only its own command (a batch
-//! publish is all-or-nothing through a savepoint); a failing `BEGIN`/`COMMIT` fails the batch.
+//! batch of reads. N concurrent publishers, acks and fetches thus cost one commit, and a caller
+//! waits one round trip to the thread, so throughput grows with the number of concurrent
+//! callers. Statements are prepared once and cached, with SQLite's query planner stability
+//! guarantee on so a new parameter value never forces a re-prepare. A failing statement fails
+//! only its own command (a batch publish is all-or-nothing through a savepoint); a failing
+//! `BEGIN`/`COMMIT` fails the whole batch.
 //!
 //! **Durability.** The file is in WAL mode with `synchronous = NORMAL`: a commit is not fsynced,
 //! the WAL is at checkpoints. The database never corrupts, and a crash of a process loses
@@ -52,9 +55,11 @@
 //! - `celeriac_groups(group_id, task_ids, expires_at)` and
 //!   `celeriac_counters(key, value, expires_at)`: groups and chord counters.
 //!
-//! **Leases.** A fetch, in one statement per queue, promotes due rows (delayed ones whose time
-//! came, leased ones whose lease ran out) to ready, then leases up to the consumer's free
-//! prefetch: `state = 2`, `visible_at = now + lease`, `deliveries + 1`. The new `deliveries`
+//! **Leases.** A fetch runs two statements per queue, both index seeks: one promotes due rows
+//! (delayed ones whose time came, leased ones whose lease ran out) to ready, the other leases
+//! up to the consumer's free prefetch in one `UPDATE … RETURNING`: `state = 2`,
+//! `visible_at = now + lease`, `deliveries + 1`. Rows fetched beyond the one asked for wait in
+//! the consumer; a dropped consumer gives them back as never delivered. The new `deliveries`
 //! value is the lease's identity: ack, reject and `extend_lease` only touch the row if it still
 //! holds that value, so a consumer whose lease expired cannot settle a copy now leased to
 //! another. Redeliveries are `deliveries - 1`. Delayed messages stay rows with a future
