@@ -111,7 +111,7 @@ async fn an_idle_consumer_wakes_for_a_delayed_message_when_due() {
     let d = next_within(&mut c, SOON).await;
     let late = chrono::Utc::now() - at;
     assert!(late >= chrono::Duration::zero(), "early by {late}");
-    assert!(late < chrono::Duration::milliseconds(300), "late by {late}");
+    assert!(late < chrono::Duration::milliseconds(600), "late by {late}");
     d.ack().await.unwrap();
 }
 
@@ -318,7 +318,7 @@ async fn a_waiting_consumer_wakes_on_publish() {
     });
     let d = next_within(&mut c, SOON).await;
     let latency = publisher.await.unwrap().elapsed();
-    assert!(latency < Duration::from_millis(200), "{latency:?}");
+    assert!(latency < Duration::from_millis(500), "{latency:?}");
     d.ack().await.unwrap();
 }
 
@@ -343,7 +343,7 @@ async fn another_connections_publish_is_seen() {
     .unwrap();
     let started = Instant::now();
     let d = next_within(&mut c, SOON).await;
-    assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(started.elapsed() < Duration::from_millis(800));
     d.ack().await.unwrap();
 }
 
