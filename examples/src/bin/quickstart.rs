@@ -50,10 +50,26 @@ async fn run() -> celeriac::Result<()> {
     let stop = worker.shutdown_handle();
     let running = tokio::spawn(worker.run());
 
+    // Several concurrent senders: each publish waits for the broker's group commit, and
+    // concurrent ones share it.
     let started = Instant::now();
+    let senders = 16;
+    let mut batches = Vec::with_capacity(senders);
+    for s in 0..senders {
+        let app = app.clone();
+        batches.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for i in (s..count).step_by(senders) {
+                sent.push(add::delay(&app, i as i64, i as i64).await?);
+            }
+            Ok::<_, celeriac::Error>(sent)
+        }));
+    }
     let mut results = Vec::with_capacity(count);
-    for i in 0..count as i64 {
-        results.push(add::delay(&app, i, i).await?);
+    for b in batches {
+        results.extend(b.await.map_err(|e| {
+            celeriac::Error::new(celeriac::ErrorKind::Io, "sender died").with_source(e)
+        })??);
     }
     let sent = started.elapsed();
     println!(
