@@ -399,12 +399,15 @@ impl AppBuilder {
     }
 }
 
-/// The drivers compiled in: `memory://` always, `sqlite://` with the `sqlite` feature.
+/// The drivers compiled in: `memory://` always, `sqlite://` with the `sqlite` feature,
+/// `redis://` with the `redis` feature.
 pub fn default_drivers() -> Drivers {
     #[allow(unused_mut)]
     let mut d = Drivers::new();
     #[cfg(feature = "sqlite")]
     celeriac_sqlite::register(&mut d);
+    #[cfg(feature = "redis")]
+    celeriac_redis::register(&mut d);
     d
 }
 

@@ -52,6 +52,7 @@
 //! # Features
 //!
 //! - `sqlite` (default): the embedded SQLite broker and result backend, `sqlite://path`.
+//! - `redis`: the Redis broker and result backend, `redis://host:6379/0`.
 //! - `worker` (default): [`App::worker`].
 //! - `cli` (default): [`cli::run`].
 //! - `msgpack`: the msgpack body codec.
