@@ -33,9 +33,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// The test's name is taken from the current thread, which the test harness names after the
 /// test; call this from the test's own thread (a setup function awaited by the test is fine).
 ///
-/// ```
+/// ```no_run
 /// # fn main() {
-/// if !celeriac_test::services::require_service("nothing", "127.0.0.1:1") {
+/// if !celeriac_test::services::require_service("redis", "127.0.0.1:6379") {
 ///     return; // skipped, with a notice on stderr
 /// }
 /// # }
