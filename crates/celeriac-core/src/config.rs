@@ -16,9 +16,12 @@
 //!
 //! [worker]
 //! concurrency = 8
-//! pool = "async"                  # async | threads
+//! pool = "async"                  # async | threads | processes
 //! queues = ["celery", "email"]
 //! prefetch_buffer = 4
+//! max_tasks_per_child = 1000       # processes pool: recycle a child after this many tasks
+//! max_memory_per_child = 512000    # processes pool: KiB of resident memory, then recycle
+//! max_redeliveries = 10            # a message delivered more often goes to `<queue>.dead`
 //! ```
 
 use std::collections::BTreeMap;
@@ -69,7 +72,7 @@ pub struct Config {
 pub struct WorkerConfig {
     /// Tasks run at once. Default: the number of CPUs.
     pub concurrency: usize,
-    /// `async` or `threads`.
+    /// `async`, `threads` or `processes`.
     pub pool: String,
     /// Queues to consume. Default: the default queue.
     pub queues: Vec<String>,
@@ -77,6 +80,14 @@ pub struct WorkerConfig {
     pub prefetch_buffer: usize,
     /// Node name; default `celeriac@<host>`.
     pub hostname: Option<String>,
+    /// Processes pool: a child is replaced after running this many tasks. Default: never.
+    pub max_tasks_per_child: Option<u32>,
+    /// Processes pool: a child whose resident memory exceeds this many KiB after a task is
+    /// replaced. Default: no limit.
+    pub max_memory_per_child: Option<u64>,
+    /// A message delivered more than this many times before (crashes, lost leases) is moved to
+    /// its queue's dead-letter queue instead of run. Default 10.
+    pub max_redeliveries: u32,
 }
 
 impl Default for Config {
@@ -103,6 +114,9 @@ impl Default for WorkerConfig {
             queues: Vec::new(),
             prefetch_buffer: 4,
             hostname: None,
+            max_tasks_per_child: None,
+            max_memory_per_child: None,
+            max_redeliveries: 10,
         }
     }
 }
@@ -188,9 +202,9 @@ impl Config {
         if self.worker.concurrency == 0 {
             return Err(Error::config("worker.concurrency must be at least 1"));
         }
-        if !matches!(self.worker.pool.as_str(), "async" | "threads") {
+        if !matches!(self.worker.pool.as_str(), "async" | "threads" | "processes") {
             return Err(Error::config(format!(
-                "unknown pool {:?} (known: async, threads)",
+                "unknown pool {:?} (known: async, threads, processes)",
                 self.worker.pool
             )));
         }

@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 
 use celeriac_core::meta::RemoteError;
 use celeriac_core::{
-    Args, Cancellation, Delivery, DeliveryHandle, DynBroker, PublishOptions, Registry, Requeue,
+    Cancellation, Delivery, DeliveryHandle, DynBroker, Handler, PublishOptions, Registry, Requeue,
     TaskContext, TaskState,
 };
 use chrono::Utc;
 use tokio::sync::Semaphore;
 
-use crate::options::WorkerOptions;
+use crate::options::{Pool, WorkerOptions};
 use crate::pool::{Executor, Finished};
 use crate::ratelimit::RateLimiter;
 use crate::record::Recorder;
@@ -206,10 +206,14 @@ async fn run_request(
         &shared.options.hostname,
         cancel.clone(),
     );
-    let args = Args::new(req.body.args.clone(), req.body.kwargs.clone());
     let limits = Limits::resolve(req.message.headers.timelimit, opts);
     let started = Instant::now();
-    let spawned = shared.executor.spawn(&req.def.handler, ctx, args);
+    let spawned = shared.executor.spawn(
+        &req.def.handler,
+        ctx,
+        req.body.args.clone(),
+        req.body.kwargs.clone(),
+    );
     // Boxed so that dropping it below really drops the body (which aborts an async one).
     let mut run = Box::pin(timelimit::run(spawned, limits, cancel.clone()));
     let ended = tokio::select! {
@@ -281,10 +285,31 @@ async fn run_request(
             shared.recorder.failure(req, &remote).await;
             (Tally::Failed, Settle::Ack)
         }
+        Ended::Finished(Finished::Lost(how)) => {
+            if acks_late {
+                // Celery's reject_on_worker_lost: run it again elsewhere; a task that kills
+                // its process every time ends in the dead-letter queue (max_redeliveries).
+                tracing::error!(runtime = runtime.as_secs_f64(), lost = %how, "the task's process died; requeued");
+                (Tally::Requeued, Settle::Reject(Requeue::Now))
+            } else {
+                tracing::error!(runtime = runtime.as_secs_f64(), lost = %how, "the task's process died");
+                let lost =
+                    RemoteError::new("WorkerLostError", how).with_module("billiard.exceptions");
+                shared.recorder.failure(req, &lost).await;
+                (Tally::Failed, Settle::Ack)
+            }
+        }
         Ended::TimedOut(limit) => {
+            let how = match (&req.def.handler, shared.options.pool) {
+                (Handler::Async(_), _) => "task aborted",
+                (Handler::Blocking(_), Pool::Processes) => "task's process killed",
+                (Handler::Blocking(_), _) => {
+                    "task abandoned: a thread cannot be killed, it runs on"
+                }
+            };
             tracing::error!(
                 hard_limit = limit.as_secs_f64(),
-                "hard time limit exceeded; task stopped (a blocking task's thread runs on)"
+                "hard time limit exceeded; {how}"
             );
             shared
                 .recorder

@@ -55,7 +55,8 @@ mod shutdown;
 mod timelimit;
 mod worker;
 
-pub use options::{Pool, WorkerOptions};
+pub use options::{ChildCommand, Pool, WorkerOptions};
+pub use pool::process::{CHILD_ENV, is_pool_child, run_child};
 pub use report::WorkerReport;
 pub use shutdown::ShutdownHandle;
 pub use worker::Worker;

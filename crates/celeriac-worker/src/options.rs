@@ -14,7 +14,7 @@ use celeriac_core::{Config, ContentType, Error};
 /// Where task bodies run.
 ///
 /// Async handlers always run on the tokio runtime. Blocking handlers never do: the pool only
-/// decides which threads take them.
+/// decides which threads, or which processes, take them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Pool {
     /// Blocking handlers go to tokio's blocking thread pool (`spawn_blocking`).
@@ -24,6 +24,14 @@ pub enum Pool {
     /// stuck task cannot keep the process from exiting (tokio waits for its blocking threads
     /// when the runtime shuts down; the worker's threads are not waited for).
     Threads,
+    /// Blocking handlers run in child processes of the same binary (Celery's prefork), one task
+    /// per child at a time. A hard time limit kills the child, a crashing child fails only its
+    /// task, and children are recycled by [`WorkerOptions::max_tasks_per_child`] and
+    /// [`WorkerOptions::max_memory_per_child`]. The binary must answer when started as a pool
+    /// child: `celeriac::cli::run` does; others call [`run_child`](crate::run_child) when
+    /// [`is_pool_child`](crate::is_pool_child) says so. Async handlers still run on the
+    /// parent's runtime.
+    Processes,
 }
 
 impl FromStr for Pool {
@@ -33,8 +41,9 @@ impl FromStr for Pool {
         match s {
             "async" => Ok(Pool::Async),
             "threads" => Ok(Pool::Threads),
+            "processes" | "prefork" => Ok(Pool::Processes),
             other => Err(Error::config(format!(
-                "unknown pool {other:?} (known: async, threads)"
+                "unknown pool {other:?} (known: async, threads, processes)"
             ))),
         }
     }
@@ -45,6 +54,7 @@ impl fmt::Display for Pool {
         f.write_str(match self {
             Pool::Async => "async",
             Pool::Threads => "threads",
+            Pool::Processes => "processes",
         })
     }
 }
@@ -76,6 +86,45 @@ pub struct WorkerOptions {
     /// At a cold shutdown, how long running tasks get to react to their cancellation before
     /// acks-late ones are handed back. Default 2 s.
     pub cold_shutdown_grace: Duration,
+    /// [`Pool::Processes`]: a child is replaced after this many tasks (`None`: never).
+    pub max_tasks_per_child: Option<u32>,
+    /// [`Pool::Processes`]: a child whose resident memory is above this many KiB after a task
+    /// is replaced (`None`: no limit; read from `/proc`, so Linux only).
+    pub max_memory_per_child: Option<u64>,
+    /// [`Pool::Processes`]: how to start a child. `None`: this executable with no arguments
+    /// (and `CELERIAC_POOL_CHILD=1`, as always).
+    pub child_command: Option<ChildCommand>,
+    /// A delivery redelivered more times than this (its worker crashed, or its lease ran out,
+    /// over and over) is moved to the dead-letter queue `<queue>.dead` instead of run.
+    /// Default 10.
+    pub max_redeliveries: u32,
+}
+
+/// How the [`Pool::Processes`] pool starts a child: a program and its arguments. The child also
+/// gets the environment variable `CELERIAC_POOL_CHILD=1` and a socket as its standard input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildCommand {
+    /// The program; normally the worker's own executable.
+    pub program: std::path::PathBuf,
+    /// Its arguments.
+    pub args: Vec<std::ffi::OsString>,
+}
+
+impl ChildCommand {
+    /// Runs `program` with no arguments.
+    pub fn new(program: impl Into<std::path::PathBuf>) -> Self {
+        ChildCommand {
+            program: program.into(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Adds an argument.
+    #[must_use]
+    pub fn arg(mut self, arg: impl Into<std::ffi::OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
 }
 
 impl Default for WorkerOptions {
@@ -91,6 +140,10 @@ impl Default for WorkerOptions {
             result_expires: Some(Duration::from_secs(86_400)),
             content_type: ContentType::Json,
             cold_shutdown_grace: Duration::from_secs(2),
+            max_tasks_per_child: None,
+            max_memory_per_child: None,
+            child_command: None,
+            max_redeliveries: 10,
         }
     }
 }
@@ -129,6 +182,9 @@ impl WorkerOptions {
             track_started: config.track_started,
             result_expires: config.result_expires,
             content_type,
+            max_tasks_per_child: w.max_tasks_per_child,
+            max_memory_per_child: w.max_memory_per_child,
+            max_redeliveries: w.max_redeliveries,
             ..WorkerOptions::default()
         }
     }
@@ -148,13 +204,15 @@ mod tests {
         assert_eq!("async".parse::<Pool>().unwrap(), Pool::Async);
         assert_eq!("threads".parse::<Pool>().unwrap(), Pool::Threads);
         let e = "forks".parse::<Pool>().unwrap_err().to_string();
-        assert!(e.contains("known: async, threads"), "{e}");
+        assert!(e.contains("known: async, threads, processes"), "{e}");
+        assert_eq!("processes".parse::<Pool>().unwrap(), Pool::Processes);
+        assert_eq!("prefork".parse::<Pool>().unwrap(), Pool::Processes);
         assert_eq!(Pool::Threads.to_string(), "threads");
     }
 
     #[test]
     fn from_config_takes_worker_settings_and_defaults_the_queue() {
-        let text = "visibility_timeout = 60\ntrack_started = true\n[worker]\nconcurrency = 3\npool = \"threads\"\nprefetch_buffer = 2\nhostname = \"w1@h\"\n";
+        let text = "visibility_timeout = 60\ntrack_started = true\n[worker]\nconcurrency = 3\npool = \"threads\"\nprefetch_buffer = 2\nhostname = \"w1@h\"\nmax_tasks_per_child = 7\nmax_redeliveries = 3\n";
         let c =
             Config::from_sources(Some((std::path::Path::new("c.toml"), text)), |_| None).unwrap();
         let o = WorkerOptions::from_config(&c);
@@ -165,5 +223,8 @@ mod tests {
         assert_eq!(o.hostname, "w1@h");
         assert_eq!(o.visibility_timeout, Duration::from_secs(60));
         assert!(o.track_started);
+        assert_eq!(o.max_tasks_per_child, Some(7));
+        assert_eq!(o.max_memory_per_child, None);
+        assert_eq!(o.max_redeliveries, 3);
     }
 }

@@ -5,8 +5,8 @@
 //! [`Cancellation`] fires and the task decides how to stop. At the hard limit an async body
 //! is aborted; a blocking body cannot be (a thread cannot be killed safely), so the worker
 //! fires the cancellation, reports `TimeLimitExceeded`, frees the task's slot and leaves the
-//! thread to finish on its own. Only a process pool (future work) can really stop such a
-//! task.
+//! thread to finish on its own; under the processes pool the body's child process is killed
+//! (dropping the [`Spawned`] kills it), which really stops it.
 
 use std::time::Duration;
 
@@ -42,7 +42,7 @@ impl Limits {
 #[derive(Debug)]
 pub(crate) enum Ended {
     Finished(Finished),
-    /// Stopped (async) or abandoned (blocking) at the hard limit.
+    /// Stopped (async, processes pool) or abandoned (blocking on a thread) at the hard limit.
     TimedOut(Duration),
 }
 
@@ -96,7 +96,7 @@ mod tests {
     use super::*;
     use crate::options::Pool;
     use crate::pool::Executor;
-    use celeriac_core::{Args, Handler, Headers, TaskContext};
+    use celeriac_core::{Handler, Headers, TaskContext};
     use serde_json::json;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,7 +137,7 @@ mod tests {
 
     fn spawn(handler: Handler, cancel: &Cancellation) -> Spawned {
         let ctx = TaskContext::new(Headers::new("t", "i"), "q", "w", cancel.clone());
-        Executor::new(Pool::Async, 1).spawn(&handler, ctx, Args::default())
+        Executor::new(Pool::Async, 1).spawn(&handler, ctx, Vec::new(), serde_json::Map::new())
     }
 
     /// Sleeps 10 s unless cancelled first; says which.

@@ -4,10 +4,12 @@
 //! panic is seen as a `JoinError` instead of unwinding through the worker, and so a hard time
 //! limit can abort them. Blocking handlers never run on the runtime: under
 //! [`Pool::Async`](crate::Pool) they go to tokio's blocking pool, under
-//! [`Pool::Threads`](crate::Pool) to the worker's own [`ThreadPool`]; `catch_unwind` turns a
-//! panic into a value. Dropping a [`Spawned`] aborts an async body; a blocking body keeps its
-//! thread until it returns.
+//! [`Pool::Threads`](crate::Pool) to the worker's own [`ThreadPool`], under
+//! [`Pool::Processes`](crate::Pool) to a child process ([`ProcessPool`]); `catch_unwind` turns a
+//! panic into a value. Dropping a [`Spawned`] aborts an async body and kills a child process; a
+//! blocking body on a thread keeps its thread until it returns.
 
+pub(crate) mod process;
 mod threads;
 
 use std::any::Any;
@@ -15,12 +17,14 @@ use std::panic::AssertUnwindSafe;
 
 use celeriac_core::task::TaskResult;
 use celeriac_core::{Args, Handler, TaskContext};
+use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub(crate) use process::ProcessPool;
 pub(crate) use threads::ThreadPool;
 
-use crate::options::Pool;
+use crate::options::{Pool, WorkerOptions};
 
 /// How a body ended, short of a time limit.
 #[derive(Debug)]
@@ -29,6 +33,9 @@ pub(crate) enum Finished {
     Returned(TaskResult),
     /// The handler panicked with this message.
     Panicked(String),
+    /// The process running it died (abort, segfault, OOM kill, SIGKILL), or none could be
+    /// started; the text says how.
+    Lost(String),
 }
 
 /// Where bodies run.
@@ -36,18 +43,47 @@ pub(crate) enum Finished {
 pub(crate) enum Executor {
     Tokio,
     Threads(ThreadPool),
+    Processes(ProcessPool),
 }
 
 impl Executor {
+    /// An executor for `pool` with defaults (the processes pool runs this executable).
+    #[cfg(test)]
     pub(crate) fn new(pool: Pool, concurrency: usize) -> Self {
-        match pool {
+        Self::from_options(&WorkerOptions {
+            pool,
+            concurrency,
+            ..WorkerOptions::default()
+        })
+    }
+
+    pub(crate) fn from_options(o: &WorkerOptions) -> Self {
+        match o.pool {
             Pool::Async => Executor::Tokio,
-            Pool::Threads => Executor::Threads(ThreadPool::new(concurrency)),
+            Pool::Threads => Executor::Threads(ThreadPool::new(o.concurrency)),
+            Pool::Processes => Executor::Processes(ProcessPool::new(
+                o.child_command.clone(),
+                o.max_tasks_per_child,
+                o.max_memory_per_child,
+            )),
         }
     }
 
     /// Starts `handler` with its context and arguments.
-    pub(crate) fn spawn(&self, handler: &Handler, ctx: TaskContext, args: Args) -> Spawned {
+    pub(crate) fn spawn(
+        &self,
+        handler: &Handler,
+        ctx: TaskContext,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+    ) -> Spawned {
+        if let (Handler::Blocking(_), Executor::Processes(pool)) = (handler, self) {
+            let pool = pool.clone();
+            return Spawned::Blocking(AbortOnDrop(tokio::spawn(async move {
+                pool.run(ctx, args, kwargs).await
+            })));
+        }
+        let args = Args::new(args, kwargs);
         match handler {
             Handler::Async(f) => Spawned::Task(AbortOnDrop(tokio::spawn(f(ctx, args)))),
             Handler::Blocking(f) => {
@@ -58,7 +94,7 @@ impl Executor {
                     Err(payload) => Finished::Panicked(panic_message(payload.as_ref())),
                 };
                 match self {
-                    Executor::Tokio => {
+                    Executor::Tokio | Executor::Processes(_) => {
                         Spawned::Blocking(AbortOnDrop(tokio::task::spawn_blocking(run)))
                     }
                     Executor::Threads(pool) => {
@@ -155,11 +191,12 @@ mod tests {
             ];
             let mut out = Vec::new();
             for h in &handlers {
-                let mut s = exec.spawn(h, ctx(), Args::default());
+                let mut s = exec.spawn(h, ctx(), Vec::new(), Map::new());
                 out.push(match s.join().await {
                     Finished::Returned(Ok(v)) => format!("ok {v}"),
                     Finished::Returned(Err(e)) => format!("err {e}"),
                     Finished::Panicked(m) => format!("panic {m}"),
+                    Finished::Lost(m) => format!("lost {m}"),
                 });
             }
             out
@@ -185,7 +222,8 @@ mod tests {
             let h = Handler::Blocking(Arc::new(|_, _| {
                 Ok(json!(std::thread::current().name().map(str::to_owned)))
             }));
-            let Finished::Returned(Ok(name)) = exec.spawn(&h, ctx(), Args::default()).join().await
+            let Finished::Returned(Ok(name)) =
+                exec.spawn(&h, ctx(), Vec::new(), Map::new()).join().await
             else {
                 panic!("no name")
             };

@@ -113,7 +113,7 @@ impl Worker {
         let shared = Arc::new(Shared {
             broker: broker.clone(),
             recorder: Recorder::new(backend, options.hostname.clone()),
-            executor: Executor::new(options.pool, concurrency),
+            executor: Executor::from_options(&options),
             slots: Arc::new(Semaphore::new(concurrency)),
             limiter: RateLimiter::default(),
             counters: Counters::default(),

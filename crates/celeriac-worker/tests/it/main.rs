@@ -19,6 +19,8 @@ mod retry;
 mod ratelimit;
 // Soft and hard time limits.
 mod timelimit;
+// The processes pool: children, hard limits that kill, crashes, recycling.
+mod processes;
 // Warm and cold shutdown.
 mod shutdown;
 // Tracing spans, auto traits.
