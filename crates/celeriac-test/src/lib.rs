@@ -12,6 +12,9 @@
 //! - [`services`]: skip-or-fail checks for external servers ([`services::require_service`]),
 //!   fresh SQLite files under `target/` ([`services::temp_sqlite_path`]), unique queue names and
 //!   ready-made task messages.
+//! - [`python`]: the Python Celery side of interop tests: a pinned venv made on first use, a
+//!   Python worker process ([`python::PythonWorker`]) and Python client snippets
+//!   ([`python::run_python_client`]).
 //!
 //! # Using the suite from a driver crate
 //!
@@ -38,6 +41,7 @@
 //! driver crate needs no tokio dev-dependency for them.
 
 pub mod conformance;
+pub mod python;
 pub mod services;
 
 #[doc(hidden)]
