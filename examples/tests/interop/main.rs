@@ -1,0 +1,24 @@
+//! Interop with Python Celery, tested for real: Celery 5.7 (pinned in
+//! `examples/python/requirements.txt`, installed on first use into `target/py-venv`) and
+//! celeriac share a local Redis at 127.0.0.1:6379.
+//!
+//! Each test uses its own Redis database and its own queue names, so tests running in parallel
+//! (here or in other test binaries) never take each other's messages. A test skips with a
+//! `SKIPPED:` notice when Redis is unreachable, when the venv cannot be made (no PyPI), or when
+//! celeriac's `redis://` driver is not registered; `CELERIAC_REQUIRE_SERVICES=1` turns the first
+//! two into failures.
+
+// Redis, the venv and the driver check; our worker process; raw Redis reads through Python.
+mod support;
+
+// A Python client (send_task, AsyncResult) calling tasks on our worker.
+mod python_client;
+
+// Our client calling tasks on a Python worker.
+mod python_worker;
+
+// One queue served by a Python worker and ours at once.
+mod mixed;
+
+// The raw layout of messages and result documents, each side against the other.
+mod layout;
