@@ -1,0 +1,69 @@
+//! Periodic tasks for celeriac: interval, crontab and one-off schedules that every instance
+//! runs and exactly one fires.
+//!
+//! This crate is for applications that replace cron jobs with tasks and want them highly
+//! available: run a beat on every node (embedded in workers with `worker -B`, or standalone
+//! with `beat`), and each tick is still sent once. Users reach it as `celeriac::beat` with the
+//! facade's `beat` feature; the facade implements [`Dispatch`] for `App`.
+//!
+//! # A tour
+//!
+//! - [`Schedule`]: [`every`] (with Celery's `relative`), [`crontab`] (Celery's field
+//!   semantics, see [`Crontab`]), [`at`] a time; each with an optional [`Zone`], start and end.
+//! - [`Entry`]: a name, a task name, arguments and send options (queue, priority, expires),
+//!   declared in code or as an [`EntrySpec`] in the `[beat]` table of `celeriac.toml`
+//!   ([`BeatConfig`]).
+//! - [`Beat`]: the loop. [`BeatStore`]: the shared lease and entry state, in memory
+//!   ([`MemoryStore`]) or in the broker's SQLite file ([`SqliteStore`]).
+//! - [`Control`]: list, add, remove, pause, resume and trigger entries while beats run.
+//!
+//! # Key design decisions
+//!
+//! **A lease with a fencing token, not "run exactly one beat".** Celery's beat must run as one
+//! process or every task fires twice. Here every instance runs the loop and competes for one
+//! lease in the store (an expiring row); the holder fires. A leader that dies stops renewing,
+//! and another instance takes over within the lease time (15 s by default). Each new term of
+//! the lease carries a larger fencing token, and the leader writes an entry's new state — the
+//! tick it is about to send — in the same transaction that checks its token and expiry,
+//! *before* sending. A leader paused past its lease (a stalled VM) thus finds its write refused
+//! and sends nothing; the new leader sees the tick already recorded and does not send it again.
+//! The price: a leader that crashes between recording a tick and handing the message to the
+//! broker loses that one tick (the next leader logs it with the task id). We chose a rare, logged
+//! loss over a duplicate; a send that *fails* is undone and retried.
+//!
+//! **The last tick of every entry is persisted,** so a restart neither re-fires nor silently
+//! skips. Ticks missed while no beat ran follow [`MissedTicks`]: send once for all of them
+//! (the default, like Celery), or skip those later than the grace period (default: the lease,
+//! so a leader change never skips a tick).
+//!
+//! **Time zones come from the system's tz database** (`/usr/share/zoneinfo`), read by the
+//! small `tz-rs` crate instead of compiling the database into the binary (`chrono-tz`): less
+//! compile time, and zones follow the OS's updates. Crontab fields match wall-clock time in
+//! the entry's zone (default: the beat's, default UTC). Daylight saving time: a wall time that
+//! does not exist (the clock jumps from 02:00 to 03:00) fires at the end of the gap, once,
+//! so a daily 02:30 job still runs that day at 03:00; a wall time that happens twice (the
+//! clock goes back) fires once, at its first occurrence. Intervals are elapsed time and
+//! ignore zones, except for rounding with `relative`.
+//!
+//! # Features
+//!
+//! - `sqlite` (default): [`SqliteStore`].
+//!
+//! A `tick` event on the event channel is not sent yet (it comes with events); every fire is
+//! logged with `tracing` at info level with the entry name and the task id.
+
+mod config;
+mod control;
+mod entry;
+mod runner;
+pub mod schedule;
+pub mod store;
+
+pub use config::BeatConfig;
+pub use control::{Control, EntryInfo};
+pub use entry::{CrontabFields, CrontabSpec, Entry, EntryOptions, EntrySpec, FieldSpec};
+pub use runner::{Beat, BeatOptions, Clock, Dispatch, Firing, MissedTicks};
+pub use schedule::{Crontab, CrontabBuilder, Schedule, Zone, at, crontab, every};
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
+pub use store::{BeatStore, DynStore, EntryState, Lease, MemoryStore, Row, open_store};
