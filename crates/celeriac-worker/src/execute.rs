@@ -24,6 +24,7 @@ use celeriac_core::{
 use chrono::Utc;
 use tokio::sync::Semaphore;
 
+use crate::dead;
 use crate::options::{Pool, WorkerOptions};
 use crate::pool::{Executor, Finished};
 use crate::ratelimit::RateLimiter;
@@ -71,7 +72,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, delivery: Delivery, span: tracin
             }
             tracing::error!(
                 error = %refusal.error,
-                "cannot run the message; rejecting it without requeue"
+                "cannot run the message; moving it to the dead-letter queue"
             );
             if let Some(id) = &refusal.task_id {
                 shared
@@ -79,7 +80,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, delivery: Delivery, span: tracin
                     .refused(id, refusal.task_name.as_deref(), &refusal.error)
                     .await;
             }
-            settle(&handle, Settle::Reject(Requeue::Drop)).await;
+            let reason = refusal.error.summary();
+            dead_letter(&shared, &handle, refusal.message, &reason).await;
             shared.counters.add(Tally::Rejected);
             return;
         }
@@ -88,6 +90,29 @@ pub(crate) async fn handle(shared: Arc<Shared>, delivery: Delivery, span: tracin
     span.record("task_name", req.name());
     tracing::info!(retries = req.message.headers.retries, "task received");
 
+    let max = shared.options.max_redeliveries;
+    if handle.redeliveries > max {
+        if let Some(state) = shared.recorder.ready_state(req.id()).await {
+            tracing::info!(state = %state, "redelivered task already has a ready result; not running it again");
+            settle(&handle, Settle::Ack).await;
+            shared.counters.add(Tally::Skipped);
+            return;
+        }
+        let reason = format!(
+            "delivered {} times, more than max_redeliveries ({max}) allows",
+            u64::from(handle.redeliveries) + 1
+        );
+        tracing::error!(
+            redeliveries = handle.redeliveries,
+            "poison message: {reason}"
+        );
+        let err = RemoteError::new("DeliveryLimitExceeded", reason.clone())
+            .with_module("celeriac.exceptions");
+        shared.recorder.failure(&req, &err).await;
+        dead_letter(&shared, &handle, Some(req.message), &reason).await;
+        return;
+    }
+
     let keeper = lease::keep(
         handle.clone(),
         shared.options.visibility_timeout,
@@ -95,6 +120,47 @@ pub(crate) async fn handle(shared: Arc<Shared>, delivery: Delivery, span: tracin
     );
     let tally = run_request(&shared, &req, &handle, keeper).await;
     shared.counters.add(tally);
+}
+
+/// Moves a delivery's message (or a placeholder, when it did not decode) to its queue's
+/// dead-letter queue, then acks it; if that fails, requeues it for later.
+async fn dead_letter(
+    shared: &Shared,
+    handle: &DeliveryHandle,
+    message: Option<celeriac_core::Message>,
+    reason: &str,
+) {
+    let dead = dead::dead_queue(&handle.queue);
+    let mut m = message.unwrap_or_else(dead::placeholder);
+    dead::mark(
+        &mut m,
+        &handle.queue,
+        reason,
+        &shared.options.hostname,
+        handle.redeliveries.saturating_add(1),
+    );
+    let moved = async {
+        shared.broker.declare(&dead).await?;
+        shared
+            .broker
+            .publish(&dead, &m, PublishOptions::default())
+            .await
+    };
+    match moved.await {
+        Ok(()) => {
+            tracing::warn!(dead_queue = %dead, reason, "message moved to the dead-letter queue");
+            settle(handle, Settle::Ack).await;
+            shared.counters.add(Tally::DeadLettered);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, dead_queue = %dead, "cannot dead-letter the message; requeueing it in 30 s");
+            settle(
+                handle,
+                Settle::Reject(Requeue::After(Duration::from_secs(30))),
+            )
+            .await;
+        }
+    }
 }
 
 /// How to settle a delivery.

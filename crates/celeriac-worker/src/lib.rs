@@ -10,7 +10,12 @@
 //!   [`WorkerOptions`]; [`Worker::run`] returns a [`WorkerReport`] after a shutdown.
 //! - [`ShutdownHandle`]: warm (finish what runs, hand back the rest) then cold (cancel what
 //!   runs); [`Worker::run_until_signal`] maps SIGINT/SIGTERM onto them.
-//! - [`Pool`]: where blocking task bodies run.
+//! - [`Pool`]: where blocking task bodies run: tokio's blocking threads, the worker's own
+//!   threads, or child processes of the same binary ([`Pool::Processes`]; a binary serves as a
+//!   child through [`run_child`] when [`is_pool_child`]).
+//! - [`dead`]: dead-letter queues (`<queue>.dead`) for messages that cannot run or were
+//!   delivered more than [`WorkerOptions::max_redeliveries`] times; list, inspect, requeue,
+//!   purge.
 //!
 //! One delivery goes through small steps, each in its own module with its own tests: decode
 //! (`request`), eta and expiry (`schedule`), per-name rate limit (`ratelimit`), a concurrency
@@ -26,8 +31,13 @@
 //!   is not run again, which also makes revocation work: revoking stores REVOKED.
 //! - **Blocking tasks leave the runtime.** A `Handler::Blocking` body never runs on a tokio
 //!   worker thread, so a slow body cannot stall acks, leases or other tasks. The cost: a
-//!   thread cannot be killed, so a blocking task past its hard time limit is reported as
-//!   `TimeLimitExceeded` and abandoned, not stopped; only a process pool (future work) could.
+//!   thread cannot be killed, so under the thread pools a blocking task past its hard time
+//!   limit is reported as `TimeLimitExceeded` and abandoned, not stopped; under
+//!   [`Pool::Processes`] its child process is killed (SIGKILL) and replaced.
+//! - **A crash is one task's problem.** Under [`Pool::Processes`] a child that aborts,
+//!   segfaults or is OOM-killed fails its task with `WorkerLostError` (acks-late tasks are
+//!   requeued instead); a message that keeps killing its worker is dead-lettered after
+//!   `max_redeliveries`, so no message can crash workers forever.
 //! - **Nothing delayed is held in memory.** A message with a future `eta` (sent by Python
 //!   Celery) is re-published to the broker's delayed store and acked; retries go there too.
 //!   Only a broker without a delayed store makes the worker hold such a message.
@@ -38,9 +48,10 @@
 //!
 //! # Not yet
 //!
-//! Process pool, events and heartbeats, remote control, canvas callbacks (`embed` is read but
+//! Pool grow/shrink at run time, `revoke --terminate`, events and heartbeats, remote control, canvas callbacks (`embed` is read but
 //! not acted on), result expiry (the backend contract has no per-record expiry).
 
+pub mod dead;
 mod execute;
 mod lease;
 mod options;

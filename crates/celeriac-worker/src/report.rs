@@ -20,6 +20,9 @@ pub struct WorkerReport {
     pub skipped: u64,
     /// Deliveries handed back to the broker at shutdown, or re-parked for a future eta.
     pub requeued: u64,
+    /// Messages moved to a dead-letter queue (`<queue>.dead`): refused ones (also counted in
+    /// `rejected`) and those delivered more than `max_redeliveries` times.
+    pub dead_lettered: u64,
 }
 
 /// Thread-safe counters behind a [`WorkerReport`].
@@ -32,6 +35,7 @@ pub(crate) struct Counters {
     revoked: AtomicU64,
     skipped: AtomicU64,
     requeued: AtomicU64,
+    dead_lettered: AtomicU64,
 }
 
 /// One settled delivery, as counted.
@@ -44,6 +48,7 @@ pub(crate) enum Tally {
     Revoked,
     Skipped,
     Requeued,
+    DeadLettered,
 }
 
 impl Counters {
@@ -56,6 +61,7 @@ impl Counters {
             Tally::Revoked => &self.revoked,
             Tally::Skipped => &self.skipped,
             Tally::Requeued => &self.requeued,
+            Tally::DeadLettered => &self.dead_lettered,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -70,6 +76,7 @@ impl Counters {
             revoked: get(&self.revoked),
             skipped: get(&self.skipped),
             requeued: get(&self.requeued),
+            dead_lettered: get(&self.dead_lettered),
         }
     }
 }

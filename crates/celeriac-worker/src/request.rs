@@ -2,9 +2,10 @@
 //!
 //! For the delivery pipeline. The order follows Celery (§2.1 of the wire notes): the task name
 //! is looked up *before* the body is decoded, so an unknown task is reported as
-//! `NotRegistered` even when its body is in a format we do not read. Every refusal is
-//! rejected without requeue: a message that cannot be run now will not become runnable by
-//! being delivered again, and requeueing it would make it a poison pill.
+//! `NotRegistered` even when its body is in a format we do not read. Every refused message is
+//! moved to the dead-letter queue (see `dead`), not requeued: a message that cannot be run now
+//! will not become runnable by being delivered again, and requeueing it would make it a poison
+//! pill; from the dead-letter queue it can be inspected, and requeued once the task exists.
 
 use std::sync::Arc;
 
@@ -47,6 +48,8 @@ pub(crate) struct Refusal {
     pub(crate) task_name: Option<String>,
     /// What to store as FAILURE for the id.
     pub(crate) error: RemoteError,
+    /// The message, when its envelope could be read (it goes to the dead-letter queue).
+    pub(crate) message: Option<Message>,
 }
 
 /// Decodes `message` from `queue` against `registry`.
@@ -60,26 +63,27 @@ pub(crate) fn decode(
             task_id: None,
             task_name: None,
             error: RemoteError::new("DecodeError", error_chain(&e)).with_module("kombu.exceptions"),
+            message: None,
         })
     })?;
-    let refuse = |error: RemoteError| {
-        Box::new(Refusal {
+    let refuse = |error: RemoteError, message: Message| {
+        Err(Box::new(Refusal {
             task_id: Some(message.id().to_owned()),
             task_name: Some(message.task().to_owned()),
             error,
-        })
+            message: Some(message),
+        }))
     };
     let Some(def) = registry.get(message.task()) else {
-        return Err(refuse(
-            RemoteError::new("NotRegistered", message.task()).with_module(CELERY_EXC),
-        ));
+        let error = RemoteError::new("NotRegistered", message.task()).with_module(CELERY_EXC);
+        return refuse(error, message);
     };
     let body = match message.decode_body() {
         Ok(b) => b,
         Err(e) => {
-            return Err(refuse(
-                RemoteError::new("DecodeError", error_chain(&e)).with_module("kombu.exceptions"),
-            ));
+            let error =
+                RemoteError::new("DecodeError", error_chain(&e)).with_module("kombu.exceptions");
+            return refuse(error, message);
         }
     };
     Ok(Request {

@@ -21,6 +21,8 @@ mod ratelimit;
 mod timelimit;
 // The processes pool: children, hard limits that kill, crashes, recycling.
 mod processes;
+// Dead letters: refused and poison messages, list, inspect, requeue, purge.
+mod dead;
 // Warm and cold shutdown.
 mod shutdown;
 // Tracing spans, auto traits.

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use celeriac_core::meta::RemoteError;
-use celeriac_core::{Registry, TaskContext, TaskError, TaskState};
+use celeriac_core::{Broker, Registry, TaskContext, TaskError, TaskState};
 use celeriac_worker::{ChildCommand, Pool, WorkerOptions};
 use serde_json::json;
 
@@ -44,6 +44,12 @@ fn registry() -> Registry {
         blocking("proc.fail", |_, _| Err(TaskError::new("ValueError", "no"))),
         blocking("proc.panic", |_, _| panic!("child boom")),
         blocking("proc.abort", |_, _| std::process::abort()),
+        with_options(
+            blocking("proc.abort.late", |_, _| std::process::abort()),
+            |o| {
+                o.acks_late = true;
+            },
+        ),
         with_options(
             blocking("proc.spin", |_, _| {
                 #[allow(clippy::empty_loop)]
@@ -207,6 +213,24 @@ async fn an_aborting_child_is_a_lost_worker_and_the_pool_goes_on() {
     let add = h.call("proc.add", vec![json!(1), json!(1)]).await;
     assert_eq!(h.result(&add).await.result, json!(2));
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acks_late_task_that_keeps_killing_its_child_ends_dead_lettered() {
+    let h = start(tasks(), process_options(|o| o.max_redeliveries = 2));
+    let id = h.call("proc.abort.late", vec![]).await;
+    let meta = h.result(&id).await;
+    let e = exc(&meta);
+    assert_eq!(e.exc_type, "DeliveryLimitExceeded");
+    h.until("dead-lettered", || async {
+        h.broker
+            .stats("celery.dead")
+            .await
+            .is_ok_and(|s| s.ready == 1)
+    })
+    .await;
+    let report = h.stop().await;
+    assert_eq!((report.requeued, report.dead_lettered), (3, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
