@@ -327,7 +327,7 @@ impl CrontabSpec {
     pub fn to_crontab(&self) -> Result<Crontab> {
         match self {
             CrontabSpec::Text(t) => Crontab::parse(t),
-            CrontabSpec::Fields(f) => Crontab::new()
+            CrontabSpec::Fields(f) => Crontab::builder()
                 .minute(FieldSpec::text(f.minute.as_ref()))
                 .hour(FieldSpec::text(f.hour.as_ref()))
                 .day_of_week(FieldSpec::text(f.day_of_week.as_ref()))

@@ -47,13 +47,15 @@
 //! - Results: [`AsyncResult`] (`state`, `ready`, `get`, `traceback`, `forget`, `revoke`),
 //!   also rebuilt from an id with [`AsyncResult::from_id`].
 //! - A command line for your binary: [`cli::run`] gives it `worker`, `call`, `result`,
-//!   `purge` and `status`.
+//!   `purge`, `status` and, with `beat`, `beat` (run, list, add, remove, pause, resume,
+//!   trigger) and `worker -B`.
 //!
 //! # Features
 //!
 //! - `sqlite` (default): the embedded SQLite broker and result backend, `sqlite://path`.
 //! - `redis`: the Redis broker and result backend, `redis://host:6379/0`.
 //! - `worker` (default): [`App::worker`].
+//! - `beat` (default): periodic tasks, [`beat`]; `beat` and `worker -B` in the CLI.
 //! - `cli` (default): [`cli::run`].
 //! - `msgpack`: the msgpack body codec.
 
@@ -61,6 +63,8 @@
 extern crate self as celeriac;
 
 mod app;
+#[cfg(feature = "beat")]
+mod beat_dispatch;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod result;
@@ -79,6 +83,10 @@ pub use signature::{SendOptions, Signature};
 pub use celeriac_core as core;
 #[cfg(feature = "worker")]
 pub use celeriac_worker as worker;
+/// Periodic tasks: schedules, entries, the beat loop and its store (`App` implements
+/// [`beat::Dispatch`]).
+#[cfg(feature = "beat")]
+pub use celeriac_beat as beat;
 
 /// The README's examples, compiled as doctests.
 #[doc = include_str!("../../../README.md")]

@@ -27,9 +27,9 @@ const HORIZON_YEARS: i32 = 400;
 /// ```
 /// use celeriac_beat::Crontab;
 /// // 09:30 on weekdays.
-/// let c = Crontab::new().minute("30").hour("9").day_of_week("mon-fri").build().unwrap();
+/// let c = Crontab::builder().minute("30").hour("9").day_of_week("mon-fri").build().unwrap();
 /// assert_eq!(c.to_string(), "30 9 * * 1-5");
-/// let err = Crontab::new().day_of_week("7").build().unwrap_err();
+/// let err = Crontab::builder().day_of_week("7").build().unwrap_err();
 /// assert!(err.to_string().contains("day_of_week"));
 /// ```
 #[derive(Clone, PartialEq, Eq)]
@@ -184,7 +184,7 @@ impl CrontabBuilder {
 
 impl Crontab {
     /// A builder with every field `*` (every minute).
-    pub fn new() -> CrontabBuilder {
+    pub fn builder() -> CrontabBuilder {
         CrontabBuilder::default()
     }
 
@@ -204,7 +204,7 @@ impl Crontab {
                 parts.len()
             )));
         };
-        Crontab::new()
+        Crontab::builder()
             .minute(*minute)
             .hour(*hour)
             .day_of_month(*dom)
@@ -400,7 +400,7 @@ mod tests {
 
     #[test]
     fn celery_field_syntax() {
-        let c = Crontab::new()
+        let c = Crontab::builder()
             .minute("*/15")
             .hour("22-2/2")
             .day_of_week("fri-mon")
@@ -418,30 +418,30 @@ mod tests {
                 vec![1, 3, 4, 12],
             ]
         );
-        let c = Crontab::new().day_of_week("Sunday,sat").build().unwrap();
+        let c = Crontab::builder().day_of_week("Sunday,sat").build().unwrap();
         assert_eq!(fields(&c)[2], vec![0, 6]);
     }
 
     #[test]
     fn bad_fields_name_the_field_and_the_reason() {
         let cases = [
-            (Crontab::new().minute("60"), "minute", "out of range 0-59"),
-            (Crontab::new().hour("x"), "hour", "not a number"),
+            (Crontab::builder().minute("60"), "minute", "out of range 0-59"),
+            (Crontab::builder().hour("x"), "hour", "not a number"),
             (
-                Crontab::new().day_of_week("7"),
+                Crontab::builder().day_of_week("7"),
                 "day_of_week",
                 "0 is Sunday",
             ),
             (
-                Crontab::new().day_of_month("0"),
+                Crontab::builder().day_of_month("0"),
                 "day_of_month",
                 "out of range",
             ),
-            (Crontab::new().month_of_year("*/0"), "month_of_year", "step"),
-            (Crontab::new().minute("5/10"), "minute", "a step needs"),
-            (Crontab::new().minute("1,,2"), "minute", "empty"),
+            (Crontab::builder().month_of_year("*/0"), "month_of_year", "step"),
+            (Crontab::builder().minute("5/10"), "minute", "a step needs"),
+            (Crontab::builder().minute("1,,2"), "minute", "empty"),
             (
-                Crontab::new().day_of_month("30").month_of_year("feb"),
+                Crontab::builder().day_of_month("30").month_of_year("feb"),
                 "day_of_month",
                 "no selected month",
             ),

@@ -57,7 +57,7 @@ pub fn crontab(
     day_of_month: &str,
     month_of_year: &str,
 ) -> Result<Schedule> {
-    let c = Crontab::new()
+    let c = Crontab::builder()
         .minute(minute)
         .hour(hour)
         .day_of_week(day_of_week)

@@ -1,5 +1,5 @@
 //! A command line for the user's own binary: `worker`, `call`, `result`, `purge`, `status`,
-//! `tasks`.
+//! `tasks`, and with the `beat` feature `beat` and `worker -B`.
 //!
 //! ```no_run
 //! #[celeriac::task(name = "tasks.add")]
@@ -26,6 +26,11 @@ use serde_json::{Map, Value};
 
 use crate::{App, AppBuilder, Signature};
 use celeriac_core::{ErrorKind, TaskMeta};
+
+#[cfg(feature = "beat")]
+mod beat;
+#[cfg(feature = "beat")]
+pub use beat::run_with_beat;
 
 #[derive(Parser, Debug)]
 #[command(about = "celeriac: run workers, send tasks, read results", version)]
@@ -62,6 +67,9 @@ enum Command {
         /// Deliveries held beyond what can run at once.
         #[arg(long)]
         prefetch_buffer: Option<usize>,
+        /// Also run beat (periodic tasks) in this process.
+        #[arg(short = 'B', long = "beat")]
+        beat: bool,
     },
     /// Send a task by name.
     Call {
@@ -116,6 +124,9 @@ enum Command {
     Status,
     /// List the tasks this binary can run.
     Tasks,
+    /// Run the periodic-task scheduler, or list, add, remove, pause, resume, trigger entries.
+    #[cfg(feature = "beat")]
+    Beat(beat::BeatArgs),
 }
 
 /// Parses the process arguments, builds the app and runs the command.
@@ -207,6 +218,7 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             pool,
             hostname,
             prefetch_buffer,
+            beat,
         } => {
             let mut o = app.worker_options();
             if !queues.is_empty() {
@@ -232,7 +244,14 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             if app.registry().is_empty() {
                 tracing::warn!("no task is registered: every message will fail as NotRegistered");
             }
-            app.worker(o).run_until_signal().await?;
+            if beat {
+                #[cfg(feature = "beat")]
+                beat::with_worker(&app, o).await?;
+                #[cfg(not(feature = "beat"))]
+                bail!("-B needs the `beat` feature of celeriac");
+            } else {
+                app.worker(o).run_until_signal().await?;
+            }
             ExitCode::SUCCESS
         }
         Command::Call {
@@ -316,6 +335,8 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             }
             ExitCode::SUCCESS
         }
+        #[cfg(feature = "beat")]
+        Command::Beat(args) => beat::command(&app, args).await?,
         Command::Tasks => {
             for name in app.registry().names() {
                 println!("{name}");

@@ -1,0 +1,181 @@
+//! Three beat instances on one SQLite file (the broker's), real time, short intervals.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use celeriac_beat::{Beat, BeatOptions, BeatStore, Entry, SqliteStore, every};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::support::{Recorder, assert_unique, log, missing, ticks};
+
+const STEP: Duration = Duration::from_millis(250);
+const LEASE: Duration = Duration::from_millis(800);
+
+async fn app(path: &std::path::Path) -> celeriac::App {
+    celeriac::App::builder()
+        .broker_url(format!("sqlite://{}", path.display()))
+        .build()
+        .await
+        .unwrap()
+}
+
+fn options(instance: &str) -> BeatOptions {
+    let mut o = BeatOptions::default();
+    o.instance = instance.to_owned();
+    o.lease = LEASE;
+    o.poll_interval = Duration::from_millis(50);
+    o
+}
+
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<celeriac_core::Result<()>>,
+}
+
+async fn start(
+    path: &std::path::Path,
+    instance: &str,
+    log: &Arc<std::sync::Mutex<Vec<crate::support::Sent>>>,
+    app: &celeriac::App,
+) -> Running {
+    let store = SqliteStore::open(path).await.unwrap();
+    let beat = Beat::new(
+        store,
+        Recorder::new(instance, log, Some(app)),
+        options(instance),
+    )
+    .entry(Entry::new("tick", "tasks.tick", every(STEP)).queue("beat"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(beat.run(async {
+        let _ = stopped.await;
+    }));
+    Running {
+        stop: Some(stop),
+        handle,
+    }
+}
+
+impl Running {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+async fn queued(app: &celeriac::App) -> u64 {
+    app.broker().stats("beat").await.unwrap().total()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_fire_every_tick_once() {
+    let path = celeriac_test::services::temp_sqlite_path("beat-three");
+    let app = app(&path).await;
+    let log = log();
+    let mut beats = Vec::new();
+    for name in ["a", "b", "c"] {
+        beats.push(start(&path, name, &log, &app).await);
+    }
+    tokio::time::sleep(STEP * 16).await;
+    for b in beats {
+        b.stop().await;
+    }
+    let sent = ticks(&log, "tick");
+    assert!(sent.len() >= 10, "only {} ticks in 4 s", sent.len());
+    assert_unique(&sent);
+    assert_eq!(
+        missing(&sent, STEP),
+        Vec::<chrono::DateTime<chrono::Utc>>::new(),
+        "ticks missed"
+    );
+    assert_eq!(
+        queued(&app).await,
+        sent.len() as u64,
+        "messages in the broker"
+    );
+    // The store agrees.
+    let store = SqliteStore::open(&path).await.unwrap();
+    let rows = store.load().await.unwrap();
+    let state = rows["tick"].state.clone().unwrap();
+    assert_eq!(state.total_run_count, sent.len() as u64);
+    assert_eq!(state.last_run_at, sent.iter().max().copied());
+    assert!(state.pending.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_another_takes_over_within_the_lease() {
+    let path = celeriac_test::services::temp_sqlite_path("beat-kill");
+    let app = app(&path).await;
+    let log = log();
+    let mut beats = Vec::new();
+    for name in ["a", "b", "c"] {
+        beats.push((name, start(&path, name, &log, &app).await));
+    }
+    tokio::time::sleep(STEP * 6).await;
+    let leader = log
+        .lock()
+        .unwrap()
+        .last()
+        .expect("a first leader fired")
+        .instance
+        .clone();
+    // Kill it: dropped mid-run, no release of the lease.
+    let idx = beats.iter().position(|(n, _)| *n == leader).unwrap();
+    let (_, killed) = beats.remove(idx);
+    killed.handle.abort();
+    let killed_at = tokio::time::Instant::now();
+    let _ = killed.handle.await;
+    tokio::time::sleep(LEASE + STEP * 8).await;
+    for (_, b) in beats {
+        b.stop().await;
+    }
+    let all = log.lock().unwrap().clone();
+    let first_new = all
+        .iter()
+        .find(|s| s.instance != leader)
+        .expect("another instance took over");
+    let took = first_new.at - killed_at;
+    assert!(
+        took <= LEASE + STEP + Duration::from_millis(400),
+        "take-over after {took:?} (lease {LEASE:?})"
+    );
+    let sent = ticks(&log, "tick");
+    assert_unique(&sent);
+    // Catch-up once: ticks that fell while nobody led are sent once, as their latest tick;
+    // so any gap sits between the kill and the take-over, and is at most a lease long.
+    let gaps = missing(&sent, STEP);
+    let max_gap = (LEASE.as_millis() / STEP.as_millis()) as usize + 1;
+    assert!(gaps.len() <= max_gap, "missed {gaps:?}");
+    assert_eq!(
+        queued(&app).await,
+        sent.len() as u64,
+        "messages in the broker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_the_last_run() {
+    let path = celeriac_test::services::temp_sqlite_path("beat-restart");
+    let app = app(&path).await;
+    let log = log();
+    let a = start(&path, "a", &log, &app).await;
+    tokio::time::sleep(STEP * 4).await;
+    a.stop().await;
+    let before = ticks(&log, "tick");
+    let last = *before.iter().max().expect("fired before the restart");
+    // Restart at once (a new instance name): the next tick follows the last one, none
+    // is sent again.
+    let b = start(&path, "b", &log, &app).await;
+    tokio::time::sleep(STEP * 4).await;
+    b.stop().await;
+    let all = ticks(&log, "tick");
+    assert_unique(&all);
+    let after: Vec<_> = all.iter().filter(|t| **t > last).collect();
+    assert!(!after.is_empty(), "nothing fired after the restart");
+    assert_eq!(
+        missing(&all, STEP),
+        Vec::<chrono::DateTime<chrono::Utc>>::new(),
+        "ticks missed across the restart"
+    );
+    assert_eq!(queued(&app).await, all.len() as u64);
+}
