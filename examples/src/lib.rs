@@ -91,6 +91,38 @@ pub fn panic(message: String) -> i64 {
     std::panic::panic_any(message)
 }
 
+/// `tasks.spin()`: loops forever in blocking code, deaf to cancellation. Only a hard time limit
+/// under the processes pool (`-P processes`) stops it: its child process is killed. The limit
+/// here is 1 s; a thread pool can only abandon it.
+#[celeriac::task(name = "tasks.spin", time_limit = 1.0)]
+pub fn spin() {
+    loop {
+        std::hint::spin_loop();
+    }
+}
+
+/// `tasks.abort()`: aborts its process, as a crash in foreign code would. Under the processes
+/// pool the task fails with `WorkerLostError` and the worker goes on; under the other pools it
+/// takes the whole worker down.
+#[celeriac::task(name = "tasks.abort")]
+pub fn abort() {
+    std::process::abort()
+}
+
+/// `tasks.journal(path)`: appends its task id and a newline to the file `path` (one write, so
+/// lines from concurrent runs never mix), then returns. Acks late: the fault-injection tests
+/// count how often each id ran.
+#[celeriac::task(name = "tasks.journal", acks_late = true)]
+pub fn journal(ctx: TaskContext, path: String) -> Result<(), TaskError> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    f.write_all(format!("{}\n", ctx.id()).as_bytes())?;
+    Ok(())
+}
+
 /// An app builder with every example task registered, configured from `celeriac.toml` and the
 /// environment.
 ///
@@ -109,6 +141,9 @@ pub fn app() -> AppBuilder {
         .task::<limited>()
         .task::<stamp>()
         .task::<panic>()
+        .task::<spin>()
+        .task::<abort>()
+        .task::<journal>()
 }
 
 fn now() -> f64 {

@@ -344,8 +344,24 @@ impl AppBuilder {
         self
     }
 
+    /// The tasks registered so far (collected ones included), without opening anything: what
+    /// a pool child runs.
+    pub(crate) fn task_registry(&self) -> Registry {
+        let mut registry = Registry::new();
+        if self.collect {
+            for reg in inventory::iter::<crate::__private::Registration> {
+                registry.insert((reg.0)());
+            }
+        }
+        for def in &self.tasks {
+            registry.insert(def.clone());
+        }
+        registry
+    }
+
     /// Opens the broker and backend and builds the app.
     pub async fn build(self) -> Result<App> {
+        let registry = self.task_registry();
         let mut config = match (self.config, self.load_config) {
             (Some(c), _) => c,
             (None, true) => Config::load()?,
@@ -375,15 +391,6 @@ impl AppBuilder {
                     .await?
             }
         };
-        let mut registry = Registry::new();
-        if self.collect {
-            for reg in inventory::iter::<crate::__private::Registration> {
-                registry.insert((reg.0)());
-            }
-        }
-        for def in self.tasks {
-            registry.insert(def);
-        }
         let origin = format!("gen{}@{}", std::process::id(), celeriac_core::hostname());
         Ok(App {
             inner: Arc::new(Inner {

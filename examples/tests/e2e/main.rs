@@ -15,3 +15,6 @@ mod shutdown;
 
 // The command line: call, result, status, purge, and its errors.
 mod cli;
+
+// Fault injection: SIGKILL mid-run, a spinning task, an aborting task, malformed floods.
+mod reliability;

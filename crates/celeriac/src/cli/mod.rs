@@ -32,6 +32,8 @@ mod beat;
 #[cfg(feature = "beat")]
 pub use beat::run_with_beat;
 
+mod pool_child;
+
 #[derive(Parser, Debug)]
 #[command(about = "celeriac: run workers, send tasks, read results", version)]
 struct Cli {
@@ -58,7 +60,7 @@ enum Command {
         /// Tasks run at once.
         #[arg(short = 'c', long)]
         concurrency: Option<usize>,
-        /// Pool: async or threads.
+        /// Pool: async, threads or processes.
         #[arg(short = 'P', long)]
         pool: Option<String>,
         /// Node name (default celeriac@<host>).
@@ -140,6 +142,9 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    if let Some(code) = pool_child::run_if_child(&builder) {
+        return code;
+    }
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {

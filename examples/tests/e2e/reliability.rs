@@ -1,0 +1,260 @@
+//! Fault injection: things break on purpose and nothing is lost.
+//!
+//! A worker SIGKILLed in the middle of thousands of acks-late tasks, a blocking task that spins
+//! forever, a task that aborts its process, a flood of malformed messages. The figures printed
+//! here (run with `--nocapture`) are the ones reported in docs/RELIABILITY.md.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use celeriac::core::protocol::{Body, ContentType, Headers, Message, new_id};
+use celeriac::core::{PublishOptions, TaskState};
+use celeriac::worker::dead;
+use celeriac_examples::{abort, add, spin};
+use serde_json::{Map, Value, json};
+
+use crate::support::{T, WorkerProcess, client, sqlite_url};
+
+/// A `celeriac.toml` next to the database with `text` in it; returns its path.
+fn config(url: &str, text: &str) -> String {
+    let path = format!("{}.toml", url.trim_start_matches("sqlite://"));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_loses_no_acks_late_task() {
+    const N: usize = 2000;
+    const CONCURRENCY: usize = 8;
+    const PREFETCH_BUFFER: usize = 8;
+    let (url, db) = sqlite_url("reliability-sigkill");
+    let journal = format!("{}.journal", db.display());
+    // A short lease, so the deliveries the killed worker held come back within seconds.
+    let config = config(&url, "visibility_timeout = 2.0\n");
+    let app = client(&url).await;
+
+    let t0 = Instant::now();
+    let mut sends = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let app = app.clone();
+        let journal = journal.clone();
+        sends.spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..N / 8 {
+                let r = app
+                    .send_task("tasks.journal", vec![json!(journal)], Map::new())
+                    .await
+                    .expect("send");
+                ids.push(r.id().to_owned());
+            }
+            ids
+        });
+    }
+    let mut ids = Vec::with_capacity(N);
+    while let Some(part) = sends.join_next().await {
+        ids.extend(part.expect("sender"));
+    }
+    assert_eq!(ids.len(), N);
+    let published = t0.elapsed();
+
+    let args = [
+        "-c",
+        &CONCURRENCY.to_string(),
+        "--prefetch-buffer",
+        &PREFETCH_BUFFER.to_string(),
+    ];
+    let mut a = WorkerProcess::start_with_config(&url, &config, &args);
+    let lines = || {
+        std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let deadline = Instant::now() + T;
+    while lines() < N / 3 {
+        assert!(
+            Instant::now() < deadline,
+            "worker A is too slow:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.signal("KILL");
+    let killed = Instant::now();
+    a.wait(T).await;
+    let ran_before_kill = lines();
+
+    let mut b = WorkerProcess::start_with_config(&url, &config, &args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = app.broker().stats("celery").await.expect("stats");
+        if s.total() == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue not drained: {s:?}\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recovered = killed.elapsed();
+    b.signal("TERM");
+    b.wait(T).await;
+
+    let mut lost = Vec::new();
+    for id in &ids {
+        let meta = app.result::<Value>(id).meta().await.expect("meta");
+        if meta.status != TaskState::Success {
+            lost.push((id.clone(), meta.status));
+        }
+    }
+    let mut runs: HashMap<String, usize> = HashMap::new();
+    for line in std::fs::read_to_string(&journal).unwrap().lines() {
+        *runs.entry(line.to_owned()).or_default() += 1;
+    }
+    let never_ran = ids.iter().filter(|id| !runs.contains_key(*id)).count();
+    let duplicates: usize = runs.values().map(|n| n - 1).sum();
+    let in_flight = CONCURRENCY + PREFETCH_BUFFER;
+    println!(
+        "sigkill: tasks {N}, ran before the kill {ran_before_kill}, lost {}, never ran {never_ran}, \
+         duplicates {duplicates} (bound: {in_flight} in flight), recovery {:.2}s after SIGKILL, \
+         publish {:.2}s",
+        lost.len(),
+        recovered.as_secs_f64(),
+        published.as_secs_f64(),
+    );
+    assert!(lost.is_empty(), "lost tasks: {lost:?}");
+    assert_eq!(never_ran, 0);
+    assert_eq!(runs.len(), N, "the journal names only our tasks");
+    assert!(
+        duplicates <= in_flight,
+        "{duplicates} duplicates, more than the {in_flight} deliveries worker A could hold"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processes_pool_kills_a_spinning_task_at_its_hard_limit_and_survives_an_abort() {
+    let (url, _) = sqlite_url("reliability-processes");
+    let mut w = WorkerProcess::start(&url, &["-P", "processes", "-c", "2"]);
+    let app = client(&url).await;
+
+    // tasks.spin loops forever in blocking code; its hard limit is 1 s.
+    let started = Instant::now();
+    let r = spin::delay(&app).await.unwrap();
+    let meta = r.wait_meta(Some(T)).await.unwrap();
+    let killed_after = started.elapsed();
+    assert_eq!(meta.status, TaskState::Failure);
+    assert_eq!(
+        meta.result,
+        json!({"exc_type": "TimeLimitExceeded", "exc_message": [1.0], "exc_module": "billiard.exceptions"})
+    );
+    w.wait_for_log("killing the pool child", T).await;
+    let pid = child_pid(&w.log(), "killing the pool child").expect("pid in the log");
+    let deadline = Instant::now() + T;
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "child {pid} still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // tasks.abort kills its child; the worker reports it and goes on.
+    let r = abort::delay(&app).await.unwrap();
+    let meta = r.wait_meta(Some(T)).await.unwrap();
+    assert_eq!(meta.status, TaskState::Failure);
+    let e = meta.error().unwrap();
+    assert_eq!(e.exc_type, "WorkerLostError");
+    assert!(e.message().contains("SIGABRT"), "{e:?}");
+
+    let sum = add::delay(&app, 2, 3).await.unwrap();
+    assert_eq!(sum.get_timeout(T).await.unwrap(), 5);
+    println!(
+        "processes: spin killed {:.2}s after it was sent (hard limit 1 s); abort -> WorkerLostError",
+        killed_after.as_secs_f64()
+    );
+    w.signal("TERM");
+    let status = w.wait(T).await;
+    assert!(status.success(), "{status:?}\n{}", w.log());
+}
+
+fn child_pid(log: &str, line: &str) -> Option<u32> {
+    let l = log.lines().find(|l| l.contains(line))?;
+    let at = l.find("pid=")? + 4;
+    l[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Running (a zombie waiting to be reaped counts as gone).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_malformed_messages_ends_in_the_dead_letter_queue() {
+    const BAD: usize = 300;
+    const GOOD: usize = 300;
+    let (url, _) = sqlite_url("reliability-malformed");
+    let app = client(&url).await;
+    let broker = app.broker().clone();
+    broker.declare("celery").await.unwrap();
+    let mut good = Vec::new();
+    for i in 0..BAD.max(GOOD) {
+        if i < BAD {
+            let mut m = Message::new(
+                Headers::new("tasks.add", new_id()),
+                &Body::new(vec![json!(1), json!(2)], Map::new()),
+                ContentType::Json,
+            )
+            .unwrap();
+            match i % 3 {
+                0 => m.headers.task = "tasks.nope".into(),
+                1 => m.content_type = "application/x-python-serialize".into(),
+                _ => m.body = b"[1, 2".to_vec(),
+            }
+            broker
+                .publish("celery", &m, PublishOptions::default())
+                .await
+                .unwrap();
+        }
+        if i < GOOD {
+            good.push(add::delay(&app, 1, i as i64).await.unwrap());
+        }
+    }
+    let started = Instant::now();
+    let _w = WorkerProcess::start(&url, &["-c", "4"]);
+    for (i, r) in good.iter().enumerate() {
+        assert_eq!(r.get_timeout(T).await.unwrap(), 1 + i as i64);
+    }
+    let deadline = Instant::now() + T;
+    loop {
+        let s = broker.stats("celery.dead").await.unwrap();
+        if s.ready as usize == BAD {
+            break;
+        }
+        assert!(Instant::now() < deadline, "dead letters: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(broker.stats("celery").await.unwrap().total(), 0);
+    let letters = dead::list(&*broker, "celery", BAD).await.unwrap();
+    assert_eq!(letters.len(), BAD);
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    for d in &letters {
+        let kind = d.reason.split(':').next().unwrap_or_default().to_owned();
+        *reasons.entry(kind).or_default() += 1;
+    }
+    assert_eq!(reasons.get("NotRegistered"), Some(&(BAD / 3)));
+    assert_eq!(reasons.get("DecodeError"), Some(&(BAD - BAD / 3)));
+    println!(
+        "malformed: {BAD} bad + {GOOD} good in {:.2}s; dead letters {}, good results {GOOD}",
+        elapsed.as_secs_f64(),
+        letters.len()
+    );
+    assert_eq!(dead::purge(&*broker, "celery").await.unwrap(), BAD as u64);
+}
