@@ -79,19 +79,24 @@ pub use celeriac_macros::task;
 pub use result::AsyncResult;
 pub use signature::{SendOptions, Signature};
 
-/// The core crate: protocol, contracts, in-memory drivers (for driver authors and tests).
-pub use celeriac_core as core;
-#[cfg(feature = "worker")]
-pub use celeriac_worker as worker;
 /// Periodic tasks: schedules, entries, the beat loop and its store (`App` implements
 /// [`beat::Dispatch`]).
 #[cfg(feature = "beat")]
 pub use celeriac_beat as beat;
+/// The core crate: protocol, contracts, in-memory drivers (for driver authors and tests).
+pub use celeriac_core as core;
+#[cfg(feature = "worker")]
+pub use celeriac_worker as worker;
 
 /// The README's examples, compiled as doctests.
 #[doc = include_str!("../../../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// The beat guide's examples, compiled as doctests.
+#[cfg(all(doctest, feature = "beat"))]
+#[doc = include_str!("../../../docs/beat.md")]
+pub struct BeatGuideDoctests;
 
 /// The tasks guide's examples, compiled as doctests.
 #[doc = include_str!("../../../docs/tasks.md")]

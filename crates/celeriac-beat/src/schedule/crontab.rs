@@ -28,7 +28,7 @@ const HORIZON_YEARS: i32 = 400;
 /// use celeriac_beat::Crontab;
 /// // 09:30 on weekdays.
 /// let c = Crontab::builder().minute("30").hour("9").day_of_week("mon-fri").build().unwrap();
-/// assert_eq!(c.to_string(), "30 9 * * 1-5");
+/// assert_eq!(c.to_string(), "30 9 * * mon-fri");
 /// let err = Crontab::builder().day_of_week("7").build().unwrap_err();
 /// assert!(err.to_string().contains("day_of_week"));
 /// ```
@@ -418,14 +418,21 @@ mod tests {
                 vec![1, 3, 4, 12],
             ]
         );
-        let c = Crontab::builder().day_of_week("Sunday,sat").build().unwrap();
+        let c = Crontab::builder()
+            .day_of_week("Sunday,sat")
+            .build()
+            .unwrap();
         assert_eq!(fields(&c)[2], vec![0, 6]);
     }
 
     #[test]
     fn bad_fields_name_the_field_and_the_reason() {
         let cases = [
-            (Crontab::builder().minute("60"), "minute", "out of range 0-59"),
+            (
+                Crontab::builder().minute("60"),
+                "minute",
+                "out of range 0-59",
+            ),
             (Crontab::builder().hour("x"), "hour", "not a number"),
             (
                 Crontab::builder().day_of_week("7"),
@@ -437,7 +444,11 @@ mod tests {
                 "day_of_month",
                 "out of range",
             ),
-            (Crontab::builder().month_of_year("*/0"), "month_of_year", "step"),
+            (
+                Crontab::builder().month_of_year("*/0"),
+                "month_of_year",
+                "step",
+            ),
             (Crontab::builder().minute("5/10"), "minute", "a step needs"),
             (Crontab::builder().minute("1,,2"), "minute", "empty"),
             (
