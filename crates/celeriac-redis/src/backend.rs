@@ -1,7 +1,531 @@
-//! The Redis result backend (work in progress).
+//! [`RedisBackend`]: Celery's Redis result backend, spoken from Rust.
 
-/// A Redis result backend.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use celeriac_core::backend::timeout_error;
+use celeriac_core::protocol::codec::json_from_slice;
+use celeriac_core::{
+    BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, TaskMeta, TaskState,
+};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::conn::{Backoff, Redis};
+use crate::keys::BackendKeys;
+use crate::options::{RedisOptions, parse_url};
+use crate::scripts;
+
+const KIND: ErrorKind = ErrorKind::Backend;
+
+/// A result backend on a Redis server, in Celery's format (`redis://host:6379/1`).
+///
+/// Clones share one command connection and one pub/sub connection. See the
+/// [crate docs](crate) for the key layout.
+///
+/// ```no_run
+/// # async fn demo() -> celeriac_core::Result<()> {
+/// use std::time::Duration;
+/// use celeriac_core::{Config, ResultBackend, TaskMeta};
+/// use celeriac_redis::RedisBackend;
+///
+/// let backend = RedisBackend::connect("redis://127.0.0.1:6379/1", &Config::default()).await?;
+/// backend.store(&TaskMeta::success("some-id", serde_json::json!(5))).await?;
+/// let meta = backend.wait("some-id", Some(Duration::from_secs(5))).await?;
+/// assert_eq!(meta.result, serde_json::json!(5));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
-pub struct RedisBackend {}
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
 
-pub(crate) fn register(_drivers: &mut celeriac_core::Drivers) {}
+#[derive(Debug)]
+struct Inner {
+    redis: Arc<Redis>,
+    keys: BackendKeys,
+    expires: Option<Duration>,
+    subscriber: Subscriber,
+    closed: AtomicBool,
+}
+
+impl RedisBackend {
+    /// Connects to the server of a `redis://`, `unix://` (or `socket://`) URL with the settings
+    /// of `config`.
+    ///
+    /// Fails with [`ErrorKind::Backend`] when the server is unreachable (transient) or refuses
+    /// the credentials, with [`ErrorKind::Unsupported`] for `rediss://`.
+    pub async fn connect(url: &str, config: &Config) -> Result<Self> {
+        Self::connect_with(url, RedisOptions::from_config(config)).await
+    }
+
+    /// Connects with explicit options; a `global_keyprefix` in the URL wins over the options'.
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self> {
+        let target = parse_url(url, KIND)?;
+        let prefix = target
+            .keyprefix
+            .clone()
+            .unwrap_or_else(|| options.get_global_keyprefix().to_owned());
+        let redis = Arc::new(Redis::connect(&target, KIND, options.get_retry_for()).await?);
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                subscriber: Subscriber::start(redis.clone()),
+                redis,
+                keys: BackendKeys::new(&prefix),
+                expires: options.get_result_expires(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The key of a task's meta document (and the channel its changes are published on).
+    pub fn task_key(&self, task_id: &str) -> String {
+        self.inner.keys.task(task_id)
+    }
+
+    /// The key of a saved group.
+    pub fn group_key(&self, group_id: &str) -> String {
+        self.inner.keys.group(group_id)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(Error::closed("redis result backend"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Seconds for `SETEX`, 0 for none (Celery rounds to whole seconds).
+    fn expires_secs(&self) -> u64 {
+        self.inner
+            .expires
+            .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+    }
+
+    /// Writes `value` at `key` with the expiry and publishes it on the key's channel, as
+    /// Celery's `RedisBackend.set` does.
+    async fn set(&self, what: &str, key: &str, value: &[u8]) -> Result<()> {
+        let secs = self.expires_secs();
+        self.inner
+            .redis
+            .run(what, |mut c| async move {
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                if secs > 0 {
+                    pipe.set_ex(key, value, secs).ignore();
+                } else {
+                    pipe.set(key, value).ignore();
+                }
+                pipe.publish(key, value).ignore();
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await
+    }
+
+    async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.inner
+            .redis
+            .run("read a redis result", |mut c| async move {
+                redis::cmd("GET").arg(key).query_async(&mut c).await
+            })
+            .await
+    }
+}
+
+/// The stored states a record in `new` must not replace (what `may_be_replaced_by` forbids).
+///
+/// A custom state is never ready, so it never blocks a write; the known ones are listed.
+fn blocking_states(new: &TaskState) -> Vec<&'static str> {
+    [
+        TaskState::Success,
+        TaskState::Failure,
+        TaskState::Revoked,
+        TaskState::Started,
+        TaskState::Retry,
+        TaskState::Received,
+        TaskState::Rejected,
+        TaskState::Pending,
+    ]
+    .into_iter()
+    .filter(|old| !old.may_be_replaced_by(new))
+    .map(|old| match old {
+        TaskState::Success => "SUCCESS",
+        TaskState::Failure => "FAILURE",
+        TaskState::Revoked => "REVOKED",
+        TaskState::Started => "STARTED",
+        TaskState::Retry => "RETRY",
+        TaskState::Received => "RECEIVED",
+        TaskState::Rejected => "REJECTED",
+        _ => "PENDING",
+    })
+    .collect()
+}
+
+fn decode_meta(bytes: &[u8]) -> Result<TaskMeta> {
+    let v = json_from_slice(bytes)?;
+    serde_json::from_value(v)
+        .map_err(|e| Error::protocol("stored task meta is not celery's format").with_source(e))
+}
+
+impl ResultBackend for RedisBackend {
+    fn driver(&self) -> &'static str {
+        "redis"
+    }
+
+    fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let key = self.inner.keys.task(&meta.task_id);
+            let doc = serde_json::to_vec(meta)?;
+            let secs = self.expires_secs();
+            let blocking = blocking_states(&meta.status);
+            let (key, doc, blocking) = (&key, &doc, &blocking);
+            let written: i64 = self
+                .inner
+                .redis
+                .run("store a redis result", |mut c| async move {
+                    let mut inv = scripts::STORE.prepare_invoke();
+                    inv.key(key).arg(doc).arg(secs);
+                    for s in blocking {
+                        inv.arg(*s);
+                    }
+                    inv.invoke_async(&mut c).await
+                })
+                .await?;
+            Ok(written == 1)
+        })
+    }
+
+    fn get<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<Option<TaskMeta>>> {
+        Box::pin(async move {
+            self.check_open()?;
+            match self.get_raw(&self.inner.keys.task(task_id)).await? {
+                Some(bytes) => decode_meta(&bytes).map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn wait<'a>(
+        &'a self,
+        task_id: &'a str,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<TaskMeta>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            let key = self.inner.keys.task(task_id);
+            // Subscribe first, then read: a result stored in between is seen by the read.
+            let mut watch = self.inner.subscriber.watch(&key);
+            let subscribed = watch.subscribed();
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, subscribed)
+                    .await
+                    .map_err(|_| timeout_error(task_id, timeout))??,
+                None => subscribed.await?,
+            }
+            loop {
+                let notified = watch.notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if let Some(bytes) = self.get_raw(&key).await? {
+                    let meta = decode_meta(&bytes)?;
+                    if meta.status.is_ready() {
+                        return Ok(meta);
+                    }
+                }
+                match deadline {
+                    Some(d) => {
+                        if tokio::time::timeout_at(d, notified).await.is_err() {
+                            return Err(timeout_error(task_id, timeout));
+                        }
+                    }
+                    None => notified.await,
+                }
+                self.check_open()?;
+            }
+        })
+    }
+
+    fn forget<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let key = self.inner.keys.task(task_id);
+            let key = &key;
+            self.inner
+                .redis
+                .run("forget a redis result", |mut c| async move {
+                    redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await
+                })
+                .await
+        })
+    }
+
+    fn save_group<'a>(
+        &'a self,
+        group_id: &'a str,
+        task_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_open()?;
+            // GroupResult.as_tuple(): [[gid, parent], [member tuples]], each member
+            // [[tid, parent], null].
+            let members: Vec<Value> = task_ids.iter().map(|t| json!([[t, null], null])).collect();
+            let doc = serde_json::to_vec(&json!({"result": [[group_id, null], members]}))?;
+            self.set("save a redis group", &self.inner.keys.group(group_id), &doc)
+                .await
+        })
+    }
+
+    fn restore_group<'a>(
+        &'a self,
+        group_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<String>>>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let Some(bytes) = self.get_raw(&self.inner.keys.group(group_id)).await? else {
+                return Ok(None);
+            };
+            let v = json_from_slice(&bytes)?;
+            let bad = || Error::protocol("stored group is not celery's [[gid, parent], [members]]");
+            let members = v
+                .get("result")
+                .and_then(|r| r.get(1))
+                .and_then(Value::as_array)
+                .ok_or_else(bad)?;
+            members
+                .iter()
+                .map(|m| {
+                    m.get(0)
+                        .and_then(|id| id.get(0))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                        .ok_or_else(bad)
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some)
+        })
+    }
+
+    fn incr<'a>(&'a self, key: &'a str, by: i64) -> BoxFuture<'a, Result<i64>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let key = self.inner.keys.counter(key);
+            let secs = self.expires_secs();
+            let key = &key;
+            // Not retried after a lost reply: the increment may have happened.
+            let (n,): (i64,) = self
+                .inner
+                .redis
+                .run_once("increment a redis counter", |mut c| async move {
+                    let mut pipe = redis::pipe();
+                    pipe.atomic().incr(key, by);
+                    if secs > 0 {
+                        pipe.expire(key, secs as i64).ignore();
+                    }
+                    pipe.query_async(&mut c).await
+                })
+                .await?;
+            Ok(n)
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.inner.closed.store(true, Ordering::Release);
+            self.inner.subscriber.close();
+            Ok(())
+        })
+    }
+}
+
+// ===== pub/sub =====
+
+/// One pub/sub connection per backend, shared by every `wait`.
+///
+/// A task keeps the connection: it subscribes to a task's channel when the first waiter of
+/// that task comes and unsubscribes when the last one leaves, and wakes the waiters of a
+/// channel when a message arrives on it. When the connection drops it reconnects with backoff,
+/// subscribes again, and wakes every waiter so that each reads its key once more (a result
+/// stored while the connection was down is not missed; Celery's client re-reads the same way).
+#[derive(Debug)]
+struct Subscriber {
+    commands: mpsc::UnboundedSender<Command>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+#[derive(Debug)]
+struct Channel {
+    waiters: usize,
+    notify: Arc<Notify>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Subscribe(String, oneshot::Sender<()>),
+    Unsubscribe(String),
+}
+
+/// A waiter's interest in one channel; leaving unsubscribes when it was the last.
+struct Watch<'a> {
+    subscriber: &'a Subscriber,
+    channel: String,
+    notify: Arc<Notify>,
+    confirmed: Option<oneshot::Receiver<()>>,
+}
+
+impl Watch<'_> {
+    /// Resolves once the server confirmed the subscription.
+    async fn subscribed(&mut self) -> Result<()> {
+        match self.confirmed.take() {
+            Some(rx) => rx
+                .await
+                .map_err(|_| Error::closed("redis result subscriber")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        let mut channels = self.subscriber.channels.lock().expect("channels lock");
+        if let Some(c) = channels.get_mut(&self.channel) {
+            c.waiters -= 1;
+            if c.waiters == 0 {
+                channels.remove(&self.channel);
+                let _ = self
+                    .subscriber
+                    .commands
+                    .send(Command::Unsubscribe(self.channel.clone()));
+            }
+        }
+    }
+}
+
+impl Subscriber {
+    fn start(redis: Arc<Redis>) -> Subscriber {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let channels: Arc<Mutex<HashMap<String, Channel>>> = Arc::default();
+        tokio::spawn(run_subscriber(redis, rx, channels.clone()));
+        Subscriber {
+            commands: tx,
+            channels,
+        }
+    }
+
+    fn close(&self) {
+        // Wake every waiter: each sees the backend closed.
+        for c in self.channels.lock().expect("channels lock").values() {
+            c.notify.notify_waiters();
+        }
+    }
+
+    fn watch(&self, channel: &str) -> Watch<'_> {
+        let notify = {
+            let mut channels = self.channels.lock().expect("channels lock");
+            let c = channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| Channel {
+                    waiters: 0,
+                    notify: Arc::new(Notify::new()),
+                });
+            c.waiters += 1;
+            c.notify.clone()
+        };
+        let (tx, rx) = oneshot::channel();
+        let _ = self
+            .commands
+            .send(Command::Subscribe(channel.to_owned(), tx));
+        Watch {
+            subscriber: self,
+            channel: channel.to_owned(),
+            notify,
+            confirmed: Some(rx),
+        }
+    }
+}
+
+async fn run_subscriber(
+    redis: Arc<Redis>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+) {
+    let mut backoff = Backoff::new();
+    let mut waiting_acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut first = true;
+    loop {
+        let pubsub = match redis.client().get_async_pubsub().await {
+            Ok(p) => p,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(url = %redis.url, error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "redis result subscriber cannot connect; retrying");
+                tokio::time::sleep(delay).await;
+                if commands.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        let current: Vec<String> = channels
+            .lock()
+            .expect("channels lock")
+            .keys()
+            .cloned()
+            .collect();
+        if !current.is_empty() {
+            if let Err(e) = sink.subscribe(&current).await {
+                tracing::warn!(url = %redis.url, error = %e, "redis result subscriber cannot subscribe; reconnecting");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        }
+        backoff = Backoff::new();
+        for ack in waiting_acks.drain(..) {
+            let _ = ack.send(());
+        }
+        if !first {
+            // Results stored while the connection was down published to nobody: every waiter
+            // reads its key again.
+            for c in channels.lock().expect("channels lock").values() {
+                c.notify.notify_waiters();
+            }
+        }
+        first = false;
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(Command::Subscribe(ch, ack)) => {
+                        if sink.subscribe(&ch).await.is_ok() {
+                            let _ = ack.send(());
+                        } else {
+                            waiting_acks.push(ack);
+                            break;
+                        }
+                    }
+                    Some(Command::Unsubscribe(ch)) => {
+                        if sink.unsubscribe(&ch).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+                msg = stream.next() => match msg {
+                    Some(msg) => {
+                        let name = msg.get_channel_name();
+                        if let Some(c) = channels.lock().expect("channels lock").get(name) {
+                            c.notify.notify_waiters();
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        tracing::warn!(url = %redis.url, "redis result subscriber lost its connection; reconnecting");
+    }
+}

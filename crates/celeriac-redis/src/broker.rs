@@ -1,7 +1,1271 @@
-//! The Redis broker (work in progress).
+//! [`RedisBroker`]: kombu's Redis transport, spoken from Rust.
 
-/// A Redis broker.
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use celeriac_core::protocol::{envelope, new_id};
+use celeriac_core::{
+    Acker, BoxFuture, Broker, Capabilities, Config, ConsumeOptions, Consumer, Delivery, Error,
+    ErrorKind, Message, PublishOptions, QueueStats, Requeue, Result,
+};
+use redis::aio::MultiplexedConnection;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::conn::{Backoff, Redis, is_connection_error};
+use crate::keys::{BrokerKeys, PRIORITY_STEPS, SEP, step_for};
+use crate::options::{RedisOptions, parse_url};
+use crate::scripts;
+
+const KIND: ErrorKind = ErrorKind::Broker;
+
+/// The longest a consumer blocks in `BRPOP` before it looks at delayed messages, expired
+/// leases and the closed flag again.
+const MAX_BLOCK: Duration = Duration::from_secs(1);
+
+/// How often a consumer looks for deliveries whose visibility timeout ran out.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The most delayed messages one promotion moves, and deliveries one sweep restores.
+const BATCH_LIMIT: usize = 1000;
+
+/// kombu's `unacked_mutex_expire`, in ms.
+const MUTEX_EXPIRE_MS: u64 = 300_000;
+
+/// The envelope property that carries celeriac's exact priority next to kombu's bucket value.
+const EXACT_PRIORITY: &str = "celeriac_priority";
+
+/// A broker on a Redis server, sharing its queues with Python Celery (`redis://host:6379/0`).
+///
+/// Clones share one connection. See the [crate docs](crate) for the key layout and semantics.
+///
+/// ```no_run
+/// # async fn demo() -> celeriac_core::Result<()> {
+/// use celeriac_core::{Broker, ConsumeOptions, Config};
+/// use celeriac_redis::RedisBroker;
+///
+/// let broker = RedisBroker::connect("redis://127.0.0.1:6379/0", &Config::default()).await?;
+/// broker.declare("celery").await?;
+/// let mut consumer = broker
+///     .consume(&["celery".to_owned()], ConsumeOptions::new(8))
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
-pub struct RedisBroker {}
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
 
-pub(crate) fn register(_drivers: &mut celeriac_core::Drivers) {}
+#[derive(Debug)]
+struct Inner {
+    redis: Redis,
+    keys: BrokerKeys,
+    visibility_timeout: Duration,
+    closed: watch::Sender<bool>,
+}
+
+impl RedisBroker {
+    /// Connects to the server of a `redis://`, `unix://` (or kombu's `redis+socket://`) URL with
+    /// the settings of `config`.
+    ///
+    /// Fails with [`ErrorKind::Broker`] when the server is unreachable (transient) or refuses
+    /// the credentials, with [`ErrorKind::Unsupported`] for `rediss://`.
+    pub async fn connect(url: &str, config: &Config) -> Result<Self> {
+        Self::connect_with(url, RedisOptions::from_config(config)).await
+    }
+
+    /// Connects with explicit options; a `global_keyprefix` in the URL wins over the options'.
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self> {
+        let target = parse_url(url, KIND)?;
+        let prefix = target
+            .keyprefix
+            .clone()
+            .unwrap_or_else(|| options.get_global_keyprefix().to_owned());
+        let redis = Redis::connect(&target, KIND, options.get_retry_for()).await?;
+        Ok(RedisBroker {
+            inner: Arc::new(Inner {
+                redis,
+                keys: BrokerKeys::new(&prefix),
+                visibility_timeout: options.get_visibility_timeout(),
+                closed: watch::Sender::new(false),
+            }),
+        })
+    }
+
+    /// The key prefix in use (kombu's `global_keyprefix`, verbatim).
+    pub fn global_keyprefix(&self) -> &str {
+        self.inner.keys.prefix()
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if *self.inner.closed.borrow() {
+            Err(Error::closed("redis broker"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Unix ms of a chrono time.
+fn ms_of(t: chrono::DateTime<chrono::Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+/// celeriac's priority (0..9, higher first) as kombu's `priority` property (0..9, lower
+/// first), bucket by bucket: 9 → 0, 7-8 → 3, 4-6 → 6, 0-3 → 9.
+///
+/// A plain `9 - p` would put 7, 8 and 9 in one bucket, the top one; this map keeps 9 alone on
+/// top and the default 0 in the bottom bucket, and writes each bucket's own value so kombu,
+/// reading the property, files the message in the same list.
+pub(crate) fn kombu_priority(ours: u8) -> u8 {
+    match ours.min(9) {
+        9 => 0,
+        7 | 8 => 3,
+        4..=6 => 6,
+        _ => 9,
+    }
+}
+
+/// kombu's `priority` property of a message that carries no exact priority of ours (a Python
+/// client's), as celeriac's: a value that maps back to the same bucket. Python's default 0
+/// becomes 9, the top.
+pub(crate) fn ours_from_kombu(kombu: u8) -> u8 {
+    match step_for(kombu) {
+        0 => 9,
+        3 => 8,
+        6 => 6,
+        _ => 0,
+    }
+}
+
+/// The envelope of `message` as kombu writes it, published to `queue` with `priority`
+/// (ours); returns the bytes and the list step.
+fn encode(message: &Message, queue: &str, priority: u8) -> Result<(Vec<u8>, u8)> {
+    let kombu = kombu_priority(priority);
+    let bytes = if message.properties.priority == kombu {
+        envelope::encode(message, "", queue)?
+    } else {
+        let mut m = message.clone();
+        m.properties.priority = kombu;
+        envelope::encode(&m, "", queue)?
+    };
+    // The envelope ends with the properties object: splice our exact priority into it.
+    debug_assert!(bytes.ends_with(b"}}"));
+    let mut out = Vec::with_capacity(bytes.len() + 24);
+    out.extend_from_slice(&bytes[..bytes.len() - 2]);
+    out.extend_from_slice(format!(",\"{EXACT_PRIORITY}\":{priority}}}}}").as_bytes());
+    Ok((out, step_for(kombu)))
+}
+
+fn add_publish(
+    pipe: &mut redis::Pipeline,
+    keys: &BrokerKeys,
+    queue: &str,
+    message: &Message,
+    options: &PublishOptions,
+    now_ms: i64,
+) -> Result<()> {
+    let priority = options
+        .priority
+        .unwrap_or(message.properties.priority)
+        .min(9);
+    let (bytes, step) = encode(message, queue, priority)?;
+    match options.not_before {
+        Some(t) if ms_of(t) > now_ms => {
+            pipe.zadd(keys.delayed(queue), bytes, ms_of(t)).ignore();
+        }
+        _ => {
+            pipe.lpush(keys.list(queue, step), bytes).ignore();
+        }
+    }
+    Ok(())
+}
+
+impl Broker for RedisBroker {
+    fn driver(&self) -> &'static str {
+        "redis"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::all();
+        // Fanout (kombu's pub/sub exchanges) is not implemented by this driver yet.
+        c.fanout = false;
+        c
+    }
+
+    fn declare<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_open()?;
+            // What kombu's queue_bind writes for Celery's `Queue(q, Exchange(q), routing_key=q)`.
+            let member = BrokerKeys::binding_member(queue, queue);
+            let keys = &self.inner.keys;
+            self.inner
+                .redis
+                .run("declare a redis queue", |mut c| {
+                    let member = member.clone();
+                    async move {
+                        redis::pipe()
+                            .sadd(keys.binding(queue), &member)
+                            .ignore()
+                            .sadd(keys.binding_permanent(queue), &member)
+                            .ignore()
+                            .query_async::<()>(&mut c)
+                            .await
+                    }
+                })
+                .await
+        })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        queue: &'a str,
+        message: &'a Message,
+        options: PublishOptions,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let mut pipe = redis::pipe();
+            add_publish(
+                &mut pipe,
+                &self.inner.keys,
+                queue,
+                message,
+                &options,
+                ms_of(chrono::Utc::now()),
+            )?;
+            self.inner
+                .redis
+                .run("publish to redis", |mut c| {
+                    let pipe = pipe.clone();
+                    async move { pipe.query_async::<()>(&mut c).await }
+                })
+                .await
+        })
+    }
+
+    fn publish_batch<'a>(
+        &'a self,
+        queue: &'a str,
+        messages: &'a [(Message, PublishOptions)],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_open()?;
+            if messages.is_empty() {
+                return Ok(());
+            }
+            let now = ms_of(chrono::Utc::now());
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for (m, o) in messages {
+                add_publish(&mut pipe, &self.inner.keys, queue, m, o, now)?;
+            }
+            self.inner
+                .redis
+                .run("publish a batch to redis", |mut c| {
+                    let pipe = pipe.clone();
+                    async move { pipe.query_async::<()>(&mut c).await }
+                })
+                .await
+        })
+    }
+
+    fn consume<'a>(
+        &'a self,
+        queues: &'a [String],
+        options: ConsumeOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn Consumer>>> {
+        Box::pin(async move {
+            self.check_open()?;
+            if queues.is_empty() {
+                return Err(Error::config("consume needs at least one queue"));
+            }
+            let mut key_to_queue = HashMap::new();
+            for q in queues {
+                for s in PRIORITY_STEPS {
+                    key_to_queue.insert(self.inner.keys.list(q, s), q.clone());
+                }
+            }
+            let shared = Arc::new(ConsumerShared {
+                broker: self.inner.clone(),
+                lease: options.lease.unwrap_or(self.inner.visibility_timeout),
+                permits: Arc::new(Semaphore::new(options.prefetch.max(1))),
+                fetch: tokio::sync::Mutex::new(FetchState {
+                    conn: None,
+                    order: queues.iter().cloned().collect(),
+                    key_to_queue,
+                    next_promote: Instant::now(),
+                    next_sweep: Instant::now(),
+                }),
+            });
+            Ok(Box::new(RedisConsumer {
+                shared,
+                pending: None,
+                closed: self.inner.closed.subscribe(),
+            }) as Box<dyn Consumer>)
+        })
+    }
+
+    fn purge<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let keys = &self.inner.keys;
+            let counts: Vec<u64> = self
+                .inner
+                .redis
+                .run("purge a redis queue", |mut c| async move {
+                    let mut pipe = redis::pipe();
+                    pipe.atomic();
+                    for list in keys.lists(queue) {
+                        pipe.llen(&list).del(&list).ignore();
+                    }
+                    pipe.zcard(keys.delayed(queue))
+                        .del(keys.delayed(queue))
+                        .ignore();
+                    pipe.query_async(&mut c).await
+                })
+                .await?;
+            Ok(counts.iter().sum())
+        })
+    }
+
+    fn stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let keys = &self.inner.keys;
+            let counts: Vec<u64> = self
+                .inner
+                .redis
+                .run("count a redis queue", |mut c| async move {
+                    let mut pipe = redis::pipe();
+                    for list in keys.lists(queue) {
+                        pipe.llen(list);
+                    }
+                    pipe.zcard(keys.delayed(queue));
+                    pipe.query_async(&mut c).await
+                })
+                .await?;
+            let ready = counts[..4].iter().sum();
+            let delayed = counts[4];
+            let unacked = self.count_unacked(queue).await?;
+            Ok(QueueStats::new(ready, delayed, unacked))
+        })
+    }
+
+    fn queues(&self) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let keys = &self.inner.keys;
+            let mut names: Vec<String> = self
+                .inner
+                .redis
+                .run("list redis queues", |mut c| async move {
+                    let mut sets = Vec::new();
+                    let mut cursor: u64 = 0;
+                    loop {
+                        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(keys.binding_pattern())
+                            .arg("COUNT")
+                            .arg(1000)
+                            .query_async(&mut c)
+                            .await?;
+                        sets.extend(batch);
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                    let mut names = Vec::new();
+                    for set in sets {
+                        let members: Vec<String> =
+                            redis::cmd("SMEMBERS").arg(&set).query_async(&mut c).await?;
+                        for m in members {
+                            if let Some(q) = m.rsplit(SEP).next() {
+                                if !q.is_empty() {
+                                    names.push(q.to_owned());
+                                }
+                            }
+                        }
+                    }
+                    Ok(names)
+                })
+                .await?;
+            names.sort();
+            names.dedup();
+            Ok(names)
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.inner.closed.send_replace(true);
+            Ok(())
+        })
+    }
+}
+
+impl RedisBroker {
+    /// Entries of the `unacked` hash whose routing key is `queue`.
+    ///
+    /// Exact for task messages (published to the anonymous exchange with the queue as routing
+    /// key, as Celery and celeriac do); a message routed through a named exchange with another
+    /// routing key is not counted. This reads the whole hash: O(all unacked deliveries).
+    async fn count_unacked(&self, queue: &str) -> Result<u64> {
+        let key = self.inner.keys.unacked();
+        let key = &key;
+        self.inner
+            .redis
+            .run("count unacked redis deliveries", |mut c| async move {
+                let mut n = 0u64;
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, batch): (u64, Vec<(String, Vec<u8>)>) = redis::cmd("HSCAN")
+                        .arg(key)
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut c)
+                        .await?;
+                    for (_, v) in batch {
+                        if let Ok((_, _, rk)) =
+                            serde_json::from_slice::<(serde::de::IgnoredAny, String, String)>(&v)
+                        {
+                            if rk == queue {
+                                n += 1;
+                            }
+                        }
+                    }
+                    if next == 0 {
+                        return Ok(n);
+                    }
+                    cursor = next;
+                }
+            })
+            .await
+    }
+}
+
+// ===== consuming =====
+
+#[derive(Debug)]
+struct ConsumerShared {
+    broker: Arc<Inner>,
+    lease: Duration,
+    permits: Arc<Semaphore>,
+    /// Held by the one fetch in flight.
+    fetch: tokio::sync::Mutex<FetchState>,
+}
+
+#[derive(Debug)]
+struct FetchState {
+    /// The connection this consumer blocks on in `BRPOP`.
+    conn: Option<MultiplexedConnection>,
+    /// Queues in kombu's round-robin order: the one just served moves to the end.
+    order: VecDeque<String>,
+    key_to_queue: HashMap<String, String>,
+    next_promote: Instant,
+    next_sweep: Instant,
+}
+
+/// The consumer of [`RedisBroker::consume`].
+///
+/// Fetching runs in a spawned task whose result is kept across cancelled `next()` calls, so a
+/// message popped by `BRPOP` is never lost to a dropped future; when the consumer itself is
+/// dropped, a message fetched for it goes back to the head of its list.
+#[derive(Debug)]
+struct RedisConsumer {
+    shared: Arc<ConsumerShared>,
+    pending: Option<oneshot::Receiver<Result<Option<Delivery>>>>,
+    closed: watch::Receiver<bool>,
+}
+
+impl Consumer for RedisConsumer {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Delivery>>> {
+        Box::pin(async move {
+            if *self.closed.borrow() {
+                return Ok(None);
+            }
+            let rx = match &mut self.pending {
+                Some(rx) => rx,
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    tokio::spawn(fetch_task(self.shared.clone(), tx));
+                    self.pending.insert(rx)
+                }
+            };
+            let mut closed = self.closed.clone();
+            tokio::select! {
+                r = rx => {
+                    self.pending = None;
+                    match r {
+                        Ok(r) => r,
+                        Err(_) => Err(Error::broker("redis consumer task ended unexpectedly")),
+                    }
+                }
+                _ = closed.wait_for(|c| *c) => Ok(None),
+            }
+        })
+    }
+}
+
+async fn fetch_task(shared: Arc<ConsumerShared>, tx: oneshot::Sender<Result<Option<Delivery>>>) {
+    let (r, give_back) = match shared.fetch_one(&tx).await {
+        Ok(Some((d, give_back))) => (Ok(Some(d)), Some(give_back)),
+        Ok(None) => (Ok(None), None),
+        Err(e) => (Err(e), None),
+    };
+    if let Err(Ok(Some(d))) = tx.send(r) {
+        // Nobody will take it: give it back at the consuming end, as kombu does at shutdown.
+        if let Some(flag) = give_back {
+            flag.store(true, Ordering::Release);
+        }
+        drop(d);
+    }
+}
+
+impl ConsumerShared {
+    fn closed(&self) -> bool {
+        *self.broker.closed.borrow()
+    }
+
+    /// Waits for a free prefetch slot and a message; `Ok(None)` once the broker is closed.
+    async fn fetch_one(
+        self: &Arc<Self>,
+        tx: &oneshot::Sender<Result<Option<Delivery>>>,
+    ) -> Result<Option<(Delivery, Arc<AtomicBool>)>> {
+        let mut st = self.fetch.lock().await;
+        let mut backoff = Backoff::new();
+        loop {
+            if self.closed() || tx.is_closed() {
+                return Ok(None);
+            }
+            self.maintain(&mut st).await;
+            let permit = tokio::select! {
+                p = self.permits.clone().acquire_owned() => p.map_err(|_| Error::closed("redis consumer"))?,
+                () = tokio::time::sleep(MAX_BLOCK) => continue,
+            };
+            let block = st
+                .next_promote
+                .min(st.next_sweep)
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(10), MAX_BLOCK);
+            match self.brpop(&mut st, block).await {
+                Ok(None) => {}
+                Ok(Some((key, raw))) => {
+                    let queue = st
+                        .key_to_queue
+                        .get(&key)
+                        .cloned()
+                        .unwrap_or_else(|| key.clone());
+                    if let Some(pos) = st.order.iter().position(|q| *q == queue) {
+                        if let Some(q) = st.order.remove(pos) {
+                            st.order.push_back(q);
+                        }
+                    }
+                    let (d, give_back) = self.register(queue, raw, permit).await?;
+                    if self.closed() {
+                        give_back.store(true, Ordering::Release);
+                        drop(d);
+                        return Ok(None);
+                    }
+                    return Ok(Some((d, give_back)));
+                }
+                Err(e) => {
+                    st.conn = None;
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        url = %self.broker.redis.url,
+                        error = %e,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "redis consumer lost its connection; reconnecting"
+                    );
+                    drop(permit);
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn brpop(
+        &self,
+        st: &mut FetchState,
+        block: Duration,
+    ) -> redis::RedisResult<Option<(String, Vec<u8>)>> {
+        let conn = match &mut st.conn {
+            Some(c) => c,
+            None => {
+                let c = self
+                    .broker
+                    .redis
+                    .dedicated(MAX_BLOCK + Duration::from_secs(10))
+                    .await?;
+                st.conn.insert(c)
+            }
+        };
+        let mut cmd = redis::cmd("BRPOP");
+        for step in PRIORITY_STEPS {
+            for q in &st.order {
+                cmd.arg(self.broker.keys.list(q, step));
+            }
+        }
+        cmd.arg(format!("{:.3}", block.as_secs_f64()));
+        let r = cmd.query_async::<Option<(String, Vec<u8>)>>(conn).await;
+        if let Err(e) = &r {
+            if !is_connection_error(e) {
+                tracing::warn!(url = %self.broker.redis.url, error = %e, "redis BRPOP failed");
+            }
+        }
+        r
+    }
+
+    /// Records a popped message in `unacked` and `unacked_index`, as kombu's `QoS.append`.
+    async fn register(
+        self: &Arc<Self>,
+        queue: String,
+        raw: Vec<u8>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(Delivery, Arc<AtomicBool>)> {
+        let info = Info::read(&raw);
+        let tag = info.tag.clone().unwrap_or_else(new_id);
+        let exchange = info.exchange.clone().unwrap_or_default();
+        let routing_key = info.routing_key.clone().unwrap_or_else(|| queue.clone());
+        let entry = unacked_entry(&raw, info.valid_json, &exchange, &routing_key)?;
+        let token = score(self.lease, self.broker.visibility_timeout);
+        let keys = &self.broker.keys;
+        self.broker
+            .redis
+            .run("record a redis delivery as unacked", |mut c| {
+                let (tag, token, entry) = (&tag, &token, &entry);
+                async move {
+                    redis::pipe()
+                        .atomic()
+                        .cmd("ZADD")
+                        .arg(keys.unacked_index())
+                        .arg(token)
+                        .arg(tag)
+                        .ignore()
+                        .hset(keys.unacked(), tag, entry)
+                        .ignore()
+                        .query_async::<()>(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        let message = envelope::decode(&raw).map(|mut m| {
+            m.headers.extra.remove("redelivered");
+            m.properties.priority = info
+                .exact_priority
+                .unwrap_or_else(|| ours_from_kombu(info.kombu_priority));
+            m
+        });
+        let redeliveries = u32::from(info.redelivered);
+        let give_back = Arc::new(AtomicBool::new(false));
+        let acker = RedisAcker {
+            broker: self.broker.clone(),
+            queue: queue.clone(),
+            tag,
+            token: Mutex::new(token),
+            raw,
+            step: step_for(info.kombu_priority),
+            permit: Mutex::new(Some(permit)),
+            settled: AtomicBool::new(false),
+            give_back: give_back.clone(),
+        };
+        Ok((
+            Delivery::new(message, queue, redeliveries, Box::new(acker)),
+            give_back,
+        ))
+    }
+
+    /// Promotes due delayed messages and restores expired deliveries, each when its time
+    /// has come.
+    async fn maintain(&self, st: &mut FetchState) {
+        let now = Instant::now();
+        if now >= st.next_promote {
+            let mut next = now + MAX_BLOCK;
+            for q in st.order.clone() {
+                match self.promote(&q).await {
+                    Ok(Some(due_ms)) => {
+                        let wait = (due_ms - ms_of(chrono::Utc::now())).max(0);
+                        next = next.min(now + Duration::from_millis(wait as u64));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(queue = %q, error = %e, "cannot promote delayed redis messages")
+                    }
+                }
+            }
+            st.next_promote = next;
+        }
+        if now >= st.next_sweep {
+            st.next_sweep = now + SWEEP_EVERY;
+            if let Err(e) = restore_visible(&self.broker).await {
+                tracing::warn!(error = %e, "cannot restore expired redis deliveries");
+            }
+        }
+    }
+
+    async fn promote(&self, queue: &str) -> Result<Option<i64>> {
+        let keys = &self.broker.keys;
+        let (_moved, next): (u64, Option<f64>) = self
+            .broker
+            .redis
+            .run("promote delayed redis messages", |mut c| async move {
+                let mut inv = scripts::PROMOTE.prepare_invoke();
+                inv.key(keys.delayed(queue));
+                for l in keys.lists(queue) {
+                    inv.key(l);
+                }
+                inv.arg(ms_of(chrono::Utc::now())).arg(BATCH_LIMIT);
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        Ok(next.map(|s| s as i64))
+    }
+}
+
+/// The index score of a delivery leased for `lease`: kombu's sweep restores entries older
+/// than `now - visibility_timeout`, so a lease ending at `now + lease` is written as
+/// `now + lease - visibility_timeout` (just `now` for the default lease, as kombu writes).
+/// The exact text is the lease token: settling compares it with the stored score.
+fn score(lease: Duration, visibility_timeout: Duration) -> String {
+    let s = now_secs() + lease.as_secs_f64() - visibility_timeout.as_secs_f64();
+    format!("{s:.6}")
+}
+
+/// kombu's `unacked` hash value: `[envelope, exchange, routing_key]`.
+fn unacked_entry(
+    raw: &[u8],
+    valid_json: bool,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw.len() + routing_key.len() + 16);
+    out.push(b'[');
+    if valid_json {
+        out.extend_from_slice(raw);
+    } else {
+        // Not JSON: keep the bytes as a JSON string so the entry stays readable.
+        serde_json::to_writer(&mut out, &String::from_utf8_lossy(raw))?;
+    }
+    out.push(b',');
+    serde_json::to_writer(&mut out, exchange)?;
+    out.push(b',');
+    serde_json::to_writer(&mut out, routing_key)?;
+    out.push(b']');
+    Ok(out)
+}
+
+/// The envelope with kombu's redelivered flags in `headers` and `properties.delivery_info`.
+fn mark_redelivered(raw: &[u8]) -> Vec<u8> {
+    let Ok(mut env) = serde_json::from_slice::<Value>(raw) else {
+        return raw.to_vec();
+    };
+    if let Some(h) = env.get_mut("headers").and_then(Value::as_object_mut) {
+        h.insert("redelivered".into(), Value::Bool(true));
+    }
+    if let Some(di) = env
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("delivery_info"))
+        .and_then(Value::as_object_mut)
+    {
+        di.insert("redelivered".into(), Value::Bool(true));
+    }
+    serde_json::to_vec(&env).unwrap_or_else(|_| raw.to_vec())
+}
+
+/// What the transport reads from an envelope.
+#[derive(Debug, Default)]
+struct Info {
+    valid_json: bool,
+    tag: Option<String>,
+    kombu_priority: u8,
+    exact_priority: Option<u8>,
+    exchange: Option<String>,
+    routing_key: Option<String>,
+    redelivered: bool,
+}
+
+impl Info {
+    fn read(raw: &[u8]) -> Info {
+        #[derive(Deserialize, Default)]
+        struct Env {
+            #[serde(default)]
+            headers: Option<Value>,
+            #[serde(default)]
+            properties: Option<Props>,
+        }
+        #[derive(Deserialize, Default)]
+        struct Props {
+            delivery_tag: Option<Value>,
+            priority: Option<Value>,
+            celeriac_priority: Option<Value>,
+            delivery_info: Option<DeliveryInfo>,
+        }
+        #[derive(Deserialize, Default)]
+        struct DeliveryInfo {
+            exchange: Option<String>,
+            routing_key: Option<String>,
+            redelivered: Option<bool>,
+        }
+        let Ok(env) = serde_json::from_slice::<Env>(raw) else {
+            return Info {
+                valid_json: serde_json::from_slice::<serde::de::IgnoredAny>(raw).is_ok(),
+                ..Info::default()
+            };
+        };
+        let p = env.properties.unwrap_or_default();
+        let di = p.delivery_info.unwrap_or_default();
+        // kombu: int(priority) clamped to 0..9, anything else is 0.
+        let kp = p
+            .priority
+            .and_then(|v| v.as_f64())
+            .map_or(0, |f| f.clamp(0.0, 9.0) as u8);
+        let header_redelivered = env
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("redelivered"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Info {
+            valid_json: true,
+            tag: p.delivery_tag.and_then(|t| match t {
+                Value::String(s) => Some(s),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }),
+            kombu_priority: kp,
+            exact_priority: p
+                .celeriac_priority
+                .and_then(|v| v.as_u64())
+                .map(|v| v.min(9) as u8)
+                .filter(|v| kombu_priority(*v) == kp),
+            exchange: di.exchange,
+            routing_key: di.routing_key,
+            redelivered: di.redelivered.unwrap_or(false) || header_redelivered,
+        }
+    }
+}
+
+/// kombu's `restore_visible`: puts deliveries whose lease ran out back in their lists.
+///
+/// Looks first without the lock (cheap and usually empty); takes `unacked_mutex` only when
+/// there is work, as kombu holds it while it restores.
+async fn restore_visible(broker: &Inner) -> Result<u64> {
+    let keys = &broker.keys;
+    let ceil = now_secs() - broker.visibility_timeout.as_secs_f64();
+    let ceil_text = format!("{ceil:.6}");
+    let expired: Vec<String> = broker
+        .redis
+        .run("look for expired redis deliveries", |mut c| {
+            let ceil_text = &ceil_text;
+            async move {
+                redis::cmd("ZREVRANGEBYSCORE")
+                    .arg(keys.unacked_index())
+                    .arg(ceil_text)
+                    .arg(0)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(BATCH_LIMIT)
+                    .query_async(&mut c)
+                    .await
+            }
+        })
+        .await?;
+    if expired.is_empty() {
+        return Ok(0);
+    }
+    let token = new_id();
+    let locked: bool = broker
+        .redis
+        .run("take the unacked_mutex", |mut c| {
+            let token = &token;
+            async move {
+                let r: Option<String> = redis::cmd("SET")
+                    .arg(keys.unacked_mutex())
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(MUTEX_EXPIRE_MS)
+                    .query_async(&mut c)
+                    .await?;
+                Ok(r.is_some())
+            }
+        })
+        .await?;
+    if !locked {
+        return Ok(0);
+    }
+    let mut restored = 0;
+    let mut result = Ok(());
+    for tag in expired {
+        match restore_by_tag(broker, &tag, &ceil_text).await {
+            Ok(true) => restored += 1,
+            Ok(false) => {}
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let _ = broker
+        .redis
+        .run("release the unacked_mutex", |mut c| {
+            let token = &token;
+            async move {
+                scripts::UNLOCK
+                    .key(keys.unacked_mutex())
+                    .arg(token)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            }
+        })
+        .await;
+    if restored > 0 {
+        tracing::info!(
+            restored,
+            "restored redis deliveries whose visibility timeout ran out"
+        );
+    }
+    result.map(|()| restored)
+}
+
+async fn restore_by_tag(broker: &Inner, tag: &str, ceil: &str) -> Result<bool> {
+    let keys = &broker.keys;
+    let value: Option<Vec<u8>> = broker
+        .redis
+        .run("read an unacked redis delivery", |mut c| async move {
+            redis::cmd("HGET")
+                .arg(keys.unacked())
+                .arg(tag)
+                .query_async(&mut c)
+                .await
+        })
+        .await?;
+    let (target, payload, value) = match value {
+        None => (keys.list("", 0), Vec::new(), Vec::new()),
+        Some(v) => match serde_json::from_slice::<(Value, String, String)>(&v) {
+            Ok((env, exchange, routing_key)) => {
+                let raw = serde_json::to_vec(&env)?;
+                let queue = lookup(broker, &exchange, &routing_key).await?;
+                let info = Info::read(&raw);
+                let target = keys.list(&queue, step_for(info.kombu_priority));
+                (target, mark_redelivered(&raw), v)
+            }
+            Err(e) => {
+                tracing::warn!(tag, error = %e, "unacked redis entry is not [envelope, exchange, routing_key]; left in place");
+                return Ok(false);
+            }
+        },
+    };
+    let done: i64 = broker
+        .redis
+        .run("restore an unacked redis delivery", |mut c| {
+            let (target, payload, value) = (&target, &payload, &value);
+            async move {
+                scripts::RESTORE
+                    .key(keys.unacked())
+                    .key(keys.unacked_index())
+                    .key(target)
+                    .arg(tag)
+                    .arg(value)
+                    .arg(ceil)
+                    .arg(payload)
+                    .invoke_async(&mut c)
+                    .await
+            }
+        })
+        .await?;
+    Ok(done == 1)
+}
+
+/// kombu's `_lookup`: the queue a message published to `exchange` with `routing_key` goes to.
+///
+/// The anonymous exchange routes by queue name; a named one through its binding set (direct
+/// match on the routing key), falling back to the routing key.
+async fn lookup(broker: &Inner, exchange: &str, routing_key: &str) -> Result<String> {
+    if exchange.is_empty() {
+        return Ok(routing_key.to_owned());
+    }
+    let key = broker.keys.binding(exchange);
+    let key = &key;
+    let members: Vec<String> = broker
+        .redis
+        .run("read a kombu binding table", |mut c| async move {
+            redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await
+        })
+        .await?;
+    for m in members {
+        let parts: Vec<&str> = m.split(SEP).collect();
+        if parts.len() == 3 && parts[0] == routing_key {
+            return Ok(parts[2].to_owned());
+        }
+    }
+    Ok(routing_key.to_owned())
+}
+
+// ===== settling =====
+
+#[derive(Debug)]
+struct RedisAcker {
+    broker: Arc<Inner>,
+    queue: String,
+    tag: String,
+    /// The score this consumer last wrote in `unacked_index`: the lease's identity.
+    token: Mutex<String>,
+    raw: Vec<u8>,
+    step: u8,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+    settled: AtomicBool,
+    /// Set when the delivery was fetched for a consumer that is gone: dropping it then puts
+    /// the message back at once.
+    give_back: Arc<AtomicBool>,
+}
+
+impl RedisAcker {
+    fn release(&self) {
+        self.settled.store(true, Ordering::Release);
+        self.permit.lock().expect("permit lock").take();
+    }
+
+    fn token(&self) -> String {
+        self.token.lock().expect("token lock").clone()
+    }
+
+    async fn settle(
+        &self,
+        what: &str,
+        mode: &str,
+        target: String,
+        payload: &[u8],
+        score: i64,
+    ) -> Result<bool> {
+        let keys = &self.broker.keys;
+        let token = self.token();
+        let r: Result<i64> = self
+            .broker
+            .redis
+            .run(what, |mut c| {
+                let (target, token) = (&target, &token);
+                async move {
+                    scripts::SETTLE
+                        .key(keys.unacked())
+                        .key(keys.unacked_index())
+                        .key(target)
+                        .arg(&self.tag)
+                        .arg(token)
+                        .arg(mode)
+                        .arg(payload)
+                        .arg(score)
+                        .invoke_async(&mut c)
+                        .await
+                }
+            })
+            .await;
+        self.release();
+        Ok(r? == 1)
+    }
+}
+
+impl Acker for RedisAcker {
+    fn ack(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.settle(
+                "ack a redis delivery",
+                "ack",
+                self.broker.keys.unacked(),
+                b"",
+                0,
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn reject(&self, requeue: Requeue) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let keys = &self.broker.keys;
+            match requeue {
+                Requeue::Drop => self
+                    .settle("reject a redis delivery", "ack", keys.unacked(), b"", 0)
+                    .await
+                    .map(drop),
+                Requeue::Now => {
+                    // kombu's reject(requeue=True): back of the queue (LPUSH), flagged.
+                    let payload = mark_redelivered(&self.raw);
+                    self.settle(
+                        "requeue a redis delivery",
+                        "lpush",
+                        keys.list(&self.queue, self.step),
+                        &payload,
+                        0,
+                    )
+                    .await
+                    .map(drop)
+                }
+                Requeue::After(d) => {
+                    let payload = mark_redelivered(&self.raw);
+                    let due = ms_of(chrono::Utc::now()) + d.as_millis() as i64;
+                    self.settle(
+                        "delay a redis delivery",
+                        "zadd",
+                        keys.delayed(&self.queue),
+                        &payload,
+                        due,
+                    )
+                    .await
+                    .map(drop)
+                }
+            }
+        })
+    }
+
+    fn extend_lease(&self, by: Duration) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let keys = &self.broker.keys;
+            let old = self.token();
+            let new = score(by, self.broker.visibility_timeout);
+            let done: i64 = self
+                .broker
+                .redis
+                .run("extend a redis lease", |mut c| {
+                    let (old, new) = (&old, &new);
+                    async move {
+                        scripts::EXTEND
+                            .key(keys.unacked_index())
+                            .arg(&self.tag)
+                            .arg(old)
+                            .arg(new)
+                            .invoke_async(&mut c)
+                            .await
+                    }
+                })
+                .await?;
+            if done == 1 {
+                *self.token.lock().expect("token lock") = new;
+                Ok(())
+            } else {
+                Err(Error::broker(
+                    "lease already expired: the message was handed to another consumer",
+                ))
+            }
+        })
+    }
+}
+
+impl Drop for RedisAcker {
+    /// A delivery dropped unsettled frees its prefetch slot; its message stays in `unacked`
+    /// until the visibility timeout restores it, as if its consumer had died. One fetched for a
+    /// consumer that is gone, never handed out, goes back at once.
+    fn drop(&mut self) {
+        if self.settled.load(Ordering::Acquire) {
+            return;
+        }
+        self.release();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.give_back.load(Ordering::Acquire) {
+            return;
+        }
+        let broker = self.broker.clone();
+        let (tag, token, raw, queue, step) = (
+            self.tag.clone(),
+            self.token(),
+            self.raw.clone(),
+            self.queue.clone(),
+            self.step,
+        );
+        rt.spawn(async move {
+            let keys = &broker.keys;
+            let target = keys.list(&queue, step);
+            let r = broker
+                .redis
+                .run("give back a redis delivery", |mut c| {
+                    let (target, tag, token, raw) = (&target, &tag, &token, &raw);
+                    async move {
+                        scripts::SETTLE
+                            .key(keys.unacked())
+                            .key(keys.unacked_index())
+                            .key(target)
+                            .arg(tag)
+                            .arg(token)
+                            .arg("rpush")
+                            .arg(raw)
+                            .arg(0)
+                            .invoke_async::<i64>(&mut c)
+                            .await
+                    }
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot give back a redis delivery; the visibility timeout will");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_map_onto_kombu_buckets() {
+        // Ours 9 (most urgent) is kombu's 0, the bare list polled first.
+        let bucket: Vec<u8> = (0..=9).map(|p| step_for(kombu_priority(p))).collect();
+        assert_eq!(bucket, [9, 9, 9, 9, 6, 6, 6, 3, 3, 0]);
+        for k in 0..=9 {
+            // A Python message read and re-published by us stays in its bucket.
+            assert_eq!(
+                step_for(kombu_priority(ours_from_kombu(k))),
+                step_for(k),
+                "{k}"
+            );
+        }
+        assert_eq!(ours_from_kombu(0), 9, "Python's default is our top");
+    }
+
+    #[test]
+    fn the_envelope_carries_kombus_and_our_priority() {
+        let mut m = celeriac_core::Message::new(
+            celeriac_core::Headers::new("t", "i"),
+            &celeriac_core::Body::new(vec![], serde_json::Map::new()),
+            celeriac_core::ContentType::Json,
+        )
+        .unwrap();
+        m.properties.priority = 7;
+        let (bytes, step) = encode(&m, "q", 7).unwrap();
+        assert_eq!(step, 3);
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["properties"]["priority"], 3);
+        assert_eq!(v["properties"]["celeriac_priority"], 7);
+        let info = Info::read(&bytes);
+        assert_eq!((info.kombu_priority, info.exact_priority), (3, Some(7)));
+        assert!(!info.redelivered);
+        let again = Info::read(&mark_redelivered(&bytes));
+        assert!(again.redelivered);
+        assert_eq!(again.tag, info.tag);
+    }
+
+    #[test]
+    fn unacked_entries_are_kombus_triple() {
+        let e = unacked_entry(br#"{"a":1}"#, true, "", "celery").unwrap();
+        assert_eq!(e, br#"[{"a":1},"","celery"]"#);
+        let e = unacked_entry(b"\xff not json", false, "", "q").unwrap();
+        let v: Value = serde_json::from_slice(&e).unwrap();
+        assert!(v[0].is_string());
+    }
+}

@@ -1,14 +1,128 @@
-//! Redis broker and result backend for celeriac, using the same keys, encodings and semantics
-//! as kombu's Redis transport and Celery's Redis result backend (work in progress).
+//! Redis broker and result backend for celeriac, sharing one Redis with Python Celery.
+//!
+//! This crate is for applications that run their tasks through Redis, alone or next to Python
+//! Celery workers and clients: [`RedisBroker`] keeps queues exactly as kombu's Redis transport
+//! does, and [`RedisBackend`] keeps results exactly as Celery's Redis result backend does, so
+//! a Python client can send a task that a celeriac worker runs and read its result, and the
+//! other way round. Users normally reach it through the `celeriac` facade (feature `redis`)
+//! and a URL; call [`register`] to add the schemes to a [`celeriac_core::Drivers`] table, or
+//! open the types directly.
+//!
+//! # URLs
+//!
+//! - `redis://[[user]:password@]host[:port][/db]` (db 0 by default);
+//! - `unix:///path/to/redis.sock?db=N`, kombu's `redis+socket:///path?virtual_host=N`;
+//! - `rediss://` (TLS) is refused with a clear error: this build has no TLS support.
+//!
+//! Query parameter `global_keyprefix=<text>` (percent-encoded) sets kombu's and Celery's
+//! `global_keyprefix`; other parameters go to the `redis` crate (e.g. `protocol=resp3`).
+//! `visibility_timeout` and `result_expires` come from [`celeriac_core::Config`] (see
+//! [`RedisOptions`]). Passwords never reach logs or error messages
+//! ([`celeriac_core::url::redact`]).
+//!
+//! # Key layout (broker)
+//!
+//! Every key below starts with `global_keyprefix`, prepended verbatim, as kombu does.
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `<queue>`, `<queue>\x06\x163`, `\x06\x166`, `\x06\x169` | list | kombu JSON envelopes; `LPUSH` in, `BRPOP` out |
+//! | `_kombu.binding.<queue>` (+ `_kombu.binding_permanent.<queue>`) | set | `<queue>\x06\x16\x06\x16<queue>`, written by `declare` |
+//! | `unacked` | hash | delivery tag → `[envelope, exchange, routing_key]` |
+//! | `unacked_index` | zset | delivery tag → lease score (Unix seconds) |
+//! | `unacked_mutex` | string | the sweep lock, `SET NX PX 300000` |
+//! | `celeriac.delayed.<queue>` | zset | envelope → due time (Unix ms); ours, kombu has none |
+//!
+//! # Design
+//!
+//! **kombu's envelope and lists.** A message is kombu's JSON envelope (body base64, a fresh
+//! UUID `delivery_tag`, `delivery_info` = exchange `""` and the queue as routing key), pushed
+//! with `LPUSH` to one of four lists chosen by its `priority` property with kombu's
+//! `priority_steps` `[0, 3, 6, 9]`. A consumer `BRPOP`s all its lists in kombu's order
+//! (priority-major, queues round robin), so Python and Rust consumers can share a queue.
+//!
+//! **Priorities.** On Redis kombu serves *lower* values first; celeriac's priorities, like
+//! AMQP's, serve *higher* ones first. A celeriac priority becomes the kombu value of its
+//! bucket: 9 → 0, 7-8 → 3, 4-6 → 6, 0-3 → 9 (so 9 is alone on top and the default 0 is at the
+//! bottom), and the exact value rides along in the extra property `celeriac_priority`. A
+//! message from Python, without it, reads as 9, 8, 6 or 0 by bucket: Python's default 0 is our
+//! 9. Ten levels in four lists means FIFO, not priority, inside a bucket.
+//!
+//! **Unacked tracking exactly as kombu's virtual transport.** A delivery is recorded in the
+//! `unacked` hash and the `unacked_index` sorted set in one `MULTI`, as kombu's Redis `QoS`
+//! does, and any consumer sweeps the index: entries older than `now - visibility_timeout` go
+//! back to their list (`RPUSH`, flagged `redelivered`) under `unacked_mutex`. Because the
+//! format and the rule are kombu's, a Python worker restores what a dead celeriac worker held
+//! and the other way round. The lease of a delivery is encoded in its index score (`now +
+//! lease - visibility_timeout`), so `extend_lease` only moves the score; the score this
+//! consumer wrote is its lease token, and ack, reject and extend run as Lua scripts that do
+//! nothing when the score changed (the message was restored and handed to someone else).
+//! Every consumer of one Redis must use the same `visibility_timeout`.
+//!
+//! **Durable delayed delivery.** Celery's ETA tasks wait unacked in worker memory, which is
+//! lost on a crash and duplicated after the visibility timeout. celeriac stores a delayed
+//! message in the sorted set `celeriac.delayed.<queue>` (score: due time) and consumers run an
+//! atomic Lua script that moves due messages into the right list. Nothing delayed lives in a
+//! worker. Python workers never look there, so a task for Python workers must be sent with an
+//! `eta` header instead (the facade's job).
+//!
+//! **Result waiting by pub/sub.** [`RedisBackend::wait`] subscribes to the key's channel
+//! (Celery publishes every stored meta on a channel named like its key) and then reads the key,
+//! so a result stored in between is not missed; it never polls. One pub/sub connection per
+//! backend serves all waiters.
+//!
+//! **Reconnects.** Commands share one multiplexed connection; when it drops, operations
+//! reconnect with backoff (logging a `warn` line with the URL redacted) for
+//! [`RedisOptions::retry_for`], then fail with a transient error. Consumers keep their own
+//! `BRPOP` connection and reconnect forever, and the pub/sub connection resubscribes and makes
+//! every waiter re-read. Unacked entries stay in Redis across all of this, so acks-late work
+//! is restored by the visibility timeout, never lost.
+//!
+//! # What differs from kombu
+//!
+//! - No fanout exchanges (pub/sub broadcast for events and remote control) yet.
+//! - `redeliveries` is 0 or 1: kombu keeps a flag, not a count.
+//! - `BRPOP` then record-as-unacked is not atomic (as in kombu): a consumer killed between the
+//!   two loses that message.
+//! - Fixed `sep` and `priority_steps`; queues declared with `x-expires` are not supported.
 
 mod backend;
 mod broker;
+mod conn;
+mod keys;
+mod options;
+mod scripts;
+
+use std::sync::Arc;
+
+use celeriac_core::{Drivers, DynBackend, DynBroker};
 
 pub use backend::RedisBackend;
 pub use broker::RedisBroker;
+pub use options::RedisOptions;
 
-/// Registers the `redis` (and `rediss`, `unix`) schemes for broker and result backend.
-pub fn register(drivers: &mut celeriac_core::Drivers) {
-    broker::register(drivers);
-    backend::register(drivers);
+/// The URL schemes this crate registers.
+pub const SCHEMES: [&str; 4] = ["redis", "rediss", "unix", "redis+socket"];
+
+/// Adds the `redis`, `rediss`, `unix` and `redis+socket` schemes, for brokers and result
+/// backends, to `drivers`.
+///
+/// ```
+/// let mut drivers = celeriac_core::Drivers::new();
+/// celeriac_redis::register(&mut drivers);
+/// assert!(format!("{drivers:?}").contains("redis"));
+/// ```
+pub fn register(drivers: &mut Drivers) {
+    for scheme in SCHEMES {
+        drivers.add_broker(scheme, |url, config| {
+            Box::pin(async move {
+                Ok(Arc::new(RedisBroker::connect(&url, &config).await?) as DynBroker)
+            })
+        });
+        drivers.add_backend(scheme, |url, config| {
+            Box::pin(async move {
+                Ok(Arc::new(RedisBackend::connect(&url, &config).await?) as DynBackend)
+            })
+        });
+    }
 }

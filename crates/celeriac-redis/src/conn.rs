@@ -1,0 +1,201 @@
+//! One shared command connection per broker or backend, re-established on demand.
+//!
+//! Commands go over one multiplexed connection (the `redis` crate pipelines concurrent callers
+//! onto it). When a command fails because the connection is gone (a Redis restart, `CLIENT
+//! KILL`, a network cut), the connection is dropped, a `warn` line is logged with the URL
+//! redacted, and the operation is retried with exponential backoff for
+//! [`RedisOptions::retry_for`](crate::RedisOptions::retry_for); after that it fails with a
+//! transient error. Blocking commands (`BRPOP`) and pub/sub never share this connection: each
+//! consumer and each backend's subscriber open their own.
+
+use std::future::Future;
+use std::time::Duration;
+
+use celeriac_core::{Error, ErrorKind, Result};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::options::Target;
+
+/// How long a new connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a command may wait for its reply before the connection is considered dead.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The shared connection of a broker or backend.
+pub(crate) struct Redis {
+    client: redis::Client,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    kind: ErrorKind,
+    /// The URL with its password replaced, for logs and errors.
+    pub(crate) url: String,
+    retry_for: Duration,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `e` means the connection is unusable (retrying on a new one may succeed).
+pub(crate) fn is_connection_error(e: &RedisError) -> bool {
+    if e.kind() == redis::ErrorKind::AuthenticationFailed {
+        return false;
+    }
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+}
+
+/// Exponential backoff from 50 ms to 2 s.
+#[derive(Debug)]
+pub(crate) struct Backoff(Duration);
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Backoff(Duration::from_millis(50))
+    }
+
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        d
+    }
+}
+
+impl Redis {
+    /// Opens the client and checks that the server answers (and accepts the credentials).
+    pub(crate) async fn connect(
+        target: &Target,
+        kind: ErrorKind,
+        retry_for: Duration,
+    ) -> Result<Self> {
+        let client = redis::Client::open(target.client_url.as_str()).map_err(|e| {
+            Error::new(kind, format!("invalid redis url {}", target.redacted)).with_source(e)
+        })?;
+        let redis = Redis {
+            client,
+            conn: Mutex::new(None),
+            kind,
+            url: target.redacted.clone(),
+            retry_for,
+        };
+        let mut c = redis
+            .connection()
+            .await
+            .map_err(|e| redis.error("connect to redis", e))?;
+        redis::cmd("PING")
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(|e| redis.error("connect to redis", e))?;
+        Ok(redis)
+    }
+
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// A new connection of its own (for `BRPOP`), whose replies may take `response_timeout`.
+    pub(crate) async fn dedicated(
+        &self,
+        response_timeout: Duration,
+    ) -> redis::RedisResult<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(response_timeout));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = &*guard {
+            return Ok(c.clone());
+        }
+        let c = self.dedicated(COMMAND_TIMEOUT).await?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn reset(&self) {
+        *self.conn.lock().await = None;
+    }
+
+    /// Runs `f` on the shared connection, reconnecting and retrying while the connection is
+    /// lost, for up to `retry_for`.
+    ///
+    /// Only for idempotent operations (or ones where a repeat is harmless under at-least-once,
+    /// like publishing): a command whose reply was lost may have run.
+    pub(crate) async fn run<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
+    where
+        F: FnMut(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let started = Instant::now();
+        let mut backoff = Backoff::new();
+        loop {
+            let r = match self.connection().await {
+                Ok(c) => f(c).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if is_connection_error(&e) && started.elapsed() < self.retry_for => {
+                    self.reset().await;
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        url = %self.url,
+                        error = %e,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "redis connection lost while trying to {what}; reconnecting"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => {
+                    if is_connection_error(&e) {
+                        self.reset().await;
+                    }
+                    return Err(self.error(what, e));
+                }
+            }
+        }
+    }
+
+    /// Runs `f` once (for operations that must not run twice, like `INCR`); a lost connection
+    /// is dropped so that the next call reconnects.
+    pub(crate) async fn run_once<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let r = match self.connection().await {
+            Ok(c) => f(c).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if is_connection_error(&e) {
+                    self.reset().await;
+                }
+                Err(self.error(what, e))
+            }
+        }
+    }
+
+    /// `e` as a celeriac error: "cannot <what> (<url>)", transient when the connection failed.
+    pub(crate) fn error(&self, what: &str, e: RedisError) -> Error {
+        let transient = is_connection_error(&e);
+        let err = Error::new(self.kind, format!("cannot {what} ({})", self.url)).with_source(e);
+        if transient { err.transient() } else { err }
+    }
+}

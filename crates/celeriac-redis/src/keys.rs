@@ -1,0 +1,165 @@
+//! Key names, exactly as kombu and Celery spell them, and kombu's priority buckets.
+
+/// kombu's separator between a queue name and its priority step, and inside binding members.
+pub(crate) const SEP: &str = "\x06\x16";
+
+/// kombu's `priority_steps`: the buckets a queue is split into, polled in this order.
+pub(crate) const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
+
+/// kombu's `Channel.priority(n)`: the largest step not above `n`.
+pub(crate) fn step_for(kombu: u8) -> u8 {
+    PRIORITY_STEPS
+        .iter()
+        .copied()
+        .filter(|s| *s <= kombu.min(9))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Broker key names under kombu's `global_keyprefix`, which is prepended verbatim.
+#[derive(Debug, Clone)]
+pub(crate) struct BrokerKeys {
+    prefix: String,
+}
+
+impl BrokerKeys {
+    pub(crate) fn new(prefix: &str) -> Self {
+        BrokerKeys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The list holding `queue`'s messages of priority step `step` (`queue` itself for 0).
+    pub(crate) fn list(&self, queue: &str, step: u8) -> String {
+        if step == 0 {
+            format!("{}{queue}", self.prefix)
+        } else {
+            format!("{}{queue}{SEP}{step}", self.prefix)
+        }
+    }
+
+    /// The four lists of `queue`, in the order kombu polls them.
+    pub(crate) fn lists(&self, queue: &str) -> [String; 4] {
+        PRIORITY_STEPS.map(|s| self.list(queue, s))
+    }
+
+    /// `_kombu.binding.<exchange>`.
+    pub(crate) fn binding(&self, exchange: &str) -> String {
+        format!("{}_kombu.binding.{exchange}", self.prefix)
+    }
+
+    /// `_kombu.binding_permanent.<exchange>` (kombu 5.7's record of non-expiring bindings).
+    pub(crate) fn binding_permanent(&self, exchange: &str) -> String {
+        format!("{}_kombu.binding_permanent.{exchange}", self.prefix)
+    }
+
+    /// A binding member: `routing_key SEP pattern SEP queue`.
+    pub(crate) fn binding_member(routing_key: &str, queue: &str) -> String {
+        format!("{routing_key}{SEP}{SEP}{queue}")
+    }
+
+    pub(crate) fn unacked(&self) -> String {
+        format!("{}unacked", self.prefix)
+    }
+
+    pub(crate) fn unacked_index(&self) -> String {
+        format!("{}unacked_index", self.prefix)
+    }
+
+    pub(crate) fn unacked_mutex(&self) -> String {
+        format!("{}unacked_mutex", self.prefix)
+    }
+
+    /// Our sorted set of delayed messages of `queue` (score: due time in Unix ms).
+    pub(crate) fn delayed(&self, queue: &str) -> String {
+        format!("{}celeriac.delayed.{queue}", self.prefix)
+    }
+
+    /// A `SCAN MATCH` pattern for every binding set.
+    pub(crate) fn binding_pattern(&self) -> String {
+        format!("{}_kombu.binding.*", glob_escape(&self.prefix))
+    }
+}
+
+/// Result backend key names under Celery's `global_keyprefix` rule: a `_` is appended unless
+/// the prefix ends in one of `: _ - .`.
+#[derive(Debug, Clone)]
+pub(crate) struct BackendKeys {
+    prefix: String,
+}
+
+impl BackendKeys {
+    pub(crate) fn new(global_keyprefix: &str) -> Self {
+        let mut prefix = global_keyprefix.to_owned();
+        if prefix.chars().last().is_some_and(|c| !":_-.".contains(c)) {
+            prefix.push('_');
+        }
+        BackendKeys { prefix }
+    }
+
+    /// `celery-task-meta-<id>`: also the pub/sub channel of the task's state changes.
+    pub(crate) fn task(&self, task_id: &str) -> String {
+        format!("{}celery-task-meta-{task_id}", self.prefix)
+    }
+
+    /// `celery-taskset-meta-<id>`.
+    pub(crate) fn group(&self, group_id: &str) -> String {
+        format!("{}celery-taskset-meta-{group_id}", self.prefix)
+    }
+
+    /// A counter, named by the caller, under the prefix.
+    pub(crate) fn counter(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+}
+
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "*?[]\\".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_map_onto_kombu_buckets() {
+        let steps: Vec<u8> = (0..=10).map(step_for).collect();
+        assert_eq!(steps, [0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 9]);
+        let k = BrokerKeys::new("");
+        assert_eq!(
+            k.lists("celery"),
+            [
+                "celery",
+                "celery\x06\x163",
+                "celery\x06\x166",
+                "celery\x06\x169"
+            ]
+        );
+    }
+
+    #[test]
+    fn prefixes_follow_kombu_and_celery() {
+        let k = BrokerKeys::new("pfx");
+        assert_eq!(k.list("q", 0), "pfxq");
+        assert_eq!(k.binding("q"), "pfx_kombu.binding.q");
+        assert_eq!(k.unacked_mutex(), "pfxunacked_mutex");
+        assert_eq!(BackendKeys::new("pfx").task("i"), "pfx_celery-task-meta-i");
+        assert_eq!(BackendKeys::new("pfx:").task("i"), "pfx:celery-task-meta-i");
+        assert_eq!(BackendKeys::new("").group("g"), "celery-taskset-meta-g");
+        assert_eq!(
+            BrokerKeys::new("a*b").binding_pattern(),
+            "a\\*b_kombu.binding.*"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! The Lua scripts: each runs atomically on the server, so no other client sees half of it.
+//!
+//! They are loaded once per connection by `EVALSHA` (falling back to `EVAL` after a Redis
+//! restart flushed the script cache). None of them re-encodes a message: envelopes are moved
+//! byte for byte, and the only JSON they decode is to read one field.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Moves due delayed messages into their queue's priority lists.
+///
+/// KEYS: delayed zset, then the four lists (steps 0, 3, 6, 9). ARGV: now (Unix ms), limit.
+/// Returns `{moved, next due score or false}`. The list is chosen from the envelope's
+/// `properties.priority` exactly as kombu's `_put` chooses it.
+pub(crate) static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  local p = 0
+  local ok, env = pcall(cjson.decode, m)
+  if ok and type(env) == 'table' and type(env.properties) == 'table' then
+    p = tonumber(env.properties.priority) or 0
+  end
+  local k = 2
+  if p >= 9 then k = 5 elseif p >= 6 then k = 4 elseif p >= 3 then k = 3 end
+  redis.call('LPUSH', KEYS[k], m)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#due, nxt[2] or false}
+"#,
+    )
+});
+
+/// Settles a delivery if this consumer still holds it.
+///
+/// KEYS: unacked, unacked_index, target (list or delayed zset; unused for `ack`).
+/// ARGV: delivery tag, lease token (the index score this consumer wrote), mode (`ack`,
+/// `lpush`, `rpush`, `zadd`), payload, zadd score. Returns 1 when settled, 0 when the lease
+/// was lost (the message was restored and perhaps handed to another consumer).
+pub(crate) static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local s = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if s and tonumber(s) ~= tonumber(ARGV[2]) then return 0 end
+if (not s) and ARGV[3] ~= 'ack' then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+if ARGV[3] == 'lpush' then redis.call('LPUSH', KEYS[3], ARGV[4])
+elseif ARGV[3] == 'rpush' then redis.call('RPUSH', KEYS[3], ARGV[4])
+elseif ARGV[3] == 'zadd' then redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4]) end
+return 1
+"#,
+    )
+});
+
+/// Moves a lease's deadline if this consumer still holds it.
+///
+/// KEYS: unacked_index. ARGV: tag, old token, new score. Returns 1, or 0 when the lease was
+/// lost.
+pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not s) or tonumber(s) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+return 1
+"#,
+    )
+});
+
+/// kombu's `restore_by_tag` as a compare-and-set: puts an expired delivery back at the
+/// consuming end of its list (`RPUSH`), unless it changed since it was read.
+///
+/// KEYS: unacked, unacked_index, target list. ARGV: tag, the hash value read, ceiling score
+/// (now - visibility timeout), payload with the redelivered flags. Returns 1 when restored.
+pub(crate) static RESTORE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local s = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if s and tonumber(s) > tonumber(ARGV[3]) then return 0 end
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 0
+end
+if v ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[4])
+return 1
+"#,
+    )
+});
+
+/// Releases the `unacked_mutex` if we still own it (redis-py's `Lock.release`).
+///
+/// KEYS: mutex. ARGV: token.
+pub(crate) static UNLOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});
+
+/// Stores a task meta document unless the stored state takes precedence, then publishes it
+/// on the key's channel (Celery's `SETEX` + `PUBLISH`).
+///
+/// KEYS: the meta key. ARGV: document, expiry in seconds (0: none), then the stored states
+/// that must not be replaced by this one. Returns 1 when written.
+pub(crate) static STORE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local old = redis.call('GET', KEYS[1])
+if old then
+  local st
+  local ok, doc = pcall(cjson.decode, old)
+  if ok and type(doc) == 'table' then st = doc.status end
+  if type(st) ~= 'string' then st = string.match(old, '"status"%s*:%s*"([^"]*)"') end
+  for i = 3, #ARGV do
+    if st == ARGV[i] then return 0 end
+  end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"#,
+    )
+});

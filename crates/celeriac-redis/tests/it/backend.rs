@@ -1,0 +1,178 @@
+//! Celery's result documents, the PUBLISH on the key, expiry, groups and waiting.
+
+use std::time::Duration;
+
+use celeriac_core::{ResultBackend, TaskMeta, TaskState};
+use celeriac_redis::RedisOptions;
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+
+use crate::util::{self, backend_with, raw};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_writes_celerys_document_publishes_it_and_sets_the_ttl() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let backend = backend_with(
+        &p,
+        RedisOptions::default().result_expires(Some(Duration::from_secs(600))),
+    )
+    .await;
+    let key = backend.task_key("t1");
+    assert_eq!(
+        key,
+        format!("{p}celery-task-meta-t1"),
+        "prefix ends in ':' so no '_' is added"
+    );
+
+    let mut pubsub = redis::Client::open(util::URL)
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub.subscribe(&key).await.unwrap();
+    let mut meta = TaskMeta::success("t1", json!(5));
+    meta.name = Some("proj.tasks.add".into());
+    assert!(backend.store(&meta).await.unwrap());
+
+    let msg = tokio::time::timeout(Duration::from_secs(5), pubsub.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.get_channel_name(), key);
+    let published: Vec<u8> = msg.get_payload().unwrap();
+    let mut c = raw().await;
+    let stored: Vec<u8> = c.get(&key).await.unwrap();
+    assert_eq!(published, stored);
+    let text = String::from_utf8(stored).unwrap();
+    assert!(
+        text.starts_with(
+            r#"{"status":"SUCCESS","result":5,"traceback":null,"children":[],"date_done":""#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(r#","name":"proj.tasks.add","task_id":"t1"}"#),
+        "{text}"
+    );
+    let ttl: i64 = c.ttl(&key).await.unwrap();
+    assert!((590..=600).contains(&ttl), "ttl {ttl}");
+
+    // SUCCESS is final: a late STARTED is not written nor published.
+    assert!(
+        !backend
+            .store(&TaskMeta::started("t1", "w@h"))
+            .await
+            .unwrap()
+    );
+    let still: Value = serde_json::from_slice(&c.get::<_, Vec<u8>>(&key).await.unwrap()).unwrap();
+    assert_eq!(still["status"], "SUCCESS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celerys_prefix_rule_and_no_expiry() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let bare = p.trim_end_matches(':').to_owned();
+    let backend = backend_with(&bare, RedisOptions::default().result_expires(None)).await;
+    let key = backend.task_key("t2");
+    assert_eq!(key, format!("{bare}_celery-task-meta-t2"));
+    backend
+        .store(&TaskMeta::success("t2", json!(null)))
+        .await
+        .unwrap();
+    let mut c = raw().await;
+    let ttl: i64 = c.ttl(&key).await.unwrap();
+    assert_eq!(ttl, -1, "result_expires None keeps results");
+    let _: () = c.del(&key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_celerys_tuple_and_python_written_ones_restore() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let backend = backend_with(&p, RedisOptions::default()).await;
+    backend
+        .save_group("g1", &["a".to_owned(), "b".to_owned()])
+        .await
+        .unwrap();
+    let mut c = raw().await;
+    let v: Value = serde_json::from_slice(
+        &c.get::<_, Vec<u8>>(format!("{p}celery-taskset-meta-g1"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        v,
+        json!({"result": [["g1", null], [[["a", null], null], [["b", null], null]]]})
+    );
+    // As Python's json.dumps writes it.
+    let py = r#"{"result": [["g2", null], [[["x", null], null], [["y", null], null]]]}"#;
+    let _: () = c
+        .set(format!("{p}celery-taskset-meta-g2"), py)
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.restore_group("g2").await.unwrap(),
+        Some(vec!["x".to_owned(), "y".to_owned()])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_resolves_when_another_client_stores_and_reads_python_documents() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let backend = backend_with(&p, RedisOptions::default()).await;
+    let key = backend.task_key("t3");
+    let waiter = {
+        let b = backend.clone();
+        tokio::spawn(async move { b.wait("t3", Some(Duration::from_secs(20))).await })
+    };
+    // Give the waiter time to block (it subscribes, reads, then sleeps on the channel).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = tokio::time::Instant::now();
+    // A Python worker's SETEX + PUBLISH, with Python's spacing and a NaN.
+    let doc = r#"{"status": "SUCCESS", "result": [1, NaN], "traceback": null, "children": [], "date_done": "2026-01-05T10:15:31.176903+00:00", "task_id": "t3"}"#;
+    let mut c = raw().await;
+    let _: () = redis::pipe()
+        .set_ex(&key, doc, 60)
+        .publish(&key, doc)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let meta = waiter.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "woken by pub/sub, took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(meta.status, TaskState::Success);
+    assert_eq!(meta.result, json!([1, null]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incr_sets_the_expiry() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let backend = backend_with(
+        &p,
+        RedisOptions::default().result_expires(Some(Duration::from_secs(100))),
+    )
+    .await;
+    assert_eq!(backend.incr("chord-unlock-g", 2).await.unwrap(), 2);
+    let mut c = raw().await;
+    let ttl: i64 = c.ttl(format!("{p}chord-unlock-g")).await.unwrap();
+    assert!((90..=100).contains(&ttl), "{ttl}");
+}

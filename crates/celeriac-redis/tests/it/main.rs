@@ -1,0 +1,13 @@
+//! The integration tests of celeriac-redis: one binary, one module per area. Each needs a
+//! Redis at 127.0.0.1:6379 and skips with a notice without one.
+
+// The generic conformance suites of celeriac-test.
+mod conformance;
+// kombu's keys and formats, read back with a plain connection; Python-written entries.
+mod kombu;
+// Celery's result documents, PUBLISH and waiting.
+mod backend;
+// Lost connections, bad passwords, unreachable ports, URLs.
+mod errors;
+// Shared helpers: unique key prefixes, raw connections.
+mod util;
