@@ -63,6 +63,8 @@ pub struct Config {
     pub routes: BTreeMap<String, String>,
     /// Worker settings.
     pub worker: WorkerConfig,
+    /// The `[beat]` table, read by the beat scheduler (`celeriac::beat`).
+    pub beat: Option<toml::Table>,
 }
 
 /// Worker settings.
@@ -102,6 +104,7 @@ impl Default for Config {
             track_started: false,
             routes: BTreeMap::new(),
             worker: WorkerConfig::default(),
+            beat: None,
         }
     }
 }
@@ -301,6 +304,10 @@ mod tests {
         assert_eq!(c.worker.concurrency, 3);
         assert_eq!(c.route("tasks.send_mail"), Some("default"));
         assert_eq!(c.route("other.x"), None);
+        assert!(c.beat.is_none());
+        let with_beat = "[beat]\ntimezone = \"UTC\"\n[beat.schedule.tick]\ntask = \"tasks.add\"\n";
+        let c = Config::from_sources(Some((Path::new("c.toml"), with_beat)), no_env).unwrap();
+        assert_eq!(c.beat.unwrap()["timezone"].as_str(), Some("UTC"));
     }
 
     #[test]
