@@ -146,3 +146,11 @@ async fn urls_register_and_refuse_tls_clearly() {
         assert_eq!(b.driver(), "redis");
     }
 }
+
+#[test]
+fn public_handles_are_send_and_sync() {
+    fn check<T: Send + Sync + Clone + 'static>() {}
+    check::<RedisBroker>();
+    check::<RedisBackend>();
+    check::<RedisOptions>();
+}
