@@ -258,3 +258,77 @@ async fn a_flood_of_malformed_messages_ends_in_the_dead_letter_queue() {
     );
     assert_eq!(dead::purge(&*broker, "celery").await.unwrap(), BAD as u64);
 }
+
+fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tasks"))
+        .args(["--broker", url])
+        .args(args)
+        .output()
+        .expect("run tasks binary");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_command_lists_inspects_requeues_and_purges() {
+    let (url, _) = sqlite_url("reliability-dead-cli");
+    let app = client(&url).await;
+    let a = app
+        .send_task("tasks.later", vec![json!(1)], Map::new())
+        .await
+        .unwrap();
+    let b = app
+        .send_task("tasks.later", vec![json!(2)], Map::new())
+        .await
+        .unwrap();
+    let mut w = WorkerProcess::start(&url, &["-c", "2"]);
+    let deadline = Instant::now() + T;
+    while app.broker().stats("celery.dead").await.unwrap().ready < 2 {
+        assert!(Instant::now() < deadline, "{}", w.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w.signal("TERM");
+    w.wait(T).await;
+
+    let (ok, out, err) = cli(&url, &["dead"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("celery.dead ") && l.ends_with(" 2")),
+        "{out}"
+    );
+    assert!(
+        out.contains(a.id()) && out.contains("NotRegistered: tasks.later"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&url, &["dead", "inspect", a.id()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("reason    NotRegistered: tasks.later"),
+        "{out}"
+    );
+    assert!(out.contains("queue     celery\n"), "{out}");
+    let (ok, _, err) = cli(&url, &["dead", "inspect", "nope"]);
+    assert!(
+        !ok && err.contains("no dead letter nope in celery.dead"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&url, &["dead", "requeue"]);
+    assert!(!ok && err.contains("--all"), "{err}");
+    let (ok, out, err) = cli(&url, &["dead", "-Q", "celery", "requeue", a.id()]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "requeued 1 message(s) from celery.dead");
+    assert_eq!(app.broker().stats("celery").await.unwrap().ready, 1);
+    assert_eq!(
+        app.result::<Value>(a.id()).meta().await.unwrap().status,
+        TaskState::Pending,
+        "the stored FAILURE is forgotten"
+    );
+    let (ok, out, err) = cli(&url, &["dead", "purge"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "purged 1 dead letter(s) from celery.dead");
+    let _ = b;
+}

@@ -32,6 +32,7 @@ mod beat;
 #[cfg(feature = "beat")]
 pub use beat::run_with_beat;
 
+mod dead;
 mod pool_child;
 
 #[derive(Parser, Debug)]
@@ -129,6 +130,8 @@ enum Command {
     /// Run the periodic-task scheduler, or list, add, remove, pause, resume, trigger entries.
     #[cfg(feature = "beat")]
     Beat(beat::BeatArgs),
+    /// List, inspect, requeue or purge dead letters (`<queue>.dead`).
+    Dead(dead::DeadArgs),
 }
 
 /// Parses the process arguments, builds the app and runs the command.
@@ -342,6 +345,7 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
         }
         #[cfg(feature = "beat")]
         Command::Beat(args) => beat::command(&app, args).await?,
+        Command::Dead(args) => dead::command(&app, args).await?,
         Command::Tasks => {
             for name in app.registry().names() {
                 println!("{name}");
