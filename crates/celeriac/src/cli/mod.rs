@@ -1,5 +1,6 @@
 //! A command line for the user's own binary: `worker`, `call`, `result`, `purge`, `status`,
-//! `tasks`, and with the `beat` feature `beat` and `worker -B`.
+//! `tasks`, `dead` (dead letters), and with the `beat` feature `beat` and `worker -B`. Started
+//! as a processes-pool child (`CELERIAC_POOL_CHILD=1`), it serves the pool instead.
 //!
 //! ```no_run
 //! #[celeriac::task(name = "tasks.add")]
