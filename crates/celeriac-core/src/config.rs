@@ -11,6 +11,8 @@
 //! result_expires = 86400          # seconds; 0 keeps results forever
 //! visibility_timeout = 3600       # seconds a delivery stays leased
 //!
+//! celery_worker_queues = ["celery"]   # also served by Python Celery workers
+//!
 //! [routes]
 //! "tasks.send_*" = "email"        # task-name glob -> queue
 //!
@@ -61,6 +63,10 @@ pub struct Config {
     pub track_started: bool,
     /// Task-name glob → queue.
     pub routes: BTreeMap<String, String>,
+    /// Queues that Python Celery workers also consume. Python workers know no broker-side
+    /// delayed store, so countdown/eta tasks sent to these queues are published at once with
+    /// the `eta` header (as Celery does) instead of being held by the broker until due.
+    pub celery_worker_queues: Vec<String>,
     /// Worker settings.
     pub worker: WorkerConfig,
     /// The `[beat]` table, read by the beat scheduler (`celeriac::beat`).
@@ -103,6 +109,7 @@ impl Default for Config {
             serializer: "json".to_owned(),
             track_started: false,
             routes: BTreeMap::new(),
+            celery_worker_queues: Vec::new(),
             worker: WorkerConfig::default(),
             beat: None,
         }

@@ -176,9 +176,13 @@ impl App {
         message.properties.priority = priority.unwrap_or(0);
 
         self.declare(&queue).await?;
+        // A queue that Python workers also serve gets the eta in the header only: they know no
+        // broker-side delayed store and would otherwise never see the message until it is due.
+        let held_by_broker = !self.inner.config.celery_worker_queues.contains(&queue);
+        let not_before = eta.filter(|t| held_by_broker && *t > now);
         let publish = PublishOptions::default()
             .priority(priority)
-            .not_before(eta.filter(|t| *t > now));
+            .not_before(not_before);
         self.inner.broker.publish(&queue, &message, publish).await?;
         tracing::debug!(task_id = %id, task_name = %sig.task, queue = %queue, "task sent");
         Ok(id)

@@ -244,3 +244,51 @@ async fn collect_tasks_finds_every_task_linked_into_the_binary() {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
 }
+
+#[tokio::test]
+async fn queues_served_by_celery_workers_get_the_eta_in_the_header_only() {
+    let broker = MemoryBroker::new();
+    let mut config = celeriac::Config::default();
+    config.celery_worker_queues = vec!["py".into()];
+    let app = App::builder()
+        .config(config)
+        .broker(std::sync::Arc::new(broker.clone()))
+        .result_backend("memory://")
+        .build()
+        .await
+        .unwrap();
+    let sig = |q: &str| {
+        celeriac::Signature::<i64>::new("tasks.add")
+            .arg(1)
+            .arg(2)
+            .countdown(Duration::from_secs(600))
+            .queue(q)
+    };
+    sig("py").apply_async(&app).await.unwrap();
+    sig("ours").apply_async(&app).await.unwrap();
+    let py = broker.stats("py").await.unwrap();
+    assert_eq!(
+        (py.ready, py.delayed),
+        (1, 0),
+        "published at once for Python workers"
+    );
+    let ours = broker.stats("ours").await.unwrap();
+    assert_eq!(
+        (ours.ready, ours.delayed),
+        (0, 1),
+        "held by the broker otherwise"
+    );
+    let mut consumer = broker
+        .consume(&["py".to_owned()], ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        d.message.as_ref().unwrap().headers.eta.is_some(),
+        "the eta travels in the header"
+    );
+}
