@@ -109,6 +109,10 @@ print(json.dumps([a.id, b.id]))
         1,
         "priority 5 goes to the \\x06\\x163 list: {high:#?}"
     );
+    let tag_b = high[0]["properties"]["delivery_tag"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // Our broker reads both, with every header.
     let queues = [q.to_owned()];
@@ -143,43 +147,45 @@ print(json.dumps([a.id, b.id]))
     assert_eq!(h.extra.get("custom"), Some(&json!("x")), "{h:?}");
     assert_eq!(a.properties.correlation_id, id_a);
     assert!(a.properties.reply_to.is_some());
-    assert_eq!(b.properties.priority, 5);
-
-    // While held, the delivery sits in kombu's unacked hash, where a Python worker's
-    // visibility sweep would find it; an ack removes it.
-    let unacked = python(
-        r#"
-import json, os, redis
-r = redis.Redis.from_url(os.environ["URL"])
-print(json.dumps({"hash": r.hexists("unacked", os.environ["TAG"]),
-                  "index": r.zscore("unacked_index", os.environ["TAG"]) is not None}))
-"#,
-        &env,
-        &[("TAG", &tag_a)],
-    )
-    .await;
-    assert_eq!(
-        unacked,
-        json!({"hash": true, "index": true}),
-        "kombu's unacked layout"
+    // kombu's Redis priority runs lower-first, ours higher-first (as on AMQP): Celery's 5 is
+    // less urgent than its default 0, and must stay so in ours.
+    assert!(
+        b.properties.priority < a.properties.priority && a.properties.priority <= 9,
+        "celery's 0 became our {}, its 5 our {}",
+        a.properties.priority,
+        b.properties.priority
     );
+
+    // While held, each delivery sits in kombu's unacked hash and index, where a Python
+    // worker's visibility sweep would find it; an ack removes it.
+    let tags = format!("{tag_a},{tag_b}");
+    let held = python(UNACKED, &env, &[("TAGS", &tags)]).await;
+    let both = json!([{"hash": true, "index": true}, {"hash": true, "index": true}]);
+    assert_eq!(held["tags"], both, "kombu's unacked layout while held");
     for d in got {
         d.ack().await.unwrap();
     }
-    let after = python(
-        r#"
+    let after = python(UNACKED, &env, &[("TAGS", &tags)]).await;
+    let none = json!([{"hash": false, "index": false}, {"hash": false, "index": false}]);
+    assert_eq!(
+        after["tags"], none,
+        "acked deliveries leave kombu's unacked keys"
+    );
+    assert_eq!(after["lists"], 0);
+}
+
+/// Whether each delivery tag in `TAGS` is in kombu's `unacked` hash and `unacked_index`, and
+/// how many messages `QUEUE`'s four lists hold.
+const UNACKED: &str = r#"
 import json, os, redis
 r = redis.Redis.from_url(os.environ["URL"])
 q = os.environ["QUEUE"]
-print(json.dumps({"unacked": r.hlen("unacked"), "index": r.zcard("unacked_index"),
-                  "lists": sum(r.llen(k) for k in [q] + [q + "\x06\x16" + s for s in "369"])}))
-"#,
-        &env,
-        &[],
-    )
-    .await;
-    assert_eq!(after, json!({"unacked": 0, "index": 0, "lists": 0}));
-}
+print(json.dumps({
+    "tags": [{"hash": r.hexists("unacked", t), "index": r.zscore("unacked_index", t) is not None}
+             for t in os.environ["TAGS"].split(",")],
+    "lists": sum(r.llen(k) for k in [q] + [q + "\x06\x16" + s for s in "369"]),
+}))
+"#;
 
 /// Python reads our message through kombu and parses it with the worker's own `Request`.
 const PARSE_WITH_CELERY: &str = r#"
@@ -230,21 +236,46 @@ print("null")
         &[("PYQ", &py_q)],
     )
     .await;
-    let our_raw = raw_list(&env, q).await;
     let py_raw = raw_list(&env, &py_q).await;
-    assert_eq!(our_raw.len(), 1, "{our_raw:#?}");
-    let (o, p) = (&our_raw[0], &py_raw[0]);
+    // kombu files a message in the list of its `priority` property's bucket, and files it
+    // there again when it restores an unacked copy: our message must sit where its property
+    // says. (Which bucket our default priority takes is the driver's choice.)
+    let mut found = Vec::new();
+    for step in [0_u64, 3, 6, 9] {
+        let key = if step == 0 {
+            q.to_owned()
+        } else {
+            format!("{q}{SEP}{step}")
+        };
+        for m in raw_list(&env, &key).await {
+            found.push((step, m));
+        }
+    }
+    assert_eq!(found.len(), 1, "{found:#?}");
+    let (step, o) = (found[0].0, &found[0].1);
+    let kombu_priority = o["properties"]["priority"].as_u64().expect("a priority");
+    let bucket = [0, 3, 6, 9]
+        .into_iter()
+        .filter(|s| *s <= kombu_priority.min(9))
+        .max()
+        .unwrap_or(0);
+    assert_eq!(
+        step, bucket,
+        "priority {kombu_priority} in the wrong list: {o}"
+    );
+    let p = &py_raw[0];
     let side_by_side = format!("ours:   {o}\npython: {p}");
 
     assert_eq!(keys(o), keys(p), "{side_by_side}");
     assert_eq!(keys(&o["headers"]), keys(&p["headers"]), "{side_by_side}");
     // Two properties may be left out: `reply_to` (only the rpc:// backend reads it) and
-    // `expiration` (the message TTL for AMQP; kombu's Redis transport ignores it).
+    // `expiration` (the message TTL for AMQP; kombu's Redis transport ignores it). Ours may
+    // add `celeriac_*` ones, which kombu carries along and Celery ignores.
     let optional = ["expiration", "reply_to"];
     let props_of = |v: &Value| -> Vec<String> {
         keys(&v["properties"])
             .into_iter()
-            .filter(|k| !optional.contains(&k.as_str()))
+            .filter(|k| !optional.contains(&k.as_str()) && !k.starts_with("celeriac_"))
             .collect()
     };
     assert_eq!(props_of(o), props_of(p), "{side_by_side}");
@@ -258,7 +289,6 @@ print("null")
     );
     assert_eq!(props["correlation_id"], ours.id());
     assert_eq!(props["delivery_mode"], 2);
-    assert_eq!(props["priority"], 0);
     let tag = props["delivery_tag"].as_str().expect("a delivery tag");
     assert!(uuid_like(tag), "{side_by_side}");
     let h = &o["headers"];

@@ -24,15 +24,57 @@ pub(crate) struct Interop {
     pub(crate) app: App,
 }
 
+/// A database and a queue, without our client: for tests of the Python side alone.
+pub(crate) struct PythonOnly {
+    /// `redis://127.0.0.1:6379/<db>`.
+    pub(crate) url: String,
+    /// A queue no other test uses.
+    pub(crate) queue: String,
+}
+
+/// Where a test's Python snippets point: its Redis database and its queue.
+pub(crate) trait Place {
+    fn url(&self) -> &str;
+    fn queue(&self) -> &str;
+}
+
+impl Place for Interop {
+    fn url(&self) -> &str {
+        &self.url
+    }
+    fn queue(&self) -> &str {
+        &self.queue
+    }
+}
+
+impl Place for PythonOnly {
+    fn url(&self) -> &str {
+        &self.url
+    }
+    fn queue(&self) -> &str {
+        &self.queue
+    }
+}
+
+/// Checks Redis and the Python venv; `None` (after a `SKIPPED:` notice) when one is missing.
+///
+/// `db` must be unique to the calling test.
+pub(crate) fn setup_python_only(db: u8, queue_prefix: &str) -> Option<PythonOnly> {
+    if !require_service("redis", REDIS) || !require_python() {
+        return None;
+    }
+    Some(PythonOnly {
+        url: format!("redis://{REDIS}/{db}"),
+        queue: unique_queue(queue_prefix),
+    })
+}
+
 /// Checks Redis, the Python venv and our `redis://` driver, in that order; `None` (after a
 /// `SKIPPED:` notice) when one is missing.
 ///
 /// `db` must be unique to the calling test.
 pub(crate) async fn setup(db: u8, queue_prefix: &str) -> Option<Interop> {
-    if !require_service("redis", REDIS) || !require_python() {
-        return None;
-    }
-    let url = format!("redis://{REDIS}/{db}");
+    let PythonOnly { url, queue } = setup_python_only(db, queue_prefix)?;
     let app = match client(&url).await {
         Ok(app) => app,
         Err(e)
@@ -49,11 +91,7 @@ pub(crate) async fn setup(db: u8, queue_prefix: &str) -> Option<Interop> {
         }
         Err(e) => panic!("cannot open {url}: {e:?}"),
     };
-    Some(Interop {
-        url,
-        queue: unique_queue(queue_prefix),
-        app,
-    })
+    Some(Interop { url, queue, app })
 }
 
 async fn client(url: &str) -> celeriac::Result<App> {
@@ -150,19 +188,19 @@ impl Drop for OurWorker {
 
 /// Runs a Python snippet with `URL` and `QUEUE` set (and `CELERY_BROKER_URL` /
 /// `CELERY_RESULT_BACKEND` = `URL`), and returns the JSON it printed last.
-pub(crate) async fn python(script: &str, env: &Interop, extra: &[(&str, &str)]) -> Value {
+pub(crate) async fn python(script: &str, env: &impl Place, extra: &[(&str, &str)]) -> Value {
     let mut vars = vec![
-        ("URL", env.url.as_str()),
-        ("QUEUE", env.queue.as_str()),
-        ("CELERY_BROKER_URL", env.url.as_str()),
-        ("CELERY_RESULT_BACKEND", env.url.as_str()),
+        ("URL", env.url()),
+        ("QUEUE", env.queue()),
+        ("CELERY_BROKER_URL", env.url()),
+        ("CELERY_RESULT_BACKEND", env.url()),
     ];
     vars.extend_from_slice(extra);
     stdout_json(&run_python_client(script, &vars).await)
 }
 
 /// Every entry of the Redis list `key`, oldest first, each parsed as JSON (raw kombu envelopes).
-pub(crate) async fn raw_list(env: &Interop, key: &str) -> Vec<Value> {
+pub(crate) async fn raw_list(env: &impl Place, key: &str) -> Vec<Value> {
     let v = python(
         r#"
 import json, os, redis
@@ -177,7 +215,7 @@ print(json.dumps([json.loads(x) for x in reversed(r.lrange(os.environ["KEY"], 0,
 }
 
 /// The raw string at `key` parsed as JSON (a result document), or null when missing.
-pub(crate) async fn raw_get(env: &Interop, key: &str) -> Value {
+pub(crate) async fn raw_get(env: &impl Place, key: &str) -> Value {
     python(
         r#"
 import json, os, redis
