@@ -131,12 +131,62 @@ pub struct RemoteError {
     pub traceback: Option<String>,
 }
 
+/// Python's built-in exception names: an error named like one is stored with module
+/// `builtins`, so a Python caller catches it with `except ValueError:`.
+const PYTHON_BUILTIN_EXCEPTIONS: &[&str] = &[
+    "ArithmeticError",
+    "AssertionError",
+    "AttributeError",
+    "BufferError",
+    "ConnectionError",
+    "ConnectionAbortedError",
+    "ConnectionRefusedError",
+    "ConnectionResetError",
+    "EOFError",
+    "Exception",
+    "FileExistsError",
+    "FileNotFoundError",
+    "FloatingPointError",
+    "IndexError",
+    "InterruptedError",
+    "IsADirectoryError",
+    "KeyError",
+    "LookupError",
+    "MemoryError",
+    "NotADirectoryError",
+    "NotImplementedError",
+    "OSError",
+    "OverflowError",
+    "PermissionError",
+    "ProcessLookupError",
+    "RecursionError",
+    "ReferenceError",
+    "RuntimeError",
+    "TimeoutError",
+    "TypeError",
+    "UnicodeDecodeError",
+    "UnicodeEncodeError",
+    "UnicodeError",
+    "ValueError",
+    "ZeroDivisionError",
+];
+
 impl RemoteError {
-    /// An error of type `exc_type` from `celeriac.errors` with one message argument.
+    /// An error of type `exc_type` with one message argument.
+    ///
+    /// The module is `builtins` for Python's built-in exception names (`ValueError`,
+    /// `TypeError`, ...) so Python callers can catch them as such, and
+    /// [`RUST_EXC_MODULE`] otherwise.
     pub fn new(exc_type: impl Into<String>, message: impl Into<String>) -> Self {
+        let exc_type = exc_type.into();
+        let exc_module = if PYTHON_BUILTIN_EXCEPTIONS.contains(&exc_type.as_str()) {
+            "builtins"
+        } else {
+            RUST_EXC_MODULE
+        };
         RemoteError {
-            exc_type: exc_type.into(),
-            exc_module: RUST_EXC_MODULE.to_owned(),
+            exc_type,
+            exc_module: exc_module.to_owned(),
             exc_args: vec![Value::String(message.into())],
             traceback: None,
         }

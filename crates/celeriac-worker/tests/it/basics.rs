@@ -68,7 +68,7 @@ async fn failures_store_the_exception_and_its_traceback() {
     assert_eq!(meta.status, TaskState::Failure);
     assert_eq!(
         meta.result,
-        json!({"exc_type": "ValueError", "exc_message": ["bad input"], "exc_module": "celeriac.errors"})
+        json!({"exc_type": "ValueError", "exc_message": ["bad input"], "exc_module": "builtins"})
     );
     let tb = meta.traceback.expect("traceback");
     assert!(
