@@ -1,6 +1,6 @@
 //! [`RedisBroker`]: kombu's Redis transport, spoken from Rust.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,9 +23,15 @@ use crate::scripts;
 
 const KIND: ErrorKind = ErrorKind::Broker;
 
-/// The longest a consumer blocks in `BRPOP` before it looks at delayed messages, expired
-/// leases and the closed flag again.
+/// The longest a consumer waits before it looks at delayed messages, expired leases and the
+/// closed flag again.
 const MAX_BLOCK: Duration = Duration::from_secs(1);
+
+/// How soon an idle consumer looks again right after it took a message.
+const MIN_IDLE_POLL: Duration = Duration::from_millis(1);
+
+/// How long an idle consumer waits between looks at most.
+const MAX_IDLE_POLL: Duration = Duration::from_millis(20);
 
 /// How often a consumer looks for deliveries whose visibility timeout ran out.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -291,12 +297,6 @@ impl Broker for RedisBroker {
             if queues.is_empty() {
                 return Err(Error::config("consume needs at least one queue"));
             }
-            let mut key_to_queue = HashMap::new();
-            for q in queues {
-                for s in PRIORITY_STEPS {
-                    key_to_queue.insert(self.inner.keys.list(q, s), q.clone());
-                }
-            }
             let shared = Arc::new(ConsumerShared {
                 broker: self.inner.clone(),
                 lease: options.lease.unwrap_or(self.inner.visibility_timeout),
@@ -304,7 +304,6 @@ impl Broker for RedisBroker {
                 fetch: tokio::sync::Mutex::new(FetchState {
                     conn: None,
                     order: queues.iter().cloned().collect(),
-                    key_to_queue,
                     next_promote: Instant::now(),
                     next_sweep: Instant::now(),
                 }),
@@ -475,7 +474,6 @@ struct FetchState {
     conn: Option<MultiplexedConnection>,
     /// Queues in kombu's round-robin order: the one just served moves to the end.
     order: VecDeque<String>,
-    key_to_queue: HashMap<String, String>,
     next_promote: Instant,
     next_sweep: Instant,
 }
@@ -548,6 +546,7 @@ impl ConsumerShared {
     ) -> Result<Option<(Delivery, Arc<AtomicBool>)>> {
         let mut st = self.fetch.lock().await;
         let mut backoff = Backoff::new();
+        let mut idle = MIN_IDLE_POLL;
         loop {
             if self.closed() || tx.is_closed() {
                 return Ok(None);
@@ -561,21 +560,22 @@ impl ConsumerShared {
                 .next_promote
                 .min(st.next_sweep)
                 .saturating_duration_since(Instant::now())
-                .clamp(Duration::from_millis(10), MAX_BLOCK);
-            match self.brpop(&mut st, block).await {
-                Ok(None) => {}
-                Ok(Some((key, raw))) => {
-                    let queue = st
-                        .key_to_queue
-                        .get(&key)
-                        .cloned()
-                        .unwrap_or_else(|| key.clone());
+                .clamp(Duration::from_millis(1), MAX_BLOCK);
+            match self.pop(&mut st).await {
+                Ok(None) => {
+                    // Nothing ready: a Lua script cannot block, so poll, quickly after
+                    // activity and backing off while idle.
+                    drop(permit);
+                    tokio::time::sleep(idle.min(block)).await;
+                    idle = (idle * 2).min(MAX_IDLE_POLL);
+                }
+                Ok(Some((queue, raw, tag, token))) => {
                     if let Some(pos) = st.order.iter().position(|q| *q == queue) {
                         if let Some(q) = st.order.remove(pos) {
                             st.order.push_back(q);
                         }
                     }
-                    let (d, give_back) = self.register(queue, raw, permit).await?;
+                    let (d, give_back) = self.register(queue, raw, tag, token, permit);
                     if self.closed() {
                         give_back.store(true, Ordering::Release);
                         drop(d);
@@ -599,11 +599,12 @@ impl ConsumerShared {
         }
     }
 
-    async fn brpop(
+    /// Pops the next message (priority-major, queues in round-robin order) and records it as
+    /// unacked, atomically. Returns its queue, bytes, delivery tag and lease token.
+    async fn pop(
         &self,
         st: &mut FetchState,
-        block: Duration,
-    ) -> redis::RedisResult<Option<(String, Vec<u8>)>> {
+    ) -> redis::RedisResult<Option<(String, Vec<u8>, String, String)>> {
         let conn = match &mut st.conn {
             Some(c) => c,
             None => {
@@ -615,55 +616,51 @@ impl ConsumerShared {
                 st.conn.insert(c)
             }
         };
-        let mut cmd = redis::cmd("BRPOP");
+        let keys = &self.broker.keys;
+        let token = score(self.lease, self.broker.visibility_timeout);
+        let mut inv = scripts::FETCH.prepare_invoke();
+        inv.key(keys.unacked()).key(keys.unacked_index());
+        inv.arg(&token).arg(new_id());
+        let mut queues = Vec::with_capacity(PRIORITY_STEPS.len() * st.order.len());
         for step in PRIORITY_STEPS {
             for q in &st.order {
-                cmd.arg(self.broker.keys.list(q, step));
+                inv.key(keys.list(q, step));
+                queues.push(q);
             }
         }
-        cmd.arg(format!("{:.3}", block.as_secs_f64()));
-        let r = cmd.query_async::<Option<(String, Vec<u8>)>>(conn).await;
-        if let Err(e) = &r {
-            if !is_connection_error(e) {
-                tracing::warn!(url = %self.broker.redis.url, error = %e, "redis BRPOP failed");
+        for q in &queues {
+            inv.arg(q.as_str());
+        }
+        let r = inv
+            .invoke_async::<Option<(usize, Vec<u8>, String)>>(conn)
+            .await;
+        match r {
+            Ok(Some((i, raw, tag))) => {
+                let queue = queues
+                    .get(i.saturating_sub(1))
+                    .map_or_else(String::new, |q| (*q).clone());
+                Ok(Some((queue, raw, tag, token)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                if !is_connection_error(&e) {
+                    tracing::warn!(url = %self.broker.redis.url, error = %e, "redis fetch failed");
+                }
+                Err(e)
             }
         }
-        r
     }
 
-    /// Records a popped message in `unacked` and `unacked_index`, as kombu's `QoS.append`.
-    async fn register(
+    /// Builds the delivery of a message [`ConsumerShared::pop`] took and recorded.
+    fn register(
         self: &Arc<Self>,
         queue: String,
         raw: Vec<u8>,
+        tag: String,
+        token: String,
         permit: OwnedSemaphorePermit,
-    ) -> Result<(Delivery, Arc<AtomicBool>)> {
+    ) -> (Delivery, Arc<AtomicBool>) {
         let info = Info::read(&raw);
-        let tag = info.tag.clone().unwrap_or_else(new_id);
-        let exchange = info.exchange.clone().unwrap_or_default();
-        let routing_key = info.routing_key.clone().unwrap_or_else(|| queue.clone());
-        let entry = unacked_entry(&raw, info.valid_json, &exchange, &routing_key)?;
-        let token = score(self.lease, self.broker.visibility_timeout);
-        let keys = &self.broker.keys;
-        self.broker
-            .redis
-            .run("record a redis delivery as unacked", |mut c| {
-                let (tag, token, entry) = (&tag, &token, &entry);
-                async move {
-                    redis::pipe()
-                        .atomic()
-                        .cmd("ZADD")
-                        .arg(keys.unacked_index())
-                        .arg(token)
-                        .arg(tag)
-                        .ignore()
-                        .hset(keys.unacked(), tag, entry)
-                        .ignore()
-                        .query_async::<()>(&mut c)
-                        .await
-                }
-            })
-            .await?;
         let message = envelope::decode(&raw).map(|mut m| {
             m.headers.extra.remove("redelivered");
             m.properties.priority = info
@@ -684,10 +681,10 @@ impl ConsumerShared {
             settled: AtomicBool::new(false),
             give_back: give_back.clone(),
         };
-        Ok((
+        (
             Delivery::new(message, queue, redeliveries, Box::new(acker)),
             give_back,
-        ))
+        )
     }
 
     /// Promotes due delayed messages and restores expired deliveries, each when its time
@@ -746,29 +743,6 @@ fn score(lease: Duration, visibility_timeout: Duration) -> String {
     format!("{s:.6}")
 }
 
-/// kombu's `unacked` hash value: `[envelope, exchange, routing_key]`.
-fn unacked_entry(
-    raw: &[u8],
-    valid_json: bool,
-    exchange: &str,
-    routing_key: &str,
-) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(raw.len() + routing_key.len() + 16);
-    out.push(b'[');
-    if valid_json {
-        out.extend_from_slice(raw);
-    } else {
-        // Not JSON: keep the bytes as a JSON string so the entry stays readable.
-        serde_json::to_writer(&mut out, &String::from_utf8_lossy(raw))?;
-    }
-    out.push(b',');
-    serde_json::to_writer(&mut out, exchange)?;
-    out.push(b',');
-    serde_json::to_writer(&mut out, routing_key)?;
-    out.push(b']');
-    Ok(out)
-}
-
 /// The envelope with kombu's redelivered flags in `headers` and `properties.delivery_info`.
 fn mark_redelivered(raw: &[u8]) -> Vec<u8> {
     let Ok(mut env) = serde_json::from_slice::<Value>(raw) else {
@@ -790,12 +764,8 @@ fn mark_redelivered(raw: &[u8]) -> Vec<u8> {
 /// What the transport reads from an envelope.
 #[derive(Debug, Default)]
 struct Info {
-    valid_json: bool,
-    tag: Option<String>,
     kombu_priority: u8,
     exact_priority: Option<u8>,
-    exchange: Option<String>,
-    routing_key: Option<String>,
     redelivered: bool,
 }
 
@@ -810,22 +780,16 @@ impl Info {
         }
         #[derive(Deserialize, Default)]
         struct Props {
-            delivery_tag: Option<Value>,
             priority: Option<Value>,
             celeriac_priority: Option<Value>,
             delivery_info: Option<DeliveryInfo>,
         }
         #[derive(Deserialize, Default)]
         struct DeliveryInfo {
-            exchange: Option<String>,
-            routing_key: Option<String>,
             redelivered: Option<bool>,
         }
         let Ok(env) = serde_json::from_slice::<Env>(raw) else {
-            return Info {
-                valid_json: serde_json::from_slice::<serde::de::IgnoredAny>(raw).is_ok(),
-                ..Info::default()
-            };
+            return Info::default();
         };
         let p = env.properties.unwrap_or_default();
         let di = p.delivery_info.unwrap_or_default();
@@ -841,20 +805,12 @@ impl Info {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         Info {
-            valid_json: true,
-            tag: p.delivery_tag.and_then(|t| match t {
-                Value::String(s) => Some(s),
-                Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            }),
             kombu_priority: kp,
             exact_priority: p
                 .celeriac_priority
                 .and_then(|v| v.as_u64())
                 .map(|v| v.min(9) as u8)
                 .filter(|v| kombu_priority(*v) == kp),
-            exchange: di.exchange,
-            routing_key: di.routing_key,
             redelivered: di.redelivered.unwrap_or(false) || header_redelivered,
         }
     }
@@ -1257,15 +1213,6 @@ mod tests {
         assert!(!info.redelivered);
         let again = Info::read(&mark_redelivered(&bytes));
         assert!(again.redelivered);
-        assert_eq!(again.tag, info.tag);
-    }
-
-    #[test]
-    fn unacked_entries_are_kombus_triple() {
-        let e = unacked_entry(br#"{"a":1}"#, true, "", "celery").unwrap();
-        assert_eq!(e, br#"[{"a":1},"","celery"]"#);
-        let e = unacked_entry(b"\xff not json", false, "", "q").unwrap();
-        let v: Value = serde_json::from_slice(&e).unwrap();
-        assert!(v[0].is_string());
+        assert_eq!(again.exact_priority, info.exact_priority);
     }
 }

@@ -34,6 +34,49 @@ return {#due, nxt[2] or false}
     )
 });
 
+/// Pops one message and records it as unacked in the same atomic step, so a consumer killed
+/// at any moment loses nothing: the message is either still in its list or in `unacked`,
+/// where the visibility-timeout restore finds it. (kombu's BRPOP-then-record leaves a window
+/// in which a killed consumer loses the message.)
+///
+/// KEYS: unacked, unacked_index, then the lists in consuming order. ARGV: lease score, a
+/// fallback delivery tag, then the queue name of each list. Returns `{list index (1-based),
+/// message, tag}` or false when every list is empty. The unacked entry is kombu's
+/// `[envelope, exchange, routing_key]`, the envelope embedded as JSON when it is JSON.
+pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+for i = 3, #KEYS do
+  local m = redis.call('RPOP', KEYS[i])
+  if m then
+    local queue = ARGV[i]
+    local tag, ex, rk = ARGV[2], '', queue
+    local ok, env = pcall(cjson.decode, m)
+    local entry
+    if ok and type(env) == 'table' then
+      local p = env.properties
+      if type(p) == 'table' then
+        if type(p.delivery_tag) == 'string' then tag = p.delivery_tag end
+        local di = p.delivery_info
+        if type(di) == 'table' then
+          if type(di.exchange) == 'string' then ex = di.exchange end
+          if type(di.routing_key) == 'string' then rk = di.routing_key end
+        end
+      end
+      entry = '[' .. m .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
+    else
+      entry = '[' .. cjson.encode(m) .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
+    end
+    redis.call('ZADD', KEYS[2], ARGV[1], tag)
+    redis.call('HSET', KEYS[1], tag, entry)
+    return {i - 2, m, tag}
+  end
+end
+return false
+"#,
+    )
+});
+
 /// Settles a delivery if this consumer still holds it.
 ///
 /// KEYS: unacked, unacked_index, target (list or delayed zset; unused for `ack`).

@@ -65,3 +65,39 @@ async fn acks_late_tasks_survive_a_killed_worker() {
             .unwrap_or_else(|e| panic!("task {} lost after SIGKILL: {e:?}", r.id()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_late_tasks_survive_a_killed_worker_on_redis() {
+    if !celeriac_test::services::require_service("redis", "127.0.0.1:6379") {
+        return;
+    }
+    let url = "redis://127.0.0.1:6379/7";
+    let queue = celeriac_test::services::unique_queue("sigkill");
+    // A short visibility timeout so the test does not wait an hour for the restore.
+    let (_, path) = sqlite_url("sigkill-redis");
+    let config = format!("{}.toml", path.display());
+    std::fs::write(&config, "visibility_timeout = 1.0\n").unwrap();
+    let app = client(url).await;
+    let mut w = WorkerProcess::start_with_config(url, &config, &["-c", "2", "-Q", &queue]);
+    let mut results = Vec::new();
+    for _ in 0..6 {
+        results.push(
+            stamp::s(0.5)
+                .queue(queue.clone())
+                .apply_async(&app)
+                .await
+                .unwrap(),
+        );
+    }
+    w.wait_for_log("tasks.stamp", T).await;
+    w.signal("KILL");
+    w.wait(T).await;
+    // The killed worker's deliveries sit in kombu's unacked hash until the next consumer
+    // restores them after the visibility timeout.
+    let _w2 = WorkerProcess::start_with_config(url, &config, &["-c", "4", "-Q", &queue]);
+    for r in &results {
+        r.get_timeout(T)
+            .await
+            .unwrap_or_else(|e| panic!("task {} lost after SIGKILL on redis: {e:?}", r.id()));
+    }
+}

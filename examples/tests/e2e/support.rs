@@ -38,11 +38,11 @@ impl WorkerProcess {
     }
 
     fn spawn(url: &str, config: Option<&str>, extra: &[&str]) -> Self {
-        let log = PathBuf::from(format!(
-            "{}.worker-{}.log",
-            url.trim_start_matches("sqlite://"),
-            fastrand_suffix()
-        ));
+        let log = match url.strip_prefix("sqlite://") {
+            Some(path) => PathBuf::from(format!("{path}.worker-{}.log", fastrand_suffix())),
+            None => celeriac_test::services::test_dir()
+                .join(format!("worker-{}.log", fastrand_suffix())),
+        };
         let stderr = std::fs::File::create(&log).expect("worker log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tasks"));
         if let Some(c) = config {
