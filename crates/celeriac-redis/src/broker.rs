@@ -470,7 +470,7 @@ struct ConsumerShared {
 
 #[derive(Debug)]
 struct FetchState {
-    /// The connection this consumer blocks on in `BRPOP`.
+    /// The connection this consumer fetches on.
     conn: Option<MultiplexedConnection>,
     /// Queues in kombu's round-robin order: the one just served moves to the end.
     order: VecDeque<String>,
@@ -481,7 +481,7 @@ struct FetchState {
 /// The consumer of [`RedisBroker::consume`].
 ///
 /// Fetching runs in a spawned task whose result is kept across cancelled `next()` calls, so a
-/// message popped by `BRPOP` is never lost to a dropped future; when the consumer itself is
+/// message taken from Redis is never lost to a dropped future; when the consumer itself is
 /// dropped, a message fetched for it goes back to the head of its list.
 #[derive(Debug)]
 struct RedisConsumer {

@@ -5,7 +5,7 @@
 //! KILL`, a network cut), the connection is dropped, a `warn` line is logged with the URL
 //! redacted, and the operation is retried with exponential backoff for
 //! [`RedisOptions::retry_for`](crate::RedisOptions::retry_for); after that it fails with a
-//! transient error. Blocking commands (`BRPOP`) and pub/sub never share this connection: each
+//! transient error. Consumers' fetches and pub/sub never share this connection: each
 //! consumer and each backend's subscriber open their own.
 
 use std::future::Future;
@@ -103,7 +103,7 @@ impl Redis {
         &self.client
     }
 
-    /// A new connection of its own (for `BRPOP`), whose replies may take `response_timeout`.
+    /// A new connection of its own (for a consumer), whose replies may take `response_timeout`.
     pub(crate) async fn dedicated(
         &self,
         response_timeout: Duration,

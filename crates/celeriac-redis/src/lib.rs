@@ -26,7 +26,7 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `<queue>`, `<queue>\x06\x163`, `\x06\x166`, `\x06\x169` | list | kombu JSON envelopes; `LPUSH` in, `BRPOP` out |
+//! | `<queue>`, `<queue>\x06\x163`, `\x06\x166`, `\x06\x169` | list | kombu JSON envelopes; `LPUSH` in, `RPOP` + record (one Lua script) out |
 //! | `_kombu.binding.<queue>` (+ `_kombu.binding_permanent.<queue>`) | set | `<queue>\x06\x16\x06\x16<queue>`, written by `declare` |
 //! | `unacked` | hash | delivery tag → `[envelope, exchange, routing_key]` |
 //! | `unacked_index` | zset | delivery tag → lease score (Unix seconds) |
@@ -38,8 +38,11 @@
 //! **kombu's envelope and lists.** A message is kombu's JSON envelope (body base64, a fresh
 //! UUID `delivery_tag`, `delivery_info` = exchange `""` and the queue as routing key), pushed
 //! with `LPUSH` to one of four lists chosen by its `priority` property with kombu's
-//! `priority_steps` `[0, 3, 6, 9]`. A consumer `BRPOP`s all its lists in kombu's order
+//! `priority_steps` `[0, 3, 6, 9]`. A consumer takes from all its lists in kombu's order
 //! (priority-major, queues round robin), so Python and Rust consumers can share a queue.
+//! It pops a message and records it in `unacked` in one Lua script, never in two steps as
+//! kombu's `BRPOP` does, so a consumer killed at any instant loses nothing; since a script
+//! cannot block, an idle consumer polls (1 ms after activity, backing off to 20 ms).
 //!
 //! **Priorities.** On Redis kombu serves *lower* values first; celeriac's priorities, like
 //! AMQP's, serve *higher* ones first. A celeriac priority becomes the kombu value of its
@@ -74,7 +77,7 @@
 //! **Reconnects.** Commands share one multiplexed connection; when it drops, operations
 //! reconnect with backoff (logging a `warn` line with the URL redacted) for
 //! [`RedisOptions::retry_for`], then fail with a transient error. Consumers keep their own
-//! `BRPOP` connection and reconnect forever, and the pub/sub connection resubscribes and makes
+//! fetch connection and reconnect forever, and the pub/sub connection resubscribes and makes
 //! every waiter re-read. Unacked entries stay in Redis across all of this, so acks-late work
 //! is restored by the visibility timeout, never lost.
 //!
@@ -82,8 +85,8 @@
 //!
 //! - No fanout exchanges (pub/sub broadcast for events and remote control) yet.
 //! - `redeliveries` is 0 or 1: kombu keeps a flag, not a count.
-//! - `BRPOP` then record-as-unacked is not atomic (as in kombu): a consumer killed between the
-//!   two loses that message.
+//! - Fetching is pop-and-record in one script rather than `BRPOP` (kombu's window in which a
+//!   killed consumer loses a message is closed), at the cost of polling while idle.
 //! - Fixed `sep` and `priority_steps`; queues declared with `x-expires` are not supported.
 
 mod backend;
