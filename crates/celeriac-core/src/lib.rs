@@ -13,6 +13,7 @@
 //! - [`broker`] and [`backend`]: the [`Broker`] and [`ResultBackend`] traits every driver
 //!   implements, held as [`DynBroker`] / [`DynBackend`] and opened from a URL through
 //!   [`Drivers`].
+//! - [`canvas`]: signature maps to messages (callbacks, chains, chords), chord counter keys.
 //! - [`task`]: what the worker runs: [`TaskDef`], [`Registry`], [`Args`], [`TaskError`],
 //!   [`TaskContext`].
 //! - [`memory`]: drivers with real semantics (leases, delays, priorities) for tests.
@@ -24,6 +25,7 @@
 
 pub mod backend;
 pub mod broker;
+pub mod canvas;
 pub mod config;
 pub mod error;
 pub mod memory;

@@ -24,7 +24,6 @@ use celeriac_core::{
 use chrono::Utc;
 use tokio::sync::Semaphore;
 
-use crate::dead;
 use crate::options::{Pool, WorkerOptions};
 use crate::pool::{Executor, Finished};
 use crate::ratelimit::RateLimiter;
@@ -35,6 +34,7 @@ use crate::retry::{self, Verdict};
 use crate::schedule::{self, Gate};
 use crate::shutdown::{Phase, PhaseWatch};
 use crate::timelimit::{self, Ended, Limits};
+use crate::{canvas, dead};
 use crate::{lease, retry::retry_message};
 
 /// What every delivery of one worker shares.
@@ -94,6 +94,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, delivery: Delivery, span: tracin
     if handle.redeliveries > max {
         if let Some(state) = shared.recorder.ready_state(req.id()).await {
             tracing::info!(state = %state, "redelivered task already has a ready result; not running it again");
+            canvas::on_duplicate(&shared, &req, true).await;
             settle(&handle, Settle::Ack).await;
             shared.counters.add(Tally::Skipped);
             return;
@@ -108,7 +109,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, delivery: Delivery, span: tracin
         );
         let err = RemoteError::new("DeliveryLimitExceeded", reason.clone())
             .with_module("celeriac.exceptions");
-        shared.recorder.failure(&req, &err).await;
+        failed(&shared, &req, &err).await;
         dead_letter(&shared, &handle, Some(req.message), &reason).await;
         return;
     }
@@ -243,6 +244,7 @@ async fn run_request(
     }
     if let Some(state) = shared.recorder.ready_state(req.id()).await {
         tracing::info!(state = %state, "task already has a ready result; not running it again");
+        canvas::on_duplicate(shared, req, handle.redeliveries > 0).await;
         drop(keeper);
         settle(handle, Settle::Ack).await;
         return if state == TaskState::Revoked {
@@ -303,7 +305,7 @@ async fn run_request(
             tracing::error!("task still running after the cold shutdown grace; it is lost");
             let lost = RemoteError::new("WorkerLostError", "worker stopped by a cold shutdown")
                 .with_module("billiard.exceptions");
-            shared.recorder.failure(req, &lost).await;
+            failed(shared, req, &lost).await;
             Tally::Failed
         };
     };
@@ -313,7 +315,8 @@ async fn run_request(
     let (tally, how) = match ended {
         Ended::Finished(Finished::Returned(Ok(value))) => {
             tracing::info!(runtime = runtime.as_secs_f64(), "task succeeded");
-            shared.recorder.success(req, value).await;
+            shared.recorder.success(req, value.clone()).await;
+            canvas::on_success(shared, req, &value).await;
             (Tally::Succeeded, Settle::Ack)
         }
         Ended::Finished(Finished::Returned(Err(err))) => {
@@ -321,7 +324,7 @@ async fn run_request(
             match retry::verdict(&err, opts, retries, req.name(), req.id()) {
                 Verdict::Fail(remote) => {
                     tracing::error!(runtime = runtime.as_secs_f64(), error = %remote, "task failed");
-                    shared.recorder.failure(req, &remote).await;
+                    failed(shared, req, &remote).await;
                     (Tally::Failed, Settle::Ack)
                 }
                 Verdict::Retry { delay, cause } => (
@@ -348,7 +351,7 @@ async fn run_request(
         Ended::Finished(Finished::Panicked(msg)) => {
             tracing::error!(runtime = runtime.as_secs_f64(), panic = %msg, "task panicked");
             let remote = RemoteError::new("Panic", msg);
-            shared.recorder.failure(req, &remote).await;
+            failed(shared, req, &remote).await;
             (Tally::Failed, Settle::Ack)
         }
         Ended::Finished(Finished::Lost(how)) => {
@@ -361,7 +364,7 @@ async fn run_request(
                 tracing::error!(runtime = runtime.as_secs_f64(), lost = %how, "the task's process died");
                 let lost =
                     RemoteError::new("WorkerLostError", how).with_module("billiard.exceptions");
-                shared.recorder.failure(req, &lost).await;
+                failed(shared, req, &lost).await;
                 (Tally::Failed, Settle::Ack)
             }
         }
@@ -377,10 +380,7 @@ async fn run_request(
                 hard_limit = limit.as_secs_f64(),
                 "hard time limit exceeded; {how}"
             );
-            shared
-                .recorder
-                .failure(req, &timelimit::exceeded(limit))
-                .await;
+            failed(shared, req, &timelimit::exceeded(limit)).await;
             (Tally::Failed, Settle::Ack)
         }
     };
@@ -416,10 +416,16 @@ async fn schedule_retry(
         }
         Err(e) => {
             tracing::error!(error = %e, cause = %cause, "cannot publish the retry; task failed");
-            shared.recorder.failure(req, cause).await;
+            failed(shared, req, cause).await;
             Tally::Failed
         }
     }
+}
+
+/// Stores FAILURE, then sends the errbacks and the chain's and chord's consequences.
+async fn failed(shared: &Shared, req: &Request, err: &RemoteError) {
+    shared.recorder.failure(req, err).await;
+    canvas::on_failure(shared, req, err).await;
 }
 
 async fn expire(
@@ -431,6 +437,7 @@ async fn expire(
     tracing::info!("task expired; revoking it");
     drop(keeper);
     shared.recorder.revoked(req, "expired").await;
+    canvas::on_duplicate(shared, req, false).await;
     settle(handle, Settle::Ack).await;
     Tally::Revoked
 }

@@ -48,9 +48,11 @@
 //!
 //! # Not yet
 //!
-//! Pool grow/shrink at run time, `revoke --terminate`, events and heartbeats, remote control, canvas callbacks (`embed` is read but
-//! not acted on), result expiry (the backend contract has no per-record expiry).
+//! Pool grow/shrink at run time, `revoke --terminate`, events and heartbeats, remote control, result expiry (the backend contract has no per-record expiry);
+//! in the canvas, nested composites (a group or chord as a chain step or callback) and
+//! `celery.chord_unlock`.
 
+mod canvas;
 pub mod dead;
 mod execute;
 mod lease;

@@ -24,6 +24,11 @@ impl Recorder {
         Recorder { backend, hostname }
     }
 
+    /// The result backend, if the worker has one.
+    pub(crate) fn backend(&self) -> Option<&DynBackend> {
+        self.backend.as_ref()
+    }
+
     /// A record of `req` in `status` with `result`, extended fields filled.
     pub(crate) fn meta(&self, req: &Request, status: TaskState, result: Value) -> TaskMeta {
         let h = &req.message.headers;

@@ -3,19 +3,15 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use chrono::Utc;
 use serde_json::{Map, Value};
 
 use crate::signature::Signature;
 use crate::{AsyncResult, Error, Result};
-use celeriac_core::protocol::{Body, Headers, Message, TimeLimit};
+use celeriac_core::canvas::{Sender, build_message};
 use celeriac_core::{
     Config, ContentType, Drivers, DynBackend, DynBroker, PublishOptions, Registry, Task, TaskDef,
     TaskOptions,
 };
-
-/// Longest `argsrepr`/`kwargsrepr` written into headers, as Celery does.
-const REPR_MAX: usize = 1024;
 
 /// A celeriac application: where tasks are sent, where results are kept, and which tasks this
 /// process can run. Cheap to clone; `Send + Sync`.
@@ -124,66 +120,47 @@ impl App {
         if let Some(e) = &sig.encode_error {
             return Err(Error::protocol(e.clone()));
         }
-        let task_options = match sig.task_options {
-            Some(f) => f(),
-            None => self
-                .inner
+        self.send_wire(&sig.to_wire(), sig.registered_options(), None)
+            .await
+    }
+
+    /// Builds (see [`celeriac_core::canvas::build_message`]) and publishes the message for a
+    /// signature map, with `chain` as the rest of its chain; returns the task id.
+    ///
+    /// `task_options` defaults to the task's registration in this app.
+    pub(crate) async fn send_wire(
+        &self,
+        sig: &celeriac_core::Signature,
+        task_options: Option<TaskOptions>,
+        chain: Option<Vec<celeriac_core::Signature>>,
+    ) -> Result<String> {
+        let task_options = task_options.unwrap_or_else(|| {
+            self.inner
                 .registry
                 .get(&sig.task)
                 .map(|d| d.options.clone())
-                .unwrap_or_default(),
-        };
-        let opts = &sig.options;
-        let id = opts
-            .task_id
-            .clone()
-            .unwrap_or_else(celeriac_core::protocol::new_id);
-        let queue = opts
+                .unwrap_or_default()
+        });
+        let sender = Sender::new(self.inner.content_type, Some(&self.inner.origin));
+        let out = build_message(sig, &task_options, chain, &sender)?;
+        let queue = out
             .queue
             .clone()
             .unwrap_or_else(|| self.queue_for(&sig.task, &task_options));
-        let now = Utc::now();
-        let eta = opts
-            .eta
-            .or_else(|| opts.countdown.map(|c| now + to_chrono(c)));
-        let expires = opts
-            .expires_at
-            .or_else(|| opts.expires_in.map(|e| now + to_chrono(e)))
-            .or_else(|| task_options.expires.map(|e| now + to_chrono(e)));
-        let priority = opts.priority.or(task_options.priority);
-
-        let mut headers = Headers::new(sig.task.clone(), id.clone());
-        headers.eta = eta;
-        headers.expires = expires;
-        headers.timelimit = TimeLimit {
-            hard: opts
-                .time_limit
-                .or(task_options.time_limit)
-                .map(|d| d.as_secs_f64()),
-            soft: opts
-                .soft_time_limit
-                .or(task_options.soft_time_limit)
-                .map(|d| d.as_secs_f64()),
-        };
-        headers.argsrepr = Some(repr(&Value::Array(sig.args.clone())));
-        headers.kwargsrepr = Some(repr(&Value::Object(sig.kwargs.clone())));
-        headers.origin = Some(self.inner.origin.clone());
-        headers.ignore_result = opts.ignore_result.unwrap_or(task_options.ignore_result);
-        headers.extra = opts.headers.clone();
-
-        let body = Body::new(sig.args.clone(), sig.kwargs.clone());
-        let mut message = Message::new(headers, &body, self.inner.content_type)?;
-        message.properties.priority = priority.unwrap_or(0);
+        let id = out.message.id().to_owned();
 
         self.declare(&queue).await?;
         // A queue that Python workers also serve gets the eta in the header only: they know no
         // broker-side delayed store and would otherwise never see the message until it is due.
         let held_by_broker = !self.inner.config.celery_worker_queues.contains(&queue);
-        let not_before = eta.filter(|t| held_by_broker && *t > now);
+        let not_before = out.eta.filter(|_| held_by_broker);
         let publish = PublishOptions::default()
-            .priority(priority)
+            .priority(out.priority)
             .not_before(not_before);
-        self.inner.broker.publish(&queue, &message, publish).await?;
+        self.inner
+            .broker
+            .publish(&queue, &out.message, publish)
+            .await?;
         tracing::debug!(task_id = %id, task_name = %sig.task, queue = %queue, "task sent");
         Ok(id)
     }
@@ -232,24 +209,6 @@ impl App {
         self.inner.broker.close().await?;
         self.inner.backend.close().await
     }
-}
-
-fn to_chrono(d: std::time::Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
-/// A short printable form of arguments, for logs and monitors.
-fn repr(v: &Value) -> String {
-    let mut s = v.to_string();
-    if s.len() > REPR_MAX {
-        let mut cut = REPR_MAX - 3;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push_str("...");
-    }
-    s
 }
 
 /// Builds an [`App`].
@@ -420,18 +379,4 @@ pub fn default_drivers() -> Drivers {
     #[cfg(feature = "redis")]
     celeriac_redis::register(&mut d);
     d
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn repr_is_bounded_and_char_safe() {
-        let long = Value::String("é".repeat(2000));
-        let r = repr(&long);
-        assert!(r.len() <= REPR_MAX);
-        assert!(r.ends_with("..."));
-        assert_eq!(repr(&serde_json::json!([1, "a"])), r#"[1,"a"]"#);
-    }
 }

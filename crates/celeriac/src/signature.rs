@@ -64,6 +64,9 @@ pub struct Signature<O = Value> {
     pub(crate) encode_error: Option<String>,
     pub(crate) options: SendOptions,
     pub(crate) task_options: Option<fn() -> TaskOptions>,
+    pub(crate) links: Vec<celeriac_core::Signature>,
+    pub(crate) link_errors: Vec<celeriac_core::Signature>,
+    pub(crate) immutable: bool,
     _output: PhantomData<fn() -> O>,
 }
 
@@ -76,6 +79,9 @@ impl<O> Clone for Signature<O> {
             encode_error: self.encode_error.clone(),
             options: self.options.clone(),
             task_options: self.task_options,
+            links: self.links.clone(),
+            link_errors: self.link_errors.clone(),
+            immutable: self.immutable,
             _output: PhantomData,
         }
     }
@@ -91,6 +97,9 @@ impl<O> Signature<O> {
             encode_error: None,
             options: SendOptions::default(),
             task_options: None,
+            links: Vec::new(),
+            link_errors: Vec::new(),
+            immutable: false,
             _output: PhantomData,
         }
     }
@@ -256,21 +265,103 @@ impl<O> Signature<O> {
         self
     }
 
-    /// The signature in Celery's map form (for canvas and Python peers).
+    /// Makes the signature immutable (Celery's `.si()`): as a callback, chain step or chord
+    /// body it gets no result from its parent, only its own arguments.
+    #[must_use]
+    pub fn immutable(mut self) -> Self {
+        self.immutable = true;
+        self
+    }
+
+    /// Whether the signature is immutable.
+    pub fn is_immutable(&self) -> bool {
+        self.immutable
+    }
+
+    /// Runs `callback` when this task succeeds, with the result prepended to its arguments
+    /// (unless the callback is [immutable](Signature::immutable)). Celery's `link`.
+    ///
+    /// ```
+    /// # async fn demo(app: &celeriac::App) -> celeriac::Result<()> {
+    /// use celeriac::Signature;
+    /// let notify = Signature::<()>::new("tasks.notify").arg("done");
+    /// Signature::<i64>::new("tasks.add").arg(2).arg(3).link(&notify).apply_async(app).await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn link<P>(mut self, callback: &Signature<P>) -> Self {
+        self.links.push(callback.to_wire());
+        self
+    }
+
+    /// Runs `errback` when this task fails, with the failed task's id prepended to its
+    /// arguments (Celery's message form; unless immutable). Celery's `link_error`.
+    #[must_use]
+    pub fn link_error<P>(mut self, errback: &Signature<P>) -> Self {
+        self.link_errors.push(errback.to_wire());
+        self
+    }
+
+    /// The signature in Celery's map form (for canvas and Python peers): every send option
+    /// under its `apply_async` name, callbacks under `link` and `link_error`.
     pub fn to_wire(&self) -> celeriac_core::Signature {
         let mut s = celeriac_core::Signature::new(self.task.clone(), self.args.clone());
         s.kwargs = self.kwargs.clone();
-        if let Some(q) = &self.options.queue {
-            s.options.insert("queue".into(), Value::String(q.clone()));
+        s.immutable = self.immutable;
+        let o = &self.options;
+        let m = &mut s.options;
+        let time = |t: &DateTime<Utc>| Value::String(celeriac_core::time::format(*t));
+        if let Some(id) = &o.task_id {
+            m.insert("task_id".into(), Value::String(id.clone()));
         }
-        if let Some(p) = self.options.priority {
-            s.options.insert("priority".into(), p.into());
+        if let Some(q) = &o.queue {
+            m.insert("queue".into(), Value::String(q.clone()));
         }
-        if let Some(id) = &self.options.task_id {
-            s.options
-                .insert("task_id".into(), Value::String(id.clone()));
+        if let Some(p) = o.priority {
+            m.insert("priority".into(), p.into());
+        }
+        if let Some(c) = o.countdown {
+            m.insert("countdown".into(), c.as_secs_f64().into());
+        }
+        if let Some(t) = &o.eta {
+            m.insert("eta".into(), time(t));
+        }
+        if let Some(t) = &o.expires_at {
+            m.insert("expires".into(), time(t));
+        } else if let Some(e) = o.expires_in {
+            m.insert("expires".into(), e.as_secs_f64().into());
+        }
+        if let Some(l) = o.time_limit {
+            m.insert("time_limit".into(), l.as_secs_f64().into());
+        }
+        if let Some(l) = o.soft_time_limit {
+            m.insert("soft_time_limit".into(), l.as_secs_f64().into());
+        }
+        if let Some(i) = o.ignore_result {
+            m.insert("ignore_result".into(), i.into());
+        }
+        if !o.headers.is_empty() {
+            m.insert("headers".into(), Value::Object(o.headers.clone()));
+        }
+        let sigs = |v: &[celeriac_core::Signature]| {
+            Value::Array(
+                v.iter()
+                    .map(|s| serde_json::to_value(s).unwrap_or(Value::Null))
+                    .collect(),
+            )
+        };
+        if !self.links.is_empty() {
+            m.insert("link".into(), sigs(&self.links));
+        }
+        if !self.link_errors.is_empty() {
+            m.insert("link_error".into(), sigs(&self.link_errors));
         }
         s
+    }
+
+    /// The options of this call's task registration, for typed signatures.
+    pub(crate) fn registered_options(&self) -> Option<TaskOptions> {
+        self.task_options.map(|f| f())
     }
 
     /// Sends the call; returns a handle on its result.

@@ -25,5 +25,7 @@ mod processes;
 mod dead;
 // Warm and cold shutdown.
 mod shutdown;
+// Canvas: callbacks, errbacks, chains and chords in `embed`.
+mod canvas;
 // Tracing spans, auto traits.
 mod misc;

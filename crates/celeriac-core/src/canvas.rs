@@ -1,0 +1,349 @@
+//! Canvas on the wire: turning a [`Signature`] map into the [`Message`] that runs it, and the
+//! names of the chord keys a result backend keeps.
+//!
+//! For the `celeriac` facade (which sends signatures, chains, groups and chords) and for the
+//! worker (which sends callbacks, the next chain step and chord bodies): both build messages
+//! here, so a signature means the same thing whoever sends it. The caller resolves the queue
+//! when the signature names none (routes live in the app, not here) and publishes.
+//!
+//! Options are read from `Signature::options` with Celery's `apply_async` names (§3.1 of the
+//! wire notes): `task_id`, `queue`, `priority`, `countdown`, `eta`, `expires`, `time_limit`,
+//! `soft_time_limit`, `ignore_result`, `headers`, `shadow`, `parent_id`, `root_id`,
+//! `group_id`, `group_index`, `link`, `link_error` and `chord`. Anything else is ignored, as a
+//! Python worker ignores options it does not know.
+//!
+//! # Chord counting
+//!
+//! A chord's header members are saved as a group (`save_group(gid, ids)`) before any is
+//! published. Every execution of a header member, after its result is stored, adds one to the
+//! counter [`chord_counter_key`] with [`ResultBackend::incr`](crate::ResultBackend::incr). The
+//! counter is only a hint: once it reaches the header size, the worker reads every member's
+//! stored result, and only when all are ready does it take the claim [`chord_claim_key`]
+//! (`incr` returning 1) and publish the body. A redelivered member adds one more (a count that
+//! is too high costs an extra read, never an early body), and a member whose result was
+//! already stored when it was redelivered still counts (so a crash between storing and counting
+//! loses nothing). The claim makes the body fire once.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::protocol::{Body, ContentType, Embed, Headers, Message, Signature, TimeLimit};
+use crate::task::TaskOptions;
+
+/// Longest `argsrepr`/`kwargsrepr` written into headers, as Celery does.
+const REPR_MAX: usize = 1024;
+
+/// A message built from a signature, ready to publish.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Outgoing {
+    /// The message.
+    pub message: Message,
+    /// The queue the signature or its task names; `None` means "route it yourself".
+    pub queue: Option<String>,
+    /// When it may run, if later than now.
+    pub eta: Option<DateTime<Utc>>,
+    /// The priority asked for, if any.
+    pub priority: Option<u8>,
+}
+
+/// Who sends, and how: the parts of a message that do not come from the signature.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Sender<'a> {
+    /// The body codec.
+    pub content_type: ContentType,
+    /// The `origin` header (the sender's node name).
+    pub origin: Option<&'a str>,
+    /// The time countdowns and relative expiries count from.
+    pub now: DateTime<Utc>,
+}
+
+impl<'a> Sender<'a> {
+    /// A sender encoding with `content_type`, now.
+    pub fn new(content_type: ContentType, origin: Option<&'a str>) -> Self {
+        Sender {
+            content_type,
+            origin,
+            now: Utc::now(),
+        }
+    }
+}
+
+/// Builds the message for `sig`, with `task_options` (the task's registration, or defaults)
+/// filling what the signature leaves out, and `chain` as the rest of its chain (reversed:
+/// the next step last).
+///
+/// Fails for options of the wrong type (a `countdown` that is not a number, ...) and for
+/// composite signatures (`subtask_type` `chain`, `group`, `chord`), which are not messages.
+pub fn build_message(
+    sig: &Signature,
+    task_options: &TaskOptions,
+    chain: Option<Vec<Signature>>,
+    sender: &Sender<'_>,
+) -> Result<Outgoing> {
+    if let Some(kind) = sig.subtask_type.as_deref() {
+        return Err(Error::protocol(format!(
+            "a {kind} signature ({}) cannot be sent as one message",
+            sig.task
+        )));
+    }
+    let o = Options(&sig.options);
+    let id = o.str("task_id")?.unwrap_or_else(crate::protocol::new_id);
+    let now = sender.now;
+    let eta = match o.time("eta")? {
+        Some(t) => Some(t),
+        None => o.secs("countdown")?.map(|c| now + secs(c)),
+    };
+    let expires = match o.0.get("expires") {
+        None | Some(Value::Null) => task_options.expires.map(|e| now + secs(e.as_secs_f64())),
+        Some(Value::Number(n)) => n.as_f64().map(|s| now + secs(s)),
+        Some(_) => o.time("expires")?,
+    };
+    let priority = match o.0.get("priority") {
+        None | Some(Value::Null) => task_options.priority,
+        Some(v) => Some(
+            v.as_u64()
+                .map(|p| p.min(9) as u8)
+                .ok_or_else(|| bad("priority", "an integer 0-9"))?,
+        ),
+    };
+
+    let mut headers = Headers::new(sig.task.clone(), id.clone());
+    headers.eta = eta;
+    headers.expires = expires;
+    headers.timelimit = TimeLimit {
+        hard: o
+            .secs("time_limit")?
+            .or(task_options.time_limit.map(|d| d.as_secs_f64())),
+        soft: o
+            .secs("soft_time_limit")?
+            .or(task_options.soft_time_limit.map(|d| d.as_secs_f64())),
+    };
+    headers.argsrepr = Some(repr(&Value::Array(sig.args.clone())));
+    headers.kwargsrepr = Some(repr(&Value::Object(sig.kwargs.clone())));
+    headers.origin = sender.origin.map(str::to_owned);
+    headers.ignore_result = match o.0.get("ignore_result") {
+        Some(Value::Bool(b)) => *b,
+        _ => task_options.ignore_result,
+    };
+    headers.shadow = o.str("shadow")?;
+    if let Some(root) = o.str("root_id")? {
+        headers.root_id = Some(root);
+    }
+    headers.parent_id = o.str("parent_id")?;
+    headers.group = o.str("group_id")?;
+    headers.group_index = match o.0.get("group_index") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| bad("group_index", "a non-negative integer"))?,
+        ),
+    };
+    match o.0.get("headers") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => headers.extra = m.clone(),
+        Some(_) => return Err(bad("headers", "a map")),
+    }
+
+    let embed = Embed {
+        callbacks: o.sigs("link")?,
+        errbacks: o.sigs("link_error")?,
+        chain,
+        chord: match o.0.get("chord") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                serde_json::from_value(v.clone()).map_err(|_| bad("chord", "a signature map"))?,
+            ),
+        },
+    };
+    let body = Body {
+        args: sig.args.clone(),
+        kwargs: sig.kwargs.clone(),
+        embed,
+    };
+    let mut message = Message::new(headers, &body, sender.content_type)?;
+    message.properties.priority = priority.unwrap_or(0);
+    Ok(Outgoing {
+        message,
+        queue: o.str("queue")?.or_else(|| task_options.queue.clone()),
+        eta: eta.filter(|t| *t > now),
+        priority,
+    })
+}
+
+/// `sig` as a callback of a task that returned `value`: the value prepended to its args
+/// unless the signature is immutable.
+pub fn with_parent_value(sig: &Signature, value: Value) -> Signature {
+    let mut s = sig.clone();
+    if !s.immutable {
+        s.args.insert(0, value);
+    }
+    s
+}
+
+/// Sets `options[key] = value` unless the signature already has one.
+pub fn default_option(sig: &mut Signature, key: &str, value: impl Into<Value>) {
+    let entry = sig.options.entry(key.to_owned()).or_insert(Value::Null);
+    if entry.is_null() {
+        *entry = value.into();
+    }
+}
+
+/// The backend counter of chord `group_id`: one added per execution of a header member.
+pub fn chord_counter_key(group_id: &str) -> String {
+    format!("celeriac-chord-{group_id}.count")
+}
+
+/// The backend counter whose first increment claims the right to fire chord `group_id`'s body.
+pub fn chord_claim_key(group_id: &str) -> String {
+    format!("celeriac-chord-{group_id}.claim")
+}
+
+fn secs(s: f64) -> chrono::Duration {
+    std::time::Duration::try_from_secs_f64(s.max(0.0))
+        .ok()
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .unwrap_or(chrono::Duration::MAX)
+}
+
+fn bad(key: &str, want: &str) -> Error {
+    Error::protocol(format!("signature option {key} must be {want}"))
+}
+
+struct Options<'a>(&'a Map<String, Value>);
+
+impl Options<'_> {
+    fn str(&self, key: &str) -> Result<Option<String>> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(bad(key, "a string")),
+        }
+    }
+
+    fn secs(&self, key: &str) -> Result<Option<f64>> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| bad(key, "seconds")),
+        }
+    }
+
+    fn time(&self, key: &str) -> Result<Option<DateTime<Utc>>> {
+        match self.str(key)? {
+            None => Ok(None),
+            Some(s) => crate::time::parse(&s)
+                .map(Some)
+                .map_err(|_| bad(key, "an ISO 8601 time")),
+        }
+    }
+
+    fn sigs(&self, key: &str) -> Result<Option<Vec<Signature>>> {
+        let v = match self.0.get(key) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Array(a)) if a.is_empty() => return Ok(None),
+            Some(v @ Value::Array(_)) => v.clone(),
+            Some(v @ Value::Object(_)) => Value::Array(vec![v.clone()]),
+            Some(_) => return Err(bad(key, "a signature map or a list of them")),
+        };
+        serde_json::from_value(v)
+            .map(Some)
+            .map_err(|_| bad(key, "a signature map or a list of them"))
+    }
+}
+
+/// A short printable form of arguments, for logs and monitors.
+pub fn repr(v: &Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > REPR_MAX {
+        let mut cut = REPR_MAX - 3;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sender() -> Sender<'static> {
+        Sender::new(ContentType::Json, Some("gen1@host"))
+    }
+
+    #[test]
+    fn options_become_headers_and_embed() {
+        let mut sig = Signature::new("tasks.add", vec![json!(1)]);
+        sig.options = json!({
+            "task_id": "t-1", "queue": "math", "priority": 12, "countdown": 5,
+            "parent_id": "p", "root_id": "r", "group_id": "g", "group_index": 2,
+            "link": {"task": "tasks.echo"}, "link_error": [{"task": "tasks.log"}],
+            "headers": {"tenant": "acme"}, "time_limit": 3
+        })
+        .as_object()
+        .cloned()
+        .unwrap();
+        let rest = vec![Signature::new("tasks.mul", vec![json!(2)])];
+        let out =
+            build_message(&sig, &TaskOptions::default(), Some(rest.clone()), &sender()).unwrap();
+        let h = &out.message.headers;
+        assert_eq!(h.id, "t-1");
+        assert_eq!(h.parent_id.as_deref(), Some("p"));
+        assert_eq!(h.root_id.as_deref(), Some("r"));
+        assert_eq!(h.group.as_deref(), Some("g"));
+        assert_eq!(h.group_index, Some(2));
+        assert_eq!(h.timelimit.hard, Some(3.0));
+        assert_eq!(h.extra["tenant"], json!("acme"));
+        assert!(h.eta.is_some() && out.eta.is_some());
+        assert_eq!(out.queue.as_deref(), Some("math"));
+        assert_eq!(out.priority, Some(9));
+        let body = out.message.decode_body().unwrap();
+        assert_eq!(body.args, vec![json!(1)]);
+        assert_eq!(body.embed.callbacks.unwrap()[0].task, "tasks.echo");
+        assert_eq!(body.embed.errbacks.unwrap()[0].task, "tasks.log");
+        assert_eq!(body.embed.chain, Some(rest));
+    }
+
+    #[test]
+    fn task_options_fill_the_gaps_and_bad_options_are_refused() {
+        let sig = Signature::new("tasks.add", vec![]);
+        let t = TaskOptions {
+            queue: Some("q".into()),
+            priority: Some(3),
+            ..TaskOptions::default()
+        };
+        let out = build_message(&sig, &t, None, &sender()).unwrap();
+        assert_eq!(out.queue.as_deref(), Some("q"));
+        assert_eq!(out.message.properties.priority, 3);
+        assert_eq!(
+            out.message.headers.root_id.as_deref(),
+            Some(out.message.id())
+        );
+
+        let mut bad = sig.clone();
+        bad.options.insert("countdown".into(), json!("soon"));
+        let e = build_message(&bad, &t, None, &sender()).unwrap_err();
+        assert!(e.to_string().contains("countdown"), "{e}");
+        let mut group = sig;
+        group.subtask_type = Some("group".into());
+        assert!(build_message(&group, &t, None, &sender()).is_err());
+    }
+
+    #[test]
+    fn parent_values_are_prepended_unless_immutable() {
+        let sig = Signature::new("t", vec![json!(1)]);
+        assert_eq!(
+            with_parent_value(&sig, json!(0)).args,
+            vec![json!(0), json!(1)]
+        );
+        let mut si = sig;
+        si.immutable = true;
+        assert_eq!(with_parent_value(&si, json!(0)).args, vec![json!(1)]);
+    }
+}

@@ -1,0 +1,243 @@
+//! What a finished task sends on: callbacks, errbacks, the next chain step, a chord's body.
+//!
+//! For the delivery pipeline, after the outcome is stored. The wire behaviour follows Celery
+//! (§3 of the wire notes): on success each `embed.callbacks` signature is sent with the result
+//! prepended (unless immutable) and the last element of `embed.chain` is sent with the result
+//! prepended and the rest of the chain (order kept); on failure each errback is sent with the
+//! failed task's id prepended (Celery's message form, which works across languages), the chain
+//! steps still to come that have a frozen `task_id` are stored as FAILURE with the same error
+//! (so waiting on a chain's last result does not hang), and their errbacks run too. Every sent
+//! message has `parent_id` = the finished task and `root_id` = its root. A signature with no
+//! queue goes to its task's queue if this worker knows the task, else to the queue the
+//! finished task came from.
+//!
+//! A chord header member counts its part after its result is stored; see
+//! [`celeriac_core::canvas`] for the counter, the completeness check and the claim that fire
+//! the body once. A failed (or revoked) member fails the body with
+//! `ChordError("Dependency <id> raised <error>")` and runs the body's errbacks.
+//!
+//! Why the canvas is replayed for a redelivered task whose result is already stored: the
+//! worker that stored it may have died before sending on (acks late). Replaying can send a
+//! callback twice (at least once, as everywhere else); chain steps and chord bodies carry
+//! frozen ids, and a worker does not run an id that already has a ready result.
+
+use celeriac_core::canvas::{
+    Sender, build_message, chord_claim_key, chord_counter_key, default_option, with_parent_value,
+};
+use celeriac_core::meta::RemoteError;
+use celeriac_core::{PublishOptions, Signature, TaskMeta, TaskState};
+use serde_json::Value;
+
+use crate::execute::Shared;
+use crate::request::{CELERY_EXC, Request};
+
+/// Sends what follows a success: callbacks, the next chain step, the chord part.
+pub(crate) async fn on_success(shared: &Shared, req: &Request, value: &Value) {
+    let embed = &req.body.embed;
+    for cb in embed.callbacks.iter().flatten() {
+        send(shared, req, with_parent_value(cb, value.clone()), None).await;
+    }
+    if let Some(mut chain) = embed.chain.clone() {
+        if let Some(next) = chain.pop() {
+            send(
+                shared,
+                req,
+                with_parent_value(&next, value.clone()),
+                Some(chain),
+            )
+            .await;
+        }
+    }
+    chord_part(shared, req).await;
+}
+
+/// Sends what follows a failure: errbacks (the task's and the remaining chain steps'), FAILURE
+/// on the remaining chain steps, the chord part.
+pub(crate) async fn on_failure(shared: &Shared, req: &Request, err: &RemoteError) {
+    let embed = &req.body.embed;
+    let rest = embed.chain.as_deref().unwrap_or_default();
+    let mut errbacks: Vec<Signature> = embed.errbacks.clone().unwrap_or_default();
+    for step in rest.iter().rev() {
+        for eb in wire_sigs(step.options.get("link_error")) {
+            if !errbacks.contains(&eb) {
+                errbacks.push(eb);
+            }
+        }
+        if let Some(Value::String(id)) = step.options.get("task_id") {
+            let mut meta = TaskMeta::exception(id.clone(), TaskState::Failure, err);
+            meta.name = Some(step.task.clone());
+            meta.parent_id = Some(req.id().to_owned());
+            store(shared, &meta).await;
+        }
+    }
+    let failed_id = Value::String(req.id().to_owned());
+    for eb in &errbacks {
+        send(shared, req, with_parent_value(eb, failed_id.clone()), None).await;
+    }
+    chord_part(shared, req).await;
+}
+
+/// For a delivery whose task already has a ready result: replays what the run that stored it
+/// may not have sent (a chord part always; callbacks and the chain after a redelivered
+/// success).
+pub(crate) async fn on_duplicate(shared: &Shared, req: &Request, redelivered: bool) {
+    let canvas = &req.body.embed;
+    if canvas.chord.is_none() && !(redelivered && has_followers(req)) {
+        return;
+    }
+    let Some(meta) = stored(shared, req.id()).await else {
+        return;
+    };
+    if redelivered && meta.status == TaskState::Success {
+        tracing::info!("redelivered task already succeeded; sending its callbacks again");
+        on_success(shared, req, &meta.result).await;
+    } else {
+        chord_part(shared, req).await;
+    }
+}
+
+fn has_followers(req: &Request) -> bool {
+    let e = &req.body.embed;
+    e.callbacks.as_ref().is_some_and(|c| !c.is_empty())
+        || e.chain.as_ref().is_some_and(|c| !c.is_empty())
+}
+
+/// Counts one chord header part and fires the body when every part is ready.
+async fn chord_part(shared: &Shared, req: &Request) {
+    let (Some(body), Some(gid)) = (&req.body.embed.chord, &req.message.headers.group) else {
+        return;
+    };
+    let Some(backend) = shared.recorder.backend() else {
+        tracing::error!(group_id = %gid, "a chord needs a result backend; its body will never run");
+        return;
+    };
+    let fired = async {
+        let count = backend.incr(&chord_counter_key(gid), 1).await?;
+        let Some(ids) = backend.restore_group(gid).await? else {
+            tracing::error!(group_id = %gid, "the chord's header group was not saved; its body cannot run");
+            return Ok(false);
+        };
+        if count < i64::try_from(ids.len()).unwrap_or(i64::MAX) {
+            return Ok(false);
+        }
+        let mut parts = Vec::with_capacity(ids.len());
+        for id in &ids {
+            match backend.get(id).await? {
+                Some(m) if m.status.is_ready() => parts.push(m),
+                _ => return Ok(false),
+            }
+        }
+        if backend.incr(&chord_claim_key(gid), 1).await? != 1 {
+            return Ok(false);
+        }
+        fire(shared, req, body, gid, parts).await;
+        Ok::<_, celeriac_core::Error>(true)
+    };
+    match fired.await {
+        Ok(true) => tracing::info!(group_id = %gid, body = %body.task, "chord complete; body sent"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(group_id = %gid, error = %e, "cannot count the chord part");
+        }
+    }
+}
+
+async fn fire(shared: &Shared, req: &Request, body: &Signature, gid: &str, parts: Vec<TaskMeta>) {
+    if let Some(failed) = parts.iter().find(|m| m.status != TaskState::Success) {
+        let cause = failed
+            .error()
+            .map_or_else(|| failed.status.to_string(), |e| e.summary());
+        let err = RemoteError::new(
+            "ChordError",
+            format!("Dependency {} raised {cause}", failed.task_id),
+        )
+        .with_module(CELERY_EXC);
+        tracing::warn!(group_id = %gid, error = %err, "a chord member failed; the body fails");
+        let body_id = body.options.get("task_id").and_then(Value::as_str);
+        if let Some(id) = body_id {
+            let mut meta = TaskMeta::exception(id, TaskState::Failure, &err);
+            meta.name = Some(body.task.clone());
+            meta.group_id = Some(gid.to_owned());
+            meta.parent_id = Some(req.id().to_owned());
+            store(shared, &meta).await;
+        }
+        let failed_id = Value::String(body_id.unwrap_or(&failed.task_id).to_owned());
+        for eb in wire_sigs(body.options.get("link_error")) {
+            send(shared, req, with_parent_value(&eb, failed_id.clone()), None).await;
+        }
+        return;
+    }
+    let results = Value::Array(parts.into_iter().map(|m| m.result).collect());
+    let mut sig = with_parent_value(body, results);
+    default_option(&mut sig, "group_id", gid);
+    send(shared, req, sig, None).await;
+}
+
+/// Publishes `sig` as a child of `parent`; a signature that cannot be sent fails its frozen id.
+async fn send(
+    shared: &Shared,
+    parent: &Request,
+    mut sig: Signature,
+    chain: Option<Vec<Signature>>,
+) {
+    default_option(&mut sig, "parent_id", parent.id());
+    let root = parent
+        .message
+        .headers
+        .root_id
+        .clone()
+        .unwrap_or_else(|| parent.id().to_owned());
+    default_option(&mut sig, "root_id", root);
+    let task_options = shared
+        .registry
+        .get(&sig.task)
+        .map(|d| d.options.clone())
+        .unwrap_or_default();
+    let sender = Sender::new(shared.options.content_type, Some(&shared.options.hostname));
+    let sent = async {
+        let out = build_message(&sig, &task_options, chain, &sender)?;
+        let queue = out.queue.clone().unwrap_or_else(|| parent.queue.clone());
+        shared.broker.declare(&queue).await?;
+        let options = PublishOptions::default()
+            .priority(out.priority)
+            .not_before(out.eta.filter(|_| shared.broker_delays));
+        shared.broker.publish(&queue, &out.message, options).await?;
+        tracing::debug!(child_id = %out.message.id(), child = %sig.task, queue = %queue, "canvas task sent");
+        Ok::<_, celeriac_core::Error>(())
+    };
+    if let Err(e) = sent.await {
+        tracing::error!(child = %sig.task, error = %e, "cannot send the canvas task");
+        if let Some(Value::String(id)) = sig.options.get("task_id") {
+            let err = RemoteError::new("CanvasError", format!("cannot send {}: {e}", sig.task))
+                .with_module(celeriac_core::meta::RUST_EXC_MODULE);
+            let mut meta = TaskMeta::exception(id.clone(), TaskState::Failure, &err);
+            meta.name = Some(sig.task.clone());
+            store(shared, &meta).await;
+        }
+    }
+}
+
+/// Signatures under a `link`/`link_error` option: one map or a list of them.
+fn wire_sigs(v: Option<&Value>) -> Vec<Signature> {
+    match v {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|s| serde_json::from_value(s.clone()).ok())
+            .collect(),
+        Some(s @ Value::Object(_)) => serde_json::from_value(s.clone()).into_iter().collect(),
+        _ => Vec::new(),
+    }
+}
+
+async fn stored(shared: &Shared, id: &str) -> Option<TaskMeta> {
+    let backend = shared.recorder.backend()?;
+    backend.get(id).await.ok().flatten()
+}
+
+async fn store(shared: &Shared, meta: &TaskMeta) {
+    if let Some(backend) = shared.recorder.backend() {
+        if let Err(e) = backend.store(meta).await {
+            tracing::error!(error = %e, task_id = %meta.task_id, "cannot store a canvas state");
+        }
+    }
+}

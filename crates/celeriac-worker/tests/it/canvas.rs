@@ -1,0 +1,212 @@
+//! Tests for canvas in the worker: callbacks, errbacks, chains and chords carried in `embed`.
+
+use celeriac_core::canvas::{Sender, build_message};
+use celeriac_core::{
+    ContentType, Message, ResultBackend, Signature, TaskError, TaskOptions, TaskState,
+};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+fn tasks() -> Vec<celeriac_core::TaskDef> {
+    vec![
+        blocking("tasks.add", |_, mut a| {
+            let x: i64 = a.take(0, "x")?;
+            let y: i64 = a.take(1, "y")?;
+            Ok(json!(x + y))
+        }),
+        blocking("tasks.tsum", |_, mut a| {
+            let v: Vec<i64> = a.take(0, "numbers")?;
+            Ok(json!(v.iter().sum::<i64>()))
+        }),
+        blocking("tasks.echo", |_, mut a| {
+            let v: Value = a.take(0, "v")?;
+            Ok(v)
+        }),
+        blocking("tasks.fail", |_, _| {
+            Err(TaskError::new("ValueError", "boom"))
+        }),
+    ]
+}
+
+fn sig(task: &str, args: Vec<Value>, id: Option<&str>) -> Signature {
+    let mut s = Signature::new(task, args);
+    if let Some(id) = id {
+        s.options.insert("task_id".into(), json!(id));
+    }
+    s
+}
+
+fn build(s: &Signature, chain: Option<Vec<Signature>>) -> Message {
+    build_message(
+        s,
+        &TaskOptions::default(),
+        chain,
+        &Sender::new(ContentType::Json, None),
+    )
+    .expect("message")
+    .message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_passes_each_result_on() {
+    let h = start(tasks(), options(|_| {}));
+    // add(1, 1) | add(10) | add(100): the rest of the chain is reversed.
+    let rest = vec![
+        sig("tasks.add", vec![json!(100)], Some("c-3")),
+        sig("tasks.add", vec![json!(10)], Some("c-2")),
+    ];
+    let first = h
+        .send(build(
+            &sig("tasks.add", vec![json!(1), json!(1)], None),
+            Some(rest),
+        ))
+        .await;
+    let last = h.result("c-3").await;
+    assert_eq!(last.result, json!(112));
+    assert_eq!(last.parent_id.as_deref(), Some("c-2"));
+    let middle = h.result("c-2").await;
+    assert_eq!(middle.result, json!(12));
+    assert_eq!(middle.parent_id.as_deref(), Some(first.as_str()));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_chain_fails_the_rest_and_runs_errbacks() {
+    let h = start(tasks(), options(|_| {}));
+    let mut errback = sig("tasks.echo", vec![], Some("eb-1"));
+    errback.options.insert("queue".into(), json!(QUEUE));
+    let mut failing = sig("tasks.fail", vec![], None);
+    failing.options.insert(
+        "link_error".into(),
+        json!([serde_json::to_value(&errback).unwrap()]),
+    );
+    let rest = vec![
+        sig("tasks.add", vec![json!(1)], Some("r-2")),
+        sig("tasks.add", vec![json!(1)], Some("r-1")),
+    ];
+    let first = h.send(build(&failing, Some(rest))).await;
+    for id in ["r-1", "r-2"] {
+        let m = h.result(id).await;
+        assert_eq!(m.status, TaskState::Failure, "{id}");
+        assert_eq!(m.error().unwrap().summary(), "ValueError: boom");
+    }
+    // The errback got the failed task's id.
+    assert_eq!(h.result("eb-1").await.result, json!(first));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_get_the_result_unless_immutable() {
+    let h = start(tasks(), options(|_| {}));
+    let mut imm = sig("tasks.echo", vec![json!("fixed")], Some("cb-2"));
+    imm.immutable = true;
+    let mut s = sig("tasks.add", vec![json!(2), json!(3)], Some("p"));
+    s.options.insert(
+        "link".into(),
+        json!([
+            serde_json::to_value(sig("tasks.echo", vec![], Some("cb-1"))).unwrap(),
+            serde_json::to_value(&imm).unwrap()
+        ]),
+    );
+    h.send(build(&s, None)).await;
+    let cb = h.result("cb-1").await;
+    assert_eq!(cb.result, json!(5));
+    assert_eq!(cb.parent_id.as_deref(), Some("p"));
+    assert_eq!(h.result("cb-2").await.result, json!("fixed"));
+    h.stop().await;
+}
+
+fn chord_messages(gid: &str, header: &[(&str, Signature)], body: &Signature) -> Vec<Message> {
+    let mut body = body.clone();
+    body.options.insert("group_id".into(), json!(gid));
+    header
+        .iter()
+        .enumerate()
+        .map(|(i, (id, s))| {
+            let mut s = s.clone();
+            s.options.insert("task_id".into(), json!(id));
+            s.options.insert("group_id".into(), json!(gid));
+            s.options.insert("group_index".into(), json!(i));
+            s.options
+                .insert("chord".into(), serde_json::to_value(&body).unwrap());
+            build(&s, None)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_body_gets_ordered_results_once() {
+    let h = start(tasks(), options(|o| o.concurrency = 4));
+    let header: Vec<(String, Signature)> = (0..6)
+        .map(|i| {
+            (
+                format!("h-{i}"),
+                sig("tasks.add", vec![json!(i), json!(0)], None),
+            )
+        })
+        .collect();
+    let header_refs: Vec<(&str, Signature)> = header
+        .iter()
+        .map(|(i, s)| (i.as_str(), s.clone()))
+        .collect();
+    let ids: Vec<String> = header.iter().map(|(i, _)| i.clone()).collect();
+    h.backend.save_group("g-1", &ids).await.unwrap();
+    let body = sig("tasks.echo", vec![], Some("body-1"));
+    for m in chord_messages("g-1", &header_refs, &body) {
+        h.send(m).await;
+    }
+    let b = h.result("body-1").await;
+    assert_eq!(b.result, json!([0, 1, 2, 3, 4, 5]));
+    assert_eq!(b.group_id.as_deref(), Some("g-1"));
+    // A redelivered header part (same message again) neither fires the body again nor fails.
+    for m in chord_messages("g-1", &header_refs[..1], &body) {
+        h.send(m).await;
+    }
+    let report = h.stop().await;
+    assert_eq!(report.succeeded, 7, "six parts and one body: {report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_with_a_failed_member_fails_its_body() {
+    let h = start(tasks(), options(|_| {}));
+    let mut body = sig("tasks.tsum", vec![], Some("body-2"));
+    let errback = sig("tasks.echo", vec![], Some("eb-2"));
+    body.options.insert(
+        "link_error".into(),
+        json!([serde_json::to_value(&errback).unwrap()]),
+    );
+    let header = [
+        ("f-0", sig("tasks.add", vec![json!(1), json!(1)], None)),
+        ("f-1", sig("tasks.fail", vec![], None)),
+    ];
+    h.backend
+        .save_group("g-2", &["f-0".to_owned(), "f-1".to_owned()])
+        .await
+        .unwrap();
+    for m in chord_messages("g-2", &header, &body) {
+        h.send(m).await;
+    }
+    let b = h.result("body-2").await;
+    assert_eq!(b.status, TaskState::Failure);
+    let e = b.error().unwrap();
+    assert_eq!(e.exc_type, "ChordError");
+    assert_eq!(e.message(), "Dependency f-1 raised ValueError: boom");
+    assert_eq!(h.result("eb-2").await.result, json!("body-2"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_callback_fails_with_not_registered() {
+    let h = start(tasks(), options(|_| {}));
+    let mut s = sig("tasks.add", vec![json!(2), json!(3)], None);
+    s.options.insert(
+        "link".into(),
+        serde_json::to_value(sig("tasks.nope", vec![], Some("cb-x"))).unwrap(),
+    );
+    h.send(build(&s, None)).await;
+    let m = h.result("cb-x").await;
+    assert_eq!(m.status, TaskState::Failure);
+    assert_eq!(m.error().unwrap().exc_type, "NotRegistered");
+    h.stop().await;
+}
