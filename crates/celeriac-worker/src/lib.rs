@@ -52,6 +52,7 @@
 //! in the canvas, nested composites (a group or chord as a chain step or callback) and
 //! `celery.chord_unlock`.
 
+mod builtins;
 mod canvas;
 pub mod dead;
 mod execute;

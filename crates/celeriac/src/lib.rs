@@ -46,6 +46,9 @@
 //!   [`Signature::apply_async`]; [`App::send_task`] by name.
 //! - Results: [`AsyncResult`] (`state`, `ready`, `get`, `traceback`, `forget`, `revoke`),
 //!   also rebuilt from an id with [`AsyncResult::from_id`].
+//! - Canvas ([`canvas`]): [`chain!`], [`group`] with [`GroupResult`] (progress, join,
+//!   revoke, save/restore), [`chord`], [`map`], [`starmap`], [`chunks`];
+//!   [`Signature::link`], [`Signature::link_error`], [`Signature::immutable`].
 //! - A command line for your binary: [`cli::run`] gives it `worker`, `call`, `result`,
 //!   `purge`, `status` and, with `beat`, `beat` (run, list, add, remove, pause, resume,
 //!   trigger) and `worker -B`.
@@ -65,12 +68,17 @@ extern crate self as celeriac;
 mod app;
 #[cfg(feature = "beat")]
 mod beat_dispatch;
+pub mod canvas;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod result;
 mod signature;
 
 pub use app::{App, AppBuilder, default_drivers};
+pub use canvas::{
+    Chain, Chord, ChordResult, Group, GroupResult, Progress, chain, chord, chunks, group, map,
+    starmap,
+};
 pub use celeriac_core::{
     Cancellation, Config, ContentType, DynBackend, DynBroker, Error, ErrorKind, RemoteError,
     Result, TaskContext, TaskDef, TaskError, TaskErrorKind, TaskMeta, TaskOptions, TaskState,

@@ -359,6 +359,23 @@ impl<O> Signature<O> {
         s
     }
 
+    /// The same call with its output type forgotten, e.g. to put tasks of different outputs
+    /// in one [`group`](crate::group) or [`chain`](crate::chain()).
+    pub fn untyped(self) -> Signature<Value> {
+        Signature {
+            task: self.task,
+            args: self.args,
+            kwargs: self.kwargs,
+            encode_error: self.encode_error,
+            options: self.options,
+            task_options: self.task_options,
+            links: self.links,
+            link_errors: self.link_errors,
+            immutable: self.immutable,
+            _output: PhantomData,
+        }
+    }
+
     /// The options of this call's task registration, for typed signatures.
     pub(crate) fn registered_options(&self) -> Option<TaskOptions> {
         self.task_options.map(|f| f())

@@ -66,7 +66,7 @@ impl Worker {
         Worker {
             broker,
             backend,
-            registry,
+            registry: crate::builtins::with_builtins(registry),
             options,
             shutdown: ShutdownHandle::new(),
         }

@@ -8,3 +8,6 @@ mod send_sync;
 
 // The app on the in-memory drivers: wire format, routing, an in-process worker.
 mod app;
+
+// Canvas: chains, groups, chords, map/starmap/chunks, links, with an in-process worker.
+mod canvas;
