@@ -123,6 +123,33 @@ pub fn journal(ctx: TaskContext, path: String) -> Result<(), TaskError> {
     Ok(())
 }
 
+/// `tasks.tsum(numbers)`: the sum of a list of integers (a chord body).
+#[celeriac::task(name = "tasks.tsum")]
+pub fn tsum(numbers: Vec<i64>) -> i64 {
+    numbers.iter().sum()
+}
+
+/// `tasks.hold(value, seconds)`: waits `seconds`, then returns `value`. Acks late: a chord
+/// header member that a killed worker was running is redelivered and run again.
+#[celeriac::task(name = "tasks.hold", acks_late = true)]
+pub async fn hold(value: Value, seconds: f64) -> Value {
+    tokio::time::sleep(Duration::from_secs_f64(seconds.clamp(0.0, 60.0))).await;
+    value
+}
+
+/// `tasks.record(value, path)`: appends `value` as one JSON line to the file `path`, then
+/// returns it. As a chord body it shows how often the body ran, and with what.
+#[celeriac::task(name = "tasks.record", acks_late = true)]
+pub fn record(value: Value, path: String) -> Result<Value, TaskError> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    f.write_all(format!("{value}\n").as_bytes())?;
+    Ok(value)
+}
+
 /// An app builder with every example task registered, configured from `celeriac.toml` and the
 /// environment.
 ///
@@ -144,6 +171,9 @@ pub fn app() -> AppBuilder {
         .task::<spin>()
         .task::<abort>()
         .task::<journal>()
+        .task::<tsum>()
+        .task::<hold>()
+        .task::<record>()
 }
 
 fn now() -> f64 {

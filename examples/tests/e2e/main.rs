@@ -18,3 +18,6 @@ mod cli;
 
 // Fault injection: SIGKILL mid-run, a spinning task, an aborting task, malformed floods.
 mod reliability;
+
+// Canvas: chains, links, groups, chords (one across a killed worker), chunks.
+mod canvas;
