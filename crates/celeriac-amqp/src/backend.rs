@@ -1,0 +1,378 @@
+//! [`RpcBackend`]: Celery's `rpc://` result backend — results travel as messages to the
+//! caller's own reply queue.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use amqprs::BasicProperties;
+use amqprs::channel::{BasicConsumeArguments, Channel, QueueDeclareArguments};
+use celeriac_core::backend::{ResultBackend, timeout_error};
+use celeriac_core::broker::BoxFuture;
+use celeriac_core::protocol::new_id;
+use celeriac_core::{Config, Error, ErrorKind, Result, TaskMeta};
+use serde_json::{Map, json};
+use tokio::sync::{mpsc, watch};
+
+use crate::conn::{self, Publisher, broker_error, confirmed};
+use crate::fields::to_table;
+use crate::options::AmqpOptions;
+
+/// The reply queue of the process's first rpc backend: the `reply_to` our broker puts on
+/// messages that carry none.
+static LOCAL_OID: Mutex<Option<String>> = Mutex::new(None);
+/// Whether some rpc backend lives in this process (only then are reply queues remembered).
+static IN_USE: AtomicBool = AtomicBool::new(false);
+/// Task id → the `reply_to` of the message that carried it, recorded by our consumers so a
+/// worker's `store` knows where to send the result.
+static REPLY_TO: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+/// Bound on remembered reply queues; a worker storing no results must not grow forever.
+const REMEMBER_MAX: usize = 100_000;
+
+fn reply_map() -> &'static Mutex<HashMap<String, String>> {
+    REPLY_TO.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The local reply queue, if an rpc backend is open in this process.
+pub(crate) fn local_reply_to() -> Option<String> {
+    LOCAL_OID.lock().expect("oid lock").clone()
+}
+
+/// Records the reply queue of a received task (only when an rpc backend is in use).
+pub(crate) fn remember_reply_to(task_id: &str, reply_to: &str) {
+    if !IN_USE.load(Ordering::Acquire) || reply_to.is_empty() {
+        return;
+    }
+    let mut map = reply_map().lock().expect("reply lock");
+    if map.len() >= REMEMBER_MAX {
+        map.clear();
+    }
+    map.insert(task_id.to_owned(), reply_to.to_owned());
+}
+
+/// Celery's `rpc://` backend on RabbitMQ.
+///
+/// - **Client side**: declares its reply queue `<oid>` (a UUID; auto-delete, `x-expires` =
+///   `result_expires`), consumes it, and keeps the latest state of every task id it receives.
+///   [`get`](ResultBackend::get) and [`wait`](ResultBackend::wait) read that buffer.
+/// - **Worker side**: [`store`](ResultBackend::store) publishes the meta to the default
+///   exchange with the task message's `reply_to` as routing key and the task id as
+///   `correlation_id`, transient, as Celery does — one message per state change.
+///
+/// Only the process that sent a task can read its result; `get` for another id is `None`
+/// (PENDING). Groups, chords and counters are unsupported, as in Celery.
+#[derive(Clone)]
+pub struct RpcBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: AmqpOptions,
+    oid: String,
+    publisher: tokio::sync::Mutex<Option<Publisher>>,
+    results: Mutex<HashMap<String, TaskMeta>>,
+    changed: watch::Sender<u64>,
+    closed: watch::Sender<bool>,
+}
+
+impl fmt::Debug for RpcBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RpcBackend")
+            .field("url", &self.inner.options.redacted)
+            .field("reply_queue", &self.inner.oid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RpcBackend {
+    /// Connects to the RabbitMQ at `url` (`rpc://` uses guest on localhost; `amqp://...`
+    /// URLs are accepted too), declares the reply queue and starts consuming it.
+    pub async fn connect(url: &str, config: &Config) -> Result<Self> {
+        let options = AmqpOptions::from_url(url, config)?;
+        let publisher = Publisher::open(&options, "rpc").await?;
+        let inner = Arc::new(Inner {
+            options,
+            oid: new_id(),
+            publisher: tokio::sync::Mutex::new(Some(publisher)),
+            results: Mutex::new(HashMap::new()),
+            changed: watch::channel(0).0,
+            closed: watch::channel(false).0,
+        });
+        let (ready_tx, mut ready_rx) = mpsc::channel(1);
+        tokio::spawn(run_reply_consumer(inner.clone(), ready_tx));
+        match ready_rx.recv().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Err(Error::backend("rpc reply consumer ended before it started")),
+        }
+        IN_USE.store(true, Ordering::Release);
+        let mut oid = LOCAL_OID.lock().expect("oid lock");
+        if oid.is_none() {
+            *oid = Some(inner.oid.clone());
+        }
+        Ok(RpcBackend { inner })
+    }
+
+    /// The reply queue this backend consumes (Celery's `thread_oid`).
+    pub fn reply_queue(&self) -> &str {
+        &self.inner.oid
+    }
+
+    fn unsupported(what: &str) -> Error {
+        Error::new(
+            ErrorKind::Unsupported,
+            format!("the rpc result backend cannot {what} (as in Celery); use redis or sqlite"),
+        )
+    }
+}
+
+fn reply_queue_args(options: &AmqpOptions) -> QueueDeclareArguments {
+    let mut args = Map::new();
+    if let Some(e) = options.reply_expires {
+        args.insert("x-expires".to_owned(), json!(e.as_millis() as u64));
+    }
+    QueueDeclareArguments::default()
+        .auto_delete(true)
+        .arguments(to_table(&args))
+        .finish()
+}
+
+async fn declare_reply_queue(ch: &Channel, inner: &Inner) -> Result<()> {
+    let mut args = reply_queue_args(&inner.options);
+    args.queue(inner.oid.clone());
+    ch.queue_declare(args)
+        .await
+        .map_err(|e| broker_error("declare reply queue", e))?;
+    Ok(())
+}
+
+/// Consumes the reply queue until the backend closes, reconnecting with backoff.
+async fn run_reply_consumer(inner: Arc<Inner>, ready: mpsc::Sender<Result<()>>) {
+    let mut attempt = 0u32;
+    let mut ready = Some(ready);
+    loop {
+        if *inner.closed.borrow() {
+            return;
+        }
+        let r = reply_session(&inner, &mut ready, &mut attempt).await;
+        if let Err(e) = r {
+            if let Some(tx) = ready.take() {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+            tracing::warn!(url = %inner.options.redacted, error = %e, "rpc reply consumer failed; reconnecting");
+        }
+        let mut closed = inner.closed.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(conn::backoff(attempt)) => {}
+            _ = conn::closed_signal(&mut closed) => return,
+        }
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+async fn reply_session(
+    inner: &Arc<Inner>,
+    ready: &mut Option<mpsc::Sender<Result<()>>>,
+    attempt: &mut u32,
+) -> Result<()> {
+    let connection = conn::open(&inner.options, "rpc consumer").await?;
+    let result = async {
+        let ch = conn::channel(&connection).await?;
+        declare_reply_queue(&ch, inner).await?;
+        let mut args = BasicConsumeArguments::new(&inner.oid, "");
+        args.manual_ack(false);
+        let (_, mut rx) = ch
+            .basic_consume_rx(args.finish())
+            .await
+            .map_err(|e| broker_error("basic.consume", e))?;
+        if let Some(tx) = ready.take() {
+            let _ = tx.send(Ok(())).await;
+        }
+        *attempt = 0;
+        let mut closed = inner.closed.subscribe();
+        let lost = connection.listen_network_io_failure();
+        tokio::pin!(lost);
+        loop {
+            tokio::select! {
+                _ = conn::closed_signal(&mut closed) => return Ok(()),
+                _ = &mut lost => return Err(Error::backend("rpc reply connection lost").transient()),
+                m = rx.recv() => {
+                    let Some(m) = m else {
+                        return Err(Error::backend("rpc reply consumer was cancelled").transient());
+                    };
+                    inner.receive(m.basic_properties.as_ref(), m.content.as_deref().unwrap_or_default());
+                }
+            }
+        }
+    }
+    .await;
+    let _ = connection.close().await;
+    result
+}
+
+impl Inner {
+    fn receive(&self, properties: Option<&BasicProperties>, body: &[u8]) {
+        let meta: TaskMeta = match serde_json::from_slice(body) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "rpc reply is not a json task meta; dropped");
+                return;
+            }
+        };
+        let id = properties
+            .and_then(|p| p.correlation_id().cloned())
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| meta.task_id.clone());
+        let mut results = self.results.lock().expect("results lock");
+        let keep = results
+            .get(&id)
+            .is_none_or(|old| old.status.may_be_replaced_by(&meta.status));
+        if keep {
+            results.insert(id, meta);
+            drop(results);
+            self.changed.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+impl ResultBackend for RpcBackend {
+    fn driver(&self) -> &'static str {
+        "rpc"
+    }
+
+    fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            if *self.inner.closed.borrow() {
+                return Err(Error::closed("rpc backend"));
+            }
+            let reply_to = {
+                let mut map = reply_map().lock().expect("reply lock");
+                if meta.status.is_ready() {
+                    map.remove(&meta.task_id)
+                } else {
+                    map.get(&meta.task_id).cloned()
+                }
+            };
+            let Some(reply_to) = reply_to else {
+                tracing::debug!(task_id = %meta.task_id, "no reply_to known for this task; rpc result not sent");
+                return Ok(false);
+            };
+            let body = serde_json::to_vec(meta)?;
+            let mut p = BasicProperties::default();
+            p.with_content_type("application/json")
+                .with_content_encoding("utf-8")
+                .with_correlation_id(&meta.task_id)
+                .with_delivery_mode(1);
+            let rx = {
+                let mut guard = self.inner.publisher.lock().await;
+                if !guard.as_ref().is_some_and(Publisher::is_open) {
+                    *guard = Some(Publisher::open(&self.inner.options, "rpc").await?);
+                }
+                let publisher = guard.as_ref().expect("publisher just opened");
+                match publisher.send("", &reply_to, p.finish(), body).await {
+                    Ok(rx) => rx,
+                    Err(e) => {
+                        *guard = None;
+                        return Err(e);
+                    }
+                }
+            };
+            confirmed(rx, &reply_to).await?;
+            Ok(true)
+        })
+    }
+
+    fn get<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<Option<TaskMeta>>> {
+        Box::pin(async move {
+            Ok(self
+                .inner
+                .results
+                .lock()
+                .expect("results lock")
+                .get(task_id)
+                .cloned())
+        })
+    }
+
+    fn wait<'a>(
+        &'a self,
+        task_id: &'a str,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<TaskMeta>> {
+        Box::pin(async move {
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            let mut changed = self.inner.changed.subscribe();
+            loop {
+                if let Some(m) = self
+                    .inner
+                    .results
+                    .lock()
+                    .expect("results lock")
+                    .get(task_id)
+                    .filter(|m| m.status.is_ready())
+                {
+                    return Ok(m.clone());
+                }
+                if *self.inner.closed.borrow() {
+                    return Err(Error::closed("rpc backend"));
+                }
+                let next = changed.changed();
+                match deadline {
+                    Some(d) => match tokio::time::timeout_at(d, next).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Err(Error::closed("rpc backend")),
+                        Err(_) => return Err(timeout_error(task_id, timeout)),
+                    },
+                    None => {
+                        if next.await.is_err() {
+                            return Err(Error::closed("rpc backend"));
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn forget<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.inner
+                .results
+                .lock()
+                .expect("results lock")
+                .remove(task_id);
+            Ok(())
+        })
+    }
+
+    fn save_group<'a>(&'a self, _: &'a str, _: &'a [String]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { Err(Self::unsupported("save groups")) })
+    }
+
+    fn restore_group<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Option<Vec<String>>>> {
+        Box::pin(async move { Err(Self::unsupported("restore groups")) })
+    }
+
+    fn incr<'a>(&'a self, _: &'a str, _: i64) -> BoxFuture<'a, Result<i64>> {
+        Box::pin(async move { Err(Self::unsupported("count chord parts")) })
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.inner.closed.send_replace(true);
+            self.inner.changed.send_modify(|n| *n += 1);
+            {
+                let mut oid = LOCAL_OID.lock().expect("oid lock");
+                if oid.as_deref() == Some(self.inner.oid.as_str()) {
+                    *oid = None;
+                }
+            }
+            if let Some(p) = self.inner.publisher.lock().await.take() {
+                p.close().await;
+            }
+            Ok(())
+        })
+    }
+}

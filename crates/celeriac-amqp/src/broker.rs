@@ -1,0 +1,1023 @@
+//! [`AmqpBroker`]: task queues on RabbitMQ, declared as Celery declares them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use amqprs::channel::{
+    BasicAckArguments, BasicConsumeArguments, BasicQosArguments, BasicRejectArguments, Channel,
+    ConsumerMessage, ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments,
+    QueuePurgeArguments,
+};
+use amqprs::connection::Connection;
+use amqprs::{BasicProperties, FieldTable, FieldValue};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use celeriac_core::broker::{
+    Acker, BoxFuture, Capabilities, ConsumeOptions, Consumer, Delivery, PublishOptions, QueueStats,
+    Requeue,
+};
+use celeriac_core::protocol::envelope;
+use celeriac_core::{Broker, Config, Error, ErrorKind, Message, Result};
+use chrono::Utc;
+use serde_json::{Map, Value, json};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::backend;
+use crate::conn::{self, Publisher, broker_error, confirmed, is_not_found};
+use crate::fields::{from_table, to_table};
+use crate::options::{AmqpOptions, QueueType};
+
+/// Header holding a delayed message's due time (Unix ms); ours, removed before decoding.
+pub(crate) const NOT_BEFORE: &str = "celeriac-not-before";
+/// Header counting redeliveries made by `reject(After)`; ours, removed before decoding.
+const REDELIVERIES: &str = "celeriac-redeliveries";
+/// How long an unused delay queue outlives its TTL before RabbitMQ deletes it.
+const DELAY_QUEUE_SPARE: u64 = 60_000;
+/// How many times an operation reconnects before it fails.
+const ATTEMPTS: u32 = 8;
+
+/// A RabbitMQ broker speaking Celery's AMQP conventions. Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> celeriac_core::Result<()> {
+/// use celeriac_core::Broker as _;
+/// let broker = celeriac_amqp::AmqpBroker::connect(
+///     "amqp://guest:guest@127.0.0.1:5672//",
+///     &celeriac_core::Config::default(),
+/// )
+/// .await?;
+/// broker.declare("celery").await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("url", &self.inner.options.redacted)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    options: AmqpOptions,
+    publisher: tokio::sync::Mutex<Option<Publisher>>,
+    declared: Mutex<BTreeSet<String>>,
+    /// Target queue → the delay queues this process published to.
+    delay_queues: Mutex<HashMap<String, BTreeSet<String>>>,
+    /// Queue → (received but not yet handed to a caller, handed out and not yet settled).
+    local: Mutex<HashMap<String, (u64, u64)>>,
+    /// Deliveries received and not yet handed to a caller, by address, so `purge` can drop
+    /// them too (they count as ready).
+    buffered: Mutex<HashMap<usize, std::sync::Weak<LeaseState>>>,
+    closed: watch::Sender<bool>,
+}
+
+impl AmqpBroker {
+    /// Connects to the RabbitMQ at `url` (`amqp://`, `pyamqp://`).
+    ///
+    /// Fails with [`ErrorKind::Config`] when RabbitMQ refuses the login or the vhost, and with a
+    /// transient [`ErrorKind::Broker`] error when it cannot be reached.
+    pub async fn connect(url: &str, config: &Config) -> Result<Self> {
+        let options = AmqpOptions::from_url(url, config)?;
+        Self::with_options(options).await
+    }
+
+    /// Connects with explicit options.
+    pub async fn with_options(options: AmqpOptions) -> Result<Self> {
+        let publisher = Publisher::open(&options, "publisher").await?;
+        Ok(AmqpBroker {
+            inner: Arc::new(Inner {
+                options,
+                publisher: tokio::sync::Mutex::new(Some(publisher)),
+                declared: Mutex::new(BTreeSet::new()),
+                delay_queues: Mutex::new(HashMap::new()),
+                local: Mutex::new(HashMap::new()),
+                buffered: Mutex::new(HashMap::new()),
+                closed: watch::channel(false).0,
+            }),
+        })
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &AmqpOptions {
+        &self.inner.options
+    }
+}
+
+// ===== impl Inner =====
+
+impl Inner {
+    fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::closed("amqp broker")
+    }
+
+    async fn ensure<'g>(&self, guard: &'g mut Option<Publisher>) -> Result<&'g Publisher> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        if !guard.as_ref().is_some_and(Publisher::is_open) {
+            let mut attempt = 0;
+            loop {
+                match Publisher::open(&self.options, "publisher").await {
+                    Ok(p) => {
+                        if attempt > 0 {
+                            tracing::info!(url = %self.options.redacted, "reconnected to rabbitmq");
+                        }
+                        *guard = Some(p);
+                        break;
+                    }
+                    // The first connection succeeded in `connect`, so a login failure now is
+                    // a server restarting (or a password changed under us): retry a while.
+                    Err(e) if attempt + 1 >= ATTEMPTS => {
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        tracing::warn!(url = %self.options.redacted, error = %e, attempt, "rabbitmq unreachable; retrying");
+                        tokio::time::sleep(conn::backoff(attempt)).await;
+                        attempt += 1;
+                    }
+                }
+            }
+        }
+        Ok(guard.as_ref().expect("publisher just opened"))
+    }
+
+    /// Publishes and waits for RabbitMQ's confirm.
+    async fn send(
+        &self,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: Vec<u8>,
+    ) -> Result<()> {
+        let rx = {
+            let mut guard = self.publisher.lock().await;
+            let p = self.ensure(&mut guard).await?;
+            match p.send("", routing_key, properties, body).await {
+                Ok(rx) => rx,
+                Err(e) => {
+                    *guard = None;
+                    return Err(e);
+                }
+            }
+        };
+        confirmed(rx, routing_key).await
+    }
+
+    /// A throwaway channel on the publisher's connection, for declares and counts (a 404
+    /// closes only this channel).
+    async fn admin(&self) -> Result<Channel> {
+        let mut guard = self.publisher.lock().await;
+        let p = self.ensure(&mut guard).await?;
+        match conn::channel(p.connection()).await {
+            Ok(ch) => Ok(ch),
+            Err(e) => {
+                *guard = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn queue_arguments(&self) -> FieldTable {
+        let mut args = Map::new();
+        match self.options.queue_type {
+            QueueType::Classic => {
+                if let Some(p) = self.options.max_priority {
+                    args.insert("x-max-priority".to_owned(), json!(p));
+                }
+            }
+            QueueType::Quorum => {
+                args.insert("x-queue-type".to_owned(), json!("quorum"));
+            }
+        }
+        to_table(&args)
+    }
+
+    async fn declare(&self, queue: &str) -> Result<()> {
+        let ch = self.admin().await?;
+        let r = declare_topology(&ch, queue, self.queue_arguments()).await;
+        let _ = ch.close().await;
+        r?;
+        self.declared
+            .lock()
+            .expect("declared lock")
+            .insert(queue.to_owned());
+        Ok(())
+    }
+
+    async fn declare_if_new(&self, queue: &str) -> Result<()> {
+        if self.declared.lock().expect("declared lock").contains(queue) {
+            return Ok(());
+        }
+        self.declare(queue).await
+    }
+
+    /// Stores `properties`/`body` for `queue`, delayed until `not_before_ms` when that is in
+    /// the future.
+    async fn park_or_send(
+        &self,
+        queue: &str,
+        mut properties: BasicProperties,
+        body: Vec<u8>,
+        not_before_ms: Option<i64>,
+    ) -> Result<()> {
+        let now = Utc::now().timestamp_millis();
+        let Some(due) = not_before_ms.filter(|due| *due > now) else {
+            return self.send(queue, properties, body).await;
+        };
+        let delay = delay_step((due - now) as u64);
+        let dq = format!("celeriac.delay.{queue}.{delay}");
+        let mut args = Map::new();
+        args.insert("x-message-ttl".to_owned(), json!(delay));
+        args.insert("x-dead-letter-exchange".to_owned(), json!(""));
+        args.insert("x-dead-letter-routing-key".to_owned(), json!(queue));
+        args.insert("x-expires".to_owned(), json!(delay + DELAY_QUEUE_SPARE));
+        let ch = self.admin().await?;
+        let mut qa = QueueDeclareArguments::new(&dq);
+        qa.durable(true).arguments(to_table(&args));
+        let r = ch.queue_declare(qa.finish()).await;
+        let _ = ch.close().await;
+        r.map_err(|e| broker_error("declare delay queue", e))?;
+        self.delay_queues
+            .lock()
+            .expect("delay lock")
+            .entry(queue.to_owned())
+            .or_default()
+            .insert(dq.clone());
+        let mut headers = properties.headers().cloned().unwrap_or_default();
+        headers.insert(
+            NOT_BEFORE.try_into().expect("short name"),
+            FieldValue::l(due),
+        );
+        properties.with_headers(headers);
+        self.send(&dq, properties, body).await
+    }
+
+    /// Moves one delivery of `queue` between the local counts.
+    fn count(&self, queue: &str, from: Phase, to: Phase) {
+        let mut map = self.local.lock().expect("local counts lock");
+        let (buffered, handed) = map.entry(queue.to_owned()).or_default();
+        for (phase, delta) in [(from, -1i64), (to, 1)] {
+            match phase {
+                Phase::Buffered => *buffered = buffered.saturating_add_signed(delta),
+                Phase::Handed => *handed = handed.saturating_add_signed(delta),
+                Phase::New | Phase::Settled => {}
+            }
+        }
+    }
+
+    /// Passive-declares `queue` on a fresh channel: its ready count, or `None` if it is gone.
+    async fn ready_count(&self, queue: &str) -> Result<Option<u64>> {
+        let ch = self.admin().await?;
+        let mut qa = QueueDeclareArguments::new(queue);
+        qa.passive(true);
+        let r = ch.queue_declare(qa.finish()).await;
+        match r {
+            Ok(found) => {
+                let _ = ch.close().await;
+                Ok(Some(found.map_or(0, |(_, n, _)| u64::from(n))))
+            }
+            Err(e) => {
+                let e = broker_error("passive queue.declare", e);
+                if is_not_found(&e) || !ch.is_open() {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    fn known_delay_queues(&self, queue: &str) -> Vec<String> {
+        self.delay_queues
+            .lock()
+            .expect("delay lock")
+            .get(queue)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn forget_delay_queue(&self, queue: &str, dq: &str) {
+        if let Some(s) = self.delay_queues.lock().expect("delay lock").get_mut(queue) {
+            s.remove(dq);
+        }
+    }
+}
+
+/// Rounds a delay in ms down to two significant digits, so a few dozen delay queues per
+/// decade serve every delay; the remainder is parked again when the message surfaces early.
+pub(crate) fn delay_step(ms: u64) -> u64 {
+    if ms < 100 {
+        return ms.max(1);
+    }
+    let mut scale = 1;
+    while ms / scale >= 100 {
+        scale *= 10;
+    }
+    ms / scale * scale
+}
+
+/// Declares Celery's entities for `queue`: the direct exchange named like it (durable), the
+/// durable queue with `args`, and the binding with the queue name as key.
+async fn declare_topology(ch: &Channel, queue: &str, args: FieldTable) -> Result<()> {
+    let mut ex = ExchangeDeclareArguments::new(queue, "direct");
+    ex.durable = true;
+    ch.exchange_declare(ex)
+        .await
+        .map_err(|e| broker_error("exchange.declare", e))?;
+    let mut qa = QueueDeclareArguments::new(queue);
+    qa.durable(true).arguments(args);
+    ch.queue_declare(qa.finish())
+        .await
+        .map_err(|e| broker_error("queue.declare", e))?;
+    ch.queue_bind(QueueBindArguments::new(queue, queue, queue))
+        .await
+        .map_err(|e| broker_error("queue.bind", e))?;
+    Ok(())
+}
+
+/// The AMQP properties of a task message, as Celery sets them (celery-wire.md §2.2, §8.2).
+pub(crate) fn properties_of(message: &Message, priority: Option<u8>) -> Result<BasicProperties> {
+    let headers = match serde_json::to_value(&message.headers)? {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    let mut p = BasicProperties::default();
+    p.with_content_type(&message.content_type)
+        .with_content_encoding(&message.content_encoding)
+        .with_headers(to_table(&headers))
+        .with_delivery_mode(message.properties.delivery_mode.clamp(1, 2))
+        .with_priority(priority.unwrap_or(message.properties.priority))
+        .with_correlation_id(&message.properties.correlation_id);
+    if let Some(r) = message
+        .properties
+        .reply_to
+        .clone()
+        .or_else(backend::local_reply_to)
+    {
+        p.with_reply_to(&r);
+    }
+    Ok(p)
+}
+
+// ===== impl Broker =====
+
+impl Broker for AmqpBroker {
+    fn driver(&self) -> &'static str {
+        "amqp"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::all();
+        c.priority = self.inner.options.max_priority.is_some();
+        c.fanout = false;
+        c
+    }
+
+    fn declare<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.inner.declare(queue))
+    }
+
+    fn publish<'a>(
+        &'a self,
+        queue: &'a str,
+        message: &'a Message,
+        options: PublishOptions,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.inner.declare_if_new(queue).await?;
+            let props = properties_of(message, options.priority)?;
+            let due = options.not_before.map(|t| t.timestamp_millis());
+            self.inner
+                .park_or_send(queue, props, message.body.clone(), due)
+                .await
+        })
+    }
+
+    fn consume<'a>(
+        &'a self,
+        queues: &'a [String],
+        options: ConsumeOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn Consumer>>> {
+        Box::pin(async move {
+            if self.inner.is_closed() {
+                return Err(self.inner.closed_error());
+            }
+            for q in queues {
+                self.inner.declare_if_new(q).await?;
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            let inner = self.inner.clone();
+            let queues = queues.to_vec();
+            tokio::spawn(run_consumer(inner, queues, options, tx));
+            Ok(Box::new(AmqpConsumer { rx }) as Box<dyn Consumer>)
+        })
+    }
+
+    fn purge<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move {
+            let mut total = 0;
+            let mut targets = vec![queue.to_owned()];
+            targets.extend(self.inner.known_delay_queues(queue));
+            for (i, q) in targets.iter().enumerate() {
+                let ch = self.inner.admin().await?;
+                match ch.queue_purge(QueuePurgeArguments::new(q)).await {
+                    Ok(n) => {
+                        total += u64::from(n.unwrap_or(0));
+                        let _ = ch.close().await;
+                    }
+                    Err(e) => {
+                        let e = broker_error("queue.purge", e);
+                        if !is_not_found(&e) && ch.is_open() {
+                            return Err(e);
+                        }
+                        if i > 0 {
+                            self.inner.forget_delay_queue(queue, q);
+                        }
+                    }
+                }
+            }
+            // Prefetched deliveries not yet handed out count as ready, so they go too.
+            let held: Vec<Arc<LeaseState>> = self
+                .inner
+                .buffered
+                .lock()
+                .expect("buffered lock")
+                .values()
+                .filter_map(std::sync::Weak::upgrade)
+                .filter(|s| s.queue == queue)
+                .collect();
+            for s in held {
+                if s.advance(Phase::Buffered, Phase::Settled) {
+                    s.changed.notify_one();
+                    let _ = s
+                        .channel
+                        .basic_reject(BasicRejectArguments::new(s.tag, false))
+                        .await;
+                    total += 1;
+                }
+            }
+            Ok(total)
+        })
+    }
+
+    fn stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats>> {
+        Box::pin(async move {
+            let ready = self.inner.ready_count(queue).await?.unwrap_or(0);
+            let (buffered, unacked) = self
+                .inner
+                .local
+                .lock()
+                .expect("local counts lock")
+                .get(queue)
+                .copied()
+                .unwrap_or_default();
+            // Prefetched deliveries not yet handed to a caller are ready as far as callers
+            // can tell (RabbitMQ counts them unacked).
+            let ready = ready + buffered;
+            let mut delayed = 0;
+            for dq in self.inner.known_delay_queues(queue) {
+                match self.inner.ready_count(&dq).await? {
+                    Some(n) => delayed += n,
+                    None => self.inner.forget_delay_queue(queue, &dq),
+                }
+            }
+            Ok(QueueStats::new(ready, delayed, unacked))
+        })
+    }
+
+    fn queues(&self) -> BoxFuture<'_, Result<Vec<String>>> {
+        Box::pin(async move {
+            if self.inner.is_closed() {
+                return Err(self.inner.closed_error());
+            }
+            Ok(self
+                .inner
+                .declared
+                .lock()
+                .expect("declared lock")
+                .iter()
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.inner.closed.send_replace(true);
+            if let Some(p) = self.inner.publisher.lock().await.take() {
+                p.close().await;
+            }
+            Ok(())
+        })
+    }
+}
+
+// ===== consumer =====
+
+/// Deliveries from the consumer task; ends (`None`) when the broker closes.
+struct AmqpConsumer {
+    rx: mpsc::UnboundedReceiver<Result<Buffered>>,
+}
+
+/// A delivery waiting in a consumer's buffer, with its settle state.
+type Buffered = (Delivery, Arc<LeaseState>);
+
+impl Drop for AmqpConsumer {
+    fn drop(&mut self) {
+        // The consumer task closes its connection, so RabbitMQ requeues these.
+        self.rx.close();
+        while let Ok(item) = self.rx.try_recv() {
+            if let Ok((_, state)) = item {
+                state.advance(Phase::Buffered, Phase::Settled);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for AmqpConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConsumer").finish_non_exhaustive()
+    }
+}
+
+impl Consumer for AmqpConsumer {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Delivery>>> {
+        Box::pin(async move {
+            match self.rx.recv().await {
+                Some(Ok((d, state))) => {
+                    if state.advance(Phase::Buffered, Phase::Handed) {
+                        Ok(Some(d))
+                    } else {
+                        // Its lease ran out while it waited here; it was requeued.
+                        self.next().await
+                    }
+                }
+                Some(Err(e)) => Err(e),
+                None => Ok(None),
+            }
+        })
+    }
+}
+
+enum Ended {
+    /// The broker closed or the consumer was dropped: stop.
+    Done,
+    /// The connection or channel was lost, or a consumer cancelled: reconnect.
+    Lost,
+}
+
+/// Consumes `queues` until the broker closes or the consumer is dropped, reconnecting with
+/// backoff whenever the connection or channel is lost.
+async fn run_consumer(
+    inner: Arc<Inner>,
+    queues: Vec<String>,
+    options: ConsumeOptions,
+    tx: mpsc::UnboundedSender<Result<Buffered>>,
+) {
+    let mut attempt = 0u32;
+    let mut connected_once = false;
+    loop {
+        match session(
+            &inner,
+            &queues,
+            &options,
+            &tx,
+            &mut attempt,
+            &mut connected_once,
+        )
+        .await
+        {
+            Ok(Ended::Done) => return,
+            Ok(Ended::Lost) => {
+                tracing::warn!(url = %inner.options.redacted, queues = ?queues, "rabbitmq consumer lost its channel; reconnecting");
+            }
+            Err(e) if e.kind() == ErrorKind::Config && !connected_once => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(url = %inner.options.redacted, error = %e, attempt, "rabbitmq consumer failed; reconnecting");
+            }
+        }
+        let mut closed = inner.closed.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(conn::backoff(attempt)) => {}
+            _ = conn::closed_signal(&mut closed) => return,
+            _ = tx.closed() => return,
+        }
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+async fn session(
+    inner: &Arc<Inner>,
+    queues: &[String],
+    options: &ConsumeOptions,
+    tx: &mpsc::UnboundedSender<Result<Buffered>>,
+    attempt: &mut u32,
+    connected_once: &mut bool,
+) -> Result<Ended> {
+    if inner.is_closed() || tx.is_closed() {
+        return Ok(Ended::Done);
+    }
+    let connection = conn::open(&inner.options, "consumer").await?;
+    *connected_once = true;
+    let result = consume_on(inner, &connection, queues, options, tx, attempt).await;
+    let _ = connection.close().await;
+    result
+}
+
+async fn consume_on(
+    inner: &Arc<Inner>,
+    connection: &Connection,
+    queues: &[String],
+    options: &ConsumeOptions,
+    tx: &mpsc::UnboundedSender<Result<Buffered>>,
+    attempt: &mut u32,
+) -> Result<Ended> {
+    let ch = conn::channel(connection).await?;
+    let prefetch = u16::try_from(options.prefetch).unwrap_or(u16::MAX);
+    // RabbitMQ's "global" QoS is per channel, so the limit holds across all queues of this
+    // consumer; quorum queues do not support it (Celery sets global=False for them).
+    let global = inner.options.queue_type == QueueType::Classic;
+    ch.basic_qos(BasicQosArguments::new(0, prefetch, global))
+        .await
+        .map_err(|e| broker_error("basic.qos", e))?;
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<(String, ConsumerMessage)>();
+    for q in queues {
+        declare_topology(&ch, q, inner.queue_arguments()).await?;
+        let mut args = BasicConsumeArguments::new(q, "");
+        args.manual_ack(true);
+        let (_, mut rx) = ch
+            .basic_consume_rx(args.finish())
+            .await
+            .map_err(|e| broker_error("basic.consume", e))?;
+        let raw_tx = raw_tx.clone();
+        let q = q.clone();
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if raw_tx.send((q.clone(), m)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(raw_tx);
+    if *attempt > 0 {
+        tracing::info!(url = %inner.options.redacted, queues = ?queues, "rabbitmq consumer resumed");
+    }
+    *attempt = 0;
+    let mut closed = inner.closed.subscribe();
+    let io_failure = connection.clone();
+    let lost = io_failure.listen_network_io_failure();
+    tokio::pin!(lost);
+    loop {
+        tokio::select! {
+            _ = conn::closed_signal(&mut closed) => return Ok(Ended::Done),
+            _ = tx.closed() => return Ok(Ended::Done),
+            _ = &mut lost => return Ok(Ended::Lost),
+            m = raw_rx.recv() => {
+                let Some((queue, m)) = m else { return Ok(Ended::Lost) };
+                if let Some(d) = to_delivery(inner, &ch, &queue, m, options.lease).await? {
+                    if tx.send(Ok(d)).is_err() {
+                        return Ok(Ended::Done);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The raw parts of a delivery, kept to re-publish it on `reject(After)`.
+struct Raw {
+    properties: BasicProperties,
+    body: Vec<u8>,
+    redeliveries: u32,
+}
+
+/// Turns a RabbitMQ delivery into ours; a message surfacing before its due time (from a
+/// rounded-down delay queue) is parked again and `None` returned.
+async fn to_delivery(
+    inner: &Arc<Inner>,
+    ch: &Channel,
+    queue: &str,
+    m: ConsumerMessage,
+    lease: Option<Duration>,
+) -> Result<Option<Buffered>> {
+    let Some(deliver) = m.deliver else {
+        return Ok(None);
+    };
+    let properties = m.basic_properties.unwrap_or_default();
+    let body = m.content.unwrap_or_default();
+    let tag = deliver.delivery_tag();
+    let mut headers = properties.headers().map(from_table).unwrap_or_default();
+
+    if let Some(due) = headers.get(NOT_BEFORE).and_then(Value::as_i64) {
+        if due > Utc::now().timestamp_millis() {
+            let mut props = properties.clone();
+            let mut table = props.headers().cloned().unwrap_or_default();
+            table.remove(&NOT_BEFORE.try_into().expect("short name"));
+            props.with_headers(table);
+            inner.park_or_send(queue, props, body, Some(due)).await?;
+            ch.basic_ack(BasicAckArguments::new(tag, false))
+                .await
+                .map_err(|e| broker_error("basic.ack", e))?;
+            return Ok(None);
+        }
+    }
+    let counted = headers
+        .get(REDELIVERIES)
+        .and_then(Value::as_u64)
+        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+    let redeliveries = counted.saturating_add(u32::from(deliver.redelivered()));
+    headers.retain(|k, _| {
+        !(k.starts_with("celeriac-")
+            || k == "x-death"
+            || k.starts_with("x-first-death")
+            || k.starts_with("x-last-death"))
+    });
+
+    let mut props = Map::new();
+    props.insert(
+        "correlation_id".to_owned(),
+        json!(properties.correlation_id().cloned().unwrap_or_default()),
+    );
+    if let Some(r) = properties.reply_to() {
+        props.insert("reply_to".to_owned(), json!(r));
+    }
+    props.insert(
+        "delivery_mode".to_owned(),
+        json!(properties.delivery_mode().unwrap_or(2)),
+    );
+    props.insert(
+        "priority".to_owned(),
+        json!(properties.priority().unwrap_or(0)),
+    );
+    props.insert("body_encoding".to_owned(), json!("base64"));
+    let mut env = Map::new();
+    env.insert("body".to_owned(), json!(B64.encode(&body)));
+    if let Some(ct) = properties.content_type() {
+        env.insert("content-type".to_owned(), json!(ct));
+    }
+    if let Some(ce) = properties.content_encoding() {
+        env.insert("content-encoding".to_owned(), json!(ce));
+    }
+    env.insert("headers".to_owned(), Value::Object(headers));
+    env.insert("properties".to_owned(), Value::Object(props));
+    let message = serde_json::to_vec(&Value::Object(env))
+        .map_err(Error::from)
+        .and_then(|bytes| envelope::decode(&bytes));
+    match &message {
+        Ok(msg) => {
+            if let Some(r) = properties.reply_to() {
+                backend::remember_reply_to(msg.id(), r);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(queue, error = %e, "received a message that is not a valid celery task message")
+        }
+    }
+
+    let state = Arc::new(LeaseState {
+        inner: inner.clone(),
+        queue: queue.to_owned(),
+        phase: Mutex::new(Phase::New),
+        channel: ch.clone(),
+        tag,
+        deadline: Mutex::new(lease.map(|l| Instant::now() + l)),
+        changed: Notify::new(),
+    });
+    let acker = AmqpAcker {
+        inner: inner.clone(),
+        channel: ch.clone(),
+        tag,
+        queue: queue.to_owned(),
+        raw: Raw {
+            properties,
+            body,
+            redeliveries,
+        },
+        state: state.clone(),
+    };
+    if lease.is_some() {
+        tokio::spawn(watch_lease(
+            ch.clone(),
+            tag,
+            queue.to_owned(),
+            state.clone(),
+        ));
+    }
+    state.advance(Phase::New, Phase::Buffered);
+    inner
+        .buffered
+        .lock()
+        .expect("buffered lock")
+        .insert(Arc::as_ptr(&state) as usize, Arc::downgrade(&state));
+    let d = Delivery::new(message, queue, redeliveries, Box::new(acker));
+    Ok(Some((d, state)))
+}
+
+/// A delivery's client-side lease: RabbitMQ has none, so the consumer enforces it.
+/// Where a delivery is, for the local counts and so it is settled once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    New,
+    Buffered,
+    Handed,
+    Settled,
+}
+
+struct LeaseState {
+    inner: Arc<Inner>,
+    queue: String,
+    phase: Mutex<Phase>,
+    channel: Channel,
+    tag: u64,
+    deadline: Mutex<Option<Instant>>,
+    changed: Notify,
+}
+
+impl LeaseState {
+    /// Moves the delivery from `from` to `to`; `false` if it was elsewhere.
+    fn advance(&self, from: Phase, to: Phase) -> bool {
+        let mut phase = self.phase.lock().expect("phase lock");
+        if *phase != from {
+            return false;
+        }
+        *phase = to;
+        self.moved(from, to);
+        true
+    }
+
+    fn moved(&self, from: Phase, to: Phase) {
+        self.inner.count(&self.queue, from, to);
+        let key = std::ptr::from_ref(self) as usize;
+        if from == Phase::Buffered {
+            self.inner
+                .buffered
+                .lock()
+                .expect("buffered lock")
+                .remove(&key);
+        }
+    }
+
+    fn is_settled(&self) -> bool {
+        *self.phase.lock().expect("phase lock") == Phase::Settled
+    }
+
+    /// Marks the delivery settled, from wherever it is; `false` if it already was.
+    fn settle(&self) -> bool {
+        let mut phase = self.phase.lock().expect("phase lock");
+        if *phase == Phase::Settled {
+            return false;
+        }
+        self.moved(*phase, Phase::Settled);
+        *phase = Phase::Settled;
+        drop(phase);
+        self.changed.notify_one();
+        true
+    }
+}
+
+/// Requeues the delivery when its lease runs out before it is settled.
+async fn watch_lease(ch: Channel, tag: u64, queue: String, state: Arc<LeaseState>) {
+    loop {
+        if state.is_settled() {
+            return;
+        }
+        let Some(deadline) = *state.deadline.lock().expect("lease lock") else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                let current = *state.deadline.lock().expect("lease lock");
+                if current.is_some_and(|d| d <= Instant::now()) && state.settle() {
+                    tracing::warn!(queue, "lease expired; requeueing the delivery");
+                    let _ = ch.basic_reject(BasicRejectArguments::new(tag, true)).await;
+                    return;
+                }
+            }
+            _ = state.changed.notified() => {}
+        }
+    }
+}
+
+struct AmqpAcker {
+    inner: Arc<Inner>,
+    channel: Channel,
+    tag: u64,
+    queue: String,
+    raw: Raw,
+    state: Arc<LeaseState>,
+}
+
+impl fmt::Debug for AmqpAcker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpAcker")
+            .field("queue", &self.queue)
+            .field("delivery_tag", &self.tag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpAcker {
+    fn settle(&self) -> Result<()> {
+        if !self.state.settle() {
+            return Err(Error::broker(format!(
+                "delivery from {} was already settled or its lease expired (requeued)",
+                self.queue
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Acker for AmqpAcker {
+    fn ack(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.settle()?;
+            self.channel
+                .basic_ack(BasicAckArguments::new(self.tag, false))
+                .await
+                .map_err(|e| broker_error("basic.ack", e))
+        })
+    }
+
+    fn reject(&self, requeue: Requeue) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            match requeue {
+                Requeue::Drop | Requeue::Now => {
+                    self.settle()?;
+                    self.channel
+                        .basic_reject(BasicRejectArguments::new(self.tag, requeue == Requeue::Now))
+                        .await
+                        .map_err(|e| broker_error("basic.reject", e))
+                }
+                Requeue::After(delay) => {
+                    if self.state.is_settled() {
+                        return self.settle();
+                    }
+                    let mut props = self.raw.properties.clone();
+                    let mut table = props.headers().cloned().unwrap_or_default();
+                    table.insert(
+                        REDELIVERIES.try_into().expect("short name"),
+                        FieldValue::I(
+                            i32::try_from(self.raw.redeliveries.saturating_add(1))
+                                .unwrap_or(i32::MAX),
+                        ),
+                    );
+                    props.with_headers(table);
+                    let due = Utc::now().timestamp_millis()
+                        + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
+                    // Publish the copy first: a crash in between duplicates, never loses.
+                    self.inner
+                        .park_or_send(&self.queue, props, self.raw.body.clone(), Some(due))
+                        .await?;
+                    self.settle()?;
+                    self.channel
+                        .basic_ack(BasicAckArguments::new(self.tag, false))
+                        .await
+                        .map_err(|e| broker_error("basic.ack", e))
+                }
+            }
+        })
+    }
+
+    fn extend_lease(&self, by: Duration) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let mut d = self.state.deadline.lock().expect("lease lock");
+            if d.is_some() {
+                *d = Some(Instant::now() + by);
+                drop(d);
+                self.state.changed.notify_one();
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_steps_never_exceed_the_delay_and_stay_few() {
+        assert_eq!(delay_step(0), 1);
+        assert_eq!(delay_step(700), 700);
+        assert_eq!(delay_step(1234), 1200);
+        assert_eq!(delay_step(3_599_999), 3_500_000);
+        let steps: BTreeSet<u64> = (1..200_000).map(delay_step).collect();
+        assert!(steps.len() < 400, "{} steps", steps.len());
+    }
+}

@@ -1,0 +1,151 @@
+//! RabbitMQ (AMQP 0-9-1) broker and `rpc://` result backend for celeriac, sharing one RabbitMQ
+//! with Python Celery.
+//!
+//! This crate is for applications that run their tasks through RabbitMQ, the broker Celery
+//! recommends for production, alone or next to Python Celery workers and clients.
+//! [`AmqpBroker`] declares exchanges, queues and bindings exactly as Celery does and publishes
+//! task messages with Celery's properties and headers; [`RpcBackend`] is Celery's `rpc://`
+//! result backend. Users normally reach it through the `celeriac` facade (feature `amqp`) and
+//! a URL; call [`register`] to add the schemes to a [`celeriac_core::Drivers`] table, or open
+//! the types directly. Pairing the AMQP broker with another result backend (`redis://`,
+//! `sqlite://`) needs nothing special: the app opens each from its own URL.
+//!
+//! # URLs
+//!
+//! - `amqp://[user[:password]@]host[:port][/vhost]`, and kombu's alias `pyamqp://`. The vhost
+//!   is the path after the first `/`, percent-decoded (`amqp://h//` and `amqp://h/%2F` are
+//!   vhost `/`, as is no path). Defaults: `guest:guest`, port 5672.
+//! - Query parameters: `heartbeat=<s>` (default 120, Celery's), `max_priority=<n>` (declares
+//!   task queues with `x-max-priority`, like `task_queue_max_priority`),
+//!   `queue_type=classic|quorum` (like `task_default_queue_type`), `connection_name=<text>`
+//!   (prefix of the names `rabbitmqctl list_connections` shows).
+//! - `rpc://` (backend) connects like `amqp://` with the same defaults.
+//! - `amqps://` (TLS) is refused with a clear [`ErrorKind::Unsupported`](celeriac_core::ErrorKind)
+//!   error: this build has no TLS.
+//!
+//! A refused login or an unknown vhost fails at start-up with
+//! [`ErrorKind::Config`](celeriac_core::ErrorKind), never retried; an unreachable server is a
+//! transient [`ErrorKind::Broker`](celeriac_core::ErrorKind) error. Passwords never reach logs
+//! or errors ([`celeriac_core::url::redact`]).
+//!
+//! # Entities (as Celery declares them, celery-wire.md §8.1)
+//!
+//! | entity | declaration |
+//! |---|---|
+//! | exchange `<queue>` | `direct`, durable, not auto-delete |
+//! | queue `<queue>` | durable, not exclusive, not auto-delete; arguments none, or `{"x-max-priority": n}`, or `{"x-queue-type": "quorum"}` |
+//! | binding | queue `<queue>` → exchange `<queue>`, key `<queue>` |
+//! | delay queue `celeriac.delay.<queue>.<ms>` | durable classic; `x-message-ttl` = ms, `x-dead-letter-exchange` = `""`, `x-dead-letter-routing-key` = `<queue>`, `x-expires` = ms + 60 s |
+//! | rpc reply queue `<oid>` | not durable, auto-delete, `{"x-expires": result_expires ms}` |
+//!
+//! Declaring an entity with other arguments than an existing one fails with
+//! PRECONDITION_FAILED, so the `max_priority` and `queue_type` of a URL must match the Python
+//! side's settings. Integers in arguments and headers are sent as signed 32-bit (`I`), as
+//! py-amqp does.
+//!
+//! # Design
+//!
+//! **Client: amqprs, not lapin.** amqprs is a pure-tokio client with a small dependency tree
+//! (no executor or reactor abstraction layers, no TLS stack unless asked for), builds on our
+//! MSRV, and its field tables model void (`V`) and arrays (`A`), which every Celery header
+//! set contains. lapin 4 needs Rust 1.88 and brings the async-rs runtime abstraction and a TLS
+//! stack by default. amqprs cannot parse the `L` tag (py-amqp's signed 64-bit integer, used for
+//! integers beyond ±2^31 in *user* headers); such a message fails the connection's frame
+//! parser, so Python clients should keep custom header integers within 32 bits.
+//!
+//! **Publishing.** Tasks go to the default exchange `""` with the queue name as routing key,
+//! `delivery_mode` 2, `correlation_id` = task id, `reply_to`, `priority`, content type and
+//! encoding, the protocol 2 headers as `application_headers`. A publish waits for the
+//! broker's publisher confirm, so it returns once RabbitMQ holds the message. Priorities map
+//! directly (AMQP is "higher first", like celeriac); they only matter on queues declared with
+//! `max_priority`.
+//!
+//! **Durable delayed delivery: per-delay queues with TTL and dead-lettering.** A message with a
+//! not-before time is published to `celeriac.delay.<queue>.<ms>`, whose `x-message-ttl`
+//! dead-letters it into `<queue>` when due; nothing waits in worker memory. Delays are rounded
+//! *down* to two significant digits (so a few dozen queues per decade serve every delay, and
+//! unused ones expire), and the exact due time rides in the header `celeriac-not-before`: a
+//! message that surfaces early is parked again for the remainder, so it is never delivered
+//! early and at most a couple of hops late. Celery 5.5's 28-level `celery_delayed_*` topic
+//! exchanges were not chosen: they require a topic task exchange, work in whole seconds and
+//! exist for quorum queues only, while this scheme serves classic and quorum targets alike
+//! with millisecond precision. (Delay queues are classic durable queues even for quorum
+//! targets.) Python workers do not know these queues; tasks for them carry an `eta` header
+//! instead (the facade's job).
+//!
+//! **Acknowledgement, prefetch and leases.** Consumers use manual acks and `basic.qos` with
+//! the consumer's prefetch (channel-wide "global" QoS on classic queues, per consumer on quorum
+//! queues, as Celery does). `reject(Drop|Now)` is `basic.reject`; `reject(After(d))`
+//! publishes a copy through the delay queues (confirmed) and then acks. RabbitMQ has no
+//! delivery lease (its `consumer_timeout`, 30 min by default, closes the channel instead), so
+//! a lease given in [`ConsumeOptions`](celeriac_core::ConsumeOptions) is enforced by the
+//! consumer: when it runs out before the delivery is settled the delivery is requeued
+//! (`basic.reject` with requeue), and [`extend_lease`](celeriac_core::Delivery::extend_lease)
+//! moves it. A worker that dies or loses its connection needs no lease: RabbitMQ requeues its
+//! unacked deliveries. Keep task run times below the server's `consumer_timeout`.
+//!
+//! **Connections and recovery.** Publishing and admin use one connection; each consumer has
+//! its own. When a connection or channel is lost, or the server cancels a consumer (queue
+//! deleted), the consumer reconnects with backoff (100 ms doubling to 5 s, `warn` logs with
+//! the URL redacted), re-declares its queues and resumes; publishes reconnect on demand.
+//! Deliveries unacked on a lost channel come back through RabbitMQ; acking one of them on the
+//! dead channel fails harmlessly.
+//!
+//! **Counts.** `stats` reads the ready count by a passive `queue.declare`. `delayed` sums the
+//! delay queues *this process* published to, and `unacked` counts deliveries handed out by
+//! *this process*: RabbitMQ exposes neither without the management plugin, so both are exact
+//! for one process and lower bounds in a cluster. `queues()` lists the queues this handle
+//! declared.
+//!
+//! **The rpc backend** follows Celery (celery-wire.md §8.5): see [`RpcBackend`]. A worker
+//! learns where to send a result from the `reply_to` of the task message it received through
+//! an [`AmqpBroker`] in the same process; our client sets `reply_to` to its rpc reply queue
+//! on messages that have none.
+//!
+//! # What differs from Celery/kombu
+//!
+//! - No fanout (events, remote control) yet; no TLS.
+//! - `redeliveries` is 1 for a message RabbitMQ flags as redelivered (it keeps a flag, not a
+//!   count), plus the `reject(After)` count we carry in a header.
+//! - Messages are not rejected into a dead-letter exchange by us; a queue given one by policy
+//!   receives what the worker rejects without requeue.
+
+mod backend;
+mod broker;
+mod conn;
+mod fields;
+mod options;
+
+use std::sync::Arc;
+
+use celeriac_core::{Drivers, DynBackend, DynBroker};
+
+pub use backend::RpcBackend;
+pub use broker::AmqpBroker;
+pub use options::{AmqpOptions, QueueType};
+
+/// The broker URL schemes this crate registers.
+pub const BROKER_SCHEMES: [&str; 3] = ["amqp", "amqps", "pyamqp"];
+
+/// Adds the `amqp`, `amqps` and `pyamqp` broker schemes and the `rpc` result backend scheme to
+/// `drivers`.
+///
+/// ```
+/// let mut drivers = celeriac_core::Drivers::new();
+/// celeriac_amqp::register(&mut drivers);
+/// assert!(format!("{drivers:?}").contains("amqp"));
+/// ```
+pub fn register(drivers: &mut Drivers) {
+    for scheme in BROKER_SCHEMES {
+        drivers.add_broker(scheme, |url, config| {
+            Box::pin(
+                async move { Ok(Arc::new(AmqpBroker::connect(&url, &config).await?) as DynBroker) },
+            )
+        });
+    }
+    drivers.add_backend("rpc", |url, config| {
+        Box::pin(
+            async move { Ok(Arc::new(RpcBackend::connect(&url, &config).await?) as DynBackend) },
+        )
+    });
+}
