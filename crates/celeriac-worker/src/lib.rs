@@ -17,6 +17,10 @@
 //!   delivered more than [`WorkerOptions::max_redeliveries`] times; list, inspect, requeue,
 //!   purge.
 //!
+//! - Canvas: after a task's outcome is stored, the worker sends what its message carries in
+//!   `embed` (callbacks, errbacks, the next chain step) and counts chord parts, firing the
+//!   body once (see `canvas`); `celery.starmap` and `celery.map` are built in.
+//!
 //! One delivery goes through small steps, each in its own module with its own tests: decode
 //! (`request`), eta and expiry (`schedule`), per-name rate limit (`ratelimit`), a concurrency
 //! slot, the duplicate check, execution with panics caught (`pool`) under soft and hard time

@@ -210,3 +210,29 @@ async fn an_unknown_callback_fails_with_not_registered() {
     assert_eq!(m.error().unwrap().exc_type, "NotRegistered");
     h.stop().await;
 }
+
+/// A worker that stored a header result and died before counting it: the redelivered message
+/// finds the result ready, is not run again, and still counts, so the body fires once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_stored_but_not_counted_still_completes_the_chord() {
+    let h = start(tasks(), options(|_| {}));
+    let header = [
+        ("s-0", sig("tasks.add", vec![json!(1), json!(1)], None)),
+        ("s-1", sig("tasks.add", vec![json!(2), json!(2)], None)),
+    ];
+    h.backend
+        .save_group("g-3", &["s-0".to_owned(), "s-1".to_owned()])
+        .await
+        .unwrap();
+    h.backend
+        .store(&celeriac_core::TaskMeta::success("s-0", json!(2)))
+        .await
+        .unwrap();
+    let body = sig("tasks.echo", vec![], Some("body-3"));
+    for m in chord_messages("g-3", &header, &body) {
+        h.send(m).await;
+    }
+    assert_eq!(h.result("body-3").await.result, json!([2, 4]));
+    let report = h.stop().await;
+    assert_eq!(report.succeeded, 2, "one part and the body: {report:?}");
+}

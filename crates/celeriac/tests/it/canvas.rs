@@ -293,3 +293,13 @@ async fn an_unknown_task_in_a_chain_fails_with_not_registered() {
     assert_eq!(e.remote().unwrap().message(), "tasks.missing");
     r.stop().await;
 }
+
+#[test]
+fn canvas_handles_are_send_and_sync() {
+    fn is_send_sync<T: Send + Sync>() {}
+    is_send_sync::<celeriac::Chain<i64>>();
+    is_send_sync::<celeriac::Group<i64>>();
+    is_send_sync::<celeriac::Chord<i64>>();
+    is_send_sync::<GroupResult<i64>>();
+    is_send_sync::<celeriac::ChordResult<i64>>();
+}
