@@ -378,5 +378,7 @@ pub fn default_drivers() -> Drivers {
     celeriac_sqlite::register(&mut d);
     #[cfg(feature = "redis")]
     celeriac_redis::register(&mut d);
+    #[cfg(feature = "amqp")]
+    celeriac_amqp::register(&mut d);
     d
 }

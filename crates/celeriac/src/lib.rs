@@ -57,6 +57,8 @@
 //!
 //! - `sqlite` (default): the embedded SQLite broker and result backend, `sqlite://path`.
 //! - `redis`: the Redis broker and result backend, `redis://host:6379/0`.
+//! - `amqp`: the RabbitMQ broker, `amqp://guest:guest@localhost:5672//`, and the `rpc://`
+//!   result backend.
 //! - `worker` (default): [`App::worker`].
 //! - `beat` (default): periodic tasks, [`beat`]; `beat` and `worker -B` in the CLI.
 //! - `cli` (default): [`cli::run`].
