@@ -22,3 +22,6 @@ mod mixed;
 
 // The raw layout of messages and result documents, each side against the other.
 mod layout;
+
+// The same over RabbitMQ, with the rpc:// and Redis result backends.
+mod amqp;
