@@ -184,6 +184,85 @@ pub fn with_parent_value(sig: &Signature, value: Value) -> Signature {
     s
 }
 
+/// One plain task message to send: a signature and the rest of its chain (reversed).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Step {
+    /// A plain (non-composite) signature.
+    pub sig: Signature,
+    /// The rest of its chain, next step last.
+    pub chain: Option<Vec<Signature>>,
+}
+
+/// Flattens a signature that may be a composite map (§3.6 of the wire notes) into the plain
+/// messages that start it, with `parent_value` prepended where a callback's would be.
+///
+/// A plain signature is one step. A `group` is one step per member (members get the group's
+/// `task_id`, or a new id, as `group_id`, and their `group_index`; the value goes to each). A
+/// `chain` is its first task carrying the rest. Chords and other composites (`chunks`,
+/// `xmap`, ...) as callbacks are not supported yet: an error says so.
+pub fn expand(sig: &Signature, parent_value: Option<&Value>) -> Result<Vec<Step>> {
+    let sig = match parent_value {
+        Some(v) => with_parent_value(sig, v.clone()),
+        None => sig.clone(),
+    };
+    if sig.subtask_type.is_none() {
+        return Ok(vec![Step { sig, chain: None }]);
+    }
+    let kind = sig.subtask_type.as_deref().unwrap_or_default();
+    if kind != "group" && kind != "chain" {
+        return Err(Error::protocol(format!(
+            "a {kind} signature ({}) as a callback or chain step is not supported yet",
+            sig.task
+        )));
+    }
+    // A composite's own args are partial args of its members (of the first, for a chain).
+    let partial = |member: &mut Signature| {
+        if !member.immutable {
+            let mut args = sig.args.clone();
+            args.append(&mut member.args);
+            member.args = args;
+        }
+    };
+    let list = sig.kwargs.get("tasks").cloned().unwrap_or(Value::Null);
+    let mut tasks: Vec<Signature> = serde_json::from_value(list).map_err(|_| {
+        Error::protocol(format!(
+            "a {} signature needs kwargs.tasks, a list of signature maps",
+            sig.task
+        ))
+    })?;
+    if kind == "group" {
+        let gid = match sig.options.get("task_id") {
+            Some(Value::String(id)) => id.clone(),
+            _ => crate::protocol::new_id(),
+        };
+        let mut steps = Vec::new();
+        for (i, mut member) in tasks.into_iter().enumerate() {
+            partial(&mut member);
+            default_option(&mut member, "group_id", gid.as_str());
+            default_option(&mut member, "group_index", i);
+            steps.extend(expand(&member, None)?);
+        }
+        return Ok(steps);
+    }
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut first = tasks.remove(0);
+    if first.subtask_type.is_some() {
+        return Err(Error::protocol(format!(
+            "a chain starting with a {} is not supported yet",
+            first.task
+        )));
+    }
+    partial(&mut first);
+    tasks.reverse();
+    Ok(vec![Step {
+        sig: first,
+        chain: Some(tasks),
+    }])
+}
+
 /// Sets `options[key] = value` unless the signature already has one.
 pub fn default_option(sig: &mut Signature, key: &str, value: impl Into<Value>) {
     let entry = sig.options.entry(key.to_owned()).or_insert(Value::Null);
@@ -272,6 +351,47 @@ pub fn repr(v: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn composite_maps_expand_to_plain_messages() {
+        let group: Signature = serde_json::from_value(json!({
+            "task": "celery.group", "subtask_type": "group", "options": {"task_id": "g"},
+            "kwargs": {"tasks": [{"task": "a", "args": [1]}, {"task": "b", "args": [2]}]}
+        }))
+        .unwrap();
+        let steps = expand(&group, Some(&json!(0))).unwrap();
+        assert_eq!(steps.len(), 2);
+        assert_eq!(steps[1].sig.args, vec![json!(0), json!(2)]);
+        assert_eq!(steps[1].sig.options["group_id"], json!("g"));
+        assert_eq!(steps[1].sig.options["group_index"], json!(1));
+
+        let chain: Signature = serde_json::from_value(json!({
+            "task": "celery.chain", "subtask_type": "chain",
+            "kwargs": {"tasks": [{"task": "a"}, {"task": "b"}, {"task": "c"}]}
+        }))
+        .unwrap();
+        let steps = expand(&chain, Some(&json!(5))).unwrap();
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0].sig.task, "a");
+        assert_eq!(steps[0].sig.args, vec![json!(5)]);
+        let rest: Vec<&str> = steps[0]
+            .chain
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|s| s.task.as_str())
+            .collect();
+        assert_eq!(rest, ["c", "b"]);
+
+        let mut chord = Signature::new("celery.chord", vec![]);
+        chord.subtask_type = Some("chord".into());
+        assert!(
+            expand(&chord, None)
+                .unwrap_err()
+                .to_string()
+                .contains("not supported")
+        );
+    }
 
     fn sender() -> Sender<'static> {
         Sender::new(ContentType::Json, Some("gen1@host"))

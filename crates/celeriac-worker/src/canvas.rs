@@ -9,7 +9,9 @@
 //! (so waiting on a chain's last result does not hang), and their errbacks run too. Every sent
 //! message has `parent_id` = the finished task and `root_id` = its root. A signature with no
 //! queue goes to its task's queue if this worker knows the task, else to the queue the
-//! finished task came from.
+//! finished task came from. A callback or last chain step that is a composite map (§3.6: a
+//! `group`, a `chain`, as Python sends nested canvas) is expanded into its plain messages
+//! (see [`celeriac_core::canvas::expand`]).
 //!
 //! A chord header member counts its part after its result is stored; see
 //! [`celeriac_core::canvas`] for the counter, the completeness check and the claim that fire
@@ -22,7 +24,8 @@
 //! frozen ids, and a worker does not run an id that already has a ready result.
 
 use celeriac_core::canvas::{
-    Sender, build_message, chord_claim_key, chord_counter_key, default_option, with_parent_value,
+    Sender, build_message, chord_claim_key, chord_counter_key, default_option, expand,
+    with_parent_value,
 };
 use celeriac_core::meta::RemoteError;
 use celeriac_core::{PublishOptions, Signature, TaskMeta, TaskState};
@@ -173,8 +176,34 @@ async fn fire(shared: &Shared, req: &Request, body: &Signature, gid: &str, parts
     send(shared, req, sig, None).await;
 }
 
-/// Publishes `sig` as a child of `parent`; a signature that cannot be sent fails its frozen id.
-async fn send(
+/// Publishes `sig` (a plain signature, or a group or chain map) as a child of `parent`; a
+/// signature that cannot be sent fails its frozen id.
+async fn send(shared: &Shared, parent: &Request, sig: Signature, chain: Option<Vec<Signature>>) {
+    let steps = if sig.subtask_type.is_some() {
+        if chain.as_ref().is_some_and(|c| !c.is_empty()) {
+            let e = celeriac_core::Error::protocol(format!(
+                "a {} followed by more chain steps is not supported yet",
+                sig.task
+            ));
+            fail_unsent(shared, &sig, &e).await;
+            return;
+        }
+        match expand(&sig, None) {
+            Ok(steps) => steps.into_iter().map(|s| (s.sig, s.chain)).collect(),
+            Err(e) => {
+                fail_unsent(shared, &sig, &e).await;
+                return;
+            }
+        }
+    } else {
+        vec![(sig, chain)]
+    };
+    for (sig, chain) in steps {
+        send_one(shared, parent, sig, chain).await;
+    }
+}
+
+async fn send_one(
     shared: &Shared,
     parent: &Request,
     mut sig: Signature,
@@ -206,14 +235,19 @@ async fn send(
         Ok::<_, celeriac_core::Error>(())
     };
     if let Err(e) = sent.await {
-        tracing::error!(child = %sig.task, error = %e, "cannot send the canvas task");
-        if let Some(Value::String(id)) = sig.options.get("task_id") {
-            let err = RemoteError::new("CanvasError", format!("cannot send {}: {e}", sig.task))
-                .with_module(celeriac_core::meta::RUST_EXC_MODULE);
-            let mut meta = TaskMeta::exception(id.clone(), TaskState::Failure, &err);
-            meta.name = Some(sig.task.clone());
-            store(shared, &meta).await;
-        }
+        fail_unsent(shared, &sig, &e).await;
+    }
+}
+
+/// Logs a signature that could not be sent and stores FAILURE under its frozen id, if any.
+async fn fail_unsent(shared: &Shared, sig: &Signature, e: &celeriac_core::Error) {
+    tracing::error!(child = %sig.task, error = %e, "cannot send the canvas task");
+    if let Some(Value::String(id)) = sig.options.get("task_id") {
+        let err = RemoteError::new("CanvasError", format!("cannot send {}: {e}", sig.task))
+            .with_module(celeriac_core::meta::RUST_EXC_MODULE);
+        let mut meta = TaskMeta::exception(id.clone(), TaskState::Failure, &err);
+        meta.name = Some(sig.task.clone());
+        store(shared, &meta).await;
     }
 }
 

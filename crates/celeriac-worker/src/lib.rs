@@ -53,8 +53,8 @@
 //! # Not yet
 //!
 //! Pool grow/shrink at run time, `revoke --terminate`, events and heartbeats, remote control, result expiry (the backend contract has no per-record expiry);
-//! in the canvas, nested composites (a group or chord as a chain step or callback) and
-//! `celery.chord_unlock`.
+//! in the canvas, a chord as a callback or chain step, a group followed by more chain
+//! steps (Celery upgrades that to a chord), and `celery.chord_unlock`.
 
 mod builtins;
 mod canvas;

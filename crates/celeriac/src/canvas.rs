@@ -58,7 +58,8 @@
 //!
 //! # Not yet
 //!
-//! Nested composites (a group or chord as a chain step or callback), the `celery.chord_unlock`
+//! Typed nesting (a group or chord as a chain step or callback; the worker already runs
+//! group and chain maps sent that way by Python), the `celery.chord_unlock`
 //! task (needed only by Python clients on backends without counters), a progress bar in the
 //! CLI, and the dataflow graph of issue 7.
 

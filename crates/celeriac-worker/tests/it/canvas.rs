@@ -236,3 +236,34 @@ async fn a_part_stored_but_not_counted_still_completes_the_chord() {
     let report = h.stop().await;
     assert_eq!(report.succeeded, 2, "one part and the body: {report:?}");
 }
+
+/// Python sends nested canvas as composite maps (§3.6): a group as a callback or as the last
+/// chain step runs each member with the parent's result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_and_chain_maps_as_callbacks_expand() {
+    let h = start(tasks(), options(|_| {}));
+    let group: Signature = serde_json::from_value(json!({
+        "task": "celery.group", "subtask_type": "group", "args": [], "kwargs": {"tasks": [
+            {"task": "tasks.add", "args": [1], "options": {"task_id": "m-0"}},
+            {"task": "tasks.add", "args": [2], "options": {"task_id": "m-1"}}
+        ]}, "options": {"task_id": "mg"}, "immutable": false
+    }))
+    .unwrap();
+    let chain: Signature = serde_json::from_value(json!({
+        "task": "celery.chain", "subtask_type": "chain", "kwargs": {"tasks": [
+            {"task": "tasks.add", "args": [10], "options": {"task_id": "n-0"}},
+            {"task": "tasks.add", "args": [100], "options": {"task_id": "n-1"}}
+        ]}
+    }))
+    .unwrap();
+    let mut s = sig("tasks.add", vec![json!(2), json!(3)], None);
+    s.options
+        .insert("link".into(), serde_json::to_value(&chain).unwrap());
+    h.send(build(&s, Some(vec![group]))).await;
+    assert_eq!(h.result("m-0").await.result, json!(6));
+    let m1 = h.result("m-1").await;
+    assert_eq!(m1.result, json!(7));
+    assert_eq!(m1.group_id.as_deref(), Some("mg"));
+    assert_eq!(h.result("n-1").await.result, json!(115));
+    h.stop().await;
+}
