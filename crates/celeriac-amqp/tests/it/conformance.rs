@@ -16,3 +16,19 @@ async fn broker() -> Option<DynBroker> {
 }
 
 celeriac_test::broker_conformance!(broker);
+
+/// The same suite on quorum queues (`x-queue-type: quorum`, no priorities, per-consumer QoS).
+mod quorum {
+    use celeriac_core::DynBroker;
+
+    use crate::util;
+
+    async fn broker() -> Option<DynBroker> {
+        if !util::rabbit_up() {
+            return None;
+        }
+        Some(util::dyn_broker("queue_type=quorum").await)
+    }
+
+    celeriac_test::broker_conformance!(broker);
+}

@@ -11,6 +11,13 @@ use serde_json::json;
 
 use crate::util;
 
+#[test]
+fn handles_are_send_and_sync() {
+    fn check<T: Send + Sync + 'static>() {}
+    check::<RpcBackend>();
+    check::<celeriac_amqp::AmqpBroker>();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_travel_to_the_senders_reply_queue() {
     if !util::rabbit_up() {
