@@ -359,6 +359,11 @@ pub(crate) fn properties_of(message: &Message, priority: Option<u8>) -> Result<B
         .with_delivery_mode(message.properties.delivery_mode.clamp(1, 2))
         .with_priority(priority.unwrap_or(message.properties.priority))
         .with_correlation_id(&message.properties.correlation_id);
+    // As Celery: the broker may drop the message at its expiry (the worker also checks).
+    if let Some(expires) = message.headers.expires {
+        let ms = (expires - Utc::now()).num_milliseconds().max(0);
+        p.with_expiration(&ms.to_string());
+    }
     if let Some(r) = message
         .properties
         .reply_to

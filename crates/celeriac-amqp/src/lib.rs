@@ -54,7 +54,8 @@
 //! parser, so Python clients should keep custom header integers within 32 bits.
 //!
 //! **Publishing.** Tasks go to the default exchange `""` with the queue name as routing key,
-//! `delivery_mode` 2, `correlation_id` = task id, `reply_to`, `priority`, content type and
+//! `delivery_mode` 2, `correlation_id` = task id, `reply_to`, `priority`, `expiration` (ms until
+//! the `expires` header, as Celery sets it), content type and
 //! encoding, the protocol 2 headers as `application_headers`. A publish waits for the
 //! broker's publisher confirm, so it returns once RabbitMQ holds the message. Priorities map
 //! directly (AMQP is "higher first", like celeriac); they only matter on queues declared with

@@ -92,6 +92,7 @@ async fn published_message_carries_celery_properties_and_headers() {
     let mut m = test_message("tasks.add");
     m.properties.reply_to = Some("8d9e2f3a-1b2c-3d4e-8f90-a1b2c3d4e5f6".to_owned());
     m.headers.timelimit.hard = Some(30.0);
+    m.headers.expires = Some(chrono::Utc::now() + chrono::Duration::seconds(60));
     broker
         .publish(&q, &m, PublishOptions::default().priority(Some(7)))
         .await
@@ -118,6 +119,8 @@ async fn published_message_carries_celery_properties_and_headers() {
         Some("application/json")
     );
     assert_eq!(props.content_encoding().map(String::as_str), Some("utf-8"));
+    let ttl: i64 = props.expiration().expect("expiration").parse().unwrap();
+    assert!((55_000..=60_000).contains(&ttl), "expiration {ttl} ms");
     let h = props.headers().expect("application_headers");
     let get = |k: &str| h.get(&FieldName::try_from(k).unwrap()).cloned();
     assert!(matches!(get("task"), Some(FieldValue::S(s)) if s.as_ref() == "tasks.add"));
