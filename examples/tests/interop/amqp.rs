@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use celeriac::{App, ErrorKind};
-use celeriac_examples::{add, echo, fail};
+use celeriac_examples::{add, echo, fail, stamp};
 use celeriac_test::python::{PythonWorker, require_python, run_python_client, stdout_json};
 use celeriac_test::services::{require_service, test_dir, unique_queue};
 use serde_json::json;
@@ -84,6 +84,14 @@ impl Worker {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Worker {
+    /// SIGKILL: no shutdown, no ack, no goodbye to RabbitMQ.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -227,4 +235,42 @@ async fn our_client_calls_a_python_worker_over_amqp_with_rpc_results() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_client_calls_a_python_worker_over_amqp_with_redis_results() {
     our_client_calls_a_python_worker("redis", 15).await;
+}
+
+/// An acks-late task whose worker is SIGKILLed mid-run is not lost: RabbitMQ requeues the
+/// unacked delivery when the connection dies, and the next worker runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acks_late_task_survives_a_sigkilled_worker() {
+    if !require_service("rabbitmq", RABBIT) {
+        return;
+    }
+    let backend = "rpc://guest:guest@127.0.0.1:5672//";
+    let queue = unique_queue("amqp-sigkill");
+    let app = App::builder()
+        .broker_url(AMQP)
+        .result_backend(backend)
+        .task::<stamp>()
+        .build()
+        .await
+        .expect("client app");
+    let first = Worker::start(AMQP, backend, &queue).await;
+    let r = stamp::s(2.0).queue(&queue).apply_async(&app).await.unwrap();
+    let deadline = Instant::now() + T;
+    while !first.log().contains(r.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "the first worker never received {}; log:\n{}",
+            r.id(),
+            first.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill();
+    let second = Worker::start(AMQP, backend, &queue).await;
+    let done = r.get_timeout(T).await;
+    assert!(
+        done.is_ok(),
+        "{done:?}; the second worker's log:\n{}",
+        second.log()
+    );
 }
