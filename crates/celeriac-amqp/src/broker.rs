@@ -659,7 +659,8 @@ async fn consume_on(
     ch.basic_qos(BasicQosArguments::new(0, prefetch, global))
         .await
         .map_err(|e| broker_error("basic.qos", e))?;
-    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<(String, ConsumerMessage)>();
+    // `None` marks a consumer that ended (cancelled by the server, channel closed).
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<(String, Option<ConsumerMessage>)>();
     for q in queues {
         declare_topology(&ch, q, inner.queue_arguments()).await?;
         let mut args = BasicConsumeArguments::new(q, "");
@@ -672,10 +673,11 @@ async fn consume_on(
         let q = q.clone();
         tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
-                if raw_tx.send((q.clone(), m)).is_err() {
-                    break;
+                if raw_tx.send((q.clone(), Some(m))).is_err() {
+                    return;
                 }
             }
+            let _ = raw_tx.send((q, None));
         });
     }
     drop(raw_tx);
@@ -693,7 +695,9 @@ async fn consume_on(
             _ = tx.closed() => return Ok(Ended::Done),
             _ = &mut lost => return Ok(Ended::Lost),
             m = raw_rx.recv() => {
-                let Some((queue, m)) = m else { return Ok(Ended::Lost) };
+                // One cancelled consumer (its queue deleted) is enough to start over: the
+                // new session re-declares every queue.
+                let Some((queue, Some(m))) = m else { return Ok(Ended::Lost) };
                 if let Some(d) = to_delivery(inner, &ch, &queue, m, options.lease).await? {
                     if tx.send(Ok(d)).is_err() {
                         return Ok(Ended::Done);

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use amqprs::channel::BasicPublishArguments;
+use amqprs::channel::{BasicPublishArguments, QueueDeclareArguments, QueueDeleteArguments};
 use amqprs::{BasicProperties, FieldTable, FieldValue};
 use celeriac_amqp::AmqpBroker;
 use celeriac_core::{Broker, Config, ConsumeOptions, ErrorKind, PublishOptions, Requeue};
@@ -237,4 +237,55 @@ async fn python_64_bit_header_integers_are_read() {
     );
     d.ack().await.unwrap();
     let _ = conn.close().await;
+}
+
+/// A queue deleted under a consumer (RabbitMQ cancels it) is re-declared and consumed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_queue_is_redeclared_and_consumed_again() {
+    if !util::rabbit_up() {
+        return;
+    }
+    let broker = util::broker("").await;
+    let q = unique_queue("deleted");
+    let other = unique_queue("deleted-other");
+    broker.declare(&q).await.unwrap();
+    broker.declare(&other).await.unwrap();
+    let mut c = broker
+        .consume(&[q.clone(), other.clone()], ConsumeOptions::new(4))
+        .await
+        .unwrap();
+    let (conn, ch) = raw().await;
+    ch.queue_delete(QueueDeleteArguments::new(&q))
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+    // Wait until the consumer has re-declared it (a publish before would be unroutable).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (conn, ch) = raw().await;
+        let mut args = QueueDeclareArguments::new(&q);
+        args.passive(true);
+        let found = ch.queue_declare(args.finish()).await.is_ok();
+        let _ = conn.close().await;
+        if found {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{q} was never re-declared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = test_message("tasks.after_delete");
+    broker
+        .publish(&q, &m, PublishOptions::default())
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), c.next())
+        .await
+        .expect("the consumer resumes on the re-declared queue")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.message.as_ref().unwrap().id(), m.id());
+    d.ack().await.unwrap();
 }
