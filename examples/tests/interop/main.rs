@@ -1,6 +1,7 @@
 //! Interop with Python Celery, tested for real: Celery 5.7 (pinned in
 //! `examples/python/requirements.txt`, installed on first use into `target/py-venv`) and
-//! celeriac share a local Redis at 127.0.0.1:6379.
+//! celeriac share a local Redis at 127.0.0.1:6379 (the `amqp` module: a RabbitMQ at
+//! 127.0.0.1:5672).
 //!
 //! Each test uses its own Redis database and its own queue names, so tests running in parallel
 //! (here or in other test binaries) never take each other's messages. A test skips with a
