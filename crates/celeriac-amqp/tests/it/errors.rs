@@ -127,67 +127,6 @@ async fn killed_connections_reconnect_and_resume() {
     }
 }
 
-// Restarting the server disturbs every other test using it, so this one runs on request:
-// `cargo test -p celeriac-amqp --test it -- --ignored --test-threads 1`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "restarts the shared RabbitMQ (rabbitmqctl stop_app/start_app); run alone with --ignored"]
-async fn a_rabbitmq_restart_loses_no_message_and_consumers_resume() {
-    if !util::rabbit_up() {
-        return;
-    }
-    let broker = util::broker("").await;
-    let q = unique_queue("restart");
-    broker.declare(&q).await.unwrap();
-    let mut c = broker
-        .consume(std::slice::from_ref(&q), ConsumeOptions::new(10))
-        .await
-        .unwrap();
-    let mut expected = Vec::new();
-    for _ in 0..3 {
-        let m = test_message("tasks.before");
-        expected.push(m.id().to_owned());
-        broker
-            .publish(&q, &m, PublishOptions::default())
-            .await
-            .unwrap();
-    }
-    // One delivery stays unacked across the restart: RabbitMQ must requeue it.
-    let held = tokio::time::timeout(Duration::from_secs(10), c.next())
-        .await
-        .expect("a delivery")
-        .unwrap()
-        .unwrap();
-
-    for cmd in ["stop_app", "start_app"] {
-        let ok = tokio::process::Command::new("rabbitmqctl")
-            .args(["-q", cmd])
-            .status()
-            .await
-            .expect("rabbitmqctl")
-            .success();
-        assert!(ok, "rabbitmqctl {cmd}");
-    }
-    drop(held);
-    for _ in 0..3 {
-        let m = test_message("tasks.after");
-        expected.push(m.id().to_owned());
-        broker
-            .publish(&q, &m, PublishOptions::default())
-            .await
-            .expect("publishing reconnects after the restart");
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    while !expected.iter().all(|id| seen.contains(id)) {
-        let d = tokio::time::timeout(Duration::from_secs(60), c.next())
-            .await
-            .unwrap_or_else(|_| panic!("consumer did not resume; seen {seen:?} of {expected:?}"))
-            .unwrap()
-            .expect("not closed");
-        seen.insert(d.message.as_ref().unwrap().id().to_owned());
-        let _ = d.ack().await;
-    }
-}
-
 /// py-amqp writes integers beyond 32 bits with the `L` tag; upstream amqprs cannot parse it
 /// and would drop the connection on every delivery of such a message, stalling the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,5 @@
-//! The integration tests of celeriac-amqp: one binary, one module per area. Each needs a
+//! The integration tests of celeriac-amqp: one binary, one module per area (plus `restart.rs`,
+//! alone because it restarts the server). Each needs a
 //! RabbitMQ at 127.0.0.1:5672 (guest/guest) and skips with a notice without one.
 
 // The generic broker conformance suite of celeriac-test, on classic priority queues.
