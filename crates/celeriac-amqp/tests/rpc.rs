@@ -1,4 +1,7 @@
 //! The rpc result backend: results as messages to the caller's reply queue.
+//!
+//! A binary of its own: an open rpc backend makes every publish of the process without a
+//! `reply_to` carry the backend's reply queue, which would change messages other tests compare.
 
 use std::time::Duration;
 
@@ -9,7 +12,9 @@ use celeriac_core::{
 use celeriac_test::services::{test_message, unique_queue};
 use serde_json::json;
 
-use crate::util;
+fn rabbit_up() -> bool {
+    celeriac_test::services::require_service("rabbitmq", "127.0.0.1:5672")
+}
 
 #[test]
 fn handles_are_send_and_sync() {
@@ -20,13 +25,18 @@ fn handles_are_send_and_sync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_travel_to_the_senders_reply_queue() {
-    if !util::rabbit_up() {
+    if !rabbit_up() {
         return;
     }
     let backend = RpcBackend::connect("rpc://guest:guest@127.0.0.1:5672//", &Config::default())
         .await
         .expect("rpc backend");
-    let broker = util::broker("").await;
+    let broker = celeriac_amqp::AmqpBroker::connect(
+        "amqp://guest:guest@127.0.0.1:5672//",
+        &Config::default(),
+    )
+    .await
+    .expect("broker");
     let q = unique_queue("rpc");
     broker.declare(&q).await.unwrap();
     let m = test_message("tasks.add");
