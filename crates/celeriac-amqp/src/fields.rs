@@ -3,8 +3,8 @@
 //! Task headers are a JSON-shaped map. On AMQP they travel as a field table, and Python reads
 //! them with py-amqp, so we write what py-amqp writes (celery-wire.md §8.6): strings `S`,
 //! booleans `t`, floats `d`, integers `I` when they fit in 32 signed bits, else `l` (signed 64,
-//! RabbitMQ's convention; py-amqp writes `L`), maps `F`, lists `A`, null `V`. Reading accepts
-//! every tag, `L` included (our vendored `amqp_serde` adds it; upstream lacks it).
+//! RabbitMQ's convention; py-amqp writes `L`, which amqprs does not model), maps `F`, lists
+//! `A`, null `V`. Reading accepts every tag amqprs knows.
 
 use amqprs::{FieldArray, FieldName, FieldTable, FieldValue};
 use serde_json::{Map, Number, Value};
@@ -65,7 +65,7 @@ pub(crate) fn from_field(v: &FieldValue) -> Value {
         FieldValue::u(i) => Value::from(*i),
         FieldValue::I(i) => Value::from(*i),
         FieldValue::i(i) => Value::from(*i),
-        FieldValue::l(i) | FieldValue::L(i) => Value::from(*i),
+        FieldValue::l(i) => Value::from(*i),
         FieldValue::f(f) => Number::from_f64(f64::from(*f)).map_or(Value::Null, Value::Number),
         FieldValue::d(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
         FieldValue::D(d) => Value::String(d.to_string()),

@@ -49,15 +49,14 @@
 //! (no executor or reactor abstraction layers, no TLS stack unless asked for), builds on our
 //! MSRV, and its field tables model void (`V`) and arrays (`A`), which every Celery header
 //! set contains. lapin 4 needs Rust 1.88 and brings the async-rs runtime abstraction and a TLS
-//! stack by default. Upstream amqprs cannot parse the `L` tag (py-amqp's signed 64-bit
-//! integer, used for header integers beyond ±2^31): the connection would drop on every
-//! delivery of such a message and stall its queue. The workspace therefore patches in a
-//! vendored `amqp_serde` that reads `L` (`vendor/amqp_serde/VENDORED.md`).
+//! stack by default. amqprs cannot parse the `L` tag (py-amqp's signed 64-bit integer, used for
+//! integers beyond ±2^31 in *user* headers); such a message fails the connection's frame
+//! parser, so Python clients should keep custom header integers within 32 bits.
 //!
 //! **Publishing.** Tasks go to the default exchange `""` with the queue name as routing key,
-//! `delivery_mode` 2, `correlation_id` = task id, `reply_to`, `priority`, `expiration` (ms
-//! until the `expires` header, as Celery sets it), content type and encoding, and the
-//! protocol 2 headers as `application_headers`. A publish waits for the
+//! `delivery_mode` 2, `correlation_id` = task id, `reply_to`, `priority`, `expiration` (ms until
+//! the `expires` header, as Celery sets it), content type and
+//! encoding, the protocol 2 headers as `application_headers`. A publish waits for the
 //! broker's publisher confirm, so it returns once RabbitMQ holds the message. Priorities map
 //! directly (AMQP is "higher first", like celeriac); they only matter on queues declared with
 //! `max_priority`.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use amqprs::channel::{BasicPublishArguments, QueueDeclareArguments, QueueDeleteArguments};
-use amqprs::{BasicProperties, FieldTable, FieldValue};
+use amqprs::BasicProperties;
 use celeriac_amqp::AmqpBroker;
 use celeriac_core::{Broker, Config, ConsumeOptions, ErrorKind, PublishOptions, Requeue};
 use celeriac_test::services::{test_message, unique_queue};
@@ -125,57 +125,6 @@ async fn killed_connections_reconnect_and_resume() {
         seen.push(d.message.as_ref().unwrap().id().to_owned());
         d.ack().await.unwrap();
     }
-}
-
-/// py-amqp writes integers beyond 32 bits with the `L` tag; upstream amqprs cannot parse it
-/// and would drop the connection on every delivery of such a message, stalling the queue.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_64_bit_header_integers_are_read() {
-    if !util::rabbit_up() {
-        return;
-    }
-    let broker = util::broker("").await;
-    let q = unique_queue("ltag");
-    broker.declare(&q).await.unwrap();
-    let m = test_message("tasks.big");
-    let mut headers = FieldTable::new();
-    for (k, v) in [
-        ("task", FieldValue::S("tasks.big".try_into().unwrap())),
-        ("id", FieldValue::S(m.id().try_into().unwrap())),
-        ("big", FieldValue::L(1 << 40)),
-        ("negative", FieldValue::L(-(1 << 40))),
-    ] {
-        headers.insert(k.try_into().unwrap(), v);
-    }
-    let mut p = BasicProperties::default();
-    p.with_content_type("application/json")
-        .with_correlation_id(m.id())
-        .with_headers(headers);
-    let (conn, ch) = raw().await;
-    ch.basic_publish(
-        p.finish(),
-        m.body.clone(),
-        BasicPublishArguments::new("", &q),
-    )
-    .await
-    .unwrap();
-    let mut c = broker
-        .consume(std::slice::from_ref(&q), ConsumeOptions::new(1))
-        .await
-        .unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), c.next())
-        .await
-        .expect("a message with L-tagged headers is delivered")
-        .unwrap()
-        .unwrap();
-    let got = d.message.as_ref().expect("a valid message");
-    assert_eq!(got.headers.extra["big"], serde_json::json!(1_i64 << 40));
-    assert_eq!(
-        got.headers.extra["negative"],
-        serde_json::json!(-(1_i64 << 40))
-    );
-    d.ack().await.unwrap();
-    let _ = conn.close().await;
 }
 
 /// A queue deleted under a consumer (RabbitMQ cancels it) is re-declared and consumed again.
