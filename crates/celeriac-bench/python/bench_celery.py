@@ -1,0 +1,173 @@
+"""Python Celery's side of celeriac-bench: the app its workers run, and a client driver.
+
+The worker is started by celeriac-bench as
+
+    celery -A bench_celery worker -P prefork|threads -c N --prefetch-multiplier M -O fair \
+        --without-gossip --without-mingle --without-heartbeat -Q bench -l warning
+
+and the client as `python bench_celery.py <command> ...`, which prints one JSON object.
+Configuration comes from the environment: BENCH_BROKER_URL, BENCH_BACKEND_URL, BENCH_QUEUE.
+Tuned for speed as far as Celery allows: JSON, no result_extended, no events, acks early,
+results without expiry bookkeeping per call.
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+from celery import Celery
+from celery.result import ResultSet
+
+broker_url = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/6")
+queue = os.environ.get("BENCH_QUEUE", "bench")
+
+app = Celery("bench_celery")
+app.conf.update(
+    broker_url=broker_url,
+    result_backend=os.environ.get("BENCH_BACKEND_URL", broker_url),
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    task_default_queue=queue,
+    task_acks_late=False,
+    worker_send_task_events=False,
+    task_send_sent_event=False,
+    worker_disable_rate_limits=True,
+    broker_connection_retry_on_startup=True,
+    result_expires=None,
+    worker_hijack_root_logger=False,
+)
+
+
+@app.task(name="tasks.add")
+def add(x, y):
+    return x + y
+
+
+def _now():
+    return time.perf_counter()
+
+
+def enqueue(n, senders):
+    """Sequential, concurrent (threads) and batched (one producer) enqueue rates."""
+    out = {}
+    t = _now()
+    for _ in range(n):
+        add.apply_async((1, 2), ignore_result=True)
+    out["sequential"] = n / (_now() - t)
+
+    def send(count):
+        for _ in range(count):
+            add.apply_async((1, 2), ignore_result=True)
+
+    threads = [threading.Thread(target=send, args=(n // senders,)) for _ in range(senders)]
+    t = _now()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    out["concurrent"] = (n // senders) * senders / (_now() - t)
+
+    t = _now()
+    with app.producer_or_acquire() as producer:
+        for _ in range(n):
+            add.apply_async((1, 2), ignore_result=True, producer=producer)
+    out["batch"] = n / (_now() - t)
+    return out
+
+
+def queue_left(client):
+    return client.llen(queue) + client.hlen("unacked")
+
+
+def wait_drained(deadline):
+    client = app.connection_for_read().default_channel.client
+    while queue_left(client) > 0:
+        if _now() > deadline:
+            raise SystemExit("timed out waiting for the queue to drain")
+        time.sleep(0.002)
+
+
+def e2e(n, ignore, timeout):
+    t = _now()
+    deadline = t + timeout
+    with app.producer_or_acquire() as producer:
+        results = [
+            add.apply_async((1, 2), ignore_result=ignore, producer=producer) for _ in range(n)
+        ]
+    sent = _now() - t
+    if ignore:
+        wait_drained(deadline)
+    else:
+        values = ResultSet(results).join_native(timeout=timeout, propagate=True)
+        assert len(values) == n and all(v == 3 for v in values), "wrong results"
+    total = _now() - t
+    return {"n": n, "send_s": sent, "total_s": total, "rate": n / total}
+
+
+def latency(n, load_rate, timeout):
+    """Round trips delay().get(); with load_rate > 0 a thread sends ignore_result tasks at that
+    rate meanwhile (bounded by n and the timeout)."""
+    stop = threading.Event()
+
+    def load():
+        interval = 1.0 / load_rate
+        nxt = _now()
+        end = _now() + timeout
+        while not stop.is_set() and _now() < end:
+            add.apply_async((1, 2), ignore_result=True)
+            nxt += interval
+            pause = nxt - _now()
+            if pause > 0:
+                time.sleep(pause)
+
+    th = None
+    if load_rate > 0:
+        th = threading.Thread(target=load)
+        th.start()
+        time.sleep(0.5)
+    samples = []
+    try:
+        for _ in range(n):
+            t = _now()
+            assert add.delay(1, 2).get(timeout=timeout) == 3
+            samples.append(_now() - t)
+    finally:
+        stop.set()
+        if th:
+            th.join()
+    return {"samples_ms": [s * 1000 for s in samples]}
+
+
+def delayed(n):
+    """Sends n tasks due in an hour (Celery puts the eta in the header; workers hold them)."""
+    t = _now()
+    with app.producer_or_acquire() as producer:
+        for _ in range(n):
+            add.apply_async((1, 2), countdown=3600, ignore_result=True, producer=producer)
+    return {"n": n, "send_s": _now() - t}
+
+
+def main():
+    cmd = sys.argv[1]
+    args = [float(a) for a in sys.argv[2:]]
+    if cmd == "enqueue":
+        res = enqueue(int(args[0]), int(args[1]))
+    elif cmd == "e2e":
+        res = e2e(int(args[0]), bool(int(args[1])), args[2])
+    elif cmd == "latency":
+        res = latency(int(args[0]), args[1], args[2])
+    elif cmd == "delayed":
+        res = delayed(int(args[0]))
+    elif cmd == "ping":
+        res = {"ok": add.delay(1, 2).get(timeout=args[0]) == 3}
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+//! `celeriac-bench`: celeriac against Python Celery on the same broker, same machine, same run.
+//!
+//! For each broker present (embedded SQLite, Redis on 127.0.0.1:6379) it measures enqueue
+//! rates, end-to-end throughput with and without stored results, round-trip latency, worker
+//! memory (idle, peak while draining, with many delayed tasks waiting) and scaling over worker
+//! processes and queue sizes; then the same workloads with Python Celery's client and worker
+//! from `target/py-venv` (see `scripts/python-env`). Every figure comes out as a pair and a
+//! ratio; `scripts/bench` builds in release, runs this and writes `docs/BENCHMARKS.md`.
+//!
+//! Workers are separate processes (`celeriac-bench worker ...` runs the example task app's
+//! command line; Celery runs `crates/celeriac-bench/python/bench_celery.py`), so their resident
+//! memory is read from `/proc`. Every load loop is bounded in count and time.
+//!
+//! `celeriac-bench --micro` times the hot paths in-process instead: message encode/decode,
+//! envelope encode/decode and the rate limiter's token bucket.
+
+mod micro;
+mod ours;
+mod procs;
+mod python;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use report::Report;
+
+/// The queue every benchmark uses.
+pub(crate) const QUEUE: &str = "bench";
+
+#[derive(Parser, Debug)]
+#[command(about = "celeriac against Python Celery on the same broker")]
+struct Args {
+    /// Small sizes (seconds, not minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Overrides the task count of the throughput, enqueue and scaling runs.
+    #[arg(long)]
+    n: Option<usize>,
+    /// Overrides the number of delayed tasks of the memory run.
+    #[arg(long)]
+    delayed: Option<usize>,
+    /// Skips Python Celery.
+    #[arg(long)]
+    no_python: bool,
+    /// Brokers to measure, comma separated (sqlite, redis, amqp).
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,redis,amqp")]
+    brokers: Vec<String>,
+    /// Repetitions of each throughput run (the median is reported).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Writes the table as Markdown to this file too.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Times the hot paths in-process instead.
+    #[arg(long)]
+    micro: bool,
+}
+
+/// The sizes of one run.
+#[derive(Debug, Clone)]
+pub(crate) struct Sizes {
+    pub(crate) n: usize,
+    pub(crate) latency: usize,
+    pub(crate) delayed: usize,
+    pub(crate) scale: Vec<usize>,
+    pub(crate) runs: usize,
+    pub(crate) py_n: usize,
+    pub(crate) py_latency: usize,
+    pub(crate) py_delayed: usize,
+}
+
+impl Sizes {
+    fn from_args(a: &Args) -> Sizes {
+        let mut s = if a.quick {
+            Sizes {
+                n: 2_000,
+                latency: 200,
+                delayed: 10_000,
+                scale: vec![1_000, 10_000],
+                runs: 1,
+                py_n: 500,
+                py_latency: 100,
+                py_delayed: 1_000,
+            }
+        } else {
+            Sizes {
+                n: 100_000,
+                latency: 2_000,
+                delayed: 1_000_000,
+                scale: vec![10_000, 100_000, 1_000_000],
+                runs: 3,
+                py_n: 5_000,
+                py_latency: 500,
+                py_delayed: 20_000,
+            }
+        };
+        if let Some(n) = a.n {
+            s.n = n;
+            s.latency = s.latency.min(n);
+            s.scale = if n >= 10_000 {
+                vec![n / 10, n]
+            } else {
+                vec![n]
+            };
+            s.py_n = s.py_n.min(n);
+            s.py_latency = s.py_latency.min(n);
+            s.delayed = s.delayed.min(n * 5);
+            s.py_delayed = s.py_delayed.min(n);
+        }
+        if let Some(d) = a.delayed {
+            s.delayed = d;
+        }
+        if let Some(r) = a.runs {
+            s.runs = r.max(1);
+        }
+        s
+    }
+}
+
+fn main() -> ExitCode {
+    // `celeriac-bench worker ...` is the worker process the benchmark starts.
+    if std::env::args().nth(1).as_deref() == Some("worker") {
+        return celeriac::cli::run(celeriac_examples::app());
+    }
+    let args = Args::parse();
+    if args.micro {
+        micro::run();
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let sizes = Sizes::from_args(&args);
+    eprintln!("sizes: {sizes:?}");
+    let mut report = Report::new(sizes.clone());
+    let python = if args.no_python {
+        report.note("Python Celery skipped (--no-python).");
+        None
+    } else {
+        match python::Python::find() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                report.note(&format!("Python Celery skipped: {e:#}."));
+                None
+            }
+        }
+    };
+    if let Some(p) = &python {
+        report.note(&format!(
+            "Celery {} (kombu {}), {}.",
+            p.celery, p.kombu, p.python
+        ));
+    }
+    for broker in &args.brokers {
+        match broker.as_str() {
+            "sqlite" => {
+                let dir =
+                    std::env::temp_dir().join(format!("celeriac-bench-{}", std::process::id()));
+                std::fs::create_dir_all(&dir)?;
+                let url = format!("sqlite://{}/bench.db", dir.display());
+                let target = ours::Target::new("sqlite", url);
+                ours::run_all(&target, &sizes, &mut report).await?;
+                report.note(
+                    "SQLite, Python side: n/a. Celery has no embedded broker like ours; kombu's \
+                     `sqla+sqlite` transport needs SQLAlchemy, which is not in the pinned venv \
+                     (examples/python/requirements.txt), and it polls the table once per second, \
+                     so it is not a comparable durable queue.",
+                );
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            "redis" => {
+                let url = "redis://127.0.0.1:6379/6".to_owned();
+                if !ours::reachable("127.0.0.1:6379").await {
+                    report.note("Redis: skipped, nothing listens on 127.0.0.1:6379.");
+                    continue;
+                }
+                let target = ours::Target::new("redis", url.clone());
+                ours::run_all(&target, &sizes, &mut report).await?;
+                if let Some(p) = &python {
+                    p.run_all("redis", &url, &sizes, &mut report).await?;
+                }
+            }
+            "amqp" => {
+                if !ours::reachable("127.0.0.1:5672").await {
+                    report.note("RabbitMQ: skipped, nothing listens on 127.0.0.1:5672.");
+                    continue;
+                }
+                let mut target =
+                    ours::Target::new("amqp", "amqp://guest:guest@127.0.0.1:5672/%2F".to_owned());
+                target.backend = "rpc://guest:guest@127.0.0.1:5672/%2F".to_owned();
+                ours::run_all(&target, &sizes, &mut report).await?;
+                report.note(
+                    "RabbitMQ: results through the rpc:// backend (replies to the sender). \
+                     Python Celery on RabbitMQ: not run yet (pending in issue 6).",
+                );
+            }
+            other => anyhow::bail!("unknown broker {other} (known: sqlite, redis, amqp)"),
+        }
+    }
+    let table = report.text();
+    println!("{table}");
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, report.markdown())?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! celeriac's side: our client in this process, our workers as `celeriac-bench worker`
+//! processes.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use celeriac::{App, Signature};
+use celeriac_core::protocol::new_id;
+use celeriac_core::{Body, ContentType, Headers, Message, PublishOptions};
+use serde_json::Value;
+
+use crate::procs::{Proc, Sampler, tree_rss_kb};
+use crate::report::{Better, Report, median, percentiles};
+use crate::{QUEUE, Sizes};
+
+const SENDERS: usize = 8;
+const BATCH: usize = 1_000;
+/// The longest any single phase may take.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One broker under test.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub(crate) name: &'static str,
+    pub(crate) url: String,
+    pub(crate) backend: String,
+}
+
+impl Target {
+    pub(crate) fn new(name: &'static str, url: String) -> Target {
+        Target {
+            name,
+            backend: url.clone(),
+            url,
+        }
+    }
+
+    async fn app(&self) -> anyhow::Result<App> {
+        Ok(App::builder()
+            .broker_url(&self.url)
+            .result_backend(&self.backend)
+            .build()
+            .await?)
+    }
+
+    fn worker(&self, index: usize) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["worker", "-b", &self.url, "--result-backend", &self.backend])
+            .args([
+                "-Q",
+                QUEUE,
+                "-c",
+                "64",
+                "--prefetch-buffer",
+                "512",
+                "-l",
+                "warn",
+            ])
+            .args(["-n", &format!("bench{index}@localhost")]);
+        Proc::spawn(cmd)
+    }
+}
+
+/// Whether a TCP server listens at `addr`.
+pub(crate) async fn reachable(addr: &str) -> bool {
+    tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+fn add() -> Signature<Value> {
+    Signature::<Value>::new("tasks.add")
+        .arg(1)
+        .arg(2)
+        .queue(QUEUE)
+}
+
+async fn purge(app: &App) -> anyhow::Result<()> {
+    app.broker().declare(QUEUE).await?;
+    app.broker().purge(QUEUE).await?;
+    Ok(())
+}
+
+/// Starts `count` workers and waits until each round trip works.
+async fn start_workers(t: &Target, app: &App, count: usize) -> anyhow::Result<Vec<Proc>> {
+    let mut procs = Vec::new();
+    for i in 0..count {
+        procs.push(t.worker(i)?);
+    }
+    for _ in 0..count * 2 {
+        add()
+            .apply_async(app)
+            .await?
+            .get_timeout(Duration::from_secs(30))
+            .await
+            .context("worker did not answer")?;
+    }
+    for p in &mut procs {
+        if !p.alive() {
+            bail!("a worker exited at start");
+        }
+    }
+    Ok(procs)
+}
+
+/// Sends `n` messages in batches straight through `Broker::publish_batch`.
+async fn send_batches(
+    app: &App,
+    n: usize,
+    not_before: Option<chrono::DateTime<chrono::Utc>>,
+) -> anyhow::Result<()> {
+    let body = Body::new(vec![1.into(), 2.into()], Default::default());
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(BATCH);
+        let mut batch = Vec::with_capacity(k);
+        for _ in 0..k {
+            let mut h = Headers::new("tasks.add", new_id());
+            h.ignore_result = true;
+            h.eta = not_before;
+            batch.push((
+                Message::new(h, &body, ContentType::Json)?,
+                PublishOptions::default().not_before(not_before),
+            ));
+        }
+        app.broker().publish_batch(QUEUE, &batch).await?;
+        left -= k;
+    }
+    Ok(())
+}
+
+/// Sends `n` tasks from `SENDERS` concurrent senders; with results, each sender then reads
+/// its tasks' results. Returns when all is done.
+async fn send_and_collect(app: &App, n: usize, ignore: bool) -> anyhow::Result<()> {
+    let mut set = tokio::task::JoinSet::new();
+    for s in 0..SENDERS {
+        let app = app.clone();
+        let count = n / SENDERS + usize::from(s < n % SENDERS);
+        set.spawn(async move {
+            let mut results = Vec::with_capacity(if ignore { 0 } else { count });
+            for _ in 0..count {
+                let r = add().ignore_result(ignore).apply_async(&app).await?;
+                if !ignore {
+                    results.push(r);
+                }
+            }
+            for r in results {
+                let v = r.get_timeout(PHASE_TIMEOUT).await?;
+                anyhow::ensure!(v == 3, "wrong result {v}");
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    if ignore {
+        wait_drained(app).await?;
+    }
+    Ok(())
+}
+
+async fn wait_drained(app: &App) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PHASE_TIMEOUT;
+    loop {
+        let s = app.broker().stats(QUEUE).await?;
+        if s.ready + s.unacked == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("queue not drained in time: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Round trips `delay` then `get`, in milliseconds.
+async fn round_trips(app: &App, n: usize) -> anyhow::Result<Vec<f64>> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        add()
+            .apply_async(app)
+            .await?
+            .get_timeout(Duration::from_secs(30))
+            .await?;
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(samples)
+}
+
+/// Sends ignore_result tasks at `rate` per second until stopped (or for at most 10 minutes).
+fn background_load(
+    app: &App,
+    rate: f64,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let app = app.clone();
+    let per_tick = (rate / 1000.0).max(1.0) as usize;
+    let task = tokio::spawn(async move {
+        let end = Instant::now() + PHASE_TIMEOUT;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        while Instant::now() < end {
+            tokio::select! {
+                _ = stopped.changed() => return,
+                _ = tick.tick() => {}
+            }
+            for _ in 0..per_tick {
+                let _ = add().ignore_result(true).apply_async(&app).await;
+            }
+        }
+    });
+    (stop, task)
+}
+
+pub(crate) fn latency_rows(
+    r: &mut Report,
+    broker: &str,
+    what: &str,
+    samples: Vec<f64>,
+    ours: bool,
+) {
+    let p = percentiles(samples);
+    for (name, v) in ["p50", "p90", "p99", "max"].iter().zip(p) {
+        let metric = format!("latency {what} {name}");
+        if ours {
+            r.ours(broker, &metric, "ms", Better::Lower, v);
+        } else {
+            r.celery(broker, &metric, "ms", Better::Lower, v);
+        }
+    }
+}
+
+/// Every workload against one broker.
+pub(crate) async fn run_all(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Result<()> {
+    let b = t.name;
+    let app = t.app().await.with_context(|| format!("opening {b}"))?;
+    purge(&app).await?;
+
+    // Enqueue rates, no worker running.
+    let n = s.n;
+    let clock = Instant::now();
+    for _ in 0..n {
+        add().ignore_result(true).apply_async(&app).await?;
+    }
+    r.ours(
+        b,
+        "enqueue, sequential",
+        "tasks/s",
+        Better::Higher,
+        n as f64 / clock.elapsed().as_secs_f64(),
+    );
+    purge(&app).await?;
+    let clock = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..SENDERS {
+        let app = app.clone();
+        set.spawn(async move {
+            for _ in 0..n / SENDERS {
+                add().ignore_result(true).apply_async(&app).await?;
+            }
+            Ok::<_, celeriac::Error>(())
+        });
+    }
+    while let Some(x) = set.join_next().await {
+        x??;
+    }
+    r.ours(
+        b,
+        &format!("enqueue, {SENDERS} concurrent senders"),
+        "tasks/s",
+        Better::Higher,
+        (n / SENDERS * SENDERS) as f64 / clock.elapsed().as_secs_f64(),
+    );
+    purge(&app).await?;
+    let clock = Instant::now();
+    send_batches(&app, n, None).await?;
+    r.ours(
+        b,
+        &format!("enqueue, batches of {BATCH}"),
+        "tasks/s",
+        Better::Higher,
+        n as f64 / clock.elapsed().as_secs_f64(),
+    );
+    purge(&app).await?;
+
+    // One worker: idle memory, throughput, peak memory, latency.
+    let workers = start_workers(t, &app, 1).await?;
+    let pid = workers[0].pid();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    r.ours(
+        b,
+        "worker RSS idle",
+        "MiB",
+        Better::Lower,
+        tree_rss_kb(pid) as f64 / 1024.0,
+    );
+    for ignore in [false, true] {
+        let mut rates = Vec::new();
+        let mut peak = 0.0_f64;
+        for _ in 0..s.runs {
+            let sampler = Sampler::start(vec![pid]);
+            let clock = Instant::now();
+            send_and_collect(&app, n, ignore).await?;
+            rates.push(n as f64 / clock.elapsed().as_secs_f64());
+            peak = peak.max(sampler.finish().await);
+        }
+        let what = if ignore {
+            "ignore_result (until drained)"
+        } else {
+            "results stored and read"
+        };
+        r.ours(
+            b,
+            &format!("throughput, 1 worker, {what}"),
+            "tasks/s",
+            Better::Higher,
+            median(rates),
+        );
+        if !ignore {
+            r.ours(
+                b,
+                "worker RSS peak while draining",
+                "MiB",
+                Better::Lower,
+                peak,
+            );
+        }
+    }
+    let throughput = {
+        let clock = Instant::now();
+        send_and_collect(&app, n.min(20_000), true).await?;
+        n.min(20_000) as f64 / clock.elapsed().as_secs_f64()
+    };
+    latency_rows(
+        r,
+        b,
+        "sequential",
+        round_trips(&app, s.latency).await?,
+        true,
+    );
+    let (stop, load) = background_load(&app, throughput / 2.0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let samples = round_trips(&app, s.latency).await;
+    let _ = stop.send(true);
+    let _ = load.await;
+    latency_rows(r, b, "under load (½ of max rate)", samples?, true);
+    wait_drained(&app).await?;
+
+    // Delayed tasks wait in the broker, not in the worker.
+    let before = tree_rss_kb(pid) as f64 / 1024.0;
+    // RabbitMQ parks each delayed message through a per-delay queue; its publish is slow
+    // enough that a million would take most of an hour here.
+    let delayed = if b == "amqp" {
+        s.delayed.min(20_000)
+    } else {
+        s.delayed
+    };
+    let clock = Instant::now();
+    send_batches(
+        &app,
+        delayed,
+        Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+    )
+    .await?;
+    let sent = clock.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sampler = Sampler::start(vec![pid]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let with = sampler.finish().await;
+    let stats = app.broker().stats(QUEUE).await?;
+    r.ours(
+        b,
+        "worker RSS with many delayed tasks waiting (count in notes)",
+        "MiB",
+        Better::Lower,
+        with,
+    );
+    r.note(&format!(
+        "{b}: {} delayed tasks sent in {sent:.1} s; broker holds {} delayed; worker RSS {before:.1} → {with:.1} MiB.",
+        delayed, stats.delayed
+    ));
+    purge(&app).await?;
+    drop(workers);
+
+    // Scaling over worker processes.
+    for count in [1, 2, 4] {
+        let workers = start_workers(t, &app, count).await?;
+        let mut rates = Vec::new();
+        for _ in 0..s.runs {
+            let clock = Instant::now();
+            send_and_collect(&app, n, false).await?;
+            rates.push(n as f64 / clock.elapsed().as_secs_f64());
+        }
+        r.ours(
+            b,
+            &format!("throughput, {count} worker process(es), results"),
+            "tasks/s",
+            Better::Higher,
+            median(rates),
+        );
+        drop(workers);
+    }
+
+    // Scaling over queue size: enqueue in batches, then drain with one worker.
+    for &size in &s.scale {
+        purge(&app).await?;
+        let clock = Instant::now();
+        send_batches(&app, size, None).await?;
+        let enq = clock.elapsed().as_secs_f64();
+        // No start-up round trip here: it would queue behind the tasks; the clock includes the
+        // worker's start (a few milliseconds).
+        let clock = Instant::now();
+        let workers = t.worker(0)?;
+        wait_drained(&app).await?;
+        let drain = clock.elapsed().as_secs_f64();
+        drop(workers);
+        r.ours(
+            b,
+            &format!("{size} tasks: enqueue (batches) time"),
+            "s",
+            Better::Lower,
+            enq,
+        );
+        r.ours(
+            b,
+            &format!("{size} tasks: drain time, 1 worker"),
+            "s",
+            Better::Lower,
+            drain,
+        );
+    }
+    purge(&app).await?;
+    app.close().await?;
+    Ok(())
+}
