@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use amqprs::channel::{BasicPublishArguments, QueueDeclareArguments, QueueDeleteArguments};
 use amqprs::BasicProperties;
+use amqprs::channel::{BasicPublishArguments, QueueDeclareArguments, QueueDeleteArguments};
 use celeriac_amqp::AmqpBroker;
 use celeriac_core::{Broker, Config, ConsumeOptions, ErrorKind, PublishOptions, Requeue};
 use celeriac_test::services::{test_message, unique_queue};
