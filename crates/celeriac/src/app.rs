@@ -165,6 +165,59 @@ impl App {
         Ok(id)
     }
 
+    /// Sends many calls at once: one [`Broker::publish_batch`](celeriac_core::Broker) per
+    /// queue instead of a round trip per task. Returns the task ids in the order of `sigs`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> celeriac::Result<()> {
+    /// let app = celeriac::App::builder().broker_url("memory://").build().await?;
+    /// let sigs: Vec<_> = (0..3)
+    ///     .map(|i| celeriac::Signature::<i64>::new("tasks.add").arg(i).arg(1))
+    ///     .collect();
+    /// let ids = app.send_many(&sigs).await?;
+    /// assert_eq!(ids.len(), 3);
+    /// assert_eq!(app.broker().stats("celery").await?.ready, 3);
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_many<O>(&self, sigs: &[Signature<O>]) -> Result<Vec<String>> {
+        let sender = Sender::new(self.inner.content_type, Some(&self.inner.origin));
+        let mut ids = Vec::with_capacity(sigs.len());
+        let mut by_queue: Vec<(String, Vec<(celeriac_core::Message, PublishOptions)>)> = Vec::new();
+        for sig in sigs {
+            if let Some(e) = &sig.encode_error {
+                return Err(Error::protocol(e.clone()));
+            }
+            let wire = sig.to_wire();
+            let task_options = sig.registered_options().unwrap_or_else(|| {
+                self.inner
+                    .registry
+                    .get(&wire.task)
+                    .map(|d| d.options.clone())
+                    .unwrap_or_default()
+            });
+            let out = build_message(&wire, &task_options, None, &sender)?;
+            let queue = out
+                .queue
+                .clone()
+                .unwrap_or_else(|| self.queue_for(&wire.task, &task_options));
+            let held_by_broker = !self.inner.config.celery_worker_queues.contains(&queue);
+            let publish = PublishOptions::default()
+                .priority(out.priority)
+                .not_before(out.eta.filter(|_| held_by_broker));
+            ids.push(out.message.id().to_owned());
+            match by_queue.iter_mut().find(|(q, _)| *q == queue) {
+                Some((_, batch)) => batch.push((out.message, publish)),
+                None => by_queue.push((queue, vec![(out.message, publish)])),
+            }
+        }
+        for (queue, batch) in &by_queue {
+            self.declare(queue).await?;
+            self.inner.broker.publish_batch(queue, batch).await?;
+        }
+        Ok(ids)
+    }
+
     async fn declare(&self, queue: &str) -> Result<()> {
         if self
             .inner
