@@ -1,8 +1,0 @@
-struct NotSerde;
-
-#[celeriac::task]
-fn t() -> NotSerde {
-    NotSerde
-}
-
-fn main() {}
