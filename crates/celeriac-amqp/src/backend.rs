@@ -243,6 +243,10 @@ impl ResultBackend for RpcBackend {
         "rpc"
     }
 
+    fn reply_to(&self) -> Option<String> {
+        Some(self.inner.oid.clone())
+    }
+
     fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             if *self.inner.closed.borrow() {

@@ -45,6 +45,8 @@ struct Inner {
     registry: Arc<Registry>,
     content_type: ContentType,
     origin: String,
+    /// The backend's reply queue (rpc://), put on every message this app sends.
+    reply_to: Option<String>,
     declared: Mutex<HashSet<String>>,
 }
 
@@ -124,6 +126,34 @@ impl App {
             .await
     }
 
+    /// The queue, message and publish options of a signature map: built by the one builder
+    /// ([`celeriac_core::canvas::build_message`]), routed, carrying this app's reply queue, and
+    /// held by the broker until due unless Python workers serve the queue.
+    fn prepare(
+        &self,
+        sig: &celeriac_core::Signature,
+        task_options: &TaskOptions,
+        chain: Option<Vec<celeriac_core::Signature>>,
+        sender: &Sender<'_>,
+    ) -> Result<(String, celeriac_core::Message, PublishOptions)> {
+        let out = build_message(sig, task_options, chain, sender)?;
+        let queue = out
+            .queue
+            .clone()
+            .unwrap_or_else(|| self.queue_for(&sig.task, task_options));
+        let mut message = out.message;
+        if message.properties.reply_to.is_none() {
+            message.properties.reply_to = self.inner.reply_to.clone();
+        }
+        // A queue that Python workers also serve gets the eta in the header only: they know no
+        // broker-side delayed store and would otherwise never see the message until it is due.
+        let held_by_broker = !self.inner.config.celery_worker_queues.contains(&queue);
+        let publish = PublishOptions::default()
+            .priority(out.priority)
+            .not_before(out.eta.filter(|_| held_by_broker));
+        Ok((queue, message, publish))
+    }
+
     /// Builds (see [`celeriac_core::canvas::build_message`]) and publishes the message for a
     /// signature map, with `chain` as the rest of its chain; returns the task id.
     ///
@@ -142,25 +172,10 @@ impl App {
                 .unwrap_or_default()
         });
         let sender = Sender::new(self.inner.content_type, Some(&self.inner.origin));
-        let out = build_message(sig, &task_options, chain, &sender)?;
-        let queue = out
-            .queue
-            .clone()
-            .unwrap_or_else(|| self.queue_for(&sig.task, &task_options));
-        let id = out.message.id().to_owned();
-
+        let (queue, message, publish) = self.prepare(sig, &task_options, chain, &sender)?;
+        let id = message.id().to_owned();
         self.declare(&queue).await?;
-        // A queue that Python workers also serve gets the eta in the header only: they know no
-        // broker-side delayed store and would otherwise never see the message until it is due.
-        let held_by_broker = !self.inner.config.celery_worker_queues.contains(&queue);
-        let not_before = out.eta.filter(|_| held_by_broker);
-        let publish = PublishOptions::default()
-            .priority(out.priority)
-            .not_before(not_before);
-        self.inner
-            .broker
-            .publish(&queue, &out.message, publish)
-            .await?;
+        self.inner.broker.publish(&queue, &message, publish).await?;
         tracing::debug!(task_id = %id, task_name = %sig.task, queue = %queue, "task sent");
         Ok(id)
     }
@@ -196,19 +211,11 @@ impl App {
                     .map(|d| d.options.clone())
                     .unwrap_or_default()
             });
-            let out = build_message(&wire, &task_options, None, &sender)?;
-            let queue = out
-                .queue
-                .clone()
-                .unwrap_or_else(|| self.queue_for(&wire.task, &task_options));
-            let held_by_broker = !self.inner.config.celery_worker_queues.contains(&queue);
-            let publish = PublishOptions::default()
-                .priority(out.priority)
-                .not_before(out.eta.filter(|_| held_by_broker));
-            ids.push(out.message.id().to_owned());
+            let (queue, message, publish) = self.prepare(&wire, &task_options, None, &sender)?;
+            ids.push(message.id().to_owned());
             match by_queue.iter_mut().find(|(q, _)| *q == queue) {
-                Some((_, batch)) => batch.push((out.message, publish)),
-                None => by_queue.push((queue, vec![(out.message, publish)])),
+                Some((_, batch)) => batch.push((message, publish)),
+                None => by_queue.push((queue, vec![(message, publish)])),
             }
         }
         for (queue, batch) in &by_queue {
@@ -408,6 +415,7 @@ impl AppBuilder {
             }
         };
         let origin = format!("gen{}@{}", std::process::id(), celeriac_core::hostname());
+        let reply_to = backend.reply_to();
         Ok(App {
             inner: Arc::new(Inner {
                 config,
@@ -416,6 +424,7 @@ impl AppBuilder {
                 registry: Arc::new(registry),
                 content_type,
                 origin,
+                reply_to,
                 declared: Mutex::new(HashSet::new()),
             }),
         })

@@ -54,6 +54,13 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
 
     /// Closes the backend.
     fn close(&self) -> BoxFuture<'_, Result<()>>;
+
+    /// The queue results of tasks sent through this backend's app come back on, for backends
+    /// that deliver results as messages (Celery's `rpc://`): the app puts it in each message's
+    /// `reply_to`. `None` for stores that are read by task id.
+    fn reply_to(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Waits for a ready record by polling `get`, backing off from 1 ms to `max_interval`.
