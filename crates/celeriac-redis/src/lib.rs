@@ -91,6 +91,7 @@
 
 mod backend;
 mod broker;
+mod client;
 mod conn;
 mod keys;
 mod options;
@@ -102,7 +103,10 @@ use celeriac_core::{Drivers, DynBackend, DynBroker};
 
 pub use backend::RedisBackend;
 pub use broker::RedisBroker;
+pub use client::RedisConnection;
 pub use options::RedisOptions;
+/// The `redis` crate this one is built on, for callers of [`RedisConnection`].
+pub use redis;
 
 /// The URL schemes this crate registers.
 pub const SCHEMES: [&str; 4] = ["redis", "rediss", "unix", "redis+socket"];
