@@ -128,7 +128,79 @@ pub fn json_from_slice(bytes: &[u8]) -> Result<Value> {
                 .map_err(|_| Error::protocol("invalid json").with_source(first))?
         }
     };
+    if has_huge_number(&v) {
+        refuse_wide_integers(bytes)?;
+    }
     Ok(unwrap_typed(v))
+}
+
+/// The smallest magnitude a float parsed from an integer literal has once the literal no longer
+/// fits in an `i64`/`u64` (2^63).
+const WIDE: f64 = 9_223_372_036_854_775_808.0;
+
+/// Whether `v` holds a float at least 2^63 in magnitude: serde_json parses integer literals that
+/// do not fit in 64 bits as such floats, so only then is the raw text worth checking.
+fn has_huge_number(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => {
+            n.as_f64().is_some_and(|f| f.abs() >= WIDE) && !n.is_i64() && !n.is_u64()
+        }
+        Value::Array(items) => items.iter().any(has_huge_number),
+        Value::Object(map) => map.values().any(has_huge_number),
+        _ => false,
+    }
+}
+
+/// Refuses integer literals outside `i64`/`u64` (Python ints are unbounded; JSON readers without
+/// big numbers would silently round them to the nearest float, changing the value).
+fn refuse_wide_integers(bytes: &[u8]) -> Result<()> {
+    let mut i = 0;
+    let mut in_string = false;
+    let mut escaped = false;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+            i += 1;
+            continue;
+        }
+        if b == b'-' || b.is_ascii_digit() {
+            let start = i;
+            i += 1;
+            while i < bytes.len()
+                && matches!(bytes[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+            {
+                i += 1;
+            }
+            let token = &bytes[start..i];
+            let integer = !token.iter().any(|c| matches!(c, b'.' | b'e' | b'E'));
+            if integer {
+                // The token is ASCII digits with an optional sign, so it is valid UTF-8.
+                let text = std::str::from_utf8(token).unwrap_or_default();
+                if text.parse::<i64>().is_err() && text.parse::<u64>().is_err() && text != "-" {
+                    return Err(Error::protocol(format!(
+                        "integer {text} does not fit in 64 bits; celeriac reads integers from \
+                         -2^63 to 2^64-1 exactly and refuses wider ones rather than rounding them \
+                         (send such values as strings)"
+                    )));
+                }
+            }
+            continue;
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 /// Replaces the bare tokens `NaN`, `Infinity` and `-Infinity` outside strings with `null`.
@@ -234,6 +306,26 @@ mod tests {
         let v = json_from_slice(br#"[NaN, Infinity, -Infinity, "NaN stays", 1.5]"#).unwrap();
         assert_eq!(v, json!([null, null, null, "NaN stays", 1.5]));
         assert!(json_from_slice(b"[nope]").is_err());
+    }
+
+    #[test]
+    fn refuses_integers_wider_than_64_bits_instead_of_rounding_them() {
+        let e = json_from_slice(br#"[1, {"n": 1180591620717411303424}]"#).unwrap_err();
+        assert!(e.to_string().contains("1180591620717411303424"), "{e}");
+        assert!(e.to_string().contains("64 bits"), "{e}");
+        let e = json_from_slice(b"[-9223372036854775809]").unwrap_err();
+        assert!(e.to_string().contains("-9223372036854775809"), "{e}");
+        // The limits themselves, wide floats, and digits inside strings are fine.
+        let v = json_from_slice(
+            br#"[18446744073709551615, -9223372036854775808, 1e300, -2.5e19,
+                 "1180591620717411303424", "a\"99999999999999999999999"]"#,
+        )
+        .unwrap();
+        assert_eq!(v[0], json!(u64::MAX));
+        assert_eq!(v[1], json!(i64::MIN));
+        assert_eq!(v[2], json!(1e300));
+        assert_eq!(v[3], json!(-2.5e19));
+        assert_eq!(v[4], json!("1180591620717411303424"));
     }
 
     #[test]
