@@ -166,6 +166,8 @@ pub fn build_message(
     };
     let mut message = Message::new(headers, &body, sender.content_type)?;
     message.properties.priority = priority.unwrap_or(0);
+    // Celery's freeze stamps the sender's reply queue on every step; results go there.
+    message.properties.reply_to = o.str("reply_to")?;
     Ok(Outgoing {
         message,
         queue: o.str("queue")?.or_else(|| task_options.queue.clone()),
@@ -404,7 +406,7 @@ mod tests {
             "task_id": "t-1", "queue": "math", "priority": 12, "countdown": 5,
             "parent_id": "p", "root_id": "r", "group_id": "g", "group_index": 2,
             "link": {"task": "tasks.echo"}, "link_error": [{"task": "tasks.log"}],
-            "headers": {"tenant": "acme"}, "time_limit": 3
+            "headers": {"tenant": "acme"}, "time_limit": 3, "reply_to": "client-oid"
         })
         .as_object()
         .cloned()
@@ -423,6 +425,10 @@ mod tests {
         assert!(h.eta.is_some() && out.eta.is_some());
         assert_eq!(out.queue.as_deref(), Some("math"));
         assert_eq!(out.priority, Some(9));
+        assert_eq!(
+            out.message.properties.reply_to.as_deref(),
+            Some("client-oid")
+        );
         let body = out.message.decode_body().unwrap();
         assert_eq!(body.args, vec![json!(1)]);
         assert_eq!(body.embed.callbacks.unwrap()[0].task, "tasks.echo");
