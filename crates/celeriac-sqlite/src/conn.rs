@@ -168,6 +168,8 @@ enum Msg {
     Run(Box<dyn Job>),
     /// Look at the watchers and orphans now.
     Wake,
+    /// The database file was written, maybe by another process: read `data_version` now.
+    Changed,
 }
 
 struct Call<F, T> {
@@ -263,6 +265,7 @@ impl Conn {
             location: display.clone(),
         });
         if let Some(key) = key {
+            crate::wake::watch(&key, Arc::downgrade(&conn));
             let mut open = OPEN.lock().expect("sqlite registry lock");
             open.retain(|_, c| c.strong_count() > 0);
             open.insert(key, Arc::downgrade(&conn));
@@ -327,6 +330,14 @@ impl Conn {
     /// Asks the thread to process released rows now.
     pub(crate) fn wake(&self) {
         let _ = self.tx.send(Msg::Wake);
+    }
+
+    /// Tells the thread the file changed (maybe by another process): if anyone waits for such
+    /// changes, it reads `data_version` now instead of at its next poll.
+    pub(crate) fn wake_watchers(&self) {
+        if self.shared.watchers.load(Ordering::Acquire) > 0 {
+            let _ = self.tx.send(Msg::Changed);
+        }
     }
 }
 
@@ -423,14 +434,17 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
         } else {
             IDLE_TICK
         };
+        let mut changed = false;
         match rx.recv_timeout(timeout) {
             Ok(Msg::Run(job)) => batch.push(job),
+            Ok(Msg::Changed) => changed = true,
             Ok(Msg::Wake) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Msg::Run(job)) => batch.push(job),
+                Ok(Msg::Changed) => changed = true,
                 Ok(Msg::Wake) => {}
                 Err(_) => break,
             }
@@ -439,7 +453,9 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
             run_batch(&mut db, &mut batch, shared);
         }
         release_orphans(&mut db, shared);
-        if shared.watchers.load(Ordering::Acquire) > 0 && last_watch.elapsed() >= interval {
+        if shared.watchers.load(Ordering::Acquire) > 0
+            && (changed || last_watch.elapsed() >= interval)
+        {
             last_watch = Instant::now();
             match data_version(&db.conn) {
                 Ok(v) if v != version => {

@@ -68,9 +68,10 @@
 //!
 //! **Waiting.** An idle consumer waits for an in-process notice (fired after a commit that made
 //! messages ready), for the next due time of its queues, or for a change by another process.
-//! The connection thread detects those by polling `PRAGMA data_version` while someone waits:
-//! every millisecond right after a change, backing off to every 20 ms. Result waiters use the
-//! same notices. Expired results are invisible at once and deleted by a sweep at most once a
+//! The connection thread detects those by reading `PRAGMA data_version` while someone waits: at
+//! once when inotify (Linux) reports a write to the database's `-wal` file, and otherwise by
+//! polling every millisecond right after a change, backing off to every 20 ms. Result waiters
+//! use the same notices. Expired results are invisible at once and deleted by a sweep at most once a
 //! minute, piggybacked on a store.
 //!
 //! # What it is not
@@ -83,6 +84,7 @@ mod broker;
 mod conn;
 mod options;
 mod schema;
+mod wake;
 
 use std::sync::Arc;
 
