@@ -20,24 +20,26 @@ use crate::conn::{self, Publisher, broker_error, confirmed};
 use crate::fields::to_table;
 use crate::options::AmqpOptions;
 
-/// The reply queue of the process's first rpc backend: the `reply_to` our broker puts on
-/// messages that carry none.
-static LOCAL_OID: Mutex<Option<String>> = Mutex::new(None);
 /// Whether some rpc backend lives in this process (only then are reply queues remembered).
 static IN_USE: AtomicBool = AtomicBool::new(false);
 /// Task id → the `reply_to` of the message that carried it, recorded by our consumers so a
-/// worker's `store` knows where to send the result.
-static REPLY_TO: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
-/// Bound on remembered reply queues; a worker storing no results must not grow forever.
+/// worker's `store` knows where to send the result. Finished tasks stay a while (bounded) so
+/// the steps and callbacks they send inherit their reply queue.
+static REPLY_TO: OnceLock<Mutex<Remembered>> = OnceLock::new();
+/// Bound on remembered reply queues of running tasks; a worker storing no results must not
+/// grow forever.
 const REMEMBER_MAX: usize = 100_000;
+/// Bound on remembered reply queues of finished tasks.
+const FINISHED_MAX: usize = 10_000;
 
-fn reply_map() -> &'static Mutex<HashMap<String, String>> {
-    REPLY_TO.get_or_init(|| Mutex::new(HashMap::new()))
+#[derive(Default)]
+struct Remembered {
+    running: HashMap<String, String>,
+    finished: HashMap<String, String>,
 }
 
-/// The local reply queue, if an rpc backend is open in this process.
-pub(crate) fn local_reply_to() -> Option<String> {
-    LOCAL_OID.lock().expect("oid lock").clone()
+fn reply_map() -> &'static Mutex<Remembered> {
+    REPLY_TO.get_or_init(|| Mutex::new(Remembered::default()))
 }
 
 /// Records the reply queue of a received task (only when an rpc backend is in use).
@@ -46,10 +48,39 @@ pub(crate) fn remember_reply_to(task_id: &str, reply_to: &str) {
         return;
     }
     let mut map = reply_map().lock().expect("reply lock");
-    if map.len() >= REMEMBER_MAX {
-        map.clear();
+    if map.running.len() >= REMEMBER_MAX {
+        map.running.clear();
     }
-    map.insert(task_id.to_owned(), reply_to.to_owned());
+    map.running.insert(task_id.to_owned(), reply_to.to_owned());
+}
+
+/// The reply queue of a task this process received (running or recently finished): a message
+/// a task sends (its next chain step, a callback) without a `reply_to` of its own inherits it,
+/// so the result reaches the client that started the work, as with Celery, whose client
+/// stamps its reply queue on every step it freezes.
+pub(crate) fn inherited_reply_to(parent_id: &str) -> Option<String> {
+    if !IN_USE.load(Ordering::Acquire) {
+        return None;
+    }
+    let map = reply_map().lock().expect("reply lock");
+    map.running
+        .get(parent_id)
+        .or_else(|| map.finished.get(parent_id))
+        .cloned()
+}
+
+/// The reply queue for a task's result; a ready result moves the entry to the finished ones.
+fn reply_to_for(task_id: &str, ready: bool) -> Option<String> {
+    let mut map = reply_map().lock().expect("reply lock");
+    if !ready {
+        return map.running.get(task_id).cloned();
+    }
+    let r = map.running.remove(task_id)?;
+    if map.finished.len() >= FINISHED_MAX {
+        map.finished.clear();
+    }
+    map.finished.insert(task_id.to_owned(), r.clone());
+    Some(r)
 }
 
 /// Celery's `rpc://` backend on RabbitMQ.
@@ -108,10 +139,6 @@ impl RpcBackend {
             None => return Err(Error::backend("rpc reply consumer ended before it started")),
         }
         IN_USE.store(true, Ordering::Release);
-        let mut oid = LOCAL_OID.lock().expect("oid lock");
-        if oid.is_none() {
-            *oid = Some(inner.oid.clone());
-        }
         Ok(RpcBackend { inner })
     }
 
@@ -252,14 +279,7 @@ impl ResultBackend for RpcBackend {
             if *self.inner.closed.borrow() {
                 return Err(Error::closed("rpc backend"));
             }
-            let reply_to = {
-                let mut map = reply_map().lock().expect("reply lock");
-                if meta.status.is_ready() {
-                    map.remove(&meta.task_id)
-                } else {
-                    map.get(&meta.task_id).cloned()
-                }
-            };
+            let reply_to = reply_to_for(&meta.task_id, meta.status.is_ready());
             let Some(reply_to) = reply_to else {
                 tracing::debug!(task_id = %meta.task_id, "no reply_to known for this task; rpc result not sent");
                 return Ok(false);
@@ -367,12 +387,6 @@ impl ResultBackend for RpcBackend {
         Box::pin(async move {
             self.inner.closed.send_replace(true);
             self.inner.changed.send_modify(|n| *n += 1);
-            {
-                let mut oid = LOCAL_OID.lock().expect("oid lock");
-                if oid.as_deref() == Some(self.inner.oid.as_str()) {
-                    *oid = None;
-                }
-            }
             if let Some(p) = self.inner.publisher.lock().await.take() {
                 p.close().await;
             }

@@ -364,12 +364,16 @@ pub(crate) fn properties_of(message: &Message, priority: Option<u8>) -> Result<B
         let ms = (expires - Utc::now()).num_milliseconds().max(0);
         p.with_expiration(&ms.to_string());
     }
-    if let Some(r) = message
-        .properties
-        .reply_to
-        .clone()
-        .or_else(backend::local_reply_to)
-    {
+    // A message sent by a task we run (a chain step or callback without a frozen reply_to)
+    // inherits the reply queue of that task's message, never this process's own.
+    let inherited = || {
+        message
+            .headers
+            .parent_id
+            .as_deref()
+            .and_then(backend::inherited_reply_to)
+    };
+    if let Some(r) = message.properties.reply_to.clone().or_else(inherited) {
         p.with_reply_to(&r);
     }
     Ok(p)

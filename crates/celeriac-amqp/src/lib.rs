@@ -100,8 +100,12 @@
 //!
 //! **The rpc backend** follows Celery (celery-wire.md §8.5): see [`RpcBackend`]. A worker
 //! learns where to send a result from the `reply_to` of the task message it received through
-//! an [`AmqpBroker`] in the same process; our client sets `reply_to` to its rpc reply queue
-//! on messages that have none.
+//! an [`AmqpBroker`] in the same process. The app stamps its own reply queue on the messages
+//! it sends ([`ResultBackend::reply_to`](celeriac_core::ResultBackend::reply_to)); a message a
+//! task sends without one (a chain step, a callback) inherits the `reply_to` of that task's
+//! message (found by its `parent_id`), so the result reaches the client that started the
+//! work, as in Celery, whose client freezes every step with its reply queue. The broker never
+//! stamps a reply queue of its own process.
 //!
 //! # What differs from Celery/kombu
 //!

@@ -1,7 +1,7 @@
 //! The rpc result backend: results as messages to the caller's reply queue.
 //!
-//! A binary of its own: an open rpc backend makes every publish of the process without a
-//! `reply_to` carry the backend's reply queue, which would change messages other tests compare.
+//! A binary of its own: the reply queues a process's consumers remember are process-wide, and
+//! a message sent for a remembered task inherits its reply queue.
 
 use std::time::Duration;
 
@@ -39,7 +39,9 @@ async fn results_travel_to_the_senders_reply_queue() {
     .expect("broker");
     let q = unique_queue("rpc");
     broker.declare(&q).await.unwrap();
-    let m = test_message("tasks.add");
+    let mut m = test_message("tasks.add");
+    // As the app does (ResultBackend::reply_to).
+    m.properties.reply_to = backend.reply_to();
     broker
         .publish(&q, &m, PublishOptions::default())
         .await
@@ -56,9 +58,9 @@ async fn results_travel_to_the_senders_reply_queue() {
         .unwrap()
         .unwrap();
     let got = d.message.as_ref().expect("valid message");
-    assert!(
-        got.properties.reply_to.is_some(),
-        "our client sets reply_to"
+    assert_eq!(
+        got.properties.reply_to.as_deref(),
+        Some(backend.reply_queue())
     );
     assert!(
         backend
@@ -93,4 +95,101 @@ async fn results_travel_to_the_senders_reply_queue() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout);
     backend.close().await.unwrap();
+}
+
+/// A chain step sent by a worker (no reply_to of its own, its parent's id in `parent_id`)
+/// carries the reply queue of the client that sent the first step, so the client reads the
+/// final result; a message of nobody's task carries none (never the worker's own queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_steps_sent_by_a_worker_reply_to_the_client() {
+    if !rabbit_up() {
+        return;
+    }
+    let config = Config::default();
+    let url = "amqp://guest:guest@127.0.0.1:5672//";
+    let client = RpcBackend::connect("rpc://guest:guest@127.0.0.1:5672//", &config)
+        .await
+        .expect("client rpc backend");
+    let client_broker = celeriac_amqp::AmqpBroker::connect(url, &config)
+        .await
+        .unwrap();
+    // The worker: its own broker handle and its own rpc backend (its own reply queue).
+    let worker_backend = RpcBackend::connect("rpc://guest:guest@127.0.0.1:5672//", &config)
+        .await
+        .expect("worker rpc backend");
+    let worker_broker = celeriac_amqp::AmqpBroker::connect(url, &config)
+        .await
+        .unwrap();
+    let q = unique_queue("rpc-chain");
+    client_broker.declare(&q).await.unwrap();
+    let mut first = test_message("tasks.add");
+    first.properties.reply_to = client.reply_to();
+    client_broker
+        .publish(&q, &first, PublishOptions::default())
+        .await
+        .unwrap();
+
+    let mut c = worker_broker
+        .consume(std::slice::from_ref(&q), ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let d = next(&mut *c).await;
+    let step1 = d.message.as_ref().unwrap().clone();
+    assert!(
+        worker_backend
+            .store(&TaskMeta::success(step1.id(), json!(3)))
+            .await
+            .unwrap()
+    );
+    // The worker sends the next step after storing the first step's result, as ours does.
+    let mut second = test_message("tasks.mul");
+    second.headers.parent_id = Some(step1.id().to_owned());
+    second.headers.root_id = Some(step1.id().to_owned());
+    worker_broker
+        .publish(&q, &second, PublishOptions::default())
+        .await
+        .unwrap();
+    d.ack().await.unwrap();
+    let d = next(&mut *c).await;
+    let step2 = d.message.as_ref().unwrap().clone();
+    assert_eq!(step2.id(), second.id());
+    assert_eq!(
+        step2.properties.reply_to.as_deref(),
+        Some(client.reply_queue()),
+        "the step carries the client's reply queue, not the worker's {}",
+        worker_backend.reply_queue()
+    );
+    assert!(
+        worker_backend
+            .store(&TaskMeta::success(step2.id(), json!(6)))
+            .await
+            .unwrap()
+    );
+    d.ack().await.unwrap();
+    let meta = client
+        .wait(second.id(), Some(Duration::from_secs(20)))
+        .await
+        .expect("the final result reaches the client");
+    assert_eq!(meta.result, json!(6));
+
+    // Nobody's task: no reply_to at all.
+    let orphan = test_message("tasks.add");
+    worker_broker
+        .publish(&q, &orphan, PublishOptions::default())
+        .await
+        .unwrap();
+    let d = next(&mut *c).await;
+    assert_eq!(d.message.as_ref().unwrap().properties.reply_to, None);
+    d.ack().await.unwrap();
+    for b in [client, worker_backend] {
+        b.close().await.unwrap();
+    }
+}
+
+async fn next(c: &mut dyn celeriac_core::Consumer) -> celeriac_core::Delivery {
+    tokio::time::timeout(Duration::from_secs(20), c.next())
+        .await
+        .expect("a delivery")
+        .unwrap()
+        .unwrap()
 }
