@@ -18,14 +18,20 @@
 //! the body once. A failed (or revoked) member fails the body with
 //! `ChordError("Dependency <id> raised <error>")` and runs the body's errbacks.
 //!
+//! A message of a dataflow run (header `celeriac_flow`, see [`celeriac_core::canvas::FlowGraph`])
+//! is routed after it finishes: a tally node's output is added to the run's totals, the output
+//! goes to every subscribed node (each element of a stream node's list as its own message),
+//! and the run's pending counter is moved so readers know when the run is over.
+//!
 //! Why the canvas is replayed for a redelivered task whose result is already stored: the
 //! worker that stored it may have died before sending on (acks late). Replaying can send a
 //! callback twice (at least once, as everywhere else); chain steps and chord bodies carry
 //! frozen ids, and a worker does not run an id that already has a ready result.
 
 use celeriac_core::canvas::{
-    Sender, build_message, chord_claim_key, chord_counter_key, default_option, expand,
-    with_parent_value,
+    FLOW_HEADER, FlowHeader, Sender, build_message, chord_claim_key, chord_counter_key,
+    default_option, expand, flow_failed_key, flow_key_slot_id, flow_keys_key, flow_pending_key,
+    flow_tally, flow_total_key, with_parent_value,
 };
 use celeriac_core::meta::RemoteError;
 use celeriac_core::{PublishOptions, Signature, TaskMeta, TaskState};
@@ -52,6 +58,7 @@ pub(crate) async fn on_success(shared: &Shared, req: &Request, value: &Value) {
         }
     }
     chord_part(shared, req).await;
+    flow_step(shared, req, Some(value)).await;
 }
 
 /// Sends what follows a failure: errbacks (the task's and the remaining chain steps'), FAILURE
@@ -78,6 +85,7 @@ pub(crate) async fn on_failure(shared: &Shared, req: &Request, err: &RemoteError
         send(shared, req, with_parent_value(eb, failed_id.clone()), None).await;
     }
     chord_part(shared, req).await;
+    flow_step(shared, req, None).await;
 }
 
 /// For a delivery whose task already has a ready result: replays what the run that stored it
@@ -103,6 +111,68 @@ fn has_followers(req: &Request) -> bool {
     let e = &req.body.embed;
     e.callbacks.as_ref().is_some_and(|c| !c.is_empty())
         || e.chain.as_ref().is_some_and(|c| !c.is_empty())
+        || req.message.headers.extra.contains_key(FLOW_HEADER)
+}
+
+/// Finishes one message of a dataflow run: adds a tally node's output to the run's totals,
+/// routes the output to the subscribed nodes, and counts the message done (`output` is `None`
+/// for a failure, which counts it failed and routes nothing).
+///
+/// The run's pending counter goes up by the messages routed before they are sent and down by
+/// one after, so it reaches zero only when every message of the run has finished.
+async fn flow_step(shared: &Shared, req: &Request, output: Option<&Value>) {
+    let flow = match FlowHeader::from_headers(&req.message.headers.extra) {
+        None => return,
+        Some(Ok(f)) => f,
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "cannot route a dataflow message");
+            return;
+        }
+    };
+    let Some(backend) = shared.recorder.backend() else {
+        tracing::error!(run = %flow.run, "a dataflow run needs a result backend; its output is dropped");
+        return;
+    };
+    let run = flow.run.as_str();
+    let node = flow.node.as_str();
+    let step = async {
+        let Some(output) = output else {
+            backend.incr(&flow_failed_key(run), 1).await?;
+            return Ok(());
+        };
+        if flow.graph.nodes.get(node).is_some_and(|n| n.tally) {
+            for (key, by) in flow_tally(node, output)? {
+                let total = backend.incr(&flow_total_key(run, node, &key), by).await?;
+                if total == by {
+                    // The first increment of this key: list it for readers.
+                    let slot = backend.incr(&flow_keys_key(run, node), 1).await?;
+                    let meta = TaskMeta::success(
+                        flow_key_slot_id(run, node, slot),
+                        Value::String(key.clone()),
+                    );
+                    backend.store(&meta).await?;
+                }
+            }
+        }
+        let next = flow.graph.route(run, node, output)?;
+        if !next.is_empty() {
+            let n = i64::try_from(next.len()).unwrap_or(i64::MAX);
+            backend.incr(&flow_pending_key(run), n).await?;
+        }
+        for sig in next {
+            send(shared, req, sig, None).await;
+        }
+        Ok::<_, celeriac_core::Error>(())
+    };
+    if let Err(e) = step.await {
+        tracing::error!(run = %run, node = %node, error = %e, "cannot finish a dataflow step");
+        if let Err(e) = backend.incr(&flow_failed_key(run), 1).await {
+            tracing::error!(run = %run, error = %e, "cannot count a failed dataflow step");
+        }
+    }
+    if let Err(e) = backend.incr(&flow_pending_key(run), -1).await {
+        tracing::error!(run = %run, error = %e, "cannot count a finished dataflow step");
+    }
 }
 
 /// Counts one chord header part and fires the body when every part is ready.
