@@ -79,6 +79,11 @@ impl BeatConfig {
             .map_err(|e| Error::config("invalid [beat] table").with_source(e))
     }
 
+    /// Reads the `[beat]` table of a loaded [`celeriac_core::Config`] (its `beat` field).
+    pub fn from_table(table: &toml::Table) -> Result<BeatConfig> {
+        Self::from_value(toml::Value::Table(table.clone()))
+    }
+
     /// The entries, each checked; the error names the entry, the field and the reason.
     pub fn entries(&self) -> Result<Vec<Entry>> {
         self.schedule
@@ -159,6 +164,12 @@ mod tests {
         );
         let c = BeatConfig::from_toml_str("[beat]\nmissed = \"sometimes\"").unwrap();
         assert!(c.apply(BeatOptions::default()).is_err());
+        let table: toml::Table = toml::from_str("timezone = \"Mars/Olympus\"").unwrap();
+        let c = BeatConfig::from_table(&table).unwrap();
+        let e = c.apply(BeatOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("beat.timezone"), "{e}");
+        let table: toml::Table = toml::from_str("leese = 3").unwrap();
+        assert!(BeatConfig::from_table(&table).is_err());
         let c = BeatConfig::from_toml_str("[beat]\nlease = 0").unwrap();
         assert!(
             c.apply(BeatOptions::default())

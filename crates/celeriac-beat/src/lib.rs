@@ -14,7 +14,8 @@
 //!   declared in code or as an [`EntrySpec`] in the `[beat]` table of `celeriac.toml`
 //!   ([`BeatConfig`]).
 //! - [`Beat`]: the loop. [`BeatStore`]: the shared lease and entry state, in memory
-//!   ([`MemoryStore`]) or in the broker's SQLite file ([`SqliteStore`]).
+//!   ([`MemoryStore`]), in the broker's SQLite file ([`SqliteStore`]) or in the broker's
+//!   Redis (`RedisStore`, feature `redis`).
 //! - [`Control`]: list, add, remove, pause, resume and trigger entries while beats run.
 //!
 //! # Key design decisions
@@ -48,9 +49,14 @@
 //! # Features
 //!
 //! - `sqlite` (default): [`SqliteStore`].
+//! - `redis`: `RedisStore` (the facade's `redis` feature turns it on).
 //!
-//! A `tick` event on the event channel is not sent yet (it comes with events); every fire is
-//! logged with `tracing` at info level with the entry name and the task id.
+//! # Events
+//!
+//! Every fire is logged with `tracing` at info level with the entry name and the task id, and
+//! sent as a [`BeatEvent::Tick`] to the receivers of [`Beat::subscribe`], an in-process stream
+//! (with `Leading`/`NotLeading` on lease changes) that Celery-style events on the broker can
+//! forward once celeriac has them.
 
 mod config;
 mod control;
@@ -62,8 +68,10 @@ pub mod store;
 pub use config::BeatConfig;
 pub use control::{Control, EntryInfo};
 pub use entry::{CrontabFields, CrontabSpec, Entry, EntryOptions, EntrySpec, FieldSpec};
-pub use runner::{Beat, BeatOptions, Clock, Dispatch, Firing, MissedTicks};
+pub use runner::{Beat, BeatEvent, BeatOptions, Clock, Dispatch, Firing, MissedTicks};
 pub use schedule::{Crontab, CrontabBuilder, Schedule, Zone, at, crontab, every};
+#[cfg(feature = "redis")]
+pub use store::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{BeatStore, DynStore, EntryState, Lease, MemoryStore, Row, open_store};

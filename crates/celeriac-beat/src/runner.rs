@@ -165,6 +165,50 @@ pub struct Firing {
     pub manual: bool,
 }
 
+/// What a beat instance reports to its [`Beat::subscribe`] receivers: an in-process stream
+/// that the events transport can forward later. Every fire is also logged at info level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BeatEvent {
+    /// The `tick` event: a task was handed to the broker for an entry.
+    Tick {
+        /// The instance that sent it (the leader).
+        instance: String,
+        /// The entry's name.
+        entry: String,
+        /// The task name.
+        task: String,
+        /// The id it was sent with.
+        task_id: String,
+        /// The tick it stands for (the trigger time for a manual run).
+        scheduled: DateTime<Utc>,
+        /// When the send completed, by the beat's clock.
+        sent_at: DateTime<Utc>,
+        /// The leader's term (its fencing token).
+        term: u64,
+        /// Triggered by hand rather than by the schedule.
+        manual: bool,
+    },
+    /// This instance took the lease: it fires from now on.
+    Leading {
+        /// This instance.
+        instance: String,
+        /// The new term (fencing token).
+        term: u64,
+    },
+    /// This instance lost (or, on shutdown, gave up) the lease it held.
+    NotLeading {
+        /// This instance.
+        instance: String,
+        /// The term it held.
+        term: u64,
+    },
+}
+
+/// How many events a slow receiver may lag behind before it misses some (it then gets
+/// `RecvError::Lagged`).
+const EVENT_BUFFER: usize = 1024;
+
 /// Sends the task of a [`Firing`]. The `celeriac` facade implements it for `App`, sending an
 /// ordinary protocol-2 message with the header `celery_beat_task: true`, as Celery 5.7 does.
 pub trait Dispatch: Send + Sync + 'static {
@@ -196,6 +240,7 @@ pub struct Beat {
     store: DynStore,
     dispatch: Arc<dyn Dispatch>,
     options: BeatOptions,
+    events: tokio::sync::broadcast::Sender<BeatEvent>,
 }
 
 impl fmt::Debug for Beat {
@@ -237,7 +282,20 @@ impl Beat {
             store,
             dispatch,
             options,
+            events: tokio::sync::broadcast::Sender::new(EVENT_BUFFER),
         }
+    }
+
+    /// A receiver of this instance's [`BeatEvent`]s from now on: a `Tick` for every task it
+    /// sends, `Leading`/`NotLeading` when it takes or loses the lease. Subscribe before
+    /// [`Beat::run`]; events sent while nobody listens are dropped.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BeatEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: BeatEvent) {
+        // No receiver is not an error: events are optional.
+        let _ = self.events.send(event);
     }
 
     /// Adds an entry declared in code.
@@ -320,15 +378,12 @@ impl Beat {
                 }
             };
             match (&held, &lease) {
-                (None, Some(l)) => {
-                    tracing::info!(instance = %o.instance, token = l.token, "beat is the leader")
-                }
+                (None, Some(l)) => self.leading(l),
                 (Some(h), Some(l)) if h.token != l.token => {
-                    tracing::info!(instance = %o.instance, token = l.token, "beat is the leader")
+                    self.not_leading(h);
+                    self.leading(l);
                 }
-                (Some(_), None) => {
-                    tracing::info!(instance = %o.instance, "beat is no longer the leader")
-                }
+                (Some(h), None) => self.not_leading(h),
                 _ => {}
             }
             held = lease;
@@ -341,7 +396,7 @@ impl Beat {
                     }
                     Ok(None) => {}
                     Err(Stop::LostLease) => {
-                        tracing::info!(instance = %o.instance, "beat is no longer the leader");
+                        self.not_leading(&l);
                         held = None;
                     }
                     Err(Stop::Failed(e)) => {
@@ -358,9 +413,26 @@ impl Beat {
             if let Err(e) = self.store.release(&l).await {
                 tracing::warn!(error = %e, "beat cannot release its lease");
             }
+            self.not_leading(&l);
         }
         tracing::info!(instance = %o.instance, "beat stopped");
         Ok(())
+    }
+
+    fn leading(&self, l: &Lease) {
+        tracing::info!(instance = %self.options.instance, token = l.token, "beat is the leader");
+        self.emit(BeatEvent::Leading {
+            instance: self.options.instance.clone(),
+            term: l.token,
+        });
+    }
+
+    fn not_leading(&self, l: &Lease) {
+        tracing::info!(instance = %self.options.instance, token = l.token, "beat is no longer the leader");
+        self.emit(BeatEvent::NotLeading {
+            instance: self.options.instance.clone(),
+            term: l.token,
+        });
     }
 
     /// The entries in effect: declared ones, then valid run-time ones from the store.
@@ -531,6 +603,16 @@ impl Beat {
             manual,
             "beat sent"
         );
+        self.emit(BeatEvent::Tick {
+            instance: self.options.instance.clone(),
+            entry: entry.name.clone(),
+            task: entry.task.clone(),
+            task_id,
+            scheduled: tick,
+            sent_at: self.options.clock.now(),
+            term: lease.token,
+            manual,
+        });
         claimed.pending = None;
         self.save(lease, &entry.name, &claimed).await?;
         Ok(claimed)

@@ -16,6 +16,8 @@
 //! either.
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -31,6 +33,8 @@ use serde::{Deserialize, Serialize};
 use crate::entry::EntrySpec;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
@@ -158,8 +162,13 @@ pub trait BeatStore: Send + Sync + fmt::Debug + 'static {
     fn trigger<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>>;
 }
 
+/// The URL schemes of Redis (the broker's forms: TCP, unix socket, TLS refused clearly).
+#[cfg(feature = "redis")]
+const REDIS_SCHEMES: [&str; 5] = ["redis", "rediss", "unix", "redis+socket", "socket"];
+
 /// Opens the store a URL names: `sqlite://path` (the broker's file; tables
-/// `celeriac_beat_*`) or `memory://` (one process only).
+/// `celeriac_beat_*`), `redis://…` (the broker's Redis; keys `celeriac.beat.*` under the URL's
+/// `global_keyprefix`) or `memory://` (one process only).
 pub async fn open_store(url: &str) -> Result<DynStore> {
     if url.starts_with("memory://") {
         return Ok(Arc::new(MemoryStore::new()));
@@ -169,13 +178,20 @@ pub async fn open_store(url: &str) -> Result<DynStore> {
         return Ok(Arc::new(SqliteStore::open_url(url).await?));
     }
     let scheme = url.split("://").next().unwrap_or(url);
+    #[cfg(feature = "redis")]
+    if url.contains("://") && REDIS_SCHEMES.contains(&scheme) {
+        return Ok(Arc::new(RedisStore::open(url).await?));
+    }
+    let mut known = vec!["memory"];
+    if cfg!(feature = "sqlite") {
+        known.push("sqlite");
+    }
+    if cfg!(feature = "redis") {
+        known.push("redis");
+    }
     Err(celeriac_core::Error::config(format!(
-        "no beat store for {scheme}:// yet (known: {}); set `store` in [beat], e.g. \
+        "no beat store for {scheme}:// (known: {}); set `store` in [beat], e.g. \
          store = \"sqlite://beat.db\"",
-        if cfg!(feature = "sqlite") {
-            "sqlite, memory"
-        } else {
-            "memory"
-        }
+        known.join(", ")
     )))
 }

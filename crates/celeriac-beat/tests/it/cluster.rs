@@ -1,9 +1,10 @@
-//! Three beat instances on one SQLite file (the broker's), real time, short intervals.
+//! Three beat instances on one store (the broker's SQLite file, or the broker's Redis), real
+//! time, short intervals. Each scenario runs on both.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use celeriac_beat::{Beat, BeatOptions, BeatStore, Entry, SqliteStore, every};
+use celeriac_beat::{Beat, BeatOptions, DynStore, Entry, every, open_store};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -12,9 +13,37 @@ use crate::support::{Recorder, assert_unique, log, missing, ticks};
 const STEP: Duration = Duration::from_millis(250);
 const LEASE: Duration = Duration::from_millis(800);
 
-async fn app(path: &std::path::Path) -> celeriac::App {
+/// Where the instances meet: the broker URL (also the store's) and the queue beat sends to.
+struct Site {
+    url: String,
+    queue: String,
+}
+
+impl Site {
+    fn sqlite(test: &str) -> Site {
+        let path = celeriac_test::services::temp_sqlite_path(test);
+        Site {
+            url: format!("sqlite://{}", path.display()),
+            queue: "beat".to_owned(),
+        }
+    }
+
+    /// `None` (skipped with a notice) without a Redis server.
+    fn redis(test: &str) -> Option<Site> {
+        Some(Site {
+            url: crate::conformance::redis_url(test)?,
+            queue: celeriac_test::services::unique_queue(test),
+        })
+    }
+
+    async fn store(&self) -> DynStore {
+        open_store(&self.url).await.unwrap()
+    }
+}
+
+async fn app(site: &Site) -> celeriac::App {
     celeriac::App::builder()
-        .broker_url(format!("sqlite://{}", path.display()))
+        .broker_url(&site.url)
         .build()
         .await
         .unwrap()
@@ -34,18 +63,17 @@ struct Running {
 }
 
 async fn start(
-    path: &std::path::Path,
+    site: &Site,
     instance: &str,
     log: &Arc<std::sync::Mutex<Vec<crate::support::Sent>>>,
     app: &celeriac::App,
 ) -> Running {
-    let store = SqliteStore::open(path).await.unwrap();
-    let beat = Beat::new(
-        store,
-        Recorder::new(instance, log, Some(app)),
+    let beat = Beat::from_parts(
+        site.store().await,
+        Arc::new(Recorder::new(instance, log, Some(app))),
         options(instance),
     )
-    .entry(Entry::new("tick", "tasks.tick", every(STEP)).queue("beat"));
+    .entry(Entry::new("tick", "tasks.tick", every(STEP)).queue(&site.queue));
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(beat.run(async {
         let _ = stopped.await;
@@ -63,18 +91,28 @@ impl Running {
     }
 }
 
-async fn queued(app: &celeriac::App) -> u64 {
-    app.broker().stats("beat").await.unwrap().total()
+async fn queued(app: &celeriac::App, site: &Site) -> u64 {
+    app.broker().stats(&site.queue).await.unwrap().total()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_instances_fire_every_tick_once() {
-    let path = celeriac_test::services::temp_sqlite_path("beat-three");
-    let app = app(&path).await;
+async fn three_instances_fire_every_tick_once_on_sqlite() {
+    three_instances_fire_every_tick_once(Site::sqlite("beat-three")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_fire_every_tick_once_on_redis() {
+    if let Some(site) = Site::redis("beat-three") {
+        three_instances_fire_every_tick_once(site).await;
+    }
+}
+
+async fn three_instances_fire_every_tick_once(site: Site) {
+    let app = app(&site).await;
     let log = log();
     let mut beats = Vec::new();
     for name in ["a", "b", "c"] {
-        beats.push(start(&path, name, &log, &app).await);
+        beats.push(start(&site, name, &log, &app).await);
     }
     tokio::time::sleep(STEP * 16).await;
     for b in beats {
@@ -89,13 +127,12 @@ async fn three_instances_fire_every_tick_once() {
         "ticks missed"
     );
     assert_eq!(
-        queued(&app).await,
+        queued(&app, &site).await,
         sent.len() as u64,
         "messages in the broker"
     );
     // The store agrees.
-    let store = SqliteStore::open(&path).await.unwrap();
-    let rows = store.load().await.unwrap();
+    let rows = site.store().await.load().await.unwrap();
     let state = rows["tick"].state.clone().unwrap();
     assert_eq!(state.total_run_count, sent.len() as u64);
     assert_eq!(state.last_run_at, sent.iter().max().copied());
@@ -103,13 +140,23 @@ async fn three_instances_fire_every_tick_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leader_killed_another_takes_over_within_the_lease() {
-    let path = celeriac_test::services::temp_sqlite_path("beat-kill");
-    let app = app(&path).await;
+async fn leader_killed_another_takes_over_within_the_lease_on_sqlite() {
+    leader_killed_another_takes_over_within_the_lease(Site::sqlite("beat-kill")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_another_takes_over_within_the_lease_on_redis() {
+    if let Some(site) = Site::redis("beat-kill") {
+        leader_killed_another_takes_over_within_the_lease(site).await;
+    }
+}
+
+async fn leader_killed_another_takes_over_within_the_lease(site: Site) {
+    let app = app(&site).await;
     let log = log();
     let mut beats = Vec::new();
     for name in ["a", "b", "c"] {
-        beats.push((name, start(&path, name, &log, &app).await));
+        beats.push((name, start(&site, name, &log, &app).await));
     }
     tokio::time::sleep(STEP * 6).await;
     let leader = log
@@ -148,35 +195,40 @@ async fn leader_killed_another_takes_over_within_the_lease() {
     assert!(gaps.len() <= max_gap, "missed {gaps:?}");
     // The killed leader may have been dropped after the broker took its last message but
     // before the recorder logged it: one message more than logged, never two.
-    let q = queued(&app).await;
+    let q = queued(&app, &site).await;
     assert!(
         q == sent.len() as u64 || q == sent.len() as u64 + 1,
         "{q} messages in the broker for {} logged sends",
         sent.len()
     );
     // Every message stands for a tick recorded once in the store.
-    let rows = SqliteStore::open(&path)
-        .await
-        .unwrap()
-        .load()
-        .await
-        .unwrap();
+    let rows = site.store().await.load().await.unwrap();
     assert!(q <= rows["tick"].state.as_ref().unwrap().total_run_count);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_keeps_the_last_run() {
-    let path = celeriac_test::services::temp_sqlite_path("beat-restart");
-    let app = app(&path).await;
+async fn restart_keeps_the_last_run_on_sqlite() {
+    restart_keeps_the_last_run(Site::sqlite("beat-restart")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_the_last_run_on_redis() {
+    if let Some(site) = Site::redis("beat-restart") {
+        restart_keeps_the_last_run(site).await;
+    }
+}
+
+async fn restart_keeps_the_last_run(site: Site) {
+    let app = app(&site).await;
     let log = log();
-    let a = start(&path, "a", &log, &app).await;
+    let a = start(&site, "a", &log, &app).await;
     tokio::time::sleep(STEP * 4).await;
     a.stop().await;
     let before = ticks(&log, "tick");
     let last = *before.iter().max().expect("fired before the restart");
     // Restart at once (a new instance name): the next tick follows the last one, none
     // is sent again.
-    let b = start(&path, "b", &log, &app).await;
+    let b = start(&site, "b", &log, &app).await;
     tokio::time::sleep(STEP * 4).await;
     b.stop().await;
     let all = ticks(&log, "tick");
@@ -188,5 +240,5 @@ async fn restart_keeps_the_last_run() {
         Vec::<chrono::DateTime<chrono::Utc>>::new(),
         "ticks missed across the restart"
     );
-    assert_eq!(queued(&app).await, all.len() as u64);
+    assert_eq!(queued(&app, &site).await, all.len() as u64);
 }

@@ -3,6 +3,9 @@
 // Shared helpers: a recording dispatch, time grids.
 mod support;
 
+// The store contract on memory, SQLite and Redis; choosing a store from the URL.
+mod conformance;
+
 // Several instances on one SQLite file: every tick once, leader loss, restart.
 mod cluster;
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use celeriac_beat::{
-    Beat, BeatOptions, Clock, Control, Entry, EntrySpec, MemoryStore, MissedTicks, every,
+    Beat, BeatEvent, BeatOptions, Clock, Control, Entry, EntrySpec, MemoryStore, MissedTicks, every,
 };
 use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
@@ -191,4 +191,67 @@ async fn one_off_fires_once() {
     ));
     run_for(b, Duration::from_secs(60)).await;
     assert_eq!(ticks(&log, "once"), vec![when]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_fire_is_a_tick_event() {
+    let store = MemoryStore::new();
+    let log = log();
+    let o = options("a", MissedTicks::CatchUpOnce);
+    let b = beat(&store, &Recorder::new("a", &log, None), o.clone());
+    let mut events = b.subscribe();
+    let control = b.control();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let h = tokio::spawn(b.run(async {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(STEP * 3 + Duration::from_secs(1)).await;
+    control.trigger("e").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = stop.send(());
+    h.await.unwrap().unwrap();
+
+    let mut got = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        got.push(e);
+    }
+    let sent = log.lock().unwrap().clone();
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    // Leading first, then one tick per send with the same id and tick, then NotLeading.
+    assert!(
+        matches!(&got[0], BeatEvent::Leading { instance, term: 1 } if instance == "a"),
+        "{got:?}"
+    );
+    assert!(
+        matches!(got.last(), Some(BeatEvent::NotLeading { term: 1, .. })),
+        "{got:?}"
+    );
+    let tick_events: Vec<_> = got
+        .iter()
+        .filter_map(|e| match e {
+            BeatEvent::Tick {
+                entry,
+                task,
+                task_id,
+                scheduled,
+                sent_at,
+                term,
+                manual,
+                ..
+            } => Some((entry, task, task_id, *scheduled, *sent_at, *term, *manual)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tick_events.len(), sent.len(), "{got:?}");
+    for ((entry, task, task_id, scheduled, sent_at, term, manual), s) in
+        tick_events.iter().zip(&sent)
+    {
+        assert_eq!((entry.as_str(), task.as_str()), ("e", "tasks.e"));
+        assert_eq!(*task_id, &s.task_id);
+        assert_eq!(*scheduled, s.tick);
+        assert_eq!(*manual, s.manual);
+        assert_eq!(*term, 1);
+        assert!(sent_at >= scheduled, "{sent_at} < {scheduled}");
+    }
+    assert_eq!(tick_events.iter().filter(|t| t.6).count(), 1);
 }

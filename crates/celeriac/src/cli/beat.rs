@@ -1,9 +1,9 @@
 //! `beat`: run the periodic-task scheduler, or list and change its entries; `worker -B`.
 //!
-//! Entries come from the `[beat]` table of `celeriac.toml` (or `$CELERIAC_CONFIG`) and from
-//! code through [`run_with_beat`]; the store is `[beat] store`, else the broker URL.
+//! Entries come from the `[beat]` table of the app's config (`celeriac.toml` or
+//! `$CELERIAC_CONFIG`, read once by the core config) and from code through [`run_with_beat`];
+//! the store is `--store`, else `[beat] store`, else the broker URL.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
@@ -123,25 +123,19 @@ struct AddArgs {
     expires: Option<f64>,
 }
 
-/// The `[beat]` table of the config file, if any.
-fn file_config() -> anyhow::Result<BeatConfig> {
-    let path = std::env::var_os("CELERIAC_CONFIG").map(PathBuf::from);
-    let explicit = path.is_some();
-    let path = path.unwrap_or_else(|| PathBuf::from(celeriac_core::config::DEFAULT_FILE));
-    match std::fs::read_to_string(&path) {
-        Ok(text) => BeatConfig::from_toml_str(&text)
-            .with_context(|| format!("invalid [beat] table in {}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-            Ok(BeatConfig::default())
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+/// The app's `[beat]` table (from `celeriac.toml` or `$CELERIAC_CONFIG`, as loaded by
+/// [`AppBuilder::load_config`]); none is the default.
+fn app_config(app: &App) -> anyhow::Result<BeatConfig> {
+    match &app.config().beat {
+        None => Ok(BeatConfig::default()),
+        Some(table) => BeatConfig::from_table(table).context("invalid [beat] table in the config"),
     }
 }
 
 /// A beat for `app`, with its entries and settings checked: the start-up errors of the issue
 /// (bad crontab, bad interval) come out of here.
 async fn build(app: &App, args: &BeatArgs) -> anyhow::Result<Beat> {
-    let config = file_config()?;
+    let config = app_config(app)?;
     let mut options = config.apply(BeatOptions::default())?;
     if let Some(m) = &args.missed {
         options.missed = m.parse()?;
