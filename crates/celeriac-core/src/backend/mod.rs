@@ -6,6 +6,8 @@
 //! ready; drivers that can push (Redis pub/sub, Postgres LISTEN) do, the others poll with a
 //! bounded backoff via [`poll_until_ready`].
 
+pub mod revoke;
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +29,24 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
 
     /// The stored record of `task_id`, if any (an unknown id is PENDING to callers).
     fn get<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<Option<TaskMeta>>>;
+
+    /// The stored records of several ids at once, in the order asked (`None` for unknown ids).
+    ///
+    /// A worker reads the states of the tasks it runs with this a few times a second, to find
+    /// revokes with `terminate`. The default reads one id after the other; drivers that can
+    /// read many keys in one round trip should override it.
+    fn get_many<'a>(
+        &'a self,
+        task_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<TaskMeta>>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(task_ids.len());
+            for id in task_ids {
+                out.push(self.get(id).await?);
+            }
+            Ok(out)
+        })
+    }
 
     /// Waits until `task_id` is ready; fails with [`ErrorKind::Timeout`] after `timeout`.
     fn wait<'a>(
@@ -100,4 +120,37 @@ pub fn timeout_error(task_id: &str, timeout: Option<Duration>) -> Error {
         ErrorKind::Timeout,
         format!("task {task_id} not ready after {secs:.3}s"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TaskState;
+    use crate::memory::MemoryBackend;
+
+    #[tokio::test]
+    async fn get_many_answers_in_order_with_none_for_unknown_ids() {
+        let b = MemoryBackend::new();
+        b.store(&TaskMeta::success("a", serde_json::json!(1)))
+            .await
+            .unwrap();
+        b.store(&TaskMeta::new(
+            "c",
+            TaskState::Started,
+            serde_json::Value::Null,
+        ))
+        .await
+        .unwrap();
+        let ids = ["c".to_owned(), "b".to_owned(), "a".to_owned()];
+        let got = b.get_many(&ids).await.unwrap();
+        let states: Vec<_> = got
+            .iter()
+            .map(|m| m.as_ref().map(|m| m.status.clone()))
+            .collect();
+        assert_eq!(
+            states,
+            [Some(TaskState::Started), None, Some(TaskState::Success)]
+        );
+        assert!(b.get_many(&[]).await.unwrap().is_empty());
+    }
 }
