@@ -31,6 +31,7 @@ use crate::record::Recorder;
 use crate::report::{Counters, Tally};
 use crate::request::{self, Request};
 use crate::retry::{self, Verdict};
+use crate::revoke::{self, Registration, RunningIds};
 use crate::schedule::{self, Gate};
 use crate::shutdown::{Phase, PhaseWatch};
 use crate::timelimit::{self, Ended, Limits};
@@ -53,6 +54,8 @@ pub(crate) struct Shared {
     pub(crate) broker_delays: bool,
     /// The broker can extend a delivery's lease.
     pub(crate) lease_extension: bool,
+    /// Running task ids, watched for terminate revokes when there is a result backend.
+    pub(crate) running: Option<Arc<RunningIds>>,
 }
 
 /// Runs one delivery to the end and settles it.
@@ -282,8 +285,14 @@ async fn run_request(
         req.body.args.clone(),
         req.body.kwargs.clone(),
     );
+    let child = spawned.child_pid();
+    let mut revoke = match &shared.running {
+        Some(running) => running.register(req.id()),
+        None => Registration::none(),
+    };
     // Boxed so that dropping it below really drops the body (which aborts an async one).
     let mut run = Box::pin(timelimit::run(spawned, limits, cancel.clone()));
+    let mut terminated = false;
     let ended = tokio::select! {
         biased;
         e = &mut run => Some(e),
@@ -292,8 +301,25 @@ async fn run_request(
             cancel.cancel();
             tokio::time::timeout(shared.options.cold_shutdown_grace, &mut run).await.ok()
         }
+        signal = revoke.requested() => {
+            terminated = true;
+            terminate(shared, &cancel, child.as_ref(), &signal, &mut run).await;
+            None
+        }
     };
+    drop(revoke);
     drop(permit);
+    if terminated {
+        // Stopped on request: REVOKED (not FAILURE), and the delivery is done with.
+        drop(run);
+        drop(keeper);
+        shared.recorder.revoked(req, "terminated").await;
+        canvas::on_duplicate(shared, req, false).await;
+        if acks_late {
+            settle(handle, Settle::Ack).await;
+        }
+        return Tally::Revoked;
+    }
     let Some(ended) = ended else {
         drop(run);
         drop(keeper);
@@ -440,6 +466,29 @@ async fn expire(
     canvas::on_duplicate(shared, req, false).await;
     settle(handle, Settle::Ack).await;
     Tally::Revoked
+}
+
+/// Stops a running task for a terminate revoke: fires its cancellation, signals its pool child
+/// (processes pool), and gives it the cold-shutdown grace to end; the caller then drops it
+/// (which aborts an async body and SIGKILLs a child that is still there).
+async fn terminate(
+    shared: &Shared,
+    cancel: &Cancellation,
+    child: Option<&crate::pool::ChildPid>,
+    signal: &str,
+    run: &mut (impl std::future::Future<Output = Ended> + Unpin),
+) {
+    tracing::warn!(signal, "revoked with terminate: stopping the task");
+    cancel.cancel();
+    if let Some(pid) = child.and_then(crate::pool::ChildPid::get) {
+        revoke::send_signal(pid, signal).await;
+    }
+    if tokio::time::timeout(shared.options.cold_shutdown_grace, run)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the terminated task did not stop within the grace; dropping it");
+    }
 }
 
 async fn hand_back(handle: &DeliveryHandle, keeper: lease::LeaseKeeper) -> Tally {

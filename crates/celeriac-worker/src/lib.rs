@@ -68,6 +68,7 @@ mod record;
 mod report;
 mod request;
 mod retry;
+pub mod revoke;
 mod schedule;
 mod shutdown;
 mod timelimit;

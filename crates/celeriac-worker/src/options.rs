@@ -78,14 +78,19 @@ pub struct WorkerOptions {
     pub visibility_timeout: Duration,
     /// Store STARTED when a task begins (a task's own `track_started` also turns it on).
     pub track_started: bool,
-    /// How long results are kept. The result backend contract has no per-record expiry yet,
-    /// so the worker passes nothing on; kept so that drivers and the facade agree on one value.
-    pub result_expires: Option<Duration>,
     /// Serializer for messages the worker creates itself (retries re-send the original body).
     pub content_type: ContentType,
     /// At a cold shutdown, how long running tasks get to react to their cancellation before
     /// acks-late ones are handed back. Default 2 s.
     pub cold_shutdown_grace: Duration,
+    /// Soft shutdown (Celery 5.5's `worker_soft_shutdown_timeout`): how long a warm shutdown
+    /// waits for running tasks before it turns cold by itself (cancel them, hand back the
+    /// acks-late ones, exit). `None` (the default): a warm shutdown waits for as long as
+    /// running tasks take.
+    pub soft_shutdown_timeout: Option<Duration>,
+    /// While tasks run, how often the worker reads their stored states to find revokes with
+    /// `terminate` (one read of all running ids per interval). Default 300 ms.
+    pub revoke_poll_interval: Duration,
     /// [`Pool::Processes`]: a child is replaced after this many tasks (`None`: never).
     pub max_tasks_per_child: Option<u32>,
     /// [`Pool::Processes`]: a child whose resident memory is above this many KiB after a task
@@ -137,9 +142,10 @@ impl Default for WorkerOptions {
             prefetch_buffer: 4,
             visibility_timeout: Duration::from_secs(3600),
             track_started: false,
-            result_expires: Some(Duration::from_secs(86_400)),
             content_type: ContentType::Json,
             cold_shutdown_grace: Duration::from_secs(2),
+            soft_shutdown_timeout: None,
+            revoke_poll_interval: Duration::from_millis(300),
             max_tasks_per_child: None,
             max_memory_per_child: None,
             child_command: None,
@@ -180,7 +186,6 @@ impl WorkerOptions {
             prefetch_buffer: w.prefetch_buffer,
             visibility_timeout: config.visibility_timeout,
             track_started: config.track_started,
-            result_expires: config.result_expires,
             content_type,
             max_tasks_per_child: w.max_tasks_per_child,
             max_memory_per_child: w.max_memory_per_child,

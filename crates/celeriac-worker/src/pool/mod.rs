@@ -14,6 +14,8 @@ mod threads;
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use celeriac_core::task::TaskResult;
 use celeriac_core::{Args, Handler, TaskContext};
@@ -79,9 +81,14 @@ impl Executor {
     ) -> Spawned {
         if let (Handler::Blocking(_), Executor::Processes(pool)) = (handler, self) {
             let pool = pool.clone();
-            return Spawned::Blocking(AbortOnDrop(tokio::spawn(async move {
-                pool.run(ctx, args, kwargs).await
-            })));
+            let pid = ChildPid::default();
+            let slot = pid.clone();
+            return Spawned::Child(
+                AbortOnDrop(tokio::spawn(async move {
+                    pool.run(ctx, args, kwargs, &slot).await
+                })),
+                pid,
+            );
         }
         let args = Args::new(args, kwargs);
         match handler {
@@ -116,9 +123,34 @@ pub(crate) enum Spawned {
     Task(AbortOnDrop<TaskResult>),
     Blocking(AbortOnDrop<Finished>),
     Thread(oneshot::Receiver<Finished>),
+    /// A blocking body in a pool child; the pid is that of the child while it runs the body.
+    Child(AbortOnDrop<Finished>, ChildPid),
+}
+
+/// The pid of the pool child running a body, while it runs it (shared with the pool).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ChildPid(Arc<AtomicU32>);
+
+impl ChildPid {
+    /// The child's pid, when one runs the body now.
+    pub(crate) fn get(&self) -> Option<u32> {
+        Some(self.0.load(Ordering::SeqCst)).filter(|p| *p != 0)
+    }
+
+    pub(crate) fn set(&self, pid: Option<u32>) {
+        self.0.store(pid.unwrap_or(0), Ordering::SeqCst);
+    }
 }
 
 impl Spawned {
+    /// Where to find the pool child running the body, under the processes pool.
+    pub(crate) fn child_pid(&self) -> Option<ChildPid> {
+        match self {
+            Spawned::Child(_, pid) => Some(pid.clone()),
+            _ => None,
+        }
+    }
+
     /// Waits for the body to end. Cancel-safe: it can be awaited again after a timeout.
     pub(crate) async fn join(&mut self) -> Finished {
         match self {
@@ -126,7 +158,7 @@ impl Spawned {
                 Ok(r) => Finished::Returned(r),
                 Err(e) => Finished::Panicked(join_error_message(e)),
             },
-            Spawned::Blocking(h) => match (&mut h.0).await {
+            Spawned::Blocking(h) | Spawned::Child(h, _) => match (&mut h.0).await {
                 Ok(f) => f,
                 Err(e) => Finished::Panicked(join_error_message(e)),
             },
@@ -141,7 +173,7 @@ impl Spawned {
 /// A join handle that aborts its task when dropped (spawn_blocking tasks cannot be aborted
 /// once started; then this only detaches).
 #[derive(Debug)]
-pub(crate) struct AbortOnDrop<T>(JoinHandle<T>);
+pub(crate) struct AbortOnDrop<T>(pub(crate) JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {

@@ -57,7 +57,7 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::{Finished, panic_message};
+use super::{ChildPid, Finished, panic_message};
 use crate::options::ChildCommand;
 
 /// The environment variable that marks a pool child.
@@ -220,15 +220,18 @@ impl ProcessPool {
         }
     }
 
-    /// Runs the blocking task of `ctx` in a child. The returned future owns the child while it
-    /// runs: dropping it kills the child.
+    /// Runs the blocking task of `ctx` in a child, whose pid is in `pid` while it runs. The
+    /// returned future owns the child while it runs: dropping it kills the child.
     pub(crate) async fn run(
         &self,
         ctx: TaskContext,
         args: Vec<Value>,
         kwargs: Map<String, Value>,
+        pid: &ChildPid,
     ) -> Finished {
-        self.inner.clone().run(ctx, args, kwargs).await
+        let finished = self.inner.clone().run(ctx, args, kwargs, pid).await;
+        pid.set(None);
+        finished
     }
 }
 
@@ -242,11 +245,13 @@ impl Inner {
         ctx: TaskContext,
         args: Vec<Value>,
         kwargs: Map<String, Value>,
+        pid: &ChildPid,
     ) -> Finished {
         let mut child = match self.checkout().await {
             Ok(c) => c,
             Err(e) => return Finished::Lost(format!("cannot start a pool child: {e}")),
         };
+        pid.set(Some(child.pid));
         let job = self.jobs.fetch_add(1, Ordering::Relaxed) + 1;
         let cancel = ctx.cancellation().clone();
         let run = ToChild::Run {
@@ -269,6 +274,7 @@ impl Inner {
                 msg = child.recv() => match msg {
                     Ok(FromChild::Done { job: j, outcome }) if j == job => {
                         notice.0 = None;
+                        pid.set(None);
                         let finished = outcome.into_finished();
                         self.checkin(child);
                         return finished;

@@ -19,10 +19,11 @@ use tracing::Instrument;
 
 use crate::execute::{self, Shared};
 use crate::options::WorkerOptions;
-use crate::pool::Executor;
+use crate::pool::{AbortOnDrop, Executor};
 use crate::ratelimit::RateLimiter;
 use crate::record::Recorder;
 use crate::report::{Counters, WorkerReport};
+use crate::revoke::RunningIds;
 use crate::shutdown::{Phase, ShutdownHandle};
 
 /// A worker: consumes queues and runs the registered tasks until shut down.
@@ -110,6 +111,11 @@ impl Worker {
             "worker started"
         );
         let phase = shutdown.watch();
+        let running = backend.is_some().then(|| Arc::new(RunningIds::default()));
+        let watcher = running
+            .clone()
+            .zip(backend.clone())
+            .map(|(ids, b)| AbortOnDrop(tokio::spawn(ids.watch(b, options.revoke_poll_interval))));
         let shared = Arc::new(Shared {
             broker: broker.clone(),
             recorder: Recorder::new(backend, options.hostname.clone()),
@@ -120,6 +126,7 @@ impl Worker {
             phase: phase.clone(),
             broker_delays: caps.delay,
             lease_extension: caps.lease_extension,
+            running,
             registry,
             options,
         });
@@ -160,9 +167,45 @@ impl Worker {
             in_flight = tasks.len(),
             "worker stopping: no new deliveries"
         );
-        while let Some(joined) = tasks.join_next().await {
-            log_join(joined);
+        // Soft shutdown: running tasks get `soft_shutdown_timeout` to finish, then it turns
+        // cold (a second signal makes it cold sooner).
+        let mut soft = shared
+            .options
+            .soft_shutdown_timeout
+            .filter(|_| !tasks.is_empty())
+            .map(|d| {
+                tracing::info!(
+                    timeout = d.as_secs_f64(),
+                    "soft shutdown: running tasks may finish until the timeout"
+                );
+                tokio::time::Instant::now() + d
+            });
+        loop {
+            let next = match soft {
+                Some(deadline) => {
+                    tokio::select! {
+                        biased;
+                        j = tasks.join_next() => j,
+                        () = phase.reached(Phase::Cold) => { soft = None; continue; }
+                        () = tokio::time::sleep_until(deadline) => {
+                            tracing::warn!(
+                                in_flight = tasks.len(),
+                                "soft shutdown timeout expired: cold shutdown (acks-late tasks are handed back)"
+                            );
+                            shutdown.cold();
+                            soft = None;
+                            continue;
+                        }
+                    }
+                }
+                None => tasks.join_next().await,
+            };
+            match next {
+                Some(joined) => log_join(joined),
+                None => break,
+            }
         }
+        drop(watcher);
         let report = shared.counters.report();
         tracing::info!(?report, "worker stopped");
         Ok(report)

@@ -23,6 +23,8 @@ mod timelimit;
 mod processes;
 // Dead letters: refused and poison messages, list, inspect, requeue, purge.
 mod dead;
+// Revokes with terminate for running tasks.
+mod revoke;
 // Warm and cold shutdown.
 mod shutdown;
 // Canvas: callbacks, errbacks, chains and chords in `embed`.

@@ -71,6 +71,18 @@ fn registry() -> Registry {
                 o.time_limit = Some(Duration::from_secs(10));
             },
         ),
+        with_options(
+            blocking("proc.linger", |_, args| {
+                // Writes its pid, then blocks for a minute, deaf to its cancellation.
+                let mut args = args;
+                let path: String = args.take(0, "path")?;
+                std::fs::write(&path, std::process::id().to_string())
+                    .map_err(|e| TaskError::new("OSError", e.to_string()))?;
+                std::thread::sleep(Duration::from_secs(60));
+                Ok(pid())
+            }),
+            |o| o.acks_late = true,
+        ),
         blocking("proc.grow", |_, _| {
             // Touch 64 MiB and keep it: the child's resident memory grows.
             let v = vec![1u8; 64 << 20];
@@ -282,4 +294,75 @@ async fn a_binary_that_is_no_pool_child_gives_a_clear_lost_error() {
     assert_eq!(e.exc_type, "WorkerLostError");
     assert!(e.message().contains("celeriac::cli::run"), "{e:?}");
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminate_revoke_signals_the_running_child_and_sticks_across_a_restart() {
+    use celeriac_core::ResultBackend as _;
+    let fast = |o: &mut WorkerOptions| {
+        o.concurrency = 1;
+        o.revoke_poll_interval = Duration::from_millis(50);
+        o.cold_shutdown_grace = Duration::from_secs(5);
+    };
+    let h = start(tasks(), process_options(fast));
+    let pidfile = std::env::temp_dir().join(format!(
+        "celeriac-linger-{}.pid",
+        celeriac_core::protocol::new_id()
+    ));
+    let m = message("proc.linger", vec![json!(pidfile.display().to_string())]);
+    let copy = m.clone();
+    let id = h.send(m).await;
+    h.until("the child runs the task", || async {
+        std::fs::read_to_string(&pidfile).is_ok_and(|p| p.parse::<u64>().is_ok())
+    })
+    .await;
+    let child: u64 = std::fs::read_to_string(&pidfile).unwrap().parse().unwrap();
+    std::fs::remove_file(&pidfile).unwrap();
+    let started = Instant::now();
+    h.backend
+        .store(&celeriac_worker::revoke::revoked_meta(
+            id.clone(),
+            Some("SIGTERM"),
+        ))
+        .await
+        .unwrap();
+    h.until("REVOKED(terminated)", || async {
+        h.stored(&id).await.is_some_and(|m| {
+            m.status == TaskState::Revoked && m.error().is_some_and(|e| e.message() == "terminated")
+        })
+    })
+    .await;
+    // SIGTERM ended it, well before the 5 s grace after which it would have been SIGKILLed.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    h.until("the child is gone", || async {
+        !std::path::Path::new(&format!("/proc/{child}")).exists() || zombie(child)
+    })
+    .await;
+    h.until("acked", || async {
+        let s = h.stats().await;
+        (s.ready, s.unacked) == (0, 0)
+    })
+    .await;
+    // The pool carries on with a new child.
+    let next = h.call("proc.pid", vec![]).await;
+    assert_ne!(h.result(&next).await.result, json!(child));
+    let (broker, backend) = (h.broker.clone(), h.backend.clone());
+    let report = h.stop().await;
+    assert_eq!((report.revoked, report.succeeded, report.failed), (1, 1, 0));
+
+    // Restarted, the worker does not run the revoked id again.
+    let h = start_with(broker, backend, tasks(), process_options(fast));
+    h.send(copy).await;
+    h.until("the copy is settled", || async {
+        let s = h.stats().await;
+        (s.ready, s.unacked) == (0, 0)
+    })
+    .await;
+    let report = h.stop().await;
+    assert_eq!((report.revoked, report.succeeded), (1, 0));
+    assert!(!pidfile.exists(), "the copy never ran");
 }

@@ -98,7 +98,16 @@ pub(crate) fn start(tasks: Vec<TaskDef>, options: WorkerOptions) -> Harness {
 }
 
 pub(crate) fn start_on(broker: TestBroker, tasks: Vec<TaskDef>, options: WorkerOptions) -> Harness {
-    let backend = MemoryBackend::new();
+    start_with(broker, MemoryBackend::new(), tasks, options)
+}
+
+/// A worker on an existing broker and backend: a restart, as far as they can tell.
+pub(crate) fn start_with(
+    broker: TestBroker,
+    backend: MemoryBackend,
+    tasks: Vec<TaskDef>,
+    options: WorkerOptions,
+) -> Harness {
     let mut registry = Registry::new();
     for t in tasks {
         registry.insert(t);

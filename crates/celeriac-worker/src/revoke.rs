@@ -1,0 +1,239 @@
+//! Durable revokes, and `terminate` for tasks that are already running.
+//!
+//! For the facade's `AsyncResult::revoke_with` (which writes the record) and the worker (which
+//! reads it). There is no remote-control channel, so a revoke is a record in the result
+//! backend: REVOKED with Celery's `TaskRevokedError` exception map as its result. A worker
+//! checks it before it runs a task (so it sticks across restarts and holds on every worker),
+//! and, while tasks run, reads their states every
+//! [`WorkerOptions::revoke_poll_interval`](crate::WorkerOptions::revoke_poll_interval) in one
+//! batch ([`ResultBackend::get_many`]) to find revokes that ask to terminate them.
+//!
+//! # The stored document
+//!
+//! A terminate request is one more key in the exception map, [`TERMINATE_KEY`], naming the
+//! signal: `{"exc_type": "TaskRevokedError", "exc_module": "celery.exceptions",
+//! "exc_message": ["revoked"], "celeriac_terminate": "SIGTERM"}`. Celery rebuilds an exception
+//! from `exc_type`, `exc_module` and `exc_message` only, so Python readers see the same
+//! `TaskRevokedError` as for any revoke. When a worker has stopped the task it stores REVOKED
+//! again with the reason `terminated`, as Celery's worker does.
+//!
+//! # Expiry
+//!
+//! A revoke lives exactly as long as the backend keeps the record: `result_expires` (Redis
+//! sets it as the key's TTL, SQLite and PostgreSQL sweep expired rows; the in-memory backend
+//! keeps everything). After that the id is unknown again, and a copy of the message that
+//! arrives later runs. Celery's workers forget revoked ids too (after three hours by
+//! default); send revoked tasks with `expires` when a late copy must never run.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use celeriac_core::DynBackend;
+pub use celeriac_core::backend::revoke::{
+    TERMINATE_KEY, revoked_meta, signal_name, terminate_signal,
+};
+use tokio::sync::{Notify, oneshot};
+
+/// The ids running on one worker, each with a way to tell its delivery to terminate it.
+#[derive(Debug, Default)]
+pub(crate) struct RunningIds {
+    entries: Mutex<HashMap<u64, (String, oneshot::Sender<String>)>>,
+    next: AtomicU64,
+    changed: Notify,
+}
+
+/// One running task's registration; dropping it forgets the task.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    owner: Option<(Arc<RunningIds>, u64)>,
+    rx: Option<oneshot::Receiver<String>>,
+}
+
+impl Registration {
+    /// A registration nothing can terminate (the worker has no result backend).
+    pub(crate) fn none() -> Self {
+        Registration {
+            owner: None,
+            rx: None,
+        }
+    }
+
+    /// Resolves with the signal's name once a terminate revoke for the task is seen; never
+    /// otherwise. Cancel-safe.
+    pub(crate) async fn requested(&mut self) -> String {
+        match self.rx.as_mut() {
+            Some(rx) => match rx.await {
+                Ok(signal) => signal,
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some((ids, token)) = self.owner.take() {
+            ids.lock().remove(&token);
+        }
+    }
+}
+
+impl RunningIds {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, (String, oneshot::Sender<String>)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches `task_id` until the registration is dropped.
+    pub(crate) fn register(self: &Arc<Self>, task_id: &str) -> Registration {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(token, (task_id.to_owned(), tx));
+        self.changed.notify_one();
+        Registration {
+            owner: Some((self.clone(), token)),
+            rx: Some(rx),
+        }
+    }
+
+    /// The distinct ids running now.
+    fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.lock().values().map(|(id, _)| id.clone()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Tells every running copy of `task_id` to terminate with `signal`; returns how many.
+    fn fire(&self, task_id: &str, signal: &str) -> usize {
+        let mut entries = self.lock();
+        let tokens: Vec<u64> = entries
+            .iter()
+            .filter(|(_, (id, _))| id == task_id)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in &tokens {
+            if let Some((_, tx)) = entries.remove(t) {
+                let _ = tx.send(signal.to_owned());
+            }
+        }
+        tokens.len()
+    }
+
+    /// Reads the running ids' states every `interval` while any run, firing terminate revokes.
+    /// Runs until aborted.
+    pub(crate) async fn watch(self: Arc<Self>, backend: DynBackend, interval: Duration) {
+        let mut failing = false;
+        loop {
+            // Sleep until something runs (registrations notify).
+            loop {
+                let changed = self.changed.notified();
+                if !self.lock().is_empty() {
+                    break;
+                }
+                changed.await;
+            }
+            tokio::time::sleep(interval).await;
+            let ids = self.ids();
+            if ids.is_empty() {
+                continue;
+            }
+            match backend.get_many(&ids).await {
+                Ok(metas) => {
+                    if failing {
+                        tracing::info!("reading running tasks' states again");
+                        failing = false;
+                    }
+                    for (id, meta) in ids.iter().zip(metas) {
+                        let Some(signal) = meta.as_ref().and_then(terminate_signal) else {
+                            continue;
+                        };
+                        if self.fire(id, signal) > 0 {
+                            tracing::warn!(task_id = %id, signal, "task revoked with terminate");
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot read running tasks' states; terminate revokes wait");
+                        failing = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends `signal` (a name from [`signal_name`]) to process `pid` with the system's `kill`
+/// (the workspace forbids `unsafe`, so no direct system call).
+pub(crate) async fn send_signal(pid: u32, signal: &str) {
+    let short = signal.trim_start_matches("SIG");
+    let status = tokio::process::Command::new("kill")
+        .args(["-s", short, &pid.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await;
+    match status {
+        Ok(s) if s.success() => {
+            tracing::warn!(pid, signal, "sent the signal to the task's pool child")
+        }
+        Ok(s) => {
+            tracing::warn!(pid, signal, status = %s, "cannot signal the task's pool child (gone already?)")
+        }
+        Err(e) => {
+            tracing::error!(pid, signal, error = %e, "cannot run kill to signal the task's pool child")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celeriac_core::ResultBackend as _;
+    use celeriac_core::memory::MemoryBackend;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_watch_fires_only_terminate_revokes_of_running_ids() {
+        let backend = MemoryBackend::new();
+        let ids = Arc::new(RunningIds::default());
+        let watcher = tokio::spawn(
+            ids.clone()
+                .watch(Arc::new(backend.clone()), Duration::from_millis(10)),
+        );
+        let mut plain = ids.register("plain");
+        let mut kill = ids.register("kill");
+        let mut twice = ids.register("kill");
+        backend.store(&revoked_meta("plain", None)).await.unwrap();
+        backend
+            .store(&revoked_meta("kill", Some("SIGKILL")))
+            .await
+            .unwrap();
+        let deadline = Duration::from_secs(10);
+        assert_eq!(
+            tokio::time::timeout(deadline, kill.requested())
+                .await
+                .unwrap(),
+            "SIGKILL"
+        );
+        assert_eq!(
+            tokio::time::timeout(deadline, twice.requested())
+                .await
+                .unwrap(),
+            "SIGKILL"
+        );
+        // Fired entries are gone; the plain revoke is still watched and never fires.
+        assert_eq!(ids.ids(), ["plain"]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), plain.requested())
+                .await
+                .is_err()
+        );
+        drop(plain);
+        assert!(ids.ids().is_empty(), "a dropped registration is forgotten");
+        watcher.abort();
+    }
+}
