@@ -114,18 +114,37 @@ impl<T> AsyncResult<T> {
         self.app.backend().forget(&self.id).await
     }
 
-    /// Revokes the task: a worker that has not started it will not run it.
+    /// Revokes the task: a worker that has not started it will not run it; a running one is
+    /// left to finish (see [`AsyncResult::revoke_with`] to stop it).
     ///
     /// Stored as REVOKED in the result backend, so it holds across worker restarts and on every
-    /// worker. A task that is already running is not interrupted.
+    /// worker, for as long as the backend keeps results (`result_expires`). A task that is
+    /// already ready is left as it is.
     pub async fn revoke(&self) -> Result<()> {
+        self.revoke_with(RevokeOptions::default()).await
+    }
+
+    /// Revokes the task with options; Celery's `revoke(terminate=True, signal="SIGTERM")`.
+    ///
+    /// With [`RevokeOptions::terminate`], a worker running the task stops it within about
+    /// half a second (`revoke_poll_interval`): it fires the task's cancellation, and under the
+    /// processes pool sends the signal to the task's child (SIGKILL after the cold-shutdown
+    /// grace if it is still there); an async task still running after the grace is aborted, a
+    /// blocking one on a thread is abandoned (a thread cannot be killed). The task ends
+    /// REVOKED (`TaskRevokedError('terminated')`), not FAILURE, and its message is acked.
+    /// An unknown signal name is an error, and nothing is stored.
+    pub async fn revoke_with(&self, options: RevokeOptions) -> Result<()> {
+        let signal = if options.terminate {
+            let name = options.signal.as_deref().unwrap_or("SIGTERM");
+            Some(celeriac_core::backend::revoke::signal_name(name)?)
+        } else {
+            None
+        };
         let existing = self.app.backend().get(&self.id).await?;
         if existing.as_ref().is_some_and(|m| m.status.is_ready()) {
             return Ok(());
         }
-        let error =
-            RemoteError::new("TaskRevokedError", "revoked").with_module("celery.exceptions");
-        let meta = TaskMeta::exception(self.id.clone(), TaskState::Revoked, &error);
+        let meta = celeriac_core::backend::revoke::revoked_meta(self.id.clone(), signal);
         self.app.backend().store(&meta).await?;
         Ok(())
     }
@@ -156,6 +175,36 @@ impl<T: DeserializeOwned> AsyncResult<T> {
     }
 }
 
+/// How [`AsyncResult::revoke_with`] revokes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RevokeOptions {
+    /// Also stop the task where it already runs.
+    pub terminate: bool,
+    /// The signal for a task running in a processes-pool child: `SIGTERM` (default),
+    /// `SIGKILL`, `SIGINT`, `SIGQUIT`, `SIGHUP`, `SIGUSR1`, `SIGUSR2` or `SIGABRT` (with or
+    /// without the `SIG` prefix).
+    pub signal: Option<String>,
+}
+
+impl RevokeOptions {
+    /// Revoke and terminate a running copy with SIGTERM.
+    pub fn terminate() -> Self {
+        RevokeOptions {
+            terminate: true,
+            signal: None,
+        }
+    }
+
+    /// Terminate with `signal` instead of SIGTERM.
+    #[must_use]
+    pub fn signal(mut self, signal: impl Into<String>) -> Self {
+        self.terminate = true;
+        self.signal = Some(signal.into());
+        self
+    }
+}
+
 /// The output of a ready record, or the task's failure as an error.
 pub(crate) fn decode_ready<T: DeserializeOwned>(meta: TaskMeta) -> Result<T> {
     if meta.status.propagates() {
@@ -171,4 +220,71 @@ pub(crate) fn decode_ready<T: DeserializeOwned>(meta: TaskMeta) -> Result<T> {
         )
         .with_source(e)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn app() -> App {
+        App::builder()
+            .broker_url("memory://")
+            .build()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn revoke_with_terminate_stores_the_signal_and_a_bad_one_stores_nothing() {
+        let app = app().await;
+        let r = AsyncResult::<Value>::from_id(&app, "t1");
+        let e = r
+            .revoke_with(RevokeOptions::terminate().signal("SIGNOPE"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown signal \"SIGNOPE\""), "{e}");
+        assert_eq!(
+            r.state().await.unwrap(),
+            TaskState::Pending,
+            "nothing stored"
+        );
+
+        r.revoke_with(RevokeOptions::terminate().signal("kill"))
+            .await
+            .unwrap();
+        let meta = r.meta().await.unwrap();
+        assert_eq!(meta.status, TaskState::Revoked);
+        assert_eq!(
+            celeriac_core::backend::revoke::terminate_signal(&meta),
+            Some("SIGKILL")
+        );
+        let err = r.error().await.unwrap().unwrap();
+        assert_eq!(err.exc_type, "TaskRevokedError");
+
+        let plain = AsyncResult::<Value>::from_id(&app, "t2");
+        plain.revoke().await.unwrap();
+        let meta = plain.meta().await.unwrap();
+        assert_eq!(meta.status, TaskState::Revoked);
+        assert_eq!(
+            celeriac_core::backend::revoke::terminate_signal(&meta),
+            None
+        );
+        assert_eq!(
+            RevokeOptions::terminate().signal,
+            None,
+            "SIGTERM is the worker's default"
+        );
+    }
+
+    #[tokio::test]
+    async fn revoking_a_finished_task_changes_nothing() {
+        let app = app().await;
+        app.backend()
+            .store(&TaskMeta::success("done", serde_json::json!(5)))
+            .await
+            .unwrap();
+        let r = AsyncResult::<i64>::from_id(&app, "done");
+        r.revoke_with(RevokeOptions::terminate()).await.unwrap();
+        assert_eq!(r.get().await.unwrap(), 5);
+    }
 }
