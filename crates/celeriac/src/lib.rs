@@ -87,7 +87,7 @@ pub use celeriac_core::{
     Result, TaskContext, TaskDef, TaskError, TaskErrorKind, TaskMeta, TaskOptions, TaskState,
 };
 pub use celeriac_macros::task;
-pub use result::AsyncResult;
+pub use result::{AsyncResult, RevokeOptions};
 pub use signature::{SendOptions, Signature};
 
 /// Periodic tasks: schedules, entries, the beat loop and its store (`App` implements
