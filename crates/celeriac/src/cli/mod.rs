@@ -52,29 +52,102 @@ struct Cli {
     command: Command,
 }
 
+/// The `worker` command's flags; each overrides the `[worker]` configuration.
+#[derive(clap::Args, Debug, Default)]
+struct WorkerArgs {
+    /// Queues to consume, comma separated.
+    #[arg(short = 'Q', long, value_delimiter = ',')]
+    queues: Vec<String>,
+    /// Tasks run at once.
+    #[arg(short = 'c', long)]
+    concurrency: Option<usize>,
+    /// Pool: async, threads or processes.
+    #[arg(short = 'P', long)]
+    pool: Option<String>,
+    /// Node name (default celeriac@<host>).
+    #[arg(short = 'n', long)]
+    hostname: Option<String>,
+    /// Deliveries held beyond what can run at once.
+    #[arg(long, conflicts_with = "prefetch_multiplier")]
+    prefetch_buffer: Option<usize>,
+    /// Deliveries held per concurrency slot, as Celery counts them (prefetch = multiplier x
+    /// concurrency; sets the prefetch buffer to (multiplier - 1) x concurrency).
+    #[arg(long)]
+    prefetch_multiplier: Option<usize>,
+    /// Processes pool: replace a child after this many tasks.
+    #[arg(long)]
+    max_tasks_per_child: Option<u32>,
+    /// Processes pool: replace a child whose resident memory is above this many KiB after a
+    /// task.
+    #[arg(long)]
+    max_memory_per_child: Option<u64>,
+    /// Seconds a warm shutdown waits for running tasks before it turns cold (Celery 5.5's
+    /// soft shutdown); default: as long as they take.
+    #[arg(long)]
+    soft_shutdown_timeout: Option<f64>,
+    /// Dead-letter a message delivered more than this many times before.
+    #[arg(long)]
+    max_redeliveries: Option<u32>,
+    /// Also run beat (periodic tasks) in this process.
+    #[arg(short = 'B', long = "beat")]
+    beat: bool,
+}
+
+impl WorkerArgs {
+    /// Applies the flags given to `o`; a bad value is an error naming its flag.
+    fn apply(self, o: &mut celeriac_worker::WorkerOptions) -> anyhow::Result<()> {
+        if !self.queues.is_empty() {
+            o.queues = self.queues;
+        }
+        if let Some(c) = self.concurrency {
+            if c == 0 {
+                bail!("--concurrency must be at least 1");
+            }
+            o.concurrency = c;
+        }
+        if let Some(p) = self.pool {
+            o.pool = p
+                .parse()
+                .map_err(|e: celeriac_core::Error| anyhow::anyhow!(e))?;
+        }
+        if let Some(h) = self.hostname {
+            o.hostname = h;
+        }
+        if let Some(b) = self.prefetch_buffer {
+            o.prefetch_buffer = b;
+        }
+        if let Some(m) = self.prefetch_multiplier {
+            if m == 0 {
+                bail!("--prefetch-multiplier must be at least 1");
+            }
+            o.prefetch_buffer = (m - 1).saturating_mul(o.concurrency.max(1));
+        }
+        if let Some(n) = self.max_tasks_per_child {
+            if n == 0 {
+                bail!("--max-tasks-per-child must be at least 1");
+            }
+            o.max_tasks_per_child = Some(n);
+        }
+        if let Some(kib) = self.max_memory_per_child {
+            if kib == 0 {
+                bail!("--max-memory-per-child must be at least 1 (KiB)");
+            }
+            o.max_memory_per_child = Some(kib);
+        }
+        if let Some(t) = self.soft_shutdown_timeout {
+            o.soft_shutdown_timeout = Some(secs(t, "--soft-shutdown-timeout")?);
+        }
+        if let Some(n) = self.max_redeliveries {
+            o.max_redeliveries = n;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a worker until SIGTERM/SIGINT (a second signal stops at once).
-    Worker {
-        /// Queues to consume, comma separated.
-        #[arg(short = 'Q', long, value_delimiter = ',')]
-        queues: Vec<String>,
-        /// Tasks run at once.
-        #[arg(short = 'c', long)]
-        concurrency: Option<usize>,
-        /// Pool: async, threads or processes.
-        #[arg(short = 'P', long)]
-        pool: Option<String>,
-        /// Node name (default celeriac@<host>).
-        #[arg(short = 'n', long)]
-        hostname: Option<String>,
-        /// Deliveries held beyond what can run at once.
-        #[arg(long)]
-        prefetch_buffer: Option<usize>,
-        /// Also run beat (periodic tasks) in this process.
-        #[arg(short = 'B', long = "beat")]
-        beat: bool,
-    },
+    Worker(WorkerArgs),
     /// Send a task by name.
     Call {
         /// The task name, e.g. tasks.add.
@@ -221,35 +294,10 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
     }
     let app = builder.build().await.context("cannot start the app")?;
     let code = match cli.command {
-        Command::Worker {
-            queues,
-            concurrency,
-            pool,
-            hostname,
-            prefetch_buffer,
-            beat,
-        } => {
+        Command::Worker(args) => {
+            let beat = args.beat;
             let mut o = app.worker_options();
-            if !queues.is_empty() {
-                o.queues = queues;
-            }
-            if let Some(c) = concurrency {
-                if c == 0 {
-                    bail!("--concurrency must be at least 1");
-                }
-                o.concurrency = c;
-            }
-            if let Some(p) = pool {
-                o.pool = p
-                    .parse()
-                    .map_err(|e: celeriac_core::Error| anyhow::anyhow!(e))?;
-            }
-            if let Some(h) = hostname {
-                o.hostname = h;
-            }
-            if let Some(b) = prefetch_buffer {
-                o.prefetch_buffer = b;
-            }
+            args.apply(&mut o)?;
             if app.registry().is_empty() {
                 tracing::warn!("no task is registered: every message will fail as NotRegistered");
             }
@@ -463,5 +511,84 @@ impl Progress {
     /// Ends the line.
     pub fn finish(&mut self) {
         eprintln!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celeriac_worker::{Pool, WorkerOptions};
+
+    fn worker(args: &[&str]) -> anyhow::Result<WorkerOptions> {
+        let cli = Cli::try_parse_from(["app", "worker"].iter().chain(args))?;
+        let Command::Worker(w) = cli.command else {
+            unreachable!("parsed the worker command")
+        };
+        let mut o = WorkerOptions::default();
+        o.concurrency = 2;
+        w.apply(&mut o)?;
+        Ok(o)
+    }
+
+    #[test]
+    fn worker_flags_reach_the_worker_options() {
+        let o = worker(&[
+            "-c",
+            "3",
+            "-P",
+            "processes",
+            "-Q",
+            "a,b",
+            "--max-tasks-per-child",
+            "100",
+            "--max-memory-per-child",
+            "204800",
+            "--soft-shutdown-timeout",
+            "2.5",
+            "--max-redeliveries",
+            "4",
+            "--prefetch-multiplier",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(o.concurrency, 3);
+        assert_eq!(o.pool, Pool::Processes);
+        assert_eq!(o.queues, ["a", "b"]);
+        assert_eq!(o.max_tasks_per_child, Some(100));
+        assert_eq!(o.max_memory_per_child, Some(204_800));
+        assert_eq!(o.soft_shutdown_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(o.max_redeliveries, 4);
+        assert_eq!(o.prefetch(), 12, "4 x concurrency, as Celery counts");
+
+        let o = worker(&["--prefetch-buffer", "0"]).unwrap();
+        assert_eq!(o.prefetch(), 2);
+        let defaults = worker(&[]).unwrap();
+        assert_eq!(defaults.soft_shutdown_timeout, None);
+        assert_eq!(defaults.max_tasks_per_child, None);
+        assert_eq!(defaults.max_redeliveries, 10);
+    }
+
+    #[test]
+    fn bad_worker_flags_are_refused_by_name() {
+        for (args, needle) in [
+            (&["-c", "0"][..], "--concurrency must be at least 1"),
+            (&["--max-tasks-per-child", "0"], "--max-tasks-per-child"),
+            (&["--max-memory-per-child", "0"], "--max-memory-per-child"),
+            (&["--soft-shutdown-timeout=-1"], "--soft-shutdown-timeout"),
+            (
+                &["--soft-shutdown-timeout", "nan"],
+                "--soft-shutdown-timeout",
+            ),
+            (&["--prefetch-multiplier", "0"], "--prefetch-multiplier"),
+            (&["--max-redeliveries", "x"], "--max-redeliveries"),
+            (
+                &["--prefetch-buffer", "1", "--prefetch-multiplier", "2"],
+                "cannot be used with",
+            ),
+            (&["-P", "forks"], "unknown pool"),
+        ] {
+            let e = format!("{:#}", worker(args).unwrap_err());
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
     }
 }
