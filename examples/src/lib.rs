@@ -150,6 +150,58 @@ pub fn record(value: Value, path: String) -> Result<Value, TaskError> {
     Ok(value)
 }
 
+/// `tasks.words(text)`: the words of a text, lowercased, without surrounding punctuation (the
+/// splitting node of the word-count dataflow).
+#[celeriac::task(name = "tasks.words")]
+pub fn words(text: String) -> Vec<String> {
+    text.split_whitespace()
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric())
+                .to_lowercase()
+        })
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// `tasks.word(word)`: one word, as a tally key (the counting node of the word-count dataflow:
+/// the worker adds one to the word's running total).
+#[celeriac::task(name = "tasks.word")]
+pub fn word(w: String) -> String {
+    w
+}
+
+/// `tasks.initial(word)`: a word's first letter (a second subscriber of the splitting node,
+/// counting words by initial).
+#[celeriac::task(name = "tasks.initial")]
+pub fn initial(word: String) -> String {
+    word.chars().next().map(String::from).unwrap_or_default()
+}
+
+/// The word-count dataflow: node `split` ([`words`], a stream) emits each word of a document
+/// to node `count` ([`word`], a tally: running totals by word) and to node `initials`
+/// ([`initial`], a tally: running totals by first letter). Start a run with
+/// `word_count_graph().start(&app, "split", document)`.
+pub fn word_count_graph() -> celeriac::Result<celeriac::flow::Graph> {
+    use celeriac::Signature;
+    use celeriac::flow::{Graph, Node};
+    Graph::builder()
+        .node(
+            "split",
+            Node::new(Signature::<Vec<String>>::new("tasks.words")).stream(),
+        )
+        .node(
+            "count",
+            Node::new(Signature::<String>::new("tasks.word")).tally(),
+        )
+        .node(
+            "initials",
+            Node::new(Signature::<String>::new("tasks.initial")).tally(),
+        )
+        .subscribe("count", "split")
+        .subscribe("initials", "split")
+        .build()
+}
+
 /// An app builder with every example task registered, configured from `celeriac.toml` and the
 /// environment.
 ///
@@ -174,6 +226,9 @@ pub fn app() -> AppBuilder {
         .task::<tsum>()
         .task::<hold>()
         .task::<record>()
+        .task::<words>()
+        .task::<word>()
+        .task::<initial>()
 }
 
 fn now() -> f64 {

@@ -196,3 +196,163 @@ async fn a_chord_survives_a_worker_killed_mid_chord() {
         lines.len()
     );
 }
+
+// ===== dataflow (issue 7, the Emit use case) =====
+
+/// A document whose word counts are known: word `wN` appears N times (N = 1..=12), in an
+/// interleaved order, with punctuation and capitals the splitting node removes.
+fn document() -> (String, std::collections::BTreeMap<String, i64>) {
+    let mut words = Vec::new();
+    let mut want = std::collections::BTreeMap::new();
+    for round in 1..=12 {
+        for n in round..=12 {
+            words.push(if n % 3 == 0 {
+                format!("W{n},")
+            } else {
+                format!("w{n}")
+            });
+        }
+    }
+    for n in 1..=12_i64 {
+        want.insert(format!("w{n}"), n);
+    }
+    (words.join(" "), want)
+}
+
+/// See: issue 7, "word-count example": a stream node emits each word to two tally nodes,
+/// run by two worker processes; the totals are exact and readable while the run goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_word_count_flow_counts_exactly_across_worker_processes() {
+    let (url, _db) = sqlite_url("flow-wordcount");
+    let app = client(&url).await;
+    let _w1 = WorkerProcess::start(&url, &["-c", "2"]);
+    let _w2 = WorkerProcess::start(&url, &["-c", "2"]);
+    let (text, want) = document();
+    let total: i64 = want.values().sum();
+
+    let graph = celeriac_examples::word_count_graph().unwrap();
+    let run = graph.start(&app, "split", &text).await.unwrap();
+    run.wait(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(run.totals("count").await.unwrap(), want);
+    // The second subscriber got every word too: all words start with "w".
+    let initials = run.totals("initials").await.unwrap();
+    assert_eq!(
+        initials.into_iter().collect::<Vec<_>>(),
+        [("w".to_owned(), total)]
+    );
+    assert_eq!(
+        (run.pending().await.unwrap(), run.failed().await.unwrap()),
+        (0, 0)
+    );
+
+    // The example binary: progress lines while it runs, then the totals, most frequent first.
+    let doc = format!("{}.doc.txt", _db.display());
+    std::fs::write(&doc, &text).unwrap();
+    let args = [
+        "--broker".to_owned(),
+        url.clone(),
+        "--timeout".into(),
+        "60".into(),
+        doc,
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wordcount"))
+            .args(args)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.iter().any(|l| l.starts_with("pending=")), "{stdout}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| *l == format!("pending=0 words=12 counted={total}")),
+        "{stdout}"
+    );
+    let start = lines
+        .iter()
+        .position(|l| *l == "w12 12")
+        .expect("totals printed");
+    let expected: Vec<String> = (1..=12).rev().map(|n| format!("w{n} {n}")).collect();
+    assert_eq!(lines[start..start + 12], expected);
+    assert!(lines[start + 12].ends_with(" done"), "{stdout}");
+}
+
+/// See: issue 7, "a cycle in a dataflow graph is refused when the graph is built".
+#[test]
+fn a_flow_graph_with_a_cycle_is_refused() {
+    use celeriac::flow::{Graph, Node};
+    let node = |t: &str| Node::new(partial::<Value>(t));
+    let e = Graph::builder()
+        .node("a", node("tasks.echo"))
+        .node("b", node("tasks.echo"))
+        .node("c", node("tasks.echo"))
+        .subscribe("b", "a")
+        .subscribe("c", "b")
+        .subscribe("b", "c")
+        .build()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert_eq!(e.to_string(), "dataflow graph has a cycle: b -> c -> b");
+    let e = Graph::builder()
+        .node("a", node("tasks.echo"))
+        .subscribe("a", "nowhere")
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("\"nowhere\""), "{e}");
+    let e = Graph::builder()
+        .node("a", node("tasks.echo"))
+        .node("a", node("tasks.add"))
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("two nodes named \"a\""), "{e}");
+}
+
+/// See: issue 7, "a signature naming an unknown task fails ... at send time".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_naming_an_unknown_task_sends_nothing() {
+    use celeriac::flow::{Graph, Node};
+    let (url, _db) = sqlite_url("flow-unknown");
+    let app = client(&url).await;
+    let graph = Graph::builder()
+        .node(
+            "split",
+            Node::new(partial::<Vec<String>>("tasks.words")).stream(),
+        )
+        .node("count", Node::new(partial::<String>("tasks.cuont")).tally())
+        .subscribe("count", "split")
+        .build()
+        .unwrap();
+    let e = graph.start(&app, "split", "a b").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::UnknownTask);
+    assert!(e.to_string().contains("\"tasks.cuont\""), "{e}");
+    assert_eq!(app.broker().stats("celery").await.unwrap().ready, 0);
+    // Marked external (defined only by the workers), the same graph is sent.
+    let graph = Graph::builder()
+        .node(
+            "split",
+            Node::new(partial::<Vec<String>>("tasks.words")).stream(),
+        )
+        .node(
+            "count",
+            Node::new(partial::<String>("tasks.cuont"))
+                .tally()
+                .external(),
+        )
+        .subscribe("count", "split")
+        .build()
+        .unwrap();
+    graph.start(&app, "split", "a b").await.unwrap();
+    assert_eq!(app.broker().stats("celery").await.unwrap().ready, 1);
+    // Starting at a node the graph does not have is refused too.
+    let e = graph.start(&app, "nope", "a").await.unwrap_err();
+    assert!(e.to_string().contains("\"nope\""), "{e}");
+}
