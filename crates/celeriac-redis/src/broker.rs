@@ -10,10 +10,11 @@ use celeriac_core::{
     Acker, BoxFuture, Broker, Capabilities, Config, ConsumeOptions, Consumer, Delivery, Error,
     ErrorKind, Message, PublishOptions, QueueStats, Requeue, Result,
 };
+use futures_util::{FutureExt, StreamExt};
 use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::conn::{Backoff, Redis, is_connection_error};
@@ -27,11 +28,19 @@ const KIND: ErrorKind = ErrorKind::Broker;
 /// closed flag again.
 const MAX_BLOCK: Duration = Duration::from_secs(1);
 
-/// How soon an idle consumer looks again right after it took a message.
-const MIN_IDLE_POLL: Duration = Duration::from_millis(1);
+/// How long an idle consumer waits before it polls when it cannot subscribe to its wake-up
+/// channels (the server is probably down; fetching will report it).
+const UNSUBSCRIBED_POLL: Duration = Duration::from_millis(20);
 
-/// How long an idle consumer waits between looks at most.
-const MAX_IDLE_POLL: Duration = Duration::from_millis(20);
+/// The most messages one fetch script takes (bounded further by the free prefetch).
+const FETCH_MAX: usize = 128;
+
+/// The most acks one ack script settles.
+const ACK_MAX: usize = 512;
+
+/// The shortest a redelivery counter is kept after its last increment (longer when the
+/// visibility timeout is: twice that).
+const COUNTER_TTL: Duration = Duration::from_secs(7 * 86_400);
 
 /// How often a consumer looks for deliveries whose visibility timeout ran out.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -68,10 +77,13 @@ pub struct RedisBroker {
 
 #[derive(Debug)]
 struct Inner {
-    redis: Redis,
-    keys: BrokerKeys,
+    redis: Arc<Redis>,
+    keys: Arc<BrokerKeys>,
     visibility_timeout: Duration,
+    /// How long a redelivery counter lives after its last increment, in seconds.
+    counter_ttl: u64,
     closed: watch::Sender<bool>,
+    acks: mpsc::UnboundedSender<AckRequest>,
 }
 
 impl RedisBroker {
@@ -91,13 +103,19 @@ impl RedisBroker {
             .keyprefix
             .clone()
             .unwrap_or_else(|| options.get_global_keyprefix().to_owned());
-        let redis = Redis::connect(&target, KIND, options.get_retry_for()).await?;
+        let redis = Arc::new(Redis::connect(&target, KIND, options.get_retry_for()).await?);
+        let keys = Arc::new(BrokerKeys::new(&prefix, target.db));
+        let (acks, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_acks(redis.clone(), keys.clone(), rx));
+        let visibility_timeout = options.get_visibility_timeout();
         Ok(RedisBroker {
             inner: Arc::new(Inner {
                 redis,
-                keys: BrokerKeys::new(&prefix),
-                visibility_timeout: options.get_visibility_timeout(),
+                keys,
+                visibility_timeout,
+                counter_ttl: COUNTER_TTL.max(visibility_timeout * 2).as_secs(),
                 closed: watch::Sender::new(false),
+                acks,
             }),
         })
     }
@@ -174,6 +192,8 @@ fn encode(message: &Message, queue: &str, priority: u8) -> Result<(Vec<u8>, u8)>
     Ok((out, step_for(kombu)))
 }
 
+/// Adds the commands that publish `message` to `pipe`; returns whether it is ready now (not
+/// delayed), so the caller wakes the queue's consumers.
 fn add_publish(
     pipe: &mut redis::Pipeline,
     keys: &BrokerKeys,
@@ -181,7 +201,7 @@ fn add_publish(
     message: &Message,
     options: &PublishOptions,
     now_ms: i64,
-) -> Result<()> {
+) -> Result<bool> {
     let priority = options
         .priority
         .unwrap_or(message.properties.priority)
@@ -190,12 +210,13 @@ fn add_publish(
     match options.not_before {
         Some(t) if ms_of(t) > now_ms => {
             pipe.zadd(keys.delayed(queue), bytes, ms_of(t)).ignore();
+            Ok(false)
         }
         _ => {
             pipe.lpush(keys.list(queue, step), bytes).ignore();
+            Ok(true)
         }
     }
-    Ok(())
 }
 
 impl Broker for RedisBroker {
@@ -243,14 +264,11 @@ impl Broker for RedisBroker {
         Box::pin(async move {
             self.check_open()?;
             let mut pipe = redis::pipe();
-            add_publish(
-                &mut pipe,
-                &self.inner.keys,
-                queue,
-                message,
-                &options,
-                ms_of(chrono::Utc::now()),
-            )?;
+            let keys = &self.inner.keys;
+            let now = ms_of(chrono::Utc::now());
+            if add_publish(&mut pipe, keys, queue, message, &options, now)? {
+                pipe.publish(keys.wake(queue), "").ignore();
+            }
             self.inner
                 .redis
                 .run("publish to redis", |mut c| {
@@ -274,8 +292,12 @@ impl Broker for RedisBroker {
             let now = ms_of(chrono::Utc::now());
             let mut pipe = redis::pipe();
             pipe.atomic();
+            let mut ready = false;
             for (m, o) in messages {
-                add_publish(&mut pipe, &self.inner.keys, queue, m, o, now)?;
+                ready |= add_publish(&mut pipe, &self.inner.keys, queue, m, o, now)?;
+            }
+            if ready {
+                pipe.publish(self.inner.keys.wake(queue), "").ignore();
             }
             self.inner
                 .redis
@@ -303,6 +325,7 @@ impl Broker for RedisBroker {
                 permits: Arc::new(Semaphore::new(options.prefetch.max(1))),
                 fetch: tokio::sync::Mutex::new(FetchState {
                     conn: None,
+                    wake: None,
                     order: queues.iter().cloned().collect(),
                     next_promote: Instant::now(),
                     next_sweep: Instant::now(),
@@ -311,6 +334,7 @@ impl Broker for RedisBroker {
             Ok(Box::new(RedisConsumer {
                 shared,
                 pending: None,
+                buffer: VecDeque::new(),
                 closed: self.inner.closed.subscribe(),
             }) as Box<dyn Consumer>)
         })
@@ -472,21 +496,42 @@ struct ConsumerShared {
 struct FetchState {
     /// The connection this consumer fetches on.
     conn: Option<MultiplexedConnection>,
+    /// The subscription to the wake-up channels of this consumer's queues.
+    wake: Option<Wake>,
     /// Queues in kombu's round-robin order: the one just served moves to the end.
     order: VecDeque<String>,
     next_promote: Instant,
     next_sweep: Instant,
 }
 
+/// A pub/sub connection subscribed to the wake-up channels of a consumer's queues.
+struct Wake {
+    /// Kept so the connection stays open.
+    _sink: redis::aio::PubSubSink,
+    stream: redis::aio::PubSubStream,
+}
+
+impl std::fmt::Debug for Wake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wake").finish_non_exhaustive()
+    }
+}
+
+/// A fetched delivery and the flag that, set, makes dropping it give the message back.
+type Fetched = (Delivery, Arc<AtomicBool>);
+
 /// The consumer of [`RedisBroker::consume`].
 ///
 /// Fetching runs in a spawned task whose result is kept across cancelled `next()` calls, so a
-/// message taken from Redis is never lost to a dropped future; when the consumer itself is
-/// dropped, a message fetched for it goes back to the head of its list.
+/// message taken from Redis is never lost to a dropped future. One fetch takes up to the free
+/// prefetch; the deliveries wait here, leased, until `next()` hands them out. When the
+/// consumer itself is dropped, messages fetched for it and not handed out go back to the head
+/// of their lists.
 #[derive(Debug)]
 struct RedisConsumer {
     shared: Arc<ConsumerShared>,
-    pending: Option<oneshot::Receiver<Result<Option<Delivery>>>>,
+    pending: Option<oneshot::Receiver<Result<Vec<Fetched>>>>,
+    buffer: VecDeque<Fetched>,
     closed: watch::Receiver<bool>,
 }
 
@@ -495,6 +540,9 @@ impl Consumer for RedisConsumer {
         Box::pin(async move {
             if *self.closed.borrow() {
                 return Ok(None);
+            }
+            if let Some((d, _)) = self.buffer.pop_front() {
+                return Ok(Some(d));
             }
             let rx = match &mut self.pending {
                 Some(rx) => rx,
@@ -509,7 +557,11 @@ impl Consumer for RedisConsumer {
                 r = rx => {
                     self.pending = None;
                     match r {
-                        Ok(r) => r,
+                        Ok(Ok(batch)) => {
+                            self.buffer.extend(batch);
+                            Ok(self.buffer.pop_front().map(|(d, _)| d))
+                        }
+                        Ok(Err(e)) => Err(e),
                         Err(_) => Err(Error::broker("redis consumer task ended unexpectedly")),
                     }
                 }
@@ -519,18 +571,24 @@ impl Consumer for RedisConsumer {
     }
 }
 
-async fn fetch_task(shared: Arc<ConsumerShared>, tx: oneshot::Sender<Result<Option<Delivery>>>) {
-    let (r, give_back) = match shared.fetch_one(&tx).await {
-        Ok(Some((d, give_back))) => (Ok(Some(d)), Some(give_back)),
-        Ok(None) => (Ok(None), None),
-        Err(e) => (Err(e), None),
-    };
-    if let Err(Ok(Some(d))) = tx.send(r) {
-        // Nobody will take it: give it back at the consuming end, as kombu does at shutdown.
-        if let Some(flag) = give_back {
-            flag.store(true, Ordering::Release);
+impl Drop for RedisConsumer {
+    fn drop(&mut self) {
+        // Last fetched first, so that the RPUSHes leave them in their original order.
+        for (d, give_back) in self.buffer.drain(..).rev() {
+            give_back.store(true, Ordering::Release);
+            drop(d);
         }
-        drop(d);
+    }
+}
+
+async fn fetch_task(shared: Arc<ConsumerShared>, tx: oneshot::Sender<Result<Vec<Fetched>>>) {
+    let r = shared.fetch_batch(&tx).await;
+    if let Err(Ok(batch)) = tx.send(r) {
+        // Nobody will take them: give them back at the consuming end, as kombu does at shutdown.
+        for (d, give_back) in batch.into_iter().rev() {
+            give_back.store(true, Ordering::Release);
+            drop(d);
+        }
     }
 }
 
@@ -539,52 +597,77 @@ impl ConsumerShared {
         *self.broker.closed.borrow()
     }
 
-    /// Waits for a free prefetch slot and a message; `Ok(None)` once the broker is closed.
-    async fn fetch_one(
+    /// Waits for a free prefetch slot and at least one message, and takes as many as there
+    /// are free slots (up to [`FETCH_MAX`]); empty once the broker is closed.
+    async fn fetch_batch(
         self: &Arc<Self>,
-        tx: &oneshot::Sender<Result<Option<Delivery>>>,
-    ) -> Result<Option<(Delivery, Arc<AtomicBool>)>> {
+        tx: &oneshot::Sender<Result<Vec<Fetched>>>,
+    ) -> Result<Vec<Fetched>> {
         let mut st = self.fetch.lock().await;
         let mut backoff = Backoff::new();
-        let mut idle = MIN_IDLE_POLL;
         loop {
             if self.closed() || tx.is_closed() {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             self.maintain(&mut st).await;
-            let permit = tokio::select! {
+            let first = tokio::select! {
                 p = self.permits.clone().acquire_owned() => p.map_err(|_| Error::closed("redis consumer"))?,
                 () = tokio::time::sleep(MAX_BLOCK) => continue,
             };
+            let mut permits = vec![first];
+            while permits.len() < FETCH_MAX {
+                match self.permits.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
             let block = st
                 .next_promote
                 .min(st.next_sweep)
                 .saturating_duration_since(Instant::now())
                 .clamp(Duration::from_millis(1), MAX_BLOCK);
-            match self.pop(&mut st).await {
-                Ok(None) => {
-                    // Nothing ready: a Lua script cannot block, so poll, quickly after
-                    // activity and backing off while idle.
-                    drop(permit);
-                    tokio::time::sleep(idle.min(block)).await;
-                    idle = (idle * 2).min(MAX_IDLE_POLL);
-                }
-                Ok(Some((queue, raw, tag, token))) => {
-                    if let Some(pos) = st.order.iter().position(|q| *q == queue) {
-                        if let Some(q) = st.order.remove(pos) {
-                            st.order.push_back(q);
+            // Wake-ups that came before this fetch are answered by it.
+            let subscribed = st.drain_wake();
+            match self.pop(&mut st, permits.len()).await {
+                Ok(batch) if batch.is_empty() => {
+                    drop(permits);
+                    if subscribed {
+                        st.wait_wake(block).await;
+                    } else {
+                        // Subscribe, then fetch again at once: a message published before the
+                        // subscription woke nobody.
+                        if !self.subscribe(&mut st).await {
+                            tokio::time::sleep(UNSUBSCRIBED_POLL.min(block)).await;
                         }
                     }
-                    let (d, give_back) = self.register(queue, raw, tag, token, permit);
-                    if self.closed() {
-                        give_back.store(true, Ordering::Release);
-                        drop(d);
-                        return Ok(None);
+                }
+                Ok(batch) => {
+                    if let Some((queue, ..)) = batch.last() {
+                        if let Some(pos) = st.order.iter().position(|q| q == queue) {
+                            if let Some(q) = st.order.remove(pos) {
+                                st.order.push_back(q);
+                            }
+                        }
                     }
-                    return Ok(Some((d, give_back)));
+                    let out: Vec<Fetched> = batch
+                        .into_iter()
+                        .zip(permits)
+                        .map(|((queue, raw, tag, token, count), permit)| {
+                            self.register(queue, raw, tag, token, count, permit)
+                        })
+                        .collect();
+                    if self.closed() {
+                        for (d, give_back) in out.into_iter().rev() {
+                            give_back.store(true, Ordering::Release);
+                            drop(d);
+                        }
+                        return Ok(Vec::new());
+                    }
+                    return Ok(out);
                 }
                 Err(e) => {
                     st.conn = None;
+                    st.wake = None;
                     let delay = backoff.next_delay();
                     tracing::warn!(
                         url = %self.broker.redis.url,
@@ -592,19 +675,46 @@ impl ConsumerShared {
                         retry_in_ms = delay.as_millis() as u64,
                         "redis consumer lost its connection; reconnecting"
                     );
-                    drop(permit);
+                    drop(permits);
                     tokio::time::sleep(delay).await;
                 }
             }
         }
     }
 
-    /// Pops the next message (priority-major, queues in round-robin order) and records it as
-    /// unacked, atomically. Returns its queue, bytes, delivery tag and lease token.
+    /// Opens the wake-up subscription; false when the server cannot be reached.
+    async fn subscribe(&self, st: &mut FetchState) -> bool {
+        let channels: Vec<String> = st.order.iter().map(|q| self.broker.keys.wake(q)).collect();
+        let r = async {
+            let pubsub = self.broker.redis.client().get_async_pubsub().await?;
+            let (mut sink, stream) = pubsub.split();
+            sink.subscribe(&channels).await?;
+            Ok::<_, redis::RedisError>(Wake {
+                _sink: sink,
+                stream,
+            })
+        };
+        match tokio::time::timeout(MAX_BLOCK * 5, r).await {
+            Ok(Ok(w)) => {
+                st.wake = Some(w);
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(url = %self.broker.redis.url, error = %e, "redis consumer cannot subscribe to its wake-up channels");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Pops up to `want` messages (priority-major, queues in round-robin order) and records
+    /// them as unacked, atomically. Returns each one's queue, bytes, delivery tag, lease
+    /// token and redelivery count.
     async fn pop(
         &self,
         st: &mut FetchState,
-    ) -> redis::RedisResult<Option<(String, Vec<u8>, String, String)>> {
+        want: usize,
+    ) -> redis::RedisResult<Vec<(String, Vec<u8>, String, String, u32)>> {
         let conn = match &mut st.conn {
             Some(c) => c,
             None => {
@@ -620,7 +730,11 @@ impl ConsumerShared {
         let token = score(self.lease, self.broker.visibility_timeout);
         let mut inv = scripts::FETCH.prepare_invoke();
         inv.key(keys.unacked()).key(keys.unacked_index());
-        inv.arg(&token).arg(new_id());
+        inv.arg(&token)
+            .arg(new_id())
+            .arg(want)
+            .arg(st.order.len())
+            .arg(keys.redelivered_prefix());
         let mut queues = Vec::with_capacity(PRIORITY_STEPS.len() * st.order.len());
         for step in PRIORITY_STEPS {
             for q in &st.order {
@@ -631,17 +745,25 @@ impl ConsumerShared {
         for q in &queues {
             inv.arg(q.as_str());
         }
-        let r = inv
-            .invoke_async::<Option<(usize, Vec<u8>, String)>>(conn)
-            .await;
+        let r = inv.invoke_async::<Vec<redis::Value>>(conn).await;
         match r {
-            Ok(Some((i, raw, tag))) => {
-                let queue = queues
-                    .get(i.saturating_sub(1))
-                    .map_or_else(String::new, |q| (*q).clone());
-                Ok(Some((queue, raw, tag, token)))
+            Ok(flat) => {
+                let mut out = Vec::with_capacity(flat.len() / 4);
+                let mut it = flat.into_iter();
+                while let (Some(i), Some(raw), Some(tag), Some(count)) =
+                    (it.next(), it.next(), it.next(), it.next())
+                {
+                    let i: usize = redis::from_redis_value(i)?;
+                    let raw: Vec<u8> = redis::from_redis_value(raw)?;
+                    let tag: String = redis::from_redis_value(tag)?;
+                    let count: u32 = redis::from_redis_value(count)?;
+                    let queue = queues
+                        .get(i.saturating_sub(1))
+                        .map_or_else(String::new, |q| (*q).clone());
+                    out.push((queue, raw, tag, token.clone(), count));
+                }
+                Ok(out)
             }
-            Ok(None) => Ok(None),
             Err(e) => {
                 if !is_connection_error(&e) {
                     tracing::warn!(url = %self.broker.redis.url, error = %e, "redis fetch failed");
@@ -658,8 +780,9 @@ impl ConsumerShared {
         raw: Vec<u8>,
         tag: String,
         token: String,
+        count: u32,
         permit: OwnedSemaphorePermit,
-    ) -> (Delivery, Arc<AtomicBool>) {
+    ) -> Fetched {
         let info = Info::read(&raw);
         let message = envelope::decode(&raw).map(|mut m| {
             m.headers.extra.remove("redelivered");
@@ -668,7 +791,9 @@ impl ConsumerShared {
                 .unwrap_or_else(|| ours_from_kombu(info.kombu_priority));
             m
         });
-        let redeliveries = u32::from(info.redelivered);
+        // Our counter counts every restore and requeue; kombu's flag (a message restored by a
+        // Python worker) counts as one.
+        let redeliveries = count.max(u32::from(info.redelivered));
         let give_back = Arc::new(AtomicBool::new(false));
         let acker = RedisAcker {
             broker: self.broker.clone(),
@@ -726,11 +851,44 @@ impl ConsumerShared {
                 for l in keys.lists(queue) {
                     inv.key(l);
                 }
-                inv.arg(ms_of(chrono::Utc::now())).arg(BATCH_LIMIT);
+                inv.arg(ms_of(chrono::Utc::now()))
+                    .arg(BATCH_LIMIT)
+                    .arg(keys.wake(queue));
                 inv.invoke_async(&mut c).await
             })
             .await?;
         Ok(next.map(|s| s as i64))
+    }
+}
+
+impl FetchState {
+    /// Consumes the wake-ups received so far; false when not subscribed (or the subscription
+    /// just ended).
+    fn drain_wake(&mut self) -> bool {
+        let Some(w) = &mut self.wake else {
+            return false;
+        };
+        loop {
+            match w.stream.next().now_or_never() {
+                Some(Some(_)) => {}
+                Some(None) => {
+                    self.wake = None;
+                    return false;
+                }
+                None => return true,
+            }
+        }
+    }
+
+    /// Waits for a wake-up, at most `timeout` (the slow poll that finds messages pushed by
+    /// clients that do not announce them, like Python's).
+    async fn wait_wake(&mut self, timeout: Duration) {
+        let Some(w) = &mut self.wake else {
+            return;
+        };
+        if let Ok(None) = tokio::time::timeout(timeout, w.stream.next()).await {
+            self.wake = None;
+        }
     }
 }
 
@@ -911,15 +1069,15 @@ async fn restore_by_tag(broker: &Inner, tag: &str, ceil: &str) -> Result<bool> {
                 .await
         })
         .await?;
-    let (target, payload, value) = match value {
-        None => (keys.list("", 0), Vec::new(), Vec::new()),
+    let (target, queue, payload, value) = match value {
+        None => (keys.list("", 0), String::new(), Vec::new(), Vec::new()),
         Some(v) => match serde_json::from_slice::<(Value, String, String)>(&v) {
             Ok((env, exchange, routing_key)) => {
                 let raw = serde_json::to_vec(&env)?;
                 let queue = lookup(broker, &exchange, &routing_key).await?;
                 let info = Info::read(&raw);
                 let target = keys.list(&queue, step_for(info.kombu_priority));
-                (target, mark_redelivered(&raw), v)
+                (target, queue, mark_redelivered(&raw), v)
             }
             Err(e) => {
                 tracing::warn!(tag, error = %e, "unacked redis entry is not [envelope, exchange, routing_key]; left in place");
@@ -927,10 +1085,15 @@ async fn restore_by_tag(broker: &Inner, tag: &str, ceil: &str) -> Result<bool> {
             }
         },
     };
+    let (wake, counter) = (
+        keys.wake(&queue),
+        format!("{}{tag}", keys.redelivered_prefix()),
+    );
     let done: i64 = broker
         .redis
         .run("restore an unacked redis delivery", |mut c| {
             let (target, payload, value) = (&target, &payload, &value);
+            let (wake, counter) = (&wake, &counter);
             async move {
                 scripts::RESTORE
                     .key(keys.unacked())
@@ -940,6 +1103,9 @@ async fn restore_by_tag(broker: &Inner, tag: &str, ceil: &str) -> Result<bool> {
                     .arg(value)
                     .arg(ceil)
                     .arg(payload)
+                    .arg(wake)
+                    .arg(counter)
+                    .arg(broker.counter_ttl)
                     .invoke_async(&mut c)
                     .await
             }
@@ -975,6 +1141,63 @@ async fn lookup(broker: &Inner, exchange: &str, routing_key: &str) -> Result<Str
 
 // ===== settling =====
 
+/// An ack waiting for the batcher.
+#[derive(Debug)]
+struct AckRequest {
+    tag: String,
+    token: String,
+    reply: oneshot::Sender<Result<bool>>,
+}
+
+/// The ack batcher: settles every ack that is waiting in one script call, then the ones that
+/// came meanwhile, and so on. No ack waits for a timer: one waits at most for the call in
+/// flight, so under load acks share round trips and alone each takes one.
+///
+/// Ends when the broker (the sender) is dropped.
+async fn run_acks(
+    redis: Arc<Redis>,
+    keys: Arc<BrokerKeys>,
+    mut rx: mpsc::UnboundedReceiver<AckRequest>,
+) {
+    let mut batch = Vec::with_capacity(ACK_MAX);
+    while rx.recv_many(&mut batch, ACK_MAX).await > 0 {
+        let r: Result<Vec<i64>> = redis
+            .run("ack redis deliveries", |mut c| {
+                let (batch, keys) = (&batch, &keys);
+                async move {
+                    let mut inv = scripts::ACK_MANY.prepare_invoke();
+                    inv.key(keys.unacked())
+                        .key(keys.unacked_index())
+                        .arg(keys.redelivered_prefix());
+                    for a in batch.iter() {
+                        inv.arg(&a.tag).arg(&a.token);
+                    }
+                    inv.invoke_async(&mut c).await
+                }
+            })
+            .await;
+        match r {
+            Ok(done) => {
+                for (a, d) in batch
+                    .drain(..)
+                    .zip(done.into_iter().chain(std::iter::repeat(0)))
+                {
+                    let _ = a.reply.send(Ok(d == 1));
+                }
+            }
+            Err(e) => {
+                let transient = e.is_transient();
+                for a in batch.drain(..) {
+                    let err = Error::broker(e.to_string());
+                    let _ = a
+                        .reply
+                        .send(Err(if transient { err.transient() } else { err }));
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct RedisAcker {
     broker: Arc<Inner>,
@@ -999,6 +1222,10 @@ impl RedisAcker {
 
     fn token(&self) -> String {
         self.token.lock().expect("token lock").clone()
+    }
+
+    fn counter_key(&self) -> String {
+        format!("{}{}", self.broker.keys.redelivered_prefix(), self.tag)
     }
 
     async fn settle(
@@ -1026,6 +1253,9 @@ impl RedisAcker {
                         .arg(mode)
                         .arg(payload)
                         .arg(score)
+                        .arg(keys.wake(&self.queue))
+                        .arg(self.counter_key())
+                        .arg(self.broker.counter_ttl)
                         .invoke_async(&mut c)
                         .await
                 }
@@ -1039,15 +1269,21 @@ impl RedisAcker {
 impl Acker for RedisAcker {
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            self.settle(
-                "ack a redis delivery",
-                "ack",
-                self.broker.keys.unacked(),
-                b"",
-                0,
-            )
-            .await
-            .map(drop)
+            // Acks go through the broker's batcher: concurrent acks share one script call.
+            let (reply, rx) = oneshot::channel();
+            let sent = self.broker.acks.send(AckRequest {
+                tag: self.tag.clone(),
+                token: self.token(),
+                reply,
+            });
+            let r = match sent {
+                Ok(()) => rx
+                    .await
+                    .unwrap_or_else(|_| Err(Error::closed("redis ack batcher"))),
+                Err(_) => Err(Error::closed("redis ack batcher")),
+            };
+            self.release();
+            r.map(drop)
         })
     }
 
@@ -1148,10 +1384,11 @@ impl Drop for RedisAcker {
         rt.spawn(async move {
             let keys = &broker.keys;
             let target = keys.list(&queue, step);
+            let wake = keys.wake(&queue);
             let r = broker
                 .redis
                 .run("give back a redis delivery", |mut c| {
-                    let (target, tag, token, raw) = (&target, &tag, &token, &raw);
+                    let (target, tag, token, raw, wake) = (&target, &tag, &token, &raw, &wake);
                     async move {
                         scripts::SETTLE
                             .key(keys.unacked())
@@ -1161,6 +1398,9 @@ impl Drop for RedisAcker {
                             .arg(token)
                             .arg("rpush")
                             .arg(raw)
+                            .arg(0)
+                            .arg(wake)
+                            .arg("")
                             .arg(0)
                             .invoke_async::<i64>(&mut c)
                             .await

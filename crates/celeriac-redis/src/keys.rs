@@ -20,12 +20,14 @@ pub(crate) fn step_for(kombu: u8) -> u8 {
 #[derive(Debug, Clone)]
 pub(crate) struct BrokerKeys {
     prefix: String,
+    db: i64,
 }
 
 impl BrokerKeys {
-    pub(crate) fn new(prefix: &str) -> Self {
+    pub(crate) fn new(prefix: &str, db: i64) -> Self {
         BrokerKeys {
             prefix: prefix.to_owned(),
+            db,
         }
     }
 
@@ -77,6 +79,18 @@ impl BrokerKeys {
     /// Our sorted set of delayed messages of `queue` (score: due time in Unix ms).
     pub(crate) fn delayed(&self, queue: &str) -> String {
         format!("{}celeriac.delayed.{queue}", self.prefix)
+    }
+
+    /// Our pub/sub channel on which publishers announce new messages in `queue`, so idle
+    /// consumers fetch at once instead of polling. Channels are server-wide, not per database,
+    /// so the name carries the database number.
+    pub(crate) fn wake(&self, queue: &str) -> String {
+        format!("{}celeriac.wake.{}.{queue}", self.prefix, self.db)
+    }
+
+    /// The prefix of our per-delivery redelivery counters, `celeriac.redelivered.<tag>`.
+    pub(crate) fn redelivered_prefix(&self) -> String {
+        format!("{}celeriac.redelivered.", self.prefix)
     }
 
     /// A `SCAN MATCH` pattern for every binding set.
@@ -136,7 +150,7 @@ mod tests {
     fn priorities_map_onto_kombu_buckets() {
         let steps: Vec<u8> = (0..=10).map(step_for).collect();
         assert_eq!(steps, [0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 9]);
-        let k = BrokerKeys::new("");
+        let k = BrokerKeys::new("", 0);
         assert_eq!(
             k.lists("celery"),
             [
@@ -150,7 +164,9 @@ mod tests {
 
     #[test]
     fn prefixes_follow_kombu_and_celery() {
-        let k = BrokerKeys::new("pfx");
+        let k = BrokerKeys::new("pfx", 2);
+        assert_eq!(k.wake("q"), "pfxceleriac.wake.2.q");
+        assert_eq!(k.redelivered_prefix(), "pfxceleriac.redelivered.");
         assert_eq!(k.list("q", 0), "pfxq");
         assert_eq!(k.binding("q"), "pfx_kombu.binding.q");
         assert_eq!(k.unacked_mutex(), "pfxunacked_mutex");
@@ -158,7 +174,7 @@ mod tests {
         assert_eq!(BackendKeys::new("pfx:").task("i"), "pfx:celery-task-meta-i");
         assert_eq!(BackendKeys::new("").group("g"), "celery-taskset-meta-g");
         assert_eq!(
-            BrokerKeys::new("a*b").binding_pattern(),
+            BrokerKeys::new("a*b", 0).binding_pattern(),
             "a\\*b_kombu.binding.*"
         );
     }

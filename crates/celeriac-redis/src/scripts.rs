@@ -10,9 +10,10 @@ use redis::Script;
 
 /// Moves due delayed messages into their queue's priority lists.
 ///
-/// KEYS: delayed zset, then the four lists (steps 0, 3, 6, 9). ARGV: now (Unix ms), limit.
-/// Returns `{moved, next due score or false}`. The list is chosen from the envelope's
-/// `properties.priority` exactly as kombu's `_put` chooses it.
+/// KEYS: delayed zset, then the four lists (steps 0, 3, 6, 9). ARGV: now (Unix ms), limit,
+/// the queue's wake-up channel. Returns `{moved, next due score or false}`. The list is chosen
+/// from the envelope's `properties.priority` exactly as kombu's `_put` chooses it; idle
+/// consumers are woken when anything moved.
 pub(crate) static PROMOTE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -28,51 +29,107 @@ for _, m in ipairs(due) do
   if p >= 9 then k = 5 elseif p >= 6 then k = 4 elseif p >= 3 then k = 3 end
   redis.call('LPUSH', KEYS[k], m)
 end
+if #due > 0 then redis.call('PUBLISH', ARGV[3], '') end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#due, nxt[2] or false}
 "#,
     )
 });
 
-/// Pops one message and records it as unacked in the same atomic step, so a consumer killed
-/// at any moment loses nothing: the message is either still in its list or in `unacked`,
-/// where the visibility-timeout restore finds it. (kombu's BRPOP-then-record leaves a window
-/// in which a killed consumer loses the message.)
+/// Pops up to `want` messages and records each as unacked in the same atomic step, so a
+/// consumer killed at any moment loses nothing: a message is either still in its list or in
+/// `unacked`, where the visibility-timeout restore finds it. (kombu's BRPOP-then-record leaves
+/// a window in which a killed consumer loses the message.)
 ///
-/// KEYS: unacked, unacked_index, then the lists in consuming order. ARGV: lease score, a
-/// fallback delivery tag, then the queue name of each list. Returns `{list index (1-based),
-/// message, tag}` or false when every list is empty. The unacked entry is kombu's
-/// `[envelope, exchange, routing_key]`, the envelope embedded as JSON when it is JSON.
+/// Lists are taken priority-major; inside one priority step the queues take turns, one
+/// message each, as kombu's round robin serves them.
+///
+/// KEYS: unacked, unacked_index, then the lists, step-major (every queue's step-0 list, then
+/// every queue's step-3 list, ...). ARGV: lease score, a fallback delivery tag prefix, `want`,
+/// the number of queues, the redelivery counter key prefix, then the queue name of each list.
+/// Returns a flat array of `{list index (1-based), message, tag, redelivery count}` per
+/// message, empty when every list is empty. The unacked entry is kombu's `[envelope, exchange,
+/// routing_key]`, the envelope embedded as JSON when it is JSON.
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-for i = 3, #KEYS do
-  local m = redis.call('RPOP', KEYS[i])
-  if m then
-    local queue = ARGV[i]
-    local tag, ex, rk = ARGV[2], '', queue
-    local ok, env = pcall(cjson.decode, m)
-    local entry
-    if ok and type(env) == 'table' then
-      local p = env.properties
-      if type(p) == 'table' then
-        if type(p.delivery_tag) == 'string' then tag = p.delivery_tag end
-        local di = p.delivery_info
-        if type(di) == 'table' then
-          if type(di.exchange) == 'string' then ex = di.exchange end
-          if type(di.routing_key) == 'string' then rk = di.routing_key end
-        end
+local want = tonumber(ARGV[3])
+local nq = tonumber(ARGV[4])
+local out = {}
+local got = 0
+local function record(k, m)
+  local queue = ARGV[k + 3]
+  local tag, ex, rk = ARGV[2] .. '.' .. got, '', queue
+  local ok, env = pcall(cjson.decode, m)
+  local entry
+  if ok and type(env) == 'table' then
+    local p = env.properties
+    if type(p) == 'table' then
+      if type(p.delivery_tag) == 'string' then tag = p.delivery_tag end
+      local di = p.delivery_info
+      if type(di) == 'table' then
+        if type(di.exchange) == 'string' then ex = di.exchange end
+        if type(di.routing_key) == 'string' then rk = di.routing_key end
       end
-      entry = '[' .. m .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
-    else
-      entry = '[' .. cjson.encode(m) .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
     end
-    redis.call('ZADD', KEYS[2], ARGV[1], tag)
-    redis.call('HSET', KEYS[1], tag, entry)
-    return {i - 2, m, tag}
+    entry = '[' .. m .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
+  else
+    entry = '[' .. cjson.encode(m) .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
+  end
+  redis.call('ZADD', KEYS[2], ARGV[1], tag)
+  redis.call('HSET', KEYS[1], tag, entry)
+  local n = tonumber(redis.call('GET', ARGV[5] .. tag)) or 0
+  out[#out + 1] = k - 2
+  out[#out + 1] = m
+  out[#out + 1] = tag
+  out[#out + 1] = n
+  got = got + 1
+end
+local nsteps = (#KEYS - 2) / nq
+for s = 0, nsteps - 1 do
+  local live = {}
+  for q = 1, nq do live[#live + 1] = 2 + s * nq + q end
+  while got < want and #live > 0 do
+    local still = {}
+    for _, k in ipairs(live) do
+      if got >= want then break end
+      local m = redis.call('RPOP', KEYS[k])
+      if m then
+        record(k, m)
+        still[#still + 1] = k
+      end
+    end
+    live = still
+  end
+  if got >= want then break end
+end
+return out
+"#,
+    )
+});
+
+/// Acknowledges deliveries this consumer still holds, many in one call.
+///
+/// KEYS: unacked, unacked_index. ARGV: the redelivery counter key prefix, then `tag, lease
+/// token` pairs. Returns one 1 (settled) or 0 (the lease was lost) per pair. An ack whose entry
+/// is already gone counts as settled, as kombu's does.
+pub(crate) static ACK_MANY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+for i = 2, #ARGV, 2 do
+  local tag = ARGV[i]
+  local s = redis.call('ZSCORE', KEYS[2], tag)
+  if s and tonumber(s) ~= tonumber(ARGV[i + 1]) then
+    out[#out + 1] = 0
+  else
+    redis.call('ZREM', KEYS[2], tag)
+    redis.call('HDEL', KEYS[1], tag)
+    redis.call('DEL', ARGV[1] .. tag)
+    out[#out + 1] = 1
   end
 end
-return false
+return out
 "#,
     )
 });
@@ -81,8 +138,12 @@ return false
 ///
 /// KEYS: unacked, unacked_index, target (list or delayed zset; unused for `ack`).
 /// ARGV: delivery tag, lease token (the index score this consumer wrote), mode (`ack`,
-/// `lpush`, `rpush`, `zadd`), payload, zadd score. Returns 1 when settled, 0 when the lease
-/// was lost (the message was restored and perhaps handed to another consumer).
+/// `lpush`, `rpush`, `zadd`), payload, zadd score, the queue's wake-up channel, the
+/// delivery's redelivery counter key, its expiry in seconds. Returns 1 when settled, 0 when
+/// the lease was lost (the message was restored and perhaps handed to another consumer).
+///
+/// `ack` deletes the redelivery counter; `lpush` (a requeue) and `zadd` (a delayed requeue)
+/// increment it; `rpush` (a message given back unseen) leaves it alone.
 pub(crate) static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -91,9 +152,18 @@ if s and tonumber(s) ~= tonumber(ARGV[2]) then return 0 end
 if (not s) and ARGV[3] ~= 'ack' then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
+if ARGV[3] == 'ack' then
+  redis.call('DEL', ARGV[7])
+  return 1
+end
 if ARGV[3] == 'lpush' then redis.call('LPUSH', KEYS[3], ARGV[4])
 elseif ARGV[3] == 'rpush' then redis.call('RPUSH', KEYS[3], ARGV[4])
 elseif ARGV[3] == 'zadd' then redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4]) end
+if ARGV[3] ~= 'rpush' then
+  redis.call('INCR', ARGV[7])
+  redis.call('EXPIRE', ARGV[7], ARGV[8])
+end
+if ARGV[3] ~= 'zadd' then redis.call('PUBLISH', ARGV[6], '') end
 return 1
 "#,
     )
@@ -118,7 +188,9 @@ return 1
 /// consuming end of its list (`RPUSH`), unless it changed since it was read.
 ///
 /// KEYS: unacked, unacked_index, target list. ARGV: tag, the hash value read, ceiling score
-/// (now - visibility timeout), payload with the redelivered flags. Returns 1 when restored.
+/// (now - visibility timeout), payload with the redelivered flags, the queue's wake-up
+/// channel, the delivery's redelivery counter key, its expiry in seconds. Returns 1 when
+/// restored; the counter is incremented then.
 pub(crate) static RESTORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -133,6 +205,9 @@ if v ~= ARGV[2] then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[4])
+redis.call('INCR', ARGV[6])
+redis.call('EXPIRE', ARGV[6], ARGV[7])
+redis.call('PUBLISH', ARGV[5], '')
 return 1
 "#,
     )

@@ -9,5 +9,7 @@ mod kombu;
 mod backend;
 // Lost connections, bad passwords, unreachable ports, URLs.
 mod errors;
+// The redelivery counter, batched fetching, wake-ups.
+mod redelivery;
 // Shared helpers: unique key prefixes, raw connections.
 mod util;

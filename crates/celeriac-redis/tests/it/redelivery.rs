@@ -1,0 +1,214 @@
+//! The redelivery counter, batched fetching and the wake-up channel.
+
+use std::time::Duration;
+
+use celeriac_core::{Broker, ConsumeOptions, PublishOptions, Requeue};
+use celeriac_redis::RedisOptions;
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+
+use crate::util::{self, broker_with, msg, next_within, raw};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A message whose lease runs out N times (its consumer vanishes each time) reports N
+/// redeliveries, then N + 1 after a requeue; the counter is deleted with the message's ack.
+/// This is what lets the worker's `max_redeliveries` count past one on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_restored_n_times_reports_n() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let q = "redeliver";
+    broker.declare(q).await.unwrap();
+    let m = msg();
+    broker
+        .publish(q, &m, PublishOptions::default())
+        .await
+        .unwrap();
+    let lease = Duration::from_millis(300);
+    let queues = [q.to_owned()];
+    for n in 0..3u32 {
+        // A consumer takes it and dies without settling: the lease runs out and any consumer
+        // restores it.
+        let mut c = broker
+            .consume(&queues, ConsumeOptions::new(1).lease(lease))
+            .await
+            .unwrap();
+        let d = next_within(&mut c, WAIT).await;
+        assert_eq!(d.message.as_ref().unwrap().id(), m.id());
+        assert_eq!(d.redeliveries, n, "delivery {n}");
+        assert_eq!(d.redelivered(), n > 0);
+        drop(d);
+        drop(c);
+    }
+    let mut c = broker
+        .consume(&queues, ConsumeOptions::new(1).lease(lease))
+        .await
+        .unwrap();
+    let d = next_within(&mut c, WAIT).await;
+    assert_eq!(d.redeliveries, 3);
+    let tag = delivery_tag(&p, q).await;
+    let counter = format!("{p}celeriac.redelivered.{tag}");
+    let mut r = raw().await;
+    let stored: i64 = r.get(&counter).await.unwrap();
+    assert_eq!(stored, 3);
+    let ttl: i64 = r.ttl(&counter).await.unwrap();
+    assert!(ttl > 0, "the counter expires (ttl {ttl})");
+
+    d.reject(Requeue::Now).await.unwrap();
+    let d = next_within(&mut c, WAIT).await;
+    assert_eq!(d.redeliveries, 4, "a requeue counts too");
+    d.ack().await.unwrap();
+    let exists: bool = r.exists(&counter).await.unwrap();
+    assert!(!exists, "ack deletes the counter");
+}
+
+/// The delivery tag of the one message recorded in `unacked` under prefix `p`.
+async fn delivery_tag(p: &str, _queue: &str) -> String {
+    let mut r = raw().await;
+    let tags: Vec<String> = r.hkeys(format!("{p}unacked")).await.unwrap();
+    assert_eq!(tags.len(), 1, "{tags:?}");
+    tags[0].clone()
+}
+
+/// One fetch takes up to the free prefetch; messages fetched and not handed out go back to
+/// their queue when the consumer is dropped, at once and in order (not after the visibility
+/// timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_fetch_holds_the_prefetch_and_gives_back_what_was_not_handed_out() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let q = "batch";
+    broker.declare(q).await.unwrap();
+    let sent: Vec<_> = (0..20).map(|_| msg()).collect();
+    let batch: Vec<_> = sent
+        .iter()
+        .map(|m| (m.clone(), PublishOptions::default()))
+        .collect();
+    broker.publish_batch(q, &batch).await.unwrap();
+    let queues = [q.to_owned()];
+
+    let mut c = broker
+        .consume(&queues, ConsumeOptions::new(8))
+        .await
+        .unwrap();
+    let first = next_within(&mut c, WAIT).await;
+    assert_eq!(first.message.as_ref().unwrap().id(), sent[0].id());
+    let stats = broker.stats(q).await.unwrap();
+    assert_eq!(
+        (stats.ready, stats.unacked),
+        (12, 8),
+        "one fetch leases the whole free prefetch"
+    );
+    first.ack().await.unwrap();
+    drop(c);
+
+    // The 7 buffered come back at once, in order, followed by the 12 never fetched.
+    let mut c = broker
+        .consume(&queues, ConsumeOptions::new(4))
+        .await
+        .unwrap();
+    for (i, m) in sent.iter().enumerate().skip(1) {
+        let d = next_within(&mut c, WAIT).await;
+        assert_eq!(d.message.as_ref().unwrap().id(), m.id(), "message {i}");
+        assert_eq!(
+            d.redeliveries, 0,
+            "a message given back unseen is no redelivery"
+        );
+        d.ack().await.unwrap();
+    }
+    let stats = broker.stats(q).await.unwrap();
+    assert_eq!((stats.ready, stats.unacked), (0, 0));
+}
+
+/// Publishing announces the message on the queue's wake-up channel (what idle consumers wait
+/// on instead of polling); a delayed publish does not, until it is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_wakes_the_queue_channel() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let q = "wake";
+    let client = redis::Client::open(util::URL).unwrap();
+    let mut sub = client.get_async_pubsub().await.unwrap();
+    sub.subscribe(format!("{p}celeriac.wake.0.{q}"))
+        .await
+        .unwrap();
+    let mut stream = sub.on_message();
+
+    broker
+        .publish(q, &msg(), PublishOptions::default())
+        .await
+        .unwrap();
+    let note = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("a wake-up in time")
+        .expect("subscribed");
+    assert_eq!(note.get_channel_name(), format!("{p}celeriac.wake.0.{q}"));
+
+    let batch = vec![(msg(), PublishOptions::default()); 3];
+    broker.publish_batch(q, &batch).await.unwrap();
+    tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("a wake-up for the batch")
+        .expect("subscribed");
+}
+
+/// An idle consumer, subscribed to its wake-up channel, takes a message pushed afterwards
+/// (published with the wake-up) and one pushed by a client that does not announce it, like
+/// Python's (found by the slow fallback poll).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_consumer_takes_announced_and_unannounced_messages() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let q = "idle";
+    let queues = [q.to_owned()];
+    let mut c = broker
+        .consume(&queues, ConsumeOptions::new(4))
+        .await
+        .unwrap();
+    let pending = tokio::spawn(async move {
+        let d = next_within(&mut c, WAIT).await;
+        let id = d.message.as_ref().unwrap().id().to_owned();
+        d.ack().await.unwrap();
+        let d = next_within(&mut c, WAIT).await;
+        let id2 = d.message.as_ref().unwrap().id().to_owned();
+        d.ack().await.unwrap();
+        (id, id2)
+    });
+    // Let the consumer go idle first (not an assertion on timing: either way it must work).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = msg();
+    broker
+        .publish(q, &m, PublishOptions::default())
+        .await
+        .unwrap();
+    // The same envelope pushed directly, with no wake-up.
+    let silent = msg();
+    let other = broker_with(&format!("{p}other:"), RedisOptions::default()).await;
+    other
+        .publish(q, &silent, PublishOptions::default())
+        .await
+        .unwrap();
+    let mut r = raw().await;
+    let env: Vec<u8> = r
+        .rpop(format!("{p}other:{q}\x06\x169"), None)
+        .await
+        .unwrap();
+    let env = String::from_utf8(env).unwrap();
+    let _: () = r.lpush(format!("{p}{q}\x06\x169"), env).await.unwrap();
+    let (a, b) = pending.await.unwrap();
+    assert_eq!(a, m.id());
+    assert_eq!(b, silent.id());
+}
