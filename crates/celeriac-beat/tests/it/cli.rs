@@ -187,3 +187,61 @@ fn cli_changes_entries_in_the_store() {
     assert_eq!(with(&["beat", "remove", "ping"]), 0);
     assert_eq!(with(&["beat", "remove", "ping"]), 1);
 }
+
+/// Like [`cli`], for an app built on `config`.
+fn cli_with(config: celeriac_core::Config, args: &[&str]) -> u8 {
+    let mut argv = vec!["app", "-l", "error"];
+    argv.extend_from_slice(args);
+    let code = celeriac::cli::run_from(celeriac::App::builder().config(config), argv);
+    u8::from(format!("{code:?}") != format!("{:?}", std::process::ExitCode::SUCCESS))
+}
+
+#[test]
+fn cli_reads_the_beat_table_from_the_apps_config() {
+    let path = celeriac_test::services::temp_sqlite_path("beat-cli-config");
+    let url = format!("sqlite://{}", path.display());
+    let text =
+        "[beat]\nlease = 5\n[beat.schedule.nightly]\ntask = \"tasks.n\"\ncrontab = \"0 3 * * *\"\n";
+    let config = || {
+        celeriac_core::Config::from_sources(
+            Some((std::path::Path::new("celeriac.toml"), text)),
+            |_| None,
+        )
+        .unwrap()
+    };
+    // The entry declared in the config exists for the command line: it can be paused,
+    // not removed (it is changed in the config).
+    assert_eq!(
+        cli_with(config(), &["-b", &url, "beat", "pause", "nightly"]),
+        0
+    );
+    assert_eq!(
+        cli_with(config(), &["-b", &url, "beat", "remove", "nightly"]),
+        1
+    );
+    // Without the config, nothing declares it.
+    assert_eq!(cli(&["-b", &url, "beat", "resume", "nightly"]), 1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let rows = rt.block_on(async {
+        SqliteStore::open(&path)
+            .await
+            .unwrap()
+            .load()
+            .await
+            .unwrap()
+    });
+    assert!(rows["nightly"].paused, "{rows:?}");
+    // A bad [beat] table in the config is a start-up error.
+    let bad = celeriac_core::Config::from_sources(
+        Some((
+            std::path::Path::new("celeriac.toml"),
+            "[beat.schedule.x]\ntask = \"t\"\ncrontab = \"* 25 * * *\"\n",
+        )),
+        |_| None,
+    )
+    .unwrap();
+    assert_eq!(cli_with(bad, &["-b", &url, "beat", "list"]), 1);
+}
