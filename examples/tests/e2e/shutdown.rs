@@ -101,3 +101,58 @@ async fn acks_late_tasks_survive_a_killed_worker_on_redis() {
             .unwrap_or_else(|e| panic!("task {} lost after SIGKILL on redis: {e:?}", r.id()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_shutdown_lets_short_tasks_finish_and_hands_back_the_rest() {
+    let (url, db) = sqlite_url("soft-shutdown");
+    let config = format!("{}.toml", db.display());
+    std::fs::write(&config, "track_started = true\n").unwrap();
+    let app = client(&url).await;
+    let mut a = WorkerProcess::start_with_config(
+        &url,
+        &config,
+        &[
+            "-P",
+            "processes",
+            "-c",
+            "2",
+            "-n",
+            "a@soft",
+            "--soft-shutdown-timeout",
+            "2",
+        ],
+    );
+    // One task far longer than the soft timeout, one well within it.
+    let long = stamp::delay(&app, 10.0).await.unwrap();
+    let short = stamp::delay(&app, 1.0).await.unwrap();
+    tokio::time::timeout(T, async {
+        loop {
+            let (l, s) = (long.state().await.unwrap(), short.state().await.unwrap());
+            if l == celeriac::TaskState::Started && s == celeriac::TaskState::Started {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("both tasks never ran together:\n{}", a.log()));
+    a.signal("TERM");
+    let status = a.wait(T).await;
+    assert!(status.success(), "{status:?}\n{}", a.log());
+    let log = a.log();
+    assert!(log.contains("soft shutdown timeout expired"), "{log}");
+
+    // The short one finished in the soft window, on A.
+    let meta = short.meta().await.unwrap();
+    assert_eq!(meta.status, celeriac::TaskState::Success, "{log}");
+    assert_eq!(meta.worker.as_deref(), Some("a@soft"));
+    // The long one was handed back, not acked and not finished.
+    assert_ne!(long.state().await.unwrap(), celeriac::TaskState::Success);
+    let stats = app.broker().stats("celery").await.unwrap();
+    assert_eq!((stats.ready, stats.unacked), (1, 0), "{stats:?}\n{log}");
+
+    // Another worker runs it to the end: nothing lost.
+    let _b = WorkerProcess::start_with_config(&url, &config, &["-c", "2", "-n", "b@soft"]);
+    long.get_timeout(T).await.unwrap();
+    assert_eq!(long.meta().await.unwrap().worker.as_deref(), Some("b@soft"));
+}

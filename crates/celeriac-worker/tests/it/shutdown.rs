@@ -99,6 +99,60 @@ async fn cold_shutdown_cancels_and_requeues_acks_late_tasks_that_do_not_stop() {
     assert_eq!((s.ready, s.unacked), (1, 0), "the acks-late task is back");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_shutdown_waits_its_timeout_then_turns_cold() {
+    let stubborn = with_options(
+        async_task("tasks.stubborn", |_, _| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(json!(null))
+        }),
+        |o| o.acks_late = true,
+    );
+    let go = Opening::new();
+    let g = go.clone();
+    let gated = async_task("tasks.gated", move |_, _| {
+        let g = g.clone();
+        async move {
+            g.wait().await;
+            Ok(json!("finished in the soft window"))
+        }
+    });
+    let h = start(
+        vec![stubborn, gated],
+        options(|o| {
+            o.cold_shutdown_grace = Duration::from_millis(100);
+            o.soft_shutdown_timeout = Some(Duration::from_millis(500));
+            o.track_started = true;
+        }),
+    );
+    let a = h.call("tasks.stubborn", vec![]).await;
+    let b = h.call("tasks.gated", vec![]).await;
+    for id in [&a, &b] {
+        h.until("started", || async {
+            h.stored(id)
+                .await
+                .is_some_and(|m| m.status == TaskState::Started)
+        })
+        .await;
+    }
+    h.shutdown.warm();
+    // Still warm: the gated task may finish.
+    go.open();
+    let broker = h.broker.clone();
+    let backend = h.backend.clone();
+    let shutdown = h.shutdown.clone();
+    let report = h.join().await;
+    assert_eq!((report.succeeded, report.requeued), (1, 1));
+    use celeriac_core::ResultBackend;
+    assert_eq!(
+        backend.get(&b).await.unwrap().unwrap().result,
+        json!("finished in the soft window")
+    );
+    assert!(shutdown.is_shutting_down());
+    let s = broker.stats(QUEUE).await.unwrap();
+    assert_eq!((s.ready, s.unacked), (1, 0), "the acks-late task is back");
+}
+
 async fn started_one(h: &Harness, ids: &[String]) -> Option<String> {
     for id in ids {
         if h.stored(id)
