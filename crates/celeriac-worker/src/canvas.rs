@@ -9,9 +9,9 @@
 //! (so waiting on a chain's last result does not hang), and their errbacks run too. Every sent
 //! message has `parent_id` = the finished task and `root_id` = its root. A signature with no
 //! queue goes to its task's queue if this worker knows the task, else to the queue the
-//! finished task came from. A callback or last chain step that is a composite map (§3.6: a
-//! `group`, a `chain`, as Python sends nested canvas) is expanded into its plain messages
-//! (see [`celeriac_core::canvas::expand`]).
+//! finished task came from. A callback, chain step or chord body that is a composite map
+//! (§3.6: a `group`, a `chain`, a `chord`, as Python sends nested canvas) is planned into its
+//! plain messages, a chord's header group saved first (see [`celeriac_core::canvas::plan`]).
 //!
 //! A chord header member counts its part after its result is stored; see
 //! [`celeriac_core::canvas`] for the counter, the completeness check and the claim that fire
@@ -30,8 +30,8 @@
 
 use celeriac_core::canvas::{
     FLOW_HEADER, FlowHeader, Sender, build_message, chord_claim_key, chord_counter_key,
-    default_option, expand, flow_failed_key, flow_key_slot_id, flow_keys_key, flow_pending_key,
-    flow_tally, flow_total_key, with_parent_value,
+    default_option, flow_failed_key, flow_key_slot_id, flow_keys_key, flow_pending_key, flow_tally,
+    flow_total_key, plan, with_parent_value,
 };
 use celeriac_core::meta::RemoteError;
 use celeriac_core::{PublishOptions, Signature, TaskMeta, TaskState};
@@ -226,7 +226,8 @@ async fn fire(shared: &Shared, req: &Request, body: &Signature, gid: &str, parts
         )
         .with_module(CELERY_EXC);
         tracing::warn!(group_id = %gid, error = %err, "a chord member failed; the body fails");
-        let body_id = body.options.get("task_id").and_then(Value::as_str);
+        let body_id = final_id(body);
+        let body_id = body_id.as_deref();
         if let Some(id) = body_id {
             let mut meta = TaskMeta::exception(id, TaskState::Failure, &err);
             meta.name = Some(body.task.clone());
@@ -249,27 +250,31 @@ async fn fire(shared: &Shared, req: &Request, body: &Signature, gid: &str, parts
 /// Publishes `sig` (a plain signature, or a group or chain map) as a child of `parent`; a
 /// signature that cannot be sent fails its frozen id.
 async fn send(shared: &Shared, parent: &Request, sig: Signature, chain: Option<Vec<Signature>>) {
-    let steps = if sig.subtask_type.is_some() {
-        if chain.as_ref().is_some_and(|c| !c.is_empty()) {
-            let e = celeriac_core::Error::protocol(format!(
-                "a {} followed by more chain steps is not supported yet",
-                sig.task
-            ));
+    if sig.subtask_type.is_none() {
+        send_one(shared, parent, sig, chain).await;
+        return;
+    }
+    let p = match plan(&sig, chain) {
+        Ok(p) => p,
+        Err(e) => {
             fail_unsent(shared, &sig, &e).await;
             return;
         }
-        match expand(&sig, None) {
-            Ok(steps) => steps.into_iter().map(|s| (s.sig, s.chain)).collect(),
-            Err(e) => {
-                fail_unsent(shared, &sig, &e).await;
-                return;
-            }
-        }
-    } else {
-        vec![(sig, chain)]
     };
-    for (sig, chain) in steps {
-        send_one(shared, parent, sig, chain).await;
+    for (gid, ids) in &p.groups {
+        let saved = match shared.recorder.backend() {
+            Some(b) => b.save_group(gid, ids).await,
+            None => Err(celeriac_core::Error::config(
+                "a chord needs a result backend to save its header",
+            )),
+        };
+        if let Err(e) = saved {
+            fail_unsent(shared, &sig, &e).await;
+            return;
+        }
+    }
+    for step in p.steps {
+        send_one(shared, parent, step.sig, step.chain).await;
     }
 }
 
@@ -312,12 +317,36 @@ async fn send_one(
 /// Logs a signature that could not be sent and stores FAILURE under its frozen id, if any.
 async fn fail_unsent(shared: &Shared, sig: &Signature, e: &celeriac_core::Error) {
     tracing::error!(child = %sig.task, error = %e, "cannot send the canvas task");
-    if let Some(Value::String(id)) = sig.options.get("task_id") {
+    if let Some(id) = final_id(sig) {
         let err = RemoteError::new("CanvasError", format!("cannot send {}: {e}", sig.task))
             .with_module(celeriac_core::meta::RUST_EXC_MODULE);
-        let mut meta = TaskMeta::exception(id.clone(), TaskState::Failure, &err);
+        let mut meta = TaskMeta::exception(id, TaskState::Failure, &err);
         meta.name = Some(sig.task.clone());
         store(shared, &meta).await;
+    }
+}
+
+/// The frozen id whose result a signature ends in: its own `task_id`, or a chain map's last
+/// task's, or a chord map's body's.
+fn final_id(sig: &Signature) -> Option<String> {
+    let inner = |key: &str| {
+        sig.kwargs
+            .get(key)
+            .and_then(|v| serde_json::from_value::<Signature>(v.clone()).ok())
+    };
+    match sig.subtask_type.as_deref() {
+        None => sig
+            .options
+            .get("task_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        Some("chain") => sig
+            .kwargs
+            .get("tasks")
+            .and_then(|t| serde_json::from_value::<Vec<Signature>>(t.clone()).ok())
+            .and_then(|t| t.last().and_then(final_id)),
+        Some("chord") => inner("body").as_ref().and_then(final_id),
+        Some(_) => None,
     }
 }
 

@@ -56,19 +56,27 @@
 //! fires the body early because the results themselves are checked; mark header tasks
 //! `acks_late` so that a worker crash redelivers them rather than losing them.
 //!
+//! # Nesting
+//!
+//! `into_signature` turns a [`Chain`], [`Group`] or [`Chord`] into a [`Signature`] that can
+//! be a chain step, a group member or a chord body, in Celery's map form: a chord as a chain
+//! step (the previous result goes to every header member, the next step gets the body's
+//! result), a group followed by steps (Celery's rule: that is a chord), a chain inside a
+//! group. The worker plans nested maps the same way whoever built them
+//! ([`celeriac_core::canvas::plan`]).
+//!
 //! # Not yet
 //!
-//! Typed nesting (a group or chord as a chain step or callback; the worker already runs
-//! group and chain maps sent that way by Python), the `celery.chord_unlock`
-//! task (needed only by Python clients on backends without counters), a progress bar in the
-//! CLI, and the dataflow graph of issue 7.
+//! A chain or group inside a chord header, a group as a chain's last step (use
+//! [`Group::apply_async`]), and the `celery.chord_unlock` task (needed only by Python clients
+//! on backends without counters). For dataflow graphs see [`crate::flow`].
 
 use std::marker::PhantomData;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::result::decode_ready;
 use crate::{App, AsyncResult, Error, Result, Signature};
@@ -91,20 +99,112 @@ fn freeze<O>(sig: &Signature<O>) -> Result<Frozen> {
         return Err(Error::protocol(e.clone()));
     }
     let mut wire = sig.to_wire();
-    let id = match wire.options.get("task_id").and_then(Value::as_str) {
-        Some(id) => id.to_owned(),
-        None => {
-            let id = new_id();
-            wire.options
-                .insert("task_id".into(), Value::String(id.clone()));
-            id
-        }
-    };
+    let id = freeze_wire(&mut wire)?.ok_or_else(|| {
+        Error::protocol(
+            "a group's outcome is a GroupResult, not one task's: send it with Group::apply_async, \
+             or follow it with more steps in a chain (which makes it a chord)",
+        )
+    })?;
     Ok(Frozen {
         wire,
         options: sig.registered_options(),
         id,
     })
+}
+
+/// Gives `wire` (and, for composites, the tasks whose ids matter) a task id; returns the id
+/// of the result it ends in: its own, a chain's last task's, a chord's body's, `None` for a
+/// group.
+fn freeze_wire(wire: &mut celeriac_core::Signature) -> Result<Option<String>> {
+    let nested = |wire: &celeriac_core::Signature, key: &str| {
+        Error::protocol(format!("{} needs kwargs.{key}", wire.task))
+    };
+    match wire.subtask_type.as_deref() {
+        None => Ok(Some(
+            match wire.options.get("task_id").and_then(Value::as_str) {
+                Some(id) => id.to_owned(),
+                None => {
+                    let id = new_id();
+                    wire.options
+                        .insert("task_id".into(), Value::String(id.clone()));
+                    id
+                }
+            },
+        )),
+        Some("chain") => {
+            let mut tasks: Vec<celeriac_core::Signature> = wire
+                .kwargs
+                .get("tasks")
+                .and_then(|t| serde_json::from_value(t.clone()).ok())
+                .ok_or_else(|| nested(wire, "tasks"))?;
+            let mut last = None;
+            for t in &mut tasks {
+                last = freeze_wire(t)?;
+            }
+            wire.kwargs.insert("tasks".into(), encode(&tasks)?);
+            Ok(last)
+        }
+        Some("chord") => {
+            let mut body: celeriac_core::Signature = wire
+                .kwargs
+                .get("body")
+                .and_then(|t| serde_json::from_value(t.clone()).ok())
+                .ok_or_else(|| nested(wire, "body"))?;
+            let id = freeze_wire(&mut body)?;
+            wire.kwargs.insert("body".into(), encode(&body)?);
+            Ok(id)
+        }
+        Some(_) => Ok(None),
+    }
+}
+
+fn encode(v: &impl Serialize) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| Error::protocol(format!("cannot encode a signature: {e}")))
+}
+
+/// Sends a signature map that may be a composite, followed by `chain` (reversed): planned
+/// into plain messages ([`celeriac_core::canvas::plan`]), chord headers saved first.
+pub(crate) async fn send_planned(
+    app: &App,
+    wire: &celeriac_core::Signature,
+    options: Option<TaskOptions>,
+    chain: Option<Vec<celeriac_core::Signature>>,
+) -> Result<()> {
+    if wire.subtask_type.is_none() {
+        app.send_wire(wire, options, chain).await?;
+        return Ok(());
+    }
+    let p = celeriac_core::canvas::plan(wire, chain)?;
+    for (gid, ids) in &p.groups {
+        app.backend().save_group(gid, ids).await?;
+    }
+    for step in p.steps {
+        app.send_wire(&step.sig, None, step.chain).await?;
+    }
+    Ok(())
+}
+
+/// A composite signature: `task` (`celery.group`, ...) with its members under `kwargs`.
+fn composite<O>(kind: &str, members: Map<String, Value>, error: Option<String>) -> Signature<O> {
+    let mut s = Signature::new(format!("celery.{kind}"));
+    s.kwargs = members;
+    s.subtask_type = Some(kind.to_owned());
+    s.encode_error = error;
+    s
+}
+
+fn wires<'a>(sigs: impl IntoIterator<Item = &'a Signature<Value>>) -> (Value, Option<String>) {
+    let mut error = None;
+    let list = sigs
+        .into_iter()
+        .map(|s| {
+            if error.is_none() {
+                error.clone_from(&s.encode_error);
+            }
+            serde_json::to_value(s.to_wire()).unwrap_or(Value::Null)
+        })
+        .collect();
+    (Value::Array(list), error)
 }
 
 // ===== chain =====
@@ -187,16 +287,45 @@ impl<O> Chain<O> {
         self
     }
 
+    /// The chain as one signature (Celery's `celery.chain` map), to nest it in a group, a
+    /// chord body or another chain.
+    pub fn into_signature(self) -> Signature<O> {
+        let (tasks, error) = wires(&self.steps);
+        let mut m = Map::new();
+        m.insert("tasks".into(), tasks);
+        composite("chain", m, error)
+    }
+
     /// Sends the first step; returns a handle on the last step's result.
+    ///
+    /// Steps may be composites ([`Group::into_signature`], [`Chord::into_signature`]): a group
+    /// followed by more steps becomes a chord whose body is the next step (as in Celery); the
+    /// last step must not be a bare group (use a chord, or [`Group::apply_async`]).
     pub async fn apply_async(self, app: &App) -> Result<AsyncResult<O>> {
-        let mut frozen = self.steps.iter().map(freeze).collect::<Result<Vec<_>>>()?;
-        let Some(first) = (!frozen.is_empty()).then(|| frozen.remove(0)) else {
+        if self.steps.is_empty() {
             return Err(Error::protocol("an empty chain cannot be sent"));
-        };
+        }
+        let mut frozen = Vec::with_capacity(self.steps.len());
+        let last_step = self.steps.len() - 1;
+        for (i, s) in self.steps.iter().enumerate() {
+            if i < last_step && s.subtask_type.as_deref() == Some("group") {
+                // Only its members' ids matter; the next step waits for them as a chord body.
+                if let Some(e) = &s.encode_error {
+                    return Err(Error::protocol(e.clone()));
+                }
+                frozen.push(Frozen {
+                    wire: s.to_wire(),
+                    options: None,
+                    id: String::new(),
+                });
+            } else {
+                frozen.push(freeze(s)?);
+            }
+        }
+        let first = frozen.remove(0);
         let last = frozen.last().map_or(first.id.clone(), |f| f.id.clone());
         let rest: Vec<_> = frozen.into_iter().rev().map(|f| f.wire).collect();
-        app.send_wire(&first.wire, first.options, Some(rest))
-            .await?;
+        send_planned(app, &first.wire, first.options, Some(rest)).await?;
         Ok(AsyncResult::from_id(app, last))
     }
 }
@@ -230,7 +359,21 @@ impl<O> Group<O> {
         &self.members
     }
 
+    /// The group as one signature (Celery's `celery.group` map), to nest it in a chain: a
+    /// group followed by more steps is a chord, whose next step gets the list of results.
+    pub fn into_signature(self) -> Signature<Vec<O>> {
+        let members: Vec<Signature<Value>> =
+            self.members.into_iter().map(Signature::untyped).collect();
+        let (tasks, error) = wires(&members);
+        let mut m = Map::new();
+        m.insert("tasks".into(), tasks);
+        composite("group", m, error)
+    }
+
     /// Saves the group, then sends every member with `group` and `group_index` headers.
+    ///
+    /// A member may be a chain or a chord ([`Chain::into_signature`],
+    /// [`Chord::into_signature`]); its result is the chain's last task's or the chord body's.
     pub async fn apply_async(self, app: &App) -> Result<GroupResult<O>> {
         let gid = new_id();
         let frozen = self
@@ -245,7 +388,7 @@ impl<O> Group<O> {
             wire.options
                 .insert("group_id".into(), Value::String(gid.clone()));
             wire.options.insert("group_index".into(), i.into());
-            app.send_wire(&wire, f.options, None).await?;
+            send_planned(app, &wire, f.options, None).await?;
         }
         Ok(GroupResult::from_ids(app, gid, ids))
     }
@@ -458,8 +601,33 @@ impl<P: DeserializeOwned> ChordResult<P> {
 }
 
 impl<P> Chord<P> {
-    /// Saves the header group, then sends every member carrying the body.
+    /// The chord as one signature (Celery's `celery.chord` map), to make it a chain step:
+    /// the previous step's result goes to every header member, and the next step gets the
+    /// body's result.
+    pub fn into_signature(self) -> Signature<P> {
+        let (header, mut error) = wires(&self.header);
+        let body = self.body.untyped();
+        if error.is_none() {
+            error.clone_from(&body.encode_error);
+        }
+        let mut m = Map::new();
+        m.insert("header".into(), header);
+        m.insert(
+            "body".into(),
+            serde_json::to_value(body.to_wire()).unwrap_or(Value::Null),
+        );
+        composite("chord", m, error)
+    }
+
+    /// Saves the header group, then sends every member carrying the body (which may be a
+    /// chain, [`Chain::into_signature`]). Header members must be plain signatures.
     pub async fn apply_async(self, app: &App) -> Result<ChordResult<P>> {
+        if let Some(s) = self.header.iter().find(|s| s.is_composite()) {
+            return Err(Error::protocol(format!(
+                "a {} inside a chord header is not supported yet",
+                s.task()
+            )));
+        }
         let gid = new_id();
         let body = freeze(&self.body)?;
         let body_result = AsyncResult::from_id(app, body.id.clone());
@@ -474,7 +642,7 @@ impl<P> Chord<P> {
             // Nothing to wait for: the body runs at once with no results.
             let body_wire =
                 celeriac_core::canvas::with_parent_value(&body_wire, Value::Array(vec![]));
-            app.send_wire(&body_wire, body.options, None).await?;
+            send_planned(app, &body_wire, body.options, None).await?;
         }
         let chord = serde_json::to_value(&body_wire)
             .map_err(|e| Error::protocol(format!("cannot encode the chord body: {e}")))?;

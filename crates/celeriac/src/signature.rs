@@ -67,6 +67,8 @@ pub struct Signature<O = Value> {
     pub(crate) links: Vec<celeriac_core::Signature>,
     pub(crate) link_errors: Vec<celeriac_core::Signature>,
     pub(crate) immutable: bool,
+    /// `group`, `chain` or `chord` for a composite built by the canvas (members in `kwargs`).
+    pub(crate) subtask_type: Option<String>,
     _output: PhantomData<fn() -> O>,
 }
 
@@ -82,6 +84,7 @@ impl<O> Clone for Signature<O> {
             links: self.links.clone(),
             link_errors: self.link_errors.clone(),
             immutable: self.immutable,
+            subtask_type: self.subtask_type.clone(),
             _output: PhantomData,
         }
     }
@@ -100,6 +103,7 @@ impl<O> Signature<O> {
             links: Vec::new(),
             link_errors: Vec::new(),
             immutable: false,
+            subtask_type: None,
             _output: PhantomData,
         }
     }
@@ -308,6 +312,7 @@ impl<O> Signature<O> {
         let mut s = celeriac_core::Signature::new(self.task.clone(), self.args.clone());
         s.kwargs = self.kwargs.clone();
         s.immutable = self.immutable;
+        s.subtask_type = self.subtask_type.clone();
         let o = &self.options;
         let m = &mut s.options;
         let time = |t: &DateTime<Utc>| Value::String(celeriac_core::time::format(*t));
@@ -372,8 +377,14 @@ impl<O> Signature<O> {
             links: self.links,
             link_errors: self.link_errors,
             immutable: self.immutable,
+            subtask_type: self.subtask_type,
             _output: PhantomData,
         }
+    }
+
+    /// Whether this is a composite (a group, chain or chord turned into a signature).
+    pub fn is_composite(&self) -> bool {
+        self.subtask_type.is_some()
     }
 
     /// The options of this call's task registration, for typed signatures.
@@ -382,7 +393,16 @@ impl<O> Signature<O> {
     }
 
     /// Sends the call; returns a handle on its result.
+    ///
+    /// A composite (from `into_signature` of a chain, group or chord) is planned into its
+    /// messages; the handle is on the result it ends in (a chain's last task, a chord's body).
     pub async fn apply_async(self, app: &App) -> Result<AsyncResult<O>> {
+        if self.is_composite() {
+            return crate::canvas::chain([self])
+                .apply_async(app)
+                .await
+                .map(|r| AsyncResult::from_id(app, r.id().to_owned()));
+        }
         let id = app.send_signature(&self).await?;
         Ok(AsyncResult::from_id(app, id))
     }
