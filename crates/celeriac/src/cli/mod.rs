@@ -33,6 +33,7 @@ mod beat;
 #[cfg(feature = "beat")]
 pub use beat::run_with_beat;
 
+mod canvas;
 mod dead;
 mod pool_child;
 
@@ -356,6 +357,11 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             wait_all(&app, &ids, timeout).await?
         }
         Command::Result { id, wait, timeout } => {
+            let t = timeout.map(|t| secs(t, "--timeout")).transpose()?;
+            if let Some(code) = canvas::group_result(&app, &id, wait, t).await? {
+                app.close().await?;
+                return Ok(code);
+            }
             let r = app.result::<Value>(&id);
             let meta = if wait {
                 let timeout = timeout.map(|t| secs(t, "--timeout")).transpose()?;
