@@ -356,3 +356,278 @@ async fn a_flow_naming_an_unknown_task_sends_nothing() {
     let e = graph.start(&app, "nope", "a").await.unwrap_err();
     assert!(e.to_string().contains("\"nope\""), "{e}");
 }
+
+// ===== nested composites, and the canvas on network brokers =====
+
+/// Nested canvas, each checked by its result: a chord as a chain step, a group followed by
+/// steps (a chord, as in Celery), a chain inside a group.
+async fn nested_composites(app: &celeriac::App) {
+    // add(1, 1) | chord([add(10), add(20)], tsum) | mul(2): 2 -> [12, 22] -> 34 -> 68.
+    let step = chord(
+        group([
+            partial::<i64>("tasks.add").arg(10),
+            partial::<i64>("tasks.add").arg(20),
+        ]),
+        partial::<i64>("tasks.tsum"),
+    )
+    .into_signature();
+    let r = celeriac::chain![add::s(1, 1), step, partial::<i64>("tasks.mul").arg(2)]
+        .apply_async(app)
+        .await
+        .unwrap();
+    assert_eq!(r.get_timeout(T).await.unwrap(), 68);
+
+    // group(add(1, 1), add(2, 2), add(3, 3)) | tsum | mul(10): [2, 4, 6] -> 12 -> 120.
+    let first = group((1..=3).map(|i| add::s(i, i))).into_signature();
+    let r = celeriac::chain![
+        first,
+        partial::<i64>("tasks.tsum"),
+        partial::<i64>("tasks.mul").arg(10)
+    ]
+    .apply_async(app)
+    .await
+    .unwrap();
+    assert_eq!(r.get_timeout(T).await.unwrap(), 120);
+
+    // group(add(1, 2) | mul(10), add(3, 4) | mul(10), add(5, 5)): [30, 70, 10].
+    let g = group([
+        celeriac::chain![add::s(1, 2), partial::<i64>("tasks.mul").arg(10)].into_signature(),
+        celeriac::chain![add::s(3, 4), partial::<i64>("tasks.mul").arg(10)].into_signature(),
+        add::s(5, 5),
+    ])
+    .apply_async(app)
+    .await
+    .unwrap();
+    assert_eq!(g.join(Some(T)).await.unwrap(), vec![30, 70, 10]);
+
+    // A chord whose body is a chain: tsum([1, 2, 3]) | mul(3) = 18.
+    let c = chord(
+        group((1..=3).map(|i| add::s(i, 0))),
+        celeriac::chain![
+            partial::<i64>("tasks.tsum"),
+            partial::<i64>("tasks.mul").arg(3)
+        ]
+        .into_signature(),
+    )
+    .apply_async(app)
+    .await
+    .unwrap();
+    assert_eq!(c.get_timeout(T).await.unwrap(), 18);
+
+    // Refused before anything is sent: a chain inside a chord header; a chain ending in a
+    // bare group.
+    let e = chord(
+        group([celeriac::chain![add::s(1, 1)].into_signature()]),
+        partial::<i64>("tasks.tsum"),
+    )
+    .apply_async(app)
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("inside a chord header"), "{e}");
+    let e = celeriac::chain![
+        add::s(1, 1),
+        group([partial::<i64>("tasks.add").arg(1)]).into_signature()
+    ]
+    .apply_async(app)
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("GroupResult"), "{e}");
+}
+
+/// See: issue 7, "nested composites".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_composites_run_with_results() {
+    let (url, _db) = sqlite_url("canvas-nested");
+    let app = client(&url).await;
+    let _w = WorkerProcess::start(&url, &["-c", "4"]);
+    nested_composites(&app).await;
+}
+
+/// Chain, group, chord, map and chunks, the nested composites and a dataflow run, on one app.
+async fn canvas_suite(app: &celeriac::App) {
+    let r = celeriac::chain![
+        add::s(1, 1),
+        partial::<i64>("tasks.add").arg(10),
+        partial::<i64>("tasks.mul").arg(2)
+    ]
+    .apply_async(app)
+    .await
+    .unwrap();
+    assert_eq!(r.get_timeout(T).await.unwrap(), 24);
+    let g = group((0..6).map(|i| add::s(i, 1)))
+        .apply_async(app)
+        .await
+        .unwrap();
+    assert_eq!(g.join(Some(T)).await.unwrap(), (1..=6).collect::<Vec<_>>());
+    let c = chord(
+        group((1..=10).map(|i| add::s(i, 0))),
+        partial::<i64>("tasks.tsum"),
+    )
+    .apply_async(app)
+    .await
+    .unwrap();
+    assert_eq!(c.get_timeout(T).await.unwrap(), 55);
+    let g = map(&partial::<i64>("tasks.add").arg(5), 0..4)
+        .apply_async(app)
+        .await
+        .unwrap();
+    assert_eq!(g.join(Some(T)).await.unwrap(), vec![5, 6, 7, 8]);
+    let g = chunks(
+        &partial::<i64>("tasks.mul"),
+        (1..=5).map(|i| vec![json!(i), json!(2)]),
+        2,
+    )
+    .apply_async(app)
+    .await
+    .unwrap();
+    assert_eq!(
+        g.join(Some(T)).await.unwrap(),
+        vec![vec![2, 4], vec![6, 8], vec![10]]
+    );
+    nested_composites(app).await;
+    // The word-count dataflow: its graph travels in the messages, whatever the broker.
+    let (text, want) = document();
+    let run = celeriac_examples::word_count_graph()
+        .unwrap()
+        .start(app, "split", &text)
+        .await
+        .unwrap();
+    run.wait(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(run.totals("count").await.unwrap(), want);
+}
+
+/// Runs [`canvas_suite`] against a worker process on `broker` with results in `backend`, on a
+/// queue of its own.
+async fn on_network(broker: &str, backend: &str) {
+    let queue = celeriac_test::services::unique_queue("canvas");
+    let mut config = celeriac::Config::default();
+    config.default_queue = queue.clone();
+    let app = celeriac::App::builder()
+        .config(config)
+        .broker_url(broker)
+        .result_backend(backend)
+        .collect_tasks()
+        .build()
+        .await
+        .expect("client app");
+    let _w = WorkerProcess::start(
+        broker,
+        &["-Q", &queue, "-c", "4", "--result-backend", backend],
+    );
+    canvas_suite(&app).await;
+    app.close().await.unwrap();
+}
+
+const REDIS: &str = "127.0.0.1:6379";
+
+/// See: issue 7, "canvas on every network broker".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canvas_runs_on_redis() {
+    if !celeriac_test::services::require_service("redis", REDIS) {
+        return;
+    }
+    let url = format!("redis://{REDIS}/5");
+    on_network(&url, &url).await;
+}
+
+/// See: issue 7, "canvas on every network broker" (rpc:// has no groups or chords, so the
+/// results live in Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canvas_runs_on_rabbitmq_with_redis_results() {
+    if !celeriac_test::services::require_service("rabbitmq", "127.0.0.1:5672")
+        || !celeriac_test::services::require_service("redis", REDIS)
+    {
+        return;
+    }
+    on_network(
+        "amqp://guest:guest@127.0.0.1:5672//",
+        &format!("redis://{REDIS}/5"),
+    )
+    .await;
+}
+
+/// Runs the example binary `tasks` with `args` on `url`; returns (exit code, stdout, stderr).
+async fn tasks_cli(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["--broker".to_owned(), url.to_owned()];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tasks"))
+            .args(all)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// See: issue 7, "the CLI shows a progress bar when it waits on a group or chord".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_waits_on_a_group_with_a_progress_bar() {
+    let (url, _db) = sqlite_url("canvas-cli-progress");
+    let app = client(&url).await;
+    // Sent before any worker runs, so the wait below sees the members finish one by one.
+    let g = group((0..6).map(|i| hold::s(json!(i), 0.2)))
+        .apply_async(&app)
+        .await
+        .unwrap();
+    let (code, out, _) = tasks_cli(&url, &["result", g.id()]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.ends_with(&format!(
+            "group {}: 0 succeeded, 0 failed, 6 pending, of 6\n",
+            g.id()
+        )),
+        "{out}"
+    );
+
+    let _w = WorkerProcess::start(&url, &["-c", "2"]);
+    let (code, out, err) = tasks_cli(&url, &["result", g.id(), "--wait", "--timeout", "60"]).await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    // Not a terminal: plain lines, the count only going up, ending complete.
+    let counts: Vec<usize> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("progress: ")?.split_once("] "))
+        .map(|(_, count)| count.split('/').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(!counts.is_empty(), "{err}");
+    assert!(counts.windows(2).all(|w| w[0] < w[1]), "{err}");
+    assert_eq!(counts.last(), Some(&6), "{err}");
+    assert!(!err.contains('\r'), "{err:?}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 7, "{out}");
+    for (line, r) in lines.iter().zip(g.results()) {
+        assert_eq!(*line, format!("{} SUCCESS", r.id()));
+    }
+    assert_eq!(
+        lines[6],
+        format!("group {}: 6 succeeded, 0 failed, 0 pending, of 6", g.id())
+    );
+
+    // A chord's header is a group too; a failed member makes the exit code 2.
+    let c = chord(
+        group([add::s(1, 1).untyped(), fail::s("header".into()).untyped()]),
+        tsum::s(vec![]),
+    )
+    .apply_async(&app)
+    .await
+    .unwrap();
+    let (code, out, err) = tasks_cli(
+        &url,
+        &["result", c.header().id(), "--wait", "--timeout", "60"],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{out}\n{err}");
+    assert!(
+        err.contains("progress: [####################] 2/2 (1 failed)"),
+        "{err}"
+    );
+    assert!(
+        out.contains(" 1 succeeded, 1 failed, 0 pending, of 2"),
+        "{out}"
+    );
+}
