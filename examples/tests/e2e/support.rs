@@ -20,6 +20,17 @@ pub(crate) async fn client(url: &str) -> App {
         .expect("client app")
 }
 
+/// A client app on broker `url` with results in `backend`.
+pub(crate) async fn client_with(url: &str, backend: &str) -> App {
+    App::builder()
+        .broker_url(url)
+        .result_backend(backend)
+        .collect_tasks()
+        .build()
+        .await
+        .expect("client app")
+}
+
 /// A worker process of the example task app.
 pub(crate) struct WorkerProcess {
     child: Option<Child>,
