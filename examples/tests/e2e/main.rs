@@ -21,3 +21,6 @@ mod reliability;
 
 // Canvas: chains, links, groups, chords (one across a killed worker), chunks.
 mod canvas;
+
+// `worker -B`: periodic tasks from celeriac.toml, two workers on one file, SIGTERM.
+mod beat;
