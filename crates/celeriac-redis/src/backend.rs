@@ -57,7 +57,8 @@ impl RedisBackend {
     /// of `config`.
     ///
     /// Fails with [`ErrorKind::Backend`] when the server is unreachable (transient) or refuses
-    /// the credentials, with [`ErrorKind::Unsupported`] for `rediss://`.
+    /// the credentials, or its TLS certificate is not trusted; with
+    /// [`ErrorKind::Unsupported`] for `rediss://` when built without the `tls` feature.
     pub async fn connect(url: &str, config: &Config) -> Result<Self> {
         Self::connect_with(url, RedisOptions::from_config(config)).await
     }

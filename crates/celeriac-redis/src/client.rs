@@ -20,6 +20,18 @@ pub struct RedisConnection {
 
 impl RedisConnection {
     /// Parses `url`, connects and checks that the server answers.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> celeriac_core::Result<()> {
+    /// use celeriac_redis::{RedisConnection, RedisOptions, redis};
+    ///
+    /// let conn = RedisConnection::open("redis://127.0.0.1:6379/0?global_keyprefix=app%3A", RedisOptions::default()).await?;
+    /// let key = format!("{}my.key", conn.global_keyprefix());
+    /// let n: i64 = conn
+    ///     .run_once("count", |mut c| async move { redis::cmd("INCR").arg(&key).query_async(&mut c).await })
+    ///     .await?;
+    /// # let _ = n; Ok(()) }
+    /// ```
     pub async fn open(url: &str, options: RedisOptions) -> Result<Self> {
         let target = parse_url(url, ErrorKind::Backend)?;
         let prefix = target

@@ -71,6 +71,46 @@ impl Backoff {
     }
 }
 
+/// The client of `target`: plain, or TLS with the CA and client certificate it names.
+fn open_client(target: &Target, kind: ErrorKind) -> Result<redis::Client> {
+    let invalid =
+        |e| Error::new(kind, format!("invalid redis url {}", target.redacted)).with_source(e);
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &target.tls {
+        if tls.ca_certs.is_some() || tls.certfile.is_some() {
+            let read = |what: &str, path: &str| {
+                std::fs::read(path).map_err(|e| {
+                    Error::new(
+                        kind,
+                        format!("cannot read {what} {path:?} for {}", target.redacted),
+                    )
+                    .with_source(e)
+                })
+            };
+            let root_cert = match &tls.ca_certs {
+                Some(p) => Some(read("ssl_ca_certs", p)?),
+                None => None,
+            };
+            let client_tls = match (&tls.certfile, &tls.keyfile) {
+                (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                    client_cert: read("ssl_certfile", c)?,
+                    client_key: read("ssl_keyfile", k)?,
+                }),
+                _ => None,
+            };
+            return redis::Client::build_with_tls(
+                target.client_url.as_str(),
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
+            )
+            .map_err(invalid);
+        }
+    }
+    redis::Client::open(target.client_url.as_str()).map_err(invalid)
+}
+
 impl Redis {
     /// Opens the client and checks that the server answers (and accepts the credentials).
     pub(crate) async fn connect(
@@ -78,9 +118,7 @@ impl Redis {
         kind: ErrorKind,
         retry_for: Duration,
     ) -> Result<Self> {
-        let client = redis::Client::open(target.client_url.as_str()).map_err(|e| {
-            Error::new(kind, format!("invalid redis url {}", target.redacted)).with_source(e)
-        })?;
+        let client = open_client(target, kind)?;
         let redis = Redis {
             client,
             conn: Mutex::new(None),
@@ -88,14 +126,27 @@ impl Redis {
             url: target.redacted.clone(),
             retry_for,
         };
-        let mut c = redis
-            .connection()
-            .await
-            .map_err(|e| redis.error("connect to redis", e))?;
+        let failed = |e: RedisError| {
+            if target.tls.is_some() && e.to_string().to_lowercase().contains("certificate") {
+                // Not transient: retrying will not make the certificate acceptable.
+                Error::new(
+                    kind,
+                    format!(
+                        "cannot connect to redis ({}): the server's TLS certificate was not \
+                         accepted (check ssl_ca_certs, or ssl_cert_reqs=none to skip the check)",
+                        target.redacted
+                    ),
+                )
+                .with_source(e)
+            } else {
+                redis.error("connect to redis", e)
+            }
+        };
+        let mut c = redis.connection().await.map_err(failed)?;
         redis::cmd("PING")
             .query_async::<()>(&mut c)
             .await
-            .map_err(|e| redis.error("connect to redis", e))?;
+            .map_err(failed)?;
         Ok(redis)
     }
 

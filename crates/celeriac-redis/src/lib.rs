@@ -12,7 +12,11 @@
 //!
 //! - `redis://[[user]:password@]host[:port][/db]` (db 0 by default);
 //! - `unix:///path/to/redis.sock?db=N`, kombu's `redis+socket:///path?virtual_host=N`;
-//! - `rediss://` (TLS) is refused with a clear error: this build has no TLS support.
+//! - `rediss://…` (TLS, feature `tls`, which the facade's `redis` feature enables), with
+//!   kombu's and Celery's parameters `ssl_cert_reqs=required|optional|none` (also
+//!   `CERT_REQUIRED`, `CERT_OPTIONAL`, `CERT_NONE`; `required` by default), `ssl_ca_certs=<PEM
+//!   file>` and `ssl_certfile`/`ssl_keyfile` (a client certificate). Without the feature it is
+//!   refused with a clear error.
 //!
 //! Query parameter `global_keyprefix=<text>` (percent-encoded) sets kombu's and Celery's
 //! `global_keyprefix`; other parameters go to the `redis` crate (e.g. `protocol=resp3`).

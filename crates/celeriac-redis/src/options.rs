@@ -113,12 +113,43 @@ pub(crate) struct Target {
     pub(crate) keyprefix: Option<String>,
     /// The database number.
     pub(crate) db: i64,
+    /// TLS settings, for `rediss://`.
+    pub(crate) tls: Option<Tls>,
+}
+
+/// How a `rediss://` connection checks the server, from kombu's and Celery's URL parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Tls {
+    /// Whether the server's certificate is verified (`ssl_cert_reqs` `required` or
+    /// `optional`; not for `none`).
+    pub(crate) verify: bool,
+    /// `ssl_ca_certs`: a PEM file of the CA to trust instead of the system's.
+    pub(crate) ca_certs: Option<String>,
+    /// `ssl_certfile` and `ssl_keyfile`: a client certificate and its key (PEM), for servers
+    /// that authenticate clients.
+    pub(crate) certfile: Option<String>,
+    pub(crate) keyfile: Option<String>,
+}
+
+/// kombu's and Celery's spellings of `ssl_cert_reqs`: Python's `ssl.CERT_*` names, any case,
+/// with or without the prefix. `optional` verifies like `required`: Python's client side does
+/// the same (a server always presents a certificate).
+fn cert_reqs(v: &str) -> Option<bool> {
+    let v = v.to_ascii_lowercase();
+    match v.strip_prefix("cert_").unwrap_or(&v) {
+        "required" | "optional" => Some(true),
+        "none" => Some(false),
+        _ => None,
+    }
 }
 
 /// Parses the URL forms kombu and Celery accept:
 ///
 /// - `redis://[[user]:password@]host[:port][/db]` (db also as `?virtual_host=N`),
-/// - `rediss://…` (TLS: refused with a clear error, this build has no TLS support),
+/// - `rediss://…` (TLS, with feature `tls`) and its parameters `ssl_cert_reqs`
+///   (`required` by default, `optional`, `none`, or Python's `CERT_*` names), `ssl_ca_certs`,
+///   `ssl_certfile`, `ssl_keyfile` (paths, percent-encoded); without the feature, a clear
+///   error,
 /// - `unix:///path/redis.sock?db=N`, kombu's `redis+socket:///path?virtual_host=N` and
 ///   Celery's `socket:///path?db=N`.
 ///
@@ -136,11 +167,37 @@ pub(crate) fn parse_url(url: &str, kind: ErrorKind) -> Result<Target> {
     let mut keyprefix = None;
     let mut db: Option<String> = None;
     let mut passthrough = Vec::new();
+    let mut tls = Tls {
+        verify: true,
+        ..Tls::default()
+    };
+    let mut tls_params = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "global_keyprefix" => keyprefix = Some(percent_decode(v).map_err(|e| bad(&e))?),
             "virtual_host" | "db" => db = Some(v.to_owned()),
+            "ssl_cert_reqs" => {
+                tls.verify = cert_reqs(v).ok_or_else(|| {
+                    bad(&format!(
+                        "ssl_cert_reqs must be required, optional or none \
+                         (or CERT_REQUIRED, CERT_OPTIONAL, CERT_NONE), not {v:?}"
+                    ))
+                })?;
+                tls_params.push(k);
+            }
+            "ssl_ca_certs" | "ssl_certfile" | "ssl_keyfile" => {
+                let path = percent_decode(v).map_err(|e| bad(&e))?;
+                if path.is_empty() {
+                    return Err(bad(&format!("{k} needs a file path")));
+                }
+                match k {
+                    "ssl_ca_certs" => tls.ca_certs = Some(path),
+                    "ssl_certfile" => tls.certfile = Some(path),
+                    _ => tls.keyfile = Some(path),
+                }
+                tls_params.push(k);
+            }
             _ => passthrough.push(pair.to_owned()),
         }
     }
@@ -149,17 +206,35 @@ pub(crate) fn parse_url(url: &str, kind: ErrorKind) -> Result<Target> {
             let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
             ("redis", authority, path, false)
         }
+        "rediss" if cfg!(feature = "tls") => {
+            let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+            ("rediss", authority, path, false)
+        }
         "rediss" => {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
-                    "cannot use {redacted}: TLS (rediss://) is not supported by this build of \
-                     celeriac-redis; use a TLS tunnel (stunnel, spiped) to a redis:// address"
+                    "cannot use {redacted}: TLS (rediss://) needs celeriac-redis's `tls` \
+                     feature (the celeriac facade's `redis` feature enables it); or use a TLS \
+                     tunnel (stunnel, spiped) to a redis:// address"
                 ),
             ));
         }
         "unix" | "redis+socket" | "socket" | "redis+unix" => ("unix", "", rest, true),
         other => return Err(bad(&format!("unknown scheme {other:?}"))),
+    };
+    let tls = if client_scheme == "rediss" {
+        if tls.certfile.is_some() != tls.keyfile.is_some() {
+            return Err(bad("ssl_certfile and ssl_keyfile go together"));
+        }
+        Some(tls)
+    } else {
+        if let Some(k) = tls_params.first() {
+            return Err(bad(&format!(
+                "{k} is a TLS setting: use rediss:// for a TLS connection"
+            )));
+        }
+        None
     };
     let db_text = if unix {
         db.unwrap_or_default()
@@ -204,6 +279,10 @@ pub(crate) fn parse_url(url: &str, kind: ErrorKind) -> Result<Target> {
             u.push('?');
             u.push_str(&passthrough.join("&"));
         }
+        if tls.as_ref().is_some_and(|t| !t.verify) {
+            // The redis crate's spelling of "do not verify the server".
+            u.push_str("#insecure");
+        }
         u
     };
     Ok(Target {
@@ -211,6 +290,7 @@ pub(crate) fn parse_url(url: &str, kind: ErrorKind) -> Result<Target> {
         redacted,
         keyprefix,
         db: db_num,
+        tls,
     })
 }
 
@@ -286,6 +366,54 @@ mod tests {
         assert_eq!(parse("unix:///s.sock").db, 0);
     }
 
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_forms() {
+        let t = parse("rediss://:pw@h:6380/2");
+        assert_eq!(t.client_url, "rediss://:pw@h:6380/2");
+        assert_eq!(
+            t.tls,
+            Some(Tls {
+                verify: true,
+                ..Tls::default()
+            }),
+            "verified by default"
+        );
+        for (reqs, verify) in [
+            ("required", true),
+            ("CERT_REQUIRED", true),
+            ("optional", true),
+            ("CERT_OPTIONAL", true),
+            ("none", false),
+            ("CERT_NONE", false),
+        ] {
+            let t = parse(&format!("rediss://h/0?ssl_cert_reqs={reqs}"));
+            assert_eq!(t.tls.as_ref().unwrap().verify, verify, "{reqs}");
+            assert_eq!(t.client_url.ends_with("#insecure"), !verify, "{reqs}");
+        }
+        let t = parse(
+            "rediss://h/0?ssl_cert_reqs=required&ssl_ca_certs=%2Fetc%2Fca.pem\
+             &ssl_certfile=/c.pem&ssl_keyfile=/k.pem&protocol=resp3",
+        );
+        assert_eq!(t.client_url, "rediss://h/0?protocol=resp3");
+        let tls = t.tls.unwrap();
+        assert_eq!(tls.ca_certs.as_deref(), Some("/etc/ca.pem"));
+        assert_eq!(
+            (tls.certfile.as_deref(), tls.keyfile.as_deref()),
+            (Some("/c.pem"), Some("/k.pem"))
+        );
+        assert_eq!(parse("redis://h/0").tls, None);
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn tls_needs_the_feature() {
+        let e = parse_url("rediss://:pw@h/0", ErrorKind::Broker).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(e.to_string().contains("`tls` feature"), "{e}");
+        assert!(!e.to_string().contains("pw@"), "{e}");
+    }
+
     #[test]
     fn clear_errors_without_secrets() {
         for (url, want) in [
@@ -293,7 +421,13 @@ mod tests {
             ("redis://:pw@/0", "no host"),
             ("unix://rel.sock", "absolute path"),
             ("redis://:pw@h/0?global_keyprefix=%zz", "percent escape"),
-            ("rediss://:pw@h/0", "tls"),
+            ("redis://:pw@h/0?ssl_cert_reqs=required", "use rediss://"),
+            (
+                "rediss://:pw@h/0?ssl_cert_reqs=sometimes",
+                "ssl_cert_reqs must be",
+            ),
+            ("rediss://:pw@h/0?ssl_certfile=%2Fc.pem", "go together"),
+            ("rediss://:pw@h/0?ssl_ca_certs=", "needs a file path"),
             ("memcache://:pw@h", "unknown scheme"),
         ] {
             let e = parse_url(url, ErrorKind::Broker).unwrap_err().to_string();

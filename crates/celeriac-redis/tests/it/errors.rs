@@ -123,17 +123,34 @@ async fn a_bad_password_is_a_clear_error() {
 }
 
 #[tokio::test]
-async fn urls_register_and_refuse_tls_clearly() {
+async fn urls_register_and_tls_fails_clearly() {
     let mut drivers = celeriac_core::Drivers::new();
     celeriac_redis::register(&mut drivers);
-    let e = drivers
-        .open_broker("rediss://:pw@127.0.0.1:6379/0", &Config::default())
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unsupported);
-    assert!(e.to_string().contains("TLS"), "{e}");
-    assert!(!e.to_string().contains("pw@"));
+    #[cfg(not(feature = "tls"))]
+    {
+        let e = drivers
+            .open_broker("rediss://:pw@127.0.0.1:6379/0", &Config::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(e.to_string().contains("TLS"), "{e}");
+        assert!(!e.to_string().contains("pw@"));
+    }
     if util::redis_up() {
+        // With TLS built in, rediss:// to a plain-text server fails the handshake clearly.
+        #[cfg(feature = "tls")]
+        {
+            let e = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                drivers.open_broker("rediss://:pw@127.0.0.1:6379/0", &Config::default()),
+            )
+            .await
+            .expect("fails, does not hang")
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Broker);
+            assert!(e.to_string().contains("cannot connect to redis"), "{e}");
+            assert!(!format!("{e} {e:?}").contains("pw@"), "{e:?}");
+        }
         let b = drivers
             .open_broker(util::URL, &Config::default())
             .await

@@ -11,5 +11,8 @@ mod backend;
 mod errors;
 // The redelivery counter, batched fetching, wake-ups.
 mod redelivery;
+// rediss:// against a private TLS redis-server.
+#[cfg(feature = "tls")]
+mod tls;
 // Shared helpers: unique key prefixes, raw connections.
 mod util;
