@@ -75,6 +75,7 @@ mod timelimit;
 mod worker;
 
 pub use options::{ChildCommand, Pool, WorkerOptions};
+pub use pool::PoolHandle;
 pub use pool::process::{CHILD_ENV, is_pool_child, run_child};
 pub use report::WorkerReport;
 pub use shutdown::ShutdownHandle;

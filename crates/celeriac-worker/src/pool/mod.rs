@@ -67,6 +67,7 @@ impl Executor {
                 o.child_command.clone(),
                 o.max_tasks_per_child,
                 o.max_memory_per_child,
+                o.concurrency,
             )),
         }
     }
@@ -113,6 +114,101 @@ impl Executor {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Grows and shrinks a worker's pool while it runs: Celery's SIGTTIN (+1) and SIGTTOU (-1),
+/// which [`Worker::run_until_signal`](crate::Worker::run_until_signal) maps onto it.
+///
+/// The size is the worker's concurrency: how many tasks run at once, and under
+/// [`Pool::Processes`] how many children are kept (started at once when it grows, retired
+/// when it shrinks: idle ones at once, busy ones when their task ends). It never goes below 1.
+/// Cheap to clone; take it with [`Worker::pool_handle`](crate::Worker::pool_handle).
+#[derive(Debug, Clone)]
+pub struct PoolHandle {
+    slots: Arc<tokio::sync::Semaphore>,
+    size: Arc<std::sync::Mutex<usize>>,
+    processes: Option<ProcessPool>,
+}
+
+impl PoolHandle {
+    pub(crate) fn new(size: usize, executor: &Executor) -> Self {
+        let size = size.max(1);
+        PoolHandle {
+            slots: Arc::new(tokio::sync::Semaphore::new(size)),
+            size: Arc::new(std::sync::Mutex::new(size)),
+            processes: match executor {
+                Executor::Processes(p) => Some(p.clone()),
+                _ => None,
+            },
+        }
+    }
+
+    /// The concurrency slots the worker's deliveries take.
+    pub(crate) fn slots(&self) -> Arc<tokio::sync::Semaphore> {
+        self.slots.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.size.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current size (concurrency).
+    pub fn size(&self) -> usize {
+        *self.lock()
+    }
+
+    /// Children alive under [`Pool::Processes`] (idle or busy); `None` for the other pools.
+    pub fn children(&self) -> Option<usize> {
+        self.processes.as_ref().map(ProcessPool::children)
+    }
+
+    /// Adds `n` slots (and under [`Pool::Processes`] starts `n` children); returns the new size.
+    pub fn grow(&self, n: usize) -> usize {
+        let mut size = self.lock();
+        *size += n;
+        self.slots.add_permits(n);
+        if let Some(p) = &self.processes {
+            p.resize(*size);
+        }
+        tracing::info!(size = *size, "pool grew");
+        *size
+    }
+
+    /// Removes up to `n` slots, keeping at least one; returns the new size. Running tasks are
+    /// not interrupted: a slot goes when its task ends. Call it within the worker's runtime.
+    pub fn shrink(&self, n: usize) -> usize {
+        let mut size = self.lock();
+        let n = n.min(*size - 1);
+        if n == 0 {
+            return *size;
+        }
+        *size -= n;
+        let taken = u32::try_from(n).unwrap_or(u32::MAX);
+        match self.slots.clone().try_acquire_many_owned(taken) {
+            Ok(permits) => permits.forget(),
+            Err(_) => {
+                // Busy slots: take them as their tasks end.
+                let slots = self.slots.clone();
+                tokio::spawn(async move {
+                    if let Ok(permits) = slots.acquire_many_owned(taken).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
+        if let Some(p) = &self.processes {
+            p.resize(*size);
+        }
+        tracing::info!(size = *size, "pool shrank");
+        *size
+    }
+
+    /// Starts the processes pool's children before the first task.
+    pub(crate) fn prestart(&self) {
+        if let Some(p) = &self.processes {
+            p.prestart();
         }
     }
 }

@@ -44,7 +44,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::os::unix::process::ExitStatusExt as _;
 use std::panic::AssertUnwindSafe;
 use std::process::{ExitCode, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -185,6 +185,19 @@ struct Inner {
     max_tasks: Option<u32>,
     max_memory_kib: Option<u64>,
     jobs: AtomicU64,
+    /// How many children the pool keeps (the worker's concurrency; grows and shrinks).
+    target: AtomicUsize,
+    /// Children running a job now.
+    busy: AtomicUsize,
+}
+
+/// Counts a child as busy while alive.
+struct Busy(Arc<Inner>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug)]
@@ -202,6 +215,7 @@ impl ProcessPool {
         command: Option<ChildCommand>,
         max_tasks: Option<u32>,
         max_memory_kib: Option<u64>,
+        size: usize,
     ) -> Self {
         let command = match command {
             Some(c) => Ok(c),
@@ -216,6 +230,8 @@ impl ProcessPool {
                 max_tasks: max_tasks.filter(|n| *n > 0),
                 max_memory_kib: max_memory_kib.filter(|n| *n > 0),
                 jobs: AtomicU64::new(0),
+                target: AtomicUsize::new(size.max(1)),
+                busy: AtomicUsize::new(0),
             }),
         }
     }
@@ -233,6 +249,70 @@ impl ProcessPool {
         pid.set(None);
         finished
     }
+
+    /// Starts children in the background until the pool has its target number (Celery's
+    /// prefork starts its children before the first task).
+    pub(crate) fn prestart(&self) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            while inner.idle().len() + inner.busy.load(Ordering::SeqCst)
+                < inner.target.load(Ordering::SeqCst)
+            {
+                match inner.spawn().await {
+                    Ok(c) => {
+                        let mut idle = inner.idle();
+                        if idle.len() + inner.busy.load(Ordering::SeqCst)
+                            < inner.target.load(Ordering::SeqCst)
+                        {
+                            idle.push(c);
+                        } else {
+                            // Jobs started their own children meanwhile.
+                            drop(idle);
+                            c.retire();
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot prestart a pool child");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Keeps `target` children from now on: retires idle children beyond it at once (busy ones
+    /// as they finish their task), or starts the missing ones.
+    pub(crate) fn resize(&self, target: usize) {
+        let target = target.max(1);
+        let before = self.inner.target.swap(target, Ordering::SeqCst);
+        if target > before {
+            self.prestart();
+            return;
+        }
+        loop {
+            let extra = {
+                let mut idle = self.inner.idle();
+                if idle.len() + self.inner.busy.load(Ordering::SeqCst) > target {
+                    idle.pop()
+                } else {
+                    None
+                }
+            };
+            match extra {
+                Some(c) => {
+                    tracing::info!(pid = c.pid, target, "pool shrank; retiring an idle child");
+                    c.retire();
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Children alive in the pool (idle or running a job).
+    pub(crate) fn children(&self) -> usize {
+        self.inner.idle().len() + self.inner.busy.load(Ordering::SeqCst)
+    }
 }
 
 impl Inner {
@@ -247,6 +327,10 @@ impl Inner {
         kwargs: Map<String, Value>,
         pid: &ChildPid,
     ) -> Finished {
+        // Busy from now: a child being started for this job counts, so a prestart running at
+        // the same time does not add one more.
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        let busy = Busy(self.clone());
         let mut child = match self.checkout().await {
             Ok(c) => c,
             Err(e) => return Finished::Lost(format!("cannot start a pool child: {e}")),
@@ -276,6 +360,7 @@ impl Inner {
                         notice.0 = None;
                         pid.set(None);
                         let finished = outcome.into_finished();
+                        drop(busy);
                         self.checkin(child);
                         return finished;
                     }
@@ -370,6 +455,11 @@ impl Inner {
     /// Takes back a child that finished a job, or retires it.
     fn checkin(&self, mut c: ChildProc) {
         c.tasks += 1;
+        let target = self.target.load(Ordering::SeqCst);
+        if self.idle().len() + self.busy.load(Ordering::SeqCst) >= target {
+            tracing::info!(pid = c.pid, target, "pool shrank; retiring the child");
+            return c.retire();
+        }
         if self.max_tasks.is_some_and(|max| c.tasks >= max) {
             tracing::info!(
                 pid = c.pid,

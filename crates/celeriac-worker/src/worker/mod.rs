@@ -13,13 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use celeriac_core::{ConsumeOptions, Delivery, DynBackend, DynBroker, ErrorKind, Registry, Result};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::execute::{self, Shared};
 use crate::options::WorkerOptions;
-use crate::pool::{AbortOnDrop, Executor};
+use crate::pool::{AbortOnDrop, Executor, PoolHandle};
 use crate::ratelimit::RateLimiter;
 use crate::record::Recorder;
 use crate::report::{Counters, WorkerReport};
@@ -53,6 +52,8 @@ pub struct Worker {
     registry: Arc<Registry>,
     options: WorkerOptions,
     shutdown: ShutdownHandle,
+    executor: Executor,
+    pool: PoolHandle,
 }
 
 impl Worker {
@@ -64,13 +65,23 @@ impl Worker {
         registry: Arc<Registry>,
         options: WorkerOptions,
     ) -> Self {
+        let executor = Executor::from_options(&options);
+        let pool = PoolHandle::new(options.concurrency, &executor);
         Worker {
             broker,
             backend,
             registry: crate::builtins::with_builtins(registry),
             options,
             shutdown: ShutdownHandle::new(),
+            executor,
+            pool,
         }
+    }
+
+    /// A handle to grow and shrink the pool while the worker runs (SIGTTIN/SIGTTOU under
+    /// [`Worker::run_until_signal`]).
+    pub fn pool_handle(&self) -> PoolHandle {
+        self.pool.clone()
     }
 
     /// A handle to stop the worker (warm, then cold); take it before calling `run`.
@@ -93,6 +104,8 @@ impl Worker {
             registry,
             options,
             shutdown,
+            executor,
+            pool,
         } = self;
         for q in &options.queues {
             broker.declare(q).await?;
@@ -110,6 +123,7 @@ impl Worker {
             tasks = registry.len(),
             "worker started"
         );
+        pool.prestart();
         let phase = shutdown.watch();
         let running = backend.is_some().then(|| Arc::new(RunningIds::default()));
         let watcher = running
@@ -119,8 +133,8 @@ impl Worker {
         let shared = Arc::new(Shared {
             broker: broker.clone(),
             recorder: Recorder::new(backend, options.hostname.clone()),
-            executor: Executor::from_options(&options),
-            slots: Arc::new(Semaphore::new(concurrency)),
+            executor,
+            slots: pool.slots(),
             limiter: RateLimiter::default(),
             counters: Counters::default(),
             phase: phase.clone(),
@@ -213,10 +227,22 @@ impl Worker {
 
     /// Like [`Worker::run`], stopping on SIGINT/SIGTERM (Ctrl-C): the first signal starts a
     /// warm shutdown, the second a cold one.
+    ///
+    /// On Unix, SIGTTIN grows the pool by one and SIGTTOU shrinks it by one, as for Celery's
+    /// prefork pool (see [`PoolHandle`]).
     pub async fn run_until_signal(self) -> Result<WorkerReport> {
-        let listener = tokio::spawn(signal::listen(self.shutdown_handle()));
+        // Listeners are installed before the worker starts, so that no signal sent after the
+        // "worker started" line takes its default action (SIGTTIN would stop the process).
+        let listener = tokio::spawn(signal::listen(
+            self.shutdown_handle(),
+            signal::Signals::new(),
+        ));
+        let resizer = signal::resizer(self.pool_handle()).map(tokio::spawn);
         let report = self.run().await;
         listener.abort();
+        if let Some(r) = resizer {
+            r.abort();
+        }
         report
     }
 }

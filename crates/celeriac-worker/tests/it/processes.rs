@@ -366,3 +366,93 @@ async fn a_terminate_revoke_signals_the_running_child_and_sticks_across_a_restar
     assert_eq!((report.revoked, report.succeeded), (1, 0));
     assert!(!pidfile.exists(), "the copy never ran");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_prestarts_its_children_and_grows_and_shrinks_at_run_time() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let go = Opening::new();
+    let g = go.clone();
+    let gated = async_task("tasks.gated", move |_, _| {
+        let g = g.clone();
+        async move {
+            g.wait().await;
+            Ok(json!(null))
+        }
+    });
+    // Tracks how many run at once.
+    let (now, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n, m) = (now.clone(), max.clone());
+    let overlap = async_task("tasks.overlap", move |_, _| {
+        let (n, m) = (n.clone(), m.clone());
+        async move {
+            let running = n.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(running, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            n.fetch_sub(1, Ordering::SeqCst);
+            Ok(json!(null))
+        }
+    });
+    let mut defs = tasks();
+    defs.extend([gated, overlap]);
+    let h = start(
+        defs,
+        process_options(|o| {
+            o.concurrency = 2;
+            o.prefetch_buffer = 4;
+            o.track_started = true;
+        }),
+    );
+    h.until("two children prestarted", || async {
+        h.pool.children() == Some(2)
+    })
+    .await;
+
+    // Grow: a third child, and three tasks at once.
+    assert_eq!(h.pool.grow(1), 3);
+    h.until("a third child", || async { h.pool.children() == Some(3) })
+        .await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(h.call("tasks.gated", vec![]).await);
+    }
+    h.until("three running at once", || async {
+        let mut started = 0;
+        for id in &ids {
+            if h.stored(id)
+                .await
+                .is_some_and(|m| m.status == TaskState::Started)
+            {
+                started += 1;
+            }
+        }
+        started == 3
+    })
+    .await;
+
+    // Shrink to one (never below): idle children retire, the slots go as tasks end.
+    assert_eq!(h.pool.shrink(5), 1);
+    assert_eq!(h.pool.size(), 1);
+    h.until("one child left", || async { h.pool.children() == Some(1) })
+        .await;
+    go.open();
+    for id in &ids {
+        h.result(id).await;
+    }
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(h.call("tasks.overlap", vec![]).await);
+    }
+    for id in &ids {
+        assert_eq!(h.result(id).await.status, TaskState::Success);
+    }
+    assert_eq!(
+        max.load(Ordering::SeqCst),
+        1,
+        "one at a time after the shrink"
+    );
+    // Blocking tasks still run, in the one child.
+    let pid = h.call("proc.pid", vec![]).await;
+    assert_eq!(h.result(&pid).await.status, TaskState::Success);
+    h.stop().await;
+}

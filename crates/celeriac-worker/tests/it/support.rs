@@ -80,6 +80,7 @@ pub(crate) struct Harness {
     pub(crate) broker: TestBroker,
     pub(crate) backend: MemoryBackend,
     pub(crate) shutdown: ShutdownHandle,
+    pub(crate) pool: celeriac_worker::PoolHandle,
     join: JoinHandle<Result<WorkerReport>>,
 }
 
@@ -119,11 +120,13 @@ pub(crate) fn start_with(
         options,
     );
     let shutdown = worker.shutdown_handle();
+    let pool = worker.pool_handle();
     let join = tokio::spawn(worker.run());
     Harness {
         broker,
         backend,
         shutdown,
+        pool,
         join,
     }
 }
