@@ -11,7 +11,7 @@ use celeriac::Signature;
 use celeriac::core::protocol::{Body, ContentType, Headers, Message, new_id};
 use celeriac::core::{PublishOptions, TaskState};
 use celeriac::worker::dead;
-use celeriac_examples::{abort, add, spin};
+use celeriac_examples::{abort, add, spin, stamp};
 use serde_json::{Map, Value, json};
 
 use crate::support::{T, WorkerProcess, client, client_with, sqlite_url};
@@ -426,4 +426,79 @@ async fn the_dead_command_lists_inspects_requeues_and_purges() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "purged 1 dead letter(s) from celery.dead");
     let _ = b;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigttin_and_sigttou_grow_and_shrink_the_processes_pool() {
+    let (url, db) = sqlite_url("reliability-resize");
+    let config = format!("{}.toml", db.display());
+    std::fs::write(&config, "track_started = true\n").unwrap();
+    let app = client(&url).await;
+    let mut w = WorkerProcess::start_with_config(&url, &config, &["-P", "processes", "-c", "2"]);
+    w.wait_for_log("worker started", T).await;
+    children(&w, 2).await;
+
+    w.signal("TTIN");
+    children(&w, 3).await;
+    // Three tasks run at once.
+    let mut long = Vec::new();
+    for _ in 0..3 {
+        long.push(stamp::delay(&app, 3.0).await.unwrap());
+    }
+    let deadline = Instant::now() + T;
+    loop {
+        let mut started = 0;
+        for r in &long {
+            if r.state().await.unwrap() == TaskState::Started {
+                started += 1;
+            }
+        }
+        if started == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never three at once:\n{}",
+            w.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    w.signal("TTOU");
+    w.signal("TTOU");
+    for r in &long {
+        r.get_timeout(T).await.unwrap();
+    }
+    children(&w, 1).await;
+    // One at a time now: the second of two 1.5 s tasks ends 1.5 s after the first.
+    let a = stamp::delay(&app, 1.5).await.unwrap();
+    let b = stamp::delay(&app, 1.5).await.unwrap();
+    let (ta, tb) = (
+        a.get_timeout(T).await.unwrap(),
+        b.get_timeout(T).await.unwrap(),
+    );
+    assert!(
+        (ta - tb).abs() >= 1.4,
+        "ran together: {ta} {tb}\n{}",
+        w.log()
+    );
+    let log = w.log();
+    assert!(log.contains("SIGTTIN: pool grown by one"), "{log}");
+    assert!(log.contains("SIGTTOU: pool shrunk by one"), "{log}");
+    w.signal("TERM");
+    assert!(w.wait(T).await.success());
+}
+
+/// Waits until the worker has `n` live children.
+async fn children(w: &WorkerProcess, n: usize) {
+    let deadline = Instant::now() + T;
+    while w.children() != n {
+        assert!(
+            Instant::now() < deadline,
+            "never {n} children (now {}):\n{}",
+            w.children(),
+            w.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

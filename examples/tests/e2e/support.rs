@@ -77,6 +77,29 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The worker's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Live (not zombie) child processes of the worker, from `/proc`.
+    pub(crate) fn children(&self) -> usize {
+        let pid = self.pid().to_string();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return 0;
+        };
+        dir.filter_map(Result::ok)
+            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+            .filter(|stat| {
+                // "pid (comm) state ppid ...": the fields after the last ')'.
+                let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+                let state = rest.next();
+                let ppid = rest.next();
+                state != Some("Z") && ppid == Some(pid.as_str())
+            })
+            .count()
+    }
+
     /// Sends SIGTERM (or SIGKILL) to the worker.
     pub(crate) fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id();
