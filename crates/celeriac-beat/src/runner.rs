@@ -289,6 +289,20 @@ impl Beat {
     /// A receiver of this instance's [`BeatEvent`]s from now on: a `Tick` for every task it
     /// sends, `Leading`/`NotLeading` when it takes or loses the lease. Subscribe before
     /// [`Beat::run`]; events sent while nobody listens are dropped.
+    ///
+    /// ```
+    /// # async fn demo(dispatch: impl celeriac_beat::Dispatch) {
+    /// use celeriac_beat::{Beat, BeatEvent, BeatOptions, MemoryStore};
+    ///
+    /// let beat = Beat::new(MemoryStore::new(), dispatch, BeatOptions::default());
+    /// let mut events = beat.subscribe();
+    /// tokio::spawn(async move {
+    ///     while let Ok(BeatEvent::Tick { entry, task_id, .. }) = events.recv().await {
+    ///         println!("{entry}: sent {task_id}");
+    ///     }
+    /// });
+    /// # }
+    /// ```
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BeatEvent> {
         self.events.subscribe()
     }

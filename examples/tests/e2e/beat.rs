@@ -47,7 +47,7 @@ async fn two_workers_with_beat_send_every_tick_once_and_stop_on_sigterm() {
     std::fs::write(
         &config_path,
         format!(
-            "[beat]\nlease = 3\npoll_interval = 0.2\n\n[beat.schedule.journal]\n\
+            "[beat]\nlease = 10\npoll_interval = 0.2\n\n[beat.schedule.journal]\n\
              task = \"tasks.journal\"\nevery = {}\nargs = [{:?}]\n",
             EVERY.as_secs_f64(),
             journal_path.display().to_string()

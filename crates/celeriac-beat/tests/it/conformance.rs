@@ -118,6 +118,16 @@ async fn conformance(store: &dyn BeatStore) {
     assert_eq!(rows.keys().collect::<Vec<_>>(), vec!["e"]);
 }
 
+#[test]
+fn stores_and_events_are_send_and_sync() {
+    fn is<T: Send + Sync + 'static>() {}
+    is::<MemoryStore>();
+    is::<SqliteStore>();
+    is::<RedisStore>();
+    is::<celeriac_beat::BeatEvent>();
+    is::<tokio::sync::broadcast::Receiver<celeriac_beat::BeatEvent>>();
+}
+
 #[tokio::test]
 async fn memory_store_keeps_the_contract() {
     conformance(&MemoryStore::new()).await;
