@@ -502,3 +502,93 @@ async fn children(w: &WorkerProcess, n: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_with_terminate_stops_a_running_task_in_a_pool_child() {
+    use celeriac::RevokeOptions;
+    let (url, db) = sqlite_url("reliability-terminate");
+    let config = format!("{}.toml", db.display());
+    std::fs::write(&config, "track_started = true\n").unwrap();
+    let app = client(&url).await;
+    let mut w = WorkerProcess::start_with_config(&url, &config, &["-P", "processes", "-c", "1"]);
+    // A blocking task far longer than the test.
+    let long = stamp::delay(&app, 60.0).await.unwrap();
+    let deadline = Instant::now() + T;
+    while long.state().await.unwrap() != TaskState::Started {
+        assert!(Instant::now() < deadline, "never started:\n{}", w.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = Instant::now();
+    long.revoke_with(RevokeOptions::terminate().signal("SIGTERM"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        let e = long.error().await.unwrap();
+        if e.as_ref().is_some_and(|e| e.message() == "terminated") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never terminated:\n{}", w.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped = sent.elapsed();
+    assert_eq!(long.state().await.unwrap(), TaskState::Revoked);
+    let e = long.get_timeout(T).await.unwrap_err();
+    assert_eq!(e.kind(), celeriac::ErrorKind::TaskFailed);
+    // The worker carries on, and nothing is left in the queue (the message was acked).
+    let r = add::delay(&app, 2, 3).await.unwrap();
+    assert_eq!(r.get_timeout(T).await.unwrap(), 5);
+    let s = app.broker().stats("celery").await.unwrap();
+    assert_eq!(s.total(), 0, "{s:?}");
+    let log = w.log();
+    assert!(log.contains("revoked with terminate"), "{log}");
+    println!(
+        "terminate: REVOKED {:.2}s after revoke_with (poll 0.3 s)",
+        stopped.as_secs_f64()
+    );
+    w.signal("TERM");
+    assert!(w.wait(T).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_id_expires_with_its_result() {
+    let (url, db) = sqlite_url("reliability-revoke-expiry");
+    let config = format!("{}.toml", db.display());
+    std::fs::write(&config, "result_expires = 4\n").unwrap();
+    let mut c = celeriac::core::Config::default();
+    c.result_expires = Some(Duration::from_secs(4));
+    let app = celeriac::App::builder()
+        .config(c)
+        .broker_url(&url)
+        .collect_tasks()
+        .build()
+        .await
+        .unwrap();
+    let mut w = WorkerProcess::start_with_config(&url, &config, &["-c", "1"]);
+    w.wait_for_log("worker started", T).await;
+    let id = new_id();
+    let r = celeriac::AsyncResult::<Value>::from_id(&app, &id);
+    r.revoke().await.unwrap();
+    // While the revoke lasts, a message with that id is not run (a run would store SUCCESS).
+    add::s(1, 1)
+        .task_id(id.clone())
+        .apply_async(&app)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + T;
+    while app.broker().stats("celery").await.unwrap().total() > 0 {
+        assert!(Instant::now() < deadline, "never consumed:\n{}", w.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(r.state().await.unwrap(), TaskState::Revoked, "{}", w.log());
+    // Once result_expires has passed, the id is unknown again and a new message runs.
+    let deadline = Instant::now() + T;
+    while r.state().await.unwrap() != TaskState::Pending {
+        assert!(Instant::now() < deadline, "the revoke never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = add::s(2, 2).task_id(id).apply_async(&app).await.unwrap();
+    assert_eq!(again.get_timeout(T).await.unwrap(), 4);
+    w.signal("TERM");
+    assert!(w.wait(T).await.success());
+}
