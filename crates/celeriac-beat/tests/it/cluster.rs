@@ -182,6 +182,7 @@ async fn leader_killed_another_takes_over_within_the_lease(site: Site) {
         .find(|s| s.instance != leader)
         .expect("another instance took over");
     let took = first_new.at - killed_at;
+    eprintln!("{}: take-over after {took:?} (lease {LEASE:?})", site.url);
     assert!(
         took <= LEASE + STEP + Duration::from_millis(400),
         "take-over after {took:?} (lease {LEASE:?})"

@@ -238,3 +238,43 @@ async fn a_dead_leaders_redis_lease_expires_on_the_server() {
             .unwrap()
     );
 }
+
+#[tokio::test]
+async fn a_corrupt_redis_record_is_a_clear_error_that_changes_nothing() {
+    let Some(url) = redis_url("beat-corrupt") else {
+        return;
+    };
+    let store = RedisStore::open(&url).await.unwrap();
+    let conn = celeriac_redis::RedisConnection::open(&url, Default::default())
+        .await
+        .unwrap();
+    let key = store.lease_key().replace(".lease", ".state");
+    conn.run_once("corrupt", |mut c| async move {
+        celeriac_redis::redis::cmd("HSET")
+            .arg(&key)
+            .arg("broken")
+            .arg("{not json")
+            .query_async::<()>(&mut c)
+            .await
+    })
+    .await
+    .unwrap();
+    let e = store.load().await.unwrap_err().to_string();
+    assert!(
+        e.contains("\"broken\"") && e.contains("state") && e.contains("not valid JSON"),
+        "{e}"
+    );
+    // The record is left as it was, for a person to look at.
+    let key = store.lease_key().replace(".lease", ".state");
+    let kept: Option<String> = conn
+        .run_once("read", |mut c| async move {
+            celeriac_redis::redis::cmd("HGET")
+                .arg(&key)
+                .arg("broken")
+                .query_async(&mut c)
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(kept.as_deref(), Some("{not json"));
+}
