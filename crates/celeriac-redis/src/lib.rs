@@ -36,6 +36,8 @@
 //! | `unacked_index` | zset | delivery tag → lease score (Unix seconds) |
 //! | `unacked_mutex` | string | the sweep lock, `SET NX PX 300000` |
 //! | `celeriac.delayed.<queue>` | zset | envelope → due time (Unix ms); ours, kombu has none |
+//! | `celeriac.redelivered.<tag>` | string | redelivery count of a delivery; ours, with a TTL |
+//! | `celeriac.wake.<db>.<queue>` | channel | announces new messages to idle consumers; ours |
 //!
 //! # Design
 //!
@@ -44,9 +46,12 @@
 //! with `LPUSH` to one of four lists chosen by its `priority` property with kombu's
 //! `priority_steps` `[0, 3, 6, 9]`. A consumer takes from all its lists in kombu's order
 //! (priority-major, queues round robin), so Python and Rust consumers can share a queue.
-//! It pops a message and records it in `unacked` in one Lua script, never in two steps as
-//! kombu's `BRPOP` does, so a consumer killed at any instant loses nothing; since a script
-//! cannot block, an idle consumer polls (1 ms after activity, backing off to 20 ms).
+//! It pops messages (up to its free prefetch) and records them in `unacked` in one Lua
+//! script, never in two steps as kombu's `BRPOP` does, so a consumer killed at any instant
+//! loses nothing. A script cannot block, so publishers announce new messages on our channel
+//! `celeriac.wake.<db>.<queue>` and an idle consumer waits on a subscription to it, with a
+//! 1 s fallback poll for messages that Python clients push unannounced. Acks are settled in
+//! batches: every ack waiting while one script call runs goes into the next.
 //!
 //! **Priorities.** On Redis kombu serves *lower* values first; celeriac's priorities, like
 //! AMQP's, serve *higher* ones first. A celeriac priority becomes the kombu value of its
@@ -88,9 +93,11 @@
 //! # What differs from kombu
 //!
 //! - No fanout exchanges (pub/sub broadcast for events and remote control) yet.
-//! - `redeliveries` is 0 or 1: kombu keeps a flag, not a count.
+//! - `redeliveries` is a count kept in our own keys (restores and requeues increment it, the
+//!   ack deletes it); kombu keeps a flag.
 //! - Fetching is pop-and-record in one script rather than `BRPOP` (kombu's window in which a
-//!   killed consumer loses a message is closed), at the cost of polling while idle.
+//!   killed consumer loses a message is closed); idle consumers wait on our wake-up channel,
+//!   and poll once a second for messages published by clients that do not announce them.
 //! - Fixed `sep` and `priority_steps`; queues declared with `x-expires` are not supported.
 
 mod backend;
