@@ -8,8 +8,13 @@
 //!
 //! - [`Worker`]: built from a broker, an optional result backend, a [`Registry`](celeriac_core::Registry) of tasks and
 //!   [`WorkerOptions`]; [`Worker::run`] returns a [`WorkerReport`] after a shutdown.
-//! - [`ShutdownHandle`]: warm (finish what runs, hand back the rest) then cold (cancel what
-//!   runs); [`Worker::run_until_signal`] maps SIGINT/SIGTERM onto them.
+//! - [`ShutdownHandle`]: warm (finish what runs, hand back the rest), soft (warm for at most
+//!   [`WorkerOptions::soft_shutdown_timeout`]) then cold (cancel what runs);
+//!   [`Worker::run_until_signal`] maps SIGINT/SIGTERM onto them.
+//! - [`PoolHandle`]: grow and shrink the pool while the worker runs (SIGTTIN/SIGTTOU).
+//! - [`revoke`]: the REVOKED record a revoke stores, and `terminate` for running tasks: the
+//!   worker reads its running ids' states in one batch every
+//!   [`WorkerOptions::revoke_poll_interval`] and stops those revoked with terminate.
 //! - [`Pool`]: where blocking task bodies run: tokio's blocking threads, the worker's own
 //!   threads, or child processes of the same binary ([`Pool::Processes`]; a binary serves as a
 //!   child through [`run_child`] when [`is_pool_child`]).
@@ -32,7 +37,9 @@
 //! - **At least once, with leases.** A delivery is leased for the visibility timeout and the
 //!   worker extends the lease while it holds one long. Acks are early by default (as Celery's),
 //!   late per task with `acks_late`. A task id that already has a ready result in the backend
-//!   is not run again, which also makes revocation work: revoking stores REVOKED.
+//!   is not run again, which also makes revocation work: revoking stores REVOKED. There is
+//!   no remote-control channel: a terminate revoke is found by polling the backend for the
+//!   ids that run, a few times a second, only while something runs.
 //! - **Blocking tasks leave the runtime.** A `Handler::Blocking` body never runs on a tokio
 //!   worker thread, so a slow body cannot stall acks, leases or other tasks. The cost: a
 //!   thread cannot be killed, so under the thread pools a blocking task past its hard time

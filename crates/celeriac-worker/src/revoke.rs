@@ -6,7 +6,7 @@
 //! checks it before it runs a task (so it sticks across restarts and holds on every worker),
 //! and, while tasks run, reads their states every
 //! [`WorkerOptions::revoke_poll_interval`](crate::WorkerOptions::revoke_poll_interval) in one
-//! batch ([`ResultBackend::get_many`]) to find revokes that ask to terminate them.
+//! batch ([`ResultBackend::get_many`](celeriac_core::ResultBackend::get_many)) to find revokes that ask to terminate them.
 //!
 //! # The stored document
 //!
