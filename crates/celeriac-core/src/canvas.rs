@@ -23,6 +23,13 @@
 //! is too high costs an extra read, never an early body), and a member whose result was
 //! already stored when it was redelivered still counts (so a crash between storing and counting
 //! loses nothing). The claim makes the body fire once.
+//!
+//! A backend with a chord protocol of its own (Celery's Redis backend: the `celery-taskset-meta-<gid>`
+//! `.j`/`.t`/`.s` keys) is asked first ([`ResultBackend::chord_part_return`](crate::ResultBackend::chord_part_return)
+//! with a [`ChordPart`]); the counter is used only when it answers [`ChordStatus::NotNative`].
+//! Chord senders announce the header size with
+//! [`ResultBackend::set_chord_size`](crate::ResultBackend::set_chord_size), so a Python worker
+//! completes our chords and ours complete Python's.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -411,6 +418,43 @@ pub fn default_option(sig: &mut Signature, key: &str, value: impl Into<Value>) {
     if entry.is_null() {
         *entry = value.into();
     }
+}
+
+/// One chord header member that returned, handed to a backend's own chord protocol
+/// ([`ResultBackend::chord_part_return`](crate::ResultBackend::chord_part_return)).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct ChordPart<'a> {
+    /// The chord's header group id.
+    pub group_id: &'a str,
+    /// The member's stored outcome (id, state, result or Celery exception map).
+    pub meta: &'a crate::TaskMeta,
+    /// The member's place in the header, if the message said.
+    pub group_index: Option<u32>,
+}
+
+impl<'a> ChordPart<'a> {
+    /// Member `meta` of chord `group_id`, at `group_index`.
+    pub fn new(group_id: &'a str, meta: &'a crate::TaskMeta, group_index: Option<u32>) -> Self {
+        ChordPart {
+            group_id,
+            meta,
+            group_index,
+        }
+    }
+}
+
+/// What a backend's own chord protocol says after a header member returned.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ChordStatus {
+    /// The backend has no chord protocol of its own for this chord: count it with the
+    /// [`chord_counter_key`] instead.
+    NotNative,
+    /// More members are to come (or another caller completed the chord).
+    Waiting,
+    /// Every member returned; their outcomes in header order. Returned to one caller only.
+    Complete(Vec<crate::TaskMeta>),
 }
 
 /// The backend counter of chord `group_id`: one added per execution of a header member.

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use celeriac_core::backend::timeout_error;
+use celeriac_core::canvas::{ChordPart, ChordStatus};
 use celeriac_core::protocol::codec::json_from_slice;
 use celeriac_core::{
     BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, TaskMeta, TaskState,
@@ -127,6 +128,105 @@ impl RedisBackend {
             .await
     }
 
+    /// Celery's chord key `celery-taskset-meta-<gid><suffix>` (suffix `.j`, `.t` or `.s`; its
+    /// `get_key_for_group`).
+    fn chord_key(&self, group_id: &str, suffix: &str) -> String {
+        format!("{}{suffix}", self.inner.keys.group(group_id))
+    }
+
+    /// Celery's `RedisBackend.on_chord_part_return`: the member's `[1, id, state, result]` goes
+    /// into the sorted set `.j` (score: its group index); when the set holds `.s` + `.t`
+    /// members, the set is read and the three keys deleted in one transaction, so exactly one
+    /// caller sees the chord complete. Every chord on this backend goes this way (never
+    /// `NotNative`): celeriac's senders set `.s` too, before sending any member.
+    async fn chord_part(&self, part: ChordPart<'_>) -> Result<ChordStatus> {
+        let gid = part.group_id;
+        let (jkey, tkey, skey) = (
+            self.chord_key(gid, ".j"),
+            self.chord_key(gid, ".t"),
+            self.chord_key(gid, ".s"),
+        );
+        let meta = part.meta;
+        let member = serde_json::to_vec(&json!([1, meta.task_id, meta.status, meta.result]))
+            .map_err(|e| Error::protocol("cannot encode a chord part").with_source(e))?;
+        let score = part
+            .group_index
+            .map_or_else(|| "+inf".to_owned(), |i| i.to_string());
+        let secs = self.expires_secs();
+        let (jk, tk, sk) = (&jkey, &tkey, &skey);
+        // Not retried after a lost reply: ZADD of the same member is idempotent, but a retry
+        // could see a chord another caller already completed and deleted.
+        let (ready, diff, size): (i64, Option<i64>, Option<String>) = self
+            .inner
+            .redis
+            .run_once("record a chord part", |mut c| {
+                let (member, score) = (member.clone(), score.clone());
+                async move {
+                    let mut pipe = redis::pipe();
+                    pipe.atomic()
+                        .cmd("ZADD")
+                        .arg(jk)
+                        .arg(&score)
+                        .arg(&member)
+                        .ignore()
+                        .cmd("ZCOUNT")
+                        .arg(jk)
+                        .arg("-inf")
+                        .arg("+inf")
+                        .get(tk)
+                        .get(sk);
+                    if secs > 0 {
+                        pipe.expire(jk, secs as i64).ignore();
+                        pipe.expire(tk, secs as i64).ignore();
+                        pipe.expire(sk, secs as i64).ignore();
+                    }
+                    pipe.query_async(&mut c).await
+                }
+            })
+            .await?;
+        // Python's client sets the size just before it sends the last member, so earlier
+        // members may find none: they are recorded, and the last one completes the chord.
+        let Some(size) = size else {
+            return Ok(ChordStatus::Waiting);
+        };
+        let size: i64 = size
+            .trim()
+            .parse()
+            .map_err(|_| Error::protocol(format!("chord size key {skey} is not an integer")))?;
+        let total = size + diff.unwrap_or(0);
+        if ready != total {
+            return Ok(ChordStatus::Waiting);
+        }
+        let (members,): (Vec<Vec<u8>>,) = self
+            .inner
+            .redis
+            .run_once("complete a chord", |mut c| async move {
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .cmd("ZRANGE")
+                    .arg(jk)
+                    .arg(0)
+                    .arg(-1)
+                    .del(jk)
+                    .ignore()
+                    .del(tk)
+                    .ignore()
+                    .del(sk)
+                    .ignore();
+                pipe.query_async(&mut c).await
+            })
+            .await?;
+        if i64::try_from(members.len()).unwrap_or(i64::MAX) != total {
+            // Another caller took (and deleted) the complete set first.
+            return Ok(ChordStatus::Waiting);
+        }
+        members
+            .iter()
+            .map(|m| decode_chord_part(m))
+            .collect::<Result<Vec<_>>>()
+            .map(ChordStatus::Complete)
+    }
+
     async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.inner
             .redis
@@ -164,6 +264,22 @@ fn blocking_states(new: &TaskState) -> Vec<&'static str> {
         _ => "PENDING",
     })
     .collect()
+}
+
+/// One `[1, task_id, state, result]` member of a chord's `.j` set.
+fn decode_chord_part(bytes: &[u8]) -> Result<TaskMeta> {
+    let bad = || Error::protocol("a chord part is not celery's [1, id, state, result]");
+    let v = json_from_slice(bytes)?;
+    let Value::Array(a) = v else {
+        return Err(bad());
+    };
+    let (Some(Value::String(id)), Some(Value::String(state)), Some(result)) =
+        (a.get(1), a.get(2), a.get(3))
+    else {
+        return Err(bad());
+    };
+    let state: TaskState = state.parse().map_err(|_| bad())?;
+    Ok(TaskMeta::new(id.clone(), state, result.clone()))
 }
 
 fn decode_meta(bytes: &[u8]) -> Result<TaskMeta> {
@@ -332,6 +448,34 @@ impl ResultBackend for RedisBackend {
                 })
                 .await?;
             Ok(n)
+        })
+    }
+
+    fn set_chord_size<'a>(&'a self, group_id: &'a str, size: usize) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let key = self.chord_key(group_id, ".s");
+            let secs = self.expires_secs();
+            let key = &key;
+            self.inner
+                .redis
+                .run("set a chord's size", |mut c| async move {
+                    let mut pipe = redis::pipe();
+                    if secs > 0 {
+                        pipe.set_ex(key, size, secs).ignore();
+                    } else {
+                        pipe.set(key, size).ignore();
+                    }
+                    pipe.query_async::<()>(&mut c).await
+                })
+                .await
+        })
+    }
+
+    fn chord_part_return<'a>(&'a self, part: ChordPart<'a>) -> BoxFuture<'a, Result<ChordStatus>> {
+        Box::pin(async move {
+            self.check_open()?;
+            self.chord_part(part).await
         })
     }
 

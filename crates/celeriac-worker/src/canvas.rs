@@ -29,9 +29,9 @@
 //! frozen ids, and a worker does not run an id that already has a ready result.
 
 use celeriac_core::canvas::{
-    FLOW_HEADER, FlowHeader, Sender, build_message, chord_claim_key, chord_counter_key,
-    default_option, flow_failed_key, flow_key_slot_id, flow_keys_key, flow_pending_key, flow_tally,
-    flow_total_key, plan, with_parent_value,
+    ChordPart, ChordStatus, FLOW_HEADER, FlowHeader, Sender, build_message, chord_claim_key,
+    chord_counter_key, default_option, flow_failed_key, flow_key_slot_id, flow_keys_key,
+    flow_pending_key, flow_tally, flow_total_key, plan, with_parent_value,
 };
 use celeriac_core::meta::RemoteError;
 use celeriac_core::{PublishOptions, Signature, TaskMeta, TaskState};
@@ -185,6 +185,21 @@ async fn chord_part(shared: &Shared, req: &Request) {
         return;
     };
     let fired = async {
+        // The backend's own chord protocol first (Celery's Redis keys), if it has one.
+        if let Some(meta) = backend.get(req.id()).await?.filter(|m| m.status.is_ready()) {
+            let part = ChordPart::new(gid, &meta, req.message.headers.group_index);
+            match backend.chord_part_return(part).await? {
+                ChordStatus::NotNative => {}
+                ChordStatus::Complete(parts) => {
+                    if backend.incr(&chord_claim_key(gid), 1).await? != 1 {
+                        return Ok(false);
+                    }
+                    fire(shared, req, body, gid, parts).await;
+                    return Ok(true);
+                }
+                _ => return Ok(false),
+            }
+        }
         let count = backend.incr(&chord_counter_key(gid), 1).await?;
         let Some(ids) = backend.restore_group(gid).await? else {
             tracing::error!(group_id = %gid, "the chord's header group was not saved; its body cannot run");
@@ -263,7 +278,10 @@ async fn send(shared: &Shared, parent: &Request, sig: Signature, chain: Option<V
     };
     for (gid, ids) in &p.groups {
         let saved = match shared.recorder.backend() {
-            Some(b) => b.save_group(gid, ids).await,
+            Some(b) => match b.save_group(gid, ids).await {
+                Ok(()) => b.set_chord_size(gid, ids.len()).await,
+                Err(e) => Err(e),
+            },
             None => Err(celeriac_core::Error::config(
                 "a chord needs a result backend to save its header",
             )),

@@ -177,6 +177,7 @@ pub(crate) async fn send_planned(
     let p = celeriac_core::canvas::plan(wire, chain)?;
     for (gid, ids) in &p.groups {
         app.backend().save_group(gid, ids).await?;
+        app.backend().set_chord_size(gid, ids.len()).await?;
     }
     for step in p.steps {
         app.send_wire(&step.sig, None, step.chain).await?;
@@ -638,6 +639,9 @@ impl<P> Chord<P> {
         let frozen = self.header.iter().map(freeze).collect::<Result<Vec<_>>>()?;
         let ids: Vec<String> = frozen.iter().map(|f| f.id.clone()).collect();
         app.backend().save_group(&gid, &ids).await?;
+        if !frozen.is_empty() {
+            app.backend().set_chord_size(&gid, ids.len()).await?;
+        }
         if frozen.is_empty() {
             // Nothing to wait for: the body runs at once with no results.
             let body_wire =

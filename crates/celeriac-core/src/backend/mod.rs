@@ -81,6 +81,28 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     fn reply_to(&self) -> Option<String> {
         None
     }
+
+    /// Announces a chord of `size` header members under `group_id`, before any member is
+    /// sent, for backends with a chord protocol of their own (Celery's Redis backend sets
+    /// `celery-taskset-meta-<gid>.s`, which Python workers need to fire the body). The default does
+    /// nothing.
+    fn set_chord_size<'a>(&'a self, group_id: &'a str, size: usize) -> BoxFuture<'a, Result<()>> {
+        let _ = (group_id, size);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Records a returned chord header member in the backend's own chord protocol, and says
+    /// whether the chord is complete (then with every member's outcome, to one caller only).
+    /// The default, and any chord the backend was not told the size of, is
+    /// [`ChordStatus::NotNative`](crate::canvas::ChordStatus::NotNative): the worker counts
+    /// with [`ResultBackend::incr`] instead (see [`crate::canvas`]).
+    fn chord_part_return<'a>(
+        &'a self,
+        part: crate::canvas::ChordPart<'a>,
+    ) -> BoxFuture<'a, Result<crate::canvas::ChordStatus>> {
+        let _ = part;
+        Box::pin(async { Ok(crate::canvas::ChordStatus::NotNative) })
+    }
 }
 
 /// Waits for a ready record by polling `get`, backing off from 1 ms to `max_interval`.
