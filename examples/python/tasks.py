@@ -66,3 +66,9 @@ def fail(message):
 def sleep(seconds):
     time.sleep(seconds)
     return seconds
+
+
+@app.task(name="tasks.tsum")
+def tsum(numbers):
+    # celeriac's tasks.tsum: the sum of a list of integers (a chord body).
+    return sum(numbers)
