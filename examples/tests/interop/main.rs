@@ -26,3 +26,6 @@ mod layout;
 
 // The same over RabbitMQ, with the rpc:// and Redis result backends.
 mod amqp;
+
+// Canvas across languages: Python-built chains and chords on our worker, ours on Python's.
+mod canvas;
