@@ -119,11 +119,12 @@ async fn soft_shutdown_lets_short_tasks_finish_and_hands_back_the_rest() {
             "-n",
             "a@soft",
             "--soft-shutdown-timeout",
-            "2",
+            "4",
         ],
     );
-    // One task far longer than the soft timeout, one well within it.
-    let long = stamp::delay(&app, 10.0).await.unwrap();
+    // One task far longer than the soft timeout (4 s, plus the 2 s cold grace), one well
+    // within it.
+    let long = stamp::delay(&app, 12.0).await.unwrap();
     let short = stamp::delay(&app, 1.0).await.unwrap();
     tokio::time::timeout(T, async {
         loop {
