@@ -109,6 +109,11 @@ pub struct ReadmeDoctests;
 #[doc = include_str!("../../../docs/beat.md")]
 pub struct BeatGuideDoctests;
 
+/// The canvas guide's examples, compiled as doctests.
+#[doc = include_str!("../../../docs/canvas.md")]
+#[cfg(doctest)]
+pub struct CanvasGuideDoctests;
+
 /// The tasks guide's examples, compiled as doctests.
 #[doc = include_str!("../../../docs/tasks.md")]
 #[cfg(doctest)]
