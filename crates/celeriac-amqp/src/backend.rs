@@ -7,8 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use amqprs::BasicProperties;
-use amqprs::channel::{BasicConsumeArguments, Channel, QueueDeclareArguments};
 use celeriac_core::backend::{ResultBackend, timeout_error};
 use celeriac_core::broker::BoxFuture;
 use celeriac_core::protocol::new_id;
@@ -19,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use crate::conn::{self, Publisher, broker_error, confirmed};
 use crate::fields::to_table;
 use crate::options::AmqpOptions;
+use crate::wire::{Channel, Properties, QueueDeclare};
 
 /// Whether some rpc backend lives in this process (only then are reply queues remembered).
 static IN_USE: AtomicBool = AtomicBool::new(false);
@@ -155,21 +154,20 @@ impl RpcBackend {
     }
 }
 
-fn reply_queue_args(options: &AmqpOptions) -> QueueDeclareArguments {
+fn reply_queue_args(options: &AmqpOptions) -> QueueDeclare {
     let mut args = Map::new();
     if let Some(e) = options.reply_expires {
         args.insert("x-expires".to_owned(), json!(e.as_millis() as u64));
     }
-    QueueDeclareArguments::default()
-        .auto_delete(true)
-        .arguments(to_table(&args))
-        .finish()
+    QueueDeclare {
+        auto_delete: true,
+        arguments: to_table(&args),
+        ..QueueDeclare::default()
+    }
 }
 
 async fn declare_reply_queue(ch: &Channel, inner: &Inner) -> Result<()> {
-    let mut args = reply_queue_args(&inner.options);
-    args.queue(inner.oid.clone());
-    ch.queue_declare(args)
+    ch.queue_declare(&inner.oid, &reply_queue_args(&inner.options))
         .await
         .map_err(|e| broker_error("declare reply queue", e))?;
     Ok(())
@@ -209,10 +207,8 @@ async fn reply_session(
     let result = async {
         let ch = conn::channel(&connection).await?;
         declare_reply_queue(&ch, inner).await?;
-        let mut args = BasicConsumeArguments::new(&inner.oid, "");
-        args.manual_ack(false);
         let (_, mut rx) = ch
-            .basic_consume_rx(args.finish())
+            .basic_consume(&inner.oid, true)
             .await
             .map_err(|e| broker_error("basic.consume", e))?;
         if let Some(tx) = ready.take() {
@@ -220,7 +216,7 @@ async fn reply_session(
         }
         *attempt = 0;
         let mut closed = inner.closed.subscribe();
-        let lost = connection.listen_network_io_failure();
+        let lost = connection.closed();
         tokio::pin!(lost);
         loop {
             tokio::select! {
@@ -230,7 +226,7 @@ async fn reply_session(
                     let Some(m) = m else {
                         return Err(Error::backend("rpc reply consumer was cancelled").transient());
                     };
-                    inner.receive(m.basic_properties.as_ref(), m.content.as_deref().unwrap_or_default());
+                    inner.receive(&m.properties, &m.body);
                 }
             }
         }
@@ -241,7 +237,7 @@ async fn reply_session(
 }
 
 impl Inner {
-    fn receive(&self, properties: Option<&BasicProperties>, body: &[u8]) {
+    fn receive(&self, properties: &Properties, body: &[u8]) {
         let meta: TaskMeta = match serde_json::from_slice(body) {
             Ok(m) => m,
             Err(e) => {
@@ -250,7 +246,8 @@ impl Inner {
             }
         };
         let id = properties
-            .and_then(|p| p.correlation_id().cloned())
+            .correlation_id
+            .clone()
             .filter(|c| !c.is_empty())
             .unwrap_or_else(|| meta.task_id.clone());
         let mut results = self.results.lock().expect("results lock");
@@ -285,18 +282,20 @@ impl ResultBackend for RpcBackend {
                 return Ok(false);
             };
             let body = serde_json::to_vec(meta)?;
-            let mut p = BasicProperties::default();
-            p.with_content_type("application/json")
-                .with_content_encoding("utf-8")
-                .with_correlation_id(&meta.task_id)
-                .with_delivery_mode(1);
+            let p = Properties {
+                content_type: Some("application/json".to_owned()),
+                content_encoding: Some("utf-8".to_owned()),
+                correlation_id: Some(meta.task_id.clone()),
+                delivery_mode: Some(1),
+                ..Properties::default()
+            };
             let rx = {
                 let mut guard = self.inner.publisher.lock().await;
                 if !guard.as_ref().is_some_and(Publisher::is_open) {
                     *guard = Some(Publisher::open(&self.inner.options, "rpc").await?);
                 }
                 let publisher = guard.as_ref().expect("publisher just opened");
-                match publisher.send("", &reply_to, p.finish(), body).await {
+                match publisher.send("", &reply_to, &p, &body).await {
                     Ok(rx) => rx,
                     Err(e) => {
                         *guard = None;

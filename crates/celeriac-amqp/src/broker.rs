@@ -5,13 +5,6 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amqprs::channel::{
-    BasicAckArguments, BasicConsumeArguments, BasicQosArguments, BasicRejectArguments, Channel,
-    ConsumerMessage, ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments,
-    QueuePurgeArguments,
-};
-use amqprs::connection::Connection;
-use amqprs::{BasicProperties, FieldTable, FieldValue};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use celeriac_core::broker::{
@@ -29,6 +22,9 @@ use crate::backend;
 use crate::conn::{self, Publisher, broker_error, confirmed, is_not_found};
 use crate::fields::{from_table, to_table};
 use crate::options::{AmqpOptions, QueueType};
+use crate::wire::{
+    Channel, Connection, Delivery as WireDelivery, FieldTable, FieldValue, Properties, QueueDeclare,
+};
 
 /// Header holding a delayed message's due time (Unix ms); ours, removed before decoding.
 pub(crate) const NOT_BEFORE: &str = "celeriac-not-before";
@@ -154,12 +150,7 @@ impl Inner {
     }
 
     /// Publishes and waits for RabbitMQ's confirm.
-    async fn send(
-        &self,
-        routing_key: &str,
-        properties: BasicProperties,
-        body: Vec<u8>,
-    ) -> Result<()> {
+    async fn send(&self, routing_key: &str, properties: &Properties, body: &[u8]) -> Result<()> {
         let rx = {
             let mut guard = self.publisher.lock().await;
             let p = self.ensure(&mut guard).await?;
@@ -227,13 +218,13 @@ impl Inner {
     async fn park_or_send(
         &self,
         queue: &str,
-        mut properties: BasicProperties,
-        body: Vec<u8>,
+        mut properties: Properties,
+        body: &[u8],
         not_before_ms: Option<i64>,
     ) -> Result<()> {
         let now = Utc::now().timestamp_millis();
         let Some(due) = not_before_ms.filter(|due| *due > now) else {
-            return self.send(queue, properties, body).await;
+            return self.send(queue, &properties, body).await;
         };
         let delay = delay_step((due - now) as u64);
         let dq = format!("celeriac.delay.{queue}.{delay}");
@@ -243,9 +234,12 @@ impl Inner {
         args.insert("x-dead-letter-routing-key".to_owned(), json!(queue));
         args.insert("x-expires".to_owned(), json!(delay + DELAY_QUEUE_SPARE));
         let ch = self.admin().await?;
-        let mut qa = QueueDeclareArguments::new(&dq);
-        qa.durable(true).arguments(to_table(&args));
-        let r = ch.queue_declare(qa.finish()).await;
+        let qa = QueueDeclare {
+            durable: true,
+            arguments: to_table(&args),
+            ..QueueDeclare::default()
+        };
+        let r = ch.queue_declare(&dq, &qa).await;
         let _ = ch.close().await;
         r.map_err(|e| broker_error("declare delay queue", e))?;
         self.delay_queues
@@ -254,13 +248,11 @@ impl Inner {
             .entry(queue.to_owned())
             .or_default()
             .insert(dq.clone());
-        let mut headers = properties.headers().cloned().unwrap_or_default();
-        headers.insert(
-            NOT_BEFORE.try_into().expect("short name"),
-            FieldValue::l(due),
-        );
-        properties.with_headers(headers);
-        self.send(&dq, properties, body).await
+        properties
+            .headers
+            .get_or_insert_with(FieldTable::new)
+            .insert(NOT_BEFORE.to_owned(), FieldValue::I64(due));
+        self.send(&dq, &properties, body).await
     }
 
     /// Moves one delivery of `queue` between the local counts.
@@ -279,13 +271,15 @@ impl Inner {
     /// Passive-declares `queue` on a fresh channel: its ready count, or `None` if it is gone.
     async fn ready_count(&self, queue: &str) -> Result<Option<u64>> {
         let ch = self.admin().await?;
-        let mut qa = QueueDeclareArguments::new(queue);
-        qa.passive(true);
-        let r = ch.queue_declare(qa.finish()).await;
+        let qa = QueueDeclare {
+            passive: true,
+            ..QueueDeclare::default()
+        };
+        let r = ch.queue_declare(queue, &qa).await;
         match r {
-            Ok(found) => {
+            Ok((_, n, _)) => {
                 let _ = ch.close().await;
-                Ok(Some(found.map_or(0, |(_, n, _)| u64::from(n))))
+                Ok(Some(u64::from(n)))
             }
             Err(e) => {
                 let e = broker_error("passive queue.declare", e);
@@ -330,39 +324,42 @@ pub(crate) fn delay_step(ms: u64) -> u64 {
 /// Declares Celery's entities for `queue`: the direct exchange named like it (durable), the
 /// durable queue with `args`, and the binding with the queue name as key.
 async fn declare_topology(ch: &Channel, queue: &str, args: FieldTable) -> Result<()> {
-    let mut ex = ExchangeDeclareArguments::new(queue, "direct");
-    ex.durable = true;
-    ch.exchange_declare(ex)
+    ch.exchange_declare(queue, "direct", true)
         .await
         .map_err(|e| broker_error("exchange.declare", e))?;
-    let mut qa = QueueDeclareArguments::new(queue);
-    qa.durable(true).arguments(args);
-    ch.queue_declare(qa.finish())
+    let qa = QueueDeclare {
+        durable: true,
+        arguments: args,
+        ..QueueDeclare::default()
+    };
+    ch.queue_declare(queue, &qa)
         .await
         .map_err(|e| broker_error("queue.declare", e))?;
-    ch.queue_bind(QueueBindArguments::new(queue, queue, queue))
+    ch.queue_bind(queue, queue, queue)
         .await
         .map_err(|e| broker_error("queue.bind", e))?;
     Ok(())
 }
 
 /// The AMQP properties of a task message, as Celery sets them (celery-wire.md §2.2, §8.2).
-pub(crate) fn properties_of(message: &Message, priority: Option<u8>) -> Result<BasicProperties> {
+pub(crate) fn properties_of(message: &Message, priority: Option<u8>) -> Result<Properties> {
     let headers = match serde_json::to_value(&message.headers)? {
         Value::Object(m) => m,
         _ => Map::new(),
     };
-    let mut p = BasicProperties::default();
-    p.with_content_type(&message.content_type)
-        .with_content_encoding(&message.content_encoding)
-        .with_headers(to_table(&headers))
-        .with_delivery_mode(message.properties.delivery_mode.clamp(1, 2))
-        .with_priority(priority.unwrap_or(message.properties.priority))
-        .with_correlation_id(&message.properties.correlation_id);
+    let mut p = Properties {
+        content_type: Some(message.content_type.clone()),
+        content_encoding: Some(message.content_encoding.clone()),
+        headers: Some(to_table(&headers)),
+        delivery_mode: Some(message.properties.delivery_mode.clamp(1, 2)),
+        priority: Some(priority.unwrap_or(message.properties.priority)),
+        correlation_id: Some(message.properties.correlation_id.clone()),
+        ..Properties::default()
+    };
     // As Celery: the broker may drop the message at its expiry (the worker also checks).
     if let Some(expires) = message.headers.expires {
         let ms = (expires - Utc::now()).num_milliseconds().max(0);
-        p.with_expiration(&ms.to_string());
+        p.expiration = Some(ms.to_string());
     }
     // A message sent by a task we run (a chain step or callback without a frozen reply_to)
     // inherits the reply queue of that task's message, never this process's own.
@@ -373,9 +370,7 @@ pub(crate) fn properties_of(message: &Message, priority: Option<u8>) -> Result<B
             .as_deref()
             .and_then(backend::inherited_reply_to)
     };
-    if let Some(r) = message.properties.reply_to.clone().or_else(inherited) {
-        p.with_reply_to(&r);
-    }
+    p.reply_to = message.properties.reply_to.clone().or_else(inherited);
     Ok(p)
 }
 
@@ -408,7 +403,7 @@ impl Broker for AmqpBroker {
             let props = properties_of(message, options.priority)?;
             let due = options.not_before.map(|t| t.timestamp_millis());
             self.inner
-                .park_or_send(queue, props, message.body.clone(), due)
+                .park_or_send(queue, props, &message.body, due)
                 .await
         })
     }
@@ -440,9 +435,9 @@ impl Broker for AmqpBroker {
             targets.extend(self.inner.known_delay_queues(queue));
             for (i, q) in targets.iter().enumerate() {
                 let ch = self.inner.admin().await?;
-                match ch.queue_purge(QueuePurgeArguments::new(q)).await {
+                match ch.queue_purge(q).await {
                     Ok(n) => {
-                        total += u64::from(n.unwrap_or(0));
+                        total += u64::from(n);
                         let _ = ch.close().await;
                     }
                     Err(e) => {
@@ -469,10 +464,7 @@ impl Broker for AmqpBroker {
             for s in held {
                 if s.advance(Phase::Buffered, Phase::Settled) {
                     s.changed.notify_one();
-                    let _ = s
-                        .channel
-                        .basic_reject(BasicRejectArguments::new(s.tag, false))
-                        .await;
+                    let _ = s.channel.basic_reject(s.tag, false).await;
                     total += 1;
                 }
             }
@@ -660,17 +652,15 @@ async fn consume_on(
     // RabbitMQ's "global" QoS is per channel, so the limit holds across all queues of this
     // consumer; quorum queues do not support it (Celery sets global=False for them).
     let global = inner.options.queue_type == QueueType::Classic;
-    ch.basic_qos(BasicQosArguments::new(0, prefetch, global))
+    ch.basic_qos(prefetch, global)
         .await
         .map_err(|e| broker_error("basic.qos", e))?;
     // `None` marks a consumer that ended (cancelled by the server, channel closed).
-    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<(String, Option<ConsumerMessage>)>();
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<(String, Option<WireDelivery>)>();
     for q in queues {
         declare_topology(&ch, q, inner.queue_arguments()).await?;
-        let mut args = BasicConsumeArguments::new(q, "");
-        args.manual_ack(true);
         let (_, mut rx) = ch
-            .basic_consume_rx(args.finish())
+            .basic_consume(q, false)
             .await
             .map_err(|e| broker_error("basic.consume", e))?;
         let raw_tx = raw_tx.clone();
@@ -690,8 +680,7 @@ async fn consume_on(
     }
     *attempt = 0;
     let mut closed = inner.closed.subscribe();
-    let io_failure = connection.clone();
-    let lost = io_failure.listen_network_io_failure();
+    let lost = connection.closed();
     tokio::pin!(lost);
     loop {
         tokio::select! {
@@ -714,7 +703,7 @@ async fn consume_on(
 
 /// The raw parts of a delivery, kept to re-publish it on `reject(After)`.
 struct Raw {
-    properties: BasicProperties,
+    properties: Properties,
     body: Vec<u8>,
     redeliveries: u32,
 }
@@ -725,25 +714,26 @@ async fn to_delivery(
     inner: &Arc<Inner>,
     ch: &Channel,
     queue: &str,
-    m: ConsumerMessage,
+    m: WireDelivery,
     lease: Option<Duration>,
 ) -> Result<Option<Buffered>> {
-    let Some(deliver) = m.deliver else {
-        return Ok(None);
-    };
-    let properties = m.basic_properties.unwrap_or_default();
-    let body = m.content.unwrap_or_default();
-    let tag = deliver.delivery_tag();
-    let mut headers = properties.headers().map(from_table).unwrap_or_default();
+    let properties = m.properties;
+    let body = m.body;
+    let tag = m.delivery_tag;
+    let mut headers = properties
+        .headers
+        .as_ref()
+        .map(from_table)
+        .unwrap_or_default();
 
     if let Some(due) = headers.get(NOT_BEFORE).and_then(Value::as_i64) {
         if due > Utc::now().timestamp_millis() {
             let mut props = properties.clone();
-            let mut table = props.headers().cloned().unwrap_or_default();
-            table.remove(&NOT_BEFORE.try_into().expect("short name"));
-            props.with_headers(table);
-            inner.park_or_send(queue, props, body, Some(due)).await?;
-            ch.basic_ack(BasicAckArguments::new(tag, false))
+            if let Some(t) = &mut props.headers {
+                t.remove(NOT_BEFORE);
+            }
+            inner.park_or_send(queue, props, &body, Some(due)).await?;
+            ch.basic_ack(tag, false)
                 .await
                 .map_err(|e| broker_error("basic.ack", e))?;
             return Ok(None);
@@ -753,7 +743,7 @@ async fn to_delivery(
         .get(REDELIVERIES)
         .and_then(Value::as_u64)
         .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
-    let redeliveries = counted.saturating_add(u32::from(deliver.redelivered()));
+    let redeliveries = counted.saturating_add(u32::from(m.redelivered));
     headers.retain(|k, _| {
         !(k.starts_with("celeriac-")
             || k == "x-death"
@@ -764,36 +754,42 @@ async fn to_delivery(
     let mut props = Map::new();
     props.insert(
         "correlation_id".to_owned(),
-        json!(properties.correlation_id().cloned().unwrap_or_default()),
+        json!(properties.correlation_id.clone().unwrap_or_default()),
     );
-    if let Some(r) = properties.reply_to() {
+    if let Some(r) = &properties.reply_to {
         props.insert("reply_to".to_owned(), json!(r));
     }
     props.insert(
         "delivery_mode".to_owned(),
-        json!(properties.delivery_mode().unwrap_or(2)),
+        json!(properties.delivery_mode.unwrap_or(2)),
     );
     props.insert(
         "priority".to_owned(),
-        json!(properties.priority().unwrap_or(0)),
+        json!(properties.priority.unwrap_or(0)),
     );
     props.insert("body_encoding".to_owned(), json!("base64"));
     let mut env = Map::new();
     env.insert("body".to_owned(), json!(B64.encode(&body)));
-    if let Some(ct) = properties.content_type() {
+    if let Some(ct) = &properties.content_type {
         env.insert("content-type".to_owned(), json!(ct));
     }
-    if let Some(ce) = properties.content_encoding() {
+    if let Some(ce) = &properties.content_encoding {
         env.insert("content-encoding".to_owned(), json!(ce));
     }
     env.insert("headers".to_owned(), Value::Object(headers));
     env.insert("properties".to_owned(), Value::Object(props));
-    let message = serde_json::to_vec(&Value::Object(env))
-        .map_err(Error::from)
-        .and_then(|bytes| envelope::decode(&bytes));
+    let message = match m.malformed {
+        // Its properties could not be read whole: not a message we can trust to run.
+        Some(why) => Err(Error::protocol(format!(
+            "the message's AMQP properties cannot be decoded: {why}"
+        ))),
+        None => serde_json::to_vec(&Value::Object(env))
+            .map_err(Error::from)
+            .and_then(|bytes| envelope::decode(&bytes)),
+    };
     match &message {
         Ok(msg) => {
-            if let Some(r) = properties.reply_to() {
+            if let Some(r) = &properties.reply_to {
                 backend::remember_reply_to(msg.id(), r);
             }
         }
@@ -917,7 +913,7 @@ async fn watch_lease(ch: Channel, tag: u64, queue: String, state: Arc<LeaseState
                 let current = *state.deadline.lock().expect("lease lock");
                 if current.is_some_and(|d| d <= Instant::now()) && state.settle() {
                     tracing::warn!(queue, "lease expired; requeueing the delivery");
-                    let _ = ch.basic_reject(BasicRejectArguments::new(tag, true)).await;
+                    let _ = ch.basic_reject(tag, true).await;
                     return;
                 }
             }
@@ -961,7 +957,7 @@ impl Acker for AmqpAcker {
         Box::pin(async move {
             self.settle()?;
             self.channel
-                .basic_ack(BasicAckArguments::new(self.tag, false))
+                .basic_ack(self.tag, false)
                 .await
                 .map_err(|e| broker_error("basic.ack", e))
         })
@@ -973,7 +969,7 @@ impl Acker for AmqpAcker {
                 Requeue::Drop | Requeue::Now => {
                     self.settle()?;
                     self.channel
-                        .basic_reject(BasicRejectArguments::new(self.tag, requeue == Requeue::Now))
+                        .basic_reject(self.tag, requeue == Requeue::Now)
                         .await
                         .map_err(|e| broker_error("basic.reject", e))
                 }
@@ -982,24 +978,22 @@ impl Acker for AmqpAcker {
                         return self.settle();
                     }
                     let mut props = self.raw.properties.clone();
-                    let mut table = props.headers().cloned().unwrap_or_default();
-                    table.insert(
-                        REDELIVERIES.try_into().expect("short name"),
-                        FieldValue::I(
+                    props.headers.get_or_insert_with(FieldTable::new).insert(
+                        REDELIVERIES.to_owned(),
+                        FieldValue::I32(
                             i32::try_from(self.raw.redeliveries.saturating_add(1))
                                 .unwrap_or(i32::MAX),
                         ),
                     );
-                    props.with_headers(table);
                     let due = Utc::now().timestamp_millis()
                         + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
                     // Publish the copy first: a crash in between duplicates, never loses.
                     self.inner
-                        .park_or_send(&self.queue, props, self.raw.body.clone(), Some(due))
+                        .park_or_send(&self.queue, props, &self.raw.body, Some(due))
                         .await?;
                     self.settle()?;
                     self.channel
-                        .basic_ack(BasicAckArguments::new(self.tag, false))
+                        .basic_ack(self.tag, false)
                         .await
                         .map_err(|e| broker_error("basic.ack", e))
                 }

@@ -20,8 +20,15 @@
 //!   `queue_type=classic|quorum` (like `task_default_queue_type`), `connection_name=<text>`
 //!   (prefix of the names `rabbitmqctl list_connections` shows).
 //! - `rpc://` (backend) connects like `amqp://` with the same defaults.
-//! - `amqps://` (TLS) is refused with a clear [`ErrorKind::Unsupported`](celeriac_core::ErrorKind)
-//!   error: this build has no TLS.
+//! - `amqps://` (TLS, port 5671 by default; feature `tls`, which the facade's `amqp` enables):
+//!   OpenSSL through native-tls, verifying the server's certificate and host name against the
+//!   system's CAs. kombu's query names: `ssl_ca_certs=<pem file>` (aliases `ca_certs`,
+//!   `cacert`), `ssl_cert_reqs=CERT_REQUIRED|CERT_OPTIONAL|CERT_NONE` (`CERT_NONE` skips
+//!   verification, with a warning), `ssl_check_hostname=false`, `ssl_server_hostname=<name>`.
+//!   Client certificates (`ssl_certfile`/`ssl_keyfile`) are refused as
+//!   [`ErrorKind::Unsupported`](celeriac_core::ErrorKind), as is `amqps://` in a build without
+//!   `tls`. An untrusted certificate fails at start-up with
+//!   [`ErrorKind::Config`](celeriac_core::ErrorKind), never retried.
 //!
 //! A refused login or an unknown vhost fails at start-up with
 //! [`ErrorKind::Config`](celeriac_core::ErrorKind), never retried; an unreachable server is a
@@ -45,13 +52,18 @@
 //!
 //! # Design
 //!
-//! **Client: amqprs, not lapin.** amqprs is a pure-tokio client with a small dependency tree
-//! (no executor or reactor abstraction layers, no TLS stack unless asked for), builds on our
-//! MSRV, and its field tables model void (`V`) and arrays (`A`), which every Celery header
-//! set contains. lapin 4 needs Rust 1.88 and brings the async-rs runtime abstraction and a TLS
-//! stack by default. amqprs cannot parse the `L` tag (py-amqp's signed 64-bit integer, used for
-//! integers beyond ±2^31 in *user* headers); such a message fails the connection's frame
-//! parser, so Python clients should keep custom header integers within 32 bits.
+//! **Client: our own ([`wire`]).** The crate first ran on amqprs, which cannot parse the `L`
+//! field tag py-amqp writes for header integers beyond ±2^31: such a message failed the
+//! connection's frame parser on every delivery and stalled its queue. We cannot ship a
+//! patched copy of another project, and lapin 4 needs Rust 1.88 and brings a runtime
+//! abstraction and a TLS stack by default, so the crate carries a minimal AMQP 0-9-1 client on
+//! tokio alone: the methods Celery's topology and our broker use, every field type RabbitMQ
+//! and py-amqp produce (`l` and `L` both signed 64-bit, as RabbitMQ reads them), publisher
+//! confirms, heartbeats both ways, server-sent `basic.cancel` and `channel.close`, and TLS
+//! behind the `tls` feature. A content header whose headers table cannot be decoded is
+//! skipped (it is length-prefixed) and the delivery arrives as an invalid message, which the
+//! worker rejects without requeue: one bad message never stalls a queue. (RabbitMQ 3.13+
+//! itself refuses to route such a message, closing the publisher's connection with 541.)
 //!
 //! **Publishing.** Tasks go to the default exchange `""` with the queue name as routing key,
 //! `delivery_mode` 2, `correlation_id` = task id, `reply_to`, `priority`, `expiration` (ms until
@@ -109,7 +121,7 @@
 //!
 //! # What differs from Celery/kombu
 //!
-//! - No fanout (events, remote control) yet; no TLS.
+//! - No fanout (events, remote control) yet; no TLS client certificates.
 //! - `redeliveries` is 1 for a message RabbitMQ flags as redelivered (it keeps a flag, not a
 //!   count), plus the `reject(After)` count we carry in a header.
 //! - Messages are not rejected into a dead-letter exchange by us; a queue given one by policy
@@ -120,6 +132,7 @@ mod broker;
 mod conn;
 mod fields;
 mod options;
+pub mod wire;
 
 use std::sync::Arc;
 

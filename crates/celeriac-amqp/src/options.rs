@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use celeriac_core::{Config, Error, ErrorKind, Result};
 
+use crate::wire::Tls;
+
 /// The kind of queue declared for task queues (Celery's `task_default_queue_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -45,6 +47,8 @@ pub struct AmqpOptions {
     pub reply_expires: Option<Duration>,
     /// Prefix of the connection names shown by `rabbitmqctl list_connections` (`celeriac`).
     pub connection_name: String,
+    /// TLS (`amqps://`), or plain TCP.
+    pub tls: Option<Tls>,
     /// The URL with its password redacted, for logs and errors.
     pub redacted: String,
 }
@@ -57,16 +61,20 @@ impl AmqpOptions {
         let Some((scheme, rest)) = url.split_once("://") else {
             return Err(Error::config(format!("not an amqp url: {redacted}")));
         };
-        match scheme {
-            "amqp" | "pyamqp" | "rpc" => {}
-            "amqps" => {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("amqps (TLS) is not supported by this build: {redacted}"),
-                ));
+        let tls = match scheme {
+            "amqp" | "pyamqp" | "rpc" => None,
+            "amqps" | "pyamqps" => {
+                if cfg!(feature = "tls") {
+                    Some(Tls::new())
+                } else {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!("amqps (TLS) needs celeriac-amqp's `tls` feature: {redacted}"),
+                    ));
+                }
             }
             other => return Err(Error::config(format!("not an amqp url scheme: {other}"))),
-        }
+        };
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
             None => (rest, None),
@@ -92,7 +100,7 @@ impl AmqpOptions {
                 p.parse::<u16>()
                     .map_err(|_| Error::config(format!("bad port in {redacted}")))?,
             ),
-            _ => (hostport.to_owned(), 5672),
+            _ => (hostport.to_owned(), if tls.is_some() { 5671 } else { 5672 }),
         };
         let host = if host.is_empty() {
             "localhost".to_owned()
@@ -120,6 +128,7 @@ impl AmqpOptions {
             queue_type: QueueType::Classic,
             reply_expires: config.result_expires,
             connection_name: "celeriac".to_owned(),
+            tls,
             redacted: redacted.clone(),
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -139,6 +148,32 @@ impl AmqpOptions {
                         _ => return Err(bad()),
                     }
                 }
+                // kombu's `ssl_*` query names (kombu.utils.url), plus `cacert`/`ca_certs`.
+                "ssl_ca_certs" | "ca_certs" | "cacert" => {
+                    o.tls_mut(k, &redacted)?.ca_file = Some(decode(v)?.into());
+                }
+                "ssl_cert_reqs" | "cert_reqs" => {
+                    o.tls_mut(k, &redacted)?.verify = match v {
+                        "CERT_REQUIRED" | "required" | "CERT_OPTIONAL" | "optional" => true,
+                        "CERT_NONE" | "none" => {
+                            tracing::warn!(url = %redacted, "amqps with ssl_cert_reqs=CERT_NONE: the server's certificate is not verified");
+                            false
+                        }
+                        _ => return Err(bad()),
+                    }
+                }
+                "ssl_check_hostname" => {
+                    o.tls_mut(k, &redacted)?.check_hostname = !v.eq_ignore_ascii_case("false");
+                }
+                "ssl_server_hostname" | "server_hostname" => {
+                    o.tls_mut(k, &redacted)?.server_name = Some(decode(v)?);
+                }
+                "ssl_certfile" | "ssl_keyfile" | "certfile" | "keyfile" => {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!("client certificates ({k}) are not supported yet: {redacted}"),
+                    ));
+                }
                 _ => tracing::debug!(param = k, "ignoring unknown amqp url parameter"),
             }
         }
@@ -148,6 +183,14 @@ impl AmqpOptions {
             ));
         }
         Ok(o)
+    }
+}
+
+impl AmqpOptions {
+    fn tls_mut(&mut self, key: &str, redacted: &str) -> Result<&mut Tls> {
+        self.tls
+            .as_mut()
+            .ok_or_else(|| Error::config(format!("{key} needs an amqps:// url: {redacted}")))
     }
 }
 
@@ -204,9 +247,34 @@ mod tests {
     }
 
     #[test]
-    fn amqps_is_a_clear_unsupported_error() {
-        let e = AmqpOptions::from_url("amqps://u:secret@h//", &Config::default()).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Unsupported);
-        assert!(!e.to_string().contains("secret"));
+    fn amqps_reads_kombus_ssl_options() {
+        if !cfg!(feature = "tls") {
+            let e = AmqpOptions::from_url("amqps://u:secret@h//", &Config::default()).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unsupported);
+            assert!(!e.to_string().contains("secret"));
+            return;
+        }
+        let o = parse("amqps://u:p@h//?ssl_ca_certs=%2Ftmp%2Fca.pem&ssl_check_hostname=false");
+        let tls = o.tls.expect("tls");
+        assert_eq!(o.port, 5671);
+        assert_eq!(
+            tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/tmp/ca.pem"))
+        );
+        assert!(tls.verify && !tls.check_hostname);
+        let o = parse("amqps://h:5673/?cacert=ca.pem&ssl_cert_reqs=CERT_NONE");
+        assert_eq!(o.port, 5673);
+        assert!(!o.tls.expect("tls").verify);
+        assert!(parse("amqp://h").tls.is_none());
+        for bad in [
+            "amqp://h?cacert=ca.pem",
+            "amqps://h?ssl_cert_reqs=maybe",
+            "amqps://h?ssl_certfile=c.pem",
+        ] {
+            assert!(
+                AmqpOptions::from_url(bad, &Config::default()).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -1,34 +1,31 @@
 //! Entities and arguments as Celery declares them (celery-wire.md §8.1), and the properties
 //! and headers of a published task message (§2.2, §8.2, §8.6).
 
-use amqprs::channel::{
-    BasicGetArguments, ExchangeDeclareArguments, QueueDeclareArguments, QueueDeleteArguments,
-};
-use amqprs::{FieldName, FieldTable, FieldValue};
+use celeriac_amqp::wire::{FieldTable, FieldValue, QueueDeclare};
 use celeriac_core::{Broker, PublishOptions};
 use celeriac_test::services::{test_message, unique_queue};
 
 use crate::util::{self, raw};
 
 fn table(pairs: &[(&str, FieldValue)]) -> FieldTable {
-    let mut t = FieldTable::new();
-    for (k, v) in pairs {
-        t.insert(FieldName::try_from(*k).unwrap(), v.clone());
-    }
-    t
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
 }
 
 /// Declares `queue` as kombu does for `Queue(name, Exchange(name, 'direct'), routing_key=name)`
 /// with `args`; RabbitMQ answers PRECONDITION_FAILED if our declaration differs.
 async fn declare_like_kombu(queue: &str, args: FieldTable) -> Result<(), String> {
     let (conn, ch) = raw().await;
-    let mut ex = ExchangeDeclareArguments::new(queue, "direct");
-    ex.durable = true;
-    ch.exchange_declare(ex).await.map_err(|e| e.to_string())?;
-    let mut qa = QueueDeclareArguments::new(queue);
-    qa.durable(true).arguments(args);
+    ch.exchange_declare(queue, "direct", true)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut qa = QueueDeclare::default();
+    qa.durable = true;
+    qa.arguments = args;
     let r = ch
-        .queue_declare(qa.finish())
+        .queue_declare(queue, &qa)
         .await
         .map_err(|e| e.to_string());
     let _ = conn.close().await;
@@ -54,14 +51,14 @@ async fn python_redeclaring_our_entities_gets_no_precondition_failed() {
         .declare(&q)
         .await
         .unwrap();
-    declare_like_kombu(&q, table(&[("x-max-priority", FieldValue::I(10))]))
+    declare_like_kombu(&q, table(&[("x-max-priority", FieldValue::I32(10))]))
         .await
         .expect("kombu's priority declaration matches ours");
     // The check is live: a different declaration is refused.
-    // (RabbitMQ closes the channel with PRECONDITION_FAILED; amqprs reports a closed channel.)
-    declare_like_kombu(&q, FieldTable::new())
+    let e = declare_like_kombu(&q, FieldTable::new())
         .await
         .expect_err("a queue declared without x-max-priority must conflict");
+    assert!(e.contains("406 PRECONDITION_FAILED"), "{e}");
 
     // task_default_queue_type = "quorum".
     let q = unique_queue("celery-quorum");
@@ -70,14 +67,11 @@ async fn python_redeclaring_our_entities_gets_no_precondition_failed() {
         .declare(&q)
         .await
         .unwrap();
-    declare_like_kombu(
-        &q,
-        table(&[("x-queue-type", FieldValue::S("quorum".try_into().unwrap()))]),
-    )
-    .await
-    .expect("kombu's quorum declaration matches ours");
+    declare_like_kombu(&q, table(&[("x-queue-type", FieldValue::str("quorum"))]))
+        .await
+        .expect("kombu's quorum declaration matches ours");
     let (conn, ch) = raw().await;
-    let _ = ch.queue_delete(QueueDeleteArguments::new(&q)).await;
+    let _ = ch.queue_delete(&q).await;
     let _ = conn.close().await;
 }
 
@@ -100,48 +94,42 @@ async fn published_message_carries_celery_properties_and_headers() {
 
     // Confirmed publish: the broker already holds it, no waiting needed.
     let (conn, ch) = raw().await;
-    let (_, props, body) = ch
-        .basic_get(BasicGetArguments::new(&q).no_ack(true).finish())
+    let got = ch
+        .basic_get(&q, true)
         .await
         .unwrap()
         .expect("a confirmed publish is in the queue at once");
     let _ = conn.close().await;
-    assert_eq!(body, m.body);
-    assert_eq!(props.delivery_mode(), Some(2));
-    assert_eq!(props.priority(), Some(7));
-    assert_eq!(props.correlation_id().map(String::as_str), Some(m.id()));
-    assert_eq!(
-        props.reply_to().map(String::as_str),
-        m.properties.reply_to.as_deref()
-    );
-    assert_eq!(
-        props.content_type().map(String::as_str),
-        Some("application/json")
-    );
-    assert_eq!(props.content_encoding().map(String::as_str), Some("utf-8"));
-    let ttl: i64 = props.expiration().expect("expiration").parse().unwrap();
+    let props = &got.properties;
+    assert_eq!(got.body, m.body);
+    assert_eq!(props.delivery_mode, Some(2));
+    assert_eq!(props.priority, Some(7));
+    assert_eq!(props.correlation_id.as_deref(), Some(m.id()));
+    assert_eq!(props.reply_to.as_deref(), m.properties.reply_to.as_deref());
+    assert_eq!(props.content_type.as_deref(), Some("application/json"));
+    assert_eq!(props.content_encoding.as_deref(), Some("utf-8"));
+    let ttl: i64 = props
+        .expiration
+        .as_ref()
+        .expect("expiration")
+        .parse()
+        .unwrap();
     assert!((55_000..=60_000).contains(&ttl), "expiration {ttl} ms");
-    let h = props.headers().expect("application_headers");
-    let get = |k: &str| h.get(&FieldName::try_from(k).unwrap()).cloned();
-    assert!(matches!(get("task"), Some(FieldValue::S(s)) if s.as_ref() == "tasks.add"));
-    assert!(matches!(get("id"), Some(FieldValue::S(s)) if s.as_ref() == m.id()));
-    assert!(
-        matches!(get("eta"), Some(FieldValue::V)),
-        "nulls are void: {:?}",
-        get("eta")
+    let h = props.headers.as_ref().expect("application_headers");
+    let get = |k: &str| h.get(k).cloned();
+    assert_eq!(get("task"), Some(FieldValue::str("tasks.add")));
+    assert_eq!(get("id"), Some(FieldValue::str(m.id())));
+    assert_eq!(get("eta"), Some(FieldValue::Void), "nulls are void");
+    assert_eq!(get("retries"), Some(FieldValue::I32(0)));
+    assert_eq!(
+        get("timelimit"),
+        Some(FieldValue::Array(vec![
+            FieldValue::F64(30.0),
+            FieldValue::Void
+        ])),
+        "timelimit is an array [hard, soft]"
     );
-    assert!(matches!(get("retries"), Some(FieldValue::I(0))));
-    match get("timelimit") {
-        Some(FieldValue::A(a)) => {
-            let v: Vec<FieldValue> = a.into();
-            assert!(
-                matches!(v.as_slice(), [FieldValue::d(h), FieldValue::V] if *h == 30.0),
-                "{v:?}"
-            );
-        }
-        other => panic!("timelimit must be an array [hard, soft], got {other:?}"),
-    }
-    assert!(matches!(get("ignore_result"), Some(FieldValue::t(false))));
+    assert_eq!(get("ignore_result"), Some(FieldValue::Bool(false)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,5 +11,8 @@ mod conformance;
 mod entities;
 // Bad credentials and vhosts, unreachable ports, killed connections, malformed messages.
 mod errors;
+// amqps:// through a TLS-terminating proxy (feature `tls`).
+#[cfg(feature = "tls")]
+mod tls;
 // Shared helpers: URLs, raw channels, rabbitmqctl.
 mod util;

@@ -1,10 +1,9 @@
-//! Helpers: the server's address, raw amqprs channels and connection killing.
+//! Helpers: the server's address, raw channels (the crate's own client) and connection killing.
 
 use std::sync::Arc;
 
-use amqprs::channel::Channel;
-use amqprs::connection::{Connection, OpenConnectionArguments};
 use celeriac_amqp::AmqpBroker;
+use celeriac_amqp::wire::{Channel, Connection, ConnectionParams};
 use celeriac_core::{Config, DynBroker};
 
 pub(crate) const ADDR: &str = "127.0.0.1:5672";
@@ -34,9 +33,10 @@ pub(crate) async fn dyn_broker(query: &str) -> DynBroker {
 
 /// A plain connection and channel, to look at what the driver did.
 pub(crate) async fn raw() -> (Connection, Channel) {
-    let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
-    let conn = Connection::open(&args).await.expect("raw connection");
-    let ch = conn.open_channel(None).await.expect("raw channel");
+    let conn = Connection::open(&ConnectionParams::new("127.0.0.1", 5672))
+        .await
+        .expect("raw connection");
+    let ch = conn.open_channel().await.expect("raw channel");
     (conn, ch)
 }
 

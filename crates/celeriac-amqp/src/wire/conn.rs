@@ -1,0 +1,1288 @@
+//! Connections and channels: the handshake, the reader task, synchronous methods, consumers,
+//! publishing with confirms.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::WireError;
+use super::codec::{
+    self, CLASS_BASIC, DecodedProperties, Enc, FRAME_BODY, FRAME_END, FRAME_HEADER,
+    FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN, FieldTable, FieldValue, Method, Properties,
+};
+
+/// How long the handshake and each synchronous method may take.
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// The frame size we ask for (RabbitMQ's default).
+const FRAME_MAX: u32 = 131_072;
+
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+
+type Writer = tokio::io::WriteHalf<Box<dyn Stream>>;
+
+/// TLS settings of a connection (`amqps://`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Tls {
+    /// PEM file of the CA certificates to trust (else the system's).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Whether to verify the server's certificate chain (default true).
+    pub verify: bool,
+    /// Whether to check the certificate's host name (default true).
+    pub check_hostname: bool,
+    /// The name to verify the certificate against (default: the host).
+    pub server_name: Option<String>,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tls {
+    /// Verifying TLS with the system's CAs.
+    pub fn new() -> Self {
+        Tls {
+            ca_file: None,
+            verify: true,
+            check_hostname: true,
+            server_name: None,
+        }
+    }
+}
+
+/// Where and how to connect.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ConnectionParams {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// User for PLAIN login.
+    pub user: String,
+    /// Password (never in `Debug`).
+    pub password: String,
+    /// Virtual host.
+    pub vhost: String,
+    /// Heartbeat in seconds we propose (0 disables, if the server agrees).
+    pub heartbeat: u16,
+    /// The `connection_name` client property.
+    pub name: String,
+    /// TLS, or plain TCP when `None`.
+    pub tls: Option<Tls>,
+}
+
+impl fmt::Debug for ConnectionParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionParams")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("vhost", &self.vhost)
+            .field("heartbeat", &self.heartbeat)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectionParams {
+    /// Parameters for `host:port` with guest credentials on vhost `/`, plain TCP.
+    pub fn new(host: &str, port: u16) -> Self {
+        ConnectionParams {
+            host: host.to_owned(),
+            port,
+            user: "guest".to_owned(),
+            password: "guest".to_owned(),
+            vhost: "/".to_owned(),
+            heartbeat: 60,
+            name: "celeriac".to_owned(),
+            tls: None,
+        }
+    }
+}
+
+/// A message received by `basic.deliver` or `basic.get`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// The channel's delivery tag, for ack/reject.
+    pub delivery_tag: u64,
+    /// Whether RabbitMQ delivered it before.
+    pub redelivered: bool,
+    /// The exchange it was published to.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// Its properties (without the parts that could not be decoded).
+    pub properties: Properties,
+    /// Why part of its properties (usually the headers table) could not be decoded and was
+    /// skipped; such a delivery should be rejected without requeue.
+    pub malformed: Option<String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// Options of `queue.declare`.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct QueueDeclare {
+    /// Only check that it exists (404 closes the channel otherwise).
+    pub passive: bool,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Owned by this connection.
+    pub exclusive: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// `x-...` arguments.
+    pub arguments: FieldTable,
+}
+
+// ===== shared state =====
+
+/// A content-bearing method waiting for its header and body.
+enum Pending {
+    Deliver {
+        consumer_tag: String,
+        delivery: Delivery,
+    },
+    GetOk(Delivery),
+    Return,
+}
+
+struct Assembling {
+    what: Pending,
+    size: u64,
+    props: Option<DecodedProperties>,
+    body: Vec<u8>,
+}
+
+/// The reply to a synchronous method (with the message of a `basic.get-ok`).
+type Reply = Result<(Method, Option<Delivery>), WireError>;
+
+#[derive(Default)]
+struct ChanState {
+    closed: Option<WireError>,
+    reply: Option<oneshot::Sender<Reply>>,
+    consumers: HashMap<String, mpsc::UnboundedSender<Delivery>>,
+    assembling: Option<Assembling>,
+    confirms: Option<Confirms>,
+}
+
+/// Publisher confirms waiting for the broker, by sequence number.
+#[derive(Default)]
+struct Confirms {
+    next: u64,
+    pending: BTreeMap<u64, oneshot::Sender<bool>>,
+}
+
+impl Confirms {
+    fn settle(&mut self, tag: u64, multiple: bool, ok: bool) {
+        if multiple {
+            let rest = self.pending.split_off(&(tag + 1));
+            for (_, tx) in std::mem::replace(&mut self.pending, rest) {
+                let _ = tx.send(ok);
+            }
+        } else if let Some(tx) = self.pending.remove(&tag) {
+            let _ = tx.send(ok);
+        }
+    }
+}
+
+struct ChanShared {
+    id: u16,
+    state: Mutex<ChanState>,
+    /// One synchronous method in flight per channel.
+    rpc: tokio::sync::Mutex<()>,
+}
+
+impl ChanShared {
+    /// Marks the channel closed: fails the pending reply and confirms, ends the consumers.
+    fn fail(&self, err: WireError) {
+        let mut s = self.state.lock().expect("channel lock");
+        if s.closed.is_none() {
+            s.closed = Some(err.clone());
+        }
+        if let Some(tx) = s.reply.take() {
+            let _ = tx.send(Err(err));
+        }
+        s.consumers.clear();
+        s.assembling = None;
+        if let Some(c) = &mut s.confirms {
+            c.pending.clear();
+        }
+    }
+}
+
+struct Shared {
+    writer: tokio::sync::Mutex<Writer>,
+    channels: Mutex<HashMap<u16, Arc<ChanShared>>>,
+    next_channel: Mutex<u16>,
+    channel_max: u16,
+    frame_max: u32,
+    /// `Some(reason)` once the connection is closed.
+    closed: watch::Sender<Option<WireError>>,
+    consumer_seq: AtomicU64,
+}
+
+impl Shared {
+    fn closed_error(&self) -> Option<WireError> {
+        self.closed.borrow().clone()
+    }
+
+    fn shut(&self, err: WireError) {
+        self.closed.send_if_modified(|c| {
+            if c.is_none() {
+                *c = Some(err.clone());
+                true
+            } else {
+                false
+            }
+        });
+        let chans: Vec<_> = self
+            .channels
+            .lock()
+            .expect("channels lock")
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        for c in chans {
+            c.fail(err.clone());
+        }
+    }
+
+    async fn write(&self, bytes: &[u8]) -> Result<(), WireError> {
+        if let Some(e) = self.closed_error() {
+            return Err(e);
+        }
+        let mut w = self.writer.lock().await;
+        let r = async {
+            w.write_all(bytes).await?;
+            w.flush().await
+        }
+        .await;
+        if let Err(e) = r {
+            let err = WireError::from(e);
+            drop(w);
+            self.shut(err.clone());
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    async fn send_method(&self, channel: u16, payload: &[u8]) -> Result<(), WireError> {
+        let mut out = Vec::with_capacity(payload.len() + 8);
+        codec::encode_frame(&mut out, FRAME_METHOD, channel, payload);
+        self.write(&out).await
+    }
+}
+
+// ===== connection =====
+
+/// An open AMQP connection. Cheap to clone; closing one clone closes all, and dropping the
+/// last clone closes it too (its channels fail from then on).
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+    _last: Arc<LastHandle>,
+}
+
+/// Shuts the connection when the last [`Connection`] clone goes.
+struct LastHandle(Arc<Shared>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        self.0.shut(WireError::ClosedByClient);
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("open", &self.is_open())
+            .finish_non_exhaustive()
+    }
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    frame_max: u32,
+) -> Result<(u8, u16, Vec<u8>), WireError> {
+    let mut head = [0u8; 7];
+    r.read_exact(&mut head).await?;
+    let kind = head[0];
+    let channel = u16::from_be_bytes([head[1], head[2]]);
+    let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]);
+    if size > frame_max.max(FRAME_MIN) {
+        return Err(WireError::Protocol(format!(
+            "frame of {size} bytes exceeds frame_max {frame_max}"
+        )));
+    }
+    let mut payload = vec![0u8; size as usize + 1];
+    r.read_exact(&mut payload).await?;
+    if payload.pop() != Some(FRAME_END) {
+        return Err(WireError::Protocol(
+            "frame without its end octet".to_owned(),
+        ));
+    }
+    Ok((kind, channel, payload))
+}
+
+async fn connect_stream(params: &ConnectionParams) -> Result<Box<dyn Stream>, WireError> {
+    let tcp = tokio::net::TcpStream::connect((params.host.as_str(), params.port)).await?;
+    let _ = tcp.set_nodelay(true);
+    match &params.tls {
+        None => Ok(Box::new(tcp)),
+        Some(tls) => tls_stream(tcp, params, tls).await,
+    }
+}
+
+#[cfg(feature = "tls")]
+async fn tls_stream(
+    tcp: tokio::net::TcpStream,
+    params: &ConnectionParams,
+    tls: &Tls,
+) -> Result<Box<dyn Stream>, WireError> {
+    use tokio_native_tls::native_tls;
+    let mut b = native_tls::TlsConnector::builder();
+    if let Some(path) = &tls.ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            WireError::Tls(format!("cannot read the CA file {}: {e}", path.display()))
+        })?;
+        let cert = native_tls::Certificate::from_pem(&pem).map_err(|e| {
+            WireError::Tls(format!("the CA file {} is not PEM: {e}", path.display()))
+        })?;
+        b.add_root_certificate(cert);
+    }
+    if !tls.verify {
+        b.danger_accept_invalid_certs(true);
+    }
+    if !tls.verify || !tls.check_hostname {
+        b.danger_accept_invalid_hostnames(true);
+    }
+    let connector =
+        tokio_native_tls::TlsConnector::from(b.build().map_err(|e| WireError::Tls(e.to_string()))?);
+    let name = tls.server_name.as_deref().unwrap_or(&params.host);
+    let stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| WireError::Tls(e.to_string()))?;
+    Ok(Box::new(stream))
+}
+
+#[cfg(not(feature = "tls"))]
+async fn tls_stream(
+    _: tokio::net::TcpStream,
+    _: &ConnectionParams,
+    _: &Tls,
+) -> Result<Box<dyn Stream>, WireError> {
+    Err(WireError::Tls(
+        "this build has no TLS (enable the `tls` feature)".to_owned(),
+    ))
+}
+
+fn method_of(kind: u8, payload: &[u8]) -> Result<Method, WireError> {
+    if kind != FRAME_METHOD {
+        return Err(WireError::Protocol(format!(
+            "expected a method frame during the handshake, got type {kind}"
+        )));
+    }
+    codec::decode_method(payload)
+}
+
+impl Connection {
+    /// Connects, logs in with PLAIN, negotiates limits and heartbeats, opens the vhost.
+    ///
+    /// A refused login is [`WireError::ConnectionClosed`] with code 403, an unknown or
+    /// forbidden vhost code 530 (or 403).
+    pub async fn open(params: &ConnectionParams) -> Result<Connection, WireError> {
+        match tokio::time::timeout(RPC_TIMEOUT, Self::handshake(params)).await {
+            Ok(r) => r,
+            Err(_) => Err(WireError::Io(format!(
+                "handshake did not finish within {RPC_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn handshake(params: &ConnectionParams) -> Result<Connection, WireError> {
+        let stream = connect_stream(params).await?;
+        let (r, mut w) = tokio::io::split(stream);
+        let mut r = BufReader::new(r);
+        w.write_all(b"AMQP\x00\x00\x09\x01").await?;
+        w.flush().await?;
+        let send = |payload: Vec<u8>| {
+            let mut out = Vec::new();
+            codec::encode_frame(&mut out, FRAME_METHOD, 0, &payload);
+            out
+        };
+        let next = |m: Method| -> Result<Method, WireError> {
+            match m {
+                Method::ConnectionClose(reason) => Err(WireError::ConnectionClosed(reason)),
+                m => Ok(m),
+            }
+        };
+        let (kind, _, payload) = read_frame(&mut r, FRAME_MIN).await.map_err(|e| match e {
+            WireError::Protocol(_) => {
+                WireError::Protocol("the server does not speak AMQP 0-9-1".to_owned())
+            }
+            e => e,
+        })?;
+        let Method::ConnectionStart { mechanisms } = next(method_of(kind, &payload)?)? else {
+            return Err(WireError::Protocol("expected connection.start".to_owned()));
+        };
+        if !mechanisms.split(' ').any(|m| m == "PLAIN") {
+            return Err(WireError::Protocol(format!(
+                "the server offers no PLAIN login (only {mechanisms})"
+            )));
+        }
+        let mut caps = FieldTable::new();
+        for c in [
+            "publisher_confirms",
+            "consumer_cancel_notify",
+            "authentication_failure_close",
+            "basic.nack",
+            "connection.blocked",
+        ] {
+            caps.insert(c.to_owned(), FieldValue::Bool(true));
+        }
+        let mut props = FieldTable::new();
+        props.insert("product".to_owned(), FieldValue::str("celeriac"));
+        props.insert(
+            "version".to_owned(),
+            FieldValue::str(env!("CARGO_PKG_VERSION")),
+        );
+        props.insert("platform".to_owned(), FieldValue::str("Rust"));
+        props.insert("connection_name".to_owned(), FieldValue::str(&params.name));
+        props.insert("capabilities".to_owned(), FieldValue::Table(caps));
+        let mut response = vec![0u8];
+        response.extend_from_slice(params.user.as_bytes());
+        response.push(0);
+        response.extend_from_slice(params.password.as_bytes());
+        let mut e = Enc::method(10, 11);
+        e.table(&props)?;
+        e.shortstr("PLAIN")?;
+        e.longstr(&response)?;
+        e.shortstr("en_US")?;
+        w.write_all(&send(e.buf)).await?;
+        w.flush().await?;
+
+        let (kind, _, payload) = read_frame(&mut r, FRAME_MIN).await.map_err(|e| match e {
+            // RabbitMQ may drop the socket on a failed login.
+            WireError::Io(text) => WireError::Io(format!(
+                "{text} (the server closed the connection during login: wrong user or password?)"
+            )),
+            e => e,
+        })?;
+        let Method::ConnectionTune {
+            channel_max,
+            frame_max,
+            heartbeat,
+        } = next(method_of(kind, &payload)?)?
+        else {
+            return Err(WireError::Protocol("expected connection.tune".to_owned()));
+        };
+        let pick = |ours: u32, theirs: u32| match (ours, theirs) {
+            (0, t) => t,
+            (o, 0) => o,
+            (o, t) => o.min(t),
+        };
+        let channel_max = match channel_max {
+            0 => u16::MAX,
+            n => n,
+        }
+        .min(2047);
+        let frame_max = pick(FRAME_MAX, frame_max).max(FRAME_MIN);
+        let heartbeat = if params.heartbeat == 0 {
+            0
+        } else {
+            pick(u32::from(params.heartbeat), u32::from(heartbeat)) as u16
+        };
+        let mut e = Enc::method(10, 31);
+        e.u16(channel_max).u32(frame_max).u16(heartbeat);
+        w.write_all(&send(e.buf)).await?;
+        let mut e = Enc::method(10, 40);
+        e.shortstr(&params.vhost)?;
+        e.shortstr("")?;
+        e.bit(false);
+        w.write_all(&send(e.buf)).await?;
+        w.flush().await?;
+        loop {
+            let (kind, _, payload) = read_frame(&mut r, frame_max).await?;
+            if kind == FRAME_HEARTBEAT {
+                continue;
+            }
+            match next(method_of(kind, &payload)?)? {
+                Method::ConnectionOpenOk => break,
+                other => {
+                    return Err(WireError::Protocol(format!(
+                        "expected connection.open-ok, got {other:?}"
+                    )));
+                }
+            }
+        }
+
+        let shared = Arc::new(Shared {
+            writer: tokio::sync::Mutex::new(w),
+            channels: Mutex::new(HashMap::new()),
+            next_channel: Mutex::new(0),
+            channel_max,
+            frame_max,
+            closed: watch::channel(None).0,
+            consumer_seq: AtomicU64::new(0),
+        });
+        let silence = (heartbeat > 0).then(|| Duration::from_secs(u64::from(heartbeat) * 2));
+        tokio::spawn(read_loop(shared.clone(), r, silence));
+        if heartbeat > 0 {
+            tokio::spawn(heartbeats(
+                Arc::downgrade(&shared),
+                Duration::from_millis(u64::from(heartbeat) * 500),
+            ));
+        }
+        Ok(Connection {
+            _last: Arc::new(LastHandle(shared.clone())),
+            shared,
+        })
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        self.shared.closed.borrow().is_none()
+    }
+
+    /// Resolves once the connection is closed (by either side or a failure), with the reason.
+    pub async fn closed(&self) -> WireError {
+        let mut rx = self.shared.closed.subscribe();
+        loop {
+            if let Some(e) = rx.borrow_and_update().clone() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                return WireError::ClosedByClient;
+            }
+        }
+    }
+
+    /// Opens a channel.
+    pub async fn open_channel(&self) -> Result<Channel, WireError> {
+        if let Some(e) = self.shared.closed_error() {
+            return Err(e);
+        }
+        let chan = {
+            let mut chans = self.shared.channels.lock().expect("channels lock");
+            let mut next = self.shared.next_channel.lock().expect("channel id lock");
+            let mut id = None;
+            for _ in 0..self.shared.channel_max {
+                *next = if *next >= self.shared.channel_max {
+                    1
+                } else {
+                    *next + 1
+                };
+                if !chans.contains_key(&*next) {
+                    id = Some(*next);
+                    break;
+                }
+            }
+            let id = id.ok_or_else(|| WireError::Protocol("no free channel id".to_owned()))?;
+            let chan = Arc::new(ChanShared {
+                id,
+                state: Mutex::new(ChanState::default()),
+                rpc: tokio::sync::Mutex::new(()),
+            });
+            chans.insert(id, chan.clone());
+            chan
+        };
+        let ch = Channel {
+            conn: self.shared.clone(),
+            chan,
+        };
+        let mut e = Enc::method(20, 10);
+        e.shortstr("")?;
+        ch.call(e.buf).await?;
+        Ok(ch)
+    }
+
+    /// Closes the connection (`connection.close` 200, waiting briefly for `close-ok`).
+    pub async fn close(&self) -> Result<(), WireError> {
+        if !self.is_open() {
+            return Ok(());
+        }
+        let mut e = Enc::method(10, 50);
+        e.u16(200).shortstr("bye")?.u16(0).u16(0);
+        let mut rx = self.shared.closed.subscribe();
+        self.shared.send_method(0, &e.buf).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some)).await;
+        self.shared.shut(WireError::ClosedByClient);
+        let mut w = self.shared.writer.lock().await;
+        let _ = w.shutdown().await;
+        Ok(())
+    }
+}
+
+async fn heartbeats(shared: std::sync::Weak<Shared>, every: Duration) {
+    let mut frame = Vec::new();
+    codec::encode_frame(&mut frame, FRAME_HEARTBEAT, 0, &[]);
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.closed_error().is_some() || shared.write(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut r: R, silence: Option<Duration>) {
+    let mut closed = shared.closed.subscribe();
+    let err = loop {
+        let frame = async {
+            match silence {
+                Some(limit) => tokio::time::timeout(limit, read_frame(&mut r, shared.frame_max))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(WireError::Io(format!(
+                            "no heartbeat from the server for {limit:?}"
+                        )))
+                    }),
+                None => read_frame(&mut r, shared.frame_max).await,
+            }
+        };
+        let frame = tokio::select! {
+            f = frame => f,
+            _ = closed.wait_for(Option::is_some) => return,
+        };
+        let (kind, channel, payload) = match frame {
+            Ok(f) => f,
+            Err(e) => break e,
+        };
+        if let Err(e) = dispatch(&shared, kind, channel, payload).await {
+            break e;
+        }
+        if shared.closed_error().is_some() {
+            return;
+        }
+    };
+    tracing::debug!(error = %err, "amqp connection ended");
+    shared.shut(err);
+}
+
+/// Routes one frame; an error ends the connection.
+async fn dispatch(
+    shared: &Arc<Shared>,
+    kind: u8,
+    channel: u16,
+    payload: Vec<u8>,
+) -> Result<(), WireError> {
+    if kind == FRAME_HEARTBEAT {
+        return Ok(());
+    }
+    if channel == 0 {
+        if kind != FRAME_METHOD {
+            return Err(WireError::Protocol(format!(
+                "frame type {kind} on channel 0"
+            )));
+        }
+        match codec::decode_method(&payload)? {
+            Method::ConnectionClose(reason) => {
+                let ok = Enc::method(10, 51);
+                let _ = shared.send_method(0, &ok.buf).await;
+                tracing::warn!(reason = %reason, "rabbitmq closed the connection");
+                return Err(WireError::ConnectionClosed(reason));
+            }
+            Method::ConnectionCloseOk => {
+                shared.shut(WireError::ClosedByClient);
+            }
+            Method::ConnectionBlocked { reason } => {
+                tracing::warn!(%reason, "rabbitmq blocked the connection (resource alarm)");
+            }
+            Method::ConnectionUnblocked => {
+                tracing::info!("rabbitmq unblocked the connection");
+            }
+            other => tracing::debug!(method = ?other, "ignoring a connection method"),
+        }
+        return Ok(());
+    }
+    let Some(chan) = shared
+        .channels
+        .lock()
+        .expect("channels lock")
+        .get(&channel)
+        .cloned()
+    else {
+        // A late frame for a channel we closed.
+        return Ok(());
+    };
+    match kind {
+        FRAME_METHOD => channel_method(shared, &chan, codec::decode_method(&payload)?).await,
+        FRAME_HEADER => {
+            let (class, size, props) = codec::decode_header(&payload)?;
+            let mut s = chan.state.lock().expect("channel lock");
+            let Some(a) = s.assembling.as_mut().filter(|a| a.props.is_none()) else {
+                return Err(WireError::Protocol(format!(
+                    "unexpected content header on channel {channel}"
+                )));
+            };
+            if class != CLASS_BASIC {
+                return Err(WireError::Protocol(format!(
+                    "content header of class {class}"
+                )));
+            }
+            if let Some(why) = &props.malformed {
+                tracing::warn!(channel, error = %why, "rabbitmq delivered a message whose properties cannot be decoded; they were skipped");
+            }
+            a.size = size;
+            a.props = Some(props);
+            if size == 0 {
+                finish_content(&mut s);
+            }
+            Ok(())
+        }
+        FRAME_BODY => {
+            let mut s = chan.state.lock().expect("channel lock");
+            let Some(a) = s.assembling.as_mut().filter(|a| a.props.is_some()) else {
+                return Err(WireError::Protocol(format!(
+                    "unexpected body frame on channel {channel}"
+                )));
+            };
+            a.body.extend_from_slice(&payload);
+            if a.body.len() as u64 > a.size {
+                return Err(WireError::Protocol(
+                    "body longer than its header said".to_owned(),
+                ));
+            }
+            if a.body.len() as u64 == a.size {
+                finish_content(&mut s);
+            }
+            Ok(())
+        }
+        other => Err(WireError::Protocol(format!("unknown frame type {other}"))),
+    }
+}
+
+fn finish_content(s: &mut ChanState) {
+    let Some(a) = s.assembling.take() else {
+        return;
+    };
+    let props = a.props.unwrap_or_default();
+    let fill = |mut d: Delivery| {
+        d.properties = props.properties;
+        d.malformed = props.malformed;
+        d.body = a.body;
+        d
+    };
+    match a.what {
+        Pending::Deliver {
+            consumer_tag,
+            delivery,
+        } => {
+            let d = fill(delivery);
+            if let Some(tx) = s.consumers.get(&consumer_tag) {
+                if tx.send(d).is_err() {
+                    s.consumers.remove(&consumer_tag);
+                }
+            }
+        }
+        Pending::GetOk(delivery) => {
+            if let Some(tx) = s.reply.take() {
+                let _ = tx.send(Ok((Method::BasicGetEmpty, Some(fill(delivery)))));
+            }
+        }
+        Pending::Return => {}
+    }
+}
+
+fn delivery(
+    delivery_tag: u64,
+    redelivered: bool,
+    exchange: String,
+    routing_key: String,
+) -> Delivery {
+    Delivery {
+        delivery_tag,
+        redelivered,
+        exchange,
+        routing_key,
+        properties: Properties::default(),
+        malformed: None,
+        body: Vec::new(),
+    }
+}
+
+async fn channel_method(
+    shared: &Arc<Shared>,
+    chan: &Arc<ChanShared>,
+    m: Method,
+) -> Result<(), WireError> {
+    let start = |what: Pending| Assembling {
+        what,
+        size: 0,
+        props: None,
+        body: Vec::new(),
+    };
+    match m {
+        Method::BasicDeliver {
+            consumer_tag,
+            delivery_tag,
+            redelivered,
+            exchange,
+            routing_key,
+        } => {
+            chan.state.lock().expect("channel lock").assembling = Some(start(Pending::Deliver {
+                consumer_tag,
+                delivery: delivery(delivery_tag, redelivered, exchange, routing_key),
+            }));
+        }
+        Method::BasicGetOk {
+            delivery_tag,
+            redelivered,
+            exchange,
+            routing_key,
+        } => {
+            chan.state.lock().expect("channel lock").assembling = Some(start(Pending::GetOk(
+                delivery(delivery_tag, redelivered, exchange, routing_key),
+            )));
+        }
+        Method::BasicReturn {
+            reply_code,
+            reply_text,
+            routing_key,
+            ..
+        } => {
+            tracing::debug!(reply_code, %reply_text, %routing_key, "rabbitmq returned a message");
+            chan.state.lock().expect("channel lock").assembling = Some(start(Pending::Return));
+        }
+        Method::BasicAck {
+            delivery_tag,
+            multiple,
+        } => {
+            if let Some(c) = &mut chan.state.lock().expect("channel lock").confirms {
+                c.settle(delivery_tag, multiple, true);
+            }
+        }
+        Method::BasicNack {
+            delivery_tag,
+            multiple,
+        } => {
+            if let Some(c) = &mut chan.state.lock().expect("channel lock").confirms {
+                c.settle(delivery_tag, multiple, false);
+            }
+        }
+        Method::BasicCancel { consumer_tag } => {
+            tracing::warn!(%consumer_tag, "rabbitmq cancelled a consumer (queue deleted?)");
+            chan.state
+                .lock()
+                .expect("channel lock")
+                .consumers
+                .remove(&consumer_tag);
+        }
+        Method::ChannelFlow { active } => {
+            let mut e = Enc::method(20, 21);
+            e.bit(active);
+            shared.send_method(chan.id, &e.buf).await?;
+        }
+        Method::ChannelClose(reason) => {
+            tracing::debug!(channel = chan.id, reason = %reason, "rabbitmq closed a channel");
+            shared
+                .channels
+                .lock()
+                .expect("channels lock")
+                .remove(&chan.id);
+            chan.fail(WireError::ChannelClosed(reason));
+            shared
+                .send_method(chan.id, &Enc::method(20, 41).buf)
+                .await?;
+        }
+        Method::ChannelCloseOk => {
+            shared
+                .channels
+                .lock()
+                .expect("channels lock")
+                .remove(&chan.id);
+            let mut s = chan.state.lock().expect("channel lock");
+            if let Some(tx) = s.reply.take() {
+                let _ = tx.send(Ok((Method::ChannelCloseOk, None)));
+            }
+            drop(s);
+            chan.fail(WireError::ClosedByClient);
+        }
+        Method::BasicGetEmpty
+        | Method::ChannelOpenOk
+        | Method::ExchangeDeclareOk
+        | Method::ExchangeDeleteOk
+        | Method::QueueDeclareOk { .. }
+        | Method::QueueBindOk
+        | Method::QueueUnbindOk
+        | Method::QueuePurgeOk { .. }
+        | Method::QueueDeleteOk { .. }
+        | Method::BasicQosOk
+        | Method::BasicConsumeOk { .. }
+        | Method::BasicCancelOk { .. }
+        | Method::BasicRecoverOk
+        | Method::ConfirmSelectOk => {
+            if let Some(tx) = chan.state.lock().expect("channel lock").reply.take() {
+                let _ = tx.send(Ok((m, None)));
+            }
+        }
+        other => {
+            return Err(WireError::Protocol(format!(
+                "unexpected method on channel {}: {other:?}",
+                chan.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+// ===== channel =====
+
+/// An open channel. Cheap to clone.
+#[derive(Clone)]
+pub struct Channel {
+    conn: Arc<Shared>,
+    chan: Arc<ChanShared>,
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Channel")
+            .field("id", &self.chan.id)
+            .field("open", &self.is_open())
+            .finish()
+    }
+}
+
+impl Channel {
+    /// The channel id.
+    pub fn id(&self) -> u16 {
+        self.chan.id
+    }
+
+    /// Whether the channel (and its connection) is open.
+    pub fn is_open(&self) -> bool {
+        self.closed_error().is_none()
+    }
+
+    fn closed_error(&self) -> Option<WireError> {
+        self.chan
+            .state
+            .lock()
+            .expect("channel lock")
+            .closed
+            .clone()
+            .or_else(|| self.conn.closed_error())
+    }
+
+    /// Sends a synchronous method and waits for its reply (or the channel's close).
+    async fn call(&self, payload: Vec<u8>) -> Reply {
+        let _one = self.chan.rpc.lock().await;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut s = self.chan.state.lock().expect("channel lock");
+            if let Some(e) = s.closed.clone() {
+                return Err(e);
+            }
+            s.reply = Some(tx);
+        }
+        self.conn.send_method(self.chan.id, &payload).await?;
+        match tokio::time::timeout(RPC_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(self.closed_error().unwrap_or(WireError::ClosedByClient)),
+            Err(_) => Err(WireError::Io(format!(
+                "rabbitmq did not answer within {RPC_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn send(&self, payload: &[u8]) -> Result<(), WireError> {
+        if let Some(e) = self.closed_error() {
+            return Err(e);
+        }
+        self.conn.send_method(self.chan.id, payload).await
+    }
+
+    /// `exchange.declare` (not passive, not auto-delete, not internal).
+    pub async fn exchange_declare(
+        &self,
+        name: &str,
+        kind: &str,
+        durable: bool,
+    ) -> Result<(), WireError> {
+        let mut e = Enc::method(40, 10);
+        e.u16(0).shortstr(name)?.shortstr(kind)?;
+        e.bit(false).bit(durable).bit(false).bit(false).bit(false);
+        e.table(&FieldTable::new())?;
+        self.call(e.buf).await.map(|_| ())
+    }
+
+    /// `queue.declare`: (queue name, ready messages, consumers).
+    pub async fn queue_declare(
+        &self,
+        name: &str,
+        o: &QueueDeclare,
+    ) -> Result<(String, u32, u32), WireError> {
+        let mut e = Enc::method(50, 10);
+        e.u16(0).shortstr(name)?;
+        e.bit(o.passive)
+            .bit(o.durable)
+            .bit(o.exclusive)
+            .bit(o.auto_delete)
+            .bit(false);
+        e.table(&o.arguments)?;
+        match self.call(e.buf).await? {
+            (
+                Method::QueueDeclareOk {
+                    queue,
+                    messages,
+                    consumers,
+                },
+                _,
+            ) => Ok((queue, messages, consumers)),
+            (m, _) => Err(unexpected("queue.declare-ok", &m)),
+        }
+    }
+
+    /// `queue.bind` with no arguments.
+    pub async fn queue_bind(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+    ) -> Result<(), WireError> {
+        let mut e = Enc::method(50, 20);
+        e.u16(0)
+            .shortstr(queue)?
+            .shortstr(exchange)?
+            .shortstr(key)?;
+        e.bit(false);
+        e.table(&FieldTable::new())?;
+        self.call(e.buf).await.map(|_| ())
+    }
+
+    /// `queue.purge`: how many messages were dropped.
+    pub async fn queue_purge(&self, queue: &str) -> Result<u32, WireError> {
+        let mut e = Enc::method(50, 30);
+        e.u16(0).shortstr(queue)?;
+        e.bit(false);
+        match self.call(e.buf).await? {
+            (Method::QueuePurgeOk { messages }, _) => Ok(messages),
+            (m, _) => Err(unexpected("queue.purge-ok", &m)),
+        }
+    }
+
+    /// `queue.delete` (unconditional): how many messages went with it.
+    pub async fn queue_delete(&self, queue: &str) -> Result<u32, WireError> {
+        let mut e = Enc::method(50, 40);
+        e.u16(0).shortstr(queue)?;
+        e.bit(false).bit(false).bit(false);
+        match self.call(e.buf).await? {
+            (Method::QueueDeleteOk { messages }, _) => Ok(messages),
+            (m, _) => Err(unexpected("queue.delete-ok", &m)),
+        }
+    }
+
+    /// `exchange.delete` (unconditional).
+    pub async fn exchange_delete(&self, name: &str) -> Result<(), WireError> {
+        let mut e = Enc::method(40, 20);
+        e.u16(0).shortstr(name)?;
+        e.bit(false).bit(false);
+        self.call(e.buf).await.map(|_| ())
+    }
+
+    /// `basic.qos` with a message count (`global`: per channel rather than per consumer).
+    pub async fn basic_qos(&self, prefetch: u16, global: bool) -> Result<(), WireError> {
+        let mut e = Enc::method(60, 10);
+        e.u32(0).u16(prefetch);
+        e.bit(global);
+        self.call(e.buf).await.map(|_| ())
+    }
+
+    /// `basic.consume`: the consumer tag and its deliveries. The receiver ends when the
+    /// consumer is cancelled (by us or by the server, e.g. its queue was deleted) or the
+    /// channel closes.
+    pub async fn basic_consume(
+        &self,
+        queue: &str,
+        no_ack: bool,
+    ) -> Result<(String, mpsc::UnboundedReceiver<Delivery>), WireError> {
+        let n = self.conn.consumer_seq.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("celeriac-{}-{n}", self.chan.id);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.chan
+            .state
+            .lock()
+            .expect("channel lock")
+            .consumers
+            .insert(tag.clone(), tx);
+        let mut e = Enc::method(60, 20);
+        e.u16(0).shortstr(queue)?.shortstr(&tag)?;
+        e.bit(false).bit(no_ack).bit(false).bit(false);
+        e.table(&FieldTable::new())?;
+        if let Err(err) = self.call(e.buf).await {
+            self.chan
+                .state
+                .lock()
+                .expect("channel lock")
+                .consumers
+                .remove(&tag);
+            return Err(err);
+        }
+        Ok((tag, rx))
+    }
+
+    /// `basic.cancel`.
+    pub async fn basic_cancel(&self, consumer_tag: &str) -> Result<(), WireError> {
+        let mut e = Enc::method(60, 30);
+        e.shortstr(consumer_tag)?;
+        e.bit(false);
+        self.call(e.buf).await?;
+        self.chan
+            .state
+            .lock()
+            .expect("channel lock")
+            .consumers
+            .remove(consumer_tag);
+        Ok(())
+    }
+
+    /// `basic.get`: one message, or `None` when the queue is empty.
+    pub async fn basic_get(
+        &self,
+        queue: &str,
+        no_ack: bool,
+    ) -> Result<Option<Delivery>, WireError> {
+        let mut e = Enc::method(60, 70);
+        e.u16(0).shortstr(queue)?;
+        e.bit(no_ack);
+        Ok(self.call(e.buf).await?.1)
+    }
+
+    /// `basic.ack`.
+    pub async fn basic_ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), WireError> {
+        let mut e = Enc::method(60, 80);
+        e.u64(delivery_tag).bit(multiple);
+        self.send(&e.buf).await
+    }
+
+    /// `basic.nack`.
+    pub async fn basic_nack(
+        &self,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<(), WireError> {
+        let mut e = Enc::method(60, 120);
+        e.u64(delivery_tag).bit(multiple).bit(requeue);
+        self.send(&e.buf).await
+    }
+
+    /// `basic.reject`.
+    pub async fn basic_reject(&self, delivery_tag: u64, requeue: bool) -> Result<(), WireError> {
+        let mut e = Enc::method(60, 90);
+        e.u64(delivery_tag).bit(requeue);
+        self.send(&e.buf).await
+    }
+
+    /// `confirm.select`: from now on every publish is confirmed ([`Channel::publish`] returns
+    /// a receiver of the broker's ack (`true`) or nack (`false`)).
+    pub async fn confirm_select(&self) -> Result<(), WireError> {
+        let mut e = Enc::method(85, 10);
+        e.bit(false);
+        self.call(e.buf).await?;
+        let mut s = self.chan.state.lock().expect("channel lock");
+        s.confirms.get_or_insert_with(Confirms::default);
+        Ok(())
+    }
+
+    /// `basic.publish` (not mandatory): the method, header and body frames go out together.
+    /// On a confirming channel, returns the receiver of the confirm; it fails (sender dropped)
+    /// when the channel or connection closes first.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: &Properties,
+        body: &[u8],
+    ) -> Result<Option<oneshot::Receiver<bool>>, WireError> {
+        let header = codec::encode_header(properties, body.len() as u64)?;
+        self.publish_raw(exchange, routing_key, &header, body).await
+    }
+
+    /// Publishes with a content header payload given as is: for tests that need to send what
+    /// a broken client would (an undecodable headers table).
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        header: &[u8],
+        body: &[u8],
+    ) -> Result<Option<oneshot::Receiver<bool>>, WireError> {
+        let mut m = Enc::method(60, 40);
+        m.u16(0).shortstr(exchange)?.shortstr(routing_key)?;
+        m.bit(false).bit(false);
+        let mut out = Vec::with_capacity(body.len() + header.len() + m.buf.len() + 64);
+        codec::encode_frame(&mut out, FRAME_METHOD, self.chan.id, &m.buf);
+        codec::encode_frame(&mut out, FRAME_HEADER, self.chan.id, header);
+        let chunk = (self.conn.frame_max as usize).saturating_sub(8).max(1);
+        for part in body.chunks(chunk) {
+            codec::encode_frame(&mut out, FRAME_BODY, self.chan.id, part);
+        }
+        if let Some(e) = self.closed_error() {
+            return Err(e);
+        }
+        // The sequence number is taken under the writer lock, so numbers follow wire order.
+        let mut w = self.conn.writer.lock().await;
+        let rx = {
+            let mut s = self.chan.state.lock().expect("channel lock");
+            if let Some(e) = s.closed.clone() {
+                return Err(e);
+            }
+            s.confirms.as_mut().map(|c| {
+                let (tx, rx) = oneshot::channel();
+                c.next += 1;
+                c.pending.insert(c.next, tx);
+                rx
+            })
+        };
+        let r = async {
+            w.write_all(&out).await?;
+            w.flush().await
+        }
+        .await;
+        drop(w);
+        if let Err(e) = r {
+            let err = WireError::from(e);
+            self.conn.shut(err.clone());
+            return Err(err);
+        }
+        Ok(rx)
+    }
+
+    /// Closes the channel (`channel.close` 200).
+    pub async fn close(&self) -> Result<(), WireError> {
+        if !self.is_open() {
+            return Ok(());
+        }
+        let mut e = Enc::method(20, 40);
+        e.u16(200).shortstr("bye")?.u16(0).u16(0);
+        let r = self.call(e.buf).await.map(|_| ());
+        self.conn
+            .channels
+            .lock()
+            .expect("channels lock")
+            .remove(&self.chan.id);
+        self.chan.fail(WireError::ClosedByClient);
+        r
+    }
+}
+
+fn unexpected(want: &str, got: &Method) -> WireError {
+    WireError::Protocol(format!("expected {want}, got {got:?}"))
+}
