@@ -1286,3 +1286,187 @@ impl Channel {
 fn unexpected(want: &str, got: &Method) -> WireError {
     WireError::Protocol(format!("expected {want}, got {got:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The client against a scripted server on loopback: what RabbitMQ will not send on
+    //! request (an undecodable headers table, a server-side cancel and channel close).
+
+    use super::*;
+    use tokio::net::TcpListener;
+
+    struct Script {
+        r: BufReader<tokio::io::ReadHalf<tokio::net::TcpStream>>,
+        w: tokio::io::WriteHalf<tokio::net::TcpStream>,
+    }
+
+    impl Script {
+        async fn expect(&mut self, class: u16, method: u16) -> Vec<u8> {
+            loop {
+                let (kind, _, payload) = read_frame(&mut self.r, FRAME_MAX).await.unwrap();
+                if kind == FRAME_HEARTBEAT {
+                    continue;
+                }
+                assert_eq!(kind, FRAME_METHOD);
+                let got = (
+                    u16::from_be_bytes([payload[0], payload[1]]),
+                    u16::from_be_bytes([payload[2], payload[3]]),
+                );
+                assert_eq!(got, (class, method));
+                return payload[4..].to_vec();
+            }
+        }
+        async fn send(&mut self, kind: u8, channel: u16, payload: &[u8]) {
+            let mut out = Vec::new();
+            codec::encode_frame(&mut out, kind, channel, payload);
+            self.w.write_all(&out).await.unwrap();
+        }
+    }
+
+    /// Accepts one client, runs the handshake and opens channel 1.
+    async fn server() -> (u16, tokio::task::JoinHandle<Script>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (r, w) = tokio::io::split(socket);
+            let mut s = Script {
+                r: BufReader::new(r),
+                w,
+            };
+            let mut hello = [0u8; 8];
+            s.r.read_exact(&mut hello).await.unwrap();
+            assert_eq!(&hello, b"AMQP\x00\x00\x09\x01");
+            let mut e = Enc::method(10, 10);
+            e.u8(0).u8(9).table(&FieldTable::new()).unwrap();
+            e.longstr(b"PLAIN AMQPLAIN")
+                .unwrap()
+                .longstr(b"en_US")
+                .unwrap();
+            s.send(FRAME_METHOD, 0, &e.buf).await;
+            s.expect(10, 11).await;
+            let mut e = Enc::method(10, 30);
+            e.u16(0).u32(FRAME_MAX).u16(0);
+            s.send(FRAME_METHOD, 0, &e.buf).await;
+            s.expect(10, 31).await;
+            s.expect(10, 40).await;
+            let mut e = Enc::method(10, 41);
+            e.shortstr("").unwrap();
+            s.send(FRAME_METHOD, 0, &e.buf).await;
+            s.expect(20, 10).await;
+            let mut e = Enc::method(20, 11);
+            e.longstr(b"").unwrap();
+            s.send(FRAME_METHOD, 1, &e.buf).await;
+            s
+        });
+        (port, task)
+    }
+
+    async fn deliver(s: &mut Script, tag: &str, n: u64, header: &[u8], body: &[u8]) {
+        let mut e = Enc::method(60, 60);
+        e.shortstr(tag).unwrap().u64(n).bit(false);
+        e.shortstr("").unwrap().shortstr("q").unwrap();
+        s.send(FRAME_METHOD, 1, &e.buf).await;
+        s.send(FRAME_HEADER, 1, header).await;
+        s.send(FRAME_BODY, 1, body).await;
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_headers_table_is_skipped_and_the_next_delivery_arrives() {
+        let (port, script) = server().await;
+        let mut params = ConnectionParams::new("127.0.0.1", port);
+        params.heartbeat = 0;
+        let conn = Connection::open(&params).await.unwrap();
+        let ch = conn.open_channel().await.unwrap();
+        let mut s = script.await.unwrap();
+
+        let consume = tokio::spawn({
+            let ch = ch.clone();
+            async move { ch.basic_consume("q", false).await }
+        });
+        let req = s.expect(60, 20).await;
+        let mut d = codec::Dec::new(&req);
+        d.u16().unwrap();
+        assert_eq!(d.shortstr().unwrap(), "q");
+        let tag = d.shortstr().unwrap();
+        let mut e = Enc::method(60, 21);
+        e.shortstr(&tag).unwrap();
+        s.send(FRAME_METHOD, 1, &e.buf).await;
+        let (_, mut rx) = consume.await.unwrap().unwrap();
+
+        // content_type, a headers table with the unknown tag `Z`, correlation_id.
+        let mut bad = Enc::default();
+        bad.u16(CLASS_BASIC).u16(0).u64(2);
+        bad.u16((1 << 15) | (1 << 13) | (1 << 10));
+        bad.shortstr("application/json").unwrap();
+        bad.u32(3).u8(1).u8(b'n').u8(b'Z');
+        bad.shortstr("bad-id").unwrap();
+        deliver(&mut s, &tag, 1, &bad.buf, b"{}").await;
+        let mut good = Properties::default();
+        let mut headers = FieldTable::new();
+        headers.insert("big".to_owned(), FieldValue::I64L(-5_000_000_000));
+        good.headers = Some(headers.clone());
+        let header = codec::encode_header(&good, 2).unwrap();
+        deliver(&mut s, &tag, 2, &header, b"ok").await;
+
+        let first = rx.recv().await.expect("the bad delivery");
+        assert_eq!(first.delivery_tag, 1);
+        assert!(
+            first
+                .malformed
+                .as_deref()
+                .unwrap()
+                .contains("unknown field type tag")
+        );
+        assert_eq!(first.properties.correlation_id.as_deref(), Some("bad-id"));
+        assert_eq!(first.body, b"{}");
+        let second = rx.recv().await.expect("the connection survived");
+        assert_eq!(second.delivery_tag, 2);
+        assert_eq!(second.malformed, None);
+        assert_eq!(second.properties.headers, Some(headers));
+        assert!(conn.is_open());
+
+        // A server-sent cancel ends the consumer; a channel.close surfaces its reason.
+        let mut e = Enc::method(60, 30);
+        e.shortstr(&tag).unwrap().bit(false);
+        s.send(FRAME_METHOD, 1, &e.buf).await;
+        assert!(rx.recv().await.is_none(), "cancelled consumers end");
+        let purge = tokio::spawn({
+            let ch = ch.clone();
+            async move { ch.queue_purge("gone").await }
+        });
+        s.expect(50, 30).await;
+        let mut e = Enc::method(20, 40);
+        e.u16(404).shortstr("NOT_FOUND - no queue 'gone'").unwrap();
+        e.u16(50).u16(30);
+        s.send(FRAME_METHOD, 1, &e.buf).await;
+        s.expect(20, 41).await;
+        let err = purge.await.unwrap().unwrap_err();
+        assert_eq!(err.reply_code(), Some(404), "{err}");
+        assert!(err.to_string().contains("NOT_FOUND"), "{err}");
+        assert!(!ch.is_open() && conn.is_open());
+
+        // A connection.close is answered and surfaces on the connection.
+        let mut e = Enc::method(10, 50);
+        e.u16(320).shortstr("CONNECTION_FORCED - shutdown").unwrap();
+        e.u16(0).u16(0);
+        s.send(FRAME_METHOD, 0, &e.buf).await;
+        s.expect(10, 51).await;
+        let why = conn.closed().await;
+        assert_eq!(why.reply_code(), Some(320), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_garbage_frame_fails_the_connection_with_a_protocol_error() {
+        let (port, script) = server().await;
+        let mut params = ConnectionParams::new("127.0.0.1", port);
+        params.heartbeat = 0;
+        let conn = Connection::open(&params).await.unwrap();
+        let _ch = conn.open_channel().await.unwrap();
+        let mut s = script.await.unwrap();
+        // A frame without its end octet.
+        s.w.write_all(&[1, 0, 1, 0, 0, 0, 1, 0, 0]).await.unwrap();
+        let why = conn.closed().await;
+        assert!(matches!(why, WireError::Protocol(_)), "{why}");
+    }
+}

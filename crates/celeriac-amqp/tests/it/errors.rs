@@ -173,7 +173,8 @@ async fn a_deleted_queue_is_redeclared_and_consumed_again() {
 /// failed its connection on every delivery and stalled the queue. A headers table that cannot
 /// be decoded at all (an unknown tag) must not stall it either: that delivery comes up as an
 /// invalid message, is rejected without requeue, and the good message behind it is processed
-/// (RabbitMQ 3.13+ refuses to route one; the skipping is unit-tested in `wire::codec`). Both
+/// (RabbitMQ 3.13+ refuses to route one; the skipping is tested in `wire::codec` and against a
+/// scripted server in `wire::conn`). Both
 /// messages are written raw by the client's own frame writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l_tagged_and_undecodable_headers_never_stall_the_queue() {
