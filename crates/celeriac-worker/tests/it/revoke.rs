@@ -171,3 +171,45 @@ async fn revoke_records_keep_the_shape_python_celery_reads() {
     assert!(m.date_done.is_some());
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_reaches_a_blocking_task_on_the_threads_pool_through_its_cancellation() {
+    let starts = Calls::default();
+    let saw_cancel = Calls::default();
+    let (s, c) = (starts.clone(), saw_cancel.clone());
+    let polite = blocking("tasks.polite", move |ctx, _| {
+        s.hit();
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !ctx.is_cancelled() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        if ctx.is_cancelled() {
+            c.hit();
+        }
+        Ok(json!(null))
+    });
+    let h = start(
+        vec![polite],
+        options(|o| {
+            quick_watch(o);
+            o.pool = celeriac_worker::Pool::Threads;
+        }),
+    );
+    let id = h.call("tasks.polite", vec![]).await;
+    h.until("the task runs", || async { starts.get() == 1 })
+        .await;
+    h.backend
+        .store(&revoked_meta(id.clone(), Some("SIGINT")))
+        .await
+        .unwrap();
+    h.until("REVOKED(terminated)", || async {
+        revoked_because(&h, &id, "terminated").await
+    })
+    .await;
+    h.until("the thread saw its cancellation", || async {
+        saw_cancel.get() == 1
+    })
+    .await;
+    let report = h.stop().await;
+    assert_eq!((report.revoked, report.succeeded), (1, 0));
+}
