@@ -55,7 +55,7 @@ pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local want = tonumber(ARGV[3])
 local nq = tonumber(ARGV[4])
-local out = {}
+local out, zargs, hargs, ckeys = {}, {}, {}, {}
 local got = 0
 local function record(k, m)
   local queue = ARGV[k + 3]
@@ -63,26 +63,28 @@ local function record(k, m)
   local ok, env = pcall(cjson.decode, m)
   local entry
   if ok and type(env) == 'table' then
-    local p = env.properties
-    if type(p) == 'table' then
-      if type(p.delivery_tag) == 'string' then tag = p.delivery_tag end
-      local di = p.delivery_info
-      if type(di) == 'table' then
-        if type(di.exchange) == 'string' then ex = di.exchange end
-        if type(di.routing_key) == 'string' then rk = di.routing_key end
+    local pr = env.properties
+    if type(pr) == 'table' then
+      if type(pr.delivery_tag) == 'string' then tag = pr.delivery_tag end
+      local d = pr.delivery_info
+      if type(d) == 'table' then
+        if type(d.exchange) == 'string' then ex = d.exchange end
+        if type(d.routing_key) == 'string' then rk = d.routing_key end
       end
     end
     entry = '[' .. m .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
   else
     entry = '[' .. cjson.encode(m) .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
   end
-  redis.call('ZADD', KEYS[2], ARGV[1], tag)
-  redis.call('HSET', KEYS[1], tag, entry)
-  local n = tonumber(redis.call('GET', ARGV[5] .. tag)) or 0
+  zargs[#zargs + 1] = ARGV[1]
+  zargs[#zargs + 1] = tag
+  hargs[#hargs + 1] = tag
+  hargs[#hargs + 1] = entry
+  ckeys[#ckeys + 1] = ARGV[5] .. tag
   out[#out + 1] = k - 2
   out[#out + 1] = m
   out[#out + 1] = tag
-  out[#out + 1] = n
+  out[#out + 1] = 0
   got = got + 1
 end
 local nsteps = (#KEYS - 2) / nq
@@ -102,6 +104,12 @@ for s = 0, nsteps - 1 do
     live = still
   end
   if got >= want then break end
+end
+if got > 0 then
+  redis.call('ZADD', KEYS[2], unpack(zargs))
+  redis.call('HSET', KEYS[1], unpack(hargs))
+  local counts = redis.call('MGET', unpack(ckeys))
+  for i = 1, got do out[i * 4] = tonumber(counts[i]) or 0 end
 end
 return out
 "#,

@@ -217,3 +217,55 @@ async fn an_idle_consumer_takes_announced_and_unannounced_messages() {
     assert_eq!(a, m.id());
     assert_eq!(b, silent.id());
 }
+
+/// The fetch script reads kombu envelopes without decoding them when it can, and falls back to
+/// decoding (or to storing the bytes as a JSON string) otherwise: every `unacked` entry it
+/// writes is kombu's `[envelope, exchange, routing_key]`, valid JSON, whatever was queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_unacked_entry_is_valid_json_whatever_was_queued() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let q = "shapes";
+    broker
+        .publish(q, &msg(), PublishOptions::default())
+        .await
+        .unwrap();
+    let mut r = raw().await;
+    let list = format!("{p}{q}\x06\x169");
+    for odd in [
+        r#"not json at all"#,
+        r#"{"properties": {"delivery_tag": "t\"1", "delivery_info": {"exchange": "", "routing_key": "shapes"}}}"#,
+        r#"{"properties": {"delivery_tag": "t2", "delivery_info": {"exchange": "ex", "routing_key": "rk"}}"#,
+        r#"{"headers": {"x": "\"properties\": {\"delivery_tag\": \"fake\""}, "properties": {"delivery_tag": "t3", "delivery_info": {"exchange": "", "routing_key": "shapes"}}}"#,
+    ] {
+        let _: () = r.lpush(&list, odd).await.unwrap();
+    }
+    let mut c = broker
+        .consume(&[q.to_owned()], ConsumeOptions::new(8))
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(next_within(&mut c, WAIT).await);
+    }
+    let entries: Vec<(String, String)> = r.hgetall(format!("{p}unacked")).await.unwrap();
+    assert_eq!(entries.len(), 5, "{entries:?}");
+    let tags: std::collections::HashSet<&str> = entries.iter().map(|(t, _)| t.as_str()).collect();
+    for want in ["t\"1", "t3"] {
+        assert!(tags.contains(want), "{want} in {tags:?}");
+    }
+    for (tag, entry) in &entries {
+        let v: serde_json::Value = serde_json::from_str(entry)
+            .unwrap_or_else(|e| panic!("entry of {tag} is not JSON ({e}): {entry}"));
+        let a = v.as_array().expect("an array");
+        assert_eq!(a.len(), 3, "{entry}");
+        assert_eq!(a[1], "", "{entry}");
+        assert_eq!(a[2], q, "{entry}");
+    }
+    for d in held {
+        d.ack().await.unwrap();
+    }
+}
