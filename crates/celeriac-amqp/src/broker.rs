@@ -165,6 +165,29 @@ impl Inner {
         confirmed(rx, routing_key).await
     }
 
+    /// Publishes every message, then waits for all their confirms: one round trip of confirm
+    /// latency for the batch instead of one per message.
+    async fn send_many(&self, routing_key: &str, messages: &[(Properties, &[u8])]) -> Result<()> {
+        let mut confirms = Vec::with_capacity(messages.len());
+        {
+            let mut guard = self.publisher.lock().await;
+            let p = self.ensure(&mut guard).await?;
+            for (properties, body) in messages {
+                match p.send("", routing_key, properties, body).await {
+                    Ok(rx) => confirms.push(rx),
+                    Err(e) => {
+                        *guard = None;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        for rx in confirms {
+            confirmed(rx, routing_key).await?;
+        }
+        Ok(())
+    }
+
     /// A throwaway channel on the publisher's connection, for declares and counts (a 404
     /// closes only this channel).
     async fn admin(&self) -> Result<Channel> {
@@ -405,6 +428,37 @@ impl Broker for AmqpBroker {
             self.inner
                 .park_or_send(queue, props, &message.body, due)
                 .await
+        })
+    }
+
+    fn publish_batch<'a>(
+        &'a self,
+        queue: &'a str,
+        messages: &'a [(Message, PublishOptions)],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if messages.is_empty() {
+                return Ok(());
+            }
+            self.inner.declare_if_new(queue).await?;
+            // Every message is encoded before the first is sent: a bad one sends nothing.
+            let mut ready = Vec::with_capacity(messages.len());
+            let mut delayed = Vec::new();
+            let now = Utc::now();
+            for (m, o) in messages {
+                let props = properties_of(m, o.priority)?;
+                match o.not_before.filter(|t| *t > now) {
+                    Some(t) => delayed.push((props, m.body.as_slice(), t.timestamp_millis())),
+                    None => ready.push((props, m.body.as_slice())),
+                }
+            }
+            self.inner.send_many(queue, &ready).await?;
+            for (props, body, due) in delayed {
+                self.inner
+                    .park_or_send(queue, props, body, Some(due))
+                    .await?;
+            }
+            Ok(())
         })
     }
 
