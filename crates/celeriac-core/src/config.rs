@@ -24,6 +24,7 @@
 //! max_tasks_per_child = 1000       # processes pool: recycle a child after this many tasks
 //! max_memory_per_child = 512000    # processes pool: KiB of resident memory, then recycle
 //! max_redeliveries = 10            # a message delivered more often goes to `<queue>.dead`
+//! soft_shutdown_timeout = 30       # seconds running tasks get after a stop signal; 0 = wait
 //! ```
 
 use std::collections::BTreeMap;
@@ -96,6 +97,10 @@ pub struct WorkerConfig {
     /// A message delivered more than this many times before (crashes, lost leases) is moved to
     /// its queue's dead-letter queue instead of run. Default 10.
     pub max_redeliveries: u32,
+    /// Seconds running tasks get to finish after a stop signal before the shutdown turns cold
+    /// (acks-late tasks handed back). `0` or absent: wait for them (a warm shutdown).
+    #[serde(deserialize_with = "opt_secs")]
+    pub soft_shutdown_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -127,6 +132,7 @@ impl Default for WorkerConfig {
             max_tasks_per_child: None,
             max_memory_per_child: None,
             max_redeliveries: 10,
+            soft_shutdown_timeout: None,
         }
     }
 }

@@ -190,6 +190,7 @@ impl WorkerOptions {
             max_tasks_per_child: w.max_tasks_per_child,
             max_memory_per_child: w.max_memory_per_child,
             max_redeliveries: w.max_redeliveries,
+            soft_shutdown_timeout: w.soft_shutdown_timeout,
             ..WorkerOptions::default()
         }
     }
@@ -217,7 +218,7 @@ mod tests {
 
     #[test]
     fn from_config_takes_worker_settings_and_defaults_the_queue() {
-        let text = "visibility_timeout = 60\ntrack_started = true\n[worker]\nconcurrency = 3\npool = \"threads\"\nprefetch_buffer = 2\nhostname = \"w1@h\"\nmax_tasks_per_child = 7\nmax_redeliveries = 3\n";
+        let text = "visibility_timeout = 60\ntrack_started = true\n[worker]\nconcurrency = 3\npool = \"threads\"\nprefetch_buffer = 2\nhostname = \"w1@h\"\nmax_tasks_per_child = 7\nmax_redeliveries = 3\nsoft_shutdown_timeout = 2.5\n";
         let c =
             Config::from_sources(Some((std::path::Path::new("c.toml"), text)), |_| None).unwrap();
         let o = WorkerOptions::from_config(&c);
@@ -231,5 +232,8 @@ mod tests {
         assert_eq!(o.max_tasks_per_child, Some(7));
         assert_eq!(o.max_memory_per_child, None);
         assert_eq!(o.max_redeliveries, 3);
+        assert_eq!(o.soft_shutdown_timeout, Some(Duration::from_millis(2500)));
+        let c = Config::from_sources(None, |_| None).unwrap();
+        assert_eq!(WorkerOptions::from_config(&c).soft_shutdown_timeout, None);
     }
 }
