@@ -631,3 +631,51 @@ async fn the_cli_waits_on_a_group_with_a_progress_bar() {
         "{out}"
     );
 }
+
+/// See: issue 7, "bad input": a stream node that returns no list and a tally node whose output
+/// is not keys each count as a failed message of the run, route nothing, and the run ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_node_outputs_fail_their_message_and_the_run_ends() {
+    use celeriac::flow::{Graph, Node};
+    let (url, _db) = sqlite_url("flow-bad-output");
+    let app = client(&url).await;
+    let w = WorkerProcess::start(&url, &["-c", "2"]);
+    let echo = || Node::new(partial::<Value>("tasks.echo"));
+
+    let graph = Graph::builder()
+        .node("src", echo().stream())
+        .node("sink", echo().tally())
+        .subscribe("sink", "src")
+        .build()
+        .unwrap();
+    let run = graph.start(&app, "src", 5).await.unwrap();
+    run.wait(T).await.unwrap();
+    assert_eq!(
+        (run.failed().await.unwrap(), run.pending().await.unwrap()),
+        (1, 0)
+    );
+    assert!(run.totals("sink").await.unwrap().is_empty());
+
+    let graph = Graph::builder()
+        .node("src", echo())
+        .node("sink", echo().tally())
+        .subscribe("sink", "src")
+        .build()
+        .unwrap();
+    let run = graph.start(&app, "src", json!([1, 2])).await.unwrap();
+    run.wait(T).await.unwrap();
+    assert_eq!(
+        (run.failed().await.unwrap(), run.pending().await.unwrap()),
+        (1, 0)
+    );
+    assert!(run.totals("sink").await.unwrap().is_empty());
+    let log = w.log();
+    assert!(
+        log.contains("is a stream and must return a list, not 5"),
+        "{log}"
+    );
+    assert!(
+        log.contains("tally node \"sink\" must return a key"),
+        "{log}"
+    );
+}
