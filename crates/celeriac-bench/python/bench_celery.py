@@ -7,6 +7,8 @@ The worker is started by celeriac-bench as
 
 and the client as `python bench_celery.py <command> ...`, which prints one JSON object.
 Configuration comes from the environment: BENCH_BROKER_URL, BENCH_BACKEND_URL, BENCH_QUEUE.
+Brokers: Redis (results in Redis) and RabbitMQ (results through rpc://, the pairing Celery's
+docs suggest for RabbitMQ).
 Tuned for speed as far as Celery allows: JSON, no result_extended, no events, acks early,
 results without expiry bookkeeping per call.
 """
@@ -79,16 +81,40 @@ def enqueue(n, senders):
     return out
 
 
-def queue_left(client):
-    return client.llen(queue) + client.hlen("unacked")
+def _is_redis(conn):
+    return conn.transport.driver_type == "redis"
+
+
+def queue_left(conn):
+    """Messages not yet taken by a worker: on Redis the list plus the unacked hash; on
+    RabbitMQ the queue's ready count (a passive declare; delivered but unacked messages, at most
+    a prefetch window, are not counted)."""
+    channel = conn.default_channel
+    if _is_redis(conn):
+        return channel.client.llen(queue) + channel.client.hlen("unacked")
+    return channel.queue_declare(queue=queue, passive=True).message_count
 
 
 def wait_drained(deadline):
-    client = app.connection_for_read().default_channel.client
-    while queue_left(client) > 0:
-        if _now() > deadline:
-            raise SystemExit("timed out waiting for the queue to drain")
-        time.sleep(0.002)
+    with app.connection_for_read() as conn:
+        while queue_left(conn) > 0:
+            if _now() > deadline:
+                raise SystemExit("timed out waiting for the queue to drain")
+            time.sleep(0.002)
+
+
+def left():
+    with app.connection_for_read() as conn:
+        return {"left": queue_left(conn)}
+
+
+def purge():
+    """Empties the benchmark queue (declared first, so it exists)."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        if not _is_redis(conn):
+            channel.queue_declare(queue=queue, durable=True, auto_delete=False)
+        return {"purged": channel.queue_purge(queue) or 0}
 
 
 def e2e(n, ignore, timeout):
@@ -162,6 +188,10 @@ def main():
         res = latency(int(args[0]), args[1], args[2])
     elif cmd == "delayed":
         res = delayed(int(args[0]))
+    elif cmd == "left":
+        res = left()
+    elif cmd == "purge":
+        res = purge()
     elif cmd == "ping":
         res = {"ok": add.delay(1, 2).get(timeout=args[0]) == 3}
     else:

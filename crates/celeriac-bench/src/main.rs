@@ -1,6 +1,7 @@
 //! `celeriac-bench`: celeriac against Python Celery on the same broker, same machine, same run.
 //!
-//! For each broker present (embedded SQLite, Redis on 127.0.0.1:6379) it measures enqueue
+//! For each broker present (embedded SQLite, Redis on 127.0.0.1:6379, RabbitMQ on
+//! 127.0.0.1:5672) it measures enqueue
 //! rates, end-to-end throughput with and without stored results, round-trip latency, worker
 //! memory (idle, peak while draining, with many delayed tasks waiting) and scaling over worker
 //! processes and queue sizes; then the same workloads with Python Celery's client and worker
@@ -197,7 +198,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let target = ours::Target::new("redis", url.clone());
                 ours::run_all(&target, &sizes, &mut report).await?;
                 if let Some(p) = &python {
-                    p.run_all("redis", &url, &sizes, &mut report).await?;
+                    let urls = python::Urls {
+                        broker: url.clone(),
+                        backend: url,
+                    };
+                    p.run_all("redis", &urls, &sizes, &mut report).await?;
                 }
             }
             "amqp" => {
@@ -210,9 +215,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 target.backend = "rpc://guest:guest@127.0.0.1:5672/%2F".to_owned();
                 ours::run_all(&target, &sizes, &mut report).await?;
                 report.note(
-                    "RabbitMQ: results through the rpc:// backend (replies to the sender). \
-                     Python Celery on RabbitMQ: not run yet (pending in issue 6).",
+                    "RabbitMQ: results through the rpc:// backend (replies to the sender) on both \
+                     sides, the pairing Celery's docs suggest for RabbitMQ. Celery's \
+                     ignore_result drain waits for the queue's ready count to reach 0 (a passive \
+                     declare does not count delivered unacked messages: at most a prefetch window).",
                 );
+                if let Some(p) = &python {
+                    let urls = python::Urls {
+                        broker: "amqp://guest:guest@127.0.0.1:5672//".to_owned(),
+                        backend: "rpc://".to_owned(),
+                    };
+                    p.run_all("amqp", &urls, &sizes, &mut report).await?;
+                }
             }
             other => anyhow::bail!("unknown broker {other} (known: sqlite, redis, amqp)"),
         }

@@ -6,8 +6,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use celeriac::{App, Signature};
-use celeriac_core::protocol::new_id;
-use celeriac_core::{Body, ContentType, Headers, Message, PublishOptions};
 use serde_json::Value;
 
 use crate::procs::{Proc, Sampler, tree_rss_kb};
@@ -104,27 +102,27 @@ async fn start_workers(t: &Target, app: &App, count: usize) -> anyhow::Result<Ve
     Ok(procs)
 }
 
-/// Sends `n` messages in batches straight through `Broker::publish_batch`.
+/// Sends `n` tasks in batches of `BATCH` through `App::send_many` (the public batch API: one
+/// `Broker::publish_batch` per batch).
 async fn send_batches(
     app: &App,
     n: usize,
-    not_before: Option<chrono::DateTime<chrono::Utc>>,
+    eta: Option<chrono::DateTime<chrono::Utc>>,
 ) -> anyhow::Result<()> {
-    let body = Body::new(vec![1.into(), 2.into()], Default::default());
     let mut left = n;
     while left > 0 {
         let k = left.min(BATCH);
-        let mut batch = Vec::with_capacity(k);
-        for _ in 0..k {
-            let mut h = Headers::new("tasks.add", new_id());
-            h.ignore_result = true;
-            h.eta = not_before;
-            batch.push((
-                Message::new(h, &body, ContentType::Json)?,
-                PublishOptions::default().not_before(not_before),
-            ));
-        }
-        app.broker().publish_batch(QUEUE, &batch).await?;
+        let sig = match eta {
+            Some(at) => add().ignore_result(true).eta(at),
+            None => add().ignore_result(true),
+        };
+        let batch = vec![sig; k];
+        let ids = app.send_many(&batch).await?;
+        anyhow::ensure!(
+            ids.len() == k,
+            "send_many returned {} ids for {k}",
+            ids.len()
+        );
         left -= k;
     }
     Ok(())

@@ -8,10 +8,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+use crate::Sizes;
 use crate::ours::latency_rows;
 use crate::procs::{Proc, Sampler, tree_rss_kb};
 use crate::report::{Better, Report, median};
-use crate::{QUEUE, Sizes};
+
+/// Celery's queue: its own, so that its declaration (durable, no arguments) never clashes with
+/// ours on RabbitMQ.
+const QUEUE: &str = "bench_celery";
 
 const SENDERS: usize = 8;
 
@@ -35,6 +39,15 @@ const POOLS: [Pool; 2] = [
         prefetch: 32,
     },
 ];
+
+/// A broker for Celery: where messages go and where results go.
+#[derive(Debug, Clone)]
+pub(crate) struct Urls {
+    /// The broker URL as kombu spells it.
+    pub(crate) broker: String,
+    /// The result backend URL.
+    pub(crate) backend: String,
+}
 
 /// The venv and the versions in it.
 #[derive(Debug)]
@@ -77,14 +90,14 @@ impl Python {
         })
     }
 
-    fn env(&self, cmd: &mut Command, url: &str) {
+    fn env(&self, cmd: &mut Command, url: &Urls) {
         cmd.current_dir(&self.dir)
-            .env("BENCH_BROKER_URL", url)
-            .env("BENCH_BACKEND_URL", url)
+            .env("BENCH_BROKER_URL", &url.broker)
+            .env("BENCH_BACKEND_URL", &url.backend)
             .env("BENCH_QUEUE", QUEUE);
     }
 
-    fn worker(&self, url: &str, pool: Pool, index: usize) -> anyhow::Result<Proc> {
+    fn worker(&self, url: &Urls, pool: Pool, index: usize) -> anyhow::Result<Proc> {
         let mut cmd = Command::new(self.venv.join("bin/celery"));
         self.env(&mut cmd, url);
         cmd.args(["-A", "bench_celery", "worker", "-P", pool.name])
@@ -109,11 +122,11 @@ impl Python {
     }
 
     /// Runs the client driver; returns its JSON answer.
-    async fn client(&self, url: &str, args: &[String]) -> anyhow::Result<Value> {
+    async fn client(&self, url: &Urls, args: &[String]) -> anyhow::Result<Value> {
         let mut cmd = tokio::process::Command::new(self.venv.join("bin/python"));
         cmd.current_dir(&self.dir)
-            .env("BENCH_BROKER_URL", url)
-            .env("BENCH_BACKEND_URL", url)
+            .env("BENCH_BROKER_URL", &url.broker)
+            .env("BENCH_BACKEND_URL", &url.backend)
             .env("BENCH_QUEUE", QUEUE)
             .arg("bench_celery.py")
             .args(args)
@@ -130,7 +143,7 @@ impl Python {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    async fn start(&self, url: &str, pool: Pool, count: usize) -> anyhow::Result<Vec<Proc>> {
+    async fn start(&self, url: &Urls, pool: Pool, count: usize) -> anyhow::Result<Vec<Proc>> {
         let mut procs = Vec::new();
         for i in 0..count {
             procs.push(self.worker(url, pool, i)?);
@@ -141,7 +154,7 @@ impl Python {
         Ok(procs)
     }
 
-    async fn e2e(&self, url: &str, n: usize, ignore: bool) -> anyhow::Result<f64> {
+    async fn e2e(&self, url: &Urls, n: usize, ignore: bool) -> anyhow::Result<f64> {
         let v = self
             .client(
                 url,
@@ -156,15 +169,38 @@ impl Python {
         v["rate"].as_f64().context("no rate")
     }
 
-    /// Every workload, Celery's way, on `url` (Redis).
+    /// Empties Celery's queue: on Redis the whole benchmark database (results and unacked
+    /// bookkeeping too), on RabbitMQ the queue (rpc:// results live in the client's reply queue,
+    /// which goes with the client).
+    async fn flush(&self, url: &Urls) -> anyhow::Result<()> {
+        if url.broker.starts_with("redis") {
+            let st = Command::new("redis-cli")
+                .args(["-n", &redis_db(&url.broker), "flushdb"])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .context("running redis-cli")?;
+            anyhow::ensure!(st.success(), "redis-cli flushdb failed");
+        } else {
+            self.client(url, &["purge".into()]).await?;
+        }
+        Ok(())
+    }
+
+    /// Messages in Celery's queue not yet taken by a worker.
+    async fn left(&self, url: &Urls) -> anyhow::Result<u64> {
+        let v = self.client(url, &["left".into()]).await?;
+        v["left"].as_u64().context("no count")
+    }
+
+    /// Every workload, Celery's way, on broker `b` at `url`.
     pub(crate) async fn run_all(
         &self,
         b: &str,
-        url: &str,
+        url: &Urls,
         s: &Sizes,
         r: &mut Report,
     ) -> anyhow::Result<()> {
-        flush(url)?;
+        self.flush(url).await?;
         let n = s.py_n;
         let v = self
             .client(url, &["enqueue".into(), n.to_string(), SENDERS.to_string()])
@@ -190,7 +226,7 @@ impl Python {
             Better::Higher,
             v["batch"].as_f64().unwrap_or(f64::NAN),
         );
-        flush(url)?;
+        self.flush(url).await?;
 
         let mut best_pool = POOLS[0];
         let mut best_rate = 0.0;
@@ -219,7 +255,7 @@ impl Python {
                 }
             }
             drop(workers);
-            flush(url)?;
+            self.flush(url).await?;
         }
         r.note(&format!(
             "Celery's figures below use its best pool here: {} -c {}.",
@@ -305,7 +341,7 @@ impl Python {
             .await?;
         let sent = clock.elapsed().as_secs_f64();
         let deadline = Instant::now() + Duration::from_secs(300);
-        while llen(url)? > 0 && Instant::now() < deadline {
+        while self.left(url).await? > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -322,7 +358,7 @@ impl Python {
             s.py_delayed
         ));
         drop(workers);
-        flush(url)?;
+        self.flush(url).await?;
 
         for count in [1, 2, 4] {
             let workers = self.start(url, best_pool, count).await?;
@@ -338,7 +374,7 @@ impl Python {
                 median(rates),
             );
             drop(workers);
-            flush(url)?;
+            self.flush(url).await?;
         }
         r.note(&format!(
             "Celery ran {n} tasks per throughput run (ours: {}): at its rate the full N would take minutes per run; rates, not totals, are compared.",
@@ -350,25 +386,4 @@ impl Python {
 
 fn redis_db(url: &str) -> String {
     url.rsplit('/').next().unwrap_or("0").to_owned()
-}
-
-/// Empties the benchmark's Redis database (only that one).
-fn flush(url: &str) -> anyhow::Result<()> {
-    let st = Command::new("redis-cli")
-        .args(["-n", &redis_db(url), "flushdb"])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .context("running redis-cli")?;
-    anyhow::ensure!(st.success(), "redis-cli flushdb failed");
-    Ok(())
-}
-
-fn llen(url: &str) -> anyhow::Result<u64> {
-    let out = Command::new("redis-cli")
-        .args(["-n", &redis_db(url), "llen", QUEUE])
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0))
 }
