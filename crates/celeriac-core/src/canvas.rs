@@ -485,6 +485,10 @@ pub struct FlowNode {
     /// The worker adds the node's output to the run's running totals (see [`flow_tally`]).
     #[serde(default)]
     pub tally: bool,
+    /// At most this many messages per second routed to the node, over the whole run and
+    /// every worker: the `n`-th gets an eta of the run's start plus `(n - 1) / rate` seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
 }
 
 impl FlowNode {
@@ -494,6 +498,7 @@ impl FlowNode {
             sig,
             stream: false,
             tally: false,
+            rate: None,
         }
     }
 }
@@ -509,6 +514,10 @@ pub struct FlowGraph {
     /// For each node, the names of the nodes that receive its output.
     #[serde(default)]
     pub subs: std::collections::BTreeMap<String, Vec<String>>,
+    /// When the run began (Unix seconds), set on the copy each run's messages carry; the
+    /// origin of node rates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<f64>,
 }
 
 impl FlowGraph {
@@ -585,11 +594,11 @@ impl FlowGraph {
         Ok(sig)
     }
 
-    /// The messages that carry node `node`'s `output` to its subscribers: one per subscriber
-    /// for a plain node, one per subscriber and element for a [stream](FlowNode::stream) node.
+    /// Where node `node`'s `output` goes: `(subscriber, input)` pairs, one per subscriber for
+    /// a plain node, one per subscriber and element for a [stream](FlowNode::stream) node.
     ///
-    /// Fails when a stream node's output is not a list (nothing is sent then).
-    pub fn route(&self, run: &str, node: &str, output: &Value) -> Result<Vec<Signature>> {
+    /// Fails when a stream node's output is not a list.
+    pub fn targets(&self, node: &str, output: &Value) -> Result<Vec<(String, Value)>> {
         let Some(subs) = self.subs.get(node).filter(|s| !s.is_empty()) else {
             return Ok(Vec::new());
         };
@@ -607,10 +616,19 @@ impl FlowGraph {
         let mut out = Vec::with_capacity(items.len() * subs.len());
         for item in &items {
             for sub in subs {
-                out.push(self.message_for(run, sub, item.clone())?);
+                out.push((sub.clone(), item.clone()));
             }
         }
         Ok(out)
+    }
+
+    /// The messages that carry node `node`'s `output` to its subscribers (see
+    /// [`FlowGraph::targets`]), without node rates applied.
+    pub fn route(&self, run: &str, node: &str, output: &Value) -> Result<Vec<Signature>> {
+        self.targets(node, output)?
+            .into_iter()
+            .map(|(sub, item)| self.message_for(run, &sub, item))
+            .collect()
     }
 }
 
@@ -687,6 +705,11 @@ pub fn flow_failed_key(run: &str) -> String {
 /// The backend counter holding tally node `node`'s running total for `key` in run `run`.
 pub fn flow_total_key(run: &str, node: &str, key: &str) -> String {
     format!("celeriac-flow-{run}.{node}.total.{key}")
+}
+
+/// The backend counter of messages routed to rate-limited node `node` in run `run`.
+pub fn flow_slot_key(run: &str, node: &str) -> String {
+    format!("celeriac-flow-{run}.{node}.slot")
 }
 
 /// The backend counter of distinct keys tally node `node` has seen in run `run`.
@@ -896,11 +919,7 @@ mod tests {
             for n in [from, to] {
                 g.nodes.insert(
                     (*n).to_owned(),
-                    FlowNode {
-                        sig: Signature::new(format!("tasks.{n}"), vec![]),
-                        stream: false,
-                        tally: false,
-                    },
+                    FlowNode::new(Signature::new(format!("tasks.{n}"), vec![])),
                 );
             }
             g.subs

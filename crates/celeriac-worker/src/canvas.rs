@@ -31,7 +31,7 @@
 use celeriac_core::canvas::{
     ChordPart, ChordStatus, FLOW_HEADER, FlowHeader, Sender, build_message, chord_claim_key,
     chord_counter_key, default_option, flow_failed_key, flow_key_slot_id, flow_keys_key,
-    flow_pending_key, flow_tally, flow_total_key, plan, with_parent_value,
+    flow_pending_key, flow_slot_key, flow_tally, flow_total_key, plan, with_parent_value,
 };
 use celeriac_core::meta::RemoteError;
 use celeriac_core::{PublishOptions, Signature, TaskMeta, TaskState};
@@ -154,7 +154,24 @@ async fn flow_step(shared: &Shared, req: &Request, output: Option<&Value>) {
                 }
             }
         }
-        let next = flow.graph.route(run, node, output)?;
+        let mut next = Vec::new();
+        for (sub, item) in flow.graph.targets(node, output)? {
+            let mut sig = flow.graph.message_for(run, &sub, item)?;
+            let rate = flow.graph.nodes.get(&sub).and_then(|n| n.rate);
+            if let (Some(rate), Some(t0)) = (rate.filter(|r| *r > 0.0), flow.graph.started) {
+                // The n-th message to a rated node is due (n - 1) / rate after the run began.
+                let n = backend.incr(&flow_slot_key(run, &sub), 1).await?;
+                let due = t0 + (n - 1) as f64 / rate;
+                let due = chrono::DateTime::from_timestamp_micros((due * 1e6) as i64);
+                if let Some(due) = due.filter(|d| *d > chrono::Utc::now()) {
+                    sig.options.insert(
+                        "eta".into(),
+                        Value::String(celeriac_core::time::format(due)),
+                    );
+                }
+            }
+            next.push(sig);
+        }
         if !next.is_empty() {
             let n = i64::try_from(next.len()).unwrap_or(i64::MAX);
             backend.incr(&flow_pending_key(run), n).await?;

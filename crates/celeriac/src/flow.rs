@@ -65,9 +65,10 @@
 //! was counted but before it was acknowledged runs it again and counts it twice, and a
 //! message whose task no worker knows never finishes (its run never reaches zero pending).
 //!
-//! Not yet: a per-node rate limit (a node's task has its task's `rate_limit`, per worker, as
-//! everywhere else), and an emitter a task could call mid-run (a stream node emits when it
-//! returns).
+//! A node's [rate limit](Node::rate_limit) holds for the whole run across every worker (the
+//! routed messages get spaced etas); its task's own `rate_limit` still applies per worker.
+//!
+//! Not yet: an emitter a task could call mid-run (a stream node emits when it returns).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -89,6 +90,7 @@ pub struct Node {
     stream: bool,
     tally: bool,
     external: bool,
+    rate: Option<f64>,
 }
 
 impl Node {
@@ -100,6 +102,7 @@ impl Node {
             stream: false,
             tally: false,
             external: false,
+            rate: None,
         }
     }
 
@@ -129,6 +132,16 @@ impl Node {
     #[must_use]
     pub fn priority(mut self, priority: u8) -> Self {
         self.sig = self.sig.priority(priority);
+        self
+    }
+
+    /// Routes at most `per_second` messages a second to this node, over the whole run and
+    /// every worker process: the `n`-th message routed to it is due `(n - 1) / per_second`
+    /// seconds after the run began (an eta, held by the broker or the worker). A worker's own
+    /// limit on the node's task (`rate_limit`) still applies on top.
+    #[must_use]
+    pub fn rate_limit(mut self, per_second: f64) -> Self {
+        self.rate = Some(per_second);
         self
     }
 
@@ -188,6 +201,14 @@ impl GraphBuilder {
             let mut n = FlowNode::new(sig);
             n.stream = node.stream;
             n.tally = node.tally;
+            if let Some(r) = node.rate {
+                if !(r.is_finite() && r > 0.0) {
+                    return Err(Error::config(format!(
+                        "dataflow node {name:?}: a rate limit must be a positive number per second, not {r}"
+                    )));
+                }
+                n.rate = Some(r);
+            }
             if wire.nodes.insert(name.clone(), n).is_some() {
                 return Err(Error::config(format!(
                     "dataflow graph has two nodes named {name:?}"
@@ -256,7 +277,12 @@ impl Graph {
         let input = serde_json::to_value(input)
             .map_err(|e| Error::protocol(format!("cannot encode the dataflow input: {e}")))?;
         let run = FlowRun::from_id(app, new_id());
-        let sig = self.wire.message_for(&run.id, entry, input)?;
+        let mut wire = self.wire.clone();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        wire.started = Some(now);
+        let sig = wire.message_for(&run.id, entry, input)?;
         let backend = app.backend();
         backend.incr(&flow_pending_key(&run.id), 1).await?;
         if let Err(e) = app.send_wire(&sig, None, None).await {

@@ -679,3 +679,53 @@ async fn bad_node_outputs_fail_their_message_and_the_run_ends() {
         "{log}"
     );
 }
+
+/// See: issue 7, "per-node task options (rate limit, queue)": a node limited to 20 messages a
+/// second takes at least (n - 1) / 20 s for n words, whichever worker runs them, and counts
+/// them all; a rate that is not a positive number is refused when the graph is built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_node_spaces_its_messages_over_the_run() {
+    use celeriac::flow::{Graph, Node};
+    let (url, _db) = sqlite_url("flow-rate");
+    let app = client(&url).await;
+    let _w1 = WorkerProcess::start(&url, &["-c", "4"]);
+    let _w2 = WorkerProcess::start(&url, &["-c", "4"]);
+    let queue = celeriac_test::services::unique_queue("flow-rate");
+    let _w3 = WorkerProcess::start(&url, &["-c", "2", "-Q", &queue]);
+    let graph = Graph::builder()
+        .node(
+            "split",
+            Node::new(partial::<Vec<String>>("tasks.words")).stream(),
+        )
+        .node(
+            "count",
+            Node::new(partial::<String>("tasks.word"))
+                .tally()
+                .rate_limit(20.0)
+                .queue(&queue),
+        )
+        .subscribe("count", "split")
+        .build()
+        .unwrap();
+    let words: Vec<String> = (0..30).map(|i| format!("w{}", i % 3)).collect();
+    let started = std::time::Instant::now();
+    let run = graph.start(&app, "split", words.join(" ")).await.unwrap();
+    run.wait(Duration::from_secs(60)).await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400),
+        "30 messages at 20/s took {took:?}"
+    );
+    let totals = run.totals("count").await.unwrap();
+    assert_eq!(totals.values().copied().collect::<Vec<_>>(), [10, 10, 10]);
+    assert_eq!(run.failed().await.unwrap(), 0);
+
+    let e = Graph::builder()
+        .node(
+            "a",
+            Node::new(partial::<Value>("tasks.echo")).rate_limit(0.0),
+        )
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("positive number per second"), "{e}");
+}
