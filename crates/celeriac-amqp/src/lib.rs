@@ -69,7 +69,8 @@
 //! `delivery_mode` 2, `correlation_id` = task id, `reply_to`, `priority`, `expiration` (ms until
 //! the `expires` header, as Celery sets it), content type and
 //! encoding, the protocol 2 headers as `application_headers`. A publish waits for the
-//! broker's publisher confirm, so it returns once RabbitMQ holds the message. Priorities map
+//! broker's publisher confirm, so it returns once RabbitMQ holds the message;
+//! `publish_batch` sends the whole batch first and then waits for all its confirms. Priorities map
 //! directly (AMQP is "higher first", like celeriac); they only matter on queues declared with
 //! `max_priority`.
 //!
