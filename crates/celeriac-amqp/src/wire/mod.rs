@@ -20,7 +20,8 @@
 //! and body frames go out together. Heartbeats: the client sends one every half interval and
 //! declares the connection dead after two intervals without any frame from the server.
 //! A `connection.close` or `channel.close` from the server is answered and surfaces, with its
-//! reply code and text, as the error of every pending and later call ([`WireError::Closed`]).
+//! reply code and text, as the error of every pending and later call
+//! ([`WireError::ConnectionClosed`], [`WireError::ChannelClosed`]).
 
 pub mod codec;
 mod conn;
