@@ -14,5 +14,7 @@ mod redelivery;
 // rediss:// against a private TLS redis-server.
 #[cfg(feature = "tls")]
 mod tls;
+// The worker's max_redeliveries on Redis.
+mod worker;
 // Shared helpers: unique key prefixes, raw connections.
 mod util;
