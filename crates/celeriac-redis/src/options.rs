@@ -403,6 +403,18 @@ mod tests {
             (Some("/c.pem"), Some("/k.pem"))
         );
         assert_eq!(parse("redis://h/0").tls, None);
+        for (url, want) in [
+            (
+                "rediss://:pw@h/0?ssl_cert_reqs=sometimes",
+                "ssl_cert_reqs must be",
+            ),
+            ("rediss://:pw@h/0?ssl_certfile=%2Fc.pem", "go together"),
+            ("rediss://:pw@h/0?ssl_ca_certs=", "needs a file path"),
+        ] {
+            let e = parse_url(url, ErrorKind::Broker).unwrap_err().to_string();
+            assert!(e.contains(want), "{url}: {e}");
+            assert!(!e.contains("pw@"), "{url} leaks the password: {e}");
+        }
     }
 
     #[cfg(not(feature = "tls"))]
@@ -422,12 +434,6 @@ mod tests {
             ("unix://rel.sock", "absolute path"),
             ("redis://:pw@h/0?global_keyprefix=%zz", "percent escape"),
             ("redis://:pw@h/0?ssl_cert_reqs=required", "use rediss://"),
-            (
-                "rediss://:pw@h/0?ssl_cert_reqs=sometimes",
-                "ssl_cert_reqs must be",
-            ),
-            ("rediss://:pw@h/0?ssl_certfile=%2Fc.pem", "go together"),
-            ("rediss://:pw@h/0?ssl_ca_certs=", "needs a file path"),
             ("memcache://:pw@h", "unknown scheme"),
         ] {
             let e = parse_url(url, ErrorKind::Broker).unwrap_err().to_string();
