@@ -136,6 +136,12 @@ impl App {
         chain: Option<Vec<celeriac_core::Signature>>,
         sender: &Sender<'_>,
     ) -> Result<(String, celeriac_core::Message, PublishOptions)> {
+        let mut chain = chain;
+        if let (Some(reply_to), Some(steps)) = (&self.inner.reply_to, chain.as_mut()) {
+            for step in steps {
+                stamp_reply_to(step, reply_to);
+            }
+        }
         let out = build_message(sig, task_options, chain, sender)?;
         let queue = out
             .queue
@@ -443,4 +449,42 @@ pub fn default_drivers() -> Drivers {
     #[cfg(feature = "amqp")]
     celeriac_amqp::register(&mut d);
     d
+}
+
+/// Puts this app's reply queue on a chain step that has none, and on the steps nested in it, as
+/// Celery's freeze does: whichever worker sends the step later, an `rpc://` result comes back
+/// to this client.
+fn stamp_reply_to(sig: &mut celeriac_core::Signature, reply_to: &str) {
+    sig.options
+        .entry("reply_to")
+        .or_insert_with(|| reply_to.into());
+    for key in ["tasks", "body"] {
+        if let Some(nested) = sig.kwargs.get_mut(key) {
+            stamp_nested(nested, reply_to);
+        }
+    }
+}
+
+/// [`stamp_reply_to`] on a signature map (or a list of them) inside a composite's kwargs.
+fn stamp_nested(v: &mut serde_json::Value, reply_to: &str) {
+    match v {
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|i| stamp_nested(i, reply_to)),
+        serde_json::Value::Object(map) if map.contains_key("task") => {
+            if let Some(serde_json::Value::Object(options)) = map.get_mut("options") {
+                options.entry("reply_to").or_insert_with(|| reply_to.into());
+            } else {
+                let mut options = serde_json::Map::new();
+                options.insert("reply_to".into(), reply_to.into());
+                map.insert("options".into(), options.into());
+            }
+            if let Some(serde_json::Value::Object(kwargs)) = map.get_mut("kwargs") {
+                for key in ["tasks", "body"] {
+                    if let Some(nested) = kwargs.get_mut(key) {
+                        stamp_nested(nested, reply_to);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use celeriac::{App, ErrorKind};
+use celeriac::{App, ErrorKind, Signature};
 use celeriac_examples::{add, echo, fail, stamp};
 use celeriac_test::python::{PythonWorker, require_python, run_python_client, stdout_json};
 use celeriac_test::services::{require_service, test_dir, unique_queue};
@@ -225,6 +225,16 @@ async fn our_client_calls_a_python_worker(backend: &str, redis_db: u8) {
     let err = failed.get_timeout(T).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TaskFailed, "{err:?}\n{}", log());
     assert_eq!(err.remote().expect("remote").exc_type, "ValueError");
+    // A chain: the Python worker sends the second step itself, and with rpc:// its result must
+    // still come back to this client's reply queue (Celery freezes chain steps with it).
+    let chained = celeriac::chain![
+        add::s(2, 3).queue(&queue),
+        Signature::<i64>::new("tasks.add").arg(10).queue(&queue)
+    ]
+    .apply_async(&app)
+    .await
+    .unwrap();
+    assert_eq!(chained.get_timeout(T).await.unwrap(), 15, "{}", log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
