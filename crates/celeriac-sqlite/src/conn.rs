@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use celeriac_core::{Error, ErrorKind, Result};
@@ -61,9 +61,25 @@ pub(crate) struct Shared {
     watchers: AtomicUsize,
     /// Leased rows nobody will hand out (a dropped consumer's buffer): `(id, lease token)`.
     orphans: Mutex<Vec<(i64, i64)>>,
+    /// Lets the file watcher (`wake.rs`) read its next events: sent after the thread read
+    /// `data_version`, and when the first waiter arrives. The watcher waits for it after each
+    /// change it reported, so it wakes at most once per read here, not once per file write.
+    resume: OnceLock<mpsc::SyncSender<()>>,
 }
 
 impl Shared {
+    /// Hands the file watcher the channel it waits on between reports.
+    pub(crate) fn set_resume(&self, tx: mpsc::SyncSender<()>) {
+        let _ = self.resume.set(tx);
+    }
+
+    fn resume_watcher(&self) {
+        if let Some(tx) = self.resume.get() {
+            // Full means a resume is already pending; gone means the watcher stopped.
+            let _ = tx.try_send(());
+        }
+    }
+
     /// Gives back leased rows that were never handed out, as if never delivered.
     pub(crate) fn release(&self, rows: impl IntoIterator<Item = (i64, i64)>) {
         self.orphans.lock().expect("orphans lock").extend(rows);
@@ -321,6 +337,7 @@ impl Conn {
     pub(crate) fn watch(&self) -> Watch {
         if self.shared.watchers.fetch_add(1, Ordering::AcqRel) == 0 {
             let _ = self.tx.send(Msg::Wake);
+            self.shared.resume_watcher();
         }
         Watch {
             shared: self.shared.clone(),
@@ -419,7 +436,8 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
 }
 
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+    conn.prepare_cached("PRAGMA data_version")?
+        .query_row([], |r| r.get(0))
 }
 
 /// The thread's loop: batches, orphan release, and watching for other processes' writes.
@@ -457,7 +475,10 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
             && (changed || last_watch.elapsed() >= interval)
         {
             last_watch = Instant::now();
-            match data_version(&db.conn) {
+            let read = data_version(&db.conn);
+            // Any write after this point is news: let the watcher report it.
+            shared.resume_watcher();
+            match read {
                 Ok(v) if v != version => {
                     version = v;
                     interval = MIN_POLL;
