@@ -103,9 +103,14 @@ def wait_drained(deadline):
             time.sleep(0.002)
 
 
-def left():
+def ready():
+    """Messages waiting in the queue, not yet delivered to any worker (ETA tasks a worker holds
+    are delivered: on Redis they sit in the unacked hash, on RabbitMQ they are unacked)."""
     with app.connection_for_read() as conn:
-        return {"left": queue_left(conn)}
+        channel = conn.default_channel
+        if _is_redis(conn):
+            return {"ready": channel.client.llen(queue)}
+        return {"ready": channel.queue_declare(queue=queue, passive=True).message_count}
 
 
 def purge():
@@ -188,8 +193,8 @@ def main():
         res = latency(int(args[0]), args[1], args[2])
     elif cmd == "delayed":
         res = delayed(int(args[0]))
-    elif cmd == "left":
-        res = left()
+    elif cmd == "ready":
+        res = ready()
     elif cmd == "purge":
         res = purge()
     elif cmd == "ping":

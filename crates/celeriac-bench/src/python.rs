@@ -186,10 +186,10 @@ impl Python {
         Ok(())
     }
 
-    /// Messages in Celery's queue not yet taken by a worker.
-    async fn left(&self, url: &Urls) -> anyhow::Result<u64> {
-        let v = self.client(url, &["left".into()]).await?;
-        v["left"].as_u64().context("no count")
+    /// Messages in Celery's queue not yet delivered to a worker.
+    async fn ready(&self, url: &Urls) -> anyhow::Result<u64> {
+        let v = self.client(url, &["ready".into()]).await?;
+        v["ready"].as_u64().context("no count")
     }
 
     /// Every workload, Celery's way, on broker `b` at `url`.
@@ -341,7 +341,7 @@ impl Python {
             .await?;
         let sent = clock.elapsed().as_secs_f64();
         let deadline = Instant::now() + Duration::from_secs(300);
-        while self.left(url).await? > 0 && Instant::now() < deadline {
+        while self.ready(url).await? > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
