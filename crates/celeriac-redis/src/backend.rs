@@ -327,6 +327,30 @@ impl ResultBackend for RedisBackend {
         })
     }
 
+    fn get_many<'a>(
+        &'a self,
+        task_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<TaskMeta>>>> {
+        Box::pin(async move {
+            self.check_open()?;
+            if task_ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let keys: Vec<String> = task_ids.iter().map(|id| self.inner.keys.task(id)).collect();
+            let raw: Vec<Option<Vec<u8>>> = self
+                .inner
+                .redis
+                .run("read redis results", |mut c| {
+                    let keys = &keys;
+                    async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await }
+                })
+                .await?;
+            raw.into_iter()
+                .map(|r| r.as_deref().map(decode_meta).transpose())
+                .collect()
+        })
+    }
+
     fn wait<'a>(
         &'a self,
         task_id: &'a str,

@@ -203,6 +203,35 @@ impl ResultBackend for SqliteBackend {
         })
     }
 
+    fn get_many<'a>(
+        &'a self,
+        task_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<TaskMeta>>>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let ids = task_ids.to_vec();
+            // One command on the connection thread: one read transaction for every id.
+            let texts: Vec<Option<String>> = self
+                .inner
+                .conn
+                .call(KIND, false, "cannot read results from sqlite", move |db| {
+                    let mut stmt = db.conn.prepare_cached(
+                        "SELECT meta FROM celeriac_results WHERE task_id = ?1 \
+                         AND (expires_at IS NULL OR expires_at > ?2)",
+                    )?;
+                    let now = now_ms();
+                    ids.iter()
+                        .map(|id| stmt.query_row((id, now), |r| r.get(0)).optional())
+                        .collect()
+                })
+                .await?;
+            texts
+                .iter()
+                .map(|t| t.as_deref().map(decode_meta).transpose())
+                .collect()
+        })
+    }
+
     fn wait<'a>(
         &'a self,
         task_id: &'a str,

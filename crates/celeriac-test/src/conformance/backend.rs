@@ -114,6 +114,41 @@ pub async fn case_unknown_id_is_none(backend: DynBackend) {
     assert_eq!(get(&backend, &task_id("unknown")).await, None);
 }
 
+/// `get_many` answers every id in the order asked, `None` for unknown ones, the same records
+/// as `get`.
+pub async fn case_get_many(backend: DynBackend) {
+    let done = task_id("many-done");
+    let running = task_id("many-running");
+    let unknown = task_id("many-unknown");
+    store(&backend, &meta_in(&done, &TaskState::Success, 1)).await;
+    store(&backend, &meta_in(&running, &TaskState::Started, 1)).await;
+    let ids = vec![running.clone(), unknown, done.clone(), running.clone()];
+    let got = backend
+        .get_many(&ids)
+        .await
+        .unwrap_or_else(|e| panic!("get_many failed: {e:?}"));
+    let states: Vec<Option<TaskState>> = got
+        .iter()
+        .map(|m| m.as_ref().map(|m| m.status.clone()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            Some(TaskState::Started),
+            None,
+            Some(TaskState::Success),
+            Some(TaskState::Started)
+        ],
+        "get_many of [running, unknown, done, running]"
+    );
+    assert_eq!(got[2], get(&backend, &done).await, "get_many and get agree");
+    let none = backend
+        .get_many(&[])
+        .await
+        .unwrap_or_else(|e| panic!("get_many of no ids failed: {e:?}"));
+    assert!(none.is_empty(), "get_many of no ids: {none:?}");
+}
+
 /// `store` respects state precedence and says whether it wrote.
 ///
 /// SUCCESS is final; a ready state is never replaced by a state that is not ready (a late

@@ -174,6 +174,7 @@ macro_rules! backend_conformance {
             $crate::__conformance_tests! { $setup, backend;
                 store_get_round_trip => case_store_get_round_trip,
                 unknown_id_is_none => case_unknown_id_is_none,
+                get_many => case_get_many,
                 precedence => case_precedence,
                 wait_resolves_on_ready_state => case_wait_resolves_on_ready_state,
                 wait_times_out => case_wait_times_out,
