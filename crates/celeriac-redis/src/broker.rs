@@ -220,6 +220,36 @@ fn add_publish(
     }
 }
 
+impl RedisBroker {
+    /// Publishes `items` to `queue` in one atomic pipeline, with one wake-up notice for idle
+    /// consumers if any of them is ready now (not delayed).
+    async fn send_publishes<'m>(
+        &self,
+        queue: &str,
+        items: impl IntoIterator<Item = (&'m Message, &'m PublishOptions)>,
+        what: &str,
+    ) -> Result<()> {
+        let keys = &self.inner.keys;
+        let now = ms_of(chrono::Utc::now());
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut ready = false;
+        for (m, o) in items {
+            ready |= add_publish(&mut pipe, keys, queue, m, o, now)?;
+        }
+        if ready {
+            pipe.publish(keys.wake(queue), "").ignore();
+        }
+        self.inner
+            .redis
+            .run(what, |mut c| {
+                let pipe = pipe.clone();
+                async move { pipe.query_async::<()>(&mut c).await }
+            })
+            .await
+    }
+}
+
 impl Broker for RedisBroker {
     fn driver(&self) -> &'static str {
         "redis"
@@ -264,18 +294,7 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.check_open()?;
-            let mut pipe = redis::pipe();
-            let keys = &self.inner.keys;
-            let now = ms_of(chrono::Utc::now());
-            if add_publish(&mut pipe, keys, queue, message, &options, now)? {
-                pipe.publish(keys.wake(queue), "").ignore();
-            }
-            self.inner
-                .redis
-                .run("publish to redis", |mut c| {
-                    let pipe = pipe.clone();
-                    async move { pipe.query_async::<()>(&mut c).await }
-                })
+            self.send_publishes(queue, [(message, &options)], "publish to redis")
                 .await
         })
     }
@@ -290,22 +309,8 @@ impl Broker for RedisBroker {
             if messages.is_empty() {
                 return Ok(());
             }
-            let now = ms_of(chrono::Utc::now());
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            let mut ready = false;
-            for (m, o) in messages {
-                ready |= add_publish(&mut pipe, &self.inner.keys, queue, m, o, now)?;
-            }
-            if ready {
-                pipe.publish(self.inner.keys.wake(queue), "").ignore();
-            }
-            self.inner
-                .redis
-                .run("publish a batch to redis", |mut c| {
-                    let pipe = pipe.clone();
-                    async move { pipe.query_async::<()>(&mut c).await }
-                })
+            let items = messages.iter().map(|(m, o)| (m, o));
+            self.send_publishes(queue, items, "publish a batch to redis")
                 .await
         })
     }
