@@ -17,7 +17,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::conn::{Backoff, Redis};
 use crate::keys::BackendKeys;
-use crate::options::{RedisOptions, parse_url};
+use crate::options::RedisOptions;
 use crate::scripts;
 
 const KIND: ErrorKind = ErrorKind::Backend;
@@ -66,12 +66,8 @@ impl RedisBackend {
 
     /// Connects with explicit options; a `global_keyprefix` in the URL wins over the options'.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self> {
-        let target = parse_url(url, KIND)?;
-        let prefix = target
-            .keyprefix
-            .clone()
-            .unwrap_or_else(|| options.get_global_keyprefix().to_owned());
-        let redis = Arc::new(Redis::connect(&target, KIND, options.get_retry_for()).await?);
+        let opened = Redis::open(url, &options, KIND).await?;
+        let (prefix, redis) = (opened.prefix, Arc::new(opened.redis));
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 subscriber: Subscriber::start(redis.clone()),

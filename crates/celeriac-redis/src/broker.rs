@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::conn::{Backoff, Redis, is_connection_error};
 use crate::keys::{BrokerKeys, PRIORITY_STEPS, SEP, step_for};
-use crate::options::{RedisOptions, parse_url};
+use crate::options::RedisOptions;
 use crate::scripts;
 
 const KIND: ErrorKind = ErrorKind::Broker;
@@ -99,13 +99,9 @@ impl RedisBroker {
 
     /// Connects with explicit options; a `global_keyprefix` in the URL wins over the options'.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self> {
-        let target = parse_url(url, KIND)?;
-        let prefix = target
-            .keyprefix
-            .clone()
-            .unwrap_or_else(|| options.get_global_keyprefix().to_owned());
-        let redis = Arc::new(Redis::connect(&target, KIND, options.get_retry_for()).await?);
-        let keys = Arc::new(BrokerKeys::new(&prefix, target.db));
+        let opened = Redis::open(url, &options, KIND).await?;
+        let redis = Arc::new(opened.redis);
+        let keys = Arc::new(BrokerKeys::new(&opened.prefix, opened.db));
         let (acks, rx) = mpsc::unbounded_channel();
         tokio::spawn(run_acks(redis.clone(), keys.clone(), rx));
         let visibility_timeout = options.get_visibility_timeout();

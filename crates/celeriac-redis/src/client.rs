@@ -6,7 +6,7 @@ use celeriac_core::{ErrorKind, Result};
 use redis::aio::MultiplexedConnection;
 
 use crate::conn::Redis;
-use crate::options::{RedisOptions, parse_url};
+use crate::options::RedisOptions;
 
 /// A command connection to the Redis a URL names, opened as [`crate::RedisBroker`] opens its
 /// own: the same URL forms, `global_keyprefix` from the query (else the options'), the password
@@ -33,13 +33,11 @@ impl RedisConnection {
     /// # let _ = n; Ok(()) }
     /// ```
     pub async fn open(url: &str, options: RedisOptions) -> Result<Self> {
-        let target = parse_url(url, ErrorKind::Backend)?;
-        let prefix = target
-            .keyprefix
-            .clone()
-            .unwrap_or_else(|| options.get_global_keyprefix().to_owned());
-        let redis = Redis::connect(&target, ErrorKind::Backend, options.get_retry_for()).await?;
-        Ok(RedisConnection { redis, prefix })
+        let opened = Redis::open(url, &options, ErrorKind::Backend).await?;
+        Ok(RedisConnection {
+            redis: opened.redis,
+            prefix: opened.prefix,
+        })
     }
 
     /// The key prefix to put before every key (kombu's `global_keyprefix`, verbatim).

@@ -17,7 +17,7 @@ use redis::{AsyncConnectionConfig, RedisError};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::options::Target;
+use crate::options::{RedisOptions, Target, parse_url};
 
 /// How long a new connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -111,7 +111,30 @@ fn open_client(target: &Target, kind: ErrorKind) -> Result<redis::Client> {
     redis::Client::open(target.client_url.as_str()).map_err(invalid)
 }
 
+/// What opening a URL gives: the connection, the key prefix in force and the database number.
+pub(crate) struct Opened {
+    pub(crate) redis: Redis,
+    pub(crate) prefix: String,
+    pub(crate) db: i64,
+}
+
 impl Redis {
+    /// Parses `url` and connects; a `global_keyprefix` in the URL wins over the options'.
+    /// Errors are of `kind`.
+    pub(crate) async fn open(url: &str, options: &RedisOptions, kind: ErrorKind) -> Result<Opened> {
+        let target = parse_url(url, kind)?;
+        let prefix = target
+            .keyprefix
+            .clone()
+            .unwrap_or_else(|| options.get_global_keyprefix().to_owned());
+        let redis = Redis::connect(&target, kind, options.get_retry_for()).await?;
+        Ok(Opened {
+            redis,
+            prefix,
+            db: target.db,
+        })
+    }
+
     /// Opens the client and checks that the server answers (and accepts the credentials).
     pub(crate) async fn connect(
         target: &Target,
