@@ -522,6 +522,18 @@ impl std::fmt::Debug for Wake {
 /// A fetched delivery and the flag that, set, makes dropping it give the message back.
 type Fetched = (Delivery, Arc<AtomicBool>);
 
+/// A message the fetch script took and recorded, with what the transport read from it.
+struct Popped {
+    queue: String,
+    raw: Vec<u8>,
+    tag: String,
+    /// The lease token (the index score written).
+    token: String,
+    /// Redeliveries counted by our counter.
+    count: u32,
+    info: Info,
+}
+
 /// The consumer of [`RedisBroker::consume`].
 ///
 /// Fetching runs in a spawned task whose result is kept across cancelled `next()` calls, so a
@@ -644,7 +656,7 @@ impl ConsumerShared {
                     }
                 }
                 Ok(batch) => {
-                    if let Some((queue, ..)) = batch.last() {
+                    if let Some(Popped { queue, .. }) = batch.last() {
                         if let Some(pos) = st.order.iter().position(|q| q == queue) {
                             if let Some(q) = st.order.remove(pos) {
                                 st.order.push_back(q);
@@ -654,9 +666,7 @@ impl ConsumerShared {
                     let out: Vec<Fetched> = batch
                         .into_iter()
                         .zip(permits)
-                        .map(|((queue, raw, tag, token, count), permit)| {
-                            self.register(queue, raw, tag, token, count, permit)
-                        })
+                        .map(|(popped, permit)| self.register(popped, permit))
                         .collect();
                     if self.closed() {
                         for (d, give_back) in out.into_iter().rev() {
@@ -710,13 +720,13 @@ impl ConsumerShared {
     }
 
     /// Pops up to `want` messages (priority-major, queues in round-robin order) and records
-    /// them as unacked, atomically. Returns each one's queue, bytes, delivery tag, lease
-    /// token and redelivery count.
-    async fn pop(
-        &self,
-        st: &mut FetchState,
-        want: usize,
-    ) -> redis::RedisResult<Vec<(String, Vec<u8>, String, String, u32)>> {
+    /// them as unacked, atomically.
+    ///
+    /// The fetch script reads most envelopes by string search rather than decoding them (see
+    /// [`scripts::FETCH`]); this checks each such one as it parses it (which the delivery
+    /// needs anyway) and has any that is not kombu's shape re-recorded by the decoding path
+    /// before it is handed out, so every `unacked` entry ends up what kombu would write.
+    async fn pop(&self, st: &mut FetchState, want: usize) -> redis::RedisResult<Vec<Popped>> {
         let conn = match &mut st.conn {
             Some(c) => c,
             None => {
@@ -750,19 +760,31 @@ impl ConsumerShared {
         let r = inv.invoke_async::<Vec<redis::Value>>(conn).await;
         match r {
             Ok(flat) => {
-                let mut out = Vec::with_capacity(flat.len() / 4);
+                let mut out = Vec::with_capacity(flat.len() / 5);
                 let mut it = flat.into_iter();
-                while let (Some(i), Some(raw), Some(tag), Some(count)) =
-                    (it.next(), it.next(), it.next(), it.next())
+                while let (Some(i), Some(raw), Some(tag), Some(count), Some(searched)) =
+                    (it.next(), it.next(), it.next(), it.next(), it.next())
                 {
                     let i: usize = redis::from_redis_value(i)?;
                     let raw: Vec<u8> = redis::from_redis_value(raw)?;
-                    let tag: String = redis::from_redis_value(tag)?;
-                    let count: u32 = redis::from_redis_value(count)?;
+                    let mut tag: String = redis::from_redis_value(tag)?;
+                    let mut count: u32 = redis::from_redis_value(count)?;
+                    let searched: i64 = redis::from_redis_value(searched)?;
                     let queue = queues
                         .get(i.saturating_sub(1))
                         .map_or_else(String::new, |q| (*q).clone());
-                    out.push((queue, raw, tag, token.clone(), count));
+                    let info = Info::read(&raw);
+                    if searched == 1 && !info.kombu_shape {
+                        (tag, count) = self.repair(conn, &tag, &token, &raw, &queue).await?;
+                    }
+                    out.push(Popped {
+                        queue,
+                        raw,
+                        tag,
+                        token: token.clone(),
+                        count,
+                        info,
+                    });
                 }
                 Ok(out)
             }
@@ -775,17 +797,43 @@ impl ConsumerShared {
         }
     }
 
+    /// Re-records a delivery that the fetch script read by search and that turned out not to
+    /// be kombu's shape ([`scripts::REPAIR`]); returns its tag and redelivery count as the
+    /// decoding path sees them. Rare: only envelopes that no kombu or celeriac client writes.
+    async fn repair(
+        &self,
+        conn: &mut MultiplexedConnection,
+        tag: &str,
+        token: &str,
+        raw: &[u8],
+        queue: &str,
+    ) -> redis::RedisResult<(String, u32)> {
+        let keys = &self.broker.keys;
+        let mut inv = scripts::REPAIR.prepare_invoke();
+        inv.key(keys.unacked())
+            .key(keys.unacked_index())
+            .arg(tag)
+            .arg(token)
+            .arg(raw)
+            .arg(new_id())
+            .arg(queue)
+            .arg(keys.redelivered_prefix());
+        let r: Option<(String, u32)> = inv.invoke_async(conn).await?;
+        // None: the lease is already gone (restored by another consumer); keep the tag, whose
+        // settling will then report the lost lease as usual.
+        Ok(r.unwrap_or_else(|| (tag.to_owned(), 0)))
+    }
+
     /// Builds the delivery of a message [`ConsumerShared::pop`] took and recorded.
-    fn register(
-        self: &Arc<Self>,
-        queue: String,
-        raw: Vec<u8>,
-        tag: String,
-        token: String,
-        count: u32,
-        permit: OwnedSemaphorePermit,
-    ) -> Fetched {
-        let info = Info::read(&raw);
+    fn register(self: &Arc<Self>, popped: Popped, permit: OwnedSemaphorePermit) -> Fetched {
+        let Popped {
+            queue,
+            raw,
+            tag,
+            token,
+            count,
+            info,
+        } = popped;
         let message = envelope::decode(&raw).map(|mut m| {
             m.headers.extra.remove("redelivered");
             m.properties.priority = info
@@ -927,6 +975,10 @@ struct Info {
     kombu_priority: u8,
     exact_priority: Option<u8>,
     redelivered: bool,
+    /// A JSON object whose `properties` is an object with a string `delivery_tag` and a
+    /// `delivery_info` object with string `exchange` and `routing_key`: where kombu reads
+    /// them (what a fetch by search must be checked against).
+    kombu_shape: bool,
 }
 
 impl Info {
@@ -935,28 +987,25 @@ impl Info {
         struct Env {
             #[serde(default)]
             headers: Option<Value>,
+            // A map, not a struct: derived structs also accept arrays, and the shape check
+            // must see keys.
             #[serde(default)]
-            properties: Option<Props>,
+            properties: Option<serde_json::Map<String, Value>>,
         }
-        #[derive(Deserialize, Default)]
-        struct Props {
-            priority: Option<Value>,
-            celeriac_priority: Option<Value>,
-            delivery_info: Option<DeliveryInfo>,
-        }
-        #[derive(Deserialize, Default)]
-        struct DeliveryInfo {
-            redelivered: Option<bool>,
+        // Derived structs accept a JSON array too: only an object is kombu's envelope.
+        if raw.trim_ascii_start().first() != Some(&b'{') {
+            return Info::default();
         }
         let Ok(env) = serde_json::from_slice::<Env>(raw) else {
             return Info::default();
         };
         let p = env.properties.unwrap_or_default();
-        let di = p.delivery_info.unwrap_or_default();
+        let di = p.get("delivery_info").and_then(Value::as_object);
+        let di_str = |k: &str| di.and_then(|d| d.get(k)).is_some_and(Value::is_string);
         // kombu: int(priority) clamped to 0..9, anything else is 0.
         let kp = p
-            .priority
-            .and_then(|v| v.as_f64())
+            .get("priority")
+            .and_then(Value::as_f64)
             .map_or(0, |f| f.clamp(0.0, 9.0) as u8);
         let header_redelivered = env
             .headers
@@ -967,11 +1016,18 @@ impl Info {
         Info {
             kombu_priority: kp,
             exact_priority: p
-                .celeriac_priority
-                .and_then(|v| v.as_u64())
+                .get(EXACT_PRIORITY)
+                .and_then(Value::as_u64)
                 .map(|v| v.min(9) as u8)
                 .filter(|v| kombu_priority(*v) == kp),
-            redelivered: di.redelivered.unwrap_or(false) || header_redelivered,
+            redelivered: di
+                .and_then(|d| d.get("redelivered"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+                || header_redelivered,
+            kombu_shape: p.get("delivery_tag").is_some_and(Value::is_string)
+                && di_str("exchange")
+                && di_str("routing_key"),
         }
     }
 }

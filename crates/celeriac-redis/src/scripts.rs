@@ -2,7 +2,8 @@
 //!
 //! They are loaded once per connection by `EVALSHA` (falling back to `EVAL` after a Redis
 //! restart flushed the script cache). None of them re-encodes a message: envelopes are moved
-//! byte for byte, and the only JSON they decode is to read one field.
+//! byte for byte, and the only JSON they decode is to read a few fields (the fetch avoids even
+//! that when a string search is enough; see [`FETCH`]).
 
 use std::sync::LazyLock;
 
@@ -36,6 +37,33 @@ return {#due, nxt[2] or false}
     )
 });
 
+/// Lua shared by [`FETCH`] and [`REPAIR`]: kombu's reading of an envelope, by decoding it.
+///
+/// `decoded(m, tag, rk)` returns the delivery tag and the `unacked` entry `[envelope,
+/// exchange, routing_key]` that kombu would record for message `m`: the tag and routing are
+/// `properties.delivery_tag` and `properties.delivery_info.{exchange,routing_key}` when they
+/// are strings, else `tag` and (`""`, `rk`); the envelope is embedded as JSON when it decodes,
+/// as a JSON string otherwise (so the entry is valid JSON whatever was queued).
+const DECODED: &str = r#"
+local function decoded(m, tag, rk)
+  local ex = ''
+  local ok, env = pcall(cjson.decode, m)
+  if ok and type(env) == 'table' then
+    local pr = env.properties
+    if type(pr) == 'table' then
+      if type(pr.delivery_tag) == 'string' then tag = pr.delivery_tag end
+      local d = pr.delivery_info
+      if type(d) == 'table' then
+        if type(d.exchange) == 'string' then ex = d.exchange end
+        if type(d.routing_key) == 'string' then rk = d.routing_key end
+      end
+    end
+    return tag, '[' .. m .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
+  end
+  return tag, '[' .. cjson.encode(m) .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
+end
+"#;
+
 /// Pops up to `want` messages and records each as unacked in the same atomic step, so a
 /// consumer killed at any moment loses nothing: a message is either still in its list or in
 /// `unacked`, where the visibility-timeout restore finds it. (kombu's BRPOP-then-record leaves
@@ -47,34 +75,55 @@ return {#due, nxt[2] or false}
 /// KEYS: unacked, unacked_index, then the lists, step-major (every queue's step-0 list, then
 /// every queue's step-3 list, ...). ARGV: lease score, a fallback delivery tag prefix, `want`,
 /// the number of queues, the redelivery counter key prefix, then the queue name of each list.
-/// Returns a flat array of `{list index (1-based), message, tag, redelivery count}` per
-/// message, empty when every list is empty. The unacked entry is kombu's `[envelope, exchange,
-/// routing_key]`, the envelope embedded as JSON when it is JSON.
+/// Returns a flat array of `{list index (1-based), message, tag, redelivery count, searched}`
+/// per message, empty when every list is empty. The unacked entry is kombu's `[envelope,
+/// exchange, routing_key]`, the envelope embedded as JSON when it is JSON.
+///
+/// **Reading by search.** Decoding an envelope (`cjson.decode`) was the largest part of this
+/// script's time, and all it needs is three strings. So when the message has no backslash and
+/// each of `"delivery_tag"`, `"exchange"` and `"routing_key"` occurs exactly once in it,
+/// followed by `:` and a string, those strings are taken as kombu's tag and routing without
+/// decoding (`searched` = 1), and the entry is built by concatenation (the exchange and
+/// routing key must then be printable ASCII without `/`, which cjson would escape, so the
+/// bytes are those of the decoding path). Without backslashes, a quoted text followed by `:`
+/// can only be a key, and a key of the same name elsewhere (say in `headers`) makes the count
+/// 2. What a search cannot tell is whether the message is valid JSON and whether the keys sit
+/// in `properties` / `delivery_info`: the consumer checks exactly that when it parses the
+/// envelope, as it does anyway (`ConsumerShared::pop`), and has any message that fails
+/// re-recorded by the decoding path ([`REPAIR`]) before handing it out. Until then (one round
+/// trip) the `unacked` entry of such a message may not be valid JSON; a consumer killed in
+/// that instant leaves it for the restore to skip with a warning. No kombu or celeriac client
+/// writes such messages.
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{DECODED}{}",
         r#"
 local want = tonumber(ARGV[3])
 local nq = tonumber(ARGV[4])
 local out, zargs, hargs, ckeys = {}, {}, {}, {}
 local got = 0
+local find = string.find
+-- The string value of key `name` (quoted) when it occurs exactly once in m, else nil.
+local function only(m, name)
+  local i, j = find(m, name, 1, true)
+  if not i or find(m, name, j + 1, true) then return nil end
+  local _, _, v = find(m, '^%s*:%s*"([^"]*)"', j + 1)
+  return v
+end
 local function record(k, m)
-  local queue = ARGV[k + 3]
-  local tag, ex, rk = ARGV[2] .. '.' .. got, '', queue
-  local ok, env = pcall(cjson.decode, m)
-  local entry
-  if ok and type(env) == 'table' then
-    local pr = env.properties
-    if type(pr) == 'table' then
-      if type(pr.delivery_tag) == 'string' then tag = pr.delivery_tag end
-      local d = pr.delivery_info
-      if type(d) == 'table' then
-        if type(d.exchange) == 'string' then ex = d.exchange end
-        if type(d.routing_key) == 'string' then rk = d.routing_key end
-      end
+  local tag, entry, searched = nil, nil, 0
+  if not find(m, '\\', 1, true) then
+    local ex, rk
+    tag = only(m, '"delivery_tag"')
+    if tag then ex = only(m, '"exchange"') end
+    if ex then rk = only(m, '"routing_key"') end
+    if rk and not find(ex, '[%z\1-\31/\127-\255]') and not find(rk, '[%z\1-\31/\127-\255]') then
+      entry = '[' .. m .. ',"' .. ex .. '","' .. rk .. '"]'
+      searched = 1
     end
-    entry = '[' .. m .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
-  else
-    entry = '[' .. cjson.encode(m) .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
+  end
+  if not entry then
+    tag, entry = decoded(m, ARGV[2] .. '.' .. got, ARGV[k + 3])
   end
   zargs[#zargs + 1] = ARGV[1]
   zargs[#zargs + 1] = tag
@@ -85,6 +134,7 @@ local function record(k, m)
   out[#out + 1] = m
   out[#out + 1] = tag
   out[#out + 1] = 0
+  out[#out + 1] = searched
   got = got + 1
 end
 local nsteps = (#KEYS - 2) / nq
@@ -109,11 +159,34 @@ if got > 0 then
   redis.call('ZADD', KEYS[2], unpack(zargs))
   redis.call('HSET', KEYS[1], unpack(hargs))
   local counts = redis.call('MGET', unpack(ckeys))
-  for i = 1, got do out[i * 4] = tonumber(counts[i]) or 0 end
+  for i = 1, got do out[i * 5 - 1] = tonumber(counts[i]) or 0 end
 end
 return out
-"#,
-    )
+"#
+    ))
+});
+
+/// Re-records a delivery that [`FETCH`] read by search when its envelope turned out not to be
+/// kombu's shape: replaces its `unacked` entry and index member by what the decoding path
+/// records, under the tag that path chooses.
+///
+/// KEYS: unacked, unacked_index. ARGV: the searched tag, the lease token, the message, a
+/// fallback tag, the queue name, the redelivery counter key prefix. Returns `{tag, redelivery
+/// count}`, or false when this consumer no longer holds the delivery.
+pub(crate) static REPAIR: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{DECODED}{}",
+        r#"
+local s = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if (not s) or tonumber(s) ~= tonumber(ARGV[2]) then return false end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+local tag, entry = decoded(ARGV[3], ARGV[4], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[2], tag)
+redis.call('HSET', KEYS[1], tag, entry)
+return {tag, tonumber(redis.call('GET', ARGV[6] .. tag)) or 0}
+"#
+    ))
 });
 
 /// Acknowledges deliveries this consumer still holds, many in one call.

@@ -269,3 +269,159 @@ async fn every_unacked_entry_is_valid_json_whatever_was_queued() {
         d.ack().await.unwrap();
     }
 }
+
+/// The fetch script's string search records what decoding records (kombu's reading:
+/// `properties.delivery_tag`, `properties.delivery_info.{exchange,routing_key}`), whatever
+/// else the envelope holds: keys of the same names in `headers`, keys present only in
+/// `headers`, escaped characters, characters that cjson escapes. Each case is compared with
+/// what kombu would record: the tag, and `[envelope, exchange, routing_key]` as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searched_and_decoded_envelopes_record_what_kombu_reads() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let q = "lookalike";
+    broker.declare(q).await.unwrap();
+    // A real envelope as our publisher writes it, as the template.
+    let staging = broker_with(&format!("{p}staging:"), RedisOptions::default()).await;
+    staging
+        .publish(q, &msg(), PublishOptions::default())
+        .await
+        .unwrap();
+    let mut r = raw().await;
+    let template: Vec<u8> = r
+        .rpop(format!("{p}staging:{q}\x06\x169"), None)
+        .await
+        .unwrap();
+    let template: serde_json::Value = serde_json::from_slice(&template).unwrap();
+    let variant = |case: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = template.clone();
+        v["headers"]["case"] = case.into();
+        edit(&mut v);
+        v
+    };
+    let props = |v: &mut serde_json::Value, tag: &str, ex: &str, rk: &str| {
+        v["properties"]["delivery_tag"] = tag.into();
+        v["properties"]["delivery_info"]["exchange"] = ex.into();
+        v["properties"]["delivery_info"]["routing_key"] = rk.into();
+    };
+    // (case, envelope, the tag kombu reads or None for "none: a fresh one", exchange, rk)
+    let cases: Vec<(&str, serde_json::Value, Option<&str>, &str, &str)> = vec![
+        (
+            "plain",
+            variant("plain", &|v| props(v, "tag-plain", "", q)),
+            Some("tag-plain"),
+            "",
+            q,
+        ),
+        (
+            "twins in headers",
+            variant("twins in headers", &|v| {
+                props(v, "tag-twins", "ex", "rk");
+                v["headers"]["delivery_tag"] = "header-tag".into();
+                v["headers"]["exchange"] = "header-ex".into();
+                v["headers"]["routing_key"] = "header-rk".into();
+            }),
+            Some("tag-twins"),
+            "ex",
+            "rk",
+        ),
+        (
+            "only in headers",
+            variant("only in headers", &|v| {
+                let pr = v["properties"].as_object_mut().unwrap();
+                pr.remove("delivery_tag");
+                pr["delivery_info"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("exchange");
+                v["headers"]["delivery_tag"] = "header-only-tag".into();
+                v["headers"]["exchange"] = "header-only-ex".into();
+            }),
+            None,
+            "",
+            q,
+        ),
+        (
+            "escaped tag",
+            variant("escaped tag", &|v| props(v, "t\"é\\2", "", q)),
+            Some("t\"é\\2"),
+            "",
+            q,
+        ),
+        (
+            "slash",
+            variant("slash", &|v| props(v, "tag-slash", "a/b", "c/d")),
+            Some("tag-slash"),
+            "a/b",
+            "c/d",
+        ),
+        (
+            "properties is an array",
+            variant("properties is an array", &|v| {
+                v["headers"]["delivery_tag"] = "array-tag".into();
+                v["headers"]["delivery_info"] =
+                    serde_json::json!({"exchange": "", "routing_key": "x"});
+                v["properties"] = serde_json::json!([0, 9]);
+            }),
+            None,
+            "",
+            q,
+        ),
+    ];
+    let list = format!("{p}{q}\x06\x169");
+    let mut pushed = std::collections::HashMap::new();
+    for (case, env, ..) in &cases {
+        let bytes = serde_json::to_vec(env).unwrap();
+        let _: () = r.lpush(&list, &bytes).await.unwrap();
+        pushed.insert(case.to_string(), bytes);
+    }
+    let mut c = broker
+        .consume(&[q.to_owned()], ConsumeOptions::new(8))
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..cases.len() {
+        held.push(next_within(&mut c, WAIT).await);
+    }
+    let entries: Vec<(String, Vec<u8>)> = r.hgetall(format!("{p}unacked")).await.unwrap();
+    let index: Vec<String> = r.zrange(format!("{p}unacked_index"), 0, -1).await.unwrap();
+    assert_eq!(entries.len(), cases.len(), "one entry per message");
+    assert_eq!(index.len(), cases.len(), "one index member per message");
+    let mut tags = std::collections::HashSet::new();
+    for (tag, entry) in &entries {
+        assert!(index.contains(tag), "{tag} is indexed");
+        tags.insert(tag.clone());
+        let v: serde_json::Value = serde_json::from_slice(entry)
+            .unwrap_or_else(|e| panic!("entry of {tag} is not JSON ({e})"));
+        let case = v[0]["headers"]["case"].as_str().unwrap().to_owned();
+        let (_, env, want_tag, ex, rk) = cases.iter().find(|c| c.0 == case).unwrap();
+        assert_eq!(v, serde_json::json!([env, ex, rk]), "{case}");
+        match want_tag {
+            Some(t) => assert_eq!(tag, t, "{case}"),
+            None => assert!(
+                !tag.starts_with("header") && !tag.starts_with("array"),
+                "{case}: a fresh tag, not {tag}"
+            ),
+        }
+        // The envelope is embedded byte for byte, as kombu's reader finds it.
+        let bytes = &pushed[&case];
+        assert!(
+            entry.windows(bytes.len()).any(|w| w == bytes.as_slice()),
+            "{case}: envelope embedded verbatim"
+        );
+    }
+    // Each delivery settles under the tag that was recorded.
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    let left: i64 = r.hlen(format!("{p}unacked")).await.unwrap();
+    let left_index: i64 = r.zcard(format!("{p}unacked_index")).await.unwrap();
+    assert_eq!(
+        (left, left_index),
+        (0, 0),
+        "every ack found its entry: {tags:?}"
+    );
+}
