@@ -10,7 +10,10 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::{Body, ContentType, Embed, Headers, Message, Properties, TimeLimit, codec};
@@ -70,8 +73,95 @@ pub fn encode(message: &Message, exchange: &str, routing_key: &str) -> Result<Ve
     Ok(serde_json::to_vec(&out)?)
 }
 
+/// The envelope as read by the fast path: the body and headers stay raw text until it is
+/// known what they hold.
+#[derive(Deserialize)]
+struct In<'a> {
+    #[serde(borrow, default)]
+    body: Option<&'a RawValue>,
+    #[serde(rename = "content-encoding", borrow, default)]
+    content_encoding: Option<Cow<'a, str>>,
+    #[serde(rename = "content-type", borrow, default)]
+    content_type: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    headers: Option<&'a RawValue>,
+    #[serde(default)]
+    properties: Option<InProps>,
+}
+
+/// The properties the fast path reads; the rest (delivery_info, delivery_tag, ...) is skipped.
+/// Each is a [`Value`] so that a field of an unexpected type is ignored, as on the slow path.
+#[derive(Deserialize)]
+struct InProps {
+    #[serde(default)]
+    correlation_id: Option<Value>,
+    #[serde(default)]
+    reply_to: Option<Value>,
+    #[serde(default)]
+    delivery_mode: Option<Value>,
+    #[serde(default)]
+    priority: Option<Value>,
+    #[serde(default)]
+    body_encoding: Option<Value>,
+}
+
+impl InProps {
+    fn properties(&self) -> Properties {
+        let str_of = |v: &Option<Value>| v.as_ref().and_then(Value::as_str).map(str::to_owned);
+        let u64_of = |v: &Option<Value>| v.as_ref().and_then(Value::as_u64);
+        Properties {
+            correlation_id: str_of(&self.correlation_id).unwrap_or_default(),
+            reply_to: str_of(&self.reply_to),
+            delivery_mode: u64_of(&self.delivery_mode).map_or(2, |m| m.min(2) as u8),
+            priority: u64_of(&self.priority).map_or(0, |p| p.min(255) as u8),
+        }
+    }
+}
+
+/// The common case read without building a JSON tree: a protocol 2 envelope whose body is a
+/// string and whose headers name a task. `None` sends every other envelope (protocol 1, a
+/// JSON body, anything malformed) to the general path, which also words the errors; so both
+/// paths accept and refuse the same messages.
+fn decode_fast(bytes: &[u8]) -> Option<Message> {
+    let env: In<'_> = serde_json::from_slice(bytes).ok()?;
+    let props = env.properties?;
+    let raw_body = env.body?;
+    if !raw_body.get().starts_with('"') {
+        return None;
+    }
+    let body: Cow<'_, str> = serde_json::from_str(raw_body.get()).ok()?;
+    let body = match props.body_encoding.as_ref().and_then(Value::as_str) {
+        Some("base64") => B64.decode(body.as_bytes()).ok()?,
+        _ => body.into_owned().into_bytes(),
+    };
+    let headers: Headers = serde_json::from_str(env.headers?.get()).ok()?;
+    let mut properties = props.properties();
+    if properties.correlation_id.is_empty() {
+        properties.correlation_id = headers.id.clone();
+    }
+    Some(Message {
+        headers,
+        properties,
+        content_type: env
+            .content_type
+            .map_or_else(|| "application/json".to_owned(), Cow::into_owned),
+        content_encoding: env
+            .content_encoding
+            .map_or_else(|| "utf-8".to_owned(), Cow::into_owned),
+        body,
+    })
+}
+
 /// Reads a kombu JSON envelope (protocol 2 or 1) into a [`Message`].
 pub fn decode(bytes: &[u8]) -> Result<Message> {
+    if let Some(m) = decode_fast(bytes) {
+        return Ok(m);
+    }
+    decode_general(bytes)
+}
+
+/// Reads any envelope through a JSON tree: protocol 1, JSON bodies, and the errors.
+fn decode_general(bytes: &[u8]) -> Result<Message> {
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| Error::protocol("message is not a json envelope").with_source(e))?;
     let Value::Object(mut env) = v else {
@@ -244,6 +334,69 @@ mod tests {
                 "expiration": "60000",
                 "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 5,
                 "body_encoding": "base64", "delivery_tag": "f267f1e1-fc42-41a8-9586-fe3375a52891"}}"#;
+
+    /// The fast path either declines or reads exactly what the general path reads.
+    #[test]
+    fn fast_and_general_paths_agree() {
+        let ours = {
+            let mut h = Headers::new("tasks.add", "id-1");
+            h.extra
+                .insert("custom".into(), json!({"a": [1, 2.5, null]}));
+            let body = Body::new(vec![json!(1)], Map::new());
+            let mut m = Message::new(h, &body, ContentType::Json).unwrap();
+            m.properties.reply_to = Some("r".into());
+            m.properties.priority = 7;
+            encode(&m, "", "q").unwrap()
+        };
+        let py = PY_MESSAGE.as_bytes().to_vec();
+        let variants: Vec<Vec<u8>> = vec![
+            ours.clone(),
+            py.clone(),
+            // Odd property types are ignored, as the general path ignores them.
+            PY_MESSAGE
+                .replace("\"delivery_mode\": 2", "\"delivery_mode\": \"x\"")
+                .replace("\"priority\": 5", "\"priority\": -3")
+                .into_bytes(),
+            // No correlation id: the task id stands in.
+            PY_MESSAGE
+                .replace("\"correlation_id\": \"3f0e8d4c-1c2b-4a59-8e7d-6b5a4c3d2e1f\",", "")
+                .into_bytes(),
+            // A body that is not base64-encoded, with escapes in it.
+            br#"{"body": "[[\"\\u00e9\"], {}, {}]", "content-type": "application/json",
+                "headers": {"task": "t", "id": "i"}, "properties": {}}"#
+                .to_vec(),
+            // Declined by the fast path: protocol 1, a JSON body, no properties, null task.
+            br#"{"body": {"task": "t", "id": "i", "args": [1]}, "headers": {}, "properties": {}}"#
+                .to_vec(),
+            br#"{"body": "e30=", "headers": {"task": null, "id": "i"}, "properties": {"body_encoding": "base64"}}"#
+                .to_vec(),
+            br#"{"body": "[[], {}, {}]", "headers": {"task": "t", "id": "i"}}"#.to_vec(),
+            br#"{"body": "[[], {}, {}]", "headers": {"task": "t", "id": "i"}, "properties": 3}"#
+                .to_vec(),
+            br#"{"body": "%%%", "headers": {"task": "t", "id": "i"}, "properties": {"body_encoding": "base64"}}"#
+                .to_vec(),
+        ];
+        let mut fast = 0;
+        for v in &variants {
+            let general = decode_general(v);
+            if let Some(m) = decode_fast(v) {
+                fast += 1;
+                assert_eq!(
+                    Some(&m),
+                    general.as_ref().ok(),
+                    "{}",
+                    String::from_utf8_lossy(v)
+                );
+            }
+            assert_eq!(
+                decode(v).map_err(|e| e.to_string()),
+                general.map_err(|e| e.to_string())
+            );
+        }
+        // The common messages do take the fast path.
+        assert_eq!(fast, 5);
+        assert!(decode_fast(&ours).is_some() && decode_fast(&py).is_some());
+    }
 
     #[test]
     fn decodes_a_python_celery_message() {
