@@ -42,6 +42,14 @@ use crate::request::{CELERY_EXC, Request};
 
 /// Sends what follows a success: callbacks, the next chain step, the chord part.
 pub(crate) async fn on_success(shared: &Shared, req: &Request, value: &Value) {
+    // Boxed, and only when there is something to do: sending is a large future, and every
+    // task's future would otherwise carry (and copy) its state.
+    if has_consequences(req) {
+        Box::pin(success_consequences(shared, req, value)).await;
+    }
+}
+
+async fn success_consequences(shared: &Shared, req: &Request, value: &Value) {
     let embed = &req.body.embed;
     for cb in embed.callbacks.iter().flatten() {
         send(shared, req, with_parent_value(cb, value.clone()), None).await;
@@ -64,6 +72,12 @@ pub(crate) async fn on_success(shared: &Shared, req: &Request, value: &Value) {
 /// Sends what follows a failure: errbacks (the task's and the remaining chain steps'), FAILURE
 /// on the remaining chain steps, the chord part.
 pub(crate) async fn on_failure(shared: &Shared, req: &Request, err: &RemoteError) {
+    if has_consequences(req) {
+        Box::pin(failure_consequences(shared, req, err)).await;
+    }
+}
+
+async fn failure_consequences(shared: &Shared, req: &Request, err: &RemoteError) {
     let embed = &req.body.embed;
     let rest = embed.chain.as_deref().unwrap_or_default();
     let mut errbacks: Vec<Signature> = embed.errbacks.clone().unwrap_or_default();
@@ -96,6 +110,10 @@ pub(crate) async fn on_duplicate(shared: &Shared, req: &Request, redelivered: bo
     if canvas.chord.is_none() && !(redelivered && has_followers(req)) {
         return;
     }
+    Box::pin(replay(shared, req, redelivered)).await;
+}
+
+async fn replay(shared: &Shared, req: &Request, redelivered: bool) {
     let Some(meta) = stored(shared, req.id()).await else {
         return;
     };
@@ -105,6 +123,13 @@ pub(crate) async fn on_duplicate(shared: &Shared, req: &Request, redelivered: bo
     } else {
         chord_part(shared, req).await;
     }
+}
+
+/// Whether anything may follow this task's end: callbacks or errbacks, chain steps, a chord
+/// part to count, a dataflow step.
+fn has_consequences(req: &Request) -> bool {
+    let e = &req.body.embed;
+    e.errbacks.as_ref().is_some_and(|c| !c.is_empty()) || e.chord.is_some() || has_followers(req)
 }
 
 fn has_followers(req: &Request) -> bool {

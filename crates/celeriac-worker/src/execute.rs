@@ -354,7 +354,8 @@ async fn run_request(
                     (Tally::Failed, Settle::Ack)
                 }
                 Verdict::Retry { delay, cause } => (
-                    schedule_retry(shared, req, delay, &cause).await,
+                    // Boxed: a rare path with a large future.
+                    Box::pin(schedule_retry(shared, req, delay, &cause)).await,
                     Settle::Ack,
                 ),
                 Verdict::Reject { requeue } => {

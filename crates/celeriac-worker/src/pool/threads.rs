@@ -172,6 +172,9 @@ mod tests {
             let tx = tx.clone();
             pool.execute(move || tx.send(("quick", 0)).unwrap());
             rx.recv().unwrap();
+            // The job has sent its message but its thread may not be idle yet; a job given
+            // to the pool in between would rightly start a third thread.
+            wait_until(|| pool.shared.lock().idle == 2);
         }
         assert_eq!(pool.threads(), 2, "idle threads are reused");
     }
