@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use celeriac::{App, Signature};
 use serde_json::Value;
 
-use crate::procs::{Proc, Sampler, tree_rss_kb};
+use crate::procs::{CpuMeter, CpuSplit, Proc, Sampler, server_of, tree_rss_kb};
 use crate::report::{Better, Report, median, percentiles};
 use crate::{QUEUE, Sizes};
 
@@ -215,6 +215,37 @@ fn background_load(
     (stop, task)
 }
 
+/// CPU time per task of a throughput run, split by process (client, worker, broker server),
+/// in microseconds: where the time goes, and how close the machine is to saturation.
+pub(crate) fn cpu_rows(
+    r: &mut Report,
+    broker: &str,
+    what: &str,
+    runs: &[CpuSplit],
+    n_per_run: usize,
+    ours: bool,
+) {
+    let tasks = (n_per_run * runs.len()).max(1) as f64;
+    let per = |f: &dyn Fn(&CpuSplit) -> f64| runs.iter().map(f).sum::<f64>() * 1e6 / tasks;
+    let client = if ours {
+        per(&|c| c.client)
+    } else {
+        per(&|c| c.child_client)
+    };
+    let mut rows = vec![("client", client), ("worker", per(&|c| c.workers))];
+    if runs.iter().all(|c| c.server.is_some()) {
+        rows.push(("broker server", per(&|c| c.server.unwrap_or(0.0))));
+    }
+    for (who, v) in rows {
+        let metric = format!("CPU per task, {what}: {who}");
+        if ours {
+            r.ours(broker, &metric, "µs", Better::Lower, v);
+        } else {
+            r.celery(broker, &metric, "µs", Better::Lower, v);
+        }
+    }
+}
+
 pub(crate) fn latency_rows(
     r: &mut Report,
     broker: &str,
@@ -300,11 +331,14 @@ pub(crate) async fn run_all(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Re
     for ignore in [false, true] {
         let mut rates = Vec::new();
         let mut peak = 0.0_f64;
+        let mut cpu = Vec::new();
         for _ in 0..s.runs {
             let sampler = Sampler::start(vec![pid]);
+            let meter = CpuMeter::start(vec![pid], server_of(b));
             let clock = Instant::now();
             send_and_collect(&app, n, ignore).await?;
             rates.push(n as f64 / clock.elapsed().as_secs_f64());
+            cpu.push(meter.finish());
             peak = peak.max(sampler.finish().await);
         }
         let what = if ignore {
@@ -312,6 +346,14 @@ pub(crate) async fn run_all(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Re
         } else {
             "results stored and read"
         };
+        cpu_rows(
+            r,
+            b,
+            if ignore { "ignore_result" } else { "results" },
+            &cpu,
+            n,
+            true,
+        );
         r.ours(
             b,
             &format!("throughput, 1 worker, {what}"),

@@ -106,3 +106,117 @@ impl Sampler {
         self.peak.load(Ordering::Relaxed) as f64 / 1024.0
     }
 }
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`sysconf(_SC_CLK_TCK)`; 100 on every
+/// Linux this runs on).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// Fields 14.. of `/proc/<pid>/stat` (utime, stime, cutime, cstime, ...), in ticks; empty when
+/// the process is gone.
+fn stat_times(pid: &str) -> Vec<u64> {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Vec::new();
+    };
+    // The command name (field 2) may hold spaces: the fields after it follow the last ')'.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+        return Vec::new();
+    };
+    rest.split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
+/// CPU seconds (user + system) used so far by `pid` and all its live descendants.
+pub(crate) fn tree_cpu_secs(pid: u32) -> f64 {
+    let own = stat_times(&pid.to_string());
+    let mut total = own.iter().take(2).sum::<u64>() as f64 / TICKS_PER_SEC;
+    for c in children(pid) {
+        total += tree_cpu_secs(c);
+    }
+    total
+}
+
+/// CPU seconds used so far by this process (`self`) and by its children it has waited for
+/// (the Python client runs as such a child).
+fn own_cpu_secs() -> (f64, f64) {
+    let t = stat_times("self");
+    let secs = |a: usize, b: usize| {
+        (t.get(a).copied().unwrap_or(0) + t.get(b).copied().unwrap_or(0)) as f64 / TICKS_PER_SEC
+    };
+    (secs(0, 1), secs(2, 3))
+}
+
+/// The pid of the broker server process on this machine: the first process whose command name
+/// is `comm` (`redis-server`; RabbitMQ's Erlang VM is `beam.smp`).
+pub(crate) fn server_pid(comm: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let name = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (name.trim_end() == comm).then_some(pid)
+    })
+}
+
+/// Where the CPU time of a phase went: the client (this process, or its Python child), the
+/// worker process trees and the broker server.
+#[derive(Debug)]
+pub(crate) struct CpuMeter {
+    workers: Vec<u32>,
+    server: Option<u32>,
+    start: [f64; 4],
+}
+
+/// CPU seconds of one phase, split by process.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuSplit {
+    /// This process (our client).
+    pub(crate) client: f64,
+    /// Children this process reaped during the phase (a Python client).
+    pub(crate) child_client: f64,
+    pub(crate) workers: f64,
+    pub(crate) server: Option<f64>,
+}
+
+impl CpuMeter {
+    pub(crate) fn start(workers: Vec<u32>, server: Option<u32>) -> CpuMeter {
+        let mut m = CpuMeter {
+            workers,
+            server,
+            start: [0.0; 4],
+        };
+        m.start = m.now();
+        m
+    }
+
+    fn now(&self) -> [f64; 4] {
+        let (own, reaped) = own_cpu_secs();
+        [
+            own,
+            reaped,
+            self.workers.iter().map(|&p| tree_cpu_secs(p)).sum(),
+            self.server.map_or(0.0, tree_cpu_secs),
+        ]
+    }
+
+    pub(crate) fn finish(self) -> CpuSplit {
+        let end = self.now();
+        let d = |i: usize| (end[i] - self.start[i]).max(0.0);
+        CpuSplit {
+            client: d(0),
+            child_client: d(1),
+            workers: d(2),
+            server: self.server.map(|_| d(3)),
+        }
+    }
+}
+
+/// The broker server process of a benchmark broker (`sqlite` has none: it runs inside the
+/// client and the workers).
+pub(crate) fn server_of(broker: &str) -> Option<u32> {
+    match broker {
+        "redis" => server_pid("redis-server"),
+        "amqp" => server_pid("beam.smp"),
+        _ => None,
+    }
+}

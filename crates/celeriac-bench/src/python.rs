@@ -9,8 +9,8 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 use crate::Sizes;
-use crate::ours::latency_rows;
-use crate::procs::{Proc, Sampler, tree_rss_kb};
+use crate::ours::{cpu_rows, latency_rows};
+use crate::procs::{CpuMeter, Proc, Sampler, server_of, tree_rss_kb};
 use crate::report::{Better, Report, median};
 
 /// Celery's queue: its own, so that its declaration (durable, no arguments) never clashes with
@@ -275,11 +275,16 @@ impl Python {
         for ignore in [false, true] {
             let mut rates = Vec::new();
             let mut peak = 0.0_f64;
+            let mut cpu = Vec::new();
             for _ in 0..s.runs {
                 let sampler = Sampler::start(vec![pid]);
+                let meter = CpuMeter::start(vec![pid], server_of(b));
                 rates.push(self.e2e(url, n, ignore).await?);
+                cpu.push(meter.finish());
                 peak = peak.max(sampler.finish().await);
             }
+            let which = if ignore { "ignore_result" } else { "results" };
+            cpu_rows(r, b, which, &cpu, n, false);
             let what = if ignore {
                 "ignore_result (until drained)"
             } else {
