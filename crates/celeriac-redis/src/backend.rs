@@ -356,7 +356,17 @@ impl ResultBackend for RedisBackend {
             self.check_open()?;
             let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
             let key = self.inner.keys.task(task_id);
-            // Subscribe first, then read: a result stored in between is seen by the read.
+            // A result that is already there needs no subscription: one GET instead of
+            // SUBSCRIBE + GET + UNSUBSCRIBE (under load most results are ready by the time
+            // they are asked for).
+            if let Some(bytes) = self.get_raw(&key).await? {
+                let meta = decode_meta(&bytes)?;
+                if meta.status.is_ready() {
+                    return Ok(meta);
+                }
+            }
+            // Otherwise subscribe first, then read again: a result stored in between is seen
+            // by that read.
             let mut watch = self.inner.subscriber.watch(&key);
             let subscribed = watch.subscribed();
             match deadline {
@@ -514,7 +524,9 @@ impl ResultBackend for RedisBackend {
 ///
 /// A task keeps the connection: it subscribes to a task's channel when the first waiter of
 /// that task comes and unsubscribes when the last one leaves, and wakes the waiters of a
-/// channel when a message arrives on it. When the connection drops it reconnects with backoff,
+/// channel when a message arrives on it. Commands queued while it was busy go out together,
+/// one `SUBSCRIBE` and one `UNSUBSCRIBE` per batch (see [`batch`]), rather than one round trip
+/// each: many clients waiting at once is the common case under load. When the connection drops it reconnects with backoff,
 /// subscribes again, and wakes every waiter so that each reads its key once more (a result
 /// stored while the connection was down is not missed; Celery's client re-reads the same way).
 #[derive(Debug)]
@@ -614,6 +626,42 @@ impl Subscriber {
     }
 }
 
+/// `first` and every command queued behind it, as one `SUBSCRIBE` and one `UNSUBSCRIBE`:
+/// returns the channels to subscribe, those to unsubscribe, and the acks to send once both
+/// are done.
+///
+/// A channel named in the batch is subscribed when it has waiters now and unsubscribed when
+/// it has none, whatever the order of its commands: `Watch` updates the waiter table before
+/// it queues its command, so the table is at least as new as any queued command, and a
+/// command still queued behind the batch only repeats what the table says (a repeated
+/// `SUBSCRIBE` or `UNSUBSCRIBE` is harmless). So a waiter that came and left within one batch
+/// costs nothing but the `UNSUBSCRIBE`, and one that left while another came keeps the
+/// subscription.
+fn batch(
+    first: Command,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    channels: &Mutex<HashMap<String, Channel>>,
+) -> (Vec<String>, Vec<String>, Vec<oneshot::Sender<()>>) {
+    let mut named = Vec::new();
+    let mut acks = Vec::new();
+    let mut next = Some(first);
+    while let Some(cmd) = next {
+        match cmd {
+            Command::Subscribe(ch, ack) => {
+                named.push(ch);
+                acks.push(ack);
+            }
+            Command::Unsubscribe(ch) => named.push(ch),
+        }
+        next = commands.try_recv().ok();
+    }
+    named.sort_unstable();
+    named.dedup();
+    let table = channels.lock().expect("channels lock");
+    let (subscribe, unsubscribe) = named.into_iter().partition(|ch| table.contains_key(ch));
+    (subscribe, unsubscribe, acks)
+}
+
 async fn run_subscriber(
     redis: Arc<Redis>,
     mut commands: mpsc::UnboundedReceiver<Command>,
@@ -664,22 +712,21 @@ async fn run_subscriber(
         first = false;
         loop {
             tokio::select! {
-                cmd = commands.recv() => match cmd {
-                    None => return,
-                    Some(Command::Subscribe(ch, ack)) => {
-                        if sink.subscribe(&ch).await.is_ok() {
-                            let _ = ack.send(());
-                        } else {
-                            waiting_acks.push(ack);
-                            break;
-                        }
+                cmd = commands.recv() => {
+                    let Some(first) = cmd else { return };
+                    let (subscribe, unsubscribe, acks) = batch(first, &mut commands, &channels);
+                    if !unsubscribe.is_empty() && sink.unsubscribe(&unsubscribe).await.is_err() {
+                        waiting_acks.extend(acks);
+                        break;
                     }
-                    Some(Command::Unsubscribe(ch)) => {
-                        if sink.unsubscribe(&ch).await.is_err() {
-                            break;
-                        }
+                    if !subscribe.is_empty() && sink.subscribe(&subscribe).await.is_err() {
+                        waiting_acks.extend(acks);
+                        break;
                     }
-                },
+                    for ack in acks {
+                        let _ = ack.send(());
+                    }
+                }
                 msg = stream.next() => match msg {
                     Some(msg) => {
                         let name = msg.get_channel_name();

@@ -78,10 +78,11 @@
 //! worker. Python workers never look there, so a task for Python workers must be sent with an
 //! `eta` header instead (the facade's job).
 //!
-//! **Result waiting by pub/sub.** [`RedisBackend::wait`] subscribes to the key's channel
-//! (Celery publishes every stored meta on a channel named like its key) and then reads the key,
-//! so a result stored in between is not missed; it never polls. One pub/sub connection per
-//! backend serves all waiters.
+//! **Result waiting by pub/sub.** [`RedisBackend::wait`] reads the key and returns a ready
+//! result at once; otherwise it subscribes to the key's channel (Celery publishes every stored
+//! meta on a channel named like its key) and then reads the key again, so a result stored in
+//! between is not missed; it never polls. One pub/sub connection per backend serves all
+//! waiters, and its task sends the (un)subscriptions queued meanwhile as one command.
 //!
 //! **Reconnects.** Commands share one multiplexed connection; when it drops, operations
 //! reconnect with backoff (logging a `warn` line with the URL redacted) for

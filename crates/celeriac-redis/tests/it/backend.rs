@@ -176,3 +176,59 @@ async fn incr_sets_the_expiry() {
     let ttl: i64 = c.ttl(format!("{p}chord-unlock-g")).await.unwrap();
     assert!((90..=100).contains(&ttl), "{ttl}");
 }
+
+/// Many waiters at once share the subscriber's batched `SUBSCRIBE` / `UNSUBSCRIBE`, while
+/// other waiters on the same tasks come and leave (time out) in the same batches: each waiter
+/// that stays still gets its task's result, whether it was stored before or after it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_that_stay_are_served_while_others_on_the_same_task_come_and_go() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let backend = backend_with(&p, RedisOptions::default()).await;
+    let n = 200;
+    let ids: Vec<String> = (0..n).map(|i| format!("batched-{i}")).collect();
+    // Every tenth result is there before anyone asks (the read-first path).
+    for id in ids.iter().step_by(10) {
+        backend
+            .store(&TaskMeta::success(id.as_str(), json!(id)))
+            .await
+            .unwrap();
+    }
+    let mut stayers = tokio::task::JoinSet::new();
+    let mut leavers = tokio::task::JoinSet::new();
+    for id in &ids {
+        for leave_after_us in [0, 300] {
+            let (b, id) = (backend.clone(), id.clone());
+            leavers.spawn(async move {
+                let wait = b.wait(&id, Some(Duration::from_micros(leave_after_us)));
+                let _ = wait.await;
+            });
+        }
+        let (b, id) = (backend.clone(), id.clone());
+        stayers.spawn(async move {
+            let meta = b.wait(&id, Some(Duration::from_secs(20))).await?;
+            Ok::<_, celeriac_core::Error>((id, meta))
+        });
+    }
+    for id in ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 10 != 0)
+        .map(|(_, id)| id)
+    {
+        backend
+            .store(&TaskMeta::success(id.as_str(), json!(id)))
+            .await
+            .unwrap();
+    }
+    let mut served = 0;
+    while let Some(r) = stayers.join_next().await {
+        let (id, meta) = r.unwrap().unwrap();
+        assert_eq!(meta.result, json!(id));
+        served += 1;
+    }
+    assert_eq!(served, n);
+    while leavers.join_next().await.is_some() {}
+}
