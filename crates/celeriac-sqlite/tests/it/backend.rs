@@ -170,3 +170,52 @@ async fn closed_backend_refuses_calls() {
     let e = r.get("x").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Closed);
 }
+
+#[tokio::test]
+async fn many_waiters_are_answered_and_a_cancelled_one_is_forgotten() {
+    let r = backend("many_waiters").await;
+    // One waiter gives up before its result exists; another waits for the same id.
+    let e = r
+        .wait("t0", Some(Duration::from_millis(20)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    let waiters: Vec<_> = (0..50)
+        .map(|i| {
+            let r = r.clone();
+            tokio::spawn(async move {
+                r.wait(&format!("t{i}"), Some(Duration::from_secs(10)))
+                    .await
+            })
+        })
+        .collect();
+    // A result that is not ready yet does not answer a waiter.
+    r.store(&TaskMeta::started("t0", "h")).await.unwrap();
+    let stores: Vec<_> = (0..50)
+        .map(|i| {
+            let r = r.clone();
+            tokio::spawn(
+                async move { r.store(&TaskMeta::success(format!("t{i}"), i.into())).await },
+            )
+        })
+        .collect();
+    for s in stores {
+        assert!(s.await.unwrap().unwrap());
+    }
+    for (i, w) in waiters.into_iter().enumerate() {
+        let meta = w.await.unwrap().unwrap();
+        assert_eq!(meta.task_id, format!("t{i}"));
+        assert_eq!(meta.status, TaskState::Success);
+        assert_eq!(meta.result, i);
+    }
+}
+
+#[tokio::test]
+async fn wait_with_zero_timeout_returns_a_stored_result() {
+    let r = backend("wait_zero").await;
+    r.store(&TaskMeta::success("done", 3.into())).await.unwrap();
+    let meta = r.wait("done", Some(Duration::ZERO)).await.unwrap();
+    assert_eq!(meta.result, 3);
+    let e = r.wait("missing", Some(Duration::ZERO)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+}
