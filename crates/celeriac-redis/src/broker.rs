@@ -986,11 +986,18 @@ impl Info {
         #[derive(Deserialize, Default)]
         struct Env {
             #[serde(default)]
-            headers: Option<Value>,
+            headers: Option<HeaderFlags>,
             // A map, not a struct: derived structs also accept arrays, and the shape check
             // must see keys.
             #[serde(default)]
             properties: Option<serde_json::Map<String, Value>>,
+        }
+        /// Only the header the transport reads: the others are skipped by the parser, not
+        /// built into a `Value` (the worker decodes the message separately).
+        #[derive(Deserialize, Default)]
+        struct HeaderFlags {
+            #[serde(default)]
+            redelivered: Option<Value>,
         }
         // Derived structs accept a JSON array too: only an object is kombu's envelope.
         if raw.trim_ascii_start().first() != Some(&b'{') {
@@ -1009,9 +1016,8 @@ impl Info {
             .map_or(0, |f| f.clamp(0.0, 9.0) as u8);
         let header_redelivered = env
             .headers
-            .as_ref()
-            .and_then(|h| h.get("redelivered"))
-            .and_then(Value::as_bool)
+            .and_then(|h| h.redelivered)
+            .and_then(|v| v.as_bool())
             .unwrap_or(false);
         Info {
             kombu_priority: kp,
@@ -1512,5 +1518,45 @@ mod tests {
         let again = Info::read(&mark_redelivered(&bytes));
         assert!(again.redelivered);
         assert_eq!(again.exact_priority, info.exact_priority);
+    }
+
+    #[test]
+    fn info_reads_kombus_flags_and_shape() {
+        let base = serde_json::json!({
+            "body": "e30=",
+            "headers": {"id": "x", "timelimit": [null, null], "redelivered": true},
+            "properties": {
+                "delivery_tag": "t",
+                "delivery_info": {"exchange": "", "routing_key": "q"},
+                "priority": 0
+            }
+        });
+        let info = Info::read(&serde_json::to_vec(&base).unwrap());
+        assert!(info.redelivered, "the header alone marks a redelivery");
+        assert!(info.kombu_shape);
+        for (what, edit) in [
+            ("tag not a string", serde_json::json!({"delivery_tag": 1})),
+            ("no delivery_info", serde_json::json!({"delivery_tag": "t"})),
+            (
+                "no routing key",
+                serde_json::json!({"delivery_tag": "t", "delivery_info": {"exchange": ""}}),
+            ),
+        ] {
+            let mut v = base.clone();
+            v["properties"] = edit;
+            let info = Info::read(&serde_json::to_vec(&v).unwrap());
+            assert!(!info.kombu_shape, "{what}");
+        }
+        let mut v = base.clone();
+        v["properties"] = serde_json::json!(["t", {"exchange": "", "routing_key": "q"}]);
+        assert!(
+            !Info::read(&serde_json::to_vec(&v).unwrap()).kombu_shape,
+            "an array"
+        );
+        let array = serde_json::to_vec(&serde_json::json!([base["headers"], base["properties"]]));
+        assert!(
+            !Info::read(&array.unwrap()).kombu_shape,
+            "a top-level array"
+        );
     }
 }
