@@ -11,7 +11,7 @@ use celeriac_core::{
 };
 use rusqlite::OptionalExtension;
 
-use crate::conn::{Conn, Db, Shared, now_ms};
+use crate::conn::{Conn, Db, now_ms};
 use crate::options::{Location, SqliteOptions};
 
 const KIND: ErrorKind = ErrorKind::Backend;
@@ -20,6 +20,8 @@ const KIND: ErrorKind = ErrorKind::Backend;
 const SWEEP_EVERY_MS: i64 = 60_000;
 /// At most this many expired results are deleted per sweep, to keep batches short.
 const SWEEP_LIMIT: i64 = 1000;
+/// Longest sleep of a waiter between reads, in case a change notice was missed.
+const WAIT_RECHECK: Duration = Duration::from_millis(500);
 
 /// A result backend in a SQLite file (`sqlite://path.db`). Clones share one connection.
 ///
@@ -124,60 +126,6 @@ fn sweep(db: &Db, now: i64) -> rusqlite::Result<()> {
         tracing::debug!(deleted = n, "swept expired sqlite results");
     }
     Ok(())
-}
-
-/// Reads the results of up to `?1` (a JSON array of task ids) that are stored and not expired
-/// at `?2`: one primary-key seek per id.
-const AWAITED_SQL: &str = "SELECT task_id, status, meta FROM celeriac_results \
-     WHERE task_id IN (SELECT value FROM json_each(?1)) \
-     AND (expires_at IS NULL OR expires_at > ?2)";
-
-/// Answers this process's result waiters whose results are ready, on the connection thread.
-///
-/// Called when waiters register, after a commit of this process stored a result, when another
-/// process changed the file, and every half second as a safety net. Every waiter is looked up
-/// by one statement, so a commit costs one query however many results are awaited (each waiter
-/// querying on its own made that one query per waiter per commit). Waiters that gave up
-/// (their receiver dropped) are forgotten here.
-pub(crate) fn answer_waiters(db: &Db, shared: &Shared) {
-    let ids = {
-        let mut waiters = shared.waiters.lock().expect("waiters lock");
-        waiters.retain(|_, txs| {
-            txs.retain(|tx| !tx.is_closed());
-            !txs.is_empty()
-        });
-        if waiters.is_empty() {
-            return;
-        }
-        serde_json::to_string(&waiters.keys().collect::<Vec<_>>())
-    };
-    let Ok(ids) = ids else { return };
-    let ready = (|| -> rusqlite::Result<Vec<(String, String)>> {
-        let mut stmt = db.conn.prepare_cached(AWAITED_SQL)?;
-        let mut rows = stmt.query((&ids, now_ms()))?;
-        let mut ready = Vec::new();
-        while let Some(r) = rows.next()? {
-            let status: String = r.get(1)?;
-            let status: TaskState = status.parse().unwrap_or_else(|e| match e {});
-            if status.is_ready() {
-                ready.push((r.get(0)?, r.get(2)?));
-            }
-        }
-        Ok(ready)
-    })();
-    match ready {
-        Ok(ready) if !ready.is_empty() => {
-            let mut waiters = shared.waiters.lock().expect("waiters lock");
-            for (id, meta) in ready {
-                for tx in waiters.remove(&id).unwrap_or_default() {
-                    let _ = tx.send(meta.clone());
-                }
-            }
-        }
-        Ok(_) => {}
-        // Waiters keep waiting: the next change or recheck tries again.
-        Err(e) => tracing::warn!(error = %e, "cannot read awaited sqlite results"),
-    }
 }
 
 fn decode_meta(text: &str) -> Result<TaskMeta> {
@@ -290,31 +238,33 @@ impl ResultBackend for SqliteBackend {
         timeout: Option<Duration>,
     ) -> BoxFuture<'a, Result<TaskMeta>> {
         Box::pin(async move {
-            self.check_open()?;
-            // The connection thread answers every waiter of this process with one query per
-            // change (see `answer_waiters`), also at once when the result is already stored.
-            // The watch makes it look at other processes' writes too.
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            let shared = self.inner.conn.shared.clone();
+            // Other processes' stores reach us through the connection thread's data_version
+            // watch, which fires the same notice as our own stores.
             let _watch = self.inner.conn.watch();
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            self.inner.conn.shared.add_waiter(task_id, tx);
-            self.inner.conn.wake();
-            let answer = match timeout {
-                Some(t) => match tokio::time::timeout(t, rx).await {
-                    Ok(answer) => answer,
-                    // A result stored by the deadline counts, even if the thread has not
-                    // answered yet (a zero timeout asks for a ready result without waiting).
-                    Err(_) => {
-                        return match self.get(task_id).await? {
-                            Some(meta) if meta.status.is_ready() => Ok(meta),
-                            _ => Err(timeout_error(task_id, timeout)),
-                        };
+            loop {
+                let stored = shared.results.notified();
+                tokio::pin!(stored);
+                stored.as_mut().enable();
+                if let Some(meta) = self.get(task_id).await? {
+                    if meta.status.is_ready() {
+                        return Ok(meta);
                     }
-                },
-                None => rx.await,
-            };
-            let text =
-                answer.map_err(|_| Error::new(KIND, "the sqlite connection thread has stopped"))?;
-            decode_meta(&text)
+                }
+                let mut sleep = WAIT_RECHECK;
+                if let Some(d) = deadline {
+                    let now = tokio::time::Instant::now();
+                    if now >= d {
+                        return Err(timeout_error(task_id, timeout));
+                    }
+                    sleep = sleep.min(d - now);
+                }
+                tokio::select! {
+                    () = stored => {}
+                    () = tokio::time::sleep(sleep) => {}
+                }
+            }
         })
     }
 
@@ -417,28 +367,5 @@ impl ResultBackend for SqliteBackend {
             self.inner.closed.store(true, Ordering::Release);
             Ok(())
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Answering waiters must cost one seek per awaited id, not a scan of every result.
-    #[test]
-    fn awaited_results_are_read_by_primary_key() {
-        let conn = rusqlite::Connection::open_in_memory().unwrap();
-        crate::schema::migrate(&conn).unwrap();
-        let mut stmt = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {AWAITED_SQL}"))
-            .unwrap();
-        let mut rows = stmt.raw_query();
-        let mut plan = Vec::new();
-        while let Some(r) = rows.next().unwrap() {
-            plan.push(r.get::<_, String>(3).unwrap());
-        }
-        let plan = plan.join("\n");
-        assert!(plan.contains("USING PRIMARY KEY"), "{plan}");
-        assert!(!plan.contains("SCAN celeriac_results"), "{plan}");
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -31,8 +31,6 @@ const IDLE_TICK: Duration = Duration::from_millis(100);
 /// A checkpoint runs once the WAL holds this many frames: SQLite's own auto-checkpoint
 /// threshold, kept so the WAL is fsynced as often as SQLite's default would.
 const CHECKPOINT_FRAMES: i32 = 1000;
-/// How often the thread looks up awaited results when no change was seen (a safety net).
-const RESULTS_RECHECK: Duration = Duration::from_millis(500);
 /// How long a checkpoint waits for other connections' transactions to end so that the WAL can
 /// start over; past that it checkpoints what it can and the next try is 1000 frames later.
 const CHECKPOINT_WAIT: Duration = Duration::from_millis(50);
@@ -65,11 +63,8 @@ impl fmt::Debug for Conn {
 pub(crate) struct Shared {
     /// Fired after a commit that made messages deliverable, and on other processes' writes.
     pub(crate) messages: Notify,
-    /// Result waiters of this process by task id, answered by the connection thread with the
-    /// stored meta text once the result is ready (see `backend::answer_waiters`).
-    pub(crate) waiters: Mutex<HashMap<String, Vec<oneshot::Sender<String>>>>,
-    /// Set when a waiter registers: the thread looks its result up at once.
-    waiters_added: AtomicBool,
+    /// Fired after a commit that stored a result, and on other processes' writes.
+    pub(crate) results: Notify,
     /// How many tasks wait for other processes' writes; the thread polls only when some do.
     watchers: AtomicUsize,
     /// Leased rows nobody will hand out (a dropped consumer's buffer): `(id, lease token)`.
@@ -91,13 +86,6 @@ impl Shared {
             // Full means a resume is already pending; gone means the watcher stopped.
             let _ = tx.try_send(());
         }
-    }
-
-    /// Registers a waiter for the ready result of `task_id`; the thread sends its meta text.
-    pub(crate) fn add_waiter(&self, task_id: &str, tx: oneshot::Sender<String>) {
-        let mut waiters = self.waiters.lock().expect("waiters lock");
-        waiters.entry(task_id.to_owned()).or_default().push(tx);
-        self.waiters_added.store(true, Ordering::Release);
     }
 
     /// Gives back leased rows that were never handed out, as if never delivered.
@@ -482,7 +470,6 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
     let mut version = data_version(&db.conn).unwrap_or_default();
     let mut interval = MAX_POLL;
     let mut last_watch = Instant::now();
-    let mut last_results = Instant::now();
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(64);
     loop {
         let timeout = if shared.watchers.load(Ordering::Acquire) > 0 {
@@ -505,9 +492,8 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
                 Err(_) => break,
             }
         }
-        let mut results = shared.waiters_added.swap(false, Ordering::AcqRel);
         if !batch.is_empty() {
-            results |= run_batch(&mut db, &mut batch, shared);
+            run_batch(&mut db, &mut batch, shared);
         }
         release_orphans(&mut db, shared);
         if shared.watchers.load(Ordering::Acquire) > 0
@@ -522,22 +508,17 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
                     version = v;
                     interval = MIN_POLL;
                     shared.messages.notify_waiters();
-                    results = true;
+                    shared.results.notify_waiters();
                 }
                 Ok(_) => interval = (interval * 2).min(MAX_POLL),
                 Err(e) => tracing::warn!(error = %e, "cannot read sqlite data_version"),
             }
         }
-        if results || last_results.elapsed() >= RESULTS_RECHECK {
-            last_results = Instant::now();
-            crate::backend::answer_waiters(&db, shared);
-        }
     }
     tracing::debug!("sqlite connection thread exits");
 }
 
-/// Runs `batch` in one transaction; true when it committed a stored result.
-fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) -> bool {
+fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
     let write = batch.iter().any(|j| j.is_write());
     let begin = if write { "BEGIN IMMEDIATE" } else { "BEGIN" };
     let outcome = exec_cached(&db.conn, begin).map_err(|e| TxnError::new(&e));
@@ -551,12 +532,13 @@ fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) -> boo
             err
         })
     });
-    let mut results = false;
     if outcome.is_ok() {
         if std::mem::take(&mut db.messages_changed) {
             shared.messages.notify_waiters();
         }
-        results = std::mem::take(&mut db.results_changed);
+        if std::mem::take(&mut db.results_changed) {
+            shared.results.notify_waiters();
+        }
     } else {
         db.messages_changed = false;
         db.results_changed = false;
@@ -569,7 +551,6 @@ fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) -> boo
     if write && outcome.is_ok() {
         checkpoint(db);
     }
-    results
 }
 
 /// Copies the WAL into the database file once it holds [`CHECKPOINT_FRAMES`] frames, and

@@ -74,8 +74,7 @@
 //! The connection thread detects those by reading `PRAGMA data_version` while someone waits: at
 //! once when inotify (Linux) reports a write to the database's `-wal` file, and otherwise by
 //! polling every millisecond right after a change, backing off to every 20 ms. Result waiters
-//! register their task id with the thread, which looks all of them up in one query when one
-//! arrives, after a commit that stored a result, on each such change, and every half second. Expired results are invisible at once and deleted by a sweep at most once a
+//! use the same notices. Expired results are invisible at once and deleted by a sweep at most once a
 //! minute, piggybacked on a store.
 //!
 //! # What it is not
