@@ -75,6 +75,14 @@ pub fn encode<T: Serialize>(ct: ContentType, value: &T) -> Result<Vec<u8>> {
 pub fn decode<T: DeserializeOwned>(ct: ContentType, bytes: &[u8]) -> Result<T> {
     match ct {
         ContentType::Json => {
+            // The common body (no kombu type wrappers, no integer literal that could be wider
+            // than 64 bits) is read straight into `T`; everything else, and every error, goes
+            // through the checked path below.
+            if plain_json(bytes) {
+                if let Ok(v) = serde_json::from_slice(bytes) {
+                    return Ok(v);
+                }
+            }
             let v = json_from_slice(bytes)?;
             serde_json::from_value(v)
                 .map_err(|e| Error::protocol(format!("invalid message body: {e}")))
@@ -149,6 +157,26 @@ fn has_huge_number(v: &Value) -> bool {
         Value::Object(map) => map.values().any(has_huge_number),
         _ => false,
     }
+}
+
+/// Whether `bytes` can skip the checked path: no `__type__` wrapper anywhere, and no run of 19
+/// or more digits (the shortest literal that may not fit in 64 bits), inside strings or not.
+fn plain_json(bytes: &[u8]) -> bool {
+    let mut digits = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b.is_ascii_digit() {
+            digits += 1;
+            if digits >= 19 {
+                return false;
+            }
+        } else {
+            digits = 0;
+            if b == b'_' && bytes[i..].starts_with(b"__type__") {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// Refuses integer literals outside `i64`/`u64` (Python ints are unbounded; JSON readers without
@@ -299,6 +327,40 @@ mod tests {
         assert!(e.to_string().contains("pickle"));
         let e = ContentType::from_mime("application/x-yaml").unwrap_err();
         assert!(e.to_string().contains("not accepted"));
+    }
+
+    /// The direct read and the checked path agree wherever the direct read is taken, and the
+    /// bodies it must not take go the checked way.
+    #[test]
+    fn plain_bodies_read_directly_as_the_checked_path_reads_them() {
+        let checked = json_from_slice;
+        for body in [
+            &br#"[[1, 2], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#[..],
+            br#"[["\u00e9", 1.5e300, -9223372036854775808], {"k": [true, null]}, {}]"#,
+            br#"{"a": 1, "a": 2}"#,
+            br#"[18446744073709551615, "1234567890123456789"]"#,
+        ] {
+            assert_eq!(
+                decode::<Value>(ContentType::Json, body).unwrap(),
+                checked(body).unwrap()
+            );
+        }
+        assert!(plain_json(br#"[[1, 2], {}, {}]"#));
+        // Wrappers, possibly wide integers and non-finite floats take the checked path.
+        let wrapped = br#"[{"__type__": "bytes", "__value__": "aGk="}]"#;
+        assert!(!plain_json(wrapped));
+        assert_eq!(
+            decode::<Value>(ContentType::Json, wrapped).unwrap(),
+            checked(wrapped).unwrap()
+        );
+        let wide = b"[1180591620717411303424]";
+        assert!(!plain_json(wide));
+        assert!(decode::<Value>(ContentType::Json, wide).is_err());
+        let nan = b"[NaN]";
+        assert_eq!(
+            decode::<Value>(ContentType::Json, nan).unwrap(),
+            json!([null])
+        );
     }
 
     #[test]

@@ -86,35 +86,19 @@ struct In<'a> {
     #[serde(borrow, default)]
     headers: Option<&'a RawValue>,
     #[serde(default)]
-    properties: Option<InProps>,
+    properties: Option<Map<String, Value>>,
 }
 
-/// The properties the fast path reads; the rest (delivery_info, delivery_tag, ...) is skipped.
-/// Each is a [`Value`] so that a field of an unexpected type is ignored, as on the slow path.
-#[derive(Deserialize)]
-struct InProps {
-    #[serde(default)]
-    correlation_id: Option<Value>,
-    #[serde(default)]
-    reply_to: Option<Value>,
-    #[serde(default)]
-    delivery_mode: Option<Value>,
-    #[serde(default)]
-    priority: Option<Value>,
-    #[serde(default)]
-    body_encoding: Option<Value>,
-}
-
-impl InProps {
-    fn properties(&self) -> Properties {
-        let str_of = |v: &Option<Value>| v.as_ref().and_then(Value::as_str).map(str::to_owned);
-        let u64_of = |v: &Option<Value>| v.as_ref().and_then(Value::as_u64);
-        Properties {
-            correlation_id: str_of(&self.correlation_id).unwrap_or_default(),
-            reply_to: str_of(&self.reply_to),
-            delivery_mode: u64_of(&self.delivery_mode).map_or(2, |m| m.min(2) as u8),
-            priority: u64_of(&self.priority).map_or(0, |p| p.min(255) as u8),
-        }
+/// The task properties of an envelope's `properties` object; fields of an unexpected type
+/// are ignored.
+fn properties_of(props: &Map<String, Value>) -> Properties {
+    let str_of = |k: &str| props.get(k).and_then(Value::as_str);
+    let u64_of = |k: &str| props.get(k).and_then(Value::as_u64);
+    Properties {
+        correlation_id: str_of("correlation_id").unwrap_or_default().to_owned(),
+        reply_to: str_of("reply_to").map(str::to_owned),
+        delivery_mode: u64_of("delivery_mode").map_or(2, |m| m.min(2) as u8),
+        priority: u64_of("priority").map_or(0, |p| p.min(255) as u8),
     }
 }
 
@@ -122,7 +106,7 @@ impl InProps {
 /// string and whose headers name a task. `None` sends every other envelope (protocol 1, a
 /// JSON body, anything malformed) to the general path, which also words the errors; so both
 /// paths accept and refuse the same messages.
-fn decode_fast(bytes: &[u8]) -> Option<Message> {
+fn decode_fast(bytes: &[u8]) -> Option<(Message, Map<String, Value>)> {
     let env: In<'_> = serde_json::from_slice(bytes).ok()?;
     let props = env.properties?;
     let raw_body = env.body?;
@@ -130,16 +114,16 @@ fn decode_fast(bytes: &[u8]) -> Option<Message> {
         return None;
     }
     let body: Cow<'_, str> = serde_json::from_str(raw_body.get()).ok()?;
-    let body = match props.body_encoding.as_ref().and_then(Value::as_str) {
+    let body = match props.get("body_encoding").and_then(Value::as_str) {
         Some("base64") => B64.decode(body.as_bytes()).ok()?,
         _ => body.into_owned().into_bytes(),
     };
     let headers: Headers = serde_json::from_str(env.headers?.get()).ok()?;
-    let mut properties = props.properties();
+    let mut properties = properties_of(&props);
     if properties.correlation_id.is_empty() {
         properties.correlation_id = headers.id.clone();
     }
-    Some(Message {
+    let message = Message {
         headers,
         properties,
         content_type: env
@@ -149,19 +133,28 @@ fn decode_fast(bytes: &[u8]) -> Option<Message> {
             .content_encoding
             .map_or_else(|| "utf-8".to_owned(), Cow::into_owned),
         body,
-    })
+    };
+    Some((message, props))
 }
 
 /// Reads a kombu JSON envelope (protocol 2 or 1) into a [`Message`].
 pub fn decode(bytes: &[u8]) -> Result<Message> {
-    if let Some(m) = decode_fast(bytes) {
-        return Ok(m);
+    decode_with_properties(bytes).map(|(m, _)| m)
+}
+
+/// Reads a kombu JSON envelope like [`decode`], and also returns its `properties` object as
+/// sent (empty when there is none): transports keep their own fields there (kombu's delivery
+/// tag and `delivery_info`, a redelivered flag), and reading them from this saves a second
+/// parse of the message.
+pub fn decode_with_properties(bytes: &[u8]) -> Result<(Message, Map<String, Value>)> {
+    if let Some(decoded) = decode_fast(bytes) {
+        return Ok(decoded);
     }
     decode_general(bytes)
 }
 
 /// Reads any envelope through a JSON tree: protocol 1, JSON bodies, and the errors.
-fn decode_general(bytes: &[u8]) -> Result<Message> {
+fn decode_general(bytes: &[u8]) -> Result<(Message, Map<String, Value>)> {
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| Error::protocol("message is not a json envelope").with_source(e))?;
     let Value::Object(mut env) = v else {
@@ -189,25 +182,7 @@ fn decode_general(bytes: &[u8]) -> Result<Message> {
         Some(Value::Null) | None => return Err(Error::protocol("envelope has no body")),
         Some(other) => serde_json::to_vec(&other)?,
     };
-    let properties = Properties {
-        correlation_id: props
-            .get("correlation_id")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned(),
-        reply_to: props
-            .get("reply_to")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-        delivery_mode: props
-            .get("delivery_mode")
-            .and_then(Value::as_u64)
-            .map_or(2, |m| m.min(2) as u8),
-        priority: props
-            .get("priority")
-            .and_then(Value::as_u64)
-            .map_or(0, |p| p.min(255) as u8),
-    };
+    let properties = properties_of(&props);
     let headers = env.remove("headers").unwrap_or(Value::Null);
     let has_task = headers.get("task").is_some_and(|t| !t.is_null());
     if has_task {
@@ -217,15 +192,16 @@ fn decode_general(bytes: &[u8]) -> Result<Message> {
         if properties.correlation_id.is_empty() {
             properties.correlation_id = headers.id.clone();
         }
-        return Ok(Message {
+        let message = Message {
             headers,
             properties,
             content_type,
             content_encoding,
             body,
-        });
+        };
+        return Ok((message, props));
     }
-    from_protocol_v1(&content_type, &body, properties)
+    from_protocol_v1(&content_type, &body, properties).map(|m| (m, props))
 }
 
 fn take_str(map: &mut Map<String, Value>, key: &str) -> Option<String> {
@@ -379,17 +355,13 @@ mod tests {
         let mut fast = 0;
         for v in &variants {
             let general = decode_general(v);
-            if let Some(m) = decode_fast(v) {
+            if let Some(quick) = decode_fast(v) {
                 fast += 1;
-                assert_eq!(
-                    Some(&m),
-                    general.as_ref().ok(),
-                    "{}",
-                    String::from_utf8_lossy(v)
-                );
+                let text = String::from_utf8_lossy(v);
+                assert_eq!(Some(&quick), general.as_ref().ok(), "{text}");
             }
             assert_eq!(
-                decode(v).map_err(|e| e.to_string()),
+                decode_with_properties(v).map_err(|e| e.to_string()),
                 general.map_err(|e| e.to_string())
             );
         }
