@@ -526,6 +526,8 @@ type Fetched = (Delivery, Arc<AtomicBool>);
 struct Popped {
     queue: String,
     raw: Vec<u8>,
+    /// `raw` decoded.
+    message: Result<Message>,
     tag: String,
     /// The lease token (the index score written).
     token: String,
@@ -773,13 +775,21 @@ impl ConsumerShared {
                     let queue = queues
                         .get(i.saturating_sub(1))
                         .map_or_else(String::new, |q| (*q).clone());
-                    let info = Info::read(&raw);
+                    // One parse gives both the message and what the transport reads.
+                    let decoded = envelope::decode_with_properties(&raw);
+                    let info = match &decoded {
+                        Ok((m, props)) => {
+                            Info::from_parts(props, m.headers.extra.get("redelivered"))
+                        }
+                        Err(_) => Info::read(&raw),
+                    };
                     if searched == 1 && !info.kombu_shape {
                         (tag, count) = self.repair(conn, &tag, &token, &raw, &queue).await?;
                     }
                     out.push(Popped {
                         queue,
                         raw,
+                        message: decoded.map(|(m, _)| m),
                         tag,
                         token: token.clone(),
                         count,
@@ -829,12 +839,13 @@ impl ConsumerShared {
         let Popped {
             queue,
             raw,
+            message,
             tag,
             token,
             count,
             info,
         } = popped;
-        let message = envelope::decode(&raw).map(|mut m| {
+        let message = message.map(|mut m| {
             m.headers.extra.remove("redelivered");
             m.properties.priority = info
                 .exact_priority
@@ -1007,6 +1018,11 @@ impl Info {
             return Info::default();
         };
         let p = env.properties.unwrap_or_default();
+        Info::from_parts(&p, env.headers.and_then(|h| h.redelivered).as_ref())
+    }
+
+    /// What the transport reads from an envelope's properties and its `redelivered` header.
+    fn from_parts(p: &serde_json::Map<String, Value>, redelivered_header: Option<&Value>) -> Info {
         let di = p.get("delivery_info").and_then(Value::as_object);
         let di_str = |k: &str| di.and_then(|d| d.get(k)).is_some_and(Value::is_string);
         // kombu: int(priority) clamped to 0..9, anything else is 0.
@@ -1014,11 +1030,7 @@ impl Info {
             .get("priority")
             .and_then(Value::as_f64)
             .map_or(0, |f| f.clamp(0.0, 9.0) as u8);
-        let header_redelivered = env
-            .headers
-            .and_then(|h| h.redelivered)
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
+        let header_redelivered = redelivered_header.and_then(Value::as_bool).unwrap_or(false);
         Info {
             kombu_priority: kp,
             exact_priority: p
