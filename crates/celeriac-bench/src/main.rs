@@ -49,6 +49,9 @@ struct Args {
     /// Brokers to measure, comma separated (sqlite, redis, amqp).
     #[arg(long, value_delimiter = ',', default_value = "sqlite,redis,amqp")]
     brokers: Vec<String>,
+    /// Overrides the queue sizes of the scaling run, comma separated (e.g. 10000,1000000).
+    #[arg(long, value_delimiter = ',')]
+    scale: Option<Vec<usize>>,
     /// Repetitions of each throughput run (the median is reported).
     #[arg(long)]
     runs: Option<usize>,
@@ -110,6 +113,9 @@ impl Sizes {
             s.py_latency = s.py_latency.min(n);
             s.delayed = s.delayed.min(n * 5);
             s.py_delayed = s.py_delayed.min(n);
+        }
+        if let Some(sizes) = &a.scale {
+            s.scale.clone_from(sizes);
         }
         if let Some(d) = a.delayed {
             s.delayed = d;
