@@ -1,11 +1,11 @@
-//! `--micro`: hot paths timed in-process (message encode/decode, envelope encode/decode, the
-//! rate limiter). A few lines instead of criterion, which is heavy to build on two cores.
+//! `--micro`: hot paths timed in-process (message encode/decode, envelope encode/decode,
+//! routing, the rate limiter). A few lines instead of criterion, which is heavy to build on two cores.
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use celeriac_core::protocol::{envelope, new_id};
-use celeriac_core::{Body, ContentType, Headers, Message, RateLimit, TokenBucket};
+use celeriac_core::{Body, Config, ContentType, Headers, Message, RateLimit, TokenBucket};
 
 fn time(name: &str, iters: u32, mut f: impl FnMut()) {
     for _ in 0..iters / 10 {
@@ -47,6 +47,16 @@ pub(crate) fn run() {
     });
     time("envelope decode (kombu JSON)", 200_000, || {
         black_box(envelope::decode(&wire).ok());
+    });
+    // Routing by the configured glob routes: twenty patterns, the match near the end.
+    let mut config = Config::default();
+    for i in 0..20 {
+        config
+            .routes
+            .insert(format!("app{i:02}.*"), format!("queue{i}"));
+    }
+    time("routing (20 glob routes, late match)", 1_000_000, || {
+        black_box(config.route(black_box("app18.tasks.add")));
     });
     let mut bucket = TokenBucket::new(RateLimit::per_second(1e9).expect("rate"));
     time("rate limiter try_take", 2_000_000, || {
