@@ -4,15 +4,13 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use celeriac_core::{Error, ErrorKind, Result};
 use rusqlite::config::DbConfig;
-use rusqlite::hooks::Wal;
-use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use tokio::sync::{Notify, oneshot};
 
@@ -28,12 +26,6 @@ const MIN_POLL: Duration = Duration::from_millis(1);
 const MAX_POLL: Duration = Duration::from_millis(20);
 /// How long the thread sleeps when nobody waits for other processes' writes.
 const IDLE_TICK: Duration = Duration::from_millis(100);
-/// A checkpoint runs once the WAL holds this many frames: SQLite's own auto-checkpoint
-/// threshold, kept so the WAL is fsynced as often as SQLite's default would.
-const CHECKPOINT_FRAMES: i32 = 1000;
-/// How long a checkpoint waits for other connections' transactions to end so that the WAL can
-/// start over; past that it checkpoints what it can and the next try is 1000 frames later.
-const CHECKPOINT_WAIT: Duration = Duration::from_millis(50);
 
 /// Connections by canonical path, so a broker and a backend of one process share one thread.
 static OPEN: LazyLock<Mutex<HashMap<PathBuf, Weak<Conn>>>> = LazyLock::new(Default::default);
@@ -113,12 +105,6 @@ pub(crate) struct Db {
     pub(crate) known_queues: HashSet<String>,
     messages_changed: bool,
     results_changed: bool,
-    /// Frames in the WAL after the last commit that wrote any, as SQLite's WAL hook reports.
-    wal_frames: Arc<AtomicI32>,
-    /// Checkpoint once `wal_frames` reaches this.
-    next_checkpoint: i32,
-    /// The configured `busy_timeout`, restored after a checkpoint.
-    busy: Duration,
 }
 
 impl Db {
@@ -420,7 +406,7 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn = match path {
+    let conn = match path {
         Some(p) => Connection::open_with_flags(p, flags),
         None => Connection::open_in_memory(),
     }
@@ -440,23 +426,12 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
         .map_err(cannot)?;
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(cannot)?;
-    // Our hook replaces SQLite's auto-checkpoint; `checkpoint` runs after each write batch.
-    let wal_frames = Arc::new(AtomicI32::new(0));
-    let frames = wal_frames.clone();
-    conn.wal_hook(Some(move |_: &mut Wal, pages| {
-        frames.store(pages, Ordering::Relaxed);
-        Ok(())
-    }))
-    .map_err(cannot)?;
     schema::migrate(&conn).map_err(cannot)?;
     Ok(Db {
         conn,
         known_queues: HashSet::new(),
         messages_changed: false,
         results_changed: false,
-        wal_frames,
-        next_checkpoint: CHECKPOINT_FRAMES,
-        busy,
     })
 }
 
@@ -548,46 +523,6 @@ fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
     for job in batch.drain(..) {
         job.finish(outcome.as_ref().map(|_| ()));
     }
-    if write && outcome.is_ok() {
-        checkpoint(db);
-    }
-}
-
-/// Copies the WAL into the database file once it holds [`CHECKPOINT_FRAMES`] frames, and
-/// starts the WAL over.
-///
-/// This replaces SQLite's auto-checkpoint, which is PASSIVE: it copies what no reader still
-/// needs but never waits, so it cannot start the WAL over while another process keeps a read
-/// transaction open most of the time, as a busy worker and its producer do. Then every later
-/// commit ran another checkpoint (with its two fsyncs) and the WAL grew without bound (230 MB
-/// after 20,000 tasks with results, every page read searching its whole index). RESTART waits
-/// up to [`CHECKPOINT_WAIT`] for those readers, so the next writer starts the WAL from the
-/// beginning. The checkpoint syncs exactly as the automatic one did (WAL, then database file),
-/// and at the same threshold, so what survives a power loss is unchanged. Runs after the
-/// batch's replies are sent: callers do not wait for it, though the next batch does.
-fn checkpoint(db: &mut Db) {
-    let frames = db.wal_frames.load(Ordering::Relaxed);
-    if frames < db.next_checkpoint {
-        return;
-    }
-    let _ = db.conn.busy_timeout(CHECKPOINT_WAIT);
-    let r = db
-        .conn
-        .wal_checkpoint_v2(None::<&str>, CheckpointMode::RESTART);
-    let _ = db.conn.busy_timeout(db.busy);
-    match r {
-        Ok(_) => {
-            // The next commit starts the WAL over; until it reports, nothing is left to copy.
-            db.wal_frames.store(0, Ordering::Relaxed);
-            db.next_checkpoint = CHECKPOINT_FRAMES;
-        }
-        Err(e) => {
-            // Busy: it copied what it could, as a PASSIVE checkpoint does. Try again later
-            // rather than after every commit.
-            db.next_checkpoint = frames.saturating_add(CHECKPOINT_FRAMES);
-            tracing::debug!(error = %e, frames, "sqlite checkpoint could not restart the WAL");
-        }
-    }
 }
 
 /// Runs a parameterless statement, prepared once.
@@ -616,10 +551,7 @@ fn release_orphans(db: &mut Db, shared: &Shared) {
         tx.commit()
     })();
     match r {
-        Ok(()) => {
-            checkpoint(db);
-            shared.messages.notify_waiters();
-        }
+        Ok(()) => shared.messages.notify_waiters(),
         Err(e) => {
             tracing::warn!(error = %e, rows = rows.len(), "cannot give back prefetched messages; retrying");
             shared.release(rows);

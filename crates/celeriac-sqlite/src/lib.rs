@@ -37,10 +37,7 @@
 //! the WAL is at checkpoints. The database never corrupts, and a crash of a process loses
 //! nothing, but a power loss or OS crash may lose the last commits before the checkpoint (a
 //! published message or an ack: an ack lost means one more delivery, which at-least-once
-//! allows). This buys roughly two orders of magnitude of throughput over `FULL`. The thread
-//! checkpoints itself once the WAL holds 1000 frames (SQLite's automatic threshold), in RESTART
-//! mode so the WAL starts over even while other processes keep reading; SQLite's own PASSIVE
-//! auto-checkpoint could not, and then ran on every commit while the WAL grew. Writers from
+//! allows). This buys roughly two orders of magnitude of throughput over `FULL`. Writers from
 //! other processes wait up to `busy_timeout` (default 5 s) for the write lock, then fail with
 //! a transient error.
 //!
