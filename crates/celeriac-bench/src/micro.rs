@@ -1,5 +1,6 @@
 //! `--micro`: hot paths timed in-process (message encode/decode, envelope encode/decode,
-//! routing, the rate limiter). A few lines instead of criterion, which is heavy to build on two cores.
+//! routing, the rate limiter). A few lines instead of criterion, which is heavy to build on
+//! two cores.
 
 use std::hint::black_box;
 use std::time::Instant;

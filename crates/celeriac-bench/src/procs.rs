@@ -67,13 +67,16 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `of` summed over `pid` and all its live descendants.
+fn tree_sum<T: std::iter::Sum<T>>(pid: u32, of: &dyn Fn(u32) -> T) -> T {
+    std::iter::once(of(pid))
+        .chain(children(pid).into_iter().map(|c| tree_sum(c, of)))
+        .sum()
+}
+
 /// Resident memory of `pid` and all its descendants, in KiB.
 pub(crate) fn tree_rss_kb(pid: u32) -> u64 {
-    let mut total = status_kb(pid, "VmRSS:");
-    for c in children(pid) {
-        total += tree_rss_kb(c);
-    }
-    total
+    tree_sum(pid, &|p| status_kb(p, "VmRSS:"))
 }
 
 /// How often [`Sampler`] reads `/proc`. Each reading opens a file per thread of each sampled
@@ -136,12 +139,9 @@ fn stat_times(pid: &str) -> Vec<u64> {
 
 /// CPU seconds (user + system) used so far by `pid` and all its live descendants.
 pub(crate) fn tree_cpu_secs(pid: u32) -> f64 {
-    let own = stat_times(&pid.to_string());
-    let mut total = own.iter().take(2).sum::<u64>() as f64 / TICKS_PER_SEC;
-    for c in children(pid) {
-        total += tree_cpu_secs(c);
-    }
-    total
+    tree_sum(pid, &|p| {
+        stat_times(&p.to_string()).iter().take(2).sum::<u64>() as f64 / TICKS_PER_SEC
+    })
 }
 
 /// CPU seconds used so far by this process (`self`) and by its children it has waited for

@@ -223,6 +223,14 @@ impl RedisBackend {
             .map(ChordStatus::Complete)
     }
 
+    /// The meta stored at `key` when it is in a ready state.
+    async fn ready_meta(&self, key: &str) -> Result<Option<TaskMeta>> {
+        match self.get_raw(key).await? {
+            Some(bytes) => Ok(Some(decode_meta(&bytes)?).filter(|m| m.status.is_ready())),
+            None => Ok(None),
+        }
+    }
+
     async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.inner
             .redis
@@ -359,11 +367,8 @@ impl ResultBackend for RedisBackend {
             // A result that is already there needs no subscription: one GET instead of
             // SUBSCRIBE + GET + UNSUBSCRIBE (under load most results are ready by the time
             // they are asked for).
-            if let Some(bytes) = self.get_raw(&key).await? {
-                let meta = decode_meta(&bytes)?;
-                if meta.status.is_ready() {
-                    return Ok(meta);
-                }
+            if let Some(meta) = self.ready_meta(&key).await? {
+                return Ok(meta);
             }
             // Otherwise subscribe first, then read again: a result stored in between is seen
             // by that read.
@@ -379,11 +384,8 @@ impl ResultBackend for RedisBackend {
                 let notified = watch.notify.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if let Some(bytes) = self.get_raw(&key).await? {
-                    let meta = decode_meta(&bytes)?;
-                    if meta.status.is_ready() {
-                        return Ok(meta);
-                    }
+                if let Some(meta) = self.ready_meta(&key).await? {
+                    return Ok(meta);
                 }
                 match deadline {
                     Some(d) => {
@@ -526,8 +528,8 @@ impl ResultBackend for RedisBackend {
 /// that task comes and unsubscribes when the last one leaves, and wakes the waiters of a
 /// channel when a message arrives on it. Commands queued while it was busy go out together,
 /// one `SUBSCRIBE` and one `UNSUBSCRIBE` per batch (see [`batch`]), rather than one round trip
-/// each: many clients waiting at once is the common case under load. When the connection drops it reconnects with backoff,
-/// subscribes again, and wakes every waiter so that each reads its key once more (a result
+/// each: many clients waiting at once is the common case under load. When the connection
+/// drops it reconnects with backoff, subscribes again, and wakes every waiter so that each reads its key once more (a result
 /// stored while the connection was down is not missed; Celery's client re-reads the same way).
 #[derive(Debug)]
 struct Subscriber {
