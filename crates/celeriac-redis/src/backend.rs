@@ -380,12 +380,31 @@ impl ResultBackend for RedisBackend {
                     .map_err(|_| timeout_error(task_id, timeout))??,
                 None => subscribed.await?,
             }
+            // The first pass reads the key; later passes use what the last notice carried (the
+            // store script publishes the document it wrote, as Celery's backend does), and read
+            // the key only when a notice came without one (a reconnect) or could not be decoded.
+            // The slot is looked at after the next wake-up is armed, so a notice that lands
+            // in between is either seen here or wakes the wait.
+            let mut first = true;
             loop {
-                let notified = watch.notify.notified();
+                let notified = watch.slot.notify.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if let Some(meta) = self.ready_meta(&key).await? {
-                    return Ok(meta);
+                let read = first
+                    || match watch.slot.published() {
+                        Some(bytes) => match decode_meta(&bytes) {
+                            Ok(meta) if meta.status.is_ready() => return Ok(meta),
+                            // A state on the way (STARTED, RETRY): the ready one is published too.
+                            Ok(_) => false,
+                            Err(_) => true,
+                        },
+                        None => true,
+                    };
+                first = false;
+                if read {
+                    if let Some(meta) = self.ready_meta(&key).await? {
+                        return Ok(meta);
+                    }
                 }
                 match deadline {
                     Some(d) => {
@@ -526,11 +545,12 @@ impl ResultBackend for RedisBackend {
 ///
 /// A task keeps the connection: it subscribes to a task's channel when the first waiter of
 /// that task comes and unsubscribes when the last one leaves, and wakes the waiters of a
-/// channel when a message arrives on it. Commands queued while it was busy go out together,
+/// channel when a message arrives on it, handing them the document it carries. Commands queued while it was busy go out together,
 /// one `SUBSCRIBE` and one `UNSUBSCRIBE` per batch (see [`batch`]), rather than one round trip
 /// each: many clients waiting at once is the common case under load. When the connection
-/// drops it reconnects with backoff, subscribes again, and wakes every waiter so that each reads its key once more (a result
-/// stored while the connection was down is not missed; Celery's client re-reads the same way).
+/// drops it reconnects with backoff, subscribes again, and wakes every waiter so that each
+/// reads its key once more (a result stored while the connection was down is not missed;
+/// Celery's client re-reads the same way).
 #[derive(Debug)]
 struct Subscriber {
     commands: mpsc::UnboundedSender<Command>,
@@ -540,7 +560,28 @@ struct Subscriber {
 #[derive(Debug)]
 struct Channel {
     waiters: usize,
-    notify: Arc<Notify>,
+    slot: Arc<Slot>,
+}
+
+/// What a channel's waiters share: the wake-up and the last document published on it.
+#[derive(Debug, Default)]
+struct Slot {
+    notify: Notify,
+    published: Mutex<Option<Arc<[u8]>>>,
+}
+
+impl Slot {
+    /// Wakes every waiter; `published` is the notice's document, `None` when waiters must
+    /// read the key themselves (after a reconnect, or when the backend closes).
+    fn wake(&self, published: Option<&[u8]>) {
+        *self.published.lock().expect("slot lock") = published.map(Arc::from);
+        self.notify.notify_waiters();
+    }
+
+    /// The document the last notice carried.
+    fn published(&self) -> Option<Arc<[u8]>> {
+        self.published.lock().expect("slot lock").clone()
+    }
 }
 
 #[derive(Debug)]
@@ -553,7 +594,7 @@ enum Command {
 struct Watch<'a> {
     subscriber: &'a Subscriber,
     channel: String,
-    notify: Arc<Notify>,
+    slot: Arc<Slot>,
     confirmed: Option<oneshot::Receiver<()>>,
 }
 
@@ -599,21 +640,21 @@ impl Subscriber {
     fn close(&self) {
         // Wake every waiter: each sees the backend closed.
         for c in self.channels.lock().expect("channels lock").values() {
-            c.notify.notify_waiters();
+            c.slot.wake(None);
         }
     }
 
     fn watch(&self, channel: &str) -> Watch<'_> {
-        let notify = {
+        let slot = {
             let mut channels = self.channels.lock().expect("channels lock");
             let c = channels
                 .entry(channel.to_owned())
                 .or_insert_with(|| Channel {
                     waiters: 0,
-                    notify: Arc::new(Notify::new()),
+                    slot: Arc::default(),
                 });
             c.waiters += 1;
-            c.notify.clone()
+            c.slot.clone()
         };
         let (tx, rx) = oneshot::channel();
         let _ = self
@@ -622,7 +663,7 @@ impl Subscriber {
         Watch {
             subscriber: self,
             channel: channel.to_owned(),
-            notify,
+            slot,
             confirmed: Some(rx),
         }
     }
@@ -708,7 +749,7 @@ async fn run_subscriber(
             // Results stored while the connection was down published to nobody: every waiter
             // reads its key again.
             for c in channels.lock().expect("channels lock").values() {
-                c.notify.notify_waiters();
+                c.slot.wake(None);
             }
         }
         first = false;
@@ -733,7 +774,7 @@ async fn run_subscriber(
                     Some(msg) => {
                         let name = msg.get_channel_name();
                         if let Some(c) = channels.lock().expect("channels lock").get(name) {
-                            c.notify.notify_waiters();
+                            c.slot.wake(Some(msg.get_payload_bytes()));
                         }
                     }
                     None => break,

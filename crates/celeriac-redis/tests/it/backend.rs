@@ -160,6 +160,61 @@ async fn a_waiter_resolves_when_another_client_stores_and_reads_python_documents
     assert_eq!(meta.result, json!([1, null]));
 }
 
+/// A waiter takes the document the notice carries (no second read of the key); a state on the
+/// way (STARTED) keeps it waiting for the ready one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_takes_the_published_document_and_waits_past_a_started_one() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let backend = backend_with(&p, RedisOptions::default()).await;
+    let key = backend.task_key("t5");
+    let waiter = {
+        let b = backend.clone();
+        tokio::spawn(async move { b.wait("t5", Some(Duration::from_secs(20))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut c = raw().await;
+    let started = r#"{"status": "STARTED", "result": {"pid": 1}, "task_id": "t5"}"#;
+    let _: () = c.publish(&key, started).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished(), "STARTED is not ready");
+    // Published only, never stored: the waiter can have it only from the notice.
+    let done =
+        r#"{"status": "SUCCESS", "result": 7, "traceback": null, "children": [], "task_id": "t5"}"#;
+    let _: () = c.publish(&key, done).await.unwrap();
+    let meta = waiter.await.unwrap().unwrap();
+    assert_eq!(meta.status, TaskState::Success);
+    assert_eq!(meta.result, json!(7));
+    let stored: Option<Vec<u8>> = c.get(&key).await.unwrap();
+    assert_eq!(stored, None);
+}
+
+/// A notice whose payload is not a result document (another publisher on the channel) makes
+/// the waiter read the key instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_notice_makes_the_waiter_read_the_key() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let backend = backend_with(&p, RedisOptions::default()).await;
+    let key = backend.task_key("t6");
+    let waiter = {
+        let b = backend.clone();
+        tokio::spawn(async move { b.wait("t6", Some(Duration::from_secs(20))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut c = raw().await;
+    let doc = r#"{"status": "FAILURE", "result": {"exc_type": "ValueError", "exc_message": ["x"]}, "traceback": "tb", "children": [], "task_id": "t6"}"#;
+    let _: () = c.set_ex(&key, doc, 60).await.unwrap();
+    let _: () = c.publish(&key, "not json").await.unwrap();
+    let meta = waiter.await.unwrap().unwrap();
+    assert_eq!(meta.status, TaskState::Failure);
+    assert_eq!(meta.traceback.as_deref(), Some("tb"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incr_sets_the_expiry() {
     if !util::redis_up() {
