@@ -10,8 +10,9 @@
 //! Why a backend read before every run: it is what makes a redelivered duplicate harmless and
 //! revocation work without a broadcast channel; it costs one lookup per task.
 //!
-//! Acknowledgement: early by default (when the task starts, so a crash mid-task loses it, as
-//! in Celery), late with `acks_late` (after the result is stored, so a crash runs it again).
+//! Acknowledgement: early by default (just before the task starts, together with the duplicate
+//! check, so a crash mid-task loses it, as in Celery), late with `acks_late` (after the result
+//! is stored, so a crash runs it again).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -245,11 +246,30 @@ async fn run_request(
     if schedule::gate(&req.message.headers, Utc::now()) == Gate::Expired {
         return expire(shared, req, handle, keeper).await;
     }
-    if let Some(state) = shared.recorder.ready_state(req.id()).await {
+    // An early ack goes out together with the check (one round trip for both on a
+    // pipelining broker): the message is acked whichever way the check goes, and a crash
+    // before the task starts only loses what an early ack loses anyway.
+    let opts = &req.def.options;
+    let acks_late = opts.acks_late;
+    let keeper = if acks_late {
+        Some(keeper)
+    } else {
+        drop(keeper);
+        None
+    };
+    let early_ack = async {
+        if !acks_late {
+            settle(handle, Settle::Ack).await;
+        }
+    };
+    let (ready, ()) = tokio::join!(shared.recorder.ready_state(req.id()), early_ack);
+    if let Some(state) = ready {
         tracing::info!(state = %state, "task already has a ready result; not running it again");
         canvas::on_duplicate(shared, req, handle.redeliveries > 0).await;
         drop(keeper);
-        settle(handle, Settle::Ack).await;
+        if acks_late {
+            settle(handle, Settle::Ack).await;
+        }
         return if state == TaskState::Revoked {
             Tally::Revoked
         } else {
@@ -258,15 +278,6 @@ async fn run_request(
     }
 
     // 4. Start.
-    let opts = &req.def.options;
-    let acks_late = opts.acks_late;
-    let keeper = if acks_late {
-        Some(keeper)
-    } else {
-        drop(keeper);
-        settle(handle, Settle::Ack).await;
-        None
-    };
     if shared.options.track_started || opts.track_started {
         shared.recorder.started(req).await;
     }
