@@ -425,3 +425,65 @@ async fn searched_and_decoded_envelopes_record_what_kombu_reads() {
         "every ack found its entry: {tags:?}"
     );
 }
+
+/// Acks share one script call; in a batch, an ack from a consumer whose lease ran out (the
+/// message was restored and handed to another) leaves the new holder's delivery alone, while
+/// an ack of a delivery still held settles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_acks_settles_held_deliveries_and_spares_lost_leases() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let (qa, qb) = ("lost-lease", "held-lease");
+    for q in [qa, qb] {
+        broker.declare(q).await.unwrap();
+        broker
+            .publish(q, &msg(), PublishOptions::default())
+            .await
+            .unwrap();
+    }
+    let mut short = broker
+        .consume(
+            &[qa.to_owned()],
+            ConsumeOptions::new(1).lease(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    let mut long = broker
+        .consume(&[qb.to_owned()], ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let lost = next_within(&mut short, WAIT).await;
+    let held = next_within(&mut long, WAIT).await;
+    // Another consumer restores the expired one and takes it.
+    let mut other = broker
+        .consume(&[qa.to_owned()], ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let again = next_within(&mut other, WAIT).await;
+    assert_eq!(again.redeliveries, 1);
+
+    let (r1, r2) = tokio::join!(lost.ack(), held.ack());
+    r1.unwrap();
+    r2.unwrap();
+    let mut r = raw().await;
+    let tags: Vec<String> = r.hkeys(format!("{p}unacked")).await.unwrap();
+    let index: Vec<String> = r
+        .zrange(format!("{p}unacked_index"), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(tags.len(), 1, "only the redelivered one is held: {tags:?}");
+    assert_eq!(index, tags);
+    let counter = format!("{p}celeriac.redelivered.{}", tags[0]);
+    let count: i64 = r.get(&counter).await.unwrap();
+    assert_eq!(count, 1, "the holder's redelivery counter stays");
+
+    again.ack().await.unwrap();
+    let left: i64 = r.hlen(format!("{p}unacked")).await.unwrap();
+    assert_eq!(left, 0);
+    let exists: bool = r.exists(&counter).await.unwrap();
+    assert!(!exists, "the holder's ack deletes the counter");
+    drop((short, long, other));
+}
