@@ -25,6 +25,7 @@
 //! max_memory_per_child = 512000    # processes pool: KiB of resident memory, then recycle
 //! max_redeliveries = 10            # a message delivered more often goes to `<queue>.dead`
 //! soft_shutdown_timeout = 30       # seconds running tasks get after a stop signal; 0 = wait
+//! inline_brief = true              # async pool: run blocking tasks proved brief inline
 //! ```
 
 use std::collections::BTreeMap;
@@ -101,6 +102,9 @@ pub struct WorkerConfig {
     /// (acks-late tasks handed back). `0` or absent: wait for them (a warm shutdown).
     #[serde(deserialize_with = "opt_secs")]
     pub soft_shutdown_timeout: Option<Duration>,
+    /// Async pool: blocking tasks whose recent runs were all brief (under 50 µs) run inline on
+    /// the runtime instead of being handed to a thread. Default `true`.
+    pub inline_brief: bool,
 }
 
 impl Default for Config {
@@ -133,6 +137,7 @@ impl Default for WorkerConfig {
             max_memory_per_child: None,
             max_redeliveries: 10,
             soft_shutdown_timeout: None,
+            inline_brief: true,
         }
     }
 }

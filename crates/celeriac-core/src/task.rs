@@ -8,8 +8,9 @@
 //! # A key design decision: blocking tasks leave the runtime
 //!
 //! A task written as a plain `fn` is [`Handler::Blocking`]: the worker runs it on a thread pool,
-//! never on an async runtime thread, so a slow or CPU-bound body cannot stall other tasks,
-//! heartbeats or acknowledgements. `async fn` tasks run on the runtime and must not block.
+//! not on an async runtime thread, so a slow or CPU-bound body cannot stall other tasks,
+//! heartbeats or acknowledgements (the async pool runs a body inline only once its runs have
+//! proved brief, and stops at its first long one). `async fn` tasks run on the runtime and must not block.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -60,7 +61,7 @@ pub type BlockingHandler = Arc<dyn Fn(TaskContext, Args) -> TaskResult + Send + 
 pub enum Handler {
     /// On the async runtime.
     Async(AsyncHandler),
-    /// On a worker thread (or process), never on the runtime.
+    /// On a worker thread (or process); inline on the runtime only once proved brief.
     Blocking(BlockingHandler),
 }
 

@@ -36,7 +36,7 @@
 //! ```
 //!
 //! - Tasks: `#[celeriac::task]` on an `async fn` (runs on the runtime) or a plain `fn` (runs on
-//!   a thread pool, never on the runtime). Options: `name`, `queue`, `priority`, `rate_limit`,
+//!   a thread pool; under the async pool inline once its runs proved brief). Options: `name`, `queue`, `priority`, `rate_limit`,
 //!   `max_retries`, `default_retry_delay`, `retry_backoff`, `retry_backoff_max`,
 //!   `retry_jitter`, `autoretry_for`, `acks_late`, `soft_time_limit`, `time_limit`,
 //!   `ignore_result`, `expires`, `track_started`. A first parameter of type [`TaskContext`]

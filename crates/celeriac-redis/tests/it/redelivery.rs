@@ -470,10 +470,7 @@ async fn a_batch_of_acks_settles_held_deliveries_and_spares_lost_leases() {
     r2.unwrap();
     let mut r = raw().await;
     let tags: Vec<String> = r.hkeys(format!("{p}unacked")).await.unwrap();
-    let index: Vec<String> = r
-        .zrange(format!("{p}unacked_index"), 0, -1)
-        .await
-        .unwrap();
+    let index: Vec<String> = r.zrange(format!("{p}unacked_index"), 0, -1).await.unwrap();
     assert_eq!(tags.len(), 1, "only the redelivered one is held: {tags:?}");
     assert_eq!(index, tags);
     let counter = format!("{p}celeriac.redelivered.{}", tags[0]);

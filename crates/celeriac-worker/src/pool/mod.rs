@@ -2,13 +2,15 @@
 //!
 //! For the delivery pipeline. Async handlers run in their own `tokio::spawn`ed task, so a
 //! panic is seen as a `JoinError` instead of unwinding through the worker, and so a hard time
-//! limit can abort them. Blocking handlers never run on the runtime: under
-//! [`Pool::Async`](crate::Pool) they go to tokio's blocking pool, under
+//! limit can abort them. Blocking handlers run off the runtime: under
+//! [`Pool::Async`](crate::Pool) they go to tokio's blocking pool (except bodies proved brief,
+//! which run inline: see [`brief`]), under
 //! [`Pool::Threads`](crate::Pool) to the worker's own [`ThreadPool`], under
 //! [`Pool::Processes`](crate::Pool) to a child process ([`ProcessPool`]); `catch_unwind` turns a
 //! panic into a value. Dropping a [`Spawned`] aborts an async body and kills a child process; a
 //! blocking body on a thread keeps its thread until it returns.
 
+mod brief;
 pub(crate) mod process;
 mod threads;
 
@@ -27,6 +29,7 @@ pub(crate) use process::ProcessPool;
 pub(crate) use threads::ThreadPool;
 
 use crate::options::{Pool, WorkerOptions};
+use brief::{Brief, Placement};
 
 /// How a body ended, short of a time limit.
 #[derive(Debug)]
@@ -43,7 +46,8 @@ pub(crate) enum Finished {
 /// Where bodies run.
 #[derive(Debug)]
 pub(crate) enum Executor {
-    Tokio,
+    /// Tokio's blocking pool; with a [`Brief`] record, bodies proved brief run inline.
+    Tokio(Option<Arc<Brief>>),
     Threads(ThreadPool),
     Processes(ProcessPool),
 }
@@ -61,7 +65,7 @@ impl Executor {
 
     pub(crate) fn from_options(o: &WorkerOptions) -> Self {
         match o.pool {
-            Pool::Async => Executor::Tokio,
+            Pool::Async => Executor::Tokio(o.inline_brief.then(Arc::default)),
             Pool::Threads => Executor::Threads(ThreadPool::new(o.concurrency)),
             Pool::Processes => Executor::Processes(ProcessPool::new(
                 o.child_command.clone(),
@@ -95,6 +99,9 @@ impl Executor {
         match handler {
             Handler::Async(f) => Spawned::Task(AbortOnDrop(tokio::spawn(f(ctx, args)))),
             Handler::Blocking(f) => {
+                // The handler's address tells bodies apart for the brief record.
+                let body = Arc::as_ptr(f).cast::<()>() as usize;
+                let task = ctx.name().to_owned();
                 let f = f.clone();
                 let run = move || match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx, args)))
                 {
@@ -102,7 +109,21 @@ impl Executor {
                     Err(payload) => Finished::Panicked(panic_message(payload.as_ref())),
                 };
                 match self {
-                    Executor::Tokio | Executor::Processes(_) => {
+                    Executor::Tokio(Some(brief)) => match brief.place(body) {
+                        Placement::Inline => {
+                            let (finished, took) = brief::timed(run);
+                            Spawned::Done(Some(brief.ran_inline(body, &task, took, finished)))
+                        }
+                        Placement::Pool => {
+                            let brief = brief.clone();
+                            Spawned::Blocking(AbortOnDrop(tokio::task::spawn_blocking(move || {
+                                let (finished, took) = brief::timed(run);
+                                brief.ran_on_pool(body, took);
+                                finished
+                            })))
+                        }
+                    },
+                    Executor::Tokio(None) | Executor::Processes(_) => {
                         Spawned::Blocking(AbortOnDrop(tokio::task::spawn_blocking(run)))
                     }
                     Executor::Threads(pool) => {
@@ -219,6 +240,8 @@ pub(crate) enum Spawned {
     Task(AbortOnDrop<TaskResult>),
     Blocking(AbortOnDrop<Finished>),
     Thread(oneshot::Receiver<Finished>),
+    /// A blocking body that already ran inline (see [`brief`]); taken by the first join.
+    Done(Option<Finished>),
     /// A blocking body in a pool child; the pid is that of the child while it runs the body.
     Child(AbortOnDrop<Finished>, ChildPid),
 }
@@ -258,6 +281,9 @@ impl Spawned {
                 Ok(f) => f,
                 Err(e) => Finished::Panicked(join_error_message(e)),
             },
+            Spawned::Done(f) => f.take().unwrap_or_else(|| {
+                Finished::Panicked("the inline body's outcome was already taken".to_owned())
+            }),
             Spawned::Thread(rx) => match rx.await {
                 Ok(f) => f,
                 Err(_) => Finished::Panicked("the task thread ended without a result".to_owned()),
@@ -344,7 +370,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn blocking_bodies_never_run_on_a_runtime_thread() {
+    async fn blocking_bodies_start_off_the_runtime() {
         for pool in [Pool::Async, Pool::Threads] {
             let exec = Executor::new(pool, 1);
             let h = Handler::Blocking(Arc::new(|_, _| {
@@ -360,6 +386,84 @@ mod tests {
                 !name.starts_with("tokio-runtime-worker"),
                 "{pool}: ran on {name}"
             );
+        }
+    }
+
+    /// The thread id a blocking body ran on, as text.
+    fn thread_of(exec: &Executor, h: &Handler) -> impl std::future::Future<Output = String> {
+        let mut spawned = exec.spawn(h, ctx(), Vec::new(), Map::new());
+        async move {
+            match spawned.join().await {
+                Finished::Returned(Ok(v)) => v.as_str().unwrap_or_default().to_owned(),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn runs_on() -> Handler {
+        Handler::Blocking(Arc::new(|_, _| {
+            Ok(json!(format!("{:?}", std::thread::current().id())))
+        }))
+    }
+
+    /// Under the async pool a brief body moves onto the runtime thread once proved brief;
+    /// with `inline_brief` off it never does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_brief_blocking_body_moves_onto_the_runtime_after_its_proof() {
+        // Inline means on the thread that polls the delivery: here, the test's own.
+        let runtime = format!("{:?}", std::thread::current().id());
+        let exec = Executor::new(Pool::Async, 4);
+        let h = runs_on();
+        let first = thread_of(&exec, &h).await;
+        assert_ne!(first, runtime, "the first run is on the blocking pool");
+        // Runs slowed by the machine restart the proof; a few hundred are plenty.
+        let mut inline_after = None;
+        for n in 1..500 {
+            if thread_of(&exec, &h).await == runtime {
+                inline_after = Some(n);
+                break;
+            }
+        }
+        let n = inline_after.expect("never ran inline");
+        assert!(n >= brief::PROOF_RUNS as usize, "inline after {n} runs");
+
+        let off = Executor::from_options(&WorkerOptions {
+            inline_brief: false,
+            ..WorkerOptions::default()
+        });
+        for _ in 0..(brief::PROOF_RUNS * 2) {
+            assert_ne!(thread_of(&off, &h).await, runtime);
+        }
+    }
+
+    /// A body that blocks on the runtime works on the pool, fails inline with an explanation,
+    /// and is back on the pool (working) from then on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_that_blocks_on_the_runtime_is_sent_back_to_the_pool() {
+        let exec = Executor::new(Pool::Async, 4);
+        let h = Handler::Blocking(Arc::new(|_, _| {
+            let v = tokio::runtime::Handle::current().block_on(async { 5 });
+            Ok(json!(v))
+        }));
+        let mut failed = None;
+        for _ in 0..500 {
+            match exec.spawn(&h, ctx(), Vec::new(), Map::new()).join().await {
+                Finished::Returned(Ok(v)) => assert_eq!(v, json!(5)),
+                Finished::Panicked(m) => {
+                    failed = Some(m);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let m = failed.expect("never ran inline");
+        assert!(
+            m.contains("within a runtime") && m.contains("inline_brief = false"),
+            "{m}"
+        );
+        for _ in 0..(brief::PROOF_RUNS * 2) {
+            let f = exec.spawn(&h, ctx(), Vec::new(), Map::new()).join().await;
+            assert!(matches!(f, Finished::Returned(Ok(_))), "{f:?}");
         }
     }
 }
