@@ -10,7 +10,8 @@
 //! A task written as a plain `fn` is [`Handler::Blocking`]: the worker runs it on a thread pool,
 //! not on an async runtime thread, so a slow or CPU-bound body cannot stall other tasks,
 //! heartbeats or acknowledgements (the async pool runs a body inline only once its runs have
-//! proved brief, and stops at its first long one). `async fn` tasks run on the runtime and must not block.
+//! proved brief, and sends it back to the pool at its first long one). `async fn` tasks run on
+//! the runtime and must not block.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -545,9 +545,10 @@ impl ResultBackend for RedisBackend {
 ///
 /// A task keeps the connection: it subscribes to a task's channel when the first waiter of
 /// that task comes and unsubscribes when the last one leaves, and wakes the waiters of a
-/// channel when a message arrives on it, handing them the document it carries. Commands queued while it was busy go out together,
-/// one `SUBSCRIBE` and one `UNSUBSCRIBE` per batch (see [`batch`]), rather than one round trip
-/// each: many clients waiting at once is the common case under load. When the connection
+/// channel when a message arrives on it, handing them the document it carries. Commands
+/// queued while it was busy go out together, one `SUBSCRIBE` and one `UNSUBSCRIBE` per batch
+/// (see [`batch`]), rather than one round trip each: many clients waiting at once is the
+/// common case under load. When the connection
 /// drops it reconnects with backoff, subscribes again, and wakes every waiter so that each
 /// reads its key once more (a result stored while the connection was down is not missed;
 /// Celery's client re-reads the same way).

@@ -81,7 +81,8 @@
 //! **Result waiting by pub/sub.** [`RedisBackend::wait`] reads the key and returns a ready
 //! result at once; otherwise it subscribes to the key's channel (Celery publishes every stored
 //! meta on a channel named like its key) and then reads the key again, so a result stored in
-//! between is not missed; it never polls. One pub/sub connection per backend serves all
+//! between is not missed; it never polls. After that a notice's own document ends the wait
+//! when it is ready; the key is read again only when a notice carries none. One pub/sub connection per backend serves all
 //! waiters, and its task sends the (un)subscriptions queued meanwhile as one command.
 //!
 //! **Reconnects.** Commands share one multiplexed connection; when it drops, operations

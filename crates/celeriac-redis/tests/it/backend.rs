@@ -126,6 +126,15 @@ async fn groups_are_celerys_tuple_and_python_written_ones_restore() {
     );
 }
 
+/// A waiter on `task_id` (20 s timeout) in its own task.
+fn spawn_wait(
+    backend: &celeriac_redis::RedisBackend,
+    task_id: &'static str,
+) -> tokio::task::JoinHandle<celeriac_core::Result<TaskMeta>> {
+    let b = backend.clone();
+    tokio::spawn(async move { b.wait(task_id, Some(Duration::from_secs(20))).await })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_resolves_when_another_client_stores_and_reads_python_documents() {
     if !util::redis_up() {
@@ -134,10 +143,7 @@ async fn a_waiter_resolves_when_another_client_stores_and_reads_python_documents
     let p = util::prefix();
     let backend = backend_with(&p, RedisOptions::default()).await;
     let key = backend.task_key("t3");
-    let waiter = {
-        let b = backend.clone();
-        tokio::spawn(async move { b.wait("t3", Some(Duration::from_secs(20))).await })
-    };
+    let waiter = spawn_wait(&backend, "t3");
     // Give the waiter time to block (it subscribes, reads, then sleeps on the channel).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = tokio::time::Instant::now();
@@ -170,10 +176,7 @@ async fn a_waiter_takes_the_published_document_and_waits_past_a_started_one() {
     let p = util::prefix();
     let backend = backend_with(&p, RedisOptions::default()).await;
     let key = backend.task_key("t5");
-    let waiter = {
-        let b = backend.clone();
-        tokio::spawn(async move { b.wait("t5", Some(Duration::from_secs(20))).await })
-    };
+    let waiter = spawn_wait(&backend, "t5");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut c = raw().await;
     let started = r#"{"status": "STARTED", "result": {"pid": 1}, "task_id": "t5"}"#;
@@ -201,10 +204,7 @@ async fn an_undecodable_notice_makes_the_waiter_read_the_key() {
     let p = util::prefix();
     let backend = backend_with(&p, RedisOptions::default()).await;
     let key = backend.task_key("t6");
-    let waiter = {
-        let b = backend.clone();
-        tokio::spawn(async move { b.wait("t6", Some(Duration::from_secs(20))).await })
-    };
+    let waiter = spawn_wait(&backend, "t6");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut c = raw().await;
     let doc = r#"{"status": "FAILURE", "result": {"exc_type": "ValueError", "exc_message": ["x"]}, "traceback": "tb", "children": [], "task_id": "t6"}"#;

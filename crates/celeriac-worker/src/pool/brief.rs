@@ -50,9 +50,8 @@ pub(crate) struct Brief {
 struct Record {
     /// Consecutive brief runs on the pool so far.
     proven: u32,
-    /// Inline runs that took too long.
+    /// Inline runs that took too long; at [`STRIKES`] the body stays on the pool.
     strikes: u8,
-    demoted: bool,
 }
 
 impl Brief {
@@ -64,7 +63,7 @@ impl Brief {
     /// Where the next run of `body` goes.
     pub(crate) fn place(&self, body: usize) -> Placement {
         self.with(body, |r| {
-            if !r.demoted && r.proven >= PROOF_RUNS {
+            if r.strikes < STRIKES && r.proven >= PROOF_RUNS {
                 Placement::Inline
             } else {
                 Placement::Pool
@@ -84,19 +83,13 @@ impl Brief {
     }
 
     /// Records an inline run that took `took` and ended with `finished`; returns what the run
-    /// reports (a panic from blocking on the runtime gets an explanation).
-    pub(crate) fn ran_inline(
-        &self,
-        body: usize,
-        task: &str,
-        took: Duration,
-        finished: Finished,
-    ) -> Finished {
+    /// reports (a panic from blocking on the runtime gets an explanation). Logs go out in the
+    /// delivery's span, which names the task.
+    pub(crate) fn ran_inline(&self, body: usize, took: Duration, finished: Finished) -> Finished {
         match finished {
             Finished::Panicked(msg) if blocked_on_runtime(&msg) => {
-                self.with(body, |r| r.demoted = true);
+                self.with(body, |r| r.strikes = STRIKES);
                 tracing::warn!(
-                    task,
                     "a brief blocking task blocked on the async runtime; it runs on the blocking pool from now on"
                 );
                 Finished::Panicked(format!(
@@ -110,19 +103,16 @@ impl Brief {
                     let strikes = self.with(body, |r| {
                         r.proven = 0;
                         r.strikes = r.strikes.saturating_add(1);
-                        r.demoted = r.strikes >= STRIKES;
                         r.strikes
                     });
                     let took_ms = took.as_secs_f64() * 1e3;
                     if strikes >= STRIKES {
                         tracing::warn!(
-                            task,
                             took_ms,
                             "a brief blocking task ran long on the async runtime again; it runs on the blocking pool from now on"
                         );
                     } else {
                         tracing::debug!(
-                            task,
                             took_ms,
                             strikes,
                             "a brief blocking task ran long inline; back to the blocking pool until it proves brief again"
@@ -171,7 +161,6 @@ mod tests {
         for strike in 1..=STRIKES {
             let f = b.ran_inline(
                 1,
-                "t",
                 Duration::from_millis(3),
                 Finished::Panicked("x".to_owned()),
             );
@@ -183,12 +172,7 @@ mod tests {
             if strike < STRIKES {
                 assert_eq!(b.place(1), Placement::Inline, "proved brief again");
                 // A brief inline run changes nothing.
-                b.ran_inline(
-                    1,
-                    "t",
-                    Duration::from_micros(5),
-                    Finished::Lost(String::new()),
-                );
+                b.ran_inline(1, Duration::from_micros(5), Finished::Lost(String::new()));
                 assert_eq!(b.place(1), Placement::Inline);
             }
         }
@@ -205,7 +189,6 @@ mod tests {
         let msg = "Cannot start a runtime from within a runtime. This happens because ...";
         let f = b.ran_inline(
             7,
-            "t",
             Duration::from_micros(3),
             Finished::Panicked(msg.to_owned()),
         );

@@ -101,7 +101,6 @@ impl Executor {
             Handler::Blocking(f) => {
                 // The handler's address tells bodies apart for the brief record.
                 let body = Arc::as_ptr(f).cast::<()>() as usize;
-                let task = ctx.name().to_owned();
                 let f = f.clone();
                 let run = move || match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx, args)))
                 {
@@ -112,7 +111,7 @@ impl Executor {
                     Executor::Tokio(Some(brief)) => match brief.place(body) {
                         Placement::Inline => {
                             let (finished, took) = brief::timed(run);
-                            Spawned::Done(Some(brief.ran_inline(body, &task, took, finished)))
+                            Spawned::Done(Some(brief.ran_inline(body, took, finished)))
                         }
                         Placement::Pool => {
                             let brief = brief.clone();
