@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::batch::Batcher;
 use crate::conn::{Backoff, Redis};
 use crate::keys::BackendKeys;
 use crate::options::RedisOptions;
@@ -50,7 +51,21 @@ struct Inner {
     keys: BackendKeys,
     expires: Option<Duration>,
     subscriber: Subscriber,
+    /// Result stores, several per script call under load (see [`Batcher`]).
+    stores: Batcher<Store>,
     closed: AtomicBool,
+}
+
+/// The most documents one store script writes.
+const STORE_MAX: usize = 256;
+
+/// One document for the store batcher.
+#[derive(Debug)]
+struct Store {
+    key: String,
+    doc: Vec<u8>,
+    /// The stored states that keep it from being written, as `|STATE|STATE|`.
+    blocking: String,
 }
 
 impl RedisBackend {
@@ -68,12 +83,28 @@ impl RedisBackend {
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self> {
         let opened = Redis::open(url, &options, KIND).await?;
         let (prefix, redis) = (opened.prefix, Arc::new(opened.redis));
+        let expires = options.get_result_expires();
+        let secs = expires_secs(expires);
+        let stores = Batcher::start(
+            redis.clone(),
+            "store a redis result",
+            STORE_MAX,
+            move |batch: &[Store]| {
+                let mut inv = scripts::STORE_MANY.prepare_invoke();
+                inv.arg(secs);
+                for s in batch {
+                    inv.key(&s.key).arg(&s.doc).arg(&s.blocking);
+                }
+                inv
+            },
+        );
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 subscriber: Subscriber::start(redis.clone()),
                 redis,
                 keys: BackendKeys::new(&prefix),
-                expires: options.get_result_expires(),
+                expires,
+                stores,
                 closed: AtomicBool::new(false),
             }),
         })
@@ -97,11 +128,8 @@ impl RedisBackend {
         }
     }
 
-    /// Seconds for `SETEX`, 0 for none (Celery rounds to whole seconds).
     fn expires_secs(&self) -> u64 {
-        self.inner
-            .expires
-            .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        expires_secs(self.inner.expires)
     }
 
     /// Writes `value` at `key` with the expiry and publishes it on the key's channel, as
@@ -241,10 +269,16 @@ impl RedisBackend {
     }
 }
 
-/// The stored states a record in `new` must not replace (what `may_be_replaced_by` forbids).
+/// Seconds for `SETEX`, 0 for none (Celery rounds to whole seconds).
+fn expires_secs(expires: Option<Duration>) -> u64 {
+    expires.map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+/// The stored states a record in `new` must not replace (what `may_be_replaced_by` forbids),
+/// as `|STATE|STATE|` for the store script (empty when none does).
 ///
 /// A custom state is never ready, so it never blocks a write; the known ones are listed.
-fn blocking_states(new: &TaskState) -> Vec<&'static str> {
+fn blocking_states(new: &TaskState) -> String {
     [
         TaskState::Success,
         TaskState::Failure,
@@ -267,7 +301,14 @@ fn blocking_states(new: &TaskState) -> Vec<&'static str> {
         TaskState::Rejected => "REJECTED",
         _ => "PENDING",
     })
-    .collect()
+    .fold(String::new(), |mut out, state| {
+        if out.is_empty() {
+            out.push('|');
+        }
+        out.push_str(state);
+        out.push('|');
+        out
+    })
 }
 
 /// One `[1, task_id, state, result]` member of a chord's `.j` set.
@@ -300,24 +341,12 @@ impl ResultBackend for RedisBackend {
     fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             self.check_open()?;
-            let key = self.inner.keys.task(&meta.task_id);
-            let doc = serde_json::to_vec(meta)?;
-            let secs = self.expires_secs();
-            let blocking = blocking_states(&meta.status);
-            let (key, doc, blocking) = (&key, &doc, &blocking);
-            let written: i64 = self
-                .inner
-                .redis
-                .run("store a redis result", |mut c| async move {
-                    let mut inv = scripts::STORE.prepare_invoke();
-                    inv.key(key).arg(doc).arg(secs);
-                    for s in blocking {
-                        inv.arg(*s);
-                    }
-                    inv.invoke_async(&mut c).await
-                })
-                .await?;
-            Ok(written == 1)
+            let store = Store {
+                key: self.inner.keys.task(&meta.task_id),
+                doc: serde_json::to_vec(meta)?,
+                blocking: blocking_states(&meta.status),
+            };
+            self.inner.stores.submit(store).await
         })
     }
 

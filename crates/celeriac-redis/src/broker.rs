@@ -14,9 +14,10 @@ use futures_util::{FutureExt, StreamExt};
 use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::batch::Batcher;
 use crate::conn::{Backoff, Redis, is_connection_error};
 use crate::keys::{BrokerKeys, PRIORITY_STEPS, SEP, step_for};
 use crate::options::RedisOptions;
@@ -83,7 +84,8 @@ struct Inner {
     /// How long a redelivery counter lives after its last increment, in seconds.
     counter_ttl: u64,
     closed: watch::Sender<bool>,
-    acks: mpsc::UnboundedSender<AckRequest>,
+    /// Acks, several per script call under load (see [`Batcher`]).
+    acks: Batcher<AckRequest>,
 }
 
 impl RedisBroker {
@@ -102,8 +104,7 @@ impl RedisBroker {
         let opened = Redis::open(url, &options, KIND).await?;
         let redis = Arc::new(opened.redis);
         let keys = Arc::new(BrokerKeys::new(&opened.prefix, opened.db));
-        let (acks, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_acks(redis.clone(), keys.clone(), rx));
+        let acks = start_acks(redis.clone(), keys.clone());
         let visibility_timeout = options.get_visibility_timeout();
         Ok(RedisBroker {
             inner: Arc::new(Inner {
@@ -1217,61 +1218,30 @@ async fn lookup(broker: &Inner, exchange: &str, routing_key: &str) -> Result<Str
 
 // ===== settling =====
 
-/// An ack waiting for the batcher.
+/// An ack for the batcher: a delivery and the lease this consumer holds on it.
 #[derive(Debug)]
 struct AckRequest {
     tag: String,
     token: String,
-    reply: oneshot::Sender<Result<bool>>,
 }
 
-/// The ack batcher: settles every ack that is waiting in one script call, then the ones that
-/// came meanwhile, and so on. No ack waits for a timer: one waits at most for the call in
-/// flight, so under load acks share round trips and alone each takes one.
-///
-/// Ends when the broker (the sender) is dropped.
-async fn run_acks(
-    redis: Arc<Redis>,
-    keys: Arc<BrokerKeys>,
-    mut rx: mpsc::UnboundedReceiver<AckRequest>,
-) {
-    let mut batch = Vec::with_capacity(ACK_MAX);
-    while rx.recv_many(&mut batch, ACK_MAX).await > 0 {
-        let r: Result<Vec<i64>> = redis
-            .run("ack redis deliveries", |mut c| {
-                let (batch, keys) = (&batch, &keys);
-                async move {
-                    let mut inv = scripts::ACK_MANY.prepare_invoke();
-                    inv.key(keys.unacked())
-                        .key(keys.unacked_index())
-                        .arg(keys.redelivered_prefix());
-                    for a in batch.iter() {
-                        inv.arg(&a.tag).arg(&a.token);
-                    }
-                    inv.invoke_async(&mut c).await
-                }
-            })
-            .await;
-        match r {
-            Ok(done) => {
-                for (a, d) in batch
-                    .drain(..)
-                    .zip(done.into_iter().chain(std::iter::repeat(0)))
-                {
-                    let _ = a.reply.send(Ok(d == 1));
-                }
+/// Starts the ack batcher: every ack waiting is settled in one script call.
+fn start_acks(redis: Arc<Redis>, keys: Arc<BrokerKeys>) -> Batcher<AckRequest> {
+    Batcher::start(
+        redis,
+        "ack redis deliveries",
+        ACK_MAX,
+        move |batch: &[AckRequest]| {
+            let mut inv = scripts::ACK_MANY.prepare_invoke();
+            inv.key(keys.unacked())
+                .key(keys.unacked_index())
+                .arg(keys.redelivered_prefix());
+            for a in batch {
+                inv.arg(&a.tag).arg(&a.token);
             }
-            Err(e) => {
-                let transient = e.is_transient();
-                for a in batch.drain(..) {
-                    let err = Error::broker(e.to_string());
-                    let _ = a
-                        .reply
-                        .send(Err(if transient { err.transient() } else { err }));
-                }
-            }
-        }
-    }
+            inv
+        },
+    )
 }
 
 #[derive(Debug)]
@@ -1346,18 +1316,14 @@ impl Acker for RedisAcker {
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             // Acks go through the broker's batcher: concurrent acks share one script call.
-            let (reply, rx) = oneshot::channel();
-            let sent = self.broker.acks.send(AckRequest {
-                tag: self.tag.clone(),
-                token: self.token(),
-                reply,
-            });
-            let r = match sent {
-                Ok(()) => rx
-                    .await
-                    .unwrap_or_else(|_| Err(Error::closed("redis ack batcher"))),
-                Err(_) => Err(Error::closed("redis ack batcher")),
-            };
+            let r = self
+                .broker
+                .acks
+                .submit(AckRequest {
+                    tag: self.tag.clone(),
+                    token: self.token(),
+                })
+                .await;
             self.release();
             r.map(drop)
         })

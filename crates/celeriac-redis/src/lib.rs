@@ -51,7 +51,8 @@
 //! loses nothing. A script cannot block, so publishers announce new messages on our channel
 //! `celeriac.wake.<db>.<queue>` and an idle consumer waits on a subscription to it, with a
 //! 1 s fallback poll for messages that Python clients push unannounced. Acks are settled in
-//! batches: every ack waiting while one script call runs goes into the next.
+//! batches: every ack waiting while one script call runs goes into the next. Result stores
+//! are batched the same way on the backend side.
 //!
 //! **Priorities.** On Redis kombu serves *lower* values first; celeriac's priorities, like
 //! AMQP's, serve *higher* ones first. A celeriac priority becomes the kombu value of its
@@ -103,6 +104,7 @@
 //! - Fixed `sep` and `priority_steps`; queues declared with `x-expires` are not supported.
 
 mod backend;
+mod batch;
 mod broker;
 mod client;
 mod conn;

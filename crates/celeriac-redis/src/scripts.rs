@@ -339,31 +339,44 @@ return 0
     )
 });
 
-/// Stores a task meta document unless the stored state takes precedence, then publishes it
-/// on the key's channel (Celery's `SETEX` + `PUBLISH`).
+/// Stores task meta documents unless the stored state takes precedence, publishing each one
+/// written on its key's channel (Celery's `SETEX` + `PUBLISH`, for a batch).
 ///
-/// KEYS: the meta key. ARGV: document, expiry in seconds (0: none), then the stored states
-/// that must not be replaced by this one. Returns 1 when written.
-pub(crate) static STORE: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS: the meta keys, one per document. ARGV: expiry in seconds (0: none), then per key its
+/// document and the stored states that must not be replaced by it, as `|STATE|STATE|` (empty:
+/// none). Returns one integer per key, 1 when written. A key named twice is checked against
+/// what the batch wrote before it, as if the stores had run one by one.
+pub(crate) static STORE_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local old = redis.call('GET', KEYS[1])
-if old then
-  local st
-  local ok, doc = pcall(cjson.decode, old)
-  if ok and type(doc) == 'table' then st = doc.status end
-  if type(st) ~= 'string' then st = string.match(old, '"status"%s*:%s*"([^"]*)"') end
-  for i = 3, #ARGV do
-    if st == ARGV[i] then return 0 end
+local secs = tonumber(ARGV[1])
+local olds = redis.call('MGET', unpack(KEYS))
+local written, out = {}, {}
+for i = 1, #KEYS do
+  local key, doc, blocking = KEYS[i], ARGV[2 * i], ARGV[2 * i + 1]
+  local old = written[key] or olds[i]
+  local keep = false
+  if old and blocking ~= '' then
+    local st
+    local ok, d = pcall(cjson.decode, old)
+    if ok and type(d) == 'table' then st = d.status end
+    if type(st) ~= 'string' then st = string.match(old, '"status"%s*:%s*"([^"]*)"') end
+    keep = st ~= nil and string.find(blocking, '|' .. st .. '|', 1, true) ~= nil
+  end
+  if keep then
+    out[i] = 0
+  else
+    if secs > 0 then
+      redis.call('SETEX', key, secs, doc)
+    else
+      redis.call('SET', key, doc)
+    end
+    redis.call('PUBLISH', key, doc)
+    written[key] = doc
+    out[i] = 1
   end
 end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
+return out
 "#,
     )
 });

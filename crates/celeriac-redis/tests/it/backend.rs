@@ -287,3 +287,83 @@ async fn waiters_that_stay_are_served_while_others_on_the_same_task_come_and_go(
     assert_eq!(served, n);
     while leavers.join_next().await.is_some() {}
 }
+
+/// Stores that come together share script calls: each one still says whether it wrote, a
+/// key named twice in a batch is checked against what the batch wrote before it, and every
+/// written document is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stores_are_batched_and_keep_precedence_within_a_batch() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let backend = backend_with(&p, RedisOptions::default()).await;
+    let mut pubsub = redis::Client::open(util::URL)
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub
+        .psubscribe(format!("{p}celery-task-meta-*"))
+        .await
+        .unwrap();
+
+    // SUCCESS then a late STARTED for one id, sent before the batcher can run: the STARTED
+    // must lose to the SUCCESS written earlier in the same call, not win against the empty
+    // key the call began with.
+    let (first, late) = (
+        TaskMeta::success("twice", json!(1)),
+        TaskMeta::started("twice", "w@h"),
+    );
+    let (success, started) = tokio::join!(backend.store(&first), backend.store(&late));
+    assert!(success.unwrap());
+    assert!(!started.unwrap());
+    let mut c = raw().await;
+    let key = backend.task_key("twice");
+    let doc: Value = serde_json::from_slice(&c.get::<_, Vec<u8>>(&key).await.unwrap()).unwrap();
+    assert_eq!(doc["status"], "SUCCESS");
+
+    // Many at once, some refused because their id already holds a final state.
+    let n = 600;
+    let stores = (0..n).map(|i| {
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            let id = format!("many-{i}");
+            if i % 3 == 0 {
+                backend.store(&TaskMeta::success(&id, json!(i))).await?;
+                return backend.store(&TaskMeta::started(&id, "w@h")).await;
+            }
+            backend.store(&TaskMeta::success(&id, json!(i))).await
+        })
+    });
+    let written: Vec<bool> = futures_util::future::join_all(stores)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    for (i, w) in written.iter().enumerate() {
+        assert_eq!(*w, i % 3 != 0, "store {i}");
+    }
+    let keys: Vec<String> = (0..n)
+        .map(|i| backend.task_key(&format!("many-{i}")))
+        .collect();
+    let docs: Vec<Vec<u8>> = c.mget(&keys).await.unwrap();
+    for (i, d) in docs.iter().enumerate() {
+        let d: Value = serde_json::from_slice(d).unwrap();
+        assert_eq!(
+            (d["status"].as_str(), d["result"].as_i64()),
+            (Some("SUCCESS"), Some(i as i64))
+        );
+    }
+
+    // One notice per written document: the first SUCCESS, then the n.
+    let mut stream = pubsub.on_message();
+    for _ in 0..=n {
+        let msg = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a notice per written document")
+            .unwrap();
+        let d: Value = serde_json::from_slice(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
+        assert_eq!(d["status"], "SUCCESS", "no refused STARTED is published");
+    }
+}
