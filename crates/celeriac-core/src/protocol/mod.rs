@@ -10,6 +10,9 @@
 
 pub mod codec;
 pub mod envelope;
+mod id;
+
+pub use id::new_id;
 
 use chrono::{DateTime, Utc};
 use serde::de::Error as _;
@@ -383,11 +386,6 @@ impl Body {
             embed,
         })
     }
-}
-
-/// A new task id: a random UUID4 in hyphenated form.
-pub fn new_id() -> String {
-    uuid::Uuid::new_v4().to_string()
 }
 
 /// Asserts that each `"key":` first appears in `json` in the given order.
