@@ -406,12 +406,13 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = match path {
+    let mut conn = match path {
         Some(p) => Connection::open_with_flags(p, flags),
         None => Connection::open_in_memory(),
     }
     .map_err(cannot)?;
-    conn.busy_timeout(busy).map_err(cannot)?;
+    conn.busy_handler(Some(busy_handler(busy)))
+        .map_err(cannot)?;
     conn.set_prepared_statement_cache_capacity(64);
     // Query planner stability: without it SQLite re-prepares a cached statement on every new
     // binding of a parameter it once compared with a literal (a LIMIT, a partial index's
@@ -433,6 +434,42 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
         messages_changed: false,
         results_changed: false,
     })
+}
+
+/// How long the connection thread waits for a lock held by another process before its `n`th
+/// retry (`n` from 0).
+///
+/// SQLite's own `busy_timeout` handler sleeps 1, 2, 5, 10 … ms between attempts. A writer in
+/// another process (a producer sharing the file) holds the lock for about a commit, a fraction
+/// of a millisecond, so that first sleep stalls every caller of this process for several
+/// commits' time. These steps retry within tens of microseconds first, then back off to the
+/// same millisecond steps.
+fn busy_step(n: u32) -> Duration {
+    match n {
+        0..10 => Duration::from_micros(20),
+        10..30 => Duration::from_micros(100),
+        30..50 => Duration::from_micros(500),
+        _ => Duration::from_millis(2),
+    }
+}
+
+/// A busy handler that retries on [`busy_step`] until `timeout` has passed since the first
+/// attempt of this locking event.
+fn busy_handler(timeout: Duration) -> impl FnMut(i32) -> bool + Send + 'static {
+    let mut started = Instant::now();
+    move |n| {
+        if n == 0 {
+            started = Instant::now();
+        }
+        let step = busy_step(u32::try_from(n).unwrap_or(u32::MAX));
+        if started.elapsed() + step > timeout {
+            return false;
+        }
+        // The connection thread is ours alone: blocking it is what waiting for the lock means.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(step);
+        true
+    }
 }
 
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {

@@ -72,6 +72,26 @@ async fn a_database_locked_beyond_busy_timeout_is_a_transient_error() {
 }
 
 #[tokio::test]
+async fn a_lock_released_within_busy_timeout_is_waited_for() {
+    let path = db("briefly-locked");
+    let b = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // The publish starts while the lock is held and goes through once it is released: the
+    // busy handler keeps retrying (quickly at first, then in millisecond steps).
+    let publish = tokio::spawn(async move {
+        b.publish("q", &msg(), PublishOptions::default()).await?;
+        b.stats("q").await
+    });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(!publish.is_finished(), "the publish waits for the lock");
+    other.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(publish.await.unwrap().unwrap().total(), 1);
+}
+
+#[tokio::test]
 async fn a_closed_broker_says_so() {
     let b = SqliteBroker::open(db("closed"), SqliteOptions::default())
         .await
