@@ -138,9 +138,10 @@ impl Default for BeatOptions {
     }
 }
 
+/// 16 random bits: the last four hex digits of a fresh id (its first ones are the time).
 fn fastrand_u16() -> u16 {
     let id = celeriac_core::protocol::new_id();
-    u16::from_str_radix(id.get(..4).unwrap_or("0"), 16).unwrap_or(0)
+    u16::from_str_radix(id.get(32..).unwrap_or("0"), 16).unwrap_or(0)
 }
 
 /// One task to send for an entry.
@@ -630,5 +631,15 @@ impl Beat {
         claimed.pending = None;
         self.save(lease, &entry.name, &claimed).await?;
         Ok(claimed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn instance_suffixes_are_random_not_the_time() {
+        let draws: std::collections::HashSet<u16> =
+            (0..64).map(|_| super::fastrand_u16()).collect();
+        assert!(draws.len() > 32, "{draws:?}");
     }
 }

@@ -1,6 +1,6 @@
-//! `--micro`: hot paths timed in-process (message encode/decode, envelope encode/decode,
-//! routing, the rate limiter). A few lines instead of criterion, which is heavy to build on
-//! two cores.
+//! `--micro`: hot paths timed in-process (task ids, message encode/decode, envelope
+//! encode/decode, routing, the rate limiter). A few lines instead of criterion, which is heavy
+//! to build on two cores.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -30,6 +30,9 @@ pub(crate) fn run() {
     )
     .expect("encodes");
     let wire = envelope::encode(&msg, "", "celery").expect("envelope encodes");
+    time("task id (UUID v7)", 1_000_000, || {
+        black_box(new_id());
+    });
     time("message encode (headers + JSON body)", 200_000, || {
         black_box(
             Message::new(

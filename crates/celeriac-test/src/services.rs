@@ -155,8 +155,9 @@ fn remove_files_of_dead_processes(dir: &std::path::Path) {
 
 /// A queue name that no other test uses: `<prefix>-<random>`.
 pub fn unique_queue(prefix: &str) -> String {
+    // The random end of an id: its start is the time, shared by ids of the same moment.
     let id = new_id();
-    format!("{prefix}-{}", &id[..13])
+    format!("{prefix}-{}", &id[24..])
 }
 
 /// A valid protocol v2 task message for `task` with a fresh id and a JSON body `[[1, 2], {}]`.

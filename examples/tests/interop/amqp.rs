@@ -47,7 +47,7 @@ struct Worker {
 
 impl Worker {
     async fn start(broker: &str, backend: &str, queue: &str) -> Worker {
-        let id = &celeriac::core::protocol::new_id()[..8];
+        let id = &celeriac::core::protocol::new_id()[28..];
         let node = format!("rsw-{id}@{}", celeriac::core::hostname());
         let log = test_dir().join(format!("interop-amqp-worker-{id}.log"));
         let stderr = std::fs::File::create(&log).expect("worker log file");

@@ -119,7 +119,7 @@ impl OurWorker {
     /// Starts `tasks --broker <url> --result-backend <url> worker -Q <queues> -c 4` and waits
     /// until it consumes.
     pub(crate) async fn start(url: &str, queues: &[&str]) -> OurWorker {
-        let id = &celeriac::core::protocol::new_id()[..8];
+        let id = &celeriac::core::protocol::new_id()[28..];
         let node = format!("rsw-{id}@{}", celeriac::core::hostname());
         let log = test_dir().join(format!("interop-worker-{id}.log"));
         let stderr = std::fs::File::create(&log).expect("worker log file");
