@@ -71,6 +71,10 @@ fn hyphenated(b: [u8; 16]) -> String {
 }
 
 /// A new task id: a version 7 UUID in hyphenated form (see the [module docs](self)).
+///
+/// Its first 13 characters are the time in milliseconds; the first 8 change only every 65 s.
+/// Code that wants a short random string takes the end of an id (`&id[24..]`: 48 random
+/// bits).
 pub fn new_id() -> String {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
