@@ -49,7 +49,8 @@ pub struct RedisBackend {
 struct Inner {
     redis: Arc<Redis>,
     keys: BackendKeys,
-    expires: Option<Duration>,
+    /// `result_expires` in whole seconds for `SETEX`, 0 for none.
+    expires_secs: u64,
     subscriber: Subscriber,
     /// Result stores, several per script call under load (see [`Batcher`]).
     stores: Batcher<Store>,
@@ -83,8 +84,7 @@ impl RedisBackend {
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self> {
         let opened = Redis::open(url, &options, KIND).await?;
         let (prefix, redis) = (opened.prefix, Arc::new(opened.redis));
-        let expires = options.get_result_expires();
-        let secs = expires_secs(expires);
+        let secs = expires_secs(options.get_result_expires());
         let stores = Batcher::start(
             redis.clone(),
             "store a redis result",
@@ -103,7 +103,7 @@ impl RedisBackend {
                 subscriber: Subscriber::start(redis.clone()),
                 redis,
                 keys: BackendKeys::new(&prefix),
-                expires,
+                expires_secs: secs,
                 stores,
                 closed: AtomicBool::new(false),
             }),
@@ -128,14 +128,10 @@ impl RedisBackend {
         }
     }
 
-    fn expires_secs(&self) -> u64 {
-        expires_secs(self.inner.expires)
-    }
-
     /// Writes `value` at `key` with the expiry and publishes it on the key's channel, as
     /// Celery's `RedisBackend.set` does.
     async fn set(&self, what: &str, key: &str, value: &[u8]) -> Result<()> {
-        let secs = self.expires_secs();
+        let secs = self.inner.expires_secs;
         self.inner
             .redis
             .run(what, |mut c| async move {
@@ -176,7 +172,7 @@ impl RedisBackend {
         let score = part
             .group_index
             .map_or_else(|| "+inf".to_owned(), |i| i.to_string());
-        let secs = self.expires_secs();
+        let secs = self.inner.expires_secs;
         let (jk, tk, sk) = (&jkey, &tkey, &skey);
         // Not retried after a lost reply: ZADD of the same member is idempotent, but a retry
         // could see a chord another caller already completed and deleted.
@@ -512,7 +508,7 @@ impl ResultBackend for RedisBackend {
         Box::pin(async move {
             self.check_open()?;
             let key = self.inner.keys.counter(key);
-            let secs = self.expires_secs();
+            let secs = self.inner.expires_secs;
             let key = &key;
             // Not retried after a lost reply: the increment may have happened.
             let (n,): (i64,) = self
@@ -535,7 +531,7 @@ impl ResultBackend for RedisBackend {
         Box::pin(async move {
             self.check_open()?;
             let key = self.chord_key(group_id, ".s");
-            let secs = self.expires_secs();
+            let secs = self.inner.expires_secs;
             let key = &key;
             self.inner
                 .redis
@@ -577,10 +573,9 @@ impl ResultBackend for RedisBackend {
 /// channel when a message arrives on it, handing them the document it carries. Commands
 /// queued while it was busy go out together, one `SUBSCRIBE` and one `UNSUBSCRIBE` per batch
 /// (see [`batch`]), rather than one round trip each: many clients waiting at once is the
-/// common case under load. When the connection
-/// drops it reconnects with backoff, subscribes again, and wakes every waiter so that each
-/// reads its key once more (a result stored while the connection was down is not missed;
-/// Celery's client re-reads the same way).
+/// common case under load. When the connection drops it reconnects with backoff, subscribes
+/// again, and wakes every waiter so that each reads its key once more (a result stored while
+/// the connection was down is not missed; Celery's client re-reads the same way).
 #[derive(Debug)]
 struct Subscriber {
     commands: mpsc::UnboundedSender<Command>,

@@ -22,7 +22,7 @@ struct Pending<T> {
     reply: oneshot::Sender<Result<bool>>,
 }
 
-/// The sending side of a batching task; the task ends when every clone is dropped.
+/// The sending side of a batching task; the task ends when this is dropped.
 #[derive(Debug)]
 pub(crate) struct Batcher<T> {
     tx: mpsc::UnboundedSender<Pending<T>>,

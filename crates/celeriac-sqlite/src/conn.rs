@@ -442,8 +442,7 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
 /// SQLite's own `busy_timeout` handler sleeps 1, 2, 5, 10 … ms between attempts. A writer in
 /// another process (a producer sharing the file) holds the lock for about a commit, a fraction
 /// of a millisecond, so that first sleep stalls every caller of this process for several
-/// commits' time. These steps retry within tens of microseconds first, then back off to the
-/// same millisecond steps.
+/// commits' time. These steps retry within tens of microseconds first, then back off to 2 ms.
 fn busy_step(n: u32) -> Duration {
     match n {
         0..10 => Duration::from_micros(20),
