@@ -61,6 +61,10 @@ struct Args {
     /// Times the hot paths in-process instead.
     #[arg(long)]
     micro: bool,
+    /// Only measures this many sequential round trips against one worker per broker (Python
+    /// Celery is skipped): a quick probe while working on latency.
+    #[arg(long)]
+    latency_only: Option<usize>,
 }
 
 /// The sizes of one run.
@@ -160,8 +164,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let sizes = Sizes::from_args(&args);
     eprintln!("sizes: {sizes:?}");
     let mut report = Report::new(sizes.clone());
-    let python = if args.no_python {
-        report.note("Python Celery skipped (--no-python).");
+    let python = if args.no_python || args.latency_only.is_some() {
+        let why = if args.no_python {
+            "--no-python"
+        } else {
+            "--latency-only"
+        };
+        report.note(&format!("Python Celery skipped ({why})."));
         None
     } else {
         match python::Python::find() {
@@ -186,6 +195,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 std::fs::create_dir_all(&dir)?;
                 let url = format!("sqlite://{}/bench.db", dir.display());
                 let target = ours::Target::new("sqlite", url);
+                if let Some(n) = args.latency_only {
+                    ours::latency_only(&target, n, &mut report).await?;
+                    let _ = std::fs::remove_dir_all(&dir);
+                    continue;
+                }
                 ours::run_all(&target, &sizes, &mut report).await?;
                 report.note(
                     "SQLite, Python side: n/a. Celery has no embedded broker like ours; kombu's \
@@ -202,6 +216,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     continue;
                 }
                 let target = ours::Target::new("redis", url.clone());
+                if let Some(n) = args.latency_only {
+                    ours::latency_only(&target, n, &mut report).await?;
+                    continue;
+                }
                 ours::run_all(&target, &sizes, &mut report).await?;
                 if let Some(p) = &python {
                     let urls = python::Urls {
@@ -219,6 +237,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let mut target =
                     ours::Target::new("amqp", "amqp://guest:guest@127.0.0.1:5672/%2F".to_owned());
                 target.backend = "rpc://guest:guest@127.0.0.1:5672/%2F".to_owned();
+                if let Some(n) = args.latency_only {
+                    ours::latency_only(&target, n, &mut report).await?;
+                    continue;
+                }
                 ours::run_all(&target, &sizes, &mut report).await?;
                 report.note(
                     "RabbitMQ: results through the rpc:// backend (replies to the sender) on both \

@@ -264,6 +264,18 @@ pub(crate) fn latency_rows(
     }
 }
 
+/// Only the sequential round trips, `n` of them, against one fresh worker.
+pub(crate) async fn latency_only(t: &Target, n: usize, r: &mut Report) -> anyhow::Result<()> {
+    let app = t
+        .app()
+        .await
+        .with_context(|| format!("opening {}", t.name))?;
+    purge(&app).await?;
+    let _workers = start_workers(t, &app, 1).await?;
+    latency_rows(r, t.name, "sequential", round_trips(&app, n).await?, true);
+    Ok(())
+}
+
 /// Every workload against one broker.
 pub(crate) async fn run_all(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Result<()> {
     let b = t.name;
