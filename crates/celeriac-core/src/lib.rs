@@ -40,7 +40,7 @@ pub mod url;
 pub use backend::{DynBackend, ResultBackend};
 pub use broker::{
     Acker, BoxFuture, Broker, Capabilities, ConsumeOptions, Consumer, Delivery, DeliveryHandle,
-    DynBroker, PublishOptions, QueueStats, Requeue,
+    DynBroker, PublishOptions, QueueStats, Requeue, ResultProbe, StoredState,
 };
 pub use config::{Config, hostname};
 pub use error::{BoxError, Error, ErrorKind, Result};

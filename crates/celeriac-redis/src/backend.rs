@@ -9,7 +9,7 @@ use celeriac_core::backend::timeout_error;
 use celeriac_core::canvas::{ChordPart, ChordStatus};
 use celeriac_core::protocol::codec::json_from_slice;
 use celeriac_core::{
-    BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, TaskMeta, TaskState,
+    BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, ResultProbe, TaskMeta, TaskState,
 };
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -323,7 +323,7 @@ fn decode_chord_part(bytes: &[u8]) -> Result<TaskMeta> {
     Ok(TaskMeta::new(id.clone(), state, result.clone()))
 }
 
-fn decode_meta(bytes: &[u8]) -> Result<TaskMeta> {
+pub(crate) fn decode_meta(bytes: &[u8]) -> Result<TaskMeta> {
     let v = json_from_slice(bytes)?;
     serde_json::from_value(v)
         .map_err(|e| Error::protocol("stored task meta is not celery's format").with_source(e))
@@ -332,6 +332,13 @@ fn decode_meta(bytes: &[u8]) -> Result<TaskMeta> {
 impl ResultBackend for RedisBackend {
     fn driver(&self) -> &'static str {
         "redis"
+    }
+
+    fn result_probe(&self) -> Option<ResultProbe> {
+        Some(ResultProbe::new(
+            self.inner.redis.identity.clone(),
+            self.inner.keys.task(""),
+        ))
     }
 
     fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {

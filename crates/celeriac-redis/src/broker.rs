@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use celeriac_core::protocol::{envelope, new_id};
 use celeriac_core::{
     Acker, BoxFuture, Broker, Capabilities, Config, ConsumeOptions, Consumer, Delivery, Error,
-    ErrorKind, Message, PublishOptions, QueueStats, Requeue, Result,
+    ErrorKind, Message, PublishOptions, QueueStats, Requeue, Result, StoredState,
 };
 use futures_util::{FutureExt, StreamExt};
 use redis::aio::MultiplexedConnection;
@@ -17,6 +17,7 @@ use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::backend::decode_meta;
 use crate::batch::Batcher;
 use crate::conn::{Backoff, Redis, is_connection_error};
 use crate::keys::{BrokerKeys, PRIORITY_STEPS, SEP, step_for};
@@ -322,9 +323,15 @@ impl Broker for RedisBroker {
             if queues.is_empty() {
                 return Err(Error::config("consume needs at least one queue"));
             }
+            let probe = options
+                .result_probe
+                .filter(|p| p.store == self.inner.redis.identity)
+                .map(|p| p.key_prefix)
+                .unwrap_or_default();
             let shared = Arc::new(ConsumerShared {
                 broker: self.inner.clone(),
                 lease: options.lease.unwrap_or(self.inner.visibility_timeout),
+                probe,
                 permits: Arc::new(Semaphore::new(options.prefetch.max(1))),
                 fetch: tokio::sync::Mutex::new(FetchState {
                     conn: None,
@@ -490,6 +497,9 @@ impl RedisBroker {
 struct ConsumerShared {
     broker: Arc<Inner>,
     lease: Duration,
+    /// The result key prefix to read each fetched task's state under, when the worker's
+    /// backend is on this server (see [`scripts::FETCH`]); empty for none.
+    probe: String,
     permits: Arc<Semaphore>,
     /// Held by the one fetch in flight.
     fetch: tokio::sync::Mutex<FetchState>,
@@ -535,6 +545,8 @@ struct Popped {
     /// Redeliveries counted by our counter.
     count: u32,
     info: Info,
+    /// The task's state, read with the message.
+    stored: Option<StoredState>,
 }
 
 /// The consumer of [`RedisBroker::consume`].
@@ -645,7 +657,8 @@ impl ConsumerShared {
                 .clamp(Duration::from_millis(1), MAX_BLOCK);
             // Wake-ups that came before this fetch are answered by it.
             let subscribed = st.drain_wake();
-            match self.pop(&mut st, permits.len()).await {
+            let popped = self.pop(&mut st, permits.len()).await;
+            match popped {
                 Ok(batch) if batch.is_empty() => {
                     drop(permits);
                     if subscribed {
@@ -749,7 +762,8 @@ impl ConsumerShared {
             .arg(new_id())
             .arg(want)
             .arg(st.order.len())
-            .arg(keys.redelivered_prefix());
+            .arg(keys.redelivered_prefix())
+            .arg(&self.probe);
         let mut queues = Vec::with_capacity(PRIORITY_STEPS.len() * st.order.len());
         for step in PRIORITY_STEPS {
             for q in &st.order {
@@ -763,16 +777,34 @@ impl ConsumerShared {
         let r = inv.invoke_async::<Vec<redis::Value>>(conn).await;
         match r {
             Ok(flat) => {
-                let mut out = Vec::with_capacity(flat.len() / 5);
+                let read_at = std::time::Instant::now();
+                let mut out = Vec::with_capacity(flat.len() / 7);
                 let mut it = flat.into_iter();
-                while let (Some(i), Some(raw), Some(tag), Some(count), Some(searched)) =
-                    (it.next(), it.next(), it.next(), it.next(), it.next())
-                {
+                while let (
+                    Some(i),
+                    Some(raw),
+                    Some(tag),
+                    Some(count),
+                    Some(searched),
+                    Some(probed),
+                    Some(doc),
+                ) = (
+                    it.next(),
+                    it.next(),
+                    it.next(),
+                    it.next(),
+                    it.next(),
+                    it.next(),
+                    it.next(),
+                ) {
                     let i: usize = redis::from_redis_value(i)?;
                     let raw: Vec<u8> = redis::from_redis_value(raw)?;
                     let mut tag: String = redis::from_redis_value(tag)?;
                     let mut count: u32 = redis::from_redis_value(count)?;
                     let searched: i64 = redis::from_redis_value(searched)?;
+                    let probed: String = redis::from_redis_value(probed)?;
+                    let doc: Option<Vec<u8>> = redis::from_redis_value(doc)?;
+                    let stored = probed_state(probed, doc.as_deref(), read_at);
                     let queue = queues
                         .get(i.saturating_sub(1))
                         .map_or_else(String::new, |q| (*q).clone());
@@ -795,6 +827,7 @@ impl ConsumerShared {
                         token: token.clone(),
                         count,
                         info,
+                        stored,
                     });
                 }
                 Ok(out)
@@ -845,6 +878,7 @@ impl ConsumerShared {
             token,
             count,
             info,
+            stored,
         } = popped;
         let message = message.map(|mut m| {
             m.headers.extra.remove("redelivered");
@@ -869,7 +903,7 @@ impl ConsumerShared {
             give_back: give_back.clone(),
         };
         (
-            Delivery::new(message, queue, redeliveries, Box::new(acker)),
+            Delivery::new(message, queue, redeliveries, Box::new(acker)).with_stored(stored),
             give_back,
         )
     }
@@ -952,6 +986,28 @@ impl FetchState {
             self.wake = None;
         }
     }
+}
+
+/// What the fetch script's result probe read for one message: nothing when it could not
+/// tell the task id (`probed` empty) or the stored document does not decode (the worker then
+/// reads the state itself and meets the same error there).
+fn probed_state(
+    probed: String,
+    doc: Option<&[u8]>,
+    read_at: std::time::Instant,
+) -> Option<StoredState> {
+    if probed.is_empty() {
+        return None;
+    }
+    let state = match doc {
+        None => None,
+        Some(bytes) => Some(decode_meta(bytes).ok()?.status),
+    };
+    Some(StoredState {
+        task_id: probed,
+        state,
+        read_at,
+    })
 }
 
 /// The index score of a delivery leased for `lease`: kombu's sweep restores entries older

@@ -32,6 +32,9 @@ pub(crate) struct Redis {
     kind: ErrorKind,
     /// The URL with its password replaced, for logs and errors.
     pub(crate) url: String,
+    /// The server, user and database, without secrets (`redis://user@host:port/db`): two
+    /// clients with the same identity see the same keys.
+    pub(crate) identity: String,
     retry_for: Duration,
 }
 
@@ -142,11 +145,19 @@ impl Redis {
         retry_for: Duration,
     ) -> Result<Self> {
         let client = open_client(target, kind)?;
+        let info = client.get_connection_info();
+        let identity = format!(
+            "redis://{}@{}/{}",
+            info.redis_settings().username().unwrap_or_default(),
+            info.addr(),
+            info.redis_settings().db()
+        );
         let redis = Redis {
             client,
             conn: Mutex::new(None),
             kind,
             url: target.redacted.clone(),
+            identity,
             retry_for,
         };
         let failed = |e: RedisError| {

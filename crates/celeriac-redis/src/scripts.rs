@@ -76,10 +76,19 @@ end
 ///
 /// KEYS: unacked, unacked_index, then the lists, step-major (every queue's step-0 list, then
 /// every queue's step-3 list, ...). ARGV: lease score, a fallback delivery tag prefix, `want`,
-/// the number of queues, the redelivery counter key prefix, then the queue name of each list.
-/// Returns a flat array of `{list index (1-based), message, tag, redelivery count, searched}`
-/// per message, empty when every list is empty. The unacked entry is kombu's `[envelope,
-/// exchange, routing_key]`, the envelope embedded as JSON when it is JSON.
+/// the number of queues, the redelivery counter key prefix, the result key prefix (empty: no
+/// probe), then the queue name of each list. Returns a flat array of `{list index (1-based),
+/// message, tag, redelivery count, searched, probed task id, stored result}` per message,
+/// empty when every list is empty. The unacked entry is kombu's `[envelope, exchange,
+/// routing_key]`, the envelope embedded as JSON when it is JSON.
+///
+/// **The result probe.** With a result key prefix, the task id is taken from the message's
+/// `correlation_id` (Celery sets it to the task id) by the same search, and the stored result
+/// under the prefix is returned with the message (nil when there is none): the worker's
+/// check for a duplicate or revoked task then needs no round trip of its own. The id is ''
+/// when the search could not tell it; the worker compares it with the id it decodes, and
+/// reads the state itself when they differ. A failing read (say, a user not allowed to read
+/// the result keys) gives '' ids and the fetch goes on.
 ///
 /// **Reading by search.** Decoding an envelope (`cjson.decode`) was the largest part of this
 /// script's time, and all it needs is three strings. So when the message has no backslash and
@@ -102,7 +111,8 @@ pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local want = tonumber(ARGV[3])
 local nq = tonumber(ARGV[4])
-local out, zargs, hargs, ckeys = {}, {}, {}, {}
+local probe = ARGV[6]
+local out, zargs, hargs, ckeys, pkeys, pat = {}, {}, {}, {}, {}, {}
 local got = 0
 local find = string.find
 -- The string value of key `name` (quoted) when it occurs exactly once in m, else nil.
@@ -113,9 +123,10 @@ local function only(m, name)
   return v
 end
 local function record(k, m)
-  local tag, entry, searched = nil, nil, 0
+  local tag, entry, searched, id = nil, nil, 0, nil
   if not find(m, '\\', 1, true) then
     local ex, rk
+    if probe ~= '' then id = only(m, '"correlation_id"') end
     tag = only(m, '"delivery_tag"')
     if tag then ex = only(m, '"exchange"') end
     if ex then rk = only(m, '"routing_key"') end
@@ -137,7 +148,14 @@ local function record(k, m)
   out[#out + 1] = tag
   out[#out + 1] = 0
   out[#out + 1] = searched
+  out[#out + 1] = ''
+  out[#out + 1] = false
   got = got + 1
+  if id and id ~= '' then
+    pkeys[#pkeys + 1] = probe .. id
+    pat[#pat + 1] = got
+    out[got * 7 - 1] = id
+  end
 end
 local nsteps = (#KEYS - 2) / nq
 local counted = true
@@ -176,7 +194,15 @@ if got > 0 then
   redis.call('ZADD', KEYS[2], unpack(zargs))
   redis.call('HSET', KEYS[1], unpack(hargs))
   local counts = redis.call('MGET', unpack(ckeys))
-  for i = 1, got do out[i * 5 - 1] = tonumber(counts[i]) or 0 end
+  for i = 1, got do out[i * 7 - 3] = tonumber(counts[i]) or 0 end
+end
+if #pkeys > 0 then
+  local docs = redis.pcall('MGET', unpack(pkeys))
+  if type(docs) == 'table' and not docs.err then
+    for j, i in ipairs(pat) do out[i * 7] = docs[j] end
+  else
+    for _, i in ipairs(pat) do out[i * 7 - 1] = '' end
+  end
 end
 return out
 "#

@@ -8,11 +8,12 @@
 //! a running one watches for a cold shutdown.
 //!
 //! Why a backend read before every run: it is what makes a redelivered duplicate harmless and
-//! revocation work without a broadcast channel; it costs one lookup per task.
+//! revocation work without a broadcast channel; it costs one lookup per task, or none when the
+//! broker read the state with the fetch (`Delivery::stored`, see `probed_state`).
 //!
-//! Acknowledgement: early by default (just before the task starts, together with the duplicate
-//! check, so a crash mid-task loses it, as in Celery), late with `acks_late` (after the result
-//! is stored, so a crash runs it again).
+//! Acknowledgement: early by default (sent when the task passes its last checks and awaited
+//! with the run, so a crash mid-task loses it, as in Celery), late with `acks_late` (after the
+//! result is stored, so a crash runs it again).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use celeriac_core::{
     TaskContext, TaskState,
 };
 use chrono::Utc;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::options::{Pool, WorkerOptions};
 use crate::pool::{Executor, Finished};
@@ -246,9 +247,10 @@ async fn run_request(
     if schedule::gate(&req.message.headers, Utc::now()) == Gate::Expired {
         return expire(shared, req, handle, keeper).await;
     }
-    // An early ack goes out together with the check (one round trip for both on a
-    // pipelining broker): the message is acked whichever way the check goes, and a crash
-    // before the task starts only loses what an early ack loses anyway.
+    // An early ack goes out when the check does and is awaited with the run, not before it:
+    // the message is acked whichever way the check goes, and a crash before the ack lands
+    // only loses what an early ack loses anyway (Celery's prefork pool, too, acks while the
+    // child already runs the task).
     let opts = &req.def.options;
     let acks_late = opts.acks_late;
     let keeper = if acks_late {
@@ -262,21 +264,54 @@ async fn run_request(
             settle(handle, Settle::Ack).await;
         }
     };
-    let (ready, ()) = tokio::join!(shared.recorder.ready_state(req.id()), early_ack);
-    if let Some(state) = ready {
-        tracing::info!(state = %state, "task already has a ready result; not running it again");
-        canvas::on_duplicate(shared, req, handle.redeliveries > 0).await;
-        drop(keeper);
-        if acks_late {
-            settle(handle, Settle::Ack).await;
-        }
-        return if state == TaskState::Revoked {
-            Tally::Revoked
-        } else {
-            Tally::Skipped
+    let check_and_run = async {
+        let ready = match probed_state(shared, req, handle) {
+            Some(state) => state,
+            None => shared.recorder.ready_state(req.id()).await,
         };
-    }
+        if let Some(state) = ready {
+            tracing::info!(state = %state, "task already has a ready result; not running it again");
+            canvas::on_duplicate(shared, req, handle.redeliveries > 0).await;
+            drop(keeper);
+            if acks_late {
+                settle(handle, Settle::Ack).await;
+            }
+            return if state == TaskState::Revoked {
+                Tally::Revoked
+            } else {
+                Tally::Skipped
+            };
+        }
+        start(shared, req, handle, keeper, permit).await
+    };
+    let ((), tally) = tokio::join!(early_ack, check_and_run);
+    tally
+}
 
+/// The check's answer from the state the broker read with the message, when there is one
+/// for this task and it is recent: read within `revoke_poll_interval`, the time in which a
+/// worker also notices a revoke of a running task. `None`: read the backend.
+fn probed_state(
+    shared: &Shared,
+    req: &Request,
+    handle: &DeliveryHandle,
+) -> Option<Option<TaskState>> {
+    let stored = handle.stored.as_ref()?;
+    let fresh = stored.read_at.elapsed() <= shared.options.revoke_poll_interval;
+    (fresh && stored.task_id == req.id()).then(|| stored.state.clone().filter(TaskState::is_ready))
+}
+
+/// Runs a task that passed its checks, records the outcome and settles an acks-late
+/// delivery (`keeper` holds its lease; `None` for an early ack, settled by the caller).
+async fn start(
+    shared: &Shared,
+    req: &Request,
+    handle: &DeliveryHandle,
+    keeper: Option<lease::LeaseKeeper>,
+    permit: OwnedSemaphorePermit,
+) -> Tally {
+    let opts = &req.def.options;
+    let acks_late = opts.acks_late;
     // 4. Start.
     if shared.options.track_started || opts.track_started {
         shared.recorder.started(req).await;

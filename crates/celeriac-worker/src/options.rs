@@ -92,6 +92,10 @@ pub struct WorkerOptions {
     pub soft_shutdown_timeout: Option<Duration>,
     /// While tasks run, how often the worker reads their stored states to find revokes with
     /// `terminate` (one read of all running ids per interval). Default 300 ms.
+    ///
+    /// Also how old a task state that the broker read with the fetch may be when the task
+    /// starts and still be trusted for the duplicate and revoke check
+    /// ([`celeriac_core::Delivery::stored`]); an older one is read again.
     pub revoke_poll_interval: Duration,
     /// [`Pool::Processes`]: a child is replaced after this many tasks (`None`: never).
     pub max_tasks_per_child: Option<u32>,

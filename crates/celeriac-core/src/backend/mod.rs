@@ -27,6 +27,15 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     /// Stores `meta` unless the stored state takes precedence; returns whether it was written.
     fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>>;
 
+    /// Where this backend keeps task states, for brokers on the same server that can read a
+    /// task's state with its message (see [`ConsumeOptions::result_probe`]); `None` (the
+    /// default) when no broker can.
+    ///
+    /// [`ConsumeOptions::result_probe`]: crate::ConsumeOptions::result_probe
+    fn result_probe(&self) -> Option<crate::ResultProbe> {
+        None
+    }
+
     /// The stored record of `task_id`, if any (an unknown id is PENDING to callers).
     fn get<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<Option<TaskMeta>>>;
 

@@ -22,12 +22,13 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::protocol::Message;
+use crate::state::TaskState;
 
 /// A boxed, sendable future: what object-safe driver traits return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -103,6 +104,9 @@ pub struct ConsumeOptions {
     pub prefetch: usize,
     /// Lease (visibility timeout) of each delivery; `None` is the broker's default.
     pub lease: Option<Duration>,
+    /// Where the worker's result backend keeps task states, for a broker that can read a
+    /// task's state in the same call that fetches its message ([`Delivery::stored`]).
+    pub result_probe: Option<ResultProbe>,
 }
 
 impl ConsumeOptions {
@@ -111,6 +115,7 @@ impl ConsumeOptions {
         ConsumeOptions {
             prefetch: prefetch.max(1),
             lease: None,
+            result_probe: None,
         }
     }
 
@@ -120,6 +125,53 @@ impl ConsumeOptions {
         self.lease = Some(lease);
         self
     }
+
+    /// Sets where task states are kept (see [`ResultBackend::result_probe`]).
+    ///
+    /// [`ResultBackend::result_probe`]: crate::ResultBackend::result_probe
+    #[must_use]
+    pub fn result_probe(mut self, probe: Option<ResultProbe>) -> Self {
+        self.result_probe = probe;
+        self
+    }
+}
+
+/// Where a result backend keeps task states, in terms a broker on the same server can use.
+///
+/// A broker that finds its own server in `store` reads each fetched task's state with the
+/// fetch itself and hands it out as [`Delivery::stored`], saving the worker the read it makes
+/// before every run. Brokers that do not recognise `store` ignore it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResultProbe {
+    /// The server and database, in a driver-defined form without secrets (for Redis
+    /// `redis://user@host:port/db`); brokers compare it with their own.
+    pub store: String,
+    /// The key of a task's state is this followed by the task id.
+    pub key_prefix: String,
+}
+
+impl ResultProbe {
+    /// A probe of `store`, with keys `key_prefix` + task id.
+    pub fn new(store: impl Into<String>, key_prefix: impl Into<String>) -> Self {
+        ResultProbe {
+            store: store.into(),
+            key_prefix: key_prefix.into(),
+        }
+    }
+}
+
+/// A task's state as the broker read it together with the message (see
+/// [`ConsumeOptions::result_probe`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredState {
+    /// The task id the read was for, as the broker found it in the message; a worker uses
+    /// the read only when this is the id of the task it decoded.
+    pub task_id: String,
+    /// The stored state at that moment; `None` when nothing was stored.
+    pub state: Option<TaskState>,
+    /// When it was read.
+    pub read_at: Instant,
 }
 
 /// What to do with a delivery that is not acknowledged.
@@ -242,6 +294,8 @@ pub struct Delivery {
     pub queue: String,
     /// How many times it was delivered before this one.
     pub redeliveries: u32,
+    /// The task's result state read with the message, when the broker could.
+    pub stored: Option<StoredState>,
     acker: Box<dyn Acker>,
 }
 
@@ -257,8 +311,16 @@ impl Delivery {
             message,
             queue: queue.into(),
             redeliveries,
+            stored: None,
             acker,
         }
+    }
+
+    /// Adds the task state read with the message.
+    #[must_use]
+    pub fn with_stored(mut self, stored: Option<StoredState>) -> Self {
+        self.stored = stored;
+        self
     }
 
     /// Whether this message was delivered before.
@@ -288,6 +350,7 @@ impl Delivery {
             DeliveryHandle {
                 queue: self.queue,
                 redeliveries: self.redeliveries,
+                stored: self.stored,
                 acker: self.acker,
             },
         )
@@ -301,6 +364,8 @@ pub struct DeliveryHandle {
     pub queue: String,
     /// How many times it was delivered before.
     pub redeliveries: u32,
+    /// The task's result state read with the message, when the broker could.
+    pub stored: Option<StoredState>,
     acker: Box<dyn Acker>,
 }
 

@@ -11,6 +11,8 @@ mod backend;
 mod errors;
 // The redelivery counter, batched fetching, wake-ups.
 mod redelivery;
+// The result probe: task states read with the fetch.
+mod probe;
 // rediss:// against a private TLS redis-server.
 #[cfg(feature = "tls")]
 mod tls;

@@ -1,0 +1,199 @@
+//! The result probe: a fetch reads each task's stored state when the worker's backend is on
+//! the broker's server, so the worker's duplicate and revoke check needs no read of its own.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use celeriac_core::{
+    Broker, ConsumeOptions, DynBackend, DynBroker, Handler, Message, PublishOptions, Registry,
+    ResultBackend, TaskDef, TaskMeta, TaskOptions, TaskState,
+};
+use celeriac_redis::{RedisBackend, RedisOptions};
+use celeriac_worker::{Worker, WorkerOptions};
+use serde_json::{Value, json};
+
+use crate::util::{self, backend_with, broker_with, msg, next_within};
+
+async fn publish(broker: &impl Broker, q: &str, m: &Message) {
+    broker
+        .publish(q, m, PublishOptions::default())
+        .await
+        .unwrap();
+}
+
+/// Fetched with the probe of a backend on the same server and prefix: a task with nothing
+/// stored comes with "nothing stored", a finished or revoked one with its state, each under
+/// its own id.
+#[tokio::test]
+async fn a_fetch_carries_the_stored_state_of_each_task() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let backend = backend_with(&p, RedisOptions::default()).await;
+    let q = "probed".to_owned();
+    broker.declare(&q).await.unwrap();
+    let (fresh, done, revoked) = (msg(), msg(), msg());
+    backend
+        .store(&TaskMeta::success(done.headers.id.clone(), json!(3)))
+        .await
+        .unwrap();
+    backend
+        .store(&TaskMeta::new(
+            revoked.headers.id.clone(),
+            TaskState::Revoked,
+            Value::Null,
+        ))
+        .await
+        .unwrap();
+    for m in [&fresh, &done, &revoked] {
+        publish(&broker, &q, m).await;
+    }
+
+    let options = ConsumeOptions::new(10).result_probe(backend.result_probe());
+    let mut c = broker.consume(&[q], options).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let d = next_within(&mut c, Duration::from_secs(10)).await;
+        let id = d.message.as_ref().unwrap().headers.id.clone();
+        let stored = d.stored.clone().expect("the state was read with the fetch");
+        assert_eq!(stored.task_id, id);
+        seen.push((id, stored.state));
+        d.ack().await.unwrap();
+    }
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut want = vec![
+        (fresh.headers.id.clone(), None),
+        (done.headers.id.clone(), Some(TaskState::Success)),
+        (revoked.headers.id.clone(), Some(TaskState::Revoked)),
+    ];
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(seen, want);
+}
+
+/// No state is read for a backend elsewhere (another database), without a probe, or when
+/// the message cannot be read by search (a backslash in it): the worker then reads the state
+/// itself.
+#[tokio::test]
+async fn no_state_is_read_for_another_database_or_a_message_read_by_decoding() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let elsewhere = RedisBackend::connect_with(
+        "redis://127.0.0.1:6379/1",
+        RedisOptions::default().global_keyprefix(&p),
+    )
+    .await
+    .unwrap();
+    let here = backend_with(&p, RedisOptions::default()).await;
+    let q = "unprobed".to_owned();
+    broker.declare(&q).await.unwrap();
+
+    for probe in [None, elsewhere.result_probe()] {
+        publish(&broker, &q, &msg()).await;
+        let options = ConsumeOptions::new(1).result_probe(probe);
+        let mut c = broker
+            .consume(std::slice::from_ref(&q), options)
+            .await
+            .unwrap();
+        let d = next_within(&mut c, Duration::from_secs(10)).await;
+        assert_eq!(d.stored, None);
+        d.ack().await.unwrap();
+    }
+
+    let mut escaped = msg();
+    escaped
+        .headers
+        .extra
+        .insert("note".into(), json!("C:\\temp \"quoted\""));
+    publish(&broker, &q, &escaped).await;
+    let options = ConsumeOptions::new(1).result_probe(here.result_probe());
+    let mut c = broker
+        .consume(std::slice::from_ref(&q), options)
+        .await
+        .unwrap();
+    let d = next_within(&mut c, Duration::from_secs(10)).await;
+    assert_eq!(d.stored, None);
+    assert_eq!(d.message.as_ref().unwrap().headers.id, escaped.headers.id);
+    d.ack().await.unwrap();
+}
+
+/// A worker on Redis with a Redis backend: a task revoked before it was fetched is not run;
+/// a message whose `correlation_id` names another (revoked) task is checked under its own id
+/// and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_skips_a_revoked_task_and_checks_a_mismatched_id_itself() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let backend = backend_with(&p, RedisOptions::default()).await;
+    let q = "probed-worker".to_owned();
+    broker.declare(&q).await.unwrap();
+    let revoked = msg();
+    backend
+        .store(&TaskMeta::new(
+            revoked.headers.id.clone(),
+            TaskState::Revoked,
+            Value::Null,
+        ))
+        .await
+        .unwrap();
+    let mut mismatched = msg();
+    mismatched.properties.correlation_id = revoked.headers.id.clone();
+    publish(&broker, &q, &revoked).await;
+    publish(&broker, &q, &mismatched).await;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut registry = Registry::new();
+    let counted = runs.clone();
+    registry.insert(TaskDef {
+        name: "tests.add".into(),
+        params: &[],
+        options: TaskOptions::default(),
+        handler: Handler::Blocking(Arc::new(move |_, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(json!(3))
+        })),
+    });
+    let mut options = WorkerOptions::default();
+    options.queues = vec![q.clone()];
+    options.hostname = "probe@test".into();
+    let worker = Worker::new(
+        Arc::new(broker.clone()) as DynBroker,
+        Some(Arc::new(backend.clone()) as DynBackend),
+        Arc::new(registry),
+        options,
+    );
+    let shutdown = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+
+    let done = backend
+        .wait(&mismatched.headers.id, Some(Duration::from_secs(20)))
+        .await
+        .expect("the mismatched task ran");
+    assert_eq!(done.status, TaskState::Success);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = broker.stats(&q).await.unwrap();
+        if (s.ready, s.unacked) == (0, 0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not settled: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.warm();
+    let report = running.await.unwrap().unwrap();
+    assert_eq!(report.revoked, 1, "{report:?}");
+    assert_eq!(report.succeeded, 1, "{report:?}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "only the mismatched task ran"
+    );
+}
