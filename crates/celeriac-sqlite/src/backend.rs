@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use celeriac_core::backend::timeout_error;
 use celeriac_core::{
-    BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, TaskMeta, TaskState,
+    BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, ResultProbe, TaskMeta, TaskState,
 };
 use rusqlite::OptionalExtension;
 
@@ -136,6 +136,12 @@ fn decode_meta(text: &str) -> Result<TaskMeta> {
 impl ResultBackend for SqliteBackend {
     fn driver(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn result_probe(&self) -> Option<ResultProbe> {
+        // Rows are keyed by the bare task id.
+        let store = self.inner.conn.identity.clone()?;
+        Some(ResultProbe::new(store, ""))
     }
 
     fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {

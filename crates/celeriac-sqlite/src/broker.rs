@@ -9,7 +9,7 @@ use std::time::Duration;
 use celeriac_core::protocol::envelope;
 use celeriac_core::{
     Acker, BoxFuture, Broker, Capabilities, Config, ConsumeOptions, Consumer, Delivery, Error,
-    ErrorKind, Message, PublishOptions, QueueStats, Requeue, Result,
+    ErrorKind, Message, PublishOptions, QueueStats, Requeue, Result, StoredState, TaskState,
 };
 use rusqlite::OptionalExtension;
 use tokio::sync::Notify;
@@ -234,7 +234,11 @@ impl Broker for SqliteBroker {
                 })
                 .await?;
             let shared = self.inner.conn.shared.clone();
+            let probe = options
+                .result_probe
+                .is_some_and(|p| self.inner.conn.identity.as_deref() == Some(p.store.as_str()));
             Ok(Box::new(SqliteConsumer {
+                probe,
                 broker: self.clone(),
                 queues: queues.to_vec(),
                 prefetch: options.prefetch.max(1),
@@ -337,6 +341,8 @@ struct LeasedRow {
     token: i64,
     queue: String,
     body: String,
+    /// The task's state, read with the fetch when the consumer probes.
+    stored: Option<StoredState>,
 }
 
 /// Leased rows on their way to a consumer. Rows still here when it drops are given back.
@@ -391,6 +397,8 @@ impl Slots {
 
 #[derive(Debug)]
 struct SqliteConsumer {
+    /// Whether fetches read each task's state (the worker's backend is in this file).
+    probe: bool,
     broker: SqliteBroker,
     queues: Vec<String>,
     prefetch: usize,
@@ -435,6 +443,7 @@ fn fetch(
     want: usize,
     lease_ms: i64,
     shared: Arc<Shared>,
+    probe: bool,
 ) -> rusqlite::Result<Fetched> {
     let now = now_ms();
     let mut rows = Leased::new(shared);
@@ -454,6 +463,7 @@ fn fetch(
                         token: r.get(1)?,
                         queue: queue.clone(),
                         body: r.get(3)?,
+                        stored: None,
                     },
                 ))
             })?
@@ -461,6 +471,9 @@ fn fetch(
         // RETURNING does not keep the subquery's order.
         got.sort_by_key(|(priority, r)| (std::cmp::Reverse(*priority), r.id));
         rows.rows.extend(got.into_iter().map(|(_, r)| r));
+    }
+    if probe {
+        read_states(db, &mut rows.rows, now)?;
     }
     let next_due = if rows.rows.len() < want {
         let mut stmt = db.conn.prepare_cached(NEXT_DUE_SQL)?;
@@ -477,6 +490,47 @@ fn fetch(
         None
     };
     Ok(Fetched { rows, next_due })
+}
+
+/// The stored state of each row's task, in the fetch's transaction: what the worker would
+/// read before running it, without a call of its own. The task id is taken from the
+/// envelope's `correlation_id` by search ([`correlation_id`]); the worker uses the state only
+/// when that is the id it decodes, so a message the search misreads costs a useless lookup,
+/// never a wrong answer.
+fn read_states(db: &Db, rows: &mut VecDeque<LeasedRow>, now: i64) -> rusqlite::Result<()> {
+    let read_at = std::time::Instant::now();
+    let mut stmt = db.conn.prepare_cached(
+        "SELECT status FROM celeriac_results WHERE task_id = ?1 \
+         AND (expires_at IS NULL OR expires_at > ?2)",
+    )?;
+    for row in rows {
+        let Some(id) = correlation_id(&row.body) else {
+            continue;
+        };
+        let status: Option<String> = stmt.query_row((id, now), |r| r.get(0)).optional()?;
+        row.stored = Some(StoredState {
+            task_id: id.to_owned(),
+            state: status.map(|s| s.parse::<TaskState>().unwrap_or_else(|e| match e {})),
+            read_at,
+        });
+    }
+    Ok(())
+}
+
+/// The `correlation_id` of a kombu envelope (Celery sets it to the task id), found by search
+/// rather than by decoding: the key must occur once, followed by `:` and a string without
+/// escapes; `None` otherwise.
+fn correlation_id(body: &str) -> Option<&str> {
+    const KEY: &str = "\"correlation_id\"";
+    let at = body.find(KEY)?;
+    let rest = &body[at + KEY.len()..];
+    if rest.contains(KEY) {
+        return None;
+    }
+    let value = rest.trim_start().strip_prefix(':')?.trim_start();
+    let value = value.strip_prefix('"')?;
+    let id = &value[..value.find('"')?];
+    (!id.is_empty() && !id.contains('\\')).then_some(id)
 }
 
 impl SqliteConsumer {
@@ -497,7 +551,7 @@ impl SqliteConsumer {
             settled: AtomicBool::new(false),
         };
         let redeliveries = u32::try_from(row.token - 1).unwrap_or(u32::MAX);
-        Delivery::new(message, row.queue, redeliveries, Box::new(acker))
+        Delivery::new(message, row.queue, redeliveries, Box::new(acker)).with_stored(row.stored)
     }
 
     /// Sends a fetch for every free prefetch slot; false when there is none.
@@ -514,10 +568,13 @@ impl SqliteConsumer {
             .collect();
         let lease_ms = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX / 4);
         let shared = self.broker.inner.conn.shared.clone();
+        let probe = self.probe;
         let rx = self
             .broker
             .conn()
-            .submit(true, move |db| fetch(db, &queues, free, lease_ms, shared))
+            .submit(true, move |db| {
+                fetch(db, &queues, free, lease_ms, shared, probe)
+            })
             .ok_or_else(|| Error::new(KIND, "the sqlite connection thread has stopped"))?;
         self.slots.outstanding.fetch_add(free, Ordering::AcqRel);
         self.reserved = free;
@@ -756,5 +813,34 @@ mod tests {
             assert!(!p.contains("TEMP B-TREE"), "{sql}\n{p}");
             assert!(!p.contains("SCAN celeriac_messages"), "{sql}\n{p}");
         }
+    }
+
+    /// The search finds what our encoder writes, and gives up rather than guess.
+    #[test]
+    fn correlation_id_is_found_by_search_or_not_at_all() {
+        let m = celeriac_test_message();
+        let body = String::from_utf8(envelope::encode(&m, "", "q").unwrap()).unwrap();
+        assert_eq!(correlation_id(&body), Some(m.id()));
+        for (text, want) in [
+            (r#"{"properties": {"correlation_id": "abc"}}"#, Some("abc")),
+            (r#"{"correlation_id":"abc"}"#, Some("abc")),
+            // Twice: which one is the property cannot be told without decoding.
+            (
+                r#"{"headers": {"correlation_id": "x"}, "properties": {"correlation_id": "y"}}"#,
+                None,
+            ),
+            (r#"{"correlation_id": 5}"#, None),
+            (r#"{"correlation_id": ""}"#, None),
+            (r#"{"correlation_id": "a\"b"}"#, None),
+            ("{}", None),
+        ] {
+            assert_eq!(correlation_id(text), want, "{text}");
+        }
+    }
+
+    fn celeriac_test_message() -> Message {
+        let headers = celeriac_core::Headers::new("tests.add", celeriac_core::protocol::new_id());
+        let body = celeriac_core::Body::new(vec![], serde_json::Map::new());
+        Message::new(headers, &body, celeriac_core::ContentType::Json).unwrap()
     }
 }

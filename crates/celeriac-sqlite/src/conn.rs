@@ -40,6 +40,9 @@ pub(crate) struct Conn {
     tx: mpsc::Sender<Msg>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) location: String,
+    /// `sqlite://` and the file's canonical path: the same for every handle on one file
+    /// (`None` for a private in-memory database, which nothing else sees).
+    pub(crate) identity: Option<String>,
 }
 
 impl fmt::Debug for Conn {
@@ -279,6 +282,7 @@ impl Conn {
             tx,
             shared,
             location: display.clone(),
+            identity: key.as_ref().map(|k| format!("sqlite://{}", k.display())),
         });
         if let Some(key) = key {
             crate::wake::watch(&key, Arc::downgrade(&conn));

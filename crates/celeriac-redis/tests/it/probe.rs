@@ -22,96 +22,49 @@ async fn publish(broker: &impl Broker, q: &str, m: &Message) {
         .unwrap();
 }
 
-/// Fetched with the probe of a backend on the same server and prefix: a task with nothing
-/// stored comes with "nothing stored", a finished or revoked one with its state, each under
-/// its own id.
-#[tokio::test]
-async fn a_fetch_carries_the_stored_state_of_each_task() {
+/// The shared probe case: states come with the fetch for a backend on the same server,
+/// database and prefix, not for one on another database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fetch_reads_task_states_from_a_backend_on_the_same_server() {
     if !util::redis_up() {
         return;
     }
     let p = util::prefix();
     let broker = broker_with(&p, RedisOptions::default()).await;
     let backend = backend_with(&p, RedisOptions::default()).await;
-    let q = "probed".to_owned();
-    broker.declare(&q).await.unwrap();
-    let (fresh, done, revoked) = (msg(), msg(), msg());
-    backend
-        .store(&TaskMeta::success(done.headers.id.clone(), json!(3)))
-        .await
-        .unwrap();
-    backend
-        .store(&TaskMeta::new(
-            revoked.headers.id.clone(),
-            TaskState::Revoked,
-            Value::Null,
-        ))
-        .await
-        .unwrap();
-    for m in [&fresh, &done, &revoked] {
-        publish(&broker, &q, m).await;
-    }
-
-    let options = ConsumeOptions::new(10).result_probe(backend.result_probe());
-    let mut c = broker.consume(&[q], options).await.unwrap();
-    let mut seen = Vec::new();
-    for _ in 0..3 {
-        let d = next_within(&mut c, Duration::from_secs(10)).await;
-        let id = d.message.as_ref().unwrap().headers.id.clone();
-        let stored = d.stored.clone().expect("the state was read with the fetch");
-        assert_eq!(stored.task_id, id);
-        seen.push((id, stored.state));
-        d.ack().await.unwrap();
-    }
-    seen.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut want = vec![
-        (fresh.headers.id.clone(), None),
-        (done.headers.id.clone(), Some(TaskState::Success)),
-        (revoked.headers.id.clone(), Some(TaskState::Revoked)),
-    ];
-    want.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(seen, want);
-}
-
-/// No state is read for a backend elsewhere (another database), without a probe, or when
-/// the message cannot be read by search (a backslash in it): the worker then reads the state
-/// itself.
-#[tokio::test]
-async fn no_state_is_read_for_another_database_or_a_message_read_by_decoding() {
-    if !util::redis_up() {
-        return;
-    }
-    let p = util::prefix();
-    let broker = broker_with(&p, RedisOptions::default()).await;
     let elsewhere = RedisBackend::connect_with(
         "redis://127.0.0.1:6379/1",
         RedisOptions::default().global_keyprefix(&p),
     )
     .await
     .unwrap();
-    let here = backend_with(&p, RedisOptions::default()).await;
+    celeriac_test::conformance::broker::case_result_probe(
+        Arc::new(broker),
+        Arc::new(backend),
+        Arc::new(elsewhere),
+    )
+    .await;
+}
+
+/// A message the fetch script cannot read by search (a backslash in it) comes without a
+/// state: the worker reads it itself.
+#[tokio::test]
+async fn no_state_is_read_for_a_message_read_by_decoding() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let backend = backend_with(&p, RedisOptions::default()).await;
     let q = "unprobed".to_owned();
     broker.declare(&q).await.unwrap();
-
-    for probe in [None, elsewhere.result_probe()] {
-        publish(&broker, &q, &msg()).await;
-        let options = ConsumeOptions::new(1).result_probe(probe);
-        let mut c = broker
-            .consume(std::slice::from_ref(&q), options)
-            .await
-            .unwrap();
-        let d = next_within(&mut c, Duration::from_secs(10)).await;
-        assert_eq!(d.stored, None);
-        d.ack().await.unwrap();
-    }
-
     let mut escaped = msg();
     escaped
         .headers
         .extra
         .insert("note".into(), json!("C:\\temp \"quoted\""));
     publish(&broker, &q, &escaped).await;
-    let options = ConsumeOptions::new(1).result_probe(here.result_probe());
+    let options = ConsumeOptions::new(1).result_probe(backend.result_probe());
     let mut c = broker
         .consume(std::slice::from_ref(&q), options)
         .await

@@ -27,3 +27,28 @@ async fn backend() -> Option<DynBackend> {
 
 celeriac_test::broker_conformance!(broker);
 celeriac_test::backend_conformance!(backend);
+
+/// The result probe: a broker and a backend in one file read states with the fetch; a
+/// backend in another file is not this store.
+#[test]
+fn result_probe() {
+    celeriac_test::conformance::run_case(async {
+        let path = crate::util::db("probe");
+        let broker = SqliteBroker::open(&path, SqliteOptions::default())
+            .await
+            .expect("open sqlite broker");
+        let backend = SqliteBackend::open(&path, SqliteOptions::default())
+            .await
+            .expect("open sqlite backend");
+        let elsewhere =
+            SqliteBackend::open(crate::util::db("probe_other"), SqliteOptions::default())
+                .await
+                .expect("open sqlite backend");
+        celeriac_test::conformance::broker::case_result_probe(
+            Arc::new(broker),
+            Arc::new(backend),
+            Arc::new(elsewhere),
+        )
+        .await;
+    });
+}

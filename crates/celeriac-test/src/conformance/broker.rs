@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use celeriac_core::protocol::new_id;
 use celeriac_core::{
-    Body, ConsumeOptions, Consumer, ContentType, Delivery, DynBroker, Embed, ErrorKind, Headers,
-    Message, PublishOptions, QueueStats, Requeue, Signature, TimeLimit,
+    Body, ConsumeOptions, Consumer, ContentType, Delivery, DynBackend, DynBroker, Embed, ErrorKind,
+    Headers, Message, PublishOptions, QueueStats, Requeue, Signature, TaskMeta, TaskState,
+    TimeLimit,
 };
 use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::{Map, json};
@@ -830,4 +831,98 @@ pub async fn case_close_ends_consumers(broker: DynBroker) {
     closed("purge", broker.purge(&q).await.err().map(|e| e.kind()));
     closed("stats", broker.stats(&q).await.err().map(|e| e.kind()));
     closed("queues", broker.queues().await.err().map(|e| e.kind()));
+}
+
+// ===== result probe (drivers that read task states with the fetch) =====
+
+/// For drivers that read each task's state with the fetch ([`ConsumeOptions::result_probe`]);
+/// not stamped by [`broker_conformance!`](crate::broker_conformance), since it needs a backend
+/// on the broker's store: drivers call it by hand.
+///
+/// Consumed with `backend`'s probe, a task with nothing stored comes with "nothing stored", a
+/// finished one and a revoked one with their states, each under its own id. Consumed without
+/// a probe, or with `elsewhere`'s (a backend on another store), no state comes. A message
+/// whose `correlation_id` names another task either comes without a state or with that other
+/// task's (the worker compares the id and reads the state itself), never with a state filed
+/// under its own id that belongs to the other.
+pub async fn case_result_probe(broker: DynBroker, backend: DynBackend, elsewhere: DynBackend) {
+    let probe = backend
+        .result_probe()
+        .expect("the backend names where it keeps task states");
+    assert!(
+        elsewhere.result_probe() != Some(probe.clone()),
+        "two stores with the same probe"
+    );
+    let q = unique_queue("probe");
+    broker.declare(&q).await.expect("declare");
+    let (fresh, done, revoked) = (
+        test_message("conformance.task"),
+        test_message("conformance.task"),
+        test_message("conformance.task"),
+    );
+    let mut other = test_message("conformance.task");
+    other.properties.correlation_id = revoked.id().to_owned();
+    backend
+        .store(&TaskMeta::success(done.id(), json!(3)))
+        .await
+        .expect("store");
+    backend
+        .store(&TaskMeta::new(
+            revoked.id(),
+            TaskState::Revoked,
+            json!(null),
+        ))
+        .await
+        .expect("store");
+    for m in [&fresh, &done, &revoked, &other] {
+        publish(&broker, &q, m, PublishOptions::default()).await;
+    }
+
+    let queues = [q.clone()];
+    let mut c = consume(
+        &broker,
+        &queues,
+        ConsumeOptions::new(10).result_probe(Some(probe)),
+    )
+    .await;
+    let mut seen = HashMap::new();
+    for _ in 0..4 {
+        let d = next_within(&mut c, EVENTUALLY)
+            .await
+            .expect("a delivery in time");
+        let id = d.message.as_ref().expect("decodes").id().to_owned();
+        seen.insert(id, d.stored.clone());
+        d.ack().await.expect("ack");
+    }
+    let state_of = |m: &Message| {
+        let s = seen[m.id()].as_ref().expect("a state read with the fetch");
+        assert_eq!(s.task_id, m.id(), "the state is filed under the task's id");
+        s.state.clone()
+    };
+    assert_eq!(state_of(&fresh), None);
+    assert_eq!(state_of(&done), Some(TaskState::Success));
+    assert_eq!(state_of(&revoked), Some(TaskState::Revoked));
+    if let Some(s) = &seen[other.id()] {
+        assert_eq!(
+            (s.task_id.as_str(), &s.state),
+            (revoked.id(), &Some(TaskState::Revoked)),
+            "a mismatched correlation_id is read under that id, not the task's"
+        );
+    }
+
+    for probe in [None, elsewhere.result_probe()] {
+        publish(
+            &broker,
+            &q,
+            &test_message("conformance.task"),
+            PublishOptions::default(),
+        )
+        .await;
+        let mut c = consume(&broker, &queues, ConsumeOptions::new(1).result_probe(probe)).await;
+        let d = next_within(&mut c, EVENTUALLY)
+            .await
+            .expect("a delivery in time");
+        assert_eq!(d.stored, None, "no state without a probe of this store");
+        d.ack().await.expect("ack");
+    }
 }
