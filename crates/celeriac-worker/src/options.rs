@@ -112,7 +112,8 @@ pub struct WorkerOptions {
     /// [`Pool::Async`]: a blocking task whose last 32 runs each took under 50 µs runs inline
     /// on the runtime thread that took its delivery, saving the two thread handoffs that
     /// otherwise cost more than the body. An inline run over 1 ms sends the task back to the
-    /// blocking pool to prove itself again (for good after the third); one that blocks on the
+    /// blocking pool to prove itself again (for good after the third within 10,000 inline
+    /// runs; strikes further apart are a busy machine pausing the thread); one that blocks on the
     /// runtime (`Handle::block_on`, which panics there) sends it back for good. Default `true`;
     /// `false` never runs a blocking body on the runtime.
     pub inline_brief: bool,

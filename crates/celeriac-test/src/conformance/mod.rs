@@ -25,7 +25,9 @@
 //!
 //! - The cases are ordinary `pub async fn case_*` functions in [`broker`] and [`backend`]; the
 //!   macros only stamp tests, so the logic is type-checked once, here, and can be called by hand
-//!   while debugging a driver.
+//!   while debugging a driver. One case is only called by hand:
+//!   [`broker::case_result_probe`], for drivers whose fetch reads task states, since it needs
+//!   a broker and a backend on one store.
 //! - Every case uses its own queue names and task ids, so cases may share one store (one SQLite
 //!   file, one Redis database) and run in parallel.
 //! - Nothing waits with a fixed sleep to synchronise. A case waits for an event with a deadline

@@ -11,8 +11,12 @@
 //! later runs inline for longer than [`TOO_LONG`] (a slow path, or only the machine pausing
 //! the thread, which a wall clock cannot tell apart) goes back to the pool to prove itself
 //! again; after [`STRIKES`] such runs it stays there for good, with a warning. So a body with a
-//! slow path holds up a runtime thread at most that many times. A body that blocks on
-//! tokio from inside (`Handle::block_on`) works on the blocking pool but panics on a runtime
+//! slow path holds up a runtime thread at most that many times. Strikes are forgotten after
+//! [`FORGIVEN_AFTER`] inline runs without one: on a busy machine the scheduler pauses a
+//! thread for a millisecond now and then, and over a long run those pauses alone would
+//! otherwise demote every brief body for good (the benchmark suite saw 17 such demotions in
+//! one SQLite run); a real slow path shows up far more often than once in that many runs.
+//! A body that blocks on tokio from inside (`Handle::block_on`) works on the blocking pool but panics on a runtime
 //! thread; such a panic demotes it too, and that one run fails with a message saying so.
 //! Workers that must never run a body on the runtime turn this off
 //! ([`WorkerOptions::inline_brief`](crate::WorkerOptions)) or use [`Pool::Threads`]
@@ -32,6 +36,8 @@ pub(crate) const BRIEF: Duration = Duration::from_micros(50);
 pub(crate) const TOO_LONG: Duration = Duration::from_millis(1);
 /// After this many too-long inline runs a body stays on the pool for good.
 pub(crate) const STRIKES: u8 = 3;
+/// Inline runs without a too-long one after which earlier strikes are forgotten.
+pub(crate) const FORGIVEN_AFTER: u32 = 10_000;
 
 /// Where one run of a blocking body goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +58,8 @@ struct Record {
     proven: u32,
     /// Inline runs that took too long; at [`STRIKES`] the body stays on the pool.
     strikes: u8,
+    /// Inline runs placed since the last strike.
+    since_strike: u32,
 }
 
 impl Brief {
@@ -64,6 +72,10 @@ impl Brief {
     pub(crate) fn place(&self, body: usize) -> Placement {
         self.with(body, |r| {
             if r.strikes < STRIKES && r.proven >= PROOF_RUNS {
+                r.since_strike = r.since_strike.saturating_add(1);
+                if r.since_strike >= FORGIVEN_AFTER {
+                    r.strikes = 0;
+                }
                 Placement::Inline
             } else {
                 Placement::Pool
@@ -103,6 +115,7 @@ impl Brief {
                     let strikes = self.with(body, |r| {
                         r.proven = 0;
                         r.strikes = r.strikes.saturating_add(1);
+                        r.since_strike = 0;
                         r.strikes
                     });
                     let took_ms = took.as_secs_f64() * 1e3;
@@ -177,6 +190,39 @@ mod tests {
             }
         }
         assert_eq!(b.place(1), Placement::Pool, "demoted for good");
+    }
+
+    /// Strikes far apart (a thread paused now and then) never add up to a demotion; strikes
+    /// close together still do.
+    #[test]
+    fn strikes_are_forgotten_after_many_brief_inline_runs() {
+        let b = Brief::default();
+        let prove = |b: &Brief| {
+            for _ in 0..PROOF_RUNS {
+                b.ran_on_pool(3, Duration::from_micros(5));
+            }
+            assert_eq!(b.place(3), Placement::Inline);
+        };
+        let strike = |b: &Brief| {
+            b.ran_inline(3, Duration::from_millis(2), Finished::Lost(String::new()));
+        };
+        for _ in 0..STRIKES * 3 {
+            prove(&b);
+            for _ in 1..FORGIVEN_AFTER {
+                assert_eq!(b.place(3), Placement::Inline);
+            }
+            strike(&b);
+        }
+        // Still inline after nine strikes spread out; the last one counts, and two more
+        // close to it make three.
+        prove(&b);
+        strike(&b);
+        prove(&b);
+        strike(&b);
+        for _ in 0..PROOF_RUNS {
+            b.ran_on_pool(3, Duration::from_micros(5));
+        }
+        assert_eq!(b.place(3), Placement::Pool, "strikes close together demote");
     }
 
     #[test]
