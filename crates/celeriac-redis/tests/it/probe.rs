@@ -2,12 +2,12 @@
 //! the broker's server, so the worker's duplicate and revoke check needs no read of its own.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use celeriac_core::{
-    Broker, ConsumeOptions, DynBackend, DynBroker, Handler, Message, PublishOptions, Registry,
-    ResultBackend, TaskDef, TaskMeta, TaskOptions, TaskState,
+    Broker, ConsumeOptions, DynBackend, DynBroker, Message, PublishOptions, ResultBackend,
+    TaskMeta, TaskState,
 };
 use celeriac_redis::{RedisBackend, RedisOptions};
 use celeriac_worker::{Worker, WorkerOptions};
@@ -102,18 +102,7 @@ async fn the_worker_skips_a_revoked_task_and_checks_a_mismatched_id_itself() {
     publish(&broker, &q, &revoked).await;
     publish(&broker, &q, &mismatched).await;
 
-    let runs = Arc::new(AtomicUsize::new(0));
-    let mut registry = Registry::new();
-    let counted = runs.clone();
-    registry.insert(TaskDef {
-        name: "tests.add".into(),
-        params: &[],
-        options: TaskOptions::default(),
-        handler: Handler::Blocking(Arc::new(move |_, _| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            Ok(json!(3))
-        })),
-    });
+    let (registry, runs) = util::counting_registry();
     let mut options = WorkerOptions::default();
     options.queues = vec![q.clone()];
     options.hostname = "probe@test".into();

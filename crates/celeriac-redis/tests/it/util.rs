@@ -1,10 +1,10 @@
 //! Helpers: a key prefix per test (so tests share one Redis without colliding) and raw access.
 
-use std::sync::Once;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
-use celeriac_core::{Consumer, Delivery, Message};
+use celeriac_core::{Consumer, Delivery, Handler, Message, Registry, TaskDef, TaskOptions};
 use celeriac_redis::{RedisBackend, RedisBroker, RedisOptions};
 
 pub(crate) const ADDR: &str = "127.0.0.1:6379";
@@ -86,4 +86,21 @@ pub(crate) async fn next_within(consumer: &mut Box<dyn Consumer>, within: Durati
         .expect("a delivery in time")
         .expect("next")
         .expect("not closed")
+}
+
+/// A registry with one blocking task, `tests.add`, that counts its runs (and returns null).
+pub(crate) fn counting_registry() -> (Registry, Arc<AtomicUsize>) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let mut registry = Registry::new();
+    registry.insert(TaskDef {
+        name: "tests.add".into(),
+        params: &[],
+        options: TaskOptions::default(),
+        handler: Handler::Blocking(Arc::new(move |_, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(serde_json::Value::Null)
+        })),
+    });
+    (registry, runs)
 }

@@ -2,15 +2,12 @@
 //! redeliveries past one.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use celeriac_core::{
-    Broker, ConsumeOptions, DynBroker, Handler, PublishOptions, Registry, TaskDef, TaskOptions,
-};
+use celeriac_core::{Broker, ConsumeOptions, DynBroker, PublishOptions};
 use celeriac_redis::RedisOptions;
 use celeriac_worker::{Worker, WorkerOptions};
-use serde_json::Value;
 
 use crate::util::{self, broker_with, msg, next_within};
 
@@ -44,18 +41,7 @@ async fn a_message_restored_past_max_redeliveries_is_dead_lettered() {
         // Dropped unsettled: as if its worker had died.
     }
 
-    let runs = Arc::new(AtomicUsize::new(0));
-    let mut registry = Registry::new();
-    let counted = runs.clone();
-    registry.insert(TaskDef {
-        name: "tests.add".into(),
-        params: &[],
-        options: TaskOptions::default(),
-        handler: Handler::Blocking(Arc::new(move |_, _| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            Ok(Value::Null)
-        })),
-    });
+    let (registry, runs) = util::counting_registry();
     let mut options = WorkerOptions::default();
     options.queues = vec![q.clone()];
     options.hostname = "poison@test".into();
