@@ -79,7 +79,7 @@ out["countdown_state_at_once"] = r.state
 out["countdown"] = r.get(timeout=T)
 out["countdown_elapsed"] = time.time() - t0
 
-r = app.send_task("tasks.sleep", (0.2,), queue=q, expires=1)
+r = app.send_task("tasks.sleep", (0.2,), queue=q, expires=10)
 out["sleep_with_expires"] = r.get(timeout=T)
 
 print(json.dumps(out))
