@@ -136,7 +136,8 @@ local function record(k, m)
     end
   end
   if not entry then
-    tag, entry = decoded(m, ARGV[2] .. '.' .. got, ARGV[k + 3])
+    -- ARGV[6 + i] names the queue of list KEYS[2 + i].
+    tag, entry = decoded(m, ARGV[2] .. '.' .. got, ARGV[k + 4])
   end
   zargs[#zargs + 1] = ARGV[1]
   zargs[#zargs + 1] = tag

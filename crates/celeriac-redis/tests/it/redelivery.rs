@@ -218,6 +218,54 @@ async fn an_idle_consumer_takes_announced_and_unannounced_messages() {
     assert_eq!(b, silent.id());
 }
 
+/// A message whose envelope names no routing key is recorded under the queue it was taken
+/// from, whichever of a consumer's queues and lists that is (kombu restores it there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrouted_messages_are_recorded_under_their_own_queue() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let queues = ["first", "second"];
+    let mut r = raw().await;
+    let mut pushed = 0;
+    for q in queues {
+        broker.declare(q).await.unwrap();
+        // The bare list (kombu's priority 0) and the lowest priority list.
+        for list in [format!("{p}{q}"), format!("{p}{q}\x06\x169")] {
+            let _: () = r
+                .lpush(&list, format!("not json, from {list}"))
+                .await
+                .unwrap();
+            pushed += 1;
+        }
+    }
+    let mut c = broker
+        .consume(&queues.map(str::to_owned), ConsumeOptions::new(8))
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..pushed {
+        held.push(next_within(&mut c, WAIT).await);
+    }
+    let entries: Vec<(String, String)> = r.hgetall(format!("{p}unacked")).await.unwrap();
+    assert_eq!(entries.len(), pushed, "{entries:?}");
+    for (_, entry) in &entries {
+        let v: serde_json::Value = serde_json::from_str(entry).unwrap();
+        let from = v[0]
+            .as_str()
+            .unwrap()
+            .strip_prefix("not json, from ")
+            .unwrap();
+        let queue = from.strip_prefix(&p).unwrap().split('\x06').next().unwrap();
+        assert_eq!(v[2], queue, "{entry}");
+    }
+    for d in held {
+        d.ack().await.unwrap();
+    }
+}
+
 /// The fetch script reads kombu envelopes without decoding them when it can, and falls back to
 /// decoding (or to storing the bytes as a JSON string) otherwise: every `unacked` entry it
 /// writes is kombu's `[envelope, exchange, routing_key]`, valid JSON, whatever was queued.
