@@ -1,6 +1,6 @@
 //! [`RedisBroker`]: kombu's Redis transport, spoken from Rust.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,7 +14,7 @@ use futures_util::{FutureExt, StreamExt};
 use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::backend::decode_meta;
@@ -33,6 +33,9 @@ const MAX_BLOCK: Duration = Duration::from_secs(1);
 /// How long an idle consumer waits before it polls when it cannot subscribe to its wake-up
 /// channels (the server is probably down; fetching will report it).
 const UNSUBSCRIBED_POLL: Duration = Duration::from_millis(20);
+
+/// How long a fetch connection's replies may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(11);
 
 /// The most messages one fetch script takes (bounded further by the free prefetch).
 const FETCH_MAX: usize = 128;
@@ -87,6 +90,9 @@ struct Inner {
     closed: watch::Sender<bool>,
     /// Acks, several per script call under load (see [`Batcher`]).
     acks: Batcher<AckRequest>,
+    /// Whether consumers' fetch connections ask for key tracking (cleared when the server
+    /// turns out not to have it).
+    tracking: AtomicBool,
 }
 
 impl RedisBroker {
@@ -115,6 +121,7 @@ impl RedisBroker {
                 counter_ttl: COUNTER_TTL.max(visibility_timeout * 2).as_secs(),
                 closed: watch::Sender::new(false),
                 acks,
+                tracking: AtomicBool::new(true),
             }),
         })
     }
@@ -336,6 +343,12 @@ impl Broker for RedisBroker {
                 fetch: tokio::sync::Mutex::new(FetchState {
                     conn: None,
                     wake: None,
+                    pushes: None,
+                    lists: queues
+                        .iter()
+                        .flat_map(|q| self.inner.keys.lists(q))
+                        .map(String::into_bytes)
+                        .collect(),
                     order: queues.iter().cloned().collect(),
                     next_promote: Instant::now(),
                     next_sweep: Instant::now(),
@@ -511,6 +524,11 @@ struct FetchState {
     conn: Option<MultiplexedConnection>,
     /// The subscription to the wake-up channels of this consumer's queues.
     wake: Option<Wake>,
+    /// The fetch connection's pushes when it has key tracking on: an invalidation says that
+    /// someone wrote a list this consumer last found empty (see [`scripts::FETCH`]).
+    pushes: Option<mpsc::UnboundedReceiver<redis::PushInfo>>,
+    /// The keys of this consumer's lists.
+    lists: HashSet<Vec<u8>>,
     /// Queues in kombu's round-robin order: the one just served moves to the end.
     order: VecDeque<String>,
     next_promote: Instant,
@@ -695,6 +713,7 @@ impl ConsumerShared {
                 }
                 Err(e) => {
                     st.conn = None;
+                    st.pushes = None;
                     st.wake = None;
                     let delay = backoff.next_delay();
                     tracing::warn!(
@@ -746,14 +765,11 @@ impl ConsumerShared {
         let conn = match &mut st.conn {
             Some(c) => c,
             None => {
-                let c = self
-                    .broker
-                    .redis
-                    .dedicated(MAX_BLOCK + Duration::from_secs(10))
-                    .await?;
+                let c = self.open_fetch_conn(&mut st.pushes).await?;
                 st.conn.insert(c)
             }
         };
+        let track = if st.pushes.is_some() { "1" } else { "0" };
         let keys = &self.broker.keys;
         let token = score(self.lease, self.broker.visibility_timeout);
         let mut inv = scripts::FETCH.prepare_invoke();
@@ -763,7 +779,8 @@ impl ConsumerShared {
             .arg(want)
             .arg(st.order.len())
             .arg(keys.redelivered_prefix())
-            .arg(&self.probe);
+            .arg(&self.probe)
+            .arg(track);
         let mut queues = Vec::with_capacity(PRIORITY_STEPS.len() * st.order.len());
         for step in PRIORITY_STEPS {
             for q in &st.order {
@@ -839,6 +856,53 @@ impl ConsumerShared {
                 Err(e)
             }
         }
+    }
+
+    /// Opens this consumer's fetch connection. Where the server has key tracking (6.0+) it
+    /// speaks RESP3 with tracking on, and `pushes` gets its invalidations: the fetch script
+    /// that finds every list empty reads them (see [`scripts::FETCH`]), so a write to any of
+    /// them by another client, announced or not, wakes this consumer. `NOLOOP`: its own pops
+    /// do not. Elsewhere it is a plain connection and `pushes` is `None`.
+    async fn open_fetch_conn(
+        &self,
+        pushes: &mut Option<mpsc::UnboundedReceiver<redis::PushInfo>>,
+    ) -> redis::RedisResult<MultiplexedConnection> {
+        *pushes = None;
+        let redis = &self.broker.redis;
+        if self.broker.tracking.load(Ordering::Relaxed) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let refused = match redis.dedicated_resp3(FETCH_TIMEOUT, tx).await {
+                Ok(mut c) => {
+                    let on = redis::cmd("CLIENT")
+                        .arg("TRACKING")
+                        .arg("ON")
+                        .arg("NOLOOP")
+                        .query_async::<()>(&mut c)
+                        .await;
+                    match on {
+                        Ok(()) => {
+                            *pushes = Some(rx);
+                            return Ok(c);
+                        }
+                        Err(e) if is_connection_error(&e) => return Err(e),
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            // Either the server is down (the plain connection below fails too, and that is the
+            // error to report) or it lacks RESP3 or tracking.
+            let c = redis.dedicated(FETCH_TIMEOUT).await?;
+            self.broker.tracking.store(false, Ordering::Relaxed);
+            tracing::info!(
+                url = %redis.url,
+                error = %refused,
+                "redis server has no key tracking (6.0+); idle consumers find messages that \
+                 other clients push without a wake-up by polling every second"
+            );
+            return Ok(c);
+        }
+        redis.dedicated(FETCH_TIMEOUT).await
     }
 
     /// Re-records a delivery that the fetch script read by search and that turned out not to
@@ -961,6 +1025,9 @@ impl FetchState {
     /// Consumes the wake-ups received so far; false when not subscribed (or the subscription
     /// just ended).
     fn drain_wake(&mut self) -> bool {
+        if let Some(p) = &mut self.pushes {
+            while p.try_recv().is_ok() {}
+        }
         let Some(w) = &mut self.wake else {
             return false;
         };
@@ -982,9 +1049,44 @@ impl FetchState {
         let Some(w) = &mut self.wake else {
             return;
         };
-        if let Ok(None) = tokio::time::timeout(timeout, w.stream.next()).await {
-            self.wake = None;
+        let lists = &self.lists;
+        let pushed = async {
+            match &mut self.pushes {
+                Some(p) => loop {
+                    match p.recv().await {
+                        Some(push) if !may_wake(&push, lists) => {}
+                        // Or the connection closed: the fetch then fails and reconnects.
+                        _ => break,
+                    }
+                },
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            woken = w.stream.next() => {
+                if woken.is_none() {
+                    self.wake = None;
+                }
+            }
+            () = pushed => {}
+            () = tokio::time::sleep(timeout) => {}
         }
+    }
+}
+
+/// Whether a push on a fetch connection may mean a message: an invalidation of one of the
+/// consumer's `lists` or of every key (a flush), or anything but an invalidation. Servers
+/// before 7.2 track every key a script declares once it reads any, so writes by acks to
+/// `unacked` and its index come too; they wake nobody.
+fn may_wake(push: &redis::PushInfo, lists: &HashSet<Vec<u8>>) -> bool {
+    if push.kind != redis::PushKind::Invalidate {
+        return true;
+    }
+    match push.data.first() {
+        Some(redis::Value::Array(keys)) => keys
+            .iter()
+            .any(|k| matches!(k, redis::Value::BulkString(b) if lists.contains(b))),
+        _ => true,
     }
 }
 
@@ -1515,6 +1617,41 @@ impl Drop for RedisAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pushes_about_the_lists_wake_a_consumer() {
+        use redis::{PushInfo, PushKind, Value};
+        let lists: HashSet<Vec<u8>> = [b"p:q".to_vec(), b"p:q\x06\x163".to_vec()].into();
+        let invalidate = |data: Vec<Value>| PushInfo {
+            kind: PushKind::Invalidate,
+            data,
+        };
+        let keys = |names: &[&str]| {
+            vec![Value::Array(
+                names
+                    .iter()
+                    .map(|n| Value::BulkString(n.as_bytes().to_vec()))
+                    .collect(),
+            )]
+        };
+        assert!(may_wake(&invalidate(keys(&["p:q"])), &lists));
+        assert!(may_wake(
+            &invalidate(keys(&["p:unacked", "p:q\x06\x163"])),
+            &lists
+        ));
+        assert!(!may_wake(&invalidate(keys(&["p:unacked_index"])), &lists));
+        assert!(!may_wake(&invalidate(keys(&["p:q2"])), &lists));
+        // A flush invalidates every key.
+        assert!(may_wake(&invalidate(vec![Value::Nil]), &lists));
+        // The connection's end.
+        assert!(may_wake(
+            &PushInfo {
+                kind: PushKind::Disconnection,
+                data: Vec::new(),
+            },
+            &lists
+        ));
+    }
 
     #[test]
     fn priorities_map_onto_kombu_buckets() {

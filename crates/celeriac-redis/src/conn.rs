@@ -201,6 +201,28 @@ impl Redis {
             .await
     }
 
+    /// Like [`Redis::dedicated`], but speaking RESP3, with the server's pushes (key
+    /// invalidations, among others) handed to `pushes`. Servers before 6.0 refuse it.
+    pub(crate) async fn dedicated_resp3(
+        &self,
+        response_timeout: Duration,
+        pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    ) -> redis::RedisResult<MultiplexedConnection> {
+        let info = self.client.get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings))?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(response_timeout))
+            .set_push_sender(pushes);
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
     async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
         let mut guard = self.conn.lock().await;
         if let Some(c) = &*guard {

@@ -77,7 +77,8 @@ end
 /// KEYS: unacked, unacked_index, then the lists, step-major (every queue's step-0 list, then
 /// every queue's step-3 list, ...). ARGV: lease score, a fallback delivery tag prefix, `want`,
 /// the number of queues, the redelivery counter key prefix, the result key prefix (empty: no
-/// probe), then the queue name of each list. Returns a flat array of `{list index (1-based),
+/// probe), `1` to watch the lists when all are empty (else `0`), then the queue name of each
+/// list. Returns a flat array of `{list index (1-based),
 /// message, tag, redelivery count, searched, probed task id, stored result}` per message,
 /// empty when every list is empty. The unacked entry is kombu's `[envelope, exchange,
 /// routing_key]`, the envelope embedded as JSON when it is JSON.
@@ -89,6 +90,12 @@ end
 /// when the search could not tell it; the worker compares it with the id it decodes, and
 /// reads the state itself when they differ. A failing read (say, a user not allowed to read
 /// the result keys) gives '' ids and the fetch goes on.
+///
+/// **Watching empty lists.** A script cannot block, and a client that pushes without a
+/// wake-up (Python's kombu) would otherwise be noticed only by the consumer's next poll. So when
+/// it took nothing and is asked to watch, the script reads every list (`EXISTS`): on a
+/// connection with client-side key tracking on (RESP3, `CLIENT TRACKING ON NOLOOP`) the server
+/// then sends this connection an invalidation as soon as any other client writes one of them.
 ///
 /// **Reading by search.** Decoding an envelope (`cjson.decode`) was the largest part of this
 /// script's time, and all it needs is three strings. So when the message has no backslash and
@@ -136,8 +143,8 @@ local function record(k, m)
     end
   end
   if not entry then
-    -- ARGV[6 + i] names the queue of list KEYS[2 + i].
-    tag, entry = decoded(m, ARGV[2] .. '.' .. got, ARGV[k + 4])
+    -- ARGV[7 + i] names the queue of list KEYS[2 + i].
+    tag, entry = decoded(m, ARGV[2] .. '.' .. got, ARGV[k + 5])
   end
   zargs[#zargs + 1] = ARGV[1]
   zargs[#zargs + 1] = tag
@@ -196,6 +203,9 @@ if got > 0 then
   redis.call('HSET', KEYS[1], unpack(hargs))
   local counts = redis.call('MGET', unpack(ckeys))
   for i = 1, got do out[i * 7 - 3] = tonumber(counts[i]) or 0 end
+end
+if got == 0 and ARGV[7] == '1' then
+  redis.call('EXISTS', unpack(KEYS, 3))
 end
 if #pkeys > 0 then
   local docs = redis.pcall('MGET', unpack(pkeys))

@@ -218,6 +218,133 @@ async fn an_idle_consumer_takes_announced_and_unannounced_messages() {
     assert_eq!(b, silent.id());
 }
 
+/// Envelopes as our publisher writes them, taken out again before anyone consumes them: what
+/// a client that pushes without a wake-up (Python's kombu) would push.
+async fn unannounced_envelopes(p: &str, q: &str, n: usize) -> Vec<(String, String)> {
+    let staging = broker_with(&format!("{p}staging:"), RedisOptions::default()).await;
+    let mut r = raw().await;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let m = msg();
+        staging
+            .publish(q, &m, PublishOptions::default())
+            .await
+            .unwrap();
+        let env: Vec<u8> = r
+            .rpop(format!("{p}staging:{q}\x06\x169"), None)
+            .await
+            .unwrap();
+        out.push((m.id().to_owned(), String::from_utf8(env).unwrap()));
+    }
+    out
+}
+
+/// An idle consumer is woken by a push that no wake-up announces as soon as it lands, in its
+/// bare list or another priority list (the server's key tracking tells it), rather than by its
+/// fallback poll a second after its first, empty fetch. Each round has a new consumer that has
+/// fetched nothing yet (servers before 7.2 would otherwise track its lists because of its
+/// earlier fetches), and pushes at most 0.4 s after that fetch: the poll cannot find it within
+/// 150 ms. One slow round is forgiven, for a busy machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unannounced_pushes_wake_an_idle_consumer_at_once() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let q = "watched";
+    broker.declare(q).await.unwrap();
+    let envelopes = unannounced_envelopes(&p, q, 6).await;
+    let mut r = raw().await;
+    let mut took = Vec::new();
+    for (i, (id, env)) in envelopes.into_iter().enumerate() {
+        let mut c = broker
+            .consume(&[q.to_owned()], ConsumeOptions::new(4))
+            .await
+            .unwrap();
+        let waiting = tokio::spawn(async move {
+            let d = next_within(&mut c, WAIT).await;
+            let at = std::time::Instant::now();
+            let id = d.message.as_ref().unwrap().id().to_owned();
+            d.ack().await.unwrap();
+            (id, at)
+        });
+        // The consumer goes idle, and the pushes land at different points of its poll.
+        tokio::time::sleep(Duration::from_millis(60 + 53 * i as u64)).await;
+        let list = if i % 2 == 0 {
+            format!("{p}{q}")
+        } else {
+            format!("{p}{q}\x06\x166")
+        };
+        let pushed = std::time::Instant::now();
+        let _: () = r.lpush(&list, env).await.unwrap();
+        let (got, at) = waiting.await.unwrap();
+        assert_eq!(got, id);
+        took.push(at.duration_since(pushed));
+    }
+    let prompt = took
+        .iter()
+        .filter(|t| **t < Duration::from_millis(150))
+        .count();
+    assert!(prompt >= 5, "woken by the push, not the poll: {took:?}");
+}
+
+/// A server that refuses key tracking (here: an ACL user without `CLIENT`) still serves
+/// consumers: announced messages by the wake-up channel, unannounced ones by the poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_key_tracking_still_serves_consumers() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let user = format!("celeriac-test-notrack-{}", std::process::id());
+    let mut r = raw().await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">secret")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-client")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let url = format!("redis://{user}:secret@127.0.0.1:6379/0");
+    let broker = celeriac_redis::RedisBroker::connect_with(
+        &url,
+        RedisOptions::default().global_keyprefix(&p),
+    )
+    .await
+    .unwrap();
+    let q = "untracked";
+    broker.declare(q).await.unwrap();
+    let mut c = broker
+        .consume(&[q.to_owned()], ConsumeOptions::new(4))
+        .await
+        .unwrap();
+    let m = msg();
+    broker
+        .publish(q, &m, PublishOptions::default())
+        .await
+        .unwrap();
+    let d = next_within(&mut c, WAIT).await;
+    assert_eq!(d.message.as_ref().unwrap().id(), m.id());
+    d.ack().await.unwrap();
+    let (id, env) = unannounced_envelopes(&p, q, 1).await.remove(0);
+    let _: () = r.lpush(format!("{p}{q}"), env).await.unwrap();
+    let d = next_within(&mut c, WAIT).await;
+    assert_eq!(d.message.as_ref().unwrap().id(), id);
+    d.ack().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+}
+
 /// A message whose envelope names no routing key is recorded under the queue it was taken
 /// from, whichever of a consumer's queues and lists that is (kombu restores it there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
