@@ -111,9 +111,10 @@ pub struct WorkerOptions {
     pub max_redeliveries: u32,
     /// [`Pool::Async`]: a blocking task whose last 32 runs each took under 50 µs runs inline
     /// on the runtime thread that took its delivery, saving the two thread handoffs that
-    /// otherwise cost more than the body. An inline run over 1 ms sends the task back to the
-    /// blocking pool to prove itself again (for good after the third within 10,000 inline
-    /// runs; strikes further apart are a busy machine pausing the thread); one that blocks on the
+    /// otherwise cost more than the body. An inline run over 1 ms in which the task blocked or
+    /// computed sends it back to the blocking pool to prove itself again (for good after the
+    /// third within 10,000 inline runs); on Linux the thread's accounting tells such a run from
+    /// a busy machine pausing the thread, which sends nobody back. One that blocks on the
     /// runtime (`Handle::block_on`, which panics there) sends it back for good. Default `true`;
     /// `false` never runs a blocking body on the runtime.
     pub inline_brief: bool,

@@ -109,15 +109,15 @@ impl Executor {
                 };
                 match self {
                     Executor::Tokio(Some(brief)) => match brief.place(body) {
-                        Placement::Inline => {
-                            let (finished, took) = brief::timed(run);
+                        Placement::Inline { measured } => {
+                            let (finished, took) = brief::timed(run, measured);
                             Spawned::Done(Some(brief.ran_inline(body, took, finished)))
                         }
                         Placement::Pool => {
                             let brief = brief.clone();
                             Spawned::Blocking(AbortOnDrop(tokio::task::spawn_blocking(move || {
-                                let (finished, took) = brief::timed(run);
-                                brief.ran_on_pool(body, took);
+                                let (finished, took) = brief::timed(run, false);
+                                brief.ran_on_pool(body, took.wall);
                                 finished
                             })))
                         }
@@ -433,6 +433,43 @@ mod tests {
         for _ in 0..(brief::PROOF_RUNS * 2) {
             assert_ne!(thread_of(&off, &h).await, runtime);
         }
+    }
+
+    /// A brief body that starts to block (waits 3 ms on a channel) holds up the runtime at most
+    /// twice, the first long run unmeasured and the next measured (a voluntary switch): then it
+    /// runs on the pool, where it cannot prove brief again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_brief_body_that_starts_to_block_leaves_the_runtime() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let runtime = format!("{:?}", std::thread::current().id());
+        let exec = Executor::new(Pool::Async, 4);
+        let slow = Arc::new(AtomicBool::new(false));
+        let h = {
+            let slow = slow.clone();
+            Handler::Blocking(Arc::new(move |_, _| {
+                if slow.load(Ordering::Relaxed) {
+                    let (_tx, rx) = std::sync::mpsc::channel::<()>();
+                    let _ = rx.recv_timeout(std::time::Duration::from_millis(3));
+                }
+                Ok(json!(format!("{:?}", std::thread::current().id())))
+            }))
+        };
+        let mut proved = false;
+        for _ in 0..500 {
+            if thread_of(&exec, &h).await == runtime {
+                proved = true;
+                break;
+            }
+        }
+        assert!(proved, "never ran inline");
+        slow.store(true, Ordering::Relaxed);
+        let mut inline = 0;
+        for _ in 0..100 {
+            if thread_of(&exec, &h).await == runtime {
+                inline += 1;
+            }
+        }
+        assert!((1..=2).contains(&inline), "{inline} slow runs inline");
     }
 
     /// A body that blocks on the runtime works on the pool, fails inline with an explanation,
