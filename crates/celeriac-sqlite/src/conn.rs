@@ -424,14 +424,24 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
     // depend on parameter values.
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(cannot)?;
-    let _mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+    // Switching a file to WAL takes its exclusive lock. Two connections switching at once may
+    // each hold the shared lock the other needs upgraded, and SQLite then answers one of them
+    // "database is locked" without calling the busy handler (waiting could deadlock). So the
+    // switch is skipped when already made, and retried when busy, as the migration is.
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .map_err(cannot)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        retry_busy(busy, || {
+            conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))
+        })
+        .map_err(cannot)?;
+    }
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(cannot)?;
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(cannot)?;
-    schema::migrate(&conn).map_err(cannot)?;
+    retry_busy(busy, || schema::migrate(&conn)).map_err(cannot)?;
     Ok(Db {
         conn,
         known_queues: HashSet::new(),
@@ -453,6 +463,30 @@ fn busy_step(n: u32) -> Duration {
         10..30 => Duration::from_micros(100),
         30..50 => Duration::from_micros(500),
         _ => Duration::from_millis(2),
+    }
+}
+
+/// Runs `f` again while it fails with `SQLITE_BUSY`, on [`busy_step`], for up to `timeout`:
+/// for the statements whose lock contention SQLite reports without calling the busy handler.
+fn retry_busy<T>(
+    timeout: Duration,
+    mut f: impl FnMut() -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    let started = Instant::now();
+    let mut n = 0;
+    loop {
+        match f() {
+            Err(e)
+                if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
+                    && started.elapsed() + busy_step(n) <= timeout =>
+            {
+                // On the connection thread, which is ours alone (see `busy_handler`).
+                #[allow(clippy::disallowed_methods)]
+                std::thread::sleep(busy_step(n));
+                n += 1;
+            }
+            other => return other,
+        }
     }
 }
 

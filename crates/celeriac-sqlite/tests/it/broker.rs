@@ -404,3 +404,34 @@ async fn opens_from_urls_through_the_driver_table() {
         .unwrap();
     assert_eq!(mem.stats("q").await.unwrap().ready, 1);
 }
+
+/// Brokers and backends opened at the same instant on a new file all open: two connections
+/// switching a file to WAL at once each hold the shared lock the other needs upgraded, and
+/// SQLite answers one of them "database is locked" at once rather than wait (two workers
+/// started together, each with a broker, a backend and beat, met this).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_openers_of_a_new_file_all_open() {
+    for round in 0..60 {
+        let path = db(&format!("openers_{round}"));
+        let opens = (0..8).map(|i| {
+            let path = path.clone();
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    SqliteBroker::open(&path, SqliteOptions::default())
+                        .await
+                        .map(drop)
+                } else {
+                    SqliteBackend::open(&path, SqliteOptions::default())
+                        .await
+                        .map(drop)
+                }
+            })
+        });
+        let opens: Vec<_> = opens.collect();
+        for (i, open) in opens.into_iter().enumerate() {
+            if let Err(e) = open.await.unwrap() {
+                panic!("round {round}, opener {i}: {e:#}");
+            }
+        }
+    }
+}
