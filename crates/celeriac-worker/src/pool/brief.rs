@@ -11,11 +11,14 @@
 //! longer than [`TOO_LONG`] is either the body's fault (it blocked, or computed that long) or
 //! the machine's (the scheduler or the hypervisor paused the thread; on a busy 2-core machine
 //! a 5 µs body is paused that long about once in a thousand runs), and a wall clock cannot tell
-//! them apart. The thread's own accounting can (`getrusage(RUSAGE_THREAD)` on Linux): a
-//! voluntary context switch means the body blocked, CPU time over [`TOO_LONG`] means it
-//! computed, and neither means it was paused. That costs two system calls per run (about
-//! 1.5 µs here), so only a body in doubt pays it: a long run that was not measured strikes
-//! nothing but has the next [`DOUBT_RUNS`] inline runs of that body measured.
+//! them apart. The thread's own accounting can, on Linux: a voluntary context switch
+//! (`getrusage(RUSAGE_THREAD)`) means the body blocked, CPU time over [`TOO_LONG`]
+//! (`CLOCK_THREAD_CPUTIME_ID`) means it computed, and neither means it was paused.
+//! (`getrusage`'s own CPU times will not do: they advance only at the scheduler's ticks, so
+//! over a short run they are off by up to a tick; the benchmark suite saw a no-op body
+//! "use" 2.25 ms.) Reading both costs about 2 µs here before a run, and again after it only
+//! when it was long, so only a body in doubt pays it: a long run that was not measured
+//! strikes nothing but has the next [`DOUBT_RUNS`] inline runs of that body measured.
 //!
 //! A long run that is the body's fault (or any long run where the accounting is not available)
 //! sends the body back to the pool to prove itself again; after [`STRIKES`] such runs it stays
@@ -64,7 +67,8 @@ pub(crate) struct Took {
     pub(crate) wall: Duration,
     /// Whether the run was to be measured by the thread's accounting.
     pub(crate) measured: bool,
-    /// From the thread's accounting, when the run was measured and it is available.
+    /// From the thread's accounting, when the run was measured and long, and the accounting
+    /// is available.
     pub(crate) usage: Option<Usage>,
 }
 
@@ -204,13 +208,17 @@ fn blocked_on_runtime(msg: &str) -> bool {
         || msg.contains("can call blocking only when running on the multi-threaded runtime")
 }
 
-/// Runs `run`, timing it, and with `measured` also by the thread's accounting.
+/// Runs `run`, timing it, and with `measured` also by the thread's accounting (read after
+/// the run only when it was long: a brief run strikes nothing).
 pub(crate) fn timed<T>(run: impl FnOnce() -> T, measured: bool) -> (T, Took) {
     let before = if measured { usage::now() } else { None };
     let started = Instant::now();
     let out = run();
     let wall = started.elapsed();
-    let usage = before.and_then(|b| usage::now().map(|a| usage::between(b, a)));
+    let usage = match before {
+        Some(b) if wall > TOO_LONG => usage::now().map(|a| usage::between(b, a)),
+        _ => None,
+    };
     (
         out,
         Took {
@@ -229,19 +237,16 @@ mod usage {
     use std::time::Duration;
 
     use nix::sys::resource::{UsageWho, getrusage};
-    use nix::sys::time::TimeVal;
+    use nix::time::{ClockId, clock_gettime};
 
     use super::Usage;
 
     /// The calling thread's CPU time and voluntary context switches so far.
     pub(super) fn now() -> Option<(Duration, u64)> {
+        let cpu = clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).ok()?;
         let u = getrusage(UsageWho::RUSAGE_THREAD).ok()?;
-        let d = |t: TimeVal| {
-            Duration::from_secs(t.tv_sec().max(0) as u64)
-                + Duration::from_micros(t.tv_usec().max(0) as u64)
-        };
         Some((
-            d(u.user_time()) + d(u.system_time()),
+            Duration::from(cpu),
             u64::try_from(u.voluntary_context_switches()).unwrap_or(0),
         ))
     }
@@ -464,6 +469,17 @@ mod tests {
         );
         let ((), not) = timed(|| (), false);
         assert!(not.usage.is_none() && !not.measured);
+        // The CPU time is exact, not as of the scheduler's last tick: 300 µs of spinning show.
+        let before = usage::now().expect("measured");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_micros(300) {
+            std::hint::spin_loop();
+        }
+        let spun = usage::between(before, usage::now().expect("measured"));
+        assert!(
+            spun.cpu > Duration::ZERO && spun.cpu <= started.elapsed(),
+            "{spun:?}"
+        );
     }
 
     #[test]
