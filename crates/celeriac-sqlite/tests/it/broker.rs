@@ -435,3 +435,41 @@ async fn many_openers_of_a_new_file_all_open() {
         }
     }
 }
+
+/// Commits never run a checkpoint (its fsyncs stalled whichever caller crossed 1,000 WAL
+/// pages): a thread of the connection copies the WAL into the database file every 200 ms.
+/// So the file grows soon after a few hundred commits that stay far below 1,000 pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_is_checkpointed_by_a_thread_of_its_own() {
+    let path = db("checkpointed");
+    let broker = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let empty = std::fs::metadata(&path).unwrap().len();
+    for _ in 0..200 {
+        broker
+            .publish("ckpt", &msg(), PublishOptions::default())
+            .await
+            .unwrap();
+    }
+    let wal = std::fs::metadata(format!("{}-wal", path.display()))
+        .unwrap()
+        .len();
+    assert!(
+        wal < 1_000 * 4096,
+        "the WAL stays below the autocheckpoint size: {wal}"
+    );
+    let deadline = Instant::now() + SOON;
+    loop {
+        let size = std::fs::metadata(&path).unwrap().len();
+        if size > empty {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never checkpointed: {size} bytes, {empty} empty"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(broker.stats("ckpt").await.unwrap().ready, 200);
+}
