@@ -27,9 +27,6 @@ const MAX_POLL: Duration = Duration::from_millis(20);
 /// How long the thread sleeps when nobody waits for other processes' writes.
 const IDLE_TICK: Duration = Duration::from_millis(100);
 
-/// How often the checkpoint thread copies the WAL's new pages into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
-
 /// Connections by canonical path, so a broker and a backend of one process share one thread.
 static OPEN: LazyLock<Mutex<HashMap<PathBuf, Weak<Conn>>>> = LazyLock::new(Default::default);
 
@@ -41,8 +38,6 @@ pub(crate) fn now_ms() -> i64 {
 /// A handle to a connection thread. The thread ends when the last handle is dropped.
 pub(crate) struct Conn {
     tx: mpsc::Sender<Msg>,
-    /// Held so the checkpoint thread runs while this connection does (see [`checkpoints`]).
-    _checkpoints: Option<mpsc::Sender<()>>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) location: String,
     /// `sqlite://` and the file's canonical path: the same for every handle on one file
@@ -283,13 +278,8 @@ impl Conn {
         ready_rx
             .await
             .map_err(|_| Error::new(kind, format!("cannot open sqlite database {display}")))??;
-        let checkpoints = match &key {
-            Some(path) => Some(checkpoints(path.clone(), busy, kind)?),
-            None => None,
-        };
         let conn = Arc::new(Conn {
             tx,
-            _checkpoints: checkpoints,
             shared,
             location: display.clone(),
             identity: key.as_ref().map(|k| format!("sqlite://{}", k.display())),
@@ -451,13 +441,6 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
         .map_err(cannot)?;
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(cannot)?;
-    // Checkpoints run on a thread of their own ([`checkpoints`]), not in whichever commit
-    // crosses 1,000 WAL pages: one fsyncs the WAL and the database file, 10–25 ms on a VM's
-    // disk, which every caller of this connection would wait for.
-    if path.is_some() {
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(cannot)?;
-    }
     retry_busy(busy, || schema::migrate(&conn)).map_err(cannot)?;
     Ok(Db {
         conn,
@@ -481,43 +464,6 @@ fn busy_step(n: u32) -> Duration {
         30..50 => Duration::from_micros(500),
         _ => Duration::from_millis(2),
     }
-}
-
-/// Starts the checkpoint thread of the database file at `path`: every [`CHECKPOINT_EVERY`]
-/// it copies the pages committed to the WAL since into the database file (a passive
-/// checkpoint, which neither waits for nor blocks readers and writers), on a connection of its
-/// own, so that commits never wait for a checkpoint's fsyncs. It ends when the returned
-/// sender is dropped. Other processes on the file do the same; a checkpoint that finds
-/// another one running skips its turn.
-fn checkpoints(path: PathBuf, busy: Duration, kind: ErrorKind) -> Result<mpsc::Sender<()>> {
-    let (tx, rx) = mpsc::channel::<()>();
-    std::thread::Builder::new()
-        .name("celeriac-sqlite-checkpoint".to_owned())
-        .spawn(move || {
-            let mut conn = match Connection::open_with_flags(
-                &path,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            ) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot open the sqlite checkpoint connection; the WAL grows until the last connection closes");
-                    return;
-                }
-            };
-            let _ = conn.busy_handler(Some(busy_handler(busy.min(CHECKPOINT_EVERY))));
-            while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(CHECKPOINT_EVERY) {
-                let r = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    r.get::<_, i64>(0)
-                });
-                if let Err(e) = r {
-                    if e.sqlite_error_code() != Some(ErrorCode::DatabaseBusy) {
-                        tracing::debug!(error = %e, "sqlite checkpoint failed");
-                    }
-                }
-            }
-        })
-        .map_err(|e| Error::new(kind, "cannot start the sqlite checkpoint thread").with_source(e))?;
-    Ok(tx)
 }
 
 /// Runs `f` again while it fails with `SQLITE_BUSY`, on [`busy_step`], for up to `timeout`:
