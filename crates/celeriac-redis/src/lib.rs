@@ -49,8 +49,10 @@
 //! It pops messages (up to its free prefetch) and records them in `unacked` in one Lua
 //! script, never in two steps as kombu's `BRPOP` does, so a consumer killed at any instant
 //! loses nothing. A script cannot block, so publishers announce new messages on our channel
-//! `celeriac.wake.<db>.<queue>` and an idle consumer waits on a subscription to it, with a
-//! 1 s fallback poll for messages that Python clients push unannounced. Acks are settled in
+//! `celeriac.wake.<db>.<queue>` and an idle consumer waits on a subscription to it. Messages
+//! that Python clients push unannounced wake it through the server's client-side key tracking
+//! (Redis 6.0+: its fetch connection speaks RESP3 and is told when a list it found empty is
+//! written), or, where the server has no tracking, by a poll once a second. Acks are settled in
 //! batches: every ack waiting while one script call runs goes into the next. Result stores
 //! are batched the same way on the backend side.
 //!
@@ -100,7 +102,8 @@
 //!   ack deletes it); kombu keeps a flag.
 //! - Fetching is pop-and-record in one script rather than `BRPOP` (kombu's window in which a
 //!   killed consumer loses a message is closed); idle consumers wait on our wake-up channel,
-//!   and poll once a second for messages published by clients that do not announce them.
+//!   and on key tracking (or a poll once a second) for messages published by clients that do
+//!   not announce them.
 //! - Fixed `sep` and `priority_steps`; queues declared with `x-expires` are not supported.
 
 mod backend;
