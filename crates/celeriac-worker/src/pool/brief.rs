@@ -26,8 +26,10 @@
 //! without one. So a body whose slow path shows up at least once in that many runs holds up a
 //! runtime thread at most `STRIKES + 1` times, and pauses of the machine alone demote nobody
 //! (the benchmark suite saw up to 22 such demotions in one run before).
-//! A body that blocks on tokio from inside (`Handle::block_on`) works on the blocking pool but panics on a runtime
-//! thread; such a panic demotes it too, and that one run fails with a message saying so.
+//!
+//! A body that blocks on tokio from inside (`Handle::block_on`) works on the blocking pool but
+//! panics on a runtime thread; such a panic demotes it too, and that one run fails with a
+//! message saying so.
 //! Workers that must never run a body on the runtime turn this off
 //! ([`WorkerOptions::inline_brief`](crate::WorkerOptions)) or use [`Pool::Threads`]
 //! (crate::Pool).
@@ -42,7 +44,8 @@ use super::Finished;
 pub(crate) const PROOF_RUNS: u32 = 32;
 /// A run shorter than this counts as brief.
 pub(crate) const BRIEF: Duration = Duration::from_micros(50);
-/// An inline run longer than this sends its body back to the pool to prove itself again.
+/// An inline run longer than this, when it is the body's fault, sends the body back to the
+/// pool to prove itself again.
 pub(crate) const TOO_LONG: Duration = Duration::from_millis(1);
 /// After this many too-long inline runs a body stays on the pool for good.
 pub(crate) const STRIKES: u8 = 3;
