@@ -56,6 +56,9 @@ const BATCH_LIMIT: usize = 1000;
 /// kombu's `unacked_mutex_expire`, in ms.
 const MUTEX_EXPIRE_MS: u64 = 300_000;
 
+/// Leases at least this long are written as whole seconds (see [`score`]).
+const WHOLE_SECOND_LEASES: Duration = Duration::from_secs(10);
+
 /// The envelope property that carries celeriac's exact priority next to kombu's bucket value.
 const EXACT_PRIORITY: &str = "celeriac_priority";
 
@@ -1120,9 +1123,21 @@ fn probed_state(
 /// than `now - visibility_timeout`, so a lease ending at `now + lease` is written as
 /// `now + lease - visibility_timeout` (just `now` for the default lease, as kombu writes).
 /// The exact text is the lease token: settling compares it with the stored score.
+///
+/// Leases of [`WHOLE_SECOND_LEASES`] or more (the default one is the visibility timeout, an
+/// hour) are rounded up to a whole second. While the index holds at most 128 members it is a
+/// listpack, and the server stores an integral score as an integer there; a fractional one is
+/// text that every `ZADD` parses again (`strtod`) for each member it walks past, which was a
+/// sixth of the server's time in a drain. Rounding up keeps the lease at least as long as
+/// asked, and tokens stay distinct: a delivery is restored only once its score is at most `now
+/// - visibility_timeout`, so the next lease on it scores at least the old one plus its length.
 fn score(lease: Duration, visibility_timeout: Duration) -> String {
     let s = now_secs() + lease.as_secs_f64() - visibility_timeout.as_secs_f64();
-    format!("{s:.6}")
+    if lease >= WHOLE_SECOND_LEASES {
+        format!("{}", s.ceil() as i64)
+    } else {
+        format!("{s:.6}")
+    }
 }
 
 /// The envelope with kombu's redelivered flags in `headers` and `properties.delivery_info`.
@@ -1621,6 +1636,26 @@ impl Drop for RedisAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_leases_score_whole_seconds_and_short_ones_keep_microseconds() {
+        let hour = Duration::from_secs(3600);
+        let before = now_secs();
+        let long: f64 = score(hour, hour).parse().unwrap();
+        let later: f64 = score(Duration::from_secs(3610), hour).parse().unwrap();
+        let short = score(Duration::from_millis(300), hour);
+        assert_eq!(long.fract(), 0.0, "{long}");
+        assert!(
+            long >= before && long <= now_secs() + 1.0,
+            "{long} vs {before}"
+        );
+        assert_eq!(later.fract(), 0.0, "{later}");
+        assert!(later - long >= 10.0, "{later} - {long}");
+        let (_, micros) = short.split_once('.').expect("a fractional score");
+        assert_eq!(micros.len(), 6, "{short}");
+        let short: f64 = short.parse().unwrap();
+        assert!((short - (before + 0.3 - 3600.0)).abs() < 1.0, "{short}");
+    }
 
     #[test]
     fn only_pushes_about_the_lists_wake_a_consumer() {

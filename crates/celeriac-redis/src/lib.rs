@@ -69,7 +69,8 @@
 //! back to their list (`RPUSH`, flagged `redelivered`) under `unacked_mutex`. Because the
 //! format and the rule are kombu's, a Python worker restores what a dead celeriac worker held
 //! and the other way round. The lease of a delivery is encoded in its index score (`now +
-//! lease - visibility_timeout`), so `extend_lease` only moves the score; the score this
+//! lease - visibility_timeout`, rounded up to a whole second for leases of 10 s or more, which
+//! the server then keeps as an integer), so `extend_lease` only moves the score; the score this
 //! consumer wrote is its lease token, and ack, reject and extend run as Lua scripts that do
 //! nothing when the score changed (the message was restored and handed to someone else).
 //! Every consumer of one Redis must use the same `visibility_timeout`.

@@ -118,6 +118,11 @@ async fn a_held_delivery_is_in_unacked_and_unacked_index_until_acked() {
         "kombu's index holds the delivery time: {}",
         scores[0].1
     );
+    assert_eq!(
+        scores[0].1.fract(),
+        0.0,
+        "a default lease is scored in whole seconds (an integer in the server's listpack)"
+    );
 
     d.ack().await.unwrap();
     let left: i64 = c.hlen(format!("{p}unacked")).await.unwrap();
