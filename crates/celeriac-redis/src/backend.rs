@@ -248,6 +248,73 @@ impl RedisBackend {
     }
 
     /// The meta stored at `key` when it is in a ready state.
+    /// Waits until `task_id` is ready: [`ResultBackend::wait`] when `look_first`, else
+    /// [`ResultBackend::wait_just_sent`].
+    async fn wait_for(
+        &self,
+        task_id: &str,
+        timeout: Option<Duration>,
+        look_first: bool,
+    ) -> Result<TaskMeta> {
+        self.check_open()?;
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let key = self.inner.keys.task(task_id);
+        // A result that is already there needs no subscription: one GET instead of SUBSCRIBE +
+        // GET + UNSUBSCRIBE (under load most results are ready by the time they are asked
+        // for). A task sent a moment ago has none yet, and that GET would only delay the
+        // subscription.
+        if look_first {
+            if let Some(meta) = self.ready_meta(&key).await? {
+                return Ok(meta);
+            }
+        }
+        // Subscribe first, then read: a result stored in between is seen by that read.
+        let mut watch = self.inner.subscriber.watch(&key);
+        let subscribed = watch.subscribed();
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d, subscribed)
+                .await
+                .map_err(|_| timeout_error(task_id, timeout))??,
+            None => subscribed.await?,
+        }
+        // The first pass reads the key; later passes use what the last notice carried (the
+        // store script publishes the document it wrote, as Celery's backend does), and read
+        // the key only when a notice came without one (a reconnect) or could not be decoded.
+        // The slot is looked at after the next wake-up is armed, so a notice that lands
+        // in between is either seen here or wakes the wait.
+        let mut first = true;
+        loop {
+            let notified = watch.slot.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let read = first
+                || match watch.slot.published() {
+                    Some(bytes) => match decode_meta(&bytes) {
+                        Ok(meta) if meta.status.is_ready() => return Ok(meta),
+                        // A state on the way (STARTED, RETRY): the ready one is published too.
+                        Ok(_) => false,
+                        Err(_) => true,
+                    },
+                    None => true,
+                };
+            first = false;
+            if read {
+                if let Some(meta) = self.ready_meta(&key).await? {
+                    return Ok(meta);
+                }
+            }
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, notified).await.is_err() {
+                        return Err(timeout_error(task_id, timeout));
+                    }
+                }
+                None => notified.await,
+            }
+            self.check_open()?;
+        }
+    }
+
     async fn ready_meta(&self, key: &str) -> Result<Option<TaskMeta>> {
         match self.get_raw(key).await? {
             Some(bytes) => Ok(Some(decode_meta(&bytes)?).filter(|m| m.status.is_ready())),
@@ -392,63 +459,15 @@ impl ResultBackend for RedisBackend {
         task_id: &'a str,
         timeout: Option<Duration>,
     ) -> BoxFuture<'a, Result<TaskMeta>> {
-        Box::pin(async move {
-            self.check_open()?;
-            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-            let key = self.inner.keys.task(task_id);
-            // A result that is already there needs no subscription: one GET instead of
-            // SUBSCRIBE + GET + UNSUBSCRIBE (under load most results are ready by the time
-            // they are asked for).
-            if let Some(meta) = self.ready_meta(&key).await? {
-                return Ok(meta);
-            }
-            // Otherwise subscribe first, then read again: a result stored in between is seen
-            // by that read.
-            let mut watch = self.inner.subscriber.watch(&key);
-            let subscribed = watch.subscribed();
-            match deadline {
-                Some(d) => tokio::time::timeout_at(d, subscribed)
-                    .await
-                    .map_err(|_| timeout_error(task_id, timeout))??,
-                None => subscribed.await?,
-            }
-            // The first pass reads the key; later passes use what the last notice carried (the
-            // store script publishes the document it wrote, as Celery's backend does), and read
-            // the key only when a notice came without one (a reconnect) or could not be decoded.
-            // The slot is looked at after the next wake-up is armed, so a notice that lands
-            // in between is either seen here or wakes the wait.
-            let mut first = true;
-            loop {
-                let notified = watch.slot.notify.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                let read = first
-                    || match watch.slot.published() {
-                        Some(bytes) => match decode_meta(&bytes) {
-                            Ok(meta) if meta.status.is_ready() => return Ok(meta),
-                            // A state on the way (STARTED, RETRY): the ready one is published too.
-                            Ok(_) => false,
-                            Err(_) => true,
-                        },
-                        None => true,
-                    };
-                first = false;
-                if read {
-                    if let Some(meta) = self.ready_meta(&key).await? {
-                        return Ok(meta);
-                    }
-                }
-                match deadline {
-                    Some(d) => {
-                        if tokio::time::timeout_at(d, notified).await.is_err() {
-                            return Err(timeout_error(task_id, timeout));
-                        }
-                    }
-                    None => notified.await,
-                }
-                self.check_open()?;
-            }
-        })
+        Box::pin(self.wait_for(task_id, timeout, true))
+    }
+
+    fn wait_just_sent<'a>(
+        &'a self,
+        task_id: &'a str,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<TaskMeta>> {
+        Box::pin(self.wait_for(task_id, timeout, false))
     }
 
     fn forget<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<()>> {

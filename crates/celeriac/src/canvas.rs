@@ -327,7 +327,7 @@ impl<O> Chain<O> {
         let last = frozen.last().map_or(first.id.clone(), |f| f.id.clone());
         let rest: Vec<_> = frozen.into_iter().rev().map(|f| f.wire).collect();
         send_planned(app, &first.wire, first.options, Some(rest)).await?;
-        Ok(AsyncResult::from_id(app, last))
+        Ok(AsyncResult::sent(app, last))
     }
 }
 

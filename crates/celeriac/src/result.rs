@@ -29,14 +29,24 @@ use celeriac_core::{ErrorKind, RemoteError, TaskMeta, TaskState};
 pub struct AsyncResult<T = Value> {
     id: String,
     app: App,
+    /// When this handle's task was sent, for handles made by sending it.
+    sent_at: Option<tokio::time::Instant>,
     _output: PhantomData<fn() -> T>,
 }
+
+/// A wait that starts less than this after the task was sent tells the backend the result is
+/// not there yet ([`ResultBackend::wait_just_sent`]): the fastest round trips take about half a
+/// millisecond on one machine.
+///
+/// [`ResultBackend::wait_just_sent`]: celeriac_core::ResultBackend::wait_just_sent
+const JUST_SENT: Duration = Duration::from_millis(1);
 
 impl<T> Clone for AsyncResult<T> {
     fn clone(&self) -> Self {
         AsyncResult {
             id: self.id.clone(),
             app: self.app.clone(),
+            sent_at: self.sent_at,
             _output: PhantomData,
         }
     }
@@ -54,7 +64,16 @@ impl<T> AsyncResult<T> {
         AsyncResult {
             id: id.into(),
             app: app.clone(),
+            sent_at: None,
             _output: PhantomData,
+        }
+    }
+
+    /// A handle on the task `id` that was sent just now.
+    pub(crate) fn sent(app: &App, id: impl Into<String>) -> Self {
+        AsyncResult {
+            sent_at: Some(tokio::time::Instant::now()),
+            ..AsyncResult::from_id(app, id)
         }
     }
 
@@ -151,7 +170,11 @@ impl<T> AsyncResult<T> {
 
     /// Waits for a ready state and returns its record, without decoding.
     pub async fn wait_meta(&self, timeout: Option<Duration>) -> Result<TaskMeta> {
-        self.app.backend().wait(&self.id, timeout).await
+        let backend = self.app.backend();
+        match self.sent_at {
+            Some(at) if at.elapsed() < JUST_SENT => backend.wait_just_sent(&self.id, timeout).await,
+            _ => backend.wait(&self.id, timeout).await,
+        }
     }
 }
 
@@ -225,6 +248,10 @@ pub(crate) fn decode_ready<T: DeserializeOwned>(meta: TaskMeta) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use celeriac_core::ResultBackend;
+    use celeriac_core::broker::BoxFuture;
+    use celeriac_core::memory::MemoryBackend;
+    use std::sync::{Arc, Mutex};
 
     async fn app() -> App {
         App::builder()
@@ -232,6 +259,101 @@ mod tests {
             .build()
             .await
             .unwrap()
+    }
+
+    /// The in-memory backend, noting which of its waits each caller picked.
+    #[derive(Debug, Default)]
+    struct NotingWaits {
+        inner: MemoryBackend,
+        waits: Mutex<Vec<&'static str>>,
+    }
+
+    impl NotingWaits {
+        fn note(&self, wait: &'static str) {
+            self.waits.lock().unwrap().push(wait);
+        }
+    }
+
+    impl ResultBackend for NotingWaits {
+        fn driver(&self) -> &'static str {
+            self.inner.driver()
+        }
+        fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {
+            self.inner.store(meta)
+        }
+        fn get<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<Option<TaskMeta>>> {
+            self.inner.get(task_id)
+        }
+        fn wait<'a>(
+            &'a self,
+            task_id: &'a str,
+            timeout: Option<Duration>,
+        ) -> BoxFuture<'a, Result<TaskMeta>> {
+            self.note("wait");
+            self.inner.wait(task_id, timeout)
+        }
+        fn wait_just_sent<'a>(
+            &'a self,
+            task_id: &'a str,
+            timeout: Option<Duration>,
+        ) -> BoxFuture<'a, Result<TaskMeta>> {
+            self.note("wait_just_sent");
+            self.inner.wait(task_id, timeout)
+        }
+        fn forget<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<()>> {
+            self.inner.forget(task_id)
+        }
+        fn save_group<'a>(
+            &'a self,
+            group_id: &'a str,
+            task_ids: &'a [String],
+        ) -> BoxFuture<'a, Result<()>> {
+            self.inner.save_group(group_id, task_ids)
+        }
+        fn restore_group<'a>(
+            &'a self,
+            group_id: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Vec<String>>>> {
+            self.inner.restore_group(group_id)
+        }
+        fn incr<'a>(&'a self, key: &'a str, by: i64) -> BoxFuture<'a, Result<i64>> {
+            self.inner.incr(key, by)
+        }
+        fn close(&self) -> BoxFuture<'_, Result<()>> {
+            self.inner.close()
+        }
+    }
+
+    /// A handle made by sending tells the backend its result is not there yet when it is
+    /// waited on at once; a later wait, a handle rebuilt from an id and its clones do not.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_wait_right_after_the_send_is_a_just_sent_wait() {
+        let backend = Arc::new(NotingWaits::default());
+        let app = App::builder()
+            .broker_url("memory://")
+            .backend(backend.clone())
+            .build()
+            .await
+            .unwrap();
+        let sent = crate::Signature::<Value>::new("tests.noop")
+            .apply_async(&app)
+            .await
+            .unwrap();
+        let id = sent.id().to_owned();
+        backend
+            .store(&TaskMeta::success(id.clone(), serde_json::json!(2)))
+            .await
+            .unwrap();
+        let later = sent.clone();
+        assert_eq!(sent.get().await.unwrap(), serde_json::json!(2));
+        tokio::time::sleep(JUST_SENT * 2).await;
+        assert_eq!(later.get().await.unwrap(), serde_json::json!(2));
+        let rebuilt = AsyncResult::<Value>::from_id(&app, id);
+        assert_eq!(rebuilt.get().await.unwrap(), serde_json::json!(2));
+        assert_eq!(
+            *backend.waits.lock().unwrap(),
+            ["wait_just_sent", "wait", "wait"]
+        );
     }
 
     #[tokio::test]

@@ -401,9 +401,9 @@ impl<O> Signature<O> {
             return crate::canvas::chain([self])
                 .apply_async(app)
                 .await
-                .map(|r| AsyncResult::from_id(app, r.id().to_owned()));
+                .map(|r| AsyncResult::sent(app, r.id().to_owned()));
         }
         let id = app.send_signature(&self).await?;
-        Ok(AsyncResult::from_id(app, id))
+        Ok(AsyncResult::sent(app, id))
     }
 }

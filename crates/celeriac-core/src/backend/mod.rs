@@ -64,6 +64,20 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
         timeout: Option<Duration>,
     ) -> BoxFuture<'a, Result<TaskMeta>>;
 
+    /// [`wait`](Self::wait) for a task sent a moment ago, whose result is almost surely not
+    /// stored yet.
+    ///
+    /// Drivers that look for a stored result before they start watching for one (the Redis
+    /// backend reads the key, and subscribes only when it is not there) can start watching at
+    /// once, which saves a round trip on the way to the result. The default is `wait`.
+    fn wait_just_sent<'a>(
+        &'a self,
+        task_id: &'a str,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<TaskMeta>> {
+        self.wait(task_id, timeout)
+    }
+
     /// Deletes the record of `task_id`.
     fn forget<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<()>>;
 

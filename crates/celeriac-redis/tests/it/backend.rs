@@ -367,3 +367,61 @@ async fn concurrent_stores_are_batched_and_keep_precedence_within_a_batch() {
         assert_eq!(d["status"], "SUCCESS", "no refused STARTED is published");
     }
 }
+
+/// A wait on a task sent a moment ago subscribes before it reads the key (its result cannot
+/// be there yet, so a read first would only delay the subscription); a plain wait reads first
+/// and subscribes only when the result is missing. Both then take the stored result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_on_a_just_sent_task_subscribes_without_reading_first() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let backend = backend_with(&p, RedisOptions::default()).await;
+    let monitor = redis::Client::open(util::URL)
+        .unwrap()
+        .get_async_monitor()
+        .await
+        .unwrap();
+    let mut lines = monitor.into_on_message::<String>();
+    for (id, just_sent) in [("t-fresh", true), ("t-plain", false)] {
+        let quoted = format!("\"{}\"", backend.task_key(id));
+        let b = backend.clone();
+        let waiter = tokio::spawn(async move {
+            let timeout = Some(Duration::from_secs(20));
+            if just_sent {
+                b.wait_just_sent(id, timeout).await
+            } else {
+                b.wait(id, timeout).await
+            }
+        });
+        // The commands naming the key, in the server's order, up to the subscription. A
+        // MONITOR line is `<time> [<db> <client>] "COMMAND" "arg" ...`.
+        let mut seen = Vec::new();
+        while seen.last().map(String::as_str) != Some("SUBSCRIBE") {
+            let line = tokio::time::timeout(Duration::from_secs(5), lines.next())
+                .await
+                .expect("the waiter subscribes")
+                .expect("monitor stream open");
+            let Some((_, args)) = line.split_once("] ") else {
+                continue;
+            };
+            if args.split(' ').any(|a| a == quoted) {
+                let command = args.split(' ').next().unwrap_or_default();
+                seen.push(command.trim_matches('"').to_ascii_uppercase());
+            }
+        }
+        let expected: &[&str] = if just_sent {
+            &["SUBSCRIBE"]
+        } else {
+            &["GET", "SUBSCRIBE"]
+        };
+        assert_eq!(seen, expected, "{id}");
+        backend
+            .store(&TaskMeta::success(id, json!(1)))
+            .await
+            .unwrap();
+        let meta = waiter.await.unwrap().unwrap();
+        assert_eq!((meta.status, meta.result), (TaskState::Success, json!(1)));
+    }
+}
