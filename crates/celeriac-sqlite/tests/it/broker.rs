@@ -435,3 +435,42 @@ async fn many_openers_of_a_new_file_all_open() {
         }
     }
 }
+
+/// A commit checkpoints only once the WAL holds 10,000 pages (SQLite's default is 1,000): after
+/// about 3,500 pages of messages the database file has not grown, and the WAL holds them.
+#[tokio::test]
+async fn commits_checkpoint_only_past_ten_thousand_wal_pages() {
+    let path = db("checkpoint_mark");
+    let b = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let wal_path = std::path::PathBuf::from(format!("{}-wal", path.display()));
+    let before = size(&path);
+    let big = "x".repeat(8_000);
+    for _ in 0..15 {
+        let batch: Vec<_> = (0..100)
+            .map(|_| {
+                let headers =
+                    celeriac_core::Headers::new("tests.big", celeriac_core::protocol::new_id());
+                let body = celeriac_core::Body::new(vec![big.clone().into()], Default::default());
+                let m =
+                    celeriac_core::Message::new(headers, &body, celeriac_core::ContentType::Json)
+                        .unwrap();
+                (m, PublishOptions::default())
+            })
+            .collect();
+        b.publish_batch("q", &batch).await.unwrap();
+    }
+    let wal = size(&wal_path);
+    assert!(
+        wal > 3_000 * 4_096,
+        "the WAL holds the messages: {wal} bytes"
+    );
+    assert_eq!(
+        size(&path),
+        before,
+        "no checkpoint copied pages into the file"
+    );
+    assert_eq!(b.stats("q").await.unwrap(), QueueStats::new(1_500, 0, 0));
+}
