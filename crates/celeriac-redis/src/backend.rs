@@ -247,7 +247,6 @@ impl RedisBackend {
             .map(ChordStatus::Complete)
     }
 
-    /// The meta stored at `key` when it is in a ready state.
     /// Waits until `task_id` is ready: [`ResultBackend::wait`] when `look_first`, else
     /// [`ResultBackend::wait_just_sent`].
     async fn wait_for(
@@ -315,6 +314,7 @@ impl RedisBackend {
         }
     }
 
+    /// The meta stored at `key` when it is in a ready state.
     async fn ready_meta(&self, key: &str) -> Result<Option<TaskMeta>> {
         match self.get_raw(key).await? {
             Some(bytes) => Ok(Some(decode_meta(&bytes)?).filter(|m| m.status.is_ready())),

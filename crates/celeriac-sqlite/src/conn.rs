@@ -34,7 +34,7 @@ const IDLE_TICK: Duration = Duration::from_millis(100);
 /// less often. Past the mark, SQLite also tries again on every commit while another process's
 /// reader keeps the WAL from restarting. In the benchmark's client-and-worker run this was
 /// about a quarter of the client's connection thread. The WAL's size on disk is set by those
-/// readers more than by this mark (86–202 MiB at peak in 50,000-task runs with either value).
+/// readers more than by this mark (86–206 MiB at peak in 50,000-task runs with either value).
 const WAL_AUTOCHECKPOINT: u32 = 10_000;
 
 /// Connections by canonical path, so a broker and a backend of one process share one thread.

@@ -37,10 +37,11 @@
 //! the WAL is at checkpoints, which run every 10,000 WAL pages (about 40 MB; SQLite's default
 //! is 1,000). The database never corrupts, and a crash of a process loses nothing, but a power
 //! loss or OS crash may lose the commits since the last checkpoint (a published message or an
-//! ack: an ack lost means one more delivery, which at-least-once allows). This buys roughly two orders of magnitude of throughput over `FULL`. Writers from
-//! other processes wait up to `busy_timeout` (default 5 s) for the write lock, then fail with
-//! a transient error. They retry every 20 µs at first, backing off to 2 ms steps, and not on
-//! SQLite's own 1, 2, 5, 10 ms steps: another process holds the lock for about one commit.
+//! ack: an ack lost means one more delivery, which at-least-once allows). This buys roughly
+//! two orders of magnitude of throughput over `FULL`. Writers from other processes wait up to
+//! `busy_timeout` (default 5 s) for the write lock, then fail with a transient error. They
+//! retry every 20 µs at first, backing off to 2 ms steps, and not on SQLite's own 1, 2, 5,
+//! 10 ms steps: another process holds the lock for about one commit.
 //!
 //! **Schema.** Tables are created on first open and versioned with `PRAGMA user_version`:
 //!
