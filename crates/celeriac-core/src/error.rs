@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-/// A boxed error cause, kept in [`Error::source`].
+/// A boxed error cause: what an [`Error`] reports as its [`std::error::Error::source`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// `Result` with celeriac's [`Error`] as the default error type.
