@@ -967,6 +967,7 @@ impl ConsumerShared {
             queue: queue.clone(),
             tag,
             token: Mutex::new(token),
+            counted: count > 0,
             raw,
             step: step_for(info.kombu_priority),
             permit: Mutex::new(Some(permit)),
@@ -1400,6 +1401,8 @@ async fn lookup(broker: &Inner, exchange: &str, routing_key: &str) -> Result<Str
 struct AckRequest {
     tag: String,
     token: String,
+    /// The fetch found a redelivery counter for it: the ack deletes it.
+    counted: bool,
 }
 
 /// Starts the ack batcher: every ack waiting is settled in one script call.
@@ -1414,7 +1417,9 @@ fn start_acks(redis: Arc<Redis>, keys: Arc<BrokerKeys>) -> Batcher<AckRequest> {
                 .key(keys.unacked_index())
                 .arg(keys.redelivered_prefix());
             for a in batch {
-                inv.arg(&a.tag).arg(&a.token);
+                inv.arg(&a.tag)
+                    .arg(&a.token)
+                    .arg(if a.counted { "1" } else { "0" });
             }
             inv
         },
@@ -1428,6 +1433,8 @@ struct RedisAcker {
     tag: String,
     /// The score this consumer last wrote in `unacked_index`: the lease's identity.
     token: Mutex<String>,
+    /// The fetch found a redelivery counter (a count above 0), which the ack deletes.
+    counted: bool,
     raw: Vec<u8>,
     step: u8,
     permit: Mutex<Option<OwnedSemaphorePermit>>,
@@ -1499,6 +1506,7 @@ impl Acker for RedisAcker {
                 .submit(AckRequest {
                     tag: self.tag.clone(),
                     token: self.token(),
+                    counted: self.counted,
                 })
                 .await;
             self.release();

@@ -104,8 +104,9 @@
 //! # What differs from kombu
 //!
 //! - No fanout exchanges (pub/sub broadcast for events and remote control) yet.
-//! - `redeliveries` is a count kept in our own keys (restores and requeues increment it, the
-//!   ack deletes it); kombu keeps a flag.
+//! - `redeliveries` is a count kept in our own keys (restores and requeues increment it and
+//!   set kombu's flag, a fetch reads it only for flagged messages, the ack deletes it); kombu
+//!   keeps only the flag.
 //! - Fetching is pop-and-record in one script rather than `BRPOP` (kombu's window in which a
 //!   killed consumer loses a message is closed); idle consumers wait on our wake-up channel,
 //!   and on key tracking (or a poll once a second) for messages published by clients that do

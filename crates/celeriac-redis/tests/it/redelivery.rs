@@ -66,6 +66,52 @@ async fn a_message_restored_n_times_reports_n() {
     assert!(!exists, "ack deletes the counter");
 }
 
+/// Only a message flagged `redelivered` has its counter read: every path that counts a
+/// redelivery flags the message, so a counter under an unflagged message's tag is stale. It
+/// is neither read (the delivery reports 0) nor deleted by the ack (it expires), which spares
+/// the server a counter read on every fetch and a delete on every ack of a first delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unflagged_message_does_not_read_a_counter() {
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let q = "unflagged";
+    broker.declare(q).await.unwrap();
+    let m = msg();
+    broker
+        .publish(q, &m, PublishOptions::default())
+        .await
+        .unwrap();
+    let mut r = raw().await;
+    // Whichever of the queue's priority lists it went to.
+    let lists: Vec<String> = r.keys(format!("{p}{q}*")).await.unwrap();
+    assert_eq!(lists.len(), 1, "{lists:?}");
+    let queued: String = r.lindex(&lists[0], 0).await.unwrap();
+    let env: serde_json::Value = serde_json::from_str(&queued).unwrap();
+    let tag = env["properties"]["delivery_tag"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let counter = format!("{p}celeriac.redelivered.{tag}");
+    let _: () = r.set_ex(&counter, 5, 600).await.unwrap();
+
+    let queues = [q.to_owned()];
+    let mut c = broker
+        .consume(&queues, ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let d = next_within(&mut c, WAIT).await;
+    assert_eq!(d.message.as_ref().unwrap().id(), m.id());
+    assert_eq!(d.redeliveries, 0, "a first delivery reads no counter");
+    d.ack().await.unwrap();
+    let stats = broker.stats(q).await.unwrap();
+    assert_eq!((stats.ready, stats.unacked), (0, 0), "the ack settled it");
+    let left: i64 = r.get(&counter).await.unwrap();
+    assert_eq!(left, 5, "the ack of a first delivery deletes no counter");
+}
+
 /// The delivery tag of the one message recorded in `unacked` under prefix `p`.
 async fn delivery_tag(p: &str, _queue: &str) -> String {
     let mut r = raw().await;
