@@ -1,6 +1,6 @@
 //! Publish N messages, then consume and ack them, against a local Redis; prints rates.
 //!
-//! `cargo run --release -p celeriac-redis --example throughput -- 20000`
+//! `cargo run --release -p celeriac-redis --example redis_throughput -- 20000`
 
 use std::time::Instant;
 

@@ -1,6 +1,6 @@
 //! A rough throughput check of the SQLite broker: publish, consume and ack N messages.
 //!
-//! `cargo run --release -p celeriac-sqlite --example throughput [N] [consumers] [prefetch]
+//! `cargo run --release -p celeriac-sqlite --example sqlite_throughput [N] [consumers] [prefetch]
 //! [publishers]`
 //!
 //! Publishers and consumers run at once in one process (by default four publisher tasks, each
