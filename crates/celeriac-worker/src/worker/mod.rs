@@ -276,7 +276,11 @@ fn spawn_delivery(
         task_name = tracing::field::Empty,
         queue = %delivery.queue,
     );
-    execute::handle(shared, delivery, span.clone()).instrument(span)
+    // Boxed: the handler's state machine is several kilobytes (4.8 KB in a debug build), and
+    // tokio moves a spawned future by value through its spawn path and again when the task's
+    // output is taken; boxed, each of those moves is a pointer's. `perf` of a Redis drain:
+    // `memmove` 8.8–9.3 % of the worker's samples before, 6.7–6.9 % after.
+    Box::pin(execute::handle(shared, delivery, span.clone())).instrument(span)
 }
 
 fn log_join(joined: std::result::Result<(), tokio::task::JoinError>) {
