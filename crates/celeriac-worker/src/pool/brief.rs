@@ -473,8 +473,10 @@ mod tests {
         let ((), not) = timed(|| (), false);
         assert!(not.usage.is_none() && !not.measured);
         // The CPU time is exact, not as of the scheduler's last tick: 300 µs of spinning show.
-        let before = usage::now().expect("measured");
+        // The wall clock starts first, so the CPU interval (which includes the reading's own
+        // system call) lies within it.
         let started = Instant::now();
+        let before = usage::now().expect("measured");
         while started.elapsed() < Duration::from_micros(300) {
             std::hint::spin_loop();
         }
