@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use celeriac_core::protocol::{envelope, new_id};
+use celeriac_core::protocol::envelope::{self, RawObject};
+use celeriac_core::protocol::new_id;
 use celeriac_core::{
     Acker, BoxFuture, Broker, Capabilities, Config, ConsumeOptions, Consumer, Delivery, Error,
     ErrorKind, Message, PublishOptions, QueueStats, Requeue, Result, StoredState,
@@ -833,12 +834,12 @@ impl ConsumerShared {
                         .get(i.saturating_sub(1))
                         .map_or_else(String::new, |q| (*q).clone());
                     // One parse gives both the message and what the transport reads.
-                    let decoded = envelope::decode_with_properties(&raw);
-                    let info = match &decoded {
+                    let (message, info) = match envelope::decode_with_properties(&raw) {
                         Ok((m, props)) => {
-                            Info::from_parts(props, m.headers.extra.get("redelivered"))
+                            let info = Info::from_parts(&props, m.headers.extra.get("redelivered"));
+                            (Ok(m), info)
                         }
-                        Err(_) => Info::read(&raw),
+                        Err(e) => (Err(e), Info::read(&raw)),
                     };
                     if searched == 1 && !info.kombu_shape {
                         (tag, count) = self.repair(conn, &tag, &token, &raw, &queue).await?;
@@ -846,7 +847,7 @@ impl ConsumerShared {
                     out.push(Popped {
                         queue,
                         raw,
-                        message: decoded.map(|(m, _)| m),
+                        message,
                         tag,
                         token: token.clone(),
                         count,
@@ -1174,13 +1175,13 @@ struct Info {
 impl Info {
     fn read(raw: &[u8]) -> Info {
         #[derive(Deserialize, Default)]
-        struct Env {
+        struct Env<'a> {
             #[serde(default)]
             headers: Option<HeaderFlags>,
-            // A map, not a struct: derived structs also accept arrays, and the shape check
-            // must see keys.
-            #[serde(default)]
-            properties: Option<serde_json::Map<String, Value>>,
+            // An object, not a struct: derived structs also accept arrays, and the shape
+            // check must see keys.
+            #[serde(borrow, default)]
+            properties: Option<RawObject<'a>>,
         }
         /// Only the header the transport reads: the others are skipped by the parser, not
         /// built into a `Value` (the worker decodes the message separately).
@@ -1193,7 +1194,7 @@ impl Info {
         if raw.trim_ascii_start().first() != Some(&b'{') {
             return Info::default();
         }
-        let Ok(env) = serde_json::from_slice::<Env>(raw) else {
+        let Ok(env) = serde_json::from_slice::<Env<'_>>(raw) else {
             return Info::default();
         };
         let p = env.properties.unwrap_or_default();
@@ -1201,32 +1202,33 @@ impl Info {
     }
 
     /// What the transport reads from an envelope's properties and its `redelivered` header.
-    fn from_parts(p: &serde_json::Map<String, Value>, redelivered_header: Option<&Value>) -> Info {
-        let di = p.get("delivery_info").and_then(Value::as_object);
-        let di_str = |k: &str| di.and_then(|d| d.get(k)).is_some_and(Value::is_string);
+    fn from_parts(p: &RawObject<'_>, redelivered_header: Option<&Value>) -> Info {
+        let di = p.object("delivery_info");
+        let di_str = |k: &str| di.as_ref().is_some_and(|d| is_string(d, k));
         // kombu: int(priority) clamped to 0..9, anything else is 0.
-        let kp = p
-            .get("priority")
-            .and_then(Value::as_f64)
-            .map_or(0, |f| f.clamp(0.0, 9.0) as u8);
+        let kp = p.f64("priority").map_or(0, |f| f.clamp(0.0, 9.0) as u8);
         let header_redelivered = redelivered_header.and_then(Value::as_bool).unwrap_or(false);
         Info {
             kombu_priority: kp,
             exact_priority: p
-                .get(EXACT_PRIORITY)
-                .and_then(Value::as_u64)
+                .u64(EXACT_PRIORITY)
                 .map(|v| v.min(9) as u8)
                 .filter(|v| kombu_priority(*v) == kp),
             redelivered: di
-                .and_then(|d| d.get("redelivered"))
-                .and_then(Value::as_bool)
+                .as_ref()
+                .and_then(|d| d.bool("redelivered"))
                 .unwrap_or(false)
                 || header_redelivered,
-            kombu_shape: p.get("delivery_tag").is_some_and(Value::is_string)
+            kombu_shape: is_string(p, "delivery_tag")
                 && di_str("exchange")
                 && di_str("routing_key"),
         }
     }
+}
+
+/// Whether `key` holds a string in `o` (its JSON text is quoted), without unescaping it.
+fn is_string(o: &RawObject<'_>, key: &str) -> bool {
+    o.get(key).is_some_and(|v| v.get().starts_with('"'))
 }
 
 /// kombu's `restore_visible`: puts deliveries whose lease ran out back in their lists.

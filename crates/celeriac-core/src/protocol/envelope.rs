@@ -85,20 +85,21 @@ struct In<'a> {
     content_type: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     headers: Option<&'a RawValue>,
-    #[serde(default)]
-    properties: Option<Map<String, Value>>,
+    #[serde(borrow, default)]
+    properties: Option<RawObject<'a>>,
 }
 
 /// The task properties of an envelope's `properties` object; fields of an unexpected type
 /// are ignored.
-fn properties_of(props: &Map<String, Value>) -> Properties {
-    let str_of = |k: &str| props.get(k).and_then(Value::as_str);
-    let u64_of = |k: &str| props.get(k).and_then(Value::as_u64);
+fn properties_of(props: &RawObject<'_>) -> Properties {
     Properties {
-        correlation_id: str_of("correlation_id").unwrap_or_default().to_owned(),
-        reply_to: str_of("reply_to").map(str::to_owned),
-        delivery_mode: u64_of("delivery_mode").map_or(2, |m| m.min(2) as u8),
-        priority: u64_of("priority").map_or(0, |p| p.min(255) as u8),
+        correlation_id: props
+            .str("correlation_id")
+            .map(Cow::into_owned)
+            .unwrap_or_default(),
+        reply_to: props.str("reply_to").map(Cow::into_owned),
+        delivery_mode: props.u64("delivery_mode").map_or(2, |m| m.min(2) as u8),
+        priority: props.u64("priority").map_or(0, |p| p.min(255) as u8),
     }
 }
 
@@ -106,7 +107,7 @@ fn properties_of(props: &Map<String, Value>) -> Properties {
 /// string and whose headers name a task. `None` sends every other envelope (protocol 1, a
 /// JSON body, anything malformed) to the general path, which also words the errors; so both
 /// paths accept and refuse the same messages.
-fn decode_fast(bytes: &[u8]) -> Option<(Message, Map<String, Value>)> {
+fn decode_fast(bytes: &[u8]) -> Option<(Message, RawObject<'_>)> {
     let env: In<'_> = serde_json::from_slice(bytes).ok()?;
     let props = env.properties?;
     let raw_body = env.body?;
@@ -114,7 +115,7 @@ fn decode_fast(bytes: &[u8]) -> Option<(Message, Map<String, Value>)> {
         return None;
     }
     let body: Cow<'_, str> = serde_json::from_str(raw_body.get()).ok()?;
-    let body = match props.get("body_encoding").and_then(Value::as_str) {
+    let body = match props.str("body_encoding").as_deref() {
         Some("base64") => B64.decode(body.as_bytes()).ok()?,
         _ => body.into_owned().into_bytes(),
     };
@@ -146,7 +147,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message> {
 /// sent (empty when there is none): transports keep their own fields there (kombu's delivery
 /// tag and `delivery_info`, a redelivered flag), and reading them from this saves a second
 /// parse of the message.
-pub fn decode_with_properties(bytes: &[u8]) -> Result<(Message, Map<String, Value>)> {
+pub fn decode_with_properties(bytes: &[u8]) -> Result<(Message, RawObject<'_>)> {
     if let Some(decoded) = decode_fast(bytes) {
         return Ok(decoded);
     }
@@ -154,7 +155,7 @@ pub fn decode_with_properties(bytes: &[u8]) -> Result<(Message, Map<String, Valu
 }
 
 /// Reads any envelope through a JSON tree: protocol 1, JSON bodies, and the errors.
-fn decode_general(bytes: &[u8]) -> Result<(Message, Map<String, Value>)> {
+fn decode_general(bytes: &[u8]) -> Result<(Message, RawObject<'_>)> {
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| Error::protocol("message is not a json envelope").with_source(e))?;
     let Value::Object(mut env) = v else {
@@ -182,6 +183,8 @@ fn decode_general(bytes: &[u8]) -> Result<(Message, Map<String, Value>)> {
         Some(Value::Null) | None => return Err(Error::protocol("envelope has no body")),
         Some(other) => serde_json::to_vec(&other)?,
     };
+    // The same object again, as the raw form callers get (this path is the rare one).
+    let props = raw_properties(bytes);
     let properties = properties_of(&props);
     let headers = env.remove("headers").unwrap_or(Value::Null);
     let has_task = headers.get("task").is_some_and(|t| !t.is_null());
@@ -290,6 +293,133 @@ fn from_protocol_v1(
     })
 }
 
+/// The `properties` object of an envelope already read as a JSON tree, read again without
+/// decoding its values; empty when it cannot be (say, when the envelope repeats a key).
+fn raw_properties(bytes: &[u8]) -> RawObject<'_> {
+    #[derive(Deserialize)]
+    struct Only<'a> {
+        #[serde(borrow, default)]
+        properties: Option<RawObject<'a>>,
+    }
+    serde_json::from_slice::<Only<'_>>(bytes)
+        .ok()
+        .and_then(|o| o.properties)
+        .unwrap_or_default()
+}
+
+/// A JSON object read without decoding its values: each key with its value's JSON text, both
+/// borrowed from the message (a key with escapes is unescaped into a copy).
+///
+/// What [`decode_with_properties`] returns for an envelope's `properties`: transports read a
+/// few of its fields, and decoding all of them into a [`Map`] cost about ten allocations per
+/// message. The typed getters read a field when it has their JSON type and give `None`
+/// otherwise, as [`Value`]'s `as_*` methods do; a repeated key reads as its last value, as it
+/// does in a [`Map`].
+#[derive(Debug, Default, Clone)]
+pub struct RawObject<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> RawObject<'a> {
+    /// The JSON text of `key`'s value.
+    pub fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    /// `key`'s value when it is a string.
+    pub fn str(&self, key: &str) -> Option<Cow<'a, str>> {
+        let text: &'a str = self.get(key)?.get();
+        match serde_json::from_str::<&'a str>(text) {
+            Ok(s) => Some(Cow::Borrowed(s)),
+            // A string with escapes cannot be borrowed; anything else is not a string.
+            Err(_) => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+        }
+    }
+
+    /// `key`'s value when it is a non-negative integer that fits a `u64`.
+    pub fn u64(&self, key: &str) -> Option<u64> {
+        serde_json::from_str(self.get(key)?.get()).ok()
+    }
+
+    /// `key`'s value when it is a number.
+    pub fn f64(&self, key: &str) -> Option<f64> {
+        serde_json::from_str(self.get(key)?.get()).ok()
+    }
+
+    /// `key`'s value when it is `true` or `false`.
+    pub fn bool(&self, key: &str) -> Option<bool> {
+        serde_json::from_str(self.get(key)?.get()).ok()
+    }
+
+    /// `key`'s value when it is an object.
+    pub fn object(&self, key: &str) -> Option<RawObject<'a>> {
+        serde_json::from_str(self.get(key)?.get()).ok()
+    }
+
+    /// Whether `key` is present (with any value, `null` included).
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+}
+
+/// Equal when the same keys hold the same JSON text, in the same order.
+impl PartialEq for RawObject<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(&other.0)
+                .all(|((ka, va), (kb, vb))| ka == kb && va.get() == vb.get())
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = RawObject<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> std::result::Result<Self::Value, M::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(Key(k)) = map.next_key::<Key<'a>>()? {
+                    fields.push((k, map.next_value::<&'a RawValue>()?));
+                }
+                Ok(RawObject(fields))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// An object's key, borrowed when it has no escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Key<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Key<'a>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Key<'a>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> std::result::Result<Key<'a>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(Visit(std::marker::PhantomData))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +440,42 @@ mod tests {
                 "expiration": "60000",
                 "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 5,
                 "body_encoding": "base64", "delivery_tag": "f267f1e1-fc42-41a8-9586-fe3375a52891"}}"#;
+
+    /// Each getter of a raw object reads what the matching `Value::as_*` reads from the same
+    /// object decoded as a tree: strings with and without escapes, numbers of every kind,
+    /// other types, escaped and repeated keys.
+    #[test]
+    fn raw_object_reads_what_a_json_tree_reads() {
+        let text = r#"{"s": "plain", "e": "caf\u00e9 \"q\"", "n": 5, "neg": -3, "f": 2.5,
+            "big": 18446744073709551616, "t": true, "z": null, "a": [1], "o": {"k": "v", "x": 1},
+            "k\u00e9y": "escaped key", "dup": 1, "dup": "last"}"#;
+        let raw: RawObject<'_> = serde_json::from_str(text).unwrap();
+        let tree: Map<String, Value> = serde_json::from_str(text).unwrap();
+        let keys = [
+            "s", "e", "n", "neg", "f", "big", "t", "z", "a", "o", "kéy", "dup", "missing",
+        ];
+        for k in keys {
+            let v = tree.get(k);
+            assert_eq!(raw.str(k).as_deref(), v.and_then(Value::as_str), "{k}");
+            assert_eq!(raw.u64(k), v.and_then(Value::as_u64), "{k}");
+            assert_eq!(raw.f64(k), v.and_then(Value::as_f64), "{k}");
+            assert_eq!(raw.bool(k), v.and_then(Value::as_bool), "{k}");
+            assert_eq!(raw.contains_key(k), v.is_some(), "{k}");
+            assert_eq!(
+                raw.object(k).is_some(),
+                v.is_some_and(Value::is_object),
+                "{k}"
+            );
+        }
+        let o = raw.object("o").unwrap();
+        assert_eq!(o.str("k").as_deref(), Some("v"));
+        assert_eq!(o.u64("x"), Some(1));
+        assert!(
+            matches!(raw.str("s"), Some(Cow::Borrowed("plain"))),
+            "borrowed"
+        );
+        assert!(serde_json::from_str::<RawObject<'_>>("[1]").is_err());
+    }
 
     /// The fast path either declines or reads exactly what the general path reads.
     #[test]
