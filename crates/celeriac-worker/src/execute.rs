@@ -115,7 +115,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, delivery: Delivery, span: tracin
         let err = RemoteError::new("DeliveryLimitExceeded", reason.clone())
             .with_module("celeriac.exceptions");
         failed(&shared, &req, &err).await;
-        dead_letter(&shared, &handle, Some(req.message), &reason).await;
+        dead_letter(
+            &shared,
+            &handle,
+            Some(Arc::unwrap_or_clone(req.message)),
+            &reason,
+        )
+        .await;
         return;
     }
 
@@ -317,8 +323,8 @@ async fn start(
         shared.recorder.started(req).await;
     }
     let cancel = Cancellation::new();
-    let ctx = TaskContext::new(
-        req.message.headers.clone(),
+    let ctx = TaskContext::for_message(
+        req.message.clone(),
         &req.queue,
         &shared.options.hostname,
         cancel.clone(),

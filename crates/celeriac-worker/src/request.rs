@@ -18,7 +18,8 @@ pub(crate) const CELERY_EXC: &str = "celery.exceptions";
 /// A message ready to run: its task definition, headers and decoded arguments.
 #[derive(Debug, Clone)]
 pub(crate) struct Request {
-    pub(crate) message: Message,
+    /// Shared with the task's context ([`TaskContext::for_message`]), not copied for it.
+    pub(crate) message: Arc<Message>,
     pub(crate) body: Body,
     pub(crate) def: Arc<TaskDef>,
     pub(crate) queue: String,
@@ -90,7 +91,7 @@ pub(crate) fn decode(
         def: def.clone(),
         body,
         queue: queue.to_owned(),
-        message,
+        message: Arc::new(message),
     })
 }
 
