@@ -300,12 +300,7 @@ impl HeadersOf {
 impl TaskContext {
     /// A context for the message with `headers`, received from `queue` by worker `hostname`.
     pub fn new(headers: Headers, queue: &str, hostname: &str, cancel: Cancellation) -> Self {
-        TaskContext {
-            headers: HeadersOf::Own(Arc::new(headers)),
-            queue: queue.into(),
-            hostname: hostname.into(),
-            cancel,
-        }
+        Self::with(HeadersOf::Own(Arc::new(headers)), queue, hostname, cancel)
     }
 
     /// A context reading the headers of `message`, shared rather than copied: what a worker
@@ -316,8 +311,12 @@ impl TaskContext {
         hostname: &str,
         cancel: Cancellation,
     ) -> Self {
+        Self::with(HeadersOf::Message(message), queue, hostname, cancel)
+    }
+
+    fn with(headers: HeadersOf, queue: &str, hostname: &str, cancel: Cancellation) -> Self {
         TaskContext {
-            headers: HeadersOf::Message(message),
+            headers,
             queue: queue.into(),
             hostname: hostname.into(),
             cancel,

@@ -1204,7 +1204,7 @@ impl Info {
     /// What the transport reads from an envelope's properties and its `redelivered` header.
     fn from_parts(p: &RawObject<'_>, redelivered_header: Option<&Value>) -> Info {
         let di = p.object("delivery_info");
-        let di_str = |k: &str| di.as_ref().is_some_and(|d| is_string(d, k));
+        let di_str = |k: &str| di.as_ref().is_some_and(|d| d.is_str(k));
         // kombu: int(priority) clamped to 0..9, anything else is 0.
         let kp = p.f64("priority").map_or(0, |f| f.clamp(0.0, 9.0) as u8);
         let header_redelivered = redelivered_header.and_then(Value::as_bool).unwrap_or(false);
@@ -1219,16 +1219,9 @@ impl Info {
                 .and_then(|d| d.bool("redelivered"))
                 .unwrap_or(false)
                 || header_redelivered,
-            kombu_shape: is_string(p, "delivery_tag")
-                && di_str("exchange")
-                && di_str("routing_key"),
+            kombu_shape: p.is_str("delivery_tag") && di_str("exchange") && di_str("routing_key"),
         }
     }
-}
-
-/// Whether `key` holds a string in `o` (its JSON text is quoted), without unescaping it.
-fn is_string(o: &RawObject<'_>, key: &str) -> bool {
-    o.get(key).is_some_and(|v| v.get().starts_with('"'))
 }
 
 /// kombu's `restore_visible`: puts deliveries whose lease ran out back in their lists.

@@ -19,15 +19,8 @@ async fn a_message_restored_n_times_reports_n() {
     if !util::redis_up() {
         return;
     }
-    let p = util::prefix();
-    let broker = broker_with(&p, RedisOptions::default()).await;
     let q = "redeliver";
-    broker.declare(q).await.unwrap();
-    let m = msg();
-    broker
-        .publish(q, &m, PublishOptions::default())
-        .await
-        .unwrap();
+    let (p, broker, m) = one_queued(q).await;
     let lease = Duration::from_millis(300);
     let queues = [q.to_owned()];
     for n in 0..3u32 {
@@ -75,15 +68,8 @@ async fn an_unflagged_message_does_not_read_a_counter() {
     if !util::redis_up() {
         return;
     }
-    let p = util::prefix();
-    let broker = broker_with(&p, RedisOptions::default()).await;
     let q = "unflagged";
-    broker.declare(q).await.unwrap();
-    let m = msg();
-    broker
-        .publish(q, &m, PublishOptions::default())
-        .await
-        .unwrap();
+    let (p, broker, m) = one_queued(q).await;
     let mut r = raw().await;
     // Whichever of the queue's priority lists it went to.
     let lists: Vec<String> = r.keys(format!("{p}{q}*")).await.unwrap();
@@ -110,6 +96,20 @@ async fn an_unflagged_message_does_not_read_a_counter() {
     assert_eq!((stats.ready, stats.unacked), (0, 0), "the ack settled it");
     let left: i64 = r.get(&counter).await.unwrap();
     assert_eq!(left, 5, "the ack of a first delivery deletes no counter");
+}
+
+/// A broker under a fresh prefix with queue `q` declared and one message published to it:
+/// the prefix, the broker and the message.
+async fn one_queued(q: &str) -> (String, celeriac_redis::RedisBroker, celeriac_core::Message) {
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    broker.declare(q).await.unwrap();
+    let m = msg();
+    broker
+        .publish(q, &m, PublishOptions::default())
+        .await
+        .unwrap();
+    (p, broker, m)
 }
 
 /// The delivery tag of the one message recorded in `unacked` under prefix `p`.
