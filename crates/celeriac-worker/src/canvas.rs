@@ -33,31 +33,69 @@ use celeriac_core::canvas::{
     chord_counter_key, default_option, flow_failed_key, flow_key_slot_id, flow_keys_key,
     flow_pending_key, flow_slot_key, flow_tally, flow_total_key, plan, with_parent_value,
 };
+use std::sync::Arc;
+
 use celeriac_core::meta::RemoteError;
-use celeriac_core::{PublishOptions, Signature, TaskMeta, TaskState};
+use celeriac_core::{
+    BoxFuture, ContentType, DynBackend, DynBroker, PublishOptions, Registry, Signature, TaskMeta,
+    TaskState,
+};
 use serde_json::Value;
 
-use crate::execute::Shared;
+use crate::pipeline::{Layer, Next, Outcome};
 use crate::request::{CELERY_EXC, Request};
 
-/// Sends what follows a success: callbacks, the next chain step, the chord part.
-pub(crate) async fn on_success(shared: &Shared, req: &Request, value: &Value) {
-    // Boxed, and only when there is something to do: sending is a large future, and every
-    // task's future would otherwise carry (and copy) its state.
-    if has_consequences(req) {
-        Box::pin(success_consequences(shared, req, value)).await;
+/// Sends what follows each outcome, once it is recorded.
+#[derive(Debug)]
+pub(crate) struct CanvasLayer {
+    pub(crate) broker: DynBroker,
+    pub(crate) backend: Option<DynBackend>,
+    /// Where a signature with no queue of its own goes: its task's queue, if known here.
+    pub(crate) registry: Arc<Registry>,
+    /// How messages the worker builds are serialized.
+    pub(crate) content_type: ContentType,
+    /// Sent messages name this worker as their origin.
+    pub(crate) hostname: String,
+    /// The broker parks delayed messages itself.
+    pub(crate) broker_delays: bool,
+}
+
+impl Layer for CanvasLayer {
+    fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let outcome = next.run(req).await;
+            match &outcome {
+                Outcome::Succeeded(value) => on_success(self, req, value).await,
+                Outcome::Failed(err) | Outcome::DeadLettered { error: err, .. } => {
+                    on_failure(self, req, err).await;
+                }
+                Outcome::Revoked { .. } => on_duplicate(self, req, false).await,
+                Outcome::Skipped(_) => on_duplicate(self, req, req.redeliveries() > 0).await,
+                _ => {}
+            }
+            outcome
+        })
     }
 }
 
-async fn success_consequences(shared: &Shared, req: &Request, value: &Value) {
+/// Sends what follows a success: callbacks, the next chain step, the chord part.
+async fn on_success(cx: &CanvasLayer, req: &Request, value: &Value) {
+    // Boxed, and only when there is something to do: sending is a large future, and every
+    // task's future would otherwise carry (and copy) its state.
+    if has_consequences(req) {
+        Box::pin(success_consequences(cx, req, value)).await;
+    }
+}
+
+async fn success_consequences(cx: &CanvasLayer, req: &Request, value: &Value) {
     let embed = &req.body.embed;
     for cb in embed.callbacks.iter().flatten() {
-        send(shared, req, with_parent_value(cb, value.clone()), None).await;
+        send(cx, req, with_parent_value(cb, value.clone()), None).await;
     }
     if let Some(mut chain) = embed.chain.clone() {
         if let Some(next) = chain.pop() {
             send(
-                shared,
+                cx,
                 req,
                 with_parent_value(&next, value.clone()),
                 Some(chain),
@@ -65,19 +103,19 @@ async fn success_consequences(shared: &Shared, req: &Request, value: &Value) {
             .await;
         }
     }
-    chord_part(shared, req).await;
-    flow_step(shared, req, Some(value)).await;
+    chord_part(cx, req).await;
+    flow_step(cx, req, Some(value)).await;
 }
 
 /// Sends what follows a failure: errbacks (the task's and the remaining chain steps'), FAILURE
 /// on the remaining chain steps, the chord part.
-pub(crate) async fn on_failure(shared: &Shared, req: &Request, err: &RemoteError) {
+async fn on_failure(cx: &CanvasLayer, req: &Request, err: &RemoteError) {
     if has_consequences(req) {
-        Box::pin(failure_consequences(shared, req, err)).await;
+        Box::pin(failure_consequences(cx, req, err)).await;
     }
 }
 
-async fn failure_consequences(shared: &Shared, req: &Request, err: &RemoteError) {
+async fn failure_consequences(cx: &CanvasLayer, req: &Request, err: &RemoteError) {
     let embed = &req.body.embed;
     let rest = embed.chain.as_deref().unwrap_or_default();
     let mut errbacks: Vec<Signature> = embed.errbacks.clone().unwrap_or_default();
@@ -91,37 +129,37 @@ async fn failure_consequences(shared: &Shared, req: &Request, err: &RemoteError)
             let mut meta = TaskMeta::exception(id.clone(), TaskState::Failure, err);
             meta.name = Some(step.task.clone());
             meta.parent_id = Some(req.id().to_owned());
-            store(shared, &meta).await;
+            store(cx, &meta).await;
         }
     }
     let failed_id = Value::String(req.id().to_owned());
     for eb in &errbacks {
-        send(shared, req, with_parent_value(eb, failed_id.clone()), None).await;
+        send(cx, req, with_parent_value(eb, failed_id.clone()), None).await;
     }
-    chord_part(shared, req).await;
-    flow_step(shared, req, None).await;
+    chord_part(cx, req).await;
+    flow_step(cx, req, None).await;
 }
 
 /// For a delivery whose task already has a ready result: replays what the run that stored it
 /// may not have sent (a chord part always; callbacks and the chain after a redelivered
 /// success).
-pub(crate) async fn on_duplicate(shared: &Shared, req: &Request, redelivered: bool) {
+async fn on_duplicate(cx: &CanvasLayer, req: &Request, redelivered: bool) {
     let canvas = &req.body.embed;
     if canvas.chord.is_none() && !(redelivered && has_followers(req)) {
         return;
     }
-    Box::pin(replay(shared, req, redelivered)).await;
+    Box::pin(replay(cx, req, redelivered)).await;
 }
 
-async fn replay(shared: &Shared, req: &Request, redelivered: bool) {
-    let Some(meta) = stored(shared, req.id()).await else {
+async fn replay(cx: &CanvasLayer, req: &Request, redelivered: bool) {
+    let Some(meta) = stored(cx, req.id()).await else {
         return;
     };
     if redelivered && meta.status == TaskState::Success {
         tracing::info!("redelivered task already succeeded; sending its callbacks again");
-        on_success(shared, req, &meta.result).await;
+        on_success(cx, req, &meta.result).await;
     } else {
-        chord_part(shared, req).await;
+        chord_part(cx, req).await;
     }
 }
 
@@ -145,7 +183,7 @@ fn has_followers(req: &Request) -> bool {
 ///
 /// The run's pending counter goes up by the messages routed before they are sent and down by
 /// one after, so it reaches zero only when every message of the run has finished.
-async fn flow_step(shared: &Shared, req: &Request, output: Option<&Value>) {
+async fn flow_step(cx: &CanvasLayer, req: &Request, output: Option<&Value>) {
     let flow = match FlowHeader::from_headers(&req.message.headers.extra) {
         None => return,
         Some(Ok(f)) => f,
@@ -154,7 +192,7 @@ async fn flow_step(shared: &Shared, req: &Request, output: Option<&Value>) {
             return;
         }
     };
-    let Some(backend) = shared.recorder.backend() else {
+    let Some(backend) = cx.backend.as_ref() else {
         tracing::error!(run = %flow.run, "a dataflow run needs a result backend; its output is dropped");
         return;
     };
@@ -202,7 +240,7 @@ async fn flow_step(shared: &Shared, req: &Request, output: Option<&Value>) {
             backend.incr(&flow_pending_key(run), n).await?;
         }
         for sig in next {
-            send(shared, req, sig, None).await;
+            send(cx, req, sig, None).await;
         }
         Ok::<_, celeriac_core::Error>(())
     };
@@ -218,11 +256,11 @@ async fn flow_step(shared: &Shared, req: &Request, output: Option<&Value>) {
 }
 
 /// Counts one chord header part and fires the body when every part is ready.
-async fn chord_part(shared: &Shared, req: &Request) {
+async fn chord_part(cx: &CanvasLayer, req: &Request) {
     let (Some(body), Some(gid)) = (&req.body.embed.chord, &req.message.headers.group) else {
         return;
     };
-    let Some(backend) = shared.recorder.backend() else {
+    let Some(backend) = cx.backend.as_ref() else {
         tracing::error!(group_id = %gid, "a chord needs a result backend; its body will never run");
         return;
     };
@@ -236,7 +274,7 @@ async fn chord_part(shared: &Shared, req: &Request) {
                     if backend.incr(&chord_claim_key(gid), 1).await? != 1 {
                         return Ok(false);
                     }
-                    fire(shared, req, body, gid, parts).await;
+                    fire(cx, req, body, gid, parts).await;
                     return Ok(true);
                 }
                 _ => return Ok(false),
@@ -260,7 +298,7 @@ async fn chord_part(shared: &Shared, req: &Request) {
         if backend.incr(&chord_claim_key(gid), 1).await? != 1 {
             return Ok(false);
         }
-        fire(shared, req, body, gid, parts).await;
+        fire(cx, req, body, gid, parts).await;
         Ok::<_, celeriac_core::Error>(true)
     };
     match fired.await {
@@ -272,7 +310,7 @@ async fn chord_part(shared: &Shared, req: &Request) {
     }
 }
 
-async fn fire(shared: &Shared, req: &Request, body: &Signature, gid: &str, parts: Vec<TaskMeta>) {
+async fn fire(cx: &CanvasLayer, req: &Request, body: &Signature, gid: &str, parts: Vec<TaskMeta>) {
     if let Some(failed) = parts.iter().find(|m| m.status != TaskState::Success) {
         let cause = failed
             .error()
@@ -290,36 +328,36 @@ async fn fire(shared: &Shared, req: &Request, body: &Signature, gid: &str, parts
             meta.name = Some(body.task.clone());
             meta.group_id = Some(gid.to_owned());
             meta.parent_id = Some(req.id().to_owned());
-            store(shared, &meta).await;
+            store(cx, &meta).await;
         }
         let failed_id = Value::String(body_id.unwrap_or(&failed.task_id).to_owned());
         for eb in wire_sigs(body.options.get("link_error")) {
-            send(shared, req, with_parent_value(&eb, failed_id.clone()), None).await;
+            send(cx, req, with_parent_value(&eb, failed_id.clone()), None).await;
         }
         return;
     }
     let results = Value::Array(parts.into_iter().map(|m| m.result).collect());
     let mut sig = with_parent_value(body, results);
     default_option(&mut sig, "group_id", gid);
-    send(shared, req, sig, None).await;
+    send(cx, req, sig, None).await;
 }
 
 /// Publishes `sig` (a plain signature, or a group or chain map) as a child of `parent`; a
 /// signature that cannot be sent fails its frozen id.
-async fn send(shared: &Shared, parent: &Request, sig: Signature, chain: Option<Vec<Signature>>) {
+async fn send(cx: &CanvasLayer, parent: &Request, sig: Signature, chain: Option<Vec<Signature>>) {
     if sig.subtask_type.is_none() {
-        send_one(shared, parent, sig, chain).await;
+        send_one(cx, parent, sig, chain).await;
         return;
     }
     let p = match plan(&sig, chain) {
         Ok(p) => p,
         Err(e) => {
-            fail_unsent(shared, &sig, &e).await;
+            fail_unsent(cx, &sig, &e).await;
             return;
         }
     };
     for (gid, ids) in &p.groups {
-        let saved = match shared.recorder.backend() {
+        let saved = match cx.backend.as_ref() {
             Some(b) => match b.save_group(gid, ids).await {
                 Ok(()) => b.set_chord_size(gid, ids.len()).await,
                 Err(e) => Err(e),
@@ -329,17 +367,17 @@ async fn send(shared: &Shared, parent: &Request, sig: Signature, chain: Option<V
             )),
         };
         if let Err(e) = saved {
-            fail_unsent(shared, &sig, &e).await;
+            fail_unsent(cx, &sig, &e).await;
             return;
         }
     }
     for step in p.steps {
-        send_one(shared, parent, step.sig, step.chain).await;
+        send_one(cx, parent, step.sig, step.chain).await;
     }
 }
 
 async fn send_one(
-    shared: &Shared,
+    cx: &CanvasLayer,
     parent: &Request,
     mut sig: Signature,
     chain: Option<Vec<Signature>>,
@@ -352,37 +390,37 @@ async fn send_one(
         .clone()
         .unwrap_or_else(|| parent.id().to_owned());
     default_option(&mut sig, "root_id", root);
-    let task_options = shared
+    let task_options = cx
         .registry
         .get(&sig.task)
         .map(|d| d.options.clone())
         .unwrap_or_default();
-    let sender = Sender::new(shared.options.content_type, Some(&shared.options.hostname));
+    let sender = Sender::new(cx.content_type, Some(&cx.hostname));
     let sent = async {
         let out = build_message(&sig, &task_options, chain, &sender)?;
         let queue = out.queue.clone().unwrap_or_else(|| parent.queue.clone());
-        shared.broker.declare(&queue).await?;
+        cx.broker.declare(&queue).await?;
         let options = PublishOptions::default()
             .priority(out.priority)
-            .not_before(out.eta.filter(|_| shared.broker_delays));
-        shared.broker.publish(&queue, &out.message, options).await?;
+            .not_before(out.eta.filter(|_| cx.broker_delays));
+        cx.broker.publish(&queue, &out.message, options).await?;
         tracing::debug!(child_id = %out.message.id(), child = %sig.task, queue = %queue, "canvas task sent");
         Ok::<_, celeriac_core::Error>(())
     };
     if let Err(e) = sent.await {
-        fail_unsent(shared, &sig, &e).await;
+        fail_unsent(cx, &sig, &e).await;
     }
 }
 
 /// Logs a signature that could not be sent and stores FAILURE under its frozen id, if any.
-async fn fail_unsent(shared: &Shared, sig: &Signature, e: &celeriac_core::Error) {
+async fn fail_unsent(cx: &CanvasLayer, sig: &Signature, e: &celeriac_core::Error) {
     tracing::error!(child = %sig.task, error = %e, "cannot send the canvas task");
     if let Some(id) = final_id(sig) {
         let err = RemoteError::new("CanvasError", format!("cannot send {}: {e}", sig.task))
             .with_module(celeriac_core::meta::RUST_EXC_MODULE);
         let mut meta = TaskMeta::exception(id, TaskState::Failure, &err);
         meta.name = Some(sig.task.clone());
-        store(shared, &meta).await;
+        store(cx, &meta).await;
     }
 }
 
@@ -422,13 +460,13 @@ fn wire_sigs(v: Option<&Value>) -> Vec<Signature> {
     }
 }
 
-async fn stored(shared: &Shared, id: &str) -> Option<TaskMeta> {
-    let backend = shared.recorder.backend()?;
+async fn stored(cx: &CanvasLayer, id: &str) -> Option<TaskMeta> {
+    let backend = cx.backend.as_ref()?;
     backend.get(id).await.ok().flatten()
 }
 
-async fn store(shared: &Shared, meta: &TaskMeta) {
-    if let Some(backend) = shared.recorder.backend() {
+async fn store(cx: &CanvasLayer, meta: &TaskMeta) {
+    if let Some(backend) = cx.backend.as_ref() {
         if let Err(e) = backend.store(meta).await {
             tracing::error!(error = %e, task_id = %meta.task_id, "cannot store a canvas state");
         }

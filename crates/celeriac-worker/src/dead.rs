@@ -30,10 +30,12 @@
 use std::time::Duration;
 
 use celeriac_core::{
-    Body, Broker, ConsumeOptions, ContentType, Delivery, Headers, Message, PublishOptions, Requeue,
-    Result, ResultBackend, TaskState,
+    Body, Broker, ConsumeOptions, ContentType, Delivery, DeliveryHandle, Headers, Message,
+    PublishOptions, Requeue, Result, ResultBackend, TaskState,
 };
 use serde_json::{Map, Value};
+
+use crate::request::Settle;
 
 /// The suffix of dead-letter queues: `celery` → `celery.dead`.
 pub const SUFFIX: &str = ".dead";
@@ -147,6 +149,45 @@ pub(crate) fn mark(
     );
     extra.insert(WORKER_HEADER.to_owned(), worker.into());
     extra.insert(DELIVERIES_HEADER.to_owned(), deliveries.into());
+}
+
+/// Moves a delivery's message (or a placeholder, when it did not decode) to its queue's
+/// dead-letter queue, then acks the delivery; if the move fails, requeues it for 30 s later.
+/// Returns whether it moved.
+pub(crate) async fn move_delivery(
+    broker: &dyn Broker,
+    handle: &DeliveryHandle,
+    message: Option<Message>,
+    reason: &str,
+    worker: &str,
+) -> bool {
+    let dead = dead_queue(&handle.queue);
+    let mut m = message.unwrap_or_else(placeholder);
+    mark(
+        &mut m,
+        &handle.queue,
+        reason,
+        worker,
+        handle.redeliveries.saturating_add(1),
+    );
+    let moved = async {
+        broker.declare(&dead).await?;
+        broker.publish(&dead, &m, PublishOptions::default()).await
+    };
+    match moved.await {
+        Ok(()) => {
+            tracing::warn!(dead_queue = %dead, reason, "message moved to the dead-letter queue");
+            Settle::Ack.apply(handle).await;
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, dead_queue = %dead, "cannot dead-letter the message; requeueing it in 30 s");
+            Settle::Reject(Requeue::After(Duration::from_secs(30)))
+                .apply(handle)
+                .await;
+            false
+        }
+    }
 }
 
 /// A stand-in for a message whose envelope did not decode.

@@ -26,11 +26,15 @@
 //!   `embed` (callbacks, errbacks, the next chain step) and counts chord parts, firing the
 //!   body once (see `canvas`); `celery.starmap` and `celery.map` are built in.
 //!
-//! One delivery goes through small steps, each in its own module with its own tests: decode
-//! (`request`), eta and expiry (`schedule`), per-name rate limit (`ratelimit`), a concurrency
-//! slot, the duplicate check, execution with panics caught (`pool`) under soft and hard time
-//! limits (`timelimit`), the retry decision (`retry`), result recording (`record`), and lease
-//! extension for deliveries held long (`lease`); `execute` composes them.
+//! - [`pipeline`]: the worker as a stack of [`Layer`]s around each task's execution. One
+//!   delivery is decoded into a [`Request`] (`request`), then goes through small layers, each in
+//!   its own module with its own context and tests: settle (`settle`, with lease extension in
+//!   `lease`), canvas (`canvas`), record (`record`), the redelivery limit (`redelivery`), eta
+//!   and expiry (`schedule`), the per-name rate limit (`ratelimit`), a concurrency slot
+//!   (`slot`), the last checks and the early ack (`gate`), the retry decision (`retry`),
+//!   STARTED, cold shutdown, terminate revokes (`revoke`) and time limits (`timelimit`),
+//!   around the body run with panics caught on the pool (`execute`, `pool`). Add your own with
+//!   [`Worker::layer`] and [`Worker::delivery_layer`].
 //!
 //! # Key design decisions
 //!
@@ -59,29 +63,35 @@
 //!
 //! # Not yet
 //!
-//! Pool grow/shrink at run time, `revoke --terminate`, events and heartbeats, remote control, result expiry (the backend contract has no per-record expiry);
-//! in the canvas, a chord as a callback or chain step, a group followed by more chain
-//! steps (Celery upgrades that to a chord), and `celery.chord_unlock`.
+//! Events and heartbeats, remote control (Celery's pidbox: `inspect`, `control`); in the
+//! canvas, `celery.chord_unlock` (chords complete through the backend's counter or Celery's
+//! Redis chord keys instead).
 
 mod builtins;
 mod canvas;
 pub mod dead;
 mod execute;
+mod gate;
 mod lease;
 mod options;
+pub mod pipeline;
 mod pool;
 mod ratelimit;
 mod record;
+mod redelivery;
 mod report;
 mod request;
 mod retry;
 pub mod revoke;
 mod schedule;
+mod settle;
 mod shutdown;
+mod slot;
 mod timelimit;
 mod worker;
 
 pub use options::{ChildCommand, Pool, WorkerOptions};
+pub use pipeline::{Layer, Next, Outcome, Request};
 pub use pool::PoolHandle;
 pub use pool::process::{CHILD_ENV, is_pool_child, run_child};
 pub use report::WorkerReport;

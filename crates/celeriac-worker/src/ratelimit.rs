@@ -8,7 +8,34 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use celeriac_core::{RateLimit, TokenBucket};
+use celeriac_core::{BoxFuture, RateLimit, TokenBucket};
+
+use crate::pipeline::{Layer, Next, Outcome, Request};
+use crate::schedule::handed_back;
+use crate::shutdown::{Phase, PhaseWatch};
+
+/// Holds each task back until its name's rate limit lets it start; a warm shutdown hands a
+/// waiting delivery back.
+#[derive(Debug)]
+pub(crate) struct RateLimitLayer {
+    pub(crate) limiter: RateLimiter,
+    pub(crate) phase: PhaseWatch,
+}
+
+impl Layer for RateLimitLayer {
+    fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
+        let Some(limit) = req.def.options.rate_limit else {
+            return next.run(req);
+        };
+        Box::pin(async move {
+            tokio::select! {
+                biased;
+                () = self.phase.reached(Phase::Warm) => handed_back(),
+                () = self.limiter.acquire(req.name(), limit) => next.run(req).await,
+            }
+        })
+    }
+}
 
 /// Token buckets by task name.
 #[derive(Debug, Default)]

@@ -7,10 +7,54 @@
 //! is logged, never fatal: the task has run either way.
 
 use celeriac_core::meta::RemoteError;
-use celeriac_core::{DynBackend, TaskMeta, TaskState};
+use celeriac_core::{BoxFuture, DynBackend, TaskMeta, TaskState};
 use serde_json::Value;
 
+use crate::pipeline::{Layer, Next, Outcome};
 use crate::request::{CELERY_EXC, Request};
+
+/// Stores each outcome's state once the inner layers are done.
+#[derive(Debug)]
+pub(crate) struct RecordLayer(pub(crate) Recorder);
+
+impl Layer for RecordLayer {
+    fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let outcome = next.run(req).await;
+            let r = &self.0;
+            match &outcome {
+                Outcome::Succeeded(value) => r.success(req, value.clone()).await,
+                Outcome::Errored(err) => r.failure(req, &err.to_remote()).await,
+                Outcome::Failed(err) | Outcome::DeadLettered { error: err, .. } => {
+                    r.failure(req, err).await;
+                }
+                Outcome::Retried { cause, .. } => r.retry(req, cause).await,
+                Outcome::Revoked { reason } => r.revoked(req, reason).await,
+                _ => {}
+            }
+            outcome
+        })
+    }
+}
+
+/// Stores STARTED before the body runs, when the worker or the task tracks it.
+#[derive(Debug)]
+pub(crate) struct TrackStartedLayer {
+    pub(crate) recorder: Recorder,
+    /// The worker's `track_started`; a task's own option also turns it on.
+    pub(crate) always: bool,
+}
+
+impl Layer for TrackStartedLayer {
+    fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            if self.always || req.def.options.track_started {
+                self.recorder.started(req).await;
+            }
+            next.run(req).await
+        })
+    }
+}
 
 /// Stores task states for one worker.
 #[derive(Debug, Clone)]
@@ -22,11 +66,6 @@ pub(crate) struct Recorder {
 impl Recorder {
     pub(crate) fn new(backend: Option<DynBackend>, hostname: String) -> Self {
         Recorder { backend, hostname }
-    }
-
-    /// The result backend, if the worker has one.
-    pub(crate) fn backend(&self) -> Option<&DynBackend> {
-        self.backend.as_ref()
     }
 
     /// A record of `req` in `status` with `result`, extended fields filled.
@@ -140,5 +179,78 @@ impl Recorder {
         if let Err(e) = backend.store(meta).await {
             tracing::error!(error = %e, state = %meta.status, "cannot store the task's state");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use celeriac_core::memory::MemoryBackend;
+    use celeriac_core::{ResultBackend, TaskError};
+
+    use super::*;
+    use crate::pipeline::testing::around;
+    use crate::request::tests::request_with;
+
+    #[tokio::test]
+    async fn each_outcome_stores_its_state_with_celerys_extended_fields() {
+        let backend = MemoryBackend::new();
+        let recorder = || Recorder::new(Some(Arc::new(backend.clone())), "w@h".into());
+        type Case = (&'static str, fn() -> Outcome, Option<TaskState>);
+        let cases: [Case; 5] = [
+            (
+                "ok",
+                || Outcome::Succeeded(5.into()),
+                Some(TaskState::Success),
+            ),
+            (
+                "err",
+                || Outcome::Errored(TaskError::fail("no")),
+                Some(TaskState::Failure),
+            ),
+            (
+                "rev",
+                || Outcome::Revoked {
+                    reason: "expired".into(),
+                },
+                Some(TaskState::Revoked),
+            ),
+            ("req", || Outcome::Requeued, None),
+            ("skip", || Outcome::Skipped(TaskState::Success), None),
+        ];
+        for (id, outcome, state) in cases {
+            let (stack, _) = around(RecordLayer(recorder()), move |_| outcome());
+            let (req, _) = request_with(id, 0, |_, _| {});
+            stack.run(&req).await;
+            let stored = backend.get(id).await.unwrap();
+            assert_eq!(stored.as_ref().map(|m| m.status.clone()), state, "{id}");
+            if let Some(m) = stored {
+                assert_eq!(m.name.as_deref(), Some("tasks.add"));
+                assert_eq!(m.worker.as_deref(), Some("w@h"));
+                assert_eq!(m.queue.as_deref(), Some("celery"));
+            }
+        }
+        let (stack, _) = around(RecordLayer(recorder()), |_| Outcome::Succeeded(1.into()));
+        let (req, _) = request_with("ignored", 0, |_, o| o.ignore_result = true);
+        stack.run(&req).await;
+        assert!(backend.get("ignored").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn started_is_stored_only_when_tracked() {
+        let backend = MemoryBackend::new();
+        let layer = TrackStartedLayer {
+            recorder: Recorder::new(Some(Arc::new(backend.clone())), "w@h".into()),
+            always: false,
+        };
+        let (stack, _) = around(layer, |_| Outcome::Requeued);
+        let (req, _) = request_with("quiet", 0, |_, _| {});
+        stack.run(&req).await;
+        assert!(backend.get("quiet").await.unwrap().is_none());
+        let (req, _) = request_with("tracked", 0, |_, o| o.track_started = true);
+        stack.run(&req).await;
+        let m = backend.get("tracked").await.unwrap().unwrap();
+        assert_eq!(m.status, TaskState::Started);
     }
 }

@@ -6,37 +6,223 @@
 //! moved to the dead-letter queue (see `dead`), not requeued: a message that cannot be run now
 //! will not become runnable by being delivered again, and requeueing it would make it a poison
 //! pill; from the dead-letter queue it can be inspected, and requeued once the task exists.
+//!
+//! A [`Request`] also carries what the layers share about its delivery: whether it was acked
+//! early, the lease keeper, the task's cancellation, the pool child running it, its runtime.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use celeriac_core::meta::RemoteError;
-use celeriac_core::{Body, Error, Message, Registry, TaskDef};
+use celeriac_core::{
+    Body, Cancellation, DeliveryHandle, Error, Headers, Message, Registry, Requeue, TaskDef,
+};
+use serde_json::{Map, Value};
+
+use crate::lease::{self, LeaseKeeper};
+use crate::pool::ChildPid;
 
 /// The module Celery's own exceptions live in.
 pub(crate) const CELERY_EXC: &str = "celery.exceptions";
 
-/// A message ready to run: its task definition, headers and decoded arguments.
-#[derive(Debug, Clone)]
-pub(crate) struct Request {
+/// One decoded task message on its way through the worker's layers.
+///
+/// Layers read it (`&Request`): the task's id, name, definition, headers and arguments, the
+/// queue it came from, how often it was delivered before, its cancellation signal and, once
+/// it ran, how long it took. See [`Layer`](crate::Layer).
+#[derive(Debug)]
+pub struct Request {
     /// Shared with the task's context ([`TaskContext::for_message`]), not copied for it.
+    ///
+    /// [`TaskContext::for_message`]: celeriac_core::TaskContext::for_message
     pub(crate) message: Arc<Message>,
     pub(crate) body: Body,
     pub(crate) def: Arc<TaskDef>,
     pub(crate) queue: String,
+    pub(crate) delivery: Settlement,
+    pub(crate) cancel: Cancellation,
+    /// The pool child running the body, under the processes pool.
+    pub(crate) child: ChildPid,
+    received: Instant,
+    runtime: OnceLock<Duration>,
+}
+
+/// A message that decoded: its task definition and arguments.
+#[derive(Debug)]
+pub(crate) struct Decoded {
+    pub(crate) message: Message,
+    pub(crate) body: Body,
+    pub(crate) def: Arc<TaskDef>,
 }
 
 impl Request {
-    pub(crate) fn id(&self) -> &str {
+    /// A request for a decoded message, settled through `handle`.
+    pub(crate) fn new(decoded: Decoded, handle: Arc<DeliveryHandle>) -> Self {
+        Request {
+            queue: handle.queue.clone(),
+            message: Arc::new(decoded.message),
+            body: decoded.body,
+            def: decoded.def,
+            delivery: Settlement::new(handle),
+            cancel: Cancellation::new(),
+            child: ChildPid::default(),
+            received: Instant::now(),
+            runtime: OnceLock::new(),
+        }
+    }
+
+    /// The task id.
+    pub fn id(&self) -> &str {
         self.message.id()
     }
 
-    pub(crate) fn name(&self) -> &str {
+    /// The task name.
+    pub fn name(&self) -> &str {
         &self.def.name
+    }
+
+    /// The registered task: its options (retries, limits, acks_late, ...) and handler.
+    pub fn task(&self) -> &TaskDef {
+        &self.def
+    }
+
+    /// The message's headers (Celery protocol v2: eta, expires, retries, parent and root ids,
+    /// group, extra headers).
+    pub fn headers(&self) -> &Headers {
+        &self.message.headers
+    }
+
+    /// The whole message, as delivered.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The positional arguments.
+    pub fn args(&self) -> &[Value] {
+        &self.body.args
+    }
+
+    /// The keyword arguments.
+    pub fn kwargs(&self) -> &Map<String, Value> {
+        &self.body.kwargs
+    }
+
+    /// The decoded body, canvas data (`embed`) included.
+    pub fn body(&self) -> &Body {
+        &self.body
+    }
+
+    /// The queue the message came from.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// How many times the message was delivered before this time.
+    pub fn redeliveries(&self) -> u32 {
+        self.delivery.handle.redeliveries
+    }
+
+    /// When the worker received the delivery.
+    pub fn received_at(&self) -> Instant {
+        self.received
+    }
+
+    /// How long the body ran, once it has run.
+    pub fn runtime(&self) -> Option<Duration> {
+        self.runtime.get().copied()
+    }
+
+    /// The task's cancellation signal: a layer may fire it to ask the body to stop.
+    pub fn cancellation(&self) -> &Cancellation {
+        &self.cancel
+    }
+
+    /// Whether the message is acknowledged only after the task ends (`acks_late`).
+    pub fn acks_late(&self) -> bool {
+        self.def.options.acks_late
+    }
+
+    /// Whether the delivery was already acknowledged (the early ack of a task that is not
+    /// `acks_late`).
+    pub fn is_acked(&self) -> bool {
+        self.delivery.acked.load(Ordering::Acquire)
     }
 
     /// No result is stored except failures: the header or the task option says so.
     pub(crate) fn ignore_result(&self) -> bool {
         self.message.headers.ignore_result || self.def.options.ignore_result
+    }
+
+    pub(crate) fn set_runtime(&self, runtime: Duration) {
+        let _ = self.runtime.set(runtime);
+    }
+}
+
+/// The delivery of a [`Request`]: how to settle it, whether it was, and its lease keeper.
+#[derive(Debug)]
+pub(crate) struct Settlement {
+    pub(crate) handle: Arc<DeliveryHandle>,
+    acked: AtomicBool,
+    keeper: Mutex<Option<LeaseKeeper>>,
+}
+
+impl Settlement {
+    fn new(handle: Arc<DeliveryHandle>) -> Self {
+        Settlement {
+            handle,
+            acked: AtomicBool::new(false),
+            keeper: Mutex::new(None),
+        }
+    }
+
+    fn keeper(&self) -> std::sync::MutexGuard<'_, Option<LeaseKeeper>> {
+        self.keeper.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Extends the lease every third of `lease` until the delivery is settled (when
+    /// `enabled`: the broker can extend leases).
+    pub(crate) fn keep_lease(&self, lease: Duration, enabled: bool) {
+        *self.keeper() = Some(lease::keep(self.handle.clone(), lease, enabled));
+    }
+
+    /// Stops extending the lease.
+    pub(crate) fn release_lease(&self) {
+        drop(self.keeper().take());
+    }
+
+    /// Acknowledges now, before the task ends (not `acks_late`).
+    pub(crate) async fn ack_early(&self) {
+        self.release_lease();
+        self.acked.store(true, Ordering::Release);
+        self.settle(Settle::Ack).await;
+    }
+
+    /// Settles the delivery (logs a failure: the message comes back when its lease ends).
+    pub(crate) async fn settle(&self, how: Settle) {
+        self.release_lease();
+        how.apply(&self.handle).await;
+    }
+}
+
+/// How to settle a delivery.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Settle {
+    Ack,
+    Reject(Requeue),
+}
+
+impl Settle {
+    /// Settles `handle` this way; a failure is logged (the message comes back when its lease
+    /// ends).
+    pub(crate) async fn apply(self, handle: &DeliveryHandle) {
+        let r = match self {
+            Settle::Ack => handle.ack().await,
+            Settle::Reject(requeue) => handle.reject(requeue).await,
+        };
+        if let Err(e) = r {
+            tracing::error!(error = %e, action = ?self, "cannot settle the delivery");
+        }
     }
 }
 
@@ -53,12 +239,11 @@ pub(crate) struct Refusal {
     pub(crate) message: Option<Message>,
 }
 
-/// Decodes `message` from `queue` against `registry`.
+/// Decodes `message` against `registry`.
 pub(crate) fn decode(
     message: Result<Message, Error>,
-    queue: &str,
     registry: &Registry,
-) -> Result<Request, Box<Refusal>> {
+) -> Result<Decoded, Box<Refusal>> {
     let message = message.map_err(|e| {
         Box::new(Refusal {
             task_id: None,
@@ -87,11 +272,10 @@ pub(crate) fn decode(
             return refuse(error, message);
         }
     };
-    Ok(Request {
+    Ok(Decoded {
         def: def.clone(),
         body,
-        queue: queue.to_owned(),
-        message: Arc::new(message),
+        message,
     })
 }
 
@@ -108,9 +292,9 @@ fn error_chain(e: &Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use celeriac_core::{ContentType, Handler, Headers, TaskOptions};
+    use celeriac_core::{Acker, BoxFuture, ContentType, Handler, Headers, TaskOptions};
     use serde_json::{Map, Value, json};
 
     fn registry() -> Registry {
@@ -129,19 +313,83 @@ mod tests {
         Message::new(Headers::new(task, "id-1"), &body, ContentType::Json).unwrap()
     }
 
+    /// Records how its delivery was settled.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct Settled(Arc<Mutex<Vec<String>>>);
+
+    impl Settled {
+        pub(crate) fn get(&self) -> Vec<String> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl Acker for Settled {
+        fn ack(&self) -> BoxFuture<'_, celeriac_core::Result<()>> {
+            self.0.lock().unwrap().push("ack".into());
+            Box::pin(async { Ok(()) })
+        }
+        fn reject(&self, requeue: Requeue) -> BoxFuture<'_, celeriac_core::Result<()>> {
+            self.0.lock().unwrap().push(format!("reject {requeue:?}"));
+            Box::pin(async { Ok(()) })
+        }
+        fn extend_lease(&self, _: Duration) -> BoxFuture<'_, celeriac_core::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A request for `tasks.add(1, 2)` with id `id` from queue `celery`, and what settles it.
+    pub(crate) fn request(id: &str) -> (Request, Settled) {
+        request_with(id, 0, |_, _| {})
+    }
+
+    /// [`request`], delivered `redeliveries` times before, with its message and the task's
+    /// options changed by `f`.
+    pub(crate) fn request_with(
+        id: &str,
+        redeliveries: u32,
+        f: impl FnOnce(&mut Message, &mut TaskOptions),
+    ) -> (Request, Settled) {
+        let mut m = message("tasks.add");
+        m.headers.id = id.to_owned();
+        let mut decoded = decode(Ok(m), &registry()).unwrap();
+        let mut def = TaskDef::clone(&decoded.def);
+        f(&mut decoded.message, &mut def.options);
+        decoded.def = Arc::new(def);
+        let settled = Settled::default();
+        let delivery = celeriac_core::Delivery::new(
+            Err(Error::protocol("taken")),
+            "celery",
+            redeliveries,
+            Box::new(settled.clone()),
+        );
+        let (_, handle) = delivery.into_parts();
+        (Request::new(decoded, Arc::new(handle)), settled)
+    }
+
     #[test]
     fn a_registered_task_decodes() {
-        let r = decode(Ok(message("tasks.add")), "celery", &registry()).unwrap();
+        let (r, _) = request("id-1");
         assert_eq!(r.name(), "tasks.add");
-        assert_eq!(r.body.args, [json!(1), json!(2)]);
-        assert_eq!(r.queue, "celery");
+        assert_eq!(r.id(), "id-1");
+        assert_eq!(r.args(), [json!(1), json!(2)]);
+        assert_eq!(r.queue(), "celery");
+        assert_eq!(r.redeliveries(), 0);
+        assert!(!r.is_acked() && !r.acks_late() && r.runtime().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_early_ack_is_seen_by_every_layer() {
+        let (r, settled) = request("id-1");
+        r.delivery.ack_early().await;
+        assert!(r.is_acked());
+        assert_eq!(settled.get(), ["ack"]);
     }
 
     #[test]
     fn unknown_names_are_not_registered_before_the_body_is_read() {
         let mut m = message("tasks.nope");
         m.body = b"not json".to_vec();
-        let refusal = decode(Ok(m), "celery", &registry()).unwrap_err();
+        let refusal = decode(Ok(m), &registry()).unwrap_err();
         assert_eq!(refusal.task_id.as_deref(), Some("id-1"));
         assert_eq!(
             refusal.error.to_exception_map(),
@@ -153,7 +401,7 @@ mod tests {
     fn bad_bodies_and_bad_bytes_are_decode_errors() {
         let mut m = message("tasks.add");
         m.content_type = "application/x-python-serialize".into();
-        let refusal = decode(Ok(m), "celery", &registry()).unwrap_err();
+        let refusal = decode(Ok(m), &registry()).unwrap_err();
         assert_eq!(refusal.error.exc_type, "DecodeError");
         assert!(
             refusal.error.message().contains("pickle"),
@@ -161,8 +409,7 @@ mod tests {
             refusal.error
         );
 
-        let refusal =
-            decode(Err(Error::protocol("invalid envelope")), "q", &registry()).unwrap_err();
+        let refusal = decode(Err(Error::protocol("invalid envelope")), &registry()).unwrap_err();
         assert_eq!(refusal.task_id, None);
         assert_eq!(refusal.error.message(), "invalid envelope");
     }

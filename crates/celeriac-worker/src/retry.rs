@@ -10,10 +10,76 @@
 use std::time::Duration;
 
 use celeriac_core::meta::RemoteError;
-use celeriac_core::{Message, TaskError, TaskErrorKind, TaskOptions};
+use celeriac_core::{
+    BoxFuture, DynBroker, Message, PublishOptions, TaskError, TaskErrorKind, TaskOptions,
+};
 use chrono::{DateTime, Utc};
 
+use crate::pipeline::{Layer, Next, Outcome, Request};
 use crate::request::CELERY_EXC;
+
+/// Decides what an error returned by the task means: FAILURE, a retry (published here), or
+/// a reject.
+#[derive(Debug)]
+pub(crate) struct RetryLayer {
+    pub(crate) broker: DynBroker,
+    /// The broker parks delayed messages itself.
+    pub(crate) broker_delays: bool,
+}
+
+impl Layer for RetryLayer {
+    fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let err = match next.run(req).await {
+                Outcome::Errored(err) => err,
+                other => return other,
+            };
+            let runtime = req.runtime().unwrap_or_default().as_secs_f64();
+            let retries = req.message.headers.retries;
+            match verdict(&err, &req.def.options, retries, req.name(), req.id()) {
+                Verdict::Fail(remote) => {
+                    tracing::error!(runtime, error = %remote, "task failed");
+                    Outcome::Failed(remote)
+                }
+                // Boxed: a rare path with a large future.
+                Verdict::Retry { delay, cause } => Box::pin(self.retry(req, delay, cause)).await,
+                Verdict::Reject { requeue } => {
+                    tracing::warn!(requeue, reason = err.message(), "task rejected its message");
+                    Outcome::Rejected {
+                        requeue,
+                        reason: err.message().to_owned(),
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl RetryLayer {
+    /// Publishes the retry; a failed publish becomes FAILURE with the cause.
+    async fn retry(&self, req: &Request, delay: Duration, cause: RemoteError) -> Outcome {
+        let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+        let message = retry_message(&req.message, eta);
+        let options = PublishOptions::default()
+            .priority(Some(req.message.properties.priority))
+            .not_before(self.broker_delays.then_some(eta));
+        match self.broker.publish(&req.queue, &message, options).await {
+            Ok(()) => {
+                tracing::warn!(
+                    retries = message.headers.retries,
+                    delay = delay.as_secs_f64(),
+                    error = %cause,
+                    "task will be retried"
+                );
+                Outcome::Retried { cause, eta }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, cause = %cause, "cannot publish the retry; task failed");
+                Outcome::Failed(cause)
+            }
+        }
+    }
+}
 
 /// The fate of a task that returned an error.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,5 +240,68 @@ mod tests {
                 .as_deref(),
             Some("p")
         );
+    }
+
+    mod layer {
+        use std::sync::Arc;
+
+        use celeriac_core::memory::MemoryBroker;
+        use celeriac_core::{Broker, TaskError};
+
+        use super::super::RetryLayer;
+        use crate::pipeline::Outcome;
+        use crate::pipeline::testing::around;
+        use crate::request::tests::request_with;
+
+        fn layer(broker: &MemoryBroker) -> RetryLayer {
+            RetryLayer {
+                broker: Arc::new(broker.clone()),
+                broker_delays: true,
+            }
+        }
+
+        #[tokio::test]
+        async fn a_returned_error_becomes_a_retry_a_failure_or_a_reject() {
+            let broker = MemoryBroker::new();
+            let (stack, _) = around(layer(&broker), |_| {
+                Outcome::Errored(TaskError::retry_after(std::time::Duration::from_secs(60)))
+            });
+            let (req, _) = request_with("r", 0, |_, o| o.max_retries = Some(1));
+            let Outcome::Retried { eta, .. } = stack.run(&req).await else {
+                panic!("not retried")
+            };
+            assert!(eta > chrono::Utc::now() + chrono::Duration::seconds(50));
+            let held = broker.stats("celery").await.unwrap();
+            assert_eq!(held.delayed, 1, "the retry is parked in the broker");
+
+            let (req, _) = request_with("r", 0, |m, o| {
+                m.headers.retries = 1;
+                o.max_retries = Some(1);
+            });
+            let o = stack.run(&req).await;
+            let Outcome::Failed(e) = o else {
+                panic!("{o:?}")
+            };
+            assert_eq!(e.exc_type, "MaxRetriesExceededError");
+
+            let (stack, _) = around(layer(&broker), |_| {
+                Outcome::Errored(TaskError::reject("no", false))
+            });
+            let (req, _) = request_with("j", 0, |_, _| {});
+            let o = stack.run(&req).await;
+            assert!(
+                matches!(o, Outcome::Rejected { requeue: false, ref reason } if reason == "no"),
+                "{o:?}"
+            );
+        }
+
+        #[tokio::test]
+        async fn other_outcomes_pass_through() {
+            let broker = MemoryBroker::new();
+            let (stack, _) = around(layer(&broker), |_| Outcome::Succeeded(1.into()));
+            let (req, _) = request_with("s", 0, |_, _| {});
+            assert!(matches!(stack.run(&req).await, Outcome::Succeeded(_)));
+            assert_eq!(broker.stats("celery").await.unwrap().total(), 0);
+        }
     }
 }

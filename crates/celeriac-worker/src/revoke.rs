@@ -30,11 +30,51 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use celeriac_core::DynBackend;
 pub use celeriac_core::backend::revoke::{
     TERMINATE_KEY, revoked_meta, signal_name, terminate_signal,
 };
+use celeriac_core::{BoxFuture, DynBackend};
 use tokio::sync::{Notify, oneshot};
+
+use crate::pipeline::{Layer, Next, Outcome, Request};
+
+/// Stops a running task when a revoke asks to terminate it: fires its cancellation, signals
+/// its pool child (processes pool), and gives it `grace` to end before dropping it (which
+/// aborts an async body and SIGKILLs a child that is still there). The task ends REVOKED.
+#[derive(Debug)]
+pub(crate) struct TerminateLayer {
+    /// The running ids the worker watches; `None` without a result backend (nothing to read
+    /// revokes from).
+    pub(crate) running: Option<Arc<RunningIds>>,
+    pub(crate) grace: Duration,
+}
+
+impl Layer for TerminateLayer {
+    fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
+        let Some(running) = &self.running else {
+            return next.run(req);
+        };
+        Box::pin(async move {
+            let mut registration = running.register(req.id());
+            let mut run = next.run(req);
+            tokio::select! {
+                biased;
+                outcome = &mut run => outcome,
+                signal = registration.requested() => {
+                    tracing::warn!(signal, "revoked with terminate: stopping the task");
+                    req.cancel.cancel();
+                    if let Some(pid) = req.child.get() {
+                        send_signal(pid, &signal).await;
+                    }
+                    if tokio::time::timeout(self.grace, &mut run).await.is_err() {
+                        tracing::warn!("the terminated task did not stop within the grace; dropping it");
+                    }
+                    Outcome::Revoked { reason: "terminated".to_owned() }
+                }
+            }
+        })
+    }
+}
 
 /// The ids running on one worker, each with a way to tell its delivery to terminate it.
 #[derive(Debug, Default)]
@@ -52,14 +92,6 @@ pub(crate) struct Registration {
 }
 
 impl Registration {
-    /// A registration nothing can terminate (the worker has no result backend).
-    pub(crate) fn none() -> Self {
-        Registration {
-            owner: None,
-            rx: None,
-        }
-    }
-
     /// Resolves with the signal's name once a terminate revoke for the task is seen; never
     /// otherwise. Cancel-safe.
     pub(crate) async fn requested(&mut self) -> String {

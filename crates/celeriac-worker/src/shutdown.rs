@@ -6,8 +6,52 @@
 //! shutdown needs no registry of what is in flight. Phases only move forward.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use celeriac_core::BoxFuture;
+use celeriac_core::meta::RemoteError;
 use tokio::sync::watch;
+
+use crate::pipeline::{Layer, Next, Outcome, Request};
+
+/// At a cold shutdown, fires a running task's cancellation and gives it `grace` to end;
+/// after that it is dropped (an async body aborted, a pool child killed) and its delivery is
+/// requeued (`acks_late`) or its task fails with `WorkerLostError` (acked already).
+#[derive(Debug)]
+pub(crate) struct ColdShutdownLayer {
+    pub(crate) phase: PhaseWatch,
+    pub(crate) grace: Duration,
+}
+
+impl Layer for ColdShutdownLayer {
+    fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let mut run = next.run(req);
+            tokio::select! {
+                biased;
+                outcome = &mut run => outcome,
+                () = self.phase.reached(Phase::Cold) => {
+                    tracing::warn!("cold shutdown: cancelling the task");
+                    req.cancel.cancel();
+                    if let Ok(outcome) = tokio::time::timeout(self.grace, &mut run).await {
+                        return outcome;
+                    }
+                    drop(run);
+                    if req.acks_late() {
+                        tracing::warn!("task still running after the cold shutdown grace; requeued");
+                        Outcome::Requeued
+                    } else {
+                        tracing::error!("task still running after the cold shutdown grace; it is lost");
+                        Outcome::Failed(
+                            RemoteError::new("WorkerLostError", "worker stopped by a cold shutdown")
+                                .with_module("billiard.exceptions"),
+                        )
+                    }
+                }
+            }
+        })
+    }
+}
 
 /// How far a shutdown has gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -6,14 +6,51 @@
 //! is aborted; a blocking body cannot be (a thread cannot be killed safely), so the worker
 //! fires the cancellation, reports `TimeLimitExceeded`, frees the task's slot and leaves the
 //! thread to finish on its own; under the processes pool the body's child process is killed
-//! (dropping the [`Spawned`] kills it), which really stops it.
+//! (dropping the body's future kills it), which really stops it.
 
+use std::future::Future;
 use std::time::Duration;
 
 use celeriac_core::meta::RemoteError;
-use celeriac_core::{Cancellation, TaskOptions, TimeLimit};
+use celeriac_core::{BoxFuture, Cancellation, Handler, TaskOptions, TimeLimit};
 
-use crate::pool::{Finished, Spawned};
+use crate::options::Pool;
+use crate::pipeline::{Layer, Next, Outcome, Request};
+
+/// Applies the soft and hard time limits to the inner layers and the body.
+#[derive(Debug)]
+pub(crate) struct TimeLimitLayer {
+    /// What stopping a blocking body at the hard limit means depends on the pool.
+    pub(crate) pool: Pool,
+}
+
+impl Layer for TimeLimitLayer {
+    fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
+        let limits = Limits::resolve(req.message.headers.timelimit, &req.def.options);
+        if limits == Limits::default() {
+            return next.run(req);
+        }
+        Box::pin(async move {
+            match limit(next.run(req), limits, &req.cancel).await {
+                Ok(outcome) => outcome,
+                Err(hard) => {
+                    let how = match (&req.def.handler, self.pool) {
+                        (Handler::Async(_), _) => "task aborted",
+                        (Handler::Blocking(_), Pool::Processes) => "task's process killed",
+                        (Handler::Blocking(_), _) => {
+                            "task abandoned: a thread cannot be killed, it runs on"
+                        }
+                    };
+                    tracing::error!(
+                        hard_limit = hard.as_secs_f64(),
+                        "hard time limit exceeded; {how}"
+                    );
+                    Outcome::Failed(exceeded(hard))
+                }
+            }
+        })
+    }
+}
 
 /// The limits that apply to one execution.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -38,18 +75,14 @@ impl Limits {
     }
 }
 
-/// How a time-limited body ended.
-#[derive(Debug)]
-pub(crate) enum Ended {
-    Finished(Finished),
-    /// Stopped (async, processes pool) or abandoned (blocking on a thread) at the hard limit.
-    TimedOut(Duration),
-}
-
-/// Waits for `spawned` under `limits`, firing `cancel` at the soft and at the hard limit.
-///
-/// Dropping the returned future drops `spawned`, which aborts an async body.
-pub(crate) async fn run(mut spawned: Spawned, limits: Limits, cancel: Cancellation) -> Ended {
+/// Waits for `run` under `limits`, firing `cancel` at the soft and at the hard limit; at the
+/// hard limit, drops `run` (which aborts an async body and kills a pool child) and returns
+/// the limit as the error.
+pub(crate) async fn limit<F: Future>(
+    run: F,
+    limits: Limits,
+    cancel: &Cancellation,
+) -> Result<F::Output, Duration> {
     let soft = async {
         match limits.soft {
             Some(d) => {
@@ -72,11 +105,11 @@ pub(crate) async fn run(mut spawned: Spawned, limits: Limits, cancel: Cancellati
     };
     tokio::select! {
         biased;
-        f = spawned.join() => Ended::Finished(f),
+        out = run => Ok(out),
         () = soft => unreachable!("the soft limit only fires the cancellation"),
         d = hard => {
             cancel.cancel();
-            Ended::TimedOut(d)
+            Err(d)
         }
     }
 }
@@ -94,9 +127,8 @@ pub(crate) fn exceeded(limit: Duration) -> RemoteError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::options::Pool;
-    use crate::pool::Executor;
-    use celeriac_core::{Handler, Headers, TaskContext};
+    use crate::pool::{ChildPid, Executor, Finished, Spawned};
+    use celeriac_core::{Headers, TaskContext};
     use serde_json::json;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,7 +169,13 @@ mod tests {
 
     fn spawn(handler: Handler, cancel: &Cancellation) -> Spawned {
         let ctx = TaskContext::new(Headers::new("t", "i"), "q", "w", cancel.clone());
-        Executor::new(Pool::Async, 1).spawn(&handler, ctx, Vec::new(), serde_json::Map::new())
+        Executor::new(Pool::Async, 1).spawn(
+            &handler,
+            ctx,
+            Vec::new(),
+            serde_json::Map::new(),
+            &ChildPid::default(),
+        )
     }
 
     /// Sleeps 10 s unless cancelled first; says which.
@@ -160,8 +198,9 @@ mod tests {
             hard: None,
         };
         let t0 = tokio::time::Instant::now();
-        match run(spawn(cooperative(), &cancel), limits, cancel.clone()).await {
-            Ended::Finished(Finished::Returned(Ok(v))) => assert_eq!(v, json!("cancelled")),
+        let mut spawned = spawn(cooperative(), &cancel);
+        match limit(spawned.join(), limits, &cancel).await {
+            Ok(Finished::Returned(Ok(v))) => assert_eq!(v, json!("cancelled")),
             other => panic!("{other:?}"),
         }
         assert_eq!(t0.elapsed(), Duration::from_secs(1));
@@ -190,9 +229,11 @@ mod tests {
             soft: None,
             hard: Some(Duration::from_secs(2)),
         };
-        match run(spawn(stubborn, &cancel), limits, cancel.clone()).await {
-            Ended::TimedOut(d) => assert_eq!(d, Duration::from_secs(2)),
-            other @ Ended::Finished(_) => panic!("{other:?}"),
+        let mut spawned = spawn(stubborn, &cancel);
+        let run = async move { spawned.join().await };
+        match limit(run, limits, &cancel).await {
+            Err(d) => assert_eq!(d, Duration::from_secs(2)),
+            Ok(other) => panic!("{other:?}"),
         }
         assert!(cancel.is_cancelled());
         // The abort takes effect at the task's next poll.
@@ -204,5 +245,31 @@ mod tests {
             exceeded(Duration::from_secs(2)).to_exception_map(),
             json!({"exc_type": "TimeLimitExceeded", "exc_message": [2.0], "exc_module": "billiard.exceptions"})
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_layer_fails_a_body_past_its_hard_limit_and_passes_others() {
+        use crate::pipeline::Outcome;
+        use crate::pipeline::testing::around_slow;
+        use crate::request::tests::request_with;
+
+        let stack = around_slow(TimeLimitLayer { pool: Pool::Async }, Duration::from_secs(5));
+        let (req, _) = request_with("slow", 0, |_, o| {
+            o.time_limit = Some(Duration::from_secs(1));
+            o.soft_time_limit = Some(Duration::from_millis(500));
+        });
+        let t0 = tokio::time::Instant::now();
+        let Outcome::Failed(e) = stack.run(&req).await else {
+            panic!("not failed")
+        };
+        assert_eq!(e.exc_type, "TimeLimitExceeded");
+        assert_eq!(t0.elapsed(), Duration::from_secs(1));
+        assert!(req.cancellation().is_cancelled(), "the soft limit fired");
+
+        let (req, _) = request_with("quick", 0, |_, o| {
+            o.time_limit = Some(Duration::from_secs(10))
+        });
+        assert!(matches!(stack.run(&req).await, Outcome::Succeeded(_)));
+        assert!(!req.cancellation().is_cancelled());
     }
 }

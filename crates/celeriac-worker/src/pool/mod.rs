@@ -76,24 +76,22 @@ impl Executor {
         }
     }
 
-    /// Starts `handler` with its context and arguments.
+    /// Starts `handler` with its context and arguments; under the processes pool, `child`
+    /// holds the pid of the child that runs it while it runs.
     pub(crate) fn spawn(
         &self,
         handler: &Handler,
         ctx: TaskContext,
         args: Vec<Value>,
         kwargs: Map<String, Value>,
+        child: &ChildPid,
     ) -> Spawned {
         if let (Handler::Blocking(_), Executor::Processes(pool)) = (handler, self) {
             let pool = pool.clone();
-            let pid = ChildPid::default();
-            let slot = pid.clone();
-            return Spawned::Child(
-                AbortOnDrop(tokio::spawn(async move {
-                    pool.run(ctx, args, kwargs, &slot).await
-                })),
-                pid,
-            );
+            let slot = child.clone();
+            return Spawned::Child(AbortOnDrop(tokio::spawn(async move {
+                pool.run(ctx, args, kwargs, &slot).await
+            })));
         }
         let args = Args::new(args, kwargs);
         match handler {
@@ -241,8 +239,8 @@ pub(crate) enum Spawned {
     Thread(oneshot::Receiver<Finished>),
     /// A blocking body that already ran inline (see [`brief`]); taken by the first join.
     Done(Option<Finished>),
-    /// A blocking body in a pool child; the pid is that of the child while it runs the body.
-    Child(AbortOnDrop<Finished>, ChildPid),
+    /// A blocking body in a pool child (whose pid is in the [`ChildPid`] given to `spawn`).
+    Child(AbortOnDrop<Finished>),
 }
 
 /// The pid of the pool child running a body, while it runs it (shared with the pool).
@@ -261,14 +259,6 @@ impl ChildPid {
 }
 
 impl Spawned {
-    /// Where to find the pool child running the body, under the processes pool.
-    pub(crate) fn child_pid(&self) -> Option<ChildPid> {
-        match self {
-            Spawned::Child(_, pid) => Some(pid.clone()),
-            _ => None,
-        }
-    }
-
     /// Waits for the body to end. Cancel-safe: it can be awaited again after a timeout.
     pub(crate) async fn join(&mut self) -> Finished {
         match self {
@@ -276,7 +266,7 @@ impl Spawned {
                 Ok(r) => Finished::Returned(r),
                 Err(e) => Finished::Panicked(join_error_message(e)),
             },
-            Spawned::Blocking(h) | Spawned::Child(h, _) => match (&mut h.0).await {
+            Spawned::Blocking(h) | Spawned::Child(h) => match (&mut h.0).await {
                 Ok(f) => f,
                 Err(e) => Finished::Panicked(join_error_message(e)),
             },
@@ -344,7 +334,7 @@ mod tests {
             ];
             let mut out = Vec::new();
             for h in &handlers {
-                let mut s = exec.spawn(h, ctx(), Vec::new(), Map::new());
+                let mut s = exec.spawn(h, ctx(), Vec::new(), Map::new(), &ChildPid::default());
                 out.push(match s.join().await {
                     Finished::Returned(Ok(v)) => format!("ok {v}"),
                     Finished::Returned(Err(e)) => format!("err {e}"),
@@ -375,8 +365,10 @@ mod tests {
             let h = Handler::Blocking(Arc::new(|_, _| {
                 Ok(json!(std::thread::current().name().map(str::to_owned)))
             }));
-            let Finished::Returned(Ok(name)) =
-                exec.spawn(&h, ctx(), Vec::new(), Map::new()).join().await
+            let Finished::Returned(Ok(name)) = exec
+                .spawn(&h, ctx(), Vec::new(), Map::new(), &ChildPid::default())
+                .join()
+                .await
             else {
                 panic!("no name")
             };
@@ -390,7 +382,7 @@ mod tests {
 
     /// The thread id a blocking body ran on, as text.
     fn thread_of(exec: &Executor, h: &Handler) -> impl std::future::Future<Output = String> {
-        let mut spawned = exec.spawn(h, ctx(), Vec::new(), Map::new());
+        let mut spawned = exec.spawn(h, ctx(), Vec::new(), Map::new(), &ChildPid::default());
         async move {
             match spawned.join().await {
                 Finished::Returned(Ok(v)) => v.as_str().unwrap_or_default().to_owned(),
@@ -483,7 +475,11 @@ mod tests {
         }));
         let mut failed = None;
         for _ in 0..500 {
-            match exec.spawn(&h, ctx(), Vec::new(), Map::new()).join().await {
+            match exec
+                .spawn(&h, ctx(), Vec::new(), Map::new(), &ChildPid::default())
+                .join()
+                .await
+            {
                 Finished::Returned(Ok(v)) => assert_eq!(v, json!(5)),
                 Finished::Panicked(m) => {
                     failed = Some(m);
@@ -498,7 +494,10 @@ mod tests {
             "{m}"
         );
         for _ in 0..(brief::PROOF_RUNS * 2) {
-            let f = exec.spawn(&h, ctx(), Vec::new(), Map::new()).join().await;
+            let f = exec
+                .spawn(&h, ctx(), Vec::new(), Map::new(), &ChildPid::default())
+                .join()
+                .await;
             assert!(matches!(f, Finished::Returned(Ok(_))), "{f:?}");
         }
     }
