@@ -29,5 +29,7 @@ mod revoke;
 mod shutdown;
 // Canvas: callbacks, errbacks, chains and chords in `embed`.
 mod canvas;
+// Users' layers around runs and deliveries.
+mod layers;
 // Tracing spans, auto traits.
 mod misc;

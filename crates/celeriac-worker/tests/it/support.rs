@@ -109,16 +109,27 @@ pub(crate) fn start_with(
     tasks: Vec<TaskDef>,
     options: WorkerOptions,
 ) -> Harness {
+    start_built(broker, backend, tasks, options, |w| w)
+}
+
+/// [`start_with`], with the worker changed by `build` (layers added) before it runs.
+pub(crate) fn start_built(
+    broker: TestBroker,
+    backend: MemoryBackend,
+    tasks: Vec<TaskDef>,
+    options: WorkerOptions,
+    build: impl FnOnce(Worker) -> Worker,
+) -> Harness {
     let mut registry = Registry::new();
     for t in tasks {
         registry.insert(t);
     }
-    let worker = Worker::new(
+    let worker = build(Worker::new(
         Arc::new(broker.clone()),
         Some(Arc::new(backend.clone())),
         Arc::new(registry),
         options,
-    );
+    ));
     let shutdown = worker.shutdown_handle();
     let pool = worker.pool_handle();
     let join = tokio::spawn(worker.run());
