@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use celeriac_core::backend::{ResultBackend, timeout_error};
+use celeriac_core::backend::{BackendCapabilities, ReplyQueue, ResultBackend, timeout_error};
 use celeriac_core::broker::BoxFuture;
 use celeriac_core::protocol::new_id;
 use celeriac_core::{Config, Error, ErrorKind, Result, TaskMeta};
@@ -262,13 +262,15 @@ impl Inner {
     }
 }
 
+impl ReplyQueue for RpcBackend {
+    fn reply_to(&self) -> &str {
+        &self.inner.oid
+    }
+}
+
 impl ResultBackend for RpcBackend {
     fn driver(&self) -> &'static str {
         "rpc"
-    }
-
-    fn reply_to(&self) -> Option<String> {
-        Some(self.inner.oid.clone())
     }
 
     fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {
@@ -380,6 +382,10 @@ impl ResultBackend for RpcBackend {
 
     fn incr<'a>(&'a self, _: &'a str, _: i64) -> BoxFuture<'a, Result<i64>> {
         Box::pin(async move { Err(Self::unsupported("count chord parts")) })
+    }
+
+    fn capabilities(&self) -> BackendCapabilities<'_> {
+        BackendCapabilities::none().reply_queue(self)
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {

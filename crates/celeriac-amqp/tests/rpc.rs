@@ -3,6 +3,7 @@
 //! A binary of its own: the reply queues a process's consumers remember are process-wide, and
 //! a message sent for a remembered task inherits its reply queue.
 
+use celeriac_core::backend::ReplyQueue;
 use std::time::Duration;
 
 use celeriac_amqp::RpcBackend;
@@ -41,7 +42,7 @@ async fn results_travel_to_the_senders_reply_queue() {
     broker.declare(&q).await.unwrap();
     let mut m = test_message("tasks.add");
     // As the app does (ResultBackend::reply_to).
-    m.properties.reply_to = backend.reply_to();
+    m.properties.reply_to = Some(backend.reply_to().to_owned());
     broker
         .publish(&q, &m, PublishOptions::default())
         .await
@@ -123,7 +124,7 @@ async fn chain_steps_sent_by_a_worker_reply_to_the_client() {
     let q = unique_queue("rpc-chain");
     client_broker.declare(&q).await.unwrap();
     let mut first = test_message("tasks.add");
-    first.properties.reply_to = client.reply_to();
+    first.properties.reply_to = Some(client.reply_to().to_owned());
     client_broker
         .publish(&q, &first, PublishOptions::default())
         .await

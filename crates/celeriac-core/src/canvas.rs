@@ -25,10 +25,10 @@
 //! loses nothing). The claim makes the body fire once.
 //!
 //! A backend with a chord protocol of its own (Celery's Redis backend: the `celery-taskset-meta-<gid>`
-//! `.j`/`.t`/`.s` keys) is asked first ([`ResultBackend::chord_part_return`](crate::ResultBackend::chord_part_return)
+//! `.j`/`.t`/`.s` keys) is asked first ([`ChordProtocol::chord_part_return`](crate::backend::ChordProtocol::chord_part_return)
 //! with a [`ChordPart`]); the counter is used only when it answers [`ChordStatus::NotNative`].
 //! Chord senders announce the header size with
-//! [`ResultBackend::set_chord_size`](crate::ResultBackend::set_chord_size), so a Python worker
+//! [`ChordProtocol::set_chord_size`](crate::backend::ChordProtocol::set_chord_size), so a Python worker
 //! completes our chords and ours complete Python's.
 
 use chrono::{DateTime, Utc};
@@ -421,7 +421,7 @@ pub fn default_option(sig: &mut Signature, key: &str, value: impl Into<Value>) {
 }
 
 /// One chord header member that returned, handed to a backend's own chord protocol
-/// ([`ResultBackend::chord_part_return`](crate::ResultBackend::chord_part_return)).
+/// ([`ChordProtocol::chord_part_return`](crate::backend::ChordProtocol::chord_part_return)).
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct ChordPart<'a> {
@@ -455,6 +455,20 @@ pub enum ChordStatus {
     Waiting,
     /// Every member returned; their outcomes in header order. Returned to one caller only.
     Complete(Vec<crate::TaskMeta>),
+}
+
+/// Announces a chord of `size` header members under `group_id` to a backend with a chord
+/// protocol of its own ([`ChordProtocol`](crate::backend::ChordProtocol)), before any member
+/// is sent; does nothing on other backends.
+pub async fn announce_chord(
+    backend: &dyn crate::ResultBackend,
+    group_id: &str,
+    size: usize,
+) -> Result<()> {
+    match backend.capabilities().chords {
+        Some(chords) => chords.set_chord_size(group_id, size).await,
+        None => Ok(()),
+    }
 }
 
 /// The backend counter of chord `group_id`: one added per execution of a header member.

@@ -37,7 +37,7 @@ pub mod task;
 pub mod time;
 pub mod url;
 
-pub use backend::{DynBackend, ResultBackend};
+pub use backend::{BackendCapabilities, DynBackend, ResultBackend};
 pub use broker::{
     Acker, BoxFuture, Broker, Capabilities, ConsumeOptions, Consumer, Delivery, DeliveryHandle,
     DynBroker, PublishOptions, QueueStats, Requeue, ResultProbe, StoredState,

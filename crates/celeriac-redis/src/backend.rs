@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use celeriac_core::backend::timeout_error;
+use celeriac_core::backend::{BackendCapabilities, ChordProtocol, JustSentWait, timeout_error};
 use celeriac_core::canvas::{ChordPart, ChordStatus};
 use celeriac_core::protocol::codec::json_from_slice;
 use celeriac_core::{
@@ -401,13 +401,6 @@ impl ResultBackend for RedisBackend {
         "redis"
     }
 
-    fn result_probe(&self) -> Option<ResultProbe> {
-        Some(ResultProbe::new(
-            self.inner.redis.identity.clone(),
-            self.inner.keys.task(""),
-        ))
-    }
-
     fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             self.check_open()?;
@@ -460,14 +453,6 @@ impl ResultBackend for RedisBackend {
         timeout: Option<Duration>,
     ) -> BoxFuture<'a, Result<TaskMeta>> {
         Box::pin(self.wait_for(task_id, timeout, true))
-    }
-
-    fn wait_just_sent<'a>(
-        &'a self,
-        task_id: &'a str,
-        timeout: Option<Duration>,
-    ) -> BoxFuture<'a, Result<TaskMeta>> {
-        Box::pin(self.wait_for(task_id, timeout, false))
     }
 
     fn forget<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<()>> {
@@ -553,6 +538,26 @@ impl ResultBackend for RedisBackend {
         })
     }
 
+    fn capabilities(&self) -> BackendCapabilities<'_> {
+        BackendCapabilities::none()
+            .chords(self)
+            .just_sent(self)
+            .probe(ResultProbe::new(
+                self.inner.redis.identity.clone(),
+                self.inner.keys.task(""),
+            ))
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.inner.closed.store(true, Ordering::Release);
+            self.inner.subscriber.close();
+            Ok(())
+        })
+    }
+}
+
+impl ChordProtocol for RedisBackend {
     fn set_chord_size<'a>(&'a self, group_id: &'a str, size: usize) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.check_open()?;
@@ -580,13 +585,15 @@ impl ResultBackend for RedisBackend {
             self.chord_part(part).await
         })
     }
+}
 
-    fn close(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            self.inner.closed.store(true, Ordering::Release);
-            self.inner.subscriber.close();
-            Ok(())
-        })
+impl JustSentWait for RedisBackend {
+    fn wait_just_sent<'a>(
+        &'a self,
+        task_id: &'a str,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<TaskMeta>> {
+        Box::pin(self.wait_for(task_id, timeout, false))
     }
 }
 

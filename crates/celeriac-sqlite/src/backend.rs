@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use celeriac_core::backend::timeout_error;
+use celeriac_core::backend::{BackendCapabilities, timeout_error};
 use celeriac_core::{
     BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, ResultProbe, TaskMeta, TaskState,
 };
@@ -136,12 +136,6 @@ fn decode_meta(text: &str) -> Result<TaskMeta> {
 impl ResultBackend for SqliteBackend {
     fn driver(&self) -> &'static str {
         "sqlite"
-    }
-
-    fn result_probe(&self) -> Option<ResultProbe> {
-        // Rows are keyed by the bare task id.
-        let store = self.inner.conn.identity.clone()?;
-        Some(ResultProbe::new(store, ""))
     }
 
     fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {
@@ -366,6 +360,15 @@ impl ResultBackend for SqliteBackend {
                 })
                 .await
         })
+    }
+
+    fn capabilities(&self) -> BackendCapabilities<'_> {
+        // Rows are keyed by the bare task id.
+        let caps = BackendCapabilities::none();
+        match &self.inner.conn.identity {
+            Some(store) => caps.probe(ResultProbe::new(store.clone(), "")),
+            None => caps,
+        }
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {

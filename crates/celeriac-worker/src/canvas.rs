@@ -29,9 +29,10 @@
 //! frozen ids, and a worker does not run an id that already has a ready result.
 
 use celeriac_core::canvas::{
-    ChordPart, ChordStatus, FLOW_HEADER, FlowHeader, Sender, build_message, chord_claim_key,
-    chord_counter_key, default_option, flow_failed_key, flow_key_slot_id, flow_keys_key,
-    flow_pending_key, flow_slot_key, flow_tally, flow_total_key, plan, with_parent_value,
+    ChordPart, ChordStatus, FLOW_HEADER, FlowHeader, Sender, announce_chord, build_message,
+    chord_claim_key, chord_counter_key, default_option, flow_failed_key, flow_key_slot_id,
+    flow_keys_key, flow_pending_key, flow_slot_key, flow_tally, flow_total_key, plan,
+    with_parent_value,
 };
 use std::sync::Arc;
 
@@ -268,7 +269,11 @@ async fn chord_part(cx: &CanvasLayer, req: &Request) {
         // The backend's own chord protocol first (Celery's Redis keys), if it has one.
         if let Some(meta) = backend.get(req.id()).await?.filter(|m| m.status.is_ready()) {
             let part = ChordPart::new(gid, &meta, req.message.headers.group_index);
-            match backend.chord_part_return(part).await? {
+            let status = match backend.capabilities().chords {
+                Some(chords) => chords.chord_part_return(part).await?,
+                None => ChordStatus::NotNative,
+            };
+            match status {
                 ChordStatus::NotNative => {}
                 ChordStatus::Complete(parts) => {
                     if backend.incr(&chord_claim_key(gid), 1).await? != 1 {
@@ -359,7 +364,7 @@ async fn send(cx: &CanvasLayer, parent: &Request, sig: Signature, chain: Option<
     for (gid, ids) in &p.groups {
         let saved = match cx.backend.as_ref() {
             Some(b) => match b.save_group(gid, ids).await {
-                Ok(()) => b.set_chord_size(gid, ids.len()).await,
+                Ok(()) => announce_chord(&**b, gid, ids.len()).await,
                 Err(e) => Err(e),
             },
             None => Err(celeriac_core::Error::config(

@@ -421,7 +421,10 @@ impl AppBuilder {
             }
         };
         let origin = format!("gen{}@{}", std::process::id(), celeriac_core::hostname());
-        let reply_to = backend.reply_to();
+        let reply_to = backend
+            .capabilities()
+            .reply_queue
+            .map(|q| q.reply_to().to_owned());
         Ok(App {
             inner: Arc::new(Inner {
                 config,

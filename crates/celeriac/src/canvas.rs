@@ -177,7 +177,7 @@ pub(crate) async fn send_planned(
     let p = celeriac_core::canvas::plan(wire, chain)?;
     for (gid, ids) in &p.groups {
         app.backend().save_group(gid, ids).await?;
-        app.backend().set_chord_size(gid, ids.len()).await?;
+        celeriac_core::canvas::announce_chord(&**app.backend(), gid, ids.len()).await?;
     }
     for step in p.steps {
         app.send_wire(&step.sig, None, step.chain).await?;
@@ -640,7 +640,7 @@ impl<P> Chord<P> {
         let ids: Vec<String> = frozen.iter().map(|f| f.id.clone()).collect();
         app.backend().save_group(&gid, &ids).await?;
         if !frozen.is_empty() {
-            app.backend().set_chord_size(&gid, ids.len()).await?;
+            celeriac_core::canvas::announce_chord(&**app.backend(), &gid, ids.len()).await?;
         }
         if frozen.is_empty() {
             // Nothing to wait for: the body runs at once with no results.

@@ -172,7 +172,10 @@ impl<T> AsyncResult<T> {
     pub async fn wait_meta(&self, timeout: Option<Duration>) -> Result<TaskMeta> {
         let backend = self.app.backend();
         match self.sent_at {
-            Some(at) if at.elapsed() < JUST_SENT => backend.wait_just_sent(&self.id, timeout).await,
+            Some(at) if at.elapsed() < JUST_SENT => match backend.capabilities().just_sent {
+                Some(wait) => wait.wait_just_sent(&self.id, timeout).await,
+                None => backend.wait(&self.id, timeout).await,
+            },
             _ => backend.wait(&self.id, timeout).await,
         }
     }
@@ -292,14 +295,6 @@ mod tests {
             self.note("wait");
             self.inner.wait(task_id, timeout)
         }
-        fn wait_just_sent<'a>(
-            &'a self,
-            task_id: &'a str,
-            timeout: Option<Duration>,
-        ) -> BoxFuture<'a, Result<TaskMeta>> {
-            self.note("wait_just_sent");
-            self.inner.wait(task_id, timeout)
-        }
         fn forget<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<()>> {
             self.inner.forget(task_id)
         }
@@ -321,6 +316,20 @@ mod tests {
         }
         fn close(&self) -> BoxFuture<'_, Result<()>> {
             self.inner.close()
+        }
+        fn capabilities(&self) -> celeriac_core::BackendCapabilities<'_> {
+            celeriac_core::BackendCapabilities::none().just_sent(self)
+        }
+    }
+
+    impl celeriac_core::backend::JustSentWait for NotingWaits {
+        fn wait_just_sent<'a>(
+            &'a self,
+            task_id: &'a str,
+            timeout: Option<Duration>,
+        ) -> BoxFuture<'a, Result<TaskMeta>> {
+            self.note("wait_just_sent");
+            self.inner.wait(task_id, timeout)
         }
     }
 

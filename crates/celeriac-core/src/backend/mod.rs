@@ -5,6 +5,10 @@
 //! duplicate run never overwrites SUCCESS. [`ResultBackend::wait`] returns when the task is
 //! ready; drivers that can push (Redis pub/sub, Postgres LISTEN) do, the others poll with a
 //! bounded backoff via [`poll_until_ready`].
+//!
+//! The trait holds what every backend must do. What only some can do is a capability trait
+//! of its own ([`ChordProtocol`], [`ReplyQueue`], [`JustSentWait`]) that a driver hands out
+//! through [`ResultBackend::capabilities`]; callers check and fall back, nothing panics.
 
 pub mod revoke;
 
@@ -12,7 +16,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::BoxFuture;
+use crate::broker::{BoxFuture, ResultProbe};
 use crate::error::{Error, ErrorKind, Result};
 use crate::meta::TaskMeta;
 
@@ -26,15 +30,6 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
 
     /// Stores `meta` unless the stored state takes precedence; returns whether it was written.
     fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>>;
-
-    /// Where this backend keeps task states, for brokers on the same server that can read a
-    /// task's state with its message (see [`ConsumeOptions::result_probe`]); `None` (the
-    /// default) when no broker can.
-    ///
-    /// [`ConsumeOptions::result_probe`]: crate::ConsumeOptions::result_probe
-    fn result_probe(&self) -> Option<crate::ResultProbe> {
-        None
-    }
 
     /// The stored record of `task_id`, if any (an unknown id is PENDING to callers).
     fn get<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<Option<TaskMeta>>>;
@@ -64,20 +59,6 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
         timeout: Option<Duration>,
     ) -> BoxFuture<'a, Result<TaskMeta>>;
 
-    /// [`wait`](Self::wait) for a task sent a moment ago, whose result is almost surely not
-    /// stored yet.
-    ///
-    /// Drivers that look for a stored result before they start watching for one (the Redis
-    /// backend reads the key, and subscribes only when it is not there) can start watching at
-    /// once, which saves a round trip on the way to the result. The default is `wait`.
-    fn wait_just_sent<'a>(
-        &'a self,
-        task_id: &'a str,
-        timeout: Option<Duration>,
-    ) -> BoxFuture<'a, Result<TaskMeta>> {
-        self.wait(task_id, timeout)
-    }
-
     /// Deletes the record of `task_id`.
     fn forget<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Result<()>>;
 
@@ -98,34 +79,148 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     /// Closes the backend.
     fn close(&self) -> BoxFuture<'_, Result<()>>;
 
-    /// The queue results of tasks sent through this backend's app come back on, for backends
-    /// that deliver results as messages (Celery's `rpc://`): the app puts it in each message's
-    /// `reply_to`. `None` for stores that are read by task id.
-    fn reply_to(&self) -> Option<String> {
-        None
+    /// What this backend can do beyond the contract, each an optional trait of its own
+    /// (a chord protocol, a reply queue, ...). The default: nothing more.
+    fn capabilities(&self) -> BackendCapabilities<'_> {
+        BackendCapabilities::none()
+    }
+}
+
+/// What a result backend can do beyond the [`ResultBackend`] contract: each capability is a
+/// trait of its own that a driver implements when it can, and hands out here.
+///
+/// Callers ask for what they need and fall back when it is missing, e.g. the worker counts a
+/// chord's parts with [`ResultBackend::incr`] unless the backend speaks a chord protocol of
+/// its own:
+///
+/// ```
+/// # use celeriac_core::ResultBackend;
+/// # async fn part_done(backend: &dyn ResultBackend, gid: &str) -> celeriac_core::Result<()> {
+/// match backend.capabilities().chords {
+///     Some(chords) => { /* chords.chord_part_return(...) */ }
+///     None => { backend.incr(gid, 1).await?; }
+/// }
+/// # Ok(()) }
+/// ```
+///
+/// A driver fills the fields it supports:
+///
+/// ```
+/// # use celeriac_core::backend::{BackendCapabilities, ReplyQueue};
+/// #[derive(Debug)]
+/// struct Rpc { queue: String }
+/// impl ReplyQueue for Rpc {
+///     fn reply_to(&self) -> &str { &self.queue }
+/// }
+/// impl Rpc {
+///     // Called from its `ResultBackend::capabilities`.
+///     fn capabilities(&self) -> BackendCapabilities<'_> {
+///         BackendCapabilities::none().reply_queue(self)
+///     }
+/// }
+/// # assert!(Rpc { queue: "q".into() }.capabilities().reply_queue.is_some());
+/// ```
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub struct BackendCapabilities<'a> {
+    /// A chord protocol of the backend's own (Celery's Redis chord keys), which Python
+    /// workers count chord parts with.
+    pub chords: Option<&'a dyn ChordProtocol>,
+    /// Results travel as messages to the sending process's reply queue (Celery's `rpc://`).
+    pub reply_queue: Option<&'a dyn ReplyQueue>,
+    /// A faster wait for a task sent a moment ago.
+    pub just_sent: Option<&'a dyn JustSentWait>,
+    /// Where the backend keeps task states, in terms a broker on the same server can use
+    /// to read a task's state with its message (see
+    /// [`ConsumeOptions::result_probe`](crate::ConsumeOptions::result_probe)).
+    pub probe: Option<ResultProbe>,
+}
+
+impl<'a> BackendCapabilities<'a> {
+    /// No capability beyond the contract.
+    pub fn none() -> Self {
+        Self::default()
     }
 
+    /// With a chord protocol.
+    #[must_use]
+    pub fn chords(mut self, chords: &'a dyn ChordProtocol) -> Self {
+        self.chords = Some(chords);
+        self
+    }
+
+    /// With a reply queue.
+    #[must_use]
+    pub fn reply_queue(mut self, queue: &'a dyn ReplyQueue) -> Self {
+        self.reply_queue = Some(queue);
+        self
+    }
+
+    /// With a wait for tasks just sent.
+    #[must_use]
+    pub fn just_sent(mut self, wait: &'a dyn JustSentWait) -> Self {
+        self.just_sent = Some(wait);
+        self
+    }
+
+    /// With a result probe.
+    #[must_use]
+    pub fn probe(mut self, probe: ResultProbe) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+}
+
+impl fmt::Debug for BackendCapabilities<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendCapabilities")
+            .field("chords", &self.chords.is_some())
+            .field("reply_queue", &self.reply_queue.map(ReplyQueue::reply_to))
+            .field("just_sent", &self.just_sent.is_some())
+            .field("probe", &self.probe)
+            .finish()
+    }
+}
+
+/// A chord protocol of the backend's own: Celery's Redis backend counts a chord's returned
+/// parts in keys of its own (`celery-taskset-meta-<gid>.j/.t/.s`), which Python workers
+/// rely on to fire the body. Without it the worker counts with [`ResultBackend::incr`]
+/// (see [`crate::canvas`]).
+pub trait ChordProtocol: Send + Sync {
     /// Announces a chord of `size` header members under `group_id`, before any member is
-    /// sent, for backends with a chord protocol of their own (Celery's Redis backend sets
-    /// `celery-taskset-meta-<gid>.s`, which Python workers need to fire the body). The default does
-    /// nothing.
-    fn set_chord_size<'a>(&'a self, group_id: &'a str, size: usize) -> BoxFuture<'a, Result<()>> {
-        let _ = (group_id, size);
-        Box::pin(async { Ok(()) })
-    }
+    /// sent.
+    fn set_chord_size<'a>(&'a self, group_id: &'a str, size: usize) -> BoxFuture<'a, Result<()>>;
 
-    /// Records a returned chord header member in the backend's own chord protocol, and says
-    /// whether the chord is complete (then with every member's outcome, to one caller only).
-    /// The default, and any chord the backend was not told the size of, is
-    /// [`ChordStatus::NotNative`](crate::canvas::ChordStatus::NotNative): the worker counts
-    /// with [`ResultBackend::incr`] instead (see [`crate::canvas`]).
+    /// Records a returned chord header member and says whether the chord is complete (then
+    /// with every member's outcome, to one caller only). A chord the backend was not told
+    /// the size of is [`ChordStatus::NotNative`](crate::canvas::ChordStatus::NotNative):
+    /// count it with [`ResultBackend::incr`].
     fn chord_part_return<'a>(
         &'a self,
         part: crate::canvas::ChordPart<'a>,
-    ) -> BoxFuture<'a, Result<crate::canvas::ChordStatus>> {
-        let _ = part;
-        Box::pin(async { Ok(crate::canvas::ChordStatus::NotNative) })
-    }
+    ) -> BoxFuture<'a, Result<crate::canvas::ChordStatus>>;
+}
+
+/// Results that travel as messages to the sender's own queue (Celery's `rpc://`) instead of
+/// being stored by task id: the app puts [`reply_to`](Self::reply_to) in each message it
+/// sends, and the worker sends the result there.
+pub trait ReplyQueue: Send + Sync {
+    /// The queue results of this process's tasks come back on.
+    fn reply_to(&self) -> &str;
+}
+
+/// A wait for a task sent a moment ago, whose result is almost surely not stored yet.
+///
+/// Backends that look for a stored result before they start watching for one (the Redis
+/// backend reads the key, and subscribes only when it is not there) can start watching at
+/// once, which saves a round trip on the way to the result.
+pub trait JustSentWait: Send + Sync {
+    /// Like [`ResultBackend::wait`].
+    fn wait_just_sent<'a>(
+        &'a self,
+        task_id: &'a str,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'a, Result<TaskMeta>>;
 }
 
 /// Waits for a ready record by polling `get`, backing off from 1 ms to `max_interval`.

@@ -126,9 +126,8 @@ impl ConsumeOptions {
         self
     }
 
-    /// Sets where task states are kept (see [`ResultBackend::result_probe`]).
-    ///
-    /// [`ResultBackend::result_probe`]: crate::ResultBackend::result_probe
+    /// Sets where task states are kept (a result backend's
+    /// [`BackendCapabilities::probe`](crate::backend::BackendCapabilities::probe)).
     #[must_use]
     pub fn result_probe(mut self, probe: Option<ResultProbe>) -> Self {
         self.result_probe = probe;

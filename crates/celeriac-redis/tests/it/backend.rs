@@ -390,7 +390,7 @@ async fn a_wait_on_a_just_sent_task_subscribes_without_reading_first() {
         let waiter = tokio::spawn(async move {
             let timeout = Some(Duration::from_secs(20));
             if just_sent {
-                b.wait_just_sent(id, timeout).await
+                celeriac_core::backend::JustSentWait::wait_just_sent(&b, id, timeout).await
             } else {
                 b.wait(id, timeout).await
             }

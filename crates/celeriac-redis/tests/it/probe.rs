@@ -64,7 +64,7 @@ async fn no_state_is_read_for_a_message_read_by_decoding() {
         .extra
         .insert("note".into(), json!("C:\\temp \"quoted\""));
     publish(&broker, &q, &escaped).await;
-    let options = ConsumeOptions::new(1).result_probe(backend.result_probe());
+    let options = ConsumeOptions::new(1).result_probe(backend.capabilities().probe);
     let mut c = broker
         .consume(std::slice::from_ref(&q), options)
         .await

@@ -847,10 +847,11 @@ pub async fn case_close_ends_consumers(broker: DynBroker) {
 /// under its own id that belongs to the other.
 pub async fn case_result_probe(broker: DynBroker, backend: DynBackend, elsewhere: DynBackend) {
     let probe = backend
-        .result_probe()
+        .capabilities()
+        .probe
         .expect("the backend names where it keeps task states");
     assert!(
-        elsewhere.result_probe() != Some(probe.clone()),
+        elsewhere.capabilities().probe != Some(probe.clone()),
         "two stores with the same probe"
     );
     let q = unique_queue("probe");
@@ -910,7 +911,7 @@ pub async fn case_result_probe(broker: DynBroker, backend: DynBackend, elsewhere
         );
     }
 
-    for probe in [None, elsewhere.result_probe()] {
+    for probe in [None, elsewhere.capabilities().probe] {
         publish(
             &broker,
             &q,

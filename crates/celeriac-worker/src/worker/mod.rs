@@ -169,7 +169,7 @@ impl Worker {
         }
         let consume = ConsumeOptions::new(options.prefetch())
             .lease(options.visibility_timeout)
-            .result_probe(backend.as_ref().and_then(|b| b.result_probe()));
+            .result_probe(backend.as_ref().and_then(|b| b.capabilities().probe));
         let mut consumer = broker.consume(&options.queues, consume).await?;
         let caps = broker.capabilities();
         let concurrency = options.concurrency.max(1);
