@@ -2,7 +2,8 @@
 
 Same task names, same arguments, same results, so a Python Celery worker and a celeriac worker
 can serve one queue, and either side's client can call either side's worker. Used by celeriac's
-interop tests (examples/tests/interop), which run it from the venv made by scripts/python-env:
+interop tests (crates/celeriac-e2e/tests/interop), which run it from the venv made by
+scripts/python-env:
 
     cd examples/python
     CELERY_BROKER_URL=redis://127.0.0.1:6379/0 ../../target/py-venv/bin/celery -A tasks worker

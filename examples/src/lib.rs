@@ -1,7 +1,11 @@
 //! Example task definitions shared by the example binaries and the end-to-end tests.
 //!
 //! The `tasks.*` names match a Python Celery app's `tasks` module, so Python clients and
-//! workers can call them (and the other way round).
+//! workers can call them (and the other way round). [`bin`] holds the bodies of the example
+//! binaries `tasks` and `wordcount`, so the end-to-end tests (crate `celeriac-e2e`) can build
+//! the same programs as binaries of their own.
+
+pub mod bin;
 
 use std::time::Duration;
 

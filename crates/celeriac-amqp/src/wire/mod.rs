@@ -22,14 +22,21 @@
 //! A `connection.close` or `channel.close` from the server is answered and surfaces, with its
 //! reply code and text, as the error of every pending and later call
 //! ([`WireError::ConnectionClosed`], [`WireError::ChannelClosed`]).
+//!
+//! **Files.** [`codec`] encodes and decodes frames, methods and field tables; `conn` holds the
+//! connection (the handshake, the reader task that routes frames, heartbeats), `channel` the
+//! [`Channel`] methods, and `shared` the state the reader and the channels share.
 
+mod channel;
 pub mod codec;
 mod conn;
+mod shared;
 
 use std::fmt;
 
+pub use channel::{Channel, Delivery, QueueDeclare};
 pub use codec::{CloseReason, FieldTable, FieldValue, Properties};
-pub use conn::{Channel, Connection, ConnectionParams, Delivery, QueueDeclare, Tls};
+pub use conn::{Connection, ConnectionParams, Tls};
 
 /// An error of the AMQP client.
 #[derive(Debug, Clone)]
