@@ -256,7 +256,7 @@ async fn the_word_count_flow_counts_exactly_across_worker_processes() {
         doc,
     ];
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_wordcount"))
+        std::process::Command::new(env!("CARGO_BIN_EXE_e2e-wordcount"))
             .args(args)
             .output()
     })
@@ -551,7 +551,7 @@ async fn tasks_cli(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let mut all = vec!["--broker".to_owned(), url.to_owned()];
     all.extend(args.iter().map(|a| (*a).to_owned()));
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tasks"))
+        std::process::Command::new(env!("CARGO_BIN_EXE_e2e-tasks"))
             .args(all)
             .output()
     })

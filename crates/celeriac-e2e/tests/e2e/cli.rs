@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use crate::support::{WorkerProcess, sqlite_url};
 
 fn tasks(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tasks"))
+    Command::new(env!("CARGO_BIN_EXE_e2e-tasks"))
         .args(["--broker", url])
         .args(args)
         .output()
@@ -128,7 +128,7 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
     let o = tasks(&url, &["frobnicate"]);
     assert_eq!(o.status.code(), Some(64), "usage errors exit 64");
 
-    let o = Command::new(env!("CARGO_BIN_EXE_tasks"))
+    let o = Command::new(env!("CARGO_BIN_EXE_e2e-tasks"))
         .env("CELERIAC_CONFIG", "/nonexistent/celeriac.toml")
         .arg("status")
         .output()
@@ -145,7 +145,7 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
     let dir = celeriac_test::services::temp_sqlite_path("cli-bad-config");
     let cfg = dir.with_extension("toml");
     std::fs::write(&cfg, "[worker]\nconcurrency = \"many\"\n").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_tasks"))
+    let o = Command::new(env!("CARGO_BIN_EXE_e2e-tasks"))
         .env("CELERIAC_CONFIG", &cfg)
         .arg("status")
         .output()
@@ -157,7 +157,7 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
         "{err}"
     );
 
-    let o = Command::new(env!("CARGO_BIN_EXE_tasks"))
+    let o = Command::new(env!("CARGO_BIN_EXE_e2e-tasks"))
         .args(["--broker", "redis://:hunter2@127.0.0.1:1/0", "status"])
         .output()
         .unwrap();

@@ -364,7 +364,7 @@ async fn a_flood_of_malformed_messages_ends_in_the_dead_letter_queue() {
 }
 
 fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tasks"))
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_e2e-tasks"))
         .args(["--broker", url])
         .args(args)
         .output()

@@ -55,7 +55,7 @@ impl WorkerProcess {
                 .join(format!("worker-{}.log", fastrand_suffix())),
         };
         let stderr = std::fs::File::create(&log).expect("worker log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tasks"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-tasks"));
         if let Some(c) = config {
             cmd.env("CELERIAC_CONFIG", c);
         }

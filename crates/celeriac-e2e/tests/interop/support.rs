@@ -123,7 +123,7 @@ impl OurWorker {
         let node = format!("rsw-{id}@{}", celeriac::core::hostname());
         let log = test_dir().join(format!("interop-worker-{id}.log"));
         let stderr = std::fs::File::create(&log).expect("worker log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_tasks"))
+        let child = Command::new(env!("CARGO_BIN_EXE_e2e-tasks"))
             .args([
                 "--broker",
                 url,
