@@ -3,8 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use celeriac_core::backend::{BackendCapabilities, ReplyQueue, ResultBackend, timeout_error};
@@ -19,76 +18,14 @@ use crate::fields::to_table;
 use crate::options::AmqpOptions;
 use crate::wire::{Channel, Properties, QueueDeclare};
 
-/// Whether some rpc backend lives in this process (only then are reply queues remembered).
-static IN_USE: AtomicBool = AtomicBool::new(false);
-/// Task id → the `reply_to` of the message that carried it, recorded by our consumers so a
-/// worker's `store` knows where to send the result. Finished tasks stay a while (bounded) so
-/// the steps and callbacks they send inherit their reply queue.
-static REPLY_TO: OnceLock<Mutex<Remembered>> = OnceLock::new();
-/// Bound on remembered reply queues of running tasks; a worker storing no results must not
-/// grow forever.
-const REMEMBER_MAX: usize = 100_000;
-/// Bound on remembered reply queues of finished tasks.
-const FINISHED_MAX: usize = 10_000;
-
-#[derive(Default)]
-struct Remembered {
-    running: HashMap<String, String>,
-    finished: HashMap<String, String>,
-}
-
-fn reply_map() -> &'static Mutex<Remembered> {
-    REPLY_TO.get_or_init(|| Mutex::new(Remembered::default()))
-}
-
-/// Records the reply queue of a received task (only when an rpc backend is in use).
-pub(crate) fn remember_reply_to(task_id: &str, reply_to: &str) {
-    if !IN_USE.load(Ordering::Acquire) || reply_to.is_empty() {
-        return;
-    }
-    let mut map = reply_map().lock().expect("reply lock");
-    if map.running.len() >= REMEMBER_MAX {
-        map.running.clear();
-    }
-    map.running.insert(task_id.to_owned(), reply_to.to_owned());
-}
-
-/// The reply queue of a task this process received (running or recently finished): a message
-/// a task sends (its next chain step, a callback) without a `reply_to` of its own inherits it,
-/// so the result reaches the client that started the work, as with Celery, whose client
-/// stamps its reply queue on every step it freezes.
-pub(crate) fn inherited_reply_to(parent_id: &str) -> Option<String> {
-    if !IN_USE.load(Ordering::Acquire) {
-        return None;
-    }
-    let map = reply_map().lock().expect("reply lock");
-    map.running
-        .get(parent_id)
-        .or_else(|| map.finished.get(parent_id))
-        .cloned()
-}
-
-/// The reply queue for a task's result; a ready result moves the entry to the finished ones.
-fn reply_to_for(task_id: &str, ready: bool) -> Option<String> {
-    let mut map = reply_map().lock().expect("reply lock");
-    if !ready {
-        return map.running.get(task_id).cloned();
-    }
-    let r = map.running.remove(task_id)?;
-    if map.finished.len() >= FINISHED_MAX {
-        map.finished.clear();
-    }
-    map.finished.insert(task_id.to_owned(), r.clone());
-    Some(r)
-}
-
 /// Celery's `rpc://` backend on RabbitMQ.
 ///
 /// - **Client side**: declares its reply queue `<oid>` (a UUID; auto-delete, `x-expires` =
 ///   `result_expires`), consumes it, and keeps the latest state of every task id it receives.
 ///   [`get`](ResultBackend::get) and [`wait`](ResultBackend::wait) read that buffer.
 /// - **Worker side**: [`store`](ResultBackend::store) publishes the meta to the default
-///   exchange with the task message's `reply_to` as routing key and the task id as
+///   exchange with the task message's `reply_to` (which the worker copies into
+///   [`TaskMeta::reply_to`]) as routing key and the task id as
 ///   `correlation_id`, transient, as Celery does — one message per state change.
 ///
 /// Only the process that sent a task can read its result; `get` for another id is `None`
@@ -137,7 +74,6 @@ impl RpcBackend {
             Some(Err(e)) => return Err(e),
             None => return Err(Error::backend("rpc reply consumer ended before it started")),
         }
-        IN_USE.store(true, Ordering::Release);
         Ok(RpcBackend { inner })
     }
 
@@ -278,9 +214,8 @@ impl ResultBackend for RpcBackend {
             if *self.inner.closed.borrow() {
                 return Err(Error::closed("rpc backend"));
             }
-            let reply_to = reply_to_for(&meta.task_id, meta.status.is_ready());
-            let Some(reply_to) = reply_to else {
-                tracing::debug!(task_id = %meta.task_id, "no reply_to known for this task; rpc result not sent");
+            let Some(reply_to) = meta.reply_to.as_deref() else {
+                tracing::debug!(task_id = %meta.task_id, "the task's message named no reply_to; rpc result not sent");
                 return Ok(false);
             };
             let body = serde_json::to_vec(meta)?;
@@ -297,7 +232,7 @@ impl ResultBackend for RpcBackend {
                     *guard = Some(Publisher::open(&self.inner.options, "rpc").await?);
                 }
                 let publisher = guard.as_ref().expect("publisher just opened");
-                match publisher.send("", &reply_to, &p, &body).await {
+                match publisher.send("", reply_to, &p, &body).await {
                     Ok(rx) => rx,
                     Err(e) => {
                         *guard = None;
@@ -305,7 +240,7 @@ impl ResultBackend for RpcBackend {
                     }
                 }
             };
-            confirmed(rx, &reply_to).await?;
+            confirmed(rx, reply_to).await?;
             Ok(true)
         })
     }

@@ -18,7 +18,6 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::backend;
 use crate::conn::{self, Publisher, broker_error, confirmed, is_not_found};
 use crate::fields::{from_table, to_table};
 use crate::options::{AmqpOptions, QueueType};
@@ -384,16 +383,7 @@ pub(crate) fn properties_of(message: &Message, priority: Option<u8>) -> Result<P
         let ms = (expires - Utc::now()).num_milliseconds().max(0);
         p.expiration = Some(ms.to_string());
     }
-    // A message sent by a task we run (a chain step or callback without a frozen reply_to)
-    // inherits the reply queue of that task's message, never this process's own.
-    let inherited = || {
-        message
-            .headers
-            .parent_id
-            .as_deref()
-            .and_then(backend::inherited_reply_to)
-    };
-    p.reply_to = message.properties.reply_to.clone().or_else(inherited);
+    p.reply_to = message.properties.reply_to.clone();
     Ok(p)
 }
 
@@ -841,15 +831,8 @@ async fn to_delivery(
             .map_err(Error::from)
             .and_then(|bytes| envelope::decode(&bytes)),
     };
-    match &message {
-        Ok(msg) => {
-            if let Some(r) = &properties.reply_to {
-                backend::remember_reply_to(msg.id(), r);
-            }
-        }
-        Err(e) => {
-            tracing::warn!(queue, error = %e, "received a message that is not a valid celery task message")
-        }
+    if let Err(e) = &message {
+        tracing::warn!(queue, error = %e, "received a message that is not a valid celery task message");
     }
 
     let state = Arc::new(LeaseState {

@@ -112,13 +112,14 @@
 //! declared.
 //!
 //! **The rpc backend** follows Celery (celery-wire.md §8.5): see [`RpcBackend`]. A worker
-//! learns where to send a result from the `reply_to` of the task message it received through
-//! an [`AmqpBroker`] in the same process. The app stamps its own reply queue on the messages
-//! it sends ([`ResultBackend::reply_to`](celeriac_core::ResultBackend::reply_to)); a message a
-//! task sends without one (a chain step, a callback) inherits the `reply_to` of that task's
-//! message (found by its `parent_id`), so the result reaches the client that started the
-//! work, as in Celery, whose client freezes every step with its reply queue. The broker never
-//! stamps a reply queue of its own process.
+//! learns where to send a result from the `reply_to` of the task message it received, which
+//! it copies into the record it stores ([`TaskMeta::reply_to`](celeriac_core::TaskMeta::reply_to)).
+//! The app stamps its own reply queue on the messages it sends
+//! ([`ReplyQueue`](celeriac_core::backend::ReplyQueue)); a message a task sends without one
+//! (a chain step, a callback) gets the `reply_to` of that task's message from the worker, as
+//! it gets its `parent_id` and `root_id`, so the result reaches the client that started the
+//! work, as in Celery, whose client freezes every step with its reply queue. Nothing is
+//! remembered per process: the broker never stamps a reply queue of its own.
 //!
 //! # What differs from Celery/kombu
 //!

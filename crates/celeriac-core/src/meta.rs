@@ -52,6 +52,11 @@ pub struct TaskMeta {
     pub queue: Option<String>,
     /// The task id.
     pub task_id: String,
+    /// Where this record goes for a backend that delivers results as messages (Celery's
+    /// `rpc://`, see [`ReplyQueue`](crate::backend::ReplyQueue)): the `reply_to` of the task's
+    /// message, which the worker copies here. Not part of the stored document.
+    #[serde(skip)]
+    pub reply_to: Option<String>,
 }
 
 fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Value>, D::Error> {
@@ -78,6 +83,7 @@ impl TaskMeta {
             retries: None,
             queue: None,
             task_id: task_id.into(),
+            reply_to: None,
         }
     }
 

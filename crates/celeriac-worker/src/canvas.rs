@@ -130,6 +130,7 @@ async fn failure_consequences(cx: &CanvasLayer, req: &Request, err: &RemoteError
             let mut meta = TaskMeta::exception(id.clone(), TaskState::Failure, err);
             meta.name = Some(step.task.clone());
             meta.parent_id = Some(req.id().to_owned());
+            meta.reply_to = reply_to(step, req);
             store(cx, &meta).await;
         }
     }
@@ -333,6 +334,7 @@ async fn fire(cx: &CanvasLayer, req: &Request, body: &Signature, gid: &str, part
             meta.name = Some(body.task.clone());
             meta.group_id = Some(gid.to_owned());
             meta.parent_id = Some(req.id().to_owned());
+            meta.reply_to = reply_to(body, req);
             store(cx, &meta).await;
         }
         let failed_id = Value::String(body_id.unwrap_or(&failed.task_id).to_owned());
@@ -357,7 +359,7 @@ async fn send(cx: &CanvasLayer, parent: &Request, sig: Signature, chain: Option<
     let p = match plan(&sig, chain) {
         Ok(p) => p,
         Err(e) => {
-            fail_unsent(cx, &sig, &e).await;
+            fail_unsent(cx, parent, &sig, &e).await;
             return;
         }
     };
@@ -372,7 +374,7 @@ async fn send(cx: &CanvasLayer, parent: &Request, sig: Signature, chain: Option<
             )),
         };
         if let Err(e) = saved {
-            fail_unsent(cx, &sig, &e).await;
+            fail_unsent(cx, parent, &sig, &e).await;
             return;
         }
     }
@@ -395,6 +397,10 @@ async fn send_one(
         .clone()
         .unwrap_or_else(|| parent.id().to_owned());
     default_option(&mut sig, "root_id", root);
+    // Results of what the task sends go where the task's own result goes (rpc://).
+    if let Some(r) = &parent.message.properties.reply_to {
+        default_option(&mut sig, "reply_to", r.as_str());
+    }
     let task_options = cx
         .registry
         .get(&sig.task)
@@ -413,20 +419,36 @@ async fn send_one(
         Ok::<_, celeriac_core::Error>(())
     };
     if let Err(e) = sent.await {
-        fail_unsent(cx, &sig, &e).await;
+        fail_unsent(cx, parent, &sig, &e).await;
     }
 }
 
 /// Logs a signature that could not be sent and stores FAILURE under its frozen id, if any.
-async fn fail_unsent(cx: &CanvasLayer, sig: &Signature, e: &celeriac_core::Error) {
+async fn fail_unsent(
+    cx: &CanvasLayer,
+    parent: &Request,
+    sig: &Signature,
+    e: &celeriac_core::Error,
+) {
     tracing::error!(child = %sig.task, error = %e, "cannot send the canvas task");
     if let Some(id) = final_id(sig) {
         let err = RemoteError::new("CanvasError", format!("cannot send {}: {e}", sig.task))
             .with_module(celeriac_core::meta::RUST_EXC_MODULE);
         let mut meta = TaskMeta::exception(id, TaskState::Failure, &err);
         meta.name = Some(sig.task.clone());
+        meta.reply_to = reply_to(sig, parent);
         store(cx, &meta).await;
     }
+}
+
+/// The reply queue of a record stored for `sig` on behalf of `parent`: the signature's own (a
+/// client stamps its queue on every step it freezes), else the parent's.
+fn reply_to(sig: &Signature, parent: &Request) -> Option<String> {
+    sig.options
+        .get("reply_to")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or_else(|| parent.message.properties.reply_to.clone())
 }
 
 /// The frozen id whose result a signature ends in: its own `task_id`, or a chain map's last

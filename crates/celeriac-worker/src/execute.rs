@@ -51,8 +51,12 @@ impl Intake {
                     "cannot run the message; moving it to the dead-letter queue"
                 );
                 if let Some(id) = &refusal.task_id {
+                    let reply_to = refusal
+                        .message
+                        .as_ref()
+                        .and_then(|m| m.properties.reply_to.as_deref());
                     self.recorder
-                        .refused(id, refusal.task_name.as_deref(), &refusal.error)
+                        .refused(id, refusal.task_name.as_deref(), reply_to, &refusal.error)
                         .await;
                 }
                 let reason = refusal.error.summary();

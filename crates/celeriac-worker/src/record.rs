@@ -80,6 +80,7 @@ impl Recorder {
         m.queue = Some(req.queue.clone());
         m.parent_id = h.parent_id.clone();
         m.group_id = h.group.clone();
+        m.reply_to = req.message.properties.reply_to.clone();
         m
     }
 
@@ -150,10 +151,18 @@ impl Recorder {
             .await;
     }
 
-    /// FAILURE for a message that could not become a request (only its id is known).
-    pub(crate) async fn refused(&self, task_id: &str, name: Option<&str>, err: &RemoteError) {
+    /// FAILURE for a message that could not become a request (only its id, name and reply
+    /// queue are known).
+    pub(crate) async fn refused(
+        &self,
+        task_id: &str,
+        name: Option<&str>,
+        reply_to: Option<&str>,
+        err: &RemoteError,
+    ) {
         let mut m = TaskMeta::exception(task_id, TaskState::Failure, err);
         m.name = name.map(str::to_owned);
+        m.reply_to = reply_to.map(str::to_owned);
         m.worker = Some(self.hostname.clone());
         self.store(&m).await;
     }

@@ -71,6 +71,32 @@ async fn a_chain_passes_each_result_on() {
     h.stop().await;
 }
 
+/// Results of what a task sends go where its own result goes (rpc://): each step the worker
+/// sends carries the first message's `reply_to`, and each record names it, without any
+/// per-process memory in the driver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_steps_and_their_records_carry_the_clients_reply_queue() {
+    let h = start(tasks(), options(|_| {}));
+    let rest = vec![
+        sig("tasks.add", vec![json!(100)], Some("q-3")),
+        sig("tasks.fail", vec![], Some("q-2")),
+    ];
+    let mut first = build(
+        &sig("tasks.add", vec![json!(1), json!(1)], None),
+        Some(rest),
+    );
+    first.properties.reply_to = Some("client-queue".into());
+    let first = h.send(first).await;
+    let failed = h.result("q-2").await;
+    assert_eq!(failed.status, TaskState::Failure);
+    let unrun = h.result("q-3").await;
+    assert_eq!(unrun.status, TaskState::Failure, "failed with its chain");
+    for m in [h.result(&first).await, failed, unrun] {
+        assert_eq!(m.reply_to.as_deref(), Some("client-queue"), "{}", m.task_id);
+    }
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_chain_fails_the_rest_and_runs_errbacks() {
     let h = start(tasks(), options(|_| {}));
