@@ -13,7 +13,8 @@
 //! - [`broker`] and [`backend`]: the [`Broker`] and [`ResultBackend`] traits every driver
 //!   implements, held as [`DynBroker`] / [`DynBackend`] and opened from a URL through
 //!   [`Drivers`].
-//! - [`canvas`]: signature maps to messages (callbacks, chains, chords), chord counter keys.
+//! - [`canvas`]: how a call is sent ([`SendOptions`](canvas::SendOptions)), signature maps to
+//!   messages (callbacks, chains, chords), chord counter keys; [`flow`]: dataflow graphs.
 //! - [`task`]: what the worker runs: [`TaskDef`], [`Registry`], [`Args`], [`TaskError`],
 //!   [`TaskContext`].
 //! - [`memory`]: drivers with real semantics (leases, delays, priorities) for tests.
@@ -28,6 +29,7 @@ pub mod broker;
 pub mod canvas;
 pub mod config;
 pub mod error;
+pub mod flow;
 pub mod memory;
 pub mod meta;
 pub mod protocol;

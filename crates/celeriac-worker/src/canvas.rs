@@ -18,7 +18,7 @@
 //! the body once. A failed (or revoked) member fails the body with
 //! `ChordError("Dependency <id> raised <error>")` and runs the body's errbacks.
 //!
-//! A message of a dataflow run (header `celeriac_flow`, see [`celeriac_core::canvas::FlowGraph`])
+//! A message of a dataflow run (header `celeriac_flow`, see [`celeriac_core::flow::FlowGraph`])
 //! is routed after it finishes: a tally node's output is added to the run's totals, the output
 //! goes to every subscribed node (each element of a stream node's list as its own message),
 //! and the run's pending counter is moved so readers know when the run is over.
@@ -29,10 +29,12 @@
 //! frozen ids, and a worker does not run an id that already has a ready result.
 
 use celeriac_core::canvas::{
-    ChordPart, ChordStatus, FLOW_HEADER, FlowHeader, Sender, announce_chord, build_message,
-    chord_claim_key, chord_counter_key, default_option, flow_failed_key, flow_key_slot_id,
-    flow_keys_key, flow_pending_key, flow_slot_key, flow_tally, flow_total_key, plan,
-    with_parent_value,
+    Call, ChordPart, ChordStatus, SendOptions, Sender, announce_chord, build_call, chord_claim_key,
+    chord_counter_key, default_option, plan, with_parent_value,
+};
+use celeriac_core::flow::{
+    FLOW_HEADER, FlowHeader, flow_failed_key, flow_key_slot_id, flow_keys_key, flow_pending_key,
+    flow_slot_key, flow_tally, flow_total_key,
 };
 use std::sync::Arc;
 
@@ -386,20 +388,29 @@ async fn send(cx: &CanvasLayer, parent: &Request, sig: Signature, chain: Option<
 async fn send_one(
     cx: &CanvasLayer,
     parent: &Request,
-    mut sig: Signature,
+    sig: Signature,
     chain: Option<Vec<Signature>>,
 ) {
-    default_option(&mut sig, "parent_id", parent.id());
-    let root = parent
-        .message
-        .headers
-        .root_id
-        .clone()
-        .unwrap_or_else(|| parent.id().to_owned());
-    default_option(&mut sig, "root_id", root);
+    let mut options = match SendOptions::from_wire(&sig.options) {
+        Ok(o) => o,
+        Err(e) => {
+            fail_unsent(cx, parent, &sig, &e).await;
+            return;
+        }
+    };
+    options
+        .parent_id
+        .get_or_insert_with(|| parent.id().to_owned());
+    let headers = &parent.message.headers;
+    options.root_id.get_or_insert_with(|| {
+        headers
+            .root_id
+            .clone()
+            .unwrap_or_else(|| parent.id().to_owned())
+    });
     // Results of what the task sends go where the task's own result goes (rpc://).
-    if let Some(r) = &parent.message.properties.reply_to {
-        default_option(&mut sig, "reply_to", r.as_str());
+    if options.reply_to.is_none() {
+        options.reply_to = parent.message.properties.reply_to.clone();
     }
     let task_options = cx
         .registry
@@ -408,7 +419,8 @@ async fn send_one(
         .unwrap_or_default();
     let sender = Sender::new(cx.content_type, Some(&cx.hostname));
     let sent = async {
-        let out = build_message(&sig, &task_options, chain, &sender)?;
+        let call = Call::new(&sig.task, &sig.args, &sig.kwargs, &options);
+        let out = build_call(call, &task_options, chain, &sender)?;
         let queue = out.queue.clone().unwrap_or_else(|| parent.queue.clone());
         cx.broker.declare(&queue).await?;
         let options = PublishOptions::default()

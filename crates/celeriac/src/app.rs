@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::signature::Signature;
 use crate::{AsyncResult, Error, Result};
-use celeriac_core::canvas::{Sender, build_message};
+use celeriac_core::canvas::{Call, SendOptions, Sender, build_call};
 use celeriac_core::{
     Config, ContentType, Drivers, DynBackend, DynBroker, PublishOptions, Registry, Task, TaskDef,
     TaskOptions,
@@ -122,16 +122,27 @@ impl App {
         if let Some(e) = &sig.encode_error {
             return Err(Error::protocol(e.clone()));
         }
-        self.send_wire(&sig.to_wire(), sig.registered_options(), None)
-            .await
+        let task_options = sig
+            .registered_options()
+            .unwrap_or_else(|| self.registered_options(&sig.task));
+        self.send_call(sig.call(), &task_options, None).await
     }
 
-    /// The queue, message and publish options of a signature map: built by the one builder
-    /// ([`celeriac_core::canvas::build_message`]), routed, carrying this app's reply queue, and
+    /// The options of task `name`'s registration in this app, or the defaults.
+    fn registered_options(&self, name: &str) -> TaskOptions {
+        self.inner
+            .registry
+            .get(name)
+            .map(|d| d.options.clone())
+            .unwrap_or_default()
+    }
+
+    /// The queue, message and publish options of a call: built by the one builder
+    /// ([`celeriac_core::canvas::build_call`]), routed, carrying this app's reply queue, and
     /// held by the broker until due unless Python workers serve the queue.
     fn prepare(
         &self,
-        sig: &celeriac_core::Signature,
+        call: Call<'_>,
         task_options: &TaskOptions,
         chain: Option<Vec<celeriac_core::Signature>>,
         sender: &Sender<'_>,
@@ -142,11 +153,11 @@ impl App {
                 stamp_reply_to(step, reply_to);
             }
         }
-        let out = build_message(sig, task_options, chain, sender)?;
+        let out = build_call(call, task_options, chain, sender)?;
         let queue = out
             .queue
             .clone()
-            .unwrap_or_else(|| self.queue_for(&sig.task, task_options));
+            .unwrap_or_else(|| self.queue_for(call.task, task_options));
         let mut message = out.message;
         if message.properties.reply_to.is_none() {
             message.properties.reply_to = self.inner.reply_to.clone();
@@ -170,19 +181,31 @@ impl App {
         task_options: Option<TaskOptions>,
         chain: Option<Vec<celeriac_core::Signature>>,
     ) -> Result<String> {
-        let task_options = task_options.unwrap_or_else(|| {
-            self.inner
-                .registry
-                .get(&sig.task)
-                .map(|d| d.options.clone())
-                .unwrap_or_default()
-        });
+        if let Some(kind) = sig.subtask_type.as_deref() {
+            return Err(Error::protocol(format!(
+                "a {kind} signature ({}) cannot be sent as one message",
+                sig.task
+            )));
+        }
+        let options = SendOptions::from_wire(&sig.options)?;
+        let task_options = task_options.unwrap_or_else(|| self.registered_options(&sig.task));
+        let call = Call::new(&sig.task, &sig.args, &sig.kwargs, &options);
+        self.send_call(call, &task_options, chain).await
+    }
+
+    /// Builds and publishes the message for `call`; returns the task id.
+    async fn send_call(
+        &self,
+        call: Call<'_>,
+        task_options: &TaskOptions,
+        chain: Option<Vec<celeriac_core::Signature>>,
+    ) -> Result<String> {
         let sender = Sender::new(self.inner.content_type, Some(&self.inner.origin));
-        let (queue, message, publish) = self.prepare(sig, &task_options, chain, &sender)?;
+        let (queue, message, publish) = self.prepare(call, task_options, chain, &sender)?;
         let id = message.id().to_owned();
         self.declare(&queue).await?;
         self.inner.broker.publish(&queue, &message, publish).await?;
-        tracing::debug!(task_id = %id, task_name = %sig.task, queue = %queue, "task sent");
+        tracing::debug!(task_id = %id, task_name = %call.task, queue = %queue, "task sent");
         Ok(id)
     }
 
@@ -209,15 +232,11 @@ impl App {
             if let Some(e) = &sig.encode_error {
                 return Err(Error::protocol(e.clone()));
             }
-            let wire = sig.to_wire();
-            let task_options = sig.registered_options().unwrap_or_else(|| {
-                self.inner
-                    .registry
-                    .get(&wire.task)
-                    .map(|d| d.options.clone())
-                    .unwrap_or_default()
-            });
-            let (queue, message, publish) = self.prepare(&wire, &task_options, None, &sender)?;
+            let task_options = sig
+                .registered_options()
+                .unwrap_or_else(|| self.registered_options(&sig.task));
+            let (queue, message, publish) =
+                self.prepare(sig.call(), &task_options, None, &sender)?;
             ids.push(message.id().to_owned());
             match by_queue.iter_mut().find(|(q, _)| *q == queue) {
                 Some((_, batch)) => batch.push((message, publish)),

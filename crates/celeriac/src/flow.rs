@@ -45,7 +45,7 @@
 //! # How a run travels
 //!
 //! The whole graph goes in every message of a run (the `celeriac_flow` header, see
-//! [`celeriac_core::canvas::FlowGraph`]), so the worker that finishes a node's message routes
+//! [`celeriac_core::flow::FlowGraph`]), so the worker that finishes a node's message routes
 //! its output, whichever process it is and whatever the broker: nothing lives in one
 //! process's memory. Each routed message is a plain task message with the input prepended to
 //! the node's arguments, sent with the node's options (queue, priority, ...).
@@ -77,7 +77,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{App, Error, ErrorKind, Result, Signature};
-use celeriac_core::canvas::{
+use celeriac_core::flow::{
     FlowGraph, FlowNode, flow_failed_key, flow_key_slot_id, flow_keys_key, flow_pending_key,
     flow_total_key,
 };

@@ -82,13 +82,14 @@ pub use canvas::{
     Chain, Chord, ChordResult, Group, GroupResult, Progress, chain, chord, chunks, group, map,
     starmap,
 };
+pub use celeriac_core::canvas::{Expires, SendOptions};
 pub use celeriac_core::{
     Cancellation, Config, ContentType, DynBackend, DynBroker, Error, ErrorKind, RemoteError,
     Result, TaskContext, TaskDef, TaskError, TaskErrorKind, TaskMeta, TaskOptions, TaskState,
 };
 pub use celeriac_macros::task;
 pub use result::{AsyncResult, RevokeOptions};
-pub use signature::{SendOptions, Signature};
+pub use signature::Signature;
 
 /// Periodic tasks: schedules, entries, the beat loop and its store (`App` implements
 /// [`beat::Dispatch`]).

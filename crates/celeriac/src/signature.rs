@@ -9,34 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::{App, AsyncResult, Result};
 use celeriac_core::TaskOptions;
-
-/// Options for one send, as Celery's `apply_async` takes them.
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive]
-pub struct SendOptions {
-    /// Run no earlier than this many seconds from now.
-    pub countdown: Option<Duration>,
-    /// Run no earlier than this time.
-    pub eta: Option<DateTime<Utc>>,
-    /// Revoke instead of running after this time.
-    pub expires_at: Option<DateTime<Utc>>,
-    /// Revoke instead of running after this long from now.
-    pub expires_in: Option<Duration>,
-    /// The queue (else the task's queue, the routes, the default queue).
-    pub queue: Option<String>,
-    /// 0 to 9, higher first.
-    pub priority: Option<u8>,
-    /// Use this id instead of a fresh one.
-    pub task_id: Option<String>,
-    /// Extra message headers, visible to the task through its context.
-    pub headers: Map<String, Value>,
-    /// Hard time limit for this call.
-    pub time_limit: Option<Duration>,
-    /// Soft time limit for this call.
-    pub soft_time_limit: Option<Duration>,
-    /// Store no result.
-    pub ignore_result: Option<bool>,
-}
+use celeriac_core::canvas::{Expires, SendOptions};
 
 /// A task call ready to send: the task name, encoded arguments and send options.
 ///
@@ -64,8 +37,6 @@ pub struct Signature<O = Value> {
     pub(crate) encode_error: Option<String>,
     pub(crate) options: SendOptions,
     pub(crate) task_options: Option<fn() -> TaskOptions>,
-    pub(crate) links: Vec<celeriac_core::Signature>,
-    pub(crate) link_errors: Vec<celeriac_core::Signature>,
     pub(crate) immutable: bool,
     /// `group`, `chain` or `chord` for a composite built by the canvas (members in `kwargs`).
     pub(crate) subtask_type: Option<String>,
@@ -81,8 +52,6 @@ impl<O> Clone for Signature<O> {
             encode_error: self.encode_error.clone(),
             options: self.options.clone(),
             task_options: self.task_options,
-            links: self.links.clone(),
-            link_errors: self.link_errors.clone(),
             immutable: self.immutable,
             subtask_type: self.subtask_type.clone(),
             _output: PhantomData,
@@ -100,8 +69,6 @@ impl<O> Signature<O> {
             encode_error: None,
             options: SendOptions::default(),
             task_options: None,
-            links: Vec::new(),
-            link_errors: Vec::new(),
             immutable: false,
             subtask_type: None,
             _output: PhantomData,
@@ -147,6 +114,14 @@ impl<O> Signature<O> {
     /// The send options.
     pub fn options(&self) -> &SendOptions {
         &self.options
+    }
+
+    /// Replaces the send options (e.g. with options kept from elsewhere, as beat's entries
+    /// keep theirs).
+    #[must_use]
+    pub fn with_options(mut self, options: SendOptions) -> Self {
+        self.options = options;
+        self
     }
 
     /// Appends a positional argument.
@@ -209,14 +184,14 @@ impl<O> Signature<O> {
     /// Revoked instead of run if not started within `after` of sending.
     #[must_use]
     pub fn expires_in(mut self, after: Duration) -> Self {
-        self.options.expires_in = Some(after);
+        self.options.expires = Some(Expires::In(after));
         self
     }
 
     /// Revoked instead of run if not started by `at`.
     #[must_use]
     pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
-        self.options.expires_at = Some(at);
+        self.options.expires = Some(Expires::At(at));
         self
     }
 
@@ -294,7 +269,7 @@ impl<O> Signature<O> {
     /// ```
     #[must_use]
     pub fn link<P>(mut self, callback: &Signature<P>) -> Self {
-        self.links.push(callback.to_wire());
+        self.options.link.push(callback.to_wire());
         self
     }
 
@@ -302,66 +277,25 @@ impl<O> Signature<O> {
     /// arguments (Celery's message form; unless immutable). Celery's `link_error`.
     #[must_use]
     pub fn link_error<P>(mut self, errback: &Signature<P>) -> Self {
-        self.link_errors.push(errback.to_wire());
+        self.options.link_error.push(errback.to_wire());
         self
     }
 
     /// The signature in Celery's map form (for canvas and Python peers): every send option
-    /// under its `apply_async` name, callbacks under `link` and `link_error`.
+    /// under its `apply_async` name ([`SendOptions::to_wire`]), callbacks under `link` and
+    /// `link_error`.
     pub fn to_wire(&self) -> celeriac_core::Signature {
         let mut s = celeriac_core::Signature::new(self.task.clone(), self.args.clone());
         s.kwargs = self.kwargs.clone();
         s.immutable = self.immutable;
         s.subtask_type = self.subtask_type.clone();
-        let o = &self.options;
-        let m = &mut s.options;
-        let time = |t: &DateTime<Utc>| Value::String(celeriac_core::time::format(*t));
-        if let Some(id) = &o.task_id {
-            m.insert("task_id".into(), Value::String(id.clone()));
-        }
-        if let Some(q) = &o.queue {
-            m.insert("queue".into(), Value::String(q.clone()));
-        }
-        if let Some(p) = o.priority {
-            m.insert("priority".into(), p.into());
-        }
-        if let Some(c) = o.countdown {
-            m.insert("countdown".into(), c.as_secs_f64().into());
-        }
-        if let Some(t) = &o.eta {
-            m.insert("eta".into(), time(t));
-        }
-        if let Some(t) = &o.expires_at {
-            m.insert("expires".into(), time(t));
-        } else if let Some(e) = o.expires_in {
-            m.insert("expires".into(), e.as_secs_f64().into());
-        }
-        if let Some(l) = o.time_limit {
-            m.insert("time_limit".into(), l.as_secs_f64().into());
-        }
-        if let Some(l) = o.soft_time_limit {
-            m.insert("soft_time_limit".into(), l.as_secs_f64().into());
-        }
-        if let Some(i) = o.ignore_result {
-            m.insert("ignore_result".into(), i.into());
-        }
-        if !o.headers.is_empty() {
-            m.insert("headers".into(), Value::Object(o.headers.clone()));
-        }
-        let sigs = |v: &[celeriac_core::Signature]| {
-            Value::Array(
-                v.iter()
-                    .map(|s| serde_json::to_value(s).unwrap_or(Value::Null))
-                    .collect(),
-            )
-        };
-        if !self.links.is_empty() {
-            m.insert("link".into(), sigs(&self.links));
-        }
-        if !self.link_errors.is_empty() {
-            m.insert("link_error".into(), sigs(&self.link_errors));
-        }
+        s.options = self.options.to_wire();
         s
+    }
+
+    /// The call as the message builder takes it.
+    pub(crate) fn call(&self) -> celeriac_core::canvas::Call<'_> {
+        celeriac_core::canvas::Call::new(&self.task, &self.args, &self.kwargs, &self.options)
     }
 
     /// The same call with its output type forgotten, e.g. to put tasks of different outputs
@@ -374,8 +308,6 @@ impl<O> Signature<O> {
             encode_error: self.encode_error,
             options: self.options,
             task_options: self.task_options,
-            links: self.links,
-            link_errors: self.link_errors,
             immutable: self.immutable,
             subtask_type: self.subtask_type,
             _output: PhantomData,
