@@ -29,6 +29,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -59,8 +60,8 @@ pub struct Config {
     /// How long a delivery stays leased before it is handed out again. Default one hour.
     #[serde(deserialize_with = "secs")]
     pub visibility_timeout: Duration,
-    /// Body serializer: `json` (default) or `msgpack`.
-    pub serializer: String,
+    /// Body serializer: `json` (default) or `msgpack`; any other name fails the load.
+    pub serializer: crate::protocol::ContentType,
     /// Store STARTED when a task begins (per-task option wins when set). Default false.
     pub track_started: bool,
     /// Task-name glob → queue.
@@ -82,8 +83,9 @@ pub struct Config {
 pub struct WorkerConfig {
     /// Tasks run at once. Default: the number of CPUs.
     pub concurrency: usize,
-    /// `async`, `threads` or `processes`.
-    pub pool: String,
+    /// Where blocking task bodies run: `async` (default), `threads` or `processes` (also
+    /// spelled `prefork`); any other name fails the load.
+    pub pool: Pool,
     /// Queues to consume. Default: the default queue.
     pub queues: Vec<String>,
     /// Deliveries held beyond what can run at once. Default 4.
@@ -115,7 +117,7 @@ impl Default for Config {
             default_queue: "celery".to_owned(),
             result_expires: Some(Duration::from_secs(86_400)),
             visibility_timeout: Duration::from_secs(3600),
-            serializer: "json".to_owned(),
+            serializer: crate::protocol::ContentType::Json,
             track_started: false,
             routes: BTreeMap::new(),
             celery_worker_queues: Vec::new(),
@@ -129,7 +131,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            pool: "async".to_owned(),
+            pool: Pool::Async,
             queues: Vec::new(),
             prefetch_buffer: 4,
             hostname: None,
@@ -139,6 +141,64 @@ impl Default for WorkerConfig {
             soft_shutdown_timeout: None,
             inline_brief: true,
         }
+    }
+}
+
+/// Where a worker runs blocking task bodies.
+///
+/// Async handlers always run on the tokio runtime. Blocking handlers do not (short of the
+/// brief ones under [`Pool::Async`]): the pool decides which threads, or which processes, take
+/// them. Parsed from `async`, `threads`, `processes` or `prefork`; any other name is an error
+/// that lists these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pool {
+    /// Blocking handlers go to tokio's blocking thread pool (`spawn_blocking`), except those
+    /// that proved brief, which run inline (the worker's `inline_brief` option).
+    #[default]
+    Async,
+    /// Blocking handlers go to the worker's own pool of `concurrency` named threads, which a
+    /// stuck task cannot keep the process from exiting (tokio waits for its blocking threads
+    /// when the runtime shuts down; the worker's threads are not waited for).
+    Threads,
+    /// Blocking handlers run in child processes of the same binary (Celery's prefork), one task
+    /// per child at a time. A hard time limit kills the child, a crashing child fails only its
+    /// task, and children are recycled by `max_tasks_per_child` and `max_memory_per_child`.
+    /// The binary must answer when started as a pool child: `celeriac::cli::run` does; others
+    /// call `celeriac_worker::run_child` when `celeriac_worker::is_pool_child` says so. Async
+    /// handlers still run on the parent's runtime.
+    Processes,
+}
+
+impl std::str::FromStr for Pool {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "async" => Ok(Pool::Async),
+            "threads" => Ok(Pool::Threads),
+            "processes" | "prefork" => Ok(Pool::Processes),
+            other => Err(Error::config(format!(
+                "unknown pool {other:?} (known: async, threads, processes)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Pool::Async => "async",
+            Pool::Threads => "threads",
+            Pool::Processes => "processes",
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Pool {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -198,7 +258,9 @@ impl Config {
             cfg.default_queue = v;
         }
         if let Some(v) = env("CELERIAC_SERIALIZER") {
-            cfg.serializer = v;
+            cfg.serializer = v
+                .parse()
+                .map_err(|e: Error| Error::config(format!("CELERIAC_SERIALIZER: {e}")))?;
         }
         if let Some(v) = env("CELERIAC_CONCURRENCY") {
             cfg.worker.concurrency = v.parse().map_err(|_| {
@@ -219,15 +281,8 @@ impl Config {
 
     /// Checks values that serde cannot.
     pub fn validate(&self) -> Result<()> {
-        crate::protocol::ContentType::from_name(&self.serializer)?;
         if self.worker.concurrency == 0 {
             return Err(Error::config("worker.concurrency must be at least 1"));
-        }
-        if !matches!(self.worker.pool.as_str(), "async" | "threads" | "processes") {
-            return Err(Error::config(format!(
-                "unknown pool {:?} (known: async, threads, processes)",
-                self.worker.pool
-            )));
         }
         if self.default_queue.is_empty() {
             return Err(Error::config("default_queue must not be empty"));
@@ -346,12 +401,37 @@ mod tests {
                 .to_string()
                 .contains("CELERIAC_CONCURRENCY")
         );
-        let e = Config::from_sources(
-            Some((Path::new("c.toml"), "[worker]\npool = \"forks\"")),
+        // Names of enums fail the load, naming what is known.
+        for (text, want) in [
+            (
+                "[worker]\npool = \"forks\"",
+                "unknown pool \"forks\" (known: async, threads, processes)",
+            ),
+            (
+                "serializer = \"pickle\"",
+                "unknown serializer \"pickle\" (known: json, msgpack)",
+            ),
+        ] {
+            let e = Config::from_sources(Some((Path::new("c.toml"), text)), no_env).unwrap_err();
+            let src = std::error::Error::source(&e).unwrap().to_string();
+            assert!(src.contains(want), "{text}: {e}: {src}");
+        }
+        let env = |k: &str| (k == "CELERIAC_SERIALIZER").then(|| "yaml".to_owned());
+        let e = Config::from_sources(None, env).unwrap_err().to_string();
+        assert!(
+            e.contains("CELERIAC_SERIALIZER") && e.contains("yaml"),
+            "{e}"
+        );
+        let c = Config::from_sources(
+            Some((
+                Path::new("c.toml"),
+                "serializer = \"msgpack\"\n[worker]\npool = \"prefork\"",
+            )),
             no_env,
         )
-        .unwrap_err();
-        assert!(e.to_string().contains("unknown pool"), "{e}");
+        .unwrap();
+        assert_eq!(c.serializer, crate::ContentType::MsgPack);
+        assert_eq!(c.worker.pool, Pool::Processes);
     }
 
     #[test]

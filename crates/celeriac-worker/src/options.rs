@@ -5,61 +5,10 @@
 //! `#[non_exhaustive]` so options can be added without breaking callers: start from
 //! [`WorkerOptions::default`] or `from_config` and assign fields.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
-use celeriac_core::{Config, ContentType, Error};
-
-/// Where task bodies run.
-///
-/// Async handlers always run on the tokio runtime. Blocking handlers do not (short of the
-/// brief ones under [`Pool::Async`]): the pool decides which threads, or which processes, take
-/// them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Pool {
-    /// Blocking handlers go to tokio's blocking thread pool (`spawn_blocking`), except those
-    /// that proved brief, which run inline (see [`WorkerOptions::inline_brief`]).
-    #[default]
-    Async,
-    /// Blocking handlers go to the worker's own pool of `concurrency` named threads, which a
-    /// stuck task cannot keep the process from exiting (tokio waits for its blocking threads
-    /// when the runtime shuts down; the worker's threads are not waited for).
-    Threads,
-    /// Blocking handlers run in child processes of the same binary (Celery's prefork), one task
-    /// per child at a time. A hard time limit kills the child, a crashing child fails only its
-    /// task, and children are recycled by [`WorkerOptions::max_tasks_per_child`] and
-    /// [`WorkerOptions::max_memory_per_child`]. The binary must answer when started as a pool
-    /// child: `celeriac::cli::run` does; others call [`run_child`](crate::run_child) when
-    /// [`is_pool_child`](crate::is_pool_child) says so. Async handlers still run on the
-    /// parent's runtime.
-    Processes,
-}
-
-impl FromStr for Pool {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self, Error> {
-        match s {
-            "async" => Ok(Pool::Async),
-            "threads" => Ok(Pool::Threads),
-            "processes" | "prefork" => Ok(Pool::Processes),
-            other => Err(Error::config(format!(
-                "unknown pool {other:?} (known: async, threads, processes)"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for Pool {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Pool::Async => "async",
-            Pool::Threads => "threads",
-            Pool::Processes => "processes",
-        })
-    }
-}
+pub use celeriac_core::config::Pool;
+use celeriac_core::{Config, ContentType};
 
 /// Settings of one [`Worker`](crate::Worker).
 #[derive(Debug, Clone)]
@@ -171,21 +120,12 @@ impl Default for WorkerOptions {
 }
 
 impl WorkerOptions {
-    /// Options from a loaded configuration.
-    ///
-    /// A [`Config`] that passed [`Config::validate`] always converts; an invalid pool or
-    /// serializer name (possible only on a config changed after loading) falls back to the
-    /// default with a warning.
+    /// Options from a loaded configuration (whose pool and serializer are checked when it
+    /// loads: an unknown name fails the load, never the worker later).
     pub fn from_config(config: &Config) -> Self {
         let w = &config.worker;
-        let pool = w.pool.parse().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "falling back to the async pool");
-            Pool::Async
-        });
-        let content_type = ContentType::from_name(&config.serializer).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "falling back to json");
-            ContentType::Json
-        });
+        let pool = w.pool;
+        let content_type = config.serializer;
         let queues = if w.queues.is_empty() {
             vec![config.default_queue.clone()]
         } else {

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub use celeriac_core::backend::revoke::{
-    TERMINATE_KEY, revoked_meta, signal_name, terminate_signal,
+    Signal, TERMINATE_KEY, revoked_meta, signal_name, terminate_signal,
 };
 use celeriac_core::{BoxFuture, DynBackend};
 use tokio::sync::{Notify, oneshot};
@@ -241,7 +241,7 @@ mod tests {
         let mut twice = ids.register("kill");
         backend.store(&revoked_meta("plain", None)).await.unwrap();
         backend
-            .store(&revoked_meta("kill", Some("SIGKILL")))
+            .store(&revoked_meta("kill", Some(Signal::Kill)))
             .await
             .unwrap();
         let deadline = Duration::from_secs(10);

@@ -425,7 +425,7 @@ impl AppBuilder {
             config.routes.insert(pattern, queue);
         }
         config.validate()?;
-        let content_type = ContentType::from_name(&config.serializer)?;
+        let content_type = config.serializer;
         let drivers = self.drivers.unwrap_or_else(default_drivers);
         let broker = match self.broker {
             Some(b) => b,

@@ -17,35 +17,110 @@ use crate::meta::{RemoteError, TaskMeta};
 /// value is the signal's name, e.g. `"SIGTERM"`.
 pub const TERMINATE_KEY: &str = "celeriac_terminate";
 
-/// Signals a terminate revoke may ask for (the processes pool sends it to the task's child).
-const SIGNALS: &[&str] = &[
-    "SIGTERM", "SIGKILL", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGABRT",
-];
+/// A signal a terminate revoke may ask for; the processes pool sends it to the task's child.
+///
+/// Parsed from `SIGTERM`, `TERM` or `term`; an unknown name is an error listing the known
+/// ones.
+///
+/// ```
+/// use celeriac_core::backend::revoke::Signal;
+/// assert_eq!("kill".parse::<Signal>()?, Signal::Kill);
+/// assert_eq!(Signal::Kill.name(), "SIGKILL");
+/// assert!("SIGFOO".parse::<Signal>().is_err());
+/// # Ok::<(), celeriac_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Signal {
+    /// SIGTERM, the default.
+    #[default]
+    Term,
+    /// SIGKILL.
+    Kill,
+    /// SIGINT.
+    Int,
+    /// SIGQUIT.
+    Quit,
+    /// SIGHUP.
+    Hup,
+    /// SIGUSR1.
+    Usr1,
+    /// SIGUSR2.
+    Usr2,
+    /// SIGABRT.
+    Abrt,
+}
+
+impl Signal {
+    /// Every signal, in the order error messages list them.
+    pub const ALL: [Signal; 8] = [
+        Signal::Term,
+        Signal::Kill,
+        Signal::Int,
+        Signal::Quit,
+        Signal::Hup,
+        Signal::Usr1,
+        Signal::Usr2,
+        Signal::Abrt,
+    ];
+
+    /// The canonical name, e.g. `SIGTERM` (what the stored record and Celery's `signal` say).
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Term => "SIGTERM",
+            Signal::Kill => "SIGKILL",
+            Signal::Int => "SIGINT",
+            Signal::Quit => "SIGQUIT",
+            Signal::Hup => "SIGHUP",
+            Signal::Usr1 => "SIGUSR1",
+            Signal::Usr2 => "SIGUSR2",
+            Signal::Abrt => "SIGABRT",
+        }
+    }
+}
+
+impl std::str::FromStr for Signal {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let upper = s.trim().to_ascii_uppercase();
+        let full = if upper.starts_with("SIG") {
+            upper
+        } else {
+            format!("SIG{upper}")
+        };
+        Signal::ALL
+            .into_iter()
+            .find(|sig| sig.name() == full)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Signal::ALL.iter().map(|s| s.name()).collect();
+                Error::config(format!(
+                    "unknown signal {s:?} for a terminate revoke (known: {})",
+                    known.join(", ")
+                ))
+            })
+    }
+}
+
+impl std::fmt::Display for Signal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// The canonical name of a signal given as `SIGTERM`, `TERM` or `term`; an error names the
 /// accepted ones.
 pub fn signal_name(s: &str) -> Result<&'static str, Error> {
-    let upper = s.trim().to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    SIGNALS.iter().copied().find(|n| *n == full).ok_or_else(|| {
-        Error::config(format!(
-            "unknown signal {s:?} for a terminate revoke (known: {})",
-            SIGNALS.join(", ")
-        ))
-    })
+    s.parse::<Signal>().map(Signal::name)
 }
 
 /// The REVOKED record a revoke stores: Celery's `TaskRevokedError("revoked")`, and with
-/// `terminate` (a signal name from [`signal_name`]) the request to stop running copies.
-pub fn revoked_meta(task_id: impl Into<String>, terminate: Option<&str>) -> TaskMeta {
+/// `terminate` the request to stop running copies with that signal.
+pub fn revoked_meta(task_id: impl Into<String>, terminate: Option<Signal>) -> TaskMeta {
     let error = RemoteError::new("TaskRevokedError", "revoked").with_module("celery.exceptions");
     let mut meta = TaskMeta::exception(task_id, TaskState::Revoked, &error);
     if let (Some(signal), Some(map)) = (terminate, meta.result.as_object_mut()) {
-        map.insert(TERMINATE_KEY.to_owned(), signal.into());
+        map.insert(TERMINATE_KEY.to_owned(), signal.name().into());
     }
     meta
 }
@@ -78,7 +153,7 @@ mod tests {
 
     #[test]
     fn the_record_stays_a_celery_revoked_error_with_one_more_key() {
-        let m = revoked_meta("id", Some("SIGTERM"));
+        let m = revoked_meta("id", Some(Signal::Term));
         assert_eq!(m.status, TaskState::Revoked);
         assert_eq!(m.result["exc_type"], "TaskRevokedError");
         assert_eq!(m.result["exc_module"], "celery.exceptions");

@@ -63,6 +63,31 @@ impl ContentType {
     }
 }
 
+impl std::str::FromStr for ContentType {
+    type Err = Error;
+
+    /// A serializer's name as configured: `json` or `msgpack`.
+    fn from_str(name: &str) -> Result<Self> {
+        ContentType::from_name(name)
+    }
+}
+
+impl std::fmt::Display for ContentType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ContentType::Json => "json",
+            ContentType::MsgPack => "msgpack",
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ContentType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        ContentType::from_name(&name).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Serializes `value` with `ct`.
 pub fn encode<T: Serialize>(ct: ContentType, value: &T) -> Result<Vec<u8>> {
     match ct {

@@ -528,7 +528,7 @@ async fn revoke_with_terminate_stops_a_running_task_in_a_pool_child() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let sent = Instant::now();
-    long.revoke_with(RevokeOptions::terminate().signal("SIGTERM"))
+    long.revoke_with(RevokeOptions::terminate().signal(celeriac::Signal::Term))
         .await
         .unwrap();
     let deadline = Instant::now() + T;

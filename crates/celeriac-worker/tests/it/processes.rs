@@ -322,7 +322,7 @@ async fn a_terminate_revoke_signals_the_running_child_and_sticks_across_a_restar
     h.backend
         .store(&celeriac_worker::revoke::revoked_meta(
             id.clone(),
-            Some("SIGTERM"),
+            Some(celeriac_core::backend::revoke::Signal::Term),
         ))
         .await
         .unwrap();

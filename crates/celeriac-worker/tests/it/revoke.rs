@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use celeriac_core::backend::revoke::Signal;
 use celeriac_core::{Broker as _, ResultBackend as _, TaskState};
 use celeriac_worker::revoke::revoked_meta;
 use serde_json::json;
@@ -47,7 +48,7 @@ async fn terminate_cancels_a_running_async_task_and_sticks_across_a_restart() {
     h.until("the task runs", || async { starts.get() == 1 })
         .await;
     h.backend
-        .store(&revoked_meta(id.clone(), Some("SIGTERM")))
+        .store(&revoked_meta(id.clone(), Some(Signal::Term)))
         .await
         .unwrap();
     h.until("the task is stopped and REVOKED(terminated)", || async {
@@ -121,7 +122,7 @@ async fn a_revoke_without_terminate_leaves_a_running_task_alone_and_sticks_acros
     })
     .await;
     h.backend
-        .store(&revoked_meta(b.clone(), Some("TERM")))
+        .store(&revoked_meta(b.clone(), Some(Signal::Term)))
         .await
         .unwrap();
     h.until("B is terminated", || async {
@@ -159,7 +160,7 @@ async fn a_revoke_without_terminate_leaves_a_running_task_alone_and_sticks_acros
 async fn revoke_records_keep_the_shape_python_celery_reads() {
     let h = start(vec![], options(|_| {}));
     h.backend
-        .store(&revoked_meta("x", Some("SIGKILL")))
+        .store(&revoked_meta("x", Some(Signal::Kill)))
         .await
         .unwrap();
     let m = h.stored("x").await.unwrap();
@@ -199,7 +200,7 @@ async fn terminate_reaches_a_blocking_task_on_the_threads_pool_through_its_cance
     h.until("the task runs", || async { starts.get() == 1 })
         .await;
     h.backend
-        .store(&revoked_meta(id.clone(), Some("SIGINT")))
+        .store(&revoked_meta(id.clone(), Some(Signal::Int)))
         .await
         .unwrap();
     h.until("REVOKED(terminated)", || async {
