@@ -9,6 +9,100 @@
 //! The trait holds what every backend must do. What only some can do is a capability trait
 //! of its own ([`ChordProtocol`], [`ReplyQueue`], [`JustSentWait`]) that a driver hands out
 //! through [`ResultBackend::capabilities`]; callers check and fall back, nothing panics.
+//!
+//! # How to add a driver
+//!
+//! A driver is a crate that depends on `celeriac-core` alone. It implements the contract
+//! ([`ResultBackend`] here; [`Broker`](crate::Broker) with its [`Consumer`](crate::Consumer)
+//! and [`Acker`](crate::Acker) for a broker), hands out the capabilities it has, and registers
+//! a URL scheme in the app's [`Drivers`](crate::Drivers). The conformance suites of the
+//! `celeriac-test` crate (`conformance::backend`, `conformance::broker`) then run every case
+//! of the contract against it, as they run against the drivers of this workspace.
+//!
+//! A backend that keeps results in a map, opened from `kv://` URLs:
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//! use celeriac_core::backend::{poll_until_ready, ResultBackend};
+//! use celeriac_core::{BoxFuture, Config, Drivers, DynBackend, Result, TaskMeta};
+//!
+//! #[derive(Debug, Default)]
+//! struct KvBackend {
+//!     results: Mutex<HashMap<String, TaskMeta>>,
+//!     groups: Mutex<HashMap<String, Vec<String>>>,
+//!     counters: Mutex<HashMap<String, i64>>,
+//! }
+//!
+//! impl ResultBackend for KvBackend {
+//!     fn driver(&self) -> &'static str {
+//!         "kv"
+//!     }
+//!     fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {
+//!         Box::pin(async move {
+//!             let mut results = self.results.lock().unwrap();
+//!             // State precedence: a late STARTED never replaces SUCCESS.
+//!             if let Some(old) = results.get(&meta.task_id) {
+//!                 if !old.status.may_be_replaced_by(&meta.status) {
+//!                     return Ok(false);
+//!                 }
+//!             }
+//!             results.insert(meta.task_id.clone(), meta.clone());
+//!             Ok(true)
+//!         })
+//!     }
+//!     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<TaskMeta>>> {
+//!         Box::pin(async move { Ok(self.results.lock().unwrap().get(id).cloned()) })
+//!     }
+//!     fn wait<'a>(
+//!         &'a self,
+//!         id: &'a str,
+//!         timeout: Option<Duration>,
+//!     ) -> BoxFuture<'a, Result<TaskMeta>> {
+//!         // No push: poll with the shared bounded backoff.
+//!         Box::pin(poll_until_ready(self, id, timeout, Duration::from_millis(50)))
+//!     }
+//!     fn forget<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
+//!         Box::pin(async move {
+//!             self.results.lock().unwrap().remove(id);
+//!             Ok(())
+//!         })
+//!     }
+//!     fn save_group<'a>(&'a self, gid: &'a str, ids: &'a [String]) -> BoxFuture<'a, Result<()>> {
+//!         Box::pin(async move {
+//!             self.groups.lock().unwrap().insert(gid.to_owned(), ids.to_vec());
+//!             Ok(())
+//!         })
+//!     }
+//!     fn restore_group<'a>(&'a self, gid: &'a str) -> BoxFuture<'a, Result<Option<Vec<String>>>> {
+//!         Box::pin(async move { Ok(self.groups.lock().unwrap().get(gid).cloned()) })
+//!     }
+//!     fn incr<'a>(&'a self, key: &'a str, by: i64) -> BoxFuture<'a, Result<i64>> {
+//!         Box::pin(async move {
+//!             let mut counters = self.counters.lock().unwrap();
+//!             let n = counters.entry(key.to_owned()).or_default();
+//!             *n += by;
+//!             Ok(*n)
+//!         })
+//!     }
+//!     fn close(&self) -> BoxFuture<'_, Result<()>> {
+//!         Box::pin(async { Ok(()) })
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<()> {
+//! let mut drivers = Drivers::new();
+//! drivers.add_backend("kv", |_url, _config| {
+//!     Box::pin(async { Ok(Arc::new(KvBackend::default()) as DynBackend) })
+//! });
+//! let backend = drivers.open_backend("kv://", &Config::default()).await?;
+//! backend.store(&TaskMeta::success("t1", 3.into())).await?;
+//! let done = backend.wait("t1", Some(Duration::from_secs(1))).await?;
+//! assert_eq!(done.result, 3);
+//! # Ok(()) }
+//! ```
 
 pub mod revoke;
 
