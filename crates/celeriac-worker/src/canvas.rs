@@ -65,6 +65,10 @@ pub(crate) struct CanvasLayer {
 
 impl Layer for CanvasLayer {
     fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
+        // Most tasks carry no canvas: nothing to wait for on their way out.
+        if !has_consequences(req) {
+            return next.run(req);
+        }
         Box::pin(async move {
             let outcome = next.run(req).await;
             match &outcome {

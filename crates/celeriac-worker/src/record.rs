@@ -47,10 +47,11 @@ pub(crate) struct TrackStartedLayer {
 
 impl Layer for TrackStartedLayer {
     fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
+        if !(self.always || req.def.options.track_started) {
+            return next.run(req);
+        }
         Box::pin(async move {
-            if self.always || req.def.options.track_started {
-                self.recorder.started(req).await;
-            }
+            self.recorder.started(req).await;
             next.run(req).await
         })
     }
