@@ -10,6 +10,7 @@
 //!   kombu's JSON envelope, so Python Celery peers read what we write.
 //! - [`TaskState`] and [`TaskMeta`]: states with Celery's ready sets and precedence, and the
 //!   record a result backend keeps.
+//! - [`broadcast`]: Celery's remote-control and event channels, for brokers that carry them.
 //! - [`broker`] and [`backend`]: the [`Broker`] and [`ResultBackend`] traits every driver
 //!   implements, held as [`DynBroker`] / [`DynBackend`] and opened from a URL through
 //!   [`Drivers`].
@@ -25,6 +26,7 @@
 //! - `msgpack`: the `application/x-msgpack` body codec.
 
 pub mod backend;
+pub mod broadcast;
 pub mod broker;
 pub mod canvas;
 pub mod config;

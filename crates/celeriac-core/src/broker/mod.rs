@@ -264,6 +264,12 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
 
     /// Closes the broker; consumers end and later calls fail with [`crate::ErrorKind::Closed`].
     fn close(&self) -> BoxFuture<'_, Result<()>>;
+
+    /// The broker's broadcast channels (remote control and events), if it carries them.
+    /// The default: none.
+    fn broadcast(&self) -> Option<&dyn crate::broadcast::Broadcast> {
+        None
+    }
 }
 
 /// A stream of deliveries from one or more queues.

@@ -29,6 +29,7 @@ struct Inner {
     notify: Notify,
     seq: AtomicU64,
     closed: AtomicBool,
+    bus: super::broadcast::Bus,
 }
 
 #[derive(Debug)]
@@ -261,6 +262,10 @@ impl Broker for MemoryBroker {
             self.inner.notify.notify_waiters();
             Ok(())
         })
+    }
+
+    fn broadcast(&self) -> Option<&dyn crate::broadcast::Broadcast> {
+        Some(&self.inner.bus)
     }
 }
 

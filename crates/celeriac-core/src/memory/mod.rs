@@ -4,6 +4,7 @@
 //! SQLite, but nothing survives the process. URL: `memory://`.
 
 mod backend;
+mod broadcast;
 mod broker;
 
 pub use backend::MemoryBackend;

@@ -14,4 +14,5 @@ async fn backend() -> Option<DynBackend> {
 }
 
 celeriac_test::broker_conformance!(broker);
+celeriac_test::broadcast_conformance!(broker);
 celeriac_test::backend_conformance!(backend);

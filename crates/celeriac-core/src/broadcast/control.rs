@@ -1,0 +1,324 @@
+//! Remote-control requests and replies (Celery's pidbox, §10 of the wire notes).
+//!
+//! A [`Request`] names a method, its arguments, and who should act on it (a list of node
+//! names, or a glob or regex pattern, or everybody). When it wants replies it carries a
+//! `ticket` and the reply queue's routing key; each node that acts answers with a [`Reply`],
+//! `{"<node>": <answer>}` under the same ticket.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{Broadcasted, REPLY_EXCHANGE};
+use crate::error::{Error, Result};
+
+/// Where a request wants its replies: Celery's `reply_to` map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyTo {
+    /// The reply exchange (`reply.celery.pidbox`).
+    pub exchange: String,
+    /// The reply queue's routing key (the client's id).
+    pub routing_key: String,
+}
+
+impl ReplyTo {
+    /// Replies to the queue bound under `routing_key` on the reply exchange.
+    pub fn new(routing_key: impl Into<String>) -> Self {
+        ReplyTo {
+            exchange: REPLY_EXCHANGE.to_owned(),
+            routing_key: routing_key.into(),
+        }
+    }
+}
+
+/// A remote-control request, as Celery's `Mailbox` sends it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// The command: `ping`, `stats`, `rate_limit`, `revoke`, ...
+    pub method: String,
+    /// Its arguments, by name; handlers ignore names they do not know.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub arguments: Map<String, Value>,
+    /// Only these nodes act; `None` or empty: see `pattern`, else every node.
+    #[serde(default)]
+    pub destination: Option<Vec<String>>,
+    /// With `matcher`: nodes whose name matches act.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// How `pattern` matches: `glob` (fnmatch) or `pcre` (a regex matching at the start).
+    #[serde(default)]
+    pub matcher: Option<String>,
+    /// Present when replies are wanted: replies carry it back.
+    #[serde(default)]
+    pub ticket: Option<String>,
+    /// Where replies go, when wanted.
+    #[serde(default)]
+    pub reply_to: Option<ReplyTo>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Map<String, Value>, D::Error> {
+    Ok(Option::<Map<String, Value>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A received request with what its headers said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// The request.
+    pub request: Request,
+    /// The sender's Lamport clock, if sent.
+    pub clock: Option<u64>,
+    /// When the sender stops waiting for replies (Unix seconds), if it said.
+    pub expires: Option<f64>,
+}
+
+impl Request {
+    /// A request of `method` with `arguments`, for every node, wanting no reply.
+    pub fn new(method: impl Into<String>, arguments: Map<String, Value>) -> Self {
+        Request {
+            method: method.into(),
+            arguments,
+            destination: None,
+            pattern: None,
+            matcher: None,
+            ticket: None,
+            reply_to: None,
+        }
+    }
+
+    /// Whether node `node` should act on this request: it is named in `destination`, or,
+    /// with no destination, matches `pattern`; with neither, every node acts. A pattern
+    /// whose matcher is unknown, or a regex that does not compile, matches no node.
+    pub fn is_for(&self, node: &str) -> bool {
+        if let Some(d) = self.destination.as_ref().filter(|d| !d.is_empty()) {
+            return d.iter().any(|n| n == node);
+        }
+        let Some(pattern) = self.pattern.as_deref() else {
+            return true;
+        };
+        match self.matcher.as_deref() {
+            None | Some("glob") => fnmatch(pattern, node),
+            Some("pcre") => {
+                regex_lite::Regex::new(&format!("^(?:{pattern})")).is_ok_and(|r| r.is_match(node))
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Reads a request from a broadcast message; an error says what is wrong with it.
+    pub fn from_message(m: &Broadcasted) -> Result<Received> {
+        let request: Request = serde_json::from_value(m.body.clone()).map_err(|e| {
+            Error::protocol("a control request must be a map with a method").with_source(e)
+        })?;
+        if request.method.is_empty() {
+            return Err(Error::protocol("a control request names no method"));
+        }
+        Ok(Received {
+            request,
+            clock: m.headers.get("clock").and_then(Value::as_u64),
+            expires: m
+                .headers
+                .get("expires")
+                .and_then(Value::as_f64)
+                .filter(|e| *e > 0.0),
+        })
+    }
+
+    /// The broadcast message of this request, with the sender's `clock` and the time its
+    /// sender stops waiting (`expires`, Unix seconds; Celery sends 0 for none).
+    pub fn to_message(&self, clock: u64, expires: Option<f64>) -> Broadcasted {
+        let mut headers = Map::new();
+        headers.insert("clock".into(), clock.into());
+        headers.insert("expires".into(), expires.unwrap_or(0.0).into());
+        Broadcasted::new(
+            "",
+            headers,
+            serde_json::to_value(self).unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// One node's reply to a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The request's ticket.
+    pub ticket: String,
+    /// The node that answered.
+    pub node: String,
+    /// Its answer (conventionally `{"ok": ...}` or `{"error": ...}`, or a command's own shape).
+    pub answer: Value,
+    /// The node's clock when it answered.
+    pub clock: Option<u64>,
+}
+
+impl Reply {
+    /// The message carrying this reply to the queue bound under `routing_key`.
+    pub fn to_message(&self, routing_key: &str) -> Broadcasted {
+        let mut headers = Map::new();
+        headers.insert("ticket".into(), self.ticket.clone().into());
+        if let Some(c) = self.clock {
+            headers.insert("clock".into(), c.into());
+        }
+        let mut body = Map::new();
+        body.insert(self.node.clone(), self.answer.clone());
+        Broadcasted::new(routing_key, headers, Value::Object(body))
+    }
+
+    /// Reads a reply from a message: `{"<node>": <answer>}` with a `ticket` header.
+    pub fn from_message(m: &Broadcasted) -> Result<Reply> {
+        let ticket = m
+            .headers
+            .get("ticket")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::protocol("a control reply has no ticket header"))?;
+        let (node, answer) = match &m.body {
+            Value::Object(o) if o.len() == 1 => o.iter().next().expect("one entry"),
+            _ => {
+                return Err(Error::protocol(
+                    "a control reply must be a map of one node name to its answer",
+                ));
+            }
+        };
+        Ok(Reply {
+            ticket: ticket.to_owned(),
+            node: node.clone(),
+            answer: answer.clone(),
+            clock: m.headers.get("clock").and_then(Value::as_u64),
+        })
+    }
+}
+
+/// Python's `fnmatch.fnmatchcase`: `*` any run, `?` one character, `[seq]` / `[!seq]` one
+/// character of (or not of) a set with ranges; anything else matches itself.
+pub fn fnmatch(pattern: &str, name: &str) -> bool {
+    fn class(p: &[char], c: char) -> Option<(bool, usize)> {
+        // p starts after '['; returns (matched, length of the class including ']').
+        let (negate, mut i) = match p.first() {
+            Some('!') => (true, 1),
+            _ => (false, 0),
+        };
+        let start = i;
+        let mut hit = false;
+        while i < p.len() {
+            if p[i] == ']' && i > start {
+                return Some((hit != negate, i + 1));
+            }
+            if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+                hit |= p[i] <= c && c <= p[i + 2];
+                i += 3;
+            } else {
+                hit |= p[i] == c;
+                i += 1;
+            }
+        }
+        None
+    }
+    fn go(p: &[char], n: &[char]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some('*') => (0..=n.len()).any(|i| go(&p[1..], &n[i..])),
+            Some('?') => !n.is_empty() && go(&p[1..], &n[1..]),
+            Some('[') => match (
+                n.first(),
+                class(&p[1..], n.first().copied().unwrap_or('\0')),
+            ) {
+                (Some(_), Some((true, len))) => go(&p[1 + len..], &n[1..]),
+                (Some(_), Some((false, _))) | (None, Some(_)) => false,
+                // An unclosed `[` is a literal.
+                (_, None) => n.first() == Some(&'[') && go(&p[1..], &n[1..]),
+            },
+            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    go(&p, &n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn request(body: Value) -> Request {
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn celerys_request_reads_and_says_who_acts() {
+        let r = request(json!({
+            "method": "rate_limit",
+            "arguments": {"task_name": "tasks.add", "rate_limit": "10/m"},
+            "destination": ["w1@host"], "pattern": null, "matcher": null,
+            "ticket": "t-1",
+            "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": "k"}
+        }));
+        assert!(r.is_for("w1@host"));
+        assert!(!r.is_for("w2@host"));
+        assert_eq!(r.reply_to, Some(ReplyTo::new("k")));
+
+        let everyone = request(json!({"method": "ping", "arguments": null, "destination": []}));
+        assert!(everyone.is_for("anyone@x"));
+        assert!(everyone.arguments.is_empty());
+
+        let glob = request(json!({"method": "ping", "pattern": "w[12]@*", "matcher": "glob"}));
+        assert!(glob.is_for("w1@host") && glob.is_for("w2@h") && !glob.is_for("w3@host"));
+        let pcre = request(json!({"method": "ping", "pattern": "w\\d@", "matcher": "pcre"}));
+        assert!(pcre.is_for("w7@host") && !pcre.is_for("xw7@host"));
+        let bad = request(json!({"method": "ping", "pattern": "(", "matcher": "pcre"}));
+        assert!(!bad.is_for("w1@host"));
+        let unknown = request(json!({"method": "ping", "pattern": "*", "matcher": "sql"}));
+        assert!(!unknown.is_for("w1@host"));
+    }
+
+    #[test]
+    fn messages_round_trip_and_bad_ones_are_named() {
+        let mut r = Request::new("ping", Map::new());
+        r.ticket = Some("t".into());
+        r.reply_to = Some(ReplyTo::new("oid"));
+        let m = r.to_message(7, Some(1.5e9));
+        let back = Request::from_message(&m).unwrap();
+        assert_eq!(back.request, r);
+        assert_eq!((back.clock, back.expires), (Some(7), Some(1.5e9)));
+        assert_eq!(
+            Request::from_message(&r.to_message(1, None))
+                .unwrap()
+                .expires,
+            None
+        );
+
+        for body in [
+            json!("ping"),
+            json!({"arguments": {}}),
+            json!({"method": ""}),
+        ] {
+            let m = Broadcasted::new("", Map::new(), body.clone());
+            assert!(Request::from_message(&m).is_err(), "{body}");
+        }
+
+        let reply = Reply {
+            ticket: "t".into(),
+            node: "w1@h".into(),
+            answer: json!({"ok": "pong"}),
+            clock: Some(9),
+        };
+        let m = reply.to_message("oid");
+        assert_eq!(m.body, json!({"w1@h": {"ok": "pong"}}));
+        assert_eq!(Reply::from_message(&m).unwrap(), reply);
+        let no_ticket = Broadcasted::new("oid", Map::new(), m.body.clone());
+        assert!(Reply::from_message(&no_ticket).is_err());
+    }
+
+    #[test]
+    fn fnmatch_is_pythons() {
+        assert!(fnmatch("celery@*", "celery@host"));
+        assert!(fnmatch("w?@h", "w1@h"));
+        assert!(!fnmatch("w?@h", "w12@h"));
+        assert!(fnmatch("w[0-9]", "w5"));
+        assert!(!fnmatch("w[!0-9]", "w5"));
+        assert!(fnmatch("w[!0-9]", "wx"));
+        assert!(fnmatch("a[", "a["));
+        assert!(fnmatch("*", ""));
+        assert!(!fnmatch("a", "ab"));
+    }
+}
