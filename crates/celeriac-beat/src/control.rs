@@ -2,11 +2,11 @@
 
 use chrono::{DateTime, Utc};
 
+use celeriac_core::beat::{DynBeatStore, Row};
 use celeriac_core::{Error, Result};
 
 use crate::entry::{Entry, EntrySpec};
 use crate::schedule::Zone;
-use crate::store::{DynStore, Row};
 
 /// Changes entries through the store; the running leader picks them up on its next pass
 /// (within one poll interval).
@@ -26,7 +26,7 @@ use crate::store::{DynStore, Row};
 /// ```
 #[derive(Debug, Clone)]
 pub struct Control {
-    store: DynStore,
+    store: DynBeatStore,
     declared: Vec<Entry>,
 }
 
@@ -56,7 +56,7 @@ pub struct EntryInfo {
 
 impl Control {
     /// A control over `store`, knowing the `declared` entries (code and config).
-    pub fn new(store: DynStore, declared: Vec<Entry>) -> Control {
+    pub fn new(store: DynBeatStore, declared: Vec<Entry>) -> Control {
         Control { store, declared }
     }
 
@@ -68,8 +68,8 @@ impl Control {
         if self.is_declared(name) {
             return Ok(());
         }
-        let rows = self.store.load().await?;
-        if rows.get(name).is_some_and(|r| r.spec.is_some()) {
+        let (_, specs) = crate::store::load(&*self.store).await?;
+        if specs.contains_key(name) {
             Ok(())
         } else {
             Err(Error::config(format!("no beat entry named {name:?}")))
@@ -78,7 +78,7 @@ impl Control {
 
     /// Every entry, declared ones first, with its state.
     pub async fn list(&self) -> Result<Vec<EntryInfo>> {
-        let rows = self.store.load().await?;
+        let (rows, specs) = crate::store::load(&*self.store).await?;
         let zone = Zone::Utc;
         let info = |e: &Entry, row: Option<&Row>, declared: bool| {
             let state = row.and_then(|r| r.state.as_ref());
@@ -100,19 +100,19 @@ impl Control {
             .iter()
             .map(|e| info(e, rows.get(&e.name), true))
             .collect();
-        for (name, row) in &rows {
-            let Some(spec) = &row.spec else { continue };
+        for (name, spec) in &specs {
             if self.is_declared(name) {
                 continue;
             }
+            let row = rows.get(name);
             match Entry::from_spec(name, spec) {
-                Ok(e) => out.push(info(&e, Some(row), false)),
+                Ok(e) => out.push(info(&e, row, false)),
                 Err(err) => out.push(EntryInfo {
                     name: name.clone(),
                     task: spec.task.clone(),
                     schedule: String::new(),
                     declared: false,
-                    paused: row.paused,
+                    paused: row.is_some_and(|r| r.paused),
                     last_run_at: None,
                     total_run_count: 0,
                     next_run_at: None,
@@ -132,7 +132,9 @@ impl Control {
             )));
         }
         Entry::from_spec(name, spec)?;
-        self.store.put_entry(name, spec).await
+        self.store
+            .put_entry(name, &crate::store::to_json(spec)?)
+            .await
     }
 
     /// Removes a run-time entry.

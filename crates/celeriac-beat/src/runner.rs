@@ -10,9 +10,10 @@ use celeriac_core::{BoxFuture, Error, Result};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::entry::{Entry, EntryOptions};
+use celeriac_core::beat::{BeatStore, DynBeatStore, EntryState, Lease, Pending};
+
+use crate::entry::{Entry, EntryOptions, EntrySpec};
 use crate::schedule::Zone;
-use crate::store::{DynStore, EntryState, Lease, Pending, Row};
 
 /// What to do with ticks that passed while no beat was running (or the leader was gone).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -238,7 +239,7 @@ pub trait Dispatch: Send + Sync + 'static {
 /// ```
 pub struct Beat {
     entries: Vec<Entry>,
-    store: DynStore,
+    store: DynBeatStore,
     dispatch: Arc<dyn Dispatch>,
     options: BeatOptions,
     events: tokio::sync::broadcast::Sender<BeatEvent>,
@@ -268,16 +269,16 @@ impl From<Error> for Stop {
 
 impl Beat {
     /// A beat with no entry yet.
-    pub fn new(
-        store: impl crate::store::BeatStore,
-        dispatch: impl Dispatch,
-        options: BeatOptions,
-    ) -> Beat {
+    pub fn new(store: impl BeatStore, dispatch: impl Dispatch, options: BeatOptions) -> Beat {
         Beat::from_parts(Arc::new(store), Arc::new(dispatch), options)
     }
 
     /// Like [`Beat::new`], with shared handles.
-    pub fn from_parts(store: DynStore, dispatch: Arc<dyn Dispatch>, options: BeatOptions) -> Beat {
+    pub fn from_parts(
+        store: DynBeatStore,
+        dispatch: Arc<dyn Dispatch>,
+        options: BeatOptions,
+    ) -> Beat {
         Beat {
             entries: Vec::new(),
             store,
@@ -451,11 +452,14 @@ impl Beat {
     }
 
     /// The entries in effect: declared ones, then valid run-time ones from the store.
-    fn effective(&self, rows: &BTreeMap<String, Row>, warned: &mut HashSet<String>) -> Vec<Entry> {
+    fn effective(
+        &self,
+        specs: &BTreeMap<String, EntrySpec>,
+        warned: &mut HashSet<String>,
+    ) -> Vec<Entry> {
         let mut out = self.entries.clone();
         let declared: HashSet<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
-        for (name, row) in rows {
-            let Some(spec) = &row.spec else { continue };
+        for (name, spec) in specs {
             if declared.contains(name.as_str()) {
                 continue;
             }
@@ -483,9 +487,9 @@ impl Beat {
         warned: &mut HashSet<String>,
     ) -> std::result::Result<Option<DateTime<Utc>>, Stop> {
         let o = &self.options;
-        let rows = self.store.load().await?;
+        let (rows, specs) = crate::store::load(&*self.store).await?;
         let mut next_wake: Option<DateTime<Utc>> = None;
-        for entry in self.effective(&rows, warned) {
+        for entry in self.effective(&specs, warned) {
             let row = rows.get(&entry.name).cloned().unwrap_or_default();
             let now = o.clock.now();
             let mut state = match row.state {
@@ -589,11 +593,7 @@ impl Beat {
         let task_id = celeriac_core::protocol::new_id();
         let mut claimed = after;
         claimed.total_run_count += 1;
-        claimed.pending = Some(Pending {
-            task_id: task_id.clone(),
-            tick,
-            token: lease.token,
-        });
+        claimed.pending = Some(Pending::new(task_id.clone(), tick, lease.token));
         self.save(lease, &entry.name, &claimed).await?;
         let firing = Firing {
             entry: entry.name.clone(),

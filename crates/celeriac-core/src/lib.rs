@@ -1,5 +1,5 @@
-//! The core of celeriac: the message protocol, the broker and result backend contracts, and
-//! in-memory drivers.
+//! The core of celeriac: the message protocol, the broker, result backend and beat store
+//! contracts, and in-memory drivers.
 //!
 //! Depend on this crate, not on `celeriac`, to write a broker or backend driver: it names no
 //! network library. Users of the task queue depend on the `celeriac` facade.
@@ -14,11 +14,15 @@
 //! - [`broker`] and [`backend`]: the [`Broker`] and [`ResultBackend`] traits every driver
 //!   implements, held as [`DynBroker`] / [`DynBackend`] and opened from a URL through
 //!   [`Drivers`].
+//! - [`beat`]: the [`BeatStore`] contract (leader lease with a fencing token, entry state,
+//!   run-time controls) that periodic tasks run on, implemented by the driver crates and
+//!   opened from a URL through [`Drivers`] as a [`DynBeatStore`].
 //! - [`canvas`]: how a call is sent ([`SendOptions`](canvas::SendOptions)), signature maps to
 //!   messages (callbacks, chains, chords), chord counter keys; [`flow`]: dataflow graphs.
 //! - [`task`]: what the worker runs: [`TaskDef`], [`Registry`], [`Args`], [`TaskError`],
 //!   [`TaskContext`].
-//! - [`memory`]: drivers with real semantics (leases, delays, priorities) for tests.
+//! - [`memory`]: drivers with real semantics (leases, delays, priorities) for tests, and a
+//!   beat store.
 //! - [`Config`]: `celeriac.toml` plus `CELERIAC_*` variables.
 //!
 //! # Features
@@ -26,6 +30,7 @@
 //! - `msgpack`: the `application/x-msgpack` body codec.
 
 pub mod backend;
+pub mod beat;
 pub mod broadcast;
 pub mod broker;
 pub mod canvas;
@@ -42,6 +47,7 @@ pub mod time;
 pub mod url;
 
 pub use backend::{BackendCapabilities, DynBackend, ResultBackend};
+pub use beat::{BeatStore, DynBeatStore};
 pub use broker::{
     Acker, BoxFuture, Broker, Capabilities, ConsumeOptions, Consumer, Delivery, DeliveryHandle,
     DynBroker, PublishOptions, QueueStats, Requeue, ResultProbe, StoredState,

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use crate::backend::DynBackend;
+use crate::beat::DynBeatStore;
 use crate::broker::{BoxFuture, DynBroker};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -13,11 +14,16 @@ pub type BrokerFactory = fn(String, Config) -> BoxFuture<'static, Result<DynBrok
 /// Opens a result backend for a URL.
 pub type BackendFactory = fn(String, Config) -> BoxFuture<'static, Result<DynBackend>>;
 
-/// The drivers an application can open, by URL scheme.
+/// Opens a beat store for a URL.
+pub type BeatStoreFactory = fn(String, Config) -> BoxFuture<'static, Result<DynBeatStore>>;
+
+/// The drivers an application can open, by URL scheme: brokers, result backends and beat
+/// stores.
 #[derive(Clone, Default)]
 pub struct Drivers {
     brokers: Vec<(&'static str, BrokerFactory)>,
     backends: Vec<(&'static str, BackendFactory)>,
+    beat_stores: Vec<(&'static str, BeatStoreFactory)>,
 }
 
 impl fmt::Debug for Drivers {
@@ -30,6 +36,10 @@ impl fmt::Debug for Drivers {
             .field(
                 "backends",
                 &self.backends.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+            )
+            .field(
+                "beat_stores",
+                &self.beat_stores.iter().map(|(s, _)| s).collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -49,6 +59,11 @@ impl Drivers {
                 Ok(std::sync::Arc::new(crate::memory::MemoryBackend::new()) as DynBackend)
             })
         });
+        d.add_beat_store("memory", |_, _| {
+            Box::pin(async {
+                Ok(std::sync::Arc::new(crate::memory::MemoryBeatStore::new()) as DynBeatStore)
+            })
+        });
         d
     }
 
@@ -64,6 +79,12 @@ impl Drivers {
         self.backends.push((scheme, open));
     }
 
+    /// Registers a beat store driver for `scheme`.
+    pub fn add_beat_store(&mut self, scheme: &'static str, open: BeatStoreFactory) {
+        self.beat_stores.retain(|(s, _)| *s != scheme);
+        self.beat_stores.push((scheme, open));
+    }
+
     /// Opens the broker for `url`.
     pub async fn open_broker(&self, url: &str, config: &Config) -> Result<DynBroker> {
         let open = pick(&self.brokers, url, "broker")?;
@@ -73,6 +94,37 @@ impl Drivers {
     /// Opens the result backend for `url`.
     pub async fn open_backend(&self, url: &str, config: &Config) -> Result<DynBackend> {
         let open = pick(&self.backends, url, "result backend")?;
+        open(url.to_owned(), config.clone()).await
+    }
+
+    /// Opens the beat store for `url`: usually the broker's URL, so that beat keeps its state
+    /// next to the broker's (the same SQLite file, the same Redis).
+    ///
+    /// An unknown scheme is an error listing the known ones and saying how to choose another
+    /// store.
+    ///
+    /// ```
+    /// # async fn demo() -> celeriac_core::Result<()> {
+    /// let drivers = celeriac_core::Drivers::new();
+    /// let config = celeriac_core::Config::default();
+    /// let store = drivers.open_beat_store("memory://", &config).await?;
+    /// assert!(store.load().await?.is_empty());
+    /// let e = drivers.open_beat_store("amqp://h//", &config).await.unwrap_err();
+    /// assert!(e.to_string().contains("no beat store for amqp:// (known: memory)"));
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo()).unwrap();
+    /// ```
+    pub async fn open_beat_store(&self, url: &str, config: &Config) -> Result<DynBeatStore> {
+        let s = scheme(url);
+        let Some((_, open)) = self.beat_stores.iter().find(|(name, _)| Some(*name) == s) else {
+            let known: Vec<&str> = self.beat_stores.iter().map(|(n, _)| *n).collect();
+            return Err(Error::config(format!(
+                "no beat store for {}:// (known: {}); set `store` in [beat], e.g. \
+                 store = \"sqlite://beat.db\"",
+                s.map_or_else(|| redact(url), str::to_owned),
+                known.join(", ")
+            )));
+        };
         open(url.to_owned(), config.clone()).await
     }
 }
@@ -185,5 +237,50 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("has no scheme"));
         assert!(d.open_broker("memory://", &Config::default()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn beat_stores_by_scheme() {
+        let mut d = Drivers::new();
+        let config = Config::default();
+        assert!(d.open_beat_store("memory://", &config).await.is_ok());
+        let e = d
+            .open_beat_store("amqp://guest:s3cret@127.0.0.1:5672//", &config)
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(e.kind(), crate::ErrorKind::Config);
+        assert!(
+            msg.contains("no beat store for amqp:// (known: memory)")
+                && msg.contains("set `store` in [beat]")
+                && !msg.contains("s3cret"),
+            "{msg}"
+        );
+        let e = d
+            .open_beat_store("beat.db", &config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no beat store for beat.db://"), "{e}");
+        // A registered scheme is listed, and a later registration replaces an earlier one.
+        d.add_beat_store("other", |_, _| {
+            Box::pin(async { Err(Error::config("other store")) })
+        });
+        d.add_beat_store("other", |_, _| {
+            Box::pin(async { Err(Error::config("the replacement")) })
+        });
+        let e = d
+            .open_beat_store("other://", &config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "the replacement");
+        let e = d
+            .open_beat_store("x://", &config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(known: memory, other)"), "{e}");
+        assert!(format!("{d:?}").contains("beat_stores"));
     }
 }

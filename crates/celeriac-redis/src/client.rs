@@ -10,8 +10,8 @@ use crate::options::RedisOptions;
 
 /// A command connection to the Redis a URL names, opened as [`crate::RedisBroker`] opens its
 /// own: the same URL forms, `global_keyprefix` from the query (else the options'), the password
-/// redacted in every log line and error, and reconnect on demand. For celeriac crates that keep
-/// their own keys next to the broker's (the beat store). Errors are [`ErrorKind::Backend`].
+/// redacted in every log line and error, and reconnect on demand. For code that keeps its own
+/// keys next to the broker's. Errors are [`ErrorKind::Backend`].
 #[derive(Debug)]
 pub struct RedisConnection {
     redis: Redis,

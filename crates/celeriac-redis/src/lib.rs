@@ -1,12 +1,15 @@
-//! Redis broker and result backend for celeriac, sharing one Redis with Python Celery.
+//! Redis broker, result backend and beat store for celeriac, sharing one Redis with Python
+//! Celery.
 //!
 //! This crate is for applications that run their tasks through Redis, alone or next to Python
 //! Celery workers and clients: [`RedisBroker`] keeps queues exactly as kombu's Redis transport
 //! does, and [`RedisBackend`] keeps results exactly as Celery's Redis result backend does, so
 //! a Python client can send a task that a celeriac worker runs and read its result, and the
-//! other way round. Users normally reach it through the `celeriac` facade (feature `redis`)
-//! and a URL; call [`register`] to add the schemes to a [`celeriac_core::Drivers`] table, or
-//! open the types directly.
+//! other way round. [`RedisBeatStore`] is the [`celeriac_core::BeatStore`] of periodic tasks
+//! (celeriac-beat): the lease with its fencing token and the entries' state under
+//! `celeriac.beat.*` keys, next to the broker's. Users normally reach it through the `celeriac`
+//! facade (feature `redis`) and a URL; call [`register`] to add the schemes to a
+//! [`celeriac_core::Drivers`] table, or open the types directly.
 //!
 //! # URLs
 //!
@@ -115,6 +118,7 @@
 
 mod backend;
 mod batch;
+mod beat;
 mod broker;
 mod client;
 mod conn;
@@ -124,9 +128,10 @@ mod scripts;
 
 use std::sync::Arc;
 
-use celeriac_core::{Drivers, DynBackend, DynBroker};
+use celeriac_core::{Drivers, DynBackend, DynBeatStore, DynBroker};
 
 pub use backend::RedisBackend;
+pub use beat::RedisBeatStore;
 pub use broker::RedisBroker;
 pub use client::RedisConnection;
 pub use options::RedisOptions;
@@ -136,8 +141,8 @@ pub use redis;
 /// The URL schemes this crate registers.
 pub const SCHEMES: [&str; 4] = ["redis", "rediss", "unix", "redis+socket"];
 
-/// Adds the `redis`, `rediss`, `unix` and `redis+socket` schemes, for brokers and result
-/// backends, to `drivers`.
+/// Adds the `redis`, `rediss`, `unix` and `redis+socket` schemes, for brokers, result backends
+/// and beat stores, to `drivers` (beat stores also under Celery's `socket`).
 ///
 /// ```
 /// let mut drivers = celeriac_core::Drivers::new();
@@ -154,6 +159,15 @@ pub fn register(drivers: &mut Drivers) {
         drivers.add_backend(scheme, |url, config| {
             Box::pin(async move {
                 Ok(Arc::new(RedisBackend::connect(&url, &config).await?) as DynBackend)
+            })
+        });
+    }
+    // `socket://` opened a beat store before the stores moved here; the broker's URL parser
+    // reads it, so it keeps doing so.
+    for scheme in SCHEMES.into_iter().chain(["socket"]) {
+        drivers.add_beat_store(scheme, |url, config| {
+            Box::pin(async move {
+                Ok(Arc::new(RedisBeatStore::connect(&url, &config).await?) as DynBeatStore)
             })
         });
     }

@@ -1,10 +1,16 @@
-//! The embedded default broker and result backend of celeriac: one SQLite file, no server.
+//! The embedded default broker, result backend and beat store of celeriac: one SQLite file, no
+//! server.
 //!
 //! This crate is for applications that want a durable task queue without running Redis,
 //! RabbitMQ or Postgres: a producer, a few worker processes and a beat on one machine, all
 //! sharing `celeriac.db`. Users normally reach it through the `celeriac` facade and the URL
 //! `sqlite://celeriac.db`; call [`register`] to add the `sqlite` scheme to a
-//! [`celeriac_core::Drivers`] table, or open [`SqliteBroker`] and [`SqliteBackend`] directly.
+//! [`celeriac_core::Drivers`] table, or open [`SqliteBroker`], [`SqliteBackend`] and
+//! [`SqliteBeatStore`] directly.
+//!
+//! [`SqliteBeatStore`] is the [`celeriac_core::BeatStore`] of periodic tasks (celeriac-beat)
+//! in the broker's file: tables `celeriac_beat_lease` and `celeriac_beat_entries`, the lease
+//! with its fencing token checked in the transaction of every leader's write.
 //!
 //! # URLs
 //!
@@ -20,9 +26,10 @@
 //!
 //! **A connection thread per file and process.** SQLite calls block, so the one connection
 //! lives on a dedicated OS thread named `celeriac-sqlite`, fed by a channel of commands, each
-//! answered on a oneshot channel; async code never blocks on the database. A broker and a
-//! backend of one process that open the same file share that thread (a process-wide map keyed
-//! by the canonical path), so they never contend for SQLite's write lock with each other.
+//! answered on a oneshot channel; async code never blocks on the database. A broker, a backend
+//! and a beat store of one process that open the same file share that thread (a process-wide
+//! map keyed by the canonical path), so they never contend for SQLite's write lock with each
+//! other.
 //!
 //! **Group commit.** The thread takes every command queued at that moment (up to 1024) and runs
 //! them in one transaction: `BEGIN IMMEDIATE` when any of them writes, a plain `BEGIN` for a
@@ -56,6 +63,8 @@
 //!   plus columns to query by.
 //! - `celeriac_groups(group_id, task_ids, expires_at)` and
 //!   `celeriac_counters(key, value, expires_at)`: groups and chord counters.
+//! - `celeriac_beat_lease` and `celeriac_beat_entries`: beat's, created when a
+//!   [`SqliteBeatStore`] opens the file, outside the versioned schema (see its docs).
 //!
 //! **Leases.** A fetch runs two statements per queue, both index seeks: one promotes due rows
 //! (delayed ones whose time came, leased ones whose lease ran out) to ready, the other leases
@@ -82,6 +91,7 @@
 //! locking is unreliable). No fanout (events and remote control need another channel).
 
 mod backend;
+mod beat;
 mod broker;
 mod conn;
 mod options;
@@ -90,13 +100,14 @@ mod wake;
 
 use std::sync::Arc;
 
-use celeriac_core::{Drivers, DynBackend, DynBroker};
+use celeriac_core::{Drivers, DynBackend, DynBeatStore, DynBroker};
 
 pub use backend::SqliteBackend;
+pub use beat::SqliteBeatStore;
 pub use broker::SqliteBroker;
 pub use options::SqliteOptions;
 
-/// Adds the `sqlite` scheme, for brokers and result backends, to `drivers`.
+/// Adds the `sqlite` scheme, for brokers, result backends and beat stores, to `drivers`.
 ///
 /// ```
 /// # async fn demo() -> celeriac_core::Result<()> {
@@ -119,5 +130,10 @@ pub fn register(drivers: &mut Drivers) {
         Box::pin(
             async move { Ok(Arc::new(SqliteBackend::connect(&url, &config).await?) as DynBackend) },
         )
+    });
+    drivers.add_beat_store("sqlite", |url, config| {
+        Box::pin(async move {
+            Ok(Arc::new(SqliteBeatStore::connect(&url, &config).await?) as DynBeatStore)
+        })
     });
 }

@@ -1,14 +1,15 @@
 //! Test support for celeriac: the driver conformance suite and service fixtures.
 //!
-//! This crate is for people who write or change a broker or result backend driver, and for
-//! celeriac's own integration tests. It is not published.
+//! This crate is for people who write or change a broker, result backend or beat store driver,
+//! and for celeriac's own integration tests. It is not published.
 //!
 //! # A tour
 //!
-//! - [`conformance`]: [`broker_conformance!`] and [`backend_conformance!`] stamp one test per
-//!   contract case into a driver's test binary, given a setup function that opens the driver
-//!   (or returns `None` when its server is unreachable). The cases themselves are plain async
-//!   functions in [`conformance::broker`] and [`conformance::backend`].
+//! - [`conformance`]: [`broker_conformance!`], [`backend_conformance!`] and
+//!   [`beat_store_conformance!`] stamp one test per contract case into a driver's test binary,
+//!   given a setup function that opens the driver (or returns `None` when its server is
+//!   unreachable). The cases themselves are plain async functions in [`conformance::broker`],
+//!   [`conformance::backend`] and [`conformance::beat`].
 //! - [`services`]: skip-or-fail checks for external servers ([`services::require_service`]),
 //!   fresh SQLite files under `target/` ([`services::temp_sqlite_path`]), unique queue names and
 //!   ready-made task messages.

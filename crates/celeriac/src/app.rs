@@ -48,6 +48,9 @@ struct Inner {
     /// The backend's reply queue (rpc://), put on every message this app sends.
     reply_to: Option<String>,
     declared: Mutex<HashSet<String>>,
+    /// The driver table the app was built with, for what it opens later (the beat store).
+    #[cfg_attr(not(all(feature = "beat", feature = "cli")), allow(dead_code))]
+    drivers: Drivers,
 }
 
 impl std::fmt::Debug for App {
@@ -69,6 +72,12 @@ impl App {
     /// The configuration in effect.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The driver table the app was built with (the CLI opens the beat store through it).
+    #[cfg_attr(not(all(feature = "beat", feature = "cli")), allow(dead_code))]
+    pub(crate) fn drivers(&self) -> &Drivers {
+        &self.inner.drivers
     }
 
     /// The broker.
@@ -454,13 +463,14 @@ impl AppBuilder {
                 origin,
                 reply_to,
                 declared: Mutex::new(HashSet::new()),
+                drivers,
             }),
         })
     }
 }
 
-/// The drivers compiled in: `memory://` always, `sqlite://` with the `sqlite` feature,
-/// `redis://` with the `redis` feature.
+/// The drivers compiled in (brokers, result backends and beat stores): `memory://` always,
+/// `sqlite://` with the `sqlite` feature, `redis://` with the `redis` feature.
 pub fn default_drivers() -> Drivers {
     #[allow(unused_mut)]
     let mut d = Drivers::new();

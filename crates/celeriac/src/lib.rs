@@ -55,8 +55,9 @@
 //!
 //! # Features
 //!
-//! - `sqlite` (default): the embedded SQLite broker and result backend, `sqlite://path`.
-//! - `redis`: the Redis broker and result backend, `redis://host:6379/0`.
+//! - `sqlite` (default): the embedded SQLite broker, result backend and beat store,
+//!   `sqlite://path`.
+//! - `redis`: the Redis broker, result backend and beat store, `redis://host:6379/0`.
 //! - `amqp`: the RabbitMQ broker, `amqp://guest:guest@localhost:5672//`, and the `rpc://`
 //!   result backend.
 //! - `worker` (default): [`App::worker`].

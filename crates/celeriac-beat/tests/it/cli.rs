@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use celeriac_beat::{
-    Beat, BeatConfig, BeatOptions, BeatStore, Entry, MemoryStore, SqliteStore, every,
-};
+use celeriac_beat::{Beat, BeatConfig, BeatOptions, Entry, MemoryStore, every};
 
 use crate::support::{Recorder, log};
 
@@ -172,7 +170,7 @@ fn cli_changes_entries_in_the_store() {
         .build()
         .unwrap();
     let rows = rt.block_on(async {
-        SqliteStore::open(&path)
+        crate::store::open(&url)
             .await
             .unwrap()
             .load()
@@ -183,7 +181,7 @@ fn cli_changes_entries_in_the_store() {
     let ping = &rows["ping"];
     assert!(ping.paused);
     assert_eq!(ping.triggers, 1);
-    assert_eq!(ping.spec.as_ref().unwrap().queue.as_deref(), Some("q"));
+    assert_eq!(ping.spec.as_ref().unwrap()["queue"], "q");
     assert_eq!(with(&["beat", "remove", "ping"]), 0);
     assert_eq!(with(&["beat", "remove", "ping"]), 1);
 }
@@ -226,7 +224,7 @@ fn cli_reads_the_beat_table_from_the_apps_config() {
         .build()
         .unwrap();
     let rows = rt.block_on(async {
-        SqliteStore::open(&path)
+        crate::store::open(&url)
             .await
             .unwrap()
             .load()

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use celeriac_beat::{Beat, BeatOptions, DynStore, Entry, every, open_store};
+use celeriac_beat::{Beat, BeatOptions, DynStore, Entry, every};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -31,13 +31,13 @@ impl Site {
     /// `None` (skipped with a notice) without a Redis server.
     fn redis(test: &str) -> Option<Site> {
         Some(Site {
-            url: crate::conformance::redis_url(test)?,
+            url: crate::store::redis_url(test)?,
             queue: celeriac_test::services::unique_queue(test),
         })
     }
 
     async fn store(&self) -> DynStore {
-        open_store(&self.url).await.unwrap()
+        crate::store::open(&self.url).await.unwrap()
     }
 }
 

@@ -3,8 +3,9 @@
 // Shared helpers: a recording dispatch, time grids.
 mod support;
 
-// The store contract on memory, SQLite and Redis; choosing a store from the URL.
-mod conformance;
+// The store: its conformance suite on the memory store, choosing a store from the URL,
+// specs that no longer parse.
+mod store;
 
 // Several instances on one SQLite file: every tick once, leader loss, restart.
 mod cluster;

@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use celeriac::beat::{BeatStore, SqliteStore};
 use celeriac::core::TaskState;
 use chrono::{DateTime, Utc};
 
@@ -96,8 +95,11 @@ async fn two_workers_with_beat_send_every_tick_once_and_stop_on_sigterm() {
     let ids: HashSet<&str> = all.iter().map(|(_, id)| id.as_str()).collect();
     assert_eq!(ids.len(), all.len(), "a task id sent twice");
 
-    // The store agrees with the logs.
-    let store = SqliteStore::open(&db).await.unwrap();
+    // The store agrees with the logs (opened from the broker URL, as the workers opened it).
+    let store = celeriac::default_drivers()
+        .open_beat_store(&url, &celeriac::Config::default())
+        .await
+        .unwrap();
     let state = store.load().await.unwrap()["journal"]
         .state
         .clone()

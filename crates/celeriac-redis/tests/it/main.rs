@@ -7,6 +7,8 @@ mod conformance;
 mod kombu;
 // Celery's result documents, PUBLISH and waiting.
 mod backend;
+// The beat store: its conformance suite, keys, the lease's expiry on the server, URLs.
+mod beat;
 // Lost connections, bad passwords, unreachable ports, URLs.
 mod errors;
 // The redelivery counter, batched fetching, wake-ups.

@@ -4,6 +4,8 @@
 mod broker;
 // Result backend: precedence, waiting, expiry, groups, counters.
 mod backend;
+// The beat store: its conformance suite, URLs, older files, corrupt rows, one thread per file.
+mod beat;
 // The generic conformance suites of celeriac-test.
 mod conformance;
 // Clear errors for bad input: missing directory, not a database, locked, closed, bad URL.

@@ -4,18 +4,19 @@
 //! aimed at that flaw panics. These tests also use `#[tokio::test]` through celeriac-test's
 //! re-export, which is how a driver crate without its own tokio dependency would write one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use celeriac_core::memory::{MemoryBackend, MemoryBroker};
+use celeriac_core::beat::{BeatStore, EntryState, Lease, Row};
+use celeriac_core::memory::{MemoryBackend, MemoryBeatStore, MemoryBroker};
 use celeriac_core::{
     Acker, BoxFuture, Broker, Capabilities, ConsumeOptions, Consumer, Delivery, DeliveryHandle,
-    DynBackend, DynBroker, Message, PublishOptions, QueueStats, Requeue, Result, ResultBackend,
-    TaskMeta,
+    DynBackend, DynBeatStore, DynBroker, Message, PublishOptions, QueueStats, Requeue, Result,
+    ResultBackend, TaskMeta,
 };
-use celeriac_test::conformance::{backend, broker};
+use celeriac_test::conformance::{backend, beat, broker};
 
 /// Runs `case` and fails unless it panics.
 async fn assert_fails(case: impl Future<Output = ()> + Send + 'static) {
@@ -331,4 +332,125 @@ async fn waiting_for_any_state_is_caught() {
 async fn a_racy_counter_is_caught() {
     let b = broken_backend(BackendFlaw::RacyIncr);
     assert_fails(backend::case_incr_is_atomic(b)).await;
+}
+
+// ===== a broken beat store =====
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BeatFlaw {
+    /// Hands a current lease to anyone who asks.
+    SharesTheLease,
+    /// Checks the token and holder of a save, not the lease's expiry.
+    SavesPastExpiry,
+    /// Replacing an entry drops its pause and triggers.
+    ReplaceDropsControls,
+}
+
+#[derive(Debug)]
+struct BrokenBeatStore {
+    inner: MemoryBeatStore,
+    flaw: BeatFlaw,
+}
+
+fn broken_beat_store(flaw: BeatFlaw) -> DynBeatStore {
+    Arc::new(BrokenBeatStore {
+        inner: MemoryBeatStore::new(),
+        flaw,
+    })
+}
+
+impl BeatStore for BrokenBeatStore {
+    fn acquire<'a>(
+        &'a self,
+        holder: &'a str,
+        now: chrono::DateTime<chrono::Utc>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<Lease>>> {
+        Box::pin(async move {
+            let lease = self.inner.acquire(holder, now, ttl).await?;
+            if lease.is_none() && self.flaw == BeatFlaw::SharesTheLease {
+                let expires = now + chrono::Duration::from_std(ttl).expect("ttl");
+                return Ok(Some(Lease::new(holder, 1, expires)));
+            }
+            Ok(lease)
+        })
+    }
+
+    fn release<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<()>> {
+        self.inner.release(lease)
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<BTreeMap<String, Row>>> {
+        self.inner.load()
+    }
+
+    fn save<'a>(
+        &'a self,
+        lease: &'a Lease,
+        now: chrono::DateTime<chrono::Utc>,
+        name: &'a str,
+        state: &'a EntryState,
+    ) -> BoxFuture<'a, Result<bool>> {
+        let now = if self.flaw == BeatFlaw::SavesPastExpiry {
+            now.min(lease.expires_at - chrono::Duration::milliseconds(1))
+        } else {
+            now
+        };
+        self.inner.save(lease, now, name, state)
+    }
+
+    fn put_entry<'a>(
+        &'a self,
+        name: &'a str,
+        spec: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if self.flaw == BeatFlaw::ReplaceDropsControls {
+                self.inner.remove_entry(name).await?;
+            }
+            self.inner.put_entry(name, spec).await
+        })
+    }
+
+    fn remove_entry<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool>> {
+        self.inner.remove_entry(name)
+    }
+
+    fn set_paused<'a>(&'a self, name: &'a str, paused: bool) -> BoxFuture<'a, Result<()>> {
+        self.inner.set_paused(name, paused)
+    }
+
+    fn trigger<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        self.inner.trigger(name)
+    }
+}
+
+#[celeriac_test::__private::tokio::test(
+    flavor = "multi_thread",
+    worker_threads = 2,
+    crate = "celeriac_test::__private::tokio"
+)]
+async fn a_shared_lease_is_caught() {
+    let s = broken_beat_store(BeatFlaw::SharesTheLease);
+    assert_fails(beat::case_lease_terms(s)).await;
+}
+
+#[celeriac_test::__private::tokio::test(
+    flavor = "multi_thread",
+    worker_threads = 2,
+    crate = "celeriac_test::__private::tokio"
+)]
+async fn a_save_past_the_lease_is_caught() {
+    let s = broken_beat_store(BeatFlaw::SavesPastExpiry);
+    assert_fails(beat::case_stale_leader_is_fenced(s)).await;
+}
+
+#[celeriac_test::__private::tokio::test(
+    flavor = "multi_thread",
+    worker_threads = 2,
+    crate = "celeriac_test::__private::tokio"
+)]
+async fn controls_lost_on_replace_are_caught() {
+    let s = broken_beat_store(BeatFlaw::ReplaceDropsControls);
+    assert_fails(beat::case_replacing_an_entry_resets_its_state(s)).await;
 }

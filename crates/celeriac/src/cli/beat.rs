@@ -2,7 +2,8 @@
 //!
 //! Entries come from the `[beat]` table of the app's config (`celeriac.toml` or
 //! `$CELERIAC_CONFIG`, read once by the core config) and from code through [`run_with_beat`];
-//! the store is `--store`, else `[beat] store`, else the broker URL.
+//! the store is `--store`, else `[beat] store`, else the broker URL, opened through the app's
+//! driver table (the drivers bring the stores).
 
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -13,7 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::App;
 use crate::AppBuilder;
-use celeriac_beat::{Beat, BeatConfig, BeatOptions, Control, Entry, EntrySpec, open_store};
+use celeriac_beat::{Beat, BeatConfig, BeatOptions, Control, Entry, EntrySpec};
 
 /// Entries declared in code for this process's command line (see [`run_with_beat`]).
 static DECLARED: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
@@ -151,7 +152,9 @@ async fn build(app: &App, args: &BeatArgs) -> anyhow::Result<Beat> {
         .clone()
         .or_else(|| config.store.clone())
         .unwrap_or_else(|| app.config().broker_url().to_owned());
-    let store = open_store(&url)
+    let store = app
+        .drivers()
+        .open_beat_store(&url, app.config())
         .await
         .context("cannot open the beat store")?;
     let mut entries = DECLARED.lock().expect("beat entries lock").clone();

@@ -1,35 +1,20 @@
-//! [`RedisStore`]: the beat store in Redis, usually the broker's own.
-//!
-//! Keys, each under the URL's `global_keyprefix` (prepended verbatim, as kombu does):
-//!
-//! | key | type | content |
-//! |---|---|---|
-//! | `celeriac.beat.lease` | string | `<token>:<expires, Unix ms>:<holder>`, set with `PX` = the lease |
-//! | `celeriac.beat.token` | string | the last fencing token handed out (`INCR`, never expires) |
-//! | `celeriac.beat.state` | hash | entry name → the leader's [`EntryState`] as JSON |
-//! | `celeriac.beat.spec` | hash | entry name → an [`EntrySpec`] added at run time, as JSON |
-//! | `celeriac.beat.paused` | hash | entry name → `1` (paused) or `0` |
-//! | `celeriac.beat.triggers` | hash | entry name → manual triggers requested (`HINCRBY`) |
-//!
-//! The lease and the leader's writes are Lua scripts, so each check and the write it guards
-//! are one atomic step on the server. A lease is held while its key exists (Redis expires it
-//! after the lease time, so a dead leader's key goes away on its own) *and* the expiry stored
-//! in it is later than the caller's clock, the rule every store follows. Taking a free lease
-//! increments the token key and writes the lease key with `SET NX PX`; renewing rewrites it
-//! with the same token. Saving an entry's state compares the stored token, holder and expiry
-//! with the caller's lease first, so a leader that lost its lease has its write refused.
+//! [`RedisBeatStore`]: beat's lease and entry state in Redis, usually the broker's own (its
+//! docs list the keys and say how each step stays atomic).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use celeriac_core::{BoxFuture, Error, ErrorKind, Result};
-use celeriac_redis::redis::{self, Script};
-use celeriac_redis::{RedisConnection, RedisOptions};
+use celeriac_core::beat::{BeatStore, EntryState, Lease, Row};
+use celeriac_core::{BoxFuture, Config, Error, ErrorKind, Result};
 use chrono::{DateTime, Utc};
+use redis::Script;
+use serde_json::Value;
 
-use super::{BeatStore, EntryState, Lease, Row};
-use crate::entry::EntrySpec;
+use crate::conn::Redis;
+use crate::options::RedisOptions;
+
+const KIND: ErrorKind = ErrorKind::Backend;
 
 /// KEYS: lease, token. ARGV: holder, now (ms), lease (ms), expiry (ms).
 /// Returns the token held, or false when another holder's lease is current.
@@ -92,7 +77,7 @@ return 1
     )
 });
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Keys {
     lease: String,
     token: String,
@@ -117,17 +102,49 @@ impl Keys {
 }
 
 /// A beat store in Redis, shared by every process that opens the same server and database
-/// with the same `global_keyprefix`. See the [module docs](self) for the keys.
+/// with the same `global_keyprefix`. Clones share one connection.
+///
+/// Keys, each under the URL's `global_keyprefix` (prepended verbatim, as kombu does):
+///
+/// | key | type | content |
+/// |---|---|---|
+/// | `celeriac.beat.lease` | string | `<token>:<expires, Unix ms>:<holder>`, set with `PX` = the lease |
+/// | `celeriac.beat.token` | string | the last fencing token handed out (`INCR`, never expires) |
+/// | `celeriac.beat.state` | hash | entry name → the leader's [`EntryState`] as JSON |
+/// | `celeriac.beat.spec` | hash | entry name → the definition of an entry added at run time, as JSON |
+/// | `celeriac.beat.paused` | hash | entry name → `1` (paused) or `0` |
+/// | `celeriac.beat.triggers` | hash | entry name → manual triggers requested (`HINCRBY`) |
+///
+/// The lease and the leader's writes are Lua scripts, so each check and the write it guards
+/// are one atomic step on the server. A lease is held while its key exists (Redis expires it
+/// after the lease time, so a dead leader's key goes away on its own) *and* the expiry stored
+/// in it is later than the caller's clock, the rule every store follows
+/// ([`celeriac_core::beat::next_lease`]). Taking a free lease increments the token key and
+/// writes the lease key with `SET NX PX`; renewing rewrites it with the same token. Saving an
+/// entry's state compares the stored token, holder and expiry with the caller's lease first, so
+/// a leader that lost its lease has its write refused.
 ///
 /// ```no_run
 /// # async fn demo() -> celeriac_core::Result<()> {
-/// let store = celeriac_beat::RedisStore::open("redis://127.0.0.1:6379/0").await?;
-/// # let _ = store; Ok(()) }
+/// use celeriac_core::BeatStore;
+/// use celeriac_redis::RedisBeatStore;
+///
+/// let config = celeriac_core::Config::default();
+/// let store = RedisBeatStore::connect("redis://127.0.0.1:6379/0", &config).await?;
+/// for (name, row) in store.load().await? {
+///     println!("{name}: paused {}", row.paused);
+/// }
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
-pub struct RedisStore {
-    conn: Arc<RedisConnection>,
-    keys: Arc<Keys>,
+pub struct RedisBeatStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    redis: Redis,
+    keys: Keys,
 }
 
 fn ms(t: DateTime<Utc>) -> i64 {
@@ -137,39 +154,44 @@ fn ms(t: DateTime<Utc>) -> i64 {
 fn decode<T: serde::de::DeserializeOwned>(what: &str, name: &str, text: &str) -> Result<T> {
     serde_json::from_str(text).map_err(|e| {
         Error::new(
-            ErrorKind::Backend,
+            KIND,
             format!("beat store: the stored {what} of entry {name:?} is not valid JSON"),
         )
         .with_source(e)
     })
 }
 
-impl RedisStore {
-    /// Connects to the Redis a `redis://` (or `unix://`, `redis+socket://`) URL names; a
-    /// `global_keyprefix` in its query is put before every key.
-    pub async fn open(url: &str) -> Result<RedisStore> {
-        Self::open_with(url, RedisOptions::default()).await
+impl RedisBeatStore {
+    /// Connects to the server of a `redis://`, `unix://` (or kombu's `redis+socket://`,
+    /// Celery's `socket://`) URL with the settings of `config`; a `global_keyprefix` in its
+    /// query is put before every key.
+    ///
+    /// Fails with [`ErrorKind::Backend`] when the server is unreachable (transient) or refuses
+    /// the credentials; the password never appears in the error.
+    pub async fn connect(url: &str, config: &Config) -> Result<Self> {
+        Self::connect_with(url, RedisOptions::from_config(config)).await
     }
 
-    /// Like [`RedisStore::open`], with explicit connection options (a `global_keyprefix` in
-    /// the URL wins over the options').
-    pub async fn open_with(url: &str, options: RedisOptions) -> Result<RedisStore> {
-        let conn = RedisConnection::open(url, options).await?;
-        let keys = Keys::new(conn.global_keyprefix());
-        tracing::debug!(url = %conn.redacted_url(), "opened redis beat store");
-        Ok(RedisStore {
-            conn: Arc::new(conn),
-            keys: Arc::new(keys),
+    /// Connects with explicit options; a `global_keyprefix` in the URL wins over the options'.
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self> {
+        let opened = Redis::open(url, &options, KIND).await?;
+        let keys = Keys::new(&opened.prefix);
+        tracing::debug!(url = %opened.redis.url, "opened redis beat store");
+        Ok(RedisBeatStore {
+            inner: Arc::new(Inner {
+                redis: opened.redis,
+                keys,
+            }),
         })
     }
 
     /// The key of the lease (the others share its prefix).
     pub fn lease_key(&self) -> &str {
-        &self.keys.lease
+        &self.inner.keys.lease
     }
 }
 
-impl BeatStore for RedisStore {
+impl BeatStore for RedisBeatStore {
     fn acquire<'a>(
         &'a self,
         holder: &'a str,
@@ -181,9 +203,10 @@ impl BeatStore for RedisStore {
                 .unwrap_or(i64::MAX / 4)
                 .clamp(1, i64::MAX / 4);
             let expires_at = now + chrono::Duration::milliseconds(ttl_ms);
-            let k = &self.keys;
+            let k = &self.inner.keys;
             let token: Option<u64> = self
-                .conn
+                .inner
+                .redis
                 .run_once("take the beat lease", |mut c| async move {
                     ACQUIRE
                         .key(&k.lease)
@@ -202,8 +225,9 @@ impl BeatStore for RedisStore {
 
     fn release<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let k = &self.keys;
-            self.conn
+            let k = &self.inner.keys;
+            self.inner
+                .redis
                 .run_once("release the beat lease", |mut c| async move {
                     RELEASE
                         .key(&k.lease)
@@ -219,7 +243,7 @@ impl BeatStore for RedisStore {
 
     fn load(&self) -> BoxFuture<'_, Result<BTreeMap<String, Row>>> {
         Box::pin(async move {
-            let k = &self.keys;
+            let k = &self.inner.keys;
             type Maps = (
                 HashMap<String, String>,
                 HashMap<String, String>,
@@ -227,7 +251,8 @@ impl BeatStore for RedisStore {
                 HashMap<String, String>,
             );
             let (specs, paused, triggers, states): Maps = self
-                .conn
+                .inner
+                .redis
                 .run_once("read the beat entries", |mut c| async move {
                     redis::pipe()
                         .atomic()
@@ -241,7 +266,7 @@ impl BeatStore for RedisStore {
                 .await?;
             let mut rows: BTreeMap<String, Row> = BTreeMap::new();
             for (name, text) in specs {
-                let spec = decode::<EntrySpec>("spec", &name, &text)?;
+                let spec = decode::<Value>("spec", &name, &text)?;
                 rows.entry(name).or_default().spec = Some(spec);
             }
             for (name, v) in paused {
@@ -267,10 +292,11 @@ impl BeatStore for RedisStore {
     ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let state = serde_json::to_string(state).map_err(Error::from)?;
-            let k = &self.keys;
+            let k = &self.inner.keys;
             let state = &state;
             let written: i64 = self
-                .conn
+                .inner
+                .redis
                 .run_once("save a beat entry's state", |mut c| async move {
                     SAVE.key(&k.lease)
                         .key(&k.state)
@@ -287,11 +313,12 @@ impl BeatStore for RedisStore {
         })
     }
 
-    fn put_entry<'a>(&'a self, name: &'a str, spec: &'a EntrySpec) -> BoxFuture<'a, Result<()>> {
+    fn put_entry<'a>(&'a self, name: &'a str, spec: &'a Value) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let spec = serde_json::to_string(spec).map_err(Error::from)?;
-            let (k, spec) = (&self.keys, &spec);
-            self.conn
+            let (k, spec) = (&self.inner.keys, &spec);
+            self.inner
+                .redis
                 .run("add a beat entry", |mut c| async move {
                     redis::pipe()
                         .atomic()
@@ -306,9 +333,10 @@ impl BeatStore for RedisStore {
 
     fn remove_entry<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
-            let k = &self.keys;
+            let k = &self.inner.keys;
             let n: i64 = self
-                .conn
+                .inner
+                .redis
                 .run("remove a beat entry", |mut c| async move {
                     REMOVE
                         .key(&k.spec)
@@ -326,8 +354,9 @@ impl BeatStore for RedisStore {
 
     fn set_paused<'a>(&'a self, name: &'a str, paused: bool) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let k = &self.keys;
-            self.conn
+            let k = &self.inner.keys;
+            self.inner
+                .redis
                 .run("pause a beat entry", |mut c| async move {
                     redis::cmd("HSET")
                         .arg(&k.paused)
@@ -342,8 +371,9 @@ impl BeatStore for RedisStore {
 
     fn trigger<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let k = &self.keys;
-            self.conn
+            let k = &self.inner.keys;
+            self.inner
+                .redis
                 .run_once("trigger a beat entry", |mut c| async move {
                     redis::cmd("HINCRBY")
                         .arg(&k.triggers)

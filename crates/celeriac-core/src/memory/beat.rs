@@ -1,24 +1,25 @@
-//! [`MemoryStore`]: the beat store for one process (tests, embedded use).
+//! [`MemoryBeatStore`]: the beat store for one process (tests, embedded use).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use celeriac_core::{BoxFuture, Result};
 use chrono::{DateTime, Utc};
+use serde_json::Value;
 
-use super::{BeatStore, EntryState, Lease, Row};
-use crate::entry::EntrySpec;
+use crate::beat::{BeatStore, EntryState, Lease, Row, lease_holds, next_lease};
+use crate::broker::BoxFuture;
+use crate::error::Result;
 
-/// A beat store in memory. Clones share the same data, so several beat instances of one
-/// process (a test) can compete for its lease.
+/// A beat store in memory (`memory://`). Clones share the same data, so several beat instances
+/// of one process (a test) can compete for its lease.
 ///
 /// ```
-/// let store = celeriac_beat::MemoryStore::new();
+/// let store = celeriac_core::memory::MemoryBeatStore::new();
 /// # let _ = store;
 /// ```
 #[derive(Debug, Clone, Default)]
-pub struct MemoryStore {
+pub struct MemoryBeatStore {
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -28,10 +29,10 @@ struct Inner {
     rows: BTreeMap<String, Row>,
 }
 
-impl MemoryStore {
+impl MemoryBeatStore {
     /// An empty store.
     pub fn new() -> Self {
-        MemoryStore::default()
+        MemoryBeatStore::default()
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
@@ -39,35 +40,7 @@ impl MemoryStore {
     }
 }
 
-fn ttl_of(ttl: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
-}
-
-/// The lease rule every store follows; `current` is the stored lease.
-pub(crate) fn next_lease(
-    current: Option<&Lease>,
-    holder: &str,
-    now: DateTime<Utc>,
-    ttl: Duration,
-) -> Option<Lease> {
-    let expires_at = now + ttl_of(ttl);
-    match current {
-        None => Some(Lease::new(holder, 1, expires_at)),
-        Some(l) if l.expires_at > now && l.holder == holder => {
-            Some(Lease::new(holder, l.token, expires_at))
-        }
-        Some(l) if l.expires_at <= now => Some(Lease::new(holder, l.token + 1, expires_at)),
-        Some(_) => None,
-    }
-}
-
-/// Whether `lease` may still write at `now`, given the stored one.
-pub(crate) fn holds(current: Option<&Lease>, lease: &Lease, now: DateTime<Utc>) -> bool {
-    current
-        .is_some_and(|c| c.token == lease.token && c.holder == lease.holder && c.expires_at > now)
-}
-
-impl BeatStore for MemoryStore {
+impl BeatStore for MemoryBeatStore {
     fn acquire<'a>(
         &'a self,
         holder: &'a str,
@@ -111,7 +84,7 @@ impl BeatStore for MemoryStore {
     ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             Ok(self.with(|i| {
-                if !holds(i.lease.as_ref(), lease, now) {
+                if !lease_holds(i.lease.as_ref(), lease, now) {
                     return false;
                 }
                 i.rows.entry(name.to_owned()).or_default().state = Some(state.clone());
@@ -120,7 +93,7 @@ impl BeatStore for MemoryStore {
         })
     }
 
-    fn put_entry<'a>(&'a self, name: &'a str, spec: &'a EntrySpec) -> BoxFuture<'a, Result<()>> {
+    fn put_entry<'a>(&'a self, name: &'a str, spec: &'a Value) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.with(|i| {
                 let row = i.rows.entry(name.to_owned()).or_default();
@@ -160,12 +133,12 @@ mod tests {
     use super::*;
 
     fn t(s: &str) -> DateTime<Utc> {
-        celeriac_core::time::parse(s).unwrap()
+        crate::time::parse(s).unwrap()
     }
 
     #[tokio::test]
     async fn lease_terms_and_fencing() {
-        let s = MemoryStore::new();
+        let s = MemoryBeatStore::new();
         let ttl = Duration::from_secs(10);
         let now = t("2026-01-01T00:00:00Z");
         let a = s.acquire("a", now, ttl).await.unwrap().unwrap();
