@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use celeriac_core::canvas::{Expires, SendOptions};
 use celeriac_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -28,19 +29,9 @@ pub struct Entry {
     pub(crate) schedule: Schedule,
     pub(crate) args: Vec<Value>,
     pub(crate) kwargs: Map<String, Value>,
-    pub(crate) options: EntryOptions,
-}
-
-/// Send options of an entry, as Celery's entry `options` holds them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct EntryOptions {
-    /// The queue (else the task's own queue, the routes, the default queue).
-    pub queue: Option<String>,
-    /// 0 to 9, higher first.
-    pub priority: Option<u8>,
-    /// The task is revoked instead of run when not started within this long of its tick.
-    pub expires: Option<Duration>,
+    /// The app's send options (`celeriac_core::canvas::SendOptions`); a relative `expires`
+    /// counts from the tick.
+    pub(crate) options: SendOptions,
 }
 
 impl Entry {
@@ -52,7 +43,7 @@ impl Entry {
             schedule,
             args: Vec::new(),
             kwargs: Map::new(),
-            options: EntryOptions::default(),
+            options: SendOptions::default(),
         }
     }
 
@@ -87,7 +78,7 @@ impl Entry {
     /// Each sent task expires this long after its tick.
     #[must_use]
     pub fn expires(mut self, after: Duration) -> Self {
-        self.options.expires = Some(after);
+        self.options.expires = Some(Expires::In(after));
         self
     }
 
@@ -116,8 +107,8 @@ impl Entry {
         &self.kwargs
     }
 
-    /// Send options.
-    pub fn options(&self) -> &EntryOptions {
+    /// Send options (the app's [`SendOptions`]; a relative `expires` counts from the tick).
+    pub fn options(&self) -> &SendOptions {
         &self.options
     }
 
@@ -192,11 +183,12 @@ impl Entry {
             entry.options.priority = Some(p);
         }
         if let Some(x) = spec.expires {
-            entry.options.expires = Some(Duration::try_from_secs_f64(x).map_err(|_| {
+            let after = Duration::try_from_secs_f64(x).map_err(|_| {
                 wrap(Error::config(format!(
                     "invalid expires {x}: must be a non-negative number of seconds"
                 )))
-            })?);
+            })?;
+            entry.options.expires = Some(Expires::In(after));
         }
         entry.validate()?;
         Ok(entry)
@@ -369,7 +361,10 @@ mod tests {
             e.schedule().to_string(),
             "crontab 0 7 * * 1,2,3,4,5 [Europe/Paris]"
         );
-        assert_eq!(e.options().expires, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            e.options().expires,
+            Some(Expires::In(Duration::from_secs(3600)))
+        );
         assert_eq!(e.get_args().len(), 2);
         let e = Entry::from_spec("i", &spec("task = \"t\"\nevery = 2.5\nrelative = true")).unwrap();
         assert_eq!(e.schedule().to_string(), "every 2.5s (relative)");

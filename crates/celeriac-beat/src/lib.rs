@@ -79,11 +79,12 @@ pub mod schedule;
 mod store;
 
 pub use celeriac_core::beat::{BeatStore, DynBeatStore, EntryState, Lease, Pending, Row};
+pub use celeriac_core::canvas::{Expires, SendOptions};
 /// The in-memory store, for one process (tests, a single embedded beat).
 pub use celeriac_core::memory::MemoryBeatStore as MemoryStore;
 pub use config::BeatConfig;
 pub use control::{Control, EntryInfo};
-pub use entry::{CrontabFields, CrontabSpec, Entry, EntryOptions, EntrySpec, FieldSpec};
+pub use entry::{CrontabFields, CrontabSpec, Entry, EntrySpec, FieldSpec};
 pub use runner::{Beat, BeatEvent, BeatOptions, Clock, Dispatch, Firing, MissedTicks};
 pub use schedule::{Crontab, CrontabBuilder, Schedule, Zone, at, crontab, every};
 

@@ -12,8 +12,9 @@ use serde_json::{Map, Value};
 
 use celeriac_core::beat::{BeatStore, DynBeatStore, EntryState, Lease, Pending};
 
-use crate::entry::{Entry, EntryOptions, EntrySpec};
+use crate::entry::{Entry, EntrySpec};
 use crate::schedule::Zone;
+use celeriac_core::canvas::{Expires, SendOptions};
 
 /// What to do with ticks that passed while no beat was running (or the leader was gone).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -140,6 +141,20 @@ impl Default for BeatOptions {
 }
 
 /// 16 random bits: the last four hex digits of a fresh id (its first ones are the time).
+/// An entry's send options for the firing of `tick`: a relative expiry counted from the tick.
+fn from_tick(options: &SendOptions, tick: DateTime<Utc>) -> SendOptions {
+    let mut o = options.clone();
+    if let Some(Expires::In(d)) = o.expires {
+        if let Some(at) = chrono::Duration::from_std(d)
+            .ok()
+            .and_then(|d| tick.checked_add_signed(d))
+        {
+            o.expires = Some(Expires::At(at));
+        }
+    }
+    o
+}
+
 fn fastrand_u16() -> u16 {
     let id = celeriac_core::protocol::new_id();
     u16::from_str_radix(id.get(32..).unwrap_or("0"), 16).unwrap_or(0)
@@ -161,8 +176,8 @@ pub struct Firing {
     pub args: Vec<Value>,
     /// Keyword arguments.
     pub kwargs: Map<String, Value>,
-    /// Send options; `expires` counts from `tick`.
-    pub options: EntryOptions,
+    /// Send options; an entry's relative `expires` is made absolute here, counted from `tick`.
+    pub options: SendOptions,
     /// Triggered by hand rather than by the schedule.
     pub manual: bool,
 }
@@ -602,7 +617,7 @@ impl Beat {
             tick,
             args: entry.args.clone(),
             kwargs: entry.kwargs.clone(),
-            options: entry.options.clone(),
+            options: from_tick(&entry.options, tick),
             manual,
         };
         if let Err(e) = self.dispatch.send(&firing).await {
@@ -636,6 +651,24 @@ impl Beat {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_expiry_counts_from_the_tick() {
+        let tick = chrono::Utc::now() - chrono::Duration::seconds(30);
+        let mut o = SendOptions::default();
+        o.queue = Some("q".into());
+        o.expires = Some(Expires::In(Duration::from_secs(60)));
+        let fired = from_tick(&o, tick);
+        assert_eq!(
+            fired.expires,
+            Some(Expires::At(tick + chrono::Duration::seconds(60)))
+        );
+        assert_eq!(fired.queue, o.queue);
+        o.expires = None;
+        assert_eq!(from_tick(&o, tick), o);
+    }
+
     #[test]
     fn instance_suffixes_are_random_not_the_time() {
         let draws: std::collections::HashSet<u16> =

@@ -58,7 +58,16 @@ impl FromStr for RateLimit {
 }
 
 impl fmt::Display for RateLimit {
+    /// In the unit that gives a whole number when there is one (`10/m`, not `0.1666…/s`), as
+    /// Celery's `registered` shows limits.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let whole = |x: f64| (x - x.round()).abs() < 1e-9 * x.max(1.0);
+        for (per, unit) in [(1.0, "s"), (60.0, "m"), (3600.0, "h")] {
+            let n = self.per_second * per;
+            if whole(n) {
+                return write!(f, "{}/{unit}", n.round());
+            }
+        }
         write!(f, "{}/s", self.per_second)
     }
 }

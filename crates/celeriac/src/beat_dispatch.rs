@@ -11,21 +11,15 @@ impl Dispatch for App {
     /// recorded, and the header `celery_beat_task: true` (as Celery 5.7 sends).
     fn send<'a>(&'a self, firing: &'a Firing) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let mut sig = Signature::<Value>::new(&firing.task)
+            Signature::<Value>::new(&firing.task)
+                .with_options(firing.options.clone())
                 .args_json(firing.args.clone())
                 .kwargs_json(firing.kwargs.clone())
                 .task_id(&firing.task_id)
-                .header("celery_beat_task", true);
-            if let Some(q) = &firing.options.queue {
-                sig = sig.queue(q);
-            }
-            if let Some(p) = firing.options.priority {
-                sig = sig.priority(p);
-            }
-            if let Some(e) = firing.options.expires {
-                sig = sig.expires_in(e);
-            }
-            sig.apply_async(self).await.map(|_| ())
+                .header("celery_beat_task", true)
+                .apply_async(self)
+                .await
+                .map(|_| ())
         })
     }
 
