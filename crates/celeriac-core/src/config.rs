@@ -107,6 +107,11 @@ pub struct WorkerConfig {
     /// Async pool: blocking tasks whose recent runs were all brief (under 50 µs) run inline on
     /// the runtime instead of being handed to a thread. Default `true`.
     pub inline_brief: bool,
+    /// Send task events (Celery's `worker_send_task_events`, the worker's `-E`). Default false.
+    pub task_events: bool,
+    /// Seconds between worker heartbeat events (Celery's `--heartbeat-interval`). Default 2.
+    #[serde(deserialize_with = "secs")]
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for Config {
@@ -140,6 +145,8 @@ impl Default for WorkerConfig {
             max_redeliveries: 10,
             soft_shutdown_timeout: None,
             inline_brief: true,
+            task_events: false,
+            heartbeat_interval: Duration::from_secs(2),
         }
     }
 }

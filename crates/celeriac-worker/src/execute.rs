@@ -19,6 +19,7 @@ use crate::pool::{Executor, Finished};
 use crate::record::Recorder;
 use crate::report::{Counters, Tally};
 use crate::request::{self, Decoded};
+use crate::tracker::Tracker;
 
 /// Where deliveries enter: decoding, refusals, then the layers.
 #[derive(Debug)]
@@ -28,6 +29,7 @@ pub(crate) struct Intake {
     pub(crate) broker: DynBroker,
     pub(crate) hostname: String,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) tracker: Arc<Tracker>,
     pub(crate) stack: Stack,
 }
 
@@ -75,10 +77,11 @@ impl Intake {
                 return;
             }
         };
-        let req = Request::new(decoded, Arc::new(handle));
+        let req = Arc::new(Request::new(decoded, Arc::new(handle)));
         span.record("task_id", req.id());
         span.record("task_name", req.name());
         tracing::info!(retries = req.message.headers.retries, "task received");
+        let _held = self.tracker.hold(&req);
         self.stack.run(&req).await;
     }
 }
@@ -100,6 +103,7 @@ impl Inner for Execute {
                 req.cancel.clone(),
             );
             let started = Instant::now();
+            req.mark_started();
             let mut spawned = self.executor.spawn(
                 &req.def.handler,
                 ctx,

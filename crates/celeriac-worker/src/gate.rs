@@ -12,6 +12,7 @@
 //! crash before the ack lands only loses what an early ack loses anyway (Celery's prefork
 //! pool, too, acks while the child already runs the task).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use celeriac_core::{BoxFuture, TaskState};
@@ -19,6 +20,7 @@ use chrono::Utc;
 
 use crate::pipeline::{Layer, Next, Outcome, Request};
 use crate::record::Recorder;
+use crate::revoke::Revoked;
 use crate::schedule::{self, Gate};
 
 /// Stops expired tasks and ids that are already done; acks the others early unless they are
@@ -26,6 +28,8 @@ use crate::schedule::{self, Gate};
 #[derive(Debug)]
 pub(crate) struct GateLayer {
     pub(crate) recorder: Recorder,
+    /// Ids (and stamped headers) revoked through remote control.
+    pub(crate) revoked: Arc<Revoked>,
     /// How old a state the broker read with the fetch may be and still be trusted.
     pub(crate) fresh_for: Duration,
 }
@@ -35,6 +39,12 @@ impl Layer for GateLayer {
         Box::pin(async move {
             if schedule::gate(&req.message.headers, Utc::now()) == Gate::Expired {
                 return schedule::expired();
+            }
+            if self.revoked.contains(req.id()) || self.revoked.stamped(req.headers()) {
+                tracing::info!("task revoked; not running it");
+                return Outcome::Revoked {
+                    reason: "revoked".to_owned(),
+                };
             }
             let early_ack = async {
                 if !req.acks_late() {
@@ -88,8 +98,10 @@ mod tests {
             .store(&TaskMeta::success("done", serde_json::json!(1)))
             .await
             .unwrap();
+        let revoked = Arc::new(Revoked::default());
         let layer = GateLayer {
             recorder: Recorder::new(Some(Arc::new(backend)), "w@h".into()),
+            revoked: revoked.clone(),
             fresh_for: Duration::from_millis(300),
         };
         let (stack, calls) = around(layer, |req| {
@@ -110,5 +122,22 @@ mod tests {
         assert!(matches!(stack.run(&req).await, Outcome::Succeeded(_)));
         assert!(settled.get().is_empty(), "acks_late: not acked here");
         assert!(!req.is_acked());
+
+        // Revoked through remote control: not run.
+        revoked.add("gone");
+        let (req, _) = request_with("gone", 0, |_, _| {});
+        let o = stack.run(&req).await;
+        assert!(
+            matches!(o, Outcome::Revoked { ref reason } if reason == "revoked"),
+            "{o:?}"
+        );
+        revoked.add_stamps(&[("batch".into(), vec![serde_json::json!("b-7")])]);
+        let (req, _) = request_with("stamped", 0, |m, _| {
+            m.headers
+                .extra
+                .insert("batch".into(), serde_json::json!("b-7"));
+        });
+        assert!(matches!(stack.run(&req).await, Outcome::Revoked { .. }));
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "only new and late ran");
     }
 }

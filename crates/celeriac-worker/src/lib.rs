@@ -67,9 +67,12 @@
 //! canvas, `celery.chord_unlock` (chords complete through the backend's counter or Celery's
 //! Redis chord keys instead).
 
+mod autoscale;
 mod builtins;
 mod canvas;
+mod control;
 pub mod dead;
+mod events;
 mod execute;
 mod gate;
 mod lease;
@@ -88,6 +91,7 @@ mod settle;
 mod shutdown;
 mod slot;
 mod timelimit;
+mod tracker;
 mod worker;
 
 pub use options::{ChildCommand, Pool, WorkerOptions};

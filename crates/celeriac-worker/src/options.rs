@@ -67,6 +67,22 @@ pub struct WorkerOptions {
     /// runtime (`Handle::block_on`, which panics there) sends it back for good. Default `true`;
     /// `false` never runs a blocking body on the runtime.
     pub inline_brief: bool,
+    /// Send task events (`-E`, Celery's `worker_send_task_events`): `task-received`,
+    /// `task-started`, `task-succeeded`, ... Worker events (online, heartbeats, offline) are
+    /// sent whatever this says, when the broker carries events. Remote control's
+    /// `enable_events` / `disable_events` change it while the worker runs. Default `false`.
+    pub task_events: bool,
+    /// Time between `worker-heartbeat` events; monitors think a worker is gone after two
+    /// silent intervals. Default 2 s, as Celery's.
+    pub heartbeat_interval: Duration,
+    /// Autoscale the pool between `(max, min)` slots (`--autoscale max,min`): grow while tasks
+    /// wait for a slot, shrink when slots stay idle. `None` (the default): a fixed size.
+    pub autoscale: Option<(usize, usize)>,
+    /// Listen for remote-control requests (`inspect`, `control`) when the broker carries
+    /// them. Default `true`.
+    pub remote_control: bool,
+    /// The broker's URL, for `stats` and `conf` replies (shown without its password).
+    pub broker_url: Option<String>,
 }
 
 /// How the [`Pool::Processes`] pool starts a child: a program and its arguments. The child also
@@ -115,6 +131,11 @@ impl Default for WorkerOptions {
             child_command: None,
             max_redeliveries: 10,
             inline_brief: true,
+            task_events: false,
+            heartbeat_interval: Duration::from_secs(2),
+            autoscale: None,
+            remote_control: true,
+            broker_url: None,
         }
     }
 }
@@ -148,6 +169,9 @@ impl WorkerOptions {
             max_redeliveries: w.max_redeliveries,
             soft_shutdown_timeout: w.soft_shutdown_timeout,
             inline_brief: w.inline_brief,
+            task_events: w.task_events,
+            heartbeat_interval: w.heartbeat_interval,
+            broker_url: Some(config.broker_url().to_owned()),
             ..WorkerOptions::default()
         }
     }

@@ -6,7 +6,8 @@
 //! name queue on a fair (FIFO) async mutex around the bucket, so they run in arrival order.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use celeriac_core::{BoxFuture, RateLimit, TokenBucket};
 
@@ -18,13 +19,16 @@ use crate::shutdown::{Phase, PhaseWatch};
 /// waiting delivery back.
 #[derive(Debug)]
 pub(crate) struct RateLimitLayer {
-    pub(crate) limiter: RateLimiter,
+    pub(crate) limiter: Arc<RateLimiter>,
     pub(crate) phase: PhaseWatch,
 }
 
 impl Layer for RateLimitLayer {
     fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
-        let Some(limit) = req.def.options.rate_limit else {
+        let Some(limit) = self
+            .limiter
+            .limit_for(req.name(), req.def.options.rate_limit)
+        else {
             return next.run(req);
         };
         Box::pin(async move {
@@ -37,22 +41,54 @@ impl Layer for RateLimitLayer {
     }
 }
 
-/// Token buckets by task name.
+/// Token buckets by task name, and the limits set at run time (remote control's
+/// `rate_limit`), which replace the tasks' own.
 #[derive(Debug, Default)]
 pub(crate) struct RateLimiter {
-    buckets: Mutex<HashMap<String, Arc<tokio::sync::Mutex<TokenBucket>>>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    /// Limits set at run time by task name; `None` disables the task's own limit.
+    set: RwLock<HashMap<String, Option<RateLimit>>>,
+    /// Whether `set` has anything, read without the lock on every task.
+    any_set: AtomicBool,
 }
 
+type Bucket = (RateLimit, Arc<tokio::sync::Mutex<TokenBucket>>);
+
 impl RateLimiter {
+    /// The limit in force for task `name`, whose own limit is `own`.
+    pub(crate) fn limit_for(&self, name: &str, own: Option<RateLimit>) -> Option<RateLimit> {
+        if !self.any_set.load(Ordering::Acquire) {
+            return own;
+        }
+        match self.set.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            Some(set) => *set,
+            None => own,
+        }
+    }
+
+    /// Sets task `name`'s limit from now on (`None`: no limit), whatever its own.
+    pub(crate) fn set(&self, name: &str, limit: Option<RateLimit>) {
+        self.set
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), limit);
+        self.any_set.store(true, Ordering::Release);
+    }
+
     /// Waits until task `name`, limited to `limit`, may start.
     pub(crate) async fn acquire(&self, name: &str, limit: RateLimit) {
-        let bucket = self
-            .buckets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(TokenBucket::new(limit))))
-            .clone();
+        let bucket = {
+            let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+            match buckets.get(name) {
+                Some((l, b)) if *l == limit => b.clone(),
+                // New, or its limit changed: a fresh bucket at the new rate.
+                _ => {
+                    let b = Arc::new(tokio::sync::Mutex::new(TokenBucket::new(limit)));
+                    buckets.insert(name.to_owned(), (limit, b.clone()));
+                    b
+                }
+            }
+        };
         let mut bucket = bucket.lock().await;
         // tokio's clock, so that paused-time tests (and `tokio::time::advance`) drive it.
         while let Err(wait) = bucket.try_take(tokio::time::Instant::now().into_std()) {

@@ -45,6 +45,8 @@ pub struct Request {
     /// The pool child running the body, under the processes pool.
     pub(crate) child: ChildPid,
     received: Instant,
+    /// When the body started (Unix seconds).
+    started: OnceLock<f64>,
     runtime: OnceLock<Duration>,
 }
 
@@ -68,6 +70,7 @@ impl Request {
             cancel: Cancellation::new(),
             child: ChildPid::default(),
             received: Instant::now(),
+            started: OnceLock::new(),
             runtime: OnceLock::new(),
         }
     }
@@ -128,6 +131,11 @@ impl Request {
         self.received
     }
 
+    /// When the body started (Unix seconds), once it has.
+    pub fn started_at(&self) -> Option<f64> {
+        self.started.get().copied()
+    }
+
     /// How long the body ran, once it has run.
     pub fn runtime(&self) -> Option<Duration> {
         self.runtime.get().copied()
@@ -152,6 +160,12 @@ impl Request {
     /// No result is stored except failures: the header or the task option says so.
     pub(crate) fn ignore_result(&self) -> bool {
         self.message.headers.ignore_result || self.def.options.ignore_result
+    }
+
+    pub(crate) fn mark_started(&self) {
+        let _ = self
+            .started
+            .set(celeriac_core::broadcast::event::now_unix());
     }
 
     pub(crate) fn set_runtime(&self, runtime: Duration) {

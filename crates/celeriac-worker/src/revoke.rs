@@ -43,19 +43,16 @@ use crate::pipeline::{Layer, Next, Outcome, Request};
 /// aborts an async body and SIGKILLs a child that is still there). The task ends REVOKED.
 #[derive(Debug)]
 pub(crate) struct TerminateLayer {
-    /// The running ids the worker watches; `None` without a result backend (nothing to read
-    /// revokes from).
-    pub(crate) running: Option<Arc<RunningIds>>,
+    /// The running ids, which revokes (read from the backend or received through remote
+    /// control) terminate.
+    pub(crate) running: Arc<RunningIds>,
     pub(crate) grace: Duration,
 }
 
 impl Layer for TerminateLayer {
     fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
-        let Some(running) = &self.running else {
-            return next.run(req);
-        };
         Box::pin(async move {
-            let mut registration = running.register(req.id());
+            let mut registration = self.running.register(req.id());
             let mut run = next.run(req);
             tokio::select! {
                 biased;
@@ -195,6 +192,115 @@ impl RunningIds {
                 }
             }
         }
+    }
+}
+
+/// Ids revoked through remote control, kept in memory as Celery's workers keep them: at most
+/// [`Revoked::MAX`] ids, each for [`Revoked::EXPIRES`]; the oldest go first.
+#[derive(Debug, Default)]
+pub(crate) struct Revoked {
+    inner: Mutex<RevokedInner>,
+    /// How many ids are kept, read without the lock on every task's way through the gate.
+    len: std::sync::atomic::AtomicUsize,
+    /// Stamped headers revoked (`revoke_by_stamped_headers`): header name → revoked values.
+    stamps: Mutex<HashMap<String, Vec<serde_json::Value>>>,
+    any_stamps: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct RevokedInner {
+    at: HashMap<String, std::time::Instant>,
+    order: std::collections::VecDeque<(std::time::Instant, String)>,
+}
+
+impl Revoked {
+    /// Celery's `CELERY_WORKER_REVOKES_MAX`.
+    pub(crate) const MAX: usize = 50_000;
+    /// Celery's `CELERY_WORKER_REVOKE_EXPIRES`: three hours.
+    pub(crate) const EXPIRES: Duration = Duration::from_secs(3 * 3600);
+
+    fn lock(&self) -> MutexGuard<'_, RevokedInner> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        while let Some((t, id)) = inner.order.front() {
+            let stale = now.duration_since(*t) > Self::EXPIRES || inner.order.len() > Self::MAX;
+            if !stale {
+                break;
+            }
+            let (t, id) = (*t, id.clone());
+            inner.order.pop_front();
+            if inner.at.get(&id) == Some(&t) {
+                inner.at.remove(&id);
+            }
+        }
+        self.len.store(inner.at.len(), Ordering::Release);
+        inner
+    }
+
+    /// Adds `id`; returns whether it was new.
+    pub(crate) fn add(&self, id: &str) -> bool {
+        let mut inner = self.lock();
+        let now = std::time::Instant::now();
+        let new = inner.at.insert(id.to_owned(), now).is_none();
+        inner.order.push_back((now, id.to_owned()));
+        self.len.store(inner.at.len(), Ordering::Release);
+        new
+    }
+
+    /// Whether `id` was revoked.
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.lock().at.contains_key(id)
+    }
+
+    /// Revokes tasks whose stamped header `name` has one of the values, for each pair.
+    pub(crate) fn add_stamps(&self, pairs: &[(String, Vec<serde_json::Value>)]) {
+        let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, values) in pairs {
+            let kept = stamps.entry(name.clone()).or_default();
+            for v in values {
+                if !kept.contains(v) {
+                    kept.push(v.clone());
+                }
+            }
+        }
+        self.any_stamps.store(!stamps.is_empty(), Ordering::Release);
+    }
+
+    /// Whether a message with `headers` carries a revoked stamp (a header whose value, or
+    /// one of whose values, was revoked).
+    pub(crate) fn stamped(&self, headers: &celeriac_core::Headers) -> bool {
+        if !self.any_stamps.load(Ordering::Acquire) {
+            return false;
+        }
+        let stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+        stamps
+            .iter()
+            .any(|(name, revoked)| match headers.extra.get(name) {
+                Some(serde_json::Value::Array(vs)) => vs.iter().any(|v| revoked.contains(v)),
+                Some(v) => revoked.contains(v),
+                None => false,
+            })
+    }
+
+    /// The revoked ids, sorted.
+    pub(crate) fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.lock().at.keys().cloned().collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+impl RunningIds {
+    /// Tells every running copy of each of `ids` to terminate with `signal` now (a revoke
+    /// received through remote control); returns the ids that were running.
+    pub(crate) fn terminate(&self, ids: &[String], signal: Signal) -> Vec<String> {
+        ids.iter()
+            .filter(|id| self.fire(id, signal.name()) > 0)
+            .cloned()
+            .collect()
     }
 }
 

@@ -8,7 +8,10 @@
 //! thread to finish on its own; under the processes pool the body's child process is killed
 //! (dropping the body's future kills it), which really stops it.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use celeriac_core::meta::RemoteError;
@@ -22,11 +25,47 @@ use crate::pipeline::{Layer, Next, Outcome, Request};
 pub(crate) struct TimeLimitLayer {
     /// What stopping a blocking body at the hard limit means depends on the pool.
     pub(crate) pool: Pool,
+    /// Limits set at run time (remote control's `time_limit`).
+    pub(crate) set: Arc<TimeLimits>,
+}
+
+/// Time limits set at run time by task name, replacing the tasks' own (a message's
+/// `timelimit` header still wins, as it wins over the task's options).
+#[derive(Debug, Default)]
+pub(crate) struct TimeLimits {
+    set: RwLock<HashMap<String, Limits>>,
+    any_set: AtomicBool,
+}
+
+impl TimeLimits {
+    /// Sets task `name`'s limits from now on; `None` for no limit of that kind.
+    pub(crate) fn set(&self, name: &str, hard: Option<Duration>, soft: Option<Duration>) {
+        self.set
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), Limits { soft, hard });
+        self.any_set.store(true, Ordering::Release);
+    }
+
+    /// The limits of a task `name` whose message says `header` and whose options `options`.
+    fn resolve(&self, name: &str, header: TimeLimit, options: &TaskOptions) -> Limits {
+        if self.any_set.load(Ordering::Acquire) {
+            if let Some(set) = self.set.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+                let mut o = options.clone();
+                o.time_limit = set.hard;
+                o.soft_time_limit = set.soft;
+                return Limits::resolve(header, &o);
+            }
+        }
+        Limits::resolve(header, options)
+    }
 }
 
 impl Layer for TimeLimitLayer {
     fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
-        let limits = Limits::resolve(req.message.headers.timelimit, &req.def.options);
+        let limits = self
+            .set
+            .resolve(req.name(), req.message.headers.timelimit, &req.def.options);
         if limits == Limits::default() {
             return next.run(req);
         }
@@ -253,7 +292,12 @@ mod tests {
         use crate::pipeline::testing::around_slow;
         use crate::request::tests::request_with;
 
-        let stack = around_slow(TimeLimitLayer { pool: Pool::Async }, Duration::from_secs(5));
+        let set = Arc::new(TimeLimits::default());
+        let layer = TimeLimitLayer {
+            pool: Pool::Async,
+            set: set.clone(),
+        };
+        let stack = around_slow(layer, Duration::from_secs(5));
         let (req, _) = request_with("slow", 0, |_, o| {
             o.time_limit = Some(Duration::from_secs(1));
             o.soft_time_limit = Some(Duration::from_millis(500));

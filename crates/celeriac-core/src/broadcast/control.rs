@@ -188,6 +188,45 @@ impl Reply {
     }
 }
 
+/// Sends `request` to every node with a fresh ticket and a reply queue of this process, and
+/// collects the replies for `wait`, or until `limit` replies came (Celery's `Mailbox` call
+/// with `reply=True`). Replies to other tickets are ignored, malformed ones logged.
+pub async fn collect(
+    channels: &dyn super::Broadcast,
+    clock: &super::Clock,
+    mut request: Request,
+    wait: std::time::Duration,
+    limit: Option<usize>,
+) -> Result<Vec<Reply>> {
+    let (key, mut inbox) = channels.reply_inbox().await?;
+    let ticket = crate::protocol::new_id();
+    request.ticket = Some(ticket.clone());
+    request.reply_to = Some(ReplyTo::new(key));
+    let expires = super::event::now_unix() + wait.as_secs_f64();
+    channels
+        .send_control(&request.to_message(clock.forward(), Some(expires)))
+        .await?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut replies = Vec::new();
+    while limit.is_none_or(|l| replies.len() < l) {
+        match tokio::time::timeout_at(deadline, inbox.next()).await {
+            Ok(Ok(Some(m))) => match Reply::from_message(&m) {
+                Ok(r) if r.ticket == ticket => {
+                    if let Some(c) = r.clock {
+                        clock.adjust(c);
+                    }
+                    replies.push(r);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "dropping a malformed control reply"),
+            },
+            Ok(Ok(None)) | Err(_) => break,
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    Ok(replies)
+}
+
 /// Python's `fnmatch.fnmatchcase`: `*` any run, `?` one character, `[seq]` / `[!seq]` one
 /// character of (or not of) a set with ranges; anything else matches itself.
 pub fn fnmatch(pattern: &str, name: &str) -> bool {

@@ -182,6 +182,15 @@ impl PoolHandle {
         self.processes.as_ref().map(ProcessPool::children)
     }
 
+    /// The pids of the idle children under [`Pool::Processes`] (busy ones are found through
+    /// the requests they run); empty for the other pools.
+    pub(crate) fn idle_pids(&self) -> Vec<u32> {
+        self.processes
+            .as_ref()
+            .map(ProcessPool::idle_pids)
+            .unwrap_or_default()
+    }
+
     /// Adds `n` slots (and under [`Pool::Processes`] starts `n` children); returns the new size.
     pub fn grow(&self, n: usize) -> usize {
         let mut size = self.lock();

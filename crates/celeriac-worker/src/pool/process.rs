@@ -309,6 +309,11 @@ impl ProcessPool {
         }
     }
 
+    /// The pids of the children waiting for a job.
+    pub(crate) fn idle_pids(&self) -> Vec<u32> {
+        self.inner.idle().iter().map(|c| c.pid).collect()
+    }
+
     /// Children alive in the pool (idle or running a job).
     pub(crate) fn children(&self) -> usize {
         self.inner.idle().len() + self.inner.busy.load(Ordering::SeqCst)

@@ -13,11 +13,18 @@ mod signal;
 use std::sync::Arc;
 use std::time::Duration;
 
-use celeriac_core::{ConsumeOptions, Delivery, DynBackend, DynBroker, ErrorKind, Registry, Result};
+use celeriac_core::broadcast::Clock;
+use celeriac_core::{
+    ConsumeOptions, Consumer, Delivery, DynBackend, DynBroker, ErrorKind, Registry, Result,
+};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::autoscale::{self, Bounds};
 use crate::canvas::CanvasLayer;
+use crate::control::{self, Node, QueueChange};
+use crate::events::{self, Events, StartedEventLayer, TaskEventsLayer};
 use crate::execute::{Execute, Intake};
 use crate::gate::GateLayer;
 use crate::options::WorkerOptions;
@@ -28,12 +35,13 @@ use crate::record::{RecordLayer, Recorder, TrackStartedLayer};
 use crate::redelivery::RedeliveryLimitLayer;
 use crate::report::{Counters, WorkerReport};
 use crate::retry::RetryLayer;
-use crate::revoke::{RunningIds, TerminateLayer};
+use crate::revoke::{Revoked, RunningIds, TerminateLayer};
 use crate::schedule::ScheduleLayer;
 use crate::settle::SettleLayer;
 use crate::shutdown::{ColdShutdownLayer, Phase, PhaseWatch, ShutdownHandle};
 use crate::slot::SlotLayer;
-use crate::timelimit::TimeLimitLayer;
+use crate::timelimit::{TimeLimitLayer, TimeLimits};
+use crate::tracker::Tracker;
 
 /// A worker: consumes queues and runs the registered tasks until shut down.
 ///
@@ -170,8 +178,56 @@ impl Worker {
         let consume = ConsumeOptions::new(options.prefetch())
             .lease(options.visibility_timeout)
             .result_probe(backend.as_ref().and_then(|b| b.capabilities().probe));
-        let mut consumer = broker.consume(&options.queues, consume).await?;
         let caps = broker.capabilities();
+        let phase = shutdown.watch();
+        let clock = Arc::new(Clock::new());
+        let tracker = Arc::new(Tracker::default());
+        let revoked = Arc::new(Revoked::default());
+        let running = Arc::new(RunningIds::default());
+        let limiter = Arc::new(RateLimiter::default());
+        let time_limits = Arc::new(TimeLimits::default());
+        let (events, publisher) = Events::new(
+            broker.clone(),
+            options.hostname.clone(),
+            clock.clone(),
+            options.task_events,
+        );
+        let publisher = publisher.map(tokio::spawn);
+        let (queue_changes, mut queue_rx) = mpsc::unbounded_channel();
+        let autoscale = Arc::new(std::sync::Mutex::new(options.autoscale.map(
+            |(max, min)| Bounds {
+                max: max.max(1),
+                min: min.clamp(1, max.max(1)),
+            },
+        )));
+        let node = Arc::new(Node {
+            hostname: options.hostname.clone(),
+            broker: broker.clone(),
+            backend: backend.clone(),
+            registry: registry.clone(),
+            options: options.clone(),
+            clock: clock.clone(),
+            started: std::time::Instant::now(),
+            tracker: tracker.clone(),
+            revoked: revoked.clone(),
+            running: running.clone(),
+            limiter: limiter.clone(),
+            time_limits: time_limits.clone(),
+            pool: pool.clone(),
+            shutdown: shutdown.clone(),
+            events: events.clone(),
+            queues: std::sync::Mutex::new(options.queues.clone()),
+            queue_changes,
+            autoscale: autoscale.clone(),
+        });
+        let control = options.remote_control && broker.broadcast().is_some();
+        if control {
+            // In the background: consuming does not wait the second it takes to hear from
+            // every node; revokes learned apply to what has not run yet.
+            let node = node.clone();
+            tokio::spawn(async move { control::mingle(&node).await });
+        }
+        let mut consumer = Some(broker.consume(&options.queues, consume.clone()).await?);
         let concurrency = options.concurrency.max(1);
         tracing::info!(
             hostname = %options.hostname,
@@ -180,21 +236,44 @@ impl Worker {
             pool = %options.pool,
             prefetch = options.prefetch(),
             tasks = registry.len(),
+            remote_control = control,
+            task_events = events.task_events(),
             "worker started"
         );
         pool.prestart();
-        let phase = shutdown.watch();
-        let running = backend.is_some().then(|| Arc::new(RunningIds::default()));
-        let watcher = running
-            .clone()
-            .zip(backend.clone())
-            .map(|(ids, b)| AbortOnDrop(tokio::spawn(ids.watch(b, options.revoke_poll_interval))));
+        let control = control.then(|| AbortOnDrop(tokio::spawn(control::serve(node.clone()))));
+        let (stop_beats, beats_stopped) = oneshot::channel::<()>();
+        let heartbeats = tokio::spawn(events::heartbeats(
+            events.clone(),
+            tracker.clone(),
+            options.heartbeat_interval,
+            async {
+                let _ = beats_stopped.await;
+            },
+        ));
+        let autoscaler = autoscale
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+            .then(|| {
+                AbortOnDrop(tokio::spawn(autoscale::run(
+                    autoscale.clone(),
+                    pool.clone(),
+                    tracker.clone(),
+                )))
+            });
+        let watcher = backend.clone().map(|b| {
+            AbortOnDrop(tokio::spawn(
+                running.clone().watch(b, options.revoke_poll_interval),
+            ))
+        });
         let counters = Arc::new(Counters::default());
         let intake = Arc::new(Intake {
             recorder: Recorder::new(backend.clone(), options.hostname.clone()),
             broker: broker.clone(),
             hostname: options.hostname.clone(),
             counters: counters.clone(),
+            tracker: tracker.clone(),
             stack: pipeline(Pipeline {
                 broker: &broker,
                 backend: backend.as_ref(),
@@ -205,6 +284,10 @@ impl Worker {
                 phase: &phase,
                 counters: &counters,
                 running,
+                revoked,
+                limiter,
+                time_limits,
+                events: &events,
                 delivery_layers,
                 run_layers,
                 lease_extension: caps.lease_extension,
@@ -212,6 +295,7 @@ impl Worker {
             }),
             registry,
         });
+        let mut queues = options.queues.clone();
 
         let mut tasks = JoinSet::new();
         let mut backoff = Duration::from_millis(100);
@@ -219,8 +303,26 @@ impl Worker {
             tokio::select! {
                 biased;
                 () = phase.reached(Phase::Warm) => break,
+                Some(change) = queue_rx.recv() => {
+                    if let Some(q) = change_queues(&mut queues, change) {
+                        if let Err(e) = broker.declare(&q).await {
+                            tracing::error!(queue = %q, error = %e, "cannot declare the queue to consume");
+                        }
+                    }
+                    // A new consumer of the new set; the old one's prefetched deliveries
+                    // come back to the queue when it is dropped.
+                    drop(consumer.take());
+                    if !queues.is_empty() {
+                        match broker.consume(&queues, consume.clone()).await {
+                            Ok(c) => consumer = Some(c),
+                            Err(e) => tracing::error!(error = %e, queues = ?queues, "cannot consume the queues"),
+                        }
+                    }
+                    *node.queues.lock().unwrap_or_else(|e| e.into_inner()) = queues.clone();
+                    tracing::info!(queues = ?queues, "now consuming");
+                }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
-                next = consumer.next() => match next {
+                next = next_delivery(&mut consumer) => match next {
                     Ok(Some(delivery)) => {
                         backoff = Duration::from_millis(100);
                         tasks.spawn(spawn_delivery(intake.clone(), delivery));
@@ -287,6 +389,14 @@ impl Worker {
             }
         }
         drop(watcher);
+        drop(autoscaler);
+        drop(control);
+        let _ = stop_beats.send(());
+        let _ = heartbeats.await;
+        events.close();
+        if let Some(p) = publisher {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), p).await;
+        }
         let report = counters.report();
         tracing::info!(?report, "worker stopped");
         Ok(report)
@@ -341,7 +451,11 @@ struct Pipeline<'a> {
     pool: &'a PoolHandle,
     phase: &'a PhaseWatch,
     counters: &'a Arc<Counters>,
-    running: Option<Arc<RunningIds>>,
+    running: Arc<RunningIds>,
+    revoked: Arc<Revoked>,
+    limiter: Arc<RateLimiter>,
+    time_limits: Arc<TimeLimits>,
+    events: &'a Arc<Events>,
     delivery_layers: Vec<Arc<dyn Layer>>,
     run_layers: Vec<Arc<dyn Layer>>,
     lease_extension: bool,
@@ -359,6 +473,7 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
         lease: o.visibility_timeout,
         lease_extension: p.lease_extension,
     })];
+    layers.push(Arc::new(TaskEventsLayer(p.events.clone())));
     layers.extend(p.delivery_layers);
     layers.extend([
         Arc::new(CanvasLayer {
@@ -380,7 +495,7 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
             phase: p.phase.clone(),
         }),
         Arc::new(RateLimitLayer {
-            limiter: RateLimiter::default(),
+            limiter: p.limiter,
             phase: p.phase.clone(),
         }),
         Arc::new(SlotLayer {
@@ -389,6 +504,7 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
         }),
         Arc::new(GateLayer {
             recorder: recorder(),
+            revoked: p.revoked,
             fresh_for: o.revoke_poll_interval,
         }),
         Arc::new(RetryLayer {
@@ -396,6 +512,7 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
             broker_delays: p.broker_delays,
         }),
     ]);
+    layers.push(Arc::new(StartedEventLayer(p.events.clone())));
     layers.extend(p.run_layers);
     layers.extend([
         Arc::new(TrackStartedLayer {
@@ -410,7 +527,10 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
             running: p.running,
             grace: o.cold_shutdown_grace,
         }),
-        Arc::new(TimeLimitLayer { pool: o.pool }),
+        Arc::new(TimeLimitLayer {
+            pool: o.pool,
+            set: p.time_limits,
+        }),
     ]);
     Stack::new(
         layers,
@@ -419,6 +539,29 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
             hostname: o.hostname.clone(),
         }),
     )
+}
+
+/// The next delivery of `consumer`, or never when the worker consumes no queue.
+async fn next_delivery(consumer: &mut Option<Box<dyn Consumer>>) -> Result<Option<Delivery>> {
+    match consumer {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies a remote-control queue change to `queues`; returns a queue to declare.
+fn change_queues(queues: &mut Vec<String>, change: QueueChange) -> Option<String> {
+    match change {
+        QueueChange::Add(q) if !queues.contains(&q) => {
+            queues.push(q.clone());
+            Some(q)
+        }
+        QueueChange::Add(_) => None,
+        QueueChange::Cancel(q) => {
+            queues.retain(|x| *x != q);
+            None
+        }
+    }
 }
 
 fn log_join(joined: std::result::Result<(), tokio::task::JoinError>) {

@@ -31,5 +31,7 @@ mod shutdown;
 mod canvas;
 // Users' layers around runs and deliveries.
 mod layers;
+// Remote control (inspect, control) and events.
+mod control;
 // Tracing spans, auto traits.
 mod misc;

@@ -277,6 +277,9 @@ impl Broker for TestBroker {
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         self.inner.close()
     }
+    fn broadcast(&self) -> Option<&dyn celeriac_core::broadcast::Broadcast> {
+        self.inner.broadcast()
+    }
 }
 
 #[derive(Debug)]
