@@ -434,8 +434,14 @@ async fn revoke(node: &Node, a: &Map<String, Value>, terminate: bool) -> Value {
     for id in &ids {
         node.revoked.add(id);
     }
+    // Running copies stop first and store REVOKED (`terminated`) themselves.
+    let stopped = if terminate {
+        node.running.terminate(&ids, signal)
+    } else {
+        Vec::new()
+    };
     if let Some(backend) = &node.backend {
-        for id in &ids {
+        for id in ids.iter().filter(|id| !stopped.contains(id)) {
             let ready = matches!(backend.get(id).await, Ok(Some(m)) if m.status.is_ready());
             if !ready {
                 if let Err(e) = backend.store(&revoked_meta(id.clone(), None)).await {
@@ -445,7 +451,6 @@ async fn revoke(node: &Node, a: &Map<String, Value>, terminate: bool) -> Value {
         }
     }
     if terminate {
-        let stopped = node.running.terminate(&ids, signal);
         if stopped.is_empty() {
             return ok("terminate: tasks unknown");
         }
