@@ -122,28 +122,7 @@ impl Inner {
             return Err(self.closed_error());
         }
         if !guard.as_ref().is_some_and(Publisher::is_open) {
-            let mut attempt = 0;
-            loop {
-                match Publisher::open(&self.options, "publisher").await {
-                    Ok(p) => {
-                        if attempt > 0 {
-                            tracing::info!(url = %self.options.redacted, "reconnected to rabbitmq");
-                        }
-                        *guard = Some(p);
-                        break;
-                    }
-                    // The first connection succeeded in `connect`, so a login failure now is
-                    // a server restarting (or a password changed under us): retry a while.
-                    Err(e) if attempt + 1 >= ATTEMPTS => {
-                        return Err(e);
-                    }
-                    Err(e) => {
-                        tracing::warn!(url = %self.options.redacted, error = %e, attempt, "rabbitmq unreachable; retrying");
-                        tokio::time::sleep(conn::backoff(attempt)).await;
-                        attempt += 1;
-                    }
-                }
-            }
+            *guard = Some(conn::reopen_publisher(&self.options, "publisher", ATTEMPTS).await?);
         }
         Ok(guard.as_ref().expect("publisher just opened"))
     }
