@@ -5,7 +5,10 @@
 //! server sees: `rpc.rs` (an rpc backend makes every publish of the process carry its reply
 //! queue) and `restart.rs` (restarts the server).
 
-// The generic broker conformance suite of celeriac-test, on classic priority queues.
+// Remote control and events: malformed messages, killed connections, node names in use.
+mod broadcast;
+// The generic broker and broadcast conformance suites of celeriac-test, on classic priority
+// queues.
 mod conformance;
 // Entities and arguments as Celery declares them; properties and headers on the wire.
 mod entities;
