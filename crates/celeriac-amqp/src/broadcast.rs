@@ -38,7 +38,10 @@
 //! free again (a second node with the same name is refused with 405 RESOURCE_LOCKED, which
 //! [`control_inbox`](Broadcast::control_inbox) reports as a config error). When the connection
 //! is lost the task reconnects with backoff and declares the same queue and binding again;
-//! what was broadcast meanwhile is lost, as in Celery (delivery is at most once).
+//! what was broadcast meanwhile is lost, as in Celery (delivery is at most once). Consumers
+//! being no-ack, RabbitMQ pushes messages as fast as they come: an inbox holds up to 1024 for
+//! a reader that falls behind and drops the rest (counted in a `warn` log), so a reader that
+//! stops reading costs bounded memory.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -70,6 +73,10 @@ const EVENT_QUEUE_EXPIRES_MS: i64 = 60_000;
 const EVENT_QUEUE_PREFIX: &str = "celeryev";
 /// How many times a send reconnects before it fails.
 const ATTEMPTS: u32 = 8;
+/// How many received messages an inbox holds for a reader that does not keep up; beyond, new
+/// ones are dropped (and counted in a `warn` log), as a lagging listener misses messages in
+/// Celery. Consumers are no-ack, so RabbitMQ never holds them back for us.
+const INBOX_CAPACITY: usize = 1024;
 
 /// An exchange, as kombu declares it (never auto-delete, no arguments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,7 +327,7 @@ impl AmqpBroadcast {
     /// Starts the task of an inbox and returns once its queue is declared, bound and consumed.
     async fn open_inbox(&self, listen: Listen) -> Result<AmqpInbox> {
         self.check_open()?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
         let (ready_tx, ready_rx) = oneshot::channel();
         let queue = listen.queue.clone();
         tokio::spawn(run_inbox(
@@ -379,7 +386,7 @@ impl Broadcast for AmqpBroadcast {
 /// closes the connection (and RabbitMQ deletes the exclusive queue).
 struct AmqpInbox {
     queue: String,
-    rx: mpsc::UnboundedReceiver<Broadcasted>,
+    rx: mpsc::Receiver<Broadcasted>,
 }
 
 impl fmt::Debug for AmqpInbox {
@@ -402,7 +409,7 @@ async fn run_inbox(
     options: Arc<AmqpOptions>,
     mut closed: watch::Receiver<bool>,
     listen: Listen,
-    tx: mpsc::UnboundedSender<Broadcasted>,
+    tx: mpsc::Sender<Broadcasted>,
     ready: oneshot::Sender<Result<()>>,
 ) {
     let mut ready = Some(ready);
@@ -433,7 +440,7 @@ async fn session(
     options: &AmqpOptions,
     closed: &watch::Receiver<bool>,
     listen: &Listen,
-    tx: &mpsc::UnboundedSender<Broadcasted>,
+    tx: &mpsc::Sender<Broadcasted>,
     ready: &mut Option<oneshot::Sender<Result<()>>>,
     attempt: &mut u32,
 ) -> Result<()> {
@@ -451,7 +458,7 @@ async fn listen_on(
     connection: &Connection,
     closed: &watch::Receiver<bool>,
     listen: &Listen,
-    tx: &mpsc::UnboundedSender<Broadcasted>,
+    tx: &mpsc::Sender<Broadcasted>,
     ready: &mut Option<oneshot::Sender<Result<()>>>,
     attempt: &mut u32,
 ) -> Result<()> {
@@ -482,6 +489,7 @@ async fn listen_on(
     let mut closed = closed.clone();
     let lost = connection.closed();
     tokio::pin!(lost);
+    let mut missed = 0u64;
     loop {
         tokio::select! {
             _ = conn::closed_signal(&mut closed) => return Ok(()),
@@ -497,11 +505,15 @@ async fn listen_on(
                 };
                 let (exchange, routing_key) = (d.exchange.clone(), d.routing_key.clone());
                 match decode(d) {
-                    Ok(m) => {
-                        if tx.send(m).is_err() {
-                            return Ok(());
+                    Ok(m) => match tx.try_send(m) {
+                        Ok(()) if missed > 0 => {
+                            tracing::warn!(queue = %listen.queue, missed, "a broadcast inbox fell behind; messages were dropped");
+                            missed = 0;
                         }
-                    }
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => missed += 1,
+                        Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+                    },
                     Err(e) => {
                         tracing::warn!(queue = %listen.queue, %exchange, %routing_key, error = %e, "skipped a broadcast message that is not json");
                     }

@@ -232,3 +232,36 @@ async fn a_node_name_in_use_is_refused_until_it_is_free() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An inbox whose reader falls behind drops what does not fit (a lagging listener misses
+/// messages, as in Celery) instead of growing without bound, and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_falls_behind_misses_messages_and_goes_on() {
+    if !util::rabbit_up() {
+        return;
+    }
+    let broker = util::broker("").await;
+    let b = channels(&broker);
+    let topic = unique_queue("lag");
+    let mut inbox = b.event_inbox(&format!("{topic}.#")).await.unwrap();
+    let sent = 1500;
+    for i in 0..sent {
+        b.send_event(&Broadcasted::new(
+            format!("{topic}.n"),
+            Map::new(),
+            json!({ "i": i }),
+        ))
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut got = 0;
+    while let Ok(m) = tokio::time::timeout(Duration::from_millis(500), inbox.next()).await {
+        assert!(m.unwrap().is_some());
+        got += 1;
+    }
+    assert!((1..sent).contains(&got), "kept {got} of {sent}");
+    let last = Broadcasted::new(format!("{topic}.last"), Map::new(), json!({"last": true}));
+    b.send_event(&last).await.unwrap();
+    assert_eq!(next(&mut inbox, "after the lag").await, last);
+}
