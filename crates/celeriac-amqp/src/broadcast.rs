@@ -285,8 +285,8 @@ impl AmqpBroadcast {
         }
     }
 
-    /// Publishes `m` to `exchange`, declaring it first on a new connection, and waits for
-    /// RabbitMQ's confirm.
+    /// Publishes `m` to `exchange` (declared first, once per sending connection) and waits
+    /// for RabbitMQ's confirm.
     async fn publish(&self, exchange: Exchange, m: &Broadcasted) -> Result<()> {
         self.check_open()?;
         let (properties, body) = encode(m)?;
