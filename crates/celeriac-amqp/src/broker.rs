@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use celeriac_core::broadcast::Broadcast;
 use celeriac_core::broker::{
     Acker, BoxFuture, Capabilities, ConsumeOptions, Consumer, Delivery, PublishOptions, QueueStats,
     Requeue,
@@ -18,6 +19,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
+use crate::broadcast::AmqpBroadcast;
 use crate::conn::{self, Publisher, broker_error, confirmed, is_not_found};
 use crate::fields::{from_table, to_table};
 use crate::options::{AmqpOptions, QueueType};
@@ -71,6 +73,8 @@ struct Inner {
     /// Deliveries received and not yet handed to a caller, by address, so `purge` can drop
     /// them too (they count as ready).
     buffered: Mutex<HashMap<usize, std::sync::Weak<LeaseState>>>,
+    /// Remote control and events (their own connections).
+    broadcast: AmqpBroadcast,
     closed: watch::Sender<bool>,
 }
 
@@ -87,15 +91,17 @@ impl AmqpBroker {
     /// Connects with explicit options.
     pub async fn with_options(options: AmqpOptions) -> Result<Self> {
         let publisher = Publisher::open(&options, "publisher").await?;
+        let closed = watch::channel(false).0;
         Ok(AmqpBroker {
             inner: Arc::new(Inner {
+                broadcast: AmqpBroadcast::new(options.clone(), closed.subscribe()),
                 options,
                 publisher: tokio::sync::Mutex::new(Some(publisher)),
                 declared: Mutex::new(BTreeSet::new()),
                 delay_queues: Mutex::new(HashMap::new()),
                 local: Mutex::new(HashMap::new()),
                 buffered: Mutex::new(HashMap::new()),
-                closed: watch::channel(false).0,
+                closed,
             }),
         })
     }
@@ -122,28 +128,7 @@ impl Inner {
             return Err(self.closed_error());
         }
         if !guard.as_ref().is_some_and(Publisher::is_open) {
-            let mut attempt = 0;
-            loop {
-                match Publisher::open(&self.options, "publisher").await {
-                    Ok(p) => {
-                        if attempt > 0 {
-                            tracing::info!(url = %self.options.redacted, "reconnected to rabbitmq");
-                        }
-                        *guard = Some(p);
-                        break;
-                    }
-                    // The first connection succeeded in `connect`, so a login failure now is
-                    // a server restarting (or a password changed under us): retry a while.
-                    Err(e) if attempt + 1 >= ATTEMPTS => {
-                        return Err(e);
-                    }
-                    Err(e) => {
-                        tracing::warn!(url = %self.options.redacted, error = %e, attempt, "rabbitmq unreachable; retrying");
-                        tokio::time::sleep(conn::backoff(attempt)).await;
-                        attempt += 1;
-                    }
-                }
-            }
+            *guard = Some(conn::reopen_publisher(&self.options, "publisher", ATTEMPTS).await?);
         }
         Ok(guard.as_ref().expect("publisher just opened"))
     }
@@ -397,7 +382,6 @@ impl Broker for AmqpBroker {
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::all();
         c.priority = self.inner.options.max_priority.is_some();
-        c.fanout = false;
         c
     }
 
@@ -563,8 +547,13 @@ impl Broker for AmqpBroker {
             if let Some(p) = self.inner.publisher.lock().await.take() {
                 p.close().await;
             }
+            self.inner.broadcast.close().await;
             Ok(())
         })
+    }
+
+    fn broadcast(&self) -> Option<&dyn Broadcast> {
+        Some(&self.inner.broadcast)
     }
 }
 

@@ -143,6 +143,34 @@ impl Publisher {
     }
 }
 
+/// Reopens a [`Publisher`] after its connection was lost, retrying with backoff up to
+/// `attempts` times. Every failure is retried, a refused login included: the handle's first
+/// connection succeeded, so a refusal now is a server restarting (or a password changed under
+/// us).
+pub(crate) async fn reopen_publisher(
+    options: &AmqpOptions,
+    name: &str,
+    attempts: u32,
+) -> Result<Publisher> {
+    let mut attempt = 0;
+    loop {
+        match Publisher::open(options, name).await {
+            Ok(p) => {
+                if attempt > 0 {
+                    tracing::info!(url = %options.redacted, name, "reconnected to rabbitmq");
+                }
+                return Ok(p);
+            }
+            Err(e) if attempt + 1 >= attempts => return Err(e),
+            Err(e) => {
+                tracing::warn!(url = %options.redacted, name, error = %e, attempt, "rabbitmq unreachable; retrying");
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
 /// Waits for the confirm of one publish.
 pub(crate) async fn confirmed(rx: oneshot::Receiver<bool>, queue: &str) -> Result<()> {
     match tokio::time::timeout(CONFIRM_TIMEOUT, rx).await {

@@ -44,6 +44,12 @@
 //! | binding | queue `<queue>` → exchange `<queue>`, key `<queue>` |
 //! | delay queue `celeriac.delay.<queue>.<ms>` | durable classic; `x-message-ttl` = ms, `x-dead-letter-exchange` = `""`, `x-dead-letter-routing-key` = `<queue>`, `x-expires` = ms + 60 s |
 //! | rpc reply queue `<oid>` | not durable, auto-delete, `{"x-expires": result_expires ms}` |
+//! | exchange `celery.pidbox` (remote control) | `fanout`, not durable, not auto-delete |
+//! | node queue `<node>.celery.pidbox` | not durable, exclusive, auto-delete, `{"x-expires": 10000, "x-message-ttl": 300000}`; key `""` |
+//! | exchange `reply.celery.pidbox` | `direct`, not durable, not auto-delete |
+//! | control reply queue `<key>.reply.celery.pidbox` | as the node queue; key `<key>` |
+//! | exchange `celeryev` (events) | `topic`, durable, not auto-delete |
+//! | event queue `celeryev.<uuid>` | not durable, exclusive, auto-delete, `{"x-message-ttl": 5000, "x-expires": 60000}`; key = the binding (`#`) |
 //!
 //! Declaring an entity with other arguments than an existing one fails with
 //! PRECONDITION_FAILED, so the `max_priority` and `queue_type` of a URL must match the Python
@@ -121,15 +127,28 @@
 //! work, as in Celery, whose client freezes every step with its reply queue. Nothing is
 //! remembered per process: the broker never stamps a reply queue of its own.
 //!
+//! **Remote control and events** ([`Broker::broadcast`](celeriac_core::Broker::broadcast))
+//! use the entities above, declared with Celery's default settings, and messages as kombu
+//! sends them: JSON, `delivery_mode` 1, the headers as a field table. Sends share one
+//! connection of their own (confirmed, each exchange declared before its first publish);
+//! every inbox has its own connection, consumes no-ack, reconnects and re-declares when it is
+//! lost, and skips (with a `warn` log) a message that is not JSON. A node's control queue is
+//! exclusive: a second node with the same name gets a config error (405 RESOURCE_LOCKED).
+//!
 //! # What differs from Celery/kombu
 //!
-//! - No fanout (events, remote control) yet; no TLS client certificates.
+//! - No TLS client certificates.
+//! - The broadcast settings Celery lets one change (`control_exchange`, `control_queue_ttl`,
+//!   `control_queue_expires`, `control_queue_durable`, `control_queue_exclusive`,
+//!   `event_exchange`, `event_queue_prefix`, `event_queue_ttl`, `event_queue_expires`, ...)
+//!   are fixed at their defaults; Python nodes must keep the defaults too.
 //! - `redeliveries` is 1 for a message RabbitMQ flags as redelivered (it keeps a flag, not a
 //!   count), plus the `reject(After)` count we carry in a header.
 //! - Messages are not rejected into a dead-letter exchange by us; a queue given one by policy
 //!   receives what the worker rejects without requeue.
 
 mod backend;
+mod broadcast;
 mod broker;
 mod conn;
 mod fields;

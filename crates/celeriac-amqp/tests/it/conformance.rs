@@ -1,4 +1,5 @@
-//! The generic broker conformance suite, on classic queues with `x-max-priority` 10.
+//! The generic broker conformance suite, on classic queues with `x-max-priority` 10, and the
+//! broadcast suite (remote control and events).
 //!
 //! The rpc backend is not run through the backend suite: it keeps no store (results are
 //! messages to the caller), has no groups or counters, and serves only its own process, as in
@@ -16,6 +17,7 @@ async fn broker() -> Option<DynBroker> {
 }
 
 celeriac_test::broker_conformance!(broker);
+celeriac_test::broadcast_conformance!(broker);
 
 /// The same suite on quorum queues (`x-queue-type: quorum`, no priorities, per-consumer QoS).
 mod quorum {

@@ -1,16 +1,23 @@
 //! The integration tests of celeriac-amqp: one binary, one module per area. Each needs a
 //! RabbitMQ at 127.0.0.1:5672 (guest/guest) and skips with a notice without one.
 //!
+//! The Python Celery venv of `celeriac_test::python` is made on first use (`interop.rs`).
+//!
 //! Two tests live in binaries of their own, because they change what the whole process or
 //! server sees: `rpc.rs` (an rpc backend makes every publish of the process carry its reply
 //! queue) and `restart.rs` (restarts the server).
 
-// The generic broker conformance suite of celeriac-test, on classic priority queues.
+// Remote control and events: malformed messages, killed connections, node names in use.
+mod broadcast;
+// The generic broker and broadcast conformance suites of celeriac-test, on classic priority
+// queues.
 mod conformance;
 // Entities and arguments as Celery declares them; properties and headers on the wire.
 mod entities;
 // Bad credentials and vhosts, unreachable ports, killed connections, malformed messages.
 mod errors;
+// Remote control and events with Python Celery 5.7: entities, requests, replies, events.
+mod interop;
 // amqps:// through a TLS-terminating proxy (feature `tls`).
 #[cfg(feature = "tls")]
 mod tls;
