@@ -144,7 +144,7 @@ impl Broker for MemoryBroker {
             delay: true,
             priority: true,
             lease_extension: true,
-            fanout: false,
+            fanout: true,
             multi_process: false,
         }
     }
