@@ -48,6 +48,8 @@ struct Inner {
     /// The backend's reply queue (rpc://), put on every message this app sends.
     reply_to: Option<String>,
     declared: Mutex<HashSet<String>>,
+    /// The Lamport clock of remote-control requests and events this app sends.
+    clock: celeriac_core::broadcast::Clock,
     /// The driver table the app was built with, for what it opens later (the beat store).
     #[cfg_attr(not(all(feature = "beat", feature = "cli")), allow(dead_code))]
     drivers: Drivers,
@@ -78,6 +80,11 @@ impl App {
     #[cfg_attr(not(all(feature = "beat", feature = "cli")), allow(dead_code))]
     pub(crate) fn drivers(&self) -> &Drivers {
         &self.inner.drivers
+    }
+
+    /// The app's Lamport clock (remote control and events carry it).
+    pub fn clock(&self) -> &celeriac_core::broadcast::Clock {
+        &self.inner.clock
     }
 
     /// The broker.
@@ -463,6 +470,7 @@ impl AppBuilder {
                 origin,
                 reply_to,
                 declared: Mutex::new(HashSet::new()),
+                clock: celeriac_core::broadcast::Clock::new(),
                 drivers,
             }),
         })

@@ -74,6 +74,7 @@ mod beat_dispatch;
 pub mod canvas;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod control;
 pub mod flow;
 mod result;
 mod signature;
@@ -90,6 +91,7 @@ pub use celeriac_core::{
 };
 pub use celeriac_macros::task;
 pub use result::{AsyncResult, RevokeOptions, Signal};
+pub use control::{Control, EventStream, Inspect};
 pub use signature::Signature;
 
 /// Periodic tasks: schedules, entries, the beat loop and its store (`App` implements
