@@ -7,6 +7,8 @@ mod conformance;
 mod kombu;
 // Celery's result documents, PUBLISH and waiting.
 mod backend;
+// Remote control and events: kombu's channels, bindings and lists; Python on the other end.
+mod broadcast;
 // Lost connections, bad passwords, unreachable ports, URLs.
 mod errors;
 // The redelivery counter, batched fetching, wake-ups.
