@@ -1,5 +1,7 @@
 //! Key names, exactly as kombu and Celery spell them, and kombu's priority buckets.
 
+use celeriac_core::broadcast::{CONTROL_EXCHANGE, EVENT_EXCHANGE, REPLY_EXCHANGE};
+
 /// kombu's separator between a queue name and its priority step, and inside binding members.
 pub(crate) const SEP: &str = "\x06\x16";
 
@@ -97,6 +99,62 @@ impl BrokerKeys {
     pub(crate) fn binding_pattern(&self) -> String {
         format!("{}_kombu.binding.*", glob_escape(&self.prefix))
     }
+
+    /// `_kombu.binding_deadlines` (kombu 5.7): a sorted set of exchange names, each scored
+    /// with the time (Unix ms) after which its binding table may be swept, for the tables of
+    /// expiring queues (pidbox, reply and event queues).
+    pub(crate) fn binding_deadlines(&self) -> String {
+        format!("{}_kombu.binding_deadlines", self.prefix)
+    }
+
+    /// The pub/sub channel of a message sent to fanout `exchange` with `routing_key`, as
+    /// kombu's `_get_publish_topic` names it (`fanout_prefix` and `fanout_patterns` on, their
+    /// defaults): `/<db>.<exchange>`, or `/<db>.<exchange>/<routing_key>` when there is a
+    /// routing key.
+    pub(crate) fn fanout_channel(&self, exchange: &str, routing_key: &str) -> String {
+        if routing_key.is_empty() {
+            format!("{}/{}.{exchange}", self.prefix, self.db)
+        } else {
+            format!("{}/{}.{exchange}/{routing_key}", self.prefix, self.db)
+        }
+    }
+
+    /// The `PSUBSCRIBE` pattern of a queue bound to fanout `exchange` with `binding`: the
+    /// channel of [`BrokerKeys::fanout_channel`] for the binding with `#` turned into `*`, as
+    /// kombu's `_queue_bind` does. The prefix and the exchange are glob-escaped (kombu sends
+    /// them as they are, which differs only for a prefix holding `*?[]\`), and so is the
+    /// binding except for its `*` wildcards.
+    pub(crate) fn fanout_pattern(&self, exchange: &str, binding: &str) -> String {
+        let mut p = glob_escape(&self.fanout_channel(exchange, ""));
+        if !binding.is_empty() {
+            p.push('/');
+            for c in binding.replace('#', "*").chars() {
+                if "?[]\\".contains(c) {
+                    p.push('\\');
+                }
+                p.push(c);
+            }
+        }
+        p
+    }
+}
+
+/// Node `node`'s queue on the control exchange, `<node>.celery.pidbox` (kombu's
+/// `Mailbox.get_queue`): on Redis only its binding exists, requests come by pub/sub.
+pub(crate) fn pidbox_queue(node: &str) -> String {
+    format!("{node}.{CONTROL_EXCHANGE}")
+}
+
+/// The reply queue bound under `routing_key`, `<routing_key>.reply.celery.pidbox` (kombu's
+/// `Mailbox.get_reply_queue`, whose routing key is the client's oid).
+pub(crate) fn reply_queue(routing_key: &str) -> String {
+    format!("{routing_key}.{REPLY_EXCHANGE}")
+}
+
+/// An event receiver's queue, `celeryev.<id>` (Celery's `EventReceiver`: its
+/// `event_queue_prefix`, `celeryev`, and a fresh node id).
+pub(crate) fn event_queue(id: &str) -> String {
+    format!("{EVENT_EXCHANGE}.{id}")
 }
 
 /// Result backend key names under Celery's `global_keyprefix` rule: a `_` is appended unless
@@ -176,6 +234,79 @@ mod tests {
         assert_eq!(
             BrokerKeys::new("a*b", 0).binding_pattern(),
             "a\\*b_kombu.binding.*"
+        );
+    }
+
+    #[test]
+    fn broadcast_names_follow_kombu() {
+        let k = BrokerKeys::new("", 0);
+        assert_eq!(k.fanout_channel("celery.pidbox", ""), "/0.celery.pidbox");
+        assert_eq!(
+            k.fanout_channel("celeryev", "task.multi"),
+            "/0.celeryev/task.multi"
+        );
+        assert_eq!(k.fanout_pattern("celery.pidbox", ""), "/0.celery.pidbox");
+        assert_eq!(k.fanout_pattern("celeryev", "#"), "/0.celeryev/*");
+        assert_eq!(
+            k.fanout_pattern("celeryev", "worker.#"),
+            "/0.celeryev/worker.*"
+        );
+        assert_eq!(k.binding("celery.pidbox"), "_kombu.binding.celery.pidbox");
+        assert_eq!(k.binding_deadlines(), "_kombu.binding_deadlines");
+
+        // The prefix goes before every key, channel and pattern; the database is in channels.
+        let p = BrokerKeys::new("pfx:", 3);
+        assert_eq!(
+            p.fanout_channel("celery.pidbox", ""),
+            "pfx:/3.celery.pidbox"
+        );
+        assert_eq!(
+            p.fanout_channel("celeryev", "worker.heartbeat"),
+            "pfx:/3.celeryev/worker.heartbeat"
+        );
+        assert_eq!(
+            p.fanout_pattern("celery.pidbox", ""),
+            "pfx:/3.celery.pidbox"
+        );
+        assert_eq!(p.fanout_pattern("celeryev", "#"), "pfx:/3.celeryev/*");
+        assert_eq!(
+            p.binding("reply.celery.pidbox"),
+            "pfx:_kombu.binding.reply.celery.pidbox"
+        );
+        assert_eq!(p.binding_deadlines(), "pfx:_kombu.binding_deadlines");
+        assert_eq!(
+            p.lists(&reply_queue("oid")),
+            [
+                "pfx:oid.reply.celery.pidbox",
+                "pfx:oid.reply.celery.pidbox\x06\x163",
+                "pfx:oid.reply.celery.pidbox\x06\x166",
+                "pfx:oid.reply.celery.pidbox\x06\x169"
+            ]
+        );
+
+        // Glob characters of the prefix are escaped in patterns; a binding's `*` is not.
+        let g = BrokerKeys::new("a*[b]?", 1);
+        assert_eq!(
+            g.fanout_pattern("celeryev", "task.*"),
+            "a\\*\\[b\\]\\?/1.celeryev/task.*"
+        );
+        assert_eq!(
+            g.fanout_channel("celeryev", "task.x"),
+            "a*[b]?/1.celeryev/task.x"
+        );
+
+        // Members are not prefixed: only keys are.
+        assert_eq!(
+            BrokerKeys::binding_member("", &pidbox_queue("w1@host")),
+            "\x06\x16\x06\x16w1@host.celery.pidbox"
+        );
+        assert_eq!(
+            BrokerKeys::binding_member("oid", &reply_queue("oid")),
+            "oid\x06\x16\x06\x16oid.reply.celery.pidbox"
+        );
+        assert_eq!(
+            BrokerKeys::binding_member("#", &event_queue("u")),
+            "#\x06\x16\x06\x16celeryev.u"
         );
     }
 }

@@ -41,6 +41,13 @@
 //! | `celeriac.delayed.<queue>` | zset | envelope → due time (Unix ms); ours, kombu has none |
 //! | `celeriac.redelivered.<tag>` | string | redelivery count of a delivery; ours, with a TTL |
 //! | `celeriac.wake.<db>.<queue>` | channel | announces new messages to idle consumers; ours |
+//! | `/<db>.celery.pidbox` | channel | control requests (kombu's fanout exchange `celery.pidbox`) |
+//! | `/<db>.celeryev/<routing key>` | channel | events (`task.multi`, `worker.heartbeat`, ...) |
+//! | `_kombu.binding.celery.pidbox` | set | `\x06\x16\x06\x16<node>.celery.pidbox` per listening node |
+//! | `_kombu.binding.reply.celery.pidbox` | set | `<key>\x06\x16\x06\x16<key>.reply.celery.pidbox` per reply queue |
+//! | `<key>.reply.celery.pidbox` | list | control replies, `LPUSH` in, `BRPOP` out |
+//! | `_kombu.binding.celeryev` | set | `<binding>\x06\x16\x06\x16celeryev.<id>` per event listener |
+//! | `_kombu.binding_deadlines` | zset | exchange → when its binding table may be swept (kombu 5.7) |
 //!
 //! # Design
 //!
@@ -97,16 +104,27 @@
 //! [`ResultBackend::wait`]: celeriac_core::ResultBackend::wait
 //! [`ResultBackend::wait_just_sent`]: celeriac_core::ResultBackend::wait_just_sent
 //!
+//! **Broadcast channels.** Remote control and events (Celery's pidbox and `celeryev`, see
+//! [`celeriac_core::broadcast`]) go exactly as kombu carries them: requests and events are
+//! `PUBLISH`ed on the channels above and received with `PSUBSCRIBE`, at most once (a node not
+//! subscribed at the time misses the message, as with Python); replies are pushed onto the
+//! reply queue's list found through the binding table. Each inbox has a connection of its
+//! own (a subscription, or a `BRPOP` loop for replies) and keeps its binding refreshed as
+//! kombu 5.7 does; malformed messages are logged and skipped.
+//!
 //! **Reconnects.** Commands share one multiplexed connection; when it drops, operations
 //! reconnect with backoff (logging a `warn` line with the URL redacted) for
 //! [`RedisOptions::retry_for`], then fail with a transient error. Consumers keep their own
 //! fetch connection and reconnect forever, and the pub/sub connection resubscribes and makes
-//! every waiter re-read. Unacked entries stay in Redis across all of this, so acks-late work
-//! is restored by the visibility timeout, never lost.
+//! every waiter re-read. Broadcast inboxes resubscribe (or reconnect their reply wait)
+//! forever, and ping an idle subscription so that a half-open connection is replaced. Unacked
+//! entries stay in Redis across all of this, so acks-late work is restored by the visibility
+//! timeout, never lost.
 //!
 //! # What differs from kombu
 //!
-//! - No fanout exchanges (pub/sub broadcast for events and remote control) yet.
+//! - Fanout exchanges exist only as Celery's broadcast channels (the pidbox and events), not
+//!   for queues an application declares.
 //! - `redeliveries` is a count kept in our own keys (restores and requeues increment it and
 //!   set kombu's flag, a fetch reads it only for flagged messages, the ack deletes it); kombu
 //!   keeps only the flag.

@@ -432,3 +432,27 @@ return out
 "#,
     )
 });
+
+/// Binds a queue the way kombu 5.7 binds an expiring one (the pidbox, reply and event queues
+/// are): adds the binding member to the exchange's table and pushes the exchange's deadline in
+/// `_kombu.binding_deadlines` to a time from now by the server's clock, never earlier than it
+/// was. kombu's sweep deletes a table whose deadline passed (unless a non-expiring queue is
+/// bound to it), so a live binding must be refreshed before then.
+///
+/// KEYS: the binding table, `_kombu.binding_deadlines`. ARGV: the member, the exchange, the
+/// time to live in ms. kombu moves the deadline with `ZADD GT` (Redis 6.2+); this compares
+/// the score itself, so older servers work too.
+pub(crate) static BIND_EXPIRING: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local now = redis.call('TIME')
+local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[3])
+redis.call('SADD', KEYS[1], ARGV[1])
+local current = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
+if current == nil or current < deadline then
+  redis.call('ZADD', KEYS[2], deadline, ARGV[2])
+end
+return 1
+"#,
+    )
+});

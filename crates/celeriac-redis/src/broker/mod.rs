@@ -1,6 +1,6 @@
 //! [`RedisBroker`]: kombu's Redis transport, spoken from Rust.
 //!
-//! The broker is in four files:
+//! The broker is in five files:
 //!
 //! - this one: the [`RedisBroker`] type and its [`Broker`] impl (declaring, publishing,
 //!   purging, counting and listing queues), and the envelope as kombu writes it ([`encode`],
@@ -12,9 +12,12 @@
 //! - [`restore`]: kombu's `restore_visible`, which puts deliveries whose lease ran out (a dead
 //!   or stuck consumer's) back in their lists;
 //! - [`ack`]: settling: batched acks, rejects and requeues, lease extensions, and giving back
-//!   what was fetched for a consumer that is gone.
+//!   what was fetched for a consumer that is gone;
+//! - [`broadcast`]: the broadcast channels (Celery's pidbox and events) over pub/sub and reply
+//!   lists, as kombu carries them.
 
 mod ack;
+mod broadcast;
 mod consume;
 mod restore;
 
@@ -124,7 +127,13 @@ impl RedisBroker {
     }
 
     fn check_open(&self) -> Result<()> {
-        if *self.inner.closed.borrow() {
+        self.inner.check_open()
+    }
+}
+
+impl Inner {
+    fn check_open(&self) -> Result<()> {
+        if *self.closed.borrow() {
             Err(Error::closed("redis broker"))
         } else {
             Ok(())
@@ -257,10 +266,7 @@ impl Broker for RedisBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let mut c = Capabilities::all();
-        // Fanout (kombu's pub/sub exchanges) is not implemented by this driver yet.
-        c.fanout = false;
-        c
+        Capabilities::all()
     }
 
     fn declare<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<()>> {
@@ -427,6 +433,10 @@ impl Broker for RedisBroker {
             self.inner.closed.send_replace(true);
             Ok(())
         })
+    }
+
+    fn broadcast(&self) -> Option<&dyn celeriac_core::broadcast::Broadcast> {
+        Some(&*self.inner)
     }
 }
 

@@ -26,4 +26,5 @@ async fn backend() -> Option<DynBackend> {
 }
 
 celeriac_test::broker_conformance!(broker);
+celeriac_test::broadcast_conformance!(broker);
 celeriac_test::backend_conformance!(backend);

@@ -9,6 +9,8 @@ mod kombu;
 mod backend;
 // The beat store: its conformance suite, keys, the lease's expiry on the server, URLs.
 mod beat;
+// Remote control and events: kombu's channels, bindings and lists; Python on the other end.
+mod broadcast;
 // Lost connections, bad passwords, unreachable ports, URLs.
 mod errors;
 // The redelivery counter, batched fetching, wake-ups.

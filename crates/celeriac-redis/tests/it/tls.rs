@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use celeriac_core::broadcast::Broadcasted;
 use celeriac_core::{
     Broker, Config, ConsumeOptions, ErrorKind, PublishOptions, ResultBackend, TaskMeta,
 };
 use celeriac_redis::{RedisBackend, RedisBroker, RedisOptions};
-use serde_json::json;
+use serde_json::{Map, json};
 
 use crate::util::{msg, next_within};
 
@@ -218,6 +219,19 @@ async fn broker_and_results_round_trip_over_tls_and_a_wrong_ca_is_refused() {
     assert_eq!(d.message.as_ref().unwrap().id(), m.id());
     d.ack().await.unwrap();
     assert_eq!(broker.stats("tls").await.unwrap().unacked, 0);
+
+    // The broadcast channels: a subscription, a reply list and its own connection, over TLS.
+    let b = broker.broadcast().expect("broadcast channels");
+    let mut node = b.control_inbox("w1@tls").await.expect("subscribe over TLS");
+    let (key, mut replies) = b.reply_inbox().await.expect("a reply queue over TLS");
+    let request = Broadcasted::new("", Map::new(), json!({"method": "ping", "ticket": "t"}));
+    b.send_control(&request).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), node.next()).await;
+    assert_eq!(got.unwrap().unwrap(), Some(request));
+    let reply = Broadcasted::new(key, Map::new(), json!({"w1@tls": {"ok": "pong"}}));
+    b.send_reply(&reply).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), replies.next()).await;
+    assert_eq!(got.unwrap().unwrap().map(|m| m.body), Some(reply.body));
 
     // A result round trip: a waiter (pub/sub over TLS) sees a result stored by another client.
     let backend = RedisBackend::connect(&url, &Config::default())
