@@ -90,8 +90,8 @@ pub use celeriac_core::{
     Result, TaskContext, TaskDef, TaskError, TaskErrorKind, TaskMeta, TaskOptions, TaskState,
 };
 pub use celeriac_macros::task;
-pub use result::{AsyncResult, RevokeOptions, Signal};
 pub use control::{Control, EventStream, Inspect};
+pub use result::{AsyncResult, RevokeOptions, Signal};
 pub use signature::Signature;
 
 /// Periodic tasks: schedules, entries, the beat loop and its store (`App` implements

@@ -226,6 +226,10 @@ pub fn now_unix() -> f64 {
 /// winter -1, New York in winter 5).
 pub fn utcoffset_hours_west() -> f64 {
     let east = chrono::Local::now().offset().local_minus_utc();
+    // `0 - 0.0` would print as `-0.0` in monitors.
+    if east == 0 {
+        return 0.0;
+    }
     -f64::from(east) / 3600.0
 }
 

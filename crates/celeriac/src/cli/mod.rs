@@ -34,6 +34,7 @@ mod beat;
 pub use beat::run_with_beat;
 
 mod canvas;
+mod control;
 mod dead;
 mod pool_child;
 
@@ -92,6 +93,18 @@ struct WorkerArgs {
     /// Also run beat (periodic tasks) in this process.
     #[arg(short = 'B', long = "beat")]
     beat: bool,
+    /// Send task events (task-received, -started, -succeeded, ...) for monitors.
+    #[arg(short = 'E', long = "task-events")]
+    task_events: bool,
+    /// Seconds between worker heartbeat events (default 2).
+    #[arg(long)]
+    heartbeat_interval: Option<f64>,
+    /// Grow the pool up to MAX while tasks wait, shrink it back to MIN when idle: `MAX,MIN`.
+    #[arg(long, value_name = "MAX,MIN")]
+    autoscale: Option<String>,
+    /// Do not answer remote control (inspect, control).
+    #[arg(long)]
+    without_remote_control: bool,
 }
 
 impl WorkerArgs {
@@ -141,8 +154,42 @@ impl WorkerArgs {
         if let Some(n) = self.max_redeliveries {
             o.max_redeliveries = n;
         }
+        if self.task_events {
+            o.task_events = true;
+        }
+        if let Some(t) = self.heartbeat_interval {
+            let d = secs(t, "--heartbeat-interval")?;
+            if d.is_zero() {
+                bail!("--heartbeat-interval must be more than 0 seconds");
+            }
+            o.heartbeat_interval = d;
+        }
+        if let Some(a) = self.autoscale {
+            o.autoscale = Some(autoscale(&a)?);
+            if let Some((max, _)) = o.autoscale {
+                o.concurrency = o.concurrency.min(max);
+            }
+        }
+        if self.without_remote_control {
+            o.remote_control = false;
+        }
         Ok(())
     }
+}
+
+/// `--autoscale MAX,MIN` (MIN defaults to 1, as Celery's).
+fn autoscale(a: &str) -> anyhow::Result<(usize, usize)> {
+    let bad = || anyhow::anyhow!("--autoscale must be MAX,MIN (e.g. 10,3), got {a:?}");
+    let mut parts = a.split(',').map(str::trim);
+    let max: usize = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let min: usize = match parts.next() {
+        Some(s) => s.parse().map_err(|_| bad())?,
+        None => 1,
+    };
+    if parts.next().is_some() || max == 0 || min > max {
+        return Err(bad());
+    }
+    Ok((max, min.max(1)))
 }
 
 #[derive(Subcommand, Debug)]
@@ -198,8 +245,19 @@ enum Command {
         #[arg(short = 'Q', long, value_delimiter = ',')]
         queues: Vec<String>,
     },
-    /// Show queue lengths.
+    /// Show the nodes that answer (as `celery status`) and the queue lengths.
     Status,
+    /// Show queue lengths.
+    Queues,
+    /// Ask the workers (`celery inspect`): ping, stats, active, reserved, scheduled, revoked,
+    /// registered, query_task, active_queues, conf, report, clock.
+    Inspect(control::InspectArgs),
+    /// Tell the workers (`celery control`): rate_limit, time_limit, revoke, terminate,
+    /// shutdown, pool_grow, pool_shrink, autoscale, add_consumer, cancel_consumer,
+    /// enable_events, disable_events, heartbeat.
+    Control(control::ControlArgs),
+    /// Watch the workers and their tasks live (`--dump`: every event as a line).
+    Events(control::EventsArgs),
     /// List the tasks this binary can run.
     Tasks,
     /// Run the periodic-task scheduler, or list, add, remove, pause, resume, trigger entries.
@@ -384,20 +442,18 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             ExitCode::SUCCESS
         }
         Command::Status => {
-            let queues = app.broker().queues().await?;
-            println!(
-                "{:<24} {:>10} {:>10} {:>10}",
-                "queue", "ready", "delayed", "unacked"
-            );
-            for q in queues {
-                let s = app.broker().stats(&q).await?;
-                println!(
-                    "{q:<24} {:>10} {:>10} {:>10}",
-                    s.ready, s.delayed, s.unacked
-                );
-            }
+            control::status(&app).await?;
+            println!();
+            queue_table(&app).await?;
             ExitCode::SUCCESS
         }
+        Command::Queues => {
+            queue_table(&app).await?;
+            ExitCode::SUCCESS
+        }
+        Command::Inspect(a) => control::inspect(&app, a).await?,
+        Command::Control(a) => control::control_command(&app, a).await?,
+        Command::Events(a) => control::events(&app, a).await?,
         #[cfg(feature = "beat")]
         Command::Beat(args) => beat::command(&app, args).await?,
         Command::Dead(args) => dead::command(&app, args).await?,
@@ -410,6 +466,23 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
     };
     app.close().await?;
     Ok(code)
+}
+
+/// Queue lengths: ready, delayed, unacked.
+async fn queue_table(app: &App) -> anyhow::Result<()> {
+    let queues = app.broker().queues().await?;
+    println!(
+        "{:<24} {:>10} {:>10} {:>10}",
+        "queue", "ready", "delayed", "unacked"
+    );
+    for q in queues {
+        let s = app.broker().stats(&q).await?;
+        println!(
+            "{q:<24} {:>10} {:>10} {:>10}",
+            s.ready, s.delayed, s.unacked
+        );
+    }
+    Ok(())
 }
 
 fn secs(s: f64, flag: &str) -> anyhow::Result<Duration> {
