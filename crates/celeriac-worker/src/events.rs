@@ -339,7 +339,7 @@ fn received(events: &Events, req: &Request) -> Event {
 
 fn ended(events: &Events, req: &Request, outcome: &Outcome) -> Option<Event> {
     let task = |kind| events.event(kind).with("uuid", req.id());
-    let traceback = |e: &RemoteError| e.traceback.clone().unwrap_or_default();
+    let traceback = |e: &RemoteError| crate::record::traceback(req, &events.hostname, e);
     Some(match outcome {
         Outcome::Succeeded(v) => task(EventKind::TaskSucceeded)
             .with("result", py_repr(v, REPR_MAX))

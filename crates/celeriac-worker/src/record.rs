@@ -13,6 +13,29 @@ use serde_json::Value;
 use crate::pipeline::{Layer, Next, Outcome};
 use crate::request::{CELERY_EXC, Request};
 
+/// A traceback in Python's shape, so Celery tools show it as they show their own: where the
+/// task ran (on worker `hostname`), the error's cause chain (or the text the task gave), then
+/// `Type: message`. Stored with FAILURE and RETRY, and sent in `task-failed` events.
+pub(crate) fn traceback(req: &Request, hostname: &str, err: &RemoteError) -> String {
+    let mut tb = format!(
+        "Traceback (most recent call last):\n  task {}[{}] on {}, queue {}, retries {}\n",
+        req.name(),
+        req.id(),
+        hostname,
+        req.queue,
+        req.message.headers.retries
+    );
+    if let Some(detail) = &err.traceback {
+        for line in detail.lines() {
+            tb.push_str("    ");
+            tb.push_str(line);
+            tb.push('\n');
+        }
+    }
+    tb.push_str(&err.summary());
+    tb
+}
+
 /// Stores each outcome's state once the inner layers are done.
 #[derive(Debug)]
 pub(crate) struct RecordLayer(pub(crate) Recorder);
@@ -94,26 +117,8 @@ impl Recorder {
         m
     }
 
-    /// A traceback in Python's shape, so Celery tools show it as they show their own: where the
-    /// task ran, the error's cause chain (or the text the task gave), then `Type: message`.
     fn traceback(&self, req: &Request, err: &RemoteError) -> String {
-        let mut tb = format!(
-            "Traceback (most recent call last):\n  task {}[{}] on {}, queue {}, retries {}\n",
-            req.name(),
-            req.id(),
-            self.hostname,
-            req.queue,
-            req.message.headers.retries
-        );
-        if let Some(detail) = &err.traceback {
-            for line in detail.lines() {
-                tb.push_str("    ");
-                tb.push_str(line);
-                tb.push('\n');
-            }
-        }
-        tb.push_str(&err.summary());
-        tb
+        traceback(req, &self.hostname, err)
     }
 
     pub(crate) async fn started(&self, req: &Request) {
