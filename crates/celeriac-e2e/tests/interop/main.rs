@@ -29,3 +29,6 @@ mod amqp;
 
 // Canvas across languages: Python-built chains and chords on our worker, ours on Python's.
 mod canvas;
+
+// Celery's inspect, control, events and Flower against our worker; a mixed cluster's tools.
+mod control;

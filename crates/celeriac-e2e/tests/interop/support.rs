@@ -119,6 +119,11 @@ impl OurWorker {
     /// Starts `tasks --broker <url> --result-backend <url> worker -Q <queues> -c 4` and waits
     /// until it consumes.
     pub(crate) async fn start(url: &str, queues: &[&str]) -> OurWorker {
+        Self::start_with(url, queues, &[]).await
+    }
+
+    /// [`OurWorker::start`] with more `worker` flags (`-E`, `-P processes`, ...).
+    pub(crate) async fn start_with(url: &str, queues: &[&str], extra: &[&str]) -> OurWorker {
         let id = &celeriac::core::protocol::new_id()[28..];
         let node = format!("rsw-{id}@{}", celeriac::core::hostname());
         let log = test_dir().join(format!("interop-worker-{id}.log"));
@@ -133,6 +138,7 @@ impl OurWorker {
                 "info",
             ])
             .args(["worker", "-c", "4", "-n", &node, "-Q", &queues.join(",")])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -150,6 +156,36 @@ impl OurWorker {
     /// The node name results record (`worker` in the meta).
     pub(crate) fn node_name(&self) -> &str {
         &self.node
+    }
+
+    /// Stops the worker with SIGTERM (a warm shutdown) and waits up to `timeout` for it to
+    /// exit; its exit status, or `None` when it did not.
+    pub(crate) async fn terminate(
+        &mut self,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        self.wait_exit(timeout).await
+    }
+
+    /// Waits up to `timeout` for the worker to exit by itself (`control shutdown`).
+    pub(crate) async fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
     }
 
     /// The worker's log so far.

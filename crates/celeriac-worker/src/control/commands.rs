@@ -521,8 +521,9 @@ fn rate_limit(node: &Node, a: &Map<String, Value>) -> Value {
         Some(Value::Number(n)) => n.to_string(),
         Some(other) => other.to_string(),
     };
-    let disabled = text.is_empty() || text.parse::<f64>().is_ok_and(|n| n == 0.0);
-    let limit = if disabled {
+    // Celery's rate of 0 is no limit, but only an empty value reads "disabled".
+    let off = text.is_empty() || text.parse::<f64>().is_ok_and(|n| n == 0.0);
+    let limit = if off {
         None
     } else {
         match text.parse::<RateLimit>() {
@@ -540,16 +541,12 @@ fn rate_limit(node: &Node, a: &Map<String, Value>) -> Value {
         return nok("unknown task");
     }
     node.limiter.set(name, limit);
-    match limit {
-        None => {
-            tracing::info!(task = name, "rate limits disabled for the task");
-            ok("rate limit disabled successfully")
-        }
-        Some(l) => {
-            tracing::info!(task = name, rate_limit = %l, "new rate limit for the task");
-            ok("new rate limit set successfully")
-        }
+    if text.is_empty() {
+        tracing::info!(task = name, "rate limits disabled for the task");
+        return ok("rate limit disabled successfully");
     }
+    tracing::info!(task = name, rate_limit = %text, "new rate limit for the task");
+    ok("new rate limit set successfully")
 }
 
 fn time_limit(node: &Node, a: &Map<String, Value>) -> Value {
