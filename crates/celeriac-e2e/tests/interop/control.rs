@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::support::{Interop, OurWorker, T, python, setup};
 
 /// Runs `celery -b <url> <args>` and returns its output (bounded to a minute).
-fn celery_cli(url: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+async fn celery_cli(url: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(celery())
         .current_dir(python_dir())
         .args(["-b", url])
@@ -31,16 +31,16 @@ fn celery_cli(url: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
             let _ = child.kill();
             panic!("celery {args:?} ran over a minute");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// `celery inspect <cmd> --json -d <node>`: the node's answer.
-fn inspect(env: &Interop, node: &str, cmd: &[&str]) -> Value {
+async fn inspect(env: &Interop, node: &str, cmd: &[&str]) -> Value {
     let mut args = vec!["inspect"];
     args.extend_from_slice(cmd);
     args.extend_from_slice(&["--json", "-t", "5", "-d", node]);
-    let o = celery_cli(&env.url, &args, &[]);
+    let o = celery_cli(&env.url, &args, &[]).await;
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -53,11 +53,11 @@ fn inspect(env: &Interop, node: &str, cmd: &[&str]) -> Value {
 }
 
 /// `celery control <cmd> --json -d <node>`: the node's answer (control prints a list).
-fn control(env: &Interop, node: &str, cmd: &[&str]) -> Value {
+async fn control(env: &Interop, node: &str, cmd: &[&str]) -> Value {
     let mut args = vec!["control"];
     args.extend_from_slice(cmd);
     args.extend_from_slice(&["--json", "-t", "5", "-d", node]);
-    let o = celery_cli(&env.url, &args, &[]);
+    let o = celery_cli(&env.url, &args, &[]).await;
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -82,8 +82,8 @@ async fn celerys_inspect_and_control_see_and_steer_our_worker() {
     let mut ours = OurWorker::start_with(&env.url, &[q], &["-P", "processes", "-E"]).await;
     let node = ours.node_name().to_owned();
 
-    assert_eq!(inspect(&env, &node, &["ping"]), json!({"ok": "pong"}));
-    let stats = inspect(&env, &node, &["stats"]);
+    assert_eq!(inspect(&env, &node, &["ping"]).await, json!({"ok": "pong"}));
+    let stats = inspect(&env, &node, &["stats"]).await;
     for key in [
         "total",
         "pid",
@@ -97,7 +97,7 @@ async fn celerys_inspect_and_control_see_and_steer_our_worker() {
     }
     assert_eq!(stats["broker"]["transport"], "redis");
     assert!(stats["broker"].get("password").is_none());
-    let registered = inspect(&env, &node, &["registered"]);
+    let registered = inspect(&env, &node, &["registered"]).await;
     let names: Vec<&str> = registered
         .as_array()
         .unwrap()
@@ -109,11 +109,11 @@ async fn celerys_inspect_and_control_see_and_steer_our_worker() {
         names.contains(&"tasks.limited [rate_limit=10/s]"),
         "{registered}"
     );
-    let queues = inspect(&env, &node, &["active_queues"]);
+    let queues = inspect(&env, &node, &["active_queues"]).await;
     assert_eq!(queues[0]["name"], json!(q));
-    assert!(inspect(&env, &node, &["conf"]).is_object());
-    assert_eq!(inspect(&env, &node, &["scheduled"]), json!([]));
-    assert_eq!(inspect(&env, &node, &["reserved"]), json!([]));
+    assert!(inspect(&env, &node, &["conf"]).await.is_object());
+    assert_eq!(inspect(&env, &node, &["scheduled"]).await, json!([]));
+    assert_eq!(inspect(&env, &node, &["reserved"]).await, json!([]));
 
     // A running task shows in `active` and `query_task`; Python's revoke(terminate=True) stops
     // it in its pool child.
@@ -130,7 +130,7 @@ print(json.dumps(r.id))
     let running = running.as_str().unwrap().to_owned();
     let deadline = Instant::now() + T;
     loop {
-        let active = inspect(&env, &node, &["active"]);
+        let active = inspect(&env, &node, &["active"]).await;
         if active
             .as_array()
             .is_some_and(|a| a.iter().any(|t| t["id"] == json!(running)))
@@ -141,7 +141,7 @@ print(json.dumps(r.id))
         assert!(Instant::now() < deadline, "never active: {active}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let q_task = inspect(&env, &node, &["query_task", &running]);
+    let q_task = inspect(&env, &node, &["query_task", &running]).await;
     assert_eq!(q_task[&running][0], "active", "{q_task}");
     let revoked = python(
         r#"
@@ -163,6 +163,7 @@ except Exception as e:
     assert!(revoked["took"].as_f64().unwrap() < 10.0, "{revoked}");
     assert!(
         inspect(&env, &node, &["revoked"])
+            .await
             .as_array()
             .unwrap()
             .contains(&json!(running))
@@ -187,7 +188,7 @@ except Exception as e:
 
     // rate_limit changes the spacing of our runs: 4 tasks at 2/s take 1.5 s at least.
     assert_eq!(
-        control(&env, &node, &["rate_limit", "tasks.add", "2/s"]),
+        control(&env, &node, &["rate_limit", "tasks.add", "2/s"]).await,
         json!({"ok": "new rate limit set successfully"})
     );
     let spacing = python(
@@ -208,19 +209,19 @@ print(json.dumps({"results": [r.get(timeout=30) for r in rs], "took": time.time(
         spacing["took"]
     );
     assert_eq!(
-        control(&env, &node, &["rate_limit", "tasks.add", "0"]),
+        control(&env, &node, &["rate_limit", "tasks.add", "0"]).await,
         json!({"ok": "new rate limit set successfully"})
     );
 
     // pool_grow adds a slot (and a child under -P processes).
-    let before = inspect(&env, &node, &["stats"])["pool"]["max-concurrency"]
+    let before = inspect(&env, &node, &["stats"]).await["pool"]["max-concurrency"]
         .as_u64()
         .unwrap();
     assert_eq!(
-        control(&env, &node, &["pool_grow", "1"]),
+        control(&env, &node, &["pool_grow", "1"]).await,
         json!({"ok": "pool will grow"})
     );
-    let after = inspect(&env, &node, &["stats"]);
+    let after = inspect(&env, &node, &["stats"]).await;
     assert_eq!(after["pool"]["max-concurrency"], json!(before + 1));
 
     // `celery events --dump` shows our task and worker events.
@@ -260,7 +261,7 @@ print(json.dumps(tasks.app.send_task("tasks.add", (40, 2), queue=os.environ["QUE
 
     // `celery control shutdown` stops our worker cleanly. Like a Python worker, ours exits
     // without replying, so Celery's CLI reports that no node replied.
-    let o = celery_cli(&env.url, &["control", "shutdown", "-d", &node], &[]);
+    let o = celery_cli(&env.url, &["control", "shutdown", "-d", &node], &[]).await;
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("No nodes replied"),
         "{o:?}"
@@ -271,6 +272,28 @@ print(json.dumps(tasks.app.send_task("tasks.add", (40, 2), queue=os.environ["QUE
         "exit: {status:?}\n{}",
         ours.log()
     );
+}
+
+/// GETs Flower's API on `port`; `None` until it answers JSON.
+fn get(port: u16, path: &str) -> Option<Value> {
+    let o = Command::new("curl")
+        .args(["-s", "-m", "5"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .ok()?;
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+/// Polls `check` until it gives a value.
+async fn wait_for(what: &str, mut check: impl FnMut() -> Option<Value>) -> Value {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "flower never showed {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,32 +315,16 @@ async fn flower_lists_our_worker_and_its_tasks_and_sees_it_go() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn flower");
-    let get = |path: &str| -> Option<Value> {
-        let o = Command::new("curl")
-            .args(["-s", "-m", "5"])
-            .arg(format!("http://127.0.0.1:{port}{path}"))
-            .output()
-            .ok()?;
-        serde_json::from_slice(&o.stdout).ok()
-    };
-    let wait_for = |what: &str, check: &dyn Fn() -> Option<Value>| -> Value {
-        let deadline = Instant::now() + T;
-        loop {
-            if let Some(v) = check() {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "flower never showed {what}");
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    };
     // Flower listens to events from when it has connected: wait for it to see the worker.
-    let workers = wait_for("our worker with stats", &|| {
-        get("/api/workers?refresh=1")
+    let workers = wait_for("our worker with stats", || {
+        get(port, "/api/workers?refresh=1")
             .filter(|w| w[&node]["stats"]["pool"].is_object() && w[&node]["registered"].is_array())
-    });
-    wait_for("our worker's heartbeats", &|| {
-        get("/api/workers?status=1").filter(|s| s[&node] == json!(true))
-    });
+    })
+    .await;
+    wait_for("our worker's heartbeats", || {
+        get(port, "/api/workers?status=1").filter(|s| s[&node] == json!(true))
+    })
+    .await;
     let ids = python(
         r#"
 import json, os, tasks
@@ -342,9 +349,10 @@ print(json.dumps([ok.id, bad.id]))
             .contains(&json!("tasks.add"))
     );
     assert!(workers[&node]["active_queues"][0]["name"] == json!(q));
-    let tasks = wait_for("both tasks", &|| {
-        get("/api/tasks").filter(|t| t.get(ok).is_some() && t.get(bad).is_some())
-    });
+    let tasks = wait_for("both tasks", || {
+        get(port, "/api/tasks").filter(|t| t.get(ok).is_some() && t.get(bad).is_some())
+    })
+    .await;
     assert_eq!(tasks[ok]["state"], "SUCCESS");
     assert_eq!(tasks[ok]["args"], "[2, 3]");
     assert_eq!(tasks[ok]["result"], "5");
@@ -353,11 +361,12 @@ print(json.dumps([ok.id, bad.id]))
     assert_eq!(tasks[bad]["state"], "FAILURE");
     assert_eq!(tasks[bad]["exception"], "ValueError('boom')");
 
-    let status = |online: bool| get("/api/workers?status=1").filter(|s| s[&node] == json!(online));
-    wait_for("our worker online", &|| status(true));
+    let status =
+        |online: bool| get(port, "/api/workers?status=1").filter(|s| s[&node] == json!(online));
+    wait_for("our worker online", || status(true)).await;
     let stopped = Instant::now();
     assert!(ours.terminate(Duration::from_secs(15)).await.is_some());
-    wait_for("our worker offline", &|| status(false));
+    wait_for("our worker offline", || status(false)).await;
     assert!(
         stopped.elapsed() < Duration::from_secs(5),
         "offline after {:?}",
@@ -410,7 +419,8 @@ async fn a_mixed_cluster_is_one_cluster_to_both_sides_tools() {
         &env.url,
         &["inspect", "ping", "--json", "-t", "5", "-d", &dest],
         &[],
-    );
+    )
+    .await;
     let v: Value = serde_json::from_slice(&o.stdout).expect("json");
     for n in &nodes {
         assert_eq!(v[n], json!({"ok": "pong"}), "{v}");
