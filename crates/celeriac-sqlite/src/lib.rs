@@ -92,6 +92,7 @@
 
 mod backend;
 mod beat;
+mod broadcast;
 mod broker;
 mod conn;
 mod options;
