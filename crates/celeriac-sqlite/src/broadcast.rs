@@ -69,6 +69,7 @@ use celeriac_core::broadcast::{
 };
 use celeriac_core::protocol::new_id;
 use celeriac_core::{BoxFuture, Error, ErrorKind, Result};
+use rusqlite::Connection;
 use rusqlite::types::ValueRef;
 
 use crate::broker::SqliteBroker;
@@ -165,15 +166,19 @@ const READ_KEY_SQL: &str = "SELECT id, routing_key, body FROM celeriac_broadcast
      WHERE id > ?1 AND channel = ?2 AND routing_key = ?4 ORDER BY id LIMIT ?3";
 
 /// Reads the rows after `cursor` for an inbox, in one snapshot (the batch's transaction).
-fn read(db: &Db, channel: Channel, filter: &Filter, cursor: i64) -> rusqlite::Result<Read> {
-    let first: Option<i64> = db
-        .conn
+fn read(
+    conn: &Connection,
+    channel: Channel,
+    filter: &Filter,
+    cursor: i64,
+) -> rusqlite::Result<Read> {
+    let first: Option<i64> = conn
         .prepare_cached("SELECT MIN(id) FROM celeriac_broadcast WHERE id > ?1")?
         .query_row([cursor], |r| r.get(0))?;
     let missed = first.map_or(0, |f| f - cursor - 1);
     let mut stmt = match filter {
-        Filter::Key(_) => db.conn.prepare_cached(READ_KEY_SQL)?,
-        Filter::All | Filter::Topic(_) => db.conn.prepare_cached(READ_ALL_SQL)?,
+        Filter::Key(_) => conn.prepare_cached(READ_KEY_SQL)?,
+        Filter::All | Filter::Topic(_) => conn.prepare_cached(READ_ALL_SQL)?,
     };
     let mut found = match filter {
         Filter::Key(key) => stmt.query((cursor, channel.name(), READ_LIMIT, key))?,
@@ -203,7 +208,7 @@ fn read(db: &Db, channel: Channel, filter: &Filter, cursor: i64) -> rusqlite::Re
     drop(stmt);
     let cursor = if scanned < READ_LIMIT {
         // Nothing more of this channel in this snapshot: skip the other channels' rows too.
-        last.max(broadcast_seq(&db.conn)?)
+        last.max(broadcast_seq(conn)?)
     } else {
         last
     };
@@ -384,7 +389,7 @@ impl SqliteInbox {
             let rx = self
                 .broker
                 .conn()
-                .submit(false, move |db| read(db, channel, &filter, cursor))
+                .submit(false, move |db| read(&db.conn, channel, &filter, cursor))
                 .ok_or_else(|| Error::new(KIND, "the sqlite connection thread has stopped"))?;
             self.pending = Some(rx);
         }
@@ -483,6 +488,81 @@ mod tests {
             assert!(p.contains("INTEGER PRIMARY KEY (rowid>?)"), "{sql}\n{p}");
             assert!(!p.contains("TEMP B-TREE"), "{sql}\n{p}");
         }
+    }
+
+    fn insert(conn: &Connection, channel: &str, key: &str) -> i64 {
+        conn.execute(
+            "INSERT INTO celeriac_broadcast (channel, routing_key, body, created_at) \
+             VALUES (?1, ?2, '{}', 0)",
+            (channel, key),
+        )
+        .unwrap();
+        conn.last_insert_rowid()
+    }
+
+    fn ids(r: &Read) -> Vec<i64> {
+        r.rows.iter().map(|r| r.id).collect()
+    }
+
+    /// A read takes its channel's rows past the cursor, at most [`READ_LIMIT`]; when it found
+    /// fewer, its cursor moves past the other channels' rows too.
+    #[test]
+    fn reads_filter_bound_and_move_the_cursor() {
+        let conn = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&conn).unwrap();
+        let c1 = insert(&conn, "control", "");
+        let r1 = insert(&conn, "reply", "k1");
+        insert(&conn, "reply", "k2");
+        let e1 = insert(&conn, "event", "task.started");
+        insert(&conn, "event", "worker.heartbeat");
+        let last = insert(&conn, "event", "task.multi");
+
+        let all = Filter::All;
+        let r = read(&conn, Channel::Control, &all, 0).unwrap();
+        assert_eq!((ids(&r), r.cursor, r.missed), (vec![c1], last, 0));
+        let key = Filter::Key("k1".to_owned());
+        let r = read(&conn, Channel::Reply, &key, 0).unwrap();
+        assert_eq!((ids(&r), r.cursor), (vec![r1], last));
+        let topic = Filter::Topic("task.*".to_owned());
+        let r = read(&conn, Channel::Event, &topic, 0).unwrap();
+        assert_eq!((ids(&r), r.cursor), (vec![e1, last], last));
+        assert_eq!(r.rows[0].routing_key, "task.started");
+        let r = read(&conn, Channel::Event, &topic, last).unwrap();
+        assert_eq!((ids(&r), r.cursor), (vec![], last));
+
+        // A full read stops at its last row; the next one goes on from there.
+        let first = insert(&conn, "event", "task.x");
+        for _ in 1..READ_LIMIT + 10 {
+            insert(&conn, "event", "task.x");
+        }
+        let r = read(&conn, Channel::Event, &all, last).unwrap();
+        assert_eq!(r.rows.len() as i64, READ_LIMIT);
+        assert_eq!(r.cursor, first + READ_LIMIT - 1);
+        let r = read(&conn, Channel::Event, &all, r.cursor).unwrap();
+        assert_eq!(r.rows.len(), 10);
+    }
+
+    /// Rows swept before an inbox read them show as a gap after its cursor.
+    #[test]
+    fn reads_count_the_rows_swept_before_them() {
+        let conn = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&conn).unwrap();
+        for _ in 0..5 {
+            insert(&conn, "event", "task.x");
+        }
+        conn.execute("DELETE FROM celeriac_broadcast WHERE id <= 3", [])
+            .unwrap();
+        let r = read(&conn, Channel::Event, &Filter::All, 0).unwrap();
+        assert_eq!((ids(&r), r.missed), (vec![4, 5], 3));
+        let r = read(&conn, Channel::Event, &Filter::All, 3).unwrap();
+        assert_eq!(r.missed, 0);
+        // The table emptied: no gap to see, and the next id is still new.
+        conn.execute("DELETE FROM celeriac_broadcast", []).unwrap();
+        assert_eq!(
+            read(&conn, Channel::Event, &Filter::All, 5).unwrap().missed,
+            0
+        );
+        assert_eq!(insert(&conn, "event", "task.x"), 6);
     }
 
     #[test]
