@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use celeriac_core::protocol::envelope;
@@ -39,15 +39,17 @@ const IDLE_RECHECK: Duration = Duration::from_secs(1);
 /// ```
 #[derive(Debug, Clone)]
 pub struct SqliteBroker {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
-    conn: Arc<Conn>,
+pub(crate) struct Inner {
+    pub(crate) conn: Arc<Conn>,
     lease: Duration,
-    closed: AtomicBool,
-    close_notify: Notify,
+    pub(crate) closed: AtomicBool,
+    pub(crate) close_notify: Notify,
+    /// When a broadcast send next deletes expired broadcast rows (Unix ms).
+    pub(crate) next_sweep: AtomicI64,
 }
 
 impl SqliteBroker {
@@ -75,11 +77,12 @@ impl SqliteBroker {
                 lease: options.get_visibility_timeout(),
                 closed: AtomicBool::new(false),
                 close_notify: Notify::new(),
+                next_sweep: AtomicI64::new(0),
             }),
         })
     }
 
-    fn check_open(&self) -> Result<()> {
+    pub(crate) fn check_open(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             Err(Error::closed("sqlite broker"))
         } else {
@@ -87,7 +90,7 @@ impl SqliteBroker {
         }
     }
 
-    fn conn(&self) -> &Conn {
+    pub(crate) fn conn(&self) -> &Conn {
         &self.inner.conn
     }
 }
@@ -151,9 +154,7 @@ impl Broker for SqliteBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let mut c = Capabilities::all();
-        c.fanout = false;
-        c
+        Capabilities::all()
     }
 
     fn declare<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<()>> {
@@ -328,6 +329,12 @@ impl Broker for SqliteBroker {
             self.inner.close_notify.notify_waiters();
             Ok(())
         })
+    }
+
+    /// Remote control and events in the same file, between every process that opens it (see
+    /// the crate docs).
+    fn broadcast(&self) -> Option<&dyn celeriac_core::broadcast::Broadcast> {
+        Some(self)
     }
 }
 

@@ -70,8 +70,14 @@ pub(crate) struct Shared {
     pub(crate) messages: Notify,
     /// Fired after a commit that stored a result, and on other processes' writes.
     pub(crate) results: Notify,
+    /// Fired after a commit that added broadcast rows, and when another process's write
+    /// raised the file's broadcast sequence (see [`broadcast_seq`]).
+    pub(crate) broadcast: Notify,
     /// How many tasks wait for other processes' writes; the thread polls only when some do.
     watchers: AtomicUsize,
+    /// How many of them are broadcast inboxes: only then does a change of `data_version`
+    /// make the thread read the broadcast sequence.
+    listeners: AtomicUsize,
     /// Leased rows nobody will hand out (a dropped consumer's buffer): `(id, lease token)`.
     orphans: Mutex<Vec<(i64, i64)>>,
     /// Lets the file watcher (`wake.rs`) read its next events: sent after the thread read
@@ -111,6 +117,20 @@ impl Drop for Watch {
     }
 }
 
+/// A [`Watch`] of a broadcast inbox: while alive, the thread also reads the broadcast
+/// sequence when another process writes, and fires [`Shared::broadcast`] when it grew.
+#[derive(Debug)]
+pub(crate) struct Listen {
+    _watch: Watch,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Listen {
+    fn drop(&mut self) {
+        self.shared.listeners.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// What runs on the connection thread: the connection plus per-batch bookkeeping.
 pub(crate) struct Db {
     pub(crate) conn: Connection,
@@ -118,6 +138,7 @@ pub(crate) struct Db {
     pub(crate) known_queues: HashSet<String>,
     messages_changed: bool,
     results_changed: bool,
+    broadcast_changed: bool,
 }
 
 impl Db {
@@ -129,6 +150,11 @@ impl Db {
     /// Wakes result waiters once this batch commits.
     pub(crate) fn results_changed(&mut self) {
         self.results_changed = true;
+    }
+
+    /// Wakes broadcast inboxes once this batch commits.
+    pub(crate) fn broadcast_changed(&mut self) {
+        self.broadcast_changed = true;
     }
 }
 
@@ -358,6 +384,17 @@ impl Conn {
         }
     }
 
+    /// Registers a broadcast inbox waiting for new rows until the guard drops. Taken before
+    /// the inbox reads, so a row committed by another process after that read is noticed.
+    pub(crate) fn listen(&self) -> Listen {
+        // Counted before the watch, whose first registration makes the thread look at once.
+        self.shared.listeners.fetch_add(1, Ordering::AcqRel);
+        Listen {
+            _watch: self.watch(),
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Asks the thread to process released rows now.
     pub(crate) fn wake(&self) {
         let _ = self.tx.send(Msg::Wake);
@@ -459,6 +496,7 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
         known_queues: HashSet::new(),
         messages_changed: false,
         results_changed: false,
+        broadcast_changed: false,
     })
 }
 
@@ -526,9 +564,23 @@ fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
         .query_row([], |r| r.get(0))
 }
 
+/// The last id handed out in `celeriac_broadcast` (0 before the first): it grows with every
+/// broadcast row and never goes back, even when the sweep empties the table.
+pub(crate) fn broadcast_seq(conn: &Connection) -> rusqlite::Result<i64> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'celeriac_broadcast'")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
 /// The thread's loop: batches, orphan release, and watching for other processes' writes.
 fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
     let mut version = data_version(&db.conn).unwrap_or_default();
+    // The broadcast sequence last seen here: another process's write that raises it is a
+    // broadcast row to read. Wakes nobody in vain when the write was a task or a result.
+    let mut seq = broadcast_seq(&db.conn).unwrap_or_default();
     let mut interval = MAX_POLL;
     let mut last_watch = Instant::now();
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(64);
@@ -570,6 +622,19 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
                     interval = MIN_POLL;
                     shared.messages.notify_waiters();
                     shared.results.notify_waiters();
+                    if shared.listeners.load(Ordering::Acquire) > 0 {
+                        match broadcast_seq(&db.conn) {
+                            Ok(s) if s > seq => {
+                                seq = s;
+                                shared.broadcast.notify_waiters();
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot read the sqlite broadcast sequence");
+                                shared.broadcast.notify_waiters();
+                            }
+                        }
+                    }
                 }
                 Ok(_) => interval = (interval * 2).min(MAX_POLL),
                 Err(e) => tracing::warn!(error = %e, "cannot read sqlite data_version"),
@@ -600,9 +665,13 @@ fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
         if std::mem::take(&mut db.results_changed) {
             shared.results.notify_waiters();
         }
+        if std::mem::take(&mut db.broadcast_changed) {
+            shared.broadcast.notify_waiters();
+        }
     } else {
         db.messages_changed = false;
         db.results_changed = false;
+        db.broadcast_changed = false;
         // A rolled back batch may have declared queues that do not exist after all.
         db.known_queues.clear();
     }

@@ -12,6 +12,11 @@
 //! in the broker's file: tables `celeriac_beat_lease` and `celeriac_beat_entries`, the lease
 //! with its fencing token checked in the transaction of every leader's write.
 //!
+//! [`SqliteBroker`] also carries the broadcast channels
+//! ([`Broker::broadcast`](celeriac_core::Broker::broadcast)): remote control and events
+//! between the processes sharing the file, so a command-line process can inspect a worker,
+//! or follow its events, without any server (see **Broadcast** below).
+//!
 //! # URLs
 //!
 //! - `sqlite://relative/path.db`: relative to the working directory;
@@ -63,8 +68,16 @@
 //!   plus columns to query by.
 //! - `celeriac_groups(group_id, task_ids, expires_at)` and
 //!   `celeriac_counters(key, value, expires_at)`: groups and chord counters.
+//! - `celeriac_broadcast(id, channel, routing_key, body, created_at)` (version 2): remote
+//!   control requests, replies and events, one row each for a minute; `channel` is `control`,
+//!   `reply` or `event`, `body` kombu's JSON envelope, `id` an `AUTOINCREMENT` key that is
+//!   never handed out twice.
 //! - `celeriac_beat_lease` and `celeriac_beat_entries`: beat's, created when a
 //!   [`SqliteBeatStore`] opens the file, outside the versioned schema (see its docs).
+//!
+//! Version 1 had every table above but `celeriac_broadcast`. A file of an older version is
+//! upgraded when it is opened: the tables it lacks are created, in one transaction, and
+//! nothing else changes, so processes of the previous release keep working on it.
 //!
 //! **Leases.** A fetch runs two statements per queue, both index seeks: one promotes due rows
 //! (delayed ones whose time came, leased ones whose lease ran out) to ready, the other leases
@@ -85,13 +98,29 @@
 //! use the same notices. Expired results are invisible at once and deleted by a sweep at most once a
 //! minute, piggybacked on a store.
 //!
+//! **Broadcast.** Sending a control request, a reply or an event is one `INSERT` into
+//! `celeriac_broadcast`, group-committed like a publish. An inbox is a cursor over that table:
+//! it starts after the newest row when it opens (so, as with pub/sub, it sees what is sent
+//! after, not before), and reads the rows of its channel past its cursor (control inboxes
+//! every request, reply inboxes their routing key, event inboxes the routing keys matching
+//! their topic binding), at most 256 per read. An idle inbox waits on the same machinery as
+//! an idle consumer: its own process's commits wake it directly, another process's through
+//! `data_version` and inotify, and only when the broadcast sequence grew, with a 1 s fallback
+//! poll. A reply crosses processes in about a millisecond. Rows live one minute: sends delete
+//! older ones (at most once a second); an inbox more than a minute behind misses the swept
+//! rows and logs a warning, and rows that are not valid envelopes are logged and skipped.
+//!
 //! # What it is not
 //!
 //! Not a network broker: processes must share a local file system (not NFS, where SQLite
-//! locking is unreliable). No fanout (events and remote control need another channel).
+//! locking is unreliable), and so its broadcast channels reach only the processes of one
+//! machine. Celery's own tools cannot read the file (`celery inspect` and `celery events`
+//! need a broker kombu speaks, such as Redis or RabbitMQ); celeriac's clients of the channels
+//! ([`celeriac_core::broadcast`]) can.
 
 mod backend;
 mod beat;
+mod broadcast;
 mod broker;
 mod conn;
 mod options;

@@ -3,10 +3,10 @@
 use rusqlite::Connection;
 
 /// The schema version this code writes.
-pub(crate) const VERSION: i64 = 1;
+pub(crate) const VERSION: i64 = 2;
 
 /// Every table of version 1. See the crate docs for what each column means.
-pub(crate) const DDL: &str = "
+const V1: &str = "
 CREATE TABLE IF NOT EXISTS celeriac_queues (
     name TEXT PRIMARY KEY
 ) WITHOUT ROWID;
@@ -48,6 +48,26 @@ CREATE TABLE IF NOT EXISTS celeriac_counters (
 ) WITHOUT ROWID;
 ";
 
+/// Version 2 adds the broadcast channels (remote control and events; see `broadcast.rs`).
+///
+/// `AUTOINCREMENT` because inboxes read rows by `id > last seen`: without it, SQLite may hand
+/// out the id of a deleted newest row again once the sweep has emptied the table, and a
+/// listener would take the new row for one it already read.
+const V2: &str = "
+CREATE TABLE IF NOT EXISTS celeriac_broadcast (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel      TEXT    NOT NULL,
+    routing_key  TEXT    NOT NULL,
+    body         TEXT    NOT NULL,
+    created_at   INTEGER NOT NULL
+);
+";
+
+/// The steps from an older version: each brings a file from the version before it to its
+/// own. Every statement is idempotent (`IF NOT EXISTS`), so two processes upgrading one file
+/// at once cannot fail on each other.
+const STEPS: [(i64, &str); 2] = [(1, V1), (2, V2)];
+
 /// Message states (the `state` column).
 pub(crate) const READY: i64 = 0;
 /// Waiting for its not-before time (`visible_at`).
@@ -55,9 +75,9 @@ pub(crate) const DELAYED: i64 = 1;
 /// Leased to a consumer until `visible_at`.
 pub(crate) const LEASED: i64 = 2;
 
-/// Creates the tables unless this file already has them.
+/// Creates the tables of every version this file lacks, then records [`VERSION`].
 ///
-/// The version is read first, so opening an existing database takes no write lock.
+/// The version is read first, so opening an up-to-date database takes no write lock.
 pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if current >= VERSION {
@@ -70,8 +90,16 @@ pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         }
         return Ok(());
     }
+    let ddl: String = STEPS
+        .iter()
+        .filter(|(v, _)| *v > current)
+        .map(|(_, ddl)| *ddl)
+        .collect();
+    if current > 0 {
+        tracing::info!(from = current, to = VERSION, "upgrading the sqlite schema");
+    }
     conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE; {DDL} PRAGMA user_version = {VERSION}; COMMIT;"
+        "BEGIN IMMEDIATE; {ddl} PRAGMA user_version = {VERSION}; COMMIT;"
     ))
     .inspect_err(|_| {
         let _ = conn.execute_batch("ROLLBACK");

@@ -44,7 +44,6 @@ async fn publish_consume_ack_round_trip() {
     assert_eq!(b.stats("q").await.unwrap(), QueueStats::default());
     assert_eq!(b.queues().await.unwrap(), vec!["q".to_owned()]);
     assert!(b.capabilities().delay && b.capabilities().multi_process);
-    assert!(!b.capabilities().fanout);
 }
 
 #[tokio::test]

@@ -1,4 +1,5 @@
-//! The generic broker and result backend conformance suites, each test on a fresh file.
+//! The generic broker, broadcast and result backend conformance suites, each test on a fresh
+//! file.
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ async fn backend() -> Option<DynBackend> {
 }
 
 celeriac_test::broker_conformance!(broker);
+celeriac_test::broadcast_conformance!(broker);
 celeriac_test::backend_conformance!(backend);
 
 /// The result probe: a broker and a backend in one file read states with the fetch; a

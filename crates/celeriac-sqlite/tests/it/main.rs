@@ -4,6 +4,8 @@
 mod broker;
 // Result backend: precedence, waiting, expiry, groups, counters.
 mod backend;
+// Remote control and events: rows, malformed rows, the sweep, older files.
+mod broadcast;
 // The beat store: its conformance suite, URLs, older files, corrupt rows, one thread per file.
 mod beat;
 // The generic conformance suites of celeriac-test.

@@ -1,4 +1,5 @@
-//! Several OS processes on one file, including one killed while holding leases.
+//! Several OS processes on one file, including one killed while holding leases, and remote
+//! control and events between processes.
 //!
 //! The test binary re-executes itself to run [`helper`] in a child process, its role given by
 //! environment variables; the child prints one line per message it handles.
@@ -9,8 +10,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use celeriac_core::broadcast::control::{Reply, Request, collect};
+use celeriac_core::broadcast::{Broadcasted, Clock};
 use celeriac_core::{Broker, ConsumeOptions, PublishOptions};
 use celeriac_sqlite::{SqliteBroker, SqliteOptions};
+use serde_json::{Map, json};
 
 use crate::util::{db, msg, next_within};
 
@@ -127,7 +131,53 @@ async fn helper() {
             println!("READY");
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
+        "control" => serve_control(&broker).await,
         other => panic!("unknown role {other}"),
+    }
+}
+
+/// A node answering remote control: replies `pong` to a ping and sends a heartbeat event
+/// for it, exits on `shutdown`.
+async fn serve_control(broker: &SqliteBroker) {
+    let ch = broker.broadcast().unwrap();
+    let node = format!("child-{}@test", std::process::id());
+    let mut inbox = ch.control_inbox(&node).await.unwrap();
+    let clock = Clock::new();
+    println!("READY {node}");
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(60), inbox.next())
+            .await
+            .expect("a request within a minute")
+            .unwrap()
+            .expect("the inbox stays open");
+        let request = Request::from_message(&m).unwrap().request;
+        if !request.is_for(&node) {
+            continue;
+        }
+        match request.method.as_str() {
+            "shutdown" => return,
+            "ping" => {
+                let mut headers = Map::new();
+                headers.insert("hostname".into(), json!(node));
+                let beat =
+                    json!({"type": "worker-heartbeat", "hostname": node, "ticket": request.ticket});
+                ch.send_event(&Broadcasted::new("worker.heartbeat", headers, beat))
+                    .await
+                    .unwrap();
+                if let (Some(ticket), Some(to)) = (request.ticket, request.reply_to) {
+                    let reply = Reply {
+                        ticket,
+                        node: node.clone(),
+                        answer: json!({"ok": "pong"}),
+                        clock: Some(clock.forward()),
+                    };
+                    ch.send_reply(&reply.to_message(&to.routing_key))
+                        .await
+                        .unwrap();
+                }
+            }
+            other => panic!("unexpected request {other}"),
+        }
     }
 }
 
@@ -243,4 +293,75 @@ async fn a_killed_consumers_leases_go_to_another_process() {
     assert_eq!(held, published);
     assert_eq!(again, published);
     assert_eq!(broker.stats(QUEUE).await.unwrap().total(), 0);
+}
+
+/// A process inspects another through the file: requests reach the child's control inbox,
+/// its replies come back to this process's reply queue and its events to an event inbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_control_and_events_cross_processes() {
+    let path = db("mp_broadcast");
+    let broker = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let ch = broker.broadcast().unwrap();
+    let mut events = ch.event_inbox("worker.#").await.unwrap();
+    let mut child = spawn("control", &path, 0);
+    let stdout = child.stdout.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in &mut lines {
+            if let Some(node) = line.unwrap().strip_prefix("READY ") {
+                return (node.to_owned(), lines);
+            }
+        }
+        panic!("the control child exited before listening");
+    });
+    let (node, rest) = tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .unwrap()
+        .unwrap();
+    let clock = Clock::new();
+    for _ in 0..20 {
+        let replies = collect(
+            ch,
+            &clock,
+            Request::new("ping", Map::new()),
+            Duration::from_secs(10),
+            Some(1),
+        )
+        .await
+        .unwrap();
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].node, node);
+        assert_eq!(replies[0].answer, json!({"ok": "pong"}));
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.routing_key, "worker.heartbeat");
+        assert_eq!(event.body["hostname"], json!(node));
+        assert_eq!(event.body["ticket"], json!(replies[0].ticket));
+    }
+    assert!(clock.value() > 20, "the replies' clocks moved ours");
+    // A request for another node: the child stays silent.
+    let mut elsewhere = Request::new("ping", Map::new());
+    elsewhere.destination = Some(vec!["nobody@test".to_owned()]);
+    let replies = collect(ch, &clock, elsewhere, Duration::from_millis(300), None)
+        .await
+        .unwrap();
+    assert!(replies.is_empty(), "{replies:?}");
+    ch.send_control(&Request::new("shutdown", Map::new()).to_message(clock.forward(), None))
+        .await
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        // Read to the end: the child writes its test report there.
+        rest.for_each(drop);
+        child.wait().unwrap()
+    });
+    let status = tokio::time::timeout(Duration::from_secs(30), status)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
 }
