@@ -70,6 +70,9 @@ pub struct Config {
     /// delayed store, so countdown/eta tasks sent to these queues are published at once with
     /// the `eta` header (as Celery does) instead of being held by the broker until due.
     pub celery_worker_queues: Vec<String>,
+    /// Send a `task-sent` event for every task this app sends (Celery's
+    /// `task_send_sent_event`), for monitors. Default false.
+    pub task_send_sent_event: bool,
     /// Worker settings.
     pub worker: WorkerConfig,
     /// The `[beat]` table, read by the beat scheduler (`celeriac::beat`).
@@ -126,6 +129,7 @@ impl Default for Config {
             track_started: false,
             routes: BTreeMap::new(),
             celery_worker_queues: Vec::new(),
+            task_send_sent_event: false,
             worker: WorkerConfig::default(),
             beat: None,
         }

@@ -222,7 +222,47 @@ impl App {
         self.declare(&queue).await?;
         self.inner.broker.publish(&queue, &message, publish).await?;
         tracing::debug!(task_id = %id, task_name = %call.task, queue = %queue, "task sent");
+        if self.inner.config.task_send_sent_event {
+            self.send_sent_event(&message, &queue).await;
+        }
         Ok(id)
+    }
+
+    /// Celery's `task-sent` event for a message just published to `queue` (a failure to
+    /// publish it is logged: the task was sent either way).
+    async fn send_sent_event(&self, message: &celeriac_core::Message, queue: &str) {
+        use celeriac_core::broadcast::Broadcasted;
+        use celeriac_core::broadcast::event::{Event, EventKind};
+        let Some(channels) = self.inner.broker.broadcast() else {
+            return;
+        };
+        let h = &message.headers;
+        let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+            t.map_or(Value::Null, |t| celeriac_core::time::format(t).into())
+        };
+        let e = Event::new(
+            EventKind::TaskSent,
+            &self.inner.origin,
+            self.clock().forward(),
+        )
+        .with("uuid", h.id.clone())
+        .with("root_id", h.root_id.clone())
+        .with("parent_id", h.parent_id.clone())
+        .with("name", h.task.clone())
+        .with("args", h.argsrepr.clone())
+        .with("kwargs", h.kwargsrepr.clone())
+        .with("retries", h.retries)
+        .with("eta", time(h.eta))
+        .with("expires", time(h.expires))
+        .with("queue", queue)
+        .with("exchange", "")
+        .with("routing_key", queue);
+        let mut headers = Map::new();
+        headers.insert("hostname".into(), self.inner.origin.clone().into());
+        let m = Broadcasted::new(EventKind::TaskSent.routing_key(), headers, e.to_value());
+        if let Err(err) = channels.send_event(&m).await {
+            tracing::warn!(error = %err, "cannot publish the task-sent event");
+        }
     }
 
     /// Sends many calls at once: one [`Broker::publish_batch`](celeriac_core::Broker) per

@@ -118,6 +118,11 @@ pub struct BeatGuideDoctests;
 #[cfg(doctest)]
 pub struct CanvasGuideDoctests;
 
+/// The operations guide's examples, compiled as doctests.
+#[doc = include_str!("../../../docs/operations.md")]
+#[cfg(doctest)]
+pub struct OperationsGuideDoctests;
+
 /// The tasks guide's examples, compiled as doctests.
 #[doc = include_str!("../../../docs/tasks.md")]
 #[cfg(doctest)]

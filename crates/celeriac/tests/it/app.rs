@@ -292,3 +292,85 @@ async fn queues_served_by_celery_workers_get_the_eta_in_the_header_only() {
         "the eta travels in the header"
     );
 }
+
+/// `App::control` and `App::events` on the memory broker: a worker answers, its events and
+/// the client's `task-sent` (with `task_send_sent_event`) arrive as typed events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_and_events_from_the_app() {
+    use celeriac::core::broadcast::event::EventKind;
+
+    #[celeriac::task(name = "tasks.twice")]
+    fn twice(x: i64) -> i64 {
+        x * 2
+    }
+
+    let mut config = celeriac::Config::default();
+    config.task_send_sent_event = true;
+    let app = celeriac::App::builder()
+        .config(config)
+        .broker_url("memory://")
+        .task::<twice>()
+        .build()
+        .await
+        .unwrap();
+    let mut events = app.events().await.unwrap();
+    let mut options = app.worker_options();
+    options.hostname = "w@app".into();
+    options.task_events = true;
+    let worker = app.worker(options);
+    let stop = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let pongs = app.control().inspect().ping().await.unwrap();
+        if pongs.contains_key("w@app") {
+            assert_eq!(pongs["w@app"], serde_json::json!({"ok": "pong"}));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no pong");
+    }
+    let limited = app
+        .control()
+        .destination(["w@app"])
+        .rate_limit("tasks.twice", "5/s")
+        .await
+        .unwrap();
+    assert_eq!(
+        limited["w@app"],
+        serde_json::json!({"ok": "new rate limit set successfully"})
+    );
+    let r = twice::delay(&app, 21).await.unwrap();
+    assert_eq!(
+        r.get_timeout(std::time::Duration::from_secs(10))
+            .await
+            .unwrap(),
+        42
+    );
+    let mut kinds = Vec::new();
+    while !kinds.contains(&EventKind::TaskSucceeded) {
+        let e = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .expect("events in time")
+            .unwrap()
+            .unwrap();
+        if e.uuid() == Some(r.id()) {
+            if e.kind() == EventKind::TaskSent {
+                assert_eq!(e.get("name").unwrap(), "tasks.twice");
+                assert!(e.hostname().starts_with("gen"), "{}", e.hostname());
+            }
+            kinds.push(e.kind());
+        }
+    }
+    assert_eq!(
+        kinds,
+        [
+            EventKind::TaskSent,
+            EventKind::TaskReceived,
+            EventKind::TaskStarted,
+            EventKind::TaskSucceeded
+        ]
+    );
+    stop.warm();
+    running.await.unwrap().unwrap();
+}
