@@ -213,16 +213,25 @@ print(json.dumps({"results": [r.get(timeout=30) for r in rs], "took": time.time(
         json!({"ok": "new rate limit set successfully"})
     );
 
-    // pool_grow adds a slot (and a child under -P processes).
-    let before = inspect(&env, &node, &["stats"]).await["pool"]["max-concurrency"]
-        .as_u64()
-        .unwrap();
+    // pool_grow adds a slot and a child (-P processes).
+    let stats = inspect(&env, &node, &["stats"]).await;
+    let before = stats["pool"]["max-concurrency"].as_u64().unwrap();
     assert_eq!(
         control(&env, &node, &["pool_grow", "1"]).await,
         json!({"ok": "pool will grow"})
     );
-    let after = inspect(&env, &node, &["stats"]).await;
-    assert_eq!(after["pool"]["max-concurrency"], json!(before + 1));
+    let deadline = Instant::now() + T;
+    loop {
+        let after = inspect(&env, &node, &["stats"]).await;
+        assert_eq!(after["pool"]["max-concurrency"], json!(before + 1));
+        // A child per slot (the one replaced after the terminate included).
+        let children = after["pool"]["processes"].as_array().unwrap().len() as u64;
+        if children == before + 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no new child: {after}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // `celery events --dump` shows our task and worker events.
     let dump = std::thread::spawn({
@@ -274,6 +283,32 @@ print(json.dumps(tasks.app.send_task("tasks.add", (40, 2), queue=os.environ["QUE
     );
 }
 
+/// A process killed when dropped (Flower must not outlive a failed test).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts Flower on `broker`, listening on `port`.
+fn flower(broker: &str, port: u16) -> Killed {
+    Killed(
+        Command::new(celery())
+            .current_dir(python_dir())
+            .args(["-b", broker, "flower", "--address=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .env("FLOWER_UNAUTHENTICATED_API", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn flower"),
+    )
+}
+
 /// GETs Flower's API on `port`; `None` until it answers JSON.
 fn get(port: u16, path: &str) -> Option<Value> {
     let o = Command::new("curl")
@@ -305,16 +340,7 @@ async fn flower_lists_our_worker_and_its_tasks_and_sees_it_go() {
     let mut ours = OurWorker::start_with(&env.url, &[q], &["-E"]).await;
     let node = ours.node_name().to_owned();
     let port = 5600 + u16::from(std::process::id() as u8 % 200);
-    let mut flower = Command::new(celery())
-        .current_dir(python_dir())
-        .args(["-b", &env.url, "flower", "--address=127.0.0.1"])
-        .arg(format!("--port={port}"))
-        .env("FLOWER_UNAUTHENTICATED_API", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn flower");
+    let _flower = flower(&env.url, port);
     // Flower listens to events from when it has connected: wait for it to see the worker.
     let workers = wait_for("our worker with stats", || {
         get(port, "/api/workers?refresh=1")
@@ -372,8 +398,6 @@ print(json.dumps([ok.id, bad.id]))
         "offline after {:?}",
         stopped.elapsed()
     );
-    let _ = flower.kill();
-    let _ = flower.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,4 +449,83 @@ async fn a_mixed_cluster_is_one_cluster_to_both_sides_tools() {
     for n in &nodes {
         assert_eq!(v[n], json!({"ok": "pong"}), "{v}");
     }
+}
+
+/// The same tools on RabbitMQ: `celery inspect`, `celery events --dump` and Flower see our
+/// worker through the exchanges kombu declares there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celerys_tools_see_our_worker_on_rabbitmq() {
+    const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672//";
+    if !celeriac_test::services::require_service("rabbitmq", "127.0.0.1:5672")
+        || !celeriac_test::python::require_python()
+    {
+        return;
+    }
+    let q = celeriac_test::services::unique_queue("ctl-amqp");
+    let backend = "rpc://guest:guest@127.0.0.1:5672//";
+    let mut ours = OurWorker::start_on(AMQP, backend, &[&q], &["-E"]).await;
+    let node = ours.node_name().to_owned();
+    let ask = |cmd: &'static str| {
+        let node = node.clone();
+        async move {
+            let o = celery_cli(
+                AMQP,
+                &["inspect", cmd, "--json", "-t", "5", "-d", &node],
+                &[],
+            )
+            .await;
+            let v: Value = serde_json::from_slice(&o.stdout)
+                .unwrap_or_else(|e| panic!("inspect {cmd}: {e}: {o:?}"));
+            v[&node].clone()
+        }
+    };
+    assert_eq!(ask("ping").await, json!({"ok": "pong"}));
+    assert_eq!(ask("stats").await["broker"]["transport"], "amqp");
+    assert!(
+        ask("registered")
+            .await
+            .as_array()
+            .unwrap()
+            .contains(&json!("tasks.add"))
+    );
+    assert_eq!(ask("active_queues").await[0]["name"], json!(q));
+
+    let port = 5800 + u16::from(std::process::id() as u8 % 150);
+    let _flower = flower(AMQP, port);
+    let workers = wait_for("our worker with stats", || {
+        get(port, "/api/workers?refresh=1")
+            .filter(|w| w[&node]["stats"]["pool"].is_object() && w[&node]["registered"].is_array())
+    })
+    .await;
+    assert_eq!(workers[&node]["stats"]["broker"]["transport"], "amqp");
+    wait_for("our worker online", || {
+        get(port, "/api/workers?status=1").filter(|s| s[&node] == json!(true))
+    })
+    .await;
+    let id = python(
+        r#"
+import json, os, tasks
+r = tasks.app.send_task("tasks.add", (20, 22), queue=os.environ["QUEUE"])
+print(json.dumps([r.id, r.get(timeout=20)]))
+"#,
+        &crate::support::Amqp {
+            url: AMQP.into(),
+            backend: backend.into(),
+            queue: q.clone(),
+        },
+        &[],
+    )
+    .await;
+    assert_eq!(id[1], json!(42));
+    let id = id[0].as_str().unwrap().to_owned();
+    let tasks = wait_for("the task", || {
+        get(port, "/api/tasks").filter(|t| t[&id]["state"] == json!("SUCCESS"))
+    })
+    .await;
+    assert_eq!(tasks[&id]["worker"], json!(node));
+    assert!(ours.terminate(Duration::from_secs(15)).await.is_some());
+    wait_for("our worker offline", || {
+        get(port, "/api/workers?status=1").filter(|s| s[&node] == json!(false))
+    })
+    .await;
 }

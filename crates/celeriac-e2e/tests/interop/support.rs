@@ -36,6 +36,29 @@ pub(crate) struct PythonOnly {
 pub(crate) trait Place {
     fn url(&self) -> &str;
     fn queue(&self) -> &str;
+    /// The result backend, when it is not the broker.
+    fn backend(&self) -> &str {
+        self.url()
+    }
+}
+
+/// A RabbitMQ broker with a result backend of its own, and a queue.
+pub(crate) struct Amqp {
+    pub(crate) url: String,
+    pub(crate) backend: String,
+    pub(crate) queue: String,
+}
+
+impl Place for Amqp {
+    fn url(&self) -> &str {
+        &self.url
+    }
+    fn queue(&self) -> &str {
+        &self.queue
+    }
+    fn backend(&self) -> &str {
+        &self.backend
+    }
 }
 
 impl Place for Interop {
@@ -124,6 +147,16 @@ impl OurWorker {
 
     /// [`OurWorker::start`] with more `worker` flags (`-E`, `-P processes`, ...).
     pub(crate) async fn start_with(url: &str, queues: &[&str], extra: &[&str]) -> OurWorker {
+        Self::start_on(url, url, queues, extra).await
+    }
+
+    /// [`OurWorker::start_with`] on a broker and a result backend of their own.
+    pub(crate) async fn start_on(
+        url: &str,
+        backend: &str,
+        queues: &[&str],
+        extra: &[&str],
+    ) -> OurWorker {
         let id = &celeriac::core::protocol::new_id()[28..];
         let node = format!("rsw-{id}@{}", celeriac::core::hostname());
         let log = test_dir().join(format!("interop-worker-{id}.log"));
@@ -133,7 +166,7 @@ impl OurWorker {
                 "--broker",
                 url,
                 "--result-backend",
-                url,
+                backend,
                 "--loglevel",
                 "info",
             ])
@@ -229,7 +262,7 @@ pub(crate) async fn python(script: &str, env: &impl Place, extra: &[(&str, &str)
         ("URL", env.url()),
         ("QUEUE", env.queue()),
         ("CELERY_BROKER_URL", env.url()),
-        ("CELERY_RESULT_BACKEND", env.url()),
+        ("CELERY_RESULT_BACKEND", env.backend()),
     ];
     vars.extend_from_slice(extra);
     stdout_json(&run_python_client(script, &vars).await)
