@@ -65,6 +65,13 @@ struct Args {
     /// Celery is skipped): a quick probe while working on latency.
     #[arg(long)]
     latency_only: Option<usize>,
+    /// Our workers send task events (`worker -E`), to measure what events cost.
+    #[arg(long)]
+    task_events: bool,
+    /// More flags for our workers' command line (repeatable), e.g. `--worker-arg
+    /// --without-remote-control`.
+    #[arg(long, allow_hyphen_values = true)]
+    worker_arg: Vec<String>,
 }
 
 /// The sizes of one run.
@@ -161,6 +168,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let mut extra = args.worker_arg.clone();
+    if args.task_events {
+        extra.push("-E".to_owned());
+    }
+    ours::set_worker_args(extra);
     let sizes = Sizes::from_args(&args);
     eprintln!("sizes: {sizes:?}");
     let mut report = Report::new(sizes.clone());

@@ -56,8 +56,17 @@ impl Target {
                 "warn",
             ])
             .args(["-n", &format!("bench{index}@localhost")]);
+        cmd.args(WORKER_ARGS.get().into_iter().flatten());
         Proc::spawn(cmd)
     }
+}
+
+/// More flags for every worker the benchmark starts (`--task-events`, `--worker-arg`).
+static WORKER_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Sets the extra worker flags (once, at start).
+pub(crate) fn set_worker_args(args: Vec<String>) {
+    let _ = WORKER_ARGS.set(args);
 }
 
 /// Whether a TCP server listens at `addr`.

@@ -120,7 +120,7 @@ impl Events {
             return;
         };
         let kind = e.kind();
-        let m = Broadcasted::new(kind.routing_key(), self.headers(), e.to_value());
+        let m = Broadcasted::new(kind.routing_key(), self.headers(), e.into_value());
         if let Err(err) = b.send_event(&m).await {
             tracing::warn!(error = %err, event = %kind, "cannot publish a worker event");
         }
@@ -145,15 +145,15 @@ async fn publish_batches(
 ) {
     let mut failing = false;
     while let Some(first) = rx.recv().await {
-        let mut batch = vec![first.to_value()];
+        let mut batch = vec![first.into_value()];
         let deadline = tokio::time::Instant::now() + FLUSH_AFTER;
         while batch.len() < BATCH {
             match rx.try_recv() {
-                Ok(e) => batch.push(e.to_value()),
+                Ok(e) => batch.push(e.into_value()),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(e)) => batch.push(e.to_value()),
+                        Ok(Some(e)) => batch.push(e.into_value()),
                         Ok(None) | Err(_) => break,
                     }
                 }

@@ -173,6 +173,11 @@ impl Event {
         Value::Object(self.fields.clone())
     }
 
+    /// The event as a JSON map, without a copy.
+    pub fn into_value(self) -> Value {
+        Value::Object(self.fields)
+    }
+
     /// Its kind.
     pub fn kind(&self) -> EventKind {
         EventKind::parse(self.str("type").unwrap_or_default())
@@ -224,13 +229,28 @@ pub fn now_unix() -> f64 {
 
 /// This host's offset from UTC in hours *west* (Celery's `utcoffset`: UTC is 0, Berlin in
 /// winter -1, New York in winter 5).
+///
+/// Read from the system at most once a minute: finding the local zone costs system calls,
+/// and every event carries the offset.
 pub fn utcoffset_hours_west() -> f64 {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static CACHED: Mutex<Option<(Instant, f64)>> = Mutex::new(None);
+    let mut cached = CACHED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, v)) = *cached {
+        if at.elapsed() < Duration::from_secs(60) {
+            return v;
+        }
+    }
     let east = chrono::Local::now().offset().local_minus_utc();
     // `0 - 0.0` would print as `-0.0` in monitors.
-    if east == 0 {
-        return 0.0;
-    }
-    -f64::from(east) / 3600.0
+    let v = if east == 0 {
+        0.0
+    } else {
+        -f64::from(east) / 3600.0
+    };
+    *cached = Some((Instant::now(), v));
+    v
 }
 
 /// A Python `repr` of a JSON value as Celery's events carry results and arguments: strings
