@@ -192,16 +192,19 @@ async fn declare_exchange(ch: &Channel, x: Exchange) -> Result<()> {
 
 /// The AMQP properties and body of a broadcast message.
 fn encode(m: &Broadcasted) -> Result<(Properties, Vec<u8>)> {
-    let body = serde_json::to_vec(&m.body)?;
-    let properties = Properties {
+    Ok((properties(&m.headers), serde_json::to_vec(&m.body)?))
+}
+
+/// The properties of a broadcast message with `headers`.
+fn properties(headers: &serde_json::Map<String, serde_json::Value>) -> Properties {
+    Properties {
         content_type: Some("application/json".to_owned()),
         content_encoding: Some("utf-8".to_owned()),
-        headers: Some(to_table(&m.headers)),
+        headers: Some(to_table(headers)),
         delivery_mode: Some(1),
         priority: Some(0),
         ..Properties::default()
-    };
-    Ok((properties, body))
+    }
 }
 
 /// Reads a delivery of a broadcast queue; the error says why it is skipped.
@@ -288,8 +291,21 @@ impl AmqpBroadcast {
     /// Publishes `m` to `exchange` (declared first, once per sending connection) and waits
     /// for RabbitMQ's confirm.
     async fn publish(&self, exchange: Exchange, m: &Broadcasted) -> Result<()> {
-        self.check_open()?;
         let (properties, body) = encode(m)?;
+        self.publish_encoded(exchange, &m.routing_key, &properties, &body)
+            .await
+    }
+
+    /// Publishes an encoded message to `exchange` under `routing_key` (the exchange declared
+    /// first, once per sending connection) and waits for RabbitMQ's confirm.
+    async fn publish_encoded(
+        &self,
+        exchange: Exchange,
+        routing_key: &str,
+        properties: &Properties,
+        body: &[u8],
+    ) -> Result<()> {
+        self.check_open()?;
         let rx = {
             let mut guard = self.sender.lock().await;
             self.check_open()?;
@@ -311,7 +327,7 @@ impl AmqpBroadcast {
             }
             match s
                 .publisher
-                .send(exchange.name, &m.routing_key, &properties, &body)
+                .send(exchange.name, routing_key, properties, body)
                 .await
             {
                 Ok(rx) => rx,
@@ -372,6 +388,19 @@ impl Broadcast for AmqpBroadcast {
 
     fn send_event<'a>(&'a self, message: &'a Broadcasted) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.publish(EVENTS, message))
+    }
+
+    fn send_event_json<'a>(
+        &'a self,
+        routing_key: &'a str,
+        headers: &'a serde_json::Map<String, serde_json::Value>,
+        body: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let properties = properties(headers);
+            self.publish_encoded(EVENTS, routing_key, &properties, body.as_bytes())
+                .await
+        })
     }
 
     fn event_inbox<'a>(&'a self, binding: &'a str) -> BoxFuture<'a, Result<Box<dyn Inbox>>> {

@@ -188,6 +188,19 @@ impl Redis {
         &self.client
     }
 
+    /// Another handle on the same server whose shared connection is its own: for traffic
+    /// (events) that must not queue in front of the commands of this one.
+    pub(crate) fn sibling(&self) -> Redis {
+        Redis {
+            client: self.client.clone(),
+            conn: Mutex::new(None),
+            kind: self.kind,
+            url: self.url.clone(),
+            identity: self.identity.clone(),
+            retry_for: self.retry_for,
+        }
+    }
+
     /// A new connection of its own (for a consumer), whose replies may take `response_timeout`.
     pub(crate) async fn dedicated(
         &self,

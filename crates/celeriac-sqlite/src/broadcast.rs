@@ -237,10 +237,16 @@ impl SqliteBroker {
 
     /// Inserts `m` on `channel` (and sweeps, when due).
     async fn send(&self, channel: Channel, m: &Broadcasted) -> Result<()> {
+        let envelope = envelope::encode(m, channel.exchange());
+        self.send_encoded(channel, m.routing_key.clone(), envelope)
+            .await
+    }
+
+    /// Inserts an encoded envelope sent on `channel` under `key`.
+    async fn send_encoded(&self, channel: Channel, key: String, envelope: Vec<u8>) -> Result<()> {
         self.check_open()?;
-        let body = String::from_utf8(envelope::encode(m, channel.exchange()))
+        let body = String::from_utf8(envelope)
             .map_err(|e| Error::protocol("broadcast envelope is not utf-8").with_source(e))?;
-        let key = m.routing_key.clone();
         let now = now_ms();
         let sweep_now = self.broadcast_sweep_due(now);
         self.conn()
@@ -317,6 +323,21 @@ impl Broadcast for SqliteBroker {
 
     fn send_event<'a>(&'a self, message: &'a Broadcasted) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.send(Channel::Event, message))
+    }
+
+    fn send_event_json<'a>(
+        &'a self,
+        routing_key: &'a str,
+        headers: &'a serde_json::Map<String, serde_json::Value>,
+        body: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        let envelope = envelope::encode_json(
+            routing_key,
+            headers,
+            body.as_bytes(),
+            Channel::Event.exchange(),
+        );
+        Box::pin(self.send_encoded(Channel::Event, routing_key.to_owned(), envelope))
     }
 
     fn event_inbox<'a>(&'a self, binding: &'a str) -> BoxFuture<'a, Result<Box<dyn Inbox>>> {

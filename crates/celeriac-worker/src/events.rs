@@ -22,10 +22,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use celeriac_core::broadcast::event::{Event, EventKind, py_repr};
+use celeriac_core::broadcast::event::{Event, EventKind, now_unix, py_repr, utcoffset_hours_west};
 use celeriac_core::broadcast::{Broadcasted, Clock};
 use celeriac_core::meta::RemoteError;
 use celeriac_core::{BoxFuture, DynBroker, TaskState};
+use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
@@ -45,8 +46,8 @@ pub(crate) struct Events {
     task_events: AtomicBool,
     /// The broker carries events.
     has: bool,
-    /// Task events to publish; taken away by `close`.
-    queue: std::sync::Mutex<Option<mpsc::UnboundedSender<Event>>>,
+    /// Task events to publish, as JSON text; taken away by `close`.
+    queue: std::sync::Mutex<Option<mpsc::UnboundedSender<String>>>,
     broker: DynBroker,
 }
 
@@ -88,7 +89,7 @@ impl Events {
         drop(self.lock().take());
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<mpsc::UnboundedSender<Event>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<mpsc::UnboundedSender<String>>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -107,10 +108,26 @@ impl Events {
         Event::new(kind, &self.hostname, self.clock.forward())
     }
 
-    /// Queues a task event for the next batch.
-    fn queue(&self, e: Event) {
-        if let Some(q) = self.lock().as_ref() {
-            let _ = q.send(e);
+    /// Queues task event `kind` of task `uuid`, with its own `fields`, for the next batch.
+    fn queue(&self, kind: EventKind, uuid: &str, fields: Fields<'_>) {
+        let Some(q) = self.lock().clone() else {
+            return;
+        };
+        let e = TaskEvent {
+            kind: kind.as_str(),
+            hostname: &self.hostname,
+            timestamp: now_unix(),
+            utcoffset: utcoffset_hours_west(),
+            pid: std::process::id(),
+            clock: self.clock.forward(),
+            uuid,
+            fields,
+        };
+        match serde_json::to_string(&e) {
+            Ok(text) => {
+                let _ = q.send(text);
+            }
+            Err(err) => tracing::warn!(error = %err, event = %kind, "cannot encode a task event"),
         }
     }
 
@@ -141,29 +158,37 @@ fn headers(hostname: &str) -> Map<String, Value> {
 async fn publish_batches(
     broker: DynBroker,
     hostname: String,
-    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut rx: mpsc::UnboundedReceiver<String>,
 ) {
     let mut failing = false;
+    let headers = headers(&hostname);
+    let mut batch = String::new();
     while let Some(first) = rx.recv().await {
-        let mut batch = vec![first.into_value()];
+        batch.clear();
+        batch.push('[');
+        batch.push_str(&first);
+        let mut n = 1;
         let deadline = tokio::time::Instant::now() + FLUSH_AFTER;
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e.into_value()),
+        while n < BATCH {
+            let next = match rx.try_recv() {
+                Ok(e) => e,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(e)) => batch.push(e.into_value()),
+                        Ok(Some(e)) => e,
                         Ok(None) | Err(_) => break,
                     }
                 }
-            }
+            };
+            batch.push(',');
+            batch.push_str(&next);
+            n += 1;
         }
+        batch.push(']');
         let Some(b) = broker.broadcast() else {
             return;
         };
-        let m = Broadcasted::new("task.multi", headers(&hostname), Value::Array(batch));
-        match b.send_event(&m).await {
+        match b.send_event_json("task.multi", &headers, &batch).await {
             Ok(()) if failing => {
                 tracing::info!("publishing task events again");
                 failing = false;
@@ -289,10 +314,10 @@ impl Layer for TaskEventsLayer {
             return next.run(req);
         }
         Box::pin(async move {
-            events.queue(received(events, req));
+            events.queue(EventKind::TaskReceived, req.id(), received(req));
             let outcome = next.run(req).await;
-            if let Some(e) = ended(events, req, &outcome) {
-                events.queue(e);
+            if let Some((kind, fields)) = ended(events, req, &outcome) {
+                events.queue(kind, req.id(), fields);
             }
             outcome
         })
@@ -307,66 +332,110 @@ impl Layer for StartedEventLayer {
     fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
         if self.0.task_events() {
             self.0
-                .queue(self.0.event(EventKind::TaskStarted).with("uuid", req.id()));
+                .queue(EventKind::TaskStarted, req.id(), Fields::Started {});
         }
         next.run(req)
     }
 }
 
-fn received(events: &Events, req: &Request) -> Event {
-    let h = req.headers();
-    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
-        t.map_or(Value::Null, |t| celeriac_core::time::format(t).into())
-    };
-    events
-        .event(EventKind::TaskReceived)
-        .with("uuid", req.id())
-        .with("name", req.name())
-        .with(
-            "args",
-            py_repr(&Value::Array(req.args().to_vec()), REPR_MAX),
-        )
-        .with(
-            "kwargs",
-            py_repr(&Value::Object(req.kwargs().clone()), REPR_MAX),
-        )
-        .with("root_id", h.root_id.clone())
-        .with("parent_id", h.parent_id.clone())
-        .with("retries", h.retries)
-        .with("eta", time(h.eta))
-        .with("expires", time(h.expires))
+/// A task event as Celery's monitors read it, written straight to JSON text.
+#[derive(Serialize)]
+struct TaskEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    hostname: &'a str,
+    timestamp: f64,
+    utcoffset: f64,
+    pid: u32,
+    clock: u64,
+    uuid: &'a str,
+    #[serde(flatten)]
+    fields: Fields<'a>,
 }
 
-fn ended(events: &Events, req: &Request, outcome: &Outcome) -> Option<Event> {
-    let task = |kind| events.event(kind).with("uuid", req.id());
-    let traceback = |e: &RemoteError| crate::record::traceback(req, &events.hostname, e);
+/// The fields of each kind of task event, beyond those every event has.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Fields<'a> {
+    Received {
+        name: &'a str,
+        args: String,
+        kwargs: String,
+        root_id: Option<&'a str>,
+        parent_id: Option<&'a str>,
+        retries: u32,
+        eta: Option<String>,
+        expires: Option<String>,
+    },
+    Started {},
+    Succeeded {
+        result: String,
+        runtime: f64,
+    },
+    Failed {
+        exception: String,
+        traceback: String,
+    },
+    Rejected {
+        requeue: bool,
+    },
+    Revoked {
+        terminated: bool,
+        signum: Option<u8>,
+        expired: bool,
+    },
+}
+
+fn received(req: &Request) -> Fields<'_> {
+    let h = req.headers();
+    Fields::Received {
+        name: req.name(),
+        args: py_repr(&Value::Array(req.args().to_vec()), REPR_MAX),
+        kwargs: py_repr(&Value::Object(req.kwargs().clone()), REPR_MAX),
+        root_id: h.root_id.as_deref(),
+        parent_id: h.parent_id.as_deref(),
+        retries: h.retries,
+        eta: h.eta.map(celeriac_core::time::format),
+        expires: h.expires.map(celeriac_core::time::format),
+    }
+}
+
+fn ended<'a>(
+    events: &Events,
+    req: &'a Request,
+    outcome: &Outcome,
+) -> Option<(EventKind, Fields<'a>)> {
+    let failed = |e: &RemoteError| Fields::Failed {
+        exception: exception_repr(e),
+        traceback: crate::record::traceback(req, &events.hostname, e),
+    };
+    let revoked = |terminated: bool, expired: bool| Fields::Revoked {
+        terminated,
+        signum: None,
+        expired,
+    };
     Some(match outcome {
-        Outcome::Succeeded(v) => task(EventKind::TaskSucceeded)
-            .with("result", py_repr(v, REPR_MAX))
-            .with("runtime", req.runtime().unwrap_or_default().as_secs_f64()),
-        Outcome::Failed(e) | Outcome::DeadLettered { error: e, .. } => task(EventKind::TaskFailed)
-            .with("exception", exception_repr(e))
-            .with("traceback", traceback(e)),
-        Outcome::Errored(err) => {
-            let e = err.to_remote();
-            task(EventKind::TaskFailed)
-                .with("exception", exception_repr(&e))
-                .with("traceback", traceback(&e))
+        Outcome::Succeeded(v) => (
+            EventKind::TaskSucceeded,
+            Fields::Succeeded {
+                result: py_repr(v, REPR_MAX),
+                runtime: req.runtime().unwrap_or_default().as_secs_f64(),
+            },
+        ),
+        Outcome::Failed(e) | Outcome::DeadLettered { error: e, .. } => {
+            (EventKind::TaskFailed, failed(e))
         }
-        Outcome::Retried { cause, .. } => task(EventKind::TaskRetried)
-            .with("exception", exception_repr(cause))
-            .with("traceback", traceback(cause)),
-        Outcome::Rejected { requeue, .. } => {
-            task(EventKind::TaskRejected).with("requeue", *requeue)
-        }
-        Outcome::Revoked { reason } => task(EventKind::TaskRevoked)
-            .with("terminated", reason == "terminated")
-            .with("signum", Value::Null)
-            .with("expired", reason == "expired"),
-        Outcome::Skipped(TaskState::Revoked) => task(EventKind::TaskRevoked)
-            .with("terminated", false)
-            .with("signum", Value::Null)
-            .with("expired", false),
+        Outcome::Errored(err) => (EventKind::TaskFailed, failed(&err.to_remote())),
+        Outcome::Retried { cause, .. } => (EventKind::TaskRetried, failed(cause)),
+        Outcome::Rejected { requeue, .. } => (
+            EventKind::TaskRejected,
+            Fields::Rejected { requeue: *requeue },
+        ),
+        Outcome::Revoked { reason } => (
+            EventKind::TaskRevoked,
+            revoked(reason == "terminated", reason == "expired"),
+        ),
+        Outcome::Skipped(TaskState::Revoked) => (EventKind::TaskRevoked, revoked(false, false)),
         Outcome::Skipped(_) | Outcome::Parked(_) | Outcome::Requeued => return None,
     })
 }

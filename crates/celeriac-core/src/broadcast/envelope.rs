@@ -14,14 +14,25 @@ use crate::error::{Error, Result};
 /// The envelope of `m`, sent on `exchange`.
 pub fn encode(m: &Broadcasted, exchange: &str) -> Vec<u8> {
     let body = serde_json::to_vec(&m.body).unwrap_or_else(|_| b"null".to_vec());
+    encode_json(&m.routing_key, &m.headers, &body, exchange)
+}
+
+/// The envelope of a message whose body is already JSON text (see
+/// [`Broadcast::send_event_json`](super::Broadcast::send_event_json)).
+pub fn encode_json(
+    routing_key: &str,
+    headers: &Map<String, Value>,
+    body: &[u8],
+    exchange: &str,
+) -> Vec<u8> {
     let doc = json!({
         "body": B64.encode(body),
         "content-encoding": "utf-8",
         "content-type": "application/json",
-        "headers": m.headers,
+        "headers": headers,
         "properties": {
             "delivery_mode": 1,
-            "delivery_info": {"exchange": exchange, "routing_key": m.routing_key},
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
             "priority": 0,
             "body_encoding": "base64",
             "delivery_tag": crate::protocol::new_id(),

@@ -91,6 +91,24 @@ pub trait Broadcast: Send + Sync + fmt::Debug {
     /// Publishes an event message (one event, or a batch under `task.multi`).
     fn send_event<'a>(&'a self, message: &'a Broadcasted) -> BoxFuture<'a, Result<()>>;
 
+    /// Publishes an event message whose body is JSON text the sender wrote itself (a worker's
+    /// batch of task events), sparing the tree a [`Broadcasted`] would need. The default
+    /// parses the text and calls [`send_event`](Self::send_event); drivers that put bytes on
+    /// the wire take the text as it is.
+    fn send_event_json<'a>(
+        &'a self,
+        routing_key: &'a str,
+        headers: &'a Map<String, Value>,
+        body: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let body = serde_json::from_str(body)
+                .map_err(|e| crate::Error::protocol("an event body is not JSON").with_source(e))?;
+            self.send_event(&Broadcasted::new(routing_key, headers.clone(), body))
+                .await
+        })
+    }
+
     /// Starts receiving the events whose routing key matches `binding`, a topic pattern
     /// (`#` every event, `worker.#` worker events, `task.*`).
     fn event_inbox<'a>(&'a self, binding: &'a str) -> BoxFuture<'a, Result<Box<dyn Inbox>>>;

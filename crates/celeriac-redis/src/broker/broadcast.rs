@@ -185,6 +185,21 @@ impl Broadcast for Inner {
         })
     }
 
+    fn send_event_json<'a>(
+        &'a self,
+        routing_key: &'a str,
+        headers: &'a serde_json::Map<String, serde_json::Value>,
+        body: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let bytes =
+                envelope::encode_json(routing_key, headers, body.as_bytes(), EVENT_EXCHANGE);
+            self.publish_encoded(EVENT_EXCHANGE, routing_key, bytes, "send an event")
+                .await
+        })
+    }
+
     fn event_inbox<'a>(&'a self, binding: &'a str) -> BoxFuture<'a, Result<Box<dyn Inbox>>> {
         Box::pin(async move {
             self.check_open()?;
@@ -208,10 +223,22 @@ impl Inner {
         message: &Broadcasted,
         what: &str,
     ) -> Result<()> {
-        let channel = self.keys.fanout_channel(exchange, &message.routing_key);
         let bytes = envelope::encode(message, exchange);
+        self.publish_encoded(exchange, &message.routing_key, bytes, what)
+            .await
+    }
+
+    /// `PUBLISH`es an encoded envelope on the exchange's channel for `routing_key`.
+    async fn publish_encoded(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        bytes: Vec<u8>,
+        what: &str,
+    ) -> Result<()> {
+        let channel = self.keys.fanout_channel(exchange, routing_key);
         let (channel, bytes) = (&channel, &bytes);
-        self.redis
+        self.broadcasts
             .run(what, |mut c| async move {
                 redis::cmd("PUBLISH")
                     .arg(channel)

@@ -78,6 +78,9 @@ pub struct RedisBroker {
 #[derive(Debug)]
 struct Inner {
     redis: Arc<Redis>,
+    /// Broadcasts (events above all) go out on a connection of their own, so a burst of
+    /// large event batches never holds up the acks and publishes of `redis`.
+    broadcasts: Redis,
     keys: Arc<BrokerKeys>,
     visibility_timeout: Duration,
     /// How long a redelivery counter lives after its last increment, in seconds.
@@ -110,6 +113,7 @@ impl RedisBroker {
         let visibility_timeout = options.get_visibility_timeout();
         Ok(RedisBroker {
             inner: Arc::new(Inner {
+                broadcasts: redis.sibling(),
                 redis,
                 keys,
                 visibility_timeout,
