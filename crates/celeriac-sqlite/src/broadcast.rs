@@ -484,16 +484,6 @@ impl Inbox for SqliteInbox {
 mod tests {
     use super::*;
 
-    fn plan(conn: &rusqlite::Connection, sql: &str) -> String {
-        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let mut rows = stmt.raw_query();
-        let mut lines = Vec::new();
-        while let Some(r) = rows.next().unwrap() {
-            lines.push(r.get::<_, String>(3).unwrap());
-        }
-        lines.join("\n")
-    }
-
     /// Reads seek the primary key from the cursor on and never sort: their cost is the rows
     /// added since the last read, however many the table holds.
     #[test]
@@ -505,7 +495,7 @@ mod tests {
             READ_KEY_SQL,
             "SELECT MIN(id) FROM celeriac_broadcast WHERE id > ?1",
         ] {
-            let p = plan(&conn, sql);
+            let p = crate::schema::query_plan(&conn, sql);
             assert!(p.contains("INTEGER PRIMARY KEY (rowid>?)"), "{sql}\n{p}");
             assert!(!p.contains("TEMP B-TREE"), "{sql}\n{p}");
         }

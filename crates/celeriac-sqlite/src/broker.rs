@@ -794,16 +794,6 @@ impl Acker for SqliteAcker {
 mod tests {
     use super::*;
 
-    fn plan(conn: &rusqlite::Connection, sql: &str) -> String {
-        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let mut rows = stmt.raw_query();
-        let mut lines = Vec::new();
-        while let Some(r) = rows.next().unwrap() {
-            lines.push(r.get::<_, String>(3).unwrap());
-        }
-        lines.join("\n")
-    }
-
     /// Fetching must cost O(log n) however long the queue: every statement seeks an index and
     /// none sorts.
     #[test]
@@ -815,7 +805,7 @@ mod tests {
             (LEASE_SQL, "celeriac_messages_ready"),
             (NEXT_DUE_SQL, "celeriac_messages_waiting"),
         ] {
-            let p = plan(&conn, sql);
+            let p = crate::schema::query_plan(&conn, sql);
             assert!(p.contains(index), "{sql}\n{p}");
             assert!(!p.contains("TEMP B-TREE"), "{sql}\n{p}");
             assert!(!p.contains("SCAN celeriac_messages"), "{sql}\n{p}");

@@ -105,3 +105,16 @@ pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         let _ = conn.execute_batch("ROLLBACK");
     })
 }
+
+/// SQLite's query plan of `sql`, one line per step (for tests that check a statement seeks an
+/// index and never sorts).
+#[cfg(test)]
+pub(crate) fn query_plan(conn: &rusqlite::Connection, sql: &str) -> String {
+    let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+    let mut rows = stmt.raw_query();
+    let mut lines = Vec::new();
+    while let Some(r) = rows.next().unwrap() {
+        lines.push(r.get::<_, String>(3).unwrap());
+    }
+    lines.join("\n")
+}

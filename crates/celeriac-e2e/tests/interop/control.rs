@@ -37,24 +37,18 @@ async fn celery_cli(url: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// `celery inspect <cmd> --json -d <node>`: the node's answer.
 async fn inspect(env: &Interop, node: &str, cmd: &[&str]) -> Value {
-    let mut args = vec!["inspect"];
-    args.extend_from_slice(cmd);
-    args.extend_from_slice(&["--json", "-t", "5", "-d", node]);
-    let o = celery_cli(&env.url, &args, &[]).await;
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "celery {args:?}: {out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let v: Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("celery {args:?} printed no JSON ({e}): {out}"));
-    v[node].clone()
+    remote(env, "inspect", node, cmd).await
 }
 
-/// `celery control <cmd> --json -d <node>`: the node's answer (control prints a list).
+/// `celery control <cmd> --json -d <node>`: the node's answer.
 async fn control(env: &Interop, node: &str, cmd: &[&str]) -> Value {
-    let mut args = vec!["control"];
+    remote(env, "control", node, cmd).await
+}
+
+/// `celery <kind> <cmd> --json -d <node>`: the node's answer (inspect prints a map of node to
+/// answer, control a list of such maps).
+async fn remote(env: &Interop, kind: &str, node: &str, cmd: &[&str]) -> Value {
+    let mut args = vec![kind];
     args.extend_from_slice(cmd);
     args.extend_from_slice(&["--json", "-t", "5", "-d", node]);
     let o = celery_cli(&env.url, &args, &[]).await;
@@ -66,9 +60,11 @@ async fn control(env: &Interop, node: &str, cmd: &[&str]) -> Value {
     );
     let v: Value = serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("celery {args:?} printed no JSON ({e}): {out}"));
-    v.as_array()
-        .into_iter()
-        .flatten()
+    let maps = match v {
+        Value::Array(a) => a,
+        one => vec![one],
+    };
+    maps.into_iter()
         .find_map(|r| r.get(node).cloned())
         .unwrap_or_else(|| panic!("no answer from {node}: {out}"))
 }
