@@ -48,7 +48,10 @@
 //!   worker thread, so a slow body cannot stall acks, leases or other tasks. The cost: a
 //!   thread cannot be killed, so under the thread pools a blocking task past its hard time
 //!   limit is reported as `TimeLimitExceeded` and abandoned, not stopped; under
-//!   [`Pool::Processes`] its child process is killed (SIGKILL) and replaced.
+//!   [`Pool::Processes`] its child process is killed (SIGKILL) and replaced. An abandoned
+//!   body on tokio's blocking pool would keep a runtime that is dropped from ever finishing:
+//!   `celeriac::cli::run` shuts its runtime down with a short timeout after the worker
+//!   stopped; a binary of your own should do the same (`Runtime::shutdown_timeout`).
 //! - **A crash is one task's problem.** Under [`Pool::Processes`] a child that aborts,
 //!   segfaults or is OOM-killed fails its task with `WorkerLostError` (acks-late tasks are
 //!   requeued instead); a message that keeps killing its worker is dead-lettered after

@@ -228,6 +228,30 @@ async fn a_worker_killed_mid_run_loses_no_acks_late_task_on_rabbitmq() {
     sigkill_mid_run(Target::amqp()).await;
 }
 
+/// A blocking task abandoned at its hard limit on a thread (the default pool cannot kill a
+/// thread) must not keep the process alive after the worker stopped.
+// See: issue 23 (E)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r23e_an_abandoned_spinning_thread_does_not_keep_the_process_alive() {
+    let (url, _) = sqlite_url("reliability-abandoned");
+    for pool in ["async", "threads"] {
+        let mut w = WorkerProcess::start(&url, &["-P", pool, "-c", "2"]);
+        let app = client(&url).await;
+        let r = spin::delay(&app).await.unwrap();
+        let meta = r.wait_meta(Some(T)).await.unwrap();
+        assert_eq!(meta.status, TaskState::Failure, "{pool}");
+        w.wait_for_log("hard time limit exceeded", T).await;
+        let stopped = Instant::now();
+        w.signal("TERM");
+        let status = w.wait(Duration::from_secs(10)).await;
+        assert!(status.success(), "{pool}: {status:?}\n{}", w.log());
+        println!(
+            "{pool}: exited {:.2}s after SIGTERM with a thread still spinning",
+            stopped.elapsed().as_secs_f64()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_processes_pool_kills_a_spinning_task_at_its_hard_limit_and_survives_an_abort() {
     let (url, _) = sqlite_url("reliability-processes");

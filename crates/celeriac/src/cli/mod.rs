@@ -267,6 +267,9 @@ enum Command {
     Dead(dead::DeadArgs),
 }
 
+/// How long the runtime may wait for leftover blocking threads once the command is done.
+const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
 /// Parses the process arguments, builds the app and runs the command.
 pub fn run(builder: AppBuilder) -> ExitCode {
     run_from(builder, std::env::args_os())
@@ -303,7 +306,13 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(builder, cli)) {
+    let result = runtime.block_on(dispatch(builder, cli));
+    // A blocking task abandoned at its hard limit (a thread cannot be killed) may still run
+    // on tokio's blocking pool, which dropping the runtime would wait for, forever if it
+    // spins. The worker has stopped by now (its soft and cold deadlines passed): give what
+    // is left a moment, then leave it; the process exits when `main` returns.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
