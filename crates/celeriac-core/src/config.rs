@@ -12,6 +12,7 @@
 //! visibility_timeout = 3600       # seconds a delivery stays leased
 //!
 //! celery_worker_queues = ["celery"]   # also served by Python Celery workers
+//! celeriac_only_queues = ["internal.*"] # no Python worker: delays parked in the broker at once
 //!
 //! [routes]
 //! "tasks.send_*" = "email"        # task-name glob -> queue
@@ -70,6 +71,12 @@ pub struct Config {
     /// delayed store, so countdown/eta tasks sent to these queues are published at once with
     /// the `eta` header (as Celery does) instead of being held by the broker until due.
     pub celery_worker_queues: Vec<String>,
+    /// Queues (globs) that no Python worker serves, on a broker Python can share (Redis,
+    /// RabbitMQ): a delayed task sent to them is parked in the broker's delayed store at once.
+    /// Every other queue of such a broker gets delayed tasks published at once with their
+    /// `eta` header, as Celery's client sends them (a celeriac worker parks such a message in
+    /// the broker when it receives it, so the delay is still kept by the broker).
+    pub celeriac_only_queues: Vec<String>,
     /// Send a `task-sent` event for every task this app sends (Celery's
     /// `task_send_sent_event`), for monitors. Default false.
     pub task_send_sent_event: bool,
@@ -129,6 +136,7 @@ impl Default for Config {
             track_started: false,
             routes: BTreeMap::new(),
             celery_worker_queues: Vec::new(),
+            celeriac_only_queues: Vec::new(),
             task_send_sent_event: false,
             worker: WorkerConfig::default(),
             beat: None,

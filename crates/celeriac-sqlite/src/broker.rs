@@ -154,7 +154,10 @@ impl Broker for SqliteBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::all()
+        // Python Celery has no SQLite transport of this layout.
+        let mut c = Capabilities::all();
+        c.celery_peers = false;
+        c
     }
 
     fn declare<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<()>> {

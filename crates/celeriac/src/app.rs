@@ -178,13 +178,31 @@ impl App {
         if message.properties.reply_to.is_none() {
             message.properties.reply_to = self.inner.reply_to.clone();
         }
-        // A queue that Python workers also serve gets the eta in the header only: they know no
-        // broker-side delayed store and would otherwise never see the message until it is due.
-        let held_by_broker = !self.inner.config.celery_worker_queues.contains(&queue);
+        let held_by_broker = self.delays_in_broker(&queue);
         let publish = PublishOptions::default()
             .priority(out.priority)
             .not_before(out.eta.filter(|_| held_by_broker));
         Ok((queue, message, publish))
+    }
+
+    /// Whether a delayed task for `queue` is parked in the broker's delayed store at once.
+    ///
+    /// Not when Python workers may serve the queue (a broker Python shares, and the queue not
+    /// declared celeriac-only): they know no broker-side delayed store and would never see
+    /// the message, so it goes out at once with its `eta` header, as Celery sends it. A
+    /// celeriac worker that receives it parks it in the broker itself.
+    fn delays_in_broker(&self, queue: &str) -> bool {
+        let c = &self.inner.config;
+        if c.celery_worker_queues.iter().any(|q| q == queue) {
+            return false;
+        }
+        if c.celeriac_only_queues
+            .iter()
+            .any(|g| celeriac_core::config::glob_match(g, queue))
+        {
+            return true;
+        }
+        !self.inner.broker.capabilities().celery_peers
     }
 
     /// Builds (see [`celeriac_core::canvas::build_message`]) and publishes the message for a

@@ -50,6 +50,10 @@ pub struct Capabilities {
     pub fanout: bool,
     /// Several processes may publish and consume the same queues.
     pub multi_process: bool,
+    /// Python Celery workers may consume its queues (Redis, RabbitMQ). They know no
+    /// broker-side delayed store: a delayed task for them must travel with its `eta` header
+    /// and be published at once, as Celery's client does.
+    pub celery_peers: bool,
 }
 
 impl Capabilities {
@@ -61,6 +65,7 @@ impl Capabilities {
             lease_extension: true,
             fanout: true,
             multi_process: true,
+            celery_peers: true,
         }
     }
 

@@ -146,6 +146,7 @@ impl Broker for MemoryBroker {
             lease_extension: true,
             fanout: true,
             multi_process: false,
+            celery_peers: false,
         }
     }
 

@@ -38,8 +38,25 @@ async fn our_client_calls_a_python_worker() {
         .await
         .unwrap();
 
+    // A countdown to a queue only Python serves, with no configuration saying so: it goes
+    // out at once with its eta header, as Celery's client sends it, and runs when due.
+    // See: issue 23 (G)
+    let sent = std::time::Instant::now();
+    let later = add::s(20, 22)
+        .queue(q)
+        .countdown(std::time::Duration::from_secs(2))
+        .apply_async(app)
+        .await
+        .unwrap();
+
     assert_eq!(sum.get_timeout(T).await.unwrap(), 5, "{}", log());
     assert_eq!(product.get_timeout(T).await.unwrap(), 42, "{}", log());
+    assert_eq!(later.get_timeout(T).await.unwrap(), 42, "{}", log());
+    assert!(
+        sent.elapsed() >= std::time::Duration::from_millis(1900),
+        "ran before its countdown: {:?}",
+        sent.elapsed()
+    );
     assert_eq!(total.get_timeout(T).await.unwrap(), 7.0, "{}", log());
     assert_eq!(echoed.get_timeout(T).await.unwrap(), value, "{}", log());
     assert_eq!(sum.state().await.unwrap(), TaskState::Success);
