@@ -61,7 +61,8 @@ impl TruncateNanos for DateTime<Utc> {
 /// Serde helpers for `Option<DateTime<Utc>>` in Celery's format.
 pub mod opt_serde {
     use chrono::{DateTime, Utc};
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
 
     /// Serializes `None` as null and a time in Celery's format.
     pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
@@ -71,13 +72,60 @@ pub mod opt_serde {
         }
     }
 
-    /// Accepts null or any ISO-8601 string.
+    /// Accepts null, any ISO-8601 string, or a number of Unix seconds; an empty string and
+    /// 0 are no time at all (Python's `maybe_iso8601` treats every false value as none).
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
-        let raw: Option<String> = Option::deserialize(d)?;
-        match raw {
-            None => Ok(None),
-            Some(s) if s.is_empty() => Ok(None),
-            Some(s) => super::parse(&s).map(Some).map_err(serde::de::Error::custom),
+        d.deserialize_any(TimeVisitor)
+    }
+
+    struct TimeVisitor;
+
+    impl<'de> Visitor<'de> for TimeVisitor {
+        type Value = Option<DateTime<Utc>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an ISO-8601 time, a number of Unix seconds, or null")
+        }
+
+        fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(TimeVisitor)
+        }
+
+        fn visit_str<E: Error>(self, s: &str) -> Result<Self::Value, E> {
+            if s.is_empty() {
+                return Ok(None);
+            }
+            super::parse(s).map(Some).map_err(E::custom)
+        }
+
+        fn visit_u64<E: Error>(self, n: u64) -> Result<Self::Value, E> {
+            self.visit_f64(n as f64)
+        }
+
+        fn visit_i64<E: Error>(self, n: i64) -> Result<Self::Value, E> {
+            self.visit_f64(n as f64)
+        }
+
+        fn visit_f64<E: Error>(self, secs: f64) -> Result<Self::Value, E> {
+            if secs == 0.0 {
+                return Ok(None);
+            }
+            let micros = secs * 1e6;
+            // The range chrono can hold (and NaN, which fails both comparisons).
+            if !(-8.2e18..=8.2e18).contains(&micros) {
+                return Err(E::custom(format!("unix time {secs} is out of range")));
+            }
+            DateTime::from_timestamp_micros(micros as i64)
+                .map(Some)
+                .ok_or_else(|| E::custom(format!("unix time {secs} is out of range")))
         }
     }
 }

@@ -20,9 +20,11 @@
 //! implied. The message is the original one (same id, headers, body) plus headers saying why
 //! ([`REASON_HEADER`]), from which queue ([`QUEUE_HEADER`]), when ([`AT_HEADER`]), by which
 //! worker ([`WORKER_HEADER`]) and after how many deliveries ([`DELIVERIES_HEADER`]). A
-//! message whose envelope did not decode cannot be kept as it was (the broker contract hands
-//! the worker an error, not the bytes): its dead letter is a placeholder of task
-//! [`UNDECODABLE_TASK`] with a fresh id and the decoding error as the reason.
+//! message with a bad standard header (an unparsable `eta`, a string `timelimit`) is kept as
+//! sent too: the header's value travels in [`Headers::invalid`]. Only a message whose envelope
+//! did not decode at all (no readable task id and name) cannot be kept as it was (the broker
+//! contract hands the worker an error, not the bytes): its dead letter is a placeholder of
+//! task [`UNDECODABLE_TASK`] with a fresh id and the decoding error as the reason.
 //!
 //! Listing has no peek in the broker contract: [`list`] leases the dead letters and hands
 //! them straight back, so it only sees messages no one else holds at that moment.

@@ -274,6 +274,11 @@ pub(crate) fn decode(
             message: Some(message),
         }))
     };
+    if let Err(e) = message.headers.check() {
+        let error =
+            RemoteError::new("DecodeError", error_chain(&e)).with_module("kombu.exceptions");
+        return refuse(error, message);
+    }
     let Some(def) = registry.get(message.task()) else {
         let error = RemoteError::new("NotRegistered", message.task()).with_module(CELERY_EXC);
         return refuse(error, message);
@@ -426,5 +431,19 @@ pub(crate) mod tests {
         let refusal = decode(Err(Error::protocol("invalid envelope")), &registry()).unwrap_err();
         assert_eq!(refusal.task_id, None);
         assert_eq!(refusal.error.message(), "invalid envelope");
+    }
+
+    #[test]
+    fn a_bad_header_refuses_the_task_by_id_naming_the_header() {
+        let mut m = message("tasks.add");
+        m.headers.invalid.insert("eta".into(), json!("tomorrow"));
+        let refusal = decode(Ok(m), &registry()).unwrap_err();
+        assert_eq!(refusal.task_id.as_deref(), Some("id-1"));
+        assert_eq!(refusal.task_name.as_deref(), Some("tasks.add"));
+        assert_eq!(refusal.error.exc_type, "DecodeError");
+        let why = refusal.error.message();
+        assert!(why.contains(r#"`eta` = "tomorrow""#), "{why}");
+        let kept = refusal.message.expect("the message, for the dead letters");
+        assert_eq!(kept.headers.invalid["eta"], json!("tomorrow"));
     }
 }

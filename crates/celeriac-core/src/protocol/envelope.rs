@@ -189,8 +189,10 @@ fn decode_general(bytes: &[u8]) -> Result<(Message, RawObject<'_>)> {
     let headers = env.remove("headers").unwrap_or(Value::Null);
     let has_task = headers.get("task").is_some_and(|t| !t.is_null());
     if has_task {
-        let headers: Headers = serde_json::from_value(headers)
-            .map_err(|e| Error::protocol(format!("invalid task headers: {e}")))?;
+        let Value::Object(headers) = headers else {
+            return Err(Error::protocol("task headers must be a json object"));
+        };
+        let headers = Headers::from_map(headers)?;
         let mut properties = properties;
         if properties.correlation_id.is_empty() {
             properties.correlation_id = headers.id.clone();
@@ -649,6 +651,76 @@ mod tests {
         ] {
             let e = decode(raw.as_bytes()).unwrap_err().to_string();
             assert!(e.contains(want), "{raw}: {e}");
+        }
+    }
+
+    /// An envelope of task `t`, id `i`, with `extra` merged into its headers.
+    fn with_headers(extra: Value) -> Vec<u8> {
+        let mut headers = json!({"lang": "py", "task": "t", "id": "i", "argsrepr": "(1,)"});
+        for (k, v) in extra.as_object().unwrap() {
+            headers[k] = v.clone();
+        }
+        let env = json!({"body": B64.encode(r#"[[1], {}, {}]"#), "content-type": "application/json",
+            "content-encoding": "utf-8", "headers": headers,
+            "properties": {"body_encoding": "base64", "delivery_tag": "d", "priority": 0}});
+        serde_json::to_vec(&env).unwrap()
+    }
+
+    #[test]
+    fn a_bad_header_is_kept_as_sent_and_named_while_the_others_are_read() {
+        for (key, bad, why) in [
+            ("eta", json!("tomorrow"), "invalid iso-8601 time"),
+            ("expires", json!([1]), "ISO-8601"),
+            ("timelimit", json!("30"), "invalid type"),
+            ("group_index", json!(-1), "invalid value"),
+            ("retries", json!("2"), "non-negative integer"),
+            ("eta", json!(1e300), "out of range"),
+        ] {
+            let bytes = with_headers(json!({ key: bad.clone(), "tenant": "acme" }));
+            let m = decode(&bytes).unwrap_or_else(|e| panic!("{key}: {e}"));
+            assert_eq!((m.id(), m.task()), ("i", "t"), "{key}");
+            assert_eq!(m.headers.argsrepr.as_deref(), Some("(1,)"), "{key}");
+            assert_eq!(m.headers.extra["tenant"], json!("acme"), "{key}");
+            assert_eq!(m.headers.invalid.get(key), Some(&bad), "{key}");
+            let e = m.headers.check().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("`{key}` = {bad}")) && e.contains(why),
+                "{e}"
+            );
+            // Written back, the header is as it was sent: the message is forwarded intact.
+            let again = decode(&encode(&m, "", "q").unwrap()).unwrap();
+            assert_eq!(again.headers.invalid.get(key), Some(&bad), "{key}");
+            assert_eq!(again.body, m.body);
+        }
+    }
+
+    #[test]
+    fn headers_python_accepts_are_read_leniently() {
+        let m = decode(&with_headers(json!({"retries": -1}))).unwrap();
+        assert_eq!(m.headers.retries, 0);
+        let m = decode(&with_headers(json!({"retries": 1u64 << 40}))).unwrap();
+        assert_eq!(m.headers.retries, u32::MAX);
+        let m = decode(&with_headers(json!({"retries": 2.0}))).unwrap();
+        assert_eq!(m.headers.retries, 2);
+        let m = decode(&with_headers(json!({"eta": 1_767_608_130.5, "expires": 0}))).unwrap();
+        assert_eq!(
+            m.headers.eta.map(crate::time::format).as_deref(),
+            Some("2026-01-05T10:15:30.500000+00:00")
+        );
+        assert_eq!(m.headers.expires, None);
+        for m in [&m, &decode(&with_headers(json!({"retries": -1}))).unwrap()] {
+            assert!(m.headers.invalid.is_empty());
+            m.headers.check().unwrap();
+        }
+    }
+
+    #[test]
+    fn without_a_readable_id_or_name_the_message_cannot_be_read() {
+        for extra in [json!({"id": 5, "retries": -1}), json!({"task": ["t"]})] {
+            let e = decode(&with_headers(extra.clone()))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("invalid task headers"), "{extra}: {e}");
         }
     }
 }

@@ -151,7 +151,13 @@ impl<'de> Deserialize<'de> for TimeLimit {
 }
 
 /// Protocol v2 task headers, in the order Python writes them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Reading is as lenient as Celery's worker: counts clamp into range (a `retries` of -1 reads
+/// as 0), and a time may also be a number of Unix seconds. A header whose value still cannot
+/// be read does not fail the whole message: [`envelope::decode`] keeps its value as sent in
+/// [`invalid`](Self::invalid), so the worker can refuse the task by id and name, naming the
+/// header, and dead-letter the message unchanged.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Headers {
     /// Sender language; informational.
     #[serde(default = "lang")]
@@ -176,7 +182,7 @@ pub struct Headers {
     #[serde(default)]
     pub group_index: Option<u32>,
     /// How many times the task has been retried.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(default, deserialize_with = "count")]
     pub retries: u32,
     /// `[hard, soft]` time limits.
     #[serde(default)]
@@ -200,7 +206,7 @@ pub struct Headers {
     #[serde(default, deserialize_with = "null_as_default")]
     pub ignore_result: bool,
     /// Depth of task replacement.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(default, deserialize_with = "count")]
     pub replaced_task_nesting: u32,
     /// Names of stamp keys.
     #[serde(default)]
@@ -211,10 +217,84 @@ pub struct Headers {
     /// Any other header (user headers pass through to the task).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// Standard headers whose values could not be read, by name, as they were sent. The typed
+    /// field holds its default; serializing writes the value as sent in its place, so a
+    /// message with a bad header is forwarded (to a dead-letter queue) unchanged.
+    #[serde(skip)]
+    pub invalid: Map<String, Value>,
+}
+
+impl Serialize for Headers {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+
+        /// A time in Celery's format, through [`crate::time::opt_serde`].
+        struct Time<'a>(&'a Option<DateTime<Utc>>);
+        impl Serialize for Time<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                crate::time::opt_serde::serialize(self.0, s)
+            }
+        }
+
+        let mut map = s.serialize_map(None)?;
+        // Each standard header in Python's order; one that was sent unreadable, as it was sent.
+        macro_rules! entry {
+            ($key:literal, $value:expr) => {
+                match self.invalid.get($key) {
+                    Some(sent) => map.serialize_entry($key, sent)?,
+                    None => map.serialize_entry($key, $value)?,
+                }
+            };
+        }
+        entry!("lang", &self.lang);
+        entry!("task", &self.task);
+        entry!("id", &self.id);
+        entry!("shadow", &self.shadow);
+        entry!("eta", &Time(&self.eta));
+        entry!("expires", &Time(&self.expires));
+        entry!("group", &self.group);
+        entry!("group_index", &self.group_index);
+        entry!("retries", &self.retries);
+        entry!("timelimit", &self.timelimit);
+        entry!("root_id", &self.root_id);
+        entry!("parent_id", &self.parent_id);
+        entry!("argsrepr", &self.argsrepr);
+        entry!("kwargsrepr", &self.kwargsrepr);
+        entry!("origin", &self.origin);
+        entry!("ignore_result", &self.ignore_result);
+        entry!("replaced_task_nesting", &self.replaced_task_nesting);
+        entry!("stamped_headers", &self.stamped_headers);
+        entry!("stamps", &self.stamps);
+        for (k, v) in &self.extra {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
 }
 
 fn lang() -> String {
     "py".to_owned()
+}
+
+/// A count as Celery's worker reads it: any number, clamped into `0..=u32::MAX` (a
+/// `retries` of -1 is 0, of 2**40 is past any `max_retries`); null is 0.
+fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None => Ok(0),
+        Some(Value::Number(n)) => {
+            if let Some(u) = n.as_u64() {
+                Ok(u.min(u64::from(u32::MAX)) as u32)
+            } else if n.as_i64().is_some() {
+                Ok(0)
+            } else {
+                let f = n.as_f64().unwrap_or(0.0);
+                Ok(f.clamp(0.0, f64::from(u32::MAX)) as u32)
+            }
+        }
+        Some(other) => Err(D::Error::custom(format!(
+            "expected a non-negative integer, got {other}"
+        ))),
+    }
 }
 
 fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
@@ -225,7 +305,88 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// The standard protocol 2 headers, in the order Python writes them (and [`Headers`] is
+/// serialized in).
+pub const STANDARD_HEADERS: [&str; 19] = [
+    "lang",
+    "task",
+    "id",
+    "shadow",
+    "eta",
+    "expires",
+    "group",
+    "group_index",
+    "retries",
+    "timelimit",
+    "root_id",
+    "parent_id",
+    "argsrepr",
+    "kwargsrepr",
+    "origin",
+    "ignore_result",
+    "replaced_task_nesting",
+    "stamped_headers",
+    "stamps",
+];
+
 impl Headers {
+    /// Reads headers from a JSON object one header at a time: a standard header whose value
+    /// cannot be read goes to [`invalid`](Self::invalid) as it was sent, and the others are
+    /// read as usual. Fails only when `task` and `id` are not both strings, since then the
+    /// message cannot even be refused by id.
+    pub fn from_map(mut map: Map<String, Value>) -> Result<Headers> {
+        let whole = match serde_json::from_value::<Headers>(Value::Object(map.clone())) {
+            Ok(h) => return Ok(h),
+            Err(e) => e,
+        };
+        let readable = |k: &str| map.get(k).is_some_and(Value::is_string);
+        if !readable("task") || !readable("id") {
+            return Err(Error::protocol(format!("invalid task headers: {whole}")));
+        }
+        let mut invalid = Map::new();
+        for key in &STANDARD_HEADERS[3..] {
+            if let Some(value) = map.get(*key)
+                && Self::probe(key, value).is_err()
+                && let Some(value) = map.remove(*key)
+            {
+                invalid.insert((*key).to_owned(), value);
+            }
+        }
+        let mut headers: Headers = serde_json::from_value(Value::Object(map))
+            .map_err(|e| Error::protocol(format!("invalid task headers: {e}")))?;
+        headers.invalid = invalid;
+        Ok(headers)
+    }
+
+    /// Reads one standard header alone, as the whole-headers reader would.
+    fn probe(key: &str, value: &Value) -> Result<(), serde_json::Error> {
+        let mut one = Map::new();
+        one.insert("task".to_owned(), Value::String(String::new()));
+        one.insert("id".to_owned(), Value::String(String::new()));
+        one.insert(key.to_owned(), value.clone());
+        serde_json::from_value::<Headers>(Value::Object(one)).map(drop)
+    }
+
+    /// Fails, naming each header and why, when some standard header could not be read (see
+    /// [`invalid`](Self::invalid)).
+    pub fn check(&self) -> Result<()> {
+        if self.invalid.is_empty() {
+            return Ok(());
+        }
+        let problems: Vec<String> = self
+            .invalid
+            .iter()
+            .map(|(key, value)| match Self::probe(key, value) {
+                Err(e) => format!("`{key}` = {value}: {e}"),
+                Ok(()) => format!("`{key}` = {value}"),
+            })
+            .collect();
+        Err(Error::protocol(format!(
+            "invalid task header {}",
+            problems.join("; ")
+        )))
+    }
+
     /// Headers for a new task: every standard key filled, `root_id` = `id`.
     pub fn new(task: impl Into<String>, id: impl Into<String>) -> Self {
         let id = id.into();
@@ -250,6 +411,7 @@ impl Headers {
             stamped_headers: None,
             stamps: Map::new(),
             extra: Map::new(),
+            invalid: Map::new(),
         }
     }
 }
@@ -460,6 +622,14 @@ mod tests {
         );
         let v = serde_json::to_value(h.timelimit).unwrap();
         assert_eq!(v, json!([30.0, 0.5]));
+    }
+
+    #[test]
+    fn every_standard_header_is_written_in_order() {
+        let v = serde_json::to_string(&Headers::new("t", "i")).unwrap();
+        assert_key_order(&v, &STANDARD_HEADERS);
+        let keys = serde_json::from_str::<Map<String, Value>>(&v).unwrap();
+        assert_eq!(keys.len(), STANDARD_HEADERS.len());
     }
 
     #[test]

@@ -228,6 +228,138 @@ async fn a_worker_killed_mid_run_loses_no_acks_late_task_on_rabbitmq() {
     sigkill_mid_run(Target::amqp()).await;
 }
 
+/// Messages whose id and name are readable but one standard header is not: each is refused
+/// by id (FAILURE `DecodeError` naming the header, so a waiting client is answered) and its
+/// dead letter is the message as sent. Values Python accepts run.
+async fn bad_headers(t: Target) {
+    let config = format!("{}.toml", t.files);
+    std::fs::write(&config, &t.config).expect("write config");
+    let app = client_with(&t.broker, &t.backend).await;
+    let broker = app.broker().clone();
+    broker.declare(&t.queue).await.unwrap();
+    let send = |header: &str, value: Value| {
+        let mut m = Message::new(
+            Headers::new("tasks.add", new_id()),
+            &Body::new(vec![json!(20), json!(22)], Map::new()),
+            ContentType::Json,
+        )
+        .unwrap();
+        m.headers.extra.insert("tenant".into(), json!("acme"));
+        // Written on the wire exactly as given, whatever the field's type.
+        m.headers.invalid.insert(header.into(), value);
+        let broker = broker.clone();
+        let queue = t.queue.clone();
+        async move {
+            broker
+                .publish(&queue, &m, PublishOptions::default())
+                .await
+                .unwrap();
+            m
+        }
+    };
+    let now = chrono::Utc::now().timestamp();
+    let mut refused = Vec::new();
+    for (header, value) in [
+        ("eta", json!("tomorrow at noon")),
+        ("expires", json!({"in": 5})),
+        ("timelimit", json!("30")),
+        ("group_index", json!(-1)),
+        ("retries", json!("1")),
+    ] {
+        refused.push((header, value.clone(), send(header, value).await));
+    }
+    let mut run = Vec::new();
+    for (header, value) in [
+        ("retries", json!(-1)),
+        ("retries", json!(1u64 << 40)),
+        ("eta", json!(now + 1)),
+        ("expires", json!(now + 3600)),
+    ] {
+        run.push((header, send(header, value).await));
+    }
+    let _w = WorkerProcess::start_with_config(&t.broker, &config, &["-Q", &t.queue]);
+    for (header, m) in &run {
+        let got = app.result::<i64>(m.id()).get_timeout(T).await;
+        assert_eq!(
+            got.ok(),
+            Some(42),
+            "{}: {header} is read as Python reads it",
+            t.name
+        );
+    }
+    for (header, _, m) in &refused {
+        let meta = app
+            .result::<Value>(m.id())
+            .wait_meta(Some(T))
+            .await
+            .unwrap_or_else(|e| panic!("{}: no result for a bad {header}: {e}", t.name));
+        assert_eq!(meta.status, TaskState::Failure, "{header}");
+        let why = meta.result.to_string();
+        assert!(
+            why.contains("DecodeError") && why.contains(&format!("`{header}`")),
+            "{}: {header}: {why}",
+            t.name
+        );
+    }
+    let deadline = Instant::now() + T;
+    let letters = loop {
+        let letters = dead::list(&*broker, &t.queue, 100).await.unwrap();
+        if letters.len() >= refused.len() {
+            break letters;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: dead letters {letters:?}",
+            t.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letters.len(), refused.len(), "{}", t.name);
+    for (header, value, sent) in &refused {
+        let d = letters
+            .iter()
+            .find(|d| d.id() == sent.id())
+            .unwrap_or_else(|| panic!("{}: no dead letter for the bad {header}", t.name));
+        assert!(d.reason.starts_with("DecodeError"), "{}", d.reason);
+        assert_eq!(d.task(), "tasks.add");
+        assert_eq!(
+            d.message.headers.invalid.get(*header),
+            Some(value),
+            "{header}"
+        );
+        assert_eq!(d.message.headers.extra["tenant"], json!("acme"));
+        assert_eq!(d.message.body, sent.body, "{header}: the body is kept");
+    }
+    assert_eq!(
+        dead::purge(&*broker, &t.queue).await.unwrap(),
+        refused.len() as u64
+    );
+}
+
+// See: issue 23 (A)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r23a_a_bad_header_fails_its_task_by_id_and_is_dead_lettered_as_sent() {
+    bad_headers(Target::sqlite()).await;
+}
+
+// See: issue 23 (A)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r23a_a_bad_header_fails_its_task_by_id_and_is_dead_lettered_as_sent_on_redis() {
+    if !celeriac_test::services::require_service("redis", "127.0.0.1:6379") {
+        return;
+    }
+    bad_headers(Target::redis()).await;
+}
+
+// See: issue 23 (A)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r23a_a_bad_header_fails_its_task_by_id_and_is_dead_lettered_as_sent_on_rabbitmq() {
+    if !celeriac_test::services::require_service("rabbitmq", "127.0.0.1:5672") {
+        return;
+    }
+    bad_headers(Target::amqp()).await;
+}
+
 /// A blocking task abandoned at its hard limit on a thread (the default pool cannot kill a
 /// thread) must not keep the process alive after the worker stopped.
 // See: issue 23 (E)
