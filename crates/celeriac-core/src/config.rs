@@ -10,6 +10,7 @@
 //! default_queue = "celery"
 //! result_expires = 86400          # seconds; 0 keeps results forever
 //! visibility_timeout = 3600       # seconds a delivery stays leased
+//! max_message_size = 16777216     # bytes of a task's body; 0 = no limit
 //!
 //! celery_worker_queues = ["celery"]   # also served by Python Celery workers
 //! celeriac_only_queues = ["internal.*"] # no Python worker: delays parked in the broker at once
@@ -44,6 +45,13 @@ pub const DEFAULT_FILE: &str = "celeriac.toml";
 /// The URL used when none is configured: a SQLite file in the working directory.
 pub const DEFAULT_URL: &str = "sqlite://celeriac.db";
 
+/// The default [`Config::max_message_size`]: 16 MiB, RabbitMQ's own default limit.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// The most deliveries a worker may hold unacknowledged (`concurrency + prefetch_buffer`):
+/// 65,535, the largest prefetch count AMQP can express, on every broker alike.
+pub const MAX_PREFETCH: usize = u16::MAX as usize;
+
 /// Application configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -61,6 +69,12 @@ pub struct Config {
     /// How long a delivery stays leased before it is handed out again. Default one hour.
     #[serde(deserialize_with = "secs")]
     pub visibility_timeout: Duration,
+    /// The largest task body, in bytes as serialized (arguments and canvas data), that the
+    /// client sends and the worker runs: the client refuses a larger one, and the worker
+    /// fails it (`LimitExceeded`) and moves it to the dead letters without decoding its
+    /// arguments. `0` in the file: no limit. Default [`DEFAULT_MAX_MESSAGE_SIZE`].
+    #[serde(deserialize_with = "opt_size")]
+    pub max_message_size: Option<usize>,
     /// Body serializer: `json` (default) or `msgpack`; any other name fails the load.
     pub serializer: crate::protocol::ContentType,
     /// Store STARTED when a task begins (per-task option wins when set). Default false.
@@ -98,7 +112,8 @@ pub struct WorkerConfig {
     pub pool: Pool,
     /// Queues to consume. Default: the default queue.
     pub queues: Vec<String>,
-    /// Deliveries held beyond what can run at once. Default 4.
+    /// Deliveries held beyond what can run at once. Default 4; `concurrency + prefetch_buffer`
+    /// may not exceed [`MAX_PREFETCH`].
     pub prefetch_buffer: usize,
     /// Node name; default `celeriac@<host>`.
     pub hostname: Option<String>,
@@ -132,6 +147,7 @@ impl Default for Config {
             default_queue: "celery".to_owned(),
             result_expires: Some(Duration::from_secs(86_400)),
             visibility_timeout: Duration::from_secs(3600),
+            max_message_size: Some(DEFAULT_MAX_MESSAGE_SIZE),
             serializer: crate::protocol::ContentType::Json,
             track_started: false,
             routes: BTreeMap::new(),
@@ -236,6 +252,23 @@ fn opt_secs<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Durat
         .map_err(serde::de::Error::custom)
 }
 
+fn opt_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<usize>, D::Error> {
+    Ok(Some(usize::deserialize(d)?).filter(|&n| n > 0))
+}
+
+/// Fails when `concurrency + prefetch_buffer` exceeds [`MAX_PREFETCH`]; for the worker, whose
+/// options can also come from flags.
+pub fn check_prefetch(concurrency: usize, prefetch_buffer: usize) -> Result<()> {
+    let prefetch = concurrency.max(1).saturating_add(prefetch_buffer);
+    if prefetch > MAX_PREFETCH {
+        return Err(Error::config(format!(
+            "prefetch {prefetch} (concurrency {concurrency} + prefetch_buffer {prefetch_buffer}) \
+             is more than {MAX_PREFETCH}, the most a worker may hold unacknowledged"
+        )));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Defaults, then `$CELERIAC_CONFIG` or `./celeriac.toml` if present, then the environment.
     pub fn load() -> Result<Self> {
@@ -306,7 +339,7 @@ impl Config {
         if self.default_queue.is_empty() {
             return Err(Error::config("default_queue must not be empty"));
         }
-        Ok(())
+        check_prefetch(self.worker.concurrency, self.worker.prefetch_buffer)
     }
 
     /// The broker URL in effect.
@@ -400,6 +433,20 @@ mod tests {
         let with_beat = "[beat]\ntimezone = \"UTC\"\n[beat.schedule.tick]\ntask = \"tasks.add\"\n";
         let c = Config::from_sources(Some((Path::new("c.toml"), with_beat)), no_env).unwrap();
         assert_eq!(c.beat.unwrap()["timezone"].as_str(), Some("UTC"));
+    }
+
+    #[test]
+    fn limits_have_protective_defaults_and_can_be_lifted() {
+        let c = Config::from_sources(None, no_env).unwrap();
+        assert_eq!(c.max_message_size, Some(16 * 1024 * 1024));
+        let text = "max_message_size = 0\n[worker]\nconcurrency = 2\nprefetch_buffer = 65533";
+        let c = Config::from_sources(Some((Path::new("c.toml"), text)), no_env).unwrap();
+        assert_eq!(c.max_message_size, None);
+        let text = "[worker]\nconcurrency = 2\nprefetch_buffer = 1000000";
+        let e = Config::from_sources(Some((Path::new("c.toml"), text)), no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prefetch 1000002") && e.contains("65535"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,10 @@ use crate::tracker::Tracker;
 #[derive(Debug)]
 pub(crate) struct Intake {
     pub(crate) registry: Arc<Registry>,
+    /// Bodies larger than this are refused undecoded ([`WorkerOptions::max_message_size`]).
+    ///
+    /// [`WorkerOptions::max_message_size`]: crate::WorkerOptions::max_message_size
+    pub(crate) max_message_size: Option<usize>,
     pub(crate) recorder: Recorder,
     pub(crate) broker: DynBroker,
     pub(crate) hostname: String,
@@ -39,7 +43,8 @@ impl Intake {
     /// the message is decoded.
     pub(crate) async fn handle(self: Arc<Self>, delivery: Delivery, span: tracing::Span) {
         let (message, handle) = delivery.into_parts();
-        let decoded: Decoded = match request::decode(message, &self.registry) {
+        let decoded: Decoded = match request::decode(message, &self.registry, self.max_message_size)
+        {
             Ok(d) => d,
             Err(refusal) => {
                 if let Some(id) = &refusal.task_id {

@@ -78,6 +78,11 @@ pub struct WorkerOptions {
     /// Autoscale the pool between `(max, min)` slots (`--autoscale max,min`): grow while tasks
     /// wait for a slot, shrink when slots stay idle. `None` (the default): a fixed size.
     pub autoscale: Option<(usize, usize)>,
+    /// A message whose body is larger than this many bytes is not decoded: its task fails
+    /// with `LimitExceeded` and the message goes to the dead-letter queue. `None`: no limit.
+    /// Default [`DEFAULT_MAX_MESSAGE_SIZE`](celeriac_core::config::DEFAULT_MAX_MESSAGE_SIZE)
+    /// (16 MiB); from config, [`Config::max_message_size`].
+    pub max_message_size: Option<usize>,
     /// Listen for remote-control requests (`inspect`, `control`) when the broker carries
     /// them. Default `true`.
     pub remote_control: bool,
@@ -135,6 +140,7 @@ impl Default for WorkerOptions {
             heartbeat_interval: Duration::from_secs(2),
             autoscale: None,
             remote_control: true,
+            max_message_size: Some(celeriac_core::config::DEFAULT_MAX_MESSAGE_SIZE),
             broker_url: None,
         }
     }
@@ -172,6 +178,7 @@ impl WorkerOptions {
             task_events: w.task_events,
             heartbeat_interval: w.heartbeat_interval,
             broker_url: Some(config.broker_url().to_owned()),
+            max_message_size: config.max_message_size,
             ..WorkerOptions::default()
         }
     }

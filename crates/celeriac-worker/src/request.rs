@@ -253,10 +253,12 @@ pub(crate) struct Refusal {
     pub(crate) message: Option<Message>,
 }
 
-/// Decodes `message` against `registry`.
+/// Decodes `message` against `registry`; a body larger than `max_size` bytes is refused
+/// before it is decoded.
 pub(crate) fn decode(
     message: Result<Message, Error>,
     registry: &Registry,
+    max_size: Option<usize>,
 ) -> Result<Decoded, Box<Refusal>> {
     let message = message.map_err(|e| {
         Box::new(Refusal {
@@ -277,6 +279,11 @@ pub(crate) fn decode(
     if let Err(e) = message.headers.check() {
         let error =
             RemoteError::new("DecodeError", error_chain(&e)).with_module("kombu.exceptions");
+        return refuse(error, message);
+    }
+    if let Err(e) = message.check_size(max_size) {
+        let error =
+            RemoteError::new("LimitExceeded", e.to_string()).with_module("kombu.exceptions");
         return refuse(error, message);
     }
     let Some(def) = registry.get(message.task()) else {
@@ -370,7 +377,7 @@ pub(crate) mod tests {
     ) -> (Request, Settled) {
         let mut m = message("tasks.add");
         m.headers.id = id.to_owned();
-        let mut decoded = decode(Ok(m), &registry()).unwrap();
+        let mut decoded = decode(Ok(m), &registry(), None).unwrap();
         let mut def = TaskDef::clone(&decoded.def);
         f(&mut decoded.message, &mut def.options);
         decoded.def = Arc::new(def);
@@ -408,7 +415,7 @@ pub(crate) mod tests {
     fn unknown_names_are_not_registered_before_the_body_is_read() {
         let mut m = message("tasks.nope");
         m.body = b"not json".to_vec();
-        let refusal = decode(Ok(m), &registry()).unwrap_err();
+        let refusal = decode(Ok(m), &registry(), None).unwrap_err();
         assert_eq!(refusal.task_id.as_deref(), Some("id-1"));
         assert_eq!(
             refusal.error.to_exception_map(),
@@ -420,7 +427,7 @@ pub(crate) mod tests {
     fn bad_bodies_and_bad_bytes_are_decode_errors() {
         let mut m = message("tasks.add");
         m.content_type = "application/x-python-serialize".into();
-        let refusal = decode(Ok(m), &registry()).unwrap_err();
+        let refusal = decode(Ok(m), &registry(), None).unwrap_err();
         assert_eq!(refusal.error.exc_type, "DecodeError");
         assert!(
             refusal.error.message().contains("pickle"),
@@ -428,7 +435,8 @@ pub(crate) mod tests {
             refusal.error
         );
 
-        let refusal = decode(Err(Error::protocol("invalid envelope")), &registry()).unwrap_err();
+        let refusal =
+            decode(Err(Error::protocol("invalid envelope")), &registry(), None).unwrap_err();
         assert_eq!(refusal.task_id, None);
         assert_eq!(refusal.error.message(), "invalid envelope");
     }
@@ -437,7 +445,7 @@ pub(crate) mod tests {
     fn a_bad_header_refuses_the_task_by_id_naming_the_header() {
         let mut m = message("tasks.add");
         m.headers.invalid.insert("eta".into(), json!("tomorrow"));
-        let refusal = decode(Ok(m), &registry()).unwrap_err();
+        let refusal = decode(Ok(m), &registry(), None).unwrap_err();
         assert_eq!(refusal.task_id.as_deref(), Some("id-1"));
         assert_eq!(refusal.task_name.as_deref(), Some("tasks.add"));
         assert_eq!(refusal.error.exc_type, "DecodeError");
@@ -445,5 +453,22 @@ pub(crate) mod tests {
         assert!(why.contains(r#"`eta` = "tomorrow""#), "{why}");
         let kept = refusal.message.expect("the message, for the dead letters");
         assert_eq!(kept.headers.invalid["eta"], json!("tomorrow"));
+    }
+
+    #[test]
+    fn a_body_over_the_size_limit_is_refused_before_it_is_decoded() {
+        let mut m = message("tasks.add");
+        m.body = vec![b'x'; 101];
+        let refusal = decode(Ok(m.clone()), &registry(), Some(100)).unwrap_err();
+        assert_eq!(refusal.task_id.as_deref(), Some("id-1"));
+        assert_eq!(refusal.error.exc_type, "LimitExceeded");
+        let why = refusal.error.message();
+        assert!(
+            why.contains("101 bytes") && why.contains("max_message_size (100"),
+            "{why}"
+        );
+        // At the limit it is decoded (and this body is not JSON).
+        let refusal = decode(Ok(m), &registry(), Some(101)).unwrap_err();
+        assert_eq!(refusal.error.exc_type, "DecodeError");
     }
 }

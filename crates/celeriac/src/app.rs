@@ -175,6 +175,7 @@ impl App {
             .clone()
             .unwrap_or_else(|| self.queue_for(call.task, task_options));
         let mut message = out.message;
+        message.check_size(self.inner.config.max_message_size)?;
         if message.properties.reply_to.is_none() {
             message.properties.reply_to = self.inner.reply_to.clone();
         }

@@ -389,6 +389,19 @@ mod tests {
     }
 
     #[test]
+    fn non_finite_floats_are_written_as_null_as_docs_tasks_says() {
+        let body = crate::protocol::Body::new(
+            vec![json!(f64::NAN), json!(f64::INFINITY), json!(1.5)],
+            Map::new(),
+        );
+        let bytes = encode(ContentType::Json, &body).unwrap();
+        let back: crate::protocol::Body = decode(ContentType::Json, &bytes).unwrap();
+        assert_eq!(back.args, vec![Value::Null, Value::Null, json!(1.5)]);
+        let v = serde_json::to_value(f64::NEG_INFINITY).unwrap();
+        assert_eq!(v, Value::Null);
+    }
+
+    #[test]
     fn tolerates_python_non_finite_floats_outside_strings() {
         let v = json_from_slice(br#"[NaN, Infinity, -Infinity, "NaN stays", 1.5]"#).unwrap();
         assert_eq!(v, json!([null, null, null, "NaN stays", 1.5]));

@@ -68,6 +68,20 @@ impl Message {
         &self.headers.task
     }
 
+    /// Fails when the body is larger than `limit` bytes (see
+    /// [`Config::max_message_size`](crate::Config::max_message_size)); `None` is no limit.
+    pub fn check_size(&self, limit: Option<usize>) -> Result<()> {
+        match limit {
+            Some(limit) if self.body.len() > limit => Err(Error::protocol(format!(
+                "the body of task {} ({}) is {} bytes, more than max_message_size ({limit} bytes)",
+                self.headers.task,
+                self.headers.id,
+                self.body.len()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Decodes the body according to the content type.
     ///
     /// Fails for content types celeriac does not accept (pickle, unknown ones), for compressed

@@ -360,6 +360,80 @@ async fn r23a_a_bad_header_fails_its_task_by_id_and_is_dead_lettered_as_sent_on_
     bad_headers(Target::amqp()).await;
 }
 
+/// Bodies over `max_message_size`: the client refuses to send one; one sent anyway (by a
+/// client without the limit) fails by id with `LimitExceeded` and is dead-lettered whole,
+/// its arguments never decoded, while the task beside it runs.
+// See: issue 23 (limits)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_is_refused_by_the_client_and_dead_lettered() {
+    const LIMIT: usize = 100_000;
+    let (url, db) = sqlite_url("reliability-oversize");
+    let config_file = format!("{}.toml", db.display());
+    std::fs::write(&config_file, format!("max_message_size = {LIMIT}\n")).unwrap();
+    let mut config = celeriac::Config::default();
+    config.broker_url = Some(url.clone());
+    config.max_message_size = Some(LIMIT);
+    let app = celeriac::App::builder()
+        .config(config)
+        .collect_tasks()
+        .build()
+        .await
+        .unwrap();
+    let big = json!("x".repeat(LIMIT));
+    let e = Signature::<i64>::new("tasks.add")
+        .args_json(vec![big.clone(), json!(1)])
+        .apply_async(&app)
+        .await
+        .expect_err("the client refuses an oversize body")
+        .to_string();
+    assert!(e.contains("max_message_size (100000 bytes)"), "{e}");
+    assert_eq!(app.broker().stats("celery").await.unwrap().total(), 0);
+
+    let oversize = Message::new(
+        Headers::new("tasks.add", new_id()),
+        &Body::new(vec![big, json!(1)], Map::new()),
+        ContentType::Json,
+    )
+    .unwrap();
+    let broker = app.broker().clone();
+    broker.declare("celery").await.unwrap();
+    broker
+        .publish("celery", &oversize, PublishOptions::default())
+        .await
+        .unwrap();
+    let small = add::delay(&app, 2, 3).await.unwrap();
+    let _w = WorkerProcess::start_with_config(&url, &config_file, &[]);
+    assert_eq!(small.get_timeout(T).await.unwrap(), 5);
+    let meta = app
+        .result::<Value>(oversize.id())
+        .wait_meta(Some(T))
+        .await
+        .unwrap();
+    assert_eq!(meta.status, TaskState::Failure);
+    let why = meta.result.to_string();
+    assert!(
+        why.contains("LimitExceeded") && why.contains("max_message_size"),
+        "{why}"
+    );
+    let deadline = Instant::now() + T;
+    let letters = loop {
+        let letters = dead::list(&*broker, "celery", 10).await.unwrap();
+        if !letters.is_empty() {
+            break letters;
+        }
+        assert!(Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].id(), oversize.id());
+    assert!(
+        letters[0].reason.starts_with("LimitExceeded"),
+        "{}",
+        letters[0].reason
+    );
+    assert_eq!(letters[0].message.body, oversize.body);
+}
+
 /// A blocking task abandoned at its hard limit on a thread (the default pool cannot kill a
 /// thread) must not keep the process alive after the worker stopped.
 // See: issue 23 (E)

@@ -142,7 +142,9 @@ impl Worker {
 
     /// Consumes until shut down (or the broker closes), then returns what was done.
     ///
-    /// Fails only when the queues cannot be declared or consumed at start.
+    /// Fails only when the options are out of bounds (a prefetch above
+    /// [`MAX_PREFETCH`](celeriac_core::config::MAX_PREFETCH)) or the queues cannot be
+    /// declared or consumed at start.
     ///
     /// The worker runs as a task of the current runtime, whatever polls this future (often
     /// `block_on` on the main thread): a delivery then passes from the consumer to its
@@ -172,6 +174,7 @@ impl Worker {
             delivery_layers,
             run_layers,
         } = self;
+        celeriac_core::config::check_prefetch(options.concurrency, options.prefetch_buffer)?;
         for q in &options.queues {
             broker.declare(q).await?;
         }
@@ -269,6 +272,7 @@ impl Worker {
         });
         let counters = Arc::new(Counters::default());
         let intake = Arc::new(Intake {
+            max_message_size: options.max_message_size,
             recorder: Recorder::new(backend.clone(), options.hostname.clone()),
             broker: broker.clone(),
             hostname: options.hostname.clone(),

@@ -173,7 +173,8 @@ impl WorkerArgs {
         if self.without_remote_control {
             o.remote_control = false;
         }
-        Ok(())
+        celeriac_core::config::check_prefetch(o.concurrency, o.prefetch_buffer)
+            .map_err(anyhow::Error::from)
     }
 }
 
@@ -674,6 +675,10 @@ mod tests {
                 "cannot be used with",
             ),
             (&["-P", "forks"], "unknown pool"),
+            (
+                &["-c", "2", "--prefetch-buffer", "1000000"],
+                "prefetch 1000002 (concurrency 2 + prefetch_buffer 1000000) is more than 65535",
+            ),
         ] {
             let e = format!("{:#}", worker(args).unwrap_err());
             assert!(e.contains(needle), "{args:?}: {e}");
