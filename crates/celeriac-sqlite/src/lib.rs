@@ -90,6 +90,20 @@
 //! `visible_at` and are never held in memory nor delivered early. A row whose text does not
 //! decode is delivered with `message: Err(..)` for the worker to reject.
 //!
+//! **Bad rows.** A row written by another tool may hold bytes that are not an envelope: not
+//! JSON, text that is not UTF-8, a BLOB. A fetch reads every body as bytes, so such a row
+//! fails no fetch: it is leased with its batch and handed over alone, as a delivery whose
+//! `message` is the error (naming the row, its storage class and size); the rows fetched with
+//! it are delivered as usual. The worker then dead-letters it, as it does an undecodable
+//! message on any broker (a `celeriac.undecodable` placeholder in `<queue>.dead`, the error
+//! as the reason), and acks it, which deletes the row: it is handled once. The driver does
+//! not set such rows aside itself: that would take a state or a table that older processes
+//! sharing the file do not know (they would promote the row back to ready), it would hide
+//! them from the dead-letter tools, and the worker already records who, when, why and from
+//! which queue. The price is the row's bytes, which are not kept: the placeholder has an
+//! empty body, since bytes that are not text cannot be put in an envelope. A BLOB whose
+//! bytes are a valid envelope is not bad: it runs.
+//!
 //! **Waiting.** An idle consumer waits for an in-process notice (fired after a commit that made
 //! messages ready), for the next due time of its queues, or for a change by another process.
 //! The connection thread detects those by reading `PRAGMA data_version` while someone waits: at
