@@ -203,17 +203,7 @@ impl Broker for SqliteBroker {
             let queue = queue.to_owned();
             self.conn()
                 .call(KIND, true, "cannot publish to sqlite queue", move |db| {
-                    // All or nothing, even though the batch shares a transaction with others.
-                    db.conn.execute_batch("SAVEPOINT publish_batch")?;
-                    match insert(db, &queue, &rows) {
-                        Ok(()) => db.conn.execute_batch("RELEASE publish_batch"),
-                        Err(e) => {
-                            db.conn.execute_batch(
-                                "ROLLBACK TO publish_batch; RELEASE publish_batch",
-                            )?;
-                            Err(e)
-                        }
-                    }
+                    db.all_or_nothing("publish_batch", |db| insert(db, &queue, &rows))
                 })
                 .await
         })

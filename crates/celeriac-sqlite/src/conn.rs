@@ -156,6 +156,31 @@ impl Db {
     pub(crate) fn broadcast_changed(&mut self) {
         self.broadcast_changed = true;
     }
+
+    /// Runs `f` all or nothing, through savepoint `name`, though the batch's transaction is
+    /// shared with other commands. When `f` fails and SQLite has rolled the whole transaction
+    /// back (as it may on `SQLITE_FULL`), no savepoint is left to roll back to: `f`'s error is
+    /// returned as it is, not a "no such savepoint" hiding it.
+    pub(crate) fn all_or_nothing<T>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&mut Db) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.conn.execute_batch(&format!("SAVEPOINT {name}"))?;
+        match f(self) {
+            Ok(v) => {
+                self.conn.execute_batch(&format!("RELEASE {name}"))?;
+                Ok(v)
+            }
+            Err(e) => {
+                if !self.conn.is_autocommit() {
+                    self.conn
+                        .execute_batch(&format!("ROLLBACK TO {name}; RELEASE {name}"))?;
+                }
+                Err(e)
+            }
+        }
+    }
 }
 
 /// A transaction-level failure, copied to every command of the batch.
@@ -215,6 +240,8 @@ impl Failure {
 trait Job: Send {
     fn is_write(&self) -> bool;
     fn run(&mut self, db: &mut Db);
+    /// The command's own failure, once it ran.
+    fn failure(&self) -> Option<&rusqlite::Error>;
     /// Replies once the batch's transaction has committed or failed.
     fn finish(self: Box<Self>, txn: std::result::Result<(), &TxnError>);
 }
@@ -247,6 +274,10 @@ where
         if let Some(f) = self.f.take() {
             self.out = Some(f(db));
         }
+    }
+
+    fn failure(&self) -> Option<&rusqlite::Error> {
+        self.out.as_ref()?.as_ref().err()
     }
 
     fn finish(self: Box<Self>, txn: std::result::Result<(), &TxnError>) {
@@ -651,6 +682,22 @@ fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
     let outcome = outcome.and_then(|()| {
         for job in batch.iter_mut() {
             job.run(db);
+            let failure = job.failure();
+            if db.conn.is_autocommit() {
+                // SQLite rolled the whole transaction back, as it may on SQLITE_FULL, IOERR
+                // or NOMEM: the commands before are undone, and the next ones would each
+                // commit on their own while their callers are told the batch failed.
+                return Err(match failure {
+                    Some(e) => TxnError {
+                        code: e.sqlite_error_code(),
+                        message: format!("{e} (sqlite rolled the transaction back)"),
+                    },
+                    None => TxnError {
+                        code: None,
+                        message: "the transaction ended before its commit".to_owned(),
+                    },
+                });
+            }
         }
         exec_cached(&db.conn, "COMMIT").map_err(|e| {
             let err = TxnError::new(&e);
@@ -711,5 +758,94 @@ fn release_orphans(db: &mut Db, shared: &Shared) {
             tracing::warn!(error = %e, rows = rows.len(), "cannot give back prefetched messages; retrying");
             shared.release(rows);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use celeriac_core::{Body, Broker, ContentType, Headers, Message, PublishOptions};
+
+    use super::*;
+    use crate::SqliteBroker;
+
+    fn big(kb: usize) -> Message {
+        let headers = Headers::new("tests.big", celeriac_core::protocol::new_id());
+        let body = Body::new(vec!["x".repeat(kb * 1024).into()], Default::default());
+        Message::new(headers, &body, ContentType::Json).unwrap()
+    }
+
+    /// Sets the connection's `max_page_count` to `pages`, or to the database's size when
+    /// `None`; returns the limit now in force.
+    async fn limit_pages(broker: &SqliteBroker, pages: Option<i64>) -> i64 {
+        broker
+            .conn()
+            .call(ErrorKind::Broker, true, "cannot limit pages", move |db| {
+                let n = match pages {
+                    Some(n) => n,
+                    None => db.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?,
+                };
+                db.conn
+                    .query_row(&format!("PRAGMA max_page_count = {n}"), [], |r| r.get(0))
+            })
+            .await
+            .unwrap()
+    }
+
+    /// When SQLite rolls a batch's transaction back (it does on `SQLITE_FULL`), the commands
+    /// after the failing one do not run: each would commit on its own while its caller is
+    /// told the batch failed.
+    // See: issue 23 (D)
+    #[tokio::test]
+    async fn commands_after_a_rolled_back_transaction_do_not_run() {
+        let path = celeriac_test::services::temp_sqlite_path("celeriac_sqlite_rolled_back");
+        let broker = SqliteBroker::open(&path, crate::SqliteOptions::default())
+            .await
+            .unwrap();
+        broker
+            .publish("q", &big(1), PublishOptions::default())
+            .await
+            .unwrap();
+        limit_pages(&broker, None).await;
+        let conn = broker.conn();
+        // Holds the thread while the next two commands queue up for one batch.
+        let (started_tx, started) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let mut busy = conn
+            .submit(false, move |_| {
+                let _ = started_tx.send(());
+                let _ = release_rx.recv();
+                Ok(())
+            })
+            .unwrap();
+        started.recv().unwrap();
+        let mut grow = conn
+            .submit(true, |db| {
+                db.conn.execute(
+                    "INSERT INTO celeriac_messages (queue, priority, state, visible_at, body) \
+                     VALUES ('q', 0, 0, 0, ?1)",
+                    ["x".repeat(256 * 1024)],
+                )
+            })
+            .unwrap();
+        let mut delete = conn
+            .submit(true, |db| {
+                db.conn.execute("DELETE FROM celeriac_messages", [])
+            })
+            .unwrap();
+        release.send(()).unwrap();
+        let kind = ErrorKind::Broker;
+        Conn::wait(&mut busy, kind, "busy").await.unwrap();
+        let e = Conn::wait(&mut grow, kind, "grow").await.unwrap_err();
+        assert!(format!("{e:#}").contains("full"), "{e:#}");
+        let e = Conn::wait(&mut delete, kind, "delete").await.unwrap_err();
+        assert!(
+            format!("{e:#}").contains("rolled the transaction back"),
+            "{e:#}"
+        );
+        assert_eq!(
+            broker.stats("q").await.unwrap().total(),
+            1,
+            "nothing deleted"
+        );
     }
 }
