@@ -40,7 +40,7 @@ pub enum ErrorKind {
 /// The error type of celeriac's libraries.
 ///
 /// Messages are lowercase and do not repeat their cause; walk [`std::error::Error::source`]
-/// for the chain.
+/// for the chain, or format with `{:#}` to print it: `message: cause: cause`.
 pub struct Error {
     kind: ErrorKind,
     message: String,
@@ -145,9 +145,19 @@ impl fmt::Debug for Error {
     }
 }
 
+/// The message; with `{:#}`, the message and then each cause of the chain, `: `-separated
+/// (what a log line needs: the message alone hides why).
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        f.write_str(&self.message)?;
+        if f.alternate() {
+            let mut cause = std::error::Error::source(self);
+            while let Some(c) = cause {
+                write!(f, ": {c}")?;
+                cause = c.source();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -180,5 +190,14 @@ mod tests {
         assert!(e.is_transient());
         let src = std::error::Error::source(&e).expect("source");
         assert_eq!(src.to_string(), "disk on fire");
+    }
+
+    #[test]
+    fn alternate_display_prints_the_cause_chain_once() {
+        let inner = Error::broker("cannot commit").with_source(std::io::Error::other("disk full"));
+        let e = Error::broker("cannot fetch").with_source(inner);
+        assert_eq!(e.to_string(), "cannot fetch");
+        assert_eq!(format!("{e:#}"), "cannot fetch: cannot commit: disk full");
+        assert_eq!(format!("{:#}", Error::broker("alone")), "alone");
     }
 }

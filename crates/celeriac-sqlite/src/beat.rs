@@ -129,16 +129,7 @@ impl SqliteBeatStore {
     async fn open_at(location: &Location, options: &SqliteOptions) -> Result<Self> {
         let conn = Conn::open(location, options, KIND).await?;
         conn.call(KIND, true, "beat store: cannot create its tables", |db| {
-            // All or nothing, even though the batch shares a transaction with others.
-            db.conn.execute_batch("SAVEPOINT beat_tables")?;
-            match db.conn.execute_batch(DDL) {
-                Ok(()) => db.conn.execute_batch("RELEASE beat_tables"),
-                Err(e) => {
-                    db.conn
-                        .execute_batch("ROLLBACK TO beat_tables; RELEASE beat_tables")?;
-                    Err(e)
-                }
-            }
+            db.all_or_nothing("beat_tables", |db| db.conn.execute_batch(DDL))
         })
         .await?;
         tracing::debug!(database = %conn.location, "opened sqlite beat store");

@@ -12,6 +12,7 @@ use celeriac_core::{
     ErrorKind, Message, PublishOptions, QueueStats, Requeue, Result, StoredState, TaskState,
 };
 use rusqlite::OptionalExtension;
+use rusqlite::types::ValueRef;
 use tokio::sync::Notify;
 
 use crate::conn::{Conn, Db, Reply, Shared, now_ms};
@@ -205,17 +206,7 @@ impl Broker for SqliteBroker {
             let queue = queue.to_owned();
             self.conn()
                 .call(KIND, true, "cannot publish to sqlite queue", move |db| {
-                    // All or nothing, even though the batch shares a transaction with others.
-                    db.conn.execute_batch("SAVEPOINT publish_batch")?;
-                    match insert(db, &queue, &rows) {
-                        Ok(()) => db.conn.execute_batch("RELEASE publish_batch"),
-                        Err(e) => {
-                            db.conn.execute_batch(
-                                "ROLLBACK TO publish_batch; RELEASE publish_batch",
-                            )?;
-                            Err(e)
-                        }
-                    }
+                    db.all_or_nothing("publish_batch", |db| insert(db, &queue, &rows))
                 })
                 .await
         })
@@ -350,7 +341,8 @@ struct LeasedRow {
     /// The row's `deliveries` after this lease: the lease's identity.
     token: i64,
     queue: String,
-    body: String,
+    /// The envelope's text, or why the row has none (see [`row_body`]).
+    body: Result<String>,
     /// The task's state, read with the fetch when the consumer probes.
     stored: Option<StoredState>,
 }
@@ -472,7 +464,7 @@ fn fetch(
                         id: r.get(0)?,
                         token: r.get(1)?,
                         queue: queue.clone(),
-                        body: r.get(3)?,
+                        body: row_body(r.get(0)?, r.get_ref(3)?),
                         stored: None,
                     },
                 ))
@@ -502,6 +494,36 @@ fn fetch(
     Ok(Fetched { rows, next_due })
 }
 
+/// The text of the body of leased row `id`, whatever SQLite stored it as.
+///
+/// Rows are written as TEXT, but another tool may have written one as a BLOB or with bytes
+/// that are not UTF-8. Reading such a row as a `String` failed the whole fetch after its
+/// `UPDATE … RETURNING` had leased every row of the batch, so the rows fetched with it stayed
+/// leased until their lease ran out, and then failed again. So a body is read as bytes: the
+/// bytes of a TEXT or a BLOB that are UTF-8 are the envelope's text (a BLOB holding a valid
+/// envelope runs like any message); other bytes become an error, which the consumer hands
+/// over as that one row's undecodable delivery.
+fn row_body(id: i64, body: ValueRef<'_>) -> Result<String> {
+    let (bytes, class) = match body {
+        ValueRef::Text(b) => (b, "text"),
+        ValueRef::Blob(b) => (b, "blob"),
+        // The column is NOT NULL with TEXT affinity: numbers are stored as text.
+        other => {
+            return Err(Error::protocol(format!(
+                "sqlite row {id} has a body of type {}, not text",
+                other.data_type()
+            )));
+        }
+    };
+    std::str::from_utf8(bytes).map(str::to_owned).map_err(|e| {
+        Error::protocol(format!(
+            "the body of sqlite row {id} ({class}, {} bytes) is not utf-8 text",
+            bytes.len()
+        ))
+        .with_source(e)
+    })
+}
+
 /// The stored state of each row's task, in the fetch's transaction: what the worker would
 /// read before running it, without a call of its own. The task id is taken from the
 /// envelope's `correlation_id` by search ([`correlation_id`]); the worker uses the state only
@@ -514,7 +536,7 @@ fn read_states(db: &Db, rows: &mut VecDeque<LeasedRow>, now: i64) -> rusqlite::R
          AND (expires_at IS NULL OR expires_at > ?2)",
     )?;
     for row in rows {
-        let Some(id) = correlation_id(&row.body) else {
+        let Some(id) = row.body.as_deref().ok().and_then(correlation_id) else {
             continue;
         };
         let status: Option<String> = stmt.query_row((id, now), |r| r.get(0)).optional()?;
@@ -549,9 +571,9 @@ impl SqliteConsumer {
     }
 
     fn deliver(&self, row: LeasedRow) -> Delivery {
-        let message = envelope::decode(row.body.as_bytes());
+        let message = row.body.and_then(|b| envelope::decode(b.as_bytes()));
         if let Err(e) = &message {
-            tracing::warn!(queue = %row.queue, row = row.id, error = %e, "undecodable message in sqlite queue");
+            tracing::warn!(queue = %row.queue, row = row.id, error = %format_args!("{e:#}"), "undecodable message in sqlite queue");
         }
         let acker = SqliteAcker {
             conn: self.broker.inner.conn.clone(),

@@ -36,6 +36,12 @@ const IDLE_TICK: Duration = Duration::from_millis(100);
 /// about a quarter of the client's connection thread. The WAL's size on disk is set by those
 /// readers more than by this mark (86–206 MiB at peak in 50,000-task runs with either value).
 const WAL_AUTOCHECKPOINT: u32 = 10_000;
+/// How often the thread tries to checkpoint and truncate the WAL after a write failed with
+/// `SQLITE_FULL`, until one attempt succeeds (see [`Db::recover_space`]).
+const FULL_RETRY: Duration = Duration::from_secs(1);
+/// How long such an attempt waits for other connections' readers and writers: the thread
+/// serves every caller of the process, so it does not wait the whole `busy_timeout`.
+const FULL_BUSY: Duration = Duration::from_millis(100);
 
 /// Connections by canonical path, so a broker and a backend of one process share one thread.
 static OPEN: LazyLock<Mutex<HashMap<PathBuf, Weak<Conn>>>> = LazyLock::new(Default::default);
@@ -136,6 +142,11 @@ pub(crate) struct Db {
     pub(crate) conn: Connection,
     /// Queues known to exist, so publish skips the `INSERT OR IGNORE` into the queue table.
     pub(crate) known_queues: HashSet<String>,
+    /// The `busy_timeout`, to restore the busy handler after a shorter wait.
+    busy: Duration,
+    /// Set when a write failed for lack of space (`SQLITE_FULL`): when to try next to
+    /// checkpoint and truncate the WAL.
+    full: Option<Instant>,
     messages_changed: bool,
     results_changed: bool,
     broadcast_changed: bool,
@@ -155,6 +166,94 @@ impl Db {
     /// Wakes broadcast inboxes once this batch commits.
     pub(crate) fn broadcast_changed(&mut self) {
         self.broadcast_changed = true;
+    }
+
+    /// Runs `f` all or nothing, through savepoint `name`, though the batch's transaction is
+    /// shared with other commands. When `f` fails and SQLite has rolled the whole transaction
+    /// back (as it may on `SQLITE_FULL`), no savepoint is left to roll back to: `f`'s error is
+    /// returned as it is, not a "no such savepoint" hiding it.
+    pub(crate) fn all_or_nothing<T>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&mut Db) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.conn.execute_batch(&format!("SAVEPOINT {name}"))?;
+        match f(self) {
+            Ok(v) => {
+                self.conn.execute_batch(&format!("RELEASE {name}"))?;
+                Ok(v)
+            }
+            Err(e) => {
+                if !self.conn.is_autocommit() {
+                    self.conn
+                        .execute_batch(&format!("ROLLBACK TO {name}; RELEASE {name}"))?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Notes a failure: `SQLITE_FULL` makes the thread try to give the WAL's space back.
+    fn failed(&mut self, code: Option<ErrorCode>) {
+        if code == Some(ErrorCode::DiskFull) && self.full.is_none() {
+            tracing::warn!(
+                "the sqlite database or its disk is full; checkpointing and truncating the WAL \
+                 to give its space back"
+            );
+            self.full = Some(Instant::now());
+        }
+    }
+
+    /// After `SQLITE_FULL`, when an attempt is due: checkpoints the WAL into the database and
+    /// truncates it to zero bytes, so the space it took is free again.
+    ///
+    /// Automatic checkpoints never shrink a WAL, they only reuse it from its start, and they
+    /// cannot even do that while the database file has no room to take the WAL's pages: after
+    /// a full disk the WAL keeps its size and grows on, taking back the space freed, so writes
+    /// fail again. Tried at once, then every [`FULL_RETRY`] (looked at after every batch and
+    /// on the thread's idle ticks), until a checkpoint copies the whole WAL and truncates it.
+    /// A checkpoint copies committed transactions into the database file: nothing committed
+    /// is lost, whatever its outcome.
+    fn recover_space(&mut self) {
+        let Some(at) = self.full else {
+            return;
+        };
+        if Instant::now() < at {
+            return;
+        }
+        self.set_busy(FULL_BUSY);
+        let r = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            });
+        self.set_busy(self.busy);
+        match r {
+            Ok((0, frames)) => {
+                tracing::info!(
+                    frames,
+                    "checkpointed and truncated the sqlite WAL after a full disk"
+                );
+                self.full = None;
+            }
+            Ok((_, frames)) => {
+                tracing::debug!(
+                    frames,
+                    "cannot truncate the sqlite WAL yet: another connection is reading it"
+                );
+                self.full = Some(Instant::now() + FULL_RETRY);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot truncate the sqlite WAL yet");
+                self.full = Some(Instant::now() + FULL_RETRY);
+            }
+        }
+    }
+
+    fn set_busy(&mut self, timeout: Duration) {
+        if let Err(e) = self.conn.busy_handler(Some(busy_handler(timeout))) {
+            tracing::warn!(error = %e, "cannot set the sqlite busy handler");
+        }
     }
 }
 
@@ -197,11 +296,12 @@ impl Failure {
         }
     }
 
-    /// A celeriac error of `kind`; busy and locked databases are transient.
+    /// A celeriac error of `kind`; busy and locked databases are transient, and so is a full
+    /// one (the thread frees the WAL's space as soon as it can; see [`Db::recover_space`]).
     pub(crate) fn into_error(self, kind: ErrorKind, what: &str) -> Error {
         let transient = matches!(
             self.code(),
-            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::DiskFull)
         );
         let e = Error::new(kind, what);
         let e = match self {
@@ -215,6 +315,8 @@ impl Failure {
 trait Job: Send {
     fn is_write(&self) -> bool;
     fn run(&mut self, db: &mut Db);
+    /// The command's own failure, once it ran.
+    fn failure(&self) -> Option<&rusqlite::Error>;
     /// Replies once the batch's transaction has committed or failed.
     fn finish(self: Box<Self>, txn: std::result::Result<(), &TxnError>);
 }
@@ -247,6 +349,10 @@ where
         if let Some(f) = self.f.take() {
             self.out = Some(f(db));
         }
+    }
+
+    fn failure(&self) -> Option<&rusqlite::Error> {
+        self.out.as_ref()?.as_ref().err()
     }
 
     fn finish(self: Box<Self>, txn: std::result::Result<(), &TxnError>) {
@@ -494,6 +600,8 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
     Ok(Db {
         conn,
         known_queues: HashSet::new(),
+        busy,
+        full: None,
         messages_changed: false,
         results_changed: false,
         broadcast_changed: false,
@@ -590,6 +698,9 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
         } else {
             IDLE_TICK
         };
+        let timeout = db.full.map_or(timeout, |at| {
+            timeout.min(at.saturating_duration_since(Instant::now()))
+        });
         let mut changed = false;
         match rx.recv_timeout(timeout) {
             Ok(Msg::Run(job)) => batch.push(job),
@@ -609,6 +720,7 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
             run_batch(&mut db, &mut batch, shared);
         }
         release_orphans(&mut db, shared);
+        db.recover_space();
         if shared.watchers.load(Ordering::Acquire) > 0
             && (changed || last_watch.elapsed() >= interval)
         {
@@ -651,6 +763,23 @@ fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
     let outcome = outcome.and_then(|()| {
         for job in batch.iter_mut() {
             job.run(db);
+            let failure = job.failure();
+            db.failed(failure.and_then(rusqlite::Error::sqlite_error_code));
+            if db.conn.is_autocommit() {
+                // SQLite rolled the whole transaction back, as it may on SQLITE_FULL, IOERR
+                // or NOMEM: the commands before are undone, and the next ones would each
+                // commit on their own while their callers are told the batch failed.
+                return Err(match failure {
+                    Some(e) => TxnError {
+                        code: e.sqlite_error_code(),
+                        message: format!("{e} (sqlite rolled the transaction back)"),
+                    },
+                    None => TxnError {
+                        code: None,
+                        message: "the transaction ended before its commit".to_owned(),
+                    },
+                });
+            }
         }
         exec_cached(&db.conn, "COMMIT").map_err(|e| {
             let err = TxnError::new(&e);
@@ -658,6 +787,9 @@ fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
             err
         })
     });
+    if let Err(e) = &outcome {
+        db.failed(e.code);
+    }
     if outcome.is_ok() {
         if std::mem::take(&mut db.messages_changed) {
             shared.messages.notify_waiters();
@@ -708,8 +840,343 @@ fn release_orphans(db: &mut Db, shared: &Shared) {
     match r {
         Ok(()) => shared.messages.notify_waiters(),
         Err(e) => {
+            db.failed(e.sqlite_error_code());
             tracing::warn!(error = %e, rows = rows.len(), "cannot give back prefetched messages; retrying");
             shared.release(rows);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use celeriac_core::{
+        Body, Broker, ConsumeOptions, ContentType, Headers, Message, PublishOptions, ResultBackend,
+        TaskMeta,
+    };
+
+    use super::*;
+    use crate::{SqliteBackend, SqliteBroker};
+
+    fn big(kb: usize) -> Message {
+        let headers = Headers::new("tests.big", celeriac_core::protocol::new_id());
+        let body = Body::new(vec!["x".repeat(kb * 1024).into()], Default::default());
+        Message::new(headers, &body, ContentType::Json).unwrap()
+    }
+
+    /// Sets the connection's `max_page_count` to `pages`, or to the database's size when
+    /// `None`; returns the limit now in force. Tried again while it fails with a full
+    /// database (it may share a batch with a write that finds no room).
+    async fn limit_pages(broker: &SqliteBroker, pages: Option<i64>) -> i64 {
+        loop {
+            let r = broker
+                .conn()
+                .call(ErrorKind::Broker, true, "cannot limit pages", move |db| {
+                    let n = match pages {
+                        Some(n) => n,
+                        None => db.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?,
+                    };
+                    db.conn
+                        .query_row(&format!("PRAGMA max_page_count = {n}"), [], |r| r.get(0))
+                })
+                .await;
+            match r {
+                Ok(n) => return n,
+                Err(e) => assert!(e.is_transient(), "{e:#}"),
+            }
+        }
+    }
+
+    /// When SQLite rolls a batch's transaction back (it does on `SQLITE_FULL`), the commands
+    /// after the failing one do not run: each would commit on its own while its caller is
+    /// told the batch failed.
+    // See: issue 23 (D)
+    #[tokio::test]
+    async fn commands_after_a_rolled_back_transaction_do_not_run() {
+        let path = celeriac_test::services::temp_sqlite_path("celeriac_sqlite_rolled_back");
+        let broker = SqliteBroker::open(&path, crate::SqliteOptions::default())
+            .await
+            .unwrap();
+        broker
+            .publish("q", &big(1), PublishOptions::default())
+            .await
+            .unwrap();
+        limit_pages(&broker, None).await;
+        let conn = broker.conn();
+        // Holds the thread while the next two commands queue up for one batch.
+        let (started_tx, started) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let mut busy = conn
+            .submit(false, move |_| {
+                let _ = started_tx.send(());
+                let _ = release_rx.recv();
+                Ok(())
+            })
+            .unwrap();
+        started.recv().unwrap();
+        let mut grow = conn
+            .submit(true, |db| {
+                db.conn.execute(
+                    "INSERT INTO celeriac_messages (queue, priority, state, visible_at, body) \
+                     VALUES ('q', 0, 0, 0, ?1)",
+                    ["x".repeat(256 * 1024)],
+                )
+            })
+            .unwrap();
+        let mut delete = conn
+            .submit(true, |db| {
+                db.conn.execute("DELETE FROM celeriac_messages", [])
+            })
+            .unwrap();
+        release.send(()).unwrap();
+        let kind = ErrorKind::Broker;
+        Conn::wait(&mut busy, kind, "busy").await.unwrap();
+        let e = Conn::wait(&mut grow, kind, "grow").await.unwrap_err();
+        assert!(format!("{e:#}").contains("full"), "{e:#}");
+        let e = Conn::wait(&mut delete, kind, "delete").await.unwrap_err();
+        assert!(
+            format!("{e:#}").contains("rolled the transaction back"),
+            "{e:#}"
+        );
+        assert_eq!(
+            broker.stats("q").await.unwrap().total(),
+            1,
+            "nothing deleted"
+        );
+    }
+
+    /// A full disk, simulated with `max_page_count` (SQLite then fails writes that need a new
+    /// page with `SQLITE_FULL`, as on a full disk): writes fail with a transient error that
+    /// names the cause, the thread truncates the WAL by itself, and once there is room again
+    /// publishes, fetches and stores work, with everything written before still there.
+    // See: issue 23 (D)
+    #[tokio::test]
+    async fn a_full_database_recovers_by_itself_and_loses_nothing() {
+        let path = celeriac_test::services::temp_sqlite_path("celeriac_sqlite_full_disk");
+        let wal = PathBuf::from(format!("{}-wal", path.display()));
+        let wal_size = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+        let options = crate::SqliteOptions::default();
+        let broker = SqliteBroker::open(&path, options.clone()).await.unwrap();
+        let backend = SqliteBackend::open(&path, options).await.unwrap();
+        let before: Vec<Message> = (0..20).map(|_| big(1)).collect();
+        for m in &before {
+            broker
+                .publish("q", m, PublishOptions::default())
+                .await
+                .unwrap();
+        }
+        // A task acknowledged with its result stored, before the fault.
+        let queues = ["q".to_owned()];
+        let mut c = broker
+            .consume(&queues, ConsumeOptions::new(1))
+            .await
+            .unwrap();
+        let done = c.next().await.unwrap().unwrap();
+        let done_id = done.message.as_ref().unwrap().id().to_owned();
+        backend
+            .store(&TaskMeta::success(&done_id, 1.into()))
+            .await
+            .unwrap();
+        done.ack().await.unwrap();
+        drop(c);
+        assert!(wal_size() > 0, "the WAL holds the writes");
+
+        // Another process reads: the WAL cannot be truncated under its snapshot.
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let n: i64 = reader
+            .query_row("SELECT COUNT(*) FROM celeriac_messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 19);
+
+        let limit = limit_pages(&broker, None).await;
+        let batch: Vec<_> = (0..20)
+            .map(|_| (big(8), PublishOptions::default()))
+            .collect();
+        let e = broker.publish_batch("q", &batch).await.unwrap_err();
+        assert!(e.is_transient(), "{e:?}");
+        let chain = format!("{e:#}");
+        assert!(
+            chain.starts_with("cannot publish to sqlite queue: ") && chain.contains("full"),
+            "{chain}"
+        );
+        let meta = TaskMeta::success("during", "y".repeat(64 * 1024).into());
+        let e = backend.store(&meta).await.unwrap_err();
+        assert!(
+            e.is_transient() && format!("{e:#}").contains("full"),
+            "{e:#}"
+        );
+
+        tokio::time::sleep(FULL_RETRY / 2).await;
+        assert!(wal_size() > 0, "truncated under a reader");
+
+        // Space returns and the reader is done: the WAL is given back within a retry or two,
+        // without any further write.
+        assert!(limit_pages(&broker, Some(1 << 30)).await > limit);
+        reader.execute_batch("COMMIT").unwrap();
+        let started = Instant::now();
+        while wal_size() > 0 {
+            assert!(
+                started.elapsed() < 3 * FULL_RETRY,
+                "the WAL is still {} bytes",
+                wal_size()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        broker.publish_batch("q", &batch).await.unwrap();
+        backend.store(&meta).await.unwrap();
+
+        let stored = backend.get(&done_id).await.unwrap().unwrap();
+        assert_eq!(stored.result, serde_json::json!(1));
+        let mut want: HashSet<String> = before.iter().map(|m| m.id().to_owned()).collect();
+        want.remove(&done_id);
+        want.extend(batch.iter().map(|(m, _)| m.id().to_owned()));
+        let mut c = broker
+            .consume(&queues, ConsumeOptions::new(64))
+            .await
+            .unwrap();
+        while !want.is_empty() {
+            let d = tokio::time::timeout(Duration::from_secs(5), c.next())
+                .await
+                .expect("a delivery in time")
+                .unwrap()
+                .unwrap();
+            assert!(want.remove(d.message.as_ref().unwrap().id()));
+            d.ack().await.unwrap();
+        }
+        assert_eq!(broker.stats("q").await.unwrap().total(), 0);
+    }
+
+    /// A worker on a file whose disk fills up mid-run (simulated with `max_page_count` for
+    /// two seconds, then lifted): early-acked and acks-late tasks alike all end SUCCESS, each
+    /// acknowledged task with its result, and the queue empties. Before, a result that could
+    /// not be stored was logged and its message acked anyway: an early-acked task, or an
+    /// acks-late one whose ack still found room, lost its result for good.
+    // See: issue 23 (D)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_rides_out_a_full_disk_and_every_acknowledged_task_keeps_its_result() {
+        use std::sync::Arc;
+
+        use celeriac_core::{Handler, Registry, TaskDef, TaskOptions, TaskState};
+        use celeriac_worker::{Worker, WorkerOptions};
+
+        const TASKS: usize = 400;
+        let path = celeriac_test::services::temp_sqlite_path("celeriac_sqlite_full_worker");
+        let options = crate::SqliteOptions::default();
+        let broker = SqliteBroker::open(&path, options.clone()).await.unwrap();
+        let backend = SqliteBackend::open(&path, options).await.unwrap();
+        let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let mut registry = Registry::new();
+        for (name, acks_late) in [("tests.early", false), ("tests.late", true)] {
+            let runs = runs.clone();
+            let mut options = TaskOptions::default();
+            options.acks_late = acks_late;
+            registry.insert(TaskDef {
+                name: name.into(),
+                params: &[],
+                options,
+                // A result of a few pages, so results soon need pages the file has not got.
+                handler: Handler::Blocking(Arc::new(move |ctx, _| {
+                    *runs.lock().unwrap().entry(ctx.id().to_owned()).or_default() += 1;
+                    Ok("r".repeat(12 * 1024).into())
+                })),
+            });
+        }
+        let mut ids = Vec::with_capacity(TASKS);
+        for i in 0..TASKS {
+            let name = if i % 2 == 0 {
+                "tests.early"
+            } else {
+                "tests.late"
+            };
+            let headers = Headers::new(name, celeriac_core::protocol::new_id());
+            let m = Message::new(
+                headers,
+                &Body::new(vec![], Default::default()),
+                ContentType::Json,
+            )
+            .unwrap();
+            broker
+                .publish("celery", &m, PublishOptions::default())
+                .await
+                .unwrap();
+            ids.push(m.id().to_owned());
+        }
+        let mut o = WorkerOptions::default();
+        o.queues = vec!["celery".into()];
+        o.hostname = "full@test".into();
+        o.concurrency = 4;
+        o.prefetch_buffer = 4;
+        // An ack that failed with the disk brings its message back this soon.
+        o.visibility_timeout = Duration::from_secs(2);
+        let worker = Worker::new(
+            Arc::new(broker.clone()),
+            Some(Arc::new(backend.clone())),
+            Arc::new(registry),
+            o,
+        );
+        let shutdown = worker.shutdown_handle();
+        let running = tokio::spawn(worker.run());
+        let done = || {
+            let backend = backend.clone();
+            let ids = ids.clone();
+            async move {
+                // A read fails too when it shares its batch with a write that finds no room.
+                let stored = loop {
+                    match backend.get_many(&ids).await {
+                        Ok(stored) => break stored,
+                        Err(e) => assert!(e.is_transient(), "{e:#}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                };
+                stored
+                    .iter()
+                    .filter(|m| m.as_ref().is_some_and(|m| m.status == TaskState::Success))
+                    .count()
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while done().await < TASKS / 4 {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        let limit = limit_pages(&broker, None).await;
+        let at_fault = done().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let during = done().await - at_fault;
+        assert!(limit_pages(&broker, Some(1 << 30)).await > limit);
+        let lifted = Instant::now();
+        let stalled = done().await;
+        while done().await == stalled {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let pause = lifted.elapsed();
+        while done().await < TASKS {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {TASKS} results",
+                done().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let all = lifted.elapsed();
+        while broker.stats("celery").await.unwrap().total() > 0 {
+            assert!(Instant::now() < deadline, "the queue never emptied");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.warm();
+        let report = running.await.unwrap().unwrap();
+        let runs = runs.lock().unwrap();
+        assert_eq!(runs.len(), TASKS);
+        let duplicates: u32 = runs.values().map(|n| n - 1).sum();
+        eprintln!(
+            "full disk for 2 s at {at_fault} of {TASKS} results: {during} stored during it, \
+             lost 0, duplicate runs {duplicates}, skipped duplicates {}, first result {pause:?} \
+             after space returned, all {all:?} after",
+            report.skipped
+        );
     }
 }

@@ -43,7 +43,8 @@
 //! callers. Statements are prepared once and cached, with SQLite's query planner stability
 //! guarantee on so a new parameter value never forces a re-prepare. A failing statement fails
 //! only its own command (a batch publish is all-or-nothing through a savepoint); a failing
-//! `BEGIN`/`COMMIT` fails the whole batch.
+//! `BEGIN`/`COMMIT` fails the whole batch, and so does a statement after which SQLite rolled
+//! the transaction back (see **A full disk**).
 //!
 //! **Durability.** The file is in WAL mode with `synchronous = NORMAL`: a commit is not fsynced,
 //! the WAL is at checkpoints, which run every 10,000 WAL pages (about 40 MB; SQLite's default
@@ -54,6 +55,21 @@
 //! `busy_timeout` (default 5 s) for the write lock, then fail with a transient error. They
 //! retry every 20 µs at first, backing off to 2 ms steps, and not on SQLite's own 1, 2, 5,
 //! 10 ms steps: another process holds the lock for about one commit.
+//!
+//! **A full disk.** A write that finds no room fails with a transient error naming the cause
+//! (`cannot store result in sqlite: database or disk is full …`). SQLite may then roll back
+//! the whole batch it was in (it did in every test): every command of that batch, reads
+//! included, fails with the same error, and none runs outside a transaction. The thread then checkpoints the WAL and
+//! truncates it to zero bytes, at once and then every second until that succeeds (it cannot
+//! while another connection reads an older snapshot, nor while the database file has no
+//! room for the WAL's pages). Automatic checkpoints never shrink the WAL, so without this it
+//! kept the space it had taken and grew on into the space an operator freed. A checkpoint
+//! only copies committed transactions into the database file, so nothing committed is lost.
+//! The worker stores a task's final state again until it is stored, and only then settles
+//! its delivery: an acks-late task is acknowledged after its result is stored, an early-acked
+//! one holds its slot until then, so no acknowledged task ends without its result. An ack
+//! that failed with the disk brings its message back after its lease, as a duplicate the
+//! worker skips once the result is stored (figures in `docs/RELIABILITY.md`).
 //!
 //! **Schema.** Tables are created on first open and versioned with `PRAGMA user_version`:
 //!
@@ -89,6 +105,20 @@
 //! another. Redeliveries are `deliveries - 1`. Delayed messages stay rows with a future
 //! `visible_at` and are never held in memory nor delivered early. A row whose text does not
 //! decode is delivered with `message: Err(..)` for the worker to reject.
+//!
+//! **Bad rows.** A row written by another tool may hold bytes that are not an envelope: not
+//! JSON, text that is not UTF-8, a BLOB. A fetch reads every body as bytes, so such a row
+//! fails no fetch: it is leased with its batch and handed over alone, as a delivery whose
+//! `message` is the error (naming the row, its storage class and size); the rows fetched with
+//! it are delivered as usual. The worker then dead-letters it, as it does an undecodable
+//! message on any broker (a `celeriac.undecodable` placeholder in `<queue>.dead`, the error
+//! as the reason), and acks it, which deletes the row: it is handled once. The driver does
+//! not set such rows aside itself: that would take a state or a table that older processes
+//! sharing the file do not know (they would promote the row back to ready), it would hide
+//! them from the dead-letter tools, and the worker already records who, when, why and from
+//! which queue. The price is the row's bytes, which are not kept: the placeholder has an
+//! empty body, since bytes that are not text cannot be put in an envelope. A BLOB whose
+//! bytes are a valid envelope is not bad: it runs.
 //!
 //! **Waiting.** An idle consumer waits for an in-process notice (fired after a commit that made
 //! messages ready), for the next due time of its queues, or for a change by another process.

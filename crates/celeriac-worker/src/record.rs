@@ -4,7 +4,15 @@
 //! on, SUCCESS and RETRY unless the task ignores results, FAILURE and REVOKED always (a
 //! failure nobody can see is worse than a stored one). Every record carries Celery's extended
 //! fields (name, args, kwargs, worker, retries, queue, parent and group ids). A backend error
-//! is logged, never fatal: the task has run either way.
+//! is logged, never fatal: the task has run either way. But a transient one (a lost
+//! connection, a full disk) on a final state (SUCCESS, FAILURE, REVOKED) is retried, backing
+//! off from 100 ms to 5 s, until the state is stored; the delivery is settled only after, so
+//! an acks-late task is never acknowledged without its result, and an early-acked one still
+//! gets its result once the backend works again. Meanwhile the task holds its slot, which
+//! stops the worker from taking more work than it can record; a cold shutdown drops the
+//! wait (acks-late tasks are then handed back, as running ones are).
+
+use std::time::Duration;
 
 use celeriac_core::meta::RemoteError;
 use celeriac_core::{BoxFuture, DynBackend, TaskMeta, TaskState};
@@ -187,14 +195,44 @@ impl Recorder {
         }
     }
 
+    /// Stores `meta`; a final state is stored again after a transient error, until it is.
     async fn store(&self, meta: &TaskMeta) {
         let Some(backend) = &self.backend else {
             return;
         };
-        if let Err(e) = backend.store(meta).await {
-            tracing::error!(error = %e, state = %meta.status, "cannot store the task's state");
+        let mut failures = 0;
+        loop {
+            match backend.store(meta).await {
+                Ok(_) => {
+                    if failures > 0 {
+                        tracing::info!(attempts = failures + 1, state = %meta.status, "stored the task's state");
+                    }
+                    return;
+                }
+                Err(e) if e.is_transient() && meta.status.is_ready() => {
+                    let retry_in = store_backoff(failures);
+                    tracing::error!(
+                        error = %format_args!("{e:#}"),
+                        state = %meta.status,
+                        retry_in = retry_in.as_secs_f64(),
+                        "cannot store the task's state; retrying (the message is not settled before)"
+                    );
+                    tokio::time::sleep(retry_in).await;
+                    failures += 1;
+                }
+                Err(e) => {
+                    tracing::error!(error = %format_args!("{e:#}"), state = %meta.status, "cannot store the task's state");
+                    return;
+                }
+            }
         }
     }
+}
+
+/// How long to wait before storing a final state again after its `failures`th failure (from
+/// 0): 100 ms, doubling up to 5 s.
+fn store_backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64 << failures.min(6)).min(Duration::from_secs(5))
 }
 
 #[cfg(test)]
@@ -250,6 +288,110 @@ mod tests {
         let (req, _) = request_with("ignored", 0, |_, o| o.ignore_result = true);
         stack.run(&req).await;
         assert!(backend.get("ignored").await.unwrap().is_none());
+    }
+
+    /// A backend whose first `fails` stores fail, transiently or not.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: MemoryBackend,
+        fails: std::sync::atomic::AtomicUsize,
+        transient: bool,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ResultBackend for Flaky {
+        fn driver(&self) -> &'static str {
+            "flaky"
+        }
+
+        fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, celeriac_core::Result<bool>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.calls.fetch_add(1, SeqCst);
+            let failing = self
+                .fails
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if !failing {
+                return self.inner.store(meta);
+            }
+            let e = celeriac_core::Error::backend("cannot store result")
+                .with_source(std::io::Error::other("database or disk is full"));
+            let e = if self.transient { e.transient() } else { e };
+            Box::pin(async move { Err(e) })
+        }
+
+        fn get<'a>(
+            &'a self,
+            task_id: &'a str,
+        ) -> BoxFuture<'a, celeriac_core::Result<Option<TaskMeta>>> {
+            self.inner.get(task_id)
+        }
+
+        fn wait<'a>(
+            &'a self,
+            task_id: &'a str,
+            timeout: Option<Duration>,
+        ) -> BoxFuture<'a, celeriac_core::Result<TaskMeta>> {
+            self.inner.wait(task_id, timeout)
+        }
+
+        fn forget<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, celeriac_core::Result<()>> {
+            self.inner.forget(task_id)
+        }
+
+        fn save_group<'a>(
+            &'a self,
+            group_id: &'a str,
+            task_ids: &'a [String],
+        ) -> BoxFuture<'a, celeriac_core::Result<()>> {
+            self.inner.save_group(group_id, task_ids)
+        }
+
+        fn restore_group<'a>(
+            &'a self,
+            group_id: &'a str,
+        ) -> BoxFuture<'a, celeriac_core::Result<Option<Vec<String>>>> {
+            self.inner.restore_group(group_id)
+        }
+
+        fn incr<'a>(&'a self, key: &'a str, by: i64) -> BoxFuture<'a, celeriac_core::Result<i64>> {
+            self.inner.incr(key, by)
+        }
+
+        fn close(&self) -> BoxFuture<'_, celeriac_core::Result<()>> {
+            self.inner.close()
+        }
+    }
+
+    /// A final state that cannot be stored for a while (a full disk, a lost connection) is
+    /// stored again until it is: the layer returns, and the delivery is settled, only then.
+    /// A permanent error is not retried.
+    // See: issue 23 (D)
+    #[tokio::test(start_paused = true)]
+    async fn a_final_state_is_stored_again_until_it_is_stored() {
+        use std::sync::atomic::Ordering::SeqCst;
+        for (transient, calls, stored) in [(true, 6, true), (false, 1, false)] {
+            let backend = Arc::new(Flaky {
+                inner: MemoryBackend::new(),
+                fails: 5.into(),
+                transient,
+                calls: 0.into(),
+            });
+            let recorder = Recorder::new(Some(backend.clone()), "w@h".into());
+            let (stack, _) = around(RecordLayer(recorder), |_| Outcome::Succeeded(5.into()));
+            let (req, _) = request_with("full", 0, |_, _| {});
+            let started = tokio::time::Instant::now();
+            stack.run(&req).await;
+            assert_eq!(backend.calls.load(SeqCst), calls, "transient: {transient}");
+            let m = backend.inner.get("full").await.unwrap();
+            assert_eq!(m.is_some(), stored, "transient: {transient}");
+            if transient {
+                // 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s of backoff.
+                assert_eq!(started.elapsed(), Duration::from_millis(3_100));
+            }
+        }
+        assert_eq!(store_backoff(0), Duration::from_millis(100));
+        assert_eq!(store_backoff(40), Duration::from_secs(5));
     }
 
     #[tokio::test]

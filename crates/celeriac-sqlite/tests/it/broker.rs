@@ -250,6 +250,92 @@ async fn an_undecodable_row_is_delivered_as_an_error_and_does_not_block() {
     assert_eq!(d.message.unwrap().id(), good.id());
 }
 
+/// Rows another tool wrote badly (a BLOB body of bytes that are not text, TEXT that is not
+/// UTF-8) in one fetch batch with good rows: the good ones arrive at once, each bad one is
+/// handed over once as an undecodable delivery (the worker dead-letters it and acks), and no
+/// row stays leased. A BLOB holding a valid envelope is a good row.
+// See: issue 23 (C)
+#[tokio::test]
+async fn a_bad_row_does_not_block_its_fetch_batch() {
+    let path = db("bad_rows_in_a_batch");
+    let b = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    b.declare("q").await.unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let insert = |sql_body: &str, param: &dyn rusqlite::ToSql| {
+        raw.execute(
+            &format!(
+                "INSERT INTO celeriac_messages (queue, priority, state, visible_at, body) \
+                 VALUES ('q', 0, 0, 0, {sql_body})"
+            ),
+            [param],
+        )
+        .unwrap();
+    };
+    let encode =
+        |m: &celeriac_core::Message| celeriac_core::protocol::envelope::encode(m, "", "q").unwrap();
+    let (first, in_blob, last) = (msg(), msg(), msg());
+    insert("?1", &String::from_utf8(encode(&first)).unwrap());
+    insert("?1", &vec![0x80_u8, 0xfe, 0xff, 0x00]);
+    insert("CAST(?1 AS TEXT)", &b"{\"id\": \"\xff\"}".to_vec());
+    insert("?1", &encode(&in_blob));
+    insert("?1", &String::from_utf8(encode(&last)).unwrap());
+    let types: Vec<String> = raw
+        .prepare("SELECT typeof(body) FROM celeriac_messages ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(types, ["text", "blob", "text", "blob", "text"]);
+
+    let mut c = b.consume(&q("q"), ConsumeOptions::new(8)).await.unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(next_within(&mut c, SOON).await);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let ids: Vec<Option<&str>> = got
+        .iter()
+        .map(|d| d.message.as_ref().ok().map(celeriac_core::Message::id))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            Some(first.id()),
+            None,
+            None,
+            Some(in_blob.id()),
+            Some(last.id())
+        ]
+    );
+    for (d, what) in [
+        (&got[1], "(blob, 4 bytes) is not utf-8"),
+        (&got[2], "(text, 11 bytes) is not utf-8"),
+    ] {
+        let e = d.message.as_ref().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().contains(what), "{e:#}");
+        assert!(format!("{e:#}").contains("invalid utf-8"), "{e:#}");
+    }
+    assert!(got.iter().all(|d| d.redeliveries == 0));
+    assert!(quiet_for(&mut c, Duration::from_millis(300)).await);
+    for d in got {
+        d.ack().await.unwrap();
+    }
+    let left: i64 = raw
+        .query_row("SELECT COUNT(*) FROM celeriac_messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0, "nothing stays leased");
+    assert_eq!(b.stats("q").await.unwrap(), QueueStats::default());
+}
+
 #[tokio::test]
 async fn purge_counts_ready_and_delayed() {
     let b = broker("purge").await;

@@ -91,6 +91,35 @@ async fn a_lock_released_within_busy_timeout_is_waited_for() {
     assert_eq!(publish.await.unwrap().unwrap().total(), 1);
 }
 
+/// A fetch that fails says why, with `{:#}` (as the worker logs it): here a table dropped
+/// behind the broker's back; a corrupt file or a full disk read the same way.
+// See: issue 23 (D)
+#[tokio::test]
+async fn a_fetch_error_names_its_cause() {
+    let path = db("fetch_cause");
+    let b = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let mut c = b
+        .consume(&["q".to_owned()], celeriac_core::ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch("DROP TABLE celeriac_messages").unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), c.next())
+        .await
+        .expect("an answer in time")
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Broker);
+    assert_eq!(e.to_string(), "cannot fetch from sqlite queue");
+    // SQLite's message, then rusqlite's code: `…: Error code 1: SQL logic error`.
+    let chain = format!("{e:#}");
+    assert!(
+        chain.starts_with("cannot fetch from sqlite queue: no such table: celeriac_messages"),
+        "{chain}"
+    );
+}
+
 #[tokio::test]
 async fn a_closed_broker_says_so() {
     let b = SqliteBroker::open(db("closed"), SqliteOptions::default())

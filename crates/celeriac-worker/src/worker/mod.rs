@@ -310,7 +310,7 @@ impl Worker {
                 Some(change) = queue_rx.recv() => {
                     if let Some(q) = change_queues(&mut queues, change) {
                         if let Err(e) = broker.declare(&q).await {
-                            tracing::error!(queue = %q, error = %e, "cannot declare the queue to consume");
+                            tracing::error!(queue = %q, error = %format_args!("{e:#}"), "cannot declare the queue to consume");
                         }
                     }
                     // A new consumer of the new set; the old one's prefetched deliveries
@@ -319,7 +319,7 @@ impl Worker {
                     if !queues.is_empty() {
                         match broker.consume(&queues, consume.clone()).await {
                             Ok(c) => consumer = Some(c),
-                            Err(e) => tracing::error!(error = %e, queues = ?queues, "cannot consume the queues"),
+                            Err(e) => tracing::error!(error = %format_args!("{e:#}"), queues = ?queues, "cannot consume the queues"),
                         }
                     }
                     *node.queues.lock().unwrap_or_else(|e| e.into_inner()) = queues.clone();
@@ -340,7 +340,7 @@ impl Worker {
                         break;
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, retry_in = backoff.as_secs_f64(), "cannot fetch from the broker");
+                        tracing::error!(error = %format_args!("{e:#}"), retry_in = backoff.as_secs_f64(), "cannot fetch from the broker");
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
                             () = phase.reached(Phase::Warm) => break,
