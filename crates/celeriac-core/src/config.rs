@@ -11,6 +11,8 @@
 //! result_expires = 86400          # seconds; 0 keeps results forever
 //! visibility_timeout = 3600       # seconds a delivery stays leased
 //! max_message_size = 16777216     # bytes of a task's body; 0 = no limit
+//! broker_connection_retry_on_startup = true  # a worker waits for its broker to come up
+//! broker_connection_max_retries = 100        # then gives up; 0 = never
 //!
 //! celery_worker_queues = ["celery"]   # also served by Python Celery workers
 //! celeriac_only_queues = ["internal.*"] # no Python worker: delays parked in the broker at once
@@ -75,6 +77,14 @@ pub struct Config {
     /// arguments. `0` in the file: no limit. Default [`DEFAULT_MAX_MESSAGE_SIZE`].
     #[serde(deserialize_with = "opt_size")]
     pub max_message_size: Option<usize>,
+    /// A worker (or beat) whose broker or result backend cannot be reached when it starts
+    /// keeps trying, as Celery's `broker_connection_retry_on_startup`: after 2 s, then 4 s,
+    /// 6 s, ... at most 30 s apart, logging the cause of each failed attempt. Clients (`call`,
+    /// an app built in a program) fail at once. Default true.
+    pub broker_connection_retry_on_startup: bool,
+    /// How many times a starting worker tries again before it gives up (Celery's
+    /// `broker_connection_max_retries`); `0`: it never gives up. Default 100.
+    pub broker_connection_max_retries: u32,
     /// Body serializer: `json` (default) or `msgpack`; any other name fails the load.
     pub serializer: crate::protocol::ContentType,
     /// Store STARTED when a task begins (per-task option wins when set). Default false.
@@ -148,6 +158,8 @@ impl Default for Config {
             result_expires: Some(Duration::from_secs(86_400)),
             visibility_timeout: Duration::from_secs(3600),
             max_message_size: Some(DEFAULT_MAX_MESSAGE_SIZE),
+            broker_connection_retry_on_startup: true,
+            broker_connection_max_retries: 100,
             serializer: crate::protocol::ContentType::Json,
             track_started: false,
             routes: BTreeMap::new(),

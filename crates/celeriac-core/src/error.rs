@@ -146,18 +146,24 @@ impl fmt::Debug for Error {
 }
 
 /// The message; with `{:#}`, the message and then each cause of the chain, `: `-separated
-/// (what a log line needs: the message alone hides why).
+/// (what a log line needs: the message alone hides why). A cause whose text the line already
+/// ends with is left out: many libraries print their source inside their own message.
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)?;
-        if f.alternate() {
-            let mut cause = std::error::Error::source(self);
-            while let Some(c) = cause {
-                write!(f, ": {c}")?;
-                cause = c.source();
-            }
+        if !f.alternate() {
+            return f.write_str(&self.message);
         }
-        Ok(())
+        let mut line = self.message.clone();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !line.ends_with(&text) {
+                line.push_str(": ");
+                line.push_str(&text);
+            }
+            cause = c.source();
+        }
+        f.write_str(&line)
     }
 }
 
@@ -199,5 +205,21 @@ mod tests {
         assert_eq!(e.to_string(), "cannot fetch");
         assert_eq!(format!("{e:#}"), "cannot fetch: cannot commit: disk full");
         assert_eq!(format!("{:#}", Error::broker("alone")), "alone");
+        // A library that prints its source in its own message is not repeated.
+        #[derive(Debug)]
+        struct Wraps(std::io::Error);
+        impl fmt::Display for Wraps {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "io: {}", self.0)
+            }
+        }
+        impl std::error::Error for Wraps {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = Error::broker("cannot connect").with_source(Wraps(refused));
+        assert_eq!(format!("{e:#}"), "cannot connect: io: connection refused");
     }
 }

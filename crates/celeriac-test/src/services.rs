@@ -62,6 +62,43 @@ pub fn require_service(name: &str, addr: &str) -> bool {
     false
 }
 
+/// Whether the program `name` can be run (`name --version` succeeds), for tests that start a
+/// private server of their own (e.g. `redis-server` on a free port). Like
+/// [`require_service`]: when it cannot, the test is skipped with a visible notice, or fails
+/// under `CELERIAC_REQUIRE_SERVICES=1`.
+pub fn require_program(name: &str) -> bool {
+    let runs = std::process::Command::new(name)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if runs {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .map_or_else(|| "a test".to_owned(), str::to_owned);
+    if services_required() {
+        panic!(
+            "{test} needs the program {name}, which cannot be run ({REQUIRE_SERVICES_VAR}=1 forbids skipping)"
+        );
+    }
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED: {test} needs the program {name} (set {REQUIRE_SERVICES_VAR}=1 to fail instead)"
+    );
+    false
+}
+
+/// A loopback TCP port that was free a moment ago, for a private server a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// Whether `CELERIAC_REQUIRE_SERVICES=1` is set.
 #[allow(
     clippy::disallowed_methods,

@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
@@ -9,8 +10,8 @@ use crate::signature::Signature;
 use crate::{AsyncResult, Error, Result};
 use celeriac_core::canvas::{Call, SendOptions, Sender, build_call};
 use celeriac_core::{
-    Config, ContentType, Drivers, DynBackend, DynBroker, PublishOptions, Registry, Task, TaskDef,
-    TaskOptions,
+    Config, ContentType, Drivers, DynBackend, DynBroker, ErrorKind, PublishOptions, Registry, Task,
+    TaskDef, TaskOptions,
 };
 
 /// A celeriac application: where tasks are sent, where results are kept, and which tasks this
@@ -384,6 +385,7 @@ pub struct AppBuilder {
     collect: bool,
     routes: Vec<(String, String)>,
     drivers: Option<Drivers>,
+    retry_on_startup: bool,
 }
 
 impl AppBuilder {
@@ -460,6 +462,19 @@ impl AppBuilder {
         self
     }
 
+    /// Keeps trying to open the broker and the result backend while they cannot be reached,
+    /// as a worker does when it starts (when the configuration's
+    /// [`broker_connection_retry_on_startup`](Config::broker_connection_retry_on_startup) is
+    /// true, its default): after 2 s, 4 s, 6 s, ... at most 30 s apart, up to
+    /// [`broker_connection_max_retries`](Config::broker_connection_max_retries) times, one
+    /// `warn` line with the cause per failed attempt. Errors no retry can fix (a bad URL, an
+    /// unknown scheme) fail at once. Off by default: a client fails at once.
+    #[must_use]
+    pub fn retry_on_startup(mut self, retry: bool) -> Self {
+        self.retry_on_startup = retry;
+        self
+    }
+
     /// Uses `drivers` instead of the built-in set (to add a third-party driver).
     #[must_use]
     pub fn drivers(mut self, drivers: Drivers) -> Self {
@@ -502,16 +517,22 @@ impl AppBuilder {
         config.validate()?;
         let content_type = config.serializer;
         let drivers = self.drivers.unwrap_or_else(default_drivers);
+        let retries = (self.retry_on_startup && config.broker_connection_retry_on_startup)
+            .then_some(config.broker_connection_max_retries);
         let broker = match self.broker {
             Some(b) => b,
-            None => drivers.open_broker(config.broker_url(), &config).await?,
+            None => {
+                let url = config.broker_url();
+                let open = || drivers.open_broker(url, &config);
+                opening("broker", url, retries, open).await?
+            }
         };
         let backend = match self.backend {
             Some(b) => b,
             None => {
-                drivers
-                    .open_backend(config.result_backend_url(), &config)
-                    .await?
+                let url = config.result_backend_url();
+                let open = || drivers.open_backend(url, &config);
+                opening("result backend", url, retries, open).await?
             }
         };
         let origin = format!("gen{}@{}", std::process::id(), celeriac_core::hostname());
@@ -533,6 +554,53 @@ impl AppBuilder {
                 drivers,
             }),
         })
+    }
+}
+
+/// Runs `open` until it succeeds; while it fails with an error a retry may fix (a broker or
+/// backend that cannot be reached), tries again up to `retries` times (`Some(0)`: forever;
+/// `None`: no retry), 2 s after the first failure and 2 s more after each next, at most 30 s.
+async fn opening<T, F, Fut>(what: &str, url: &str, retries: Option<u32>, open: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    const STEP: Duration = Duration::from_secs(2);
+    const MAX: Duration = Duration::from_secs(30);
+    let mut attempt: u32 = 0;
+    loop {
+        let e = match open().await {
+            Ok(opened) => {
+                if attempt > 0 {
+                    tracing::info!(url = %celeriac_core::url::redact(url), "connected to the {what}");
+                }
+                return Ok(opened);
+            }
+            Err(e) => e,
+        };
+        let Some(max) = retries else {
+            return Err(e);
+        };
+        let transient = !matches!(
+            e.kind(),
+            ErrorKind::Config | ErrorKind::Unsupported | ErrorKind::Protocol
+        );
+        attempt += 1;
+        if !transient || (max > 0 && attempt > max) {
+            return Err(e);
+        }
+        let wait = (STEP * attempt).min(MAX);
+        let of = if max > 0 {
+            max.to_string()
+        } else {
+            "∞".to_owned()
+        };
+        tracing::warn!(
+            url = %celeriac_core::url::redact(url),
+            "cannot reach the {what}: {e:#}; trying again in {:.2} s ({attempt}/{of})",
+            wait.as_secs_f64()
+        );
+        tokio::time::sleep(wait).await;
     }
 }
 

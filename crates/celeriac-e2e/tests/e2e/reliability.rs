@@ -434,6 +434,48 @@ async fn a_message_over_the_size_limit_is_refused_by_the_client_and_dead_lettere
     assert_eq!(letters[0].message.body, oversize.body);
 }
 
+/// A worker started before its broker keeps trying (Celery's
+/// `broker_connection_retry_on_startup`), one log line with the cause per attempt, and runs
+/// tasks once the broker is up. The broker is a private `redis-server` on a free port.
+// See: issue 23 (start-up)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_its_broker_waits_for_it() {
+    if !celeriac_test::services::require_program("redis-server") {
+        return;
+    }
+    let port = celeriac_test::services::free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let w = WorkerProcess::start(&url, &["-c", "1"]);
+    w.wait_for_log("trying again in 2.00 s (1/100)", T).await;
+    let mut redis = std::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    w.wait_for_log("connected to the broker", Duration::from_secs(20))
+        .await;
+    let app = client(&url).await;
+    let r = add::delay(&app, 2, 3).await.unwrap();
+    let got = r.get_timeout(T).await;
+    let _ = redis.kill();
+    let _ = redis.wait();
+    assert_eq!(got.unwrap(), 5, "{}", w.log());
+    let log = w.log();
+    let attempts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cannot reach the broker"))
+        .collect();
+    assert!(!attempts.is_empty());
+    for line in &attempts {
+        assert_eq!(
+            line.matches("Connection refused").count(),
+            1,
+            "the cause once per attempt: {line}"
+        );
+    }
+}
+
 /// A blocking task abandoned at its hard limit on a thread (the default pool cannot kill a
 /// thread) must not keep the process alive after the worker stopped.
 // See: issue 23 (E)

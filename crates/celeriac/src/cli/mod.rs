@@ -361,7 +361,14 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
     if let Some(b) = cli.result_backend {
         builder = builder.result_backend(b);
     }
-    let app = builder.build().await.context("cannot start the app")?;
+    // A worker or beat waits for its broker to come up, as Celery's do; one-shot commands
+    // fail at once.
+    let long_running = matches!(cli.command, Command::Worker(_) | Command::Beat(_));
+    let app = builder
+        .retry_on_startup(long_running)
+        .build()
+        .await
+        .context("cannot start the app")?;
     let code = match cli.command {
         Command::Worker(args) => {
             let beat = args.beat;
