@@ -132,6 +132,10 @@
 //!   killed consumer loses a message is closed); idle consumers wait on our wake-up channel,
 //!   and on key tracking (or a poll once a second) for messages published by clients that do
 //!   not announce them.
+//! - A fetched message whose `delivery_tag` is already held (an envelope pushed twice) is
+//!   recorded under a fresh tag, written into its envelope too, so the two deliveries never
+//!   share an `unacked` entry; kombu would overwrite the first, and the first ack would remove
+//!   both.
 //! - Fixed `sep` and `priority_steps`; queues declared with `x-expires` are not supported.
 
 mod backend;
