@@ -382,10 +382,7 @@ async fn unannounced_envelopes(p: &str, q: &str, n: usize) -> Vec<(String, Strin
             .publish(q, &m, PublishOptions::default())
             .await
             .unwrap();
-        let env: Vec<u8> = r
-            .rpop(format!("{p}staging:{q}\x06\x169"), None)
-            .await
-            .unwrap();
+        let env: Vec<u8> = r.rpop(format!("{p}staging:{q}"), None).await.unwrap();
         out.push((m.id().to_owned(), String::from_utf8(env).unwrap()));
     }
     out
