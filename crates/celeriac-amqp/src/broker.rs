@@ -359,7 +359,8 @@ pub(crate) fn properties_of(message: &Message, priority: Option<u8>) -> Result<P
         content_encoding: Some(message.content_encoding.clone()),
         headers: Some(to_table(&headers)),
         delivery_mode: Some(message.properties.delivery_mode.clamp(1, 2)),
-        priority: Some(priority.unwrap_or(message.properties.priority)),
+        // Celery sends 0 when no priority was given.
+        priority: Some(priority.or(message.properties.priority).unwrap_or(0)),
         correlation_id: Some(message.properties.correlation_id.clone()),
         ..Properties::default()
     };

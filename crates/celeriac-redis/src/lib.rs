@@ -68,10 +68,15 @@
 //!
 //! **Priorities.** On Redis kombu serves *lower* values first; celeriac's priorities, like
 //! AMQP's, serve *higher* ones first. A celeriac priority becomes the kombu value of its
-//! bucket: 9 → 0, 7-8 → 3, 4-6 → 6, 0-3 → 9 (so 9 is alone on top and the default 0 is at the
-//! bottom), and the exact value rides along in the extra property `celeriac_priority`. A
-//! message from Python, without it, reads as 9, 8, 6 or 0 by bucket: Python's default 0 is our
-//! 9. Ten levels in four lists means FIFO, not priority, inside a bucket.
+//! bucket: 9 → 0, 7-8 → 3, 4-6 → 6, 0-3 → 9 (so 9 is alone on top and 0 at the bottom), and
+//! the exact value rides along in the extra property `celeriac_priority`. A message sent
+//! without a priority (`Properties::priority` `None`, the default) is written as Python writes
+//! its own: kombu's default `"priority": 0`, in the bare list, with nothing of ours; so the
+//! default tasks of Python and celeriac clients are served together, first and in order, and
+//! an explicit priority below 9 puts a task behind them (as any priority above 0 does in
+//! Python). A message from Python, without our property, reads as 9, 8, 6 or 0 by bucket,
+//! except kombu's 0 (Python's default, and what it writes when given none), which reads as no
+//! priority. Ten levels in four lists means FIFO, not priority, inside a bucket.
 //!
 //! **Unacked tracking exactly as kombu's virtual transport.** A delivery is recorded in the
 //! `unacked` hash and the `unacked_index` sorted set in one `MULTI`, as kombu's Redis `QoS`
@@ -132,6 +137,10 @@
 //!   killed consumer loses a message is closed); idle consumers wait on our wake-up channel,
 //!   and on key tracking (or a poll once a second) for messages published by clients that do
 //!   not announce them.
+//! - A fetched message whose `delivery_tag` is already held (an envelope pushed twice) is
+//!   recorded under a fresh tag, written into its envelope too, so the two deliveries never
+//!   share an `unacked` entry; kombu would overwrite the first, and the first ack would remove
+//!   both.
 //! - Fixed `sep` and `priority_steps`; queues declared with `x-expires` are not supported.
 
 mod backend;

@@ -119,6 +119,19 @@ end
 /// trip) the `unacked` entry of such a message may not be valid JSON; a consumer killed in
 /// that instant leaves it for the restore to skip with a warning. No kombu or celeriac client
 /// writes such messages.
+///
+/// **Duplicate tags.** kombu keys `unacked` by the envelope's `delivery_tag`, which every
+/// publisher makes unique; a copied envelope (a client or tool that pushes the same text twice)
+/// repeats it, and two deliveries under one tag would share one entry: the second `HSET`
+/// overwrites the first message, and the first ack removes both, so a consumer killed then
+/// loses one. So a message whose tag is taken, by an earlier message of the same fetch or by a
+/// delivery held in `unacked`, is recorded under a fresh tag (the fallback prefix and a number
+/// past `want`), written into its envelope too when the text shows the old one plainly (one
+/// `"delivery_tag"` key, its value a string without escapes): the entry is then exactly what
+/// kombu records for a message with that tag, and the copy keeps it when restored. This costs
+/// no command in the common case: the index is written with `ZADD NX`, and only when that adds
+/// fewer members than messages are the tags looked up (`HEXISTS`) one by one. (A Python worker
+/// that takes both copies still loses one: kombu does not look.)
 pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{DECODED}{}",
@@ -126,7 +139,10 @@ pub(crate) static FETCH: LazyLock<Script> = LazyLock::new(|| {
 local want = tonumber(ARGV[3])
 local nq = tonumber(ARGV[4])
 local probe = ARGV[6]
-local out, zargs, hargs, ckeys, cat, pkeys, pat = {}, {}, {}, {}, {}, {}, {}
+local out, ckeys, cat, pkeys, pat = {}, {}, {}, {}, {}
+-- Per message: its tag and unacked entry, the list it came from, and (read by search) its
+-- exchange and routing key.
+local tags, entries, ks, exs, rks = {}, {}, {}, {}, {}
 local got = 0
 local find = string.find
 -- The string value of key `name` (quoted) when it occurs exactly once in m, else nil.
@@ -135,6 +151,15 @@ local function only(m, name)
   if not i or find(m, name, j + 1, true) then return nil end
   local _, _, v = find(m, '^%s*:%s*"([^"]*)"', j + 1)
   return v
+end
+-- m with the value `old` of its one "delivery_tag" key replaced by `new`; nil when the text
+-- does not show it plainly (one such key, its value a string without escapes equal to old).
+local function retagged(m, old, new)
+  local _, j = find(m, '"delivery_tag"', 1, true)
+  if not j or find(m, '"delivery_tag"', j + 1, true) then return nil end
+  local _, e, v = find(m, '^%s*:%s*"([^"\\]*)"', j + 1)
+  if v ~= old then return nil end
+  return string.sub(m, 1, e - #v - 1) .. new .. string.sub(m, e)
 end
 local function record(k, m)
   local tag, entry, searched, id = nil, nil, 0, nil
@@ -147,16 +172,14 @@ local function record(k, m)
     if rk and not find(ex, '[%z\1-\31/\127-\255]') and not find(rk, '[%z\1-\31/\127-\255]') then
       entry = '[' .. m .. ',"' .. ex .. '","' .. rk .. '"]'
       searched = 1
+      exs[got + 1], rks[got + 1] = ex, rk
     end
   end
   if not entry then
     -- ARGV[7 + i] names the queue of list KEYS[2 + i].
     tag, entry = decoded(m, ARGV[2] .. '.' .. got, ARGV[k + 5])
   end
-  zargs[#zargs + 1] = ARGV[1]
-  zargs[#zargs + 1] = tag
-  hargs[#hargs + 1] = tag
-  hargs[#hargs + 1] = entry
+  tags[got + 1], entries[got + 1], ks[got + 1] = tag, entry, k
   if searched == 0 or find(m, '"redelivered"', 1, true) then
     ckeys[#ckeys + 1] = ARGV[5] .. tag
     cat[#cat + 1] = got + 1
@@ -209,7 +232,41 @@ for s = 0, nsteps - 1 do
   if got >= want then break end
 end
 if got > 0 then
-  redis.call('ZADD', KEYS[2], unpack(zargs))
+  -- A tag already taken, in this batch or by a delivery someone holds, would share its
+  -- entry: the later HSET overwrites the earlier message and one ack removes both. Such a
+  -- delivery gets a fresh tag, written into its envelope too when the text shows the old one
+  -- plainly (kombu keys entries by the envelope's tag). No extra command unless `ZADD NX`
+  -- added fewer members than there are messages.
+  local function retag(i)
+    local new = ARGV[2] .. '.' .. (want + i)
+    local m = retagged(out[i * 7 - 5], tags[i], new)
+    if m then
+      out[i * 7 - 5] = m
+      if exs[i] then
+        entries[i] = '[' .. m .. ',"' .. exs[i] .. '","' .. rks[i] .. '"]'
+      else
+        local _
+        _, entries[i] = decoded(m, new, ARGV[ks[i] + 5])
+      end
+    end
+    tags[i] = new
+    out[i * 7 - 4] = new
+  end
+  local seen, zargs, hargs = {}, {}, {}
+  for i = 1, got do
+    if seen[tags[i]] then retag(i) end
+    seen[tags[i]] = true
+    zargs[2 * i - 1], zargs[2 * i] = ARGV[1], tags[i]
+  end
+  if redis.call('ZADD', KEYS[2], 'NX', unpack(zargs)) < got then
+    for i = 1, got do
+      -- Held by a live delivery: a fresh tag. Else the member was added just now, or is a
+      -- stale one without an entry (kombu's `_restore` leaves those): it takes our lease.
+      if redis.call('HEXISTS', KEYS[1], tags[i]) == 1 then retag(i) end
+      redis.call('ZADD', KEYS[2], ARGV[1], tags[i])
+    end
+  end
+  for i = 1, got do hargs[2 * i - 1], hargs[2 * i] = tags[i], entries[i] end
   redis.call('HSET', KEYS[1], unpack(hargs))
 end
 if #ckeys > 0 then
@@ -234,7 +291,8 @@ return out
 
 /// Re-records a delivery that [`FETCH`] read by search when its envelope turned out not to be
 /// kombu's shape: replaces its `unacked` entry and index member by what the decoding path
-/// records, under the tag that path chooses.
+/// records, under the tag that path chooses (the fallback tag when that one is held by another
+/// delivery, as [`FETCH`] does for duplicate tags).
 ///
 /// KEYS: unacked, unacked_index. ARGV: the searched tag, the lease token, the message, a
 /// fallback tag, the queue name, the redelivery counter key prefix. Returns `{tag, redelivery
@@ -248,6 +306,7 @@ if (not s) or tonumber(s) ~= tonumber(ARGV[2]) then return false end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
 local tag, entry = decoded(ARGV[3], ARGV[4], ARGV[5])
+if tag ~= ARGV[1] and redis.call('HEXISTS', KEYS[1], tag) == 1 then tag = ARGV[4] end
 redis.call('ZADD', KEYS[2], ARGV[2], tag)
 redis.call('HSET', KEYS[1], tag, entry)
 return {tag, tonumber(redis.call('GET', ARGV[6] .. tag)) or 0}

@@ -107,7 +107,8 @@ struct Row {
 fn row(queue: &str, message: &Message, options: &PublishOptions, now: i64) -> Result<Row> {
     let priority = options
         .priority
-        .unwrap_or(message.properties.priority)
+        .or(message.properties.priority)
+        .unwrap_or(0)
         .min(9);
     let body = envelope::encode(message, "", queue)?;
     let body = String::from_utf8(body)

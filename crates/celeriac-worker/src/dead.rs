@@ -306,7 +306,7 @@ async fn send_back(
         m.headers.extra.remove(h);
     }
     broker.declare(&letter.queue).await?;
-    let options = PublishOptions::default().priority(Some(m.properties.priority));
+    let options = PublishOptions::default().priority(m.properties.priority);
     broker.publish(&letter.queue, &m, options).await
 }
 

@@ -61,7 +61,7 @@ impl RetryLayer {
         let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
         let message = retry_message(&req.message, eta);
         let options = PublishOptions::default()
-            .priority(Some(req.message.properties.priority))
+            .priority(req.message.properties.priority)
             .not_before(self.broker_delays.then_some(eta));
         match self.broker.publish(&req.queue, &message, options).await {
             Ok(()) => {
@@ -222,14 +222,14 @@ mod tests {
     fn the_retry_message_keeps_the_id_and_counts() {
         let body = Body::default();
         let mut m = Message::new(Headers::new("t", "id-1"), &body, ContentType::Json).unwrap();
-        m.properties.priority = 7;
+        m.properties.priority = Some(7);
         let eta = Utc::now();
         let r = retry_message(&m, eta);
         assert_eq!(r.id(), "id-1");
         assert_eq!(r.headers.retries, 1);
         assert_eq!(r.headers.parent_id.as_deref(), Some("id-1"));
         assert_eq!(r.headers.eta, Some(eta));
-        assert_eq!(r.properties.priority, 7);
+        assert_eq!(r.properties.priority, Some(7));
         assert_eq!(r.body, m.body);
         let mut with_parent = m.clone();
         with_parent.headers.parent_id = Some("p".into());

@@ -35,7 +35,7 @@ impl ScheduleLayer {
         if self.broker_delays {
             let options = PublishOptions::default()
                 .not_before(Some(eta))
-                .priority(Some(req.message.properties.priority));
+                .priority(req.message.properties.priority);
             match self.broker.publish(&req.queue, &req.message, options).await {
                 Ok(()) => {
                     tracing::info!(eta = %eta, "task has a future eta; parked in the broker");

@@ -144,7 +144,7 @@ pub(crate) fn info(req: &Request, hostname: &str, safe: bool) -> Value {
         "delivery_info": {
             "exchange": "",
             "routing_key": req.queue(),
-            "priority": req.message().properties.priority,
+            "priority": req.message().properties.priority.unwrap_or(0),
             "redelivered": req.redeliveries() > 0,
         },
         "worker_pid": req.started_at().map(|_| req.child.get().unwrap_or_else(std::process::id)),

@@ -108,7 +108,7 @@ async fn app_sends_protocol_two_with_the_beat_header() {
         Some(&serde_json::Value::Bool(true))
     );
     assert!(m.headers.expires.is_some());
-    assert_eq!(m.properties.priority, 5);
+    assert_eq!(m.properties.priority, Some(5));
 }
 
 /// The command line, as a user's binary runs it.

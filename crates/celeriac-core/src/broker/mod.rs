@@ -79,7 +79,10 @@ impl Capabilities {
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct PublishOptions {
-    /// 0 (lowest) to 9 (highest); `None` takes the message's own priority property.
+    /// 0 (lowest) to 9 (highest); `None` takes the message's own priority property (and when
+    /// that is `None` too, the message has none: see [`Properties::priority`]).
+    ///
+    /// [`Properties::priority`]: crate::Properties::priority
     pub priority: Option<u8>,
     /// Do not deliver before this time.
     pub not_before: Option<DateTime<Utc>>,

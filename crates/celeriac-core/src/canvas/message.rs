@@ -165,7 +165,7 @@ pub fn build_call(
         embed,
     };
     let mut message = Message::new(headers, &body, sender.content_type)?;
-    message.properties.priority = priority.unwrap_or(0);
+    message.properties.priority = priority;
     // Celery's freeze stamps the sender's reply queue on every step; results go there.
     message.properties.reply_to = o.reply_to.clone();
     Ok(Outgoing {
@@ -256,7 +256,7 @@ mod tests {
         };
         let out = build_message(&sig, &t, None, &sender()).unwrap();
         assert_eq!(out.queue.as_deref(), Some("q"));
-        assert_eq!(out.message.properties.priority, 3);
+        assert_eq!(out.message.properties.priority, Some(3));
         assert_eq!(
             out.message.headers.root_id.as_deref(),
             Some(out.message.id())

@@ -114,7 +114,8 @@ impl MemoryBroker {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let priority = options
             .priority
-            .unwrap_or(message.properties.priority)
+            .or(message.properties.priority)
+            .unwrap_or(0)
             .min(9);
         let stored = Stored {
             message: message.clone(),

@@ -65,7 +65,8 @@ pub fn encode(message: &Message, exchange: &str, routing_key: &str) -> Result<Ve
                 exchange,
                 routing_key,
             },
-            priority: message.properties.priority,
+            // kombu writes 0 when no priority was given.
+            priority: message.properties.priority.unwrap_or(0),
             body_encoding: "base64",
             delivery_tag: super::new_id(),
         },
@@ -99,7 +100,11 @@ fn properties_of(props: &RawObject<'_>) -> Properties {
             .unwrap_or_default(),
         reply_to: props.str("reply_to").map(Cow::into_owned),
         delivery_mode: props.u64("delivery_mode").map_or(2, |m| m.min(2) as u8),
-        priority: props.u64("priority").map_or(0, |p| p.min(255) as u8),
+        // kombu's default priority, 0, is what Python writes when none was given.
+        priority: props
+            .u64("priority")
+            .filter(|p| *p > 0)
+            .map(|p| p.min(255) as u8),
     }
 }
 
@@ -473,7 +478,7 @@ mod tests {
             let body = Body::new(vec![json!(1)], Map::new());
             let mut m = Message::new(h, &body, ContentType::Json).unwrap();
             m.properties.reply_to = Some("r".into());
-            m.properties.priority = 7;
+            m.properties.priority = Some(7);
             encode(&m, "", "q").unwrap()
         };
         let py = PY_MESSAGE.as_bytes().to_vec();
@@ -538,7 +543,7 @@ mod tests {
             }
         );
         assert_eq!(m.headers.origin.as_deref(), Some("gen4242@build-01"));
-        assert_eq!(m.properties.priority, 5);
+        assert_eq!(m.properties.priority, Some(5));
         assert_eq!(
             m.properties.reply_to.as_deref(),
             Some("55d606cb-8f74-314c-aae5-41b36c5c970b")
@@ -599,6 +604,33 @@ mod tests {
         assert_eq!(v["headers"]["timelimit"], json!([30.0, 20.0]));
         let back = decode(&bytes).unwrap();
         assert_eq!(back, m);
+    }
+
+    /// No priority is written as kombu's default, 0 (what Python writes when none is given),
+    /// and 0, a missing priority or one of another type reads as none.
+    #[test]
+    fn no_priority_is_kombus_default_zero() {
+        let mut m = decode(PY_MESSAGE.as_bytes()).unwrap();
+        m.properties.priority = None;
+        let bytes = encode(&m, "", "celery").unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["properties"]["priority"], 0);
+        assert_eq!(decode(&bytes).unwrap(), m);
+        for (text, want) in [
+            ("\"priority\": 0", None),
+            ("\"priority\": \"high\"", None),
+            ("\"priority\": null", None),
+            ("\"priority\": 1", Some(1)),
+        ] {
+            let env = PY_MESSAGE.replace("\"priority\": 5", text);
+            assert_eq!(
+                decode(env.as_bytes()).unwrap().properties.priority,
+                want,
+                "{text}"
+            );
+        }
+        let env = PY_MESSAGE.replace("\"priority\": 5,", "");
+        assert_eq!(decode(env.as_bytes()).unwrap().properties.priority, None);
     }
 
     #[test]

@@ -108,9 +108,13 @@ pub struct Properties {
     /// 2 = persistent, 1 = transient.
     #[serde(default = "persistent")]
     pub delivery_mode: u8,
-    /// 0 (lowest) to 9 (highest): higher runs first.
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub priority: u8,
+    /// 0 (lowest) to 9 (highest): higher runs first. `None`: none was given, and the
+    /// message goes where the broker puts Python's tasks sent without one (kombu's default
+    /// priority, 0): last on RabbitMQ and SQLite, with the most urgent on Redis (see
+    /// celeriac-redis). Envelopes write it as 0, as kombu does; a priority of 0 read from the
+    /// wire is `None`, since Python writes 0 for both.
+    #[serde(default)]
+    pub priority: Option<u8>,
 }
 
 fn persistent() -> u8 {
@@ -123,7 +127,7 @@ impl Default for Properties {
             correlation_id: String::new(),
             reply_to: None,
             delivery_mode: 2,
-            priority: 0,
+            priority: None,
         }
     }
 }

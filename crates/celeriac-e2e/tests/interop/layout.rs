@@ -147,13 +147,13 @@ print(json.dumps([a.id, b.id]))
     assert_eq!(h.extra.get("custom"), Some(&json!("x")), "{h:?}");
     assert_eq!(a.properties.correlation_id, id_a);
     assert!(a.properties.reply_to.is_some());
-    // kombu's Redis priority runs lower-first, ours higher-first (as on AMQP): Celery's 5 is
-    // less urgent than its default 0, and must stay so in ours.
-    assert!(
-        b.properties.priority < a.properties.priority && a.properties.priority <= 9,
-        "celery's 0 became our {}, its 5 our {}",
-        a.properties.priority,
-        b.properties.priority
+    // kombu's Redis priority runs lower-first, ours higher-first (as on AMQP): Celery's
+    // default 0 is no priority of ours (it goes back to the first-served list), and its 5,
+    // served after it, our 8.
+    assert_eq!(
+        (a.properties.priority, b.properties.priority),
+        (None, Some(8)),
+        "celery's 0 and 5 as ours"
     );
 
     // While held, each delivery sits in kombu's unacked hash and index, where a Python

@@ -528,7 +528,7 @@ impl ConsumerShared {
             m.headers.extra.remove("redelivered");
             m.properties.priority = info
                 .exact_priority
-                .unwrap_or_else(|| ours_from_kombu(info.kombu_priority));
+                .or_else(|| ours_from_kombu(info.kombu_priority));
             m
         });
         // Our counter counts every restore and requeue; kombu's flag (a message restored by a

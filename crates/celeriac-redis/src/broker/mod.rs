@@ -158,11 +158,12 @@ fn ms_of(t: chrono::DateTime<chrono::Utc>) -> i64 {
 }
 
 /// celeriac's priority (0..9, higher first) as kombu's `priority` property (0..9, lower
-/// first), bucket by bucket: 9 → 0, 7-8 → 3, 4-6 → 6, 0-3 → 9.
+/// first), bucket by bucket: 9 → 0, 7-8 → 3, 4-6 → 6, 0-3 → 9. A message without a priority
+/// has none of ours: it is written as Python writes its own, kombu's default 0.
 ///
 /// A plain `9 - p` would put 7, 8 and 9 in one bucket, the top one; this map keeps 9 alone on
-/// top and the default 0 in the bottom bucket, and writes each bucket's own value so kombu,
-/// reading the property, files the message in the same list.
+/// top and 0 in the bottom bucket, and writes each bucket's own value so kombu, reading the
+/// property, files the message in the same list.
 pub(crate) fn kombu_priority(ours: u8) -> u8 {
     match ours.min(9) {
         9 => 0,
@@ -173,27 +174,33 @@ pub(crate) fn kombu_priority(ours: u8) -> u8 {
 }
 
 /// kombu's `priority` property of a message that carries no exact priority of ours (a Python
-/// client's), as celeriac's: a value that maps back to the same bucket. Python's default 0
-/// becomes 9, the top.
-pub(crate) fn ours_from_kombu(kombu: u8) -> u8 {
-    match step_for(kombu) {
-        0 => 9,
-        3 => 8,
-        6 => 6,
-        _ => 0,
+/// client's, or ours sent without one), as celeriac's: a value that maps back to the same
+/// bucket. Python's default 0, which is also what it writes for no priority, is none (and goes
+/// back to the top list); 1 and 2 share that list with our 9.
+pub(crate) fn ours_from_kombu(kombu: u8) -> Option<u8> {
+    match (kombu, step_for(kombu)) {
+        (0, _) => None,
+        (_, 0) => Some(9),
+        (_, 3) => Some(8),
+        (_, 6) => Some(6),
+        _ => Some(0),
     }
 }
 
 /// The envelope of `message` as kombu writes it, published to `queue` with `priority`
-/// (ours); returns the bytes and the list step.
-fn encode(message: &Message, queue: &str, priority: u8) -> Result<(Vec<u8>, u8)> {
-    let kombu = kombu_priority(priority);
-    let bytes = if message.properties.priority == kombu {
+/// (ours, if any); returns the bytes and the list step.
+fn encode(message: &Message, queue: &str, priority: Option<u8>) -> Result<(Vec<u8>, u8)> {
+    let kombu = priority.map_or(0, kombu_priority);
+    let bytes = if message.properties.priority.unwrap_or(0) == kombu {
         envelope::encode(message, "", queue)?
     } else {
         let mut m = message.clone();
-        m.properties.priority = kombu;
+        m.properties.priority = Some(kombu);
         envelope::encode(&m, "", queue)?
+    };
+    let Some(priority) = priority else {
+        // As Python's: nothing of ours to add.
+        return Ok((bytes, step_for(kombu)));
     };
     // The envelope ends with the properties object: splice our exact priority into it.
     debug_assert!(bytes.ends_with(b"}}"));
@@ -215,8 +222,8 @@ fn add_publish(
 ) -> Result<bool> {
     let priority = options
         .priority
-        .unwrap_or(message.properties.priority)
-        .min(9);
+        .or(message.properties.priority)
+        .map(|p| p.min(9));
     let (bytes, step) = encode(message, queue, priority)?;
     match options.not_before {
         Some(t) if ms_of(t) > now_ms => {
@@ -579,12 +586,13 @@ mod tests {
         for k in 0..=9 {
             // A Python message read and re-published by us stays in its bucket.
             assert_eq!(
-                step_for(kombu_priority(ours_from_kombu(k))),
+                step_for(ours_from_kombu(k).map_or(0, kombu_priority)),
                 step_for(k),
                 "{k}"
             );
         }
-        assert_eq!(ours_from_kombu(0), 9, "Python's default is our top");
+        assert_eq!(ours_from_kombu(0), None, "Python's default is none");
+        assert_eq!(ours_from_kombu(2), Some(9));
     }
 
     #[test]
@@ -595,8 +603,8 @@ mod tests {
             celeriac_core::ContentType::Json,
         )
         .unwrap();
-        m.properties.priority = 7;
-        let (bytes, step) = encode(&m, "q", 7).unwrap();
+        m.properties.priority = Some(7);
+        let (bytes, step) = encode(&m, "q", Some(7)).unwrap();
         assert_eq!(step, 3);
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["properties"]["priority"], 3);
@@ -607,6 +615,17 @@ mod tests {
         let again = Info::read(&mark_redelivered(&bytes));
         assert!(again.redelivered);
         assert_eq!(again.exact_priority, info.exact_priority);
+
+        // No priority: the bare list, kombu's 0 and nothing of ours, as Python writes it.
+        m.properties.priority = None;
+        let (bytes, step) = encode(&m, "q", None).unwrap();
+        assert_eq!(step, 0);
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["properties"]["priority"], 0);
+        assert!(v["properties"].get("celeriac_priority").is_none(), "{v}");
+        let info = Info::read(&bytes);
+        assert_eq!((info.kombu_priority, info.exact_priority), (0, None));
+        assert_eq!(ours_from_kombu(info.kombu_priority), None);
     }
 
     #[test]

@@ -30,11 +30,11 @@ async fn publish_writes_kombus_envelope_to_the_priority_lists() {
 
     let m = msg();
     broker
-        .publish("celery", &m, PublishOptions::default())
+        .publish("celery", &m, PublishOptions::default().priority(Some(0)))
         .await
         .unwrap();
     let mut urgent = msg();
-    urgent.properties.priority = 9;
+    urgent.properties.priority = Some(9);
     broker
         .publish("celery", &urgent, PublishOptions::default())
         .await
@@ -48,7 +48,7 @@ async fn publish_writes_kombus_envelope_to_the_priority_lists() {
         .await
         .unwrap();
 
-    // Default priority 0 is kombu's 9 (served last); our 9 is kombu's 0 (the bare list).
+    // Our 0 is kombu's 9 (served last); our 9 is kombu's 0 (the bare list).
     let low: Vec<Vec<u8>> = c
         .lrange(format!("{p}celery\x06\x169"), 0, -1)
         .await
@@ -75,6 +75,118 @@ async fn publish_writes_kombus_envelope_to_the_priority_lists() {
     let top: Value = serde_json::from_slice(&top[0]).unwrap();
     assert_eq!(top["properties"]["priority"], 0);
     assert_eq!(top["headers"]["id"], urgent.id());
+}
+
+/// A task sent without a priority goes where Python's tasks without one go: kombu's bare list
+/// (priority 0, served first), written as Python writes it (`"priority": 0`, nothing of ours),
+/// so on a queue shared with Python workers neither side's default tasks starve behind the
+/// other's. An explicit priority maps to kombu's buckets as before. A mixed backlog comes out
+/// list by list, FIFO inside each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_priority_tasks_land_where_pythons_do() {
+    // See: issue 23 (F)
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let q = "mixed";
+    broker.declare(q).await.unwrap();
+    let mut c = raw().await;
+    // What a Python client's `send_task(name, queue=q)` pushes (kombu's `_put`: priority 0,
+    // the bare list).
+    let python = |id: &str| {
+        json!({
+            "body": "W1syLCAyXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d",
+            "content-encoding": "utf-8", "content-type": "application/json",
+            "headers": {"lang": "py", "task": "proj.tasks.add", "id": id, "shadow": null,
+                "eta": null, "expires": null, "group": null, "group_index": null, "retries": 0,
+                "timelimit": [null, null], "root_id": id, "parent_id": null,
+                "argsrepr": "(2, 2)", "kwargsrepr": "{}", "origin": "gen4242@build-01",
+                "ignore_result": false, "replaced_task_nesting": 0, "stamped_headers": null,
+                "stamps": {}},
+            "properties": {"correlation_id": id,
+                "reply_to": "55d606cb-8f74-314c-aae5-41b36c5c970b", "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": q}, "priority": 0,
+                "body_encoding": "base64", "delivery_tag": format!("tag-{id}")}
+        })
+        .to_string()
+    };
+    let mut label_of = std::collections::HashMap::new();
+    // (label, pushed as Python pushes it, priority)
+    let backlog: [(&str, bool, Option<u8>); 7] = [
+        ("py-1", true, None),
+        ("ours-unset-1", false, None),
+        ("ours-0", false, Some(0)),
+        ("ours-5", false, Some(5)),
+        ("py-2", true, None),
+        ("ours-9", false, Some(9)),
+        ("ours-unset-2", false, None),
+    ];
+    for (label, from_python, priority) in backlog {
+        if from_python {
+            let _: () = c.lpush(format!("{p}{q}"), python(label)).await.unwrap();
+            label_of.insert(label.to_owned(), label);
+        } else {
+            let mut m = msg();
+            m.properties.priority = priority;
+            broker
+                .publish(q, &m, PublishOptions::default())
+                .await
+                .unwrap();
+            label_of.insert(m.id().to_owned(), label);
+        }
+    }
+
+    // Our unset ones sit in the bare list with Python's, looking like Python's.
+    let bare: Vec<String> = c.lrange(format!("{p}{q}"), 0, -1).await.unwrap();
+    assert_eq!(bare.len(), 5, "{bare:#?}");
+    for text in &bare {
+        let v: Value = serde_json::from_str(text).unwrap();
+        let label = label_of[v["headers"]["id"].as_str().unwrap()];
+        assert_eq!(v["properties"]["priority"], 0, "{label}");
+        if label.starts_with("ours-unset") {
+            assert!(
+                v["properties"].get("celeriac_priority").is_none(),
+                "{label}: {text}"
+            );
+        }
+    }
+    for (list, kombu, ours) in [("\x06\x166", 6, 5), ("\x06\x169", 9, 0)] {
+        let held: Vec<String> = c.lrange(format!("{p}{q}{list}"), 0, -1).await.unwrap();
+        assert_eq!(held.len(), 1, "{list:?}: {held:#?}");
+        let v: Value = serde_json::from_str(&held[0]).unwrap();
+        assert_eq!(v["properties"]["priority"], kombu);
+        assert_eq!(v["properties"]["celeriac_priority"], ours);
+    }
+
+    let mut consumer = broker
+        .consume(&[q.to_owned()], ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let mut order = Vec::new();
+    for _ in 0..backlog.len() {
+        let d = next_within(&mut consumer, WAIT).await;
+        let m = d.message.as_ref().expect("decodes");
+        let label = label_of[m.id()];
+        let want = backlog.iter().find(|b| b.0 == label).unwrap().2;
+        assert_eq!(m.properties.priority, want, "{label} reads back as sent");
+        order.push(label);
+        d.ack().await.unwrap();
+    }
+    assert_eq!(
+        order,
+        [
+            "py-1",
+            "ours-unset-1",
+            "py-2",
+            "ours-9",
+            "ours-unset-2",
+            "ours-5",
+            "ours-0"
+        ],
+        "kombu's order: the bare list (Python's defaults, ours unset, our 9) first, FIFO"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,8 +287,8 @@ async fn a_delivery_left_by_a_dead_python_worker_comes_back() {
     let m = d.message.as_ref().expect("decodes");
     assert_eq!(m.id(), "py-task-1");
     assert_eq!(
-        m.properties.priority, 9,
-        "Python's default priority 0 is our top"
+        m.properties.priority, None,
+        "Python's default priority 0 is none of ours"
     );
     assert!(d.redelivered());
     assert!(
@@ -216,7 +328,7 @@ async fn delayed_messages_wait_in_a_sorted_set() {
         .unwrap();
     assert_eq!(held.len(), 1);
     assert_eq!(held[0].1 as i64, due.timestamp_millis());
-    let ready: i64 = c.llen(format!("{p}q\x06\x169")).await.unwrap();
+    let ready: i64 = c.llen(format!("{p}q")).await.unwrap();
     assert_eq!(ready, 0);
 
     let mut consumer = broker

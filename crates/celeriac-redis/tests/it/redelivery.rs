@@ -98,6 +98,122 @@ async fn an_unflagged_message_does_not_read_a_counter() {
     assert_eq!(left, 5, "the ack of a first delivery deletes no counter");
 }
 
+/// A message whose envelope was pushed twice (so both copies carry one `delivery_tag`) is
+/// delivered twice, and no copy is lost when its consumer dies: each delivery is recorded in
+/// `unacked` under a tag of its own (the later copy re-tagged, in its envelope too, as kombu
+/// keys entries by it), so neither overwrites the other's entry nor is removed by the other's
+/// ack. Both ways a copy meets its twin: in one fetch, and in a later fetch while the first is
+/// held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_delivery_tags_lose_no_message() {
+    // See: issue 23 (B)
+    if !util::redis_up() {
+        return;
+    }
+    let p = util::prefix();
+    let broker = broker_with(&p, RedisOptions::default()).await;
+    let q = "twins";
+    broker.declare(q).await.unwrap();
+    let queues = [q.to_owned()];
+    let lease = ConsumeOptions::new(1).lease(Duration::from_millis(300));
+    let mut r = raw().await;
+    let push_twice = |env: String| {
+        let list = format!("{p}{q}");
+        async move {
+            let mut r = raw().await;
+            let _: () = r.lpush(&list, vec![env.clone(), env]).await.unwrap();
+        }
+    };
+
+    // One fetch takes both; the consumer dies with both unsettled: both come back, once each.
+    // Twice: an envelope the fetch reads by search, and one with an escaped character in a
+    // header, which it decodes.
+    for escaped in [false, true] {
+        let (id, env) = unannounced_envelopes(&p, q, 1).await.remove(0);
+        let env = if escaped {
+            let mut v: serde_json::Value = serde_json::from_str(&env).unwrap();
+            v["headers"]["note"] = "a \"quoted\" word".into();
+            serde_json::to_string(&v).unwrap()
+        } else {
+            env
+        };
+        push_twice(env).await;
+        let mut c = broker
+            .consume(
+                &queues,
+                ConsumeOptions::new(2).lease(Duration::from_millis(300)),
+            )
+            .await
+            .unwrap();
+        let held = [
+            next_within(&mut c, WAIT).await,
+            next_within(&mut c, WAIT).await,
+        ];
+        for d in &held {
+            assert_eq!(d.message.as_ref().unwrap().id(), id, "escaped: {escaped}");
+        }
+        entries_keyed_by_their_own_tags(&p, 2).await;
+        drop(held);
+        drop(c);
+        let mut c = broker
+            .consume(&queues, ConsumeOptions::new(2))
+            .await
+            .unwrap();
+        for n in 0..2 {
+            let d = next_within(&mut c, WAIT).await;
+            assert_eq!(d.message.as_ref().unwrap().id(), id, "copy {n}");
+            assert_eq!(d.redeliveries, 1, "copy {n}: restored once");
+            d.ack().await.unwrap();
+        }
+        drop(c);
+        let stats = broker.stats(q).await.unwrap();
+        assert_eq!((stats.ready, stats.unacked), (0, 0), "both copies settled");
+    }
+
+    // Two fetches: the second copy is taken while the first is held; the first is acked, the
+    // second's consumer dies: the second comes back.
+    let (id, env) = unannounced_envelopes(&p, q, 1).await.remove(0);
+    push_twice(env).await;
+    let mut a = broker.consume(&queues, lease.clone()).await.unwrap();
+    let first = next_within(&mut a, WAIT).await;
+    let mut b = broker.consume(&queues, lease.clone()).await.unwrap();
+    let second = next_within(&mut b, WAIT).await;
+    for d in [&first, &second] {
+        assert_eq!(d.message.as_ref().unwrap().id(), id);
+    }
+    entries_keyed_by_their_own_tags(&p, 2).await;
+    first.ack().await.unwrap();
+    drop(second);
+    drop((a, b));
+    let mut c = broker
+        .consume(&queues, ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let d = next_within(&mut c, WAIT).await;
+    assert_eq!(d.message.as_ref().unwrap().id(), id);
+    assert!(d.redelivered(), "the second copy, restored");
+    d.ack().await.unwrap();
+    let stats = broker.stats(q).await.unwrap();
+    assert_eq!((stats.ready, stats.unacked), (0, 0), "both copies settled");
+    let left: i64 = r.hlen(format!("{p}unacked")).await.unwrap();
+    assert_eq!(left, 0);
+}
+
+/// `unacked` under prefix `p` holds `n` entries, each indexed and keyed by its envelope's
+/// `delivery_tag`, as kombu records them.
+async fn entries_keyed_by_their_own_tags(p: &str, n: usize) {
+    let mut r = raw().await;
+    let entries: Vec<(String, String)> = r.hgetall(format!("{p}unacked")).await.unwrap();
+    let index: Vec<String> = r.zrange(format!("{p}unacked_index"), 0, -1).await.unwrap();
+    assert_eq!(entries.len(), n, "one entry per delivery: {entries:?}");
+    assert_eq!(index.len(), n, "one index member per delivery: {index:?}");
+    for (tag, entry) in &entries {
+        let v: serde_json::Value = serde_json::from_str(entry).unwrap();
+        assert_eq!(v[0]["properties"]["delivery_tag"], tag.as_str(), "{entry}");
+        assert!(index.contains(tag), "{tag} is indexed");
+    }
+}
+
 /// A broker under a fresh prefix with queue `q` declared and one message published to it:
 /// the prefix, the broker and the message.
 async fn one_queued(q: &str) -> (String, celeriac_redis::RedisBroker, celeriac_core::Message) {
@@ -266,10 +382,7 @@ async fn unannounced_envelopes(p: &str, q: &str, n: usize) -> Vec<(String, Strin
             .publish(q, &m, PublishOptions::default())
             .await
             .unwrap();
-        let env: Vec<u8> = r
-            .rpop(format!("{p}staging:{q}\x06\x169"), None)
-            .await
-            .unwrap();
+        let env: Vec<u8> = r.rpop(format!("{p}staging:{q}"), None).await.unwrap();
         out.push((m.id().to_owned(), String::from_utf8(env).unwrap()));
     }
     out

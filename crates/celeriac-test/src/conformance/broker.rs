@@ -393,7 +393,7 @@ pub async fn case_priority_order(broker: DynBroker) {
     let mut label_of = HashMap::new();
     for (label, option, property) in plan {
         let mut m = test_message("conformance.priority");
-        m.properties.priority = property;
+        m.properties.priority = Some(property);
         publish(&broker, &q, &m, PublishOptions::default().priority(option)).await;
         label_of.insert(m.id().to_owned(), label);
     }
@@ -693,7 +693,7 @@ pub async fn case_message_round_trips(broker: DynBroker) {
     };
     let mut rich = Message::new(headers, &body, ContentType::Json).expect("encode");
     rich.properties.reply_to = Some(format!("reply-{id}"));
-    rich.properties.priority = 3;
+    rich.properties.priority = Some(3);
 
     let mut binary = test_message("conformance.binary");
     binary.content_type = "application/x-conformance-binary".into();

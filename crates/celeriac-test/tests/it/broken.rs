@@ -78,7 +78,7 @@ impl Broker for BrokenBroker {
             let options = match self.flaw {
                 Flaw::DeliversDelayedAtOnce => options.not_before(None),
                 Flaw::IgnoresPriority => {
-                    message.properties.priority = 0;
+                    message.properties.priority = Some(0);
                     options.priority(Some(0))
                 }
                 Flaw::DropsExtraHeaders => {

@@ -260,7 +260,7 @@ fn scheduled(node: &Node) -> Value {
             .map(|(_, r)| {
                 json!({
                     "eta": r.headers().eta.map(celeriac_core::time::format),
-                    "priority": r.message().properties.priority,
+                    "priority": r.message().properties.priority.unwrap_or(0),
                     "request": info(&r, &node.hostname, false),
                 })
             })

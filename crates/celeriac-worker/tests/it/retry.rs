@@ -22,7 +22,7 @@ async fn a_retry_republishes_the_same_id_until_max_retries() {
     );
     let h = start(vec![task], options(|_| {}));
     let mut m = message("tasks.flaky", vec![]);
-    m.properties.priority = 3;
+    m.properties.priority = Some(3);
     let id = h.send(m).await;
     h.until("RETRY stored", || async {
         h.stored(&id)

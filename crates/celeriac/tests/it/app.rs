@@ -86,7 +86,7 @@ async fn messages_carry_celery_headers_and_task_options() {
     assert_eq!(m.headers.root_id.as_deref(), Some(m.headers.id.as_str()));
     assert_eq!(m.headers.timelimit.hard, Some(30.0));
     assert_eq!(m.headers.timelimit.soft, Some(20.5));
-    assert_eq!(m.properties.priority, 3);
+    assert_eq!(m.properties.priority, Some(3));
     assert_eq!(m.properties.correlation_id, m.headers.id);
     assert_eq!(m.headers.argsrepr.as_deref(), Some("[1,1]"));
     assert!(m.headers.origin.as_deref().unwrap().starts_with("gen"));
