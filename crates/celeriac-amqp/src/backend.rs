@@ -13,7 +13,7 @@ use celeriac_core::{Config, Error, ErrorKind, Result, TaskMeta};
 use serde_json::{Map, json};
 use tokio::sync::{mpsc, watch};
 
-use crate::conn::{self, Publisher, broker_error, confirmed};
+use crate::conn::{self, Publisher, Servers, broker_error, confirmed};
 use crate::fields::to_table;
 use crate::options::AmqpOptions;
 use crate::wire::{Channel, Properties, QueueDeclare};
@@ -36,7 +36,8 @@ pub struct RpcBackend {
 }
 
 struct Inner {
-    options: AmqpOptions,
+    /// The settings and the servers, with the one connections go to now.
+    servers: Arc<Servers>,
     oid: String,
     publisher: tokio::sync::Mutex<Option<Publisher>>,
     results: Mutex<HashMap<String, TaskMeta>>,
@@ -47,7 +48,7 @@ struct Inner {
 impl fmt::Debug for RpcBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RpcBackend")
-            .field("url", &self.inner.options.redacted)
+            .field("url", &self.inner.servers.options().redacted)
             .field("reply_queue", &self.inner.oid)
             .finish_non_exhaustive()
     }
@@ -55,12 +56,14 @@ impl fmt::Debug for RpcBackend {
 
 impl RpcBackend {
     /// Connects to the RabbitMQ at `url` (`rpc://` uses guest on localhost; `amqp://...`
-    /// URLs are accepted too), declares the reply queue and starts consuming it.
+    /// URLs are accepted too, and `;`-separated lists as for
+    /// [`AmqpBroker`](crate::AmqpBroker)), declares the reply queue and starts consuming it.
     pub async fn connect(url: &str, config: &Config) -> Result<Self> {
         let options = AmqpOptions::from_url(url, config)?;
-        let publisher = Publisher::open(&options, "rpc").await?;
+        let servers = Servers::new(options);
+        let publisher = Publisher::open(&servers, "rpc").await?;
         let inner = Arc::new(Inner {
-            options,
+            servers,
             oid: new_id(),
             publisher: tokio::sync::Mutex::new(Some(publisher)),
             results: Mutex::new(HashMap::new()),
@@ -103,7 +106,7 @@ fn reply_queue_args(options: &AmqpOptions) -> QueueDeclare {
 }
 
 async fn declare_reply_queue(ch: &Channel, inner: &Inner) -> Result<()> {
-    ch.queue_declare(&inner.oid, &reply_queue_args(&inner.options))
+    ch.queue_declare(&inner.oid, &reply_queue_args(inner.servers.options()))
         .await
         .map_err(|e| broker_error("declare reply queue", e))?;
     Ok(())
@@ -123,7 +126,7 @@ async fn run_reply_consumer(inner: Arc<Inner>, ready: mpsc::Sender<Result<()>>) 
                 let _ = tx.send(Err(e)).await;
                 return;
             }
-            tracing::warn!(url = %inner.options.redacted, error = %e, "rpc reply consumer failed; reconnecting");
+            tracing::warn!(url = %inner.servers.options().redacted, error = %e, "rpc reply consumer failed; reconnecting");
         }
         let mut closed = inner.closed.subscribe();
         tokio::select! {
@@ -139,7 +142,7 @@ async fn reply_session(
     ready: &mut Option<mpsc::Sender<Result<()>>>,
     attempt: &mut u32,
 ) -> Result<()> {
-    let connection = conn::open(&inner.options, "rpc consumer").await?;
+    let (connection, _) = conn::open(&inner.servers, "rpc consumer").await?;
     let result = async {
         let ch = conn::channel(&connection).await?;
         declare_reply_queue(&ch, inner).await?;
@@ -229,7 +232,7 @@ impl ResultBackend for RpcBackend {
             let rx = {
                 let mut guard = self.inner.publisher.lock().await;
                 if !guard.as_ref().is_some_and(Publisher::is_open) {
-                    *guard = Some(Publisher::open(&self.inner.options, "rpc").await?);
+                    *guard = Some(Publisher::open(&self.inner.servers, "rpc").await?);
                 }
                 let publisher = guard.as_ref().expect("publisher just opened");
                 match publisher.send("", reply_to, &p, &body).await {

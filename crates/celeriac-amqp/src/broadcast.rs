@@ -56,9 +56,8 @@ use celeriac_core::{Error, ErrorKind, Result};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::conn::{self, Publisher, broker_error, confirmed};
+use crate::conn::{self, Publisher, Servers, broker_error, confirmed};
 use crate::fields::{from_table, to_table};
-use crate::options::AmqpOptions;
 use crate::wire::{Channel, Connection, Delivery, Properties, QueueDeclare, WireError};
 
 /// `x-message-ttl` of node and reply queues (Celery's `control_queue_ttl`, 300 s).
@@ -249,7 +248,8 @@ struct Sender {
 
 /// An [`AmqpBroker`](crate::AmqpBroker)'s broadcast channels. See the [module docs](self).
 pub(crate) struct AmqpBroadcast {
-    options: Arc<AmqpOptions>,
+    /// The broker's servers (shared with its other connections).
+    servers: Arc<Servers>,
     sender: tokio::sync::Mutex<Option<Sender>>,
     /// The broker's closed flag.
     closed: watch::Receiver<bool>,
@@ -258,17 +258,17 @@ pub(crate) struct AmqpBroadcast {
 impl fmt::Debug for AmqpBroadcast {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpBroadcast")
-            .field("url", &self.options.redacted)
+            .field("url", &self.servers.options().redacted)
             .finish_non_exhaustive()
     }
 }
 
 impl AmqpBroadcast {
-    /// The channels of a broker with `options`, which stop when `closed` turns true. Connects
+    /// The channels of a broker on `servers`, which stop when `closed` turns true. Connects
     /// on first use.
-    pub(crate) fn new(options: AmqpOptions, closed: watch::Receiver<bool>) -> Self {
+    pub(crate) fn new(servers: Arc<Servers>, closed: watch::Receiver<bool>) -> Self {
         AmqpBroadcast {
-            options: Arc::new(options),
+            servers,
             sender: tokio::sync::Mutex::new(None),
             closed,
         }
@@ -311,7 +311,7 @@ impl AmqpBroadcast {
             self.check_open()?;
             if !guard.as_ref().is_some_and(|s| s.publisher.is_open()) {
                 let publisher =
-                    conn::reopen_publisher(&self.options, "broadcast", ATTEMPTS).await?;
+                    conn::reopen_publisher(&self.servers, "broadcast", ATTEMPTS).await?;
                 *guard = Some(Sender {
                     publisher,
                     declared: HashSet::new(),
@@ -347,7 +347,7 @@ impl AmqpBroadcast {
         let (ready_tx, ready_rx) = oneshot::channel();
         let queue = listen.queue.clone();
         tokio::spawn(run_inbox(
-            self.options.clone(),
+            self.servers.clone(),
             self.closed.clone(),
             listen,
             tx,
@@ -435,7 +435,7 @@ impl Inbox for AmqpInbox {
 /// Runs one inbox until the broker closes or the inbox is dropped, reconnecting with backoff
 /// whenever the connection or channel is lost. The first session's outcome goes to `ready`.
 async fn run_inbox(
-    options: Arc<AmqpOptions>,
+    servers: Arc<Servers>,
     mut closed: watch::Receiver<bool>,
     listen: Listen,
     tx: mpsc::Sender<Broadcasted>,
@@ -444,14 +444,14 @@ async fn run_inbox(
     let mut ready = Some(ready);
     let mut attempt = 0u32;
     loop {
-        match session(&options, &closed, &listen, &tx, &mut ready, &mut attempt).await {
+        match session(&servers, &closed, &listen, &tx, &mut ready, &mut attempt).await {
             Ok(()) => return,
             Err(e) => {
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(Err(e));
                     return;
                 }
-                tracing::warn!(url = %options.redacted, inbox = listen.what, queue = %listen.queue, error = %e, attempt, "rabbitmq broadcast inbox lost its connection; reconnecting");
+                tracing::warn!(url = %servers.options().redacted, inbox = listen.what, queue = %listen.queue, error = %e, attempt, "rabbitmq broadcast inbox lost its connection; reconnecting");
             }
         }
         tokio::select! {
@@ -466,7 +466,7 @@ async fn run_inbox(
 /// One connection's life of an inbox: `Ok` when it should stop, `Err` when it should
 /// reconnect (or, before it was ever ready, fail).
 async fn session(
-    options: &AmqpOptions,
+    servers: &Arc<Servers>,
     closed: &watch::Receiver<bool>,
     listen: &Listen,
     tx: &mpsc::Sender<Broadcasted>,
@@ -476,14 +476,23 @@ async fn session(
     if *closed.borrow() || tx.is_closed() {
         return Ok(());
     }
-    let connection = conn::open(options, &format!("{} inbox", listen.what)).await?;
-    let r = listen_on(options, &connection, closed, listen, tx, ready, attempt).await;
+    let (connection, host) = conn::open(servers, &format!("{} inbox", listen.what)).await?;
+    let r = listen_on(
+        servers.url(host),
+        &connection,
+        closed,
+        listen,
+        tx,
+        ready,
+        attempt,
+    )
+    .await;
     let _ = connection.close().await;
     r
 }
 
 async fn listen_on(
-    options: &AmqpOptions,
+    url: &str,
     connection: &Connection,
     closed: &watch::Receiver<bool>,
     listen: &Listen,
@@ -511,7 +520,7 @@ async fn listen_on(
             }
         }
         None => {
-            tracing::info!(url = %options.redacted, inbox = listen.what, queue = %listen.queue, "rabbitmq broadcast inbox resumed");
+            tracing::info!(url = %url, inbox = listen.what, queue = %listen.queue, "rabbitmq broadcast inbox resumed");
         }
     }
     *attempt = 0;

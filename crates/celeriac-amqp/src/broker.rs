@@ -20,7 +20,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::broadcast::AmqpBroadcast;
-use crate::conn::{self, Publisher, broker_error, confirmed, is_not_found};
+use crate::conn::{self, Publisher, Servers, broker_error, confirmed, is_not_found};
 use crate::fields::{from_table, to_table};
 use crate::options::{AmqpOptions, QueueType};
 use crate::wire::{
@@ -57,13 +57,14 @@ pub struct AmqpBroker {
 impl fmt::Debug for AmqpBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpBroker")
-            .field("url", &self.inner.options.redacted)
+            .field("url", &self.inner.servers.options().redacted)
             .finish_non_exhaustive()
     }
 }
 
 struct Inner {
-    options: AmqpOptions,
+    /// The settings and the servers, with the one connections go to now.
+    servers: Arc<Servers>,
     publisher: tokio::sync::Mutex<Option<Publisher>>,
     declared: Mutex<BTreeSet<String>>,
     /// Target queue → the delay queues this process published to.
@@ -79,10 +80,12 @@ struct Inner {
 }
 
 impl AmqpBroker {
-    /// Connects to the RabbitMQ at `url` (`amqp://`, `pyamqp://`).
+    /// Connects to the RabbitMQ at `url` (`amqp://`, `amqps://`, `pyamqp://`), or to the first
+    /// reachable server of a `;`-separated list of such URLs, tried in the order of the
+    /// config's `broker_failover_strategy` (see [`AmqpOptions`]).
     ///
     /// Fails with [`ErrorKind::Config`] when RabbitMQ refuses the login or the vhost, and with a
-    /// transient [`ErrorKind::Broker`] error when it cannot be reached.
+    /// transient [`ErrorKind::Broker`] error when no server can be reached.
     pub async fn connect(url: &str, config: &Config) -> Result<Self> {
         let options = AmqpOptions::from_url(url, config)?;
         Self::with_options(options).await
@@ -90,12 +93,16 @@ impl AmqpBroker {
 
     /// Connects with explicit options.
     pub async fn with_options(options: AmqpOptions) -> Result<Self> {
-        let publisher = Publisher::open(&options, "publisher").await?;
+        if options.hosts.is_empty() {
+            return Err(Error::config("amqp options name no server"));
+        }
+        let servers = Servers::new(options);
+        let publisher = Publisher::open(&servers, "publisher").await?;
         let closed = watch::channel(false).0;
         Ok(AmqpBroker {
             inner: Arc::new(Inner {
-                broadcast: AmqpBroadcast::new(options.clone(), closed.subscribe()),
-                options,
+                broadcast: AmqpBroadcast::new(servers.clone(), closed.subscribe()),
+                servers,
                 publisher: tokio::sync::Mutex::new(Some(publisher)),
                 declared: Mutex::new(BTreeSet::new()),
                 delay_queues: Mutex::new(HashMap::new()),
@@ -108,7 +115,7 @@ impl AmqpBroker {
 
     /// The options in use.
     pub fn options(&self) -> &AmqpOptions {
-        &self.inner.options
+        self.inner.servers.options()
     }
 }
 
@@ -128,7 +135,7 @@ impl Inner {
             return Err(self.closed_error());
         }
         if !guard.as_ref().is_some_and(Publisher::is_open) {
-            *guard = Some(conn::reopen_publisher(&self.options, "publisher", ATTEMPTS).await?);
+            *guard = Some(conn::reopen_publisher(&self.servers, "publisher", ATTEMPTS).await?);
         }
         Ok(guard.as_ref().expect("publisher just opened"))
     }
@@ -188,9 +195,10 @@ impl Inner {
 
     fn queue_arguments(&self) -> FieldTable {
         let mut args = Map::new();
-        match self.options.queue_type {
+        let options = self.servers.options();
+        match options.queue_type {
             QueueType::Classic => {
-                if let Some(p) = self.options.max_priority {
+                if let Some(p) = options.max_priority {
                     args.insert("x-max-priority".to_owned(), json!(p));
                 }
             }
@@ -382,7 +390,7 @@ impl Broker for AmqpBroker {
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::all();
-        c.priority = self.inner.options.max_priority.is_some();
+        c.priority = self.inner.servers.options().max_priority.is_some();
         c
     }
 
@@ -635,14 +643,14 @@ async fn run_consumer(
         {
             Ok(Ended::Done) => return,
             Ok(Ended::Lost) => {
-                tracing::warn!(url = %inner.options.redacted, queues = ?queues, "rabbitmq consumer lost its channel; reconnecting");
+                tracing::warn!(url = %inner.servers.options().redacted, queues = ?queues, "rabbitmq consumer lost its channel; reconnecting");
             }
             Err(e) if e.kind() == ErrorKind::Config && !connected_once => {
                 let _ = tx.send(Err(e));
                 return;
             }
             Err(e) => {
-                tracing::warn!(url = %inner.options.redacted, error = %e, attempt, "rabbitmq consumer failed; reconnecting");
+                tracing::warn!(url = %inner.servers.options().redacted, error = %e, attempt, "rabbitmq consumer failed; reconnecting");
             }
         }
         let mut closed = inner.closed.subscribe();
@@ -666,9 +674,9 @@ async fn session(
     if inner.is_closed() || tx.is_closed() {
         return Ok(Ended::Done);
     }
-    let connection = conn::open(&inner.options, "consumer").await?;
+    let (connection, host) = conn::open(&inner.servers, "consumer").await?;
     *connected_once = true;
-    let result = consume_on(inner, &connection, queues, options, tx, attempt).await;
+    let result = consume_on(inner, &connection, host, queues, options, tx, attempt).await;
     let _ = connection.close().await;
     result
 }
@@ -676,6 +684,7 @@ async fn session(
 async fn consume_on(
     inner: &Arc<Inner>,
     connection: &Connection,
+    host: usize,
     queues: &[String],
     options: &ConsumeOptions,
     tx: &mpsc::UnboundedSender<Result<Buffered>>,
@@ -685,7 +694,7 @@ async fn consume_on(
     let prefetch = u16::try_from(options.prefetch).unwrap_or(u16::MAX);
     // RabbitMQ's "global" QoS is per channel, so the limit holds across all queues of this
     // consumer; quorum queues do not support it (Celery sets global=False for them).
-    let global = inner.options.queue_type == QueueType::Classic;
+    let global = inner.servers.options().queue_type == QueueType::Classic;
     ch.basic_qos(prefetch, global)
         .await
         .map_err(|e| broker_error("basic.qos", e))?;
@@ -710,7 +719,7 @@ async fn consume_on(
     }
     drop(raw_tx);
     if *attempt > 0 {
-        tracing::info!(url = %inner.options.redacted, queues = ?queues, "rabbitmq consumer resumed");
+        tracing::info!(url = %inner.servers.url(host), queues = ?queues, "rabbitmq consumer resumed");
     }
     *attempt = 0;
     let mut closed = inner.closed.subscribe();

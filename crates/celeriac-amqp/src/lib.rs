@@ -30,6 +30,13 @@
 //!   `tls`. An untrusted certificate fails at start-up with
 //!   [`ErrorKind::Config`](celeriac_core::ErrorKind), never retried.
 //!
+//! - Several URLs separated by `;` (`amqp://u:p@h1//;amqps://u:p@h2//`), as kombu reads
+//!   `broker_url`: the servers of one cluster, for failover. Each URL has its own host,
+//!   credentials, vhost and `ssl_*` options; `heartbeat`, `max_priority`, `queue_type` and
+//!   `connection_name` hold for the whole list and may be given on any URL (two different
+//!   values are a config error). Empty parts are ignored; a `;` in a password must be written
+//!   `%3B`. See "Failover between the URLs of a list" below.
+//!
 //! A refused login or an unknown vhost fails at start-up with
 //! [`ErrorKind::Config`](celeriac_core::ErrorKind), never retried; an unreachable server is a
 //! transient [`ErrorKind::Broker`](celeriac_core::ErrorKind) error. Passwords never reach logs
@@ -110,6 +117,23 @@
 //! the URL redacted), re-declares its queues and resumes; publishes reconnect on demand.
 //! Deliveries unacked on a lost channel come back through RabbitMQ; acking one of them on the
 //! dead channel fails harmlessly.
+//!
+//! **Failover between the URLs of a list.** Which server a connection goes to is kept once
+//! per handle and shared by all its connections (publisher, consumers, broadcast sends and
+//! inboxes), not once per connection as kombu keeps it: the first connection to find its
+//! server gone (a connection closed by the server or the network, never by us) moves the
+//! handle to the next server, so the others, and connections opened later, go straight there
+//! instead of trying the dead server first. Connecting tries the current server and then the
+//! others once each, without waiting between them; the backoff above comes between such
+//! rounds, as kombu sleeps only after a full cycle. The order is the config's
+//! `broker_failover_strategy`: `round-robin` (default) goes through the list as written,
+//! starting with the first URL and moving on from the one that failed; `shuffle` draws a
+//! random order, and a new one after each round, so every server is tried once per round
+//! (kombu's shuffle draws each next server at random, repeats included, and starts with the
+//! first URL). A refused login or vhost (a config error) ends the round at once: at start-up
+//! it is returned, later the reconnect loop backs off and goes on with the next server. A
+//! server that drops packets instead of refusing costs the 30 s handshake timeout before the
+//! next is tried.
 //!
 //! **Counts.** `stats` reads the ready count by a passive `queue.declare`. `delayed` sums the
 //! delay queues *this process* published to, and `unacked` counts deliveries handed out by

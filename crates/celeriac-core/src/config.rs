@@ -61,6 +61,10 @@ pub const MAX_PREFETCH: usize = u16::MAX as usize;
 pub struct Config {
     /// Broker URL (`sqlite://path`, `memory://`, ...). Default: [`DEFAULT_URL`].
     pub broker_url: Option<String>,
+    /// The order in which a broker given several URLs separated by `;` tries them, at start-up
+    /// and after a lost connection (Celery's `broker_failover_strategy`): `round-robin`
+    /// (default) or `shuffle`; any other name fails the load.
+    pub broker_failover_strategy: FailoverStrategy,
     /// Result backend URL. Default: the broker URL.
     pub result_backend: Option<String>,
     /// Queue for tasks with no queue option and no route. Default `celery`.
@@ -153,6 +157,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             broker_url: None,
+            broker_failover_strategy: FailoverStrategy::RoundRobin,
             result_backend: None,
             default_queue: "celery".to_owned(),
             result_expires: Some(Duration::from_secs(86_400)),
@@ -249,6 +254,41 @@ impl<'de> Deserialize<'de> for Pool {
     }
 }
 
+/// The order in which a broker with several URLs tries them (Celery's
+/// `broker_failover_strategy`). Parsed from `round-robin` or `shuffle`; any other name is an
+/// error that lists these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FailoverStrategy {
+    /// The listed order: after a failure, the URL after the one that failed, wrapping around.
+    #[default]
+    RoundRobin,
+    /// A random order, drawn again each time the list has been gone through.
+    Shuffle,
+}
+
+impl std::str::FromStr for FailoverStrategy {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "round-robin" => Ok(FailoverStrategy::RoundRobin),
+            "shuffle" => Ok(FailoverStrategy::Shuffle),
+            other => Err(Error::config(format!(
+                "unknown failover strategy {other:?} (known: round-robin, shuffle)"
+            ))),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FailoverStrategy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 fn secs<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
     let s = f64::deserialize(d)?;
     Duration::try_from_secs_f64(s).map_err(serde::de::Error::custom)
@@ -314,6 +354,11 @@ impl Config {
         };
         if let Some(v) = env("CELERIAC_BROKER_URL") {
             cfg.broker_url = Some(v);
+        }
+        if let Some(v) = env("CELERIAC_BROKER_FAILOVER_STRATEGY") {
+            cfg.broker_failover_strategy = v.parse().map_err(|e: Error| {
+                Error::config(format!("CELERIAC_BROKER_FAILOVER_STRATEGY: {e}"))
+            })?;
         }
         if let Some(v) = env("CELERIAC_RESULT_BACKEND") {
             cfg.result_backend = Some(v);

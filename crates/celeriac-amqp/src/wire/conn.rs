@@ -389,6 +389,22 @@ impl Connection {
         }
     }
 
+    /// Like [`closed`](Self::closed), as a future that does not keep the connection open: it
+    /// resolves with [`WireError::ClosedByClient`] once the last handle is dropped.
+    pub fn on_close(&self) -> impl Future<Output = WireError> + Send + 'static {
+        let mut rx = self.shared.closed.subscribe();
+        async move {
+            loop {
+                if let Some(e) = rx.borrow_and_update().clone() {
+                    return e;
+                }
+                if rx.changed().await.is_err() {
+                    return WireError::ClosedByClient;
+                }
+            }
+        }
+    }
+
     /// Opens a channel.
     pub async fn open_channel(&self) -> Result<Channel, WireError> {
         if let Some(e) = self.shared.closed_error() {

@@ -16,6 +16,9 @@ mod conformance;
 mod entities;
 // Bad credentials and vhosts, unreachable ports, killed connections, malformed messages.
 mod errors;
+// `;`-separated url lists: a server killed mid-run (TCP proxies in front of the one RabbitMQ),
+// a first url down at start-up.
+mod failover;
 // Remote control and events with Python Celery 5.7: entities, requests, replies, events.
 mod interop;
 // amqps:// through a TLS-terminating proxy (feature `tls`).
