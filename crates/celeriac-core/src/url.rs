@@ -162,8 +162,21 @@ pub fn scheme(url: &str) -> Option<&str> {
     .then_some(s)
 }
 
-/// A URL with its password replaced by `***`, safe to log.
+/// A URL with its password replaced by `***`, safe to log. A `;`-separated list of URLs
+/// (failover servers, sentinels) has each one's password replaced.
 pub fn redact(url: &str) -> String {
+    // A `;` inside a password is no list: only split when every part is a URL of its own.
+    let is_list = url.contains(';')
+        && url
+            .split(';')
+            .all(|part| part.trim().is_empty() || scheme(part.trim()).is_some());
+    if is_list {
+        return url.split(';').map(redact_one).collect::<Vec<_>>().join(";");
+    }
+    redact_one(url)
+}
+
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -213,6 +226,11 @@ mod tests {
         assert_eq!(redact("amqp://user@host/v"), "amqp://user@host/v");
         assert_eq!(redact("sqlite://celeriac.db"), "sqlite://celeriac.db");
         assert_eq!(redact("redis://u:p@ss@h/0"), "redis://u:***@h/0");
+        assert_eq!(
+            redact("amqp://a:one@h1//;amqp://b:two@h2//; amqps://h3"),
+            "amqp://a:***@h1//;amqp://b:***@h2//; amqps://h3"
+        );
+        assert_eq!(redact("redis://:pa;ss@h/0"), "redis://:***@h/0");
     }
 
     #[tokio::test]
