@@ -55,11 +55,14 @@ impl fmt::Debug for RpcBackend {
 }
 
 impl RpcBackend {
-    /// Connects to the RabbitMQ at `url` (`rpc://` uses guest on localhost; `amqp://...`
-    /// URLs are accepted too, and `;`-separated lists as for
-    /// [`AmqpBroker`](crate::AmqpBroker)), declares the reply queue and starts consuming it.
+    /// Connects to the RabbitMQ at `url`, declares the reply queue and starts consuming it.
+    ///
+    /// A bare `rpc://` connects to the broker's servers when the configured broker is
+    /// RabbitMQ (its failover list included), as Celery's rpc backend shares the broker's
+    /// connection; otherwise guest on localhost. `rpc://user:pass@host//`, `amqp://...` URLs
+    /// and `;`-separated lists as for [`AmqpBroker`](crate::AmqpBroker) name their servers.
     pub async fn connect(url: &str, config: &Config) -> Result<Self> {
-        let options = AmqpOptions::from_url(url, config)?;
+        let options = AmqpOptions::from_url(Self::server_url(url, config), config)?;
         let servers = Servers::new(options);
         let publisher = Publisher::open(&servers, "rpc").await?;
         let inner = Arc::new(Inner {
@@ -78,6 +81,19 @@ impl RpcBackend {
             None => return Err(Error::backend("rpc reply consumer ended before it started")),
         }
         Ok(RpcBackend { inner })
+    }
+
+    /// Where a backend URL connects: a bare `rpc://` means the broker's servers (failover
+    /// list included) when the broker is RabbitMQ, as Celery's rpc backend uses the broker's
+    /// connection; an `rpc://` URL with a host names its own server.
+    fn server_url<'a>(url: &'a str, config: &'a Config) -> &'a str {
+        let bare = url
+            .strip_prefix("rpc://")
+            .is_some_and(|rest| rest.trim_matches('/').is_empty());
+        let broker = config.broker_url();
+        let on_rabbitmq = celeriac_core::url::scheme(broker)
+            .is_some_and(|s| crate::BROKER_SCHEMES.contains(&s));
+        if bare && on_rabbitmq { broker } else { url }
     }
 
     /// The reply queue this backend consumes (Celery's `thread_oid`).

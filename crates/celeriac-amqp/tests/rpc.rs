@@ -21,6 +21,33 @@ fn handles_are_send_and_sync() {
     check::<celeriac_amqp::AmqpBroker>();
 }
 
+/// A bare `rpc://` follows the broker's servers, as Celery's rpc backend uses the broker's
+/// connection: with a failover list it connects through the list, and a broker that cannot
+/// be reached is named in its error (before, it went to guest on localhost whatever the
+/// broker was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_rpc_url_connects_to_the_brokers_servers() {
+    if !rabbit_up() {
+        return;
+    }
+    let dead = celeriac_test::services::free_port();
+    let mut config = Config::default();
+    config.broker_url = Some(format!(
+        "amqp://guest:guest@127.0.0.1:{dead}//;amqp://guest:guest@127.0.0.1:5672//"
+    ));
+    let backend = RpcBackend::connect("rpc://", &config)
+        .await
+        .expect("through the second server of the broker's list");
+    backend.close().await.unwrap();
+    config.broker_url = Some(format!("amqp://guest:guest@127.0.0.1:{dead}//"));
+    let e = RpcBackend::connect("rpc://", &config)
+        .await
+        .err()
+        .expect("the broker's server is down")
+        .to_string();
+    assert!(e.contains(&format!("127.0.0.1:{dead}")), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_travel_to_the_senders_reply_queue() {
     if !rabbit_up() {
