@@ -91,8 +91,8 @@ impl RpcBackend {
             .strip_prefix("rpc://")
             .is_some_and(|rest| rest.trim_matches('/').is_empty());
         let broker = config.broker_url();
-        let on_rabbitmq = celeriac_core::url::scheme(broker)
-            .is_some_and(|s| crate::BROKER_SCHEMES.contains(&s));
+        let on_rabbitmq =
+            celeriac_core::url::scheme(broker).is_some_and(|s| crate::BROKER_SCHEMES.contains(&s));
         if bare && on_rabbitmq { broker } else { url }
     }
 

@@ -103,6 +103,25 @@ pub use celeriac_core as core;
 #[cfg(feature = "worker")]
 pub use celeriac_worker as worker;
 
+/// The web server: Celery's status view, the JSON API, the dashboard, `/metrics`
+/// ([`App::web`]).
+#[cfg(feature = "web")]
+pub mod web {
+    pub use celeriac_web::*;
+
+    impl crate::App {
+        /// A web server over this app's broker, result backend and configuration; see
+        /// [`celeriac_web`]. Add the beat entries with [`Web::beat`].
+        pub fn web(&self) -> Web {
+            Web::new(
+                self.broker().clone(),
+                self.backend().clone(),
+                self.config().clone(),
+            )
+        }
+    }
+}
+
 /// The README's examples, compiled as doctests.
 #[doc = include_str!("../../../README.md")]
 #[cfg(doctest)]

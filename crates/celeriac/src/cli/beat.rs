@@ -133,6 +133,12 @@ fn app_config(app: &App) -> anyhow::Result<BeatConfig> {
     }
 }
 
+/// The entries of `app`'s beat (declared and added at run time), for the dashboard.
+#[cfg(feature = "web")]
+pub(super) async fn control_for(app: &App) -> anyhow::Result<Control> {
+    Ok(build(app, &BeatArgs::default()).await?.control())
+}
+
 /// A beat for `app`, with its entries and settings checked: the start-up errors of the issue
 /// (bad crontab, bad interval) come out of here.
 async fn build(app: &App, args: &BeatArgs) -> anyhow::Result<Beat> {

@@ -37,6 +37,8 @@ mod canvas;
 mod control;
 mod dead;
 mod pool_child;
+#[cfg(feature = "web")]
+mod web;
 
 #[derive(Parser, Debug)]
 #[command(about = "celeriac: run workers, send tasks, read results", version)]
@@ -266,6 +268,23 @@ enum Command {
     Beat(beat::BeatArgs),
     /// List, inspect, requeue or purge dead letters (`<queue>.dead`).
     Dead(dead::DeadArgs),
+    /// Serve the dashboard, the JSON API, Celery's status view and /metrics.
+    #[cfg(feature = "web")]
+    Dashboard(web::DashboardArgs),
+}
+
+impl Command {
+    /// Whether the command runs until stopped (and so waits for its broker at start).
+    fn long_running(&self) -> bool {
+        match self {
+            Command::Worker(_) => true,
+            #[cfg(feature = "beat")]
+            Command::Beat(_) => true,
+            #[cfg(feature = "web")]
+            Command::Dashboard(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// How long the runtime may wait for leftover blocking threads once the command is done.
@@ -363,7 +382,7 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
     }
     // A worker or beat waits for its broker to come up, as Celery's do; one-shot commands
     // fail at once.
-    let long_running = matches!(cli.command, Command::Worker(_) | Command::Beat(_));
+    let long_running = cli.command.long_running();
     let app = builder
         .retry_on_startup(long_running)
         .build()
@@ -474,6 +493,8 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
         #[cfg(feature = "beat")]
         Command::Beat(args) => beat::command(&app, args).await?,
         Command::Dead(args) => dead::command(&app, args).await?,
+        #[cfg(feature = "web")]
+        Command::Dashboard(args) => web::dashboard(&app, args).await?,
         Command::Tasks => {
             for name in app.registry().names() {
                 println!("{name}");
