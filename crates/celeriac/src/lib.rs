@@ -142,6 +142,11 @@ pub struct CanvasGuideDoctests;
 #[cfg(doctest)]
 pub struct OperationsGuideDoctests;
 
+/// The web guide's examples, compiled as doctests.
+#[cfg(all(doctest, feature = "web"))]
+#[doc = include_str!("../../../docs/web.md")]
+pub struct WebGuideDoctests;
+
 /// The tasks guide's examples, compiled as doctests.
 #[doc = include_str!("../../../docs/tasks.md")]
 #[cfg(doctest)]
