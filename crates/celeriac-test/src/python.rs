@@ -157,6 +157,12 @@ pub fn celery() -> PathBuf {
     venv_path().join("bin/celery")
 }
 
+/// A command the venv installed (e.g. `supervisord`, `flower`). Panics when there is no venv;
+/// see [`require_python`].
+pub fn venv_command(name: &str) -> PathBuf {
+    venv_path().join("bin").join(name)
+}
+
 fn short_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);

@@ -24,3 +24,6 @@ mod canvas;
 
 // `worker -B`: periodic tasks from celeriac.toml, two workers on one file, SIGTERM.
 mod beat;
+
+// The deployment files (systemd units, supervisor config).
+mod deploy;
