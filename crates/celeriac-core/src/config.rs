@@ -567,4 +567,107 @@ mod tests {
         assert!(!glob_match("exact", "exactly"));
         assert!(!glob_match("ab*ba", "aba"));
     }
+
+    /// The names of a struct's fields as serde sees them: its `Deserialize` hands them to
+    /// `deserialize_struct`, which this deserializer records and then refuses.
+    fn field_names<'de, T: Deserialize<'de>>() -> Vec<&'static str> {
+        struct Names(std::cell::RefCell<Vec<&'static str>>);
+        impl<'de> Deserializer<'de> for &Names {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: serde::de::Visitor<'de>>(
+                self,
+                _: V,
+            ) -> std::result::Result<V::Value, Self::Error> {
+                Err(serde::de::Error::custom("names only"))
+            }
+            fn deserialize_struct<V: serde::de::Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> std::result::Result<V::Value, Self::Error> {
+                self.0.borrow_mut().extend_from_slice(fields);
+                Err(serde::de::Error::custom("names only"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+        let names = Names(std::cell::RefCell::new(Vec::new()));
+        let _ = T::deserialize(&names);
+        names.0.into_inner()
+    }
+
+    /// `(key, default)` rows of the table under `heading` in docs/configuration.md.
+    fn documented(doc: &str, heading: &str) -> Vec<(String, String)> {
+        let section = doc
+            .split("\n## ")
+            .find(|s| s.starts_with(heading))
+            .unwrap_or_else(|| panic!("no section {heading}"));
+        section
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split(" | ").collect();
+                (
+                    cells[0]
+                        .trim_start_matches("| ")
+                        .trim_matches('`')
+                        .to_owned(),
+                    cells[1].to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_reference_lists_every_key() {
+        let doc = include_str!("../../../docs/configuration.md");
+        for (heading, fields, table) in [
+            ("Top level", field_names::<Config>(), None),
+            ("`[worker]`", field_names::<WorkerConfig>(), Some("worker")),
+        ] {
+            let rows = documented(doc, heading);
+            let mut keys: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+            let mut want = fields.clone();
+            keys.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(
+                keys, want,
+                "docs/configuration.md, {heading}, against the config type"
+            );
+            // Every default written as a value loads, in its table.
+            for (key, default) in &rows {
+                let Some(value) = default.strip_prefix('`').and_then(|d| d.strip_suffix('`'))
+                else {
+                    continue;
+                };
+                let text = match table {
+                    Some(t) => format!("[{t}]\n{key} = {value}\n"),
+                    None if value.starts_with('{') => format!("[{key}]\n"),
+                    None => format!("{key} = {value}\n"),
+                };
+                Config::from_sources(Some((Path::new("doc.toml"), &text)), no_env)
+                    .unwrap_or_else(|e| panic!("documented default {key} = {value}: {e:#}"));
+            }
+        }
+        let env_doc = documented(doc, "Environment variables");
+        let source = include_str!("config.rs");
+        for var in source
+            .split("env(\"")
+            .skip(1)
+            .filter_map(|s| s.split('"').next())
+        {
+            if var.starts_with("CELERIAC_") {
+                assert!(
+                    env_doc
+                        .iter()
+                        .any(|(k, _)| k.split("`, `").any(|k| k == var)),
+                    "{var} is read but not in docs/configuration.md"
+                );
+            }
+        }
+    }
 }
