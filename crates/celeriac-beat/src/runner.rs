@@ -390,9 +390,23 @@ impl Beat {
         let o = &self.options;
         let renew = (o.lease / 3).max(Duration::from_millis(1));
         let poll = o.poll_interval.min(renew).max(Duration::from_millis(1));
+        // Entries declared in code and config, and those added at run time (in the store).
+        let added = match self.store.load().await {
+            Ok(rows) => rows
+                .iter()
+                .filter(|(name, row)| {
+                    row.spec.is_some() && !self.entries.iter().any(|e| &e.name == *name)
+                })
+                .count(),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the beat store yet");
+                0
+            }
+        };
         tracing::info!(
             instance = %o.instance,
-            entries = self.entries.len(),
+            declared = self.entries.len(),
+            added_at_run_time = added,
             lease_ms = o.lease.as_millis() as u64,
             "beat started"
         );

@@ -122,23 +122,23 @@ impl Inner for Execute {
             let runtime = runtime.as_secs_f64();
             match finished {
                 Finished::Returned(Ok(value)) => {
-                    tracing::info!(runtime, "task succeeded");
+                    tracing::info!(runtime = %crate::report::Seconds(runtime), "task succeeded");
                     Outcome::Succeeded(value)
                 }
                 Finished::Returned(Err(err)) => Outcome::Errored(err),
                 Finished::Panicked(msg) => {
-                    tracing::error!(runtime, panic = %msg, "task panicked");
+                    tracing::error!(runtime = %crate::report::Seconds(runtime), panic = %msg, "task panicked");
                     Outcome::Failed(RemoteError::new("Panic", msg))
                 }
                 Finished::Lost(how) if req.acks_late() => {
                     // Celery's reject_on_worker_lost: run it again elsewhere; a task that
                     // kills its process every time ends in the dead-letter queue
                     // (max_redeliveries).
-                    tracing::error!(runtime, lost = %how, "the task's process died; requeued");
+                    tracing::error!(runtime = %crate::report::Seconds(runtime), lost = %how, "the task's process died; requeued");
                     Outcome::Requeued
                 }
                 Finished::Lost(how) => {
-                    tracing::error!(runtime, lost = %how, "the task's process died");
+                    tracing::error!(runtime = %crate::report::Seconds(runtime), lost = %how, "the task's process died");
                     Outcome::Failed(
                         RemoteError::new("WorkerLostError", how).with_module("billiard.exceptions"),
                     )

@@ -78,6 +78,13 @@ pub struct WorkerOptions {
     /// Autoscale the pool between `(max, min)` slots (`--autoscale max,min`): grow while tasks
     /// wait for a slot, shrink when slots stay idle. `None` (the default): a fixed size.
     pub autoscale: Option<(usize, usize)>,
+    /// Hard time limit of every task that sets none itself (neither its message's `timelimit`
+    /// header nor its options): Celery's `task_time_limit`, the worker's `--time-limit`.
+    /// Default none.
+    pub time_limit: Option<Duration>,
+    /// Soft time limit of every task that sets none itself (Celery's
+    /// `task_soft_time_limit`, `--soft-time-limit`). Default none.
+    pub soft_time_limit: Option<Duration>,
     /// A message whose body is larger than this many bytes is not decoded: its task fails
     /// with `LimitExceeded` and the message goes to the dead-letter queue. `None`: no limit.
     /// Default [`DEFAULT_MAX_MESSAGE_SIZE`](celeriac_core::config::DEFAULT_MAX_MESSAGE_SIZE)
@@ -141,6 +148,8 @@ impl Default for WorkerOptions {
             autoscale: None,
             remote_control: true,
             max_message_size: Some(celeriac_core::config::DEFAULT_MAX_MESSAGE_SIZE),
+            time_limit: None,
+            soft_time_limit: None,
             broker_url: None,
         }
     }

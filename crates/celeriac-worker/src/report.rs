@@ -25,6 +25,42 @@ pub struct WorkerReport {
     pub dead_lettered: u64,
 }
 
+/// `12 succeeded, 1 failed, 0 retried, ...`: for logs and people.
+impl std::fmt::Display for WorkerReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} succeeded, {} failed, {} retried, {} rejected, {} revoked, {} skipped, \
+             {} requeued, {} dead-lettered",
+            self.succeeded,
+            self.failed,
+            self.retried,
+            self.rejected,
+            self.revoked,
+            self.skipped,
+            self.requeued,
+            self.dead_lettered
+        )
+    }
+}
+
+/// Seconds as a log field reads best: `0.000012s`, `1.503s`, `75.2s` (never `1.2e-5`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Seconds(pub(crate) f64);
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0;
+        if s < 0.001 {
+            write!(f, "{s:.6}s")
+        } else if s < 10.0 {
+            write!(f, "{s:.3}s")
+        } else {
+            write!(f, "{s:.1}s")
+        }
+    }
+}
+
 /// Thread-safe counters behind a [`WorkerReport`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {

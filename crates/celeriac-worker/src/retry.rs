@@ -38,7 +38,11 @@ impl Layer for RetryLayer {
             let retries = req.message.headers.retries;
             match verdict(&err, &req.def.options, retries, req.name(), req.id()) {
                 Verdict::Fail(remote) => {
-                    tracing::error!(runtime, error = %remote, "task failed");
+                    tracing::error!(
+                        runtime = %crate::report::Seconds(runtime),
+                        error = %remote,
+                        "task failed"
+                    );
                     Outcome::Failed(remote)
                 }
                 // Boxed: a rare path with a large future.

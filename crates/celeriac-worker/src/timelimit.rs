@@ -27,6 +27,9 @@ pub(crate) struct TimeLimitLayer {
     pub(crate) pool: Pool,
     /// Limits set at run time (remote control's `time_limit`).
     pub(crate) set: Arc<TimeLimits>,
+    /// The worker's own limits, for tasks whose message and options set none
+    /// ([`WorkerOptions::time_limit`](crate::WorkerOptions::time_limit)).
+    pub(crate) defaults: Limits,
 }
 
 /// Time limits set at run time by task name, replacing the tasks' own (a message's
@@ -63,9 +66,11 @@ impl TimeLimits {
 
 impl Layer for TimeLimitLayer {
     fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
-        let limits = self
-            .set
-            .resolve(req.name(), req.message.headers.timelimit, &req.def.options);
+        let mut limits =
+            self.set
+                .resolve(req.name(), req.message.headers.timelimit, &req.def.options);
+        limits.hard = limits.hard.or(self.defaults.hard);
+        limits.soft = limits.soft.or(self.defaults.soft);
         if limits == Limits::default() {
             return next.run(req);
         }
@@ -296,6 +301,7 @@ mod tests {
         let layer = TimeLimitLayer {
             pool: Pool::Async,
             set: set.clone(),
+            defaults: Limits::default(),
         };
         let stack = around_slow(layer, Duration::from_secs(5));
         let (req, _) = request_with("slow", 0, |_, o| {
@@ -315,5 +321,31 @@ mod tests {
         });
         assert!(matches!(stack.run(&req).await, Outcome::Succeeded(_)));
         assert!(!req.cancellation().is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_workers_limits_apply_to_tasks_that_set_none() {
+        use crate::pipeline::Outcome;
+        use crate::pipeline::testing::around_slow;
+        use crate::request::tests::request_with;
+
+        let layer = TimeLimitLayer {
+            pool: Pool::Async,
+            set: Arc::new(TimeLimits::default()),
+            defaults: Limits {
+                hard: Some(Duration::from_secs(2)),
+                soft: None,
+            },
+        };
+        let stack = around_slow(layer, Duration::from_secs(5));
+        let (req, _) = request_with("slow", 0, |_, _| {});
+        let t0 = tokio::time::Instant::now();
+        assert!(matches!(stack.run(&req).await, Outcome::Failed(_)));
+        assert_eq!(t0.elapsed(), Duration::from_secs(2), "the worker's limit");
+        // A task's own limit wins over the worker's.
+        let (req, _) = request_with("slow", 0, |_, o| {
+            o.time_limit = Some(Duration::from_secs(10))
+        });
+        assert!(matches!(stack.run(&req).await, Outcome::Succeeded(_)));
     }
 }

@@ -37,7 +37,11 @@ async fn call_result_status_and_purge() {
     );
     let o = tasks(&url, &["result", &id]);
     assert!(text(&o).0.contains("PENDING"), "{:?}", text(&o));
+    // Not at a terminal, purge asks for -f instead of deleting.
     let o = tasks(&url, &["purge"]);
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    assert!(text(&o).1.contains("pass -f to confirm"), "{:?}", text(&o));
+    let o = tasks(&url, &["purge", "-f"]);
     assert!(
         text(&o).0.contains("purged 1 message(s) from celery"),
         "{:?}",
@@ -165,5 +169,157 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
         !text(&o).1.contains("hunter2"),
         "secrets never reach output: {:?}",
         text(&o)
+    );
+}
+
+/// Celery's conventions for an operator (issue 25): node-name expansion, trimmed and excluded
+/// queues, a banner naming broker, backend, pool, queues and tasks, refused out-of-range
+/// values, `call --eta`, a pid file, `tasks` opening nothing, worker-wide time limits, and a
+/// `call --wait` that cannot hang unseen.
+// See: issue 25
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_conventions_from_celery() {
+    let (url, db) = sqlite_url("cli-operator");
+    let host = celeriac::core::hostname();
+    let pidfile = db.with_extension("pid");
+    let w = WorkerProcess::start(
+        &url,
+        &[
+            "-n",
+            "ux1@%h",
+            "-Q",
+            "a, b ,c",
+            "-X",
+            "c",
+            "--pidfile",
+            pidfile.to_str().unwrap(),
+            "--time-limit",
+            "1",
+        ],
+    );
+    w.wait_for_log("worker started", crate::support::T).await;
+    let log = w.log();
+    assert!(log.contains(&format!("ux1@{host} (celeriac ")), "{log}");
+    assert!(log.contains("  queues:      a, b\n"), "{log}");
+    assert!(log.contains(&format!("  broker:      {url}")), "{log}");
+    assert!(log.contains("    . tasks.add\n"), "{log}");
+    // The pid file names the worker, and a second worker on it is refused.
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, w.pid());
+    let o = tasks(&url, &["worker", "--pidfile", pidfile.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).1.contains(&format!("held by process {pid}")),
+        "{:?}",
+        text(&o)
+    );
+    // The worker-wide hard limit stops a task that sets none (tasks.sleep has none).
+    let o = tasks(
+        &url,
+        &[
+            "call",
+            "tasks.sleep",
+            "--args",
+            "[30]",
+            "-Q",
+            "a",
+            "--wait",
+            "--timeout",
+            "20",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+    assert!(text(&o).0.contains("TimeLimitExceeded"), "{:?}", text(&o));
+    // --eta: due in the past runs now.
+    let o = tasks(
+        &url,
+        &[
+            "call",
+            "tasks.add",
+            "--args",
+            "[1, 1]",
+            "-Q",
+            "b",
+            "--eta",
+            "2020-01-01T00:00:00Z",
+            "--wait",
+            "--timeout",
+            "20",
+        ],
+    );
+    assert!(
+        o.status.success() && text(&o).0.contains('2'),
+        "{:?}",
+        text(&o)
+    );
+    let mut w = w;
+    w.signal("TERM");
+    w.wait(crate::support::T).await;
+    let deadline = std::time::Instant::now() + crate::support::T;
+    while pidfile.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pid file stays after the worker stopped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    for (args, needle) in [
+        (
+            &["call", "tasks.add", "--priority", "42"][..],
+            "42 is not in 0..=9",
+        ),
+        (
+            &["call", "tasks.add", "--eta", "tomorrow"],
+            "--eta must be an ISO-8601 time",
+        ),
+        (&["worker", "-Q", "a", "-X", "a"], "leaves no queue"),
+    ] {
+        let o = tasks(&url, args);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(text(&o).1.contains(needle), "{args:?}: {:?}", text(&o));
+    }
+
+    // No worker on the queue: --wait gives up with a hint instead of hanging.
+    let o = tasks(
+        &url,
+        &[
+            "call",
+            "tasks.add",
+            "--args",
+            "[1, 1]",
+            "-Q",
+            "nobody",
+            "--wait",
+            "--timeout",
+            "0.5",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).1.contains("hint: no result came back in time"),
+        "{:?}",
+        text(&o)
+    );
+    let help = text(&tasks(&url, &["call", "--help"])).0;
+    assert!(help.contains("[default: 300]"), "{help}");
+
+    // `tasks` opens nothing: no SQLite file appears in a directory with none.
+    let dir = db.with_extension("empty");
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_e2e-tasks"))
+        .current_dir(&dir)
+        .arg("tasks")
+        .output()
+        .unwrap();
+    assert!(o.status.success() && text(&o).0.contains("tasks.add"));
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "tasks made a file"
     );
 }

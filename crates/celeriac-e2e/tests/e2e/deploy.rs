@@ -94,7 +94,9 @@ async fn the_supervisor_config_runs_a_worker_and_a_beat_that_stop_cleanly() {
         .filter(|l| !l.starts_with("user="))
         .collect::<Vec<_>>()
         .join("\n");
-    let sock = dir.join("supervisor.sock");
+    // supervisord binds `<file>.<pid>` before renaming it, and a Unix socket path is at most
+    // 107 bytes: a deep checkout overflows it, so the socket lives in the temp directory.
+    let sock = std::env::temp_dir().join(format!("celeriac-sv-{}.sock", std::process::id()));
     let conf = dir.join("supervisord.conf");
     std::fs::write(
         &conf,
@@ -116,7 +118,7 @@ async fn the_supervisor_config_runs_a_worker_and_a_beat_that_stop_cleanly() {
             .arg("-c")
             .arg(&conf)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("supervisord.stderr")).unwrap())
             .spawn()
             .expect("start supervisord"),
     );
@@ -126,7 +128,11 @@ async fn the_supervisor_config_runs_a_worker_and_a_beat_that_stop_cleanly() {
         if s.matches("RUNNING").count() == 2 {
             break;
         }
-        assert!(Instant::now() < deadline, "not both running:\n{s}");
+        assert!(
+            Instant::now() < deadline,
+            "not both running:\n{s}\nsupervisord said:\n{}",
+            std::fs::read_to_string(dir.join("supervisord.stderr")).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let app = client(&url).await;
@@ -151,4 +157,5 @@ async fn the_supervisor_config_runs_a_worker_and_a_beat_that_stop_cleanly() {
     let worker_log = std::fs::read_to_string(dir.join("worker.log")).unwrap();
     assert!(worker_log.contains("worker stopped"), "{worker_log}");
     let _ = supervisorctl(&conf, &["shutdown"]);
+    let _ = std::fs::remove_file(&sock);
 }

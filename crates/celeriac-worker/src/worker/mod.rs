@@ -402,7 +402,7 @@ impl Worker {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), p).await;
         }
         let report = counters.report();
-        tracing::info!(?report, "worker stopped");
+        tracing::info!(%report, "worker stopped");
         Ok(report)
     }
 
@@ -534,6 +534,10 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
         Arc::new(TimeLimitLayer {
             pool: o.pool,
             set: p.time_limits,
+            defaults: crate::timelimit::Limits {
+                hard: o.time_limit.filter(|d| !d.is_zero()),
+                soft: o.soft_time_limit.filter(|d| !d.is_zero()),
+            },
         }),
     ]);
     Stack::new(

@@ -62,15 +62,29 @@ struct WorkerArgs {
     /// Queues to consume, comma separated.
     #[arg(short = 'Q', long, value_delimiter = ',')]
     queues: Vec<String>,
+    /// Queues not to consume, comma separated (removed from -Q or the configured ones).
+    #[arg(short = 'X', long, value_delimiter = ',')]
+    exclude_queues: Vec<String>,
     /// Tasks run at once.
     #[arg(short = 'c', long)]
     concurrency: Option<usize>,
     /// Pool: async, threads or processes.
     #[arg(short = 'P', long)]
     pool: Option<String>,
-    /// Node name (default celeriac@<host>).
+    /// Node name (default celeriac@<host>); %h is the host name, %n its first label, %d its
+    /// domain, %i the process index (0), %I the same with a dash (empty here); a name
+    /// without @ is taken as the host part (celeriac@NAME), as Celery does.
     #[arg(short = 'n', long)]
     hostname: Option<String>,
+    /// Hard time limit in seconds of every task that sets none itself.
+    #[arg(long)]
+    time_limit: Option<f64>,
+    /// Soft time limit in seconds of every task that sets none itself.
+    #[arg(long)]
+    soft_time_limit: Option<f64>,
+    /// Write the process id to this file; refuse to start when a live process holds it.
+    #[arg(long)]
+    pidfile: Option<std::path::PathBuf>,
     /// Deliveries held beyond what can run at once.
     #[arg(long, conflicts_with = "prefetch_multiplier")]
     prefetch_buffer: Option<usize>,
@@ -112,8 +126,23 @@ struct WorkerArgs {
 impl WorkerArgs {
     /// Applies the flags given to `o`; a bad value is an error naming its flag.
     fn apply(self, o: &mut celeriac_worker::WorkerOptions) -> anyhow::Result<()> {
-        if !self.queues.is_empty() {
-            o.queues = self.queues;
+        let trimmed = |list: Vec<String>| -> Vec<String> {
+            list.iter()
+                .map(|q| q.trim())
+                .filter(|q| !q.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let queues = trimmed(self.queues);
+        if !queues.is_empty() {
+            o.queues = queues;
+        }
+        let excluded = trimmed(self.exclude_queues);
+        if !excluded.is_empty() {
+            o.queues.retain(|q| !excluded.contains(q));
+            if o.queues.is_empty() {
+                bail!("-X {} leaves no queue to consume", excluded.join(","));
+            }
         }
         if let Some(c) = self.concurrency {
             if c == 0 {
@@ -127,7 +156,13 @@ impl WorkerArgs {
                 .map_err(|e: celeriac_core::Error| anyhow::anyhow!(e))?;
         }
         if let Some(h) = self.hostname {
-            o.hostname = h;
+            o.hostname = node_name(&h, &celeriac_core::hostname());
+        }
+        if let Some(t) = self.time_limit {
+            o.time_limit = Some(secs(t, "--time-limit")?).filter(|d| !d.is_zero());
+        }
+        if let Some(t) = self.soft_time_limit {
+            o.soft_time_limit = Some(secs(t, "--soft-time-limit")?).filter(|d| !d.is_zero());
         }
         if let Some(b) = self.prefetch_buffer {
             o.prefetch_buffer = b;
@@ -180,6 +215,40 @@ impl WorkerArgs {
     }
 }
 
+/// A node name as Celery expands `-n`: `%h` the host name, `%n` its first label, `%d` the
+/// rest (the domain), `%i` the process index (always 0: one process), `%I` the same with a
+/// dash (empty for the main process), `%%` a percent sign; a name without `@` is the host
+/// part of `celeriac@<name>`.
+fn node_name(spec: &str, host: &str) -> String {
+    let (first, domain) = host.split_once('.').unwrap_or((host, ""));
+    let mut out = String::with_capacity(spec.len() + host.len());
+    let mut chars = spec.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('h') => out.push_str(host),
+            Some('n') => out.push_str(first),
+            Some('d') => out.push_str(domain),
+            Some('i') => out.push('0'),
+            Some('I') => {}
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    if out.contains('@') {
+        out
+    } else {
+        format!("celeriac@{out}")
+    }
+}
+
 /// `--autoscale MAX,MIN` (MIN defaults to 1, as Celery's).
 fn autoscale(a: &str) -> anyhow::Result<(usize, usize)> {
     let bad = || anyhow::anyhow!("--autoscale must be MAX,MIN (e.g. 10,3), got {a:?}");
@@ -218,8 +287,11 @@ enum Command {
         /// Seconds after which the task is revoked instead of run.
         #[arg(long)]
         expires: Option<f64>,
+        /// Run at this time (ISO-8601, e.g. 2026-12-24T18:00:00+01:00) instead of now.
+        #[arg(long, conflicts_with = "countdown")]
+        eta: Option<String>,
         /// Priority 0-9.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
         priority: Option<u8>,
         /// Send this many copies (progress is shown while waiting).
         #[arg(long, default_value_t = 1)]
@@ -227,9 +299,9 @@ enum Command {
         /// Wait for the result(s) and print them.
         #[arg(long, short = 'w')]
         wait: bool,
-        /// Seconds to wait at most.
-        #[arg(long)]
-        timeout: Option<f64>,
+        /// Seconds to wait at most with --wait (0: for ever).
+        #[arg(long, default_value_t = DEFAULT_WAIT_SECS)]
+        timeout: f64,
     },
     /// Show a task's state and result.
     Result {
@@ -242,11 +314,14 @@ enum Command {
         #[arg(long)]
         timeout: Option<f64>,
     },
-    /// Delete all ready and delayed messages of queues.
+    /// Delete all ready and delayed messages of queues (asks first unless -f).
     Purge {
         /// Queues to purge, comma separated (default: the default queue).
         #[arg(short = 'Q', long, value_delimiter = ',')]
         queues: Vec<String>,
+        /// Do not ask.
+        #[arg(short = 'f', long)]
+        force: bool,
     },
     /// Show the nodes that answer (as `celery status`) and the queue lengths.
     Status,
@@ -383,6 +458,13 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
     // A worker or beat waits for its broker to come up, as Celery's do; one-shot commands
     // fail at once.
     let long_running = cli.command.long_running();
+    if let Command::Tasks = cli.command {
+        // Listing the tasks opens nothing (no broker, no celeriac.db made as a side effect).
+        for name in builder.task_registry().names() {
+            println!("{name}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let app = builder
         .retry_on_startup(long_running)
         .build()
@@ -391,8 +473,11 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
     let code = match cli.command {
         Command::Worker(args) => {
             let beat = args.beat;
+            let pidfile = args.pidfile.clone();
             let mut o = app.worker_options();
             args.apply(&mut o)?;
+            let _pidfile = pidfile.as_deref().map(Pidfile::acquire).transpose()?;
+            eprint!("{}", banner(&app, &o));
             if app.registry().is_empty() {
                 tracing::warn!("no task is registered: every message will fail as NotRegistered");
             }
@@ -412,6 +497,7 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             kwargs,
             queue,
             countdown,
+            eta,
             expires,
             priority,
             repeat,
@@ -431,6 +517,11 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             if let Some(c) = countdown {
                 sig = sig.countdown(secs(c, "--countdown")?);
             }
+            if let Some(t) = eta {
+                let at = celeriac_core::time::parse(&t)
+                    .with_context(|| format!("--eta must be an ISO-8601 time, got {t:?}"))?;
+                sig = sig.eta(at);
+            }
             if let Some(e) = expires {
                 sig = sig.expires_in(secs(e, "--expires")?);
             }
@@ -447,8 +538,19 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let timeout = timeout.map(|t| secs(t, "--timeout")).transpose()?;
-            wait_all(&app, &ids, timeout).await?
+            let timeout = Some(secs(timeout, "--timeout")?).filter(|t| !t.is_zero());
+            match wait_all(&app, &ids, timeout).await {
+                Err(e) if is_timeout(&e) => {
+                    bail!(
+                        "{e:#}\nhint: no result came back in time. Is a worker consuming the \
+                         queue, and does it store results where this client reads them \
+                         (result backend {})? Raise --timeout for long tasks, or --timeout 0 \
+                         to wait for ever.",
+                        celeriac_core::url::redact(app.config().result_backend_url())
+                    )
+                }
+                other => other?,
+            }
         }
         Command::Result { id, wait, timeout } => {
             let t = timeout.map(|t| secs(t, "--timeout")).transpose()?;
@@ -465,12 +567,22 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             };
             print_meta(&meta)?
         }
-        Command::Purge { queues } => {
+        Command::Purge { queues, force } => {
+            let queues: Vec<String> = queues
+                .iter()
+                .map(|q| q.trim())
+                .filter(|q| !q.is_empty())
+                .map(str::to_owned)
+                .collect();
             let queues = if queues.is_empty() {
                 vec![app.config().default_queue.clone()]
             } else {
                 queues
             };
+            if !force && !confirm_purge(&queues)? {
+                println!("nothing purged");
+                return Ok(ExitCode::from(1));
+            }
             for q in queues {
                 let n = app.broker().purge(&q).await?;
                 println!("purged {n} message(s) from {q}");
@@ -495,12 +607,7 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
         Command::Dead(args) => dead::command(&app, args).await?,
         #[cfg(feature = "web")]
         Command::Dashboard(args) => web::dashboard(&app, args).await?,
-        Command::Tasks => {
-            for name in app.registry().names() {
-                println!("{name}");
-            }
-            ExitCode::SUCCESS
-        }
+        Command::Tasks => unreachable!("answered before the app is built"),
     };
     app.close().await?;
     Ok(code)
@@ -508,19 +615,158 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
 
 /// Queue lengths: ready, delayed, unacked.
 async fn queue_table(app: &App) -> anyhow::Result<()> {
-    let queues = app.broker().queues().await?;
+    // The broker's own list, plus the queues the configuration names: a broker that cannot
+    // list its queues (RabbitMQ without its management API) still shows those.
+    let c = app.config();
+    let mut queues: std::collections::BTreeSet<String> =
+        app.broker().queues().await?.into_iter().collect();
+    queues.insert(c.default_queue.clone());
+    queues.extend(c.worker.queues.iter().cloned());
+    queues.extend(c.routes.values().cloned());
+    queues.extend(c.celery_worker_queues.iter().cloned());
     println!(
         "{:<24} {:>10} {:>10} {:>10}",
         "queue", "ready", "delayed", "unacked"
     );
     for q in queues {
-        let s = app.broker().stats(&q).await?;
-        println!(
-            "{q:<24} {:>10} {:>10} {:>10}",
-            s.ready, s.delayed, s.unacked
-        );
+        match app.broker().stats(&q).await {
+            Ok(s) => println!(
+                "{q:<24} {:>10} {:>10} {:>10}",
+                s.ready, s.delayed, s.unacked
+            ),
+            Err(e) => println!("{q:<24} {:>10} ({e:#})", "-"),
+        }
     }
     Ok(())
+}
+
+/// Celery's start-up banner, in plain lines: the node, where messages and results live
+/// (passwords hidden), the pool, the queues and the tasks.
+fn banner(app: &App, o: &celeriac_worker::WorkerOptions) -> String {
+    use std::fmt::Write as _;
+    let c = app.config();
+    let mut s = String::new();
+    let _ = writeln!(s, "{} (celeriac {})", o.hostname, env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(
+        s,
+        "  broker:      {}",
+        celeriac_core::url::redact(c.broker_url())
+    );
+    let _ = writeln!(
+        s,
+        "  results:     {}",
+        celeriac_core::url::redact(c.result_backend_url())
+    );
+    let _ = writeln!(
+        s,
+        "  concurrency: {} ({} pool), prefetch {}",
+        o.concurrency,
+        o.pool,
+        o.prefetch()
+    );
+    let _ = writeln!(
+        s,
+        "  task events: {}",
+        if o.task_events {
+            "on"
+        } else {
+            "off (-E to turn on)"
+        }
+    );
+    let _ = writeln!(s, "  queues:      {}", o.queues.join(", "));
+    let names = app.registry().names();
+    let _ = writeln!(s, "  tasks ({}):", names.len());
+    for name in names {
+        let _ = writeln!(s, "    . {name}");
+    }
+    s
+}
+
+/// A pid file held while the worker runs: refused when a live process holds it, removed on
+/// the way out when it still names this process.
+#[derive(Debug)]
+struct Pidfile {
+    path: std::path::PathBuf,
+}
+
+impl Pidfile {
+    fn acquire(path: &std::path::Path) -> anyhow::Result<Pidfile> {
+        let me = std::process::id();
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(pid) = text.trim().parse::<u32>()
+            && pid != me
+            && process_alive(pid)
+        {
+            bail!(
+                "pid file {} is held by process {pid}, which is running; stop it or remove \
+                 the file",
+                path.display()
+            );
+        }
+        std::fs::write(path, format!("{me}\n"))
+            .with_context(|| format!("cannot write pid file {}", path.display()))?;
+        Ok(Pidfile {
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        let ours = std::fs::read_to_string(&self.path)
+            .is_ok_and(|t| t.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        // No /proc (not Linux): ask `kill -0`.
+        Err(_) if !std::path::Path::new("/proc/self").exists() => {
+            std::process::Command::new("kill")
+                .args(["-0", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success())
+        }
+        Err(_) => false,
+    }
+}
+
+/// `call --wait`'s default `--timeout`: long enough for most tasks, short enough that a
+/// client reading another result backend than the worker's does not hang unseen.
+const DEFAULT_WAIT_SECS: f64 = 300.0;
+
+fn is_timeout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<crate::Error>()
+            .is_some_and(|e| e.kind() == ErrorKind::Timeout)
+    })
+}
+
+/// Asks before a purge, as `celery purge` does; without a terminal to ask on, refuses.
+fn confirm_purge(queues: &[String]) -> anyhow::Result<bool> {
+    use std::io::{BufRead as _, IsTerminal as _};
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "purge removes every waiting message of {} with no undo; pass -f to confirm when \
+             not at a terminal",
+            queues.join(", ")
+        );
+    }
+    eprint!(
+        "This removes every waiting message of {} and cannot be undone. Purge? [y/N] ",
+        queues.join(", ")
+    );
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 
 fn secs(s: f64, flag: &str) -> anyhow::Result<Duration> {
@@ -683,6 +929,24 @@ mod tests {
         assert_eq!(defaults.soft_shutdown_timeout, None);
         assert_eq!(defaults.max_tasks_per_child, None);
         assert_eq!(defaults.max_redeliveries, 10);
+    }
+
+    #[test]
+    fn node_names_expand_as_celerys() {
+        let host = "box1.example.com";
+        for (spec, want) in [
+            ("ux1@%h", "ux1@box1.example.com"),
+            ("w@%n.%d", "w@box1.example.com"),
+            ("w%i%I@%n", "w0@box1"),
+            ("plain", "celeriac@plain"),
+            ("%h", "celeriac@box1.example.com"),
+            ("a@100%%", "a@100%"),
+            ("a@%x", "a@%x"),
+        ] {
+            assert_eq!(node_name(spec, host), want, "{spec}");
+        }
+        assert_eq!(node_name("w@%n", "solo"), "w@solo");
+        assert_eq!(node_name("w@%d", "solo"), "w@");
     }
 
     #[test]
