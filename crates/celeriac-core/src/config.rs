@@ -65,7 +65,8 @@ pub struct Config {
     /// and after a lost connection (Celery's `broker_failover_strategy`): `round-robin`
     /// (default) or `shuffle`; any other name fails the load.
     pub broker_failover_strategy: FailoverStrategy,
-    /// Result backend URL. Default: the broker URL.
+    /// Result backend URL. Default: the broker URL, or `rpc://` (replies over the broker)
+    /// when the broker is RabbitMQ, which stores no results itself.
     pub result_backend: Option<String>,
     /// Queue for tasks with no queue option and no route. Default `celery`.
     pub default_queue: String,
@@ -406,9 +407,13 @@ impl Config {
 
     /// The result backend URL in effect.
     pub fn result_backend_url(&self) -> &str {
-        self.result_backend
-            .as_deref()
-            .unwrap_or_else(|| self.broker_url())
+        match self.result_backend.as_deref() {
+            Some(url) => url,
+            // RabbitMQ keeps no results: its results travel back as replies (`rpc://`), as
+            // Celery users configure it; any other broker stores them itself.
+            None if is_amqp_url(self.broker_url()) => "rpc://",
+            None => self.broker_url(),
+        }
     }
 
     /// The queue a task goes to by the routes, if one matches (first match in glob order).
@@ -418,6 +423,12 @@ impl Config {
             .find(|(pattern, _)| glob_match(pattern, task))
             .map(|(_, q)| q.as_str())
     }
+}
+
+/// Whether a broker URL (or the first of a `;` list) names RabbitMQ.
+fn is_amqp_url(url: &str) -> bool {
+    let scheme = url.trim_start().split("://").next().unwrap_or("");
+    matches!(scheme, "amqp" | "amqps" | "pyamqp")
 }
 
 /// This machine's host name (from the kernel, else `$HOSTNAME`, else `localhost`).
@@ -465,6 +476,27 @@ mod tests {
         assert_eq!(c.broker_url(), DEFAULT_URL);
         assert_eq!(c.result_backend_url(), DEFAULT_URL);
         assert_eq!(c.result_expires, Some(Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn a_rabbitmq_broker_answers_by_rpc_unless_told_otherwise() {
+        for (broker, backend) in [
+            ("amqp://guest:guest@127.0.0.1//", "rpc://"),
+            ("pyamqp://h1;amqp://h2", "rpc://"),
+            ("amqps://h", "rpc://"),
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ] {
+            let env = |k: &str| (k == "CELERIAC_BROKER_URL").then(|| broker.to_owned());
+            let c = Config::from_sources(None, env).unwrap();
+            assert_eq!(c.result_backend_url(), backend, "{broker}");
+        }
+        let env = |k: &str| match k {
+            "CELERIAC_BROKER_URL" => Some("amqp://h".to_owned()),
+            "CELERIAC_RESULT_BACKEND" => Some("redis://h".to_owned()),
+            _ => None,
+        };
+        let c = Config::from_sources(None, env).unwrap();
+        assert_eq!(c.result_backend_url(), "redis://h");
     }
 
     #[test]

@@ -37,6 +37,8 @@ mod canvas;
 mod control;
 mod dead;
 mod pool_child;
+#[cfg(test)]
+mod reference;
 #[cfg(feature = "web")]
 mod web;
 
@@ -367,11 +369,21 @@ const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 /// Parses the process arguments, builds the app and runs the command.
 pub fn run(builder: AppBuilder) -> ExitCode {
-    run_from(builder, std::env::args_os())
+    run_with(builder, std::env::args_os(), true)
 }
 
 /// Like [`run`], with explicit arguments (the first is the program name).
 pub fn run_from<I, T>(builder: AppBuilder, args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    run_with(builder, args, false)
+}
+
+/// Runs the command line; `own_process` when it is the process's `main` (not a test calling
+/// [`run_from`]), which may then set process-wide signal dispositions.
+fn run_with<I, T>(builder: AppBuilder, args: I, own_process: bool) -> ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -390,6 +402,12 @@ where
             };
         }
     };
+    if own_process && !cli.command.long_running() {
+        // A one-shot command whose output is cut short (`| head`) ends quietly, as Unix
+        // tools do, instead of panicking on the broken pipe. Long-running commands keep
+        // Rust's default (SIGPIPE ignored): a worker must never die of a closed pipe.
+        sigpipe::reset();
+    }
     init_logging(cli.loglevel.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -410,7 +428,7 @@ where
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             let task_failed = e.chain().any(|c| {
                 c.downcast_ref::<crate::Error>()
                     .is_some_and(|e| e.kind() == ErrorKind::TaskFailed)
@@ -422,6 +440,22 @@ where
             }
         }
     }
+}
+
+/// An error and its causes on one line, `a: b: c`, leaving out a cause whose text the line
+/// already ends with (client libraries often wrap an error in one that says the same).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 // The command line is a binary's front end: reading RUST_LOG here is its job.
@@ -590,10 +624,15 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             ExitCode::SUCCESS
         }
         Command::Status => {
-            control::status(&app).await?;
+            let nodes = control::status(&app).await?;
             println!();
             queue_table(&app).await?;
-            ExitCode::SUCCESS
+            // No node answering is Celery's `EX_UNAVAILABLE`, for scripts that check liveness.
+            if nodes == Some(0) {
+                ExitCode::from(69)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Command::Queues => {
             queue_table(&app).await?;
@@ -975,5 +1014,30 @@ mod tests {
             let e = format!("{:#}", worker(args).unwrap_err());
             assert!(e.contains(needle), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        // A driver error whose source repeats it (as the Redis client's NOAUTH does).
+        #[derive(Debug)]
+        struct Echo(std::io::Error);
+        impl std::fmt::Display for Echo {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+        impl std::error::Error for Echo {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let driver = Echo(std::io::Error::other("NOAUTH Authentication required."));
+        let e =
+            anyhow::Error::new(crate::Error::broker("cannot connect to redis").with_source(driver))
+                .context("cannot start the app");
+        assert_eq!(
+            error_line(&e),
+            "cannot start the app: cannot connect to redis: NOAUTH Authentication required."
+        );
     }
 }
