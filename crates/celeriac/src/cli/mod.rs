@@ -123,6 +123,10 @@ struct WorkerArgs {
     /// Do not answer remote control (inspect, control).
     #[arg(long)]
     without_remote_control: bool,
+    /// Celery's optimization profile, `fair` or `default`, accepted so Celery command lines
+    /// carry over: every pool here hands a task only to a free slot, which is what `fair` asks.
+    #[arg(short = 'O', value_name = "PROFILE", value_parser = ["fair", "default"])]
+    optimization: Option<String>,
 }
 
 impl WorkerArgs {
@@ -920,6 +924,15 @@ impl Progress {
 mod tests {
     use super::*;
     use celeriac_worker::{Pool, WorkerOptions};
+
+    #[test]
+    fn celerys_optimization_profiles_are_accepted_and_others_refused() {
+        for profile in ["fair", "default"] {
+            assert!(worker(&["-O", profile]).is_ok(), "{profile}");
+        }
+        let e = worker(&["-O", "greedy"]).unwrap_err().to_string();
+        assert!(e.contains("fair") && e.contains("default"), "{e}");
+    }
 
     fn worker(args: &[&str]) -> anyhow::Result<WorkerOptions> {
         let cli = Cli::try_parse_from(["app", "worker"].iter().chain(args))?;

@@ -59,7 +59,7 @@ fn expected(cmd: &clap::Command) -> Vec<String> {
                 out.push(format!("--{long}"));
             }
             if let Some(short) = arg.get_short() {
-                out.push(format!("`-{short}`"));
+                out.push(format!("`-{short}"));
             }
         }
     }
