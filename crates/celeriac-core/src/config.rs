@@ -152,6 +152,10 @@ pub struct WorkerConfig {
     /// Seconds between worker heartbeat events (Celery's `--heartbeat-interval`). Default 2.
     #[serde(deserialize_with = "secs")]
     pub heartbeat_interval: Duration,
+    /// The remote-control commands the worker obeys: a list of command names and the groups
+    /// `inspect` (read-only) and `control` (changes); others are refused with an error reply.
+    /// Default: every command, as Celery.
+    pub control_allow: crate::broadcast::control::ControlAllow,
 }
 
 impl Default for Config {
@@ -193,6 +197,7 @@ impl Default for WorkerConfig {
             inline_brief: true,
             task_events: false,
             heartbeat_interval: Duration::from_secs(2),
+            control_allow: crate::broadcast::control::ControlAllow::All,
         }
     }
 }
@@ -476,6 +481,16 @@ mod tests {
         assert_eq!(c.broker_url(), DEFAULT_URL);
         assert_eq!(c.result_backend_url(), DEFAULT_URL);
         assert_eq!(c.result_expires, Some(Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn control_allow_loads_from_the_file_and_refuses_unknown_names() {
+        let load = |text: &str| Config::from_sources(Some((Path::new("c.toml"), text)), no_env);
+        let c = load("[worker]\ncontrol_allow = [\"inspect\", \"revoke\"]\n").unwrap();
+        assert!(c.worker.control_allow.allows("stats"));
+        assert!(!c.worker.control_allow.allows("shutdown"));
+        let e = load("[worker]\ncontrol_allow = [\"shutdwon\"]\n").unwrap_err();
+        assert!(format!("{e:#}").contains("unknown remote-control command"), "{e:#}");
     }
 
     #[test]

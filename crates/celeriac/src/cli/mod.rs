@@ -123,6 +123,10 @@ struct WorkerArgs {
     /// Do not answer remote control (inspect, control).
     #[arg(long)]
     without_remote_control: bool,
+    /// Obey only these remote-control commands, comma separated: names and the groups
+    /// `inspect` (read-only) and `control` (changes); e.g. `inspect,revoke`.
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    control_allow: Vec<String>,
     /// Celery's optimization profile, `fair` or `default`, accepted so Celery command lines
     /// carry over: every pool here hands a task only to a free slot, which is what `fair` asks.
     #[arg(short = 'O', value_name = "PROFILE", value_parser = ["fair", "default"])]
@@ -215,6 +219,10 @@ impl WorkerArgs {
         }
         if self.without_remote_control {
             o.remote_control = false;
+        }
+        if !self.control_allow.is_empty() {
+            o.control_allow =
+                celeriac_core::broadcast::control::ControlAllow::from_names(&self.control_allow)?;
         }
         celeriac_core::config::check_prefetch(o.concurrency, o.prefetch_buffer)
             .map_err(anyhow::Error::from)
@@ -1019,6 +1027,10 @@ mod tests {
                 "cannot be used with",
             ),
             (&["-P", "forks"], "unknown pool"),
+            (
+                &["--control-allow", "inspect,shutdwon"],
+                "unknown remote-control command",
+            ),
             (
                 &["-c", "2", "--prefetch-buffer", "1000000"],
                 "prefetch 1000002 (concurrency 2 + prefetch_buffer 1000000) is more than 65535",
