@@ -635,7 +635,10 @@ mod tests {
         let t = &c.broker_transport_options;
         assert_eq!(t.master_name.as_deref(), Some("mymaster"));
         assert_eq!(t.sentinel_kwargs.password.as_deref(), Some("s3cret"));
-        assert!(!format!("{c:?}").contains("s3cret"), "Debug shows the password");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug shows the password"
+        );
         // The backend on the broker's URL shares the broker's options...
         assert_eq!(c.backend_transport_options(), t);
         // ...not when it has a URL of its own or options of its own.

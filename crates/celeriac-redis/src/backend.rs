@@ -77,7 +77,9 @@ impl RedisBackend {
     /// the credentials, or its TLS certificate is not trusted; with
     /// [`ErrorKind::Unsupported`] for `rediss://` when built without the `tls` feature.
     pub async fn connect(url: &str, config: &Config) -> Result<Self> {
-        Self::connect_with(url, RedisOptions::from_config(config)).await
+        let options =
+            RedisOptions::from_config(config).transport_options(config.backend_transport_options());
+        Self::connect_with(url, options).await
     }
 
     /// Connects with explicit options; a `global_keyprefix` in the URL wins over the options'.
@@ -772,7 +774,7 @@ async fn run_subscriber(
     let mut waiting_acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut first = true;
     loop {
-        let pubsub = match redis.client().get_async_pubsub().await {
+        let pubsub = match redis.pubsub().await {
             Ok(p) => p,
             Err(e) => {
                 let delay = backoff.next_delay();

@@ -152,6 +152,7 @@ mod conn;
 mod keys;
 mod options;
 mod scripts;
+mod sentinel;
 
 use std::sync::Arc;
 
@@ -166,9 +167,9 @@ pub use options::RedisOptions;
 pub use redis;
 
 /// The URL schemes this crate registers.
-pub const SCHEMES: [&str; 4] = ["redis", "rediss", "unix", "redis+socket"];
+pub const SCHEMES: [&str; 5] = ["redis", "rediss", "unix", "redis+socket", "sentinel"];
 
-/// Adds the `redis`, `rediss`, `unix` and `redis+socket` schemes, for brokers, result backends
+/// Adds the `redis`, `rediss`, `unix`, `redis+socket` and `sentinel` schemes, for brokers, result backends
 /// and beat stores, to `drivers` (beat stores also under Celery's `socket`).
 ///
 /// ```

@@ -477,7 +477,7 @@ impl Listener {
 /// Opens a pub/sub connection and `PSUBSCRIBE`s `pattern`, confirmed.
 async fn subscribe(redis: &Redis, pattern: &str) -> redis::RedisResult<Subscription> {
     let r = async {
-        let (mut sink, stream) = redis.client().get_async_pubsub().await?.split();
+        let (mut sink, stream) = redis.pubsub().await?.split();
         sink.psubscribe(pattern).await?;
         Ok(Subscription {
             sink,

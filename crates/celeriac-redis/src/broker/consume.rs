@@ -313,7 +313,7 @@ impl ConsumerShared {
     async fn subscribe(&self, st: &mut FetchState) -> bool {
         let channels: Vec<String> = st.order.iter().map(|q| self.broker.keys.wake(q)).collect();
         let r = async {
-            let pubsub = self.broker.redis.client().get_async_pubsub().await?;
+            let pubsub = self.broker.redis.pubsub().await?;
             let (mut sink, stream) = pubsub.split();
             sink.subscribe(&channels).await?;
             Ok::<_, redis::RedisError>(Wake {
