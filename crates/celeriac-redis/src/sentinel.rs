@@ -43,7 +43,9 @@ impl std::fmt::Debug for Sentinel {
 enum Miss {
     /// It answered that it monitors no master of that name.
     Unknown,
-    /// It could not be reached, or named a server that is not (or no longer) the master.
+    /// It could not be reached, or answered with an error.
+    Unreachable(String),
+    /// It named a server that is not (or no longer) the master, or cannot be reached.
     Failed(String),
 }
 
@@ -73,31 +75,38 @@ impl Sentinel {
     ///
     /// Fails with an I/O error (a lost connection to the callers: retried) when no Sentinel
     /// could be reached or none named a server that is the master now, and with
-    /// [`redis::ErrorKind::MasterNameNotFoundBySentinel`] (not retried) when every Sentinel
-    /// answered that it knows no master of that name.
+    /// [`redis::ErrorKind::MasterNameNotFoundBySentinel`] (not retried) when the Sentinels
+    /// that answered all said they know no master of that name.
     pub(crate) async fn master(&self) -> RedisResult<(redis::Client, String)> {
         let mut unknown = Vec::new();
+        let mut unreachable = Vec::new();
         let mut failed = Vec::new();
         for (host, port) in &self.target.sentinels {
             let at = format!("{}", Addr(host, *port));
             match self.ask(host, *port).await {
                 Ok(found) => return Ok(found),
                 Err(Miss::Unknown) => unknown.push(at),
+                Err(Miss::Unreachable(why)) => unreachable.push(format!("{at}: {why}")),
                 Err(Miss::Failed(why)) => failed.push(format!("{at}: {why}")),
             }
         }
-        if failed.is_empty() {
+        if !unknown.is_empty() && failed.is_empty() {
+            let mut detail = format!(
+                "no Sentinel knows a master named {:?} (asked {}",
+                self.master_name,
+                unknown.join(", ")
+            );
+            if !unreachable.is_empty() {
+                detail.push_str(&format!("; no answer from {}", unreachable.join("; ")));
+            }
+            detail.push_str("); check master_name in the transport options");
             return Err(redis::RedisError::from((
                 redis::ErrorKind::MasterNameNotFoundBySentinel,
                 "unknown master",
-                format!(
-                    "no Sentinel knows a master named {:?} (asked {}); check master_name in \
-                     the transport options",
-                    self.master_name,
-                    unknown.join(", ")
-                ),
+                detail,
             )));
         }
+        failed.extend(unreachable);
         let mut detail = format!(
             "no master {:?} found: {}",
             self.master_name,
@@ -115,7 +124,7 @@ impl Sentinel {
 
     /// Asks one Sentinel and checks the server it names.
     async fn ask(&self, host: &str, port: u16) -> Result<(redis::Client, String), Miss> {
-        let failed = |e: redis::RedisError| Miss::Failed(e.to_string());
+        let failed = |e: redis::RedisError| Miss::Unreachable(e.to_string());
         let mut settings = RedisConnectionInfo::default().set_skip_set_lib_name();
         if let Some(u) = &self.username {
             settings = settings.set_username(u);
