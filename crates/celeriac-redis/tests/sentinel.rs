@@ -353,12 +353,14 @@ fn echo_registry(runs: Runs) -> Registry {
         name: "tests.echo".into(),
         params: &[],
         options,
-        handler: Handler::Blocking(Arc::new(move |ctx, _| {
-            runs.lock()
-                .unwrap()
-                .push((ctx.id().to_owned(), Instant::now()));
-            std::thread::sleep(Duration::from_millis(5));
-            Ok(json!(ctx.id()))
+        handler: Handler::Async(Arc::new(move |ctx, _| {
+            let runs = runs.clone();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let id = ctx.id().to_owned();
+                runs.lock().unwrap().push((id.clone(), Instant::now()));
+                Ok(json!(id))
+            })
         })),
     });
     registry
@@ -563,5 +565,59 @@ async fn a_killed_master_is_replaced_and_nothing_acknowledged_is_lost() {
         text.contains("redis sentinel: the master moved from"),
         "the move is logged:\n{text}"
     );
+    assert_no_secret_logged();
+}
+
+/// A Python Celery client on the same `sentinel://` list (kombu's Sentinel transport and
+/// Celery's Sentinel result backend, `master_name` and `sentinel_kwargs` in its transport
+/// options) sends a task that a celeriac worker on that list runs, and reads its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_on_the_same_sentinels_reaches_our_worker() {
+    logs();
+    if !celeriac_test::python::require_python() {
+        return;
+    }
+    let Some(cluster) = Cluster::start("python").await else {
+        return;
+    };
+    let url = cluster.url(None, 0);
+    let broker = RedisBroker::connect_with(&url, options()).await.unwrap();
+    let backend = RedisBackend::connect_with(&url, options()).await.unwrap();
+    let queue = "py-sentinel".to_owned();
+    broker.declare(&queue).await.unwrap();
+    let runs: Runs = Arc::default();
+    let mut wo = WorkerOptions::default();
+    wo.queues = vec![queue.clone()];
+    wo.hostname = "sentinel-py@test".into();
+    wo.concurrency = 2;
+    let worker = Worker::new(
+        Arc::new(broker) as DynBroker,
+        Some(Arc::new(backend) as DynBackend),
+        Arc::new(echo_registry(runs.clone())),
+        wo,
+    );
+    let shutdown = worker.shutdown_handle();
+    let working = tokio::spawn(worker.run());
+
+    let out = celeriac_test::python::run_python_client(
+        "import json, os, tasks\n\
+         opts = {'master_name': 'mymaster',\n\
+                 'sentinel_kwargs': {'password': os.environ['SENTINEL_PW']}}\n\
+         tasks.app.conf.broker_transport_options = opts\n\
+         tasks.app.conf.result_backend_transport_options = opts\n\
+         r = tasks.app.send_task('tests.echo', queue=os.environ['QUEUE'])\n\
+         print(json.dumps({'id': r.id, 'result': r.get(timeout=30)}))",
+        &[
+            ("CELERY_BROKER_URL", &url),
+            ("SENTINEL_PW", SENTINEL_PW),
+            ("QUEUE", &queue),
+        ],
+    )
+    .await;
+    let got = celeriac_test::python::stdout_json(&out);
+    assert_eq!(got["result"], got["id"], "{got}");
+    assert_eq!(runs.lock().unwrap().len(), 1);
+    shutdown.warm();
+    let _ = tokio::time::timeout(Duration::from_secs(30), working).await;
     assert_no_secret_logged();
 }
