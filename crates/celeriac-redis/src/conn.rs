@@ -423,3 +423,32 @@ impl Redis {
         if transient { err.transient() } else { err }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readonly_counts_as_a_lost_connection() {
+        // A master demoted by a Sentinel failover answers writes with READONLY: reconnecting
+        // (and asking the Sentinels again) is the cure.
+        let readonly = RedisError::from(redis::ServerErrorKind::ReadOnly);
+        assert!(is_connection_error(&readonly));
+        let other = RedisError::from(redis::ServerErrorKind::ResponseError);
+        assert!(!is_connection_error(&other));
+        let unknown_master = RedisError::from((
+            redis::ErrorKind::MasterNameNotFoundBySentinel,
+            "unknown master",
+            "no Sentinel knows a master named \"x\"".to_owned(),
+        ));
+        assert!(
+            !is_connection_error(&unknown_master),
+            "a wrong name is not retried"
+        );
+        let no_sentinel = RedisError::from((redis::ErrorKind::Io, "sentinel", "none".to_owned()));
+        assert!(
+            is_connection_error(&no_sentinel),
+            "no Sentinel answering is retried"
+        );
+    }
+}
