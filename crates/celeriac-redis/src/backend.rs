@@ -773,7 +773,12 @@ async fn run_subscriber(
     let mut backoff = Backoff::new();
     let mut waiting_acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut first = true;
+    // With Sentinel: told when the master moves, so that the subscription leaves the old one.
+    let mut switches = redis.switches();
     loop {
+        if let Some(rx) = &mut switches {
+            rx.borrow_and_update();
+        }
         let pubsub = match redis.pubsub().await {
             Ok(p) => p,
             Err(e) => {
@@ -839,6 +844,7 @@ async fn run_subscriber(
                     }
                     None => break,
                 },
+                () = crate::conn::master_switch(&mut switches) => break,
             }
         }
         tracing::warn!(url = %redis.url, "redis result subscriber lost its connection; reconnecting");

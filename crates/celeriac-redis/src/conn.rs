@@ -38,7 +38,8 @@ pub(crate) struct Redis {
     sentinel: Option<Arc<Sentinel>>,
     /// With Sentinel: the master's address found last, to log a change.
     master: Arc<std::sync::Mutex<String>>,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    /// The shared connection, with the master switch count it was opened at.
+    conn: Mutex<Option<(MultiplexedConnection, u64)>>,
     kind: ErrorKind,
     /// The URL with its password replaced, for logs and errors.
     pub(crate) url: String,
@@ -70,6 +71,17 @@ pub(crate) fn is_connection_error(e: &RedisError) -> bool {
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.is_unrecoverable_error()
+}
+
+/// Resolves when the Sentinels announce a new master; never without Sentinel (or once the
+/// announcements end).
+pub(crate) async fn master_switch(switches: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(rx) = switches {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// Exponential backoff from 50 ms to 2 s.
@@ -212,6 +224,7 @@ impl Redis {
             ),
         };
         if let Some(s) = &sentinel {
+            Sentinel::watch(s);
             tracing::info!(
                 url = %target.redacted,
                 master_name = s.master_name(),
@@ -275,6 +288,17 @@ impl Redis {
         }
         *self.client.lock().unwrap_or_else(|p| p.into_inner()) = client.clone();
         Ok(client)
+    }
+
+    /// With Sentinel, how many times the Sentinels announced a new master; a connection opened
+    /// at another count may be on the old master and must be reopened. Always 0 otherwise.
+    pub(crate) fn switch_count(&self) -> u64 {
+        self.sentinel.as_ref().map_or(0, |s| s.switch_count())
+    }
+
+    /// With Sentinel, a receiver told of each master switch the Sentinels announce.
+    pub(crate) fn switches(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.sentinel.as_ref().map(|s| s.switches())
     }
 
     fn current_client(&self) -> redis::Client {
@@ -342,11 +366,14 @@ impl Redis {
 
     async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
         let mut guard = self.conn.lock().await;
-        if let Some(c) = &*guard {
-            return Ok(c.clone());
+        let switches = self.switch_count();
+        if let Some((c, at)) = &*guard {
+            if *at == switches {
+                return Ok(c.clone());
+            }
         }
         let c = self.dedicated(COMMAND_TIMEOUT).await?;
-        *guard = Some(c.clone());
+        *guard = Some((c.clone(), switches));
         Ok(c)
     }
 
@@ -432,9 +459,15 @@ mod tests {
     fn readonly_counts_as_a_lost_connection() {
         // A master demoted by a Sentinel failover answers writes with READONLY: reconnecting
         // (and asking the Sentinels again) is the cure.
-        let readonly = RedisError::from(redis::ServerErrorKind::ReadOnly);
+        let readonly = RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "READONLY",
+        ));
         assert!(is_connection_error(&readonly));
-        let other = RedisError::from(redis::ServerErrorKind::ResponseError);
+        let other = RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "ERR",
+        ));
         assert!(!is_connection_error(&other));
         let unknown_master = RedisError::from((
             redis::ErrorKind::MasterNameNotFoundBySentinel,

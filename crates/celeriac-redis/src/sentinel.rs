@@ -9,12 +9,25 @@
 //! reconnect-and-backoff loops of [`crate::conn`]; a `READONLY` reply (the server was demoted
 //! while the connection stayed up) counts as a lost connection there.
 //!
+//! A failover in which the old master stays up (`SENTINEL FAILOVER`, a partition that heals)
+//! leaves connections open to it until the Sentinels demote it, seconds later: writes sent
+//! there meanwhile would be lost when it resyncs from the new master. So a watcher subscribes
+//! to the Sentinels' `+switch-master` announcements and counts the switches of our master
+//! ([`Sentinel::switches`]); every long-lived connection (the shared one, consumers' fetch
+//! connections, the result subscriber) is dropped and reopened when the count moves.
+//!
 //! The URL's credentials are the master's; the Sentinels' own come from `sentinel_kwargs`.
 //! Nothing here logs a password: addresses and the master's name only.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisConnectionInfo, RedisResult};
+use tokio::sync::watch;
+
+use crate::conn::Backoff;
 
 use crate::options::{RedisOptions, SentinelTarget};
 
@@ -28,6 +41,10 @@ pub(crate) struct Sentinel {
     master_name: String,
     username: Option<String>,
     password: Option<String>,
+    /// How many times the Sentinels announced that our master moved.
+    switches: watch::Sender<u64>,
+    /// Whether the `+switch-master` watcher runs.
+    watching: AtomicBool,
 }
 
 impl std::fmt::Debug for Sentinel {
@@ -63,7 +80,43 @@ impl Sentinel {
             master_name: master_name.to_owned(),
             username: username.map(str::to_owned),
             password: password.map(str::to_owned),
+            switches: watch::Sender::new(0),
+            watching: AtomicBool::new(false),
         }
+    }
+
+    /// The number of master switches announced so far, and a receiver told of the next ones.
+    pub(crate) fn switches(&self) -> watch::Receiver<u64> {
+        self.switches.subscribe()
+    }
+
+    /// The number of master switches announced so far.
+    pub(crate) fn switch_count(&self) -> u64 {
+        *self.switches.borrow()
+    }
+
+    /// Starts the `+switch-master` watcher, once; it ends when the last handle on `this` is
+    /// dropped. Must be called within a tokio runtime.
+    pub(crate) fn watch(this: &Arc<Sentinel>) {
+        if this.watching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(watch_switches(Arc::downgrade(this)));
+    }
+
+    /// The client of one Sentinel, with the Sentinels' credentials.
+    fn sentinel_client(&self, host: &str, port: u16) -> RedisResult<redis::Client> {
+        let mut settings = RedisConnectionInfo::default().set_skip_set_lib_name();
+        if let Some(u) = &self.username {
+            settings = settings.set_username(u);
+        }
+        if let Some(p) = &self.password {
+            settings = settings.set_password(p);
+        }
+        let info = (host.to_owned(), port)
+            .into_connection_info()?
+            .set_redis_settings(settings);
+        redis::Client::open(info)
     }
 
     /// The master's name, for messages.
@@ -125,18 +178,8 @@ impl Sentinel {
     /// Asks one Sentinel and checks the server it names.
     async fn ask(&self, host: &str, port: u16) -> Result<(redis::Client, String), Miss> {
         let failed = |e: redis::RedisError| Miss::Unreachable(e.to_string());
-        let mut settings = RedisConnectionInfo::default().set_skip_set_lib_name();
-        if let Some(u) = &self.username {
-            settings = settings.set_username(u);
-        }
-        if let Some(p) = &self.password {
-            settings = settings.set_password(p);
-        }
-        let info = (host.to_owned(), port)
-            .into_connection_info()
-            .map_err(failed)?
-            .set_redis_settings(settings);
-        let mut c = redis::Client::open(info)
+        let mut c = self
+            .sentinel_client(host, port)
             .map_err(failed)?
             .get_multiplexed_async_connection_with_config(&config())
             .await
@@ -186,6 +229,74 @@ impl std::fmt::Display for Addr<'_> {
             write!(f, "[{}]:{}", self.0, self.1)
         } else {
             write!(f, "{}:{}", self.0, self.1)
+        }
+    }
+}
+
+/// How often the watcher checks, while subscribed, whether its [`Sentinel`] is still used.
+const WATCH_TICK: Duration = Duration::from_secs(5);
+
+/// Subscribes to `+switch-master` on one Sentinel after the other (the next one when a
+/// subscription is lost) and counts the announcements about our master. Logs the move.
+async fn watch_switches(sentinel: Weak<Sentinel>) {
+    let mut backoff = Backoff::new();
+    let mut next = 0usize;
+    loop {
+        let (client, at) = {
+            let Some(s) = sentinel.upgrade() else { return };
+            let (host, port) = &s.target.sentinels[next % s.target.sentinels.len()];
+            next += 1;
+            (
+                s.sentinel_client(host, *port),
+                format!("{}", Addr(host, *port)),
+            )
+        };
+        let subscribed = async {
+            let mut pubsub = client?.get_async_pubsub().await?;
+            pubsub.subscribe("+switch-master").await?;
+            RedisResult::Ok(pubsub)
+        };
+        let mut pubsub = match tokio::time::timeout(ASK_TIMEOUT, subscribed).await {
+            Ok(Ok(p)) => p,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer".to_owned(),
+                };
+                tracing::debug!(sentinel = %at, error = %why, "cannot watch a redis sentinel for master switches");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        backoff = Backoff::new();
+        let mut stream = pubsub.on_message();
+        loop {
+            let msg = tokio::select! {
+                m = stream.next() => m,
+                () = tokio::time::sleep(WATCH_TICK) => {
+                    if sentinel.strong_count() == 0 {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(msg) = msg else { break };
+            let Ok(text) = msg.get_payload::<String>() else {
+                continue;
+            };
+            // "<name> <old ip> <old port> <new ip> <new port>"
+            let parts: Vec<&str> = text.split(' ').collect();
+            let Some(s) = sentinel.upgrade() else { return };
+            if parts.len() == 5 && parts[0] == s.master_name {
+                tracing::warn!(
+                    sentinel = %at,
+                    master_name = %s.master_name,
+                    from = %format!("{}:{}", parts[1], parts[2]),
+                    to = %format!("{}:{}", parts[3], parts[4]),
+                    "redis sentinel announced a new master; reconnecting"
+                );
+                s.switches.send_modify(|n| *n += 1);
+            }
         }
     }
 }

@@ -621,3 +621,123 @@ async fn a_python_client_on_the_same_sentinels_reaches_our_worker() {
     let _ = tokio::time::timeout(Duration::from_secs(30), working).await;
     assert_no_secret_logged();
 }
+
+/// A manual failover (`SENTINEL FAILOVER`): the old master stays up, demoted to a replica, so
+/// a client that went back to it would read and write the wrong server (or get `READONLY`).
+/// Publishes, the worker's consumer and its result stores all move to the new master: the
+/// results of tasks sent after the failover are on the new master, the old one says `ROLE`
+/// slave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_failover_moves_everything_to_the_new_master() {
+    logs();
+    let Some(cluster) = Cluster::start("manual").await else {
+        return;
+    };
+    let url = cluster.url(None, 0);
+    let options = options()
+        .global_keyprefix("manual:")
+        .retry_for(Duration::from_secs(60));
+    let broker = RedisBroker::connect_with(&url, options.clone())
+        .await
+        .unwrap();
+    let backend = RedisBackend::connect_with(&url, options.clone())
+        .await
+        .unwrap();
+    let queue = "manual".to_owned();
+    broker.declare(&queue).await.unwrap();
+    let runs: Runs = Arc::default();
+    let mut wo = WorkerOptions::default();
+    wo.queues = vec![queue.clone()];
+    wo.hostname = "sentinel-manual@test".into();
+    wo.concurrency = 2;
+    let worker = Worker::new(
+        Arc::new(
+            RedisBroker::connect_with(&url, options.clone())
+                .await
+                .unwrap(),
+        ) as DynBroker,
+        Some(Arc::new(RedisBackend::connect_with(&url, options).await.unwrap()) as DynBackend),
+        Arc::new(echo_registry(runs.clone())),
+        wo,
+    );
+    let shutdown = worker.shutdown_handle();
+    let working = tokio::spawn(worker.run());
+
+    let send_and_wait = async |n: usize| -> Vec<String> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let m = celeriac_test::services::test_message("tests.echo");
+            broker
+                .publish(&queue, &m, PublishOptions::default())
+                .await
+                .unwrap();
+            ids.push(m.id().to_owned());
+        }
+        for id in &ids {
+            let meta = backend
+                .wait(id, Some(Duration::from_secs(60)))
+                .await
+                .unwrap_or_else(|e| panic!("the result of {id}: {e:#}"));
+            assert_eq!(meta.result, json!(id));
+        }
+        ids
+    };
+    send_and_wait(20).await;
+
+    let mut s = raw(cluster.sentinel_ports[0], SENTINEL_PW).await.unwrap();
+    let () = redis::cmd("SENTINEL")
+        .arg("failover")
+        .arg(NAME)
+        .query_async(&mut s)
+        .await
+        .unwrap();
+    wait_for(
+        "the sentinels name the replica",
+        Duration::from_secs(30),
+        async || cluster.master_by_sentinel().await == Some(cluster.replica_port),
+    )
+    .await;
+    // The old master still takes writes until the Sentinels demote it: what this client
+    // sends before the Sentinels' announcement reaches it would be lost (docs/redis.md).
+    let announced = format!("to=127.0.0.1:{}", cluster.replica_port);
+    wait_for(
+        "the Sentinels' +switch-master reaches the client",
+        Duration::from_secs(30),
+        async || {
+            let text = logs().text();
+            text.lines()
+                .any(|l| l.contains("announced a new master") && l.contains(&announced))
+        },
+    )
+    .await;
+    let after = send_and_wait(20).await;
+
+    let mut new_master = raw(cluster.replica_port, MASTER_PW).await.unwrap();
+    for id in &after {
+        let n: usize = redis::cmd("EXISTS")
+            .arg(format!("manual:celery-task-meta-{id}"))
+            .query_async(&mut new_master)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "the result of {id} is on the new master");
+    }
+    wait_for(
+        "the old master demoted",
+        Duration::from_secs(30),
+        async || {
+            let Ok(mut old) = raw(cluster.master_port, MASTER_PW).await else {
+                return false;
+            };
+            let role: Vec<redis::Value> = redis::cmd("ROLE")
+                .query_async(&mut old)
+                .await
+                .unwrap_or_default();
+            matches!(role.first(), Some(redis::Value::BulkString(b)) if b == b"slave")
+        },
+    )
+    .await;
+    assert_eq!(runs.lock().unwrap().len(), 40);
+    shutdown.warm();
+    let _ = tokio::time::timeout(Duration::from_secs(30), working).await;
+    assert_no_secret_logged();
+}

@@ -76,6 +76,9 @@ struct FetchState {
     order: VecDeque<String>,
     next_promote: Instant,
     next_sweep: Instant,
+    /// The Sentinel master switch count the connections were opened at (always 0 without
+    /// Sentinel): when it moves they may be on the old master, and are reopened.
+    switches: u64,
 }
 
 /// A pub/sub connection subscribed to the wake-up channels of a consumer's queues.
@@ -151,6 +154,7 @@ impl RedisConsumer {
                 order: queues.iter().cloned().collect(),
                 next_promote: Instant::now(),
                 next_sweep: Instant::now(),
+                switches: broker.redis.switch_count(),
             }),
         });
         RedisConsumer {
@@ -235,6 +239,14 @@ impl ConsumerShared {
         loop {
             if self.closed() || tx.is_closed() {
                 return Ok(Vec::new());
+            }
+            let switches = self.broker.redis.switch_count();
+            if switches != st.switches {
+                // A Sentinel failover: reconnect (to the new master) before fetching again.
+                st.switches = switches;
+                st.conn = None;
+                st.pushes = None;
+                st.wake = None;
             }
             self.maintain(&mut st).await;
             let first = tokio::select! {
