@@ -393,7 +393,11 @@ impl Redis {
     {
         let started = Instant::now();
         let mut backoff = Backoff::new();
+        let mut switches = self.switches();
         loop {
+            if let Some(rx) = &mut switches {
+                rx.borrow_and_update();
+            }
             let r = match self.connection().await {
                 Ok(c) => f(c).await,
                 Err(e) => Err(e),
@@ -409,7 +413,11 @@ impl Redis {
                         retry_in_ms = delay.as_millis() as u64,
                         "redis connection lost while trying to {what}; reconnecting"
                     );
-                    tokio::time::sleep(delay).await;
+                    // A new master announced meanwhile: try it at once.
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = master_switch(&mut switches) => {}
+                    }
                 }
                 Err(e) => {
                     if is_connection_error(&e) {

@@ -27,8 +27,9 @@
 //!   the Sentinels' own credentials in [`RedisOptions::sentinel_credentials`] (kombu's
 //!   `sentinel_kwargs`). The first URL's credentials and database are the master's. Every new
 //!   connection asks the Sentinels in order for the master (skipping those that do not
-//!   answer) and checks its `ROLE`, so the reconnect loops below follow a failover. TLS
-//!   through Sentinel is refused (`Unsupported`).
+//!   answer) and checks its `ROLE`, so the reconnect loops below follow a failover; a watcher
+//!   of the Sentinels' `+switch-master` announcements makes every long-lived connection move
+//!   at once when the old master stays up. TLS through Sentinel is refused (`Unsupported`).
 //!
 //! Query parameter `global_keyprefix=<text>` (percent-encoded) sets kombu's and Celery's
 //! `global_keyprefix`; other parameters go to the `redis` crate (e.g. `protocol=resp3`).

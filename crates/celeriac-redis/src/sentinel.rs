@@ -1,7 +1,8 @@
 //! Redis Sentinel: finding the current master of a `sentinel://` list.
 //!
 //! As Redis documents for Sentinel clients: the Sentinels are asked in the listed order
-//! (`SENTINEL get-master-addr-by-name <master_name>`), one that cannot be reached is skipped,
+//! (`SENTINEL get-master-addr-by-name <master_name>`), starting from the one that answered
+//! last, one that cannot be reached is skipped,
 //! and the address a Sentinel gives is trusted only once the server there says `ROLE` master
 //! (during a failover a Sentinel may still name a server that is gone or was demoted). Every
 //! new connection (the shared one after a loss, a consumer's, a subscription) asks again, so a
@@ -19,7 +20,7 @@
 //! The URL's credentials are the master's; the Sentinels' own come from `sentinel_kwargs`.
 //! Nothing here logs a password: addresses and the master's name only.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -45,6 +46,8 @@ pub(crate) struct Sentinel {
     switches: watch::Sender<u64>,
     /// Whether the `+switch-master` watcher runs.
     watching: AtomicBool,
+    /// The Sentinel that answered last: asked first (the others keep their order after it).
+    first: AtomicUsize,
 }
 
 impl std::fmt::Debug for Sentinel {
@@ -82,6 +85,7 @@ impl Sentinel {
             password: password.map(str::to_owned),
             switches: watch::Sender::new(0),
             watching: AtomicBool::new(false),
+            first: AtomicUsize::new(0),
         }
     }
 
@@ -134,10 +138,17 @@ impl Sentinel {
         let mut unknown = Vec::new();
         let mut unreachable = Vec::new();
         let mut failed = Vec::new();
-        for (host, port) in &self.target.sentinels {
+        let all = &self.target.sentinels;
+        let first = self.first.load(Ordering::Relaxed) % all.len();
+        for i in (first..all.len()).chain(0..first) {
+            let (host, port) = &all[i];
             let at = format!("{}", Addr(host, *port));
             match self.ask(host, *port).await {
-                Ok(found) => return Ok(found),
+                Ok(found) => {
+                    // Ask this one first next time, as Redis advises Sentinel clients.
+                    self.first.store(i, Ordering::Relaxed);
+                    return Ok(found);
+                }
                 Err(Miss::Unknown) => unknown.push(at),
                 Err(Miss::Unreachable(why)) => unreachable.push(format!("{at}: {why}")),
                 Err(Miss::Failed(why)) => failed.push(format!("{at}: {why}")),

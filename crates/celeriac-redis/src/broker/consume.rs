@@ -25,7 +25,7 @@ use super::ack::RedisAcker;
 use super::restore::restore_visible;
 use super::{BATCH_LIMIT, Info, Inner, ms_of, now_secs, ours_from_kombu};
 use crate::backend::decode_meta;
-use crate::conn::{Backoff, is_connection_error};
+use crate::conn::{Backoff, is_connection_error, master_switch};
 use crate::keys::{PRIORITY_STEPS, step_for};
 use crate::scripts;
 
@@ -236,6 +236,7 @@ impl ConsumerShared {
     ) -> Result<Vec<Fetched>> {
         let mut st = self.fetch.lock().await;
         let mut backoff = Backoff::new();
+        let mut announced = self.broker.redis.switches();
         loop {
             if self.closed() || tx.is_closed() {
                 return Ok(Vec::new());
@@ -315,7 +316,16 @@ impl ConsumerShared {
                         "redis consumer lost its connection; reconnecting"
                     );
                     drop(permits);
-                    tokio::time::sleep(delay).await;
+                    // A new master announced (now or while waiting): try it at once.
+                    if let Some(rx) = &mut announced {
+                        rx.borrow_and_update();
+                    }
+                    if self.broker.redis.switch_count() == st.switches {
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = master_switch(&mut announced) => {}
+                        }
+                    }
                 }
             }
         }
