@@ -160,15 +160,12 @@ impl Redis {
             None => None,
             Some(s) => {
                 let Some(name) = options.get_master_name() else {
-                    let table = match kind {
-                        ErrorKind::Backend => "result_backend_transport_options",
-                        _ => "broker_transport_options",
-                    };
                     return Err(Error::new(
                         kind,
                         format!(
                             "{} needs the name of the master the Sentinels monitor: set \
-                             master_name in [{table}]",
+                             master_name in [broker_transport_options] (for a result backend \
+                             with a URL of its own, in [result_backend_transport_options])",
                             target.redacted
                         ),
                     ));

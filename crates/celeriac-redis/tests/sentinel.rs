@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use celeriac_core::{
-    Broker, DynBackend, DynBroker, ErrorKind, Handler, PublishOptions, Registry, ResultBackend,
-    TaskDef, TaskOptions, TaskState,
+    BeatStore, Broker, DynBackend, DynBroker, ErrorKind, Handler, PublishOptions, Registry,
+    ResultBackend, TaskDef, TaskOptions, TaskState,
 };
-use celeriac_redis::{RedisBackend, RedisBroker, RedisOptions};
+use celeriac_redis::{RedisBackend, RedisBeatStore, RedisBroker, RedisOptions};
 use celeriac_test::services::{free_port, require_program, test_dir};
 use celeriac_worker::{Worker, WorkerOptions};
 use serde_json::json;
@@ -339,6 +339,15 @@ async fn a_wrong_master_name_is_a_clear_error_and_dead_sentinels_are_skipped() {
         .await
         .unwrap();
     assert_eq!(n, 1, "the message is on the master");
+    // The beat store opens through the Sentinels too.
+    let store = RedisBeatStore::connect_with(&url, options().global_keyprefix("names:"))
+        .await
+        .expect("a beat store through the sentinels");
+    store
+        .put_entry("tick", &json!({"task": "tests.x"}))
+        .await
+        .unwrap();
+    assert!(store.load().await.unwrap().contains_key("tick"));
     assert_no_secret_logged();
 }
 
