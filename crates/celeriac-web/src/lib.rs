@@ -32,6 +32,7 @@
 //! | `POST /api/dead/<queue>/requeue`, `POST /api/dead/<queue>/purge` | `{"ids": [...]}` (none: all) |
 //! | `GET /api/beat`, `POST /api/beat/<name>/{pause,resume,trigger}` | periodic-task entries |
 //! | `GET /api/stats` | totals and the chart series (5 s buckets, one hour) |
+//! | `GET /api/info` | what the dashboard needs: `version`, `read_only`, `broker`, `events`, `beat`, `preview` |
 //! | `GET /api/stream` | server-sent events: a `tick` each second with totals, workers and the ids of changed tasks |
 //! | `GET /metrics` | Prometheus text format (see [`metrics`]) |
 //! | `GET /healthz` | `{"ok": true, "broker": ..., "backend": ...}` (no authentication) |

@@ -684,6 +684,16 @@ async fn the_dashboard_and_its_assets_are_served_from_the_binary() {
             .starts_with("text/javascript")
     );
     assert!(js.body.contains("EventSource"));
+    let info = get(&s, "/api/info").await.json();
+    assert_eq!(
+        (
+            info["read_only"].clone(),
+            info["broker"].clone(),
+            info["events"].clone()
+        ),
+        (json!(false), json!("memory"), json!(true)),
+        "{info}"
+    );
     assert!(
         !page.body.contains("http://") && !page.body.contains("https://"),
         "no outside asset"
