@@ -210,6 +210,14 @@ impl Web {
         )
     }
 
+    /// The routes of [`Web::router`] but the dashboard page and its assets (so the status
+    /// view, the API, `/metrics` and `/healthz`), behind the same guards: for an app that
+    /// serves its own pages at `/` and merges these into its router. Like [`Web::router`],
+    /// nothing feeds the cluster state until [`Web::start`].
+    pub fn api_router(&self) -> axum::Router {
+        guard::wrap(api::routes(self.clone()), self.clone())
+    }
+
     /// Starts reading events, sampling queues and (by default) enabling task events on the
     /// workers; these stop when the returned handle is dropped.
     pub fn start(&self) -> Running {
