@@ -119,12 +119,18 @@ async fn the_dashboard_follows_and_steers_a_running_worker() {
     let (base, _server) = serve(&a, WebOptions::default()).await;
 
     // The overview lists the worker, online, from the event stream.
+    let started = std::time::Instant::now();
     b.goto(&format!("{base}/")).await;
     b.wait_for(
         "document.querySelector('main').dataset.ready === 'overview'",
         T,
     )
     .await;
+    eprintln!(
+        "measured: the overview drawn {:?} after navigating; requests (ms): {}",
+        started.elapsed(),
+        b.eval("JSON.stringify(performance.getEntriesByType('navigation').concat(performance.getEntriesByType('resource')).map(e => [e.name.replace(location.origin, ''), Math.round(e.duration)]))").await
+    );
     b.wait_for(
         "document.querySelector('#workers tr[data-worker=\"w1@browser\"] .badge.on')",
         T,
@@ -278,6 +284,29 @@ async fn the_dashboard_follows_and_steers_a_running_worker() {
     )
     .await;
     b.screenshot(&shot_path("dashboard-workers.png")).await;
+
+    // Beat entries: pause, resume and run now from the buttons.
+    b.goto(&format!("{base}/#/beat")).await;
+    let entry = "#beat tr[data-entry=\"hourly-add\"]";
+    b.wait_for(&format!("document.querySelector('{entry} .badge.on')"), T)
+        .await;
+    b.click(&format!("{entry} button[data-action=pause]")).await;
+    b.wait_for(
+        &format!("document.querySelector('{entry} .badge.off') && document.querySelector('{entry} button[data-action=resume]')"),
+        T,
+    )
+    .await;
+    b.click(&format!("{entry} button[data-action=resume]"))
+        .await;
+    b.wait_for(&format!("document.querySelector('{entry} .badge.on')"), T)
+        .await;
+    b.click(&format!("{entry} button[data-action=trigger]"))
+        .await;
+    b.wait_for(
+        "document.getElementById('flash').textContent.includes('hourly-add: trigger')",
+        T,
+    )
+    .await;
 
     // A dead letter: a task the first worker does not know.
     let letter = {
