@@ -458,3 +458,126 @@ async fn a_read_only_dashboard_offers_no_changes() {
     stop.warm();
     let _ = tokio::time::timeout(T, run).await;
 }
+
+/// Resident memory of this process, in MiB (Linux), for the measurement below.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_tasks_in_memory_still_load_quickly() {
+    use celeriac::core::broadcast::Broadcasted;
+    use celeriac::core::broadcast::event::{Event, EventKind};
+    const N: usize = 100_000;
+    let Some(mut b) = Browser::launch().await else {
+        return;
+    };
+    let a = App::builder()
+        .broker_url("memory://")
+        .build()
+        .await
+        .unwrap();
+    let (base, _server) = serve(&a, WebOptions::default()).await;
+    let channels = a.broker().broadcast().expect("memory carries events");
+    let before = rss_mib();
+    let started = std::time::Instant::now();
+    let now = celeriac::core::broadcast::event::now_unix();
+    let mut clock = 0;
+    for chunk in 0..N / 500 {
+        let mut batch = Vec::with_capacity(1000);
+        for i in chunk * 500..(chunk + 1) * 500 {
+            clock += 2;
+            let id = format!("bulk-{i:06}");
+            let t = now - (N - i) as f64 * 0.001;
+            batch.push(
+                Event::new(EventKind::TaskReceived, "w1@bulk", clock - 1)
+                    .with("uuid", id.clone())
+                    .with("name", format!("tasks.kind{}", i % 7))
+                    .with("args", format!("({i}, {})", i * 2))
+                    .with("kwargs", "{}")
+                    .with("timestamp", t)
+                    .into_value(),
+            );
+            let done = if i % 50 == 0 {
+                Event::new(EventKind::TaskFailed, "w1@bulk", clock)
+                    .with("exception", format!("ValueError('bad {i}')"))
+                    .with(
+                        "traceback",
+                        "Traceback (most recent call last):\nValueError",
+                    )
+            } else {
+                Event::new(EventKind::TaskSucceeded, "w1@bulk", clock)
+                    .with("result", format!("{}", i * 3))
+                    .with("runtime", 0.002)
+            };
+            batch.push(
+                done.with("uuid", id)
+                    .with("timestamp", t + 0.0005)
+                    .into_value(),
+            );
+        }
+        let m = Broadcasted::new("task.multi", Default::default(), Value::Array(batch));
+        channels.send_event(&m).await.unwrap();
+        // Let the reader keep up (the in-memory channel keeps 1,024 messages).
+        if chunk % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let stats_url = format!("{base}/api/stats");
+    b.goto(&format!("{base}/")).await;
+    b.wait_for(
+        &format!(
+            "fetch({}).then(r => r.json()).then(s => s.tasks_kept >= {N})",
+            js(&stats_url)
+        ),
+        Duration::from_secs(120),
+    )
+    .await;
+    let fed = started.elapsed();
+    let grown = rss_mib() - before;
+
+    let t0 = std::time::Instant::now();
+    b.goto(&format!("{base}/#/tasks")).await;
+    b.wait_for(
+        "document.querySelector('main').dataset.ready === 'tasks' && document.querySelectorAll('#tasks tbody tr[data-id]').length === 100",
+        T,
+    )
+    .await;
+    let list = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    b.goto(&format!("{base}/#/tasks?search=bulk-04200&state=FAILURE"))
+        .await;
+    b.wait_for(
+        "document.querySelector('main').dataset.ready === 'tasks' && document.querySelector('#tasks tbody tr[data-id=\"bulk-042000\"]') && document.querySelectorAll('#tasks tbody tr[data-id]').length === 1",
+        T,
+    )
+    .await;
+    let search = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    b.goto(&format!("{base}/#/")).await;
+    b.wait_for(
+        "document.querySelector('main').dataset.ready === 'overview' && document.querySelector('#card-succeeded b').textContent === '98000'",
+        T,
+    )
+    .await;
+    let overview = t0.elapsed();
+    eprintln!(
+        "measured with {N} tasks in memory: fed in {fed:?}, process memory +{grown:.0} MiB; \
+         task list drawn in {list:?}, a search over all in {search:?}, the overview in {overview:?}"
+    );
+    // Generous bounds (the machine is shared): a page must not take seconds.
+    assert!(list < Duration::from_secs(5), "the list took {list:?}");
+    assert!(
+        search < Duration::from_secs(5),
+        "the search took {search:?}"
+    );
+    assert!(b.errors.is_empty(), "JavaScript errors: {:?}", b.errors);
+}

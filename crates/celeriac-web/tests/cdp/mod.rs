@@ -208,11 +208,13 @@ impl Browser {
             .unwrap_or_else(|e| panic!("{expression}: {e}"))
     }
 
-    /// Waits until `expression` is truthy, panicking with the page's text after `timeout`.
+    /// Waits until `expression` (or the promise it gives) is truthy, panicking with the page's text after `timeout`.
     pub(crate) async fn wait_for(&mut self, expression: &str, timeout: Duration) {
         let start = Instant::now();
         loop {
-            let v = self.try_eval(&format!("!!({expression})")).await;
+            let v = self
+                .try_eval(&format!("(async () => !!(await ({expression})))()"))
+                .await;
             if v == Ok(json!(true)) {
                 return;
             }
