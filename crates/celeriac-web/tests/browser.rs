@@ -262,6 +262,60 @@ async fn the_dashboard_follows_and_steers_a_running_worker() {
         "{refused}"
     );
 
+    // Canvas: a group member's page links its group, with the group's progress.
+    let g = celeriac::canvas::group((0..3).map(|i| add::s(i, 1)))
+        .apply_async(&a)
+        .await
+        .unwrap();
+    g.join(Some(T)).await.unwrap();
+    b.goto(&format!("{base}/#/task/{}", g.results()[1].id()))
+        .await;
+    b.wait_for(
+        &format!(
+            "document.querySelector('#canvas') && document.querySelector('#canvas').textContent.includes({}) && (document.getElementById('group-progress') || {{}}).textContent.trim() === '3/3 done, 0 failed'",
+            js(g.id())
+        ),
+        T,
+    )
+    .await;
+
+    // Long arguments are cut: by the server, and again in the list's cells.
+    let long = "x".repeat(5000);
+    let echo = b
+        .eval(&format!(
+            "api('/api/tasks/tasks.add', {{args: [{}, 1]}}).then(r => r.task_id)",
+            js(&long)
+        ))
+        .await;
+    let echo = echo.as_str().expect("a task id").to_owned();
+    b.goto(&format!("{base}/#/tasks?search={echo}")).await;
+    let cell = format!("#tasks tr[data-id={}] td.code", js(&echo));
+    b.wait_for(&format!("document.querySelector({})", js(&cell)), T)
+        .await;
+    let shown = b
+        .eval(&format!(
+            "document.querySelector({}).textContent",
+            js(&cell)
+        ))
+        .await;
+    let shown = shown.as_str().unwrap_or_default();
+    assert!(
+        shown.ends_with('…') && shown.chars().count() <= 81,
+        "a cut preview in the list: {shown:?}"
+    );
+    b.goto(&format!("{base}/#/task/{echo}")).await;
+    b.wait_for("document.querySelector('#task pre.value')", T)
+        .await;
+    let args = b
+        .eval("document.querySelector('#task pre.value').textContent")
+        .await;
+    let args = args.as_str().unwrap_or_default();
+    assert!(
+        args.starts_with("['xxx") && args.chars().count() <= 2001,
+        "a cut preview on the task page ({} characters)",
+        args.chars().count()
+    );
+
     // Workers: pool and concurrency from the workers' answers; the pool grows from its button.
     b.goto(&format!("{base}/#/workers")).await;
     b.wait_for(
@@ -349,11 +403,28 @@ async fn the_dashboard_follows_and_steers_a_running_worker() {
     // A worker that knows the task takes over; the first one goes offline.
     let b_app = app(&url, true).await;
     let (stop_b, run_b) = worker(&b_app, "w2@browser");
-    stop_a.warm();
+    // The first worker is shut down from its button (the page asks first: say yes).
+    b.goto(&format!("{base}/#/workers")).await;
+    b.wait_for(
+        "document.querySelector('button[data-shutdown=\"w1@browser\"]')",
+        T,
+    )
+    .await;
+    b.eval("window.confirm = () => true").await;
+    b.click("button[data-shutdown=\"w1@browser\"]").await;
+    b.wait_for(
+        "document.getElementById('flash').textContent.includes('shutdown sent to w1@browser')",
+        T,
+    )
+    .await;
+    drop(stop_a);
     tokio::time::timeout(T, run_a)
         .await
-        .expect("the first worker stops")
+        .expect("the first worker stops on the button's shutdown")
         .unwrap();
+    b.goto(&format!("{base}/#/dead?queue=celery")).await;
+    b.wait_for(&format!("document.querySelector({})", js(&row)), T)
+        .await;
     b.click(&format!("button[data-requeue={}]", js(&letter)))
         .await;
     b.wait_for(
