@@ -4,6 +4,8 @@
 "use strict";
 
 const main = document.getElementById("main");
+// Where the server is mounted: `/`, or a prefix such as `/ops/` when nested in an app's router.
+const BASE = location.pathname.replace(/\/?$/, "/");
 const flashBox = document.getElementById("flash");
 let info = { read_only: false, events: true, beat: true, bucket_secs: 5 };
 let tick = null; // the latest tick from /api/stream
@@ -48,7 +50,7 @@ async function api(path, body) {
     headers: { "Content-Type": "application/json", "X-Requested-With": "celeriac-dashboard" },
     body: JSON.stringify(body),
   };
-  const r = await fetch(path, init);
+  const r = await fetch(BASE + path.replace(/^\//, ""), init);
   const data = await r.json().catch(() => ({ error: r.statusText }));
   if (!r.ok) throw new Error(data.error || `${r.status} ${r.statusText}`);
   return data;
@@ -546,7 +548,7 @@ async function route() {
 
 function connect() {
   const live = document.getElementById("live");
-  const source = new EventSource("/api/stream");
+  const source = new EventSource(BASE + "api/stream");
   source.addEventListener("tick", (e) => {
     tick = JSON.parse(e.data);
     live.classList.add("on");

@@ -77,6 +77,16 @@ fn worker(
 
 /// Serves the dashboard of `app` on a loopback port; the base URL.
 async fn serve(app: &App, options: WebOptions) -> (String, tokio::task::JoinHandle<()>) {
+    serve_at(app, options, "").await
+}
+
+/// Serves the dashboard of `app`, nested under `prefix` in an axum router when not empty; the
+/// page's URL without its trailing slash.
+async fn serve_at(
+    app: &App,
+    options: WebOptions,
+    prefix: &str,
+) -> (String, tokio::task::JoinHandle<()>) {
     let store = celeriac::default_drivers()
         .open_beat_store(app.config().broker_url(), app.config())
         .await
@@ -88,9 +98,16 @@ async fn serve(app: &App, options: WebOptions) -> (String, tokio::task::JoinHand
     let _ = beat.add("hourly-add", &spec).await;
     let web = app.web().beat(beat).options(options);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let url = format!("http://{}{prefix}", listener.local_addr().unwrap());
+    let prefix = prefix.to_owned();
     let server = tokio::spawn(async move {
-        let _ = web.serve(listener).await;
+        if prefix.is_empty() {
+            let _ = web.serve(listener).await;
+        } else {
+            let _running = web.start();
+            let router = axum::Router::new().nest(&prefix, web.router());
+            let _ = axum::serve(listener, router).await;
+        }
     });
     (url, server)
 }
@@ -486,11 +503,12 @@ async fn a_read_only_dashboard_offers_no_changes() {
     let (stop, run) = worker(&a, "w1@readonly");
     let mut o = WebOptions::default();
     o.read_only = true;
-    let (base, _server) = serve(&a, o).await;
+    // Nested under a prefix in an app's router: the page finds its assets, API and stream there.
+    let (base, _server) = serve_at(&a, o, "/ops").await;
     let failed = boom::delay(&a).await.unwrap();
     let _ = failed.get_timeout(T).await;
 
-    b.goto(&format!("{base}/#/task/{}", failed.id())).await;
+    b.goto(&format!("{base}#/task/{}", failed.id())).await;
     b.wait_for("document.querySelector('main').dataset.ready === 'task' && document.getElementById('revoke')", T)
         .await;
     assert_eq!(
@@ -498,9 +516,14 @@ async fn a_read_only_dashboard_offers_no_changes() {
             .await,
         json!(true)
     );
+    b.wait_for(
+        "document.getElementById('live').classList.contains('on')",
+        T,
+    )
+    .await;
     for view in ["task", "beat", "queues"] {
         if view != "task" {
-            b.goto(&format!("{base}/#/{view}")).await;
+            b.goto(&format!("{base}#/{view}")).await;
             b.wait_for(
                 &format!("document.querySelector('main').dataset.ready === '{view}'"),
                 T,
