@@ -27,3 +27,6 @@ mod beat;
 
 // The deployment files (systemd units, supervisor config).
 mod deploy;
+
+// The log flags: -l in Celery's words, --logfile, --log-format json.
+mod logging;
