@@ -30,3 +30,6 @@ mod deploy;
 
 // The log flags: -l in Celery's words, --logfile, --log-format json.
 mod logging;
+
+// Trace propagation (feature otel): the worker's task span continues the client's trace.
+mod otel;
