@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use celeriac::App;
-use celeriac_examples::echo;
+use celeriac_examples::{add, echo};
 use opentelemetry::trace::{SpanId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use serde_json::json;
@@ -56,6 +56,16 @@ async fn the_worker_span_continues_the_client_trace() {
         .await
         .unwrap();
     assert_eq!(sent.get_timeout(T).await.unwrap(), json!({"order": 7}));
+    // A chain: the worker sends the second step from inside the first one's span.
+    let chained = celeriac::chain![
+        add::s(2, 3),
+        celeriac::Signature::<i64>::new("tasks.mul").arg(10)
+    ]
+    .apply_async(&app)
+    .instrument(tracing::info_span!("chained"))
+    .await
+    .unwrap();
+    assert_eq!(chained.get_timeout(T).await.unwrap(), 50);
     // Sent outside any span: a trace of its own, no parent.
     let untraced = echo::delay(&app, json!(1)).await.unwrap();
     assert_eq!(untraced.get_timeout(T).await.unwrap(), json!(1));
@@ -88,6 +98,19 @@ async fn the_worker_span_continues_the_client_trace() {
     assert_eq!(task.parent_span_id, client.span_context.span_id());
     assert!(task.parent_span_is_remote, "the parent came over the queue");
     assert_eq!(attribute(task, "task_name").as_deref(), Some("tasks.echo"));
+    // The chain: its first step is the client span's child, its second the first step's.
+    let chain_client = spans.iter().find(|s| s.name == "chained").unwrap();
+    let second = task_span(chained.id());
+    let first = spans
+        .iter()
+        .find(|s| s.name == "task" && s.span_context.span_id() == second.parent_span_id)
+        .unwrap_or_else(|| panic!("the second step's parent is no task span: {spans:#?}"));
+    assert_eq!(attribute(first, "task_name").as_deref(), Some("tasks.add"));
+    assert_eq!(first.parent_span_id, chain_client.span_context.span_id());
+    assert_eq!(
+        second.span_context.trace_id(),
+        chain_client.span_context.trace_id()
+    );
     let other = task_span(untraced.id());
     assert_ne!(
         other.span_context.trace_id(),
