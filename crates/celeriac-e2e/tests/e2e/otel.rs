@@ -118,3 +118,80 @@ async fn the_worker_span_continues_the_client_trace() {
     );
     assert_eq!(other.parent_span_id, SpanId::INVALID);
 }
+
+/// A worker process whose `main` adds an OpenTelemetry layer with `cli::run_with_layer`, at
+/// `-l warning`: the log is quiet, the task span is exported all the same, in the client's
+/// trace.
+#[tokio::test(flavor = "current_thread")]
+async fn run_with_layer_exports_the_task_span_of_a_worker_process() {
+    let exporter = InMemorySpanExporter::default();
+    let (provider, _guard) = traced(&exporter);
+    let (url, path) = sqlite_url("otel-process");
+    let spans_file = path.with_extension("spans.jsonl");
+    let stderr_file = path.with_extension("stderr.log");
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_e2e-traced"))
+        .env_remove("RUST_LOG")
+        .env("E2E_SPANS_FILE", &spans_file)
+        .args(["--broker", &url, "-l", "warning", "worker", "-c", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_file).unwrap())
+        .spawn()
+        .expect("spawn e2e-traced");
+    let app = App::builder()
+        .broker_url(&url)
+        .collect_tasks()
+        .build()
+        .await
+        .expect("app");
+    let client = tracing::info_span!("from-another-process");
+    let sent = echo::delay(&app, json!("hi"))
+        .instrument(client.clone())
+        .await
+        .unwrap();
+    assert_eq!(sent.get_timeout(T).await.unwrap(), json!("hi"));
+    drop(client);
+    provider.force_flush().unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + T;
+    let status = loop {
+        if let Some(s) = worker.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = worker.kill();
+            panic!("the worker did not stop");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stderr = std::fs::read_to_string(&stderr_file).unwrap_or_default();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!stderr.contains("task received"), "-l warning: {stderr}");
+
+    let client = exporter
+        .get_finished_spans()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "from-another-process")
+        .expect("client span");
+    let text = std::fs::read_to_string(&spans_file).expect("spans file");
+    let task: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|s| s["name"] == "task" && s["attributes"]["task_id"] == sent.id())
+        .unwrap_or_else(|| panic!("no task span for {} in:\n{text}", sent.id()));
+    assert_eq!(
+        task["trace_id"],
+        client.span_context.trace_id().to_string(),
+        "{task}"
+    );
+    assert_eq!(
+        task["parent_span_id"],
+        client.span_context.span_id().to_string(),
+        "{task}"
+    );
+    assert_eq!(task["attributes"]["task_name"], "tasks.echo");
+}
