@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use celeriac_examples::add;
+use celeriac_examples::{add, fail};
 use serde_json::Value;
 
 use crate::support::{T, client, sqlite_url};
@@ -101,8 +101,20 @@ async fn issue25_loglevel_warning_in_capitals_logs_warnings_only() {
     let (url, _) = sqlite_url("log-warning");
     let mut w = Worker::start(&url, &["-l", "WARNING"]);
     one_task(&url).await;
+    let app = client(&url).await;
+    let failed = fail::delay(&app, "on purpose".to_owned()).await.unwrap();
+    assert!(failed.get_timeout(T).await.is_err());
     w.stop().await;
     let log = w.stderr();
+    // An error inside a task names it, though its span is at info.
+    let line = log
+        .lines()
+        .find(|l| l.contains("task failed"))
+        .unwrap_or_else(|| panic!("the failure is logged at -l WARNING:\n{log}"));
+    assert!(
+        line.contains("ERROR") && line.contains(failed.id()) && line.contains("tasks.fail"),
+        "{line}"
+    );
     assert!(
         log.lines()
             .any(|l| l.contains("WARN") && l.contains("signal received: warm shutdown")),

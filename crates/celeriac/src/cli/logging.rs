@@ -17,10 +17,10 @@ use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber, span};
 use tracing_subscriber::Registry;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{LevelFilter, Targets, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
-use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::registry::LookupSpan;
 
@@ -173,14 +173,23 @@ pub(super) fn init(args: &LogArgs, extra: Vec<BoxedLayer>) -> anyhow::Result<()>
             std::io::IsTerminal::is_terminal(&std::io::stderr()),
         ),
     };
+    // Spans at info and above pass whatever the level, so that a warning logged inside a
+    // task still names it (task_id, task_name) at `-l warning`; a span alone prints nothing.
+    let hint = Filter::<Registry>::max_level_hint(&targets)
+        .map_or(LevelFilter::INFO, |h| h.max(LevelFilter::INFO));
+    let filter = filter_fn(move |m| {
+        (m.is_span() && *m.level() <= tracing::Level::INFO)
+            || targets.would_enable(m.target(), m.level())
+    })
+    .with_max_level_hint(hint);
     let output: BoxedLayer = match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
             .with_writer(writer)
             .with_target(false)
-            .with_filter(targets)
+            .with_filter(filter)
             .boxed(),
-        LogFormat::Json => JsonLayer { writer }.with_filter(targets).boxed(),
+        LogFormat::Json => JsonLayer { writer }.with_filter(filter).boxed(),
     };
     let mut layers = vec![output];
     layers.extend(extra);
