@@ -556,7 +556,10 @@ mod tests {
         assert!(c.worker.control_allow.allows("stats"));
         assert!(!c.worker.control_allow.allows("shutdown"));
         let e = load("[worker]\ncontrol_allow = [\"shutdwon\"]\n").unwrap_err();
-        assert!(format!("{e:#}").contains("unknown remote-control command"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("unknown remote-control command"),
+            "{e:#}"
+        );
     }
 
     #[test]
