@@ -199,6 +199,35 @@ mod tests {
         assert!(h.trace_context().is_none());
     }
 
+    /// Untrusted headers: mutations of a valid pair never panic, and whatever is read back
+    /// writes out as a valid version 00 header naming the same ids.
+    #[test]
+    fn mutated_traceparents_never_panic() {
+        let alphabet = b"0123456789abcdefABCDEF-xz+ \xc3\xa9,=";
+        let mut rng = fastrand::Rng::with_seed(25);
+        for _ in 0..20_000 {
+            let mut p = PARENT.as_bytes().to_vec();
+            let mut state = b"congo=t61rcWkgMzE,rojo=00f067aa0ba902b7".to_vec();
+            for _ in 0..rng.usize(1..4) {
+                let target = if rng.bool() { &mut p } else { &mut state };
+                let at = rng.usize(..=target.len());
+                match rng.u8(..3) {
+                    0 if at < target.len() => target[at] = alphabet[rng.usize(..alphabet.len())],
+                    1 if at < target.len() => drop(target.remove(at)),
+                    _ => target.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                }
+            }
+            let p = String::from_utf8_lossy(&p);
+            let state = String::from_utf8_lossy(&state);
+            if let Some(sc) = parse_traceparent(&p, Some(&state)) {
+                let again = traceparent(&sc).expect("a parsed context is valid");
+                let back = parse_traceparent(&again, None).expect("reads back");
+                assert_eq!(back.trace_id(), sc.trace_id(), "{p:?}");
+                assert_eq!(back.span_id(), sc.span_id(), "{p:?}");
+            }
+        }
+    }
+
     #[test]
     fn no_valid_span_writes_nothing() {
         let mut h = Headers::new("t", "i");
