@@ -7,6 +7,9 @@
 #   cargo build --release -p celeriac-cli && scripts/python-env >/dev/null
 #   crates/celeriac-cli/bench/compare-flower.sh [N (default 100000)]
 #
+# RATE (default 1000) paces the history in tasks per second (3 events each); RATE=0 sends it
+# as fast as Python can. RUNS (default 5) is the number of timings of each kind.
+#
 # Needs redis-server, curl, chromium and the test venv (target/py-venv, which has Flower).
 # Everything it starts listens on loopback and is killed on exit.
 set -euo pipefail
@@ -76,22 +79,32 @@ echo "flower:   $(rss_kib "$fpid")"
 
 ocpu0=$(cpu_ms "$opid"); fcpu0=$(cpu_ms "$fpid")
 t0=$(now_ms)
-BROKER="$broker" "$py" "$here/gen_history.py" "$N"
+BROKER="$broker" RATE="${RATE:-1000}" "$py" "$here/gen_history.py" "$N"
 sent=$(now_ms)
 ours_count() { curl -s "http://127.0.0.1:$oport/api/tasks?limit=1" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["kept"])'; }
 flower_count() {
     curl -s "http://127.0.0.1:$fport/tasks/datatable?draw=1&start=0&length=1&search%5Bvalue%5D=&order%5B0%5D%5Bcolumn%5D=0&order%5B0%5D%5Bdir%5D=desc&columns%5B0%5D%5Bdata%5D=name" |
         "$py" -c 'import json,sys; print(json.load(sys.stdin)["recordsTotal"])'
 }
-ours_done="" flower_done=""
+# Polled every 2 s (a Flower count sorts its whole history). Done when all N are in, or when
+# the count has not moved for 20 s (an LRU may keep a few less than N).
+ours_done="" flower_done="" ours_last=-1 flower_last=-1 ours_since=$sent flower_since=$sent
 while [[ -z "$ours_done" || -z "$flower_done" ]]; do
-    [[ -z "$ours_done" && "$(ours_count)" -ge "$N" ]] && ours_done=$(( $(now_ms) - sent ))
-    [[ -z "$flower_done" && "$(flower_count)" -ge "$N" ]] && flower_done=$(( $(now_ms) - sent ))
-    if (( $(now_ms) - sent > 600000 )); then echo "not all tasks seen after 10 min"; break; fi
-    sleep 0.5
+    if [[ -z "$ours_done" ]]; then
+        c=$(ours_count || echo -1)
+        if [[ "$c" != "$ours_last" ]]; then ours_last=$c; ours_since=$(now_ms); fi
+        if (( c >= N || $(now_ms) - ours_since > 20000 )); then ours_done="$(( ours_since - sent )) ms ($c tasks)"; fi
+    fi
+    if [[ -z "$flower_done" ]]; then
+        c=$(flower_count || echo -1)
+        if [[ "$c" != "$flower_last" ]]; then flower_last=$c; flower_since=$(now_ms); fi
+        if (( c >= N || $(now_ms) - flower_since > 20000 )); then flower_done="$(( flower_since - sent )) ms ($c tasks)"; fi
+    fi
+    if (( $(now_ms) - sent > 900000 )); then echo "still taking events in after 15 min"; break; fi
+    sleep 2
 done
 echo "## $N tasks ($((3 * N)) events) sent in $(( sent - t0 )) ms"
-echo "all $N in history, ms after the last event was sent: celeriac ${ours_done:-never}, flower ${flower_done:-never}"
+echo "history complete, after the last event was sent: celeriac ${ours_done:-never}, flower ${flower_done:-never} (last count $flower_last)"
 echo "CPU time taking them in (ms): celeriac $(( $(cpu_ms "$opid") - ocpu0 )), flower $(( $(cpu_ms "$fpid") - fcpu0 ))"
 sleep 2
 echo "## with $N tasks in history: VmRSS / VmHWM (KiB)"

@@ -2,7 +2,9 @@
 synthetic worker, as a Celery 5.7 worker run with -E sends them (batched as task.multi), so
 that every monitor listening on the broker builds a history of N tasks.
 
-    BROKER=redis://127.0.0.1:6379/0 python gen_history.py 100000
+    BROKER=redis://127.0.0.1:6379/0 RATE=1000 python gen_history.py 100000
+
+RATE is in tasks per second (3 events each); 0 or unset sends as fast as possible.
 """
 
 import os
@@ -13,6 +15,7 @@ import uuid
 from celery import Celery
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+RATE = float(os.environ.get("RATE") or 0)
 app = Celery("histgen", broker=os.environ["BROKER"])
 
 with app.connection_for_write() as conn:
@@ -29,6 +32,10 @@ with app.connection_for_write() as conn:
                retries=0, eta=None, expires=None, root_id=u, parent_id=None, timestamp=now)
         d.send("task-started", uuid=u, timestamp=now)
         d.send("task-succeeded", uuid=u, result=str(i + 1), runtime=0.0012, timestamp=now)
+        if RATE and i % 100 == 0:
+            ahead = started + i / RATE - time.time()
+            if ahead > 0:
+                time.sleep(ahead)
         if i % 2000 == 0:
             d.flush()
             d.send("worker-heartbeat", active=0, processed=i, loadavg=[0, 0, 0], **worker)
