@@ -28,6 +28,8 @@
 //! # Features
 //!
 //! - `msgpack`: the `application/x-msgpack` body codec.
+//! - `otel`: [`otel`]: W3C `traceparent`/`tracestate` headers written from the sending span's
+//!   OpenTelemetry context by [`canvas::build_call`], and read back for the worker.
 
 pub mod backend;
 pub mod beat;
@@ -39,6 +41,8 @@ pub mod error;
 pub mod flow;
 pub mod memory;
 pub mod meta;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod protocol;
 pub mod ratelimit;
 pub mod state;

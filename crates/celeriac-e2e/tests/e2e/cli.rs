@@ -29,7 +29,10 @@ async fn call_result_status_and_purge() {
     let id = out.trim().to_owned();
     assert_eq!(id.len(), 36, "call prints the task id: {out}");
     let o = tasks(&url, &["status"]);
-    let (out, _) = text(&o);
+    let (out, err) = text(&o);
+    // No node answers: Celery's EX_UNAVAILABLE, and the queue table all the same.
+    assert_eq!(o.status.code(), Some(69), "{out}{err}");
+    assert!(err.contains("No nodes replied"), "{err}");
     assert!(
         out.lines()
             .any(|l| l.starts_with("celery ") && l.split_whitespace().nth(1) == Some("1")),
@@ -50,6 +53,19 @@ async fn call_result_status_and_purge() {
 
     // With a worker: --wait prints the result; several calls show progress; failures exit 2.
     let _w = WorkerProcess::start(&url, &["-c", "4"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let o = tasks(&url, &["status"]);
+        let (out, err) = text(&o);
+        if o.status.success() {
+            assert!(
+                out.contains(": OK") && out.contains("1 node online."),
+                "{out}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out}{err}");
+    }
     let o = tasks(
         &url,
         &[
@@ -322,4 +338,58 @@ async fn operator_conventions_from_celery() {
         0,
         "tasks made a file"
     );
+}
+
+#[test]
+fn output_cut_short_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    // `my-app tasks | head -0`: the reader is gone before the first line is written.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(env!("CARGO_BIN_EXE_e2e-tasks"))
+        .arg("tasks")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        o.status.signal(),
+        Some(13),
+        "ends by SIGPIPE: {:?}",
+        o.status
+    );
+}
+
+#[test]
+fn queues_counts_waiting_messages_on_rabbitmq() {
+    if !celeriac_test::services::require_service("rabbitmq", "127.0.0.1:5672") {
+        return;
+    }
+    let url = "amqp://guest:guest@127.0.0.1:5672//";
+    let queue = format!("cli-queues-{}", std::process::id());
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_e2e-tasks"))
+            .env("CELERIAC_QUEUES", &queue)
+            .args(["--broker", url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for _ in 0..3 {
+        let o = run(&["call", "tasks.add", "--args", "[1, 2]", "-Q", &queue]);
+        assert!(o.status.success(), "{:?}", text(&o));
+    }
+    // No result backend named: a RabbitMQ broker answers by rpc://, so the app opens.
+    let o = run(&["queues"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let row = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(queue.as_str()))
+        .unwrap_or_else(|| panic!("no row for {queue}:\n{out}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("3"), "{out}");
+    let o = run(&["purge", "-f", "-Q", &queue]);
+    assert!(text(&o).0.contains("purged 3"), "{:?}", text(&o));
 }

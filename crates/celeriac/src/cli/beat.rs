@@ -50,7 +50,7 @@ pub(crate) struct BeatArgs {
     /// Seconds the leader lease lasts (a new leader takes over this long after a crash).
     #[arg(long, global = true)]
     lease: Option<f64>,
-    /// Store URL (default: [beat] store, else the broker URL).
+    /// Store URL (default: `store` of the beat section of the config, else the broker URL).
     #[arg(long, global = true)]
     store: Option<String>,
 }

@@ -239,7 +239,7 @@ pub(super) async fn status(app: &App) -> anyhow::Result<Option<usize>> {
     }
     let n = replies.len();
     if n == 0 {
-        println!("No nodes replied within time constraint.");
+        eprintln!("Error: No nodes replied within time constraint");
     } else {
         println!("\n{n} {} online.", if n == 1 { "node" } else { "nodes" });
     }

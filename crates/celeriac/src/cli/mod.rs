@@ -36,7 +36,10 @@ pub use beat::run_with_beat;
 mod canvas;
 mod control;
 mod dead;
+mod logging;
 mod pool_child;
+#[cfg(test)]
+mod reference;
 #[cfg(feature = "web")]
 mod web;
 
@@ -49,9 +52,8 @@ struct Cli {
     /// Result backend URL.
     #[arg(long, global = true)]
     result_backend: Option<String>,
-    /// Log filter: error, warn, info, debug, trace, or target=level pairs (also RUST_LOG).
-    #[arg(long, short = 'l', global = true)]
-    loglevel: Option<String>,
+    #[command(flatten)]
+    logging: logging::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -121,6 +123,14 @@ struct WorkerArgs {
     /// Do not answer remote control (inspect, control).
     #[arg(long)]
     without_remote_control: bool,
+    /// Obey only these remote-control commands, comma separated: names and the groups
+    /// `inspect` (read-only) and `control` (changes); e.g. `inspect,revoke`.
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    control_allow: Vec<String>,
+    /// Celery's optimization profile, `fair` or `default`, accepted so Celery command lines
+    /// carry over: every pool here hands a task only to a free slot, which is what `fair` asks.
+    #[arg(short = 'O', value_name = "PROFILE", value_parser = ["fair", "default"])]
+    optimization: Option<String>,
 }
 
 impl WorkerArgs {
@@ -209,6 +219,10 @@ impl WorkerArgs {
         }
         if self.without_remote_control {
             o.remote_control = false;
+        }
+        if !self.control_allow.is_empty() {
+            o.control_allow =
+                celeriac_core::broadcast::control::ControlAllow::from_names(&self.control_allow)?;
         }
         celeriac_core::config::check_prefetch(o.concurrency, o.prefetch_buffer)
             .map_err(anyhow::Error::from)
@@ -367,7 +381,19 @@ const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 /// Parses the process arguments, builds the app and runs the command.
 pub fn run(builder: AppBuilder) -> ExitCode {
-    run_from(builder, std::env::args_os())
+    run_with(builder, std::env::args_os(), true, Vec::new())
+}
+
+pub use logging::BoxedLayer;
+
+/// Like [`run`], adding `layer` to the subscriber the command line installs, beside its log
+/// output: an OpenTelemetry exporter (`tracing_opentelemetry::layer().with_tracer(..)`), for
+/// example. `-l` filters the log output only, not `layer`.
+pub fn run_with_layer<L>(builder: AppBuilder, layer: L) -> ExitCode
+where
+    L: tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync + 'static,
+{
+    run_with(builder, std::env::args_os(), true, vec![Box::new(layer)])
 }
 
 /// Like [`run`], with explicit arguments (the first is the program name).
@@ -376,14 +402,30 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    if let Some(code) = pool_child::run_if_child(&builder) {
+    run_with(builder, args, false, Vec::new())
+}
+
+/// Runs the command line; `own_process` when it is the process's `main` (not a test calling
+/// [`run_from`]), which may then set process-wide signal dispositions; `layers` are added to
+/// the subscriber beside the log output.
+fn run_with<I, T>(
+    builder: AppBuilder,
+    args: I,
+    own_process: bool,
+    mut layers: Vec<BoxedLayer>,
+) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    if let Some(code) = pool_child::run_if_child(&builder, &mut layers) {
         return code;
     }
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => return parse_error(e),
     };
-    run_parsed(builder, cli)
+    run_parsed(builder, cli, own_process, layers)
 }
 
 /// A command line for a binary that holds no task code, such as the standalone `celeriac`
@@ -430,7 +472,7 @@ where
         );
         return ExitCode::from(64);
     }
-    run_parsed(builder, cli)
+    run_parsed(builder, cli, true, Vec::new())
 }
 
 /// Prints a command-line parse error (or the help) and gives the exit code.
@@ -443,8 +485,23 @@ fn parse_error(e: clap::Error) -> ExitCode {
     }
 }
 
-fn run_parsed(builder: AppBuilder, cli: Cli) -> ExitCode {
-    init_logging(cli.loglevel.as_deref());
+/// Runs a parsed command line (see [`run_with`] for `own_process` and `layers`).
+fn run_parsed(
+    builder: AppBuilder,
+    cli: Cli,
+    own_process: bool,
+    layers: Vec<BoxedLayer>,
+) -> ExitCode {
+    if own_process && !cli.command.long_running() {
+        // A one-shot command whose output is cut short (`| head`) ends quietly, as Unix
+        // tools do, instead of panicking on the broken pipe. Long-running commands keep
+        // Rust's default (SIGPIPE ignored): a worker must never die of a closed pipe.
+        sigpipe::reset();
+    }
+    if let Err(e) = logging::init(&cli.logging, layers) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -464,7 +521,7 @@ fn run_parsed(builder: AppBuilder, cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             let task_failed = e.chain().any(|c| {
                 c.downcast_ref::<crate::Error>()
                     .is_some_and(|e| e.kind() == ErrorKind::TaskFailed)
@@ -478,28 +535,20 @@ fn run_parsed(builder: AppBuilder, cli: Cli) -> ExitCode {
     }
 }
 
-// The command line is a binary's front end: reading RUST_LOG here is its job.
-#[allow(clippy::disallowed_methods)]
-fn init_logging(level: Option<&str>) {
-    use tracing_subscriber::filter::Targets;
-    use tracing_subscriber::prelude::*;
-    let spec = level
-        .map(str::to_owned)
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".to_owned());
-    let filter: Targets = spec.parse().unwrap_or_else(|_| {
-        eprintln!("warning: invalid log filter {spec:?}; using info");
-        Targets::new().with_default(tracing::Level::INFO)
-    });
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    let _ = tracing_subscriber::registry()
-        .with(fmt)
-        .with(filter)
-        .try_init();
+/// An error and its causes on one line, `a: b: c`, leaving out a cause whose text the line
+/// already ends with (client libraries often wrap an error in one that says the same).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode> {
@@ -644,10 +693,15 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             ExitCode::SUCCESS
         }
         Command::Status => {
-            control::status(&app).await?;
+            let nodes = control::status(&app).await?;
             println!();
             queue_table(&app).await?;
-            ExitCode::SUCCESS
+            // No node answering is Celery's `EX_UNAVAILABLE`, for scripts that check liveness.
+            if nodes == Some(0) {
+                ExitCode::from(69)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Command::Queues => {
             queue_table(&app).await?;
@@ -936,6 +990,15 @@ mod tests {
     use super::*;
     use celeriac_worker::{Pool, WorkerOptions};
 
+    #[test]
+    fn celerys_optimization_profiles_are_accepted_and_others_refused() {
+        for profile in ["fair", "default"] {
+            assert!(worker(&["-O", profile]).is_ok(), "{profile}");
+        }
+        let e = worker(&["-O", "greedy"]).unwrap_err().to_string();
+        assert!(e.contains("fair") && e.contains("default"), "{e}");
+    }
+
     fn worker(args: &[&str]) -> anyhow::Result<WorkerOptions> {
         let cli = Cli::try_parse_from(["app", "worker"].iter().chain(args))?;
         let Command::Worker(w) = cli.command else {
@@ -1022,6 +1085,10 @@ mod tests {
             ),
             (&["-P", "forks"], "unknown pool"),
             (
+                &["--control-allow", "inspect,shutdwon"],
+                "unknown remote-control command",
+            ),
+            (
                 &["-c", "2", "--prefetch-buffer", "1000000"],
                 "prefetch 1000002 (concurrency 2 + prefetch_buffer 1000000) is more than 65535",
             ),
@@ -1029,5 +1096,30 @@ mod tests {
             let e = format!("{:#}", worker(args).unwrap_err());
             assert!(e.contains(needle), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        // A driver error whose source repeats it (as the Redis client's NOAUTH does).
+        #[derive(Debug)]
+        struct Echo(std::io::Error);
+        impl std::fmt::Display for Echo {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+        impl std::error::Error for Echo {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let driver = Echo(std::io::Error::other("NOAUTH Authentication required."));
+        let e =
+            anyhow::Error::new(crate::Error::broker("cannot connect to redis").with_source(driver))
+                .context("cannot start the app");
+        assert_eq!(
+            error_line(&e),
+            "cannot start the app: cannot connect to redis: NOAUTH Authentication required."
+        );
     }
 }
