@@ -423,15 +423,75 @@ where
     }
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(64)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(e) => return parse_error(e),
     };
+    run_parsed(builder, cli, own_process, layers)
+}
+
+/// A command line for a binary that holds no task code, such as the standalone `celeriac`
+/// (crate `celeriac-cli`): the same commands as [`run_from`] but `worker`, `beat` and `tasks`,
+/// which are hidden from the help and refused with a hint, under the program name `name`.
+pub fn run_without_tasks<I, T>(builder: AppBuilder, name: &'static str, args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    const NEEDS_TASKS: [&str; 3] = ["worker", "beat", "tasks"];
+    let mut command = Cli::command().name(name).bin_name(name).about(
+        "Watch and steer a Celery or celeriac cluster with no task code: dashboard, inspect, \
+         control, events, call, result, queues, purge",
+    );
+    for sub in NEEDS_TASKS {
+        if command.find_subcommand(sub).is_some() {
+            command = command.mut_subcommand(sub, |c| c.hide(true));
+        }
+    }
+    let cli = match command
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(c) => c,
+        Err(e) => return parse_error(e),
+    };
+    let refused = match cli.command {
+        Command::Worker(_) => Some("worker"),
+        #[cfg(feature = "beat")]
+        Command::Beat(_) => Some("beat"),
+        Command::Tasks => Some("tasks"),
+        _ => None,
+    };
+    if let Some(sub) = refused {
+        let hint = if sub == "tasks" {
+            format!("`{name} inspect registered` lists the tasks the running workers know")
+        } else {
+            format!("run `{sub}` from your app's own binary (celeriac::cli::run) or Celery's")
+        };
+        eprintln!(
+            "error: `{name} {sub}` needs task code, which {name} does not hold\nhint: {hint}"
+        );
+        return ExitCode::from(64);
+    }
+    run_parsed(builder, cli, true, Vec::new())
+}
+
+/// Prints a command-line parse error (or the help) and gives the exit code.
+fn parse_error(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    if e.use_stderr() {
+        ExitCode::from(64)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Runs a parsed command line (see [`run_with`] for `own_process` and `layers`).
+fn run_parsed(
+    builder: AppBuilder,
+    cli: Cli,
+    own_process: bool,
+    layers: Vec<BoxedLayer>,
+) -> ExitCode {
     if own_process && !cli.command.long_running() {
         // A one-shot command whose output is cut short (`| head`) ends quietly, as Unix
         // tools do, instead of panicking on the broken pipe. Long-running commands keep
