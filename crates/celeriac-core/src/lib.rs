@@ -28,6 +28,8 @@
 //! # Features
 //!
 //! - `msgpack`: the `application/x-msgpack` body codec.
+//! - `security`: [`security::Security`], signed messages on the wire of Celery's `auth`
+//!   serializer (X.509 RSA keys through the `openssl` crate).
 
 pub mod backend;
 pub mod beat;
@@ -41,6 +43,7 @@ pub mod memory;
 pub mod meta;
 pub mod protocol;
 pub mod ratelimit;
+pub mod security;
 pub mod state;
 pub mod task;
 pub mod time;
