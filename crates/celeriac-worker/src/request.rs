@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use celeriac_core::meta::RemoteError;
+use celeriac_core::security::BodySigner;
 use celeriac_core::{
     Body, Cancellation, DeliveryHandle, Error, Headers, Message, Registry, Requeue, TaskDef,
 };
@@ -253,12 +254,25 @@ pub(crate) struct Refusal {
     pub(crate) message: Option<Message>,
 }
 
-/// Decodes `message` against `registry`; a body larger than `max_size` bytes is refused
-/// before it is decoded.
+/// Decodes `message` against `registry`, unsigned; see [`decode_checked`].
+#[cfg(test)]
 pub(crate) fn decode(
     message: Result<Message, Error>,
     registry: &Registry,
     max_size: Option<usize>,
+) -> Result<Decoded, Box<Refusal>> {
+    decode_checked(message, registry, max_size, None)
+}
+
+/// Decodes `message` against `registry`; a body larger than `max_size` bytes is refused
+/// before it is decoded. With a `signer` (serializer `auth`) only a message whose signature
+/// it verifies is decoded, and every other one refused as a `SecurityError`, before its task
+/// name is looked up; the [`Decoded`] keeps the message as signed (a retry re-sends it so).
+pub(crate) fn decode_checked(
+    message: Result<Message, Error>,
+    registry: &Registry,
+    max_size: Option<usize>,
+    signer: Option<&dyn BodySigner>,
 ) -> Result<Decoded, Box<Refusal>> {
     let message = message.map_err(|e| {
         Box::new(Refusal {
@@ -286,12 +300,28 @@ pub(crate) fn decode(
             RemoteError::new("LimitExceeded", e.to_string()).with_module("kombu.exceptions");
         return refuse(error, message);
     }
+    let verified = match signer {
+        Some(signer) => match signer.verify(&message) {
+            Ok(inner) => Some(inner),
+            Err(e) => {
+                let error =
+                    RemoteError::new("SecurityError", error_chain(&e)).with_module(CELERY_EXC);
+                return refuse(error, message);
+            }
+        },
+        None => None,
+    };
     let Some(def) = registry.get(message.task()) else {
         let error = RemoteError::new("NotRegistered", message.task()).with_module(CELERY_EXC);
         return refuse(error, message);
     };
-    let body = match message.decode_body() {
+    let body = match verified.as_ref().unwrap_or(&message).decode_body() {
         Ok(b) => b,
+        // A signed message reaching a worker that cannot verify it.
+        Err(e) if e.kind() == celeriac_core::ErrorKind::Security => {
+            let error = RemoteError::new("SecurityError", error_chain(&e)).with_module(CELERY_EXC);
+            return refuse(error, message);
+        }
         Err(e) => {
             let error =
                 RemoteError::new("DecodeError", error_chain(&e)).with_module("kombu.exceptions");

@@ -64,6 +64,8 @@
 //! - `beat` (default): periodic tasks, [`beat`]; `beat` and `worker -B` in the CLI.
 //! - `cli` (default): [`cli::run`].
 //! - `msgpack`: the msgpack body codec.
+//! - `security`: signed messages, compatible with Celery's `auth` serializer
+//!   (`serializer = "auth"`; `celeriac::security::Security`). See docs/SECURITY.md.
 
 #[allow(unused_extern_crates)]
 extern crate self as celeriac;
@@ -100,6 +102,9 @@ pub use signature::Signature;
 pub use celeriac_beat as beat;
 /// The core crate: protocol, contracts, in-memory drivers (for driver authors and tests).
 pub use celeriac_core as core;
+/// Signed messages (Celery's `auth` serializer): the [`BodySigner`](security::BodySigner)
+/// contract always, `Security` with the `security` feature.
+pub use celeriac_core::security;
 #[cfg(feature = "worker")]
 pub use celeriac_worker as worker;
 

@@ -163,6 +163,14 @@ impl Worker {
     }
 
     async fn consume(self) -> Result<WorkerReport> {
+        if self.options.content_type == celeriac_core::ContentType::Auth
+            && self.options.signer.is_none()
+        {
+            return Err(celeriac_core::Error::config(
+                "serializer \"auth\" needs a signer (WorkerOptions::signer, set by \
+                 App::worker_options when the security_* settings load)",
+            ));
+        }
         let Worker {
             broker,
             backend,
@@ -273,6 +281,7 @@ impl Worker {
         let counters = Arc::new(Counters::default());
         let intake = Arc::new(Intake {
             max_message_size: options.max_message_size,
+            signer: options.signer.clone(),
             recorder: Recorder::new(backend.clone(), options.hostname.clone()),
             broker: broker.clone(),
             hostname: options.hostname.clone(),
@@ -485,6 +494,7 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
             backend: p.backend.cloned(),
             registry: p.registry.clone(),
             content_type: o.content_type,
+            signer: o.signer.clone(),
             hostname: o.hostname.clone(),
             broker_delays: p.broker_delays,
         }) as Arc<dyn Layer>,
