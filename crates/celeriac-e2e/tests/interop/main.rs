@@ -32,3 +32,6 @@ mod canvas;
 
 // Celery's inspect, control, events and Flower against our worker; a mixed cluster's tools.
 mod control;
+
+// Signed messages (Celery's auth serializer) both ways, and forgeries refused.
+mod security;
