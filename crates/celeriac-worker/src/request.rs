@@ -350,7 +350,7 @@ fn error_chain(e: &Error) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use celeriac_core::{Acker, BoxFuture, ContentType, Handler, Headers, TaskOptions};
+    use celeriac_core::{Acker, BoxFuture, ContentType, ErrorKind, Handler, Headers, TaskOptions};
     use serde_json::{Map, Value, json};
 
     fn registry() -> Registry {
@@ -451,6 +451,59 @@ pub(crate) mod tests {
             refusal.error.to_exception_map(),
             json!({"exc_type": "NotRegistered", "exc_message": ["tasks.nope"], "exc_module": "celery.exceptions"})
         );
+    }
+
+    /// A signer whose "signature" is the body reversed: enough to drive the worker's policy
+    /// (real RSA-PSS signing is tested in celeriac-core and against Celery in celeriac-e2e).
+    #[derive(Debug)]
+    struct Reverse;
+
+    impl BodySigner for Reverse {
+        fn sign(&self, m: &mut Message) -> celeriac_core::Result<()> {
+            m.body.reverse();
+            m.content_type = "application/data".into();
+            Ok(())
+        }
+        fn verify(&self, m: &Message) -> celeriac_core::Result<Message> {
+            if m.content_type != "application/data" {
+                return Err(Error::new(ErrorKind::Security, "unsigned message refused"));
+            }
+            let mut inner = m.clone();
+            inner.body.reverse();
+            inner.content_type = "application/json".into();
+            Ok(inner)
+        }
+    }
+
+    /// See: issue 26
+    #[test]
+    fn with_a_signer_only_verified_messages_decode_and_the_rest_are_security_errors() {
+        let signer: &dyn BodySigner = &Reverse;
+        let mut signed = message("tasks.add");
+        signer.sign(&mut signed).unwrap();
+        let d = decode_checked(Ok(signed.clone()), &registry(), None, Some(signer)).unwrap();
+        assert_eq!(d.body.args, [json!(1), json!(2)]);
+        // The message kept is the signed one: a retry re-sends it signed.
+        assert_eq!(d.message, signed);
+
+        // Unsigned, even for an unknown task: refused before the name is looked up.
+        for task in ["tasks.add", "tasks.nope"] {
+            let r = decode_checked(Ok(message(task)), &registry(), None, Some(signer)).unwrap_err();
+            assert_eq!(r.error.exc_type, "SecurityError");
+            assert_eq!(r.error.exc_module, CELERY_EXC);
+            assert!(r.error.message().contains("unsigned"), "{:?}", r.error);
+            assert_eq!(r.message.unwrap(), message(task));
+        }
+
+        // A signed message at a worker with no signer: refused, not misread.
+        let r = decode(Ok(signed.clone()), &registry(), None).unwrap_err();
+        assert_eq!(r.error.exc_type, "SecurityError");
+        assert!(
+            r.error.message().contains("security is not configured"),
+            "{:?}",
+            r.error
+        );
+        assert_eq!(r.message.unwrap(), signed);
     }
 
     #[test]
