@@ -99,7 +99,9 @@ pub struct WorkerOptions {
     /// (16 MiB); from config, [`Config::max_message_size`].
     pub max_message_size: Option<usize>,
     /// Listen for remote-control requests (`inspect`, `control`) when the broker carries
-    /// them. Default `true`.
+    /// them. Default `true`. Off whatever this says when [`signer`](Self::signer) is set:
+    /// signed control requests are not supported yet, and unsigned ones are refused under
+    /// `auth` as Celery's workers refuse them.
     pub remote_control: bool,
     /// The broker's URL, for `stats` and `conf` replies (shown without its password).
     pub broker_url: Option<String>,

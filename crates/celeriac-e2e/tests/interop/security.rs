@@ -170,6 +170,8 @@ def refused(serializer):
 out["altered"] = refused("auth-altered")
 out["mallory"] = refused("auth-mallory")
 out["unsigned"] = refused("json")
+# Remote control is off on our worker under auth (signed control is not supported yet).
+out["ping"] = app.control.ping(destination=[os.environ["NODE"]], timeout=1.5)
 print(json.dumps(out))
 "#;
 
@@ -184,6 +186,7 @@ async fn python_signed_calls_run_on_our_worker_and_forgeries_are_refused() {
     o.queues = vec![env.queue.clone()];
     o.concurrency = 2;
     o.hostname = format!("rss-{}@localhost", &celeriac::core::protocol::new_id()[..8]);
+    let node = o.hostname.clone();
     let worker = tokio::spawn(app.worker(o).run());
 
     let mut vars = python_security(&pki.py, &pki.store);
@@ -194,12 +197,14 @@ async fn python_signed_calls_run_on_our_worker_and_forgeries_are_refused() {
         ("MALLORY_KEY", s(&pki.mallory.key)),
         ("MALLORY_CERT", s(&pki.mallory.cert)),
         ("MALLORY_STORE", s(&mallory_store)),
+        ("NODE", &node),
     ]);
     let out = python(FROM_PYTHON, &env, &vars).await;
     worker.abort();
 
     assert_eq!(out["signed"]["value"], 5, "{out:#}");
     assert_eq!(out["signed"]["state"], "SUCCESS", "{out:#}");
+    assert_eq!(out["ping"], serde_json::json!([]), "{out:#}");
     for (case, why) in [
         ("altered", "does not match the body"),
         ("mallory", "unknown certificate \"Mallory CA Acme 666\""),

@@ -231,7 +231,17 @@ impl Worker {
             queue_changes,
             autoscale: autoscale.clone(),
         });
-        let control = options.remote_control && broker.broadcast().is_some();
+        let mut control = options.remote_control && broker.broadcast().is_some();
+        if control && options.signer.is_some() {
+            // Under `auth` Celery's workers accept only signed control requests, and celeriac
+            // cannot read signed ones yet: obeying unsigned ones would let anyone who can
+            // write to the broker revoke tasks or stop the worker. See docs/SECURITY.md.
+            tracing::warn!(
+                "remote control is off: serializer auth is on, and signed control requests \
+                 are not supported yet (unsigned ones are refused, as Celery's workers do)"
+            );
+            control = false;
+        }
         if control {
             // In the background: consuming does not wait the second it takes to hear from
             // every node; revokes learned apply to what has not run yet.
