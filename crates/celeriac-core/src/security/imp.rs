@@ -275,6 +275,16 @@ impl Security {
                 settings.key.display()
             )));
         }
+        // PSS needs room for the digest and a salt: refuse keys too small for it here rather
+        // than at the first message.
+        if key.bits() < 1024 || (key.bits() as usize + 6) / 8 < digest.size() + 2 {
+            return Err(Error::config(format!(
+                "security_key {} is a {}-bit RSA key: too small (at least 1024 bits; 2048 or \
+                 more is advised)",
+                settings.key.display(),
+                key.bits()
+            )));
+        }
         let own = certificate(&settings.certificate, "security_certificate")?;
         let own_key = own.public_key().map_err(|e| {
             Error::config("cannot read the security_certificate public key").with_source(e)
@@ -772,6 +782,15 @@ mod tests {
         );
         let e = err(Security::load(&settings(&ecp, Path::new(&s.cert_store))));
         assert!(e.to_string().contains("not an RSA key"), "{e}");
+        let small = PKey::from_rsa(Rsa::generate(512).unwrap()).unwrap();
+        let sp = write(
+            &d,
+            "small",
+            &small,
+            &cert(&small, "S", 5, now() - 60, now() + 3600),
+        );
+        let e = err(Security::load(&settings(&sp, Path::new(&s.cert_store))));
+        assert!(e.to_string().contains("512-bit RSA key: too small"), "{e}");
         let mut bad = s.clone();
         bad.certificate = ecp.cert.clone();
         let e = err(Security::load(&bad));
