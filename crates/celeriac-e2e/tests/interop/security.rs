@@ -23,7 +23,7 @@ use openssl::rsa::Rsa;
 use openssl::x509::{X509, X509NameBuilder};
 use serde_json::Value;
 
-use crate::support::{Interop, T, python, raw_list, setup};
+use crate::support::{Interop, OurWorker, T, python, raw_list, setup};
 
 /// One party's key and certificate files, and its signer id.
 struct Party {
@@ -278,4 +278,49 @@ async fn our_signed_calls_run_on_a_python_worker_and_unsigned_ones_do_not() {
     let mut py = py;
     add::s(1, 1).queue(q).apply_async(&env.app).await.unwrap();
     py.wait_for_log("Refusing to deserialize", T).await;
+}
+
+/// Sends one signed call and one unsigned one; prints how each ended.
+const SIGNED_AND_NOT: &str = r#"
+import json, os
+import tasks
+app = tasks.app
+q = os.environ["QUEUE"]
+r = app.send_task("tasks.mul", (6, 7), queue=q)
+out = {"signed": r.get(timeout=30), "worker": r.worker}
+r = app.send_task("tasks.mul", (6, 7), queue=q, serializer="json")
+got = r.get(timeout=30, propagate=False)
+out["unsigned"] = {"state": r.state, "type": type(got).__name__, "text": str(got)}
+print(json.dumps(out))
+"#;
+
+/// Our worker binary set up by Celery's setting names in `CELERIAC_*` variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_worker_binary_takes_its_keys_from_the_environment() {
+    let Some(env) = setup(2, "sec-cli").await else {
+        return;
+    };
+    let pki = pki("cli");
+    let worker = OurWorker::start_env(
+        &env.url,
+        &env.url,
+        &[&env.queue],
+        &[],
+        &[
+            ("CELERIAC_SERIALIZER", "auth"),
+            ("CELERIAC_SECURITY_KEY", s(&pki.rs.key)),
+            ("CELERIAC_SECURITY_CERTIFICATE", s(&pki.rs.cert)),
+            ("CELERIAC_SECURITY_CERT_STORE", s(&pki.store)),
+        ],
+    )
+    .await;
+    let out = python(SIGNED_AND_NOT, &env, &python_security(&pki.py, &pki.store)).await;
+    let log = worker.log();
+    assert_eq!(out["signed"], 42, "{out:#}\n{log}");
+    assert_eq!(out["worker"], worker.node_name(), "{out:#}");
+    assert_eq!(out["unsigned"]["state"], "FAILURE", "{out:#}");
+    assert_eq!(out["unsigned"]["type"], "SecurityError", "{out:#}");
+    assert!(log.contains("unsigned message refused"), "{log}");
+    assert!(log.contains("remote control is off"), "{log}");
+    assert!(!log.contains("BEGIN"), "no key material in the log: {log}");
 }
