@@ -587,6 +587,47 @@ mod tests {
         assert_eq!(c.beat.unwrap()["timezone"].as_str(), Some("UTC"));
     }
 
+    /// Celery's security settings under their own names, from the file or the environment;
+    /// the key password never shows in debug output. See: issue 26
+    #[test]
+    fn security_settings_read_from_file_and_environment() {
+        let text = r#"
+            serializer = "auth"
+            security_key = "/k/app.key"
+            security_key_password = "hunter2"
+            security_certificate = "/k/app.pem"
+            security_cert_store = "/k/certs/*.pem"
+        "#;
+        let c = Config::from_sources(Some((Path::new("c.toml"), text)), no_env).unwrap();
+        assert_eq!(c.serializer, crate::ContentType::Auth);
+        assert_eq!(c.security_key.as_deref(), Some("/k/app.key"));
+        assert_eq!(c.security_certificate.as_deref(), Some("/k/app.pem"));
+        assert_eq!(c.security_cert_store.as_deref(), Some("/k/certs/*.pem"));
+        assert_eq!(c.security_digest, "sha256");
+        assert_eq!(
+            c.security_key_password.as_ref().map(Password::expose),
+            Some("hunter2")
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let env = |k: &str| match k {
+            "CELERIAC_SERIALIZER" => Some("auth".to_owned()),
+            "CELERIAC_SECURITY_KEY" => Some("/e/k".to_owned()),
+            "CELERIAC_SECURITY_KEY_PASSWORD" => Some("s3cret".to_owned()),
+            "CELERIAC_SECURITY_CERTIFICATE" => Some("/e/c".to_owned()),
+            "CELERIAC_SECURITY_CERT_STORE" => Some("/e/store".to_owned()),
+            "CELERIAC_SECURITY_DIGEST" => Some("sha512".to_owned()),
+            _ => None,
+        };
+        let c = Config::from_sources(None, env).unwrap();
+        assert_eq!(c.serializer, crate::ContentType::Auth);
+        assert_eq!(c.security_key.as_deref(), Some("/e/k"));
+        assert_eq!(c.security_certificate.as_deref(), Some("/e/c"));
+        assert_eq!(c.security_cert_store.as_deref(), Some("/e/store"));
+        assert_eq!(c.security_digest, "sha512");
+        assert_eq!(c.security_key_password, Some(Password::new("s3cret")));
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
     #[test]
     fn limits_have_protective_defaults_and_can_be_lifted() {
         let c = Config::from_sources(None, no_env).unwrap();
