@@ -23,6 +23,9 @@
 //!   [`TaskContext`].
 //! - [`memory`]: drivers with real semantics (leases, delays, priorities) for tests, and a
 //!   beat store.
+//! - [`security`]: signed message bodies on the wire of Celery's `auth` serializer (the
+//!   [`BodySigner`](security::BodySigner) contract; keys and RSA-PSS with the `security`
+//!   feature).
 //! - [`Config`]: `celeriac.toml` plus `CELERIAC_*` variables.
 //!
 //! # Features
