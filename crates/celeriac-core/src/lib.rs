@@ -31,7 +31,7 @@
 //! # Features
 //!
 //! - `msgpack`: the `application/x-msgpack` body codec.
-//! - `security`: [`security::Security`], signed messages on the wire of Celery's `auth`
+//! - `security`: `security::Security`, signed messages on the wire of Celery's `auth`
 //!   serializer (X.509 RSA keys through the `openssl` crate).
 
 pub mod backend;
