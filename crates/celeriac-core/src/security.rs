@@ -30,7 +30,7 @@
 //! what someone with write access to the broker can still do.
 //!
 //! The format functions ([`pack`], [`unpack`], [`signer_id`]) and the [`BodySigner`] trait need
-//! no cryptography; [`Security`], which loads keys and signs, needs the `security` feature
+//! no cryptography; `Security`, which loads keys and signs, needs the `security` feature
 //! (the `openssl` crate).
 
 use std::fmt;
@@ -52,7 +52,7 @@ const SEP: &[u8] = b"\x00\x01";
 
 /// Signs the bodies of outgoing messages and verifies incoming ones.
 ///
-/// Implemented by [`Security`] (feature `security`); the app, the worker and remote control
+/// Implemented by `Security` (feature `security`); the app and the worker
 /// hold it as `Arc<dyn BodySigner>`, so they need no cryptography of their own.
 pub trait BodySigner: Send + Sync + fmt::Debug {
     /// Replaces `message`'s body with its signed form (`application/data`).
