@@ -6,6 +6,7 @@
 //! the same programs as binaries of their own.
 
 pub mod bin;
+pub mod progress;
 
 use std::time::Duration;
 

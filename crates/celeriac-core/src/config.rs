@@ -65,9 +65,17 @@ pub struct Config {
     /// and after a lost connection (Celery's `broker_failover_strategy`): `round-robin`
     /// (default) or `shuffle`; any other name fails the load.
     pub broker_failover_strategy: FailoverStrategy,
+    /// Options of the broker's transport (Celery's `broker_transport_options`): for a Redis
+    /// Sentinel URL (`sentinel://…`), the monitored master's `master_name` and the Sentinels'
+    /// own credentials (`sentinel_kwargs`). Default: none set.
+    pub broker_transport_options: TransportOptions,
     /// Result backend URL. Default: the broker URL, or `rpc://` (replies over the broker)
     /// when the broker is RabbitMQ, which stores no results itself.
     pub result_backend: Option<String>,
+    /// Options of the result backend's transport (Celery's
+    /// `result_backend_transport_options`), as [`Config::broker_transport_options`]; see
+    /// [`Config::backend_transport_options`] for when the broker's apply instead.
+    pub result_backend_transport_options: TransportOptions,
     /// Queue for tasks with no queue option and no route. Default `celery`.
     pub default_queue: String,
     /// How long results are kept; `None` keeps them. Default one day.
@@ -193,6 +201,10 @@ pub struct WorkerConfig {
     /// Seconds between worker heartbeat events (Celery's `--heartbeat-interval`). Default 2.
     #[serde(deserialize_with = "secs")]
     pub heartbeat_interval: Duration,
+    /// The remote-control commands the worker obeys: a list of command names and the groups
+    /// `inspect` (read-only) and `control` (changes); others are refused with an error reply.
+    /// Default: every command, as Celery.
+    pub control_allow: crate::broadcast::control::ControlAllow,
 }
 
 impl Default for Config {
@@ -200,7 +212,9 @@ impl Default for Config {
         Config {
             broker_url: None,
             broker_failover_strategy: FailoverStrategy::RoundRobin,
+            broker_transport_options: TransportOptions::default(),
             result_backend: None,
+            result_backend_transport_options: TransportOptions::default(),
             default_queue: "celery".to_owned(),
             result_expires: Some(Duration::from_secs(86_400)),
             visibility_timeout: Duration::from_secs(3600),
@@ -239,7 +253,51 @@ impl Default for WorkerConfig {
             inline_brief: true,
             task_events: false,
             heartbeat_interval: Duration::from_secs(2),
+            control_allow: crate::broadcast::control::ControlAllow::All,
         }
+    }
+}
+
+/// A transport's options (Celery's `broker_transport_options` and
+/// `result_backend_transport_options`, with kombu's names): those of Redis Sentinel.
+///
+/// ```toml
+/// broker_url = "sentinel://:pw@10.0.0.1:26379/0;sentinel://10.0.0.2:26379;sentinel://10.0.0.3:26379"
+///
+/// [broker_transport_options]
+/// master_name = "mymaster"
+/// sentinel_kwargs = { password = "sentinel-secret" }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TransportOptions {
+    /// The name the Sentinels monitor the master under (`sentinel monitor <name> …`); needed
+    /// by a `sentinel://` URL, ignored by the others.
+    pub master_name: Option<String>,
+    /// How to talk to the Sentinels themselves. The credentials in the URL are the master's
+    /// (and its replicas'), as in kombu; Sentinels protected by a password of their own
+    /// (`requirepass` in the Sentinel's configuration) take it from here.
+    pub sentinel_kwargs: SentinelKwargs,
+}
+
+/// The Sentinels' own credentials (kombu's `sentinel_kwargs`). `Debug` hides the password.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SentinelKwargs {
+    /// The ACL user, for Sentinels with ACLs (Redis 6.2+); default none.
+    pub username: Option<String>,
+    /// The Sentinels' password; default none.
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for SentinelKwargs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelKwargs")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
     }
 }
 
@@ -479,6 +537,19 @@ impl Config {
         }
     }
 
+    /// The transport options of the result backend: `result_backend_transport_options`, or,
+    /// when that sets no `master_name` and the result backend is the broker's URL (no
+    /// `result_backend`, or the same text), `broker_transport_options`, so that one Sentinel
+    /// setup need not be written twice.
+    pub fn backend_transport_options(&self) -> &TransportOptions {
+        let same_url = self.result_backend_url() == self.broker_url();
+        if self.result_backend_transport_options.master_name.is_none() && same_url {
+            &self.broker_transport_options
+        } else {
+            &self.result_backend_transport_options
+        }
+    }
+
     /// The queue a task goes to by the routes, if one matches (first match in glob order).
     pub fn route(&self, task: &str) -> Option<&str> {
         self.routes
@@ -539,6 +610,19 @@ mod tests {
         assert_eq!(c.broker_url(), DEFAULT_URL);
         assert_eq!(c.result_backend_url(), DEFAULT_URL);
         assert_eq!(c.result_expires, Some(Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn control_allow_loads_from_the_file_and_refuses_unknown_names() {
+        let load = |text: &str| Config::from_sources(Some((Path::new("c.toml"), text)), no_env);
+        let c = load("[worker]\ncontrol_allow = [\"inspect\", \"revoke\"]\n").unwrap();
+        assert!(c.worker.control_allow.allows("stats"));
+        assert!(!c.worker.control_allow.allows("shutdown"));
+        let e = load("[worker]\ncontrol_allow = [\"shutdwon\"]\n").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("unknown remote-control command"),
+            "{e:#}"
+        );
     }
 
     #[test]
@@ -691,6 +775,41 @@ mod tests {
         .unwrap();
         assert_eq!(c.serializer, crate::ContentType::MsgPack);
         assert_eq!(c.worker.pool, Pool::Processes);
+    }
+
+    #[test]
+    fn transport_options_use_celerys_names() {
+        let text = r#"
+            broker_url = "sentinel://:pw@h1:26379/0;sentinel://h2:26379"
+            [broker_transport_options]
+            master_name = "mymaster"
+            sentinel_kwargs = { password = "s3cret" }
+        "#;
+        let c = Config::from_sources(Some((Path::new("c.toml"), text)), no_env).unwrap();
+        let t = &c.broker_transport_options;
+        assert_eq!(t.master_name.as_deref(), Some("mymaster"));
+        assert_eq!(t.sentinel_kwargs.password.as_deref(), Some("s3cret"));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug shows the password"
+        );
+        // The backend on the broker's URL shares the broker's options...
+        assert_eq!(c.backend_transport_options(), t);
+        // ...not when it has a URL of its own or options of its own.
+        let text2 = format!("{text}\n[result_backend_transport_options]\nmaster_name = \"other\"");
+        let c = Config::from_sources(Some((Path::new("c.toml"), &text2)), no_env).unwrap();
+        assert_eq!(
+            c.backend_transport_options().master_name.as_deref(),
+            Some("other")
+        );
+        let text3 = format!("result_backend = \"redis://h/1\"\n{text}");
+        let c = Config::from_sources(Some((Path::new("c.toml"), &text3)), no_env).unwrap();
+        assert_eq!(c.backend_transport_options().master_name, None);
+        // A misspelt option fails the load, naming it.
+        let bad = "[broker_transport_options]\nmaster = \"m\"";
+        let e = Config::from_sources(Some((Path::new("c.toml"), bad)), no_env).unwrap_err();
+        let src = std::error::Error::source(&e).unwrap().to_string();
+        assert!(src.contains("master"), "{src}");
     }
 
     #[test]

@@ -31,6 +31,8 @@
 //! # Features
 //!
 //! - `msgpack`: the `application/x-msgpack` body codec.
+//! - `otel`: [`otel`]: W3C `traceparent`/`tracestate` headers written from the sending span's
+//!   OpenTelemetry context by [`canvas::build_call`], and read back for the worker.
 //! - `security`: `security::Security`, signed messages on the wire of Celery's `auth`
 //!   serializer (X.509 RSA keys through the `openssl` crate).
 
@@ -44,6 +46,8 @@ pub mod error;
 pub mod flow;
 pub mod memory;
 pub mod meta;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod protocol;
 pub mod ratelimit;
 pub mod security;

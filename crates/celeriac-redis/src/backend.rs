@@ -77,7 +77,9 @@ impl RedisBackend {
     /// the credentials, or its TLS certificate is not trusted; with
     /// [`ErrorKind::Unsupported`] for `rediss://` when built without the `tls` feature.
     pub async fn connect(url: &str, config: &Config) -> Result<Self> {
-        Self::connect_with(url, RedisOptions::from_config(config)).await
+        let options =
+            RedisOptions::from_config(config).transport_options(config.backend_transport_options());
+        Self::connect_with(url, options).await
     }
 
     /// Connects with explicit options; a `global_keyprefix` in the URL wins over the options'.
@@ -771,8 +773,13 @@ async fn run_subscriber(
     let mut backoff = Backoff::new();
     let mut waiting_acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut first = true;
+    // With Sentinel: told when the master moves, so that the subscription leaves the old one.
+    let mut switches = redis.switches();
     loop {
-        let pubsub = match redis.client().get_async_pubsub().await {
+        if let Some(rx) = &mut switches {
+            rx.borrow_and_update();
+        }
+        let pubsub = match redis.pubsub().await {
             Ok(p) => p,
             Err(e) => {
                 let delay = backoff.next_delay();
@@ -837,6 +844,7 @@ async fn run_subscriber(
                     }
                     None => break,
                 },
+                () = crate::conn::master_switch(&mut switches) => break,
             }
         }
         tracing::warn!(url = %redis.url, "redis result subscriber lost its connection; reconnecting");

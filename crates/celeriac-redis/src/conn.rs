@@ -7,8 +7,12 @@
 //! [`RedisOptions::retry_for`](crate::RedisOptions::retry_for); after that it fails with a
 //! transient error. Consumers' fetches and pub/sub never share this connection: each
 //! consumer and each backend's subscriber open their own.
+//!
+//! With a `sentinel://` URL every new connection first asks the Sentinels where the master
+//! is now ([`crate::sentinel`]), so the same loops follow a failover.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use celeriac_core::{Error, ErrorKind, Result};
@@ -18,6 +22,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::options::{RedisOptions, Target, parse_url};
+use crate::sentinel::Sentinel;
 
 /// How long a new connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,8 +32,14 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The shared connection of a broker or backend.
 pub(crate) struct Redis {
-    client: redis::Client,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    /// The server's client; with Sentinel, the master's found last.
+    client: std::sync::Mutex<redis::Client>,
+    /// With a `sentinel://` URL: where to ask for the master before each new connection.
+    sentinel: Option<Arc<Sentinel>>,
+    /// With Sentinel: the master's address found last, to log a change.
+    master: Arc<std::sync::Mutex<String>>,
+    /// The shared connection, with the master switch count it was opened at.
+    conn: Mutex<Option<(MultiplexedConnection, u64)>>,
     kind: ErrorKind,
     /// The URL with its password replaced, for logs and errors.
     pub(crate) url: String,
@@ -47,15 +58,30 @@ impl std::fmt::Debug for Redis {
 }
 
 /// Whether `e` means the connection is unusable (retrying on a new one may succeed).
+///
+/// `READONLY` counts: the server was demoted to a replica (a Sentinel failover while the
+/// connection stayed up), and a new connection goes to the new master.
 pub(crate) fn is_connection_error(e: &RedisError) -> bool {
     if e.kind() == redis::ErrorKind::AuthenticationFailed {
         return false;
     }
-    e.is_io_error()
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        || e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.is_unrecoverable_error()
+}
+
+/// Resolves when the Sentinels announce a new master; never without Sentinel (or once the
+/// announcements end).
+pub(crate) async fn master_switch(switches: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(rx) = switches {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// Exponential backoff from 50 ms to 2 s.
@@ -130,7 +156,24 @@ impl Redis {
             .keyprefix
             .clone()
             .unwrap_or_else(|| options.get_global_keyprefix().to_owned());
-        let redis = Redis::connect(&target, kind, options.get_retry_for()).await?;
+        let sentinel = match &target.sentinel {
+            None => None,
+            Some(s) => {
+                let Some(name) = options.get_master_name() else {
+                    return Err(Error::new(
+                        kind,
+                        format!(
+                            "{} needs the name of the master the Sentinels monitor: set \
+                             master_name in [broker_transport_options] (for a result backend \
+                             with a URL of its own, in [result_backend_transport_options])",
+                            target.redacted
+                        ),
+                    ));
+                };
+                Some(Arc::new(Sentinel::new(s.clone(), name, options)))
+            }
+        };
+        let redis = Redis::connect(&target, sentinel, kind, options.get_retry_for()).await?;
         Ok(Opened {
             redis,
             prefix,
@@ -141,19 +184,55 @@ impl Redis {
     /// Opens the client and checks that the server answers (and accepts the credentials).
     pub(crate) async fn connect(
         target: &Target,
+        sentinel: Option<Arc<Sentinel>>,
         kind: ErrorKind,
         retry_for: Duration,
     ) -> Result<Self> {
-        let client = open_client(target, kind)?;
+        let (client, master) = match &sentinel {
+            None => (open_client(target, kind)?, String::new()),
+            Some(s) => s.master().await.map_err(|e| {
+                let detail = e.detail().unwrap_or_default();
+                let err = Error::new(
+                    kind,
+                    format!("cannot connect to redis ({}): {detail}", target.redacted),
+                )
+                .with_source(e.clone());
+                if is_connection_error(&e) {
+                    err.transient()
+                } else {
+                    err
+                }
+            })?,
+        };
         let info = client.get_connection_info();
-        let identity = format!(
-            "redis://{}@{}/{}",
-            info.redis_settings().username().unwrap_or_default(),
-            info.addr(),
-            info.redis_settings().db()
-        );
+        let identity = match &sentinel {
+            // The same keys whichever server is the master now.
+            Some(s) => format!(
+                "sentinel://{}@{}/{}",
+                info.redis_settings().username().unwrap_or_default(),
+                s.master_name(),
+                info.redis_settings().db()
+            ),
+            None => format!(
+                "redis://{}@{}/{}",
+                info.redis_settings().username().unwrap_or_default(),
+                info.addr(),
+                info.redis_settings().db()
+            ),
+        };
+        if let Some(s) = &sentinel {
+            Sentinel::watch(s);
+            tracing::info!(
+                url = %target.redacted,
+                master_name = s.master_name(),
+                master = %master,
+                "redis sentinel: the master is at {master}"
+            );
+        }
         let redis = Redis {
-            client,
+            client: std::sync::Mutex::new(client),
+            sentinel,
+            master: Arc::new(std::sync::Mutex::new(master)),
             conn: Mutex::new(None),
             kind,
             url: target.redacted.clone(),
@@ -184,15 +263,60 @@ impl Redis {
         Ok(redis)
     }
 
-    pub(crate) fn client(&self) -> &redis::Client {
-        &self.client
+    /// The client of the server to open a new connection to: with Sentinel, the master's as
+    /// the Sentinels name it now (an I/O error when none can tell, so that callers retry).
+    pub(crate) async fn fresh_client(&self) -> redis::RedisResult<redis::Client> {
+        let Some(sentinel) = &self.sentinel else {
+            return Ok(self.current_client());
+        };
+        let (client, addr) = sentinel.master().await?;
+        {
+            let mut last = self.master.lock().unwrap_or_else(|p| p.into_inner());
+            if *last != addr {
+                tracing::warn!(
+                    url = %self.url,
+                    master_name = sentinel.master_name(),
+                    from = %*last,
+                    to = %addr,
+                    "redis sentinel: the master moved from {last} to {addr}"
+                );
+                *last = addr;
+            }
+        }
+        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = client.clone();
+        Ok(client)
+    }
+
+    /// With Sentinel, how many times the Sentinels announced a new master; a connection opened
+    /// at another count may be on the old master and must be reopened. Always 0 otherwise.
+    pub(crate) fn switch_count(&self) -> u64 {
+        self.sentinel.as_ref().map_or(0, |s| s.switch_count())
+    }
+
+    /// With Sentinel, a receiver told of each master switch the Sentinels announce.
+    pub(crate) fn switches(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.sentinel.as_ref().map(|s| s.switches())
+    }
+
+    fn current_client(&self) -> redis::Client {
+        self.client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A new pub/sub connection (to the master, with Sentinel).
+    pub(crate) async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        self.fresh_client().await?.get_async_pubsub().await
     }
 
     /// Another handle on the same server whose shared connection is its own: for traffic
     /// (events) that must not queue in front of the commands of this one.
     pub(crate) fn sibling(&self) -> Redis {
         Redis {
-            client: self.client.clone(),
+            client: std::sync::Mutex::new(self.current_client()),
+            sentinel: self.sentinel.clone(),
+            master: self.master.clone(),
             conn: Mutex::new(None),
             kind: self.kind,
             url: self.url.clone(),
@@ -209,7 +333,8 @@ impl Redis {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(response_timeout));
-        self.client
+        self.fresh_client()
+            .await?
             .get_multiplexed_async_connection_with_config(&config)
             .await
     }
@@ -221,7 +346,7 @@ impl Redis {
         response_timeout: Duration,
         pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
     ) -> redis::RedisResult<MultiplexedConnection> {
-        let info = self.client.get_connection_info().clone();
+        let info = self.fresh_client().await?.get_connection_info().clone();
         let settings = info
             .redis_settings()
             .clone()
@@ -238,11 +363,14 @@ impl Redis {
 
     async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
         let mut guard = self.conn.lock().await;
-        if let Some(c) = &*guard {
-            return Ok(c.clone());
+        let switches = self.switch_count();
+        if let Some((c, at)) = &*guard {
+            if *at == switches {
+                return Ok(c.clone());
+            }
         }
         let c = self.dedicated(COMMAND_TIMEOUT).await?;
-        *guard = Some(c.clone());
+        *guard = Some((c.clone(), switches));
         Ok(c)
     }
 
@@ -262,7 +390,11 @@ impl Redis {
     {
         let started = Instant::now();
         let mut backoff = Backoff::new();
+        let mut switches = self.switches();
         loop {
+            if let Some(rx) = &mut switches {
+                rx.borrow_and_update();
+            }
             let r = match self.connection().await {
                 Ok(c) => f(c).await,
                 Err(e) => Err(e),
@@ -278,7 +410,11 @@ impl Redis {
                         retry_in_ms = delay.as_millis() as u64,
                         "redis connection lost while trying to {what}; reconnecting"
                     );
-                    tokio::time::sleep(delay).await;
+                    // A new master announced meanwhile: try it at once.
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = master_switch(&mut switches) => {}
+                    }
                 }
                 Err(e) => {
                     if is_connection_error(&e) {
@@ -317,5 +453,40 @@ impl Redis {
         let transient = is_connection_error(&e);
         let err = Error::new(self.kind, format!("cannot {what} ({})", self.url)).with_source(e);
         if transient { err.transient() } else { err }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readonly_counts_as_a_lost_connection() {
+        // A master demoted by a Sentinel failover answers writes with READONLY: reconnecting
+        // (and asking the Sentinels again) is the cure.
+        let readonly = RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "READONLY",
+        ));
+        assert!(is_connection_error(&readonly));
+        let other = RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "ERR",
+        ));
+        assert!(!is_connection_error(&other));
+        let unknown_master = RedisError::from((
+            redis::ErrorKind::MasterNameNotFoundBySentinel,
+            "unknown master",
+            "no Sentinel knows a master named \"x\"".to_owned(),
+        ));
+        assert!(
+            !is_connection_error(&unknown_master),
+            "a wrong name is not retried"
+        );
+        let no_sentinel = RedisError::from((redis::ErrorKind::Io, "sentinel", "none".to_owned()));
+        assert!(
+            is_connection_error(&no_sentinel),
+            "no Sentinel answering is retried"
+        );
     }
 }

@@ -20,6 +20,16 @@
 //!   `CERT_REQUIRED`, `CERT_OPTIONAL`, `CERT_NONE`; `required` by default), `ssl_ca_certs=<PEM
 //!   file>` and `ssl_certfile`/`ssl_keyfile` (a client certificate). Without the feature it is
 //!   refused with a clear error.
+//! - kombu's Redis Sentinel list `sentinel://[:password@]host[:26379][/db];sentinel://host2…`
+//!   with the master's name in [`RedisOptions::master_name`] (Celery's transport option
+//!   `master_name`, read from `broker_transport_options` and
+//!   `result_backend_transport_options` by [`RedisOptions::from_config`] and the drivers) and
+//!   the Sentinels' own credentials in [`RedisOptions::sentinel_credentials`] (kombu's
+//!   `sentinel_kwargs`). The first URL's credentials and database are the master's. Every new
+//!   connection asks the Sentinels in order for the master (skipping those that do not
+//!   answer) and checks its `ROLE`, so the reconnect loops below follow a failover; a watcher
+//!   of the Sentinels' `+switch-master` announcements makes every long-lived connection move
+//!   at once when the old master stays up. TLS through Sentinel is refused (`Unsupported`).
 //!
 //! Query parameter `global_keyprefix=<text>` (percent-encoded) sets kombu's and Celery's
 //! `global_keyprefix`; other parameters go to the `redis` crate (e.g. `protocol=resp3`).
@@ -122,7 +132,9 @@
 //! [`RedisOptions::retry_for`], then fail with a transient error. Consumers keep their own
 //! fetch connection and reconnect forever, and the pub/sub connection resubscribes and makes
 //! every waiter re-read. Broadcast inboxes resubscribe (or reconnect their reply wait)
-//! forever, and ping an idle subscription so that a half-open connection is replaced. Unacked
+//! forever, and ping an idle subscription so that a half-open connection is replaced. A
+//! `READONLY` reply counts as a lost connection (a master demoted by a Sentinel failover while
+//! the connection stayed up). Unacked
 //! entries stay in Redis across all of this, so acks-late work is restored by the visibility
 //! timeout, never lost.
 //!
@@ -152,6 +164,7 @@ mod conn;
 mod keys;
 mod options;
 mod scripts;
+mod sentinel;
 
 use std::sync::Arc;
 
@@ -166,9 +179,9 @@ pub use options::RedisOptions;
 pub use redis;
 
 /// The URL schemes this crate registers.
-pub const SCHEMES: [&str; 4] = ["redis", "rediss", "unix", "redis+socket"];
+pub const SCHEMES: [&str; 5] = ["redis", "rediss", "unix", "redis+socket", "sentinel"];
 
-/// Adds the `redis`, `rediss`, `unix` and `redis+socket` schemes, for brokers, result backends
+/// Adds the `redis`, `rediss`, `unix`, `redis+socket` and `sentinel` schemes, for brokers, result backends
 /// and beat stores, to `drivers` (beat stores also under Celery's `socket`).
 ///
 /// ```

@@ -2,15 +2,20 @@
 
 use std::time::Duration;
 
+use celeriac_core::config::TransportOptions;
 use celeriac_core::url::redact;
 use celeriac_core::{Config, Error, ErrorKind, Result};
+
+/// Sentinels' default port, for `sentinel://host` without one.
+pub(crate) const SENTINEL_PORT: u16 = 26379;
 
 /// Settings of a Redis broker or result backend.
 ///
 /// Defaults: a one hour visibility timeout, results kept one day, no key prefix, and 20 s of
 /// reconnect attempts before an operation fails. Build them from a [`Config`] with
 /// [`RedisOptions::from_config`]; a `global_keyprefix` in the URL's query wins over the one set
-/// here.
+/// here. For a `sentinel://` URL, [`RedisOptions::master_name`] names the master to ask the
+/// Sentinels for (kombu's transport option `master_name`).
 ///
 /// ```
 /// use std::time::Duration;
@@ -27,6 +32,19 @@ pub struct RedisOptions {
     result_expires: Option<Duration>,
     global_keyprefix: String,
     retry_for: Duration,
+    master_name: Option<String>,
+    sentinel_username: Option<String>,
+    sentinel_password: Option<Secret>,
+}
+
+/// A password: compared, cloned, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(pub(crate) String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
 }
 
 impl Default for RedisOptions {
@@ -36,16 +54,50 @@ impl Default for RedisOptions {
             result_expires: Some(Duration::from_secs(86_400)),
             global_keyprefix: String::new(),
             retry_for: Duration::from_secs(20),
+            master_name: None,
+            sentinel_username: None,
+            sentinel_password: None,
         }
     }
 }
 
 impl RedisOptions {
-    /// Defaults with the `visibility_timeout` and `result_expires` of `config`.
+    /// Defaults with the `visibility_timeout` and `result_expires` of `config`, and its
+    /// `broker_transport_options` (a result backend then applies
+    /// [`Config::backend_transport_options`] with [`RedisOptions::transport_options`]).
     pub fn from_config(config: &Config) -> Self {
         RedisOptions::default()
             .visibility_timeout(config.visibility_timeout)
             .result_expires(config.result_expires)
+            .transport_options(&config.broker_transport_options)
+    }
+
+    /// Takes `master_name` and `sentinel_kwargs` from a transport options table (Celery's
+    /// `broker_transport_options` or `result_backend_transport_options`), replacing the
+    /// Sentinel settings held so far.
+    #[must_use]
+    pub fn transport_options(mut self, t: &TransportOptions) -> Self {
+        self.master_name = t.master_name.clone();
+        self.sentinel_username = t.sentinel_kwargs.username.clone();
+        self.sentinel_password = t.sentinel_kwargs.password.clone().map(Secret);
+        self
+    }
+
+    /// kombu's `master_name`: the name the Sentinels of a `sentinel://` URL monitor the
+    /// master under. Required by such a URL; ignored by the others.
+    #[must_use]
+    pub fn master_name(mut self, name: impl Into<String>) -> Self {
+        self.master_name = Some(name.into());
+        self
+    }
+
+    /// The Sentinels' own credentials (kombu's `sentinel_kwargs`), for Sentinels configured
+    /// with a password; the URL's credentials are the master's. Never logged.
+    #[must_use]
+    pub fn sentinel_credentials(mut self, username: Option<&str>, password: Option<&str>) -> Self {
+        self.sentinel_username = username.map(str::to_owned);
+        self.sentinel_password = password.map(|p| Secret(p.to_owned()));
+        self
     }
 
     /// kombu's `visibility_timeout`: how long a delivery stays in the `unacked` hash before any
@@ -99,6 +151,18 @@ impl RedisOptions {
     pub fn get_retry_for(&self) -> Duration {
         self.retry_for
     }
+
+    /// The master's name for Sentinel, if set.
+    pub fn get_master_name(&self) -> Option<&str> {
+        self.master_name.as_deref()
+    }
+
+    pub(crate) fn sentinel_auth(&self) -> (Option<&str>, Option<&str>) {
+        (
+            self.sentinel_username.as_deref(),
+            self.sentinel_password.as_ref().map(|s| s.0.as_str()),
+        )
+    }
 }
 
 /// A parsed `redis://` URL: what the client library connects to, plus our own parameters.
@@ -115,6 +179,107 @@ pub(crate) struct Target {
     pub(crate) db: i64,
     /// TLS settings, for `rediss://`.
     pub(crate) tls: Option<Tls>,
+    /// For `sentinel://`: the Sentinels and how to reach the master they name. `client_url`
+    /// is then the first Sentinel's address with the master's credentials, used by nothing.
+    pub(crate) sentinel: Option<SentinelTarget>,
+}
+
+/// The Sentinels of a `sentinel://` list, in order, and the master's URL around the address
+/// they give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SentinelTarget {
+    /// `(host, port)` of each Sentinel.
+    pub(crate) sentinels: Vec<(String, u16)>,
+    /// `redis://[userinfo@]`, the first URL's credentials as given.
+    head: String,
+    /// `/<db>[?<parameters for the redis crate>]`.
+    tail: String,
+}
+
+impl SentinelTarget {
+    /// The URL of the master at `host:port`, with the credentials and database of the list's
+    /// first URL.
+    pub(crate) fn master_url(&self, host: &str, port: u16) -> String {
+        if host.contains(':') {
+            format!("{}[{host}]:{port}{}", self.head, self.tail)
+        } else {
+            format!("{}{host}:{port}{}", self.head, self.tail)
+        }
+    }
+}
+
+/// `host[:port]` or `[v6]:port`, with `default` for a missing port.
+fn host_port(s: &str, default: u16) -> std::result::Result<(String, u16), String> {
+    let (host, port) = match s.strip_prefix('[') {
+        Some(r) => {
+            let (h, after) = r
+                .split_once(']')
+                .ok_or_else(|| format!("unclosed [ in {s:?}"))?;
+            (h, after.strip_prefix(':'))
+        }
+        None => match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("a sentinel without a host".to_owned());
+    }
+    let port = match port {
+        None | Some("") => default,
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("port must be a number, not {p:?}"))?,
+    };
+    Ok((host.to_owned(), port))
+}
+
+/// Parses kombu's Sentinel list `sentinel://[[user]:password@]host[:port][/db][?…];
+/// sentinel://host2[:port];…`: every URL gives a Sentinel (port 26379 by default); the
+/// first one's credentials, database and parameters are the master's, as in kombu.
+fn parse_sentinels(url: &str, kind: ErrorKind) -> Result<Target> {
+    let redacted = redact(url);
+    let bad = |why: &str| Error::new(kind, format!("invalid sentinel url {redacted}: {why}"));
+    let parts: Vec<&str> = url
+        .split(';')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mut sentinels = Vec::with_capacity(parts.len());
+    for part in &parts {
+        let rest = part
+            .strip_prefix("sentinel://")
+            .ok_or_else(|| bad("every url of the list must start with sentinel://"))?;
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        sentinels.push(host_port(host, SENTINEL_PORT).map_err(|e| bad(&e))?);
+    }
+    let first = parts
+        .first()
+        .and_then(|p| p.strip_prefix("sentinel://"))
+        .ok_or_else(|| bad("no sentinel"))?;
+    if first.contains("ssl_") {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "cannot use {redacted}: TLS to Redis through Sentinel is not supported (use \
+                 rediss:// to one server, or a TLS tunnel such as stunnel on each host)"
+            ),
+        ));
+    }
+    let mut target = parse_shown(&format!("redis://{first}"), &redacted, kind)?;
+    let after_scheme = &target.client_url["redis://".len()..];
+    let (authority, tail) = after_scheme.split_once('/').unwrap_or((after_scheme, ""));
+    let head = match authority.rsplit_once('@') {
+        Some((userinfo, _)) => format!("redis://{userinfo}@"),
+        None => "redis://".to_owned(),
+    };
+    target.sentinel = Some(SentinelTarget {
+        sentinels,
+        head,
+        tail: format!("/{tail}"),
+    });
+    Ok(target)
 }
 
 /// How a `rediss://` connection checks the server, from kombu's and Celery's URL parameters.
@@ -153,9 +318,20 @@ fn cert_reqs(v: &str) -> Option<bool> {
 /// - `unix:///path/redis.sock?db=N`, kombu's `redis+socket:///path?virtual_host=N` and
 ///   Celery's `socket:///path?db=N`.
 ///
+/// - kombu's Sentinel list `sentinel://host:26379[/db];sentinel://host2:26379;…` (see
+///   [`parse_sentinels`]).
+///
 /// `global_keyprefix=<text>` in the query sets the key prefix.
 pub(crate) fn parse_url(url: &str, kind: ErrorKind) -> Result<Target> {
-    let redacted = redact(url);
+    if url.starts_with("sentinel://") {
+        return parse_sentinels(url, kind);
+    }
+    parse_shown(url, &redact(url), kind)
+}
+
+/// [`parse_url`] of one URL, shown as `redacted` in errors.
+fn parse_shown(url: &str, redacted: &str, kind: ErrorKind) -> Result<Target> {
+    let redacted = redacted.to_owned();
     let bad = |why: &str| Error::new(kind, format!("invalid redis url {redacted}: {why}"));
     let (scheme, rest) = url
         .split_once("://")
@@ -291,6 +467,7 @@ pub(crate) fn parse_url(url: &str, kind: ErrorKind) -> Result<Target> {
         keyprefix,
         db: db_num,
         tls,
+        sentinel: None,
     })
 }
 
@@ -440,5 +617,90 @@ mod tests {
             assert!(e.to_lowercase().contains(want), "{url}: {e}");
             assert!(!e.contains("pw@"), "{url} leaks the password: {e}");
         }
+    }
+
+    #[test]
+    fn sentinel_lists() {
+        let t = parse(
+            "sentinel://:pw@10.0.0.1:26380/2?global_keyprefix=app%3A;sentinel://10.0.0.2;\
+             sentinel://:other@[::1]:26381/5",
+        );
+        let s = t.sentinel.expect("a sentinel target");
+        assert_eq!(
+            s.sentinels,
+            [
+                ("10.0.0.1".to_owned(), 26380),
+                ("10.0.0.2".to_owned(), SENTINEL_PORT),
+                ("::1".to_owned(), 26381),
+            ]
+        );
+        // The first URL's credentials, database and prefix are the master's.
+        assert_eq!(t.db, 2);
+        assert_eq!(t.keyprefix.as_deref(), Some("app:"));
+        assert_eq!(
+            s.master_url("127.0.0.1", 7000),
+            "redis://:pw@127.0.0.1:7000/2"
+        );
+        assert_eq!(s.master_url("::1", 7000), "redis://:pw@[::1]:7000/2");
+        assert!(!t.redacted.contains("pw@") && !t.redacted.contains("other@"));
+        assert_eq!(
+            t.redacted,
+            "sentinel://:***@10.0.0.1:26380/2?global_keyprefix=app%3A;sentinel://10.0.0.2;\
+             sentinel://:***@[::1]:26381/5"
+        );
+        let one = parse("sentinel://h").sentinel.unwrap();
+        assert_eq!(one.sentinels, [("h".to_owned(), 26379)]);
+        assert_eq!(one.master_url("m", 1), "redis://m:1/0");
+        let user = parse("sentinel://app:pw@h/0?protocol=resp3")
+            .sentinel
+            .unwrap();
+        assert_eq!(
+            user.master_url("m", 1),
+            "redis://app:pw@m:1/0?protocol=resp3"
+        );
+    }
+
+    #[test]
+    fn bad_sentinel_lists_say_why_without_secrets() {
+        for (url, want) in [
+            ("sentinel://:pw@h:x/0", "port must be a number"),
+            (
+                "sentinel://:pw@h/0;redis://h2",
+                "must start with sentinel://",
+            ),
+            ("sentinel://:pw@/0", "without a host"),
+            ("sentinel://:pw@h/zero", "database must be a number"),
+            ("sentinel://:pw@[::1/0", "unclosed ["),
+        ] {
+            let e = parse_url(url, ErrorKind::Backend).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Backend, "{url}");
+            let e = e.to_string();
+            assert!(e.contains(want), "{url}: {e}");
+            assert!(!e.contains("pw@"), "{url} leaks the password: {e}");
+        }
+        let e = parse_url("sentinel://:pw@h/0?ssl_cert_reqs=none", ErrorKind::Broker).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(
+            e.to_string()
+                .contains("TLS to Redis through Sentinel is not supported"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("pw@"), "{e}");
+    }
+
+    #[test]
+    fn options_take_celerys_transport_options_and_hide_the_password() {
+        let text = "[broker_transport_options]\nmaster_name = \"mymaster\"\n\
+                    sentinel_kwargs = { password = \"s3cret\" }\n";
+        let config =
+            Config::from_sources(Some((std::path::Path::new("c.toml"), text)), |_| None).unwrap();
+        let o = RedisOptions::from_config(&config);
+        assert_eq!(o.get_master_name(), Some("mymaster"));
+        assert_eq!(o.sentinel_auth(), (None, Some("s3cret")));
+        assert!(!format!("{o:?}").contains("s3cret"), "{o:?}");
+        let o = RedisOptions::default()
+            .master_name("m")
+            .sentinel_credentials(Some("u"), Some("p"));
+        assert_eq!(o.sentinel_auth(), (Some("u"), Some("p")));
     }
 }

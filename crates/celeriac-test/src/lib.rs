@@ -13,6 +13,8 @@
 //! - [`services`]: skip-or-fail checks for external servers ([`services::require_service`]),
 //!   fresh SQLite files under `target/` ([`services::temp_sqlite_path`]), unique queue names and
 //!   ready-made task messages.
+//! - [`fuzz`]: a mutation fuzzer for the decoders of untrusted input, run for a fixed budget
+//!   by the tests and for longer by `scripts/fuzz`.
 //! - [`python`]: the Python Celery side of interop tests: a pinned venv made on first use, a
 //!   Python worker process ([`python::PythonWorker`]) and Python client snippets
 //!   ([`python::run_python_client`]).
@@ -42,6 +44,7 @@
 //! driver crate needs no tokio dev-dependency for them.
 
 pub mod conformance;
+pub mod fuzz;
 pub mod python;
 pub mod services;
 

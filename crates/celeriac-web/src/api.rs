@@ -89,6 +89,7 @@ pub(crate) fn routes(web: Web) -> Router {
         .route("/api/beat", get(beat_list))
         .route("/api/beat/{name}/{action}", post(beat_action))
         .route("/api/stats", get(stats))
+        .route("/api/info", get(info))
         .route("/api/stream", get(stream))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -731,6 +732,23 @@ async fn stats(State(web): State<Web>) -> ApiResult {
         "bucket_secs": BUCKET_SECS,
         "series": series,
         "queues": c.queues.iter().map(|(q, s)| (q.clone(), json!({"ready": s.ready, "delayed": s.delayed, "unacked": s.unacked}))).collect::<Map<String, Value>>(),
+    }))
+}
+
+/// What the dashboard needs to know about this server: whether it may change anything, which
+/// broker it reads, whether that broker carries events and remote control, whether beat
+/// entries are served.
+async fn info(State(web): State<Web>) -> ApiResult {
+    let s = &web.shared;
+    ok(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "read_only": s.options.read_only,
+        "broker": s.broker.driver(),
+        "events": s.broker.broadcast().is_some(),
+        "beat": s.beat.is_some(),
+        "preview": s.options.preview,
+        "default_queue": s.config.default_queue,
+        "bucket_secs": BUCKET_SECS,
     }))
 }
 

@@ -32,6 +32,7 @@
 //! | `POST /api/dead/<queue>/requeue`, `POST /api/dead/<queue>/purge` | `{"ids": [...]}` (none: all) |
 //! | `GET /api/beat`, `POST /api/beat/<name>/{pause,resume,trigger}` | periodic-task entries |
 //! | `GET /api/stats` | totals and the chart series (5 s buckets, one hour) |
+//! | `GET /api/info` | what the dashboard needs: `version`, `read_only`, `broker`, `events`, `beat`, `preview` |
 //! | `GET /api/stream` | server-sent events: a `tick` each second with totals, workers and the ids of changed tasks |
 //! | `GET /metrics` | Prometheus text format (see [`metrics`]) |
 //! | `GET /healthz` | `{"ok": true, "broker": ..., "backend": ...}` (no authentication) |
@@ -207,6 +208,14 @@ impl Web {
             api::routes(self.clone()).merge(assets::routes()),
             self.clone(),
         )
+    }
+
+    /// The routes of [`Web::router`] but the dashboard page and its assets (so the status
+    /// view, the API, `/metrics` and `/healthz`), behind the same guards: for an app that
+    /// serves its own pages at `/` and merges these into its router. Like [`Web::router`],
+    /// nothing feeds the cluster state until [`Web::start`].
+    pub fn api_router(&self) -> axum::Router {
+        guard::wrap(api::routes(self.clone()), self.clone())
     }
 
     /// Starts reading events, sampling queues and (by default) enabling task events on the

@@ -676,7 +676,7 @@ async fn the_dashboard_and_its_assets_are_served_from_the_binary() {
             .unwrap()
             .starts_with("text/html")
     );
-    assert!(page.body.contains("/assets/app.js"));
+    assert!(page.body.contains("\"/assets/app.js\""));
     let js = get(&s, "/assets/app.js").await;
     assert!(
         js.header("content-type")
@@ -684,6 +684,16 @@ async fn the_dashboard_and_its_assets_are_served_from_the_binary() {
             .starts_with("text/javascript")
     );
     assert!(js.body.contains("EventSource"));
+    let info = get(&s, "/api/info").await.json();
+    assert_eq!(
+        (
+            info["read_only"].clone(),
+            info["broker"].clone(),
+            info["events"].clone()
+        ),
+        (json!(false), json!("memory"), json!(true)),
+        "{info}"
+    );
     assert!(
         !page.body.contains("http://") && !page.body.contains("https://"),
         "no outside asset"
@@ -717,4 +727,42 @@ async fn the_embedded_sqlite_default_serves_the_same_api() {
     )
     .await;
     s.stop.warm();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_works_nested_under_a_prefix() {
+    let app = App::builder()
+        .broker_url("memory://")
+        .task::<add>()
+        .build()
+        .await
+        .expect("app");
+    let web = app.web();
+    let _running = web.start();
+    let router = axum::Router::new().nest("/ops", web.router());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    // The page at the prefix asks for its assets under it (the script finds the API there).
+    let page = http(addr, "GET", "/ops", &[], "").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("\"/ops/assets/app.js\""),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body.contains("\"/ops/assets/style.css\""),
+        "{}",
+        page.body
+    );
+    for path in [
+        "/ops/assets/app.js",
+        "/ops/assets/style.css",
+        "/ops/api/info",
+    ] {
+        assert_eq!(http(addr, "GET", path, &[], "").await.status, 200, "{path}");
+    }
 }

@@ -103,6 +103,10 @@ pub struct WorkerOptions {
     /// signed control requests are not supported yet, and unsigned ones are refused under
     /// `auth` as Celery's workers refuse them.
     pub remote_control: bool,
+    /// The remote-control commands this worker obeys (`[worker] control_allow`,
+    /// `--control-allow`); a refused one gets an error reply and changes nothing. Default:
+    /// every command.
+    pub control_allow: celeriac_core::broadcast::control::ControlAllow,
     /// The broker's URL, for `stats` and `conf` replies (shown without its password).
     pub broker_url: Option<String>,
 }
@@ -158,6 +162,7 @@ impl Default for WorkerOptions {
             heartbeat_interval: Duration::from_secs(2),
             autoscale: None,
             remote_control: true,
+            control_allow: celeriac_core::broadcast::control::ControlAllow::All,
             max_message_size: Some(celeriac_core::config::DEFAULT_MAX_MESSAGE_SIZE),
             time_limit: None,
             soft_time_limit: None,
@@ -197,6 +202,7 @@ impl WorkerOptions {
             inline_brief: w.inline_brief,
             task_events: w.task_events,
             heartbeat_interval: w.heartbeat_interval,
+            control_allow: w.control_allow.clone(),
             broker_url: Some(config.broker_url().to_owned()),
             max_message_size: config.max_message_size,
             ..WorkerOptions::default()

@@ -64,6 +64,10 @@
 //! - `beat` (default): periodic tasks, [`beat`]; `beat` and `worker -B` in the CLI.
 //! - `cli` (default): [`cli::run`].
 //! - `msgpack`: the msgpack body codec.
+//! - `otel`: OpenTelemetry trace propagation: a task sent inside a span carries the W3C
+//!   `traceparent`/`tracestate` headers and the worker's task span continues that trace
+//!   (`celeriac::core::otel`; an exporter is added with `cli::run_with_layer`; see the
+//!   operations guide).
 //! - `security`: signed messages, compatible with Celery's `auth` serializer
 //!   (`serializer = "auth"`; `celeriac::security::Security`). See docs/SECURITY.md.
 

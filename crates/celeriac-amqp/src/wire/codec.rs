@@ -968,4 +968,61 @@ mod tests {
         assert!(decode_method(&[0, 60]).is_err());
         assert!(Enc::default().shortstr(&"x".repeat(256)).is_err());
     }
+
+    #[test]
+    fn fuzz_frames() {
+        let mut table = Enc::default();
+        table.table(&every_type()).unwrap();
+        let header = encode_header(
+            &Properties {
+                content_type: Some("application/json".to_owned()),
+                content_encoding: Some("utf-8".to_owned()),
+                headers: Some(every_type()),
+                delivery_mode: Some(2),
+                priority: Some(3),
+                correlation_id: Some("id".to_owned()),
+                reply_to: Some("q".to_owned()),
+                timestamp: Some(1_700_000_000),
+                ..Properties::default()
+            },
+            42,
+        )
+        .unwrap();
+        // basic.deliver: consumer tag, delivery tag, redelivered, exchange, routing key.
+        let mut deliver = Enc::method(60, 60);
+        deliver
+            .shortstr("ctag")
+            .unwrap()
+            .u64(7)
+            .bit(true)
+            .shortstr("")
+            .unwrap()
+            .shortstr("celery")
+            .unwrap();
+        // connection.start: versions, server properties, mechanisms, locales.
+        let mut start = Enc::method(10, 10);
+        start
+            .u8(0)
+            .u8(9)
+            .table(&every_type())
+            .unwrap()
+            .longstr(b"PLAIN AMQPLAIN")
+            .unwrap()
+            .longstr(b"en_US")
+            .unwrap();
+        let seeds: [&[u8]; 4] = [&table.buf, &header, &deliver.buf, &start.buf];
+        celeriac_test::fuzz::fuzz(
+            "amqp_frames",
+            &seeds,
+            &[b"\x00\x3c", b"L", b"F", b"A"],
+            |input| {
+                let _ = Dec::new(input).table();
+                let _ = decode_method(input);
+                if let Ok((_, _, p)) = decode_header(input) {
+                    // What was read encodes again.
+                    let _ = encode_header(&p.properties, 1);
+                }
+            },
+        );
+    }
 }

@@ -15,3 +15,6 @@ mod policy;
 
 // Start-up checks and the command line (`beat add/list/pause/...`).
 mod cli;
+
+// The crontab parser and next-tick search under fuzzed text.
+mod fuzz;

@@ -11,6 +11,115 @@ use serde_json::{Map, Value};
 use super::{Broadcasted, REPLY_EXCHANGE};
 use crate::error::{Error, Result};
 
+/// The read-only commands (`celery inspect`), by their names.
+pub const INSPECT_COMMANDS: &[&str] = &[
+    "ping",
+    "stats",
+    "active",
+    "reserved",
+    "scheduled",
+    "revoked",
+    "registered",
+    "query_task",
+    "active_queues",
+    "conf",
+    "report",
+    "clock",
+    "hello",
+];
+
+/// The commands that change a worker (`celery control`), by their names.
+pub const CONTROL_COMMANDS: &[&str] = &[
+    "revoke",
+    "terminate",
+    "revoke_by_stamped_headers",
+    "rate_limit",
+    "time_limit",
+    "shutdown",
+    "pool_grow",
+    "pool_shrink",
+    "autoscale",
+    "pool_restart",
+    "add_consumer",
+    "cancel_consumer",
+    "enable_events",
+    "disable_events",
+    "heartbeat",
+];
+
+/// A command's name without Celery's older aliases (`dump_active` is `active`).
+pub fn canonical_command(method: &str) -> &str {
+    match method {
+        "dump_active" => "active",
+        "dump_reserved" => "reserved",
+        "dump_schedule" => "scheduled",
+        "dump_revoked" => "revoked",
+        "dump_tasks" => "registered",
+        "dump_conf" => "conf",
+        other => other,
+    }
+}
+
+/// Which remote-control commands a worker obeys (`[worker] control_allow`): every one (the
+/// default, as Celery), or only those listed. A list holds command names and the groups
+/// `inspect` (every read-only command) and `control` (every command that changes the worker).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ControlAllow {
+    /// Every command.
+    #[default]
+    All,
+    /// Only these commands (canonical names).
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl ControlAllow {
+    /// Reads a list of names and groups; an unknown name is an error that lists the known.
+    pub fn from_names<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Result<Self> {
+        let mut only = std::collections::BTreeSet::new();
+        for name in names {
+            let name = name.as_ref().trim();
+            match name {
+                "all" => return Ok(ControlAllow::All),
+                "inspect" => only.extend(INSPECT_COMMANDS.iter().map(|c| (*c).to_owned())),
+                "control" => only.extend(CONTROL_COMMANDS.iter().map(|c| (*c).to_owned())),
+                _ => {
+                    let c = canonical_command(name);
+                    if !INSPECT_COMMANDS.contains(&c) && !CONTROL_COMMANDS.contains(&c) {
+                        return Err(Error::config(format!(
+                            "unknown remote-control command {name:?} in control_allow (known: \
+                             the groups all, inspect and control, and {}, {})",
+                            INSPECT_COMMANDS.join(", "),
+                            CONTROL_COMMANDS.join(", ")
+                        )));
+                    }
+                    only.insert(c.to_owned());
+                }
+            }
+        }
+        Ok(ControlAllow::Only(only))
+    }
+
+    /// Whether a request of `method` is obeyed. A method that is no command at all is let
+    /// through, to be answered as unknown.
+    pub fn allows(&self, method: &str) -> bool {
+        let c = canonical_command(method);
+        match self {
+            ControlAllow::All => true,
+            ControlAllow::Only(only) => {
+                only.contains(c)
+                    || (!INSPECT_COMMANDS.contains(&c) && !CONTROL_COMMANDS.contains(&c))
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ControlAllow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        ControlAllow::from_names(names).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Where a request wants its replies: Celery's `reply_to` map.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplyTo {
@@ -276,6 +385,33 @@ pub fn fnmatch(pattern: &str, name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_allow_list_reads_groups_names_and_aliases() {
+        let a = ControlAllow::from_names(["inspect", "revoke"]).unwrap();
+        for m in ["ping", "stats", "dump_active", "revoke", "frobnicate"] {
+            assert!(a.allows(m), "{m}");
+        }
+        for m in ["shutdown", "rate_limit", "pool_restart", "terminate"] {
+            assert!(!a.allows(m), "{m}");
+        }
+        assert_eq!(
+            ControlAllow::from_names(["ping", "all"]).unwrap(),
+            ControlAllow::All
+        );
+        assert!(ControlAllow::from_names(Vec::<String>::new()).unwrap() != ControlAllow::All);
+        assert!(
+            !ControlAllow::from_names(Vec::<String>::new())
+                .unwrap()
+                .allows("ping")
+        );
+        let e = ControlAllow::from_names(["shutdwon"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"shutdwon\"") && e.contains("shutdown"), "{e}");
+        let every = ControlAllow::from_names(["control"]).unwrap();
+        assert!(every.allows("shutdown") && !every.allows("ping"));
+    }
+
     use super::*;
     use serde_json::json;
 

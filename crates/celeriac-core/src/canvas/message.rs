@@ -162,6 +162,9 @@ pub fn build_call(
     headers.group = o.group_id.clone();
     headers.group_index = o.group_index;
     headers.extra = o.headers.clone();
+    // Every send goes through here: the client's, the worker's canvas steps, the web API's.
+    #[cfg(feature = "otel")]
+    headers.inject_current_trace();
 
     let some = |v: &Vec<Signature>| (!v.is_empty()).then(|| v.clone());
     let embed = Embed {

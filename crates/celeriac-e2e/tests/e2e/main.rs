@@ -27,3 +27,9 @@ mod beat;
 
 // The deployment files (systemd units, supervisor config).
 mod deploy;
+
+// The log flags: -l in Celery's words, --logfile, --log-format json.
+mod logging;
+
+// Trace propagation (feature otel): the worker's task span continues the client's trace.
+mod otel;

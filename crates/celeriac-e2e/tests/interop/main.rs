@@ -33,5 +33,7 @@ mod canvas;
 // Celery's inspect, control, events and Flower against our worker; a mixed cluster's tools.
 mod control;
 
+// W3C trace context (feature otel): a Python client's traceparent continued by our worker.
+mod otel;
 // Signed messages (Celery's auth serializer) both ways, and forgeries refused.
 mod security;

@@ -66,7 +66,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Inner;
-use crate::conn::{Backoff, Redis, is_connection_error};
+use crate::conn::{Backoff, Redis, is_connection_error, master_switch};
 use crate::keys::{BrokerKeys, SEP, event_queue, pidbox_queue, reply_queue};
 use crate::scripts;
 
@@ -125,6 +125,7 @@ impl Broadcast for Inner {
             let member = BrokerKeys::binding_member(&key, &queue);
             let lists = self.keys.lists(&queue).to_vec();
             let binding = Binding::bind(self, REPLY_EXCHANGE, member, queue).await?;
+            let conn_switches = self.redis.switch_count();
             let conn = self
                 .redis
                 .dedicated(REPLY_RESPONSE_TIMEOUT)
@@ -134,6 +135,7 @@ impl Broadcast for Inner {
                 redis: self.redis.clone(),
                 lists: lists.into(),
                 conn: Some(conn),
+                conn_switches,
                 pending: None,
                 closed: self.closed.subscribe(),
                 bound: binding,
@@ -405,6 +407,8 @@ struct Subscription {
     stream: PubSubStream,
     /// When the connection last showed it is alive (a message or a pong).
     alive_at: Instant,
+    /// With Sentinel: told when the master moves (the subscription is then renewed there).
+    switches: Option<watch::Receiver<u64>>,
 }
 
 impl std::fmt::Debug for Listener {
@@ -477,12 +481,17 @@ impl Listener {
 /// Opens a pub/sub connection and `PSUBSCRIBE`s `pattern`, confirmed.
 async fn subscribe(redis: &Redis, pattern: &str) -> redis::RedisResult<Subscription> {
     let r = async {
-        let (mut sink, stream) = redis.client().get_async_pubsub().await?.split();
+        let mut switches = redis.switches();
+        if let Some(rx) = &mut switches {
+            rx.borrow_and_update();
+        }
+        let (mut sink, stream) = redis.pubsub().await?.split();
         sink.psubscribe(pattern).await?;
         Ok(Subscription {
             sink,
             stream,
             alive_at: Instant::now(),
+            switches,
         })
     };
     match tokio::time::timeout(SUBSCRIBE_TIMEOUT, r).await {
@@ -581,6 +590,12 @@ impl Inbox for Listener {
                             }
                         }
                     }
+                    () = master_switch(&mut sub.switches) => {
+                        tracing::info!(url = %self.redis.url,
+                            "redis {} inbox follows the new master (messages published meanwhile are lost)",
+                            self.what);
+                        self.sub = None;
+                    }
                     () = closing(&mut closed) => return Ok(None),
                 }
             }
@@ -593,6 +608,8 @@ struct Replies {
     redis: Arc<Redis>,
     lists: Arc<[String]>,
     conn: Option<MultiplexedConnection>,
+    /// The Sentinel master switch count `conn` was opened at (always 0 without Sentinel).
+    conn_switches: u64,
     /// The wait in flight, kept across cancelled `next()` calls.
     pending: Option<JoinHandle<redis::RedisResult<Option<Vec<u8>>>>>,
     closed: watch::Receiver<bool>,
@@ -639,6 +656,11 @@ impl Inbox for Replies {
                 if is_closed(&closed) {
                     return Ok(None);
                 }
+                if self.pending.is_none() && self.conn_switches != self.redis.switch_count() {
+                    // A Sentinel failover: wait on the new master.
+                    self.conn = None;
+                }
+                let switches_now = self.redis.switch_count();
                 let pending = match &mut self.pending {
                     Some(p) => p,
                     None => {
@@ -646,6 +668,7 @@ impl Inbox for Replies {
                             Some(c) => c.clone(),
                             None => match self.redis.dedicated(REPLY_RESPONSE_TIMEOUT).await {
                                 Ok(c) => {
+                                    self.conn_switches = switches_now;
                                     self.bound.renew().await;
                                     self.conn.insert(c).clone()
                                 }

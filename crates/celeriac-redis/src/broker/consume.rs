@@ -25,7 +25,7 @@ use super::ack::RedisAcker;
 use super::restore::restore_visible;
 use super::{BATCH_LIMIT, Info, Inner, ms_of, now_secs, ours_from_kombu};
 use crate::backend::decode_meta;
-use crate::conn::{Backoff, is_connection_error};
+use crate::conn::{Backoff, is_connection_error, master_switch};
 use crate::keys::{PRIORITY_STEPS, step_for};
 use crate::scripts;
 
@@ -76,6 +76,9 @@ struct FetchState {
     order: VecDeque<String>,
     next_promote: Instant,
     next_sweep: Instant,
+    /// The Sentinel master switch count the connections were opened at (always 0 without
+    /// Sentinel): when it moves they may be on the old master, and are reopened.
+    switches: u64,
 }
 
 /// A pub/sub connection subscribed to the wake-up channels of a consumer's queues.
@@ -151,6 +154,7 @@ impl RedisConsumer {
                 order: queues.iter().cloned().collect(),
                 next_promote: Instant::now(),
                 next_sweep: Instant::now(),
+                switches: broker.redis.switch_count(),
             }),
         });
         RedisConsumer {
@@ -232,9 +236,18 @@ impl ConsumerShared {
     ) -> Result<Vec<Fetched>> {
         let mut st = self.fetch.lock().await;
         let mut backoff = Backoff::new();
+        let mut announced = self.broker.redis.switches();
         loop {
             if self.closed() || tx.is_closed() {
                 return Ok(Vec::new());
+            }
+            let switches = self.broker.redis.switch_count();
+            if switches != st.switches {
+                // A Sentinel failover: reconnect (to the new master) before fetching again.
+                st.switches = switches;
+                st.conn = None;
+                st.pushes = None;
+                st.wake = None;
             }
             self.maintain(&mut st).await;
             let first = tokio::select! {
@@ -303,7 +316,16 @@ impl ConsumerShared {
                         "redis consumer lost its connection; reconnecting"
                     );
                     drop(permits);
-                    tokio::time::sleep(delay).await;
+                    // A new master announced (now or while waiting): try it at once.
+                    if let Some(rx) = &mut announced {
+                        rx.borrow_and_update();
+                    }
+                    if self.broker.redis.switch_count() == st.switches {
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = master_switch(&mut announced) => {}
+                        }
+                    }
                 }
             }
         }
@@ -313,7 +335,7 @@ impl ConsumerShared {
     async fn subscribe(&self, st: &mut FetchState) -> bool {
         let channels: Vec<String> = st.order.iter().map(|q| self.broker.keys.wake(q)).collect();
         let r = async {
-            let pubsub = self.broker.redis.client().get_async_pubsub().await?;
+            let pubsub = self.broker.redis.pubsub().await?;
             let (mut sink, stream) = pubsub.split();
             sink.subscribe(&channels).await?;
             Ok::<_, redis::RedisError>(Wake {

@@ -92,7 +92,7 @@ async fn opens_from_urls_through_the_driver_table() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("(known: memory, redis, rediss, unix, redis+socket, socket)"),
+        e.contains("(known: memory, redis, rediss, unix, redis+socket, sentinel, socket)"),
         "{e}"
     );
     if !util::redis_up() {

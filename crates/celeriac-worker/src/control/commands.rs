@@ -34,6 +34,18 @@ fn py_str(s: &str) -> String {
 /// node's own `hello`).
 pub(super) async fn dispatch(node: &Node, req: &Request) -> Option<Value> {
     let a = &req.arguments;
+    if !node.options.control_allow.allows(&req.method) {
+        // Refused out loud, `shutdown` included (which otherwise sends no reply), so the
+        // operator learns why nothing happened.
+        tracing::warn!(
+            method = %req.method,
+            "remote-control command refused: not in this worker's control_allow"
+        );
+        return Some(nok(format!(
+            "{} is not allowed on this worker (control_allow)",
+            req.method
+        )));
+    }
     let answer = match req.method.as_str() {
         "ping" => ok("pong"),
         "stats" => stats(node),

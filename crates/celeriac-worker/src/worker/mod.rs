@@ -457,6 +457,14 @@ fn spawn_delivery(
         task_name = tracing::field::Empty,
         queue = %delivery.queue,
     );
+    // Before the span is first entered: once started, an OpenTelemetry span keeps its parent.
+    #[cfg(feature = "otel")]
+    if let Ok(m) = &delivery.message
+        && let Some(cx) = m.headers.trace_context()
+    {
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let _ = span.set_parent(cx);
+    }
     // Boxed: the handler's state machine is several kilobytes (4.8 KB in a debug build), and
     // tokio moves a spawned future by value through its spawn path and again when the task's
     // output is taken; boxed, each of those moves is a pointer's. `perf` of a Redis drain:

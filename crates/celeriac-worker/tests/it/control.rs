@@ -316,6 +316,49 @@ async fn control_changes_the_running_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_obeys_only_the_commands_it_allows() {
+    let gate = Opening::new();
+    let allow =
+        celeriac_core::broadcast::control::ControlAllow::from_names(["inspect", "revoke"]).unwrap();
+    let h = start(
+        tasks(&gate),
+        options(|o| {
+            o.concurrency = 1;
+            o.control_allow = allow.clone();
+        }),
+    );
+    h.until("the worker listens", || async {
+        !ask(&h, "ping", json!({})).await.is_empty()
+    })
+    .await;
+    assert_eq!(answer(&h, "ping", json!({})).await, json!({"ok": "pong"}));
+    assert!(answer(&h, "dump_active", json!({})).await.is_array());
+    // Refused: an error reply, and nothing changed.
+    let refused = answer(
+        &h,
+        "rate_limit",
+        json!({"task_name": "tasks.add", "rate_limit": "2/s"}),
+    )
+    .await;
+    assert_eq!(
+        refused,
+        json!({"error": "rate_limit is not allowed on this worker (control_allow)"})
+    );
+    assert_eq!(answer(&h, "registered", json!({})).await[0], "tasks.add");
+    // `shutdown` answers when refused (an obeyed one sends no reply), and the worker stays.
+    let refused = answer(&h, "shutdown", json!({})).await;
+    assert!(
+        refused["error"].as_str().unwrap().contains("not allowed"),
+        "{refused}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(answer(&h, "ping", json!({})).await, json!({"ok": "pong"}));
+    // Allowed by name.
+    let revoked = answer(&h, "revoke", json!({"task_id": "some-id"})).await;
+    assert!(revoked["ok"].as_str().is_some(), "{revoked}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_control_messages_are_dropped_and_the_worker_goes_on() {
     let gate = Opening::new();
     gate.open();

@@ -36,6 +36,7 @@ pub use beat::run_with_beat;
 mod canvas;
 mod control;
 mod dead;
+mod logging;
 mod pool_child;
 #[cfg(test)]
 mod reference;
@@ -51,9 +52,8 @@ struct Cli {
     /// Result backend URL.
     #[arg(long, global = true)]
     result_backend: Option<String>,
-    /// Log filter: error, warn, info, debug, trace, or target=level pairs (also RUST_LOG).
-    #[arg(long, short = 'l', global = true)]
-    loglevel: Option<String>,
+    #[command(flatten)]
+    logging: logging::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -123,6 +123,10 @@ struct WorkerArgs {
     /// Do not answer remote control (inspect, control).
     #[arg(long)]
     without_remote_control: bool,
+    /// Obey only these remote-control commands, comma separated: names and the groups
+    /// `inspect` (read-only) and `control` (changes); e.g. `inspect,revoke`.
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    control_allow: Vec<String>,
     /// Celery's optimization profile, `fair` or `default`, accepted so Celery command lines
     /// carry over: every pool here hands a task only to a free slot, which is what `fair` asks.
     #[arg(short = 'O', value_name = "PROFILE", value_parser = ["fair", "default"])]
@@ -215,6 +219,10 @@ impl WorkerArgs {
         }
         if self.without_remote_control {
             o.remote_control = false;
+        }
+        if !self.control_allow.is_empty() {
+            o.control_allow =
+                celeriac_core::broadcast::control::ControlAllow::from_names(&self.control_allow)?;
         }
         celeriac_core::config::check_prefetch(o.concurrency, o.prefetch_buffer)
             .map_err(anyhow::Error::from)
@@ -373,7 +381,19 @@ const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 /// Parses the process arguments, builds the app and runs the command.
 pub fn run(builder: AppBuilder) -> ExitCode {
-    run_with(builder, std::env::args_os(), true)
+    run_with(builder, std::env::args_os(), true, Vec::new())
+}
+
+pub use logging::BoxedLayer;
+
+/// Like [`run`], adding `layer` to the subscriber the command line installs, beside its log
+/// output: an OpenTelemetry exporter (`tracing_opentelemetry::layer().with_tracer(..)`), for
+/// example. `-l` filters the log output only, not `layer`.
+pub fn run_with_layer<L>(builder: AppBuilder, layer: L) -> ExitCode
+where
+    L: tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync + 'static,
+{
+    run_with(builder, std::env::args_os(), true, vec![Box::new(layer)])
 }
 
 /// Like [`run`], with explicit arguments (the first is the program name).
@@ -382,17 +402,23 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    run_with(builder, args, false)
+    run_with(builder, args, false, Vec::new())
 }
 
 /// Runs the command line; `own_process` when it is the process's `main` (not a test calling
-/// [`run_from`]), which may then set process-wide signal dispositions.
-fn run_with<I, T>(builder: AppBuilder, args: I, own_process: bool) -> ExitCode
+/// [`run_from`]), which may then set process-wide signal dispositions; `layers` are added to
+/// the subscriber beside the log output.
+fn run_with<I, T>(
+    builder: AppBuilder,
+    args: I,
+    own_process: bool,
+    mut layers: Vec<BoxedLayer>,
+) -> ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    if let Some(code) = pool_child::run_if_child(&builder) {
+    if let Some(code) = pool_child::run_if_child(&builder, &mut layers) {
         return code;
     }
     let cli = match Cli::try_parse_from(args) {
@@ -412,7 +438,10 @@ where
         // Rust's default (SIGPIPE ignored): a worker must never die of a closed pipe.
         sigpipe::reset();
     }
-    init_logging(cli.loglevel.as_deref());
+    if let Err(e) = logging::init(&cli.logging, layers) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -460,30 +489,6 @@ fn error_line(e: &anyhow::Error) -> String {
         }
     }
     line
-}
-
-// The command line is a binary's front end: reading RUST_LOG here is its job.
-#[allow(clippy::disallowed_methods)]
-fn init_logging(level: Option<&str>) {
-    use tracing_subscriber::filter::Targets;
-    use tracing_subscriber::prelude::*;
-    let spec = level
-        .map(str::to_owned)
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".to_owned());
-    let filter: Targets = spec.parse().unwrap_or_else(|_| {
-        eprintln!("warning: invalid log filter {spec:?}; using info");
-        Targets::new().with_default(tracing::Level::INFO)
-    });
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    let _ = tracing_subscriber::registry()
-        .with(fmt)
-        .with(filter)
-        .try_init();
 }
 
 async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode> {
@@ -1019,6 +1024,10 @@ mod tests {
                 "cannot be used with",
             ),
             (&["-P", "forks"], "unknown pool"),
+            (
+                &["--control-allow", "inspect,shutdwon"],
+                "unknown remote-control command",
+            ),
             (
                 &["-c", "2", "--prefetch-buffer", "1000000"],
                 "prefetch 1000002 (concurrency 2 + prefetch_buffer 1000000) is more than 65535",

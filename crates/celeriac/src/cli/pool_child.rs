@@ -11,10 +11,14 @@ use std::process::ExitCode;
 use crate::AppBuilder;
 
 /// Runs the pool child loop when this process is a pool child; `None` otherwise.
-pub(super) fn run_if_child(builder: &AppBuilder) -> Option<ExitCode> {
+pub(super) fn run_if_child(
+    builder: &AppBuilder,
+    layers: &mut Vec<super::BoxedLayer>,
+) -> Option<ExitCode> {
     if !celeriac_worker::is_pool_child() {
         return None;
     }
-    super::init_logging(None);
+    // Standard error and RUST_LOG, the defaults: the child never sees the worker's flags.
+    let _ = super::logging::init(&super::logging::LogArgs::default(), std::mem::take(layers));
     Some(celeriac_worker::run_child(&builder.task_registry()))
 }
