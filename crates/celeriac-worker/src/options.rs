@@ -99,9 +99,10 @@ pub struct WorkerOptions {
     /// (16 MiB); from config, [`Config::max_message_size`].
     pub max_message_size: Option<usize>,
     /// Listen for remote-control requests (`inspect`, `control`) when the broker carries
-    /// them. Default `true`. Off whatever this says when [`signer`](Self::signer) is set:
-    /// signed control requests are not supported yet, and unsigned ones are refused under
-    /// `auth` as Celery's workers refuse them.
+    /// them. Default `true`. With a [`signer`](Self::signer) the worker listens only when
+    /// [`control_allow`](Self::control_allow) lists commands: signed control requests are not
+    /// supported yet, and under `auth` unsigned ones are refused as Celery's workers refuse
+    /// them, unless the operator allowed them by name.
     pub remote_control: bool,
     /// The remote-control commands this worker obeys (`[worker] control_allow`,
     /// `--control-allow`); a refused one gets an error reply and changes nothing. Default:
