@@ -36,6 +36,19 @@ app.conf.update(
     worker_prefetch_multiplier=1,
 )
 
+# Signed messages (Celery's auth serializer), for celeriac's signing interop tests: set when
+# CELERY_SECURITY_KEY, CELERY_SECURITY_CERTIFICATE and CELERY_SECURITY_CERT_STORE name the files.
+if os.environ.get("CELERY_SECURITY_KEY"):
+    app.conf.update(
+        security_key=os.environ["CELERY_SECURITY_KEY"],
+        security_certificate=os.environ["CELERY_SECURITY_CERTIFICATE"],
+        security_cert_store=os.environ["CELERY_SECURITY_CERT_STORE"],
+        security_digest=os.environ.get("CELERY_SECURITY_DIGEST", "sha256"),
+        task_serializer="auth",
+        accept_content=["auth"],
+    )
+    app.setup_security()
+
 
 @app.task(name="tasks.add")
 def add(x, y):

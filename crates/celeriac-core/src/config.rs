@@ -98,8 +98,25 @@ pub struct Config {
     /// How many times a starting worker tries again before it gives up (Celery's
     /// `broker_connection_max_retries`); `0`: it never gives up. Default 100.
     pub broker_connection_max_retries: u32,
-    /// Body serializer: `json` (default) or `msgpack`; any other name fails the load.
+    /// Body serializer: `json` (default), `msgpack`, or `auth` (JSON bodies signed with an
+    /// X.509 key, Celery's `auth` serializer: needs the `security` feature and the
+    /// `security_*` settings; see docs/SECURITY.md); any other name fails the load.
     pub serializer: crate::protocol::ContentType,
+    /// With `serializer = "auth"`: PEM file of this app's RSA private key (Celery's
+    /// `security_key`).
+    pub security_key: Option<String>,
+    /// The passphrase of an encrypted `security_key` (Celery's `security_key_password`).
+    /// Never printed.
+    pub security_key_password: Option<Password>,
+    /// With `serializer = "auth"`: PEM file of the certificate of `security_key` (Celery's
+    /// `security_certificate`).
+    pub security_certificate: Option<String>,
+    /// With `serializer = "auth"`: the trusted certificates, a directory of PEM files or a
+    /// pattern such as `/etc/celery/certs/*.pem` (Celery's `security_cert_store`).
+    pub security_cert_store: Option<String>,
+    /// With `serializer = "auth"`: the digest signatures use, `sha256` (default), `sha384`,
+    /// `sha512` or `sha224` (Celery's `security_digest`).
+    pub security_digest: String,
     /// Store STARTED when a task begins (per-task option wins when set). Default false.
     pub track_started: bool,
     /// Task-name glob → queue.
@@ -121,6 +138,30 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// The `[beat]` table, read by the beat scheduler (`celeriac::beat`).
     pub beat: Option<toml::Table>,
+}
+
+/// A secret read from the configuration: its `Debug` form is `"***"`, so printing a
+/// [`Config`] never shows it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Password(String);
+
+impl Password {
+    /// Wraps `secret`.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Password(secret.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
 }
 
 /// Worker settings.
@@ -181,6 +222,11 @@ impl Default for Config {
             broker_connection_retry_on_startup: true,
             broker_connection_max_retries: 100,
             serializer: crate::protocol::ContentType::Json,
+            security_key: None,
+            security_key_password: None,
+            security_certificate: None,
+            security_cert_store: None,
+            security_digest: "sha256".to_owned(),
             track_started: false,
             routes: BTreeMap::new(),
             celery_worker_queues: Vec::new(),
@@ -430,6 +476,23 @@ impl Config {
                 .parse()
                 .map_err(|e: Error| Error::config(format!("CELERIAC_SERIALIZER: {e}")))?;
         }
+        let set = |slot: &mut Option<String>, name: &str| {
+            if let Some(v) = env(name) {
+                *slot = Some(v);
+            }
+        };
+        set(&mut cfg.security_key, "CELERIAC_SECURITY_KEY");
+        set(
+            &mut cfg.security_certificate,
+            "CELERIAC_SECURITY_CERTIFICATE",
+        );
+        set(&mut cfg.security_cert_store, "CELERIAC_SECURITY_CERT_STORE");
+        if let Some(v) = env("CELERIAC_SECURITY_KEY_PASSWORD") {
+            cfg.security_key_password = Some(Password(v));
+        }
+        if let Some(v) = env("CELERIAC_SECURITY_DIGEST") {
+            cfg.security_digest = v;
+        }
         if let Some(v) = env("CELERIAC_CONCURRENCY") {
             cfg.worker.concurrency = v.parse().map_err(|_| {
                 Error::config(format!("CELERIAC_CONCURRENCY must be a number, got {v:?}"))
@@ -608,6 +671,47 @@ mod tests {
         assert_eq!(c.beat.unwrap()["timezone"].as_str(), Some("UTC"));
     }
 
+    /// Celery's security settings under their own names, from the file or the environment;
+    /// the key password never shows in debug output. See: issue 26
+    #[test]
+    fn security_settings_read_from_file_and_environment() {
+        let text = r#"
+            serializer = "auth"
+            security_key = "/k/app.key"
+            security_key_password = "hunter2"
+            security_certificate = "/k/app.pem"
+            security_cert_store = "/k/certs/*.pem"
+        "#;
+        let c = Config::from_sources(Some((Path::new("c.toml"), text)), no_env).unwrap();
+        assert_eq!(c.serializer, crate::ContentType::Auth);
+        assert_eq!(c.security_key.as_deref(), Some("/k/app.key"));
+        assert_eq!(c.security_certificate.as_deref(), Some("/k/app.pem"));
+        assert_eq!(c.security_cert_store.as_deref(), Some("/k/certs/*.pem"));
+        assert_eq!(c.security_digest, "sha256");
+        assert_eq!(
+            c.security_key_password.as_ref().map(Password::expose),
+            Some("hunter2")
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let env = |k: &str| match k {
+            "CELERIAC_SERIALIZER" => Some("auth".to_owned()),
+            "CELERIAC_SECURITY_KEY" => Some("/e/k".to_owned()),
+            "CELERIAC_SECURITY_KEY_PASSWORD" => Some("s3cret".to_owned()),
+            "CELERIAC_SECURITY_CERTIFICATE" => Some("/e/c".to_owned()),
+            "CELERIAC_SECURITY_CERT_STORE" => Some("/e/store".to_owned()),
+            "CELERIAC_SECURITY_DIGEST" => Some("sha512".to_owned()),
+            _ => None,
+        };
+        let c = Config::from_sources(None, env).unwrap();
+        assert_eq!(c.serializer, crate::ContentType::Auth);
+        assert_eq!(c.security_key.as_deref(), Some("/e/k"));
+        assert_eq!(c.security_certificate.as_deref(), Some("/e/c"));
+        assert_eq!(c.security_cert_store.as_deref(), Some("/e/store"));
+        assert_eq!(c.security_digest, "sha512");
+        assert_eq!(c.security_key_password, Some(Password::new("s3cret")));
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
     #[test]
     fn limits_have_protective_defaults_and_can_be_lifted() {
         let c = Config::from_sources(None, no_env).unwrap();
@@ -648,7 +752,7 @@ mod tests {
             ),
             (
                 "serializer = \"pickle\"",
-                "unknown serializer \"pickle\" (known: json, msgpack)",
+                "unknown serializer \"pickle\" (known: json, msgpack, auth)",
             ),
         ] {
             let e = Config::from_sources(Some((Path::new("c.toml"), text)), no_env).unwrap_err();

@@ -35,6 +35,9 @@ pub enum ErrorKind {
     Unsupported,
     /// An I/O error outside a driver.
     Io,
+    /// A signed message was refused (unsigned, tampered, unknown or expired signer), or a
+    /// message could not be signed; see [`crate::security`].
+    Security,
 }
 
 /// The error type of celeriac's libraries.

@@ -23,6 +23,9 @@
 //!   [`TaskContext`].
 //! - [`memory`]: drivers with real semantics (leases, delays, priorities) for tests, and a
 //!   beat store.
+//! - [`security`]: signed message bodies on the wire of Celery's `auth` serializer (the
+//!   [`BodySigner`](security::BodySigner) contract; keys and RSA-PSS with the `security`
+//!   feature).
 //! - [`Config`]: `celeriac.toml` plus `CELERIAC_*` variables.
 //!
 //! # Features
@@ -30,6 +33,8 @@
 //! - `msgpack`: the `application/x-msgpack` body codec.
 //! - `otel`: [`otel`]: W3C `traceparent`/`tracestate` headers written from the sending span's
 //!   OpenTelemetry context by [`canvas::build_call`], and read back for the worker.
+//! - `security`: `security::Security`, signed messages on the wire of Celery's `auth`
+//!   serializer (X.509 RSA keys through the `openssl` crate).
 
 pub mod backend;
 pub mod beat;
@@ -45,6 +50,7 @@ pub mod meta;
 pub mod otel;
 pub mod protocol;
 pub mod ratelimit;
+pub mod security;
 pub mod state;
 pub mod task;
 pub mod time;

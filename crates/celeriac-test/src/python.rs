@@ -208,6 +208,19 @@ impl PythonWorker {
         pool: PythonPool,
         extra: &[&str],
     ) -> PythonWorker {
+        Self::start_with_env(broker_url, backend_url, queues, pool, extra, &[]).await
+    }
+
+    /// Like [`PythonWorker::start_with`], with extra environment variables for the worker
+    /// (e.g. `CELERY_SECURITY_KEY`, read by `tasks.py`).
+    pub async fn start_with_env(
+        broker_url: &str,
+        backend_url: &str,
+        queues: &[&str],
+        pool: PythonPool,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> PythonWorker {
         let id = short_id();
         let node = format!("pyw{id}@{}", celeriac_core::hostname());
         let log = test_dir().join(format!("python-worker-{id}.log"));
@@ -239,6 +252,7 @@ impl PythonWorker {
             .env("CELERY_RESULT_BACKEND", backend_url)
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("PYTHONUNBUFFERED", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(file2)

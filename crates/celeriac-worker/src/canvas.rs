@@ -57,6 +57,8 @@ pub(crate) struct CanvasLayer {
     pub(crate) registry: Arc<Registry>,
     /// How messages the worker builds are serialized.
     pub(crate) content_type: ContentType,
+    /// Signs the messages the worker builds (serializer `auth`).
+    pub(crate) signer: Option<Arc<dyn celeriac_core::security::BodySigner>>,
     /// Sent messages name this worker as their origin.
     pub(crate) hostname: String,
     /// The broker parks delayed messages itself.
@@ -421,7 +423,12 @@ async fn send_one(
         .get(&sig.task)
         .map(|d| d.options.clone())
         .unwrap_or_default();
-    let sender = Sender::new(cx.content_type, Some(&cx.hostname));
+    // Under `auth` the body inside the signature is JSON, as Celery's.
+    let content_type = match cx.content_type {
+        ContentType::Auth => ContentType::Json,
+        other => other,
+    };
+    let sender = Sender::new(content_type, Some(&cx.hostname)).signed_by(cx.signer.as_deref());
     let sent = async {
         let call = Call::new(&sig.task, &sig.args, &sig.kwargs, &options);
         let out = build_call(call, &task_options, chain, &sender)?;

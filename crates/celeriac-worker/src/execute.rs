@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use celeriac_core::meta::RemoteError;
+use celeriac_core::security::BodySigner;
 use celeriac_core::{BoxFuture, Delivery, DynBroker, Registry, TaskContext};
 
 use crate::dead;
@@ -29,6 +30,10 @@ pub(crate) struct Intake {
     ///
     /// [`WorkerOptions::max_message_size`]: crate::WorkerOptions::max_message_size
     pub(crate) max_message_size: Option<usize>,
+    /// With one, only messages it verifies run ([`WorkerOptions::signer`]).
+    ///
+    /// [`WorkerOptions::signer`]: crate::WorkerOptions::signer
+    pub(crate) signer: Option<Arc<dyn BodySigner>>,
     pub(crate) recorder: Recorder,
     pub(crate) broker: DynBroker,
     pub(crate) hostname: String,
@@ -43,8 +48,12 @@ impl Intake {
     /// the message is decoded.
     pub(crate) async fn handle(self: Arc<Self>, delivery: Delivery, span: tracing::Span) {
         let (message, handle) = delivery.into_parts();
-        let decoded: Decoded = match request::decode(message, &self.registry, self.max_message_size)
-        {
+        let decoded: Decoded = match request::decode_checked(
+            message,
+            &self.registry,
+            self.max_message_size,
+            self.signer.as_deref(),
+        ) {
             Ok(d) => d,
             Err(refusal) => {
                 if let Some(id) = &refusal.task_id {

@@ -30,7 +30,15 @@ pub struct WorkerOptions {
     /// Store STARTED when a task begins (a task's own `track_started` also turns it on).
     pub track_started: bool,
     /// Serializer for messages the worker creates itself (retries re-send the original body).
+    /// [`ContentType::Auth`] (from `serializer = "auth"`) makes the worker run signed messages
+    /// only, and needs [`signer`](Self::signer): without one the worker does not start.
     pub content_type: ContentType,
+    /// Verifies incoming task messages and signs those the worker sends (canvas steps):
+    /// Celery's `auth` serializer. With one, unsigned messages, bad signatures and unknown
+    /// signers are refused (FAILURE with `celery.exceptions.SecurityError`, the message moved
+    /// intact to the dead letters). The app sets it from its configuration
+    /// (`celeriac::App::worker_options`). Default `None`.
+    pub signer: Option<std::sync::Arc<dyn celeriac_core::security::BodySigner>>,
     /// At a cold shutdown, how long running tasks get to react to their cancellation before
     /// acks-late ones are handed back. Default 2 s.
     pub cold_shutdown_grace: Duration,
@@ -91,7 +99,10 @@ pub struct WorkerOptions {
     /// (16 MiB); from config, [`Config::max_message_size`].
     pub max_message_size: Option<usize>,
     /// Listen for remote-control requests (`inspect`, `control`) when the broker carries
-    /// them. Default `true`.
+    /// them. Default `true`. With a [`signer`](Self::signer) the worker listens only when
+    /// [`control_allow`](Self::control_allow) lists commands: signed control requests are not
+    /// supported yet, and under `auth` unsigned ones are refused as Celery's workers refuse
+    /// them, unless the operator allowed them by name.
     pub remote_control: bool,
     /// The remote-control commands this worker obeys (`[worker] control_allow`,
     /// `--control-allow`); a refused one gets an error reply and changes nothing. Default:
@@ -139,6 +150,7 @@ impl Default for WorkerOptions {
             visibility_timeout: Duration::from_secs(3600),
             track_started: false,
             content_type: ContentType::Json,
+            signer: None,
             cold_shutdown_grace: Duration::from_secs(2),
             soft_shutdown_timeout: None,
             revoke_poll_interval: Duration::from_millis(300),

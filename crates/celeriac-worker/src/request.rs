@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use celeriac_core::meta::RemoteError;
+use celeriac_core::security::BodySigner;
 use celeriac_core::{
     Body, Cancellation, DeliveryHandle, Error, Headers, Message, Registry, Requeue, TaskDef,
 };
@@ -253,12 +254,25 @@ pub(crate) struct Refusal {
     pub(crate) message: Option<Message>,
 }
 
-/// Decodes `message` against `registry`; a body larger than `max_size` bytes is refused
-/// before it is decoded.
+/// Decodes `message` against `registry`, unsigned; see [`decode_checked`].
+#[cfg(test)]
 pub(crate) fn decode(
     message: Result<Message, Error>,
     registry: &Registry,
     max_size: Option<usize>,
+) -> Result<Decoded, Box<Refusal>> {
+    decode_checked(message, registry, max_size, None)
+}
+
+/// Decodes `message` against `registry`; a body larger than `max_size` bytes is refused
+/// before it is decoded. With a `signer` (serializer `auth`) only a message whose signature
+/// it verifies is decoded, and every other one refused as a `SecurityError`, before its task
+/// name is looked up; the [`Decoded`] keeps the message as signed (a retry re-sends it so).
+pub(crate) fn decode_checked(
+    message: Result<Message, Error>,
+    registry: &Registry,
+    max_size: Option<usize>,
+    signer: Option<&dyn BodySigner>,
 ) -> Result<Decoded, Box<Refusal>> {
     let message = message.map_err(|e| {
         Box::new(Refusal {
@@ -286,12 +300,28 @@ pub(crate) fn decode(
             RemoteError::new("LimitExceeded", e.to_string()).with_module("kombu.exceptions");
         return refuse(error, message);
     }
+    let verified = match signer {
+        Some(signer) => match signer.verify(&message) {
+            Ok(inner) => Some(inner),
+            Err(e) => {
+                let error =
+                    RemoteError::new("SecurityError", error_chain(&e)).with_module(CELERY_EXC);
+                return refuse(error, message);
+            }
+        },
+        None => None,
+    };
     let Some(def) = registry.get(message.task()) else {
         let error = RemoteError::new("NotRegistered", message.task()).with_module(CELERY_EXC);
         return refuse(error, message);
     };
-    let body = match message.decode_body() {
+    let body = match verified.as_ref().unwrap_or(&message).decode_body() {
         Ok(b) => b,
+        // A signed message reaching a worker that cannot verify it.
+        Err(e) if e.kind() == celeriac_core::ErrorKind::Security => {
+            let error = RemoteError::new("SecurityError", error_chain(&e)).with_module(CELERY_EXC);
+            return refuse(error, message);
+        }
         Err(e) => {
             let error =
                 RemoteError::new("DecodeError", error_chain(&e)).with_module("kombu.exceptions");
@@ -320,7 +350,7 @@ fn error_chain(e: &Error) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use celeriac_core::{Acker, BoxFuture, ContentType, Handler, Headers, TaskOptions};
+    use celeriac_core::{Acker, BoxFuture, ContentType, ErrorKind, Handler, Headers, TaskOptions};
     use serde_json::{Map, Value, json};
 
     fn registry() -> Registry {
@@ -421,6 +451,59 @@ pub(crate) mod tests {
             refusal.error.to_exception_map(),
             json!({"exc_type": "NotRegistered", "exc_message": ["tasks.nope"], "exc_module": "celery.exceptions"})
         );
+    }
+
+    /// A signer whose "signature" is the body reversed: enough to drive the worker's policy
+    /// (real RSA-PSS signing is tested in celeriac-core and against Celery in celeriac-e2e).
+    #[derive(Debug)]
+    struct Reverse;
+
+    impl BodySigner for Reverse {
+        fn sign(&self, m: &mut Message) -> celeriac_core::Result<()> {
+            m.body.reverse();
+            m.content_type = "application/data".into();
+            Ok(())
+        }
+        fn verify(&self, m: &Message) -> celeriac_core::Result<Message> {
+            if m.content_type != "application/data" {
+                return Err(Error::new(ErrorKind::Security, "unsigned message refused"));
+            }
+            let mut inner = m.clone();
+            inner.body.reverse();
+            inner.content_type = "application/json".into();
+            Ok(inner)
+        }
+    }
+
+    /// See: issue 26
+    #[test]
+    fn with_a_signer_only_verified_messages_decode_and_the_rest_are_security_errors() {
+        let signer: &dyn BodySigner = &Reverse;
+        let mut signed = message("tasks.add");
+        signer.sign(&mut signed).unwrap();
+        let d = decode_checked(Ok(signed.clone()), &registry(), None, Some(signer)).unwrap();
+        assert_eq!(d.body.args, [json!(1), json!(2)]);
+        // The message kept is the signed one: a retry re-sends it signed.
+        assert_eq!(d.message, signed);
+
+        // Unsigned, even for an unknown task: refused before the name is looked up.
+        for task in ["tasks.add", "tasks.nope"] {
+            let r = decode_checked(Ok(message(task)), &registry(), None, Some(signer)).unwrap_err();
+            assert_eq!(r.error.exc_type, "SecurityError");
+            assert_eq!(r.error.exc_module, CELERY_EXC);
+            assert!(r.error.message().contains("unsigned"), "{:?}", r.error);
+            assert_eq!(r.message.unwrap(), message(task));
+        }
+
+        // A signed message at a worker with no signer: refused, not misread.
+        let r = decode(Ok(signed.clone()), &registry(), None).unwrap_err();
+        assert_eq!(r.error.exc_type, "SecurityError");
+        assert!(
+            r.error.message().contains("security is not configured"),
+            "{:?}",
+            r.error
+        );
+        assert_eq!(r.message.unwrap(), signed);
     }
 
     #[test]

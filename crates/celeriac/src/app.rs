@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use crate::signature::Signature;
 use crate::{AsyncResult, Error, Result};
 use celeriac_core::canvas::{Call, SendOptions, Sender, build_call};
+use celeriac_core::security::BodySigner;
 use celeriac_core::{
     Config, ContentType, Drivers, DynBackend, DynBroker, ErrorKind, PublishOptions, Registry, Task,
     TaskDef, TaskOptions,
@@ -45,6 +46,8 @@ struct Inner {
     backend: DynBackend,
     registry: Arc<Registry>,
     content_type: ContentType,
+    /// Signs every message this app sends (serializer `auth`).
+    signer: Option<Arc<dyn BodySigner>>,
     origin: String,
     /// The backend's reply queue (rpc://), put on every message this app sends.
     reply_to: Option<String>,
@@ -236,7 +239,7 @@ impl App {
         task_options: &TaskOptions,
         chain: Option<Vec<celeriac_core::Signature>>,
     ) -> Result<String> {
-        let sender = Sender::new(self.inner.content_type, Some(&self.inner.origin));
+        let sender = self.sender();
         let (queue, message, publish) = self.prepare(call, task_options, chain, &sender)?;
         let id = message.id().to_owned();
         self.declare(&queue).await?;
@@ -301,7 +304,7 @@ impl App {
     /// # Ok(()) }
     /// ```
     pub async fn send_many<O>(&self, sigs: &[Signature<O>]) -> Result<Vec<String>> {
-        let sender = Sender::new(self.inner.content_type, Some(&self.inner.origin));
+        let sender = self.sender();
         let mut ids = Vec::with_capacity(sigs.len());
         let mut by_queue: Vec<(String, Vec<(celeriac_core::Message, PublishOptions)>)> = Vec::new();
         for sig in sigs {
@@ -345,12 +348,29 @@ impl App {
         Ok(())
     }
 
+    /// How this app builds messages: its serializer, origin and signer.
+    fn sender(&self) -> Sender<'_> {
+        Sender::new(self.inner.content_type, Some(&self.inner.origin))
+            .signed_by(self.inner.signer.as_deref())
+    }
+
+    /// What signs this app's messages and verifies its workers' (serializer `auth`), if
+    /// anything does.
+    pub fn signer(&self) -> Option<&Arc<dyn BodySigner>> {
+        self.inner.signer.as_ref()
+    }
+
     /// A worker for this app, configured from [`App::config`]; adjust it with the returned
-    /// options before calling `run`.
+    /// options before calling `run`. Under serializer `auth` the worker gets the app's signer:
+    /// it runs only messages signed by a trusted certificate and signs what it sends.
     #[cfg(feature = "worker")]
     pub fn worker_options(&self) -> celeriac_worker::WorkerOptions {
         let mut o = celeriac_worker::WorkerOptions::from_config(&self.inner.config);
         o.content_type = self.inner.content_type;
+        if let Some(signer) = &self.inner.signer {
+            o.content_type = ContentType::Auth;
+            o.signer = Some(signer.clone());
+        }
         o
     }
 
@@ -386,6 +406,7 @@ pub struct AppBuilder {
     routes: Vec<(String, String)>,
     drivers: Option<Drivers>,
     retry_on_startup: bool,
+    signer: Option<Arc<dyn BodySigner>>,
 }
 
 impl AppBuilder {
@@ -475,6 +496,33 @@ impl AppBuilder {
         self
     }
 
+    /// Signs every message the app sends with `signer`, and has its workers run only messages
+    /// `signer` verifies: Celery's `auth` serializer set up in code rather than by
+    /// `serializer = "auth"` and the `security_*` settings (which [`AppBuilder::build`] loads
+    /// by itself). See docs/SECURITY.md.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "security")]
+    /// # async fn f() -> celeriac::Result<()> {
+    /// use std::sync::Arc;
+    /// use celeriac::security::{Security, SecuritySettings};
+    /// let mut s = SecuritySettings::default();
+    /// s.key = "/etc/celery/app.key".into();
+    /// s.certificate = "/etc/celery/app.pem".into();
+    /// s.cert_store = "/etc/celery/certs".into();
+    /// s.digest = "sha256".into();
+    /// let app = celeriac::App::builder()
+    ///     .signer(Arc::new(Security::load(&s)?))
+    ///     .build()
+    ///     .await?;
+    /// # let _ = app; Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn signer(mut self, signer: Arc<dyn BodySigner>) -> Self {
+        self.signer = Some(signer);
+        self
+    }
+
     /// Uses `drivers` instead of the built-in set (to add a third-party driver).
     #[must_use]
     pub fn drivers(mut self, drivers: Drivers) -> Self {
@@ -515,7 +563,18 @@ impl AppBuilder {
             config.routes.insert(pattern, queue);
         }
         config.validate()?;
-        let content_type = config.serializer;
+        let auth = config.serializer == ContentType::Auth;
+        let signer = match self.signer {
+            Some(s) => Some(s),
+            None if auth => Some(load_security(&config)?),
+            None => None,
+        };
+        // Under `auth` the signed body is JSON, as Celery's.
+        let content_type = if auth || signer.is_some() {
+            ContentType::Json
+        } else {
+            config.serializer
+        };
         let drivers = self.drivers.unwrap_or_else(default_drivers);
         let retries = (self.retry_on_startup && config.broker_connection_retry_on_startup)
             .then_some(config.broker_connection_max_retries);
@@ -547,6 +606,7 @@ impl AppBuilder {
                 backend,
                 registry: Arc::new(registry),
                 content_type,
+                signer,
                 origin,
                 reply_to,
                 declared: Mutex::new(HashSet::new()),
@@ -555,6 +615,21 @@ impl AppBuilder {
             }),
         })
     }
+}
+
+/// The signer `serializer = "auth"` asks for, loaded from the `security_*` settings.
+#[cfg(feature = "security")]
+fn load_security(config: &Config) -> Result<Arc<dyn BodySigner>> {
+    let security = celeriac_core::security::Security::from_config(config)?;
+    tracing::info!(signer = %security.signer(), trusted = security.trusted().len(), "messages are signed (serializer auth)");
+    Ok(Arc::new(security))
+}
+
+#[cfg(not(feature = "security"))]
+fn load_security(_: &Config) -> Result<Arc<dyn BodySigner>> {
+    Err(Error::config(
+        "serializer \"auth\" needs celeriac's `security` feature (signed messages)",
+    ))
 }
 
 /// Runs `open` until it succeeds; while it fails with an error a retry may fix (a broker or

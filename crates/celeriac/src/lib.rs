@@ -68,6 +68,8 @@
 //!   `traceparent`/`tracestate` headers and the worker's task span continues that trace
 //!   (`celeriac::core::otel`; an exporter is added with `cli::run_with_layer`; see the
 //!   operations guide).
+//! - `security`: signed messages, compatible with Celery's `auth` serializer
+//!   (`serializer = "auth"`; `celeriac::security::Security`). See docs/SECURITY.md.
 
 #[allow(unused_extern_crates)]
 extern crate self as celeriac;
@@ -104,6 +106,9 @@ pub use signature::Signature;
 pub use celeriac_beat as beat;
 /// The core crate: protocol, contracts, in-memory drivers (for driver authors and tests).
 pub use celeriac_core as core;
+/// Signed messages (Celery's `auth` serializer): the [`BodySigner`](security::BodySigner)
+/// contract always, `Security` with the `security` feature.
+pub use celeriac_core::security;
 #[cfg(feature = "worker")]
 pub use celeriac_worker as worker;
 

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 use super::options::{SendOptions, after};
 use crate::error::{Error, Result};
 use crate::protocol::{Body, ContentType, Embed, Headers, Message, Signature, TimeLimit};
+use crate::security::BodySigner;
 use crate::task::TaskOptions;
 
 /// Longest `argsrepr`/`kwargsrepr` written into headers, as Celery does.
@@ -36,6 +37,8 @@ pub struct Sender<'a> {
     pub origin: Option<&'a str>,
     /// The time countdowns and relative expiries count from.
     pub now: DateTime<Utc>,
+    /// Signs every body built (serializer `auth`); `None`: bodies go out unsigned.
+    pub signer: Option<&'a dyn BodySigner>,
 }
 
 impl<'a> Sender<'a> {
@@ -45,7 +48,15 @@ impl<'a> Sender<'a> {
             content_type,
             origin,
             now: Utc::now(),
+            signer: None,
         }
+    }
+
+    /// The same sender, signing every body with `signer` when there is one.
+    #[must_use]
+    pub fn signed_by(mut self, signer: Option<&'a dyn BodySigner>) -> Self {
+        self.signer = signer;
+        self
     }
 }
 
@@ -111,7 +122,7 @@ pub fn build_message(
 /// next step last).
 ///
 /// Fails when a countdown or expiry lies past the calendar's end, or the body cannot be
-/// encoded.
+/// encoded or signed.
 pub fn build_call(
     call: Call<'_>,
     task_options: &TaskOptions,
@@ -168,6 +179,9 @@ pub fn build_call(
         embed,
     };
     let mut message = Message::new(headers, &body, sender.content_type)?;
+    if let Some(signer) = sender.signer {
+        signer.sign(&mut message)?;
+    }
     message.properties.priority = priority;
     // Celery's freeze stamps the sender's reply queue on every step; results go there.
     message.properties.reply_to = o.reply_to.clone();

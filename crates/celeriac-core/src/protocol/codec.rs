@@ -18,6 +18,11 @@ pub enum ContentType {
     Json,
     /// `application/x-msgpack`, `binary` (feature `msgpack`).
     MsgPack,
+    /// `application/data`, `utf-8`: Celery's `auth` serializer, a JSON body signed with an
+    /// X.509 key (see [`crate::security`]). Only an app or worker holding a
+    /// [`BodySigner`](crate::security::BodySigner) writes or reads it; [`encode`] and
+    /// [`decode`] refuse it.
+    Auth,
 }
 
 impl ContentType {
@@ -26,6 +31,7 @@ impl ContentType {
         match self {
             ContentType::Json => "application/json",
             ContentType::MsgPack => "application/x-msgpack",
+            ContentType::Auth => crate::security::SIGNED_CONTENT_TYPE,
         }
     }
 
@@ -34,6 +40,7 @@ impl ContentType {
         match self {
             ContentType::Json => "utf-8",
             ContentType::MsgPack => "binary",
+            ContentType::Auth => crate::security::SIGNED_CONTENT_ENCODING,
         }
     }
 
@@ -42,22 +49,25 @@ impl ContentType {
         match mime {
             "application/json" | "json" => Ok(ContentType::Json),
             "application/x-msgpack" | "msgpack" => Ok(ContentType::MsgPack),
+            "application/data" | "auth" => Ok(ContentType::Auth),
             "application/x-python-serialize" => Err(Error::protocol(
                 "refusing pickle content (application/x-python-serialize): it can execute code",
             )),
             other => Err(Error::protocol(format!(
-                "content type {other:?} is not accepted (accepted: application/json, application/x-msgpack)"
+                "content type {other:?} is not accepted (accepted: application/json, \
+                 application/x-msgpack, application/data)"
             ))),
         }
     }
 
-    /// Parses a serializer name as used in configuration (`json`, `msgpack`).
+    /// Parses a serializer name as used in configuration (`json`, `msgpack`, `auth`).
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "json" => Ok(ContentType::Json),
             "msgpack" => Ok(ContentType::MsgPack),
+            "auth" => Ok(ContentType::Auth),
             other => Err(Error::config(format!(
-                "unknown serializer {other:?} (known: json, msgpack)"
+                "unknown serializer {other:?} (known: json, msgpack, auth)"
             ))),
         }
     }
@@ -66,7 +76,7 @@ impl ContentType {
 impl std::str::FromStr for ContentType {
     type Err = Error;
 
-    /// A serializer's name as configured: `json` or `msgpack`.
+    /// A serializer's name as configured: `json`, `msgpack` or `auth`.
     fn from_str(name: &str) -> Result<Self> {
         ContentType::from_name(name)
     }
@@ -77,6 +87,7 @@ impl std::fmt::Display for ContentType {
         f.write_str(match self {
             ContentType::Json => "json",
             ContentType::MsgPack => "msgpack",
+            ContentType::Auth => "auth",
         })
     }
 }
@@ -93,6 +104,10 @@ pub fn encode<T: Serialize>(ct: ContentType, value: &T) -> Result<Vec<u8>> {
     match ct {
         ContentType::Json => Ok(serde_json::to_vec(value)?),
         ContentType::MsgPack => encode_msgpack(value),
+        ContentType::Auth => Err(Error::new(
+            crate::ErrorKind::Security,
+            "serializer auth signs a json body with the app's key: encode with json, then sign",
+        )),
     }
 }
 
@@ -113,6 +128,11 @@ pub fn decode<T: DeserializeOwned>(ct: ContentType, bytes: &[u8]) -> Result<T> {
                 .map_err(|e| Error::protocol(format!("invalid message body: {e}")))
         }
         ContentType::MsgPack => decode_msgpack(bytes),
+        ContentType::Auth => Err(Error::new(
+            crate::ErrorKind::Security,
+            "a signed message (application/data, Celery's auth serializer) cannot be verified \
+             here: security is not configured (serializer = \"auth\", see docs/SECURITY.md)",
+        )),
     }
 }
 

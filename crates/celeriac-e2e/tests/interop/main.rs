@@ -35,3 +35,5 @@ mod control;
 
 // W3C trace context (feature otel): a Python client's traceparent continued by our worker.
 mod otel;
+// Signed messages (Celery's auth serializer) both ways, and forgeries refused.
+mod security;

@@ -157,6 +157,17 @@ impl OurWorker {
         queues: &[&str],
         extra: &[&str],
     ) -> OurWorker {
+        Self::start_env(url, backend, queues, extra, &[]).await
+    }
+
+    /// [`OurWorker::start_on`] with extra environment variables (`CELERIAC_*` settings).
+    pub(crate) async fn start_env(
+        url: &str,
+        backend: &str,
+        queues: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> OurWorker {
         let id = &celeriac::core::protocol::new_id()[28..];
         let node = format!("rsw-{id}@{}", celeriac::core::hostname());
         let log = test_dir().join(format!("interop-worker-{id}.log"));
@@ -172,6 +183,7 @@ impl OurWorker {
             ])
             .args(["worker", "-c", "4", "-n", &node, "-Q", &queues.join(",")])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

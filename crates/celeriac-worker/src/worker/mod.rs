@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use celeriac_core::broadcast::Clock;
+use celeriac_core::broadcast::control::ControlAllow;
 use celeriac_core::{
     ConsumeOptions, Consumer, Delivery, DynBackend, DynBroker, ErrorKind, Registry, Result,
 };
@@ -163,6 +164,14 @@ impl Worker {
     }
 
     async fn consume(self) -> Result<WorkerReport> {
+        if self.options.content_type == celeriac_core::ContentType::Auth
+            && self.options.signer.is_none()
+        {
+            return Err(celeriac_core::Error::config(
+                "serializer \"auth\" needs a signer (WorkerOptions::signer, set by \
+                 App::worker_options when the security_* settings load)",
+            ));
+        }
         let Worker {
             broker,
             backend,
@@ -223,7 +232,28 @@ impl Worker {
             queue_changes,
             autoscale: autoscale.clone(),
         });
-        let control = options.remote_control && broker.broadcast().is_some();
+        let mut control = options.remote_control && broker.broadcast().is_some();
+        if control && options.signer.is_some() {
+            // Under `auth` Celery's workers accept only signed control requests, and celeriac
+            // cannot read signed ones yet: obeying any unsigned one would let whoever can write
+            // to the broker (but holds no key) revoke tasks or stop the worker. An explicit
+            // `control_allow` is the operator's opt-in to obey those commands unsigned.
+            // See docs/SECURITY.md.
+            if options.control_allow == ControlAllow::All {
+                tracing::warn!(
+                    "remote control is off: serializer auth is on, and signed control \
+                     requests are not supported yet (unsigned ones are refused, as Celery's \
+                     workers do; set control_allow to obey some commands unsigned)"
+                );
+                control = false;
+            } else {
+                tracing::warn!(
+                    allowed = ?options.control_allow,
+                    "serializer auth is on, but remote control obeys the unsigned requests \
+                     control_allow lets through"
+                );
+            }
+        }
         if control {
             // In the background: consuming does not wait the second it takes to hear from
             // every node; revokes learned apply to what has not run yet.
@@ -273,6 +303,7 @@ impl Worker {
         let counters = Arc::new(Counters::default());
         let intake = Arc::new(Intake {
             max_message_size: options.max_message_size,
+            signer: options.signer.clone(),
             recorder: Recorder::new(backend.clone(), options.hostname.clone()),
             broker: broker.clone(),
             hostname: options.hostname.clone(),
@@ -493,6 +524,7 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
             backend: p.backend.cloned(),
             registry: p.registry.clone(),
             content_type: o.content_type,
+            signer: o.signer.clone(),
             hostname: o.hostname.clone(),
             broker_delays: p.broker_delays,
         }) as Arc<dyn Layer>,

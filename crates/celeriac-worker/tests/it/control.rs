@@ -452,3 +452,56 @@ async fn events_tell_monitors_about_the_worker_and_its_tasks() {
         }
     }
 }
+
+/// Marks a worker as running signed messages only (serializer `auth`); it is never asked to
+/// sign or verify here.
+#[derive(Debug)]
+struct Signed;
+
+impl celeriac_core::security::BodySigner for Signed {
+    fn sign(&self, _: &mut celeriac_core::Message) -> celeriac_core::Result<()> {
+        Ok(())
+    }
+    fn verify(&self, m: &celeriac_core::Message) -> celeriac_core::Result<celeriac_core::Message> {
+        Ok(m.clone())
+    }
+}
+
+/// Under `auth` unsigned control requests are refused unless `control_allow` names them.
+/// See: issue 26
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_auth_unsigned_control_is_obeyed_only_as_control_allow_says() {
+    let gate = Opening::new();
+    gate.open();
+    let h = start(
+        tasks(&gate),
+        options(|o| {
+            o.content_type = celeriac_core::ContentType::Auth;
+            o.signer = Some(std::sync::Arc::new(Signed));
+        }),
+    );
+    // The worker runs (tasks go through), but answers no control request.
+    let id = h.call("tasks.add", vec![json!(1), json!(2)]).await;
+    assert_eq!(h.result(&id).await.result, json!(3));
+    assert!(ask(&h, "ping", json!({})).await.is_empty());
+    drop(h);
+
+    let allow = celeriac_core::broadcast::control::ControlAllow::from_names(["inspect"]).unwrap();
+    let h = start(
+        tasks(&gate),
+        options(|o| {
+            o.content_type = celeriac_core::ContentType::Auth;
+            o.signer = Some(std::sync::Arc::new(Signed));
+            o.control_allow = allow.clone();
+        }),
+    );
+    h.until("the worker listens", || async {
+        !ask(&h, "ping", json!({})).await.is_empty()
+    })
+    .await;
+    let refused = answer(&h, "shutdown", json!({})).await;
+    assert!(
+        refused["error"].as_str().unwrap().contains("not allowed"),
+        "{refused}"
+    );
+}

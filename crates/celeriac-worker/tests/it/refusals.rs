@@ -112,3 +112,20 @@ async fn panics_fail_the_task_and_the_worker_survives() {
         assert_eq!((report.failed, report.succeeded), (2, 1), "{pool}");
     }
 }
+
+/// A worker told to run signed messages only, with nothing to verify them, does not start.
+/// See: issue 26
+#[tokio::test]
+async fn serializer_auth_without_a_signer_does_not_start() {
+    let mut o = celeriac_worker::WorkerOptions::default();
+    o.content_type = celeriac_core::ContentType::Auth;
+    let w = celeriac_worker::Worker::new(
+        std::sync::Arc::new(celeriac_core::memory::MemoryBroker::new()),
+        None,
+        Default::default(),
+        o,
+    );
+    let e = w.run().await.unwrap_err();
+    assert_eq!(e.kind(), celeriac_core::ErrorKind::Config);
+    assert!(e.to_string().contains("needs a signer"), "{e}");
+}

@@ -217,6 +217,28 @@ async fn config_errors_are_clear() {
     );
 }
 
+/// `serializer = "auth"` either loads its keys or fails the build, saying what is missing.
+/// See: issue 26
+#[tokio::test]
+async fn serializer_auth_fails_the_build_without_its_feature_or_its_keys() {
+    let mut config = celeriac::Config::default();
+    config.serializer = celeriac::ContentType::Auth;
+    let e = App::builder()
+        .config(config.clone())
+        .broker(std::sync::Arc::new(MemoryBroker::new()))
+        .result_backend("memory://")
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    let want = if cfg!(feature = "security") {
+        "serializer \"auth\" needs security_key"
+    } else {
+        "needs celeriac's `security` feature"
+    };
+    assert!(e.to_string().contains(want), "{e}");
+}
+
 #[tokio::test]
 async fn unencodable_arguments_fail_at_send() {
     let app = app_with(MemoryBroker::new()).await;
