@@ -37,6 +37,14 @@ pub async fn echo(value: Value) -> Value {
     value
 }
 
+/// `tasks.note(message)`: logs the message as a warning from inside the task (in whichever
+/// process runs it) and returns it.
+#[celeriac::task(name = "tasks.note")]
+pub fn note(message: String) -> String {
+    tracing::warn!(note = %message, "a task logged a note");
+    message
+}
+
 /// `tasks.fail(message)`: always fails with that message.
 #[celeriac::task(name = "tasks.fail")]
 pub async fn fail(message: String) -> Result<(), TaskError> {
@@ -220,6 +228,7 @@ pub fn app() -> AppBuilder {
         .task::<xsum>()
         .task::<echo>()
         .task::<fail>()
+        .task::<note>()
         .task::<sleep>()
         .task::<flaky>()
         .task::<limited>()

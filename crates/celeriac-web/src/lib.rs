@@ -287,14 +287,17 @@ fn preview(s: &str, max: usize) -> String {
     }
 }
 
-/// Queue → stats for the queues worth showing: the broker's, without dead-letter queues.
+/// Queue → stats for the queues worth showing: the broker's, without dead-letter queues and
+/// kombu's remote-control and event queues.
 async fn queue_stats(broker: &DynBroker) -> BTreeMap<String, celeriac_core::QueueStats> {
     let mut out = BTreeMap::new();
     let Ok(queues) = broker.queues().await else {
         return out;
     };
     for q in queues {
-        if q.ends_with(celeriac_worker::dead::SUFFIX) {
+        if q.ends_with(celeriac_worker::dead::SUFFIX)
+            || celeriac_core::broadcast::is_internal_queue(&q)
+        {
             continue;
         }
         if let Ok(s) = broker.stats(&q).await {

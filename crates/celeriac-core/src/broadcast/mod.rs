@@ -121,6 +121,16 @@ pub trait Inbox: Send + fmt::Debug {
     fn next(&mut self) -> BoxFuture<'_, Result<Option<Broadcasted>>>;
 }
 
+/// Whether `queue` is one of kombu's own queues for remote control and events (a node's
+/// `<node>.celery.pidbox`, a client's `<id>.reply.celery.pidbox`, a monitor's
+/// `celeryev.<id>`), which carry no tasks and which listings of task queues leave out, as
+/// Flower does.
+pub fn is_internal_queue(queue: &str) -> bool {
+    queue.ends_with(&format!(".{CONTROL_EXCHANGE}"))
+        || queue.ends_with(&format!(".{REPLY_EXCHANGE}"))
+        || queue.starts_with(&format!("{EVENT_EXCHANGE}."))
+}
+
 /// Whether topic pattern `pattern` (AMQP's: words separated by `.`, `*` one word, `#` any
 /// number of words) matches `routing_key`.
 pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
@@ -178,6 +188,20 @@ impl Clock {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kombus_own_queues_are_told_from_task_queues() {
+        for q in [
+            "w1@host.celery.pidbox",
+            "0b7e.reply.celery.pidbox",
+            "celeryev.6a1f",
+        ] {
+            assert!(is_internal_queue(q), "{q}");
+        }
+        for q in ["celery", "pidbox", "celeryev", "emails.dead", "reply"] {
+            assert!(!is_internal_queue(q), "{q}");
+        }
+    }
+
     use super::*;
 
     #[test]

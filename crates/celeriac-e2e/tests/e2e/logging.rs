@@ -250,3 +250,48 @@ async fn logfile_appends_json_lines_with_task_span_fields() {
         "{lines:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_children_log_where_and_how_the_worker_does() {
+    let (url, path) = sqlite_url("log-child");
+    let logfile = path.with_extension("child.json.log");
+    let stderr = path.with_extension("child.stderr.log");
+    std::fs::write(&logfile, "an earlier line\n").unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_e2e-tasks"))
+        .env_remove("RUST_LOG")
+        .args(["--broker", &url, "-l", "WARNING", "--logfile"])
+        .arg(&logfile)
+        .args([
+            "--log-format",
+            "json",
+            "worker",
+            "-P",
+            "processes",
+            "-c",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("spawn worker");
+    let mut w = Worker { child, stderr };
+    let app = client(&url).await;
+    // `tasks.note` is blocking, so a pool child runs it and logs its warning there.
+    let r = celeriac_examples::note::delay(&app, "from-a-pool-child".to_owned())
+        .await
+        .unwrap();
+    assert_eq!(r.get_timeout(T).await.unwrap(), "from-a-pool-child");
+    w.stop().await;
+    let lines = json_lines(&logfile);
+    let note = lines
+        .iter()
+        .find(|l| l["fields"]["note"] == "from-a-pool-child")
+        .unwrap_or_else(|| {
+            panic!(
+                "the child's warning is not in the log file: {lines:#?}\nstderr:\n{}",
+                w.stderr()
+            )
+        });
+    assert_eq!(note["level"], "WARN");
+    assert!(!w.stderr().contains("from-a-pool-child"), "{}", w.stderr());
+}

@@ -50,7 +50,7 @@ pub(super) struct ControlArgs {
     command: String,
     /// The command's arguments, as `celery control` takes them (e.g. `rate_limit tasks.add
     /// 10/m`, `revoke ID...`, `terminate SIGKILL ID...`, `autoscale 8 2`).
-    #[arg(allow_hyphen_values = true)]
+    #[arg(allow_negative_numbers = true)]
     args: Vec<String>,
     /// `revoke`: also stop running copies.
     #[arg(long)]

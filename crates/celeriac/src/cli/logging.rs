@@ -45,6 +45,35 @@ pub(super) struct LogArgs {
     pub(super) log_format: LogFormat,
 }
 
+impl LogArgs {
+    /// These flags as arguments, for a pool child started by the worker: the child logs
+    /// where, how and what its worker does.
+    pub(super) fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut out = Vec::new();
+        if let Some(l) = &self.loglevel {
+            out.extend(["--loglevel".into(), l.spec.clone().into()]);
+        }
+        if let Some(f) = &self.logfile {
+            out.extend(["--logfile".into(), f.clone().into_os_string()]);
+        }
+        if self.log_format == LogFormat::Json {
+            out.extend(["--log-format".into(), "json".into()]);
+        }
+        out
+    }
+
+    /// The flags from a pool child's arguments (those [`LogArgs::to_args`] wrote); the
+    /// defaults when they cannot be read.
+    pub(super) fn from_child_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> LogArgs {
+        #[derive(clap::Parser)]
+        struct Child {
+            #[command(flatten)]
+            log: LogArgs,
+        }
+        <Child as clap::Parser>::try_parse_from(args).map_or_else(|_| LogArgs::default(), |c| c.log)
+    }
+}
+
 /// How log lines are written.
 #[derive(clap::ValueEnum, Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) enum LogFormat {

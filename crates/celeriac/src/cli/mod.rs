@@ -579,6 +579,14 @@ async fn dispatch(mut builder: AppBuilder, cli: Cli) -> anyhow::Result<ExitCode>
             let pidfile = args.pidfile.clone();
             let mut o = app.worker_options();
             args.apply(&mut o)?;
+            if o.pool == celeriac_worker::Pool::Processes && o.child_command.is_none() {
+                // Pool children are this binary again: they log as the worker does.
+                let program = std::env::current_exe().context("cannot find this program")?;
+                o.child_command = Some(celeriac_worker::ChildCommand {
+                    program,
+                    args: cli.logging.to_args(),
+                });
+            }
             let _pidfile = pidfile.as_deref().map(Pidfile::acquire).transpose()?;
             eprint!("{}", banner(&app, &o));
             if app.registry().is_empty() {
@@ -726,8 +734,13 @@ async fn queue_table(app: &App) -> anyhow::Result<()> {
     // The broker's own list, plus the queues the configuration names: a broker that cannot
     // list its queues (RabbitMQ without its management API) still shows those.
     let c = app.config();
-    let mut queues: std::collections::BTreeSet<String> =
-        app.broker().queues().await?.into_iter().collect();
+    let mut queues: std::collections::BTreeSet<String> = app
+        .broker()
+        .queues()
+        .await?
+        .into_iter()
+        .filter(|q| !celeriac_core::broadcast::is_internal_queue(q))
+        .collect();
     queues.insert(c.default_queue.clone());
     queues.extend(c.worker.queues.iter().cloned());
     queues.extend(c.routes.values().cloned());
@@ -989,6 +1002,24 @@ impl Progress {
 mod tests {
     use super::*;
     use celeriac_worker::{Pool, WorkerOptions};
+
+    #[test]
+    fn flags_after_control_arguments_stay_flags() {
+        let cli =
+            Cli::try_parse_from(["app", "control", "revoke", "id-1", "-j", "--terminate"]).unwrap();
+        let Command::Control(c) = cli.command else {
+            unreachable!("parsed the control command")
+        };
+        let text = format!("{c:?}");
+        assert!(text.contains(r#"args: ["id-1"]"#), "{text}");
+        assert!(
+            text.contains("json: true") && text.contains("terminate: true"),
+            "{text}"
+        );
+        // A negative number is still an argument (`time_limit tasks.add -1`).
+        let cli = Cli::try_parse_from(["app", "control", "time_limit", "tasks.add", "-1"]).unwrap();
+        assert!(format!("{:?}", cli.command).contains(r#"["tasks.add", "-1"]"#));
+    }
 
     #[test]
     fn celerys_optimization_profiles_are_accepted_and_others_refused() {

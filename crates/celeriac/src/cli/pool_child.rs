@@ -18,7 +18,8 @@ pub(super) fn run_if_child(
     if !celeriac_worker::is_pool_child() {
         return None;
     }
-    // Standard error and RUST_LOG, the defaults: the child never sees the worker's flags.
-    let _ = super::logging::init(&super::logging::LogArgs::default(), std::mem::take(layers));
+    // The worker passes its logging flags on (see `child_command` in the worker command).
+    let args = super::logging::LogArgs::from_child_args(std::env::args_os());
+    let _ = super::logging::init(&args, std::mem::take(layers));
     Some(celeriac_worker::run_child(&builder.task_registry()))
 }
