@@ -765,4 +765,36 @@ async fn the_python_cluster_on_rabbitmq_is_seen_and_steered_too() {
     );
     assert!(out.contains(&queued), "{out}");
     consume_and_check_discarded(AMQP, Some(&backend), &w, &q, &queued).await;
+
+    // The dashboard lists the queues the Python worker consumes, which RabbitMQ cannot list
+    // to it (no management API): it learns them from the workers' `active_queues`.
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut dash = celeriac();
+    dash.args([
+        "-b",
+        AMQP,
+        "--result-backend",
+        &backend,
+        "dashboard",
+        "--bind",
+        &bind,
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let _dash = Killed(dash.spawn().expect("spawn the dashboard"));
+    wait_for("the dashboard answering", || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .await;
+    wait_for("the Python worker's queues in /api/queues", || {
+        let (code, v) = http(port, "GET", "/api/queues", None);
+        let names: Vec<&str> = v["queues"]
+            .as_array()?
+            .iter()
+            .filter_map(|q| q["name"].as_str())
+            .collect();
+        (code == 200 && names.contains(&idle.as_str()) && names.contains(&q.as_str())).then_some(())
+    })
+    .await;
 }

@@ -501,6 +501,9 @@ async fn workers(
     if refresh {
         for method in ["stats", "active_queues", "registered"] {
             for (node, answer) in ask(&web, method, Map::new(), None).await? {
+                if method == "active_queues" {
+                    web.learn_queues(&answer);
+                }
                 let w = list
                     .entry(node.clone())
                     .or_insert_with(|| json!({"hostname": node, "online": true}));
@@ -573,7 +576,7 @@ async fn control(State(web): State<Web>, Path(method): Path<String>, body: Bytes
 }
 
 async fn queues(State(web): State<Web>) -> ApiResult {
-    let stats = queue_stats(&web.shared.broker).await;
+    let stats = queue_stats(&web).await;
     let dead: BTreeMap<String, u64> = web.dead_counts().await.into_iter().collect();
     let list: Vec<Value> = stats
         .iter()
@@ -869,10 +872,18 @@ pub(crate) async fn keep_events_enabled(web: Web) {
     }
 }
 
-/// Samples queue depths into the cluster state.
+/// Samples queue depths into the cluster state; every sixth sample also asks the workers
+/// which queues they consume, so that queues the broker cannot list are shown.
 pub(crate) async fn sample(web: Web) {
-    loop {
-        let stats = queue_stats(&web.shared.broker).await;
+    for round in 0u64.. {
+        if round % 6 == 0 && web.shared.broker.broadcast().is_some() {
+            if let Ok(answers) = ask(&web, "active_queues", Map::new(), None).await {
+                for answer in answers.values() {
+                    web.learn_queues(answer);
+                }
+            }
+        }
+        let stats = queue_stats(&web).await;
         let now = celeriac_core::broadcast::event::now_unix();
         {
             let mut c = web.cluster();

@@ -124,6 +124,10 @@ struct Shared {
     changed: Mutex<Vec<String>>,
     /// One message per tick, to the stream's subscribers.
     ticks: broadcast::Sender<String>,
+    /// Queue names learnt beside the broker's own list: the configured ones and those the
+    /// workers say they consume (`active_queues`). A broker that cannot list its queues
+    /// (RabbitMQ without the management API) still shows these.
+    queue_names: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Web {
@@ -141,6 +145,11 @@ impl Web {
         options: WebOptions,
     ) -> Self {
         let (ticks, _) = broadcast::channel(16);
+        let mut queue_names = std::collections::BTreeSet::new();
+        queue_names.insert(config.default_queue.clone());
+        queue_names.extend(config.worker.queues.iter().cloned());
+        queue_names.extend(config.routes.values().cloned());
+        queue_names.extend(config.celery_worker_queues.iter().cloned());
         Web {
             shared: Arc::new(Shared {
                 broker,
@@ -153,6 +162,7 @@ impl Web {
                 origin: format!("web{}@{}", std::process::id(), celeriac_core::hostname()),
                 changed: Mutex::new(Vec::new()),
                 ticks,
+                queue_names: Mutex::new(queue_names),
             }),
         }
     }
@@ -287,13 +297,43 @@ fn preview(s: &str, max: usize) -> String {
     }
 }
 
-/// Queue → stats for the queues worth showing: the broker's, without dead-letter queues and
-/// kombu's remote-control and event queues.
-async fn queue_stats(broker: &DynBroker) -> BTreeMap<String, celeriac_core::QueueStats> {
+impl Web {
+    /// Remembers the queues named in an `active_queues` answer (a list of kombu queue
+    /// declarations, each with a `name`).
+    pub(crate) fn learn_queues(&self, answer: &serde_json::Value) {
+        let names = answer
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|q| q.get("name").and_then(serde_json::Value::as_str))
+            .filter(|n| !n.is_empty() && !celeriac_core::broadcast::is_internal_queue(n));
+        let mut known = self.shared.queue_names.lock().expect("queue names lock");
+        for n in names {
+            if known.len() >= MAX_LEARNT_QUEUES {
+                break;
+            }
+            known.insert(n.to_owned());
+        }
+    }
+}
+
+/// Queue names learnt from the workers are capped (a worker's answer is remote input).
+const MAX_LEARNT_QUEUES: usize = 1000;
+
+/// Queue → stats for the queues worth showing: the broker's and those configured or learnt
+/// from the workers, without dead-letter queues and kombu's remote-control and event queues.
+async fn queue_stats(web: &Web) -> BTreeMap<String, celeriac_core::QueueStats> {
+    let broker = &web.shared.broker;
     let mut out = BTreeMap::new();
-    let Ok(queues) = broker.queues().await else {
-        return out;
-    };
+    let mut queues: std::collections::BTreeSet<String> = web
+        .shared
+        .queue_names
+        .lock()
+        .expect("queue names lock")
+        .clone();
+    if let Ok(listed) = broker.queues().await {
+        queues.extend(listed);
+    }
     for q in queues {
         if q.ends_with(celeriac_worker::dead::SUFFIX)
             || celeriac_core::broadcast::is_internal_queue(&q)
