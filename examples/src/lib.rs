@@ -190,9 +190,9 @@ pub fn initial(word: String) -> String {
     word.chars().next().map(String::from).unwrap_or_default()
 }
 
-/// The word-count dataflow: node `split` ([`words`], a stream) emits each word of a document
-/// to node `count` ([`word`], a tally: running totals by word) and to node `initials`
-/// ([`initial`], a tally: running totals by first letter). Start a run with
+/// The word-count dataflow: node `split` ([`words()`], a stream) emits each word of a document
+/// to node `count` ([`word()`], a tally: running totals by word) and to node `initials`
+/// ([`initial()`], a tally: running totals by first letter). Start a run with
 /// `word_count_graph().start(&app, "split", document)`.
 pub fn word_count_graph() -> celeriac::Result<celeriac::flow::Graph> {
     use celeriac::Signature;

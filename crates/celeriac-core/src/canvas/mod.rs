@@ -1,5 +1,6 @@
-//! Canvas on the wire: turning a [`Signature`] map into the [`Message`] that runs it, and the
-//! names of the chord keys a result backend keeps.
+//! Canvas on the wire: turning a [`Signature`](crate::protocol::Signature) map into the
+//! [`Message`](crate::protocol::Message) that runs it, and the names of the chord keys a result
+//! backend keeps.
 //!
 //! For the `celeriac` facade (which sends signatures, chains, groups and chords) and for the
 //! worker (which sends callbacks, the next chain step and chord bodies): both build messages

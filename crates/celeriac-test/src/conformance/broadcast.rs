@@ -1,4 +1,4 @@
-//! The broadcast cases: what every broker's [`Broadcast`](celeriac_core::broadcast::Broadcast)
+//! The broadcast cases: what every broker's [`Broadcast`]
 //! channels must do (remote control and events).
 //!
 //! Each `case_*` function takes a broker from the driver's setup function; a broker without
