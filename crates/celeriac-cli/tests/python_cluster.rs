@@ -285,6 +285,19 @@ fn commands_that_need_task_code_are_refused_with_a_hint() {
         assert!(!help.contains(hidden), "--help shows {hidden}:\n{help}");
     }
     assert!(help.contains("Usage: celeriac"), "{help}");
+    // No broker named: a usage error, and no celeriac.db made as a side effect.
+    let _ = std::fs::remove_file(test_dir().join("celeriac.db"));
+    let o = celeriac()
+        .args(["inspect", "ping"])
+        .output()
+        .expect("run celeriac");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("needs the cluster's broker") && err.contains("-b URL"),
+        "{err}"
+    );
+    assert!(!test_dir().join("celeriac.db").exists());
     // Bad input is a clear error, not a panic.
     let o = celeriac()
         .args(["-b", "redis://127.0.0.1:1/0", "inspect", "ping"])

@@ -499,8 +499,19 @@ async fn workers(
         .as_deref()
         .is_some_and(|r| !matches!(r, "" | "0" | "false"));
     if refresh {
-        for method in ["stats", "active_queues", "registered"] {
-            for (node, answer) in ask(&web, method, Map::new(), None).await? {
+        // The three questions at once: each waits out the reply window.
+        let (stats, queues, registered) = tokio::join!(
+            ask(&web, "stats", Map::new(), None),
+            ask(&web, "active_queues", Map::new(), None),
+            ask(&web, "registered", Map::new(), None),
+        );
+        let answers = [
+            ("stats", stats?),
+            ("active_queues", queues?),
+            ("registered", registered?),
+        ];
+        for (method, replies) in answers {
+            for (node, answer) in replies {
                 if method == "active_queues" {
                     web.learn_queues(&answer);
                 }

@@ -472,6 +472,15 @@ where
         );
         return ExitCode::from(64);
     }
+    // A monitor of a cluster has no default broker of its own: without one named it would
+    // open (and create) the embedded SQLite file in the working directory.
+    if cli.broker.is_none() && celeriac_core::Config::load().is_ok_and(|c| c.broker_url.is_none()) {
+        eprintln!(
+            "error: {name} needs the cluster's broker\nhint: pass -b URL (e.g. -b \
+             redis://127.0.0.1:6379/0), or set CELERIAC_BROKER_URL or broker_url in celeriac.toml"
+        );
+        return ExitCode::from(64);
+    }
     run_parsed(builder, cli, true, Vec::new())
 }
 
