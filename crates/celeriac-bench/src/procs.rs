@@ -154,14 +154,29 @@ fn own_cpu_secs() -> (f64, f64) {
     (secs(0, 1), secs(2, 3))
 }
 
-/// The pid of the broker server process on this machine: the first process whose command name
-/// is `comm` (`redis-server`; RabbitMQ's Erlang VM is `beam.smp`).
-pub(crate) fn server_pid(comm: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let name = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        (name.trim_end() == comm).then_some(pid)
-    })
+/// The pid of the broker server process on this machine: a process whose command name is
+/// `comm` (`redis-server`; RabbitMQ's Erlang VM is `beam.smp`), preferring one whose command
+/// line names `listen` (redis-server shows `127.0.0.1:6379` there), so that another server of
+/// the same kind on the machine (a test's private Redis) is not measured instead.
+pub(crate) fn server_pid(comm: &str, listen: Option<&str>) -> Option<u32> {
+    let mut first = None;
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(name) = std::fs::read_to_string(e.path().join("comm")) else {
+            continue;
+        };
+        if name.trim_end() != comm {
+            continue;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if listen.is_some_and(|l| String::from_utf8_lossy(&cmdline).contains(l)) {
+            return Some(pid);
+        }
+        first.get_or_insert(pid);
+    }
+    first
 }
 
 /// Where the CPU time of a phase went: the client (this process, or its Python child), the
@@ -221,8 +236,8 @@ impl CpuMeter {
 /// client and the workers).
 pub(crate) fn server_of(broker: &str) -> Option<u32> {
     match broker {
-        "redis" => server_pid("redis-server"),
-        "amqp" => server_pid("beam.smp"),
+        "redis" => server_pid("redis-server", Some(":6379")),
+        "amqp" => server_pid("beam.smp", None),
         _ => None,
     }
 }
