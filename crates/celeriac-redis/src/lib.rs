@@ -110,14 +110,14 @@
 //! **Result waiting by pub/sub.** [`ResultBackend::wait`] reads the key and returns a ready
 //! result at once; otherwise it subscribes to the key's channel (Celery publishes every stored
 //! meta on a channel named like its key) and then reads the key again, so a result stored in
-//! between is not missed; it never polls. [`ResultBackend::wait_just_sent`], for a task sent a
+//! between is not missed; it never polls. [`JustSentWait::wait_just_sent`], for a task sent a
 //! moment ago, skips the first read. After that a notice's own document ends the wait when it
 //! is ready; the key is read again only when a notice carries none. One pub/sub connection per
 //! backend serves all waiters, and its task sends the (un)subscriptions queued meanwhile as
 //! one command.
 //!
 //! [`ResultBackend::wait`]: celeriac_core::ResultBackend::wait
-//! [`ResultBackend::wait_just_sent`]: celeriac_core::ResultBackend::wait_just_sent
+//! [`JustSentWait::wait_just_sent`]: celeriac_core::backend::JustSentWait::wait_just_sent
 //!
 //! **Broadcast channels.** Remote control and events (Celery's pidbox and `celeryev`, see
 //! [`celeriac_core::broadcast`]) go exactly as kombu carries them: requests and events are
