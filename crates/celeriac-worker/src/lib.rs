@@ -66,9 +66,8 @@
 //!
 //! # Not yet
 //!
-//! Events and heartbeats, remote control (Celery's pidbox: `inspect`, `control`); in the
-//! canvas, `celery.chord_unlock` (chords complete through the backend's counter or Celery's
-//! Redis chord keys instead).
+//! In the canvas, `celery.chord_unlock` (chords complete through the backend's counter or
+//! Celery's Redis chord keys instead).
 
 mod autoscale;
 mod builtins;
