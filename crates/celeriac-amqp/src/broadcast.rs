@@ -53,7 +53,7 @@ use celeriac_core::broadcast::{
 use celeriac_core::broker::BoxFuture;
 use celeriac_core::protocol::new_id;
 use celeriac_core::{Error, ErrorKind, Result};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::conn::{self, Publisher, Servers, broker_error, confirmed};
@@ -191,7 +191,10 @@ async fn declare_exchange(ch: &Channel, x: Exchange) -> Result<()> {
 
 /// The AMQP properties and body of a broadcast message.
 fn encode(m: &Broadcasted) -> Result<(Properties, Vec<u8>)> {
-    Ok((properties(&m.headers), serde_json::to_vec(&m.body)?))
+    let (content_type, body) = m.wire_body();
+    let mut p = properties(&m.headers);
+    p.content_type = Some(content_type.to_owned());
+    Ok((p, body))
 }
 
 /// The properties of a broadcast message with `headers`.
@@ -213,31 +216,23 @@ fn decode(d: Delivery) -> Result<Broadcasted> {
             "its amqp properties cannot be decoded: {why}"
         )));
     }
-    match d.properties.content_type.as_deref() {
-        Some("application/json") => {}
-        other => {
-            return Err(Error::protocol(format!(
-                "its content type is {} (only application/json is accepted)",
-                other.unwrap_or("missing")
-            )));
-        }
-    }
-    if let Some(enc) = d.properties.content_encoding.as_deref() {
-        if !(enc.eq_ignore_ascii_case("utf-8") || enc.eq_ignore_ascii_case("utf8")) {
-            return Err(Error::protocol(format!(
-                "its content encoding is {enc} (json must be utf-8)"
-            )));
-        }
-    }
-    let body: Value = serde_json::from_slice(&d.body)
-        .map_err(|e| Error::protocol("its body is not json").with_source(e))?;
+    let Some(content_type) = d.properties.content_type.as_deref() else {
+        return Err(Error::protocol("its content type is missing"));
+    };
+    let (body, signed) = Broadcasted::read_body(
+        Some(content_type),
+        d.properties.content_encoding.as_deref(),
+        &d.body,
+    )?;
     let headers = d
         .properties
         .headers
         .as_ref()
         .map(from_table)
         .unwrap_or_default();
-    Ok(Broadcasted::new(d.routing_key, headers, body))
+    let mut m = Broadcasted::new(d.routing_key, headers, body);
+    m.signed = signed;
+    Ok(m)
 }
 
 /// The sending connection and the exchanges declared on it.
@@ -631,6 +626,19 @@ mod tests {
         let mut d = delivery(p, &body);
         d.routing_key = String::new();
         assert_eq!(decode(d).unwrap(), m);
+
+        // A signed body (serializer auth) travels as its text, marked application/data.
+        let signed = Broadcasted {
+            body: json!("c2lnbmVk"),
+            signed: true,
+            ..m
+        };
+        let (p, body) = encode(&signed).unwrap();
+        assert_eq!(p.content_type.as_deref(), Some("application/data"));
+        assert_eq!(body, b"c2lnbmVk");
+        let mut d = delivery(p, &body);
+        d.routing_key = String::new();
+        assert_eq!(decode(d).unwrap(), signed);
     }
 
     #[test]
@@ -654,7 +662,7 @@ mod tests {
         };
         assert!(reason(pickle, b"\x80\x04.", None).contains("x-python-serialize"));
         assert!(reason(Properties::default(), b"{}", None).contains("missing"));
-        assert!(reason(json_props(), b"not json", None).contains("not json"));
+        assert!(reason(json_props(), b"not json", None).contains("not JSON"));
         let mut latin1 = json_props();
         latin1.content_encoding = Some("latin-1".to_owned());
         assert!(reason(latin1, b"{}", None).contains("latin-1"));

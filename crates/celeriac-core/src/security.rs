@@ -53,18 +53,63 @@ const SEP: &[u8] = b"\x00\x01";
 /// Signs the bodies of outgoing messages and verifies incoming ones.
 ///
 /// Implemented by `Security` (feature `security`); the app and the worker
-/// hold it as `Arc<dyn BodySigner>`, so they need no cryptography of their own.
+/// hold it as `Arc<dyn BodySigner>`, so they need no cryptography of their own. An
+/// implementation signs and checks serialized bodies ([`sign_body`](Self::sign_body),
+/// [`verify_body`](Self::verify_body)); task messages ([`sign`](Self::sign),
+/// [`verify`](Self::verify)) and remote-control messages
+/// ([`broadcast::Signed`](crate::broadcast::Signed)) are built on those two.
 pub trait BodySigner: Send + Sync + fmt::Debug {
-    /// Replaces `message`'s body with its signed form (`application/data`).
-    fn sign(&self, message: &mut Message) -> Result<()>;
+    /// The signed form (`application/data`, see [`pack`]) of a body serialized as
+    /// `content_type` in `content_encoding`.
+    fn sign_body(&self, content_type: &str, content_encoding: &str, body: &[u8])
+    -> Result<Vec<u8>>;
+
+    /// Checks a signed body (the text [`sign_body`](Self::sign_body) writes) and returns its
+    /// fields. Fails (kind [`ErrorKind::Security`]) for a malformed signed body, a signer that
+    /// is not trusted, an expired signer certificate and a signature that does not verify.
+    fn verify_body(&self, signed: &[u8]) -> Result<Packed>;
+
+    /// Replaces `message`'s body with its signed form (`application/data`). A message that
+    /// is signed already is left as it is.
+    fn sign(&self, message: &mut Message) -> Result<()> {
+        if is_signed(message) {
+            return Ok(());
+        }
+        message.body = self.sign_body(
+            &message.content_type,
+            &message.content_encoding,
+            &message.body,
+        )?;
+        message.content_type = SIGNED_CONTENT_TYPE.to_owned();
+        message.content_encoding = SIGNED_CONTENT_ENCODING.to_owned();
+        Ok(())
+    }
 
     /// Checks the signature of a signed `message` and returns the message with the inner
     /// content type, encoding and body, ready for [`Message::decode_body`].
     ///
-    /// Fails (kind [`ErrorKind::Security`]) for an unsigned message, a malformed signed body, a
-    /// signer that is not in the certificate store, an expired signer certificate and a
-    /// signature that does not verify.
-    fn verify(&self, message: &Message) -> Result<Message>;
+    /// Fails (kind [`ErrorKind::Security`]) for an unsigned message, a signed body that holds
+    /// another signed body, and everything [`verify_body`](Self::verify_body) refuses.
+    fn verify(&self, message: &Message) -> Result<Message> {
+        if !is_signed(message) {
+            return Err(Error::new(
+                ErrorKind::Security,
+                format!(
+                    "unsigned message refused: content type {:?}, but serializer \"auth\" \
+                     accepts only signed ones ({SIGNED_CONTENT_TYPE})",
+                    message.content_type
+                ),
+            ));
+        }
+        let packed = self.verify_body(&message.body)?;
+        Ok(Message {
+            headers: message.headers.clone(),
+            properties: message.properties.clone(),
+            content_type: packed.content_type,
+            content_encoding: packed.content_encoding,
+            body: packed.body,
+        })
+    }
 }
 
 /// The fields of a signed body.

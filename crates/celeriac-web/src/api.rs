@@ -11,6 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
+use celeriac_core::broadcast::Broadcast as _;
 use celeriac_core::broadcast::control::{Request as ControlRequest, collect};
 use celeriac_core::canvas::{Call, SendOptions, Sender, build_call};
 use celeriac_core::meta::RemoteError;
@@ -355,7 +356,7 @@ async fn send_task(State(web): State<Web>, Path(name): Path<String>, body: Bytes
     }
     let s = &web.shared;
     let options = SendOptions::from_wire(&options)?;
-    let sender = Sender::new(s.config.serializer, Some(&s.origin));
+    let sender = Sender::new(s.config.serializer, Some(&s.origin)).signed_by(s.signer.as_deref());
     let call = Call::new(&name, &args, &kwargs, &options);
     let out = build_call(call, &TaskOptions::default(), None, &sender)?;
     out.message.check_size(s.config.max_message_size)?;
@@ -402,7 +403,7 @@ async fn revoke(State(web): State<Web>, Path(id): Path<String>, body: Bytes) -> 
         true
     };
     let mut told = false;
-    if let Some(channels) = s.broker.broadcast() {
+    if let Some(channels) = s.channels() {
         let mut args = Map::new();
         args.insert("task_id".into(), json!([id]));
         args.insert("terminate".into(), json!(terminate));
@@ -465,7 +466,7 @@ async fn ask(
     destination: Option<Vec<String>>,
 ) -> Result<BTreeMap<String, Value>, ApiError> {
     let s = &web.shared;
-    let Some(channels) = s.broker.broadcast() else {
+    let Some(channels) = s.channels() else {
         return Err(ApiError(
             StatusCode::NOT_IMPLEMENTED,
             format!("the {} broker carries no remote control", s.broker.driver()),
@@ -474,7 +475,7 @@ async fn ask(
     let expected = destination.as_ref().map(Vec::len);
     let mut request = ControlRequest::new(method, arguments);
     request.destination = destination;
-    let replies = collect(channels, &s.clock, request, ASK, expected).await?;
+    let replies = collect(&channels, &s.clock, request, ASK, expected).await?;
     Ok(replies.into_iter().map(|r| (r.node, r.answer)).collect())
 }
 
@@ -569,7 +570,7 @@ async fn control(State(web): State<Web>, Path(method): Path<String>, body: Bytes
     if method == "shutdown" {
         // Workers do not answer a shutdown: send it and say so.
         let s = &web.shared;
-        let Some(channels) = s.broker.broadcast() else {
+        let Some(channels) = s.channels() else {
             return Err(ApiError(
                 StatusCode::NOT_IMPLEMENTED,
                 "no remote control on this broker".into(),
@@ -872,7 +873,7 @@ pub(crate) async fn read_events(web: Web) {
 /// worker started later is seen too.
 pub(crate) async fn keep_events_enabled(web: Web) {
     loop {
-        if let Some(channels) = web.shared.broker.broadcast() {
+        if let Some(channels) = web.shared.channels() {
             let m = ControlRequest::new("enable_events", Map::new())
                 .to_message(web.shared.clock.forward(), None);
             if let Err(e) = channels.send_control(&m).await {

@@ -62,6 +62,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use celeriac_core::broadcast::Clock;
+use celeriac_core::security::BodySigner;
 use celeriac_core::{Config, DynBackend, DynBeatStore, DynBroker};
 use tokio::sync::broadcast;
 
@@ -116,6 +117,8 @@ struct Shared {
     config: Config,
     beat: Option<celeriac_beat::Control>,
     options: WebOptions,
+    /// Signs sent tasks and control requests under `auth` ([`Web::signer`]).
+    signer: Option<Arc<dyn BodySigner>>,
     cluster: Mutex<Cluster>,
     clock: Clock,
     /// The name this server sends under (`task-sent` events, control requests).
@@ -130,11 +133,23 @@ struct Shared {
     queue_names: Mutex<std::collections::BTreeSet<String>>,
 }
 
+impl Shared {
+    /// The broker's broadcast channels, control signed under `auth` (see
+    /// [`WebOptions::signer`]).
+    fn channels(&self) -> Option<celeriac_core::broadcast::Signed<'_>> {
+        let b = self.broker.broadcast()?;
+        Some(celeriac_core::broadcast::Signed::new(
+            b,
+            self.signer.clone(),
+        ))
+    }
+}
+
 impl Web {
     /// A server over `broker` and `backend`, configured by `config` (default queue, routes,
     /// serializer, size limit).
     pub fn new(broker: DynBroker, backend: DynBackend, config: Config) -> Self {
-        Self::build(broker, backend, config, None, WebOptions::default())
+        Self::build(broker, backend, config, None, WebOptions::default(), None)
     }
 
     fn build(
@@ -143,6 +158,7 @@ impl Web {
         config: Config,
         beat: Option<celeriac_beat::Control>,
         options: WebOptions,
+        signer: Option<Arc<dyn BodySigner>>,
     ) -> Self {
         let (ticks, _) = broadcast::channel(16);
         let mut queue_names = std::collections::BTreeSet::new();
@@ -156,6 +172,7 @@ impl Web {
                 backend,
                 config,
                 beat,
+                signer,
                 cluster: Mutex::new(Cluster::new(options.max_tasks)),
                 options,
                 clock: Clock::new(),
@@ -178,6 +195,23 @@ impl Web {
             s.config.clone(),
             beat,
             options,
+            s.signer.clone(),
+        )
+    }
+
+    /// Under serializer `auth`: signs the tasks this server sends and its control requests
+    /// with `signer`, and reads only replies signed by a trusted key (workers under `auth`
+    /// obey nothing else). `App::web` sets the app's.
+    #[must_use]
+    pub fn signer(self, signer: Arc<dyn BodySigner>) -> Self {
+        let s = &self.shared;
+        Self::build(
+            s.broker.clone(),
+            s.backend.clone(),
+            s.config.clone(),
+            s.beat.clone(),
+            s.options.clone(),
+            Some(signer),
         )
     }
 

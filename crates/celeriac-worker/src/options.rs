@@ -99,10 +99,8 @@ pub struct WorkerOptions {
     /// (16 MiB); from config, [`Config::max_message_size`].
     pub max_message_size: Option<usize>,
     /// Listen for remote-control requests (`inspect`, `control`) when the broker carries
-    /// them. Default `true`. With a [`signer`](Self::signer) the worker listens only when
-    /// [`control_allow`](Self::control_allow) lists commands: signed control requests are not
-    /// supported yet, and under `auth` unsigned ones are refused as Celery's workers refuse
-    /// them, unless the operator allowed them by name.
+    /// them. Default `true`. With a [`signer`](Self::signer) (serializer `auth`) only requests
+    /// signed by a trusted key are obeyed and replies are signed, as Celery's workers do.
     pub remote_control: bool,
     /// The remote-control commands this worker obeys (`[worker] control_allow`,
     /// `--control-allow`); a refused one gets an error reply and changes nothing. Default:

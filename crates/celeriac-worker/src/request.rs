@@ -350,6 +350,7 @@ fn error_chain(e: &Error) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use celeriac_core::security::Packed;
     use celeriac_core::{Acker, BoxFuture, ContentType, ErrorKind, Handler, Headers, TaskOptions};
     use serde_json::{Map, Value, json};
 
@@ -459,19 +460,24 @@ pub(crate) mod tests {
     struct Reverse;
 
     impl BodySigner for Reverse {
-        fn sign(&self, m: &mut Message) -> celeriac_core::Result<()> {
-            m.body.reverse();
-            m.content_type = "application/data".into();
-            Ok(())
+        fn sign_body(&self, ct: &str, ce: &str, body: &[u8]) -> celeriac_core::Result<Vec<u8>> {
+            let mut reversed = body.to_vec();
+            reversed.reverse();
+            Ok(celeriac_core::security::pack(&Packed {
+                signer: "reverse".into(),
+                signature: Vec::new(),
+                content_type: ct.into(),
+                content_encoding: ce.into(),
+                body: reversed,
+            }))
         }
-        fn verify(&self, m: &Message) -> celeriac_core::Result<Message> {
-            if m.content_type != "application/data" {
-                return Err(Error::new(ErrorKind::Security, "unsigned message refused"));
+        fn verify_body(&self, signed: &[u8]) -> celeriac_core::Result<Packed> {
+            let mut p = celeriac_core::security::unpack(signed)?;
+            if p.signer != "reverse" {
+                return Err(Error::new(ErrorKind::Security, "unknown signer"));
             }
-            let mut inner = m.clone();
-            inner.body.reverse();
-            inner.content_type = "application/json".into();
-            Ok(inner)
+            p.body.reverse();
+            Ok(p)
         }
     }
 

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use celeriac_core::broadcast::control::{Request, collect};
 use celeriac_core::broadcast::event::Event;
-use celeriac_core::broadcast::{Broadcast, Broadcasted, Inbox};
+use celeriac_core::broadcast::{Broadcast, Broadcasted, Inbox, Signed};
 use celeriac_core::{BoxFuture, Error, ErrorKind};
 use serde_json::{Map, Value, json};
 
@@ -82,8 +82,10 @@ impl App {
     }
 }
 
-fn channels(app: &App) -> Result<&dyn Broadcast> {
-    app.broker().broadcast().ok_or_else(|| {
+/// The broker's broadcast channels under the app's signing policy: with serializer `auth`,
+/// requests go out signed and only signed replies are read, as Celery's mailbox does.
+fn channels(app: &App) -> Result<Signed<'_>> {
+    let b = app.broker().broadcast().ok_or_else(|| {
         Error::new(
             ErrorKind::Unsupported,
             format!(
@@ -91,7 +93,8 @@ fn channels(app: &App) -> Result<&dyn Broadcast> {
                 app.broker().driver()
             ),
         )
-    })
+    })?;
+    Ok(Signed::new(b, app.signer().cloned()))
 }
 
 impl<'a> Control<'a> {
@@ -128,7 +131,7 @@ impl<'a> Control<'a> {
     /// Sends `method` with `arguments` and collects the replies.
     pub async fn call(&self, method: &str, arguments: Map<String, Value>) -> Result<Replies> {
         let replies = collect(
-            channels(self.app)?,
+            &channels(self.app)?,
             self.app.clock(),
             self.request(method, arguments),
             self.timeout,

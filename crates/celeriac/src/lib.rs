@@ -122,11 +122,15 @@ pub mod web {
         /// A web server over this app's broker, result backend and configuration; see
         /// [`celeriac_web`]. Add the beat entries with [`Web::beat`].
         pub fn web(&self) -> Web {
-            Web::new(
+            let web = Web::new(
                 self.broker().clone(),
                 self.backend().clone(),
                 self.config().clone(),
-            )
+            );
+            match self.signer() {
+                Some(signer) => web.signer(signer.clone()),
+                None => web,
+            }
         }
     }
 }

@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 
 /// The envelope of `m`, sent on `exchange`.
 pub fn encode(m: &Broadcasted, exchange: &str) -> Vec<u8> {
-    let body = serde_json::to_vec(&m.body).unwrap_or_else(|_| b"null".to_vec());
-    encode_json(&m.routing_key, &m.headers, &body, exchange)
+    let (content_type, body) = m.wire_body();
+    encode_as(&m.routing_key, &m.headers, content_type, &body, exchange)
 }
 
 /// The envelope of a message whose body is already JSON text (see
@@ -29,6 +29,16 @@ pub fn encode_json(
     body: &[u8],
     exchange: &str,
 ) -> Vec<u8> {
+    encode_as(routing_key, headers, "application/json", body, exchange)
+}
+
+fn encode_as(
+    routing_key: &str,
+    headers: &Map<String, Value>,
+    content_type: &str,
+    body: &[u8],
+    exchange: &str,
+) -> Vec<u8> {
     let encoded = body.len().div_ceil(3) * 4;
     let mut out = Vec::with_capacity(encoded + 512);
     out.extend_from_slice(br#"{"body": ""#);
@@ -38,9 +48,9 @@ pub fn encode_json(
         .encode_slice(body, &mut out[start..])
         .unwrap_or_default();
     out.truncate(start + written);
-    out.extend_from_slice(
-        br#"", "content-encoding": "utf-8", "content-type": "application/json", "headers": "#,
-    );
+    out.extend_from_slice(br#"", "content-encoding": "utf-8", "content-type": "#);
+    let _ = serde_json::to_writer(&mut out, content_type);
+    out.extend_from_slice(br#", "headers": "#);
     // Writing JSON values into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut out, headers);
     out.extend_from_slice(br#", "properties": "#);
@@ -63,15 +73,6 @@ pub fn decode(bytes: &[u8]) -> Result<(String, Broadcasted)> {
     let Value::Object(mut doc) = doc else {
         return Err(Error::protocol("a broadcast message must be a JSON map"));
     };
-    let content_type = doc
-        .get("content-type")
-        .and_then(Value::as_str)
-        .unwrap_or("application/json");
-    if content_type != "application/json" {
-        return Err(Error::protocol(format!(
-            "a broadcast message in {content_type} (only application/json is accepted)"
-        )));
-    }
     let props = match doc.remove("properties") {
         Some(Value::Object(p)) => p,
         _ => Map::new(),
@@ -103,12 +104,13 @@ pub fn decode(bytes: &[u8]) -> Result<(String, Broadcasted)> {
     } else {
         raw.as_bytes().to_vec()
     };
-    let body = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::protocol("a broadcast body is not JSON").with_source(e))?;
-    Ok((
-        field("exchange"),
-        Broadcasted::new(field("routing_key"), headers, body),
-    ))
+    let text = |k: &str| doc.get(k).and_then(Value::as_str);
+    let (body, signed) =
+        Broadcasted::read_body(text("content-type"), text("content-encoding"), &bytes)
+            .map_err(|e| Error::protocol(format!("a broadcast message: {e:#}")))?;
+    let mut m = Broadcasted::new(field("routing_key"), headers, body);
+    m.signed = signed;
+    Ok((field("exchange"), m))
 }
 
 #[cfg(test)]
@@ -123,6 +125,18 @@ mod tests {
         let (exchange, back) = decode(&encode(&m, "celeryev")).unwrap();
         assert_eq!(exchange, "celeryev");
         assert_eq!(back, m);
+
+        // A signed control request keeps its text and says application/data.
+        let signed = Broadcasted {
+            body: json!("c2lnbmVk"),
+            signed: true,
+            ..m
+        };
+        let wire = encode(&signed, "celery.pidbox");
+        let doc: Value = serde_json::from_slice(&wire).unwrap();
+        assert_eq!(doc["content-type"], "application/data");
+        assert_eq!(doc["body"], B64.encode("c2lnbmVk"));
+        assert_eq!(decode(&wire).unwrap().1, signed);
 
         // As kombu 5.x publishes a pidbox request on Redis.
         let kombu = json!({
@@ -145,7 +159,7 @@ mod tests {
             (b"[1]".to_vec(), "a JSON map"),
             (
                 br#"{"body": "x", "content-type": "application/x-python-serialize"}"#.to_vec(),
-                "only application/json",
+                "only application/json and signed",
             ),
             (br#"{"body": 5}"#.to_vec(), "no body"),
             (

@@ -11,13 +11,17 @@
 //! - [`Broadcast`]: what a driver implements, in transport terms only: broadcast a control
 //!   request, receive those meant for a node, send and receive replies on a reply queue,
 //!   publish and receive events. Each message is a [`Broadcasted`]: a routing key, JSON
-//!   headers and a JSON body (Celery sends these as JSON whatever its task serializer).
+//!   headers and a JSON body, or a signed one: Celery sends events as JSON whatever its task
+//!   serializer, and control requests and replies in its task serializer, so signed under
+//!   `auth`. A driver carries a signed body as it is and does not check it.
 //! - [`control`]: the request and reply documents (§10 of the wire notes) and who a request
 //!   is for.
 //! - [`event`]: the event documents (§11), typed for readers.
 //! - [`Clock`]: the Lamport clock every message carries (§12).
 //! - [`envelope`]: kombu's JSON envelope for such messages, for transports that store whole
 //!   messages as JSON (Redis, SQLite).
+//! - [`Signed`]: the channels as an app or worker uses them, which signs and checks control
+//!   requests and replies under serializer `auth`, as Celery's mailbox does.
 //!
 //! # A key design decision: the semantics live here and in the worker, not in the drivers
 //!
@@ -30,6 +34,9 @@
 pub mod control;
 pub mod envelope;
 pub mod event;
+mod signed;
+
+pub use signed::Signed;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +45,7 @@ use serde_json::{Map, Value};
 
 use crate::broker::BoxFuture;
 use crate::error::Result;
+use crate::security::SIGNED_CONTENT_TYPE;
 
 /// The exchange control requests are broadcast on (fanout).
 pub const CONTROL_EXCHANGE: &str = "celery.pidbox";
@@ -46,7 +54,7 @@ pub const REPLY_EXCHANGE: &str = "reply.celery.pidbox";
 /// The exchange events are published on (topic; routing key = event type with `-` → `.`).
 pub const EVENT_EXCHANGE: &str = "celeryev";
 
-/// One message on a broadcast channel: its routing key, headers and JSON body.
+/// One message on a broadcast channel: its routing key, headers and body.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Broadcasted {
     /// The routing key: empty for control requests, the reply queue's key for replies, the
@@ -54,8 +62,12 @@ pub struct Broadcasted {
     pub routing_key: String,
     /// The message headers (`clock`, `expires`, `ticket`, `hostname`, ...).
     pub headers: Map<String, Value>,
-    /// The body.
+    /// The body: a JSON document, or, when [`signed`](Self::signed), the signed text of one
+    /// as a JSON string.
     pub body: Value,
+    /// Whether the body is signed (Celery's `auth` serializer, content type
+    /// `application/data`): see [`Signed`].
+    pub signed: bool,
 }
 
 impl Broadcasted {
@@ -65,6 +77,51 @@ impl Broadcasted {
             routing_key: routing_key.into(),
             headers,
             body,
+            signed: false,
+        }
+    }
+}
+
+impl Broadcasted {
+    /// The body as it goes on the wire: its content type and bytes (JSON, or the signed
+    /// text as it is).
+    pub fn wire_body(&self) -> (&'static str, Vec<u8>) {
+        match (&self.body, self.signed) {
+            (Value::String(text), true) => (SIGNED_CONTENT_TYPE, text.clone().into_bytes()),
+            // Writing a JSON value into a Vec cannot fail.
+            _ => (
+                "application/json",
+                serde_json::to_vec(&self.body).unwrap_or_else(|_| b"null".to_vec()),
+            ),
+        }
+    }
+
+    /// Reads a body off the wire: `(body, signed)`. JSON is parsed; a signed body
+    /// (`application/data`) is kept as text for [`Signed`] to check. A missing content type
+    /// means JSON; others are refused, and the error says why (for the driver's log).
+    pub fn read_body(
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        bytes: &[u8],
+    ) -> Result<(Value, bool)> {
+        if let Some(enc) = content_encoding {
+            if !(enc.eq_ignore_ascii_case("utf-8") || enc.eq_ignore_ascii_case("utf8")) {
+                return Err(crate::Error::protocol(format!(
+                    "its content encoding is {enc} (broadcast bodies are utf-8 text)"
+                )));
+            }
+        }
+        match content_type.unwrap_or("application/json") {
+            "application/json" => serde_json::from_slice(bytes)
+                .map(|body| (body, false))
+                .map_err(|e| crate::Error::protocol("its body is not JSON").with_source(e)),
+            SIGNED_CONTENT_TYPE => String::from_utf8(bytes.to_vec())
+                .map(|text| (Value::String(text), true))
+                .map_err(|_| crate::Error::protocol("its signed body is not text")),
+            other => Err(crate::Error::protocol(format!(
+                "its content type is {other} (only application/json and signed \
+                 {SIGNED_CONTENT_TYPE} are accepted)"
+            ))),
         }
     }
 }

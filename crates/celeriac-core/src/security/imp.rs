@@ -12,10 +12,10 @@ use openssl::rsa::Padding;
 use openssl::sign::{RsaPssSaltlen, Signer, Verifier};
 use openssl::x509::X509;
 
-use super::{BodySigner, Packed, SIGNED_CONTENT_ENCODING, SIGNED_CONTENT_TYPE, pack, unpack};
+use super::{BodySigner, Packed, pack, unpack};
 use crate::config::{Config, Password};
 use crate::error::{Error, ErrorKind, Result};
-use crate::protocol::{ContentType, Message};
+use crate::protocol::ContentType;
 
 /// Where the key, the certificates and the digest come from: Celery's `security_*` settings.
 #[derive(Debug, Clone, Default)]
@@ -414,52 +414,36 @@ impl Security {
 }
 
 impl BodySigner for Security {
-    fn sign(&self, message: &mut Message) -> Result<()> {
-        if message.content_type == SIGNED_CONTENT_TYPE {
-            return Ok(());
-        }
-        let signature = self.sign_bytes(&message.body)?;
-        let packed = Packed {
+    fn sign_body(
+        &self,
+        content_type: &str,
+        content_encoding: &str,
+        body: &[u8],
+    ) -> Result<Vec<u8>> {
+        Ok(pack(&Packed {
             signer: self.id.clone(),
-            signature,
-            content_type: std::mem::take(&mut message.content_type),
-            content_encoding: std::mem::take(&mut message.content_encoding),
-            body: std::mem::take(&mut message.body),
-        };
-        message.body = pack(&packed);
-        message.content_type = SIGNED_CONTENT_TYPE.to_owned();
-        message.content_encoding = SIGNED_CONTENT_ENCODING.to_owned();
-        Ok(())
+            signature: self.sign_bytes(body)?,
+            content_type: content_type.to_owned(),
+            content_encoding: content_encoding.to_owned(),
+            body: body.to_vec(),
+        }))
     }
 
-    fn verify(&self, message: &Message) -> Result<Message> {
-        if message.content_type != SIGNED_CONTENT_TYPE {
-            return Err(security(format!(
-                "unsigned message refused: content type {:?}, but serializer \"auth\" accepts \
-                 only signed ones ({SIGNED_CONTENT_TYPE})",
-                message.content_type
-            )));
-        }
-        let packed = unpack(&message.body)?;
+    fn verify_body(&self, signed: &[u8]) -> Result<Packed> {
+        let packed = unpack(signed)?;
         self.verify_packed(&packed)?;
         // Nested signing and pickle are refused here, before anything reads the body.
         if ContentType::from_mime(&packed.content_type)? == ContentType::Auth {
             return Err(security("a signed body may not hold another signed body"));
         }
-        Ok(Message {
-            headers: message.headers.clone(),
-            properties: message.properties.clone(),
-            content_type: packed.content_type,
-            content_encoding: packed.content_encoding,
-            body: packed.body,
-        })
+        Ok(packed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Body, Headers};
+    use crate::protocol::{Body, Headers, Message};
     use openssl::asn1::Asn1Integer;
     use openssl::bn::BigNum;
     use openssl::ec::{EcGroup, EcKey};

@@ -170,8 +170,16 @@ def refused(serializer):
 out["altered"] = refused("auth-altered")
 out["mallory"] = refused("auth-mallory")
 out["unsigned"] = refused("json")
-# Remote control is off on our worker under auth (signed control is not supported yet).
-out["ping"] = app.control.ping(destination=[os.environ["NODE"]], timeout=1.5)
+# Remote control, signed both ways: a ping and a rate limit change.
+node = os.environ["NODE"]
+out["ping"] = app.control.ping(destination=[node], timeout=3)
+out["rate_limit"] = app.control.rate_limit("tasks.add", "50/s", destination=[node], reply=True,
+                                           timeout=3)
+# The same ping from an app that does not sign: our worker must not obey it.
+from celery import Celery
+plain = Celery("plain", broker=app.conf.broker_url)
+plain.conf.update(task_serializer="json", accept_content=["json"])
+out["plain_ping"] = plain.control.ping(destination=[node], timeout=1.5)
 print(json.dumps(out))
 "#;
 
@@ -204,7 +212,17 @@ async fn python_signed_calls_run_on_our_worker_and_forgeries_are_refused() {
 
     assert_eq!(out["signed"]["value"], 5, "{out:#}");
     assert_eq!(out["signed"]["state"], "SUCCESS", "{out:#}");
-    assert_eq!(out["ping"], serde_json::json!([]), "{out:#}");
+    // Celery's signed control reaches our worker, and its signed replies reach Celery.
+    assert_eq!(
+        out["ping"],
+        serde_json::json!([{ (node.clone()): {"ok": "pong"} }]),
+        "{out:#}"
+    );
+    let set = out["rate_limit"][0][&node]["ok"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(set.contains("rate limit"), "{out:#}");
+    assert_eq!(out["plain_ping"], serde_json::json!([]), "{out:#}");
     for (case, why) in [
         ("altered", "does not match the body"),
         ("mallory", "unknown certificate \"Mallory CA Acme 666\""),
@@ -274,6 +292,29 @@ async fn our_signed_calls_run_on_a_python_worker_and_unsigned_ones_do_not() {
         chained.get_timeout(T).await.unwrap(),
         serde_json::json!({"k": ["v", 1]})
     );
+    // Our signed control reaches Celery's worker, its signed reply reaches us; an app that
+    // does not sign gets no answer (Celery's worker accepts only auth on its mailbox).
+    let node = py.node_name().to_owned();
+    let asked = |app: App| {
+        let node = node.clone();
+        async move {
+            app.control()
+                .destination([node])
+                .timeout(std::time::Duration::from_secs(3))
+                .inspect()
+                .ping()
+                .await
+                .unwrap()
+        }
+    };
+    let pongs = asked(app.clone()).await;
+    assert_eq!(
+        pongs.get(py.node_name()),
+        Some(&serde_json::json!({"ok": "pong"})),
+        "{pongs:?}\n{}",
+        py.log()
+    );
+    assert!(asked(env.app.clone()).await.is_empty());
     // The same call from an app that does not sign: Celery refuses its content type.
     let mut py = py;
     add::s(1, 1).queue(q).apply_async(&env.app).await.unwrap();
@@ -291,6 +332,7 @@ out = {"signed": r.get(timeout=30), "worker": r.worker}
 r = app.send_task("tasks.mul", (6, 7), queue=q, serializer="json")
 got = r.get(timeout=30, propagate=False)
 out["unsigned"] = {"state": r.state, "type": type(got).__name__, "text": str(got)}
+out["ping"] = app.control.ping(destination=[os.environ["NODE"]], timeout=3)
 print(json.dumps(out))
 "#;
 
@@ -314,13 +356,20 @@ async fn our_worker_binary_takes_its_keys_from_the_environment() {
         ],
     )
     .await;
-    let out = python(SIGNED_AND_NOT, &env, &python_security(&pki.py, &pki.store)).await;
+    let mut vars = python_security(&pki.py, &pki.store);
+    let node = worker.node_name().to_owned();
+    vars.push(("NODE", &node));
+    let out = python(SIGNED_AND_NOT, &env, &vars).await;
     let log = worker.log();
     assert_eq!(out["signed"], 42, "{out:#}\n{log}");
     assert_eq!(out["worker"], worker.node_name(), "{out:#}");
     assert_eq!(out["unsigned"]["state"], "FAILURE", "{out:#}");
     assert_eq!(out["unsigned"]["type"], "SecurityError", "{out:#}");
     assert!(log.contains("unsigned message refused"), "{log}");
-    assert!(log.contains("remote control is off"), "{log}");
+    assert_eq!(
+        out["ping"],
+        serde_json::json!([{ (node.clone()): {"ok": "pong"} }]),
+        "{out:#}\n{log}"
+    );
     assert!(!log.contains("BEGIN"), "no key material in the log: {log}");
 }

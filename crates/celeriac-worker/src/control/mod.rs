@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use celeriac_core::broadcast::control::{Reply, ReplyTo, Request, collect};
-use celeriac_core::broadcast::{Broadcast, Clock};
+use celeriac_core::broadcast::{Broadcast, Clock, Signed};
 use celeriac_core::{DynBackend, DynBroker, Registry};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
@@ -74,9 +74,12 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    /// The broker's broadcast channels, if it has them.
-    pub(crate) fn channels(&self) -> Option<&dyn Broadcast> {
-        self.broker.broadcast()
+    /// The broker's broadcast channels, if it has them, under the worker's signing policy:
+    /// with serializer `auth`, requests are obeyed and mingle's answers read only when signed
+    /// by a trusted key, and replies go out signed (see [`Signed`]).
+    pub(crate) fn channels(&self) -> Option<Signed<'_>> {
+        let b = self.broker.broadcast()?;
+        Some(Signed::new(b, self.options.signer.clone()))
     }
 }
 
@@ -177,7 +180,7 @@ pub(crate) async fn mingle(node: &Node) {
     args.insert("from_node".into(), node.hostname.clone().into());
     args.insert("revoked".into(), json!(node.revoked.ids()));
     let hello = Request::new("hello", args);
-    let replies = match collect(channels, &node.clock, hello, MINGLE_WAIT, None).await {
+    let replies = match collect(&channels, &node.clock, hello, MINGLE_WAIT, None).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "mingle: cannot ask the other nodes");

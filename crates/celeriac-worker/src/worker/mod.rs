@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use celeriac_core::broadcast::Clock;
-use celeriac_core::broadcast::control::ControlAllow;
 use celeriac_core::{
     ConsumeOptions, Consumer, Delivery, DynBackend, DynBroker, ErrorKind, Registry, Result,
 };
@@ -232,28 +231,9 @@ impl Worker {
             queue_changes,
             autoscale: autoscale.clone(),
         });
-        let mut control = options.remote_control && broker.broadcast().is_some();
-        if control && options.signer.is_some() {
-            // Under `auth` Celery's workers accept only signed control requests, and celeriac
-            // cannot read signed ones yet: obeying any unsigned one would let whoever can write
-            // to the broker (but holds no key) revoke tasks or stop the worker. An explicit
-            // `control_allow` is the operator's opt-in to obey those commands unsigned.
-            // See docs/SECURITY.md.
-            if options.control_allow == ControlAllow::All {
-                tracing::warn!(
-                    "remote control is off: serializer auth is on, and signed control \
-                     requests are not supported yet (unsigned ones are refused, as Celery's \
-                     workers do; set control_allow to obey some commands unsigned)"
-                );
-                control = false;
-            } else {
-                tracing::warn!(
-                    allowed = ?options.control_allow,
-                    "serializer auth is on, but remote control obeys the unsigned requests \
-                     control_allow lets through"
-                );
-            }
-        }
+        // Under serializer `auth`, requests are obeyed only when signed by a trusted key
+        // (`control::Node::channels`), as Celery's workers do.
+        let control = options.remote_control && broker.broadcast().is_some();
         if control {
             // In the background: consuming does not wait the second it takes to hear from
             // every node; revokes learned apply to what has not run yet.

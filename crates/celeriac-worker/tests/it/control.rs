@@ -2,12 +2,14 @@
 //! `inspect`, `control` and monitors see of a worker. (The same against real Python tools, on
 //! Redis and RabbitMQ, is in the e2e crate's interop tests.)
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use celeriac_core::broadcast::Clock;
 use celeriac_core::broadcast::control::{Reply, Request, collect};
 use celeriac_core::broadcast::event::{Event, EventKind};
-use celeriac_core::broadcast::{Broadcast, Broadcasted};
+use celeriac_core::broadcast::{Broadcast, Broadcasted, Signed};
+use celeriac_core::security::Packed;
 use celeriac_core::{Broker as _, RateLimit, TaskState};
 use serde_json::{Map, Value, json};
 
@@ -453,55 +455,110 @@ async fn events_tell_monitors_about_the_worker_and_its_tasks() {
     }
 }
 
-/// Marks a worker as running signed messages only (serializer `auth`); it is never asked to
-/// sign or verify here.
+/// A signer whose "signature" is its name and whose packing is Celery's: enough to drive the
+/// worker's policy (RSA-PSS signing is tested in celeriac-core, and against Celery's own
+/// `setup_security()` in celeriac-e2e).
 #[derive(Debug)]
-struct Signed;
+struct Named(&'static str);
 
-impl celeriac_core::security::BodySigner for Signed {
-    fn sign(&self, _: &mut celeriac_core::Message) -> celeriac_core::Result<()> {
-        Ok(())
+impl celeriac_core::security::BodySigner for Named {
+    fn sign_body(&self, ct: &str, ce: &str, body: &[u8]) -> celeriac_core::Result<Vec<u8>> {
+        Ok(celeriac_core::security::pack(&Packed {
+            signer: self.0.into(),
+            signature: self.0.as_bytes().to_vec(),
+            content_type: ct.into(),
+            content_encoding: ce.into(),
+            body: body.to_vec(),
+        }))
     }
-    fn verify(&self, m: &celeriac_core::Message) -> celeriac_core::Result<celeriac_core::Message> {
-        Ok(m.clone())
+    fn verify_body(&self, signed: &[u8]) -> celeriac_core::Result<Packed> {
+        let p = celeriac_core::security::unpack(signed)?;
+        if p.signature != self.0.as_bytes() {
+            return Err(celeriac_core::Error::new(
+                celeriac_core::ErrorKind::Security,
+                format!("signed by {:?}, not trusted", p.signer),
+            ));
+        }
+        Ok(p)
     }
 }
 
-/// Under `auth` unsigned control requests are refused unless `control_allow` names them.
+/// `ask`, with requests signed by `signer` and only replies it verifies read.
+async fn ask_signed(h: &Harness, signer: &'static str, method: &str) -> Vec<Reply> {
+    let channels = Signed::new(channels(h), Some(Arc::new(Named(signer))));
+    collect(
+        &channels,
+        &Clock::new(),
+        Request::new(method, Map::new()),
+        Duration::from_secs(2),
+        Some(1),
+    )
+    .await
+    .unwrap()
+}
+
+/// Under `auth` only requests signed by a trusted key are obeyed, replies go out signed, and
+/// `control_allow` still limits what signed requests may do.
 /// See: issue 26
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_auth_unsigned_control_is_obeyed_only_as_control_allow_says() {
+async fn under_auth_only_signed_control_is_obeyed_and_replies_are_signed() {
     let gate = Opening::new();
     gate.open();
     let h = start(
         tasks(&gate),
         options(|o| {
             o.content_type = celeriac_core::ContentType::Auth;
-            o.signer = Some(std::sync::Arc::new(Signed));
+            o.signer = Some(Arc::new(Named("ops")));
+            o.control_allow =
+                celeriac_core::broadcast::control::ControlAllow::from_names(["inspect"]).unwrap();
         }),
     );
-    // The worker runs (tasks go through), but answers no control request.
-    let id = h.call("tasks.add", vec![json!(1), json!(2)]).await;
-    assert_eq!(h.result(&id).await.result, json!(3));
-    assert!(ask(&h, "ping", json!({})).await.is_empty());
-    drop(h);
-
-    let allow = celeriac_core::broadcast::control::ControlAllow::from_names(["inspect"]).unwrap();
-    let h = start(
-        tasks(&gate),
-        options(|o| {
-            o.content_type = celeriac_core::ContentType::Auth;
-            o.signer = Some(std::sync::Arc::new(Signed));
-            o.control_allow = allow.clone();
-        }),
-    );
-    h.until("the worker listens", || async {
-        !ask(&h, "ping", json!({})).await.is_empty()
+    h.until("the worker answers a signed ping", || async {
+        !ask_signed(&h, "ops", "ping").await.is_empty()
     })
     .await;
-    let refused = answer(&h, "shutdown", json!({})).await;
+    let pong = ask_signed(&h, "ops", "ping").await;
+    assert_eq!(pong[0].answer, json!({"ok": "pong"}));
+
+    // Unsigned, or signed by a key the worker does not trust: no answer at all.
+    assert!(ask(&h, "ping", json!({})).await.is_empty());
+    assert!(ask_signed(&h, "mallory", "ping").await.is_empty());
+
+    // The reply on the wire is signed: a reader without the key sees application/data text.
+    let b = channels(&h);
+    let (key, mut raw) = b.reply_inbox().await.unwrap();
+    let signer = Named("ops");
+    let request = Request {
+        reply_to: Some(celeriac_core::broadcast::control::ReplyTo {
+            exchange: celeriac_core::broadcast::REPLY_EXCHANGE.into(),
+            routing_key: key,
+        }),
+        ticket: Some("t-1".into()),
+        ..Request::new("ping", Map::new())
+    };
+    Signed::new(b, Some(Arc::new(signer)))
+        .send_control(&request.to_message(1, None))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(DEADLINE, raw.next())
+        .await
+        .expect("a reply in time")
+        .unwrap()
+        .unwrap();
+    assert!(reply.signed, "{reply:?}");
+    let text = reply.body.as_str().unwrap();
+    let packed = celeriac_core::security::unpack(text.as_bytes()).unwrap();
+    assert_eq!(packed.signer, "ops");
+    let inner: Value = serde_json::from_slice(&packed.body).unwrap();
+    assert_eq!(inner["w1@test"], json!({"ok": "pong"}));
+
+    // control_allow still applies to signed requests.
+    let refused = ask_signed(&h, "ops", "shutdown").await;
     assert!(
-        refused["error"].as_str().unwrap().contains("not allowed"),
-        "{refused}"
+        refused[0].answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed"),
+        "{refused:?}"
     );
 }
