@@ -373,3 +373,61 @@ async fn our_worker_binary_takes_its_keys_from_the_environment() {
     );
     assert!(!log.contains("BEGIN"), "no key material in the log: {log}");
 }
+
+/// Pings our worker with and without signing; prints the answers.
+const PING: &str = r#"
+import json, os
+import tasks
+from celery import Celery
+node = os.environ["NODE"]
+out = {"signed": tasks.app.control.ping(destination=[node], timeout=3)}
+plain = Celery("plain", broker=os.environ["CELERY_BROKER_URL"])
+plain.conf.update(task_serializer="json", accept_content=["json"])
+out["plain"] = plain.control.ping(destination=[node], timeout=1.5)
+print(json.dumps(out))
+"#;
+
+/// Signed control over RabbitMQ, where the pidbox is a fanout exchange and the signed body
+/// travels as AMQP content of type `application/data` (on Redis it sits in kombu's JSON
+/// envelope): Celery's signed ping is answered, its unsigned one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_control_over_rabbitmq() {
+    const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672//";
+    let Some(env) = setup(7, "sec-amqp").await else {
+        return;
+    };
+    if !celeriac_test::services::require_service("rabbitmq", "127.0.0.1:5672") {
+        return;
+    }
+    let pki = pki("amqp");
+    let worker = OurWorker::start_env(
+        AMQP,
+        &env.url,
+        &[&env.queue],
+        &[],
+        &[
+            ("CELERIAC_SERIALIZER", "auth"),
+            ("CELERIAC_SECURITY_KEY", s(&pki.rs.key)),
+            ("CELERIAC_SECURITY_CERTIFICATE", s(&pki.rs.cert)),
+            ("CELERIAC_SECURITY_CERT_STORE", s(&pki.store)),
+        ],
+    )
+    .await;
+    let node = worker.node_name().to_owned();
+    let place = crate::support::Amqp {
+        url: AMQP.into(),
+        backend: env.url.clone(),
+        queue: env.queue.clone(),
+    };
+    let mut vars = python_security(&pki.py, &pki.store);
+    vars.push(("NODE", &node));
+    let out = python(PING, &place, &vars).await;
+    let log = worker.log();
+    assert_eq!(
+        out["signed"],
+        serde_json::json!([{ (node.clone()): {"ok": "pong"} }]),
+        "{out:#}\n{log}"
+    );
+    assert_eq!(out["plain"], serde_json::json!([]), "{out:#}");
+    assert!(log.contains("control request dropped"), "{log}");
+}
