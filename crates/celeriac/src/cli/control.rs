@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use celeriac_core::broadcast::control::{CONTROL_COMMANDS, INSPECT_COMMANDS};
 use celeriac_core::broadcast::event::{Event, EventKind, now_unix};
 use serde_json::{Map, Value, json};
 
@@ -73,36 +74,18 @@ pub(super) struct EventsArgs {
     duration: Option<f64>,
 }
 
-const INSPECT: &[&str] = &[
-    "ping",
-    "stats",
-    "active",
-    "reserved",
-    "scheduled",
-    "revoked",
-    "registered",
-    "query_task",
-    "active_queues",
-    "conf",
-    "report",
-    "clock",
-];
+/// Commands of the worker's lists that the CLI does not offer: `hello` (mingle, between
+/// workers), `pool_restart` (always refused: no pool reloads code) and
+/// `revoke_by_stamped_headers` (no stamping here).
+const NOT_OFFERED: &[&str] = &["hello", "pool_restart", "revoke_by_stamped_headers"];
 
-const CONTROL: &[&str] = &[
-    "rate_limit",
-    "time_limit",
-    "revoke",
-    "terminate",
-    "shutdown",
-    "pool_grow",
-    "pool_shrink",
-    "autoscale",
-    "add_consumer",
-    "cancel_consumer",
-    "enable_events",
-    "disable_events",
-    "heartbeat",
-];
+/// The commands of `all` the CLI offers.
+fn offered(all: &'static [&'static str]) -> Vec<&'static str> {
+    all.iter()
+        .copied()
+        .filter(|c| !NOT_OFFERED.contains(c))
+        .collect()
+}
 
 fn control<'a>(app: &'a App, r: &RemoteArgs) -> anyhow::Result<crate::Control<'a>> {
     let timeout = Duration::try_from_secs_f64(r.timeout)
@@ -114,11 +97,12 @@ fn control<'a>(app: &'a App, r: &RemoteArgs) -> anyhow::Result<crate::Control<'a
 }
 
 pub(super) async fn inspect(app: &App, a: InspectArgs) -> anyhow::Result<ExitCode> {
-    if !INSPECT.contains(&a.command.as_str()) {
+    let known = offered(INSPECT_COMMANDS);
+    if !known.contains(&a.command.as_str()) {
         bail!(
             "unknown inspect command {:?} (known: {})",
             a.command,
-            INSPECT.join(", ")
+            known.join(", ")
         );
     }
     let mut arguments = Map::new();
@@ -141,10 +125,11 @@ pub(super) async fn inspect(app: &App, a: InspectArgs) -> anyhow::Result<ExitCod
 
 pub(super) async fn control_command(app: &App, a: ControlArgs) -> anyhow::Result<ExitCode> {
     let cmd = a.command.as_str();
-    if !CONTROL.contains(&cmd) {
+    let known = offered(CONTROL_COMMANDS);
+    if !known.contains(&cmd) {
         bail!(
             "unknown control command {cmd:?} (known: {})",
-            CONTROL.join(", ")
+            known.join(", ")
         );
     }
     let c = control(app, &a.remote)?;
