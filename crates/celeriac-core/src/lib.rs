@@ -42,6 +42,7 @@ pub mod broadcast;
 pub mod broker;
 pub mod canvas;
 pub mod config;
+pub mod coord;
 pub mod error;
 pub mod flow;
 pub mod memory;

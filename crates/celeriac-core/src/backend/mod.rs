@@ -228,6 +228,9 @@ pub struct BackendCapabilities<'a> {
     /// to read a task's state with its message (see
     /// [`ConsumeOptions::result_probe`](crate::ConsumeOptions::result_probe)).
     pub probe: Option<ResultProbe>,
+    /// Rate limits, locks and slots shared by every worker on this store (cluster rate
+    /// limits, unique tasks, concurrency caps; see [`crate::coord`]).
+    pub coordination: Option<&'a dyn crate::coord::Coordination>,
 }
 
 impl<'a> BackendCapabilities<'a> {
@@ -263,6 +266,13 @@ impl<'a> BackendCapabilities<'a> {
         self.probe = Some(probe);
         self
     }
+
+    /// With a coordination store.
+    #[must_use]
+    pub fn coordination(mut self, store: &'a dyn crate::coord::Coordination) -> Self {
+        self.coordination = Some(store);
+        self
+    }
 }
 
 impl fmt::Debug for BackendCapabilities<'_> {
@@ -272,6 +282,7 @@ impl fmt::Debug for BackendCapabilities<'_> {
             .field("reply_queue", &self.reply_queue.map(ReplyQueue::reply_to))
             .field("just_sent", &self.just_sent.is_some())
             .field("probe", &self.probe)
+            .field("coordination", &self.coordination.is_some())
             .finish()
     }
 }

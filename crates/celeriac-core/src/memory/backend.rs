@@ -19,6 +19,7 @@ pub struct MemoryBackend {
 struct Inner {
     state: Mutex<State>,
     changed: Notify,
+    coord: crate::coord::LocalCoordination,
 }
 
 #[derive(Debug, Default)]
@@ -116,6 +117,10 @@ impl ResultBackend for MemoryBackend {
         group_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Vec<String>>>> {
         Box::pin(async move { Ok(self.lock().groups.get(group_id).cloned()) })
+    }
+
+    fn capabilities(&self) -> crate::BackendCapabilities<'_> {
+        crate::BackendCapabilities::none().coordination(&self.inner.coord)
     }
 
     fn incr<'a>(&'a self, key: &'a str, by: i64) -> BoxFuture<'a, Result<i64>> {

@@ -364,3 +364,181 @@ pub async fn case_incr_is_atomic(backend: DynBackend) {
         "a new counter starts at 0"
     );
 }
+
+// ===== coordination (a capability: cluster rate limits, unique tasks, concurrency caps) =====
+
+/// The backend's coordination store, or `None` after a `SKIPPED:` notice.
+fn coordination<'a>(
+    backend: &'a DynBackend,
+    case: &str,
+) -> Option<&'a dyn celeriac_core::coord::Coordination> {
+    let c = backend.capabilities().coordination;
+    if c.is_none() {
+        eprintln!(
+            "SKIPPED: {case} needs the coordination capability, which the {} backend lacks",
+            backend.driver()
+        );
+    }
+    c
+}
+
+/// `throttle` admits one call per interval for a key, tells a caller that is early how long
+/// to wait, and keeps keys apart; concurrent callers together keep the rate.
+pub async fn case_coord_throttle(backend: DynBackend) {
+    let Some(c) = coordination(&backend, "case_coord_throttle") else {
+        return;
+    };
+    let key = task_id("throttle");
+    let ten: celeriac_core::RateLimit = "10/s".parse().unwrap();
+    assert_eq!(c.throttle(&key, ten).await.unwrap(), Duration::ZERO);
+    let wait = c.throttle(&key, ten).await.unwrap();
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_millis(100),
+        "a second call at once must wait up to one interval, got {wait:?}"
+    );
+    let other = task_id("throttle-other");
+    assert_eq!(c.throttle(&other, ten).await.unwrap(), Duration::ZERO);
+    tokio::time::sleep(wait).await;
+    assert_eq!(c.throttle(&key, ten).await.unwrap(), Duration::ZERO);
+
+    // Eight callers sharing 100/s: 21 admissions take at least 20 intervals.
+    let key = task_id("throttle-shared");
+    let hundred: celeriac_core::RateLimit = "100/s".parse().unwrap();
+    let admitted = std::sync::atomic::AtomicU32::new(0);
+    let t0 = Instant::now();
+    let caller = || async {
+        loop {
+            if admitted.load(std::sync::atomic::Ordering::SeqCst) >= 21 {
+                return;
+            }
+            let wait = c.throttle(&key, hundred).await.unwrap();
+            if wait.is_zero() {
+                admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            } else {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    };
+    futures_join_all((0..8).map(|_| caller())).await;
+    let n = admitted.load(std::sync::atomic::Ordering::SeqCst);
+    let elapsed = t0.elapsed();
+    let floor = Duration::from_millis(10) * (n - 1) - CLOCK_TOLERANCE;
+    assert!(
+        elapsed >= floor,
+        "{n} admissions at 100/s took {elapsed:?}: the budget is not shared"
+    );
+}
+
+/// Runs the futures to completion, concurrently, on this task.
+async fn futures_join_all<F: std::future::Future<Output = ()>>(fs: impl IntoIterator<Item = F>) {
+    let mut set: Vec<std::pin::Pin<Box<F>>> = fs.into_iter().map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// A lock has one holder until it is released by that holder or its time runs out.
+pub async fn case_coord_lock(backend: DynBackend) {
+    let Some(c) = coordination(&backend, "case_coord_lock") else {
+        return;
+    };
+    let key = task_id("lock");
+    let long = Duration::from_secs(30);
+    assert_eq!(c.lock(&key, "a", long).await.unwrap(), "a");
+    assert_eq!(c.lock(&key, "b", long).await.unwrap(), "a");
+    assert_eq!(
+        c.lock(&key, "a", long).await.unwrap(),
+        "a",
+        "its holder again"
+    );
+    assert!(!c.unlock(&key, "b").await.unwrap(), "b does not hold it");
+    assert_eq!(c.lock(&key, "b", long).await.unwrap(), "a");
+    assert!(c.unlock(&key, "a").await.unwrap());
+    assert!(!c.unlock(&key, "a").await.unwrap(), "released already");
+    assert_eq!(c.lock(&key, "b", long).await.unwrap(), "b");
+
+    let key = task_id("lock-expiry");
+    assert_eq!(
+        c.lock(&key, "a", Duration::from_millis(200)).await.unwrap(),
+        "a"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        c.lock(&key, "b", long).await.unwrap(),
+        "b",
+        "an expired lock frees itself"
+    );
+
+    // Twenty at once: one holder.
+    let key = task_id("lock-race");
+    let holders = std::sync::Mutex::new(Vec::new());
+    futures_join_all((0..20).map(|i| {
+        let (key, holders) = (&key, &holders);
+        async move {
+            let h = c.lock(key, &format!("h{i}"), long).await.unwrap();
+            holders.lock().unwrap().push(h);
+        }
+    }))
+    .await;
+    let holders = holders.into_inner().unwrap();
+    let first = &holders[0];
+    assert!(
+        holders.iter().all(|h| h == first),
+        "one holder, got {holders:?}"
+    );
+}
+
+/// Slots: at most `limit` holders at once; a release or an expired lease frees one.
+pub async fn case_coord_slots(backend: DynBackend) {
+    let Some(c) = coordination(&backend, "case_coord_slots") else {
+        return;
+    };
+    let key = task_id("slots");
+    let long = Duration::from_secs(30);
+    assert!(c.acquire(&key, "a", 2, long).await.unwrap());
+    assert!(c.acquire(&key, "b", 2, long).await.unwrap());
+    assert!(
+        !c.acquire(&key, "c", 2, long).await.unwrap(),
+        "both slots held"
+    );
+    assert!(
+        c.acquire(&key, "a", 2, long).await.unwrap(),
+        "a renews its own"
+    );
+    c.release(&key, "a").await.unwrap();
+    assert!(c.acquire(&key, "c", 2, long).await.unwrap());
+    c.release(&key, "nobody").await.unwrap();
+
+    let key = task_id("slots-expiry");
+    assert!(
+        c.acquire(&key, "a", 1, Duration::from_millis(200))
+            .await
+            .unwrap()
+    );
+    assert!(!c.acquire(&key, "b", 1, long).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        c.acquire(&key, "b", 1, long).await.unwrap(),
+        "an expired lease frees its slot"
+    );
+
+    // Twenty at once for three slots: exactly three.
+    let key = task_id("slots-race");
+    let won = std::sync::atomic::AtomicU32::new(0);
+    futures_join_all((0..20).map(|i| {
+        let (key, won) = (&key, &won);
+        async move {
+            if c.acquire(key, &format!("h{i}"), 3, long).await.unwrap() {
+                won.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }))
+    .await;
+    assert_eq!(won.load(std::sync::atomic::Ordering::SeqCst), 3);
+}

@@ -190,6 +190,9 @@ macro_rules! backend_conformance {
                 forget => case_forget,
                 groups => case_groups,
                 incr_is_atomic => case_incr_is_atomic,
+                coord_throttle => case_coord_throttle,
+                coord_lock => case_coord_lock,
+                coord_slots => case_coord_slots,
             }
         }
     };

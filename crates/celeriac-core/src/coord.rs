@@ -1,0 +1,207 @@
+//! Coordination across workers: rate limits, locks and slots shared by the whole cluster.
+//!
+//! Celery's rate limits are per worker process: ten workers at `10/s` make 100 calls a
+//! second. A [`Coordination`] store gives every worker the same budget, through the store
+//! they already share: a result backend hands one out as a capability
+//! ([`BackendCapabilities::coordination`](crate::BackendCapabilities)), so the cluster's state
+//! lives where its results do (Redis: Lua scripts; SQLite: rows in the write transaction;
+//! the memory backend: one process). What the worker and the app build on it:
+//!
+//! - **Cluster rate limits** ([`Coordination::throttle`]): GCRA (the generic cell rate
+//!   algorithm) over one timestamp per key, the same arithmetic as
+//!   [`TokenBucket`](crate::TokenBucket) with a burst of one: each admission moves the key's
+//!   "theoretical arrival time" one interval on, and a caller early by `d` waits `d`.
+//! - **Unique tasks** ([`Coordination::lock`]): a key held by one task id until it is
+//!   released or its time runs out, so a crashed holder frees it by itself.
+//! - **Concurrency caps** ([`Coordination::acquire`]): `n` slots per key, each leased to a
+//!   holder; an expired lease frees its slot.
+//!
+//! Times are the store's own clock where it has one (Redis `TIME`), so workers whose clocks
+//! disagree still share one budget.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::broker::BoxFuture;
+use crate::error::Result;
+use crate::ratelimit::RateLimit;
+
+/// A store of shared rate limits, locks and slots. See the [module docs](self).
+///
+/// Keys are the caller's; a store may prefix them. Every method is one atomic step on the
+/// store.
+pub trait Coordination: Send + Sync {
+    /// Asks to start one thing under `limit` for `key`: `Duration::ZERO` when admitted (the
+    /// budget is taken), else how long to wait before asking again (nothing is taken).
+    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Duration>>;
+
+    /// Takes lock `key` for `holder` for `ttl`, unless another holder has it: returns the
+    /// holder after the call (`holder` itself when taken, or when it already held it).
+    fn lock<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<String>>;
+
+    /// Releases lock `key` if `holder` holds it; says whether it did.
+    fn unlock<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<bool>>;
+
+    /// Takes one of `limit` slots of `key` for `holder`, leased for `ttl` (taking it again
+    /// renews the lease); `false` when every slot is held by an unexpired lease.
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        limit: u32,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool>>;
+
+    /// Frees `holder`'s slot of `key`, if it has one.
+    fn release<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<()>>;
+}
+
+/// GCRA in whole microseconds, with a burst of one (Celery's per-worker bucket holds one
+/// token too): given the key's theoretical arrival time `tat` (0: never used) and `now`, the
+/// new `tat` when admitted, or how long to wait. A caller is admitted when `now >= tat`, and
+/// moves `tat` one interval past the later of the two.
+pub fn gcra(tat: u64, now: u64, limit: RateLimit) -> std::result::Result<u64, Duration> {
+    if now >= tat {
+        Ok(now + gcra_interval(limit))
+    } else {
+        Err(Duration::from_micros(tat - now))
+    }
+}
+
+/// [`gcra`]'s interval for `limit`, in microseconds.
+pub fn gcra_interval(limit: RateLimit) -> u64 {
+    (1_000_000.0 / limit.rate()).max(1.0) as u64
+}
+
+/// Coordination within one process: for the memory backend and for tests.
+#[derive(Debug, Default)]
+pub struct LocalCoordination {
+    state: Mutex<Local>,
+}
+
+#[derive(Debug, Default)]
+struct Local {
+    tats: HashMap<String, u64>,
+    locks: HashMap<String, (String, Instant)>,
+    slots: HashMap<String, HashMap<String, Instant>>,
+}
+
+impl LocalCoordination {
+    fn with<T>(&self, f: impl FnOnce(&mut Local, Instant) -> T) -> T {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut s, Instant::now())
+    }
+}
+
+/// Microseconds since the first call in this process: a monotonic clock for [`gcra`].
+fn local_micros(now: Instant) -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    // Offset by a second so that 0 stays "never used".
+    now.saturating_duration_since(start).as_micros() as u64 + 1_000_000
+}
+
+impl Coordination for LocalCoordination {
+    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Duration>> {
+        Box::pin(async move {
+            Ok(self.with(|s, now| {
+                let tat = s.tats.get(key).copied().unwrap_or(0);
+                match gcra(tat, local_micros(now), limit) {
+                    Ok(next) => {
+                        s.tats.insert(key.to_owned(), next);
+                        Duration::ZERO
+                    }
+                    Err(wait) => wait,
+                }
+            }))
+        })
+    }
+
+    fn lock<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<String>> {
+        Box::pin(async move {
+            Ok(self.with(|s, now| match s.locks.get(key) {
+                Some((h, until)) if *until > now && h != holder => h.clone(),
+                _ => {
+                    s.locks
+                        .insert(key.to_owned(), (holder.to_owned(), now + ttl));
+                    holder.to_owned()
+                }
+            }))
+        })
+    }
+
+    fn unlock<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            Ok(self.with(|s, _| match s.locks.get(key) {
+                Some((h, _)) if h == holder => s.locks.remove(key).is_some(),
+                _ => false,
+            }))
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        limit: u32,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            Ok(self.with(|s, now| {
+                let slots = s.slots.entry(key.to_owned()).or_default();
+                slots.retain(|_, until| *until > now);
+                if slots.contains_key(holder) || slots.len() < limit as usize {
+                    slots.insert(holder.to_owned(), now + ttl);
+                    true
+                } else {
+                    false
+                }
+            }))
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.with(|s, _| {
+                if let Some(slots) = s.slots.get_mut(key) {
+                    slots.remove(holder);
+                }
+            });
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_admits_one_per_interval_and_says_how_long_to_wait() {
+        let ten: RateLimit = "10/s".parse().unwrap();
+        assert_eq!(gcra_interval(ten), 100_000);
+        let t0 = 5_000_000;
+        let tat = gcra(0, t0, ten).unwrap();
+        assert_eq!(tat, t0 + 100_000);
+        // A second call at once must wait for the next interval...
+        assert_eq!(gcra(tat, t0 + 30_000, ten), Err(Duration::from_millis(70)));
+        // ... and is admitted then.
+        let tat = gcra(tat, t0 + 100_000, ten).unwrap();
+        assert_eq!(tat, t0 + 200_000);
+        // Idle for long: the budget does not pile up beyond one.
+        let later = t0 + 60_000_000;
+        let tat = gcra(tat, later, ten).unwrap();
+        assert!(gcra(tat, later, ten).is_err());
+    }
+}
