@@ -542,6 +542,7 @@ impl ResultBackend for RedisBackend {
 
     fn capabilities(&self) -> BackendCapabilities<'_> {
         BackendCapabilities::none()
+            .coordination(self)
             .chords(self)
             .just_sent(self)
             .probe(ResultProbe::new(
@@ -848,5 +849,128 @@ async fn run_subscriber(
             }
         }
         tracing::warn!(url = %redis.url, "redis result subscriber lost its connection; reconnecting");
+    }
+}
+
+/// Cluster rate limits, unique-task locks and concurrency slots, each one Lua script on the
+/// server (atomic, on the server's clock), under the backend's key prefix with a
+/// `celeriac-coord-` stem.
+impl celeriac_core::coord::Coordination for RedisBackend {
+    fn throttle<'a>(
+        &'a self,
+        key: &'a str,
+        limit: celeriac_core::RateLimit,
+    ) -> BoxFuture<'a, Result<Duration>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let key = self
+                .inner
+                .keys
+                .counter(&format!("celeriac-coord-rate-{key}"));
+            let interval = celeriac_core::coord::gcra_interval(limit);
+            // Not retried after a lost reply: the budget may have been taken.
+            let wait: u64 = self
+                .inner
+                .redis
+                .run_once("throttle on redis", |mut c| {
+                    let mut inv = scripts::COORD_THROTTLE.prepare_invoke();
+                    inv.key(&key).arg(interval);
+                    async move { inv.invoke_async(&mut c).await }
+                })
+                .await?;
+            Ok(Duration::from_micros(wait))
+        })
+    }
+
+    fn lock<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<String>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let key = self
+                .inner
+                .keys
+                .counter(&format!("celeriac-coord-lock-{key}"));
+            let ms = ttl.as_millis().max(1) as u64;
+            // Retried: taking it again as the same holder is the same step.
+            self.inner
+                .redis
+                .run("take a redis lock", |mut c| {
+                    let mut inv = scripts::COORD_LOCK.prepare_invoke();
+                    inv.key(&key).arg(holder).arg(ms);
+                    async move { inv.invoke_async(&mut c).await }
+                })
+                .await
+        })
+    }
+
+    fn unlock<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let key = self
+                .inner
+                .keys
+                .counter(&format!("celeriac-coord-lock-{key}"));
+            let n: i64 = self
+                .inner
+                .redis
+                .run("release a redis lock", |mut c| {
+                    let mut inv = scripts::COORD_UNLOCK.prepare_invoke();
+                    inv.key(&key).arg(holder);
+                    async move { inv.invoke_async(&mut c).await }
+                })
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        limit: u32,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let key = self
+                .inner
+                .keys
+                .counter(&format!("celeriac-coord-slots-{key}"));
+            let ms = ttl.as_millis().max(1) as u64;
+            let n: i64 = self
+                .inner
+                .redis
+                .run("take a redis slot", |mut c| {
+                    let mut inv = scripts::COORD_ACQUIRE.prepare_invoke();
+                    inv.key(&key).arg(holder).arg(limit).arg(ms);
+                    async move { inv.invoke_async(&mut c).await }
+                })
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let key = self
+                .inner
+                .keys
+                .counter(&format!("celeriac-coord-slots-{key}"));
+            let _: i64 = self
+                .inner
+                .redis
+                .run("release a redis slot", |mut c| {
+                    let mut cmd = redis::cmd("ZREM");
+                    cmd.arg(&key).arg(holder);
+                    async move { cmd.query_async(&mut c).await }
+                })
+                .await?;
+            Ok(())
+        })
     }
 }

@@ -515,3 +515,63 @@ return 1
 "#,
     )
 });
+
+/// Cluster rate limits ([`celeriac_core::coord::gcra`] with a burst of one), on the server's
+/// clock. KEYS: the key's theoretical arrival time. ARGV: the interval in microseconds.
+/// Returns 0 when admitted (the time moved one interval on), else the wait in microseconds.
+pub(crate) static COORD_THROTTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if now < tat then return tat - now end
+redis.call('SET', KEYS[1], now + interval, 'PX', math.ceil(interval / 1000) + 1000)
+return 0
+"#,
+    )
+});
+
+/// Takes a lock unless another holder has it. KEYS: the lock. ARGV: holder, ttl (ms).
+/// Returns the holder after the call.
+pub(crate) static COORD_LOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local h = redis.call('GET', KEYS[1])
+if h and h ~= ARGV[1] then return h end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
+"#,
+    )
+});
+
+/// Releases a lock its holder holds. KEYS: the lock. ARGV: holder. Returns 1 when released.
+pub(crate) static COORD_UNLOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});
+
+/// Takes one of `limit` leased slots: a sorted set of holders scored by lease end (server
+/// time, ms). KEYS: the set. ARGV: holder, limit, ttl (ms). Returns 1 when taken or renewed.
+pub(crate) static COORD_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', KEYS[1], tonumber(last[2]))
+  return 1
+end
+return 0
+"#,
+    )
+});
