@@ -364,7 +364,7 @@ impl ResultBackend for SqliteBackend {
 
     fn capabilities(&self) -> BackendCapabilities<'_> {
         // Rows are keyed by the bare task id.
-        let caps = BackendCapabilities::none();
+        let caps = BackendCapabilities::none().coordination(self);
         match &self.inner.conn.identity {
             Some(store) => caps.probe(ResultProbe::new(store.clone(), "")),
             None => caps,
@@ -375,6 +375,171 @@ impl ResultBackend for SqliteBackend {
         Box::pin(async move {
             self.inner.closed.store(true, Ordering::Release);
             Ok(())
+        })
+    }
+}
+
+/// Microseconds since the Unix epoch: the clock every process on this file shares.
+fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Cluster rate limits, unique-task locks and concurrency slots as rows, each step one write
+/// command (so it runs under the file's write lock, atomic for every process on the file).
+impl celeriac_core::coord::Coordination for SqliteBackend {
+    fn throttle<'a>(
+        &'a self,
+        key: &'a str,
+        limit: celeriac_core::RateLimit,
+    ) -> BoxFuture<'a, Result<Duration>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let key = format!("rate:{key}");
+            self.inner
+                .conn
+                .call(KIND, true, "cannot throttle on sqlite", move |db| {
+                    let tat: i64 = db
+                        .conn
+                        .prepare_cached("SELECT until FROM celeriac_coord_keys WHERE key = ?1")?
+                        .query_row([&key], |r| r.get(0))
+                        .optional()?
+                        .unwrap_or(0);
+                    let now = now_us();
+                    match celeriac_core::coord::gcra(tat.max(0) as u64, now.max(0) as u64, limit) {
+                        Ok(next) => {
+                            db.conn
+                                .prepare_cached(
+                                    "INSERT INTO celeriac_coord_keys (key, holder, until) \
+                                     VALUES (?1, NULL, ?2) \
+                                     ON CONFLICT (key) DO UPDATE SET until = excluded.until",
+                                )?
+                                .execute((&key, next as i64))?;
+                            Ok(Duration::ZERO)
+                        }
+                        Err(wait) => Ok(wait),
+                    }
+                })
+                .await
+        })
+    }
+
+    fn lock<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<String>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let (key, holder) = (format!("lock:{key}"), holder.to_owned());
+            let ttl = ttl.as_millis().min(i64::MAX as u128) as i64;
+            self.inner
+                .conn
+                .call(KIND, true, "cannot take a sqlite lock", move |db| {
+                    let now = now_ms();
+                    let held: Option<(Option<String>, i64)> = db
+                        .conn
+                        .prepare_cached(
+                            "SELECT holder, until FROM celeriac_coord_keys WHERE key = ?1",
+                        )?
+                        .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?;
+                    if let Some((Some(other), until)) = held {
+                        if until > now && other != holder {
+                            return Ok(other);
+                        }
+                    }
+                    db.conn
+                        .prepare_cached(
+                            "INSERT INTO celeriac_coord_keys (key, holder, until) \
+                             VALUES (?1, ?2, ?3) \
+                             ON CONFLICT (key) DO UPDATE SET \
+                               holder = excluded.holder, until = excluded.until",
+                        )?
+                        .execute((&key, &holder, now.saturating_add(ttl)))?;
+                    Ok(holder)
+                })
+                .await
+        })
+    }
+
+    fn unlock<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let (key, holder) = (format!("lock:{key}"), holder.to_owned());
+            self.inner
+                .conn
+                .call(KIND, true, "cannot release a sqlite lock", move |db| {
+                    let n = db
+                        .conn
+                        .prepare_cached(
+                            "DELETE FROM celeriac_coord_keys WHERE key = ?1 AND holder = ?2",
+                        )?
+                        .execute((&key, &holder))?;
+                    Ok(n == 1)
+                })
+                .await
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        limit: u32,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let (key, holder) = (key.to_owned(), holder.to_owned());
+            let ttl = ttl.as_millis().min(i64::MAX as u128) as i64;
+            self.inner
+                .conn
+                .call(KIND, true, "cannot take a sqlite slot", move |db| {
+                    let now = now_ms();
+                    db.conn
+                        .prepare_cached(
+                            "DELETE FROM celeriac_coord_slots WHERE key = ?1 AND until <= ?2",
+                        )?
+                        .execute((&key, now))?;
+                    let (held, mine): (i64, i64) = db
+                        .conn
+                        .prepare_cached(
+                            "SELECT count(*), count(*) FILTER (WHERE holder = ?2) \
+                             FROM celeriac_coord_slots WHERE key = ?1",
+                        )?
+                        .query_row((&key, &holder), |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    if mine == 0 && held >= i64::from(limit) {
+                        return Ok(false);
+                    }
+                    db.conn
+                        .prepare_cached(
+                            "INSERT INTO celeriac_coord_slots (key, holder, until) \
+                             VALUES (?1, ?2, ?3) \
+                             ON CONFLICT (key, holder) DO UPDATE SET until = excluded.until",
+                        )?
+                        .execute((&key, &holder, now.saturating_add(ttl)))?;
+                    Ok(true)
+                })
+                .await
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let (key, holder) = (key.to_owned(), holder.to_owned());
+            self.inner
+                .conn
+                .call(KIND, true, "cannot release a sqlite slot", move |db| {
+                    db.conn
+                        .prepare_cached(
+                            "DELETE FROM celeriac_coord_slots WHERE key = ?1 AND holder = ?2",
+                        )?
+                        .execute((&key, &holder))?;
+                    Ok(())
+                })
+                .await
         })
     }
 }

@@ -88,10 +88,15 @@
 //!   control requests, replies and events, one row each for a minute; `channel` is `control`,
 //!   `reply` or `event`, `body` kombu's JSON envelope, `id` an `AUTOINCREMENT` key that is
 //!   never handed out twice.
+//! - `celeriac_coord_keys(key, holder, until)` and `celeriac_coord_slots(key, holder, until)`
+//!   (version 3): coordination across workers, in the write transaction (cluster rate limits
+//!   as a GCRA time per key, unique-task locks, leased concurrency slots; see
+//!   [`celeriac_core::coord`]).
 //! - `celeriac_beat_lease` and `celeriac_beat_entries`: beat's, created when a
 //!   [`SqliteBeatStore`] opens the file, outside the versioned schema (see its docs).
 //!
-//! Version 1 had every table above but `celeriac_broadcast`. A file of an older version is
+//! Version 1 had every table above but `celeriac_broadcast` and the coordination tables;
+//! version 2 added `celeriac_broadcast`. A file of an older version is
 //! upgraded when it is opened: the tables it lacks are created, in one transaction, and
 //! nothing else changes, so processes of the previous release keep working on it.
 //!

@@ -3,7 +3,7 @@
 use rusqlite::Connection;
 
 /// The schema version this code writes.
-pub(crate) const VERSION: i64 = 2;
+pub(crate) const VERSION: i64 = 3;
 
 /// Every table of version 1. See the crate docs for what each column means.
 const V1: &str = "
@@ -63,10 +63,28 @@ CREATE TABLE IF NOT EXISTS celeriac_broadcast (
 );
 ";
 
+/// Version 3 adds coordination across workers (cluster rate limits, unique-task locks,
+/// concurrency slots; see `coord.rs`): one row per rate-limited key (`until` = its GCRA
+/// time in microseconds) or lock (`holder` until `until`, ms), and one per leased slot.
+const V3: &str = "
+CREATE TABLE IF NOT EXISTS celeriac_coord_keys (
+    key     TEXT PRIMARY KEY,
+    holder  TEXT,
+    until   INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS celeriac_coord_slots (
+    key     TEXT NOT NULL,
+    holder  TEXT NOT NULL,
+    until   INTEGER NOT NULL,
+    PRIMARY KEY (key, holder)
+) WITHOUT ROWID;
+";
+
 /// The steps from an older version: each brings a file from the version before it to its
 /// own. Every statement is idempotent (`IF NOT EXISTS`), so two processes upgrading one file
 /// at once cannot fail on each other.
-const STEPS: [(i64, &str); 2] = [(1, V1), (2, V2)];
+const STEPS: [(i64, &str); 3] = [(1, V1), (2, V2), (3, V3)];
 
 /// Message states (the `state` column).
 pub(crate) const READY: i64 = 0;

@@ -308,7 +308,7 @@ async fn a_version_1_file_is_upgraded() {
     let version: i64 = raw
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let mut c = b
         .consume(&["q".to_owned()], ConsumeOptions::new(1))
         .await
