@@ -79,6 +79,23 @@ pub fn gcra_interval(limit: RateLimit) -> u64 {
     (1_000_000.0 / limit.rate()).max(1.0) as u64
 }
 
+/// The header a unique task's message carries: the key of the lock its send took, which the
+/// worker releases when the task ends. Python Celery ignores headers it does not know.
+pub const UNIQUE_HEADER: &str = "celeriac_unique";
+
+/// The default key of a unique task's call: its name and its arguments as JSON (keyword
+/// arguments in key order), so equal calls share a key whoever sends them.
+pub fn unique_key(
+    task: &str,
+    args: &[serde_json::Value],
+    kwargs: &serde_json::Map<String, serde_json::Value>,
+) -> String {
+    let mut key = format!("unique:{task}:");
+    // Writing JSON values into a String cannot fail.
+    key.push_str(&serde_json::to_string(&(args, kwargs)).unwrap_or_default());
+    key
+}
+
 /// Coordination within one process: for the memory backend and for tests.
 #[derive(Debug, Default)]
 pub struct LocalCoordination {
@@ -186,6 +203,26 @@ impl Coordination for LocalCoordination {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unique_keys_tell_calls_apart_and_ignore_keyword_order() {
+        use serde_json::{Map, json};
+        let mut a = Map::new();
+        a.insert("x".into(), json!(1));
+        a.insert("y".into(), json!(2));
+        let mut b = Map::new();
+        b.insert("y".into(), json!(2));
+        b.insert("x".into(), json!(1));
+        assert_eq!(
+            unique_key("t", &[json!(1)], &a),
+            unique_key("t", &[json!(1)], &b)
+        );
+        assert_ne!(
+            unique_key("t", &[json!(1)], &a),
+            unique_key("t", &[json!(2)], &a)
+        );
+        assert_ne!(unique_key("t", &[], &a), unique_key("u", &[], &a));
+    }
 
     #[test]
     fn gcra_admits_one_per_interval_and_says_how_long_to_wait() {

@@ -70,7 +70,7 @@ pub use protocol::{Body, ContentType, Embed, Headers, Message, Properties, Signa
 pub use ratelimit::{RateLimit, TokenBucket};
 pub use state::TaskState;
 pub use task::{
-    Args, Cancellation, Handler, Registry, Task, TaskContext, TaskDef, TaskError, TaskErrorKind,
-    TaskOptions,
+    Args, Cancellation, Handler, RateLimitScope, Registry, Task, TaskContext, TaskDef, TaskError,
+    TaskErrorKind, TaskOptions,
 };
 pub use url::Drivers;

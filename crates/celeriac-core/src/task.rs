@@ -86,8 +86,24 @@ pub struct TaskOptions {
     pub queue: Option<String>,
     /// Default priority, 0 to 9 (higher first).
     pub priority: Option<u8>,
-    /// Per-worker rate limit.
+    /// Rate limit: per worker (Celery's), or for the whole cluster with
+    /// [`rate_limit_scope`](Self::rate_limit_scope).
     pub rate_limit: Option<RateLimit>,
+    /// Whether [`rate_limit`](Self::rate_limit) is each worker's own budget (the default, as
+    /// in Celery) or one budget shared by every worker (see [`crate::coord`]).
+    pub rate_limit_scope: RateLimitScope,
+    /// Unique task: while a call of this task with the same arguments is pending or running,
+    /// and for at most this long, another send of it returns the first one's id instead of
+    /// queueing a second (see [`crate::coord`]). The lock is released when the task ends
+    /// (success, failure or expiry), or when this time runs out (a crashed worker's).
+    pub unique_for: Option<Duration>,
+    /// The key that makes two calls "the same" for [`unique_for`](Self::unique_for), from the
+    /// task name, the arguments and the keyword arguments. Default
+    /// [`coord::unique_key`](crate::coord::unique_key): the name and every argument.
+    pub unique_key: Option<UniqueKeyFn>,
+    /// Across the whole cluster, at most this many of this task run at once; the others wait,
+    /// unacknowledged, as under a rate limit (see [`crate::coord`]).
+    pub max_concurrency: Option<u32>,
     /// Retries allowed; `None` retries forever. Default 3.
     pub max_retries: Option<u32>,
     /// Delay before a retry when none is given and backoff is off. Default 180 s.
@@ -114,12 +130,46 @@ pub struct TaskOptions {
     pub track_started: bool,
 }
 
+/// A unique task's key function: the key of a call from the task name, the arguments and
+/// the keyword arguments ([`TaskOptions::unique_key`]).
+pub type UniqueKeyFn =
+    fn(&str, &[serde_json::Value], &serde_json::Map<String, serde_json::Value>) -> String;
+
+/// Who shares a task's rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RateLimitScope {
+    /// Each worker process has the whole budget (Celery's rate limits).
+    #[default]
+    Worker,
+    /// Every worker shares one budget, kept in the result backend's coordination store.
+    Cluster,
+}
+
+impl std::str::FromStr for RateLimitScope {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "worker" => Ok(RateLimitScope::Worker),
+            "cluster" => Ok(RateLimitScope::Cluster),
+            other => Err(crate::Error::new(
+                crate::ErrorKind::Config,
+                format!("unknown rate limit scope {other:?} (known: worker, cluster)"),
+            )),
+        }
+    }
+}
+
 impl Default for TaskOptions {
     fn default() -> Self {
         TaskOptions {
             queue: None,
             priority: None,
             rate_limit: None,
+            rate_limit_scope: RateLimitScope::Worker,
+            unique_for: None,
+            unique_key: None,
+            max_concurrency: None,
             max_retries: Some(3),
             default_retry_delay: Duration::from_secs(180),
             retry_backoff: None,

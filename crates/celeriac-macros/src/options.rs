@@ -7,7 +7,7 @@ use syn::{Expr, ExprArray, ExprLit, Lit, LitStr, Path};
 
 const KNOWN: &str = "name, queue, priority, rate_limit, max_retries, default_retry_delay, retry_backoff, \
 retry_backoff_max, retry_jitter, autoretry_for, acks_late, soft_time_limit, time_limit, ignore_result, expires, \
-track_started";
+track_started, rate_limit_scope, unique_for, max_concurrency";
 
 #[derive(Default)]
 pub(crate) struct Options {
@@ -56,6 +56,33 @@ impl Options {
                 self.setters.push(
                     quote!(o.rate_limit = ::celeriac::__private::RateLimit::per_second(#rate);),
                 );
+            }
+            "rate_limit_scope" => {
+                let s: LitStr = meta.value()?.parse()?;
+                let scope = match s.value().as_str() {
+                    "worker" => quote!(::celeriac::__private::RateLimitScope::Worker),
+                    "cluster" => quote!(::celeriac::__private::RateLimitScope::Cluster),
+                    _ => {
+                        return Err(syn::Error::new(
+                            s.span(),
+                            "rate_limit_scope must be \"worker\" or \"cluster\"",
+                        ));
+                    }
+                };
+                self.setters.push(quote!(o.rate_limit_scope = #scope;));
+            }
+            "unique_for" => {
+                let d = duration(meta, &key)?;
+                self.setters
+                    .push(quote!(o.unique_for = ::std::option::Option::Some(#d);));
+            }
+            "max_concurrency" => {
+                let lit: syn::LitInt = meta.value()?.parse()?;
+                let n: u32 = lit.base10_parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    syn::Error::new(lit.span(), "max_concurrency must be a positive integer")
+                })?;
+                self.setters
+                    .push(quote!(o.max_concurrency = ::std::option::Option::Some(#n);));
             }
             "max_retries" => {
                 let e: Expr = meta.value()?.parse()?;

@@ -73,6 +73,7 @@ mod autoscale;
 mod builtins;
 mod canvas;
 mod control;
+pub mod coord;
 pub mod dead;
 mod events;
 mod execute;

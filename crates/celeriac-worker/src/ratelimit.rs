@@ -25,6 +25,10 @@ pub(crate) struct RateLimitLayer {
 
 impl Layer for RateLimitLayer {
     fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
+        if req.def.options.rate_limit_scope == celeriac_core::RateLimitScope::Cluster {
+            // The whole cluster's budget, kept by the coordination layer.
+            return next.run(req);
+        }
         let Some(limit) = self
             .limiter
             .limit_for(req.name(), req.def.options.rate_limit)

@@ -240,15 +240,65 @@ impl App {
         chain: Option<Vec<celeriac_core::Signature>>,
     ) -> Result<String> {
         let sender = self.sender();
-        let (queue, message, publish) = self.prepare(call, task_options, chain, &sender)?;
+        let (queue, mut message, publish) = self.prepare(call, task_options, chain, &sender)?;
         let id = message.id().to_owned();
-        self.declare(&queue).await?;
-        self.inner.broker.publish(&queue, &message, publish).await?;
+        let unique = match task_options.unique_for {
+            Some(ttl) => match self.take_unique(call, task_options, &id, ttl).await? {
+                Ok(key) => Some(key),
+                // A call like this one is pending or running: its id stands for this one.
+                Err(existing) => return Ok(existing),
+            },
+            None => None,
+        };
+        if let Some(key) = &unique {
+            let header = celeriac_core::coord::UNIQUE_HEADER.to_owned();
+            message.headers.extra.insert(header, key.clone().into());
+        }
+        let published = async {
+            self.declare(&queue).await?;
+            self.inner.broker.publish(&queue, &message, publish).await
+        };
+        if let Err(e) = published.await {
+            if let (Some(key), Some(store)) =
+                (&unique, self.inner.backend.capabilities().coordination)
+            {
+                let _ = store.unlock(key, &id).await;
+            }
+            return Err(e);
+        }
         tracing::debug!(task_id = %id, task_name = %call.task, queue = %queue, "task sent");
         if self.inner.config.task_send_sent_event {
             self.send_sent_event(&message, &queue).await;
         }
         Ok(id)
+    }
+
+    /// Takes the unique lock of `call` for task id `id`: `Ok(key)` when taken, `Err(id)` of
+    /// the pending call that holds it.
+    async fn take_unique(
+        &self,
+        call: Call<'_>,
+        task_options: &TaskOptions,
+        id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<std::result::Result<String, String>> {
+        let Some(store) = self.inner.backend.capabilities().coordination else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "task {} is unique (unique_for), which needs a result backend that \
+                     coordinates workers (redis://, sqlite://, memory); the {} backend cannot",
+                    call.task,
+                    self.inner.backend.driver()
+                ),
+            ));
+        };
+        let key_of = task_options
+            .unique_key
+            .unwrap_or(celeriac_core::coord::unique_key);
+        let key = key_of(call.task, call.args, call.kwargs);
+        let holder = store.lock(&key, id, ttl).await?;
+        Ok(if holder == id { Ok(key) } else { Err(holder) })
     }
 
     /// Celery's `task-sent` event for a message just published to `queue` (a failure to
@@ -314,6 +364,11 @@ impl App {
             let task_options = sig
                 .registered_options()
                 .unwrap_or_else(|| self.registered_options(&sig.task));
+            if task_options.unique_for.is_some() {
+                // Each takes its lock before it is published: sent on its own.
+                ids.push(self.send_call(sig.call(), &task_options, None).await?);
+                continue;
+            }
             let (queue, message, publish) =
                 self.prepare(sig.call(), &task_options, None, &sender)?;
             ids.push(message.id().to_owned());

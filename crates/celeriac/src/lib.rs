@@ -168,7 +168,7 @@ pub struct TasksGuideDoctests;
 #[doc(hidden)]
 pub mod __private {
     pub use celeriac_core::task::{Args, Handler, Task, TaskDef, TaskOptions, encode_output};
-    pub use celeriac_core::{BoxFuture, RateLimit, TaskContext, TaskError};
+    pub use celeriac_core::{BoxFuture, RateLimit, RateLimitScope, TaskContext, TaskError};
     pub use inventory;
     pub use serde_json;
 

@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::autoscale::{self, Bounds};
 use crate::canvas::CanvasLayer;
 use crate::control::{self, Node, QueueChange};
+use crate::coord::CoordinationLayer;
 use crate::events::{self, Events, StartedEventLayer, TaskEventsLayer};
 use crate::execute::{Execute, Intake};
 use crate::gate::GateLayer;
@@ -183,6 +184,7 @@ impl Worker {
             run_layers,
         } = self;
         celeriac_core::config::check_prefetch(options.concurrency, options.prefetch_buffer)?;
+        crate::coord::check(&registry, backend.as_ref())?;
         for q in &options.queues {
             broker.declare(q).await?;
         }
@@ -519,13 +521,22 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
             phase: p.phase.clone(),
         }),
         Arc::new(RateLimitLayer {
-            limiter: p.limiter,
+            limiter: p.limiter.clone(),
             phase: p.phase.clone(),
         }),
+    ]);
+    if let Some(backend) = p.backend {
+        layers.push(Arc::new(CoordinationLayer {
+            backend: backend.clone(),
+            limiter: p.limiter,
+            phase: p.phase.clone(),
+        }));
+    }
+    layers.extend([
         Arc::new(SlotLayer {
             slots: p.pool.slots(),
             phase: p.phase.clone(),
-        }),
+        }) as Arc<dyn Layer>,
         Arc::new(GateLayer {
             recorder: recorder(),
             revoked: p.revoked,

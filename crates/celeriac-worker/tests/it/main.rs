@@ -17,6 +17,8 @@ mod acks;
 mod retry;
 // Per-task rate limits.
 mod ratelimit;
+// Coordination across workers: cluster rate limits, concurrency caps, unique locks.
+mod coord;
 // Soft and hard time limits.
 mod timelimit;
 // The processes pool: children, hard limits that kill, crashes, recycling.

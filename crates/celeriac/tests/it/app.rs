@@ -396,3 +396,51 @@ async fn control_and_events_from_the_app() {
     stop.warm();
     running.await.unwrap().unwrap();
 }
+
+#[celeriac::task(name = "tasks.sync_account", unique_for = 60)]
+async fn sync_account(account: i64) -> i64 {
+    account
+}
+
+/// A unique task: while one call is pending, equal sends return its id and queue nothing;
+/// another argument is another call; once it ran, the next send queues again.
+/// See: issue 28
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_task_is_queued_once_while_pending() {
+    let broker = MemoryBroker::new();
+    let app = App::builder()
+        .broker(std::sync::Arc::new(broker.clone()))
+        .result_backend("memory://")
+        .task::<sync_account>()
+        .build()
+        .await
+        .unwrap();
+    let mut sends = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let app = app.clone();
+        sends.spawn(async move { sync_account::delay(&app, 42).await.unwrap().id().to_owned() });
+    }
+    let ids = sends.join_all().await;
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    assert_eq!(broker.stats("celery").await.unwrap().ready, 1);
+    let other = sync_account::delay(&app, 43).await.unwrap();
+    assert_ne!(other.id(), ids[0]);
+    assert_eq!(broker.stats("celery").await.unwrap().ready, 2);
+
+    let worker = app.worker(app.worker_options());
+    let stop = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+    let t = Duration::from_secs(10);
+    assert_eq!(
+        app.result::<i64>(ids[0].clone())
+            .get_timeout(t)
+            .await
+            .unwrap(),
+        42
+    );
+    let again = sync_account::delay(&app, 42).await.unwrap();
+    assert_ne!(again.id(), ids[0], "released when it ended");
+    assert_eq!(again.get_timeout(t).await.unwrap(), 42);
+    stop.warm();
+    running.await.unwrap().unwrap();
+}

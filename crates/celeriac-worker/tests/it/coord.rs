@@ -1,0 +1,157 @@
+//! Coordination across workers: a cluster rate limit and a concurrency cap shared by two
+//! workers on one broker and one result backend (the memory backend's coordination store;
+//! the Redis and SQLite stores pass the same conformance cases).
+//! See: issue 28
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use celeriac_core::RateLimitScope;
+use celeriac_core::memory::MemoryBackend;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::support::*;
+
+/// Two workers sharing `backend` and `broker`, running `tasks`, four slots each.
+fn two_workers(
+    broker: &TestBroker,
+    backend: &MemoryBackend,
+    tasks: impl Fn() -> Vec<celeriac_core::TaskDef>,
+) -> (Harness, Harness) {
+    let o = |name: &str| {
+        options(|o| {
+            o.hostname = name.into();
+            o.concurrency = 4;
+            o.prefetch_buffer = 4;
+        })
+    };
+    (
+        start_with(broker.clone(), backend.clone(), tasks(), o("w1@test")),
+        start_with(broker.clone(), backend.clone(), tasks(), o("w2@test")),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_rate_limit_is_one_budget_for_every_worker() {
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    let tasks = || {
+        let starts = starts.clone();
+        vec![with_options(
+            async_task("tasks.limited", move |_, _| {
+                let starts = starts.clone();
+                async move {
+                    starts.lock().unwrap().push(Instant::now());
+                    Ok(json!(null))
+                }
+            }),
+            |o| {
+                o.rate_limit = Some("20/s".parse().unwrap());
+                o.rate_limit_scope = RateLimitScope::Cluster;
+            },
+        )]
+    };
+    let (broker, backend) = (TestBroker::new(), MemoryBackend::new());
+    let (w1, w2) = two_workers(&broker, &backend, tasks);
+    let mut ids = Vec::new();
+    for _ in 0..21 {
+        ids.push(w1.call("tasks.limited", vec![]).await);
+    }
+    for id in &ids {
+        assert_eq!(
+            w1.result(id).await.status,
+            celeriac_core::TaskState::Success
+        );
+    }
+    let mut t = starts.lock().unwrap().clone();
+    t.sort();
+    let span = t[t.len() - 1] - t[0];
+    // 21 starts at 20/s shared: 20 intervals of 50 ms. Two workers each with the whole
+    // budget (Celery's per-worker limit) would take half of that.
+    assert!(
+        span >= Duration::from_millis(950),
+        "21 starts took {span:?}: the budget is not shared"
+    );
+    assert!(span < Duration::from_secs(3), "{span:?}");
+    w1.stop().await;
+    w2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrency_caps_running_tasks_across_workers() {
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let tasks = || {
+        let (running, most) = (running.clone(), most.clone());
+        vec![with_options(
+            async_task("tasks.capped", move |_, _| {
+                let (running, most) = (running.clone(), most.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok(json!(null))
+                }
+            }),
+            |o| o.max_concurrency = Some(2),
+        )]
+    };
+    let (broker, backend) = (TestBroker::new(), MemoryBackend::new());
+    let (w1, w2) = two_workers(&broker, &backend, tasks);
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        ids.push(w1.call("tasks.capped", vec![]).await);
+    }
+    for id in &ids {
+        assert_eq!(
+            w1.result(id).await.status,
+            celeriac_core::TaskState::Success
+        );
+    }
+    // Eight slots across the two workers, two allowed: never more, and the cap is reached.
+    assert_eq!(most.load(Ordering::SeqCst), 2);
+    w1.stop().await;
+    w2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_tasks_lock_is_released_when_it_ends() {
+    use celeriac_core::ResultBackend as _;
+    use celeriac_core::coord::UNIQUE_HEADER;
+    let tasks = vec![
+        blocking("tasks.ok", |_, _| Ok(json!(1))),
+        blocking("tasks.bad", |_, _| {
+            Err(celeriac_core::TaskError::new("ValueError", "no"))
+        }),
+    ];
+    let h = start(tasks, options(|_| {}));
+    let caps = h.backend.capabilities();
+    let store = caps.coordination.unwrap();
+    for task in ["tasks.ok", "tasks.bad"] {
+        let mut m = message(task, vec![]);
+        let key = format!("unique:{task}");
+        assert_eq!(
+            store
+                .lock(&key, m.id(), Duration::from_secs(60))
+                .await
+                .unwrap(),
+            m.id()
+        );
+        m.headers
+            .extra
+            .insert(UNIQUE_HEADER.into(), key.clone().into());
+        let id = h.send(m).await;
+        h.result(&id).await;
+        h.until("the lock is released", || async {
+            store
+                .lock(&key, "next", Duration::from_secs(60))
+                .await
+                .unwrap()
+                == "next"
+        })
+        .await;
+    }
+    h.stop().await;
+}
