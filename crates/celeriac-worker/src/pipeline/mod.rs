@@ -18,7 +18,8 @@
 //! | record | | stores SUCCESS, FAILURE, RETRY or REVOKED |
 //! | redelivery limit | dead-letters a message delivered too often | |
 //! | schedule | expired: revoked; future eta: parked in the broker | |
-//! | rate limit | waits for a token of the task's name | |
+//! | rate limit | waits for a token of the task's name (per worker) | |
+//! | coordination | cluster rate limit: waits for the shared budget; `max_concurrency`: takes a cluster-wide slot | frees the slot; releases a unique task's lock when it ended |
 //! | slot | waits for one of `concurrency` slots | frees it |
 //! | gate | expired or already ready (a duplicate or a revoke): not run; else the early ack | |
 //! | retry | | turns a returned error into FAILURE, a published retry, or a reject |
