@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use celeriac_core::backend::poll_until_ready;
+use celeriac_core::backend::timeout_error;
 use celeriac_core::protocol::codec::json_from_slice;
 use celeriac_core::{BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, TaskMeta};
 use serde_json::{Value, json};
@@ -164,24 +164,53 @@ impl MemcachedBackend {
         }
     }
 
-    /// The wait, with the server restart noted in the timeout error.
+    /// Polls for a ready record, backing off from 1 ms to `poll_max_interval`. A server that
+    /// is down does not end the wait (its errors are transient): the wait polls on until the
+    /// deadline, and its timeout error then says the server was unreachable, or restarted
+    /// (a result stored before the restart is lost).
     async fn wait_for(&self, task_id: &str, timeout: Option<Duration>) -> Result<TaskMeta> {
         self.check_open()?;
         let restarts = self.inner.client.restarts();
-        match poll_until_ready(self, task_id, timeout, self.inner.poll_max_interval).await {
-            Err(e)
-                if e.kind() == ErrorKind::Timeout && self.inner.client.restarts() != restarts =>
-            {
-                let secs = timeout.map_or(0.0, |t| t.as_secs_f64());
-                Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "task {task_id} not ready after {secs:.3}s; memcached restarted during \
-                         the wait, so a result stored before the restart is lost"
-                    ),
-                ))
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut interval = Duration::from_millis(1);
+        loop {
+            let unreachable = match self.get_meta(task_id).await {
+                Ok(Some(meta)) if meta.status.is_ready() => return Ok(meta),
+                Ok(_) => None,
+                Err(e) if e.is_transient() => {
+                    tracing::debug!(task_id, error = %e, "memcached unreachable while waiting; polling on");
+                    Some(e)
+                }
+                Err(e) => return Err(e),
+            };
+            let mut sleep = interval;
+            if let Some(deadline) = deadline {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    let mut e = timeout_error(task_id, timeout);
+                    if self.inner.client.restarts() != restarts {
+                        e = Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "{e}; memcached restarted during the wait, so a result stored \
+                                 before the restart is lost"
+                            ),
+                        );
+                    }
+                    if let Some(cause) = unreachable {
+                        e = Error::new(
+                            ErrorKind::Timeout,
+                            format!("{e}; memcached is unreachable"),
+                        )
+                        .with_source(cause);
+                    }
+                    return Err(e);
+                }
+                sleep = sleep.min(deadline - now);
             }
-            other => other,
+            tokio::time::sleep(sleep).await;
+            interval = (interval * 2).min(self.inner.poll_max_interval);
+            self.check_open()?;
         }
     }
 
