@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use celeriac_core::backend::timeout_error;
+use celeriac_core::backend::{BackendCapabilities, ChordProtocol, timeout_error};
+use celeriac_core::canvas::{ChordPart, ChordStatus};
 use celeriac_core::protocol::codec::json_from_slice;
 use celeriac_core::{BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, TaskMeta};
 use serde_json::{Value, json};
@@ -16,6 +17,11 @@ use crate::url::parse_url;
 const TASK_PREFIX: &str = "celery-task-meta-";
 /// Celery's `group_keyprefix`.
 const GROUP_PREFIX: &str = "celery-taskset-meta-";
+/// Celery's `chord_keyprefix`.
+const CHORD_PREFIX: &str = "chord-unlock-";
+/// How long the member completing a chord waits for the other members' results to show
+/// (they were stored before their counts, so normally no wait at all).
+const CHORD_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Settings of a [`MemcachedBackend`] beyond its servers.
 #[derive(Debug, Clone)]
@@ -145,6 +151,51 @@ impl MemcachedBackend {
     /// The key of a saved group, `celery-taskset-meta-<id>`.
     pub fn group_key(&self, group_id: &str) -> String {
         format!("{GROUP_PREFIX}{group_id}")
+    }
+
+    /// The key of a chord's counter, `chord-unlock-<group id>`.
+    pub fn chord_key(&self, group_id: &str) -> String {
+        format!("{CHORD_PREFIX}{group_id}")
+    }
+
+    /// Celery's `KeyValueStoreBackend.on_chord_part_return`: `incr` the chord's counter; the
+    /// member that brings it to the header's size (the saved group's length) reads every
+    /// member's result, deletes the counter and the group, and completes the chord.
+    async fn chord_part(&self, part: ChordPart<'_>) -> Result<ChordStatus> {
+        let gid = part.group_id;
+        let Some(ids) = self.restore_group(gid).await? else {
+            // Celery's worker fails the chord here; ours reports the missing group too.
+            return Ok(ChordStatus::NotNative);
+        };
+        let key = self.chord_key(gid);
+        let client = &self.inner.client;
+        // Never repeated: the first may have counted.
+        let Some(count) = client.incr(&key, 1).await? else {
+            // No counter: not a chord sent through Celery's cache backend (or it expired).
+            return Ok(ChordStatus::NotNative);
+        };
+        let size = ids.len() as u64;
+        if count < size {
+            // Celery refreshes the chord's keys on each part.
+            let exp = self.inner.expires_secs;
+            client.touch(&key, exp).await?;
+            client.touch(&self.group_key(gid), exp).await?;
+            return Ok(ChordStatus::Waiting);
+        }
+        if count > size {
+            tracing::warn!(group_id = %gid, count, size, "chord counter incremented too many times");
+            return Ok(ChordStatus::Waiting);
+        }
+        let mut parts = Vec::with_capacity(ids.len());
+        for (id, got) in ids.iter().zip(self.get_many(&ids).await?) {
+            match got {
+                Some(meta) if meta.status.is_ready() => parts.push(meta),
+                _ => parts.push(self.wait_for(id, Some(CHORD_JOIN_TIMEOUT)).await?),
+            }
+        }
+        client.delete(&self.group_key(gid)).await?;
+        client.delete(&key).await?;
+        Ok(ChordStatus::Complete(parts))
     }
 
     fn check_open(&self) -> Result<()> {
@@ -466,10 +517,42 @@ impl ResultBackend for MemcachedBackend {
         })
     }
 
+    fn capabilities(&self) -> BackendCapabilities<'_> {
+        BackendCapabilities::none().chords(self)
+    }
+
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.inner.closed.store(true, Ordering::Release);
             Ok(())
+        })
+    }
+}
+
+/// Celery's chord counting on its cache backend, so chords complete whichever side's workers
+/// run the header: the sender sets `chord-unlock-<gid>` to 0 (and saves the group), each
+/// member's worker `incr`s it.
+impl ChordProtocol for MemcachedBackend {
+    fn set_chord_size<'a>(&'a self, group_id: &'a str, _size: usize) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_open()?;
+            // Celery's CacheBackend._apply_chord_incr: `set(chord_key, 0)`, an int.
+            self.inner
+                .client
+                .set(
+                    &self.chord_key(group_id),
+                    flags::INTEGER,
+                    b"0",
+                    self.inner.expires_secs,
+                )
+                .await
+        })
+    }
+
+    fn chord_part_return<'a>(&'a self, part: ChordPart<'a>) -> BoxFuture<'a, Result<ChordStatus>> {
+        Box::pin(async move {
+            self.check_open()?;
+            self.chord_part(part).await
         })
     }
 }

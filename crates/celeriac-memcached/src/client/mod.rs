@@ -1,5 +1,6 @@
 //! A small async memcached client: the text protocol over tokio TCP, one pipelined connection
-//! per server, keys spread over several servers as python-memcached spreads them.
+//! per server, keys spread over several servers as pymemcache (Celery 5.7's library) or
+//! python-memcached spreads them ([`Distribution`]).
 //!
 //! It does what the result backend needs and little more: `get` (also of many keys in one
 //! request per server), `gets`/`cas` for updates that must not lose a race, `set`, `add`,
@@ -30,15 +31,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use celeriac_core::{Error, ErrorKind, Result};
 use tokio::sync::oneshot;
 
+pub use hash::Distribution;
 pub use proto::{Item, MAX_KEY_LEN};
 
 use conn::{Conn, Lost, Server};
 use proto::{Expect, Reply};
 
-/// The client flags python-memcached and pylibmc store with a value to remember its Python
-/// type (both libraries use the same bits). A Python client reads a value back as the type
-/// its flags name, so celeriac writes JSON documents as [`TEXT`](flags::TEXT) (Python gets the
-/// `str` Celery itself stored) and counters as [`INTEGER`](flags::INTEGER).
+/// The client flags python-memcached and pylibmc (Celery ≤ 5.6) store with a value to
+/// remember its Python type (both libraries use the same bits), and read it back as that
+/// type. pymemcache (Celery 5.7) as Celery sets it up has no serializer: it writes flags 0 and
+/// hands back the stored bytes whatever the flags. So celeriac writes JSON documents as
+/// [`TEXT`](flags::TEXT) (the older libraries get the `str` Celery stored, pymemcache the
+/// same bytes) and counters as [`INTEGER`](flags::INTEGER).
 pub mod flags {
     /// Plain bytes (`bytes` in Python 3).
     pub const BYTES: u32 = 0;
@@ -70,6 +74,9 @@ pub struct ClientOptions {
     /// ones are refused before they are sent. The server's own limit also counts the key and
     /// about 50 bytes of header, and is reported as the same error.
     pub max_value_size: usize,
+    /// How keys are spread over several servers: as the Python library of the other clients
+    /// does (default: pymemcache's, Celery 5.7's).
+    pub distribution: Distribution,
 }
 
 impl Default for ClientOptions {
@@ -78,6 +85,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(5),
             max_value_size: 1024 * 1024,
+            distribution: Distribution::default(),
         }
     }
 }
@@ -94,6 +102,13 @@ impl ClientOptions {
     #[must_use]
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
+        self
+    }
+
+    /// With a rule for spreading keys over several servers.
+    #[must_use]
+    pub fn distribution(mut self, how: Distribution) -> Self {
+        self.distribution = how;
         self
     }
 
@@ -128,6 +143,8 @@ enum Retry {
 #[derive(Debug, Clone)]
 pub struct Client {
     servers: Arc<[Server]>,
+    /// The servers' `host:port` names, for hashing.
+    names: Arc<[String]>,
     options: ClientOptions,
 }
 
@@ -143,8 +160,10 @@ impl Client {
             .iter()
             .map(|s| normalize_addr(s).map(Server::new))
             .collect::<Result<Vec<_>>>()?;
+        let names: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
         Ok(Client {
             servers: servers.into(),
+            names: names.into(),
             options,
         })
     }
@@ -166,7 +185,7 @@ impl Client {
     }
 
     fn server_of(&self, key: &str) -> &Server {
-        &self.servers[hash::server_for(key, self.servers.len())]
+        &self.servers[hash::server_for(key, &self.names, self.options.distribution)]
     }
 
     /// Connects to every server and returns their versions (`version`): a check that all are
@@ -220,7 +239,7 @@ impl Client {
         }
         let mut by_server: Vec<Vec<&str>> = vec![Vec::new(); self.servers.len()];
         for k in keys {
-            by_server[hash::server_for(k, self.servers.len())].push(k);
+            by_server[hash::server_for(k, &self.names, self.options.distribution)].push(k);
         }
         let mut asked = Vec::new();
         for (i, ks) in by_server.iter().enumerate() {
