@@ -215,3 +215,94 @@ print(json.dumps(g.get(timeout=30)))
         "Python restores the group we saved"
     );
 }
+
+/// A chord built by Celery's client (which sets `chord-unlock-<gid>` to 0 and saves the group)
+/// runs on our worker, which counts its parts with `incr` on that key as Celery's workers do.
+const PY_CHORDS: &str = r#"
+import json, os
+from celery import chord, group
+from celery.result import AsyncResult
+import tasks
+
+app = tasks.app
+q = os.environ["QUEUE"]
+T = 30
+s = lambda name, *args: app.signature(name, args, queue=q)
+out = {}
+r = chord(group(s("tasks.add", i, i) for i in range(6)))(s("tasks.tsum"))
+out["chord"] = r.get(timeout=T)
+r = chord([s("tasks.add", 1, 1), s("tasks.fail", "header")])(s("tasks.tsum"))
+# The body's own result (r.get would raise the failed header member's error first).
+try:
+    AsyncResult(r.id, app=app).get(timeout=T)
+    out["chord_error"] = None
+except Exception as e:
+    out["chord_error"] = type(e).__name__
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_chords_complete_on_our_worker_through_memcached() {
+    let Some(redis) = setup_python_only(7, "mc-chord-py") else {
+        return;
+    };
+    let Some(server) = Memcached::start() else {
+        return;
+    };
+    let env = Mc {
+        redis,
+        backend: server.url(),
+    };
+    let w = OurWorker::start_on(&env.redis.url, &env.backend, &[&env.redis.queue], &[]).await;
+    let out = python(PY_CHORDS, &env, &[]).await;
+    assert_eq!(
+        out,
+        json!({"chord": 30, "chord_error": "ChordError"}),
+        "our worker's log:\n{}",
+        w.log()
+    );
+}
+
+/// Ours on a Python worker: our client sets the counter and saves the group as Celery's does,
+/// and Celery's worker completes the chord.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_chords_complete_on_a_python_worker_through_memcached() {
+    let Some(redis) = setup_python_only(7, "mc-chord-rs") else {
+        return;
+    };
+    let Some(server) = Memcached::start() else {
+        return;
+    };
+    let backend = server.url();
+    let py = PythonWorker::start(&redis.url, &backend, &[&redis.queue]).await;
+    let app = client(&redis.url, &backend).await;
+    let q = redis.queue.as_str();
+    let log = || format!("python worker's log:\n{}", py.log());
+    let c = celeriac::chord(
+        celeriac::group((0..6).map(|i| add::s(i, i).queue(q))),
+        celeriac::Signature::<i64>::new("tasks.tsum").queue(q),
+    )
+    .apply_async(&app)
+    .await
+    .unwrap();
+    assert_eq!(c.get_timeout(T).await.unwrap(), 30, "{}", log());
+    let failed = celeriac::chord(
+        celeriac::group([
+            add::s(1, 1).queue(q).untyped(),
+            celeriac::Signature::<serde_json::Value>::new("tasks.fail")
+                .arg("header")
+                .queue(q),
+        ]),
+        celeriac::Signature::<i64>::new("tasks.tsum").queue(q),
+    )
+    .apply_async(&app)
+    .await
+    .unwrap();
+    let e = failed.get_timeout(T).await.unwrap_err();
+    assert_eq!(
+        e.remote().unwrap().exc_type,
+        "ChordError",
+        "{e:?}\n{}",
+        log()
+    );
+}
