@@ -5,14 +5,14 @@ use celeriac_core::{Error, Result};
 
 /// The servers of a cache backend URL: `cache+memcached://h1:11211;h2:11211/` gives
 /// `["h1:11211", "h2:11211"]` (Celery's `CacheBackend`: the part after `://`, trailing `/`s
-/// removed, split at `;`). `memcached://`, `memcache://` and `pylibmc://` with or without the
-/// `cache+` prefix are the same.
+/// removed, split at `;`). `memcached://`, `memcache://`, `pylibmc://` and `pymemcache://`
+/// with or without the `cache+` prefix are the same.
 pub(crate) fn parse_url(url: &str) -> Result<Vec<String>> {
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| Error::config(format!("{:?} is not a memcached url", redact(url))))?;
     let scheme = scheme.strip_prefix("cache+").unwrap_or(scheme);
-    if !["memcached", "memcache", "pylibmc"].contains(&scheme) {
+    if !["memcached", "memcache", "pylibmc", "pymemcache"].contains(&scheme) {
         return Err(Error::config(format!(
             "{:?} is not a memcached url (expected cache+memcached://host:11211/)",
             redact(url)

@@ -109,3 +109,50 @@ async fn results_expire_as_result_expires_says() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn chords_count_on_celerys_chord_unlock_key() {
+    use celeriac_core::canvas::{ChordPart, ChordStatus};
+    let Some(server) = Memcached::start() else {
+        return;
+    };
+    let b = MemcachedBackend::connect(&server.url(), &Config::default())
+        .await
+        .unwrap();
+    let c = b.client().clone();
+    let chords = b.capabilities().chords.expect("celery's chord protocol");
+    let ids: Vec<String> = (0..3).map(|i| format!("m{i}")).collect();
+    b.save_group("g", &ids).await.unwrap();
+    chords.set_chord_size("g", 3).await.unwrap();
+    let counter = c.get("chord-unlock-g").await.unwrap().expect("the counter");
+    assert_eq!(
+        (counter.flags, counter.data.as_slice()),
+        (flags::INTEGER, &b"0"[..])
+    );
+    let metas: Vec<TaskMeta> = (0..3)
+        .map(|i| TaskMeta::success(format!("m{i}"), json!(i)))
+        .collect();
+    // Members return out of order; the third completes the chord, in header order.
+    let mut seen = Vec::new();
+    for i in [2, 0, 1] {
+        b.store(&metas[i]).await.unwrap();
+        let part = ChordPart::new("g", &metas[i], Some(i as u32));
+        seen.push(chords.chord_part_return(part).await.unwrap());
+    }
+    assert_eq!(seen[..2], [ChordStatus::Waiting, ChordStatus::Waiting]);
+    let ChordStatus::Complete(parts) = &seen[2] else {
+        panic!("{seen:?}");
+    };
+    let results: Vec<&Value> = parts.iter().map(|m| &m.result).collect();
+    assert_eq!(results, [&json!(0), &json!(1), &json!(2)]);
+    // Celery deletes the group and the counter once the chord is complete.
+    assert_eq!(c.get("chord-unlock-g").await.unwrap(), None);
+    assert_eq!(b.restore_group("g").await.unwrap(), None);
+    // A group without Celery's counter is not Celery's chord: the worker counts it itself.
+    b.save_group("h", &ids).await.unwrap();
+    let part = ChordPart::new("h", &metas[0], None);
+    assert_eq!(
+        chords.chord_part_return(part).await.unwrap(),
+        ChordStatus::NotNative
+    );
+}
