@@ -68,3 +68,58 @@ async fn polled_wait_latency_and_cost() {
         "{late:?}"
     );
 }
+
+/// Stores and reads from one client, 64 at a time: what the pipelined connection carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_and_get_throughput() {
+    let Some(server) = Memcached::start() else {
+        return;
+    };
+    let b = MemcachedBackend::connect(&server.url(), &Config::default())
+        .await
+        .unwrap();
+    const N: usize = 4000;
+    const AT_ONCE: usize = 64;
+    let ids: Vec<String> = (0..N).map(|i| format!("thr-{i}")).collect();
+    let from = Instant::now();
+    for chunk in ids.chunks(AT_ONCE) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|id| {
+                let (b, id) = (b.clone(), id.clone());
+                tokio::spawn(async move { b.store(&TaskMeta::success(id, json!(1))).await })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap().unwrap());
+        }
+    }
+    let stores = from.elapsed();
+    let from = Instant::now();
+    for chunk in ids.chunks(AT_ONCE) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|id| {
+                let (b, id) = (b.clone(), id.clone());
+                tokio::spawn(async move { b.get(&id).await })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap().unwrap().is_some());
+        }
+    }
+    let gets = from.elapsed();
+    let from = Instant::now();
+    for chunk in ids.chunks(256) {
+        assert_eq!(b.get_many(chunk).await.unwrap().len(), chunk.len());
+    }
+    let many = from.elapsed();
+    let rate = |d: Duration| N as f64 / d.as_secs_f64();
+    println!(
+        "memcached backend, one client, {AT_ONCE} at a time: {:.0} stores/s (gets + cas/add), \
+         {:.0} gets/s, {:.0} results/s by get_many of 256",
+        rate(stores),
+        rate(gets),
+        rate(many)
+    );
+}
