@@ -247,6 +247,15 @@ impl MemcachedBackend {
                                  before the restart is lost"
                             ),
                         );
+                    } else if let Some((server, at)) = self.inner.client.last_restart() {
+                        e = Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "{e}; memcached at {server} restarted {:.0}s ago, which lost \
+                                 every result stored before",
+                                at.elapsed().as_secs_f64()
+                            ),
+                        );
                     }
                     if let Some(cause) = unreachable {
                         e = Error::new(

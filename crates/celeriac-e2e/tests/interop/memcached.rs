@@ -306,3 +306,62 @@ async fn our_chords_complete_on_a_python_worker_through_memcached() {
         log()
     );
 }
+
+/// memcached killed and restarted under our worker (tasks through Redis; no Python): results
+/// stored before are gone and a wait for one says so; tasks that finished while it was down
+/// store their results once it is back (the worker retries a final state until it is stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_worker_rides_out_a_memcached_restart() {
+    if !celeriac_test::services::require_service("redis", crate::support::REDIS) {
+        return;
+    }
+    let Some(mut server) = Memcached::start() else {
+        return;
+    };
+    let url = format!("redis://{}/7", crate::support::REDIS);
+    let q = celeriac_test::services::unique_queue("mc-restart");
+    let w = OurWorker::start_on(&url, &server.url(), &[&q], &[]).await;
+    let app = client(&url, &server.url()).await;
+    let log = || format!("our worker's log:\n{}", w.log());
+
+    let mut before = Vec::new();
+    for i in 0..10 {
+        before.push(add::s(i, 1).queue(&q).apply_async(&app).await.unwrap());
+    }
+    for (i, r) in before.iter().enumerate() {
+        assert_eq!(r.get_timeout(T).await.unwrap(), i as i64 + 1, "{}", log());
+    }
+    // Some tasks run across the kill, more are sent while memcached is down.
+    let mut during = Vec::new();
+    for _ in 0..4 {
+        during.push(sleep::s(0.5).queue(&q).apply_async(&app).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    server.kill();
+    let mut sent_down = Vec::new();
+    for i in 0..10 {
+        sent_down.push(add::s(i, 100).queue(&q).apply_async(&app).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    server.restart();
+
+    for r in &during {
+        assert_eq!(r.get_timeout(T).await.unwrap(), 0.5, "{}", log());
+    }
+    for (i, r) in sent_down.iter().enumerate() {
+        assert_eq!(r.get_timeout(T).await.unwrap(), i as i64 + 100, "{}", log());
+    }
+    assert!(
+        w.log().contains("cannot store the task's state; retrying"),
+        "the worker retried while memcached was down:\n{}",
+        log()
+    );
+    // What memcached held before the kill is lost, and the wait says why.
+    assert_eq!(before[0].state().await.unwrap(), TaskState::Pending);
+    let e = before[0]
+        .get_timeout(std::time::Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e:?}");
+    assert!(e.to_string().contains("restarted"), "{e}");
+}

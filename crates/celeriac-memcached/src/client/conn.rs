@@ -178,6 +178,8 @@ pub(crate) struct Server {
     /// `(pid, start time)` of the server process last seen, from `stats`.
     boot: std::sync::Mutex<Option<(String, i64)>>,
     restarts: AtomicU64,
+    /// When a restart was last noticed.
+    last_restart: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -196,12 +198,18 @@ impl Server {
             conn: tokio::sync::Mutex::new(None),
             boot: std::sync::Mutex::new(None),
             restarts: AtomicU64::new(0),
+            last_restart: std::sync::Mutex::new(None),
         }
     }
 
     /// How many times the server process was found replaced (restarted) on a reconnect.
     pub(crate) fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Acquire)
+    }
+
+    /// When a restart was last noticed, if ever.
+    pub(crate) fn last_restart(&self) -> Option<std::time::Instant> {
+        *self.last_restart.lock().expect("restart lock")
     }
 
     /// The live connection, or a new one; `true` with a connection opened by this call.
@@ -315,6 +323,7 @@ impl Server {
         let mut boot = self.boot.lock().expect("boot lock");
         if let Some((old_pid, old_started)) = boot.as_ref() {
             if *old_pid != pid || (old_started - started).abs() > 1 {
+                *self.last_restart.lock().expect("restart lock") = Some(std::time::Instant::now());
                 self.restarts.fetch_add(1, Ordering::AcqRel);
                 tracing::warn!(
                     server = %self.addr,

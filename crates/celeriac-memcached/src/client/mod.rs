@@ -179,6 +179,14 @@ impl Client {
         self.servers.iter().map(Server::restarts).sum()
     }
 
+    /// The server whose restart was noticed last, and when, if any was.
+    pub fn last_restart(&self) -> Option<(String, std::time::Instant)> {
+        self.servers
+            .iter()
+            .filter_map(|s| s.last_restart().map(|t| (s.addr.clone(), t)))
+            .max_by_key(|(_, t)| *t)
+    }
+
     /// The options.
     pub fn options(&self) -> &ClientOptions {
         &self.options
