@@ -11,6 +11,7 @@ use celeriac_core::{BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, 
 use serde_json::{Value, json};
 
 use crate::client::{CasOutcome, Client, ClientOptions, Item, flags};
+use crate::poll::Poller;
 use crate::url::parse_url;
 
 /// Celery's `task_keyprefix`.
@@ -108,6 +109,8 @@ struct Inner {
     /// Seconds for memcached's exptime, 0 for none.
     expires_secs: u64,
     poll_max_interval: Duration,
+    /// The shared poll of long waits.
+    poller: Arc<Poller>,
     closed: AtomicBool,
 }
 
@@ -133,6 +136,7 @@ impl MemcachedBackend {
                     .result_expires
                     .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
                 poll_max_interval: options.poll_max_interval,
+                poller: Arc::default(),
                 closed: AtomicBool::new(false),
             }),
         })
@@ -145,7 +149,7 @@ impl MemcachedBackend {
 
     /// The key of a task's meta document, `celery-task-meta-<id>`.
     pub fn task_key(&self, task_id: &str) -> String {
-        format!("{TASK_PREFIX}{task_id}")
+        task_key(task_id)
     }
 
     /// The key of a saved group, `celery-taskset-meta-<id>`.
@@ -215,63 +219,85 @@ impl MemcachedBackend {
         }
     }
 
-    /// Polls for a ready record, backing off from 1 ms to `poll_max_interval`. A server that
-    /// is down does not end the wait (its errors are transient): the wait polls on until the
-    /// deadline, and its timeout error then says the server was unreachable, or restarted
-    /// (a result stored before the restart is lost).
+    /// Polls for a ready record: on its own after 1, 2, 4, ... ms while the interval is
+    /// below `poll_max_interval`, then through the backend's shared poll, which reads every
+    /// id waited on that long in one request per server and tick (see [`Poller`]). A server
+    /// that is down does not end the wait (its errors are transient): the wait goes on to its
+    /// deadline, and the timeout error then says the server was unreachable, or restarted (a
+    /// result stored before the restart is lost).
     async fn wait_for(&self, task_id: &str, timeout: Option<Duration>) -> Result<TaskMeta> {
         self.check_open()?;
         let restarts = self.inner.client.restarts();
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let max = self.inner.poll_max_interval;
         let mut interval = Duration::from_millis(1);
-        loop {
-            let unreachable = match self.get_meta(task_id).await {
+        let mut unreachable = None;
+        while interval < max {
+            unreachable = match self.get_meta(task_id).await {
                 Ok(Some(meta)) if meta.status.is_ready() => return Ok(meta),
                 Ok(_) => None,
-                Err(e) if e.is_transient() => {
-                    tracing::debug!(task_id, error = %e, "memcached unreachable while waiting; polling on");
-                    Some(e)
-                }
+                Err(e) if e.is_transient() => Some(e.to_string()),
                 Err(e) => return Err(e),
             };
             let mut sleep = interval;
             if let Some(deadline) = deadline {
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
-                    let mut e = timeout_error(task_id, timeout);
-                    if self.inner.client.restarts() != restarts {
-                        e = Error::new(
-                            ErrorKind::Timeout,
-                            format!(
-                                "{e}; memcached restarted during the wait, so a result stored \
-                                 before the restart is lost"
-                            ),
-                        );
-                    } else if let Some((server, at)) = self.inner.client.last_restart() {
-                        e = Error::new(
-                            ErrorKind::Timeout,
-                            format!(
-                                "{e}; memcached at {server} restarted {:.0}s ago, which lost \
-                                 every result stored before",
-                                at.elapsed().as_secs_f64()
-                            ),
-                        );
-                    }
-                    if let Some(cause) = unreachable {
-                        e = Error::new(
-                            ErrorKind::Timeout,
-                            format!("{e}; memcached is unreachable"),
-                        )
-                        .with_source(cause);
-                    }
-                    return Err(e);
+                    return Err(self.timed_out(task_id, timeout, restarts, unreachable));
                 }
                 sleep = sleep.min(deadline - now);
             }
             tokio::time::sleep(sleep).await;
-            interval = (interval * 2).min(self.inner.poll_max_interval);
+            interval *= 2;
             self.check_open()?;
         }
+        let watch = self.inner.poller.watch(task_id, &self.inner.client, max);
+        loop {
+            let notified = watch.slot.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(meta) = watch.slot.found() {
+                return Ok(meta);
+            }
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, notified).await.is_err() {
+                        let failing = self.inner.poller.failing().or(unreachable);
+                        return Err(self.timed_out(task_id, timeout, restarts, failing));
+                    }
+                }
+                None => notified.await,
+            }
+            self.check_open()?;
+        }
+    }
+
+    /// The timeout error of a wait, saying what else is known: a restart during or before the
+    /// wait, a server that did not answer.
+    fn timed_out(
+        &self,
+        task_id: &str,
+        timeout: Option<Duration>,
+        restarts: u64,
+        unreachable: Option<String>,
+    ) -> Error {
+        let mut text = timeout_error(task_id, timeout).to_string();
+        if self.inner.client.restarts() != restarts {
+            text.push_str(
+                "; memcached restarted during the wait, so a result stored before the restart \
+                 is lost",
+            );
+        } else if let Some((server, at)) = self.inner.client.last_restart() {
+            text.push_str(&format!(
+                "; memcached at {server} restarted {:.0}s ago, which lost every result stored \
+                 before",
+                at.elapsed().as_secs_f64()
+            ));
+        }
+        if let Some(why) = unreachable {
+            text.push_str(&format!("; memcached is unreachable ({why})"));
+        }
+        Error::new(ErrorKind::Timeout, text)
     }
 
     /// A counter update that may go below zero or start a new counter: read, compute, write
@@ -313,6 +339,11 @@ impl MemcachedBackend {
     }
 }
 
+/// `celery-task-meta-<id>`.
+pub(crate) fn task_key(task_id: &str) -> String {
+    format!("{TASK_PREFIX}{task_id}")
+}
+
 /// A stored document's bytes, checked against the flags the Python client wrote them with.
 fn document<'a>(item: &'a Item, what: &str) -> Result<&'a [u8]> {
     match item.flags & !flags::TEXT {
@@ -340,7 +371,7 @@ fn document<'a>(item: &'a Item, what: &str) -> Result<&'a [u8]> {
     }
 }
 
-fn decode_meta(item: &Item) -> Result<TaskMeta> {
+pub(crate) fn decode_meta(item: &Item) -> Result<TaskMeta> {
     let bytes = document(item, "the task meta")?;
     let v = json_from_slice(bytes)?;
     serde_json::from_value(v)
@@ -533,6 +564,7 @@ impl ResultBackend for MemcachedBackend {
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.inner.closed.store(true, Ordering::Release);
+            self.inner.poller.wake_all();
             Ok(())
         })
     }
