@@ -36,6 +36,10 @@ pub struct MemcachedOptions {
     /// The longest pause between two reads of a result `wait` polls (default 50 ms; the
     /// first reads come after 1, 2, 4, ... ms).
     pub poll_max_interval: Duration,
+    /// Celery's `global_keyprefix` (`result_backend_transport_options`), put before every
+    /// key, with a `_` after it unless it ends in one of `: _ - .`; a `global_keyprefix` in
+    /// the URL wins.
+    pub global_keyprefix: Option<String>,
 }
 
 impl Default for MemcachedOptions {
@@ -44,6 +48,7 @@ impl Default for MemcachedOptions {
             client: ClientOptions::default(),
             result_expires: Some(Duration::from_secs(86_400)),
             poll_max_interval: Duration::from_millis(50),
+            global_keyprefix: None,
         }
     }
 }
@@ -68,6 +73,13 @@ impl MemcachedOptions {
     #[must_use]
     pub fn result_expires(mut self, expires: Option<Duration>) -> Self {
         self.result_expires = expires;
+        self
+    }
+
+    /// With Celery's `global_keyprefix`.
+    #[must_use]
+    pub fn global_keyprefix(mut self, prefix: impl Into<String>) -> Self {
+        self.global_keyprefix = Some(prefix.into());
         self
     }
 
@@ -109,6 +121,8 @@ struct Inner {
     /// Seconds for memcached's exptime, 0 for none.
     expires_secs: u64,
     poll_max_interval: Duration,
+    /// Celery's `global_keyprefix`, with its separator; empty for none.
+    prefix: String,
     /// The shared poll of long waits.
     poller: Arc<Poller>,
     closed: AtomicBool,
@@ -126,8 +140,16 @@ impl MemcachedBackend {
 
     /// Opens the servers of `url` with explicit options.
     pub async fn connect_with(url: &str, options: MemcachedOptions) -> Result<Self> {
-        let servers = parse_url(url)?;
-        let client = Client::new(&servers, options.client)?;
+        let parsed = parse_url(url)?;
+        let client = Client::new(&parsed.servers, options.client)?;
+        let mut prefix = parsed
+            .keyprefix
+            .or(options.global_keyprefix)
+            .unwrap_or_default();
+        // Celery's _add_global_keyprefix.
+        if prefix.chars().last().is_some_and(|c| !":_-.".contains(c)) {
+            prefix.push('_');
+        }
         client.version().await?;
         Ok(MemcachedBackend {
             inner: Arc::new(Inner {
@@ -136,6 +158,7 @@ impl MemcachedBackend {
                     .result_expires
                     .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
                 poll_max_interval: options.poll_max_interval,
+                prefix,
                 poller: Arc::default(),
                 closed: AtomicBool::new(false),
             }),
@@ -147,19 +170,20 @@ impl MemcachedBackend {
         &self.inner.client
     }
 
-    /// The key of a task's meta document, `celery-task-meta-<id>`.
+    /// The key of a task's meta document, `celery-task-meta-<id>` (after the
+    /// `global_keyprefix`, if any).
     pub fn task_key(&self, task_id: &str) -> String {
-        task_key(task_id)
+        task_key(&self.inner.prefix, task_id)
     }
 
     /// The key of a saved group, `celery-taskset-meta-<id>`.
     pub fn group_key(&self, group_id: &str) -> String {
-        format!("{GROUP_PREFIX}{group_id}")
+        format!("{}{GROUP_PREFIX}{group_id}", self.inner.prefix)
     }
 
     /// The key of a chord's counter, `chord-unlock-<group id>`.
     pub fn chord_key(&self, group_id: &str) -> String {
-        format!("{CHORD_PREFIX}{group_id}")
+        format!("{}{CHORD_PREFIX}{group_id}", self.inner.prefix)
     }
 
     /// Celery's `KeyValueStoreBackend.on_chord_part_return`: `incr` the chord's counter; the
@@ -251,7 +275,10 @@ impl MemcachedBackend {
             interval *= 2;
             self.check_open()?;
         }
-        let watch = self.inner.poller.watch(task_id, &self.inner.client, max);
+        let watch = self
+            .inner
+            .poller
+            .watch(task_id, &self.inner.client, &self.inner.prefix, max);
         loop {
             let notified = watch.slot.notify.notified();
             tokio::pin!(notified);
@@ -339,9 +366,9 @@ impl MemcachedBackend {
     }
 }
 
-/// `celery-task-meta-<id>`.
-pub(crate) fn task_key(task_id: &str) -> String {
-    format!("{TASK_PREFIX}{task_id}")
+/// `<prefix>celery-task-meta-<id>`.
+pub(crate) fn task_key(prefix: &str, task_id: &str) -> String {
+    format!("{prefix}{TASK_PREFIX}{task_id}")
 }
 
 /// A stored document's bytes, checked against the flags the Python client wrote them with.
@@ -527,6 +554,7 @@ impl ResultBackend for MemcachedBackend {
         Box::pin(async move {
             self.check_open()?;
             let client = &self.inner.client;
+            let key = &format!("{}{key}", self.inner.prefix);
             if by >= 0 {
                 match client.incr(key, by.unsigned_abs()).await {
                     Ok(Some(n)) => {

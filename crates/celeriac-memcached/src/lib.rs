@@ -13,8 +13,11 @@
 //! `cache+memcached://host:11211/`, several servers as Celery spells them,
 //! `cache+memcached://h1:11211;h2:11211/` (port 11211 when left out, `[v6addr]:port` for
 //! IPv6), and Celery's other names for the same backend, `cache+memcache://` and
-//! `cache+pylibmc://` (5.7 also `cache+pymemcache://`). Celery's URL carries nothing but servers (no credentials: memcached's
-//! text protocol has none), and so does ours. Timeouts and limits are set in
+//! `cache+pylibmc://` (5.7 also `cache+pymemcache://`). Celery's URL carries nothing but
+//! servers (no credentials: memcached's text protocol has none); ours takes one query
+//! parameter besides, `?global_keyprefix=<text>` (percent-encoded): Celery's
+//! `result_backend_transport_options["global_keyprefix"]`, which 5.7 puts before every key
+//! (with a `_` after it unless it ends in one of `: _ - .`). Timeouts and limits are set in
 //! [`MemcachedOptions`]; `result_expires` comes from [`celeriac_core::Config`].
 //!
 //! # On the wire

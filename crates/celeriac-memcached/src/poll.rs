@@ -71,7 +71,13 @@ impl Drop for Watch {
 impl Poller {
     /// Watches `id`, starting the poll task (reading with `client` every `tick`) if it is not
     /// running.
-    pub(crate) fn watch(self: &Arc<Self>, id: &str, client: &Client, tick: Duration) -> Watch {
+    pub(crate) fn watch(
+        self: &Arc<Self>,
+        id: &str,
+        client: &Client,
+        prefix: &str,
+        tick: Duration,
+    ) -> Watch {
         let mut state = self.state.lock().expect("poller lock");
         let slot = {
             let (slot, n) = state
@@ -83,7 +89,7 @@ impl Poller {
         };
         if !state.running {
             state.running = true;
-            tokio::spawn(run(self.clone(), client.clone(), tick));
+            tokio::spawn(run(self.clone(), client.clone(), prefix.to_owned(), tick));
         }
         Watch {
             poller: self.clone(),
@@ -105,7 +111,7 @@ impl Poller {
     }
 }
 
-async fn run(poller: Arc<Poller>, client: Client, tick: Duration) {
+async fn run(poller: Arc<Poller>, client: Client, prefix: String, tick: Duration) {
     loop {
         tokio::time::sleep(tick).await;
         let ids: Vec<String> = {
@@ -119,7 +125,7 @@ async fn run(poller: Arc<Poller>, client: Client, tick: Duration) {
             state.watched.keys().cloned().collect()
         };
         for chunk in ids.chunks(CHUNK) {
-            let keys: Vec<String> = chunk.iter().map(|id| task_key(id)).collect();
+            let keys: Vec<String> = chunk.iter().map(|id| task_key(&prefix, id)).collect();
             let got = client.get_many(&keys).await;
             let mut state = poller.state.lock().expect("poller lock");
             match got {

@@ -85,6 +85,14 @@ keys = ["celery-task-meta-" + x.id for x in g.results] + ["celery-task-meta-" + 
 out["holders"] = [sum(c.get(k) is not None for c in per_server) for k in keys]
 out["servers_used"] = sum(any(c.get(k) is not None for k in keys) for c in per_server)
 
+# Celery's global_keyprefix on this backend, for ours to compare.
+from celery import Celery
+other = Celery("prefixed")
+other.conf.result_backend = os.environ["CELERY_RESULT_BACKEND"]
+other.conf.result_backend_transport_options = {"global_keyprefix": "app"}
+out["prefixed"] = [other.backend.get_key_for_task("t"), other.backend.get_key_for_group("g"),
+                   other.backend.get_key_for_chord("g")]
+
 # What pymemcache hands Celery: the stored bytes.
 raw = app.backend.client.get("celery-task-meta-" + out["add_id"])
 out["raw_type"] = type(raw).__name__
@@ -136,6 +144,10 @@ async fn python_client_reads_our_results_from_memcached() {
     );
     assert_eq!(out["raw"]["status"], "SUCCESS", "{out}");
     assert_eq!(out["raw"]["task_id"], out["add_id"], "{out}");
+
+    // Celery's global_keyprefix names keys as ours does.
+    let prefixed = celeriac_memcached_keys(&a.url()).await;
+    assert_eq!(out["prefixed"], json!(prefixed), "{out}");
 
     // And we read the group Python saved.
     let app = client(&env.redis.url, &env.backend).await;
@@ -364,4 +376,15 @@ async fn our_worker_rides_out_a_memcached_restart() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e:?}");
     assert!(e.to_string().contains("restarted"), "{e}");
+}
+
+/// Our task, group and chord keys of `t`/`g` under the prefix `app`.
+async fn celeriac_memcached_keys(url: &str) -> [String; 3] {
+    let b = celeriac_memcached::MemcachedBackend::connect(
+        &format!("{url}?global_keyprefix=app"),
+        &celeriac::Config::default(),
+    )
+    .await
+    .unwrap();
+    [b.task_key("t"), b.group_key("g"), b.chord_key("g")]
 }

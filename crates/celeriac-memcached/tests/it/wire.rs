@@ -156,3 +156,41 @@ async fn chords_count_on_celerys_chord_unlock_key() {
         ChordStatus::NotNative
     );
 }
+
+#[tokio::test]
+async fn global_keyprefix_goes_before_every_key() {
+    let Some(server) = Memcached::start() else {
+        return;
+    };
+    // Celery's rule: a `_` after the prefix unless it ends in one of `: _ - .`.
+    for (url_prefix, key_prefix) in [("app", "app_"), ("app%3A", "app:")] {
+        let url = format!("{}?global_keyprefix={url_prefix}", server.url());
+        let b = MemcachedBackend::connect(&url, &Config::default())
+            .await
+            .unwrap();
+        let c = b.client().clone();
+        b.store(&TaskMeta::success("t", json!(1))).await.unwrap();
+        b.save_group("g", &["t".into()]).await.unwrap();
+        b.incr("n", 1).await.unwrap();
+        for key in ["celery-task-meta-t", "celery-taskset-meta-g", "n"] {
+            let k = format!("{key_prefix}{key}");
+            assert!(c.get(&k).await.unwrap().is_some(), "{k}");
+            c.delete(&k).await.unwrap();
+        }
+        assert_eq!(b.chord_key("g"), format!("{key_prefix}chord-unlock-g"));
+        // Waits read the prefixed key too, also through the shared poll.
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                b.wait("late", Some(std::time::Duration::from_secs(5)))
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        b.store(&TaskMeta::success("late", json!(2))).await.unwrap();
+        assert_eq!(waiter.await.unwrap().unwrap().result, 2);
+        c.delete(&format!("{key_prefix}celery-task-meta-late"))
+            .await
+            .unwrap();
+    }
+}
