@@ -24,7 +24,7 @@
 //!
 //! What Celery's `CacheBackend` (on its `KeyValueStoreBackend`) writes, and this crate too:
 //!
-//! | key | value | flags | written by |
+//! | key | value | flags (ours) | written by |
 //! |---|---|---|---|
 //! | `celery-task-meta-<task id>` | the task meta JSON document, as on Redis (`status`, `result`, `traceback`, `children`, `date_done`, extended fields, `task_id`) | 16 (`str`) | the worker, on each state |
 //! | `celery-taskset-meta-<group id>` | `{"result": [[gid, null], [[[tid, null], null], ...]]}` | 16 (`str`) | `GroupResult.save()`; a chord's sender |
