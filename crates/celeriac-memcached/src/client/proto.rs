@@ -187,19 +187,20 @@ pub(crate) fn parse(buf: &[u8], expect: Expect) -> Result<Option<(Reply, usize)>
                     None => None,
                 };
                 let start = at + used;
-                if buf.len() < start + len + 2 {
+                let end = start.checked_add(len).ok_or_else(|| garbled(line))?;
+                if buf.len() < end.saturating_add(2) {
                     return Ok(None);
                 }
-                if &buf[start + len..start + len + 2] != b"\r\n" {
+                if &buf[end..end + 2] != b"\r\n" {
                     return Err(garbled(line));
                 }
                 items.push(Item {
                     key: key.to_owned(),
                     flags,
-                    data: buf[start..start + len].to_vec(),
+                    data: buf[start..end].to_vec(),
                     cas,
                 });
-                at = start + len + 2;
+                at = end + 2;
             }
         }
         Expect::Stats => {
@@ -325,7 +326,40 @@ mod tests {
             )))
         );
         assert!(parse(b"what\r\n", Expect::Values).is_err());
+        // A length that overflows is garbage, not a panic.
+        assert!(parse(b"VALUE k 0 18446744073709551615\r\n", Expect::Values).is_err());
         assert!(parse(b"x1\r\n", Expect::Number).is_err());
+    }
+
+    /// Whatever a server (or something posing as one) sends, the parser answers without
+    /// panicking, and a complete reply never claims more bytes than it was given.
+    #[test]
+    fn fuzz_replies() {
+        let seeds: [&[u8]; 5] = [
+            b"VALUE a 16 2 9\r\nhi\r\nVALUE b 0 3\r\n\r\nx\r\nEND\r\n",
+            b"STORED\r\n",
+            b"42\r\n",
+            b"SERVER_ERROR object too large for cache\r\n",
+            b"STAT pid 12\r\nSTAT version 1.6 x\r\nEND\r\n",
+        ];
+        celeriac_test::fuzz::fuzz(
+            "memcached_replies",
+            &seeds,
+            &[
+                b"VALUE ",
+                b"END\r\n",
+                b"\r\n",
+                b"STAT ",
+                b"18446744073709551615",
+            ],
+            |input| {
+                for expect in [Expect::Values, Expect::Line, Expect::Number, Expect::Stats] {
+                    if let Ok(Some((_, used))) = parse(input, expect) {
+                        assert!(used <= input.len());
+                    }
+                }
+            },
+        );
     }
 
     #[test]
