@@ -103,8 +103,10 @@
 //! expire when memory runs short; Celery's documentation warns of the same. A result lost
 //! that way reads as PENDING, forever. The client notices a restarted server when it
 //! reconnects (a new process id and start time in `stats`), logs a warning naming the server
-//! and that everything it held is gone, and a `wait` that times out across a restart says the
-//! result may have been lost in it. Use Redis or a database for results that matter.
+//! and that everything it held is gone, and a `wait` that times out during or after a restart
+//! says when it was and that results stored before it are lost. A celeriac worker whose task
+//! finishes while the server is down retries storing the final state and settles the message
+//! only once it is stored. Use Redis or a database for results that matter.
 //!
 //! [`ErrorKind::Unsupported`]: celeriac_core::ErrorKind::Unsupported
 //! [`ResultBackend::incr`]: celeriac_core::ResultBackend::incr
