@@ -13,6 +13,7 @@
 //! - [`services`]: skip-or-fail checks for external servers ([`services::require_service`]),
 //!   fresh SQLite files under `target/` ([`services::temp_sqlite_path`]), unique queue names and
 //!   ready-made task messages.
+//! - [`memcached`]: a private `memcached` on a free port, which a test may kill and restart.
 //! - [`fuzz`]: a mutation fuzzer for the decoders of untrusted input, run for a fixed budget
 //!   by the tests and for longer by `scripts/fuzz`.
 //! - [`python`]: the Python Celery side of interop tests: a pinned venv made on first use, a
@@ -45,6 +46,7 @@
 
 pub mod conformance;
 pub mod fuzz;
+pub mod memcached;
 pub mod python;
 pub mod services;
 

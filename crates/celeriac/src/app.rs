@@ -735,7 +735,8 @@ where
 }
 
 /// The drivers compiled in (brokers, result backends and beat stores): `memory://` always,
-/// `sqlite://` with the `sqlite` feature, `redis://` with the `redis` feature.
+/// `sqlite://` with the `sqlite` feature, `redis://` with the `redis` feature,
+/// `cache+memcached://` (result backend only) with the `memcached` feature.
 pub fn default_drivers() -> Drivers {
     #[allow(unused_mut)]
     let mut d = Drivers::new();
@@ -745,6 +746,8 @@ pub fn default_drivers() -> Drivers {
     celeriac_redis::register(&mut d);
     #[cfg(feature = "amqp")]
     celeriac_amqp::register(&mut d);
+    #[cfg(feature = "memcached")]
+    celeriac_memcached::register(&mut d);
     d
 }
 

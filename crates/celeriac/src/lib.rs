@@ -60,6 +60,8 @@
 //! - `redis`: the Redis broker, result backend and beat store, `redis://host:6379/0`.
 //! - `amqp`: the RabbitMQ broker, `amqp://guest:guest@localhost:5672//`, and the `rpc://`
 //!   result backend.
+//! - `memcached`: Celery's cache result backend on memcached, `cache+memcached://host:11211/`
+//!   (also several servers, `cache+memcached://h1:11211;h2:11211/`); see docs/memcached.md.
 //! - `worker` (default): [`App::worker`].
 //! - `beat` (default): periodic tasks, [`beat`]; `beat` and `worker -B` in the CLI.
 //! - `cli` (default): [`cli::run`].

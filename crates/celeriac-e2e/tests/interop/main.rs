@@ -37,3 +37,6 @@ mod control;
 mod otel;
 // Signed messages (Celery's auth serializer) both ways, and forgeries refused.
 mod security;
+
+// Celery's cache result backend on memcached: results both ways (tasks through Redis).
+mod memcached;
