@@ -3,8 +3,8 @@
 //!
 //! Sits where the per-worker rate limit does: a delivery held back stays unacknowledged and
 //! counts against prefetch, and a warm shutdown hands it back. The store is the result
-//! backend's coordination capability; a worker whose tasks ask for it on a backend without
-//! one does not start ([`check`]).
+//! backend's coordination capability; on a backend without one a worker warns at start
+//! ([`check`]), keeps cluster rate limits per worker, and fails tasks with `max_concurrency`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,49 +27,65 @@ const SLOT_LEASE: Duration = Duration::from_secs(30);
 /// ends. See the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct CoordinationLayer {
-    pub(crate) backend: DynBackend,
+    pub(crate) backend: Option<DynBackend>,
     pub(crate) limiter: Arc<RateLimiter>,
     pub(crate) phase: PhaseWatch,
 }
 
-/// Refuses a registry whose tasks need a coordination store when `backend` has none.
-pub(crate) fn check(
-    registry: &Registry,
-    backend: Option<&DynBackend>,
-) -> celeriac_core::Result<()> {
+/// Warns at start when tasks need a coordination store and `backend` has none: their cluster
+/// rate limits fall back to per-worker limits (Celery's), and a task with `max_concurrency`
+/// fails with the reason rather than run uncapped. Returns whether the store exists.
+pub(crate) fn check(registry: &Registry, backend: Option<&DynBackend>) -> bool {
+    if backend.is_some_and(|b| b.capabilities().coordination.is_some()) {
+        return true;
+    }
     let needs: Vec<&str> = registry
         .names()
         .into_iter()
         .filter(|name| {
             registry.get(name).is_some_and(|d| {
                 let o = &d.options;
-                o.rate_limit_scope == RateLimitScope::Cluster
-                    || o.max_concurrency.is_some()
-                    || o.unique_for.is_some()
+                o.rate_limit_scope == RateLimitScope::Cluster || o.max_concurrency.is_some()
             })
         })
         .collect();
-    if needs.is_empty() || backend.is_some_and(|b| b.capabilities().coordination.is_some()) {
-        return Ok(());
+    if !needs.is_empty() {
+        tracing::warn!(
+            tasks = %needs.join(", "),
+            backend = backend.map_or("none", |b| b.driver()),
+            "these tasks ask for coordination across workers, which this result backend \
+             cannot keep: cluster rate limits apply per worker, and tasks with \
+             max_concurrency fail (use a redis:// or sqlite:// result backend)"
+        );
     }
-    Err(celeriac_core::Error::new(
-        celeriac_core::ErrorKind::Config,
+    false
+}
+
+/// The error of a task with `max_concurrency` on a worker without a coordination store.
+fn no_store(name: &str) -> celeriac_core::RemoteError {
+    celeriac_core::RemoteError::new(
+        "ImproperlyConfigured",
         format!(
-            "tasks {} need coordination across workers (a cluster rate limit, max_concurrency \
-             or unique_for), which the {} result backend cannot keep; use a result backend \
-             that can (redis://, sqlite://, memory)",
-            needs.join(", "),
-            backend.map_or("missing", |b| b.driver())
+            "task {name} has max_concurrency, which needs a result backend that coordinates \
+             workers (redis://, sqlite://); this worker's cannot"
         ),
-    ))
+    )
+}
+
+impl CoordinationLayer {
+    fn store(&self) -> Option<&dyn Coordination> {
+        self.backend.as_ref()?.capabilities().coordination
+    }
 }
 
 impl Layer for CoordinationLayer {
     fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
         let o = &req.def.options;
         let cluster_limit = match o.rate_limit_scope {
-            RateLimitScope::Cluster => self.limiter.limit_for(req.name(), o.rate_limit),
-            RateLimitScope::Worker => None,
+            RateLimitScope::Cluster if self.store().is_some() => {
+                self.limiter.limit_for(req.name(), o.rate_limit)
+            }
+            _ => None,
         };
         let unique = req
             .message
@@ -80,9 +96,13 @@ impl Layer for CoordinationLayer {
         if cluster_limit.is_none() && o.max_concurrency.is_none() && unique.is_none() {
             return next.run(req);
         }
-        let Some(store) = self.backend.capabilities().coordination else {
-            // `check` refused such a worker at start; a message of another app's task that
-            // carries the header is run without the lock's release.
+        let Some(store) = self.store() else {
+            // Warned at start: the rate limit layer kept the limit per worker; a unique
+            // lock (taken by an app with a store) expires by itself.
+            if o.max_concurrency.is_some() {
+                let e = no_store(req.name());
+                return Box::pin(async move { Outcome::Failed(e) });
+            }
             return next.run(req);
         };
         Box::pin(async move {

@@ -21,11 +21,15 @@ use crate::shutdown::{Phase, PhaseWatch};
 pub(crate) struct RateLimitLayer {
     pub(crate) limiter: Arc<RateLimiter>,
     pub(crate) phase: PhaseWatch,
+    /// Whether the result backend keeps cluster rate limits (then this layer leaves tasks
+    /// with a cluster scope to the coordination layer).
+    pub(crate) cluster: bool,
 }
 
 impl Layer for RateLimitLayer {
     fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
-        if req.def.options.rate_limit_scope == celeriac_core::RateLimitScope::Cluster {
+        if self.cluster && req.def.options.rate_limit_scope == celeriac_core::RateLimitScope::Cluster
+        {
             // The whole cluster's budget, kept by the coordination layer.
             return next.run(req);
         }

@@ -184,7 +184,7 @@ impl Worker {
             run_layers,
         } = self;
         celeriac_core::config::check_prefetch(options.concurrency, options.prefetch_buffer)?;
-        crate::coord::check(&registry, backend.as_ref())?;
+        let coordinated = crate::coord::check(&registry, backend.as_ref());
         for q in &options.queues {
             broker.declare(q).await?;
         }
@@ -309,6 +309,7 @@ impl Worker {
                 run_layers,
                 lease_extension: caps.lease_extension,
                 broker_delays: caps.delay,
+                coordinated,
             }),
             registry,
         });
@@ -485,6 +486,8 @@ struct Pipeline<'a> {
     run_layers: Vec<Arc<dyn Layer>>,
     lease_extension: bool,
     broker_delays: bool,
+    /// Whether the result backend keeps coordination across workers.
+    coordinated: bool,
 }
 
 /// The worker's layers in order, outermost first (the table in [`crate::pipeline`]).
@@ -523,20 +526,17 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
         Arc::new(RateLimitLayer {
             limiter: p.limiter.clone(),
             phase: p.phase.clone(),
+            cluster: p.coordinated,
         }),
-    ]);
-    if let Some(backend) = p.backend {
-        layers.push(Arc::new(CoordinationLayer {
-            backend: backend.clone(),
+        Arc::new(CoordinationLayer {
+            backend: p.backend.cloned(),
             limiter: p.limiter,
             phase: p.phase.clone(),
-        }));
-    }
-    layers.extend([
+        }),
         Arc::new(SlotLayer {
             slots: p.pool.slots(),
             phase: p.phase.clone(),
-        }) as Arc<dyn Layer>,
+        }),
         Arc::new(GateLayer {
             recorder: recorder(),
             revoked: p.revoked,
