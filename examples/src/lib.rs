@@ -89,6 +89,46 @@ pub async fn limited() -> f64 {
     now()
 }
 
+/// `tasks.partner()`: a call to a partner API that allows 20 a second in all, so limited for
+/// the whole cluster (however many workers run it); returns when it started (unix seconds).
+#[celeriac::task(
+    name = "tasks.partner",
+    rate_limit = "20/s",
+    rate_limit_scope = "cluster"
+)]
+pub async fn partner() -> f64 {
+    now()
+}
+
+/// `tasks.capped(path, seconds)`: at most two run at once across the cluster. Appends
+/// `<start> <end>` (unix seconds) to the file `path` after sleeping `seconds`.
+#[celeriac::task(name = "tasks.capped", max_concurrency = 2)]
+pub async fn capped(path: String, seconds: f64) -> Result<(), TaskError> {
+    use std::io::Write as _;
+    let start = now();
+    tokio::time::sleep(Duration::from_secs_f64(seconds.clamp(0.0, 60.0))).await;
+    let line = format!("{start} {}\n", now());
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    f.write_all(line.as_bytes())?;
+    Ok(())
+}
+
+/// `tasks.sync_once(account, path)`: unique for a minute per account: while one is pending or
+/// running, sending it again returns the pending call's id. Appends its task id to `path`.
+#[celeriac::task(name = "tasks.sync_once", unique_for = 60)]
+pub fn sync_once(ctx: TaskContext, account: i64, path: String) -> Result<i64, TaskError> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    f.write_all(format!("{}\n", ctx.id()).as_bytes())?;
+    Ok(account)
+}
+
 /// `tasks.stamp(seconds)`: sleeps (blocking, on the thread pool) then returns when it finished
 /// (unix seconds). Used to check that nothing is lost at shutdown.
 #[celeriac::task(name = "tasks.stamp", acks_late = true)]
@@ -232,6 +272,9 @@ pub fn app() -> AppBuilder {
         .task::<sleep>()
         .task::<flaky>()
         .task::<limited>()
+        .task::<partner>()
+        .task::<capped>()
+        .task::<sync_once>()
         .task::<stamp>()
         .task::<panic>()
         .task::<spin>()

@@ -62,15 +62,19 @@ pub trait Coordination: Send + Sync {
     fn release<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<()>>;
 }
 
-/// GCRA in whole microseconds, with a burst of one (Celery's per-worker bucket holds one
-/// token too): given the key's theoretical arrival time `tat` (0: never used) and `now`, the
-/// new `tat` when admitted, or how long to wait. A caller is admitted when `now >= tat`, and
-/// moves `tat` one interval past the later of the two.
+/// GCRA in whole microseconds: given the key's theoretical arrival time `tat` (0: never
+/// used) and `now`, the new `tat` when admitted, or how long to wait. A caller is admitted
+/// from a quarter interval before `tat` on, and moves `tat` one interval past the later of
+/// `tat` and `now`: so callers that wake a little late (a sleep, a round trip to the store)
+/// keep the full rate, and over any long window no more than the rate is admitted. A burst
+/// is at most one call (Celery's per-worker bucket holds one token too).
 pub fn gcra(tat: u64, now: u64, limit: RateLimit) -> std::result::Result<u64, Duration> {
-    if now >= tat {
-        Ok(now + gcra_interval(limit))
+    let interval = gcra_interval(limit);
+    let allow_at = tat.saturating_sub(interval / 4);
+    if now >= allow_at {
+        Ok(tat.max(now) + interval)
     } else {
-        Err(Duration::from_micros(tat - now))
+        Err(Duration::from_micros(allow_at - now))
     }
 }
 
@@ -231,11 +235,14 @@ mod tests {
         let t0 = 5_000_000;
         let tat = gcra(0, t0, ten).unwrap();
         assert_eq!(tat, t0 + 100_000);
-        // A second call at once must wait for the next interval...
-        assert_eq!(gcra(tat, t0 + 30_000, ten), Err(Duration::from_millis(70)));
-        // ... and is admitted then.
-        let tat = gcra(tat, t0 + 100_000, ten).unwrap();
+        // A second call at once must wait until a quarter interval before the next...
+        assert_eq!(gcra(tat, t0 + 30_000, ten), Err(Duration::from_millis(45)));
+        // ... and then keeps the cadence: the next time is one interval after the last.
+        let tat = gcra(tat, t0 + 75_000, ten).unwrap();
         assert_eq!(tat, t0 + 200_000);
+        // A late caller moves the time from when it came.
+        let tat = gcra(tat, t0 + 230_000, ten).unwrap();
+        assert_eq!(tat, t0 + 330_000);
         // Idle for long: the budget does not pile up beyond one.
         let later = t0 + 60_000_000;
         let tat = gcra(tat, later, ten).unwrap();

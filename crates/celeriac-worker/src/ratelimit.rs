@@ -28,7 +28,8 @@ pub(crate) struct RateLimitLayer {
 
 impl Layer for RateLimitLayer {
     fn call<'a>(&'a self, req: &'a Request, next: Next<'a>) -> BoxFuture<'a, Outcome> {
-        if self.cluster && req.def.options.rate_limit_scope == celeriac_core::RateLimitScope::Cluster
+        if self.cluster
+            && req.def.options.rate_limit_scope == celeriac_core::RateLimitScope::Cluster
         {
             // The whole cluster's budget, kept by the coordination layer.
             return next.run(req);

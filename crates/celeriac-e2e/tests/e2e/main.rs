@@ -33,3 +33,5 @@ mod logging;
 
 // Trace propagation (feature otel): the worker's task span continues the client's trace.
 mod otel;
+// Coordination across worker processes: cluster rate limits, concurrency caps, unique tasks.
+mod coordination;
