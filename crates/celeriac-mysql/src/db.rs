@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use celeriac_core::{Error, ErrorKind, Result};
 use sqlx::mysql::{MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
-use sqlx::{Executor as _, Row as _};
+use sqlx::{ConnectOptions as _, Connection as _, Executor as _, Row as _};
 
 use crate::options::MysqlOptions;
 
@@ -81,6 +81,17 @@ const DDL: [&str; 10] = [
 /// Connecting first (rather than lazily) makes a wrong password or a missing database fail
 /// here, with a clear message, instead of at the first publish.
 pub(crate) async fn open(options: &MysqlOptions, kind: ErrorKind) -> Result<MySqlPool> {
+    let connect = options.connect.clone().found_rows(true);
+    // One connection first, without the pool's retries: a wrong password, a missing database
+    // or a server that is down fails at once, with the server's reason.
+    let first = connect.connect().await.map_err(|e| {
+        map_err(
+            kind,
+            &format!("cannot connect to mysql at {}", options.display),
+            e,
+        )
+    })?;
+    let _ = first.close().await;
     let pool = MySqlPoolOptions::new()
         .max_connections(options.get_max_connections())
         .min_connections(0)
@@ -94,15 +105,7 @@ pub(crate) async fn open(options: &MysqlOptions, kind: ErrorKind) -> Result<MySq
                 Ok(())
             })
         })
-        .connect_with(options.connect.clone())
-        .await
-        .map_err(|e| {
-            map_err(
-                kind,
-                &format!("cannot connect to mysql at {}", options.display),
-                e,
-            )
-        })?;
+        .connect_lazy_with(connect);
     ensure_schema(&pool, options, kind).await?;
     Ok(pool)
 }
