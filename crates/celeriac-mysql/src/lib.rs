@@ -103,6 +103,8 @@ pub use beat::MysqlBeatStore;
 pub use broker::MysqlBroker;
 pub use options::MysqlOptions;
 pub use send::publish_in;
+/// The sqlx this crate is built on, for the transactions [`publish_in`] takes.
+pub use sqlx;
 
 /// The URL schemes this crate opens.
 pub const SCHEMES: [&str; 2] = ["mysql", "mariadb"];
