@@ -9,5 +9,7 @@ mod conformance;
 mod broker;
 // Clear errors: wrong password, missing database, missing privileges, bad URLs.
 mod errors;
+// A private MariaDB server SIGKILLed and restarted mid-run.
+mod restart;
 // Shared helpers.
 mod util;
