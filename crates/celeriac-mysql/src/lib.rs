@@ -101,7 +101,7 @@ use celeriac_core::{Drivers, DynBackend, DynBeatStore, DynBroker};
 pub use backend::MysqlBackend;
 pub use beat::MysqlBeatStore;
 pub use broker::MysqlBroker;
-pub use options::MysqlOptions;
+pub use options::{MAX_DEFAULT_POOL, MysqlOptions};
 pub use send::publish_in;
 /// The sqlx this crate is built on, for the transactions [`publish_in`] takes.
 pub use sqlx;

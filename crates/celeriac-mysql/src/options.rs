@@ -10,13 +10,30 @@ use sqlx::mysql::MySqlConnectOptions;
 /// The URL query parameters this crate reads itself; every other one goes to sqlx.
 const OWN_PARAMS: [&str; 3] = ["max-connections", "poll-interval-ms", "beat-namespace"];
 
+/// The default pool size for a worker of `concurrency`: one connection per task that may be
+/// storing a result or acking at once, plus the consumer's and a spare, capped at
+/// [`MAX_DEFAULT_POOL`].
+fn pool_size(concurrency: usize) -> u32 {
+    u32::try_from(concurrency)
+        .unwrap_or(u32::MAX)
+        .saturating_add(2)
+        .min(MAX_DEFAULT_POOL)
+}
+
+/// The largest default pool. Statements take a millisecond or less, so a few connections
+/// serve many tasks, and a server's `max_connections` (151 by default) is shared by every
+/// process and pool (a worker has two: broker and backend). `max-connections` in the URL
+/// sets any size.
+pub const MAX_DEFAULT_POOL: u32 = 32;
+
 /// Settings of a MariaDB/MySQL broker, result backend or beat store.
 ///
 /// Build them from a URL and a [`Config`] with [`MysqlOptions::from_url`]. The URL is sqlx's
 /// MySQL URL (`mysql://user:password@host:3306/database?ssl-mode=REQUIRED&ssl-ca=ca.pem`;
 /// `mariadb://` is the same), plus three parameters of ours:
 ///
-/// - `max-connections`: the pool size (default: the worker's concurrency + 2);
+/// - `max-connections`: the pool size (default: the worker's concurrency + 2, at most
+///   [`MAX_DEFAULT_POOL`]);
 /// - `poll-interval-ms`: the longest sleep of an idle consumer, inbox or result waiter
 ///   between two polls (default 100);
 /// - `beat-namespace`: which beat lease and entries a beat store uses (default `default`), so
@@ -76,9 +93,7 @@ impl MysqlOptions {
         let mut options = MysqlOptions {
             connect: MySqlConnectOptions::new(),
             display: display.clone(),
-            max_connections: u32::try_from(config.worker.concurrency)
-                .unwrap_or(u32::MAX)
-                .saturating_add(2),
+            max_connections: pool_size(config.worker.concurrency),
             poll_interval: Duration::from_millis(100),
             visibility_timeout: config.visibility_timeout,
             result_expires: config.result_expires,
@@ -135,9 +150,7 @@ impl MysqlOptions {
         MysqlOptions {
             connect,
             display,
-            max_connections: u32::try_from(config.worker.concurrency)
-                .unwrap_or(u32::MAX)
-                .saturating_add(2),
+            max_connections: pool_size(config.worker.concurrency),
             poll_interval: Duration::from_millis(100),
             visibility_timeout: config.visibility_timeout,
             result_expires: config.result_expires,
@@ -221,6 +234,12 @@ mod tests {
         config.worker.concurrency = 6;
         let o = MysqlOptions::from_url("mysql://root@127.0.0.1:3306/test", &config).unwrap();
         assert_eq!(o.get_max_connections(), 8);
+        config.worker.concurrency = 500;
+        let o = MysqlOptions::from_url("mysql://root@127.0.0.1:3306/test", &config).unwrap();
+        assert_eq!(o.get_max_connections(), MAX_DEFAULT_POOL);
+        let o = MysqlOptions::from_url("mysql://h/test?max-connections=100", &config).unwrap();
+        assert_eq!(o.get_max_connections(), 100);
+        config.worker.concurrency = 6;
         assert_eq!(o.get_database(), Some("test"));
         assert_eq!(o.connect.get_port(), 3306);
         let o = MysqlOptions::from_url(

@@ -11,5 +11,7 @@ mod broker;
 mod errors;
 // A private MariaDB server SIGKILLed and restarted mid-run.
 mod restart;
+// Idle cost and polling latency on a private server (ignored; run by hand).
+mod measure;
 // Shared helpers.
 mod util;

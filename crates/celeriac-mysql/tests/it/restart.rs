@@ -16,7 +16,7 @@ use celeriac_core::{
 use celeriac_mysql::{MysqlBackend, MysqlBroker, MysqlOptions};
 
 /// A MariaDB server of this test's own, in a temporary directory.
-struct PrivateServer {
+pub(crate) struct PrivateServer {
     dir: PathBuf,
     port: u16,
     child: Option<Child>,
@@ -25,7 +25,7 @@ struct PrivateServer {
 impl PrivateServer {
     /// Initialises a data directory and starts the server; `None` (after a notice) when the
     /// programs are missing.
-    async fn start() -> Option<Self> {
+    pub(crate) async fn start() -> Option<Self> {
         if !celeriac_test::services::require_program("mariadbd")
             || !celeriac_test::services::require_program("mariadb-install-db")
         {
@@ -99,11 +99,16 @@ impl PrivateServer {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
-    fn url(&self) -> String {
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub(crate) fn url(&self) -> String {
         format!("mysql://root@127.0.0.1:{}/mysql", self.port)
     }
 }
