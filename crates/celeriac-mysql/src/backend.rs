@@ -153,10 +153,14 @@ impl ResultBackend for MysqlBackend {
     fn store<'a>(&'a self, meta: &'a TaskMeta) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             self.check_open()?;
-            if self.sweep_due()
-                && let Err(e) = self.sweep().await
-            {
-                tracing::warn!(error = %format_args!("{e:#}"), "cannot sweep expired mysql results");
+            if self.sweep_due() {
+                // In the background: a store never waits for the sweep.
+                let me = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = me.sweep().await {
+                        tracing::warn!(error = %format_args!("{e:#}"), "cannot sweep expired mysql results");
+                    }
+                });
             }
             let text = serde_json::to_string(meta)?;
             let status = meta.status.as_str();

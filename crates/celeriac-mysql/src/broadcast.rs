@@ -28,7 +28,8 @@
 //!
 //! # Transience
 //!
-//! Rows older than [`HORIZON_MS`] are deleted by sends, at most once a second per broker.
+//! Rows older than [`HORIZON_MS`] are deleted by a sweep that sends start in the background,
+//! at most once a second per broker (see `sweep` for why it never waits on a send).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -93,6 +94,44 @@ enum Filter {
     Topic(String),
 }
 
+/// Deletes the rows older than the horizon, at most [`SWEEP_LIMIT`].
+///
+/// The newest old id is found by a plain read first, and the delete then walks the primary
+/// key up to it: a scan that reached a row whose send has not committed yet would wait for
+/// its lock (InnoDB's `DELETE` does not skip locked rows), and a send must never wait for a
+/// sweep, nor a sweep for a slow send.
+async fn sweep(pool: sqlx::MySqlPool) {
+    let r = async {
+        let upto: Option<i64> = sqlx::query_scalar(concat!(
+            "SELECT MAX(id) FROM (SELECT id FROM celeriac_broadcast WHERE created_at < ",
+            now_ms!(),
+            " - ? ORDER BY created_at LIMIT ?) AS old"
+        ))
+        .bind(HORIZON_MS)
+        .bind(SWEEP_LIMIT)
+        .fetch_one(&pool)
+        .await?;
+        let Some(upto) = upto else { return Ok(0) };
+        let r = sqlx::query(concat!(
+            "DELETE FROM celeriac_broadcast WHERE id <= ? AND created_at < ",
+            now_ms!(),
+            " - ? ORDER BY id LIMIT ?"
+        ))
+        .bind(upto)
+        .bind(HORIZON_MS)
+        .bind(SWEEP_LIMIT)
+        .execute(&pool)
+        .await?;
+        Ok::<u64, sqlx::Error>(r.rows_affected())
+    }
+    .await;
+    match r {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(rows = n, "swept expired mysql broadcasts"),
+        Err(e) => tracing::warn!(error = %e, "cannot sweep expired mysql broadcasts"),
+    }
+}
+
 impl MysqlBroker {
     fn broadcast_sweep_due(&self) -> bool {
         let now = chrono::Utc::now().timestamp_millis();
@@ -120,22 +159,8 @@ impl MysqlBroker {
             .map_err(|e| Error::protocol("broadcast envelope is not utf-8").with_source(e))?;
         let pool = &self.inner.pool;
         if self.broadcast_sweep_due() {
-            let r = sqlx::query(concat!(
-                "DELETE FROM celeriac_broadcast WHERE created_at < ",
-                now_ms!(),
-                " - ? ORDER BY id LIMIT ?"
-            ))
-            .bind(HORIZON_MS)
-            .bind(SWEEP_LIMIT)
-            .execute(pool)
-            .await;
-            match r {
-                Ok(r) if r.rows_affected() > 0 => {
-                    tracing::debug!(rows = r.rows_affected(), "swept expired mysql broadcasts");
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot sweep expired mysql broadcasts"),
-            }
+            // In the background: a send never waits for the sweep.
+            tokio::spawn(sweep(pool.clone()));
         }
         sqlx::query(concat!(
             "INSERT INTO celeriac_broadcast (channel, routing_key, body, created_at) VALUES (?, ?, ?, ",

@@ -7,6 +7,8 @@
 mod conformance;
 // Broker behaviour beyond the suite: the fencing token, giving rows back, concurrent starts.
 mod broker;
+// Result expiry; broadcast rows committed out of order.
+mod backend;
 // Clear errors: wrong password, missing database, missing privileges, bad URLs.
 mod errors;
 // A private MariaDB server SIGKILLed and restarted mid-run.
