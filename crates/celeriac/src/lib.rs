@@ -60,6 +60,9 @@
 //! - `redis`: the Redis broker, result backend and beat store, `redis://host:6379/0`.
 //! - `amqp`: the RabbitMQ broker, `amqp://guest:guest@localhost:5672//`, and the `rpc://`
 //!   result backend.
+//! - `mysql`: the MariaDB/MySQL broker, result backend and beat store,
+//!   `mysql://user:password@host:3306/database` (or `mariadb://`), and transactional enqueue,
+//!   [`mysql::send_in`]. See docs/mysql.md.
 //! - `worker` (default): [`App::worker`].
 //! - `beat` (default): periodic tasks, [`beat`]; `beat` and `worker -B` in the CLI.
 //! - `cli` (default): [`cli::run`].
