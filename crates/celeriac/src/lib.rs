@@ -62,7 +62,7 @@
 //!   result backend.
 //! - `mysql`: the MariaDB/MySQL broker, result backend and beat store,
 //!   `mysql://user:password@host:3306/database` (or `mariadb://`), and transactional enqueue,
-//!   [`mysql::send_in`]. See docs/mysql.md.
+//!   `celeriac::mysql::send_in`. See docs/mysql.md.
 //! - `worker` (default): [`App::worker`].
 //! - `beat` (default): periodic tasks, [`beat`]; `beat` and `worker -B` in the CLI.
 //! - `cli` (default): [`cli::run`].
