@@ -168,8 +168,31 @@ impl ResultBackend for MysqlBackend {
             let (text, date_done) = (&text, date_done.as_deref());
             let expires = self.inner.expires_ms;
             let pool = &self.inner.pool;
-            // A transaction that locks the row, checks precedence in Rust (the rule lives in
-            // core), then writes. A row that did not exist is inserted; two first stores
+            // The common case first: the task's first state, one autocommitted INSERT (one
+            // round trip, one commit). A row that exists fails it on the primary key.
+            let first = sqlx::query(concat!(
+                "INSERT INTO celeriac_results (status, date_done, expires_at, meta, task_id) \
+                 VALUES (?, ?, ",
+                now_ms!(),
+                " + ?, ?, ?)"
+            ))
+            .bind(status)
+            .bind(date_done)
+            .bind(expires)
+            .bind(text)
+            .bind(&meta.task_id)
+            .execute(pool)
+            .await;
+            match first {
+                Ok(_) => {
+                    self.inner.stored.notify_waiters();
+                    return Ok(true);
+                }
+                Err(e) if db::db_number(&e) == Some(1062) => {}
+                Err(e) => return Err(map_err(KIND, "cannot store result in mysql", e)),
+            }
+            // Otherwise a transaction that locks the row, checks precedence in Rust (the rule
+            // lives in core), then writes. A row that did not exist is inserted; two first stores
             // racing make one fail on the primary key, and it runs again and sees the other.
             let stored = db::retry(KIND, "cannot store result in mysql", || async move {
                 let mut tx = pool.begin().await?;
