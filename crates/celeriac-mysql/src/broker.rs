@@ -653,7 +653,10 @@ impl MysqlConsumer {
         };
         let r = handle.await;
         let (_, reserved) = self.pending.take().expect("a fetch in flight");
-        let r = r.map_err(|e| Error::new(KIND, "a mysql fetch task failed").with_source(e))?;
+        let r = r.map_err(|e| {
+            self.slots.free(reserved);
+            Error::new(KIND, "a mysql fetch task failed").with_source(e)
+        })?;
         match r {
             Ok(fetched) => {
                 let got = fetched.rows.len();
