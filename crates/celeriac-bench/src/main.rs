@@ -1,7 +1,7 @@
 //! `celeriac-bench`: celeriac against Python Celery on the same broker, same machine, same run.
 //!
 //! For each broker present (embedded SQLite, Redis on 127.0.0.1:6379, RabbitMQ on
-//! 127.0.0.1:5672) it measures enqueue
+//! 127.0.0.1:5672, MariaDB/MySQL on 127.0.0.1:3306) it measures enqueue
 //! rates, end-to-end throughput with and without stored results, round-trip latency, worker
 //! memory (idle, peak while draining, with many delayed tasks waiting) and scaling over worker
 //! processes and queue sizes; then the same workloads with Python Celery's client and worker
@@ -46,8 +46,8 @@ struct Args {
     /// Skips Python Celery.
     #[arg(long)]
     no_python: bool,
-    /// Brokers to measure, comma separated (sqlite, redis, amqp).
-    #[arg(long, value_delimiter = ',', default_value = "sqlite,redis,amqp")]
+    /// Brokers to measure, comma separated (sqlite, redis, amqp, mysql).
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,redis,amqp,mysql")]
     brokers: Vec<String>,
     /// Overrides the queue sizes of the scaling run, comma separated (e.g. 10000,1000000).
     #[arg(long, value_delimiter = ',')]
@@ -268,7 +268,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     p.run_all("amqp", &urls, &sizes, &mut report).await?;
                 }
             }
-            other => anyhow::bail!("unknown broker {other} (known: sqlite, redis, amqp)"),
+            "mysql" => {
+                if !ours::reachable("127.0.0.1:3306").await {
+                    report.note("MariaDB/MySQL: skipped, nothing listens on 127.0.0.1:3306.");
+                    continue;
+                }
+                // A database of its own (root, no password: the test machine's server).
+                {
+                    use celeriac::mysql::sqlx::{self, Connection as _};
+                    let mut root =
+                        sqlx::mysql::MySqlConnection::connect("mysql://root@127.0.0.1:3306/")
+                            .await?;
+                    sqlx::raw_sql("CREATE DATABASE IF NOT EXISTS celeriac_bench")
+                        .execute(&mut root)
+                        .await?;
+                }
+                let target = ours::Target::new(
+                    "mysql",
+                    "mysql://root@127.0.0.1:3306/celeriac_bench".to_owned(),
+                );
+                if let Some(n) = args.latency_only {
+                    ours::latency_only(&target, n, &mut report).await?;
+                    continue;
+                }
+                ours::run_all(&target, &sizes, &mut report).await?;
+                report.note(
+                    "MariaDB/MySQL: broker and results in one database (celeriac_bench), default \
+                     settings (idle polling up to every 100 ms). Python side: n/a here; Celery's \
+                     own SQL layouts (db+mysql, sqla+mysql) belong to the celeriac-sqla crate.",
+                );
+            }
+            other => anyhow::bail!("unknown broker {other} (known: sqlite, redis, amqp, mysql)"),
         }
     }
     let table = report.text();

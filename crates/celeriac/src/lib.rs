@@ -62,6 +62,9 @@
 //!   result backend.
 //! - `memcached`: Celery's cache result backend on memcached, `cache+memcached://host:11211/`
 //!   (also several servers, `cache+memcached://h1:11211;h2:11211/`); see docs/memcached.md.
+//! - `mysql`: the MariaDB/MySQL broker, result backend and beat store,
+//!   `mysql://user:password@host:3306/database` (or `mariadb://`), and transactional enqueue,
+//!   `celeriac::mysql::send_in`. See docs/mysql.md.
 //! - `worker` (default): [`App::worker`].
 //! - `beat` (default): periodic tasks, [`beat`]; `beat` and `worker -B` in the CLI.
 //! - `cli` (default): [`cli::run`].
@@ -84,10 +87,12 @@ pub mod canvas;
 pub mod cli;
 pub mod control;
 pub mod flow;
+#[cfg(feature = "mysql")]
+pub mod mysql;
 mod result;
 mod signature;
 
-pub use app::{App, AppBuilder, default_drivers};
+pub use app::{App, AppBuilder, PreparedSend, default_drivers};
 pub use canvas::{
     Chain, Chord, ChordResult, Group, GroupResult, Progress, chain, chord, chunks, group, map,
     starmap,

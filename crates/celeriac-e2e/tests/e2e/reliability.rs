@@ -57,6 +57,29 @@ impl Target {
         }
     }
 
+    /// MariaDB/MySQL: the `celeriac_it` database, a queue of this run's own.
+    async fn mysql() -> Self {
+        use celeriac::mysql::sqlx::{self, Connection as _};
+        let (_, db) = sqlite_url("reliability-sigkill-mysql");
+        let mut root = sqlx::mysql::MySqlConnection::connect("mysql://root@127.0.0.1:3306/")
+            .await
+            .expect("connect as root");
+        sqlx::raw_sql("CREATE DATABASE IF NOT EXISTS celeriac_it")
+            .execute(&mut root)
+            .await
+            .expect("create database");
+        let url = "mysql://root@127.0.0.1:3306/celeriac_it?poll-interval-ms=50".to_owned();
+        Target {
+            name: "mysql",
+            // A short lease: the rows the killed worker held are claimable again after it.
+            config: "visibility_timeout = 2.0\n".to_owned(),
+            backend: url.clone(),
+            broker: url,
+            queue: celeriac_test::services::unique_queue("sigkill"),
+            files: db.display().to_string(),
+        }
+    }
+
     fn amqp() -> Self {
         let (backend, db) = sqlite_url("reliability-sigkill-amqp");
         Target {
@@ -218,6 +241,14 @@ async fn a_worker_killed_mid_run_loses_no_acks_late_task_on_redis() {
         return;
     }
     sigkill_mid_run(Target::redis()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_loses_no_acks_late_task_on_mysql() {
+    if !celeriac_test::services::require_service("mariadb", "127.0.0.1:3306") {
+        return;
+    }
+    sigkill_mid_run(Target::mysql().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,3 +11,7 @@ mod app;
 
 // Canvas: chains, groups, chords, map/starmap/chunks, links, with an in-process worker.
 mod canvas;
+
+// Transactional enqueue on MariaDB/MySQL with a real worker (needs the server).
+#[cfg(feature = "mysql")]
+mod mysql;
