@@ -129,6 +129,15 @@ pub fn sync_once(ctx: TaskContext, account: i64, path: String) -> Result<i64, Ta
     Ok(account)
 }
 
+/// `tasks.sync_brief(account, seconds)`: unique for two seconds per account; sleeps
+/// `seconds`, then returns the account. A short lock shows a crashed holder's lock freeing
+/// itself.
+#[celeriac::task(name = "tasks.sync_brief", unique_for = 2)]
+pub async fn sync_brief(account: i64, seconds: f64) -> i64 {
+    tokio::time::sleep(Duration::from_secs_f64(seconds.clamp(0.0, 60.0))).await;
+    account
+}
+
 /// `tasks.stamp(seconds)`: sleeps (blocking, on the thread pool) then returns when it finished
 /// (unix seconds). Used to check that nothing is lost at shutdown.
 #[celeriac::task(name = "tasks.stamp", acks_late = true)]
@@ -275,6 +284,7 @@ pub fn app() -> AppBuilder {
         .task::<partner>()
         .task::<capped>()
         .task::<sync_once>()
+        .task::<sync_brief>()
         .task::<stamp>()
         .task::<panic>()
         .task::<spin>()

@@ -38,6 +38,9 @@ pub enum ErrorKind {
     /// A signed message was refused (unsigned, tampered, unknown or expired signer), or a
     /// message could not be signed; see [`crate::security`].
     Security,
+    /// A unique task was sent while an equal call is pending, and its options ask for an
+    /// error rather than the pending call's id; see [`crate::coord`].
+    Duplicate,
 }
 
 /// The error type of celeriac's libraries.

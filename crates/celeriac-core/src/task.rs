@@ -101,6 +101,10 @@ pub struct TaskOptions {
     /// task name, the arguments and the keyword arguments. Default
     /// [`coord::unique_key`](crate::coord::unique_key): the name and every argument.
     pub unique_key: Option<UniqueKeyFn>,
+    /// For a unique task: a send while an equal call is pending fails (kind
+    /// [`ErrorKind::Duplicate`](crate::ErrorKind::Duplicate), naming the pending id) instead of
+    /// returning the pending call's id. Default false.
+    pub unique_raise: bool,
     /// Across the whole cluster, at most this many of this task run at once; the others wait,
     /// unacknowledged, as under a rate limit (see [`crate::coord`]).
     pub max_concurrency: Option<u32>,
@@ -169,6 +173,7 @@ impl Default for TaskOptions {
             rate_limit_scope: RateLimitScope::Worker,
             unique_for: None,
             unique_key: None,
+            unique_raise: false,
             max_concurrency: None,
             max_retries: Some(3),
             default_retry_delay: Duration::from_secs(180),

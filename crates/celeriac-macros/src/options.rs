@@ -7,7 +7,7 @@ use syn::{Expr, ExprArray, ExprLit, Lit, LitStr, Path};
 
 const KNOWN: &str = "name, queue, priority, rate_limit, max_retries, default_retry_delay, retry_backoff, \
 retry_backoff_max, retry_jitter, autoretry_for, acks_late, soft_time_limit, time_limit, ignore_result, expires, \
-track_started, rate_limit_scope, unique_for, max_concurrency";
+track_started, rate_limit_scope, unique_for, unique_raise, max_concurrency";
 
 #[derive(Default)]
 pub(crate) struct Options {
@@ -144,7 +144,7 @@ impl Options {
                 self.setters
                     .push(quote!(o.#field = ::std::option::Option::Some(#d);));
             }
-            "retry_jitter" | "acks_late" | "ignore_result" | "track_started" => {
+            "retry_jitter" | "acks_late" | "ignore_result" | "track_started" | "unique_raise" => {
                 let e: Expr = meta.value()?.parse()?;
                 let Expr::Lit(ExprLit {
                     lit: Lit::Bool(b), ..

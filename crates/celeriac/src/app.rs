@@ -288,8 +288,17 @@ impl App {
         let unique = match task_options.unique_for {
             Some(ttl) => match self.take_unique(call, task_options, &id, ttl).await? {
                 Ok(key) => Some(key),
+                Err(pending) if task_options.unique_raise => {
+                    return Err(Error::new(
+                        ErrorKind::Duplicate,
+                        format!(
+                            "task {} is unique and an equal call is pending: {pending}",
+                            call.task
+                        ),
+                    ));
+                }
                 // A call like this one is pending or running: its id stands for this one.
-                Err(existing) => return Ok(existing),
+                Err(pending) => return Ok(pending),
             },
             None => None,
         };

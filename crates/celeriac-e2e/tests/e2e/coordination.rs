@@ -166,3 +166,45 @@ async fn a_unique_task_runs_once_for_a_thousand_concurrent_sends() {
     assert_eq!(again.get_timeout(T).await.unwrap(), 42);
     drop(ws);
 }
+
+/// A worker SIGKILLed while it runs a unique task: the lock is not released by anyone, and
+/// frees itself when `unique_for` (2 s here) runs out; the next send then queues again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_unique_lock_frees_itself() {
+    use celeriac_examples::sync_brief;
+    let (url, _) = sqlite_url("coord-unique-kill");
+    let q = unique_queue("coord-kill");
+    let mut ws = workers(&url, &q, 1).await;
+    let app = client(&url).await;
+    let first = sync_brief::s(7, 3.0)
+        .queue(&q)
+        .apply_async(&app)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    ws[0].wait_for_log(first.id(), T).await;
+    let log = ws[0].log();
+    ws[0].signal("KILL");
+    ws[0].wait(T).await;
+    let again = sync_brief::s(7, 3.0)
+        .queue(&q)
+        .apply_async(&app)
+        .await
+        .unwrap();
+    if started.elapsed() < Duration::from_millis(1800) {
+        assert_eq!(
+            again.id(),
+            first.id(),
+            "the lock is held until it expires: {log}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(2200).saturating_sub(started.elapsed())).await;
+    let later = sync_brief::s(7, 3.0)
+        .queue(&q)
+        .apply_async(&app)
+        .await
+        .unwrap();
+    assert_ne!(later.id(), first.id(), "the dead holder's lock expired");
+    let _w = workers(&url, &q, 1).await;
+    assert_eq!(later.get_timeout(T).await.unwrap(), 7);
+}

@@ -532,6 +532,7 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
             backend: p.backend.cloned(),
             limiter: p.limiter,
             phase: p.phase.clone(),
+            queues: std::sync::Mutex::default(),
         }),
         Arc::new(SlotLayer {
             slots: p.pool.slots(),

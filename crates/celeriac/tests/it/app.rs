@@ -444,3 +444,27 @@ async fn a_unique_task_is_queued_once_while_pending() {
     stop.warm();
     running.await.unwrap().unwrap();
 }
+
+#[celeriac::task(name = "tasks.charge", unique_for = 60, unique_raise = true)]
+async fn charge(order: i64) -> i64 {
+    order
+}
+
+/// With `unique_raise`, a duplicate send is an error naming the pending call.
+/// See: issue 28
+#[tokio::test]
+async fn a_unique_task_with_unique_raise_refuses_a_duplicate() {
+    let broker = MemoryBroker::new();
+    let app = App::builder()
+        .broker(std::sync::Arc::new(broker.clone()))
+        .result_backend("memory://")
+        .task::<charge>()
+        .build()
+        .await
+        .unwrap();
+    let first = charge::delay(&app, 7).await.unwrap();
+    let e = charge::delay(&app, 7).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Duplicate);
+    assert!(e.to_string().contains(first.id()), "{e}");
+    assert_eq!(broker.stats("celery").await.unwrap().ready, 1);
+}
