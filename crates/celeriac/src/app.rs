@@ -680,7 +680,8 @@ where
 }
 
 /// The drivers compiled in (brokers, result backends and beat stores): `memory://` always,
-/// `sqlite://` with the `sqlite` feature, `redis://` with the `redis` feature.
+/// `sqlite://` with the `sqlite` feature, `redis://` with the `redis` feature, Celery's
+/// `db+…` backends and `sqla+…` brokers with the `sqla` feature.
 pub fn default_drivers() -> Drivers {
     #[allow(unused_mut)]
     let mut d = Drivers::new();
@@ -690,6 +691,8 @@ pub fn default_drivers() -> Drivers {
     celeriac_redis::register(&mut d);
     #[cfg(feature = "amqp")]
     celeriac_amqp::register(&mut d);
+    #[cfg(feature = "sqla")]
+    celeriac_sqla::register(&mut d);
     d
 }
 

@@ -1,0 +1,239 @@
+//! Python Celery 5.7 (SQLAlchemy 2.0, psycopg2, PyMySQL) and celeriac on one database: their
+//! `db+` client reads the results we store and we read theirs; their `sqla+` client's tasks
+//! run on our worker and ours on theirs.
+
+use celeriac_core::protocol::new_id;
+use celeriac_core::{RemoteError, ResultBackend, TaskMeta, TaskState};
+use celeriac_test::python::{require_python, run_python_client, stdout_json};
+use serde_json::{Map, Value, json};
+
+use crate::util::{Server, backend};
+
+/// Reads, through Celery's AsyncResult and GroupResult, what the test stored.
+const READ_OURS: &str = r#"
+import json, os
+import tasks
+from celery.result import AsyncResult, GroupResult
+
+app = tasks.app
+ids = json.loads(os.environ["IDS"])
+out = {}
+r = AsyncResult(ids["ok"], app=app)
+out["ok"] = {
+    "state": r.state, "result": r.get(timeout=10), "name": r.name, "args": r.args,
+    "kwargs": r.kwargs, "worker": r.worker, "retries": r.retries, "queue": r.queue,
+    "children": [c.id for c in (r.children or [])], "date_done": r.date_done.isoformat(),
+}
+r = AsyncResult(ids["fail"], app=app)
+try:
+    r.get(timeout=10)
+    out["fail"] = "no exception"
+except Exception as e:
+    out["fail"] = {"type": type(e).__name__, "args": list(e.args), "state": r.state,
+                   "traceback": r.traceback}
+r = AsyncResult(ids["progress"], app=app)
+out["progress"] = {"state": r.state, "info": r.info, "ready": r.ready()}
+g = GroupResult.restore(ids["group"], app=app)
+out["group"] = {"ids": [x.id for x in g.results], "values": g.get(timeout=10)}
+out["unknown"] = AsyncResult(ids["unknown"], app=app).state
+print(json.dumps(out))
+"#;
+
+/// Stores results through Celery's database backend.
+const WRITE_THEIRS: &str = r#"
+import json, os
+import tasks
+from celery.result import AsyncResult, GroupResult
+
+app = tasks.app
+b = app.backend
+ids = json.loads(os.environ["IDS"])
+b.store_result(ids["ok"], {"sum": 5, "text": "ünï ✓"}, "SUCCESS")
+try:
+    raise KeyError("missing")
+except KeyError as e:
+    b.mark_as_failure(ids["fail"], e, traceback="Traceback (python)\nKeyError: 'missing'")
+b.store_result(ids["progress"], {"done": 3}, "PROGRESS")
+GroupResult(ids["group"], [AsyncResult(i, app=app) for i in ids["members"]], app=app).save()
+print(json.dumps("ok"))
+"#;
+
+async fn python_reads_ours(server: Server) {
+    if !require_python() {
+        return;
+    }
+    let Some(b) = backend(server).await else {
+        return;
+    };
+    let ids: Map<String, Value> = ["ok", "fail", "progress", "group", "unknown", "m1", "m2"]
+        .iter()
+        .map(|k| ((*k).to_owned(), json!(new_id())))
+        .collect();
+    let id = |k: &str| ids[k].as_str().unwrap().to_owned();
+
+    let mut ok = TaskMeta::success(id("ok"), json!({"sum": 5, "text": "ünï ✓"}));
+    ok.name = Some("tasks.add".into());
+    ok.args = Some(vec![json!(2), json!(3)]);
+    ok.kwargs = Some(Map::new());
+    ok.worker = Some("celeriac@test".into());
+    ok.retries = Some(0);
+    ok.queue = Some("celery".into());
+    ok.children = vec![json!([[id("m1"), null], null])];
+    assert!(b.store(&ok).await.unwrap());
+    let err = RemoteError::new("ValueError", "bad input")
+        .with_module("builtins")
+        .with_traceback("Traceback (celeriac)\nValueError: bad input");
+    assert!(
+        b.store(&TaskMeta::exception(id("fail"), TaskState::Failure, &err))
+            .await
+            .unwrap()
+    );
+    let progress = TaskMeta::new(
+        id("progress"),
+        TaskState::Custom("PROGRESS".into()),
+        json!({"done": 3}),
+    );
+    assert!(b.store(&progress).await.unwrap());
+    b.save_group(&id("group"), &[id("m1"), id("m2")])
+        .await
+        .unwrap();
+    assert!(
+        b.store(&TaskMeta::success(id("m1"), json!(1)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.store(&TaskMeta::success(id("m2"), json!("two")))
+            .await
+            .unwrap()
+    );
+
+    let ids_text = serde_json::to_string(&ids).unwrap();
+    let url = server.db_url();
+    let out = stdout_json(
+        &run_python_client(
+            READ_OURS,
+            &[
+                ("CELERY_BROKER_URL", "memory://"),
+                ("CELERY_RESULT_BACKEND", &url),
+                ("IDS", &ids_text),
+            ],
+        )
+        .await,
+    );
+    let okv = &out["ok"];
+    assert_eq!(okv["state"], "SUCCESS");
+    assert_eq!(okv["result"], json!({"sum": 5, "text": "ünï ✓"}));
+    assert_eq!(okv["name"], "tasks.add");
+    assert_eq!(okv["args"], json!([2, 3]));
+    assert_eq!(okv["kwargs"], json!({}));
+    assert_eq!(okv["worker"], "celeriac@test");
+    assert_eq!(okv["retries"], 0);
+    assert_eq!(okv["queue"], "celery");
+    assert_eq!(okv["children"], json!([id("m1")]));
+    let fail = &out["fail"];
+    assert_eq!(fail["type"], "ValueError", "{out}");
+    assert_eq!(fail["args"], json!(["bad input"]));
+    assert_eq!(fail["state"], "FAILURE");
+    assert_eq!(
+        fail["traceback"],
+        "Traceback (celeriac)\nValueError: bad input"
+    );
+    assert_eq!(
+        out["progress"],
+        json!({"state": "PROGRESS", "info": {"done": 3}, "ready": false})
+    );
+    assert_eq!(
+        out["group"],
+        json!({"ids": [id("m1"), id("m2")], "values": [1, "two"]})
+    );
+    assert_eq!(out["unknown"], "PENDING");
+}
+
+async fn we_read_theirs(server: Server) {
+    if !require_python() {
+        return;
+    }
+    let Some(b) = backend(server).await else {
+        return;
+    };
+    let members = [new_id(), new_id(), new_id()];
+    let ids = json!({
+        "ok": new_id(), "fail": new_id(), "progress": new_id(), "group": new_id(),
+        "members": members,
+    });
+    let ids_text = ids.to_string();
+    let url = server.db_url();
+    let out = stdout_json(
+        &run_python_client(
+            WRITE_THEIRS,
+            &[
+                ("CELERY_BROKER_URL", "memory://"),
+                ("CELERY_RESULT_BACKEND", &url),
+                ("IDS", &ids_text),
+            ],
+        )
+        .await,
+    );
+    assert_eq!(out, "ok");
+    let id = |k: &str| ids[k].as_str().unwrap().to_owned();
+
+    let ok = b.get(&id("ok")).await.unwrap().expect("their SUCCESS row");
+    assert_eq!(ok.status, TaskState::Success);
+    assert_eq!(ok.result, json!({"sum": 5, "text": "ünï ✓"}));
+    assert!(ok.date_done.is_some());
+    let waited = b
+        .wait(&id("ok"), Some(std::time::Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(waited, ok);
+
+    let fail = b
+        .get(&id("fail"))
+        .await
+        .unwrap()
+        .expect("their FAILURE row");
+    assert_eq!(fail.status, TaskState::Failure);
+    let e = fail.error().expect("an exception");
+    assert_eq!(e.exc_type, "KeyError");
+    assert_eq!(e.exc_module, "builtins");
+    assert_eq!(e.exc_args, vec![json!("missing")]);
+    assert_eq!(
+        e.traceback.as_deref(),
+        Some("Traceback (python)\nKeyError: 'missing'")
+    );
+
+    let progress = b
+        .get(&id("progress"))
+        .await
+        .unwrap()
+        .expect("their PROGRESS row");
+    assert_eq!(progress.status, TaskState::Custom("PROGRESS".into()));
+    assert_eq!(progress.result, json!({"done": 3}));
+
+    assert_eq!(
+        b.restore_group(&id("group")).await.unwrap(),
+        Some(members.to_vec()),
+        "the members of their saved group, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_reads_our_results_on_postgres() {
+    python_reads_ours(Server::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn we_read_python_results_on_postgres() {
+    we_read_theirs(Server::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_reads_our_results_on_mariadb() {
+    python_reads_ours(Server::Maria).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn we_read_python_results_on_mariadb() {
+    we_read_theirs(Server::Maria).await;
+}
