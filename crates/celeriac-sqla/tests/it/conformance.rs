@@ -1,8 +1,8 @@
 //! The backend and broker conformance suites on both servers.
 
-use celeriac_core::DynBackend;
+use celeriac_core::{DynBackend, DynBroker};
 
-use crate::util::{Server, dyn_backend};
+use crate::util::{Server, dyn_backend, dyn_broker};
 
 mod postgres {
     use super::*;
@@ -11,7 +11,12 @@ mod postgres {
         dyn_backend(Server::Postgres).await
     }
 
+    async fn broker() -> Option<DynBroker> {
+        dyn_broker(Server::Postgres).await
+    }
+
     celeriac_test::backend_conformance!(backend);
+    celeriac_test::broker_conformance!(broker);
 }
 
 mod mariadb {
@@ -21,5 +26,10 @@ mod mariadb {
         dyn_backend(Server::Maria).await
     }
 
+    async fn broker() -> Option<DynBroker> {
+        dyn_broker(Server::Maria).await
+    }
+
     celeriac_test::backend_conformance!(backend);
+    celeriac_test::broker_conformance!(broker);
 }

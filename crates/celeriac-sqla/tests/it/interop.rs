@@ -237,3 +237,164 @@ async fn python_reads_our_results_on_mariadb() {
 async fn we_read_python_results_on_mariadb() {
     we_read_theirs(Server::Maria).await;
 }
+
+// ===== sqla+: tasks through kombu's tables =====
+
+mod tasks {
+    use celeriac::TaskError;
+
+    /// `tasks.add(x, y)`, as in examples/python/tasks.py.
+    #[celeriac::task(name = "tasks.add")]
+    pub(crate) fn add(x: i64, y: i64) -> i64 {
+        x + y
+    }
+
+    /// `tasks.echo(value)`.
+    #[celeriac::task(name = "tasks.echo")]
+    pub(crate) fn echo(value: serde_json::Value) -> serde_json::Value {
+        value
+    }
+
+    /// `tasks.fail(message)`: fails with a ValueError.
+    #[celeriac::task(name = "tasks.fail")]
+    pub(crate) async fn fail(message: String) -> Result<(), TaskError> {
+        Err(TaskError::new("ValueError", message))
+    }
+}
+
+/// Sends through kombu's SQLAlchemy transport; reads through Celery's database backend.
+const PYTHON_SENDS: &str = r#"
+import json, os
+import tasks
+from celery import group
+
+app = tasks.app
+q = os.environ["QUEUE"]
+out = {}
+r = app.send_task("tasks.add", (2, 3), queue=q)
+out["add"] = r.get(timeout=30)
+out["worker"] = r.worker
+r = app.send_task("tasks.echo", ({"text": "ünï ✓", "n": [1, None]},), queue=q)
+out["echo"] = r.get(timeout=30)
+r = app.send_task("tasks.fail", ("boom",), queue=q)
+try:
+    r.get(timeout=30)
+    out["fail"] = "no exception"
+except Exception as e:
+    out["fail"] = {"type": type(e).__name__, "args": list(e.args), "state": r.state}
+g = group(app.signature("tasks.add", (i, i), queue=q) for i in range(5)).apply_async()
+g.save()
+out["group"] = g.get(timeout=30)
+print(json.dumps(out))
+"#;
+
+async fn our_app(server: Server) -> celeriac::App {
+    celeriac::App::builder()
+        .broker_url(server.sqla_url())
+        .result_backend(server.db_url())
+        .task::<tasks::add>()
+        .task::<tasks::echo>()
+        .task::<tasks::fail>()
+        .build()
+        .await
+        .expect("an app on sqla+ and db+")
+}
+
+async fn python_client_our_worker(server: Server) {
+    if !require_python() || !server.ready().await {
+        return;
+    }
+    let app = our_app(server).await;
+    let queue = celeriac_test::services::unique_queue("sqla-py-client");
+    let mut options = app.worker_options();
+    options.queues = vec![queue.clone()];
+    options.hostname = "celeriac-sqla@test".into();
+    let worker = app.worker(options);
+    let stop = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+
+    let out = stdout_json(
+        &run_python_client(
+            PYTHON_SENDS,
+            &[
+                ("CELERY_BROKER_URL", &server.sqla_url()),
+                ("CELERY_RESULT_BACKEND", &server.db_url()),
+                ("QUEUE", &queue),
+            ],
+        )
+        .await,
+    );
+    stop.warm();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), running).await;
+    assert_eq!(out["add"], 5, "{out}");
+    assert_eq!(out["worker"], "celeriac-sqla@test");
+    assert_eq!(out["echo"], json!({"text": "ünï ✓", "n": [1, null]}));
+    assert_eq!(
+        out["fail"],
+        json!({"type": "ValueError", "args": ["boom"], "state": "FAILURE"})
+    );
+    assert_eq!(out["group"], json!([0, 2, 4, 6, 8]));
+}
+
+async fn our_client_python_worker(server: Server) {
+    if !require_python() || !server.ready().await {
+        return;
+    }
+    let app = our_app(server).await;
+    let queue = celeriac_test::services::unique_queue("sqla-py-worker");
+    let py =
+        celeriac_test::python::PythonWorker::start(&server.sqla_url(), &server.db_url(), &[&queue])
+            .await;
+    let t = std::time::Duration::from_secs(30);
+    let sum = tasks::add::s(20, 22)
+        .queue(&queue)
+        .apply_async(&app)
+        .await
+        .expect("send tasks.add");
+    assert_eq!(sum.get_timeout(t).await.expect("tasks.add on python"), 42);
+    let meta = app.backend().get(sum.id()).await.unwrap().expect("a row");
+    assert_eq!(
+        meta.worker.as_deref(),
+        Some(py.node_name()),
+        "python ran it"
+    );
+    let echoed = tasks::echo::s(json!({"k": ["ü", 1.5]}))
+        .queue(&queue)
+        .apply_async(&app)
+        .await
+        .expect("send tasks.echo");
+    assert_eq!(
+        echoed.get_timeout(t).await.unwrap(),
+        json!({"k": ["ü", 1.5]})
+    );
+    let failed = tasks::fail::s("from rust".into())
+        .queue(&queue)
+        .apply_async(&app)
+        .await
+        .expect("send tasks.fail");
+    let err = failed.get_timeout(t).await.expect_err("tasks.fail fails");
+    let remote = err.remote().expect("the task's exception");
+    assert_eq!(remote.exc_type, "ValueError");
+    assert_eq!(remote.exc_args, vec![json!("from rust")]);
+    drop(py);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_runs_tasks_on_our_worker_via_postgres() {
+    python_client_our_worker(Server::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_client_runs_tasks_on_a_python_worker_via_postgres() {
+    our_client_python_worker(Server::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_runs_tasks_on_our_worker_via_mariadb() {
+    python_client_our_worker(Server::Maria).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_client_runs_tasks_on_a_python_worker_via_mariadb() {
+    our_client_python_worker(Server::Maria).await;
+}

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use celeriac_core::{Config, DynBackend};
-use celeriac_sqla::SqlaBackend;
+use celeriac_core::{Config, DynBackend, DynBroker};
+use celeriac_sqla::{SqlaBackend, SqlaBroker};
 use celeriac_test::services::require_service;
 use tokio::sync::OnceCell;
 
@@ -35,7 +35,6 @@ impl Server {
     }
 
     /// kombu's transport URL.
-    #[allow(dead_code)]
     pub(crate) fn sqla_url(self) -> String {
         match self {
             Server::Postgres => format!("sqla+postgresql://{}", self.location()),
@@ -124,4 +123,18 @@ pub(crate) async fn backend(server: Server) -> Option<SqlaBackend> {
 
 pub(crate) async fn dyn_backend(server: Server) -> Option<DynBackend> {
     backend(server).await.map(|b| Arc::new(b) as DynBackend)
+}
+pub(crate) async fn broker(server: Server) -> Option<SqlaBroker> {
+    if !server.ready().await {
+        return None;
+    }
+    Some(
+        SqlaBroker::connect(&server.sqla_url(), &config())
+            .await
+            .expect("open the sqla+ broker"),
+    )
+}
+
+pub(crate) async fn dyn_broker(server: Server) -> Option<DynBroker> {
+    broker(server).await.map(|b| Arc::new(b) as DynBroker)
 }
