@@ -13,7 +13,7 @@ use celeriac_core::{
 use chrono::{NaiveDateTime, TimeZone as _, Utc};
 use serde_json::{Map, Value, json};
 
-use crate::db::{Pool, is_unique_violation, map_err, now_naive, quote};
+use crate::db::{Pool, is_unique_violation, map_err, now_naive, quote, retry_deadlocks};
 use crate::schema::{self, Server, on_pool, sql};
 use crate::url::{self, Dialect};
 
@@ -907,7 +907,7 @@ impl ResultBackend for SqlaBackend {
         Box::pin(async move {
             self.check_open()?;
             self.maybe_sweep();
-            self.store_inner(meta).await
+            retry_deadlocks(|| self.store_inner(meta)).await
         })
     }
 
@@ -1011,36 +1011,39 @@ impl ResultBackend for SqlaBackend {
                 .and_then(|e| chrono::Duration::from_std(e).ok())
                 .map(|e| now + e);
             let what = |e| map_err(KIND, "cannot increment counter", e);
-            match &self.inner.pool {
-                #[cfg(feature = "postgres")]
-                Pool::Pg(p) => sqlx::query_scalar(sql(&self.inner.sql.incr))
-                    .bind(key)
-                    .bind(by)
-                    .bind(expires_at)
-                    .bind(now)
-                    .fetch_one(p)
-                    .await
-                    .map_err(what),
-                #[cfg(feature = "mysql")]
-                Pool::My(p) => {
-                    let mut tx = p.begin().await.map_err(what)?;
-                    sqlx::query(sql(&self.inner.sql.incr))
+            retry_deadlocks(|| async move {
+                match &self.inner.pool {
+                    #[cfg(feature = "postgres")]
+                    Pool::Pg(p) => sqlx::query_scalar(sql(&self.inner.sql.incr))
                         .bind(key)
                         .bind(by)
                         .bind(expires_at)
                         .bind(now)
-                        .execute(&mut *tx)
+                        .fetch_one(p)
                         .await
-                        .map_err(what)?;
-                    let v: i64 = sqlx::query_scalar(sql(&self.inner.sql.incr_read))
-                        .bind(key)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .map_err(what)?;
-                    tx.commit().await.map_err(what)?;
-                    Ok(v)
+                        .map_err(what),
+                    #[cfg(feature = "mysql")]
+                    Pool::My(p) => {
+                        let mut tx = p.begin().await.map_err(what)?;
+                        sqlx::query(sql(&self.inner.sql.incr))
+                            .bind(key)
+                            .bind(by)
+                            .bind(expires_at)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(what)?;
+                        let v: i64 = sqlx::query_scalar(sql(&self.inner.sql.incr_read))
+                            .bind(key)
+                            .fetch_one(&mut *tx)
+                            .await
+                            .map_err(what)?;
+                        tx.commit().await.map_err(what)?;
+                        Ok(v)
+                    }
                 }
-            }
+            })
+            .await
         })
     }
 

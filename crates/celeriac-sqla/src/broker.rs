@@ -41,7 +41,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::db::{Pool, is_unique_violation, map_err, quote};
+use crate::db::{Pool, is_unique_violation, map_err, quote, retry_deadlocks};
 use crate::schema::{self, Server, on_pool, sql};
 use crate::url::{self, Dialect};
 
@@ -485,6 +485,10 @@ struct Taken {
 impl SqlaBroker {
     /// Turns due leases and delays of `queue_ids` back into ready rows.
     async fn promote(&self, queue_ids: &[i32]) -> Result<u64> {
+        retry_deadlocks(|| self.promote_once(queue_ids)).await
+    }
+
+    async fn promote_once(&self, queue_ids: &[i32]) -> Result<u64> {
         let now = to_naive(Utc::now(), true);
         let s = &self.inner.sql;
         let what = |e| map_err(KIND, "cannot release expired leases", e);
@@ -515,6 +519,15 @@ impl SqlaBroker {
 
     /// Leases up to `n` ready rows of `queue_ids` until `until`.
     async fn fetch(&self, queue_ids: &[i32], n: usize, until: NaiveDateTime) -> Result<Vec<Taken>> {
+        retry_deadlocks(|| self.fetch_once(queue_ids, n, until)).await
+    }
+
+    async fn fetch_once(
+        &self,
+        queue_ids: &[i32],
+        n: usize,
+        until: NaiveDateTime,
+    ) -> Result<Vec<Taken>> {
         let s = &self.inner.sql;
         let what = |e| map_err(KIND, "cannot fetch messages", e);
         let limit = i64::try_from(n).unwrap_or(i64::MAX);
@@ -575,6 +588,10 @@ impl SqlaBroker {
 
     /// Runs a settle statement; returns whether the lease still held.
     async fn settle(&self, stmt: &str, binds: SettleBinds) -> Result<bool> {
+        retry_deadlocks(|| self.settle_once(stmt, binds)).await
+    }
+
+    async fn settle_once(&self, stmt: &str, binds: SettleBinds) -> Result<bool> {
         let what = |e| map_err(KIND, "cannot settle delivery", e);
         let n = on_pool!(&self.inner.pool, p => {
             let mut q = sqlx::query(sql(stmt));

@@ -41,6 +41,17 @@ impl Pool {
                 let pool = sqlx::mysql::MySqlPoolOptions::new()
                     .max_connections(size)
                     .acquire_timeout(Duration::from_secs(30))
+                    // InnoDB's default REPEATABLE READ takes gap locks on every range an
+                    // UPDATE or DELETE scans, which deadlocks concurrent consumers; READ
+                    // COMMITTED locks only the rows it changes.
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            use sqlx::Executor as _;
+                            conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                                .await
+                                .map(|_| ())
+                        })
+                    })
                     .connect(&url.connect)
                     .await
                     .map_err(|e| map_err(kind, &what, e))?;
@@ -121,4 +132,37 @@ pub(crate) fn quote(dialect: Dialect, schema: Option<&str>, name: &str) -> Strin
 /// Now, as the naive UTC time the `DateTime` columns hold.
 pub(crate) fn now_naive() -> chrono::NaiveDateTime {
     chrono::Utc::now().naive_utc()
+}
+
+/// Whether `e` is a deadlock or serialization failure, after which the statement can simply
+/// run again.
+pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if matches!(db.code().unwrap_or_default().as_ref(), "40001" | "40P01" | "1213"))
+}
+
+/// Runs `f` again (up to five times in all, a few milliseconds apart) while it fails with a
+/// deadlock or serialization failure of the database.
+pub(crate) async fn retry_deadlocks<T, F, Fut>(mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match f().await {
+            Err(e) if attempt < 4 && deadlocked(&e) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 2)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn deadlocked(e: &Error) -> bool {
+    use std::error::Error as _;
+    e.source()
+        .and_then(|s| s.downcast_ref::<sqlx::Error>())
+        .is_some_and(is_retryable)
 }

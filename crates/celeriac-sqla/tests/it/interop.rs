@@ -240,7 +240,7 @@ async fn we_read_python_results_on_mariadb() {
 
 // ===== sqla+: tasks through kombu's tables =====
 
-mod tasks {
+pub(crate) mod tasks {
     use celeriac::TaskError;
 
     /// `tasks.add(x, y)`, as in examples/python/tasks.py.
@@ -253,6 +253,12 @@ mod tasks {
     #[celeriac::task(name = "tasks.echo")]
     pub(crate) fn echo(value: serde_json::Value) -> serde_json::Value {
         value
+    }
+
+    /// `tasks.tsum(numbers)`: the sum of a chord's results.
+    #[celeriac::task(name = "tasks.tsum")]
+    pub(crate) fn tsum(numbers: Vec<i64>) -> i64 {
+        numbers.iter().sum()
     }
 
     /// `tasks.fail(message)`: fails with a ValueError.
@@ -288,13 +294,14 @@ out["group"] = g.get(timeout=30)
 print(json.dumps(out))
 "#;
 
-async fn our_app(server: Server) -> celeriac::App {
+pub(crate) async fn our_app(server: Server) -> celeriac::App {
     celeriac::App::builder()
         .broker_url(server.sqla_url())
         .result_backend(server.db_url())
         .task::<tasks::add>()
         .task::<tasks::echo>()
         .task::<tasks::fail>()
+        .task::<tasks::tsum>()
         .build()
         .await
         .expect("an app on sqla+ and db+")
@@ -397,4 +404,98 @@ async fn python_client_runs_tasks_on_our_worker_via_mariadb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_client_runs_tasks_on_a_python_worker_via_mariadb() {
     our_client_python_worker(Server::Maria).await;
+}
+
+// ===== tables Celery made, under the names of `database_table_names` =====
+
+/// Celery creates its tables (named by `database_table_names`, in the schema of
+/// `database_table_schemas` on PostgreSQL) and stores a result; then reads the one we stored
+/// in them.
+///
+/// On PostgreSQL the schema is needed: Celery names the `date_done` index after its default
+/// table name whatever the table is called, and PostgreSQL index names are per schema, so
+/// Celery cannot create a second, renamed table beside `celery_taskmeta` in one schema.
+const CELERY_TABLES: &str = r#"
+import json, os, sys
+import tasks
+from celery.result import AsyncResult
+
+app = tasks.app
+app.conf.database_table_names = {"task": os.environ["TASK_TABLE"], "group": os.environ["GROUP_TABLE"]}
+if os.environ.get("SCHEMA"):
+    app.conf.database_table_schemas = {"task": os.environ["SCHEMA"], "group": os.environ["SCHEMA"]}
+step = os.environ["STEP"]
+if step == "write":
+    app.backend.store_result(os.environ["ID"], [1, "two"], "SUCCESS")
+    print(json.dumps("ok"))
+else:
+    r = AsyncResult(os.environ["ID"], app=app)
+    print(json.dumps({"state": r.state, "result": r.get(timeout=10), "date_done": str(r.date_done)}))
+"#;
+
+async fn celery_made_tables(server: Server) {
+    if !require_python() || !server.ready().await {
+        return;
+    }
+    let suffix = &new_id().replace('-', "")[..12];
+    let task = format!("py_taskmeta_{suffix}");
+    let group = format!("py_tasksetmeta_{suffix}");
+    let theirs = new_id();
+    let url = server.db_url();
+    let schema = (server == Server::Postgres).then(|| format!("py_{suffix}"));
+    if let Some(s) = &schema {
+        crate::rows::exec(server, format!("CREATE SCHEMA {s}")).await;
+    }
+    let env = |step: &'static str, id: String| {
+        vec![
+            ("CELERY_BROKER_URL", "memory://".to_owned()),
+            ("CELERY_RESULT_BACKEND", url.clone()),
+            ("TASK_TABLE", task.clone()),
+            ("GROUP_TABLE", group.clone()),
+            ("STEP", step.to_owned()),
+            ("ID", id),
+            ("SCHEMA", schema.clone().unwrap_or_default()),
+        ]
+    };
+    let run = |vars: Vec<(&'static str, String)>| async move {
+        let pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        stdout_json(&run_python_client(CELERY_TABLES, &pairs).await)
+    };
+    assert_eq!(run(env("write", theirs.clone())).await, "ok");
+
+    let mut ours_url = format!("{url}?task_table={task}&group_table={group}");
+    if let Some(s) = &schema {
+        ours_url.push_str(&format!("&task_schema={s}&group_schema={s}"));
+    }
+    let b = celeriac_sqla::SqlaBackend::connect(&ours_url, &crate::util::config())
+        .await
+        .expect("open on Celery's tables");
+    let got = b.get(&theirs).await.unwrap().expect("their row");
+    assert_eq!(got.result, json!([1, "two"]));
+    let ours = new_id();
+    let mut meta = TaskMeta::success(&ours, json!({"ok": true}));
+    meta.worker = Some("celeriac@test".into());
+    assert!(b.store(&meta).await.unwrap());
+    let out = run(env("read", ours.clone())).await;
+    assert_eq!(out["state"], "SUCCESS", "{out}");
+    assert_eq!(out["result"], json!({"ok": true}));
+    b.close().await.unwrap();
+    match &schema {
+        Some(s) => crate::rows::exec(server, format!("DROP SCHEMA {s} CASCADE")).await,
+        None => {
+            for t in [&task, &group] {
+                crate::rows::exec(server, format!("DROP TABLE {t}")).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_made_tables_with_custom_names_on_postgres() {
+    celery_made_tables(Server::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_made_tables_with_custom_names_on_mariadb() {
+    celery_made_tables(Server::Maria).await;
 }
