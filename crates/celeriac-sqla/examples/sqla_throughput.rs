@@ -43,8 +43,14 @@ async fn main() -> celeriac_core::Result<()> {
         let count = n / publishers + usize::from(p < n % publishers);
         tasks.push(tokio::spawn(async move {
             for _ in 0..count {
-                let m = Message::new(Headers::new("bench.add", new_id()), &body, ContentType::Json)?;
-                broker.publish(&queue, &m, PublishOptions::default()).await?;
+                let m = Message::new(
+                    Headers::new("bench.add", new_id()),
+                    &body,
+                    ContentType::Json,
+                )?;
+                broker
+                    .publish(&queue, &m, PublishOptions::default())
+                    .await?;
             }
             Ok::<(), celeriac_core::Error>(())
         }));
@@ -54,7 +60,9 @@ async fn main() -> celeriac_core::Result<()> {
     for _ in 0..consumers {
         let (broker, taken, queue) = (broker.clone(), taken.clone(), queue.clone());
         workers.push(tokio::spawn(async move {
-            let mut c = broker.consume(&[queue], ConsumeOptions::new(prefetch)).await?;
+            let mut c = broker
+                .consume(&[queue], ConsumeOptions::new(prefetch))
+                .await?;
             let mut acks = tokio::task::JoinSet::new();
             while taken.fetch_add(1, Ordering::AcqRel) < n {
                 let d = c.next().await?.expect("open");
@@ -98,7 +106,9 @@ async fn main() -> celeriac_core::Result<()> {
         let (backend, ids) = (backend.clone(), ids.clone());
         tasks.push(tokio::spawn(async move {
             for id in ids.iter().skip(p).step_by(publishers) {
-                backend.store(&TaskMeta::success(id.clone(), 3.into())).await?;
+                backend
+                    .store(&TaskMeta::success(id.clone(), 3.into()))
+                    .await?;
             }
             Ok::<(), celeriac_core::Error>(())
         }));
