@@ -16,9 +16,10 @@ pub(crate) enum Pool {
 }
 
 /// How many connections a pool may open: the worker's concurrency and a few for its
-/// consumer, waits and sweeps.
+/// consumer, waits and sweeps, at most 16 (a store holds a connection for one statement, and
+/// PostgreSQL allows 100 connections in all by default).
 pub(crate) fn pool_size(config: &Config) -> u32 {
-    u32::try_from(config.worker.concurrency.clamp(1, 64)).unwrap_or(64) + 4
+    u32::try_from(config.worker.concurrency.clamp(1, 12)).unwrap_or(12) + 4
 }
 
 impl Pool {
