@@ -92,18 +92,25 @@ pub(crate) fn map_err(kind: ErrorKind, what: &str, e: sqlx::Error) -> Error {
             // 40001 serialization failure, 40P01 deadlock (PostgreSQL); 40001 / 1213 deadlock,
             // 1205 lock wait timeout (MySQL); 57P01 admin shutdown; 08xxx connection.
             let code = db.code().unwrap_or_default();
-            matches!(code.as_ref(), "40001" | "40P01" | "1213" | "1205" | "57P01")
+            matches!(code.as_ref(), "40001" | "40P01" | "57P01")
                 || code.starts_with("08")
+                || matches!(mysql_number(db.as_ref()), Some(1213 | 1205))
         }
         _ => false,
     };
     let hint = match &e {
-        sqlx::Error::Database(db) => match db.code().unwrap_or_default().as_ref() {
-            "28P01" | "28000" | "1045" => " (wrong user or password)",
-            "3D000" | "1049" => " (the database does not exist)",
-            "42501" | "1142" | "1044" => " (missing permission)",
-            _ => "",
-        },
+        sqlx::Error::Database(db) => {
+            match (
+                db.code().unwrap_or_default().as_ref(),
+                mysql_number(db.as_ref()),
+            ) {
+                ("28P01" | "28000", _) | (_, Some(1045)) => " (wrong user or password)",
+                ("3D000", _) | (_, Some(1049)) => " (the database does not exist)",
+                ("42501", _) | (_, Some(1142 | 1044 | 1227)) => " (missing permission)",
+                ("42P01", _) | (_, Some(1146)) => " (a table is missing)",
+                _ => "",
+            }
+        }
         _ => "",
     };
     let mut err = Error::new(kind, format!("{what}{hint}")).with_source(e);
@@ -111,6 +118,21 @@ pub(crate) fn map_err(kind: ErrorKind, what: &str, e: sqlx::Error) -> Error {
         err = err.transient();
     }
     err
+}
+
+/// MySQL's own error number (1213 deadlock, 1049 unknown database, ...), which its SQLSTATE
+/// does not tell apart.
+fn mysql_number(db: &dyn sqlx::error::DatabaseError) -> Option<u16> {
+    #[cfg(feature = "mysql")]
+    {
+        db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .map(sqlx::mysql::MySqlDatabaseError::number)
+    }
+    #[cfg(not(feature = "mysql"))]
+    {
+        let _ = db;
+        None
+    }
 }
 
 /// Whether `e` is a unique-key violation.
@@ -139,7 +161,8 @@ pub(crate) fn now_naive() -> chrono::NaiveDateTime {
 /// run again.
 pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db)
-        if matches!(db.code().unwrap_or_default().as_ref(), "40001" | "40P01" | "1213"))
+        if matches!(db.code().unwrap_or_default().as_ref(), "40001" | "40P01")
+            || mysql_number(db.as_ref()) == Some(1213))
 }
 
 /// Runs `f` again (up to five times in all, a few milliseconds apart) while it fails with a

@@ -232,3 +232,30 @@ async fn our_chords_complete_on_postgres() {
 async fn our_chords_complete_on_mariadb() {
     our_chords_complete(Server::Maria).await;
 }
+
+/// A missing database is named as such, and the password never shows.
+async fn missing_database_is_clear(server: Server) {
+    if !server.ready().await {
+        return;
+    }
+    let url = match server {
+        Server::Postgres => "db+postgresql://postgres:s3cret@127.0.0.1:5432/celeriac_no_such_db",
+        Server::Maria => "db+mysql://root:@127.0.0.1:3306/celeriac_no_such_db",
+    };
+    let e = SqlaBackend::connect(url, &config())
+        .await
+        .expect_err("no such database");
+    let text = format!("{e} {e:?}");
+    assert!(text.contains("the database does not exist"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_database_is_clear_on_postgres() {
+    missing_database_is_clear(Server::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_database_is_clear_on_mariadb() {
+    missing_database_is_clear(Server::Maria).await;
+}
