@@ -86,10 +86,8 @@ pub(crate) fn parse(url: &str, prefix: &str) -> Result<DbUrl> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if OWN_KEYS.contains(&k) {
             options.push((k.to_owned(), v.to_owned()));
-        } else if dialect == Dialect::MySql && k == "charset" {
-            // PyMySQL's `charset=utf8mb4` is sqlx's default; sqlx knows the key too.
-            kept.push(pair.to_owned());
         } else {
+            // The driver's own (sslmode, charset, ...): sqlx reads the keys it knows.
             kept.push(pair.to_owned());
         }
     }
