@@ -255,6 +255,13 @@ pub(crate) mod tasks {
         value
     }
 
+    /// `tasks.sleep(seconds)`: sleeps, returns the seconds.
+    #[celeriac::task(name = "tasks.sleep")]
+    pub(crate) async fn sleep(seconds: f64) -> f64 {
+        tokio::time::sleep(std::time::Duration::from_secs_f64(seconds)).await;
+        seconds
+    }
+
     /// `tasks.tsum(numbers)`: the sum of a chord's results.
     #[celeriac::task(name = "tasks.tsum")]
     pub(crate) fn tsum(numbers: Vec<i64>) -> i64 {
@@ -302,6 +309,7 @@ pub(crate) async fn our_app(server: Server) -> celeriac::App {
         .task::<tasks::echo>()
         .task::<tasks::fail>()
         .task::<tasks::tsum>()
+        .task::<tasks::sleep>()
         .build()
         .await
         .expect("an app on sqla+ and db+")
@@ -498,4 +506,66 @@ async fn celery_made_tables_with_custom_names_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn celery_made_tables_with_custom_names_on_mariadb() {
     celery_made_tables(Server::Maria).await;
+}
+
+// ===== one queue, a Python worker and ours =====
+
+async fn mixed_workers_share_a_queue(server: Server) {
+    if !require_python() || !server.ready().await {
+        return;
+    }
+    let app = our_app(server).await;
+    let queue = celeriac_test::services::unique_queue("sqla-mixed");
+    let py =
+        celeriac_test::python::PythonWorker::start(&server.sqla_url(), &server.db_url(), &[&queue])
+            .await;
+    // One task at a time, nothing prefetched beyond it: the Python worker gets its share.
+    let mut options = app.worker_options();
+    options.queues = vec![queue.clone()];
+    options.hostname = "celeriac-mixed@test".into();
+    options.concurrency = 1;
+    options.prefetch_buffer = 0;
+    let worker = app.worker(options);
+    let stop = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run());
+
+    let mut results = Vec::new();
+    for _ in 0..16 {
+        results.push(
+            tasks::sleep::s(0.4)
+                .queue(&queue)
+                .apply_async(&app)
+                .await
+                .expect("send"),
+        );
+    }
+    let t = std::time::Duration::from_secs(60);
+    let mut by_worker = std::collections::HashMap::<String, usize>::new();
+    for r in &results {
+        assert_eq!(r.get_timeout(t).await.expect("a result"), 0.4);
+        let meta = app.backend().get(r.id()).await.unwrap().expect("a row");
+        *by_worker
+            .entry(meta.worker.unwrap_or_default())
+            .or_default() += 1;
+    }
+    stop.warm();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), running).await;
+    let python = py.node_name().to_owned();
+    drop(py);
+    assert_eq!(by_worker.values().sum::<usize>(), 16, "{by_worker:?}");
+    assert!(
+        by_worker.get("celeriac-mixed@test").copied().unwrap_or(0) > 0
+            && by_worker.get(&python).copied().unwrap_or(0) > 0,
+        "both workers take tasks from the shared queue: {by_worker:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_our_workers_share_a_queue_on_postgres() {
+    mixed_workers_share_a_queue(Server::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_our_workers_share_a_queue_on_mariadb() {
+    mixed_workers_share_a_queue(Server::Maria).await;
 }
