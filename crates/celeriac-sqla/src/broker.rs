@@ -148,6 +148,8 @@ struct Inner {
     subsecond: bool,
     queue_ids: Mutex<HashMap<String, i32>>,
     published: Notify,
+    /// Acks, deleted together: every ack waiting at a moment is one statement.
+    acks: tokio::sync::mpsc::UnboundedSender<PendingAck>,
     closed: AtomicBool,
     closing: Notify,
 }
@@ -229,6 +231,12 @@ impl SqlaBroker {
             }
         };
         let sql = statements(server, &options, qseq, mseq);
+        let (acks, queued) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(ack_batches(
+            pool.clone(),
+            quote(server.dialect, None, &options.message_table),
+            queued,
+        ));
         Ok(SqlaBroker {
             inner: Arc::new(Inner {
                 pool,
@@ -238,6 +246,7 @@ impl SqlaBroker {
                 subsecond,
                 queue_ids: Mutex::new(HashMap::new()),
                 published: Notify::new(),
+                acks,
                 closed: AtomicBool::new(false),
                 closing: Notify::new(),
             }),
@@ -956,6 +965,82 @@ impl Drop for SqlaConsumer {
     }
 }
 
+/// An ack waiting for its batch.
+#[derive(Debug)]
+struct PendingAck {
+    id: i32,
+    token: i16,
+    done: tokio::sync::oneshot::Sender<Result<()>>,
+}
+
+/// Most acks deleted by one statement.
+const ACK_BATCH: usize = 256;
+
+/// Deletes acked rows: each round takes every ack queued at that moment (up to
+/// [`ACK_BATCH`]) and deletes their rows in one statement, each only while it still holds its
+/// lease version. Ends when the broker is dropped.
+async fn ack_batches(
+    pool: Pool,
+    table: String,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<PendingAck>,
+) {
+    let mut batch = Vec::with_capacity(ACK_BATCH);
+    while queued.recv_many(&mut batch, ACK_BATCH).await > 0 {
+        let ids: Vec<i32> = batch.iter().map(|a| a.id).collect();
+        let tokens: Vec<i16> = batch.iter().map(|a| a.token).collect();
+        let r = retry_deadlocks(|| delete_acked(&pool, &table, &ids, &tokens)).await;
+        match r {
+            Ok(n) => {
+                if (n as usize) < batch.len() {
+                    tracing::debug!(
+                        acked = batch.len(),
+                        deleted = n,
+                        "some acks came after their lease ran out"
+                    );
+                }
+                for a in batch.drain(..) {
+                    let _ = a.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                for a in batch.drain(..) {
+                    let _ = a.done.send(Err(Error::new(e.kind(), e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+async fn delete_acked(pool: &Pool, table: &str, ids: &[i32], tokens: &[i16]) -> Result<u64> {
+    let what = |e| map_err(KIND, "cannot ack", e);
+    match pool {
+        #[cfg(feature = "postgres")]
+        Pool::Pg(p) => {
+            let stmt = format!(
+                "DELETE FROM {table} WHERE (id, version) IN \
+                 (SELECT * FROM UNNEST($1::int4[], $2::int2[]))"
+            );
+            sqlx::query(sql(&stmt))
+                .bind(ids)
+                .bind(tokens)
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(what)
+        }
+        #[cfg(feature = "mysql")]
+        Pool::My(p) => {
+            let pairs = vec!["(?, ?)"; ids.len()].join(", ");
+            let stmt = format!("DELETE FROM {table} WHERE (id, version) IN ({pairs})");
+            let mut q = sqlx::query(sql(&stmt));
+            for (id, token) in ids.iter().zip(tokens) {
+                q = q.bind(id).bind(token);
+            }
+            q.execute(p).await.map(|r| r.rows_affected()).map_err(what)
+        }
+    }
+}
+
 /// Frees a prefetch slot once: on settle or when the delivery is dropped.
 #[derive(Debug)]
 struct HeldSlot {
@@ -1014,15 +1099,21 @@ impl SqlaAcker {
 impl Acker for SqlaAcker {
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let r = self
-                .broker
-                .settle(&self.broker.inner.sql.delete, self.binds())
-                .await;
+            let (done, answer) = tokio::sync::oneshot::channel();
+            let pending = PendingAck {
+                id: self.id,
+                token: self.token,
+                done,
+            };
+            let r = if self.broker.inner.acks.send(pending).is_ok() {
+                answer
+                    .await
+                    .unwrap_or_else(|_| Err(Error::closed("sqla broker")))
+            } else {
+                Err(Error::closed("sqla broker"))
+            };
             self.release();
-            if !r? {
-                self.lost("ack");
-            }
-            Ok(())
+            r
         })
     }
 
