@@ -111,6 +111,9 @@ impl SqlaBrokerOptions {
 
 #[derive(Debug)]
 struct Statements {
+    /// PostgreSQL: many rows from arrays; MySQL: the head, then `publish_row` per row.
+    publish_many: String,
+    publish_row: String,
     queue_id: String,
     queue_insert: String,
     queue_names: String,
@@ -150,6 +153,8 @@ struct Inner {
     published: Notify,
     /// Acks, deleted together: every ack waiting at a moment is one statement.
     acks: tokio::sync::mpsc::UnboundedSender<PendingAck>,
+    /// Publishes, inserted together the same way.
+    publishes: tokio::sync::mpsc::UnboundedSender<PendingPublish>,
     closed: AtomicBool,
     closing: Notify,
 }
@@ -231,6 +236,13 @@ impl SqlaBroker {
             }
         };
         let sql = statements(server, &options, qseq, mseq);
+        let (publishes, to_insert) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(publish_batches(
+            pool.clone(),
+            sql.publish_many.clone(),
+            sql.publish_row.clone(),
+            to_insert,
+        ));
         let (acks, queued) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(ack_batches(
             pool.clone(),
@@ -247,6 +259,7 @@ impl SqlaBroker {
                 queue_ids: Mutex::new(HashMap::new()),
                 published: Notify::new(),
                 acks,
+                publishes,
                 closed: AtomicBool::new(false),
                 closing: Notify::new(),
             }),
@@ -398,7 +411,16 @@ fn statements(server: Server, o: &SqlaBrokerOptions, qseq: bool, mseq: bool) -> 
         Dialect::Postgres => "(-version) / 2 + 1",
         Dialect::MySql => "(-version) DIV 2 + 1",
     };
+    let columns = format!("INSERT INTO {m} ({mid_col}visible, {ts}, payload, version, queue_id)");
     Statements {
+        publish_many: match d {
+            Dialect::Postgres => format!(
+                "{columns} SELECT {mid_val}v, t, p, n, q FROM UNNEST($1::bool[], \
+                 $2::timestamp[], $3::text[], $4::int2[], $5::int4[]) AS u(v, t, p, n, q)"
+            ),
+            Dialect::MySql => format!("{columns} VALUES "),
+        },
+        publish_row: format!("({mid_val}?, ?, ?, ?, ?)"),
         queue_id: format!("SELECT id FROM {queue} WHERE name = {}", p(1)),
         queue_insert: format!(
             "INSERT INTO {queue} ({qid_col}name) VALUES ({qid_val}{})",
@@ -659,17 +681,21 @@ impl Broker for SqlaBroker {
         Box::pin(async move {
             self.check_open()?;
             let qid = self.queue_id(queue).await?;
-            let (visible, at, payload, version) = self.row_for(queue, message, &options)?;
-            on_pool!(&self.inner.pool, p => sqlx::query(sql(&self.inner.sql.publish))
-                .bind(visible)
-                .bind(at)
-                .bind(payload)
-                .bind(version)
-                .bind(qid)
-                .execute(p)
+            let row = self.row_for(queue, message, &options)?;
+            let (done, answer) = tokio::sync::oneshot::channel();
+            let pending = PendingPublish {
+                row: (row.0, row.1, row.2, row.3, qid),
+                done,
+            };
+            if self.inner.publishes.send(pending).is_err() {
+                return Err(Error::closed("sqla broker"));
+            }
+            answer
                 .await
-                .map(|_| ()))
-            .map_err(|e| map_err(KIND, &format!("cannot publish to {queue}"), e))?;
+                .unwrap_or_else(|_| Err(Error::closed("sqla broker")))
+                .map_err(|e| {
+                    Error::new(e.kind(), format!("cannot publish to {queue}: {e}")).with_source(e)
+                })?;
             self.inner.published.notify_waiters();
             Ok(())
         })
@@ -965,6 +991,92 @@ impl Drop for SqlaConsumer {
     }
 }
 
+/// One batch's error for each of its callers: kind, message (with the cause) and whether it
+/// is transient.
+fn copy_error(e: &Error) -> Error {
+    let copy = Error::new(e.kind(), format!("{e:#}"));
+    if e.is_transient() {
+        copy.transient()
+    } else {
+        copy
+    }
+}
+
+/// A row to insert: visible, timestamp, payload, version, queue id.
+type Row = (bool, Option<NaiveDateTime>, String, i16, i32);
+
+/// A publish waiting for its batch.
+#[derive(Debug)]
+struct PendingPublish {
+    row: Row,
+    done: tokio::sync::oneshot::Sender<Result<()>>,
+}
+
+/// Inserts published rows: each round takes every publish queued at that moment (up to
+/// [`ACK_BATCH`]) and inserts them with one statement (one commit). When that fails, each row
+/// is tried alone, so one bad row fails only its own publish. Ends when the broker is dropped.
+async fn publish_batches(
+    pool: Pool,
+    many: String,
+    row_sql: String,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<PendingPublish>,
+) {
+    let mut batch = Vec::with_capacity(ACK_BATCH);
+    while queued.recv_many(&mut batch, ACK_BATCH).await > 0 {
+        let rows: Vec<&Row> = batch.iter().map(|p| &p.row).collect();
+        let all = retry_deadlocks(|| insert_rows(&pool, &many, &row_sql, &rows)).await;
+        if all.is_ok() || batch.len() == 1 {
+            for p in batch.drain(..) {
+                let r = match &all {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(copy_error(e)),
+                };
+                let _ = p.done.send(r);
+            }
+            continue;
+        }
+        for p in batch.drain(..) {
+            let one = [&p.row];
+            let r = retry_deadlocks(|| insert_rows(&pool, &many, &row_sql, &one)).await;
+            let _ = p.done.send(r);
+        }
+    }
+}
+
+async fn insert_rows(pool: &Pool, many: &str, row_sql: &str, rows: &[&Row]) -> Result<()> {
+    let what = |e| map_err(KIND, "cannot insert messages", e);
+    match pool {
+        #[cfg(feature = "postgres")]
+        Pool::Pg(p) => {
+            let _ = row_sql;
+            let visible: Vec<bool> = rows.iter().map(|r| r.0).collect();
+            let at: Vec<Option<NaiveDateTime>> = rows.iter().map(|r| r.1).collect();
+            let payload: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+            let version: Vec<i16> = rows.iter().map(|r| r.3).collect();
+            let queue: Vec<i32> = rows.iter().map(|r| r.4).collect();
+            sqlx::query(sql(many))
+                .bind(visible)
+                .bind(at)
+                .bind(payload)
+                .bind(version)
+                .bind(queue)
+                .execute(p)
+                .await
+                .map(|_| ())
+                .map_err(what)
+        }
+        #[cfg(feature = "mysql")]
+        Pool::My(p) => {
+            let stmt = format!("{many}{}", vec![row_sql; rows.len()].join(", "));
+            let mut q = sqlx::query(sql(&stmt));
+            for r in rows {
+                q = q.bind(r.0).bind(r.1).bind(r.2.as_str()).bind(r.3).bind(r.4);
+            }
+            q.execute(p).await.map(|_| ()).map_err(what)
+        }
+    }
+}
+
 /// An ack waiting for its batch.
 #[derive(Debug)]
 struct PendingAck {
@@ -1004,7 +1116,7 @@ async fn ack_batches(
             }
             Err(e) => {
                 for a in batch.drain(..) {
-                    let _ = a.done.send(Err(Error::new(e.kind(), e.to_string())));
+                    let _ = a.done.send(Err(copy_error(&e)));
                 }
             }
         }
