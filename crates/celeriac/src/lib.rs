@@ -60,6 +60,10 @@
 //! - `redis`: the Redis broker, result backend and beat store, `redis://host:6379/0`.
 //! - `amqp`: the RabbitMQ broker, `amqp://guest:guest@localhost:5672//`, and the `rpc://`
 //!   result backend.
+//! - `sqla`: Celery's own SQL layouts on PostgreSQL and MariaDB/MySQL, shared with Python
+//!   Celery: its database result backend, `db+postgresql://…` / `db+mysql://…`, and kombu's
+//!   SQLAlchemy transport as a broker, `sqla+postgresql://…` / `sqla+mysql://…`. See
+//!   docs/celery-sql.md.
 //! - `worker` (default): [`App::worker`].
 //! - `beat` (default): periodic tasks, [`beat`]; `beat` and `worker -B` in the CLI.
 //! - `cli` (default): [`cli::run`].
