@@ -1,7 +1,8 @@
 //! `celeriac-bench`: celeriac against Python Celery on the same broker, same machine, same run.
 //!
 //! For each broker present (embedded SQLite, Redis on 127.0.0.1:6379, RabbitMQ on
-//! 127.0.0.1:5672, MariaDB/MySQL on 127.0.0.1:3306) it measures enqueue
+//! 127.0.0.1:5672, MariaDB/MySQL on 127.0.0.1:3306, and as `sqla` kombu's SQLAlchemy transport with Celery's database result
+//! backend on the PostgreSQL at 127.0.0.1:5432, at bounded sizes) it measures enqueue
 //! rates, end-to-end throughput with and without stored results, round-trip latency, worker
 //! memory (idle, peak while draining, with many delayed tasks waiting) and scaling over worker
 //! processes and queue sizes; then the same workloads with Python Celery's client and worker
@@ -46,8 +47,12 @@ struct Args {
     /// Skips Python Celery.
     #[arg(long)]
     no_python: bool,
-    /// Brokers to measure, comma separated (sqlite, redis, amqp, mysql).
-    #[arg(long, value_delimiter = ',', default_value = "sqlite,redis,amqp,mysql")]
+    /// Brokers to measure, comma separated (sqlite, redis, amqp, mysql, sqla).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "sqlite,redis,amqp,mysql,sqla"
+    )]
     brokers: Vec<String>,
     /// Overrides the queue sizes of the scaling run, comma separated (e.g. 10000,1000000).
     #[arg(long, value_delimiter = ',')]
@@ -88,6 +93,22 @@ pub(crate) struct Sizes {
 }
 
 impl Sizes {
+    /// Smaller sizes for kombu's SQL transport and Celery's database backend (`sqla`), which
+    /// poll a table: bounded so that a full run stays minutes, not hours.
+    fn bounded_for_sql(&self) -> Sizes {
+        let n = self.n.min(5_000);
+        Sizes {
+            n,
+            latency: self.latency.min(200),
+            delayed: self.delayed.min(5_000),
+            scale: vec![n],
+            runs: 1,
+            py_n: self.py_n.min(1_000),
+            py_latency: self.py_latency.min(50),
+            py_delayed: self.py_delayed.min(1_000),
+        }
+    }
+
     fn from_args(a: &Args) -> Sizes {
         let mut s = if a.quick {
             Sizes {
@@ -215,9 +236,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ours::run_all(&target, &sizes, &mut report).await?;
                 report.note(
                     "SQLite, Python side: n/a. Celery has no embedded broker like ours; kombu's \
-                     `sqla+sqlite` transport needs SQLAlchemy, which is not in the pinned venv \
-                     (examples/python/requirements.txt), and it polls the table once per second, \
-                     so it is not a comparable durable queue.",
+                     `sqla+sqlite` transport polls the table once per second and never \
+                     redelivers, so it is not a comparable durable queue (its PostgreSQL twin \
+                     is measured as `sqla`).",
                 );
                 let _ = std::fs::remove_dir_all(&dir);
             }
@@ -298,7 +319,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
                      own SQL layouts (db+mysql, sqla+mysql) belong to the celeriac-sqla crate.",
                 );
             }
-            other => anyhow::bail!("unknown broker {other} (known: sqlite, redis, amqp, mysql)"),
+            "sqla" => {
+                if !ours::reachable("127.0.0.1:5432").await {
+                    report.note("sqla: skipped, no PostgreSQL listens on 127.0.0.1:5432.");
+                    continue;
+                }
+                // kombu's tables and Celery's result tables in PostgreSQL's `test` database.
+                let location = "postgres@127.0.0.1:5432/test";
+                let mut target = ours::Target::new("sqla", format!("sqla+postgresql://{location}"));
+                target.backend = format!("db+postgresql://{location}");
+                if let Some(n) = args.latency_only {
+                    ours::latency_only(&target, n, &mut report).await?;
+                    continue;
+                }
+                let bounded = sizes.bounded_for_sql();
+                ours::run_all(&target, &bounded, &mut report).await?;
+                report.note(&format!(
+                    "sqla: kombu's SQLAlchemy transport (`sqla+postgresql://`) and Celery's \
+                     database result backend (`db+postgresql://`) on the local PostgreSQL, both \
+                     sides; bounded sizes (ours N = {}, Celery N = {}, {} delayed, one run). \
+                     Celery polls each queue once a second and its result reads every 0.5 s.",
+                    bounded.n, bounded.py_n, bounded.delayed
+                ));
+                if let Some(p) = &python {
+                    let urls = python::Urls {
+                        broker: format!("sqla+postgresql://{location}"),
+                        backend: format!("db+postgresql://{location}"),
+                    };
+                    p.run_all("sqla", &urls, &bounded, &mut report).await?;
+                }
+            }
+            other => {
+                anyhow::bail!("unknown broker {other} (known: sqlite, redis, amqp, mysql, sqla)")
+            }
         }
     }
     let table = report.text();

@@ -800,7 +800,8 @@ pub struct PreparedSend {
 
 /// The drivers compiled in (brokers, result backends and beat stores): `memory://` always,
 /// `sqlite://` with the `sqlite` feature, `redis://` with the `redis` feature,
-/// `cache+memcached://` (result backend only) with the `memcached` feature.
+/// `cache+memcached://` (result backend only) with the `memcached` feature, Celery's
+/// `db+…` backends and `sqla+…` brokers with the `sqla` feature.
 pub fn default_drivers() -> Drivers {
     #[allow(unused_mut)]
     let mut d = Drivers::new();
@@ -814,6 +815,8 @@ pub fn default_drivers() -> Drivers {
     celeriac_memcached::register(&mut d);
     #[cfg(feature = "mysql")]
     celeriac_mysql::register(&mut d);
+    #[cfg(feature = "sqla")]
+    celeriac_sqla::register(&mut d);
     d
 }
 

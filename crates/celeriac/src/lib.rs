@@ -65,6 +65,10 @@
 //! - `mysql`: the MariaDB/MySQL broker, result backend and beat store,
 //!   `mysql://user:password@host:3306/database` (or `mariadb://`), and transactional enqueue,
 //!   `celeriac::mysql::send_in`. See docs/mysql.md.
+//! - `sqla`: Celery's own SQL layouts on PostgreSQL and MariaDB/MySQL, shared with Python
+//!   Celery: its database result backend, `db+postgresql://…` / `db+mysql://…`, and kombu's
+//!   SQLAlchemy transport as a broker, `sqla+postgresql://…` / `sqla+mysql://…`. See
+//!   docs/celery-sql.md.
 //! - `worker` (default): [`App::worker`].
 //! - `beat` (default): periodic tasks, [`beat`]; `beat` and `worker -B` in the CLI.
 //! - `cli` (default): [`cli::run`].
