@@ -852,6 +852,48 @@ async fn run_subscriber(
     }
 }
 
+impl RedisBackend {
+    /// Runs a coordination script on the key `celeriac-coord-<kind>-<key>` (under the
+    /// backend's prefix) with `args`; `once` for steps that must not run twice after a lost
+    /// reply.
+    async fn coord<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        script: &redis::Script,
+        (kind, key): (&str, &str),
+        args: &[&str],
+        once: bool,
+    ) -> Result<T> {
+        self.check_open()?;
+        let key = self
+            .inner
+            .keys
+            .counter(&format!("celeriac-coord-{kind}-{key}"));
+        let invocation = || {
+            let mut inv = script.prepare_invoke();
+            inv.key(&key);
+            for a in args {
+                inv.arg(a);
+            }
+            inv
+        };
+        let redis = &self.inner.redis;
+        if once {
+            let inv = invocation();
+            redis
+                .run_once(what, |mut c| async move { inv.invoke_async(&mut c).await })
+                .await
+        } else {
+            redis
+                .run(what, |mut c| {
+                    let inv = invocation();
+                    async move { inv.invoke_async(&mut c).await }
+                })
+                .await
+        }
+    }
+}
+
 /// Cluster rate limits, unique-task locks and concurrency slots, each one Lua script on the
 /// server (atomic, on the server's clock), under the backend's key prefix with a
 /// `celeriac-coord-` stem.
@@ -862,21 +904,16 @@ impl celeriac_core::coord::Coordination for RedisBackend {
         limit: celeriac_core::RateLimit,
     ) -> BoxFuture<'a, Result<Duration>> {
         Box::pin(async move {
-            self.check_open()?;
-            let key = self
-                .inner
-                .keys
-                .counter(&format!("celeriac-coord-rate-{key}"));
             let interval = celeriac_core::coord::gcra_interval(limit);
             // Not retried after a lost reply: the budget may have been taken.
             let wait: u64 = self
-                .inner
-                .redis
-                .run_once("throttle on redis", |mut c| {
-                    let mut inv = scripts::COORD_THROTTLE.prepare_invoke();
-                    inv.key(&key).arg(interval);
-                    async move { inv.invoke_async(&mut c).await }
-                })
+                .coord(
+                    "throttle on redis",
+                    &scripts::COORD_THROTTLE,
+                    ("rate", key),
+                    &[&interval.to_string()],
+                    true,
+                )
                 .await?;
             Ok(Duration::from_micros(wait))
         })
@@ -889,39 +926,29 @@ impl celeriac_core::coord::Coordination for RedisBackend {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<String>> {
         Box::pin(async move {
-            self.check_open()?;
-            let key = self
-                .inner
-                .keys
-                .counter(&format!("celeriac-coord-lock-{key}"));
             let ms = ttl.as_millis().max(1) as u64;
             // Retried: taking it again as the same holder is the same step.
-            self.inner
-                .redis
-                .run("take a redis lock", |mut c| {
-                    let mut inv = scripts::COORD_LOCK.prepare_invoke();
-                    inv.key(&key).arg(holder).arg(ms);
-                    async move { inv.invoke_async(&mut c).await }
-                })
-                .await
+            self.coord(
+                "take a redis lock",
+                &scripts::COORD_LOCK,
+                ("lock", key),
+                &[holder, &ms.to_string()],
+                false,
+            )
+            .await
         })
     }
 
     fn unlock<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
-            self.check_open()?;
-            let key = self
-                .inner
-                .keys
-                .counter(&format!("celeriac-coord-lock-{key}"));
             let n: i64 = self
-                .inner
-                .redis
-                .run("release a redis lock", |mut c| {
-                    let mut inv = scripts::COORD_UNLOCK.prepare_invoke();
-                    inv.key(&key).arg(holder);
-                    async move { inv.invoke_async(&mut c).await }
-                })
+                .coord(
+                    "release a redis lock",
+                    &scripts::COORD_UNLOCK,
+                    ("lock", key),
+                    &[holder],
+                    false,
+                )
                 .await?;
             Ok(n == 1)
         })
@@ -935,20 +962,15 @@ impl celeriac_core::coord::Coordination for RedisBackend {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
-            self.check_open()?;
-            let key = self
-                .inner
-                .keys
-                .counter(&format!("celeriac-coord-slots-{key}"));
             let ms = ttl.as_millis().max(1) as u64;
             let n: i64 = self
-                .inner
-                .redis
-                .run("take a redis slot", |mut c| {
-                    let mut inv = scripts::COORD_ACQUIRE.prepare_invoke();
-                    inv.key(&key).arg(holder).arg(limit).arg(ms);
-                    async move { inv.invoke_async(&mut c).await }
-                })
+                .coord(
+                    "take a redis slot",
+                    &scripts::COORD_ACQUIRE,
+                    ("slots", key),
+                    &[holder, &limit.to_string(), &ms.to_string()],
+                    false,
+                )
                 .await?;
             Ok(n == 1)
         })
@@ -956,19 +978,14 @@ impl celeriac_core::coord::Coordination for RedisBackend {
 
     fn release<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.check_open()?;
-            let key = self
-                .inner
-                .keys
-                .counter(&format!("celeriac-coord-slots-{key}"));
             let _: i64 = self
-                .inner
-                .redis
-                .run("release a redis slot", |mut c| {
-                    let mut cmd = redis::cmd("ZREM");
-                    cmd.arg(&key).arg(holder);
-                    async move { cmd.query_async(&mut c).await }
-                })
+                .coord(
+                    "release a redis slot",
+                    &scripts::COORD_RELEASE,
+                    ("slots", key),
+                    &[holder],
+                    false,
+                )
                 .await?;
             Ok(())
         })

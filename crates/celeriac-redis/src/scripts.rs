@@ -576,3 +576,7 @@ return 0
 "#,
     )
 });
+
+/// Frees a holder's slot. KEYS: the set. ARGV: holder. Returns 1 when it had one.
+pub(crate) static COORD_RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new("return redis.call('ZREM', KEYS[1], ARGV[1])"));
