@@ -102,7 +102,7 @@ pub struct TaskOptions {
     /// [`coord::unique_key`](crate::coord::unique_key): the name and every argument.
     pub unique_key: Option<UniqueKeyFn>,
     /// For a unique task: a send while an equal call is pending fails (kind
-    /// [`ErrorKind::Duplicate`](crate::ErrorKind::Duplicate), naming the pending id) instead of
+    /// [`ErrorKind::Duplicate`], naming the pending id) instead of
     /// returning the pending call's id. Default false.
     pub unique_raise: bool,
     /// Across the whole cluster, at most this many of this task run at once; the others wait,

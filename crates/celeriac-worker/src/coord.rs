@@ -10,15 +10,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use celeriac_core::coord::Coordination;
+use celeriac_core::coord::{Coordination, UNIQUE_HEADER};
 use celeriac_core::{BoxFuture, DynBackend, RateLimitScope, Registry};
 
 use crate::pipeline::{Layer, Next, Outcome, Request};
 use crate::ratelimit::RateLimiter;
 use crate::schedule::handed_back;
 use crate::shutdown::{Phase, PhaseWatch};
-
-pub use celeriac_core::coord::UNIQUE_HEADER;
 
 /// How long a concurrency slot is leased before it must be renewed; a crashed worker's slot
 /// frees itself after this.

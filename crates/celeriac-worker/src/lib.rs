@@ -73,7 +73,7 @@ mod autoscale;
 mod builtins;
 mod canvas;
 mod control;
-pub mod coord;
+mod coord;
 pub mod dead;
 mod events;
 mod execute;
