@@ -1,0 +1,272 @@
+//! The connection side shared by the broker, the backend and the beat store: the pool, the
+//! schema, the LISTEN connection and what it wakes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use celeriac_core::{Error, ErrorKind, Result};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use tokio::sync::{Notify, OnceCell, watch};
+
+use crate::options::{PgOptions, db_error};
+use crate::schema;
+
+/// Milliseconds since the Unix epoch, by this process's clock.
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Milliseconds of a duration, saturating.
+pub(crate) fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// One pool, its schema, and the notifications it listens to.
+#[derive(Debug)]
+pub(crate) struct Store {
+    pub(crate) pool: PgPool,
+    pub(crate) options: PgOptions,
+    /// `"schema".` to put before table names.
+    pub(crate) s: String,
+    pub(crate) kind: ErrorKind,
+    pub(crate) closed: AtomicBool,
+    pub(crate) close_notify: Notify,
+    pub(crate) hub: Hub,
+    listener: OnceCell<ListenerTask>,
+}
+
+/// The notification channels of one schema (channels are database-wide).
+pub(crate) fn channel(schema: &str, what: &str) -> String {
+    format!("celeriac.{schema}.{what}")
+}
+
+impl Store {
+    /// Connects, checks the credentials and the database at once, and creates the schema if
+    /// missing.
+    pub(crate) async fn open(options: PgOptions, kind: ErrorKind, what: &str) -> Result<Arc<Self>> {
+        let pool = PgPoolOptions::new()
+            .max_connections(options.pool_size())
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(options.connect_options().clone());
+        let mut conn = pool.acquire().await.map_err(|e| {
+            db_error(
+                kind,
+                &format!(
+                    "cannot connect the postgres {what} to {}",
+                    options.redacted_url()
+                ),
+                e,
+            )
+        })?;
+        schema::create(&mut conn, options.schema())
+            .await
+            .map_err(|e| {
+                db_error(
+                    kind,
+                    &format!(
+                        "cannot create the celeriac tables in schema {:?} of {}",
+                        options.schema(),
+                        options.redacted_url()
+                    ),
+                    e,
+                )
+            })?;
+        drop(conn);
+        let s = format!("\"{}\".", options.schema());
+        let hub = Hub::new(options.schema());
+        Ok(Arc::new(Store {
+            pool,
+            options,
+            s,
+            kind,
+            closed: AtomicBool::new(false),
+            close_notify: Notify::new(),
+            hub,
+            listener: OnceCell::new(),
+        }))
+    }
+
+    pub(crate) fn check_open(&self, what: &str) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::closed(what))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// A database error of this store's kind.
+    pub(crate) fn err(&self, what: &str, e: sqlx::Error) -> Error {
+        db_error(self.kind, what, e)
+    }
+
+    /// Starts the LISTEN connection if it is not running; returns once it listens, so a
+    /// notification sent after this returns is seen.
+    pub(crate) async fn listen(&self) -> Result<()> {
+        self.listener
+            .get_or_try_init(|| ListenerTask::start(&self.pool, &self.hub))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err("cannot listen for postgres notifications", e))
+    }
+
+    /// Closes: waiters end, later calls fail with `Closed`, connections are closed in the
+    /// background.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.close_notify.notify_waiters();
+        self.hub.wake_all();
+        if let Some(l) = self.listener.get() {
+            l.0.abort();
+        }
+        let pool = self.pool.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { pool.close().await });
+        }
+    }
+
+    /// SQL with `{s}` replaced by the quoted schema and a dot.
+    pub(crate) fn sql(&self, template: &str) -> String {
+        template.replace("{s}", &self.s)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(l) = self.listener.get() {
+            l.0.abort();
+        }
+    }
+}
+
+/// What notifications wake: consumers (a queue changed), inboxes (a broadcast row), result
+/// waiters (by task id).
+#[derive(Debug, Clone)]
+pub(crate) struct Hub {
+    pub(crate) queue_ch: String,
+    pub(crate) result_ch: String,
+    pub(crate) broadcast_ch: String,
+    pub(crate) queues: watch::Sender<u64>,
+    pub(crate) broadcast: watch::Sender<u64>,
+    results: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+}
+
+impl Hub {
+    fn new(schema: &str) -> Self {
+        Hub {
+            queue_ch: channel(schema, "queue"),
+            result_ch: channel(schema, "result"),
+            broadcast_ch: channel(schema, "broadcast"),
+            queues: watch::Sender::new(0),
+            broadcast: watch::Sender::new(0),
+            results: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Wakes everyone: after the listening connection was lost, notifications may have been
+    /// missed.
+    pub(crate) fn wake_all(&self) {
+        self.queues.send_modify(|n| *n += 1);
+        self.broadcast.send_modify(|n| *n += 1);
+        let map = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        for n in map.values() {
+            n.notify_waiters();
+        }
+    }
+
+    fn result_ready(&self, task_id: &str) {
+        let map = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get(task_id) {
+            n.notify_waiters();
+        }
+    }
+
+    /// A waiter for `task_id`'s notification; unregistered when dropped.
+    pub(crate) fn result_waiter(&self, task_id: &str) -> ResultWaiter<'_> {
+        let mut map = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        let notify = map.entry(task_id.to_owned()).or_default().clone();
+        ResultWaiter {
+            hub: self,
+            task_id: task_id.to_owned(),
+            notify,
+        }
+    }
+}
+
+/// A registration for one task id's result notification.
+#[derive(Debug)]
+pub(crate) struct ResultWaiter<'a> {
+    hub: &'a Hub,
+    task_id: String,
+    pub(crate) notify: Arc<Notify>,
+}
+
+impl Drop for ResultWaiter<'_> {
+    fn drop(&mut self) {
+        let mut map = self.hub.results.lock().unwrap_or_else(|e| e.into_inner());
+        // Two references: the map's and ours; others still wait otherwise.
+        if Arc::strong_count(&self.notify) <= 2 {
+            map.remove(&self.task_id);
+        }
+    }
+}
+
+/// The task reading the LISTEN connection.
+#[derive(Debug)]
+struct ListenerTask(tokio::task::AbortHandle);
+
+impl ListenerTask {
+    async fn start(pool: &PgPool, hub: &Hub) -> std::result::Result<Self, sqlx::Error> {
+        // A pool of its own (one connection, never timed out), so the listener never takes a
+        // connection from the working pool and reconnects on its own.
+        let lpool = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let mut listener = PgListener::connect_with(&lpool).await?;
+        listener
+            .listen_all([
+                hub.queue_ch.as_str(),
+                hub.result_ch.as_str(),
+                hub.broadcast_ch.as_str(),
+            ])
+            .await?;
+        let hub = hub.clone();
+        let task = tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(n)) => {
+                        backoff = Duration::from_millis(50);
+                        let ch = n.channel();
+                        if ch == hub.queue_ch {
+                            hub.queues.send_modify(|g| *g += 1);
+                        } else if ch == hub.result_ch {
+                            hub.result_ready(n.payload());
+                        } else if ch == hub.broadcast_ch {
+                            hub.broadcast.send_modify(|g| *g += 1);
+                        }
+                    }
+                    Ok(None) => {
+                        tracing::warn!("postgres listening connection lost; reconnected");
+                        hub.wake_all();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "postgres listening connection failed; retrying");
+                        hub.wake_all();
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+        Ok(ListenerTask(task.abort_handle()))
+    }
+}

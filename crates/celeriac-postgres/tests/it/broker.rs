@@ -1,0 +1,1 @@
+//! Broker behaviour beyond the conformance suite.

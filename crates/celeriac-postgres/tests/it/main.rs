@@ -1,0 +1,12 @@
+//! The integration tests of celeriac-postgres: one binary, one module per area. They need the
+//! PostgreSQL server at 127.0.0.1:5432 (user postgres, database test) and skip with a notice
+//! without it (fail instead under CELERIAC_REQUIRE_SERVICES=1).
+
+// The generic conformance suites of celeriac-test (broker, broadcast, backend, beat store).
+mod conformance;
+// Fencing, redelivery counts, dead letters through a worker.
+mod broker;
+// Clear errors: wrong password, missing database, missing permission, bad URLs.
+mod errors;
+// Shared helpers.
+mod util;
