@@ -137,6 +137,49 @@ impl App {
             .unwrap_or_else(|| self.inner.config.default_queue.clone())
     }
 
+    /// Builds the message `sig` would be published as by
+    /// [`Signature::apply_async`](crate::Signature::apply_async), without publishing it: the
+    /// queue (the task's, the routes', or the default), the message (options, ids, eta,
+    /// signature under serializer `auth`) and the publish options (priority, and the
+    /// not-before time when the broker holds delays).
+    ///
+    /// For drivers that write the message themselves, in a transaction of the caller's
+    /// (`celeriac::postgres::send_in`). Composite signatures (chains, groups, chords) are
+    /// refused: they are several messages.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> celeriac::Result<()> {
+    /// let app = celeriac::App::builder().broker_url("memory://").build().await?;
+    /// let sig = celeriac::Signature::<i64>::new("tasks.add").arg(1).arg(2);
+    /// let prepared = app.prepare_send(&sig)?;
+    /// assert_eq!(prepared.queue, "celery");
+    /// assert_eq!(prepared.message.task(), "tasks.add");
+    /// assert_eq!(app.broker().stats("celery").await?.ready, 0); // nothing was sent
+    /// # Ok(()) }
+    /// ```
+    pub fn prepare_send<O>(&self, sig: &Signature<O>) -> Result<PreparedSend> {
+        if sig.is_composite() {
+            return Err(Error::protocol(format!(
+                "a composite signature ({}) is several messages and cannot be prepared as one",
+                sig.task
+            )));
+        }
+        if let Some(e) = &sig.encode_error {
+            return Err(Error::protocol(e.clone()));
+        }
+        let task_options = sig
+            .registered_options()
+            .unwrap_or_else(|| self.registered_options(&sig.task));
+        let sender = self.sender();
+        let (queue, message, options) = self.prepare(sig.call(), &task_options, None, &sender)?;
+        Ok(PreparedSend {
+            queue,
+            message,
+            options,
+        })
+    }
+
     /// Builds and publishes the message for `sig`; returns the task id.
     pub(crate) async fn send_signature<O>(&self, sig: &Signature<O>) -> Result<String> {
         if let Some(e) = &sig.encode_error {
@@ -679,6 +722,18 @@ where
     }
 }
 
+/// A task message built by [`App::prepare_send`] and not yet published.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PreparedSend {
+    /// The queue it goes to.
+    pub queue: String,
+    /// The message.
+    pub message: celeriac_core::Message,
+    /// How to publish it.
+    pub options: PublishOptions,
+}
+
 /// The drivers compiled in (brokers, result backends and beat stores): `memory://` always,
 /// `sqlite://` with the `sqlite` feature, `redis://` with the `redis` feature.
 pub fn default_drivers() -> Drivers {
@@ -690,6 +745,8 @@ pub fn default_drivers() -> Drivers {
     celeriac_redis::register(&mut d);
     #[cfg(feature = "amqp")]
     celeriac_amqp::register(&mut d);
+    #[cfg(feature = "postgres")]
+    celeriac_postgres::register(&mut d);
     d
 }
 

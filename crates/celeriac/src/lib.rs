@@ -82,10 +82,12 @@ pub mod canvas;
 pub mod cli;
 pub mod control;
 pub mod flow;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod result;
 mod signature;
 
-pub use app::{App, AppBuilder, default_drivers};
+pub use app::{App, AppBuilder, PreparedSend, default_drivers};
 pub use canvas::{
     Chain, Chord, ChordResult, Group, GroupResult, Progress, chain, chord, chunks, group, map,
     starmap,

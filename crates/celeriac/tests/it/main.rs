@@ -11,3 +11,7 @@ mod app;
 
 // Canvas: chains, groups, chords, map/starmap/chunks, links, with an in-process worker.
 mod canvas;
+
+// Transactional enqueue on PostgreSQL with an in-process worker.
+#[cfg(feature = "postgres")]
+mod postgres;
