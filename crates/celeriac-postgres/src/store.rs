@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use celeriac_core::{Error, ErrorKind, Result};
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions};
 use tokio::sync::{Notify, OnceCell, watch};
 
 use crate::options::{PgOptions, db_error};
@@ -50,16 +51,20 @@ impl Store {
             .max_connections(options.pool_size())
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(options.connect_options().clone());
-        let mut conn = pool.acquire().await.map_err(|e| {
-            db_error(
-                kind,
-                &format!(
-                    "cannot connect the postgres {what} to {}",
-                    options.redacted_url()
-                ),
-                e,
-            )
-        })?;
+        // A connection of its own for the first contact: the pool would retry a refused
+        // connection until its acquire timeout, and a wrong password must fail at once.
+        let mut conn = PgConnection::connect_with(options.connect_options())
+            .await
+            .map_err(|e| {
+                db_error(
+                    kind,
+                    &format!(
+                        "cannot connect the postgres {what} to {}",
+                        options.redacted_url()
+                    ),
+                    e,
+                )
+            })?;
         schema::create(&mut conn, options.schema())
             .await
             .map_err(|e| {
@@ -73,7 +78,7 @@ impl Store {
                     e,
                 )
             })?;
-        drop(conn);
+        let _ = conn.close().await;
         let s = format!("\"{}\".", options.schema());
         let hub = Hub::new(options.schema());
         Ok(Arc::new(Store {

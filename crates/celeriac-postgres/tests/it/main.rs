@@ -8,5 +8,9 @@ mod conformance;
 mod broker;
 // Clear errors: wrong password, missing database, missing permission, bad URLs.
 mod errors;
+// A private server (initdb/pg_ctl) for the tests that need a password or a restart.
+mod private_pg;
+// A private server stopped (as a crash) and started mid-run: nothing lost, consumers resume.
+mod restart;
 // Shared helpers.
 mod util;

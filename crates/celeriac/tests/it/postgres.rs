@@ -64,7 +64,11 @@ async fn a_task_sent_in_a_transaction_exists_only_if_it_commits() {
         .get_timeout(Duration::from_millis(1500))
         .await
         .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Timeout, "a rolled-back task ran: {e:?}");
+    assert_eq!(
+        e.kind(),
+        ErrorKind::Timeout,
+        "a rolled-back task ran: {e:?}"
+    );
     assert_eq!(app.broker().stats("celery").await.unwrap().total(), 0);
 
     // Open: the worker cannot see it yet. Committed: it runs.
