@@ -46,8 +46,12 @@ struct Args {
     /// Skips Python Celery.
     #[arg(long)]
     no_python: bool,
-    /// Brokers to measure, comma separated (sqlite, redis, amqp).
-    #[arg(long, value_delimiter = ',', default_value = "sqlite,redis,amqp")]
+    /// Brokers to measure, comma separated (sqlite, redis, amqp, postgres).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "sqlite,redis,amqp,postgres"
+    )]
     brokers: Vec<String>,
     /// Overrides the queue sizes of the scaling run, comma separated (e.g. 10000,1000000).
     #[arg(long, value_delimiter = ',')]
@@ -268,7 +272,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     p.run_all("amqp", &urls, &sizes, &mut report).await?;
                 }
             }
-            other => anyhow::bail!("unknown broker {other} (known: sqlite, redis, amqp)"),
+            "postgres" => {
+                if !ours::reachable("127.0.0.1:5432").await {
+                    report.note("PostgreSQL: skipped, nothing listens on 127.0.0.1:5432.");
+                    continue;
+                }
+                // A schema of the benchmark's own on the shared server (user postgres, database
+                // test, trust auth), emptied before each phase by the purge.
+                let url =
+                    "postgres://postgres@127.0.0.1:5432/test?schema=celeriac_bench".to_owned();
+                let target = ours::Target::new("postgres", url);
+                if let Some(n) = args.latency_only {
+                    ours::latency_only(&target, n, &mut report).await?;
+                    continue;
+                }
+                ours::run_all(&target, &sizes, &mut report).await?;
+                report.note(
+                    "PostgreSQL: the native driver (celeriac-postgres: SKIP LOCKED fetches, \
+                     LISTEN/NOTIFY, results in the same database), server on this machine. \
+                     Python side: n/a here (Celery's `sqla+`/`db+` pairs belong to celeriac-sqla).",
+                );
+            }
+            other => anyhow::bail!("unknown broker {other} (known: sqlite, redis, amqp, postgres)"),
         }
     }
     let table = report.text();

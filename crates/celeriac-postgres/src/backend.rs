@@ -161,7 +161,7 @@ impl ResultBackend for PgBackend {
                     .bind(now)
                     .bind(meta.status.is_ready())
                     .bind(&self.store.hub.result_ch)
-                    .fetch_one(&self.store.pool)
+                    .fetch_one(&self.store.fast)
                     .await
                     .map_err(|e| self.store.err("cannot store result in postgres", e))?;
             Ok(written > 0)

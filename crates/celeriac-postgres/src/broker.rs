@@ -407,7 +407,7 @@ async fn fetch(
     probe: bool,
 ) -> Result<Fetched> {
     let what = "cannot fetch from postgres queue";
-    let mut conn = store.pool.acquire().await.map_err(|e| store.err(what, e))?;
+    let mut conn = store.fast.acquire().await.map_err(|e| store.err(what, e))?;
     let now = now_ms();
     let mut rows = Vec::new();
     let read_at = Instant::now();
@@ -680,16 +680,7 @@ impl Acker for PgAcker {
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.settle();
-            sqlx::query(AssertSqlSafe(
-                self.store
-                    .sql("DELETE FROM {s}messages WHERE id = $1 AND deliveries = $2"),
-            ))
-            .bind(self.id)
-            .bind(self.token)
-            .execute(&self.store.pool)
-            .await
-            .map_err(|e| self.store.err("cannot ack postgres message", e))?;
-            Ok(())
+            self.store.ack(self.id, self.token).await
         })
     }
 
@@ -724,7 +715,7 @@ impl Acker for PgAcker {
             } else {
                 q
             };
-            q.execute(&self.store.pool)
+            q.execute(&self.store.fast)
                 .await
                 .map_err(|e| self.store.err("cannot reject postgres message", e))?;
             Ok(())
@@ -740,7 +731,7 @@ impl Acker for PgAcker {
             .bind(self.id)
             .bind(self.token)
             .bind(now_ms().saturating_add(ms(by)))
-            .execute(&self.store.pool)
+            .execute(&self.store.fast)
             .await
             .map_err(|e| self.store.err("cannot extend postgres lease", e))?;
             if r.rows_affected() == 0 {

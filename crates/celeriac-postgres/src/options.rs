@@ -105,19 +105,19 @@ impl PgOptions {
         })
     }
 
-    /// The pool size for a worker running `concurrency` tasks at once: one connection per two
-    /// task slots (a task holds one only while its result is stored) plus four for the
-    /// consumer, acks and the broadcast channels, between 4 and 32. A connection of the
-    /// listener (LISTEN/NOTIFY) comes on top.
+    /// The pool size for a worker running `concurrency` tasks at once: one connection per
+    /// four task slots (a task holds one only while its result is stored), plus four for the
+    /// consumer, acks and the broadcast channels, between 5 and 16. Each handle has two pools
+    /// of this size, opened on demand, and one listening connection (see docs/postgres.md).
     ///
     /// ```
-    /// assert_eq!(celeriac_postgres::PgOptions::pool_size_for(1), 4);
-    /// assert_eq!(celeriac_postgres::PgOptions::pool_size_for(16), 12);
-    /// assert_eq!(celeriac_postgres::PgOptions::pool_size_for(1000), 32);
+    /// assert_eq!(celeriac_postgres::PgOptions::pool_size_for(1), 5);
+    /// assert_eq!(celeriac_postgres::PgOptions::pool_size_for(16), 8);
+    /// assert_eq!(celeriac_postgres::PgOptions::pool_size_for(1000), 16);
     /// ```
     pub fn pool_size_for(concurrency: usize) -> u32 {
-        let n = u32::try_from(concurrency.div_ceil(2)).unwrap_or(u32::MAX);
-        n.saturating_add(4).clamp(4, 32)
+        let n = u32::try_from(concurrency.div_ceil(4)).unwrap_or(u32::MAX);
+        n.saturating_add(4).clamp(5, 16)
     }
 
     /// Sets the schema (see the type's docs).
@@ -285,7 +285,7 @@ mod tests {
         let mut config = Config::default();
         config.worker.concurrency = 8;
         let o = PgOptions::from_url("postgres://h/d", &config).unwrap();
-        assert_eq!(o.pool_size(), 8);
+        assert_eq!(o.pool_size(), 6);
         let o = PgOptions::from_url("postgres://h/d?pool_size=3", &config).unwrap();
         assert_eq!(o.pool_size(), 3);
     }

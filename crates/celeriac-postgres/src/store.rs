@@ -9,7 +9,7 @@ use std::time::Duration;
 use celeriac_core::{Error, ErrorKind, Result};
 use sqlx::Connection as _;
 use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions};
-use tokio::sync::{Notify, OnceCell, watch};
+use tokio::sync::{Notify, OnceCell, mpsc, oneshot, watch};
 
 use crate::options::{PgOptions, db_error};
 use crate::schema;
@@ -27,7 +27,11 @@ pub(crate) fn ms(d: Duration) -> i64 {
 /// One pool, its schema, and the notifications it listens to.
 #[derive(Debug)]
 pub(crate) struct Store {
+    /// Publishing and reads: commits wait for the WAL flush.
     pub(crate) pool: PgPool,
+    /// Settling and results (`synchronous_commit = off`; see the crate docs, **Durability**).
+    pub(crate) fast: PgPool,
+    acks: OnceCell<mpsc::UnboundedSender<AckCmd>>,
     pub(crate) options: PgOptions,
     /// `"schema".` to put before table names.
     pub(crate) s: String,
@@ -53,6 +57,15 @@ impl Store {
             .connect_lazy_with(options.connect_options().clone());
         // A connection of its own for the first contact: the pool would retry a refused
         // connection until its acquire timeout, and a wrong password must fail at once.
+        let fast = PgPoolOptions::new()
+            .max_connections(options.pool_size())
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(
+                options
+                    .connect_options()
+                    .clone()
+                    .options([("synchronous_commit", "off")]),
+            );
         let mut conn = PgConnection::connect_with(options.connect_options())
             .await
             .map_err(|e| {
@@ -83,6 +96,8 @@ impl Store {
         let hub = Hub::new(options.schema());
         Ok(Arc::new(Store {
             pool,
+            fast,
+            acks: OnceCell::new(),
             options,
             s,
             kind,
@@ -129,10 +144,40 @@ impl Store {
         if let Some(l) = self.listener.get() {
             l.0.abort();
         }
-        let pool = self.pool.clone();
+        let (pool, fast) = (self.pool.clone(), self.fast.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { pool.close().await });
+            rt.spawn(async move {
+                pool.close().await;
+                fast.close().await;
+            });
         }
+    }
+
+    /// Acks (deletes) the leased row `id` if it still holds lease `token`, batched with the
+    /// acks of other deliveries that arrive meanwhile: one statement and one commit for all.
+    pub(crate) async fn ack(&self, id: i64, token: i32) -> Result<()> {
+        let tx = self
+            .acks
+            .get_or_init(|| async {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(ack_loop(
+                self.fast.clone(),
+                self.sql(
+                    "DELETE FROM {s}messages m USING unnest($1::bigint[], $2::int[]) AS r(id, tok) \
+                     WHERE m.id = r.id AND m.deliveries = r.tok",
+                ),
+                self.kind,
+                rx,
+            ));
+                tx
+            })
+            .await;
+        let (reply, answer) = oneshot::channel();
+        tx.send(AckCmd { id, token, reply })
+            .map_err(|_| Error::closed("postgres ack queue"))?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Error::closed("postgres ack queue")))
     }
 
     /// SQL with `{s}` replaced by the quoted schema and a dot.
@@ -275,3 +320,61 @@ impl ListenerTask {
         Ok(ListenerTask(task.abort_handle()))
     }
 }
+
+/// One ack waiting for the batch.
+#[derive(Debug)]
+struct AckCmd {
+    id: i64,
+    token: i32,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+/// The most acks one statement carries.
+const ACK_BATCH: usize = 4096;
+
+/// Takes every ack queued at the moment, deletes their rows in one statement, answers each;
+/// while it runs, the next batch gathers. Ends when every sender is gone (the store dropped).
+async fn ack_loop(
+    pool: PgPool,
+    sql: String,
+    kind: ErrorKind,
+    mut rx: mpsc::UnboundedReceiver<AckCmd>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
+        let (ids, tokens): (Vec<i64>, Vec<i32>) = batch.iter().map(|c| (c.id, c.token)).unzip();
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            .bind(ids)
+            .bind(tokens)
+            .execute(&pool)
+            .await;
+        match r {
+            Ok(_) => {
+                for c in batch.drain(..) {
+                    let _ = c.reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(db_error(kind, "cannot ack postgres messages", e));
+                for c in batch.drain(..) {
+                    let _ = c
+                        .reply
+                        .send(Err(Error::new(kind, "cannot ack postgres message")
+                            .with_source(SharedError(e.clone()))));
+                }
+            }
+        }
+    }
+}
+
+/// One error shared by the acks of a failed batch.
+#[derive(Debug)]
+struct SharedError(Arc<Error>);
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for SharedError {}
