@@ -79,12 +79,13 @@ impl PgBroker {
 // ===== publishing =====
 
 /// A message ready to insert.
+#[derive(Debug)]
 pub(crate) struct NewRow {
-    priority: i16,
-    state: i16,
-    visible_at: i64,
-    task_id: Option<String>,
-    body: String,
+    pub(crate) priority: i16,
+    pub(crate) state: i16,
+    pub(crate) visible_at: i64,
+    pub(crate) task_id: Option<String>,
+    pub(crate) body: String,
 }
 
 pub(crate) fn new_row(
@@ -203,7 +204,7 @@ impl Broker for PgBroker {
         Box::pin(async move {
             self.check_open()?;
             let r = new_row(queue, message, &options, now_ms())?;
-            self.insert_rows(queue, std::slice::from_ref(&r)).await
+            self.store.publish_one(queue, r).await
         })
     }
 

@@ -32,6 +32,7 @@ pub(crate) struct Store {
     /// Settling and results (`synchronous_commit = off`; see the crate docs, **Durability**).
     pub(crate) fast: PgPool,
     acks: OnceCell<mpsc::UnboundedSender<AckCmd>>,
+    publishes: OnceCell<mpsc::UnboundedSender<PubCmd>>,
     pub(crate) options: PgOptions,
     /// `"schema".` to put before table names.
     pub(crate) s: String,
@@ -98,6 +99,7 @@ impl Store {
             pool,
             fast,
             acks: OnceCell::new(),
+            publishes: OnceCell::new(),
             options,
             s,
             kind,
@@ -178,6 +180,38 @@ impl Store {
         answer
             .await
             .unwrap_or_else(|_| Err(Error::closed("postgres ack queue")))
+    }
+
+    /// Publishes one row to `queue`, batched with the publishes of this process that arrive
+    /// meanwhile: one statement, one commit and one notification per queue for all (a commit
+    /// that notifies holds PostgreSQL's notification lock until its WAL is flushed, so
+    /// commits that notify run one at a time on the whole server: fewer, larger ones are
+    /// what makes publishing scale).
+    pub(crate) async fn publish_one(&self, queue: &str, row: crate::broker::NewRow) -> Result<()> {
+        let tx = self
+            .publishes
+            .get_or_init(|| async {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(publish_loop(
+                    self.pool.clone(),
+                    self.sql(PUBLISH_MANY_SQL),
+                    self.hub.queue_ch.clone(),
+                    self.kind,
+                    rx,
+                ));
+                tx
+            })
+            .await;
+        let (reply, answer) = oneshot::channel();
+        tx.send(PubCmd {
+            queue: queue.to_owned(),
+            row,
+            reply,
+        })
+        .map_err(|_| Error::closed("postgres publisher"))?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Error::closed("postgres publisher")))
     }
 
     /// SQL with `{s}` replaced by the quoted schema and a dot.
@@ -357,10 +391,10 @@ async fn ack_loop(
             Err(e) => {
                 let e = Arc::new(db_error(kind, "cannot ack postgres messages", e));
                 for c in batch.drain(..) {
-                    let _ = c
-                        .reply
-                        .send(Err(Error::new(kind, "cannot ack postgres message")
-                            .with_source(SharedError(e.clone()))));
+                    let err = Error::new(kind, "cannot ack postgres message")
+                        .with_source(SharedError(e.clone()));
+                    let err = if e.is_transient() { err.transient() } else { err };
+                    let _ = c.reply.send(Err(err));
                 }
             }
         }
@@ -378,3 +412,66 @@ impl std::fmt::Display for SharedError {
 }
 
 impl std::error::Error for SharedError {}
+
+/// Inserts rows of several queues (declaring them) and notifies each queue once.
+const PUBLISH_MANY_SQL: &str = "WITH q AS (INSERT INTO {s}queues (name) \
+       SELECT DISTINCT name FROM unnest($1::text[]) AS n(name) ON CONFLICT DO NOTHING), \
+     ins AS (INSERT INTO {s}messages (queue, priority, state, visible_at, task_id, body) \
+       SELECT * FROM unnest($1::text[], $2::smallint[], $3::smallint[], $4::bigint[], $5::text[], $6::text[])) \
+     SELECT pg_notify($7, name) FROM (SELECT DISTINCT name FROM unnest($1::text[]) AS n(name)) d";
+
+/// One publish waiting for the batch.
+#[derive(Debug)]
+struct PubCmd {
+    queue: String,
+    row: crate::broker::NewRow,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+/// The most messages one publishing statement carries.
+const PUBLISH_BATCH: usize = 1024;
+
+/// Takes every publish queued at the moment and inserts them in one statement; answers each
+/// (all succeed or all fail). Ends when the store is dropped.
+async fn publish_loop(
+    pool: PgPool,
+    sql: String,
+    channel: String,
+    kind: ErrorKind,
+    mut rx: mpsc::UnboundedReceiver<PubCmd>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            .bind(batch.iter().map(|c| c.queue.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.row.priority).collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.row.state).collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.row.visible_at).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|c| c.row.task_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(batch.iter().map(|c| c.row.body.as_str()).collect::<Vec<_>>())
+            .bind(channel.as_str())
+            .execute(&pool)
+            .await;
+        match r {
+            Ok(_) => {
+                for c in batch.drain(..) {
+                    let _ = c.reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(db_error(kind, "cannot publish to postgres queue", e));
+                for c in batch.drain(..) {
+                    let err = Error::new(kind, "cannot publish to postgres queue")
+                        .with_source(SharedError(e.clone()));
+                    let err = if e.is_transient() { err.transient() } else { err };
+                    let _ = c.reply.send(Err(err));
+                }
+            }
+        }
+    }
+}
