@@ -55,7 +55,8 @@ const STORE_SQL: &str = "WITH w AS ( \
                 OR excluded.status IN ('SUCCESS', 'FAILURE', 'REVOKED'))) \
        RETURNING 1) \
      SELECT (SELECT count(*) FROM w), \
-            CASE WHEN $6 AND EXISTS (SELECT 1 FROM w) THEN pg_notify($7, $1) END::text";
+            CASE WHEN $6 AND EXISTS (SELECT 1 FROM w) THEN pg_notify($7, \
+              CASE WHEN octet_length($4) < 7000 THEN $1 || chr(10) || $4 ELSE $1 END) END::text";
 
 impl PgBackend {
     /// Opens the backend for a `postgres://` URL with the settings of `config`.
@@ -224,6 +225,14 @@ impl ResultBackend for PgBackend {
                 let notified = waiter.notify.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
+                if let Some(text) = self.store.hub.recent_result(task_id)
+                    && let Ok(meta) = decode_meta(&text)
+                    && meta.status.is_ready()
+                {
+                    return Ok(meta);
+                }
+                // Not notified (yet, or long ago), or notified without the result (a large
+                // one): read the row.
                 if let Some(meta) = self.get(task_id).await?
                     && meta.status.is_ready()
                 {
@@ -256,6 +265,7 @@ impl ResultBackend for PgBackend {
             .execute(&self.store.pool)
             .await
             .map_err(|e| self.store.err("cannot forget postgres result", e))?;
+            self.store.hub.forget_result(task_id);
             Ok(())
         })
     }

@@ -131,7 +131,16 @@ impl Store {
     /// notification sent after this returns is seen.
     pub(crate) async fn listen(&self) -> Result<()> {
         self.listener
-            .get_or_try_init(|| ListenerTask::start(&self.pool, &self.hub))
+            .get_or_try_init(|| {
+                // A broker hears its queues and broadcast channels, a backend its results:
+                // a worker's broker need not read every result notification.
+                let channels = if self.kind == ErrorKind::Broker {
+                    vec![self.hub.queue_ch.clone(), self.hub.broadcast_ch.clone()]
+                } else {
+                    vec![self.hub.result_ch.clone()]
+                };
+                ListenerTask::start(&self.pool, &self.hub, channels)
+            })
             .await
             .map(|_| ())
             .map_err(|e| self.err("cannot listen for postgres notifications", e))
@@ -237,8 +246,23 @@ pub(crate) struct Hub {
     pub(crate) broadcast_ch: String,
     pub(crate) queues: watch::Sender<u64>,
     pub(crate) broadcast: watch::Sender<u64>,
-    results: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+    results: Arc<Mutex<Results>>,
 }
+
+/// Result waiters by task id, and the ready results notified in the last moments.
+#[derive(Debug, Default)]
+struct Results {
+    waiters: HashMap<String, Arc<Notify>>,
+    /// Task id → (when notified, the TaskMeta JSON the notification carried).
+    recent: HashMap<String, (std::time::Instant, String)>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// How many notified results a process keeps, and for how long: enough to bridge a `wait`
+/// that starts after its task's result was stored (the usual case for short tasks), never a
+/// cache of results.
+const RECENT_MAX: usize = 8192;
+const RECENT_FOR: Duration = Duration::from_secs(5);
 
 impl Hub {
     fn new(schema: &str) -> Self {
@@ -248,7 +272,7 @@ impl Hub {
             broadcast_ch: channel(schema, "broadcast"),
             queues: watch::Sender::new(0),
             broadcast: watch::Sender::new(0),
-            results: Arc::new(Mutex::new(HashMap::new())),
+            results: Arc::new(Mutex::new(Results::default())),
         }
     }
 
@@ -258,22 +282,58 @@ impl Hub {
         self.queues.send_modify(|n| *n += 1);
         self.broadcast.send_modify(|n| *n += 1);
         let map = self.results.lock().unwrap_or_else(|e| e.into_inner());
-        for n in map.values() {
+        for n in map.waiters.values() {
             n.notify_waiters();
         }
     }
 
-    fn result_ready(&self, task_id: &str) {
-        let map = self.results.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get(task_id) {
+    /// A result notification: `<task id>` or `<task id>\n<TaskMeta JSON>`.
+    fn result_ready(&self, payload: &str) {
+        let (task_id, meta) = match payload.split_once('\n') {
+            Some((id, meta)) => (id, Some(meta)),
+            None => (payload, None),
+        };
+        let mut r = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(meta) = meta {
+            if r.order.len() >= RECENT_MAX
+                && let Some(old) = r.order.pop_front()
+            {
+                r.recent.remove(&old);
+            }
+            if r.recent
+                .insert(
+                    task_id.to_owned(),
+                    (std::time::Instant::now(), meta.to_owned()),
+                )
+                .is_none()
+            {
+                r.order.push_back(task_id.to_owned());
+            }
+        }
+        if let Some(n) = r.waiters.get(task_id) {
             n.notify_waiters();
         }
+    }
+
+    /// The ready result of `task_id` notified in the last [`RECENT_FOR`], if any.
+    pub(crate) fn recent_result(&self, task_id: &str) -> Option<String> {
+        let r = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        r.recent
+            .get(task_id)
+            .filter(|(at, _)| at.elapsed() < RECENT_FOR)
+            .map(|(_, meta)| meta.clone())
+    }
+
+    /// Forgets a notified result (the row was deleted).
+    pub(crate) fn forget_result(&self, task_id: &str) {
+        let mut r = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        r.recent.remove(task_id);
     }
 
     /// A waiter for `task_id`'s notification; unregistered when dropped.
     pub(crate) fn result_waiter(&self, task_id: &str) -> ResultWaiter<'_> {
         let mut map = self.results.lock().unwrap_or_else(|e| e.into_inner());
-        let notify = map.entry(task_id.to_owned()).or_default().clone();
+        let notify = map.waiters.entry(task_id.to_owned()).or_default().clone();
         ResultWaiter {
             hub: self,
             task_id: task_id.to_owned(),
@@ -295,7 +355,7 @@ impl Drop for ResultWaiter<'_> {
         let mut map = self.hub.results.lock().unwrap_or_else(|e| e.into_inner());
         // Two references: the map's and ours; others still wait otherwise.
         if Arc::strong_count(&self.notify) <= 2 {
-            map.remove(&self.task_id);
+            map.waiters.remove(&self.task_id);
         }
     }
 }
@@ -305,7 +365,11 @@ impl Drop for ResultWaiter<'_> {
 struct ListenerTask(tokio::task::AbortHandle);
 
 impl ListenerTask {
-    async fn start(pool: &PgPool, hub: &Hub) -> std::result::Result<Self, sqlx::Error> {
+    async fn start(
+        pool: &PgPool,
+        hub: &Hub,
+        channels: Vec<String>,
+    ) -> std::result::Result<Self, sqlx::Error> {
         // A pool of its own (one connection, never timed out), so the listener never takes a
         // connection from the working pool and reconnects on its own.
         let lpool = PgPoolOptions::new()
@@ -316,11 +380,7 @@ impl ListenerTask {
             .connect_lazy_with((*pool.connect_options()).clone());
         let mut listener = PgListener::connect_with(&lpool).await?;
         listener
-            .listen_all([
-                hub.queue_ch.as_str(),
-                hub.result_ch.as_str(),
-                hub.broadcast_ch.as_str(),
-            ])
+            .listen_all(channels.iter().map(String::as_str))
             .await?;
         let hub = hub.clone();
         let task = tokio::spawn(async move {
@@ -393,7 +453,11 @@ async fn ack_loop(
                 for c in batch.drain(..) {
                     let err = Error::new(kind, "cannot ack postgres message")
                         .with_source(SharedError(e.clone()));
-                    let err = if e.is_transient() { err.transient() } else { err };
+                    let err = if e.is_transient() {
+                        err.transient()
+                    } else {
+                        err
+                    };
                     let _ = c.reply.send(Err(err));
                 }
             }
@@ -453,7 +517,12 @@ async fn publish_loop(
                     .map(|c| c.row.task_id.as_deref())
                     .collect::<Vec<_>>(),
             )
-            .bind(batch.iter().map(|c| c.row.body.as_str()).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|c| c.row.body.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .bind(channel.as_str())
             .execute(&pool)
             .await;
@@ -468,7 +537,11 @@ async fn publish_loop(
                 for c in batch.drain(..) {
                     let err = Error::new(kind, "cannot publish to postgres queue")
                         .with_source(SharedError(e.clone()));
-                    let err = if e.is_transient() { err.transient() } else { err };
+                    let err = if e.is_transient() {
+                        err.transient()
+                    } else {
+                        err
+                    };
                     let _ = c.reply.send(Err(err));
                 }
             }
