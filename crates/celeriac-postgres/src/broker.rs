@@ -373,26 +373,25 @@ struct PgConsumer {
     rotate: usize,
 }
 
-/// Makes due rows of queue `$1` ready: delayed ones whose time came, leases that ran out.
-const PROMOTE_SQL: &str = "UPDATE {s}messages SET state = 0 WHERE id IN \
-     (SELECT id FROM {s}messages WHERE queue = $1 AND state <> 0 AND visible_at <= $2 \
-      LIMIT 1000 FOR UPDATE SKIP LOCKED)";
+/// The rows to lease from queue `$1`: up to `$2` ready ones (highest priority, then oldest)
+/// and up to `$2` due ones (delays whose time came, leases that ran out, at `$4`), each
+/// branch an index seek that skips rows other consumers are leasing this moment; the best
+/// `$2` of them are leased until `$3`. One statement per fetch: due rows need no separate
+/// promotion.
+const CANDIDATES: &str = "WITH r AS (SELECT id FROM {s}messages WHERE queue = $1 AND state = 0 \
+       ORDER BY priority DESC, id LIMIT $2 FOR UPDATE SKIP LOCKED), \
+     d AS (SELECT id FROM {s}messages WHERE queue = $1 AND state <> 0 AND visible_at <= $4 \
+       ORDER BY visible_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+     c AS (SELECT m.id FROM {s}messages m WHERE m.id IN (SELECT id FROM r UNION ALL SELECT id FROM d) \
+       ORDER BY m.priority DESC, m.id LIMIT $2), \
+     l AS (UPDATE {s}messages m SET state = 2, visible_at = $3, deliveries = m.deliveries + 1 \
+       FROM c WHERE m.id = c.id RETURNING m.id, m.deliveries, m.priority, m.body, m.task_id) ";
 
-/// Leases up to `$2` ready rows of queue `$1` until `$3`, highest priority then oldest first,
-/// skipping rows other consumers are leasing at this moment.
-const LEASE_SQL: &str = "UPDATE {s}messages m SET state = 2, visible_at = $3, deliveries = m.deliveries + 1 \
-     FROM (SELECT id FROM {s}messages WHERE queue = $1 AND state = 0 \
-           ORDER BY priority DESC, id LIMIT $2 FOR UPDATE SKIP LOCKED) c \
-     WHERE m.id = c.id \
-     RETURNING m.id, m.deliveries, m.priority, m.body, m.task_id";
+/// Leases rows (see [`CANDIDATES`]).
+const LEASE_SQL: &str = "SELECT l.id, l.deliveries, l.priority, l.body, l.task_id FROM l";
 
 /// The same, reading each task's stored state with the fetch.
-const LEASE_PROBE_SQL: &str = "WITH l AS (UPDATE {s}messages m SET state = 2, visible_at = $3, deliveries = m.deliveries + 1 \
-     FROM (SELECT id FROM {s}messages WHERE queue = $1 AND state = 0 \
-           ORDER BY priority DESC, id LIMIT $2 FOR UPDATE SKIP LOCKED) c \
-     WHERE m.id = c.id \
-     RETURNING m.id, m.deliveries, m.priority, m.body, m.task_id) \
-     SELECT l.id, l.deliveries, l.priority, l.body, l.task_id, r.status, l.task_id IS NOT NULL \
+const LEASE_PROBE_SQL: &str = "SELECT l.id, l.deliveries, l.priority, l.body, l.task_id, r.status \
      FROM l LEFT JOIN {s}results r ON r.task_id = l.task_id \
           AND (r.expires_at IS NULL OR r.expires_at > $4)";
 
@@ -417,21 +416,12 @@ async fn fetch(
         if left == 0 {
             break;
         }
-        sqlx::query(AssertSqlSafe(store.sql(PROMOTE_SQL)))
-            .bind(queue)
-            .bind(now)
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| store.err(what, e))?;
         let sql = if probe { LEASE_PROBE_SQL } else { LEASE_SQL };
-        let mut q = sqlx::query(AssertSqlSafe(store.sql(sql)))
+        let got = sqlx::query(AssertSqlSafe(store.sql(&format!("{CANDIDATES}{sql}"))))
             .bind(queue)
             .bind(i64::try_from(left).unwrap_or(i64::MAX))
-            .bind(now + lease_ms);
-        if probe {
-            q = q.bind(now);
-        }
-        let got = q
+            .bind(now + lease_ms)
+            .bind(now)
             .fetch_all(&mut *conn)
             .await
             .map_err(|e| store.err(what, e))?;
@@ -465,7 +455,8 @@ async fn fetch(
         got.sort_by_key(|(priority, r)| (std::cmp::Reverse(*priority), r.id));
         rows.extend(got.into_iter().map(|(_, r)| r));
     }
-    let next_due = if rows.len() < want {
+    // Only an idle consumer needs the next due time: one that got rows fetches again at once.
+    let next_due = if rows.is_empty() {
         let mut min: Option<i64> = None;
         for queue in &queues {
             let due: Option<i64> = sqlx::query_scalar(AssertSqlSafe(store.sql(NEXT_DUE_SQL)))
