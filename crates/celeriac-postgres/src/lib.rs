@@ -38,13 +38,14 @@
 //!
 //! # Design
 //!
-//! **Fetching.** A consumer leases up to its free prefetch in one statement per queue:
-//! `UPDATE … FROM (SELECT id … ORDER BY priority DESC, id LIMIT n FOR UPDATE SKIP LOCKED)`,
-//! setting `state = 2`, the lease expiry, and `deliveries + 1`. Concurrent consumers skip each
-//! other's rows instead of waiting. Due rows (delays whose time came, leases that ran out) are
-//! made ready by the statement before it, also with `SKIP LOCKED`. The fetch runs on a task of
-//! its own, so cancelling `next()` loses nothing; rows fetched and not handed out are given
-//! back when the consumer drops.
+//! **Fetching.** A consumer leases up to its free prefetch in one statement per queue: two
+//! index seeks, each `FOR UPDATE SKIP LOCKED` (ready rows by priority then age; due rows, i.e.
+//! delays whose time came and leases that ran out), the best of them updated to `state = 2`,
+//! the lease expiry and `deliveries + 1`. Concurrent consumers skip each other's rows instead
+//! of waiting. The fetch runs on a task of its own, so cancelling `next()` loses nothing;
+//! rows fetched and not handed out are given back when the consumer drops. Acks of a process
+//! are grouped: one `DELETE … USING unnest(ids, tokens)` for every ack queued meanwhile, and
+//! publishes likewise (one `INSERT … SELECT FROM unnest(…)` and one notification per queue).
 //!
 //! **Fencing.** The new `deliveries` value is the lease's fencing token: ack, reject and
 //! `extend_lease` touch the row only `WHERE id = $1 AND deliveries = $2`. A worker whose lease
@@ -63,6 +64,13 @@
 //! register by task id and read the row when woken (with a 2 s recheck). Expired results are
 //! invisible at once and deleted by a sweep at most once a minute, started by a store. The
 //! chord counter is an upsert returning the new value.
+//!
+//! **Durability.** Publishes commit with the server's `synchronous_commit` (on by default):
+//! a published task survives a server crash. Fetches, acks, rejects, lease extensions and
+//! result stores run on a second pool with `synchronous_commit = off`: a server crash may lose
+//! the last moments of them, which never loses a task, since PostgreSQL loses a suffix of the
+//! WAL and never a hole: a result store lost takes the later ack with it, and the message
+//! runs again (at-least-once).
 //!
 //! **Dead letters.** As on every broker: the worker moves a message delivered too often, or
 //! one that does not decode, to `<queue>.dead` by publishing it there and acking the original.
