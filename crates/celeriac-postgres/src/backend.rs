@@ -9,6 +9,7 @@ use celeriac_core::{
     BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, ResultProbe, TaskMeta,
 };
 use sqlx::AssertSqlSafe;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::options::PgOptions;
 use crate::store::{Store, ms, now_ms};
@@ -40,23 +41,113 @@ const WAIT_RECHECK: Duration = Duration::from_secs(2);
 pub struct PgBackend {
     store: Arc<Store>,
     next_sweep: Arc<AtomicI64>,
+    batcher: Arc<tokio::sync::OnceCell<mpsc::UnboundedSender<StoreCmd>>>,
 }
 
-/// Stores a result unless the stored one takes precedence (SUCCESS is final; another ready
-/// state yields only to a ready state; an expired row yields to anything), and notifies
-/// waiters when a ready state was written. One statement: the check and the write see the
-/// same row, under its lock.
-const STORE_SQL: &str = "WITH w AS ( \
-       INSERT INTO {s}results AS r (task_id, status, expires_at, meta) VALUES ($1, $2, $3, $4) \
+/// One result waiting for the batch.
+#[derive(Debug)]
+struct StoreCmd {
+    task_id: String,
+    status: String,
+    expires_at: Option<i64>,
+    meta: String,
+    reply: oneshot::Sender<Result<bool>>,
+}
+
+/// The most results one statement carries.
+const STORE_BATCH: usize = 1024;
+
+/// Stores results (distinct task ids) unless the stored one takes precedence (SUCCESS is
+/// final; another ready state yields only to a ready state; an expired row yields to
+/// anything), and notifies waiters of each ready state written; the notification carries the
+/// result when it is small, so waiters need not read it. One statement: each check and its
+/// write see the same row, under its lock. Returns the ids written.
+const STORE_MANY_SQL: &str = "WITH i AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) \
+       AS i(task_id, status, expires_at, meta)), \
+     w AS (INSERT INTO {s}results AS r (task_id, status, expires_at, meta) \
+       SELECT task_id, status, expires_at, meta FROM i \
        ON CONFLICT (task_id) DO UPDATE \
          SET status = excluded.status, expires_at = excluded.expires_at, meta = excluded.meta \
          WHERE (r.expires_at IS NOT NULL AND r.expires_at <= $5) \
             OR (r.status <> 'SUCCESS' AND (r.status NOT IN ('FAILURE', 'REVOKED') \
                 OR excluded.status IN ('SUCCESS', 'FAILURE', 'REVOKED'))) \
-       RETURNING 1) \
-     SELECT (SELECT count(*) FROM w), \
-            CASE WHEN $6 AND EXISTS (SELECT 1 FROM w) THEN pg_notify($7, \
-              CASE WHEN octet_length($4) < 7000 THEN $1 || chr(10) || $4 ELSE $1 END) END::text";
+       RETURNING r.task_id, r.status, r.meta), \
+     n AS (SELECT pg_notify($6, CASE WHEN octet_length(meta) < 7000 \
+               THEN task_id || chr(10) || meta ELSE task_id END) \
+           FROM w WHERE status IN ('SUCCESS', 'FAILURE', 'REVOKED')) \
+     SELECT task_id, (SELECT count(*) FROM n) FROM w";
+
+/// Stores every result queued at the moment in one statement (a task id twice waits for the
+/// next round, so precedence applies in order), answering each with whether it was written.
+async fn store_loop(
+    pool: sqlx::PgPool,
+    sql: String,
+    channel: String,
+    mut rx: mpsc::UnboundedReceiver<StoreCmd>,
+) {
+    let mut carry: Vec<StoreCmd> = Vec::new();
+    loop {
+        let mut buf = std::mem::take(&mut carry);
+        if buf.is_empty() {
+            if rx.recv_many(&mut buf, STORE_BATCH).await == 0 {
+                return;
+            }
+        } else {
+            while buf.len() < STORE_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => buf.push(c),
+                    Err(_) => break,
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut batch = Vec::with_capacity(buf.len());
+        for c in buf {
+            if seen.insert(c.task_id.clone()) {
+                batch.push(c);
+            } else {
+                carry.push(c);
+            }
+        }
+        let r: std::result::Result<Vec<(String, i64)>, sqlx::Error> =
+            sqlx::query_as(AssertSqlSafe(sql.as_str()))
+                .bind(batch.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>())
+                .bind(batch.iter().map(|c| c.status.as_str()).collect::<Vec<_>>())
+                .bind(batch.iter().map(|c| c.expires_at).collect::<Vec<_>>())
+                .bind(batch.iter().map(|c| c.meta.as_str()).collect::<Vec<_>>())
+                .bind(now_ms())
+                .bind(channel.as_str())
+                .fetch_all(&pool)
+                .await;
+        match r {
+            Ok(rows) => {
+                let written: std::collections::HashSet<String> =
+                    rows.into_iter().map(|(id, _)| id).collect();
+                for c in batch {
+                    let w = written.contains(&c.task_id);
+                    let _ = c.reply.send(Ok(w));
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(crate::options::db_error(
+                    KIND,
+                    "cannot store results in postgres",
+                    e,
+                ));
+                for c in batch {
+                    let err = Error::new(KIND, "cannot store result in postgres")
+                        .with_source(crate::store::SharedError(e.clone()));
+                    let err = if e.is_transient() {
+                        err.transient()
+                    } else {
+                        err
+                    };
+                    let _ = c.reply.send(Err(err));
+                }
+            }
+        }
+    }
+}
 
 impl PgBackend {
     /// Opens the backend for a `postgres://` URL with the settings of `config`.
@@ -69,6 +160,7 @@ impl PgBackend {
         Ok(PgBackend {
             store: Store::open(options, KIND, "result backend").await?,
             next_sweep: Arc::default(),
+            batcher: Arc::default(),
         })
     }
 
@@ -153,19 +245,32 @@ impl ResultBackend for PgBackend {
                     }
                 });
             }
-            let (written, _): (i64, Option<String>) =
-                sqlx::query_as(AssertSqlSafe(self.store.sql(STORE_SQL)))
-                    .bind(&meta.task_id)
-                    .bind(meta.status.as_str())
-                    .bind(self.expires_at(now))
-                    .bind(&text)
-                    .bind(now)
-                    .bind(meta.status.is_ready())
-                    .bind(&self.store.hub.result_ch)
-                    .fetch_one(&self.store.fast)
-                    .await
-                    .map_err(|e| self.store.err("cannot store result in postgres", e))?;
-            Ok(written > 0)
+            // Results of concurrent tasks share one statement and one commit.
+            let tx = self
+                .batcher
+                .get_or_init(|| async {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(store_loop(
+                        self.store.fast.clone(),
+                        self.store.sql(STORE_MANY_SQL),
+                        self.store.hub.result_ch.clone(),
+                        rx,
+                    ));
+                    tx
+                })
+                .await;
+            let (reply, answer) = oneshot::channel();
+            tx.send(StoreCmd {
+                task_id: meta.task_id.clone(),
+                status: meta.status.as_str().to_owned(),
+                expires_at: self.expires_at(now),
+                meta: text,
+                reply,
+            })
+            .map_err(|_| Error::closed("postgres result backend"))?;
+            answer
+                .await
+                .unwrap_or_else(|_| Err(Error::closed("postgres result backend")))
         })
     }
 

@@ -467,7 +467,7 @@ async fn ack_loop(
 
 /// One error shared by the acks of a failed batch.
 #[derive(Debug)]
-struct SharedError(Arc<Error>);
+pub(crate) struct SharedError(pub(crate) Arc<Error>);
 
 impl std::fmt::Display for SharedError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -4,7 +4,9 @@
 
 // The generic conformance suites of celeriac-test (broker, broadcast, backend, beat store).
 mod conformance;
-// Fencing, redelivery counts, dead letters through a worker.
+// Batched result stores keep precedence.
+mod backend;
+// The fencing token: a late ack of an expired lease.
 mod broker;
 // Clear errors: wrong password, missing database, missing permission, bad URLs.
 mod errors;
