@@ -59,9 +59,10 @@
 //! beyond that. After a lost listening connection every waiter is woken, since notifications
 //! sent meanwhile are gone.
 //!
-//! **Results.** A store is one `INSERT … ON CONFLICT DO UPDATE … WHERE <precedence>` that
-//! notifies the result channel (payload: the task id) when it wrote a ready state; waiters
-//! register by task id and read the row when woken (with a 2 s recheck). Expired results are
+//! **Results.** The stores of concurrent tasks go out as one `INSERT … ON CONFLICT DO UPDATE
+//! … WHERE <precedence>` that notifies the result channel for each ready state written
+//! (payload: the task id and, when small, the result); a waiter registers by task id, reads
+//! the row once, then takes the result from its notification (with a 2 s recheck). Expired results are
 //! invisible at once and deleted by a sweep at most once a minute, started by a store. The
 //! chord counter is an upsert returning the new value.
 //!
