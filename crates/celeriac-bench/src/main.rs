@@ -47,11 +47,12 @@ struct Args {
     /// Skips Python Celery.
     #[arg(long)]
     no_python: bool,
-    /// Brokers to measure, comma separated (sqlite, redis, amqp, mysql, sqla).
+    /// Brokers to measure, comma separated (sqlite, redis, amqp, postgres, postgres-async, mysql,
+    /// sqla).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "sqlite,redis,amqp,mysql,sqla"
+        default_value = "sqlite,redis,amqp,postgres,mysql,sqla"
     )]
     brokers: Vec<String>,
     /// Overrides the queue sizes of the scaling run, comma separated (e.g. 10000,1000000).
@@ -289,6 +290,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     p.run_all("amqp", &urls, &sizes, &mut report).await?;
                 }
             }
+            "postgres" | "postgres-async" => {
+                if !ours::reachable("127.0.0.1:5432").await {
+                    report.note("PostgreSQL: skipped, nothing listens on 127.0.0.1:5432.");
+                    continue;
+                }
+                // A schema of the benchmark's own on the shared server (user postgres, database
+                // test, trust auth), emptied before each phase by the purge. `postgres-async`
+                // publishes with `synchronous_commit = off` too (libpq's `options`), trading
+                // the last moments of publishes on a server crash for no WAL flush per commit.
+                let mut url =
+                    "postgres://postgres@127.0.0.1:5432/test?schema=celeriac_bench".to_owned();
+                let name = if broker == "postgres" {
+                    "postgres"
+                } else {
+                    url.push_str("&options=-c%20synchronous_commit%3Doff");
+                    "postgres-async"
+                };
+                let target = ours::Target::new(name, url);
+                if let Some(n) = args.latency_only {
+                    ours::latency_only(&target, n, &mut report).await?;
+                    continue;
+                }
+                ours::run_all(&target, &sizes, &mut report).await?;
+                report.note(&format!(
+                    "{name}: the native driver (celeriac-postgres: SKIP LOCKED fetches, \
+                     LISTEN/NOTIFY, results in the same database), server on this machine \
+                     (its CPU is not split out: one process per connection). Python side: n/a \
+                     here (Celery's `sqla+`/`db+` pairs belong to celeriac-sqla).",
+                ));
+            }
             "mysql" => {
                 if !ours::reachable("127.0.0.1:3306").await {
                     report.note("MariaDB/MySQL: skipped, nothing listens on 127.0.0.1:3306.");
@@ -350,7 +381,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
             other => {
-                anyhow::bail!("unknown broker {other} (known: sqlite, redis, amqp, mysql, sqla)")
+                anyhow::bail!(
+                    "unknown broker {other} (known: sqlite, redis, amqp, postgres, postgres-async, mysql, sqla)"
+                )
             }
         }
     }

@@ -817,6 +817,8 @@ pub fn default_drivers() -> Drivers {
     celeriac_mysql::register(&mut d);
     #[cfg(feature = "sqla")]
     celeriac_sqla::register(&mut d);
+    #[cfg(feature = "postgres")]
+    celeriac_postgres::register(&mut d);
     d
 }
 

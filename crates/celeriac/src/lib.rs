@@ -62,6 +62,9 @@
 //!   result backend.
 //! - `memcached`: Celery's cache result backend on memcached, `cache+memcached://host:11211/`
 //!   (also several servers, `cache+memcached://h1:11211;h2:11211/`); see docs/memcached.md.
+//! - `postgres`: the PostgreSQL broker, result backend and beat store,
+//!   `postgres://user:password@host:5432/database` (or `postgresql://`), and transactional
+//!   enqueue, `celeriac::postgres::send_in`. See docs/postgres.md.
 //! - `mysql`: the MariaDB/MySQL broker, result backend and beat store,
 //!   `mysql://user:password@host:3306/database` (or `mariadb://`), and transactional enqueue,
 //!   `celeriac::mysql::send_in`. See docs/mysql.md.
@@ -93,6 +96,8 @@ pub mod control;
 pub mod flow;
 #[cfg(feature = "mysql")]
 pub mod mysql;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod result;
 mod signature;
 

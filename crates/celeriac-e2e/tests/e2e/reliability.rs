@@ -80,6 +80,22 @@ impl Target {
         }
     }
 
+    fn postgres() -> Self {
+        let (_, db) = sqlite_url("reliability-sigkill-postgres");
+        // A schema of this run's own on the shared server: its tables start empty.
+        let schema = format!("t_sigkill_{}", &new_id().replace('-', "")[20..]);
+        let url = format!("postgres://postgres@127.0.0.1:5432/test?schema={schema}");
+        Target {
+            name: "postgres",
+            // The lease: deliveries held by the dead worker come back when it runs out.
+            config: "visibility_timeout = 2.0\n".to_owned(),
+            backend: url.clone(),
+            broker: url,
+            queue: "celery".to_owned(),
+            files: db.display().to_string(),
+        }
+    }
+
     fn amqp() -> Self {
         let (backend, db) = sqlite_url("reliability-sigkill-amqp");
         Target {
@@ -249,6 +265,14 @@ async fn a_worker_killed_mid_run_loses_no_acks_late_task_on_mysql() {
         return;
     }
     sigkill_mid_run(Target::mysql().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_loses_no_acks_late_task_on_postgres() {
+    if !celeriac_test::services::require_service("postgres", "127.0.0.1:5432") {
+        return;
+    }
+    sigkill_mid_run(Target::postgres()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

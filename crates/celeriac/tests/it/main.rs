@@ -15,3 +15,6 @@ mod canvas;
 // Transactional enqueue on MariaDB/MySQL with a real worker (needs the server).
 #[cfg(feature = "mysql")]
 mod mysql;
+// Transactional enqueue on PostgreSQL with an in-process worker.
+#[cfg(feature = "postgres")]
+mod postgres;
