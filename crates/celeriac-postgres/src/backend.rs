@@ -190,7 +190,7 @@ impl PgBackend {
                 .is_ok()
     }
 
-    /// Deletes expired results, groups and counters (at most [`SWEEP_LIMIT`] results).
+    /// Deletes expired results, groups and counters (at most 1,000 results per call).
     /// Returns how many results went. Runs by itself at most once a minute, with a store.
     pub async fn sweep(&self) -> Result<u64> {
         let now = now_ms();
