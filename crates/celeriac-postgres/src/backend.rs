@@ -42,6 +42,8 @@ pub struct PgBackend {
     store: Arc<Store>,
     next_sweep: Arc<AtomicI64>,
     batcher: Arc<tokio::sync::OnceCell<mpsc::UnboundedSender<StoreCmd>>>,
+    /// Set once the coordination tables exist (created on first use).
+    coord_ready: Arc<tokio::sync::OnceCell<()>>,
 }
 
 /// One result waiting for the batch.
@@ -161,6 +163,7 @@ impl PgBackend {
             store: Store::open(options, KIND, "result backend").await?,
             next_sweep: Arc::default(),
             batcher: Arc::default(),
+            coord_ready: Arc::default(),
         })
     }
 
@@ -446,12 +449,244 @@ impl ResultBackend for PgBackend {
 
     fn capabilities(&self) -> BackendCapabilities<'_> {
         // Rows are keyed by the bare task id.
-        BackendCapabilities::none().probe(ResultProbe::new(self.store.options.identity(), ""))
+        BackendCapabilities::none()
+            .probe(ResultProbe::new(self.store.options.identity(), ""))
+            .coordination(self)
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.store.close();
+            Ok(())
+        })
+    }
+}
+
+/// The coordination tables (cluster rate limits, unique-task locks, concurrency slots),
+/// created on first use so that schemas made before them get them too.
+const COORD_DDL: &str = "
+CREATE TABLE IF NOT EXISTS {s}coord_keys (
+    key     text PRIMARY KEY,
+    holder  text,
+    until   bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}coord_slots (
+    key     text   NOT NULL,
+    holder  text   NOT NULL,
+    until   bigint NOT NULL,
+    PRIMARY KEY (key, holder)
+);";
+
+impl PgBackend {
+    /// Creates the coordination tables once per backend.
+    async fn coord_tables(&self) -> Result<()> {
+        self.check_open()?;
+        self.coord_ready
+            .get_or_try_init(|| async {
+                let fail = |e| self.store.err("cannot create the coordination tables", e);
+                // Under an advisory lock: concurrent `CREATE TABLE IF NOT EXISTS` of one table
+                // can fail in PostgreSQL on the catalog's unique index.
+                let mut tx = self.store.pool.begin().await.map_err(fail)?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                    .bind(self.store.sql("celeriac-coord-ddl:{s}"))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(fail)?;
+                sqlx::raw_sql(AssertSqlSafe(self.store.sql(COORD_DDL)))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(fail)?;
+                tx.commit().await.map_err(fail)
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Microseconds since the Unix epoch on the server's clock (every worker shares it).
+const NOW_US: &str = "(extract(epoch from clock_timestamp()) * 1000000)::bigint";
+
+/// Cluster rate limits, unique-task locks and concurrency slots as rows, each step one
+/// statement (atomic on the server, on its clock).
+impl celeriac_core::coord::Coordination for PgBackend {
+    fn throttle<'a>(
+        &'a self,
+        key: &'a str,
+        limit: celeriac_core::RateLimit,
+    ) -> BoxFuture<'a, Result<Duration>> {
+        Box::pin(async move {
+            self.coord_tables().await?;
+            let interval = celeriac_core::coord::gcra_interval(limit) as i64;
+            let key = format!("rate:{key}");
+            // The row first, so that the first callers of a key queue on its row lock too.
+            let sql = self.store.sql(
+                "INSERT INTO {s}coord_keys (key, holder, until) VALUES ($1, NULL, 0) \
+                 ON CONFLICT (key) DO NOTHING",
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(&key)
+                .execute(&self.store.pool)
+                .await
+                .map_err(|e| self.store.err("cannot throttle on postgres", e))?;
+            // GCRA as in celeriac_core::coord::gcra: admitted from a quarter interval before
+            // the key's time; the upsert moves it only when admitted. Returns the wait (us).
+            let sql = self.store.sql(&format!(
+                "WITH now AS (SELECT {NOW_US} AS t), \
+                 cur AS (SELECT COALESCE((SELECT until FROM {{s}}coord_keys WHERE key = $1 \
+                                          FOR UPDATE), 0) AS tat), \
+                 ins AS (INSERT INTO {{s}}coord_keys (key, holder, until) \
+                         SELECT $1, NULL, GREATEST(cur.tat, now.t) + $2 FROM cur, now \
+                         WHERE now.t >= cur.tat - $2 / 4 \
+                         ON CONFLICT (key) DO UPDATE SET until = excluded.until \
+                         RETURNING 1) \
+                 SELECT CASE WHEN EXISTS (SELECT 1 FROM ins) THEN 0 \
+                             ELSE cur.tat - $2 / 4 - now.t END FROM cur, now"
+            ));
+            let wait: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
+                .bind(&key)
+                .bind(interval)
+                .fetch_one(&self.store.pool)
+                .await
+                .map_err(|e| self.store.err("cannot throttle on postgres", e))?;
+            Ok(Duration::from_micros(wait.max(0) as u64))
+        })
+    }
+
+    fn lock<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<String>> {
+        Box::pin(async move {
+            self.coord_tables().await?;
+            let ttl = ttl.as_micros().min(i64::MAX as u128) as i64;
+            // Takes the row when free, expired or already ours; returns who holds it after.
+            let sql = self.store.sql(&format!(
+                "INSERT INTO {{s}}coord_keys AS k (key, holder, until) \
+                 VALUES ($1, $2, {NOW_US} + $3) \
+                 ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+                   WHERE k.holder IS NULL OR k.holder = excluded.holder OR k.until <= {NOW_US} \
+                 RETURNING holder"
+            ));
+            let taken: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+                .bind(format!("lock:{key}"))
+                .bind(holder)
+                .bind(ttl)
+                .fetch_optional(&self.store.pool)
+                .await
+                .map_err(|e| self.store.err("cannot take a postgres lock", e))?;
+            if let Some(h) = taken {
+                return Ok(h);
+            }
+            let sql = self
+                .store
+                .sql("SELECT holder FROM {s}coord_keys WHERE key = $1");
+            let other: Option<Option<String>> = sqlx::query_scalar(AssertSqlSafe(sql))
+                .bind(format!("lock:{key}"))
+                .fetch_optional(&self.store.pool)
+                .await
+                .map_err(|e| self.store.err("cannot read a postgres lock", e))?;
+            // Released between the two statements: try again from the start.
+            match other.flatten() {
+                Some(h) => Ok(h),
+                None => {
+                    self.lock(key, holder, Duration::from_micros(ttl as u64))
+                        .await
+                }
+            }
+        })
+    }
+
+    fn unlock<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            self.coord_tables().await?;
+            let sql = self
+                .store
+                .sql("DELETE FROM {s}coord_keys WHERE key = $1 AND holder = $2");
+            let done = sqlx::query(AssertSqlSafe(sql))
+                .bind(format!("lock:{key}"))
+                .bind(holder)
+                .execute(&self.store.pool)
+                .await
+                .map_err(|e| self.store.err("cannot release a postgres lock", e))?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        holder: &'a str,
+        limit: u32,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            self.coord_tables().await?;
+            let ttl = ttl.as_micros().min(i64::MAX as u128) as i64;
+            // One transaction, the key's slots locked by an advisory lock on the key, so that
+            // concurrent takers count the same rows.
+            let mut tx = self
+                .store
+                .pool
+                .begin()
+                .await
+                .map_err(|e| self.store.err("cannot take a postgres slot", e))?;
+            let fail = |e| self.store.err("cannot take a postgres slot", e);
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(format!("celeriac-coord-slots:{key}"))
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+            let sql = self.store.sql(&format!(
+                "DELETE FROM {{s}}coord_slots WHERE key = $1 AND until <= {NOW_US}"
+            ));
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+            let sql = self.store.sql(
+                "SELECT count(*), count(*) FILTER (WHERE holder = $2) \
+                 FROM {s}coord_slots WHERE key = $1",
+            );
+            let (held, mine): (i64, i64) = sqlx::query_as(AssertSqlSafe(sql))
+                .bind(key)
+                .bind(holder)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(fail)?;
+            if mine == 0 && held >= i64::from(limit) {
+                return Ok(false);
+            }
+            let sql = self.store.sql(&format!(
+                "INSERT INTO {{s}}coord_slots (key, holder, until) VALUES ($1, $2, {NOW_US} + $3) \
+                 ON CONFLICT (key, holder) DO UPDATE SET until = excluded.until"
+            ));
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(key)
+                .bind(holder)
+                .bind(ttl)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+            tx.commit().await.map_err(fail)?;
+            Ok(true)
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.coord_tables().await?;
+            let sql = self
+                .store
+                .sql("DELETE FROM {s}coord_slots WHERE key = $1 AND holder = $2");
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(key)
+                .bind(holder)
+                .execute(&self.store.pool)
+                .await
+                .map_err(|e| self.store.err("cannot free a postgres slot", e))?;
             Ok(())
         })
     }

@@ -208,3 +208,17 @@ async fn a_killed_workers_unique_lock_frees_itself() {
     let _w = workers(&url, &q, 1).await;
     assert_eq!(later.get_timeout(T).await.unwrap(), 7);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_rate_limit_holds_over_worker_processes_on_postgres() {
+    if !require_service("postgres", "127.0.0.1:5432") {
+        return;
+    }
+    // A schema of this run's own on the shared server.
+    let schema = format!(
+        "t_coord_{}",
+        &celeriac::core::protocol::new_id().replace('-', "")[20..]
+    );
+    let url = format!("postgres://postgres@127.0.0.1:5432/test?schema={schema}");
+    cluster_rate_limit(&url, "postgres").await;
+}
