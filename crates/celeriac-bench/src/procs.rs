@@ -216,7 +216,7 @@ impl CpuMeter {
             own,
             reaped,
             self.workers.iter().map(|&p| tree_cpu_secs(p)).sum(),
-            self.server.map_or(0.0, tree_cpu_secs),
+            self.server.map_or(0.0, server_cpu_secs),
         ]
     }
 
@@ -232,12 +232,51 @@ impl CpuMeter {
     }
 }
 
+/// CPU seconds of a server: its process tree, plus the children it has reaped (PostgreSQL
+/// runs one process per connection; their time moves to the postmaster's when they exit).
+fn server_cpu_secs(pid: u32) -> f64 {
+    let reaped = stat_times(&pid.to_string())
+        .iter()
+        .skip(2)
+        .take(2)
+        .sum::<u64>() as f64
+        / TICKS_PER_SEC;
+    tree_cpu_secs(pid) + reaped
+}
+
+/// The PostgreSQL postmaster: the `postgres` process whose parent is not one.
+fn postmaster() -> Option<u32> {
+    let parent_of = |pid: &str| -> Option<String> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        s.rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().nth(1).map(str::to_owned))
+    };
+    let comm = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err()
+            || comm(&pid).as_deref().map(str::trim_end) != Some("postgres")
+        {
+            continue;
+        }
+        let parent = parent_of(&pid).unwrap_or_default();
+        if comm(&parent).as_deref().map(str::trim_end) != Some("postgres") {
+            return pid.parse().ok();
+        }
+    }
+    None
+}
+
 /// The broker server process of a benchmark broker (`sqlite` has none: it runs inside the
 /// client and the workers).
 pub(crate) fn server_of(broker: &str) -> Option<u32> {
     match broker {
         "redis" => server_pid("redis-server", Some(":6379")),
         "amqp" => server_pid("beam.smp", None),
+        "postgres" | "postgres-async" | "sqla" => postmaster(),
+        "mysql" => server_pid("mariadbd", None).or_else(|| server_pid("mysqld", None)),
         _ => None,
     }
 }
