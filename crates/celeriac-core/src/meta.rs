@@ -288,8 +288,50 @@ impl std::fmt::Display for RemoteError {
     }
 }
 
+/// Celery's form of a saved group, `GroupResult.as_tuple()`:
+/// `[[gid, null], [[[id, null], null], …]]`. Celery's Redis and cache backends store it as
+/// `{"result": <tuple>}`, its database backend as it is.
+pub fn group_tuple(group_id: &str, task_ids: &[String]) -> serde_json::Value {
+    let members: Vec<serde_json::Value> = task_ids
+        .iter()
+        .map(|id| serde_json::json!([[id, null], null]))
+        .collect();
+    serde_json::json!([[group_id, null], members])
+}
+
+/// The member ids of a group tuple ([`group_tuple`], or one Celery wrote); `None` when the
+/// value is not one. A member is `[[id, parent], null]` (a result) or `[[gid, parent], [...]]`
+/// (a nested group): its id comes first either way.
+pub fn group_tuple_members(tuple: &serde_json::Value) -> Option<Vec<String>> {
+    tuple
+        .get(1)?
+        .as_array()?
+        .iter()
+        .map(|m| m.get(0)?.get(0)?.as_str().map(str::to_owned))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn group_tuples_are_celerys_and_read_back() {
+        let ids = vec!["a".to_owned(), "b".to_owned()];
+        let t = group_tuple("g", &ids);
+        assert_eq!(
+            t,
+            json!([["g", null], [[["a", null], null], [["b", null], null]]])
+        );
+        assert_eq!(group_tuple_members(&t), Some(ids));
+        // A nested group's id comes first too; anything else is not a group tuple.
+        let nested = json!([["g", null], [[["n", null], [[["x", null], null]]]]]);
+        assert_eq!(group_tuple_members(&nested), Some(vec!["n".to_owned()]));
+        assert_eq!(group_tuple_members(&json!({"result": 1})), None);
+        assert_eq!(
+            group_tuple_members(&json!([["g", null], [[[1, null], null]]])),
+            None
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -478,10 +478,8 @@ impl ResultBackend for RedisBackend {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.check_open()?;
-            // GroupResult.as_tuple(): [[gid, parent], [member tuples]], each member
-            // [[tid, parent], null].
-            let members: Vec<Value> = task_ids.iter().map(|t| json!([[t, null], null])).collect();
-            let doc = serde_json::to_vec(&json!({"result": [[group_id, null], members]}))?;
+            let tuple = celeriac_core::meta::group_tuple(group_id, task_ids);
+            let doc = serde_json::to_vec(&json!({ "result": tuple }))?;
             self.set("save a redis group", &self.inner.keys.group(group_id), &doc)
                 .await
         })
@@ -496,24 +494,13 @@ impl ResultBackend for RedisBackend {
             let Some(bytes) = self.get_raw(&self.inner.keys.group(group_id)).await? else {
                 return Ok(None);
             };
-            let v = json_from_slice(&bytes)?;
-            let bad = || Error::protocol("stored group is not celery's [[gid, parent], [members]]");
-            let members = v
-                .get("result")
-                .and_then(|r| r.get(1))
-                .and_then(Value::as_array)
-                .ok_or_else(bad)?;
-            members
-                .iter()
-                .map(|m| {
-                    m.get(0)
-                        .and_then(|id| id.get(0))
-                        .and_then(Value::as_str)
-                        .map(str::to_owned)
-                        .ok_or_else(bad)
-                })
-                .collect::<Result<Vec<_>>>()
+            let v: Value = json_from_slice(&bytes)?;
+            v.get("result")
+                .and_then(celeriac_core::meta::group_tuple_members)
                 .map(Some)
+                .ok_or_else(|| {
+                    Error::protocol("stored group is not celery's [[gid, parent], [members]]")
+                })
         })
     }
 

@@ -762,35 +762,13 @@ fn statements(
     }
 }
 
-/// Celery's group document: `GroupResult.as_tuple()`, `[[gid, null], [[[id, null], null], …]]`.
-fn group_document(group_id: &str, task_ids: &[String]) -> Value {
-    let members: Vec<Value> = task_ids
-        .iter()
-        .map(|id| json!([[id, null], null]))
-        .collect();
-    json!([[group_id, null], members])
-}
-
-/// The member ids of a group document (Celery's tuple form).
+/// The member ids of a stored group tuple (see [`celeriac_core::meta::group_tuple`]).
 fn group_members(doc: &Value, group_id: &str) -> Result<Vec<String>> {
-    let bad = || {
+    celeriac_core::meta::group_tuple_members(doc).ok_or_else(|| {
         Error::backend(format!(
             "the stored group {group_id} is not celery's group tuple"
         ))
-    };
-    let members = doc.get(1).and_then(Value::as_array).ok_or_else(bad)?;
-    members
-        .iter()
-        .map(|m| {
-            // A member is `[[id, parent], null]` (a result) or `[[gid, parent], [...]]` (a
-            // nested group): its id comes first either way.
-            m.get(0)
-                .and_then(|head| head.get(0))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .ok_or_else(bad)
-        })
-        .collect()
+    })
 }
 
 impl SqlaBackend {
@@ -965,7 +943,7 @@ impl ResultBackend for SqlaBackend {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.check_open()?;
-            let doc = serde_json::to_vec(&group_document(group_id, task_ids))?;
+            let doc = serde_json::to_vec(&celeriac_core::meta::group_tuple(group_id, task_ids))?;
             on_pool!(&self.inner.pool, p => sqlx::query(sql(&self.inner.sql.save_group))
                 .bind(group_id)
                 .bind(doc)
@@ -1062,7 +1040,7 @@ mod tests {
 
     #[test]
     fn group_documents_are_celery_tuples() {
-        let doc = group_document("g", &["a".into(), "b".into()]);
+        let doc = celeriac_core::meta::group_tuple("g", &["a".into(), "b".into()]);
         assert_eq!(
             doc,
             json!([["g", null], [[["a", null], null], [["b", null], null]]])
