@@ -316,7 +316,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 report.note(&format!(
                     "{name}: the native driver (celeriac-postgres: SKIP LOCKED fetches, \
                      LISTEN/NOTIFY, results in the same database), server on this machine \
-                     (its CPU is not split out: one process per connection). Python side: n/a \
+                     (its CPU: the postmaster's process tree and the backends it reaped). Python \
+                     side: n/a \
                      here (Celery's `sqla+`/`db+` pairs belong to celeriac-sqla).",
                 ));
             }
