@@ -115,6 +115,7 @@ pub fn encode<T: Serialize>(ct: ContentType, value: &T) -> Result<Vec<u8>> {
 pub fn decode<T: DeserializeOwned>(ct: ContentType, bytes: &[u8]) -> Result<T> {
     match ct {
         ContentType::Json => {
+            check_json_depth(bytes)?;
             // The common body (no kombu type wrappers, no integer literal that could be wider
             // than 64 bits) is read straight into `T`; everything else, and every error, goes
             // through the checked path below.
@@ -150,9 +151,52 @@ fn encode_msgpack<T: Serialize>(_: &T) -> Result<Vec<u8>> {
     ))
 }
 
+/// The deepest nesting of arrays and maps a message body may have, in either codec. Real
+/// bodies (arguments, and canvases nested a few signatures deep) stay far below it; a hostile
+/// one nested deeper must not exhaust a worker thread's stack in the typed decoding of nested
+/// signatures (the fuzzer aborted a test thread on one). serde_json stops at 128 and
+/// rmp-serde at 1,024 on their own.
+pub const MAX_BODY_DEPTH: usize = 64;
+
+/// Refuses JSON nested deeper than [`MAX_BODY_DEPTH`], with one pass over the bytes.
+fn check_json_depth(bytes: &[u8]) -> Result<()> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_BODY_DEPTH {
+                    return Err(Error::protocol(format!(
+                        "invalid message body: nested deeper than {MAX_BODY_DEPTH} levels"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "msgpack")]
+const MSGPACK_MAX_DEPTH: usize = MAX_BODY_DEPTH;
+
 #[cfg(feature = "msgpack")]
 fn decode_msgpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    let v: Value = rmp_serde::from_slice(bytes)
+    use serde::Deserialize as _;
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MSGPACK_MAX_DEPTH);
+    let v = Value::deserialize(&mut de)
         .map_err(|e| Error::protocol("invalid msgpack body").with_source(e))?;
     serde_json::from_value(v).map_err(|e| Error::protocol(format!("invalid message body: {e}")))
 }
@@ -470,5 +514,31 @@ mod tests {
         let bytes = encode(ContentType::MsgPack, &body).unwrap();
         let back: crate::protocol::Body = decode(ContentType::MsgPack, &bytes).unwrap();
         assert_eq!(back, body);
+    }
+
+    /// A hostile body nested deeper than any real one is refused with an error, in both
+    /// codecs, instead of exhausting the stack (found by the fuzzer: a msgpack body of a few
+    /// hundred nested arrays aborted the process).
+    #[cfg(feature = "msgpack")]
+    #[test]
+    fn deeply_nested_bodies_are_refused_not_a_crash() {
+        for depth in [MAX_BODY_DEPTH + 1, 200, 5_000] {
+            // msgpack: `depth` one-element arrays (0x91) around a nil (0xc0).
+            let mut mp = vec![0x91_u8; depth];
+            mp.push(0xc0);
+            let e = decode::<Value>(ContentType::MsgPack, &mp).unwrap_err();
+            assert!(e.to_string().contains("invalid msgpack"), "{e}");
+            let json = format!("{}null{}", "[".repeat(depth), "]".repeat(depth));
+            assert!(decode::<Value>(ContentType::Json, json.as_bytes()).is_err());
+        }
+        let mut ok = vec![0x91_u8; MAX_BODY_DEPTH - 1];
+        ok.push(0xc0);
+        assert!(decode::<Value>(ContentType::MsgPack, &ok).is_ok());
+        let n = MAX_BODY_DEPTH;
+        let json = format!("{}\"[{{\\\"\"{}", "[".repeat(n), "]".repeat(n));
+        assert!(
+            decode::<Value>(ContentType::Json, json.as_bytes()).is_ok(),
+            "brackets inside strings do not count"
+        );
     }
 }
