@@ -6,8 +6,7 @@
 //! backend's coordination capability; on a backend without one a worker warns at start
 //! ([`check`]), keeps cluster rate limits per worker, and fails tasks with `max_concurrency`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use celeriac_core::coord::{Coordination, UNIQUE_HEADER};
@@ -29,9 +28,6 @@ pub(crate) struct CoordinationLayer {
     pub(crate) backend: Option<DynBackend>,
     pub(crate) limiter: Arc<RateLimiter>,
     pub(crate) phase: PhaseWatch,
-    /// One fair (FIFO) queue per task name for the cluster budget, so that this worker's
-    /// held-back deliveries of a name start in the order they arrived.
-    pub(crate) queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Warns at start when tasks need a coordination store and `backend` has none: their cluster
@@ -89,6 +85,9 @@ impl Layer for CoordinationLayer {
             }
             _ => None,
         };
+        if cluster_limit.is_none() {
+            req.leave_turns();
+        }
         let unique = req
             .message
             .headers
@@ -109,15 +108,10 @@ impl Layer for CoordinationLayer {
         };
         Box::pin(async move {
             if let Some(limit) = cluster_limit {
-                let queue = self
-                    .queues
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(req.name().to_owned())
-                    .or_default()
-                    .clone();
+                // This worker's deliveries of the name ask in the order they arrived.
+                let turns = self.limiter.turns(req.name());
                 let admitted = async {
-                    let _turn = queue.lock().await;
+                    let _turn = turns.take(req.seq()).await;
                     loop {
                         match store.throttle(req.name(), limit).await {
                             Ok(wait) if wait.is_zero() => return,

@@ -8,6 +8,7 @@
 //! [`pipeline`](crate::pipeline)).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use celeriac_core::meta::RemoteError;
@@ -17,10 +18,12 @@ use celeriac_core::{BoxFuture, Delivery, DynBroker, Registry, TaskContext};
 use crate::dead;
 use crate::pipeline::{Inner, Outcome, Request, Stack};
 use crate::pool::{Executor, Finished};
+use crate::ratelimit::RateLimiter;
 use crate::record::Recorder;
 use crate::report::{Counters, Tally};
 use crate::request::{self, Decoded};
 use crate::tracker::Tracker;
+use crate::turns::Arrival;
 
 /// Where deliveries enter: decoding, refusals, then the layers.
 #[derive(Debug)]
@@ -40,13 +43,40 @@ pub(crate) struct Intake {
     pub(crate) counters: Arc<Counters>,
     pub(crate) tracker: Arc<Tracker>,
     pub(crate) stack: Stack,
+    /// Deliveries received so far: the next one's arrival number ([`Request::seq`]).
+    pub(crate) arrivals: AtomicU64,
+    /// Rate limits, for the places of held-back deliveries (see [`crate::turns`]).
+    pub(crate) limiter: Arc<RateLimiter>,
 }
 
 impl Intake {
-    /// Runs one delivery to the end and settles it. `span` is the execution's span (the
-    /// caller instruments this future with it); the task id and name are recorded on it once
-    /// the message is decoded.
-    pub(crate) async fn handle(self: Arc<Self>, delivery: Delivery, span: tracing::Span) {
+    /// Numbers `delivery`, called by the consume loop in the order deliveries come; a task
+    /// under a rate limit, due now, also gets its place among its name's held-back
+    /// deliveries.
+    pub(crate) fn arrived(&self, delivery: &Delivery) -> (u64, Option<Arrival>) {
+        let seq = self.arrivals.fetch_add(1, Ordering::Relaxed);
+        let arrival = delivery.message.as_ref().ok().and_then(|m| {
+            let name = m.headers.task.as_str();
+            let def = self.registry.get(name)?;
+            let limited = self
+                .limiter
+                .limit_for(name, def.options.rate_limit)
+                .is_some();
+            (limited && m.headers.eta.is_none()).then(|| self.limiter.turns(name).arrive(seq))
+        });
+        (seq, arrival)
+    }
+
+    /// Runs one delivery, which arrived `seq`-th (at `arrival` among its name's held-back
+    /// ones), to the end and settles it. `span` is the execution's span (the caller
+    /// instruments this future with it); the task id and name are recorded on it once the
+    /// message is decoded.
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        delivery: Delivery,
+        (seq, arrival): (u64, Option<Arrival>),
+        span: tracing::Span,
+    ) {
         let (message, handle) = delivery.into_parts();
         let decoded: Decoded = match request::decode_checked(
             message,
@@ -91,7 +121,7 @@ impl Intake {
                 return;
             }
         };
-        let req = Arc::new(Request::new(decoded, Arc::new(handle)));
+        let req = Arc::new(Request::new(decoded, Arc::new(handle), seq, arrival));
         span.record("task_id", req.id());
         span.record("task_name", req.name());
         tracing::info!(retries = req.message.headers.retries, "task received");

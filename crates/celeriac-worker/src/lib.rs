@@ -95,6 +95,7 @@ mod shutdown;
 mod slot;
 mod timelimit;
 mod tracker;
+mod turns;
 mod worker;
 
 pub use options::{ChildCommand, Pool, WorkerOptions};

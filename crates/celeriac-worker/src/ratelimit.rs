@@ -14,6 +14,7 @@ use celeriac_core::{BoxFuture, RateLimit, TokenBucket};
 use crate::pipeline::{Layer, Next, Outcome, Request};
 use crate::schedule::handed_back;
 use crate::shutdown::{Phase, PhaseWatch};
+use crate::turns::Turns;
 
 /// Holds each task back until its name's rate limit lets it start; a warm shutdown hands a
 /// waiting delivery back.
@@ -38,13 +39,14 @@ impl Layer for RateLimitLayer {
             .limiter
             .limit_for(req.name(), req.def.options.rate_limit)
         else {
+            req.leave_turns();
             return next.run(req);
         };
         Box::pin(async move {
             tokio::select! {
                 biased;
                 () = self.phase.reached(Phase::Warm) => handed_back(),
-                () = self.limiter.acquire(req.name(), limit) => next.run(req).await,
+                () = self.limiter.acquire(req.name(), limit, req.seq()) => next.run(req).await,
             }
         })
     }
@@ -59,9 +61,13 @@ pub(crate) struct RateLimiter {
     set: RwLock<HashMap<String, Option<RateLimit>>>,
     /// Whether `set` has anything, read without the lock on every task.
     any_set: AtomicBool,
+    /// The order in which held-back deliveries of each name start, whichever layer holds
+    /// them (this worker's limit or the cluster's).
+    turns: Mutex<HashMap<String, Arc<Turns>>>,
 }
 
-type Bucket = (RateLimit, Arc<tokio::sync::Mutex<TokenBucket>>);
+/// A name's bucket at its limit, and the turns of the deliveries waiting for it.
+type Bucket = (RateLimit, Arc<Mutex<TokenBucket>>);
 
 impl RateLimiter {
     /// The limit in force for task `name`, whose own limit is `own`.
@@ -75,6 +81,15 @@ impl RateLimiter {
         }
     }
 
+    /// The queue of task `name`'s held-back deliveries.
+    pub(crate) fn turns(&self, name: &str) -> Arc<Turns> {
+        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        match turns.get(name) {
+            Some(t) => t.clone(),
+            None => turns.entry(name.to_owned()).or_default().clone(),
+        }
+    }
+
     /// Sets task `name`'s limit from now on (`None`: no limit), whatever its own.
     pub(crate) fn set(&self, name: &str, limit: Option<RateLimit>) {
         self.set
@@ -84,24 +99,33 @@ impl RateLimiter {
         self.any_set.store(true, Ordering::Release);
     }
 
-    /// Waits until task `name`, limited to `limit`, may start.
-    pub(crate) async fn acquire(&self, name: &str, limit: RateLimit) {
+    /// Waits until task `name`, limited to `limit`, may start; waiters start in the order
+    /// they arrived (`seq`, see [`Turns`]).
+    pub(crate) async fn acquire(&self, name: &str, limit: RateLimit, seq: u64) {
         let bucket = {
             let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
             match buckets.get(name) {
                 Some((l, b)) if *l == limit => b.clone(),
                 // New, or its limit changed: a fresh bucket at the new rate.
                 _ => {
-                    let b = Arc::new(tokio::sync::Mutex::new(TokenBucket::new(limit)));
+                    let b = Arc::new(Mutex::new(TokenBucket::new(limit)));
                     buckets.insert(name.to_owned(), (limit, b.clone()));
                     b
                 }
             }
         };
-        let mut bucket = bucket.lock().await;
-        // tokio's clock, so that paused-time tests (and `tokio::time::advance`) drive it.
-        while let Err(wait) = bucket.try_take(tokio::time::Instant::now().into_std()) {
-            tokio::time::sleep(wait).await;
+        let _turn = self.turns(name).take(seq).await;
+        loop {
+            // tokio's clock, so that paused-time tests (and `tokio::time::advance`) drive it.
+            let now = tokio::time::Instant::now().into_std();
+            let taken = bucket
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_take(now);
+            match taken {
+                Ok(()) => return,
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
         }
     }
 }
@@ -121,12 +145,12 @@ mod tests {
         for _ in 0..3 {
             let l = limiter.clone();
             slow.push(tokio::spawn(async move {
-                l.acquire("slow", two_per_sec).await;
+                l.acquire("slow", two_per_sec, 0).await;
                 Instant::now() - t0
             }));
             tokio::task::yield_now().await;
         }
-        limiter.acquire("other", two_per_sec).await;
+        limiter.acquire("other", two_per_sec, 0).await;
         assert_eq!(Instant::now() - t0, Duration::ZERO);
         let mut times = Vec::new();
         for h in slow {

@@ -23,6 +23,7 @@ use serde_json::{Map, Value};
 
 use crate::lease::{self, LeaseKeeper};
 use crate::pool::ChildPid;
+use crate::turns::Arrival;
 
 /// The module Celery's own exceptions live in.
 pub(crate) const CELERY_EXC: &str = "celery.exceptions";
@@ -46,6 +47,10 @@ pub struct Request {
     /// The pool child running the body, under the processes pool.
     pub(crate) child: ChildPid,
     received: Instant,
+    /// Its arrival number in this worker (see [`Request::seq`]).
+    seq: u64,
+    /// Its place among the held-back deliveries of its name, when it arrived limited.
+    arrival: Option<Arrival>,
     /// When the body started (Unix seconds).
     started: OnceLock<f64>,
     runtime: OnceLock<Duration>,
@@ -60,8 +65,14 @@ pub(crate) struct Decoded {
 }
 
 impl Request {
-    /// A request for a decoded message, settled through `handle`.
-    pub(crate) fn new(decoded: Decoded, handle: Arc<DeliveryHandle>) -> Self {
+    /// A request for a decoded message, settled through `handle`; it arrived `seq`-th, with
+    /// a place among its name's held-back deliveries when it arrived limited.
+    pub(crate) fn new(
+        decoded: Decoded,
+        handle: Arc<DeliveryHandle>,
+        seq: u64,
+        arrival: Option<Arrival>,
+    ) -> Self {
         Request {
             queue: handle.queue.clone(),
             message: Arc::new(decoded.message),
@@ -71,6 +82,8 @@ impl Request {
             cancel: Cancellation::new(),
             child: ChildPid::default(),
             received: Instant::now(),
+            seq,
+            arrival,
             started: OnceLock::new(),
             runtime: OnceLock::new(),
         }
@@ -130,6 +143,20 @@ impl Request {
     /// When the worker received the delivery.
     pub fn received_at(&self) -> Instant {
         self.received
+    }
+
+    /// Its arrival number: deliveries are numbered in the order this worker received them
+    /// from the broker (before each one's decoding and layers run concurrently).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Gives up its place among the held-back deliveries of its name: it will not wait for
+    /// a rate limit (see [`Turns`](crate::turns)).
+    pub(crate) fn leave_turns(&self) {
+        if let Some(a) = &self.arrival {
+            a.leave();
+        }
     }
 
     /// When the body started (Unix seconds), once it has.
@@ -420,7 +447,7 @@ pub(crate) mod tests {
             Box::new(settled.clone()),
         );
         let (_, handle) = delivery.into_parts();
-        (Request::new(decoded, Arc::new(handle)), settled)
+        (Request::new(decoded, Arc::new(handle), 0, None), settled)
     }
 
     #[test]

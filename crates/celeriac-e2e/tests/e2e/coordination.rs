@@ -117,37 +117,58 @@ async fn max_concurrency_holds_across_worker_processes() {
     assert_eq!(most, 2, "the cap is reached, not just respected: {spans:?}");
 }
 
-/// 1,000 sends of the same call from four clients at once: one task is queued and runs, every
-/// send gets its id; once it ran, the next send queues again.
+/// Where a unique-send child process (see [`unique_sends_of_one_client_process`]) finds its
+/// work: the broker URL, the queue, the runs file, and a file whose appearance starts the
+/// sends in every child at once.
+const CHILD_ENV: &str = "CELERIAC_E2E_UNIQUE_CHILD";
+
+/// 1,000 sends of the same call from four client processes at once: one task is queued and
+/// runs, every send gets its id; once it ran, the next send queues again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unique_task_runs_once_for_a_thousand_concurrent_sends() {
+    use std::process::{Command, Stdio};
     let (url, db) = sqlite_url("coord-unique");
     let q = unique_queue("coord-unique");
     let path = format!("{}.runs", db.display());
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        clients.push(client(&url).await);
+    let go = format!("{}.go", db.display());
+    // The schema exists before four processes race to create it.
+    let app = client(&url).await;
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "coordination::unique_sends_of_one_client_process",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD_ENV, format!("{url}\n{q}\n{path}\n{go}"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Every child connects, spawns its 250 sends and waits for the file.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::write(&go, "").unwrap();
+    let mut ids = Vec::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "a client process failed");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let mine: Vec<String> = stdout
+            .lines()
+            // The test harness's "test … ..." shares the first line.
+            .filter_map(|l| l.split("sent ").nth(1))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(mine.len(), 250, "{stdout}");
+        ids.extend(mine);
     }
-    let mut sends = tokio::task::JoinSet::new();
-    for app in &clients {
-        for _ in 0..250 {
-            let (app, q, path) = (app.clone(), q.clone(), path.clone());
-            sends.spawn(async move {
-                sync_once::s(42, path)
-                    .queue(&q)
-                    .apply_async(&app)
-                    .await
-                    .unwrap()
-                    .id()
-                    .to_owned()
-            });
-        }
-    }
-    let ids = sends.join_all().await;
     assert_eq!(ids.len(), 1000);
     assert!(ids.iter().all(|id| *id == ids[0]), "more than one id");
     let ws = workers(&url, &q, 2).await;
-    let app = &clients[0];
     assert_eq!(
         app.result::<i64>(ids[0].clone())
             .get_timeout(T)
@@ -159,12 +180,54 @@ async fn a_unique_task_runs_once_for_a_thousand_concurrent_sends() {
     assert_eq!(runs.lines().collect::<Vec<_>>(), [ids[0].as_str()]);
     let again = sync_once::s(42, path.clone())
         .queue(&q)
-        .apply_async(app)
+        .apply_async(&app)
         .await
         .unwrap();
     assert_ne!(again.id(), ids[0]);
     assert_eq!(again.get_timeout(T).await.unwrap(), 42);
     drop(ws);
+}
+
+/// One of [`a_unique_task_runs_once_for_a_thousand_concurrent_sends`]'s client processes:
+/// 250 concurrent sends of one unique call, started when the go file appears; prints each
+/// send's id. Does nothing when run as an ordinary test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // the parent test's hand-off, not configuration
+async fn unique_sends_of_one_client_process() {
+    let Ok(work) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let [url, q, path, go]: [String; 4] = work
+        .lines()
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("four lines");
+    let app = client(&url).await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(251));
+    let mut sends = tokio::task::JoinSet::new();
+    for _ in 0..250 {
+        let (app, q, path, start) = (app.clone(), q.clone(), path.clone(), start.clone());
+        sends.spawn(async move {
+            start.wait().await;
+            sync_once::s(42, path)
+                .queue(&q)
+                .apply_async(&app)
+                .await
+                .unwrap()
+                .id()
+                .to_owned()
+        });
+    }
+    let deadline = tokio::time::Instant::now() + T;
+    while !std::path::Path::new(&go).exists() {
+        assert!(tokio::time::Instant::now() < deadline, "no go file");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    start.wait().await;
+    for id in sends.join_all().await {
+        println!("sent {id}");
+    }
 }
 
 /// A worker SIGKILLed while it runs a unique task: the lock is not released by anyone, and

@@ -284,6 +284,8 @@ impl Worker {
         });
         let counters = Arc::new(Counters::default());
         let intake = Arc::new(Intake {
+            arrivals: Default::default(),
+            limiter: limiter.clone(),
             max_message_size: options.max_message_size,
             signer: options.signer.clone(),
             recorder: Recorder::new(backend.clone(), options.hostname.clone()),
@@ -464,7 +466,8 @@ fn spawn_delivery(
     // tokio moves a spawned future by value through its spawn path and again when the task's
     // output is taken; boxed, each of those moves is a pointer's. `perf` of a Redis drain:
     // `memmove` 8.8–9.3 % of the worker's samples before, 6.7–6.9 % after.
-    Box::pin(intake.handle(delivery, span.clone())).instrument(span)
+    let arrived = intake.arrived(&delivery);
+    Box::pin(intake.handle(delivery, arrived, span.clone())).instrument(span)
 }
 
 /// What the worker's layers are made of.
@@ -532,7 +535,6 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
             backend: p.backend.cloned(),
             limiter: p.limiter,
             phase: p.phase.clone(),
-            queues: std::sync::Mutex::default(),
         }),
         Arc::new(SlotLayer {
             slots: p.pool.slots(),
