@@ -40,6 +40,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::error::{Error, Result};
+use crate::ratelimit::RateLimit;
+use crate::task::{RateLimitScope, Registry, TaskOptions};
 
 /// The file read by [`Config::load`] when present in the working directory.
 pub const DEFAULT_FILE: &str = "celeriac.toml";
@@ -134,6 +136,9 @@ pub struct Config {
     /// Send a `task-sent` event for every task this app sends (Celery's
     /// `task_send_sent_event`), for monitors. Default false.
     pub task_send_sent_event: bool,
+    /// Per-task settings by task name or glob (Celery's `task_annotations`), over the tasks'
+    /// own options: see [`TaskAnnotation`] and [`Config::annotate`].
+    pub task_annotations: BTreeMap<String, TaskAnnotation>,
     /// Worker settings.
     pub worker: WorkerConfig,
     /// The `[beat]` table, read by the beat scheduler (`celeriac::beat`).
@@ -232,6 +237,7 @@ impl Default for Config {
             celery_worker_queues: Vec::new(),
             celeriac_only_queues: Vec::new(),
             task_send_sent_event: false,
+            task_annotations: BTreeMap::new(),
             worker: WorkerConfig::default(),
             beat: None,
         }
@@ -255,6 +261,81 @@ impl Default for WorkerConfig {
             heartbeat_interval: Duration::from_secs(2),
             control_allow: crate::broadcast::control::ControlAllow::All,
         }
+    }
+}
+
+/// Settings of the tasks whose names match one key of `[task_annotations]` (a name, or a glob
+/// such as `"tasks.mail_*"` or `"*"`), Celery's `task_annotations`: each one given replaces
+/// the task's own option, in the client (e.g. `unique_for`) and in the worker. Patterns apply
+/// first (in key order), then an exact name, so a name's own entry wins over a pattern.
+///
+/// ```toml
+/// [task_annotations."*"]
+/// rate_limit_scope = "cluster"
+///
+/// [task_annotations."tasks.partner"]
+/// rate_limit = "20/s"
+/// max_concurrency = 4
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TaskAnnotation {
+    /// The rate limit, e.g. `"10/s"`, `"100/m"`; `""` removes the task's own.
+    #[serde(deserialize_with = "opt_rate_limit")]
+    pub rate_limit: Option<Option<RateLimit>>,
+    /// Whose budget the rate limit is: `"worker"` (each worker's, Celery's) or `"cluster"`.
+    pub rate_limit_scope: Option<RateLimitScope>,
+    /// At most this many run at once across the cluster.
+    pub max_concurrency: Option<u32>,
+    /// Seconds a unique task's lock is held at most (see `TaskOptions::unique_for`).
+    #[serde(deserialize_with = "some_secs")]
+    pub unique_for: Option<Duration>,
+    /// Retries allowed.
+    pub max_retries: Option<u32>,
+    /// Seconds before a retry when none is given.
+    #[serde(deserialize_with = "some_secs")]
+    pub default_retry_delay: Option<Duration>,
+    /// Acknowledge after the task finishes.
+    pub acks_late: Option<bool>,
+    /// Seconds after which the task is stopped and fails.
+    #[serde(deserialize_with = "some_secs")]
+    pub time_limit: Option<Duration>,
+    /// Seconds after which the task's cancellation fires.
+    #[serde(deserialize_with = "some_secs")]
+    pub soft_time_limit: Option<Duration>,
+    /// Store no result.
+    pub ignore_result: Option<bool>,
+    /// Store STARTED when the task begins.
+    pub track_started: Option<bool>,
+    /// Seconds after which an unstarted message is revoked, not run.
+    #[serde(deserialize_with = "some_secs")]
+    pub expires: Option<Duration>,
+    /// Default priority, 0 to 9.
+    pub priority: Option<u8>,
+}
+
+impl TaskAnnotation {
+    /// Sets each option this annotation gives on `o`.
+    pub fn apply(&self, o: &mut TaskOptions) {
+        fn set<T: Clone>(slot: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *slot = v.clone();
+            }
+        }
+        set(&mut o.rate_limit, &self.rate_limit);
+        set(&mut o.rate_limit_scope, &self.rate_limit_scope);
+        set(&mut o.max_concurrency, &self.max_concurrency.map(Some));
+        set(&mut o.unique_for, &self.unique_for.map(Some));
+        set(&mut o.max_retries, &self.max_retries.map(Some));
+        set(&mut o.default_retry_delay, &self.default_retry_delay);
+        set(&mut o.acks_late, &self.acks_late);
+        set(&mut o.time_limit, &self.time_limit.map(Some));
+        set(&mut o.soft_time_limit, &self.soft_time_limit.map(Some));
+        set(&mut o.ignore_result, &self.ignore_result);
+        set(&mut o.track_started, &self.track_started);
+        set(&mut o.expires, &self.expires.map(Some));
+        set(&mut o.priority, &self.priority.map(Some));
     }
 }
 
@@ -386,6 +467,14 @@ impl std::str::FromStr for FailoverStrategy {
     }
 }
 
+impl<'de> Deserialize<'de> for RateLimitScope {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 impl<'de> Deserialize<'de> for FailoverStrategy {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         String::deserialize(d)?
@@ -397,6 +486,24 @@ impl<'de> Deserialize<'de> for FailoverStrategy {
 fn secs<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
     let s = f64::deserialize(d)?;
     Duration::try_from_secs_f64(s).map_err(serde::de::Error::custom)
+}
+
+/// Seconds, present: `Some` (for a field whose absence means "not given").
+fn some_secs<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
+    secs(d).map(Some)
+}
+
+/// A rate limit string, present: `Some(None)` for `""` (no limit), else `Some(limit)`.
+fn opt_rate_limit<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<RateLimit>>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(Some(None));
+    }
+    s.parse()
+        .map(|l| Some(Some(l)))
+        .map_err(serde::de::Error::custom)
 }
 
 fn opt_secs<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
@@ -508,6 +615,27 @@ impl Config {
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Applies `[task_annotations]` to the tasks of `registry`: patterns first (in key
+    /// order), then each task's exact name.
+    pub fn annotate(&self, registry: &mut Registry) {
+        if self.task_annotations.is_empty() {
+            return;
+        }
+        registry.update_options(|name, o| self.annotate_options(name, o));
+    }
+
+    /// Applies `[task_annotations]` to the options `o` of task `name`.
+    pub fn annotate_options(&self, name: &str, o: &mut TaskOptions) {
+        for (pattern, a) in &self.task_annotations {
+            if pattern.contains('*') && glob_match(pattern, name) {
+                a.apply(o);
+            }
+        }
+        if let Some(a) = self.task_annotations.get(name) {
+            a.apply(o);
+        }
     }
 
     /// Checks values that serde cannot.
@@ -878,11 +1006,83 @@ mod tests {
     }
 
     #[test]
+    fn task_annotations_apply_patterns_then_names_and_refuse_unknown_settings() {
+        use crate::task::{Handler, TaskDef};
+        let text = r#"
+[task_annotations."*"]
+rate_limit_scope = "cluster"
+max_retries = 1
+
+[task_annotations."tasks.mail_*"]
+rate_limit = "5/s"
+time_limit = 2.5
+
+[task_annotations."tasks.mail_send"]
+rate_limit = ""
+unique_for = 60
+"#;
+        let c = Config::from_sources(Some((Path::new("c.toml"), text)), no_env).unwrap();
+        let mut r = Registry::new();
+        for name in ["tasks.mail_send", "tasks.mail_digest", "tasks.add"] {
+            r.insert(TaskDef {
+                name: name.to_owned(),
+                params: &[],
+                options: TaskOptions {
+                    rate_limit: Some("1/s".parse().unwrap()),
+                    ..TaskOptions::default()
+                },
+                handler: Handler::Async(std::sync::Arc::new(|_, _| {
+                    Box::pin(async { Ok(serde_json::Value::Null) })
+                })),
+            });
+        }
+        c.annotate(&mut r);
+        let o = |n: &str| r.get(n).unwrap().options.clone();
+        for n in ["tasks.mail_send", "tasks.mail_digest", "tasks.add"] {
+            assert_eq!(o(n).rate_limit_scope, RateLimitScope::Cluster, "{n}");
+            assert_eq!(o(n).max_retries, Some(1), "{n}");
+        }
+        // The name's own entry wins over the pattern's.
+        assert_eq!(o("tasks.mail_send").rate_limit, None);
+        assert_eq!(
+            o("tasks.mail_send").unique_for,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            o("tasks.mail_send").time_limit,
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            o("tasks.mail_digest").rate_limit,
+            Some("5/s".parse().unwrap())
+        );
+        assert_eq!(o("tasks.mail_digest").unique_for, None);
+        // Untouched settings keep the task's own.
+        assert_eq!(o("tasks.add").rate_limit, Some("1/s".parse().unwrap()));
+        for (bad, says) in [
+            ("[task_annotations.x]\nrate_limt = \"1/s\"\n", "rate_limt"),
+            ("[task_annotations.x]\nrate_limit = \"fast\"\n", "fast"),
+            (
+                "[task_annotations.x]\nrate_limit_scope = \"global\"\n",
+                "global",
+            ),
+        ] {
+            let e = Config::from_sources(Some((Path::new("c.toml"), bad)), no_env).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{bad}: {e:#}");
+        }
+    }
+
+    #[test]
     fn the_reference_lists_every_key() {
         let doc = include_str!("../../../docs/configuration.md");
         for (heading, fields, table) in [
             ("Top level", field_names::<Config>(), None),
             ("`[worker]`", field_names::<WorkerConfig>(), Some("worker")),
+            (
+                "`[task_annotations]`",
+                field_names::<TaskAnnotation>(),
+                Some("task_annotations.\"*\""),
+            ),
         ] {
             let rows = documented(doc, heading);
             let mut keys: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();

@@ -244,6 +244,13 @@ impl Registry {
         self.tasks.insert(def.name.clone(), Arc::new(def));
     }
 
+    /// Changes the options of every task: `f` gets each task's name and options.
+    pub fn update_options(&mut self, mut f: impl FnMut(&str, &mut TaskOptions)) {
+        for (name, def) in &mut self.tasks {
+            f(name, &mut Arc::make_mut(def).options);
+        }
+    }
+
     /// The definition of `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<TaskDef>> {
         self.tasks.get(name)

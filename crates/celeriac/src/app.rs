@@ -168,9 +168,7 @@ impl App {
         if let Some(e) = &sig.encode_error {
             return Err(Error::protocol(e.clone()));
         }
-        let task_options = sig
-            .registered_options()
-            .unwrap_or_else(|| self.registered_options(&sig.task));
+        let task_options = self.options_for(&sig.task, sig.registered_options());
         let sender = self.sender();
         let (queue, message, options) = self.prepare(sig.call(), &task_options, None, &sender)?;
         Ok(PreparedSend {
@@ -185,19 +183,20 @@ impl App {
         if let Some(e) = &sig.encode_error {
             return Err(Error::protocol(e.clone()));
         }
-        let task_options = sig
-            .registered_options()
-            .unwrap_or_else(|| self.registered_options(&sig.task));
+        let task_options = self.options_for(&sig.task, sig.registered_options());
         self.send_call(sig.call(), &task_options, None).await
     }
 
-    /// The options of task `name`'s registration in this app, or the defaults.
-    fn registered_options(&self, name: &str) -> TaskOptions {
-        self.inner
-            .registry
-            .get(name)
-            .map(|d| d.options.clone())
-            .unwrap_or_default()
+    /// The options task `name` is sent with: its registration's in this app (with the
+    /// configuration's `[task_annotations]` applied at build), else `own` (a typed task's
+    /// from its definition) or the defaults, with the annotations applied.
+    fn options_for(&self, name: &str, own: Option<TaskOptions>) -> TaskOptions {
+        if let Some(d) = self.inner.registry.get(name) {
+            return d.options.clone();
+        }
+        let mut o = own.unwrap_or_default();
+        self.inner.config.annotate_options(name, &mut o);
+        o
     }
 
     /// The queue, message and publish options of a call: built by the one builder
@@ -270,7 +269,7 @@ impl App {
             )));
         }
         let options = SendOptions::from_wire(&sig.options)?;
-        let task_options = task_options.unwrap_or_else(|| self.registered_options(&sig.task));
+        let task_options = self.options_for(&sig.task, task_options);
         let call = Call::new(&sig.task, &sig.args, &sig.kwargs, &options);
         self.send_call(call, &task_options, chain).await
     }
@@ -413,9 +412,7 @@ impl App {
             if let Some(e) = &sig.encode_error {
                 return Err(Error::protocol(e.clone()));
             }
-            let task_options = sig
-                .registered_options()
-                .unwrap_or_else(|| self.registered_options(&sig.task));
+            let task_options = self.options_for(&sig.task, sig.registered_options());
             if task_options.unique_for.is_some() {
                 // Each takes its lock before it is published: sent on its own.
                 ids.push(self.send_call(sig.call(), &task_options, None).await?);
@@ -654,7 +651,7 @@ impl AppBuilder {
 
     /// Opens the broker and backend and builds the app.
     pub async fn build(self) -> Result<App> {
-        let registry = self.task_registry();
+        let mut registry = self.task_registry();
         let mut config = match (self.config, self.load_config) {
             (Some(c), _) => c,
             (None, true) => Config::load()?,
@@ -670,6 +667,7 @@ impl AppBuilder {
             config.routes.insert(pattern, queue);
         }
         config.validate()?;
+        config.annotate(&mut registry);
         let auth = config.serializer == ContentType::Auth;
         let signer = match self.signer {
             Some(s) => Some(s),

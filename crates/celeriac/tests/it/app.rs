@@ -468,3 +468,36 @@ async fn a_unique_task_with_unique_raise_refuses_a_duplicate() {
     assert!(e.to_string().contains(first.id()), "{e}");
     assert_eq!(broker.stats("celery").await.unwrap().ready, 1);
 }
+
+#[celeriac::task(name = "tasks.refresh")]
+async fn refresh(account: i64) -> i64 {
+    account
+}
+
+/// `[task_annotations]` in the configuration changes a task's options where the app and its
+/// workers read them: a task without `unique_for` of its own becomes unique.
+/// See: issue 28
+#[tokio::test]
+async fn task_annotations_from_the_config_apply_to_the_apps_tasks() {
+    let text = "[task_annotations.\"tasks.*\"]\nunique_for = 60\nrate_limit = \"5/s\"\n\
+                rate_limit_scope = \"cluster\"\n";
+    let config =
+        celeriac::Config::from_sources(Some((std::path::Path::new("t.toml"), text)), |_| None)
+            .unwrap();
+    let broker = MemoryBroker::new();
+    let app = App::builder()
+        .config(config)
+        .broker(std::sync::Arc::new(broker.clone()))
+        .result_backend("memory://")
+        .task::<refresh>()
+        .build()
+        .await
+        .unwrap();
+    let o = &app.registry().get("tasks.refresh").unwrap().options;
+    assert_eq!(o.rate_limit, Some("5/s".parse().unwrap()));
+    assert_eq!(o.rate_limit_scope, celeriac::core::RateLimitScope::Cluster);
+    let first = refresh::delay(&app, 1).await.unwrap();
+    let second = refresh::delay(&app, 1).await.unwrap();
+    assert_eq!(first.id(), second.id());
+    assert_eq!(broker.stats("celery").await.unwrap().ready, 1);
+}
