@@ -16,6 +16,7 @@
 //! `celeriac-bench --micro` times the hot paths in-process instead: message encode/decode,
 //! envelope encode/decode and the rate limiter's token bucket.
 
+mod chart;
 mod micro;
 mod ours;
 mod procs;
@@ -64,6 +65,14 @@ struct Args {
     /// Writes the table as Markdown to this file too.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Draws the results as SVG charts into this directory too (throughput.svg,
+    /// latency.svg, ...).
+    #[arg(long)]
+    charts: Option<PathBuf>,
+    /// With `--charts`: redraws the charts from this Markdown table (as `--markdown` wrote
+    /// it, e.g. docs/BENCHMARKS.md) instead of measuring.
+    #[arg(long, requires = "charts")]
+    charts_from: Option<PathBuf>,
     /// Times the hot paths in-process instead.
     #[arg(long)]
     micro: bool,
@@ -169,6 +178,18 @@ fn main() -> ExitCode {
     if args.micro {
         micro::run();
         return ExitCode::SUCCESS;
+    }
+    if let (Some(from), Some(dir)) = (&args.charts_from, &args.charts) {
+        let drawn = std::fs::read_to_string(from)
+            .map_err(anyhow::Error::from)
+            .and_then(|md| write_charts(dir, &report::charts_from_markdown(&md)));
+        return match drawn {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -392,6 +413,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("{table}");
     if let Some(path) = &args.markdown {
         std::fs::write(path, report.markdown())?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(dir) = &args.charts {
+        write_charts(dir, &report::charts(&report))?;
+    }
+    Ok(())
+}
+
+/// Writes each chart to `dir/<stem>.svg`.
+fn write_charts(dir: &std::path::Path, charts: &[(&str, chart::Chart)]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (stem, chart) in charts {
+        let path = dir.join(format!("{stem}.svg"));
+        std::fs::write(&path, chart.svg())?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

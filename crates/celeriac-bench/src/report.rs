@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::Sizes;
+use crate::chart::{Chart, Group};
 
 /// Which way is better for a figure.
 #[derive(Debug, Clone, Copy)]
@@ -158,6 +159,107 @@ impl Report {
     }
 }
 
+/// The charts drawn from the rows: (file stem, chart). Throughput with and without results,
+/// sequential latency and worker memory, one group per broker and figure.
+pub(crate) fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
+    charts_of(&report.rows)
+}
+
+fn charts_of(rows: &[Row]) -> Vec<(&'static str, Chart)> {
+    let specs: [(&str, &str, bool, &[(&str, &str)]); 4] = [
+        (
+            "throughput",
+            "Throughput, one worker, results stored and read",
+            true,
+            &[("throughput, 1 worker, results stored and read", "")],
+        ),
+        (
+            "throughput-ignore-result",
+            "Throughput, one worker, ignore_result",
+            true,
+            &[("throughput, 1 worker, ignore_result (until drained)", "")],
+        ),
+        (
+            "latency",
+            "Latency of one task at a time, send to result",
+            false,
+            &[
+                ("latency sequential p50", "p50"),
+                ("latency sequential p99", "p99"),
+            ],
+        ),
+        (
+            "memory",
+            "Worker memory (RSS)",
+            false,
+            &[
+                ("worker RSS idle", "idle"),
+                ("worker RSS peak while draining", "draining"),
+            ],
+        ),
+    ];
+    let mut out = Vec::new();
+    for (stem, title, higher, metrics) in specs {
+        let mut groups = Vec::new();
+        let mut unit = String::new();
+        for r in rows {
+            let Some((_, what)) = metrics.iter().find(|(m, _)| *m == r.metric) else {
+                continue;
+            };
+            unit = r.unit.to_owned();
+            groups.push(Group {
+                label: if what.is_empty() {
+                    r.broker.clone()
+                } else {
+                    format!("{} · {what}", r.broker)
+                },
+                values: vec![r.ours, r.celery],
+            });
+        }
+        if groups.is_empty() {
+            continue;
+        }
+        out.push((
+            stem,
+            Chart {
+                title: title.to_owned(),
+                unit,
+                higher_is_better: higher,
+                contenders: vec!["celeriac".to_owned(), "Python Celery".to_owned()],
+                groups,
+            },
+        ));
+    }
+    out
+}
+
+/// The charts of a results table as `--markdown` wrote it (docs/BENCHMARKS.md): to redraw
+/// them without measuring again.
+pub(crate) fn charts_from_markdown(text: &str) -> Vec<(&'static str, Chart)> {
+    let number = |c: &str| c.trim().replace(',', "").parse::<f64>().ok();
+    let rows: Vec<Row> = text
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| broker "))
+        .filter_map(|l| {
+            let c: Vec<&str> = l.trim_matches('|').split(" | ").map(str::trim).collect();
+            let cell = *c.get(2)?;
+            let unit = UNITS.iter().find(|u| **u == cell)?;
+            Some(Row {
+                broker: c[0].to_owned(),
+                metric: c[1].to_owned(),
+                unit,
+                ours: number(c.get(3)?),
+                celery: number(c.get(4)?),
+                better: Better::Higher,
+            })
+        })
+        .collect();
+    charts_of(&rows)
+}
+
+/// The units rows are written in.
+const UNITS: [&str; 6] = ["tasks/s", "ms", "µs", "MiB", "s", "tasks"];
+
 /// The median of some runs.
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -172,4 +274,28 @@ pub(crate) fn percentiles(mut v: Vec<f64>) -> [f64; 4] {
     }
     let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
     [at(0.5), at(0.9), at(0.99), v[v.len() - 1]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_redraw_from_the_markdown_table() {
+        let md = "| broker | metric | unit | celeriac | Celery | ratio |\n|---|---|---|---:|---:|---:|\n\
+| redis | throughput, 1 worker, results stored and read | tasks/s | 21000 | 1500 | 14.0× |\n\
+| redis | latency sequential p50 | ms | 0.41 | 2.10 | 5.1× |\n\
+| redis | latency sequential p99 | ms | 0.90 | n/a | – |\n\
+| sqlite | throughput, 1 worker, results stored and read | tasks/s | 22840 | n/a | – |\n";
+        let charts = charts_from_markdown(md);
+        let names: Vec<&str> = charts.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["throughput", "latency"]);
+        let t = &charts[0].1;
+        assert_eq!(t.groups.len(), 2);
+        assert_eq!(t.groups[0].values, [Some(21000.0), Some(1500.0)]);
+        assert_eq!(t.groups[1].values, [Some(22840.0), None]);
+        let l = &charts[1].1;
+        assert_eq!(l.groups[1].label, "redis · p99");
+        assert_eq!(l.unit, "ms");
+    }
 }
