@@ -165,8 +165,17 @@ pub(crate) fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
     charts_of(&report.rows)
 }
 
+/// A chart's file stem, title, whether higher is better, and its metrics with their short
+/// labels.
+type ChartSpec = (
+    &'static str,
+    &'static str,
+    bool,
+    &'static [(&'static str, &'static str)],
+);
+
 fn charts_of(rows: &[Row]) -> Vec<(&'static str, Chart)> {
-    let specs: [(&str, &str, bool, &[(&str, &str)]); 4] = [
+    let specs: [ChartSpec; 4] = [
         (
             "throughput",
             "Throughput, one worker, results stored and read",
