@@ -114,6 +114,7 @@
 
 mod backend;
 pub mod client;
+mod coord;
 mod poll;
 mod url;
 
