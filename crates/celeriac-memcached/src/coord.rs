@@ -131,9 +131,11 @@ impl MemcachedBackend {
     }
 }
 
-/// Cluster rate limits, unique-task locks and concurrency slots, each a loop of atomic
-/// memcached steps (`add`, `gets` + `cas`, meta `md` with a CAS unique) on the worker's
-/// clock. See the [module docs](self) for the keys, the values and the clocks.
+/// Cluster rate limits, unique-task locks and concurrency slots in items of the backend's own
+/// (`celeriac-coord-<kind>-<key>`), each step a loop of commands atomic on the server holding
+/// the key (`add`, `gets` + `cas`, meta `md` with a CAS unique: memcached 1.6 or later).
+/// Times are the worker's wall clock, so workers' clocks must agree (NTP); an item memcached
+/// evicts frees its lock or slot early. See `docs/coordination.md`.
 impl Coordination for MemcachedBackend {
     fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Duration>> {
         Box::pin(async move {
@@ -155,7 +157,11 @@ impl Coordination for MemcachedBackend {
                 let value = next.to_string();
                 let exp = item_secs(next, now);
                 let done = match item {
-                    None => client.add(&key, flags::BYTES, value.as_bytes(), exp).await?,
+                    None => {
+                        client
+                            .add(&key, flags::BYTES, value.as_bytes(), exp)
+                            .await?
+                    }
                     Some(item) => {
                         let cas = item.cas.unwrap_or_default();
                         client
@@ -344,7 +350,10 @@ mod tests {
         );
         assert_eq!(parse_lock(b"garbage"), None);
         let slots = parse_slots(br#"{"a":5,"b":20}"#, 10);
-        assert_eq!(slots.into_iter().collect::<Vec<_>>(), [("b".to_owned(), 20)]);
+        assert_eq!(
+            slots.into_iter().collect::<Vec<_>>(),
+            [("b".to_owned(), 20)]
+        );
         assert!(parse_slots(b"not json", 0).is_empty());
     }
 

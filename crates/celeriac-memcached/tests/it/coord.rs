@@ -102,7 +102,11 @@ async fn keys_and_values_are_small_text_outside_celerys_keys() {
     assert!(item.data.iter().all(u8::is_ascii_digit), "{item:?}");
 
     assert!(b.acquire("k", "s1", 2, long).await.unwrap());
-    let item = raw.get("app_celeriac-coord-slots-k").await.unwrap().unwrap();
+    let item = raw
+        .get("app_celeriac-coord-slots-k")
+        .await
+        .unwrap()
+        .unwrap();
     let table: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&item.data).unwrap();
     assert_eq!(table.keys().collect::<Vec<_>>(), ["s1"]);
@@ -138,7 +142,9 @@ async fn an_old_holder_never_frees_a_lock_taken_over() {
         .await
         .unwrap();
     assert_eq!(
-        b.lock("k", "old", Duration::from_millis(100)).await.unwrap(),
+        b.lock("k", "old", Duration::from_millis(100))
+            .await
+            .unwrap(),
         "old"
     );
     tokio::time::sleep(Duration::from_millis(250)).await;
