@@ -143,8 +143,9 @@ impl Coordination for MemcachedBackend {
             let client = self.client();
             let key = self.coord_key("rate", key);
             for _ in 0..MAX_ROUNDS {
-                let now = now_micros();
                 let item = client.gets(&key).await?;
+                // Read after the item, so the time is as close as can be to the write.
+                let now = now_micros();
                 let tat = item
                     .as_ref()
                     .and_then(|i| std::str::from_utf8(&i.data).ok()?.parse().ok())

@@ -204,3 +204,75 @@ async fn a_crashed_holders_items_expire_in_memcached() {
         }
     }
 }
+
+/// Four clients (each its own connection, as four worker processes would have), four callers
+/// each, share one `20/s` budget: 61 admissions span at least 60 intervals less the quarter
+/// interval a caller may come early. Prints the rate (`-- --nocapture`).
+#[test]
+fn a_cluster_rate_holds_across_clients() {
+    let Some(server) = Memcached::start() else {
+        return;
+    };
+    run_case(async {
+        let rate: celeriac_core::RateLimit = "20/s".parse().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(
+                MemcachedBackend::connect(&server.url(), &Config::default())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let times = std::sync::Mutex::new(Vec::new());
+        let caller = |b: MemcachedBackend| {
+            let times = &times;
+            async move {
+                loop {
+                    if times.lock().unwrap().len() >= 61 {
+                        return;
+                    }
+                    let asked = Instant::now();
+                    let wait = b.throttle("partner", rate).await.unwrap();
+                    if wait.is_zero() {
+                        // The admission happened in between.
+                        times.lock().unwrap().push((asked, Instant::now()));
+                    } else {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        };
+        let mut tasks = Vec::new();
+        for b in &clients {
+            for _ in 0..4 {
+                tasks.push(caller(b.clone()));
+            }
+        }
+        join_all(tasks).await;
+        let times = times.into_inner().unwrap();
+        let n = times.len();
+        let mut answered: Vec<Instant> = times.iter().map(|t| t.1).collect();
+        answered.sort();
+        let rate_seen = (n - 1) as f64 / (answered[n - 1] - answered[0]).as_secs_f64();
+        println!("{n} admissions at 20/s from 16 callers on 4 clients: {rate_seen:.2}/s");
+        let first_asked = times.iter().map(|t| t.0).min().unwrap();
+        let span = answered[n - 1] - first_asked;
+        assert!(
+            span >= Duration::from_millis(50) * (n as u32 - 1) - Duration::from_micros(12_500),
+            "{n} admissions within {span:?}: faster than 20/s"
+        );
+    });
+}
+
+async fn join_all<F: std::future::Future<Output = ()>>(fs: Vec<F>) {
+    let mut set: Vec<std::pin::Pin<Box<F>>> = fs.into_iter().map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
