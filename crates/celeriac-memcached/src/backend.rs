@@ -170,6 +170,11 @@ impl MemcachedBackend {
         &self.inner.client
     }
 
+    /// Celery's `global_keyprefix` with its separator; empty for none.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
     /// The key of a task's meta document, `celery-task-meta-<id>` (after the
     /// `global_keyprefix`, if any).
     pub fn task_key(&self, task_id: &str) -> String {
@@ -226,7 +231,7 @@ impl MemcachedBackend {
         Ok(ChordStatus::Complete(parts))
     }
 
-    fn check_open(&self) -> Result<()> {
+    pub(crate) fn check_open(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             Err(Error::closed("memcached result backend"))
         } else {
@@ -573,7 +578,7 @@ impl ResultBackend for MemcachedBackend {
     }
 
     fn capabilities(&self) -> BackendCapabilities<'_> {
-        BackendCapabilities::none().chords(self)
+        BackendCapabilities::none().chords(self).coordination(self)
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {

@@ -97,6 +97,13 @@
 //! after a server restart). Values above 1 MiB (memcached's default item size) are refused
 //! before they are sent, with an error that says so; python-memcached drops them silently.
 //!
+//! **Coordination.** The backend offers [`celeriac_core::coord::Coordination`] (cluster rate
+//! limits, unique-task locks, concurrency slots) through its capabilities, in items of its
+//! own (`celeriac-coord-<kind>-<key>`): locks by `add` and a compare-and-delete (meta `md`
+//! with a CAS unique, memcached 1.6 and later), rate limits and slot tables by `gets` +
+//! `cas`. Times are the worker's clock, so workers' clocks must agree; see the `coord`
+//! module's source docs and `docs/coordination.md`.
+//!
 //! # What memcached does not keep
 //!
 //! memcached is a cache. It keeps nothing across a restart, and evicts items before they
@@ -106,7 +113,8 @@
 //! and that everything it held is gone, and a `wait` that times out during or after a restart
 //! says when it was and that results stored before it are lost. A celeriac worker whose task
 //! finishes while the server is down retries storing the final state and settles the message
-//! only once it is stored. Use Redis or a database for results that matter.
+//! only once it is stored. Eviction and restarts drop coordination items too: a lost lock
+//! lets a unique task be queued twice. Use Redis or a database for results that matter.
 //!
 //! [`ErrorKind::Unsupported`]: celeriac_core::ErrorKind::Unsupported
 //! [`ResultBackend::incr`]: celeriac_core::ResultBackend::incr
@@ -114,6 +122,7 @@
 
 mod backend;
 pub mod client;
+mod coord;
 mod poll;
 mod url;
 

@@ -4,7 +4,8 @@
 //!
 //! It does what the result backend needs and little more: `get` (also of many keys in one
 //! request per server), `gets`/`cas` for updates that must not lose a race, `set`, `add`,
-//! `incr`, `delete`, `touch`, `stats`. Every request has a timeout; a lost connection is
+//! `incr`, `delete`, a compare-and-delete (the meta command `md` with a CAS unique, memcached
+//! 1.6 and later), `touch`, `stats`. Every request has a timeout; a lost connection is
 //! opened again on the next request, and requests that may be repeated safely (`get`, `set`,
 //! `delete`, `touch`) are sent once more on the new connection when the old one turns out to
 //! be gone (after a server restart, the first write on the old connection fails).
@@ -120,11 +121,11 @@ impl ClientOptions {
     }
 }
 
-/// What a `cas` did.
+/// What a `cas` (or a [`Client::delete_cas`]) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CasOutcome {
-    /// Written.
+    /// Written (deleted, for [`Client::delete_cas`]).
     Stored,
     /// Someone changed the item since it was read: not written.
     Exists,
@@ -390,6 +391,45 @@ impl Client {
             Reply::Line(l) if l == "DELETED" => Ok(true),
             Reply::Line(l) if l == "NOT_FOUND" => Ok(false),
             other => Err(unexpected(s, "delete", &other)),
+        }
+    }
+
+    /// Deletes the item at `key` only if it is still the one read with CAS unique `cas`
+    /// (memcached's meta delete, `md <key> C<cas>`, in memcached 1.6 and later):
+    /// [`CasOutcome::Stored`] when it was deleted, [`CasOutcome::Exists`] when someone changed
+    /// it since, [`CasOutcome::NotFound`] when it is gone. Never sent twice: the first may
+    /// have deleted it.
+    pub async fn delete_cas(&self, key: &str, cas: u64) -> Result<CasOutcome> {
+        check_key(key)?;
+        let s = self.server_of(key);
+        let reply = self
+            .call(
+                s,
+                proto::line(&["md", key, &format!("C{cas}")]),
+                Expect::Line,
+                Retry::Never,
+            )
+            .await
+            .map_err(|e| {
+                if e.to_string().ends_with(": ERROR") {
+                    Error::new(
+                        ErrorKind::Unsupported,
+                        format!(
+                            "memcached at {} does not know the meta delete command (`md`), \
+                             which memcached 1.6 and later have",
+                            s.addr
+                        ),
+                    )
+                    .with_source(e)
+                } else {
+                    e
+                }
+            })?;
+        match reply {
+            Reply::Line(l) if l == "HD" => Ok(CasOutcome::Stored),
+            Reply::Line(l) if l == "EX" => Ok(CasOutcome::Exists),
+            Reply::Line(l) if l == "NF" => Ok(CasOutcome::NotFound),
+            other => Err(unexpected(s, "md", &other)),
         }
     }
 

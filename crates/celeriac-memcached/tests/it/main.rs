@@ -5,6 +5,9 @@
 // The result backend conformance suite, on one server shared by the binary.
 mod conformance;
 
+// Coordination across workers (locks, rate limits, slots): over two servers, on the wire.
+mod coord;
+
 // The client alone: pipelining, several servers, errors (too large, server down, timeouts).
 mod client;
 
