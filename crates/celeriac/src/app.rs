@@ -338,8 +338,9 @@ impl App {
                 ErrorKind::Config,
                 format!(
                     "task {} is unique (unique_for), which needs a result backend that \
-                     coordinates workers (redis://, sqlite://, memory); the {} backend cannot",
+                     coordinates workers ({}); the {} backend cannot",
                     call.task,
+                    celeriac_core::coord::STORES,
                     self.inner.backend.driver()
                 ),
             ));
