@@ -8,7 +8,10 @@
 //! run; copy it into `fuzz/regressions/<target>/` and it is replayed first by every later run.
 //!
 //! The budget per target is `CELERIAC_FUZZ_SECS` seconds (default 1, which CI uses);
-//! `scripts/fuzz` runs every target for longer. `CELERIAC_FUZZ_SEED` replays one run.
+//! `scripts/fuzz` runs every target for longer. `CELERIAC_FUZZ_SEED` replays one run. Each
+//! run's seed is written to stderr before it starts (past the test harness's capture) and to
+//! `target/fuzz-crashes/<target>.running` until it ends, so an input that aborts the whole
+//! process (a stack overflow) can still be replayed.
 //!
 //! ```
 //! celeriac_test::fuzz::fuzz("example", &[b"10/m"], &[b"/s"], |input| {
@@ -45,6 +48,9 @@ pub fn fuzz(name: &str, seeds: &[&[u8]], dictionary: &[&[u8]], target: impl Fn(&
     let seed = harness_var("CELERIAC_FUZZ_SEED")
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..));
+    // Written down before anything runs: an input that aborts the process (a stack
+    // overflow) takes the test harness's captured output with it, and the seed replays it.
+    let running = announce(name, seed);
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut corpus: Vec<Vec<u8>> = regressions(name);
     let replayed = corpus.len();
@@ -75,6 +81,21 @@ pub fn fuzz(name: &str, seeds: &[&[u8]], dictionary: &[&[u8]], target: impl Fn(&
         "fuzz {name}: {runs} inputs in {:.1} s ({replayed} regression inputs), seed {seed}",
         started.elapsed().as_secs_f64()
     );
+    let _ = std::fs::remove_file(running);
+}
+
+/// Says which seed target `name` runs with, where an aborted process cannot lose it: on the
+/// process's stderr directly (not the test harness's capture) and in
+/// `target/fuzz-crashes/<name>.running`, removed when the run ends without aborting.
+fn announce(name: &str, seed: u64) -> PathBuf {
+    use std::io::Write as _;
+    let line = format!("fuzz {name}: seed {seed} (CELERIAC_FUZZ_SEED={seed} replays this run)\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    let dir = workspace().join("target/fuzz-crashes");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(format!("{name}.running"));
+    let _ = std::fs::write(&path, &line);
+    path
 }
 
 fn budget() -> Duration {
@@ -215,6 +236,21 @@ fn save_crash(name: &str, input: &[u8]) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_seed_is_on_disk_while_the_target_runs_and_gone_after() {
+        let path = workspace().join("target/fuzz-crashes/selftest-seed.running");
+        let seen = std::cell::Cell::new(false);
+        fuzz("selftest-seed", &[b"abc"], &[], |_| {
+            if !seen.get() {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                assert!(text.contains("CELERIAC_FUZZ_SEED="), "{text:?}");
+                seen.set(true);
+            }
+        });
+        assert!(seen.get());
+        assert!(!path.exists());
+    }
 
     #[test]
     fn a_panicking_target_fails_with_the_input_saved() {
