@@ -145,7 +145,9 @@ impl App {
     ///
     /// For drivers that write the message themselves, in a transaction of the caller's
     /// (`celeriac::postgres::send_in`). Composite signatures (chains, groups, chords) are
-    /// refused: they are several messages.
+    /// refused: they are several messages. So are unique tasks (`unique_for`): their lock
+    /// lives in the coordination store, outside the caller's transaction, and a rolled-back
+    /// send would leave it pointing at a task that never existed.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -169,6 +171,17 @@ impl App {
             return Err(Error::protocol(e.clone()));
         }
         let task_options = self.options_for(&sig.task, sig.registered_options());
+        if task_options.unique_for.is_some() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "task {} is unique (unique_for): send it with apply_async, not inside a \
+                     transaction (its lock is not part of the transaction, and a rollback \
+                     would leave it held)",
+                    sig.task
+                ),
+            ));
+        }
         let sender = self.sender();
         let (queue, message, options) = self.prepare(sig.call(), &task_options, None, &sender)?;
         Ok(PreparedSend {

@@ -501,3 +501,20 @@ async fn task_annotations_from_the_config_apply_to_the_apps_tasks() {
     assert_eq!(first.id(), second.id());
     assert_eq!(broker.stats("celery").await.unwrap().ready, 1);
 }
+
+/// A unique task cannot be prepared for a send inside a transaction of the caller's: its lock
+/// would not roll back with it. The error says what to do instead.
+/// See: issue 28
+#[tokio::test]
+async fn a_unique_task_is_not_prepared_for_a_transactional_send() {
+    let app = App::builder()
+        .broker_url("memory://")
+        .task::<sync_account>()
+        .build()
+        .await
+        .unwrap();
+    let e = app.prepare_send(&sync_account::s(1)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(e.to_string().contains("apply_async"), "{e}");
+    assert!(app.prepare_send(&refresh::s(1)).is_ok());
+}
