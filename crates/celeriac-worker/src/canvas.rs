@@ -45,6 +45,7 @@ use celeriac_core::{
 };
 use serde_json::Value;
 
+use crate::builtins::CHORD_UNLOCK;
 use crate::pipeline::{Layer, Next, Outcome};
 use crate::request::{CELERY_EXC, Request};
 
@@ -73,6 +74,10 @@ impl Layer for CanvasLayer {
         }
         Box::pin(async move {
             let outcome = next.run(req).await;
+            if req.name() == CHORD_UNLOCK {
+                chord_unlocked(self, req, &outcome).await;
+                return outcome;
+            }
             match &outcome {
                 Outcome::Succeeded(value) => on_success(self, req, value).await,
                 Outcome::Failed(err) | Outcome::DeadLettered { error: err, .. } => {
@@ -177,7 +182,10 @@ async fn replay(cx: &CanvasLayer, req: &Request, redelivered: bool) {
 /// part to count, a dataflow step.
 fn has_consequences(req: &Request) -> bool {
     let e = &req.body.embed;
-    e.errbacks.as_ref().is_some_and(|c| !c.is_empty()) || e.chord.is_some() || has_followers(req)
+    e.errbacks.as_ref().is_some_and(|c| !c.is_empty())
+        || e.chord.is_some()
+        || has_followers(req)
+        || req.name() == CHORD_UNLOCK
 }
 
 fn has_followers(req: &Request) -> bool {
@@ -296,7 +304,9 @@ async fn chord_part(cx: &CanvasLayer, req: &Request) {
         }
         let count = backend.incr(&chord_counter_key(gid), 1).await?;
         let Some(ids) = backend.restore_group(gid).await? else {
-            tracing::error!(group_id = %gid, "the chord's header group was not saved; its body cannot run");
+            // A Celery client on a result backend without a chord protocol (its `db+` tables)
+            // saves no group: it sends `celery.chord_unlock`, which joins the chord.
+            tracing::info!(group_id = %gid, "the chord's header group is not saved here: the body waits for celery.chord_unlock");
             return Ok(false);
         };
         if count < i64::try_from(ids.len()).unwrap_or(i64::MAX) {
@@ -324,6 +334,67 @@ async fn chord_part(cx: &CanvasLayer, req: &Request) {
     }
 }
 
+/// After `celery.chord_unlock` (a Celery client's chord on a result backend without a chord
+/// protocol, see [`crate::builtins`]): once it found every header member ready, sends the
+/// callback with their results, or fails it when a member failed; when it gave up
+/// (`max_retries`), fails the callback with the reason. Claimed once per group, so a
+/// redelivered unlock does not send the callback twice.
+async fn chord_unlocked(cx: &CanvasLayer, req: &Request, outcome: &Outcome) {
+    let gid = req
+        .args()
+        .first()
+        .or_else(|| req.kwargs().get("group_id"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let Some(callback) = req
+        .args()
+        .get(1)
+        .or_else(|| req.kwargs().get("callback"))
+        .and_then(|v| serde_json::from_value::<Signature>(v.clone()).ok())
+    else {
+        tracing::error!(group_id = %gid, "celery.chord_unlock without a callback signature");
+        return;
+    };
+    let Some(backend) = cx.backend.as_ref() else {
+        return; // the task failed for it
+    };
+    let parts = match outcome {
+        Outcome::Succeeded(Value::Array(ids)) => {
+            let mut parts = Vec::with_capacity(ids.len());
+            for id in ids.iter().filter_map(Value::as_str) {
+                match backend.get(id).await {
+                    Ok(Some(m)) => parts.push(m),
+                    _ => {
+                        tracing::error!(group_id = %gid, member = %id, "a chord member's result vanished; the callback is not sent");
+                        return;
+                    }
+                }
+            }
+            Ok(parts)
+        }
+        Outcome::Failed(err) => Err(err.clone()),
+        _ => return, // retried, or handed back: a later run decides
+    };
+    match backend.incr(&chord_claim_key(gid), 1).await {
+        Ok(1) => {}
+        Ok(_) => return, // sent already
+        Err(e) => {
+            tracing::error!(group_id = %gid, error = %e, "cannot claim the chord; its callback is not sent");
+            return;
+        }
+    }
+    match parts {
+        Ok(parts) => {
+            fire(cx, req, &callback, gid, parts).await;
+            tracing::info!(group_id = %gid, body = %callback.task, "chord unlocked; callback sent");
+        }
+        Err(err) => {
+            let err = RemoteError::new("ChordError", err.summary()).with_module(CELERY_EXC);
+            fail_body(cx, req, &callback, gid, &err, None).await;
+        }
+    }
+}
+
 async fn fire(cx: &CanvasLayer, req: &Request, body: &Signature, gid: &str, parts: Vec<TaskMeta>) {
     if let Some(failed) = parts.iter().find(|m| m.status != TaskState::Success) {
         let cause = failed
@@ -334,27 +405,43 @@ async fn fire(cx: &CanvasLayer, req: &Request, body: &Signature, gid: &str, part
             format!("Dependency {} raised {cause}", failed.task_id),
         )
         .with_module(CELERY_EXC);
-        tracing::warn!(group_id = %gid, error = %err, "a chord member failed; the body fails");
-        let body_id = final_id(body);
-        let body_id = body_id.as_deref();
-        if let Some(id) = body_id {
-            let mut meta = TaskMeta::exception(id, TaskState::Failure, &err);
-            meta.name = Some(body.task.clone());
-            meta.group_id = Some(gid.to_owned());
-            meta.parent_id = Some(req.id().to_owned());
-            meta.reply_to = reply_to(body, req);
-            store(cx, &meta).await;
-        }
-        let failed_id = Value::String(body_id.unwrap_or(&failed.task_id).to_owned());
-        for eb in wire_sigs(body.options.get("link_error")) {
-            send(cx, req, with_parent_value(&eb, failed_id.clone()), None).await;
-        }
+        fail_body(cx, req, body, gid, &err, Some(&failed.task_id)).await;
         return;
     }
     let results = Value::Array(parts.into_iter().map(|m| m.result).collect());
     let mut sig = with_parent_value(body, results);
     default_option(&mut sig, "group_id", gid);
     send(cx, req, sig, None).await;
+}
+
+/// Stores `err` as the chord body's FAILURE and runs the body's errbacks (with the body's id,
+/// else `failed`, the member that failed).
+async fn fail_body(
+    cx: &CanvasLayer,
+    req: &Request,
+    body: &Signature,
+    gid: &str,
+    err: &RemoteError,
+    failed: Option<&str>,
+) {
+    tracing::warn!(group_id = %gid, error = %err, "a chord member failed; the body fails");
+    let body_id = final_id(body);
+    let body_id = body_id.as_deref();
+    if let Some(id) = body_id {
+        let mut meta = TaskMeta::exception(id, TaskState::Failure, err);
+        meta.name = Some(body.task.clone());
+        meta.group_id = Some(gid.to_owned());
+        meta.parent_id = Some(req.id().to_owned());
+        meta.reply_to = reply_to(body, req);
+        store(cx, &meta).await;
+    }
+    let Some(failed_id) = body_id.or(failed) else {
+        return;
+    };
+    let failed_id = Value::String(failed_id.to_owned());
+    for eb in wire_sigs(body.options.get("link_error")) {
+        send(cx, req, with_parent_value(&eb, failed_id.clone()), None).await;
+    }
 }
 
 /// Publishes `sig` (a plain signature, or a group or chain map) as a child of `parent`; a

@@ -279,7 +279,7 @@ pub(crate) mod tasks {
 const PYTHON_SENDS: &str = r#"
 import json, os
 import tasks
-from celery import group
+from celery import chord, group
 
 app = tasks.app
 q = os.environ["QUEUE"]
@@ -298,6 +298,10 @@ except Exception as e:
 g = group(app.signature("tasks.add", (i, i), queue=q) for i in range(5)).apply_async()
 g.save()
 out["group"] = g.get(timeout=30)
+# On the database backend Celery joins a chord with celery.chord_unlock, retried each second.
+c = chord(app.signature("tasks.add", (i, i), queue=q) for i in range(4))(
+    app.signature("tasks.tsum", queue=q))
+out["chord"] = c.get(timeout=60)
 print(json.dumps(out))
 "#;
 
@@ -349,6 +353,11 @@ async fn python_client_our_worker(server: Server) {
         json!({"type": "ValueError", "args": ["boom"], "state": "FAILURE"})
     );
     assert_eq!(out["group"], json!([0, 2, 4, 6, 8]));
+    assert_eq!(
+        out["chord"],
+        json!(12),
+        "a Celery chord joined by celery.chord_unlock"
+    );
 }
 
 async fn our_client_python_worker(server: Server) {

@@ -90,10 +90,11 @@ impl Worker {
     ) -> Self {
         let executor = Executor::from_options(&options);
         let pool = PoolHandle::new(options.concurrency, &executor);
+        let registry = crate::builtins::with_builtins(registry, backend.clone());
         Worker {
             broker,
             backend,
-            registry: crate::builtins::with_builtins(registry),
+            registry,
             options,
             shutdown: ShutdownHandle::new(),
             executor,

@@ -293,3 +293,75 @@ async fn group_and_chain_maps_as_callbacks_expand() {
     assert_eq!(h.result("n-1").await.result, json!(115));
     h.stop().await;
 }
+
+/// `celery.chord_unlock` as a Celery client sends it on a result backend without a chord
+/// protocol (Celery's `db+` tables): the header tasks carry the chord but no group is saved;
+/// the unlock task retries until every member is ready, then sends the body once with the
+/// results in header order.
+fn chord_unlock(gid: &str, body: &Signature, members: &[&str]) -> Message {
+    let mut kwargs = serde_json::Map::new();
+    kwargs.insert("interval".into(), json!(0.05));
+    kwargs.insert("max_retries".into(), Value::Null);
+    let tuples: Vec<Value> = members.iter().map(|id| json!([[id, null], null])).collect();
+    kwargs.insert("result".into(), json!(tuples));
+    kwargs.insert("_chord_unlock_exchange_type".into(), json!("direct"));
+    Message::new(
+        celeriac_core::Headers::new("celery.chord_unlock", celeriac_core::protocol::new_id()),
+        &celeriac_core::Body::new(
+            vec![json!(gid), serde_json::to_value(body).unwrap()],
+            kwargs,
+        ),
+        ContentType::Json,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celerys_chord_unlock_joins_a_chord_without_a_saved_group() {
+    let h = start(tasks(), options(|_| {}));
+    let body = sig("tasks.tsum", vec![], Some("u-body"));
+    let header = [
+        ("u-0", sig("tasks.add", vec![json!(1), json!(1)], None)),
+        ("u-1", sig("tasks.add", vec![json!(2), json!(2)], None)),
+    ];
+    // The unlock first: it must wait for the header, retrying.
+    h.send(chord_unlock("g-u", &body, &["u-0", "u-1"])).await;
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert!(
+        h.stored("u-body").await.is_none(),
+        "the body waits for the header"
+    );
+    for m in chord_messages("g-u", &header, &body) {
+        h.send(m).await;
+    }
+    assert_eq!(h.result("u-body").await.result, json!(6));
+    // Sent once: a second unlock of the same group (a redelivery) does nothing.
+    h.send(chord_unlock("g-u", &body, &["u-0", "u-1"])).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let report = h.stop().await;
+    // Two header tasks, the body, two unlocks (the first after its retries): a second body
+    // message would have been skipped (its id has a result).
+    assert_eq!(report.skipped, 0, "{report:?}");
+    assert_eq!(report.succeeded, 5, "{report:?}");
+    assert!(report.retried >= 1, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celerys_chord_unlock_fails_the_body_when_a_member_failed() {
+    let h = start(tasks(), options(|_| {}));
+    let body = sig("tasks.tsum", vec![], Some("uf-body"));
+    let header = [
+        ("uf-0", sig("tasks.add", vec![json!(1), json!(1)], None)),
+        ("uf-1", sig("tasks.fail", vec![], None)),
+    ];
+    for m in chord_messages("g-uf", &header, &body) {
+        h.send(m).await;
+    }
+    h.send(chord_unlock("g-uf", &body, &["uf-0", "uf-1"])).await;
+    let b = h.result("uf-body").await;
+    assert_eq!(b.status, TaskState::Failure);
+    let e = b.error().unwrap();
+    assert_eq!(e.exc_type, "ChordError");
+    assert_eq!(e.message(), "Dependency uf-1 raised ValueError: boom");
+    h.stop().await;
+}
