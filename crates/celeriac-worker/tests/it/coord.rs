@@ -34,25 +34,28 @@ fn two_workers(
     )
 }
 
+/// `tasks.limited` under a cluster rate limit of `limit`, recording when each run starts.
+fn limited(starts: &Arc<Mutex<Vec<Instant>>>, limit: &str) -> celeriac_core::TaskDef {
+    let starts = starts.clone();
+    with_options(
+        async_task("tasks.limited", move |_, _| {
+            let starts = starts.clone();
+            async move {
+                starts.lock().unwrap().push(Instant::now());
+                Ok(json!(null))
+            }
+        }),
+        |o| {
+            o.rate_limit = Some(limit.parse().unwrap());
+            o.rate_limit_scope = RateLimitScope::Cluster;
+        },
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_rate_limit_is_one_budget_for_every_worker() {
     let starts = Arc::new(Mutex::new(Vec::new()));
-    let tasks = || {
-        let starts = starts.clone();
-        vec![with_options(
-            async_task("tasks.limited", move |_, _| {
-                let starts = starts.clone();
-                async move {
-                    starts.lock().unwrap().push(Instant::now());
-                    Ok(json!(null))
-                }
-            }),
-            |o| {
-                o.rate_limit = Some("20/s".parse().unwrap());
-                o.rate_limit_scope = RateLimitScope::Cluster;
-            },
-        )]
-    };
+    let tasks = || vec![limited(&starts, "20/s")];
     let (broker, backend) = (TestBroker::new(), MemoryBackend::new());
     let (w1, w2) = two_workers(&broker, &backend, tasks);
     let mut ids = Vec::new();
@@ -217,22 +220,7 @@ async fn a_rate_limit_set_by_remote_control_is_shared_by_every_worker() {
     use celeriac_core::broadcast::control::{Request, collect};
 
     let starts = Arc::new(Mutex::new(Vec::new()));
-    let tasks = || {
-        let starts = starts.clone();
-        vec![with_options(
-            async_task("tasks.limited", move |_, _| {
-                let starts = starts.clone();
-                async move {
-                    starts.lock().unwrap().push(Instant::now());
-                    Ok(json!(null))
-                }
-            }),
-            |o| {
-                o.rate_limit = Some("200/s".parse().unwrap());
-                o.rate_limit_scope = RateLimitScope::Cluster;
-            },
-        )]
-    };
+    let tasks = || vec![limited(&starts, "200/s")];
     let (broker, backend) = (TestBroker::new(), MemoryBackend::new());
     let (w1, w2) = two_workers(&broker, &backend, tasks);
     let channels = broker.inner.broadcast().expect("memory broadcast");
