@@ -206,6 +206,11 @@ pub struct WorkerConfig {
     /// Seconds between worker heartbeat events (Celery's `--heartbeat-interval`). Default 2.
     #[serde(deserialize_with = "secs")]
     pub heartbeat_interval: Duration,
+    /// Seconds a task with `max_concurrency` holds its cluster-wide slot before the worker
+    /// renews it (every third of this while the task runs): a killed worker's slots free
+    /// themselves after at most this long. Default 30.
+    #[serde(deserialize_with = "secs")]
+    pub slot_lease: Duration,
     /// The remote-control commands the worker obeys: a list of command names and the groups
     /// `inspect` (read-only) and `control` (changes); others are refused with an error reply.
     /// Default: every command, as Celery.
@@ -259,6 +264,7 @@ impl Default for WorkerConfig {
             inline_brief: true,
             task_events: false,
             heartbeat_interval: Duration::from_secs(2),
+            slot_lease: Duration::from_secs(30),
             control_allow: crate::broadcast::control::ControlAllow::All,
         }
     }

@@ -17,10 +17,6 @@ use crate::ratelimit::RateLimiter;
 use crate::schedule::handed_back;
 use crate::shutdown::{Phase, PhaseWatch};
 
-/// How long a concurrency slot is leased before it must be renewed; a crashed worker's slot
-/// frees itself after this.
-const SLOT_LEASE: Duration = Duration::from_secs(30);
-
 /// Holds each task back until the cluster lets it start, and releases what it took when it
 /// ends. See the [module docs](self).
 #[derive(Debug)]
@@ -28,6 +24,11 @@ pub(crate) struct CoordinationLayer {
     pub(crate) backend: Option<DynBackend>,
     pub(crate) limiter: Arc<RateLimiter>,
     pub(crate) phase: PhaseWatch,
+    /// How long a concurrency slot is leased before it must be renewed; a crashed worker's
+    /// slot frees itself after this ([`WorkerOptions::slot_lease`]).
+    ///
+    /// [`WorkerOptions::slot_lease`]: crate::WorkerOptions::slot_lease
+    pub(crate) slot_lease: Duration,
 }
 
 /// Warns at start when tasks need a coordination store and `backend` has none: their cluster
@@ -137,10 +138,10 @@ impl Layer for CoordinationLayer {
                     tokio::select! {
                         biased;
                         () = self.phase.reached(Phase::Warm) => return handed_back(),
-                        () = take_slot(store, req, n) => {}
+                        () = take_slot(store, req, n, self.slot_lease) => {}
                     }
                     let outcome = {
-                        let renew = renew_slot(store, req, n);
+                        let renew = renew_slot(store, req, n, self.slot_lease);
                         tokio::pin!(renew);
                         let run = next.run(req);
                         tokio::pin!(run);
@@ -171,10 +172,10 @@ impl Layer for CoordinationLayer {
 }
 
 /// Waits for one of `n` slots of the task's name, polling with a growing interval.
-async fn take_slot(store: &dyn Coordination, req: &Request, n: u32) {
+async fn take_slot(store: &dyn Coordination, req: &Request, n: u32, lease: Duration) {
     let mut pause = Duration::from_millis(5);
     loop {
-        match store.acquire(req.name(), req.id(), n, SLOT_LEASE).await {
+        match store.acquire(req.name(), req.id(), n, lease).await {
             Ok(true) => return,
             Ok(false) => {}
             Err(e) => {
@@ -189,10 +190,10 @@ async fn take_slot(store: &dyn Coordination, req: &Request, n: u32) {
 }
 
 /// Renews the slot's lease while the task runs; never returns.
-async fn renew_slot(store: &dyn Coordination, req: &Request, n: u32) {
+async fn renew_slot(store: &dyn Coordination, req: &Request, n: u32, lease: Duration) {
     loop {
-        tokio::time::sleep(SLOT_LEASE / 3).await;
-        if let Err(e) = store.acquire(req.name(), req.id(), n, SLOT_LEASE).await {
+        tokio::time::sleep(lease / 3).await;
+        if let Err(e) = store.acquire(req.name(), req.id(), n, lease).await {
             tracing::warn!(error = %format!("{e:#}"), task = req.name(),
                 "cannot renew a concurrency slot's lease");
         }

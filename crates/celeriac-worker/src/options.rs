@@ -83,6 +83,10 @@ pub struct WorkerOptions {
     /// Time between `worker-heartbeat` events; monitors think a worker is gone after two
     /// silent intervals. Default 2 s, as Celery's.
     pub heartbeat_interval: Duration,
+    /// How long a task with `max_concurrency` leases its cluster-wide slot; renewed every
+    /// third of it while the task runs, so a killed worker's slots free themselves after at
+    /// most this long. Default 30 s.
+    pub slot_lease: Duration,
     /// Autoscale the pool between `(max, min)` slots (`--autoscale max,min`): grow while tasks
     /// wait for a slot, shrink when slots stay idle. `None` (the default): a fixed size.
     pub autoscale: Option<(usize, usize)>,
@@ -159,6 +163,7 @@ impl Default for WorkerOptions {
             inline_brief: true,
             task_events: false,
             heartbeat_interval: Duration::from_secs(2),
+            slot_lease: Duration::from_secs(30),
             autoscale: None,
             remote_control: true,
             control_allow: celeriac_core::broadcast::control::ControlAllow::All,
@@ -201,6 +206,7 @@ impl WorkerOptions {
             inline_brief: w.inline_brief,
             task_events: w.task_events,
             heartbeat_interval: w.heartbeat_interval,
+            slot_lease: w.slot_lease,
             control_allow: w.control_allow.clone(),
             broker_url: Some(config.broker_url().to_owned()),
             max_message_size: config.max_message_size,

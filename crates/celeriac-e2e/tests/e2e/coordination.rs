@@ -285,3 +285,60 @@ async fn a_cluster_rate_limit_holds_over_worker_processes_on_postgres() {
     let url = format!("postgres://postgres@127.0.0.1:5432/test?schema={schema}");
     cluster_rate_limit(&url, "postgres").await;
 }
+
+/// A worker SIGKILLed while two `tasks.capped` (at most two at once) run leaves both slots
+/// held; with `slot_lease = 2` they free themselves, and a third task then runs on another
+/// worker — not before the dead worker's leases ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_concurrency_slots_free_themselves() {
+    let (url, db) = sqlite_url("coord-slot-kill");
+    let q = unique_queue("coord-slot-kill");
+    let config = format!("{}.toml", db.display());
+    std::fs::write(&config, "[worker]\nslot_lease = 2\n").unwrap();
+    let start =
+        |n: &str| WorkerProcess::start_with_config(&url, &config, &["-c", "4", "-Q", &q, "-n", n]);
+    let mut first = start("slots-a@localhost");
+    first.wait_for_log("worker started", T).await;
+    let app = client(&url).await;
+    let path = format!("{}.capped", db.display());
+    for _ in 0..2 {
+        let r = capped::s(path.clone(), 60.0)
+            .queue(&q)
+            .apply_async(&app)
+            .await
+            .unwrap();
+        first.wait_for_log(r.id(), T).await;
+    }
+    // Both slots taken (the tasks' first lease), then the worker dies holding them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.signal("KILL");
+    first.wait(T).await;
+    let killed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let second = start("slots-b@localhost");
+    second.wait_for_log("worker started", T).await;
+    capped::s(path.clone(), 0.1)
+        .queue(&q)
+        .apply_async(&app)
+        .await
+        .unwrap()
+        .get_timeout(T)
+        .await
+        .unwrap();
+    let started: f64 = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .next()
+        .expect("the third task ran");
+    // The dead worker renewed its leases at most 2/3 s before it died: they ran out at
+    // least 1.33 s after.
+    assert!(
+        started >= killed + 1.0,
+        "started {:.2} s after the kill, while the dead worker's slots were held",
+        started - killed
+    );
+    drop(second);
+}

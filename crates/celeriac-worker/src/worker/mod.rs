@@ -536,6 +536,7 @@ fn pipeline(p: Pipeline<'_>) -> Stack {
             backend: p.backend.cloned(),
             limiter: p.limiter,
             phase: p.phase.clone(),
+            slot_lease: p.options.slot_lease,
         }),
         Arc::new(SlotLayer {
             slots: p.pool.slots(),
