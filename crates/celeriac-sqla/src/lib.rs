@@ -30,7 +30,9 @@ use std::sync::Arc;
 
 use celeriac_core::{Drivers, DynBackend, DynBroker};
 
-pub use backend::{COUNTERS_TABLE, SqlaBackend, SqlaBackendOptions};
+pub use backend::{
+    COORD_KEYS_TABLE, COORD_SLOTS_TABLE, COUNTERS_TABLE, SqlaBackend, SqlaBackendOptions,
+};
 pub use broker::{SqlaBroker, SqlaBrokerOptions};
 pub use url::Dialect;
 
