@@ -123,13 +123,15 @@ impl MysqlBackend {
         self.coord_ready()
             .get_or_try_init(|| async {
                 let what = "cannot create the mysql coordination tables";
-                let mut conn = self.pool().acquire().await.map_err(|e| map_err(KIND, what, e))?;
+                let mut conn = self
+                    .pool()
+                    .acquire()
+                    .await
+                    .map_err(|e| map_err(KIND, what, e))?;
                 // Present (an administrator may have made them for a user who may not
                 // create tables): nothing to do.
                 let present = conn
-                    .execute(
-                        "SELECT 1 FROM celeriac_coord_keys, celeriac_coord_slots WHERE 1 = 0",
-                    )
+                    .execute("SELECT 1 FROM celeriac_coord_keys, celeriac_coord_slots WHERE 1 = 0")
                     .await;
                 match present {
                     Ok(_) => return Ok(()),
@@ -139,7 +141,9 @@ impl MysqlBackend {
                 // `CREATE TABLE IF NOT EXISTS` is safe under concurrency on MariaDB and MySQL
                 // (the metadata lock serializes creators; the later ones find the table).
                 for ddl in DDL {
-                    conn.execute(ddl).await.map_err(|e| map_err(KIND, what, e))?;
+                    conn.execute(ddl)
+                        .await
+                        .map_err(|e| map_err(KIND, what, e))?;
                 }
                 tracing::debug!("created the mysql coordination tables");
                 Ok(())

@@ -53,7 +53,8 @@ pub(crate) fn check(registry: &Registry, backend: Option<&DynBackend>) -> bool {
             backend = backend.map_or("none", |b| b.driver()),
             "these tasks ask for coordination across workers, which this result backend \
              cannot keep: cluster rate limits apply per worker, and tasks with \
-             max_concurrency fail (use a redis:// or sqlite:// result backend)"
+             max_concurrency fail (use a redis://, sqlite://, postgres://, mysql:// or \
+             db+postgresql:// / db+mysql:// result backend)"
         );
     }
     false
@@ -65,7 +66,8 @@ fn no_store(name: &str) -> celeriac_core::RemoteError {
         "ImproperlyConfigured",
         format!(
             "task {name} has max_concurrency, which needs a result backend that coordinates \
-             workers (redis://, sqlite://); this worker's cannot"
+             workers (redis://, sqlite://, postgres://, mysql://, db+postgresql://, \
+             db+mysql://); this worker's cannot"
         ),
     )
 }

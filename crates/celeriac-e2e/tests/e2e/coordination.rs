@@ -1,5 +1,5 @@
 //! Coordination across worker processes (issue 28): a cluster rate limit measured over 1, 2
-//! and 4 worker processes on SQLite and Redis, a concurrency cap across processes, and unique
+//! and 4 worker processes on SQLite, Redis, PostgreSQL and MariaDB, a concurrency cap across processes, and unique
 //! sends from four clients at once.
 
 use std::time::Duration;
@@ -284,4 +284,30 @@ async fn a_cluster_rate_limit_holds_over_worker_processes_on_postgres() {
     );
     let url = format!("postgres://postgres@127.0.0.1:5432/test?schema={schema}");
     cluster_rate_limit(&url, "postgres").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_rate_limit_holds_over_worker_processes_on_mariadb() {
+    use celeriac::mysql::sqlx::{self, Connection as _};
+    if !require_service("mariadb", "127.0.0.1:3306") {
+        return;
+    }
+    // A database of this run's own on the shared server (the limit's key is the task name,
+    // which another run in a shared database would share), dropped at the end.
+    let db = format!(
+        "celeriac_e2e_coord_{}",
+        &celeriac::core::protocol::new_id().replace('-', "")[20..]
+    );
+    let mut root = sqlx::mysql::MySqlConnection::connect("mysql://root@127.0.0.1:3306/")
+        .await
+        .expect("connect as root");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&mut root)
+        .await
+        .expect("create database");
+    let url = format!("mysql://root@127.0.0.1:3306/{db}?poll-interval-ms=50");
+    cluster_rate_limit(&url, "mariadb").await;
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db}")))
+        .execute(&mut root)
+        .await;
 }

@@ -56,7 +56,11 @@ async fn first_use_in_a_fresh_schema(server: Server) {
     }
     // The tables are in the schema of the task table; then the schema goes.
     for table in [COORD_KEYS_TABLE, COORD_SLOTS_TABLE] {
-        exec(server, format!("SELECT 1 FROM {schema}.{table} WHERE 1 = 0")).await;
+        exec(
+            server,
+            format!("SELECT 1 FROM {schema}.{table} WHERE 1 = 0"),
+        )
+        .await;
     }
     exec(
         server,
