@@ -54,7 +54,8 @@ pub struct SqlaBackendOptions {
     /// connection's.
     pub group_schema: Option<String>,
     /// Create missing tables and add missing columns, as Celery does on first use. Default
-    /// true.
+    /// true. celeriac's own tables beside Celery's (chord counters, coordination) are created
+    /// when missing either way.
     pub create_tables: bool,
     /// How long results are kept: older rows are deleted (Celery's `result_expires` and
     /// `celery.backend_cleanup`); `None` keeps them. Default one day.
