@@ -5,8 +5,9 @@
 //! they already share: a result backend hands one out as a capability
 //! ([`BackendCapabilities::coordination`](crate::BackendCapabilities)), so the cluster's state
 //! lives where its results do (Redis: Lua scripts; SQLite: rows in the write transaction;
-//! PostgreSQL: one statement per step; memcached: compare-and-swap on the worker's clock; the
-//! memory backend: one process; see [`STORES`]). What the worker and the app build on it:
+//! PostgreSQL, MariaDB/MySQL and Celery's `db+` tables: one statement or transaction per
+//! step; memcached: compare-and-swap on the worker's clock; the memory backend: one process;
+//! see [`STORES`]). What the worker and the app build on it:
 //!
 //! - **Cluster rate limits** ([`Coordination::throttle`]): GCRA (the generic cell rate
 //!   algorithm) over one timestamp per key, the same arithmetic as
@@ -86,7 +87,8 @@ pub fn gcra_interval(limit: RateLimit) -> u64 {
 
 /// The result backends that keep coordination across workers (for error messages and
 /// warnings): each offers [`Coordination`] as a capability.
-pub const STORES: &str = "redis://, sqlite://, postgres://, cache+memcached://";
+pub const STORES: &str = "redis://, sqlite://, postgres://, mysql://, db+postgresql://, db+mysql://, \
+                          cache+memcached://";
 
 /// The header a unique task's message carries: the key of the lock its send took, which the
 /// worker releases when the task ends. Python Celery ignores headers it does not know.

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use celeriac_core::backend::timeout_error;
+use celeriac_core::backend::{BackendCapabilities, timeout_error};
 use celeriac_core::{
     BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, TaskMeta, TaskState,
 };
@@ -50,6 +50,8 @@ struct Inner {
     closed: AtomicBool,
     /// Fired after this process stored a result, for its own waiters.
     stored: Notify,
+    /// Set once the coordination tables exist (created on first use; see `coord.rs`).
+    coord_ready: tokio::sync::OnceCell<()>,
 }
 
 impl MysqlBackend {
@@ -76,6 +78,7 @@ impl MysqlBackend {
                 next_sweep: AtomicI64::new(0),
                 closed: AtomicBool::new(false),
                 stored: Notify::new(),
+                coord_ready: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -85,7 +88,11 @@ impl MysqlBackend {
         &self.inner.pool
     }
 
-    fn check_open(&self) -> Result<()> {
+    pub(crate) fn coord_ready(&self) -> &tokio::sync::OnceCell<()> {
+        &self.inner.coord_ready
+    }
+
+    pub(crate) fn check_open(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             Err(Error::closed("mysql result backend"))
         } else {
@@ -444,6 +451,11 @@ impl ResultBackend for MysqlBackend {
             })
             .await
         })
+    }
+
+    fn capabilities(&self) -> BackendCapabilities<'_> {
+        // Cluster rate limits, unique-task locks and concurrency slots (`coord.rs`).
+        BackendCapabilities::none().coordination(self)
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {

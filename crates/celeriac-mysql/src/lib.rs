@@ -39,7 +39,14 @@
 //! - `celeriac_broadcast(id, channel, routing_key, body, created_at)`: remote control and
 //!   events (see [`MysqlBroker`]'s `broadcast`, module `broadcast`);
 //! - `celeriac_beat_lease(namespace, holder, token, expires_at)` and
-//!   `celeriac_beat_entries(namespace, name, spec, paused, triggers, state)`.
+//!   `celeriac_beat_entries(namespace, name, spec, paused, triggers, state)`;
+//! - `celeriac_coord_keys(key_hash, name, holder, until_us)` and
+//!   `celeriac_coord_slots(key_hash, holder_hash, name, holder, until_us)`: coordination
+//!   across workers (cluster rate limits, unique-task locks, concurrency slots; the result
+//!   backend's coordination capability, [`celeriac_core::coord`]), created on first use rather
+//!   than with the rest, so a database made before them gets them and a user who never
+//!   coordinates needs no `CREATE` privilege for them. Each step is one transaction that
+//!   locks the key's row (`SELECT … FOR UPDATE`), on the server's clock.
 //!
 //! **The server's clock.** Every lease, delay and expiry is judged by `NOW(3)` on the
 //! server, so workers on machines whose clocks disagree agree on when a lease ends.
@@ -90,6 +97,7 @@ mod backend;
 mod beat;
 mod broadcast;
 mod broker;
+mod coord;
 mod db;
 mod options;
 mod send;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use celeriac_core::backend::poll_until_ready;
+use celeriac_core::backend::{BackendCapabilities, poll_until_ready};
 use celeriac_core::{
     BoxFuture, Config, Error, ErrorKind, Result, ResultBackend, TaskMeta, TaskState,
 };
@@ -16,6 +16,9 @@ use serde_json::{Map, Value, json};
 use crate::db::{Pool, is_unique_violation, map_err, now_naive, quote, retry_deadlocks};
 use crate::schema::{self, Server, on_pool, sql};
 use crate::url::{self, Dialect};
+
+mod coord;
+pub use coord::{COORD_KEYS_TABLE, COORD_SLOTS_TABLE};
 
 const KIND: ErrorKind = ErrorKind::Backend;
 
@@ -51,7 +54,8 @@ pub struct SqlaBackendOptions {
     /// connection's.
     pub group_schema: Option<String>,
     /// Create missing tables and add missing columns, as Celery does on first use. Default
-    /// true.
+    /// true. celeriac's own tables beside Celery's (chord counters, coordination) are created
+    /// when missing either way.
     pub create_tables: bool,
     /// How long results are kept: older rows are deleted (Celery's `result_expires` and
     /// `celery.backend_cleanup`); `None` keeps them. Default one day.
@@ -171,6 +175,10 @@ struct Inner {
     options: SqlaBackendOptions,
     next_sweep: AtomicI64,
     closed: AtomicBool,
+    /// The coordination statements (tables beside Celery's; `backend/coord.rs`).
+    coord: coord::CoordSql,
+    /// Set once the coordination tables exist (created on first use).
+    coord_ready: tokio::sync::OnceCell<()>,
 }
 
 impl fmt::Debug for SqlaBackend {
@@ -218,20 +226,26 @@ impl SqlaBackend {
         }
         let pool = Pool::connect(&parsed, config, KIND).await?;
         let server = Server::detect(&pool, KIND).await?;
-        let columns = match prepare_tables(&pool, server, &options).await {
-            Ok(c) => c,
-            // Two processes creating the tables at once may collide; the second try finds them.
-            Err(e) if options.create_tables => {
-                tracing::debug!(error = %e, "creating the result tables again");
-                prepare_tables(&pool, server, &options).await?
+        // Processes creating the tables at once may collide (PostgreSQL's `IF NOT EXISTS` is
+        // not atomic), each time on another table: a later try finds them.
+        let mut attempt = 0;
+        let columns = loop {
+            attempt += 1;
+            match prepare_tables(&pool, server, &options).await {
+                Ok(c) => break c,
+                Err(e) if options.create_tables && attempt < 4 => {
+                    tracing::debug!(error = %e, "creating the result tables again");
+                    tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         };
         let ts = options.task_schema.as_deref();
         let gs = options.group_schema.as_deref();
         let task_seq = schema::sequence_exists(&pool, server, ts, TASK_SEQUENCE, KIND).await?;
         let group_seq = schema::sequence_exists(&pool, server, gs, GROUP_SEQUENCE, KIND).await?;
         let sql = statements(server, &options, columns, task_seq, group_seq);
+        let coord = coord::CoordSql::new(server, ts);
         Ok(SqlaBackend {
             inner: Arc::new(Inner {
                 pool,
@@ -241,6 +255,8 @@ impl SqlaBackend {
                 options,
                 next_sweep: AtomicI64::new(0),
                 closed: AtomicBool::new(false),
+                coord,
+                coord_ready: tokio::sync::OnceCell::new(),
             }),
         })
     }
@@ -1023,6 +1039,12 @@ impl ResultBackend for SqlaBackend {
             })
             .await
         })
+    }
+
+    fn capabilities(&self) -> BackendCapabilities<'_> {
+        // Cluster rate limits, unique-task locks and concurrency slots, in tables of
+        // celeriac's own beside Celery's (`backend/coord.rs`).
+        BackendCapabilities::none().coordination(self)
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {

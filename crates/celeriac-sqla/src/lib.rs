@@ -3,7 +3,10 @@
 //!
 //! - [`SqlaBackend`]: Celery's database result backend (`db+postgresql://…`,
 //!   `db+mysql://…`): rows in `celery_taskmeta` and `celery_tasksetmeta` as Celery 5.7's
-//!   SQLAlchemy models make them.
+//!   SQLAlchemy models make them. Chord counters and coordination across workers (cluster
+//!   rate limits, unique tasks, `max_concurrency`; [`celeriac_core::coord`]) live in small
+//!   tables of celeriac's own beside them ([`COUNTERS_TABLE`], [`COORD_KEYS_TABLE`],
+//!   [`COORD_SLOTS_TABLE`]), so Celery's stay exactly as Celery makes them.
 //! - [`SqlaBroker`]: kombu's SQLAlchemy transport (`sqla+postgresql://…`, `sqla+mysql://…`):
 //!   messages in `kombu_message`, queues in `kombu_queue`.
 //!
@@ -30,7 +33,9 @@ use std::sync::Arc;
 
 use celeriac_core::{Drivers, DynBackend, DynBroker};
 
-pub use backend::{COUNTERS_TABLE, SqlaBackend, SqlaBackendOptions};
+pub use backend::{
+    COORD_KEYS_TABLE, COORD_SLOTS_TABLE, COUNTERS_TABLE, SqlaBackend, SqlaBackendOptions,
+};
 pub use broker::{SqlaBroker, SqlaBrokerOptions};
 pub use url::Dialect;
 

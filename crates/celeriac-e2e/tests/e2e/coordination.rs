@@ -1,5 +1,6 @@
 //! Coordination across worker processes (issue 28): a cluster rate limit measured over 1, 2
-//! and 4 worker processes on SQLite and Redis, a concurrency cap across processes, and unique
+//! and 4 worker processes on SQLite, Redis, PostgreSQL, MariaDB and Celery's `db+` tables (on
+//! both), a concurrency cap across processes, and unique
 //! sends from four clients at once.
 
 use std::time::Duration;
@@ -7,22 +8,33 @@ use std::time::Duration;
 use celeriac_examples::{capped, partner, sync_once};
 use celeriac_test::services::{require_service, unique_queue};
 
-use crate::support::{WorkerProcess, client, sqlite_url};
+use crate::support::{WorkerProcess, client, client_with, sqlite_url};
 
 const T: Duration = Duration::from_secs(60);
 
 /// `n` worker processes on `url` consuming `queue`, each with four slots, once started.
 async fn workers(url: &str, queue: &str, n: usize) -> Vec<WorkerProcess> {
+    workers_with(url, None, queue, n).await
+}
+
+/// [`workers`] with results in `backend` (default: the broker's store).
+async fn workers_with(
+    url: &str,
+    backend: Option<&str>,
+    queue: &str,
+    n: usize,
+) -> Vec<WorkerProcess> {
     let mut all = Vec::new();
     for i in 0..n {
         let name = format!(
             "coord{i}-{}@localhost",
             &celeriac::core::protocol::new_id()[..6]
         );
-        all.push(WorkerProcess::start(
-            url,
-            &["-c", "4", "-Q", queue, "-n", &name],
-        ));
+        let mut args = vec!["-c", "4", "-Q", queue, "-n", &name];
+        if let Some(b) = backend {
+            args.extend(["--result-backend", b]);
+        }
+        all.push(WorkerProcess::start(url, &args));
     }
     for w in &all {
         w.wait_for_log("worker started", T).await;
@@ -30,11 +42,15 @@ async fn workers(url: &str, queue: &str, n: usize) -> Vec<WorkerProcess> {
     all
 }
 
-/// The rate at which `count` `tasks.partner` calls started, over `n` workers.
-async fn partner_rate(url: &str, n: usize, count: usize) -> f64 {
+/// The rate at which `count` `tasks.partner` calls started, over `n` workers, with results
+/// (and the shared budget) in `backend` (default: the broker's store).
+async fn partner_rate(url: &str, backend: Option<&str>, n: usize, count: usize) -> f64 {
     let q = unique_queue("coord-rate");
-    let ws = workers(url, &q, n).await;
-    let app = client(url).await;
+    let ws = workers_with(url, backend, &q, n).await;
+    let app = match backend {
+        Some(b) => client_with(url, b).await,
+        None => client(url).await,
+    };
     let mut results = Vec::new();
     for _ in 0..count {
         results.push(partner::s().queue(&q).apply_async(&app).await.unwrap());
@@ -52,8 +68,13 @@ async fn partner_rate(url: &str, n: usize, count: usize) -> f64 {
 /// limit would give 20, 40 and 80/s). The bound is generous (the machine is shared); the
 /// measured rates are printed and written down in docs/coordination.md.
 async fn cluster_rate_limit(url: &str, broker: &str) {
+    cluster_rate_limit_with(url, None, broker).await;
+}
+
+/// [`cluster_rate_limit`] with results in `backend`.
+async fn cluster_rate_limit_with(url: &str, backend: Option<&str>, broker: &str) {
     for n in [1, 2, 4] {
-        let rate = partner_rate(url, n, 61).await;
+        let rate = partner_rate(url, backend, n, 61).await;
         eprintln!("coordination: {broker}, {n} worker process(es): {rate:.2} tasks/s (limit 20/s)");
         assert!(
             (15.0..=21.0).contains(&rate),
@@ -341,4 +362,73 @@ async fn a_killed_workers_concurrency_slots_free_themselves() {
         started - killed
     );
     drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_rate_limit_holds_over_worker_processes_on_mariadb() {
+    use celeriac::mysql::sqlx::{self, Connection as _};
+    if !require_service("mariadb", "127.0.0.1:3306") {
+        return;
+    }
+    // A database of this run's own on the shared server (the limit's key is the task name,
+    // which another run in a shared database would share), dropped at the end.
+    let db = format!(
+        "celeriac_e2e_coord_{}",
+        &celeriac::core::protocol::new_id().replace('-', "")[20..]
+    );
+    let mut root = sqlx::mysql::MySqlConnection::connect("mysql://root@127.0.0.1:3306/")
+        .await
+        .expect("connect as root");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&mut root)
+        .await
+        .expect("create database");
+    let url = format!("mysql://root@127.0.0.1:3306/{db}?poll-interval-ms=50");
+    cluster_rate_limit(&url, "mariadb").await;
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db}")))
+        .execute(&mut root)
+        .await;
+}
+
+/// Celery's `db+` result tables keep the budget (in tables of celeriac's own beside them),
+/// the native broker of the same server carries the tasks; a schema or database of the run's
+/// own, dropped at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_rate_limit_holds_over_worker_processes_on_celery_db_tables() {
+    use celeriac::mysql::sqlx::{self, Connection as _};
+    let suffix = &celeriac::core::protocol::new_id().replace('-', "")[20..];
+    if require_service("postgres", "127.0.0.1:5432") {
+        let schema = format!("t_coord_db_{suffix}");
+        let mut pg = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/test")
+            .await
+            .expect("connect to postgres");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut pg)
+            .await
+            .expect("create schema");
+        let url = format!("postgres://postgres@127.0.0.1:5432/test?schema={schema}");
+        let backend = format!(
+            "db+postgresql://postgres@127.0.0.1:5432/test?task_schema={schema}&group_schema={schema}"
+        );
+        cluster_rate_limit_with(&url, Some(&backend), "db+postgresql").await;
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&mut pg)
+            .await;
+    }
+    if require_service("mariadb", "127.0.0.1:3306") {
+        let db = format!("celeriac_e2e_coord_db_{suffix}");
+        let mut root = sqlx::mysql::MySqlConnection::connect("mysql://root@127.0.0.1:3306/")
+            .await
+            .expect("connect as root");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+            .execute(&mut root)
+            .await
+            .expect("create database");
+        let url = format!("mysql://root@127.0.0.1:3306/{db}?poll-interval-ms=50");
+        let backend = format!("db+mysql://root@127.0.0.1:3306/{db}");
+        cluster_rate_limit_with(&url, Some(&backend), "db+mysql").await;
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db}")))
+            .execute(&mut root)
+            .await;
+    }
 }

@@ -90,3 +90,51 @@ async fn an_inbox_does_not_skip_a_row_that_commits_late() {
     }
     assert_eq!(got, [first.routing_key, second.routing_key]);
 }
+
+/// Coordination tables are created on first use: twenty backends on a fresh database asking
+/// at once all succeed, and agree on one holder; keys longer than an index allows (a unique
+/// task's key holds its arguments) work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordination_tables_appear_once_under_twenty_first_users() {
+    use celeriac_core::coord::Coordination as _;
+    use sqlx::Connection as _;
+    if url().await.is_none() {
+        return;
+    }
+    let db = format!(
+        "celeriac_it_coord_{}",
+        &celeriac_core::protocol::new_id().replace('-', "")[20..]
+    );
+    crate::util::create_database(&db).await;
+    let url = format!("mysql://root@{}/{db}", crate::util::ADDR);
+    let mut backends = Vec::new();
+    for _ in 0..20 {
+        backends.push(
+            MysqlBackend::connect(&url, &Config::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let key = format!("unique:tests.long:{}", "x".repeat(5000));
+    let long = Duration::from_secs(30);
+    let mut calls = tokio::task::JoinSet::new();
+    for (i, b) in backends.iter().enumerate() {
+        let (b, key) = (b.clone(), key.clone());
+        calls.spawn(async move { b.lock(&key, &format!("h{i}"), long).await.unwrap() });
+    }
+    let holders = calls.join_all().await;
+    assert!(
+        holders.iter().all(|h| h == &holders[0]),
+        "one holder, got {holders:?}"
+    );
+    let b = &backends[0];
+    assert!(b.unlock(&key, &holders[0]).await.unwrap());
+    assert!(b.acquire(&key, "a", 1, long).await.unwrap());
+    assert!(!b.acquire(&key, "b", 1, long).await.unwrap());
+    b.release(&key, "a").await.unwrap();
+    assert!(b.acquire(&key, "b", 1, long).await.unwrap());
+    let mut root = sqlx::mysql::MySqlConnection::connect(&url).await.unwrap();
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db}")))
+        .execute(&mut root)
+        .await;
+}

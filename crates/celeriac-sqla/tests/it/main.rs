@@ -3,6 +3,8 @@
 //! not there (fails under CELERIAC_REQUIRE_SERVICES=1).
 
 mod conformance;
+// Coordination tables beside Celery's, made on first use.
+mod coord;
 mod interop;
 mod rows;
 mod util;
