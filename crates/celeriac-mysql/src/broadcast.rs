@@ -36,10 +36,8 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use celeriac_core::broadcast::{
-    Broadcast, Broadcasted, CONTROL_EXCHANGE, EVENT_EXCHANGE, Inbox, REPLY_EXCHANGE, envelope,
-    topic_matches,
-};
+use celeriac_core::broadcast::rows::{Channel, RowFilter as Filter};
+use celeriac_core::broadcast::{Broadcast, Broadcasted, Inbox, envelope};
 use celeriac_core::protocol::new_id;
 use celeriac_core::{BoxFuture, Error, ErrorKind, Result};
 use sqlx::Row as _;
@@ -61,38 +59,6 @@ const READ_LIMIT: i64 = 512;
 const GAP_WAIT: Duration = Duration::from_millis(500);
 /// How long an inbox waits before reading again after a transient failure.
 const RETRY_AFTER: Duration = Duration::from_millis(50);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Channel {
-    Control,
-    Reply,
-    Event,
-}
-
-impl Channel {
-    fn name(self) -> &'static str {
-        match self {
-            Channel::Control => "control",
-            Channel::Reply => "reply",
-            Channel::Event => "event",
-        }
-    }
-
-    fn exchange(self) -> &'static str {
-        match self {
-            Channel::Control => CONTROL_EXCHANGE,
-            Channel::Reply => REPLY_EXCHANGE,
-            Channel::Event => EVENT_EXCHANGE,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Filter {
-    All,
-    Key(String),
-    Topic(String),
-}
 
 /// Deletes the rows older than the horizon, at most [`SWEEP_LIMIT`].
 ///
@@ -347,9 +313,7 @@ impl MysqlInbox {
             let body: Option<String> = r.try_get(2).map_err(|e| map_err(KIND, WHAT, e))?;
             let Some(body) = body else { continue };
             let routing_key: String = r.try_get(1).map_err(|e| map_err(KIND, WHAT, e))?;
-            if let Filter::Topic(binding) = &self.filter
-                && !topic_matches(binding, &routing_key)
-            {
+            if !self.filter.keeps(&routing_key) {
                 continue;
             }
             self.buffer.push_back(Found {

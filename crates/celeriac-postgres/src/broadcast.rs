@@ -18,10 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use celeriac_core::broadcast::{
-    Broadcast, Broadcasted, CONTROL_EXCHANGE, EVENT_EXCHANGE, Inbox, REPLY_EXCHANGE, envelope,
-    topic_matches,
-};
+use celeriac_core::broadcast::rows::{Channel, RowFilter as Filter};
+use celeriac_core::broadcast::{Broadcast, Broadcasted, Inbox, envelope};
 use celeriac_core::protocol::new_id;
 use celeriac_core::{BoxFuture, Result};
 use serde_json::{Map, Value};
@@ -38,38 +36,6 @@ const LOOKBACK: i64 = 64;
 const READ_LIMIT: i64 = 256;
 /// The longest an idle inbox waits without a notification.
 const FALLBACK_POLL: Duration = Duration::from_secs(1);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Channel {
-    Control,
-    Reply,
-    Event,
-}
-
-impl Channel {
-    fn name(self) -> &'static str {
-        match self {
-            Channel::Control => "control",
-            Channel::Reply => "reply",
-            Channel::Event => "event",
-        }
-    }
-
-    fn exchange(self) -> &'static str {
-        match self {
-            Channel::Control => CONTROL_EXCHANGE,
-            Channel::Reply => REPLY_EXCHANGE,
-            Channel::Event => EVENT_EXCHANGE,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Filter {
-    All,
-    Key(String),
-    Topic(String),
-}
 
 impl PgBroker {
     async fn send_encoded(&self, channel: Channel, routing_key: &str, body: Vec<u8>) -> Result<()> {
@@ -245,9 +211,7 @@ impl PgInbox {
             self.seen.push_back(id);
             self.seen_set.insert(id);
             self.cursor = self.cursor.max(id);
-            if let Filter::Topic(t) = &self.filter
-                && !topic_matches(t, &routing_key)
-            {
+            if !self.filter.keeps(&routing_key) {
                 continue;
             }
             match envelope::decode(body.as_bytes()) {

@@ -63,10 +63,8 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use celeriac_core::broadcast::{
-    Broadcast, Broadcasted, CONTROL_EXCHANGE, EVENT_EXCHANGE, Inbox, REPLY_EXCHANGE, envelope,
-    topic_matches,
-};
+use celeriac_core::broadcast::rows::{Channel, RowFilter as Filter};
+use celeriac_core::broadcast::{Broadcast, Broadcasted, Inbox, envelope};
 use celeriac_core::protocol::new_id;
 use celeriac_core::{BoxFuture, Error, ErrorKind, Result};
 use rusqlite::Connection;
@@ -91,44 +89,6 @@ const READ_LIMIT: i64 = 256;
 const FALLBACK_POLL: Duration = Duration::from_secs(1);
 /// How long an inbox waits before reading again after a transient failure (a locked file).
 const RETRY_AFTER: Duration = Duration::from_millis(50);
-
-/// The three channels, as the `channel` column names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Channel {
-    Control,
-    Reply,
-    Event,
-}
-
-impl Channel {
-    fn name(self) -> &'static str {
-        match self {
-            Channel::Control => "control",
-            Channel::Reply => "reply",
-            Channel::Event => "event",
-        }
-    }
-
-    /// The exchange Celery would publish such a message to, written in the envelope.
-    fn exchange(self) -> &'static str {
-        match self {
-            Channel::Control => CONTROL_EXCHANGE,
-            Channel::Reply => REPLY_EXCHANGE,
-            Channel::Event => EVENT_EXCHANGE,
-        }
-    }
-}
-
-/// Which rows of its channel an inbox takes.
-#[derive(Debug, Clone)]
-enum Filter {
-    /// Every row (control requests).
-    All,
-    /// Rows with exactly this routing key (a reply queue).
-    Key(String),
-    /// Rows whose routing key matches this topic pattern (an event binding).
-    Topic(String),
-}
 
 /// Deletes the expired rows among the [`SWEEP_LIMIT`] oldest.
 fn sweep(db: &Db, before: i64) -> rusqlite::Result<usize> {
@@ -189,10 +149,8 @@ fn read(
         scanned += 1;
         last = r.get(0)?;
         let routing_key: String = r.get(1)?;
-        if let Filter::Topic(binding) = filter {
-            if !topic_matches(binding, &routing_key) {
-                continue;
-            }
+        if !filter.keeps(&routing_key) {
+            continue;
         }
         let body = match r.get_ref(2)? {
             ValueRef::Text(b) | ValueRef::Blob(b) => Some(b.to_vec()),

@@ -34,6 +34,7 @@
 pub mod control;
 pub mod envelope;
 pub mod event;
+pub mod rows;
 mod signed;
 
 pub use signed::Signed;
