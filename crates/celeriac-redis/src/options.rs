@@ -735,4 +735,20 @@ mod tests {
             .sentinel_credentials(Some("u"), Some("p"));
         assert_eq!(o.sentinel_auth(), (Some("u"), Some("p")));
     }
+
+    #[test]
+    fn native_queues_come_from_the_transport_options_and_the_url() {
+        let text = "[broker_transport_options]\nnative_queues = [\"fast.*\", \"bulk\"]\n";
+        let config =
+            Config::from_sources(Some((std::path::Path::new("c.toml"), text)), |_| None).unwrap();
+        let o = RedisOptions::from_config(&config);
+        assert_eq!(o.get_native_queues(), ["fast.*", "bulk"]);
+        let t = parse("redis://h/0?native_queues=a%2Cb.*&protocol=resp2");
+        assert_eq!(
+            t.native_queues,
+            Some(vec!["a".to_owned(), "b.*".to_owned()])
+        );
+        assert_eq!(t.client_url, "redis://h/0?protocol=resp2");
+        assert_eq!(parse("redis://h/0").native_queues, None);
+    }
 }
