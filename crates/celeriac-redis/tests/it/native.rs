@@ -216,3 +216,76 @@ async fn a_lease_extends_beyond_the_consumers_own() {
     );
     d.ack().await.unwrap();
 }
+
+/// The server's CPU time (user + system, µs) so far, from `INFO cpu`.
+async fn server_cpu_us(c: &mut redis::aio::MultiplexedConnection) -> f64 {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(c).await.unwrap();
+    let field = |name: &str| -> f64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (field("used_cpu_user") + field("used_cpu_sys")) * 1e6
+}
+
+/// Not a test: the server's CPU per message of each layout, publish + fetch + ack, one
+/// consumer with a prefetch of 512 and 8 publishers. Run with
+/// `cargo test -p celeriac-redis --test it --release -- --ignored --nocapture layout_cost`;
+/// other clients of the server count too, so run it on a quiet server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn layout_cost() {
+    if !util::redis_up() {
+        return;
+    }
+    const N: usize = 40_000;
+    for layout in ["kombu", "native", "kombu", "native"] {
+        let options = if layout == "native" {
+            native()
+        } else {
+            RedisOptions::default()
+        };
+        let broker = Arc::new(broker_with(&util::prefix(), options).await);
+        let q = "cost".to_owned();
+        broker.declare(&q).await.unwrap();
+        let mut raw = util::raw().await;
+        let before = server_cpu_us(&mut raw).await;
+        let clock = std::time::Instant::now();
+        let mut senders = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let broker = broker.clone();
+            let q = q.clone();
+            senders.spawn(async move {
+                for _ in 0..N / 8 {
+                    broker
+                        .publish(&q, &msg(), PublishOptions::default())
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+        let mut c = broker
+            .consume(std::slice::from_ref(&q), ConsumeOptions::new(512))
+            .await
+            .unwrap();
+        let mut acks = tokio::task::JoinSet::new();
+        for _ in 0..N {
+            let d = next_within(&mut c, Duration::from_secs(30)).await.unwrap();
+            acks.spawn(async move { d.ack().await.unwrap() });
+            while acks.len() > 256 {
+                acks.join_next().await;
+            }
+        }
+        while acks.join_next().await.is_some() {}
+        while senders.join_next().await.is_some() {}
+        let secs = clock.elapsed().as_secs_f64();
+        let cpu = server_cpu_us(&mut raw).await - before;
+        println!(
+            "{layout}: {N} messages in {secs:.2} s ({:.0}/s), server CPU {:.1} µs per message",
+            N as f64 / secs,
+            cpu / N as f64
+        );
+        assert_eq!(broker.stats(&q).await.unwrap().total(), 0);
+    }
+}

@@ -360,7 +360,26 @@ impl Shared {
             Err(e) if e.code() == Some("NOGROUP") => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        blocked_entries(reply, streams)
+        let mut entries = blocked_entries(reply, streams)?;
+        if !self.probe.is_empty() {
+            // The task states, as the fetch script reads them: one MGET for the batch.
+            let probed: Vec<usize> = (0..entries.len())
+                .filter(|i| !entries[*i].task_id.is_empty())
+                .collect();
+            if !probed.is_empty() {
+                let mut mget = redis::cmd("MGET");
+                for i in &probed {
+                    mget.arg(format!("{}{}", self.probe, entries[*i].task_id));
+                }
+                // A failing read (say, a user not allowed to read result keys): no states.
+                if let Ok(docs) = mget.query_async::<Vec<Option<Vec<u8>>>>(conn).await {
+                    for (i, doc) in probed.into_iter().zip(docs) {
+                        entries[i].doc = Some(doc);
+                    }
+                }
+            }
+        }
+        Ok(entries)
     }
 
     /// Builds the delivery of a fetched entry.

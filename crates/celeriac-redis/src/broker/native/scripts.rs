@@ -105,11 +105,18 @@ if ARGV[5] == '1' then
 end
 for k = 1, #KEYS do
   if got >= want then break end
-  local r = redis.pcall('XREADGROUP', 'GROUP', group, me, 'COUNT', want - got, 'STREAMS', KEYS[k], '>')
-  if type(r) == 'table' and r.err then
-    if not string.find(r.err, 'NOGROUP', 1, true) then return redis.error_reply(r.err) end
+  -- An empty stream (most priority streams, most of the time) costs an XLEN, not a read.
+  local r = false
+  if redis.call('XLEN', KEYS[k]) > 0 then
+    r = redis.pcall('XREADGROUP', 'GROUP', group, me, 'COUNT', want - got, 'STREAMS', KEYS[k], '>')
+    if type(r) == 'table' and r.err then
+      if not string.find(r.err, 'NOGROUP', 1, true) then return redis.error_reply(r.err) end
+      redis.call('XGROUP', 'CREATE', KEYS[k], group, '0', 'MKSTREAM')
+      r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', want - got, 'STREAMS', KEYS[k], '>')
+    end
+  elseif redis.call('EXISTS', KEYS[k]) == 0 then
+    -- Deleted behind our back: the blocking read needs the stream and its group.
     redis.call('XGROUP', 'CREATE', KEYS[k], group, '0', 'MKSTREAM')
-    r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', want - got, 'STREAMS', KEYS[k], '>')
   end
   if r then
     for _, e in ipairs(r[1][2]) do emit(k, e[1], e[2], 0, 1) end
