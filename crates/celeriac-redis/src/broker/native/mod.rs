@@ -32,7 +32,7 @@
 //!   entry's `r` field (carried over by a requeue, which appends a fresh entry).
 //! - **Fencing.** Reject, requeue and lease extension check in their script that the entry is
 //!   still pending for this consumer with the delivery count it fetched, and do nothing
-//!   otherwise. Acks do not (see [`scripts::ACK`]): acking an entry whose lease ran out still
+//!   otherwise. Acks do not (see `ack.rs`): acking an entry whose lease ran out still
 //!   means its task ran to the end once.
 //! - **Priorities.** A stream per kombu bucket; the fetch reads them most urgent first.
 //!   FIFO within a bucket.

@@ -135,32 +135,6 @@ return out
     ))
 });
 
-/// Acknowledges entries and deletes them, many in one call.
-///
-/// KEYS: the streams. ARGV: group, then `stream index, entry id` pairs. Returns one 1 per
-/// pair: an entry already gone counts as settled, as kombu's ack does. Unfenced, on purpose:
-/// an entry is only claimed by another consumer after its lease ran out, and acking it then
-/// still means that the task ran to the end once (the other consumer's ack finds it gone).
-pub(crate) static ACK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local by = {}
-local out = {}
-for j = 2, #ARGV, 2 do
-  local k = tonumber(ARGV[j])
-  by[k] = by[k] or {}
-  by[k][#by[k] + 1] = ARGV[j + 1]
-  out[#out + 1] = 1
-end
-for k, ids in pairs(by) do
-  redis.call('XACK', KEYS[k], ARGV[1], unpack(ids))
-  redis.call('XDEL', KEYS[k], unpack(ids))
-end
-return out
-"#,
-    )
-});
-
 /// Lua shared by the fenced scripts: `held()` is true while the entry ARGV[2] of stream
 /// KEYS[1] is pending for a consumer whose name starts with ARGV[3] and has the delivery
 /// count ARGV[4], that is while this consumer still holds the delivery it fetched.
