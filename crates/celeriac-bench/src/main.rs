@@ -48,8 +48,8 @@ struct Args {
     /// Skips Python Celery.
     #[arg(long)]
     no_python: bool,
-    /// Brokers to measure, comma separated (sqlite, redis, amqp, postgres, postgres-async, mysql,
-    /// sqla).
+    /// Brokers to measure, comma separated (sqlite, redis, redis-native, amqp, postgres,
+    /// postgres-async, mysql, sqla).
     #[arg(
         long,
         value_delimiter = ',',
@@ -284,6 +284,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     p.run_all("redis", &urls, &sizes, &mut report).await?;
                 }
             }
+            "redis-native" => {
+                // The native layout (Redis Streams) for the benchmark's queue: ours only, since
+                // Python Celery cannot read it. Database 7, beside `redis` on 6.
+                let url = format!("redis://127.0.0.1:6379/7?native_queues={QUEUE}");
+                if !ours::reachable("127.0.0.1:6379").await {
+                    report
+                        .note("Redis (native layout): skipped, nothing listens on 127.0.0.1:6379.");
+                    continue;
+                }
+                let target = ours::Target::new("redis-native", url);
+                if let Some(n) = args.latency_only {
+                    ours::latency_only(&target, n, &mut report).await?;
+                    continue;
+                }
+                ours::run_all(&target, &sizes, &mut report).await?;
+            }
             "amqp" => {
                 if !ours::reachable("127.0.0.1:5672").await {
                     report.note("RabbitMQ: skipped, nothing listens on 127.0.0.1:5672.");
@@ -404,7 +420,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             other => {
                 anyhow::bail!(
-                    "unknown broker {other} (known: sqlite, redis, amqp, postgres, postgres-async, mysql, sqla)"
+                    "unknown broker {other} (known: sqlite, redis, redis-native, amqp, postgres, postgres-async, mysql, sqla)"
                 )
             }
         }

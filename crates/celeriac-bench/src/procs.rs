@@ -273,7 +273,7 @@ fn postmaster() -> Option<u32> {
 /// client and the workers).
 pub(crate) fn server_of(broker: &str) -> Option<u32> {
     match broker {
-        "redis" => server_pid("redis-server", Some(":6379")),
+        "redis" | "redis-native" => server_pid("redis-server", Some(":6379")),
         "amqp" => server_pid("beam.smp", None),
         "postgres" | "postgres-async" | "sqla" => postmaster(),
         "mysql" => server_pid("mariadbd", None).or_else(|| server_pid("mysqld", None)),

@@ -366,6 +366,11 @@ pub struct TransportOptions {
     /// (and its replicas'), as in kombu; Sentinels protected by a password of their own
     /// (`requirepass` in the Sentinel's configuration) take it from here.
     pub sentinel_kwargs: SentinelKwargs,
+    /// Redis only: queue globs kept in celeriac's native layout (Redis Streams with a
+    /// consumer group) instead of kombu's lists, for queues that no Python process sends to,
+    /// consumes or inspects. Faster, but invisible to Python Celery; see docs/redis.md.
+    /// Default none; ignored by other brokers and by result backends.
+    pub native_queues: Vec<String>,
 }
 
 /// The Sentinels' own credentials (kombu's `sentinel_kwargs`). `Debug` hides the password.

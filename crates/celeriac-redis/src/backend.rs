@@ -97,7 +97,7 @@ impl RedisBackend {
                 for s in batch {
                     inv.key(&s.key).arg(&s.doc).arg(&s.blocking);
                 }
-                inv
+                inv.into()
             },
         );
         Ok(RedisBackend {

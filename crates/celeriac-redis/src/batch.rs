@@ -15,6 +15,21 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::conn::Redis;
 
+/// The call that settles one batch.
+pub(crate) enum Call {
+    /// A script whose reply is one integer per request, 1 for done.
+    Script(ScriptInvocation<'static>),
+    /// Plain commands (no script: cheaper for the server); every request counts as done when
+    /// the pipeline succeeds.
+    Pipeline(redis::Pipeline),
+}
+
+impl From<ScriptInvocation<'static>> for Call {
+    fn from(inv: ScriptInvocation<'static>) -> Self {
+        Call::Script(inv)
+    }
+}
+
 /// A request waiting for the batcher, with where its answer goes.
 #[derive(Debug)]
 struct Pending<T> {
@@ -40,7 +55,7 @@ impl<T: Send + Sync + 'static> Batcher<T> {
         redis: Arc<Redis>,
         what: &'static str,
         max: usize,
-        build: impl Fn(&[T]) -> ScriptInvocation<'static> + Send + Sync + 'static,
+        build: impl Fn(&[T]) -> Call + Send + Sync + 'static,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(redis, what, max, build, rx));
@@ -62,7 +77,7 @@ async fn run<T>(
     redis: Arc<Redis>,
     what: &'static str,
     max: usize,
-    build: impl Fn(&[T]) -> ScriptInvocation<'static>,
+    build: impl Fn(&[T]) -> Call,
     mut rx: mpsc::UnboundedReceiver<Pending<T>>,
 ) {
     let mut batch: Vec<Pending<T>> = Vec::with_capacity(max);
@@ -75,8 +90,17 @@ async fn run<T>(
         }
         let r: Result<Vec<i64>> = redis
             .run(what, |mut c| {
-                let inv = build(&items);
-                async move { inv.invoke_async(&mut c).await }
+                let call = build(&items);
+                let n = items.len();
+                async move {
+                    match call {
+                        Call::Script(inv) => inv.invoke_async(&mut c).await,
+                        Call::Pipeline(pipe) => {
+                            pipe.query_async::<()>(&mut c).await?;
+                            Ok(vec![1; n])
+                        }
+                    }
+                }
             })
             .await;
         items.clear();

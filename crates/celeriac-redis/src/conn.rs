@@ -145,6 +145,8 @@ pub(crate) struct Opened {
     pub(crate) redis: Redis,
     pub(crate) prefix: String,
     pub(crate) db: i64,
+    /// The native layout's queue globs: the URL's, else the options'.
+    pub(crate) native_queues: Vec<String>,
 }
 
 impl Redis {
@@ -178,6 +180,10 @@ impl Redis {
             redis,
             prefix,
             db: target.db,
+            native_queues: target
+                .native_queues
+                .clone()
+                .unwrap_or_else(|| options.get_native_queues().to_vec()),
         })
     }
 

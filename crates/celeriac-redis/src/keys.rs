@@ -78,6 +78,21 @@ impl BrokerKeys {
         format!("{}unacked_mutex", self.prefix)
     }
 
+    /// The stream of `queue`'s messages of priority step `step` in the native layout:
+    /// `celeriac.stream.<queue>`, with kombu's `SEP<step>` suffix for steps above 0.
+    pub(crate) fn stream(&self, queue: &str, step: u8) -> String {
+        if step == 0 {
+            format!("{}celeriac.stream.{queue}", self.prefix)
+        } else {
+            format!("{}celeriac.stream.{queue}{SEP}{step}", self.prefix)
+        }
+    }
+
+    /// The four streams of `queue` in the native layout, most urgent first.
+    pub(crate) fn streams(&self, queue: &str) -> [String; 4] {
+        PRIORITY_STEPS.map(|s| self.stream(queue, s))
+    }
+
     /// Our sorted set of delayed messages of `queue` (score: due time in Unix ms).
     pub(crate) fn delayed(&self, queue: &str) -> String {
         format!("{}celeriac.delayed.{queue}", self.prefix)

@@ -49,6 +49,7 @@
 //! | `unacked_index` | zset | delivery tag → lease score (Unix seconds) |
 //! | `unacked_mutex` | string | the sweep lock, `SET NX PX 300000` |
 //! | `celeriac.delayed.<queue>` | zset | envelope → due time (Unix ms); ours, kombu has none |
+//! | `celeriac.stream.<queue>` (+ `\x06\x163`, `\x06\x166`, `\x06\x169`) | stream | native layout only (`native_queues`): see below |
 //! | `celeriac.redelivered.<tag>` | string | redelivery count of a delivery; ours, with a TTL |
 //! | `celeriac.wake.<db>.<queue>` | channel | announces new messages to idle consumers; ours |
 //! | `/<db>.celery.pidbox` | channel | control requests (kombu's fanout exchange `celery.pidbox`) |
@@ -106,6 +107,13 @@
 //! atomic Lua script that moves due messages into the right list. Nothing delayed lives in a
 //! worker. Python workers never look there, so a task for Python workers must be sent with an
 //! `eta` header instead (the facade's job).
+//!
+//! **A native layout, opted into per queue.** Queues matching the transport option (or URL
+//! parameter) `native_queues` are kept in Redis Streams with one consumer group instead: an
+//! `XADD` in, a plain `XREADGROUP` out (which records the delivery in the group's pending
+//! list in the same step), a pipelined `XACK` + `XDEL` to settle, leases swept with
+//! `XPENDING … IDLE` and `XCLAIM`; the same guarantees for about a third of the server's time
+//! per message, invisible to Python. See [`RedisOptions::native_queues`] and docs/redis.md.
 //!
 //! **Result waiting by pub/sub.** [`ResultBackend::wait`] reads the key and returns a ready
 //! result at once; otherwise it subscribes to the key's channel (Celery publishes every stored

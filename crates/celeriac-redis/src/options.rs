@@ -35,6 +35,7 @@ pub struct RedisOptions {
     master_name: Option<String>,
     sentinel_username: Option<String>,
     sentinel_password: Option<Secret>,
+    native_queues: Vec<String>,
 }
 
 /// A password: compared, cloned, never shown by `Debug`.
@@ -57,6 +58,7 @@ impl Default for RedisOptions {
             master_name: None,
             sentinel_username: None,
             sentinel_password: None,
+            native_queues: Vec::new(),
         }
     }
 }
@@ -80,7 +82,23 @@ impl RedisOptions {
         self.master_name = t.master_name.clone();
         self.sentinel_username = t.sentinel_kwargs.username.clone();
         self.sentinel_password = t.sentinel_kwargs.password.clone().map(Secret);
+        self.native_queues = t.native_queues.clone();
         self
+    }
+
+    /// Queue globs kept in celeriac's native layout (Redis Streams, see the crate docs)
+    /// rather than kombu's lists: only for queues that no Python process sends to, serves or
+    /// inspects. The transport option `native_queues`; a `native_queues=` parameter in the
+    /// broker URL's query (globs separated by commas, percent-encoded) wins over it.
+    #[must_use]
+    pub fn native_queues<S: Into<String>>(mut self, globs: impl IntoIterator<Item = S>) -> Self {
+        self.native_queues = globs.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The queue globs in the native layout.
+    pub fn get_native_queues(&self) -> &[String] {
+        &self.native_queues
     }
 
     /// kombu's `master_name`: the name the Sentinels of a `sentinel://` URL monitor the
@@ -175,6 +193,8 @@ pub(crate) struct Target {
     pub(crate) redacted: String,
     /// `global_keyprefix` from the query, if any.
     pub(crate) keyprefix: Option<String>,
+    /// `native_queues` from the query (comma-separated globs), if any.
+    pub(crate) native_queues: Option<Vec<String>>,
     /// The database number.
     pub(crate) db: i64,
     /// TLS settings, for `rediss://`.
@@ -341,6 +361,7 @@ fn parse_shown(url: &str, redacted: &str, kind: ErrorKind) -> Result<Target> {
         None => (rest, ""),
     };
     let mut keyprefix = None;
+    let mut native_queues = None;
     let mut db: Option<String> = None;
     let mut passthrough = Vec::new();
     let mut tls = Tls {
@@ -352,6 +373,16 @@ fn parse_shown(url: &str, redacted: &str, kind: ErrorKind) -> Result<Target> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "global_keyprefix" => keyprefix = Some(percent_decode(v).map_err(|e| bad(&e))?),
+            "native_queues" => {
+                let globs = percent_decode(v).map_err(|e| bad(&e))?;
+                native_queues = Some(
+                    globs
+                        .split(',')
+                        .filter(|g| !g.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                );
+            }
             "virtual_host" | "db" => db = Some(v.to_owned()),
             "ssl_cert_reqs" => {
                 tls.verify = cert_reqs(v).ok_or_else(|| {
@@ -465,6 +496,7 @@ fn parse_shown(url: &str, redacted: &str, kind: ErrorKind) -> Result<Target> {
         client_url,
         redacted,
         keyprefix,
+        native_queues,
         db: db_num,
         tls,
         sentinel: None,
@@ -702,5 +734,21 @@ mod tests {
             .master_name("m")
             .sentinel_credentials(Some("u"), Some("p"));
         assert_eq!(o.sentinel_auth(), (Some("u"), Some("p")));
+    }
+
+    #[test]
+    fn native_queues_come_from_the_transport_options_and_the_url() {
+        let text = "[broker_transport_options]\nnative_queues = [\"fast.*\", \"bulk\"]\n";
+        let config =
+            Config::from_sources(Some((std::path::Path::new("c.toml"), text)), |_| None).unwrap();
+        let o = RedisOptions::from_config(&config);
+        assert_eq!(o.get_native_queues(), ["fast.*", "bulk"]);
+        let t = parse("redis://h/0?native_queues=a%2Cb.*&protocol=resp2");
+        assert_eq!(
+            t.native_queues,
+            Some(vec!["a".to_owned(), "b.*".to_owned()])
+        );
+        assert_eq!(t.client_url, "redis://h/0?protocol=resp2");
+        assert_eq!(parse("redis://h/0").native_queues, None);
     }
 }

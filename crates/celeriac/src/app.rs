@@ -250,14 +250,17 @@ impl App {
     /// Not when Python workers may serve the queue (a broker Python shares, and the queue not
     /// declared celeriac-only): they know no broker-side delayed store and would never see
     /// the message, so it goes out at once with its `eta` header, as Celery sends it. A
-    /// celeriac worker that receives it parks it in the broker itself.
+    /// celeriac worker that receives it parks it in the broker itself. Queues in Redis's
+    /// native layout (the transport option `native_queues`) count as celeriac-only.
     fn delays_in_broker(&self, queue: &str) -> bool {
         let c = &self.inner.config;
         if c.celery_worker_queues.iter().any(|q| q == queue) {
             return false;
         }
+        // Redis's native layout (`native_queues`) is invisible to Python altogether.
         if c.celeriac_only_queues
             .iter()
+            .chain(&c.broker_transport_options.native_queues)
             .any(|g| celeriac_core::config::glob_match(g, queue))
         {
             return true;

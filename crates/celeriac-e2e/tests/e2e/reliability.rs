@@ -57,6 +57,22 @@ impl Target {
         }
     }
 
+    /// Redis with the queue in the native layout (Redis Streams), chosen by the URL.
+    fn redis_native() -> Self {
+        let (_, db) = sqlite_url("reliability-sigkill-redis-native");
+        let queue = celeriac_test::services::unique_queue("sigkill-native");
+        let url = format!("redis://127.0.0.1:6379/7?native_queues={queue}");
+        Target {
+            name: "redis (native layout)",
+            // The consumers' lease: a dead worker's pending entries are claimed once it passed.
+            config: "visibility_timeout = 2.0\n".to_owned(),
+            backend: url.clone(),
+            broker: url,
+            queue,
+            files: db.display().to_string(),
+        }
+    }
+
     /// MariaDB/MySQL: the `celeriac_it` database, a queue of this run's own.
     async fn mysql() -> Self {
         use celeriac::mysql::sqlx::{self, Connection as _};
@@ -257,6 +273,14 @@ async fn a_worker_killed_mid_run_loses_no_acks_late_task_on_redis() {
         return;
     }
     sigkill_mid_run(Target::redis()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_loses_no_acks_late_task_on_redis_native() {
+    if !celeriac_test::services::require_service("redis", "127.0.0.1:6379") {
+        return;
+    }
+    sigkill_mid_run(Target::redis_native()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

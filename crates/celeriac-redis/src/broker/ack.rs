@@ -47,7 +47,7 @@ pub(super) fn start_acks(redis: Arc<Redis>, keys: Arc<BrokerKeys>) -> Batcher<Ac
                     .arg(&a.token)
                     .arg(if a.counted { "1" } else { "0" });
             }
-            inv
+            inv.into()
         },
     )
 }

@@ -696,7 +696,7 @@ fn may_wake(push: &redis::PushInfo, lists: &HashSet<Vec<u8>>) -> bool {
 /// What the fetch script's result probe read for one message: nothing when it could not
 /// tell the task id (`probed` empty) or the stored document does not decode (the worker then
 /// reads the state itself and meets the same error there).
-fn probed_state(
+pub(super) fn probed_state(
     probed: String,
     doc: Option<&[u8]>,
     read_at: std::time::Instant,

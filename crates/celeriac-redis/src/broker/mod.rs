@@ -19,6 +19,7 @@
 mod ack;
 mod broadcast;
 mod consume;
+mod native;
 mod restore;
 
 use std::sync::Arc;
@@ -91,6 +92,10 @@ struct Inner {
     /// Whether consumers' fetch connections ask for key tracking (cleared when the server
     /// turns out not to have it).
     tracking: AtomicBool,
+    /// Globs of the queues in the native layout ([`native`]).
+    native: Vec<String>,
+    /// The native layout's acks, when any queue is native.
+    native_acks: Option<native::Acks>,
 }
 
 impl RedisBroker {
@@ -110,6 +115,8 @@ impl RedisBroker {
         let redis = Arc::new(opened.redis);
         let keys = Arc::new(BrokerKeys::new(&opened.prefix, opened.db));
         let acks = start_acks(redis.clone(), keys.clone());
+        let native_acks =
+            (!opened.native_queues.is_empty()).then(|| native::start_acks(redis.clone()));
         let visibility_timeout = options.get_visibility_timeout();
         Ok(RedisBroker {
             inner: Arc::new(Inner {
@@ -121,8 +128,15 @@ impl RedisBroker {
                 closed: watch::Sender::new(false),
                 acks,
                 tracking: AtomicBool::new(true),
+                native: opened.native_queues,
+                native_acks,
             }),
         })
+    }
+
+    /// Whether `queue` is kept in the native layout (Redis Streams) rather than kombu's.
+    pub fn is_native(&self, queue: &str) -> bool {
+        native::is_native(&self.inner.native, queue)
     }
 
     /// The key prefix in use (kombu's `global_keyprefix`, verbatim).
@@ -252,11 +266,17 @@ impl RedisBroker {
         let now = ms_of(chrono::Utc::now());
         let mut pipe = redis::pipe();
         let mut ready = false;
+        let is_native = self.is_native(queue);
         for (n, (m, o)) in items.into_iter().enumerate() {
             if n == 1 {
                 pipe.atomic();
             }
-            ready |= add_publish(&mut pipe, keys, queue, m, o, now)?;
+            if is_native {
+                // No wake-up: idle consumers block in XREADGROUP.
+                native::add_publish(&mut pipe, keys, queue, m, o, now)?;
+            } else {
+                ready |= add_publish(&mut pipe, keys, queue, m, o, now)?;
+            }
         }
         if ready {
             pipe.publish(keys.wake(queue), "").ignore();
@@ -286,6 +306,9 @@ impl Broker for RedisBroker {
             // What kombu's queue_bind writes for Celery's `Queue(q, Exchange(q), routing_key=q)`.
             let member = BrokerKeys::binding_member(queue, queue);
             let keys = &self.inner.keys;
+            if self.is_native(queue) {
+                native::ensure_groups(&self.inner.redis, keys, queue).await?;
+            }
             self.inner
                 .redis
                 .run("declare a redis queue", |mut c| {
@@ -343,7 +366,12 @@ impl Broker for RedisBroker {
             if queues.is_empty() {
                 return Err(Error::config("consume needs at least one queue"));
             }
-            Ok(Box::new(RedisConsumer::new(&self.inner, queues, options)) as Box<dyn Consumer>)
+            if self.inner.native.is_empty() {
+                return Ok(
+                    Box::new(RedisConsumer::new(&self.inner, queues, options)) as Box<dyn Consumer>
+                );
+            }
+            Ok(native::consumer(&self.inner, queues, options))
         })
     }
 
@@ -351,6 +379,9 @@ impl Broker for RedisBroker {
         Box::pin(async move {
             self.check_open()?;
             let keys = &self.inner.keys;
+            if self.is_native(queue) {
+                return native::purge(&self.inner.redis, keys, queue).await;
+            }
             let counts: Vec<u64> = self
                 .inner
                 .redis
@@ -374,6 +405,11 @@ impl Broker for RedisBroker {
         Box::pin(async move {
             self.check_open()?;
             let keys = &self.inner.keys;
+            if self.is_native(queue) {
+                let (ready, delayed, unacked) =
+                    native::counts(&self.inner.redis, keys, queue).await?;
+                return Ok(QueueStats::new(ready, delayed, unacked));
+            }
             let counts: Vec<u64> = self
                 .inner
                 .redis

@@ -22,5 +22,7 @@ mod probe;
 mod tls;
 // The worker's max_redeliveries on Redis.
 mod worker;
+// The native layout (Redis Streams): the conformance suite again, its keys and counters.
+mod native;
 // Shared helpers: unique key prefixes, raw connections.
 mod util;
