@@ -124,7 +124,7 @@ impl Acks {
     pub(super) fn take_frames(&mut self) -> Vec<(u64, bool)> {
         let low = self.unsettled.first().copied().unwrap_or(u64::MAX);
         let above = self.held.split_off(&low);
-        let below = std::mem::replace(&mut self.held, BTreeSet::new());
+        let below = std::mem::take(&mut self.held);
         let mut frames = Vec::with_capacity(1 + above.len());
         match below.len() {
             0 => {}
