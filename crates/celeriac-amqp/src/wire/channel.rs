@@ -341,8 +341,8 @@ impl Channel {
     /// out at the latest `max_delay` after it was held, or at once when `max_held` acks are
     /// held, or on [`flush_acks`](Self::flush_acks) and [`close`](Self::close). Acks of a
     /// run of deliveries below the lowest one still unsettled go out as one `basic.ack` with
-    /// `multiple` set; the others one by one. Until this is called, [`ack_batched`]
-    /// (Self::ack_batched) sends at once.
+    /// `multiple` set; the others one by one. Until this is called,
+    /// [`ack_batched`](Self::ack_batched) sends at once.
     pub fn batch_acks(&self, max_delay: Duration, max_held: usize) {
         let first = {
             let mut s = self.chan.state.lock().expect("channel lock");
@@ -359,10 +359,10 @@ impl Channel {
         }
     }
 
-    /// Acks a delivery, held back to go out with others when [`batch_acks`]
-    /// (Self::batch_acks) was called on this channel, else at once. Returns once the ack is
-    /// held or queued: an ack lost with the connection before it went out leaves the delivery
-    /// to be redelivered by RabbitMQ, as any unacked delivery is.
+    /// Acks a delivery, held back to go out with others when
+    /// [`batch_acks`](Self::batch_acks) was called on this channel, else at once. Returns
+    /// once the ack is held or queued: an ack lost with the connection before it went out
+    /// leaves the delivery to be redelivered by RabbitMQ, as any unacked delivery is.
     pub fn ack_batched(&self, delivery_tag: u64) -> Result<(), WireError> {
         let mut s = self.chan.state.lock().expect("channel lock");
         if let Some(e) = s.closed.clone().or_else(|| self.conn.closed_error()) {

@@ -136,6 +136,48 @@ async fn held_acks_go_out_on_their_own_after_the_delay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_with_acks_held_loses_nothing() {
+    if !util::rabbit_up() {
+        return;
+    }
+    // A process killed while it holds acks never sent them: RabbitMQ still counts those
+    // deliveries unacked and requeues them with the connection. Dropping the connection
+    // without closing it stands for the kill (no flush, the socket just goes).
+    let q = unique_queue("celeriac-test-acks-killed");
+    let (_admin_conn, admin) = raw().await;
+    admin
+        .queue_declare(&q, &QueueDeclare::default())
+        .await
+        .unwrap();
+    for i in 0..10 {
+        admin
+            .publish("", &q, &Properties::default(), i.to_string().as_bytes())
+            .await
+            .unwrap();
+    }
+    let (conn, ch) = raw().await;
+    ch.batch_acks(Duration::from_secs(3600), 1000);
+    let (_, mut rx) = ch.basic_consume(&q, false).await.unwrap();
+    for _ in 0..10 {
+        let m = next(&mut rx).await;
+        ch.ack_batched(m.delivery_tag).unwrap();
+    }
+    drop(rx);
+    drop(ch);
+    drop(conn);
+    let mut back = 0;
+    for _ in 0..200 {
+        back = ready(&admin, &q).await;
+        if back == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(back, 10, "every delivery whose ack was held comes back");
+    admin.queue_delete(&q).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_publishes_are_reported_to_their_callers_among_many_in_flight() {
     if !util::rabbit_up() {
         return;
