@@ -37,6 +37,10 @@ pub enum PublishConfirms {
     /// itself not sent), and by [`AmqpBroker::flush`](crate::AmqpBroker::flush), which waits
     /// for every confirm. Messages parked for a delay, `publish_batch` and the redelivery
     /// copies of `reject(After)` always wait.
+    ///
+    /// Meant for producers: in a worker, a message a task sends without a delay (a chain
+    /// step, a retry without countdown) is not yet held by RabbitMQ when the worker acks the
+    /// task, so a worker killed in between could lose it. Workers keep [`Wait`](Self::Wait).
     Pipelined,
 }
 
