@@ -733,11 +733,9 @@ async fn channel_method(
         }
         Method::BasicCancel { consumer_tag } => {
             tracing::warn!(%consumer_tag, "rabbitmq cancelled a consumer (queue deleted?)");
-            chan.state
-                .lock()
-                .expect("channel lock")
-                .consumers
-                .remove(&consumer_tag);
+            let mut s = chan.state.lock().expect("channel lock");
+            s.consumers.remove(&consumer_tag);
+            s.acks.manual.remove(&consumer_tag);
         }
         Method::ChannelFlow { active } => {
             let mut e = Enc::method(20, 21);

@@ -278,9 +278,23 @@ pub(super) async fn write_loop(shared: Arc<Shared>) {
     let mut closed = shared.closed.subscribe();
     let mut batch = Vec::new();
     loop {
-        tokio::select! {
-            () = shared.wake.notified() => {}
-            _ = closed.wait_for(Option::is_some) => return,
+        let closing = tokio::select! {
+            () = shared.wake.notified() => false,
+            _ = closed.wait_for(Option::is_some) => true,
+        };
+        if closing {
+            // What was queued before the close (a `close-ok` answering the server's
+            // `connection.close`, say) still goes out if the socket takes it at once.
+            let rest = std::mem::take(&mut *shared.outbox.lock().expect("outbox lock"));
+            if !rest.is_empty() {
+                let mut w = shared.writer.lock().await;
+                let _ = tokio::time::timeout(Duration::from_millis(100), async {
+                    w.write_all(&rest).await?;
+                    w.flush().await
+                })
+                .await;
+            }
+            return;
         }
         loop {
             std::mem::swap(&mut *shared.outbox.lock().expect("outbox lock"), &mut batch);
