@@ -26,7 +26,11 @@ use crate::wire::{Channel, Properties, QueueDeclare};
 /// - **Worker side**: [`store`](ResultBackend::store) publishes the meta to the default
 ///   exchange with the task message's `reply_to` (which the worker copies into
 ///   [`TaskMeta::reply_to`]) as routing key and the task id as
-///   `correlation_id`, transient, as Celery does — one message per state change.
+///   `correlation_id`, transient, as Celery does — one message per state change. A store
+///   returns once RabbitMQ confirmed the message, so the worker acks a task only after its
+///   result is held; it holds no lock while it waits, so the results of all the tasks in
+///   flight are pipelined on the one publisher channel (up to 1,024 unconfirmed) and their
+///   frames share writes.
 ///
 /// Only the process that sent a task can read its result; `get` for another id is `None`
 /// (PENDING). Groups, chords and counters are unsupported, as in Celery.

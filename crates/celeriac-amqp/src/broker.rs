@@ -1,6 +1,6 @@
 //! [`AmqpBroker`]: task queues on RabbitMQ, declared as Celery declares them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,13 +16,13 @@ use celeriac_core::protocol::envelope;
 use celeriac_core::{Broker, Config, Error, ErrorKind, Message, Result};
 use chrono::Utc;
 use serde_json::{Map, Value, json};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::broadcast::AmqpBroadcast;
 use crate::conn::{self, Publisher, Servers, broker_error, confirmed, is_not_found};
 use crate::fields::{from_table, to_table};
-use crate::options::{AmqpOptions, QueueType};
+use crate::options::{AmqpOptions, PublishConfirms, QueueType};
 use crate::wire::{
     Channel, Connection, Delivery as WireDelivery, FieldTable, FieldValue, Properties, QueueDeclare,
 };
@@ -35,6 +35,8 @@ const REDELIVERIES: &str = "celeriac-redeliveries";
 const DELAY_QUEUE_SPARE: u64 = 60_000;
 /// How many times an operation reconnects before it fails.
 const ATTEMPTS: u32 = 8;
+/// How long a consumer holds an ack back to send it with others (`basic.ack multiple`).
+const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// A RabbitMQ broker speaking Celery's AMQP conventions. Cheap to clone.
 ///
@@ -76,7 +78,71 @@ struct Inner {
     buffered: Mutex<HashMap<usize, std::sync::Weak<LeaseState>>>,
     /// Remote control and events (their own connections).
     broadcast: AmqpBroadcast,
+    /// Publishes not yet confirmed under `publish_confirms=pipelined`.
+    pipeline: Mutex<Pipeline>,
     closed: watch::Sender<bool>,
+}
+
+/// The messages `publish` returned for before RabbitMQ confirmed them
+/// ([`PublishConfirms::Pipelined`]), kept to publish again after a lost connection, and the
+/// refusals not yet reported.
+#[derive(Default)]
+struct Pipeline {
+    /// Oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// Task ids (correlation ids) RabbitMQ refused, to report.
+    refused: Vec<String>,
+}
+
+/// One message waiting for its confirm.
+struct InFlight {
+    routing_key: String,
+    properties: Properties,
+    body: Vec<u8>,
+    confirm: oneshot::Receiver<bool>,
+}
+
+impl InFlight {
+    fn id(&self) -> String {
+        self.properties.correlation_id.clone().unwrap_or_default()
+    }
+}
+
+impl Pipeline {
+    /// Drops the confirmed messages at the front and notes the refused ones; `true` when a
+    /// message's confirm died with its connection (it must be sent again).
+    fn reap(&mut self) -> bool {
+        while let Some(front) = self.in_flight.front_mut() {
+            match front.confirm.try_recv() {
+                Ok(true) => {}
+                Ok(false) => {
+                    let id = front.id();
+                    self.refused.push(id);
+                }
+                Err(oneshot::error::TryRecvError::Empty) => return false,
+                Err(oneshot::error::TryRecvError::Closed) => return true,
+            }
+            self.in_flight.pop_front();
+        }
+        false
+    }
+
+    /// The error reporting the refusals noted so far (and forgets them).
+    fn take_refused(&mut self, queue: &str) -> Option<Error> {
+        if self.refused.is_empty() {
+            return None;
+        }
+        let ids = std::mem::take(&mut self.refused);
+        Some(
+            Error::broker(format!(
+                "rabbitmq refused (nacked) {} message(s) published earlier without waiting \
+                 (publish_confirms=pipelined), task ids: {}; the message for {queue} was not sent",
+                ids.len(),
+                ids.join(", ")
+            ))
+            .transient(),
+        )
+    }
 }
 
 impl AmqpBroker {
@@ -108,6 +174,7 @@ impl AmqpBroker {
                 delay_queues: Mutex::new(HashMap::new()),
                 local: Mutex::new(HashMap::new()),
                 buffered: Mutex::new(HashMap::new()),
+                pipeline: Mutex::new(Pipeline::default()),
                 closed,
             }),
         })
@@ -116,6 +183,14 @@ impl AmqpBroker {
     /// The options in use.
     pub fn options(&self) -> &AmqpOptions {
         self.inner.servers.options()
+    }
+
+    /// Waits until RabbitMQ confirmed every message published so far, publishing again those
+    /// whose connection was lost first; fails when RabbitMQ refused (nacked) any of them, naming
+    /// their task ids. Only `publish_confirms=pipelined` leaves anything to wait for (see
+    /// [`PublishConfirms`]); [`close`](Broker::close) flushes too.
+    pub async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
     }
 }
 
@@ -154,6 +229,164 @@ impl Inner {
             }
         };
         confirmed(rx, routing_key).await
+    }
+
+    /// Publishes without waiting for the confirm ([`PublishConfirms::Pipelined`]): returns once
+    /// the message is queued for the socket, keeping it until it is confirmed.
+    async fn send_pipelined(
+        &self,
+        routing_key: &str,
+        properties: &Properties,
+        body: &[u8],
+    ) -> Result<()> {
+        let lost = {
+            let mut pipe = self.pipeline.lock().expect("pipeline lock");
+            let lost = pipe.reap();
+            if let Some(e) = pipe.take_refused(routing_key) {
+                return Err(e);
+            }
+            lost
+        };
+        let mut guard = self.publisher.lock().await;
+        let p = self.ensure(&mut guard).await?;
+        if lost {
+            if let Err(e) = self.resend_lost(p).await {
+                *guard = None;
+                return Err(e);
+            }
+        }
+        match p.send("", routing_key, properties, body).await {
+            Ok(confirm) => {
+                self.pipeline
+                    .lock()
+                    .expect("pipeline lock")
+                    .in_flight
+                    .push_back(InFlight {
+                        routing_key: routing_key.to_owned(),
+                        properties: properties.clone(),
+                        body: body.to_vec(),
+                        confirm,
+                    });
+                Ok(())
+            }
+            Err(e) => {
+                *guard = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Publishes again, on `p`, the kept messages whose confirm died with their connection.
+    async fn resend_lost(&self, p: &Publisher) -> Result<()> {
+        let lost: Vec<InFlight> = {
+            let mut pipe = self.pipeline.lock().expect("pipeline lock");
+            let mut dead = Vec::new();
+            let mut alive = VecDeque::new();
+            for mut m in std::mem::take(&mut pipe.in_flight) {
+                match m.confirm.try_recv() {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        let id = m.id();
+                        pipe.refused.push(id);
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) => alive.push_back(m),
+                    Err(oneshot::error::TryRecvError::Closed) => dead.push(m),
+                }
+            }
+            pipe.in_flight = alive;
+            dead
+        };
+        if !lost.is_empty() {
+            tracing::warn!(
+                count = lost.len(),
+                "rabbitmq connection lost before it confirmed these messages; publishing them again"
+            );
+        }
+        let mut lost = lost.into_iter();
+        while let Some(mut m) = lost.next() {
+            match p.send("", &m.routing_key, &m.properties, &m.body).await {
+                Ok(confirm) => {
+                    m.confirm = confirm;
+                    self.pipeline
+                        .lock()
+                        .expect("pipeline lock")
+                        .in_flight
+                        .push_back(m);
+                }
+                Err(e) => {
+                    // Keep them for the next attempt.
+                    let mut pipe = self.pipeline.lock().expect("pipeline lock");
+                    pipe.in_flight.push_front(m);
+                    pipe.in_flight.extend(lost);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// See [`AmqpBroker::flush`].
+    async fn flush(&self) -> Result<()> {
+        let mut rounds = 0;
+        loop {
+            let waiting: Vec<InFlight> =
+                std::mem::take(&mut self.pipeline.lock().expect("pipeline lock").in_flight).into();
+            if waiting.is_empty() {
+                break;
+            }
+            let mut lost = false;
+            let mut kept = VecDeque::new();
+            for mut m in waiting {
+                match tokio::time::timeout(conn::CONFIRM_TIMEOUT, &mut m.confirm).await {
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => {
+                        let id = m.id();
+                        self.pipeline
+                            .lock()
+                            .expect("pipeline lock")
+                            .refused
+                            .push(id);
+                    }
+                    Ok(Err(_)) => {
+                        lost = true;
+                        kept.push_back(m);
+                    }
+                    Err(_) => {
+                        kept.push_back(m);
+                    }
+                }
+            }
+            {
+                let mut pipe = self.pipeline.lock().expect("pipeline lock");
+                kept.extend(std::mem::take(&mut pipe.in_flight));
+                pipe.in_flight = kept;
+            }
+            rounds += 1;
+            if !lost || rounds > ATTEMPTS {
+                break;
+            }
+            let mut guard = self.publisher.lock().await;
+            let p = self.ensure(&mut guard).await?;
+            if let Err(e) = self.resend_lost(p).await {
+                *guard = None;
+                return Err(e);
+            }
+        }
+        let mut pipe = self.pipeline.lock().expect("pipeline lock");
+        if let Some(e) = pipe.take_refused("(flush)") {
+            return Err(e);
+        }
+        if !pipe.in_flight.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "rabbitmq did not confirm {} message(s) published without waiting",
+                    pipe.in_flight.len()
+                ),
+            )
+            .transient());
+        }
+        Ok(())
     }
 
     /// Publishes every message, then waits for all their confirms: one round trip of confirm
@@ -407,7 +640,18 @@ impl Broker for AmqpBroker {
         Box::pin(async move {
             self.inner.declare_if_new(queue).await?;
             let props = properties_of(message, options.priority)?;
-            let due = options.not_before.map(|t| t.timestamp_millis());
+            let due = options
+                .not_before
+                .map(|t| t.timestamp_millis())
+                .filter(|due| *due > Utc::now().timestamp_millis());
+            if due.is_none()
+                && self.inner.servers.options().publish_confirms == PublishConfirms::Pipelined
+            {
+                return self
+                    .inner
+                    .send_pipelined(queue, &props, &message.body)
+                    .await;
+            }
             self.inner
                 .park_or_send(queue, props, &message.body, due)
                 .await
@@ -552,12 +796,14 @@ impl Broker for AmqpBroker {
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
+            // Messages published without waiting are confirmed (or reported) first.
+            let flushed = self.inner.flush().await;
             self.inner.closed.send_replace(true);
             if let Some(p) = self.inner.publisher.lock().await.take() {
                 p.close().await;
             }
             self.inner.broadcast.close().await;
-            Ok(())
+            flushed
         })
     }
 
@@ -691,17 +937,41 @@ async fn consume_on(
     attempt: &mut u32,
 ) -> Result<Ended> {
     let ch = conn::channel(connection).await?;
+    // Acks are held back up to ACK_DELAY or a quarter of the prefetch, then go out together.
+    // RabbitMQ counts held acks as unacked, so they take their room from the prefetch (not
+    // added on top): the server never hands this consumer more than `prefetch` deliveries,
+    // which also bounds what a killed worker leaves to be redelivered.
+    let held = (options.prefetch / 4).clamp(1, 256);
+    ch.batch_acks(ACK_DELAY, held);
     let prefetch = u16::try_from(options.prefetch).unwrap_or(u16::MAX);
     // RabbitMQ's "global" QoS is per channel, so the limit holds across all queues of this
-    // consumer; quorum queues do not support it (Celery sets global=False for them).
-    let global = inner.servers.options().queue_type == QueueType::Classic;
+    // consumer; quorum queues do not support it (Celery sets global=False for them). With
+    // one queue, per consumer is the same limit and cheaper for the server.
+    let global = inner.servers.options().queue_type == QueueType::Classic && queues.len() > 1;
     ch.basic_qos(prefetch, global)
         .await
         .map_err(|e| broker_error("basic.qos", e))?;
+    let r = consume_loop(inner, connection, host, &ch, queues, options, tx, attempt).await;
+    // Acks still held go out before the connection closes (RabbitMQ would requeue them).
+    ch.flush_acks();
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn consume_loop(
+    inner: &Arc<Inner>,
+    connection: &Connection,
+    host: usize,
+    ch: &Channel,
+    queues: &[String],
+    options: &ConsumeOptions,
+    tx: &mpsc::UnboundedSender<Result<Buffered>>,
+    attempt: &mut u32,
+) -> Result<Ended> {
     // `None` marks a consumer that ended (cancelled by the server, channel closed).
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<(String, Option<WireDelivery>)>();
     for q in queues {
-        declare_topology(&ch, q, inner.queue_arguments()).await?;
+        declare_topology(ch, q, inner.queue_arguments()).await?;
         let (_, mut rx) = ch
             .basic_consume(q, false)
             .await
@@ -734,7 +1004,7 @@ async fn consume_on(
                 // One cancelled consumer (its queue deleted) is enough to start over: the
                 // new session re-declares every queue.
                 let Some((queue, Some(m))) = m else { return Ok(Ended::Lost) };
-                if let Some(d) = to_delivery(inner, &ch, &queue, m, options.lease).await? {
+                if let Some(d) = to_delivery(inner, ch, &queue, m, options.lease).await? {
                     if tx.send(Ok(d)).is_err() {
                         return Ok(Ended::Done);
                     }
@@ -989,12 +1259,13 @@ impl AmqpAcker {
 }
 
 impl Acker for AmqpAcker {
+    /// Held back to go out with other acks (see `ACK_DELAY`); a delivery whose ack dies with
+    /// the connection is redelivered, as any unacked delivery.
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.settle()?;
             self.channel
-                .basic_ack(self.tag, false)
-                .await
+                .ack_batched(self.tag)
                 .map_err(|e| broker_error("basic.ack", e))
         })
     }
@@ -1029,8 +1300,7 @@ impl Acker for AmqpAcker {
                         .await?;
                     self.settle()?;
                     self.channel
-                        .basic_ack(self.tag, false)
-                        .await
+                        .ack_batched(self.tag)
                         .map_err(|e| broker_error("basic.ack", e))
                 }
             }

@@ -13,7 +13,7 @@ use crate::options::{AmqpHost, AmqpOptions};
 use crate::wire::{Channel, Connection, ConnectionParams, Properties, WireError};
 
 /// How long a publish waits for the broker's confirm before failing as transient.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The servers of one handle and the one its connections go to now.
 ///

@@ -83,7 +83,13 @@
 //! the `expires` header, as Celery sets it), content type and
 //! encoding, the protocol 2 headers as `application_headers`. A publish waits for the
 //! broker's publisher confirm, so it returns once RabbitMQ holds the message;
-//! `publish_batch` sends the whole batch first and then waits for all its confirms. Priorities map
+//! `publish_batch` sends the whole batch first and then waits for all its confirms. Confirms
+//! are pipelined: up to 1,024 messages of the publisher's channel wait for theirs at once,
+//! so concurrent callers share round trips, and the connection's writer task writes the
+//! frames many callers queued in one system call. With `publish_confirms=pipelined`
+//! ([`PublishConfirms`]) a single publish returns before its confirm; the driver keeps the
+//! message until it is confirmed (publishing it again after a lost connection) and reports a
+//! refusal on the next publish and on [`AmqpBroker::flush`]. Priorities map
 //! directly (AMQP is "higher first", like celeriac); they only matter on queues declared with
 //! `max_priority`.
 //!
@@ -100,9 +106,15 @@
 //! targets.) Python workers do not know these queues; tasks for them carry an `eta` header
 //! instead (the facade's job).
 //!
-//! **Acknowledgement, prefetch and leases.** Consumers use manual acks and `basic.qos` with
-//! the consumer's prefetch (channel-wide "global" QoS on classic queues, per consumer on quorum
-//! queues, as Celery does). `reject(Drop|Now)` is `basic.reject`; `reject(After(d))`
+//! **Acknowledgement, prefetch and leases.** Consumers use manual acks, held back for up to
+//! 2 ms (or a quarter of the prefetch) and sent together: one `basic.ack` with `multiple` set
+//! for the deliveries below the lowest one still unsettled, single acks above it (so a long
+//! task never holds back the acks of later ones). A rejected or requeued delivery leaves the
+//! unsettled set in the same step that queues its `basic.reject`, so no multiple ack covers it
+//! ([`wire::Channel::ack_batched`]). An ack lost with the process or the connection leaves the
+//! delivery to be redelivered, as any unacked one. `basic.qos` gets the consumer's prefetch,
+//! which held acks count against (channel-wide "global" QoS when one consumer reads several
+//! classic queues, per consumer otherwise; quorum queues always per consumer, as Celery does). `reject(Drop|Now)` is `basic.reject`; `reject(After(d))`
 //! publishes a copy through the delay queues (confirmed) and then acks. RabbitMQ has no
 //! delivery lease (its `consumer_timeout`, 30 min by default, closes the channel instead), so
 //! a lease given in [`ConsumeOptions`](celeriac_core::ConsumeOptions) is enforced by the
@@ -185,7 +197,7 @@ use celeriac_core::{Drivers, DynBackend, DynBroker};
 
 pub use backend::RpcBackend;
 pub use broker::AmqpBroker;
-pub use options::{AmqpOptions, QueueType};
+pub use options::{AmqpOptions, PublishConfirms, QueueType};
 
 /// The broker URL schemes this crate registers.
 pub const BROKER_SCHEMES: [&str; 3] = ["amqp", "amqps", "pyamqp"];

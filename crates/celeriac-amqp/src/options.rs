@@ -19,6 +19,31 @@ pub enum QueueType {
     Quorum,
 }
 
+/// When [`Broker::publish`](celeriac_core::Broker::publish) returns (URL query
+/// `publish_confirms=wait|pipelined`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PublishConfirms {
+    /// Once RabbitMQ confirmed the message (the `Broker` contract: the broker holds it). Many
+    /// callers' confirms are in flight at once on the publisher's channel, so concurrent
+    /// senders share round trips; one sender waits one round trip per message.
+    #[default]
+    Wait,
+    /// Once the message is queued for the socket and a place in the window of 1,024
+    /// unconfirmed messages is free. The driver keeps each message until it is confirmed and
+    /// publishes it again on the next connection when the connection is lost first (a
+    /// duplicate is possible, a loss is not). A message RabbitMQ refuses (nack) is reported
+    /// by the next `publish` on the handle, which fails naming the refused task ids (and is
+    /// itself not sent), and by [`AmqpBroker::flush`](crate::AmqpBroker::flush), which waits
+    /// for every confirm. Messages parked for a delay, `publish_batch` and the redelivery
+    /// copies of `reject(After)` always wait.
+    ///
+    /// Meant for producers: in a worker, a message a task sends without a delay (a chain
+    /// step, a retry without countdown) is not yet held by RabbitMQ when the worker acks the
+    /// task, so a worker killed in between could lose it. Workers keep [`Wait`](Self::Wait).
+    Pipelined,
+}
+
 /// One RabbitMQ server of a broker URL: where to connect and as whom.
 ///
 /// A URL list (`amqp://h1//;amqp://h2//`) gives one per URL. Its `Debug` leaves the password
@@ -88,6 +113,8 @@ pub struct AmqpOptions {
     pub reply_expires: Option<Duration>,
     /// Prefix of the connection names shown by `rabbitmqctl list_connections` (`celeriac`).
     pub connection_name: String,
+    /// When a publish returns (`publish_confirms=wait|pipelined`; default `wait`).
+    pub publish_confirms: PublishConfirms,
     /// The URL (every URL of a list, `;`-separated) with passwords redacted, for logs and
     /// errors.
     pub redacted: String,
@@ -100,6 +127,7 @@ struct Shared {
     max_priority: Option<u8>,
     queue_type: Option<QueueType>,
     connection_name: Option<String>,
+    publish_confirms: Option<PublishConfirms>,
 }
 
 impl AmqpOptions {
@@ -159,6 +187,7 @@ impl AmqpOptions {
             connection_name: shared
                 .connection_name
                 .unwrap_or_else(|| "celeriac".to_owned()),
+            publish_confirms: shared.publish_confirms.unwrap_or_default(),
             redacted,
         })
     }
@@ -256,6 +285,14 @@ fn parse_one(url: &str, at: &str, shared: &mut Shared) -> Result<AmqpHost> {
                     k,
                     at,
                 )?;
+            }
+            "publish_confirms" => {
+                let c = match v {
+                    "wait" => PublishConfirms::Wait,
+                    "pipelined" => PublishConfirms::Pipelined,
+                    _ => return Err(bad()),
+                };
+                agree(&mut shared.publish_confirms, c, k, at)?;
             }
             "queue_type" | "x-queue-type" => {
                 let t = match v {

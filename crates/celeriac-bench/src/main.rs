@@ -87,6 +87,10 @@ struct Args {
     /// --without-remote-control`.
     #[arg(long, allow_hyphen_values = true)]
     worker_arg: Vec<String>,
+    /// Query parameters appended to our RabbitMQ broker URL (client and workers), e.g.
+    /// `publish_confirms=pipelined`.
+    #[arg(long)]
+    amqp_query: Option<String>,
 }
 
 /// The sizes of one run.
@@ -305,8 +309,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     report.note("RabbitMQ: skipped, nothing listens on 127.0.0.1:5672.");
                     continue;
                 }
-                let mut target =
-                    ours::Target::new("amqp", "amqp://guest:guest@127.0.0.1:5672/%2F".to_owned());
+                let url = match &args.amqp_query {
+                    Some(q) => format!("amqp://guest:guest@127.0.0.1:5672/%2F?{q}"),
+                    None => "amqp://guest:guest@127.0.0.1:5672/%2F".to_owned(),
+                };
+                let mut target = ours::Target::new("amqp", url);
                 target.backend = "rpc://guest:guest@127.0.0.1:5672/%2F".to_owned();
                 if let Some(n) = args.latency_only {
                     ours::latency_only(&target, n, &mut report).await?;

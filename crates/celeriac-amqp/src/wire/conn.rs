@@ -18,7 +18,9 @@ use super::codec::{
     self, CLASS_BASIC, Enc, FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD,
     FRAME_MIN, FieldTable, FieldValue, Method, Properties,
 };
-use super::shared::{Assembling, ChanShared, ChanState, Pending, RPC_TIMEOUT, Shared, Stream};
+use super::shared::{
+    Assembling, ChanShared, ChanState, Pending, RPC_TIMEOUT, Shared, Stream, write_loop,
+};
 
 /// The frame size we ask for (RabbitMQ's default).
 const FRAME_MAX: u32 = 131_072;
@@ -350,6 +352,9 @@ impl Connection {
 
         let shared = Arc::new(Shared {
             writer: tokio::sync::Mutex::new(w),
+            outbox: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            drained: tokio::sync::Notify::new(),
             channels: Mutex::new(HashMap::new()),
             next_channel: Mutex::new(0),
             channel_max,
@@ -359,6 +364,7 @@ impl Connection {
         });
         let silence = (heartbeat > 0).then(|| Duration::from_secs(u64::from(heartbeat) * 2));
         tokio::spawn(read_loop(shared.clone(), r, silence));
+        tokio::spawn(write_loop(shared.clone()));
         if heartbeat > 0 {
             tokio::spawn(heartbeats(
                 Arc::downgrade(&shared),
@@ -430,6 +436,7 @@ impl Connection {
                 id,
                 state: Mutex::new(ChanState::default()),
                 rpc: tokio::sync::Mutex::new(()),
+                ack_wake: tokio::sync::Notify::new(),
             });
             chans.insert(id, chan.clone());
             chan
@@ -437,10 +444,25 @@ impl Connection {
         Channel::open(self.shared.clone(), chan).await
     }
 
-    /// Closes the connection (`connection.close` 200, waiting briefly for `close-ok`).
+    /// Closes the connection (`connection.close` 200, waiting briefly for `close-ok`), sending
+    /// the acks its channels hold back first.
     pub async fn close(&self) -> Result<(), WireError> {
         if !self.is_open() {
             return Ok(());
+        }
+        let chans: Vec<_> = self
+            .shared
+            .channels
+            .lock()
+            .expect("channels lock")
+            .values()
+            .cloned()
+            .collect();
+        for c in chans {
+            let mut s = c.state.lock().expect("channel lock");
+            if s.closed.is_none() {
+                super::channel::flush_acks_of(&self.shared, c.id, &mut s);
+            }
         }
         let mut e = Enc::method(10, 50);
         e.u16(200).shortstr("bye")?.u16(0).u16(0);
@@ -612,6 +634,9 @@ fn finish_content(s: &mut ChanState) {
             delivery,
         } => {
             let d = fill(delivery);
+            if s.acks.manual.contains(&consumer_tag) {
+                s.acks.unsettled.insert(d.delivery_tag);
+            }
             if let Some(tx) = s.consumers.get(&consumer_tag) {
                 if tx.send(d).is_err() {
                     s.consumers.remove(&consumer_tag);
@@ -619,6 +644,9 @@ fn finish_content(s: &mut ChanState) {
             }
         }
         Pending::GetOk(delivery) => {
+            if std::mem::take(&mut s.acks.get_manual) {
+                s.acks.unsettled.insert(delivery.delivery_tag);
+            }
             if let Some(tx) = s.reply.take() {
                 let _ = tx.send(Ok((Method::BasicGetEmpty, Some(fill(delivery)))));
             }
@@ -705,11 +733,9 @@ async fn channel_method(
         }
         Method::BasicCancel { consumer_tag } => {
             tracing::warn!(%consumer_tag, "rabbitmq cancelled a consumer (queue deleted?)");
-            chan.state
-                .lock()
-                .expect("channel lock")
-                .consumers
-                .remove(&consumer_tag);
+            let mut s = chan.state.lock().expect("channel lock");
+            s.consumers.remove(&consumer_tag);
+            s.acks.manual.remove(&consumer_tag);
         }
         Method::ChannelFlow { active } => {
             let mut e = Enc::method(20, 21);

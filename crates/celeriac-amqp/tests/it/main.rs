@@ -7,6 +7,9 @@
 //! server sees: `rpc.rs` (an rpc backend makes every publish of the process carry its reply
 //! queue) and `restart.rs` (restarts the server).
 
+// Held-back acks (`basic.ack multiple`) around rejects; refused publishes among many in
+// flight.
+mod acks;
 // Remote control and events: malformed messages, killed connections, node names in use.
 mod broadcast;
 // The generic broker and broadcast conformance suites of celeriac-test, on classic priority
