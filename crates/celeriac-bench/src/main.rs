@@ -19,6 +19,7 @@
 mod chart;
 mod micro;
 mod ours;
+mod peers;
 mod procs;
 mod python;
 mod report;
@@ -56,6 +57,10 @@ struct Args {
         default_value = "sqlite,redis,amqp,postgres,mysql,sqla"
     )]
     brokers: Vec<String>,
+    /// Rust peers to measure too, comma separated (rusty-celery, apalis): rusty-celery on Redis
+    /// and RabbitMQ, apalis on Redis, from `bench/peers` (built by `scripts/bench --peers ...`).
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
     /// Overrides the queue sizes of the scaling run, comma separated (e.g. 10000,1000000).
     #[arg(long, value_delimiter = ',')]
     scale: Option<Vec<usize>>,
@@ -242,6 +247,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
             p.celery, p.kombu, p.python
         ));
     }
+    let peer_list = args
+        .peers
+        .iter()
+        .map(|p| peers::Peer::parse(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let peers = if peer_list.is_empty() || args.latency_only.is_some() {
+        None
+    } else {
+        match peers::Peers::find() {
+            Ok(p) => {
+                let versions: Vec<String> = peer_list.iter().map(|&x| p.version(x)).collect();
+                report.note(&format!(
+                    "Rust peers: {} (bench/peers, release), each with its own queue on the same \
+                     broker, {}-task client runs from a separate process; no-op task add(1, 2). \
+                     A peer's worker tells its client how many tasks it has finished over UDP on \
+                     loopback (one datagram per task): that is how a drain's end and a round \
+                     trip's end are seen where the peer has no result backend.",
+                    versions.join(", "),
+                    sizes.n
+                ));
+                Some(p)
+            }
+            Err(e) => {
+                report.note(&format!("Rust peers skipped: {e:#}."));
+                None
+            }
+        }
+    };
     for broker in &args.brokers {
         match broker.as_str() {
             "sqlite" => {
@@ -283,6 +316,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     };
                     p.run_all("redis", &urls, &sizes, &mut report).await?;
                 }
+                if let Some(p) = &peers {
+                    for &peer in &peer_list {
+                        p.run(peer, "redis", "redis://127.0.0.1:6379/6", &sizes, &mut report)
+                            .await;
+                    }
+                }
             }
             "amqp" => {
                 if !ours::reachable("127.0.0.1:5672").await {
@@ -309,6 +348,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         backend: "rpc://".to_owned(),
                     };
                     p.run_all("amqp", &urls, &sizes, &mut report).await?;
+                }
+                if let Some(p) = &peers {
+                    for &peer in &peer_list {
+                        if peer == peers::Peer::Apalis {
+                            report.note(
+                                "apalis on RabbitMQ: not measured (its Redis backend only here).",
+                            );
+                            continue;
+                        }
+                        let url = "amqp://guest:guest@127.0.0.1:5672/%2F";
+                        p.run(peer, "amqp", url, &sizes, &mut report).await;
+                    }
                 }
             }
             "postgres" | "postgres-async" => {

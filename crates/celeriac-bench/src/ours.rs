@@ -9,7 +9,7 @@ use celeriac::{App, Signature};
 use serde_json::Value;
 
 use crate::procs::{CpuMeter, CpuSplit, Proc, Sampler, server_of, tree_rss_kb};
-use crate::report::{Better, Report, median, percentiles};
+use crate::report::{Better, Contender, Report, median, percentiles};
 use crate::{QUEUE, Sizes};
 
 const SENDERS: usize = 8;
@@ -232,11 +232,12 @@ pub(crate) fn cpu_rows(
     what: &str,
     runs: &[CpuSplit],
     n_per_run: usize,
-    ours: bool,
+    who: Contender,
 ) {
     let tasks = (n_per_run * runs.len()).max(1) as f64;
     let per = |f: &dyn Fn(&CpuSplit) -> f64| runs.iter().map(f).sum::<f64>() * 1e6 / tasks;
-    let client = if ours {
+    // Our client runs in this process; the others' clients are child processes.
+    let client = if who == Contender::Ours {
         per(&|c| c.client)
     } else {
         per(&|c| c.child_client)
@@ -245,13 +246,9 @@ pub(crate) fn cpu_rows(
     if runs.iter().all(|c| c.server.is_some()) {
         rows.push(("broker server", per(&|c| c.server.unwrap_or(0.0))));
     }
-    for (who, v) in rows {
-        let metric = format!("CPU per task, {what}: {who}");
-        if ours {
-            r.ours(broker, &metric, "µs", Better::Lower, v);
-        } else {
-            r.celery(broker, &metric, "µs", Better::Lower, v);
-        }
+    for (part, v) in rows {
+        let metric = format!("CPU per task, {what}: {part}");
+        r.record(who, broker, &metric, "µs", Better::Lower, v);
     }
 }
 
@@ -260,16 +257,12 @@ pub(crate) fn latency_rows(
     broker: &str,
     what: &str,
     samples: Vec<f64>,
-    ours: bool,
+    who: Contender,
 ) {
     let p = percentiles(samples);
     for (name, v) in ["p50", "p90", "p99", "max"].iter().zip(p) {
         let metric = format!("latency {what} {name}");
-        if ours {
-            r.ours(broker, &metric, "ms", Better::Lower, v);
-        } else {
-            r.celery(broker, &metric, "ms", Better::Lower, v);
-        }
+        r.record(who, broker, &metric, "ms", Better::Lower, v);
     }
 }
 
@@ -281,7 +274,7 @@ pub(crate) async fn latency_only(t: &Target, n: usize, r: &mut Report) -> anyhow
         .with_context(|| format!("opening {}", t.name))?;
     purge(&app).await?;
     let _workers = start_workers(t, &app, 1).await?;
-    latency_rows(r, t.name, "sequential", round_trips(&app, n).await?, true);
+    latency_rows(r, t.name, "sequential", round_trips(&app, n).await?, Contender::Ours);
     Ok(())
 }
 
@@ -373,7 +366,7 @@ pub(crate) async fn run_all(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Re
             if ignore { "ignore_result" } else { "results" },
             &cpu,
             n,
-            true,
+            Contender::Ours,
         );
         r.ours(
             b,
@@ -402,14 +395,14 @@ pub(crate) async fn run_all(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Re
         b,
         "sequential",
         round_trips(&app, s.latency).await?,
-        true,
+        Contender::Ours,
     );
     let (stop, load) = background_load(&app, throughput / 2.0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let samples = round_trips(&app, s.latency).await;
     let _ = stop.send(true);
     let _ = load.await;
-    latency_rows(r, b, "under load (½ of max rate)", samples?, true);
+    latency_rows(r, b, "under load (½ of max rate)", samples?, Contender::Ours);
     wait_drained(&app).await?;
 
     // Delayed tasks wait in the broker, not in the worker.

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::Sizes;
 use crate::ours::{cpu_rows, latency_rows};
 use crate::procs::{CpuMeter, Proc, Sampler, server_of, tree_rss_kb};
-use crate::report::{Better, Report, median};
+use crate::report::{Better, Contender, Report, median};
 
 /// Celery's queue: its own, so that its declaration (durable, no arguments) never clashes with
 /// ours on RabbitMQ.
@@ -284,7 +284,7 @@ impl Python {
                 peak = peak.max(sampler.finish().await);
             }
             let which = if ignore { "ignore_result" } else { "results" };
-            cpu_rows(r, b, which, &cpu, n, false);
+            cpu_rows(r, b, which, &cpu, n, Contender::Celery);
             let what = if ignore {
                 "ignore_result (until drained)"
             } else {
@@ -325,7 +325,7 @@ impl Python {
                 ],
             )
             .await?;
-        latency_rows(r, b, "sequential", lat(seq), false);
+        latency_rows(r, b, "sequential", lat(seq), Contender::Celery);
         let loaded = self
             .client(
                 url,
@@ -337,7 +337,7 @@ impl Python {
                 ],
             )
             .await?;
-        latency_rows(r, b, "under load (½ of max rate)", lat(loaded), false);
+        latency_rows(r, b, "under load (½ of max rate)", lat(loaded), Contender::Celery);
 
         // Celery keeps ETA tasks in the worker's memory.
         let before = tree_rss_kb(pid) as f64 / 1024.0;
