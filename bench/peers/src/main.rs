@@ -11,6 +11,7 @@
 //! celeriac-bench-peers <peer> enqueue <url> <queue> <n> <senders>
 //! celeriac-bench-peers <peer> e2e     <url> <queue> <n> <senders> <results 0|1> <workload>
 //! celeriac-bench-peers <peer> latency <url> <queue> <n> <workload> <max seconds>
+//! celeriac-bench-peers <peer> closed  <url> <queue> <n> <callers> <workload>
 //! celeriac-bench-peers <peer> purge   <url> <queue>
 //! ```
 //!
@@ -42,14 +43,20 @@ static NOTIFY: OnceLock<Option<(UdpSocket, SocketAddr)>> = OnceLock::new();
 
 /// The bytes of the realistic workload's argument.
 const PAD: usize = 1024;
+/// How often an idle apalis worker looks for tasks.
+const POLL_MS: u64 = 10;
 /// The realistic workload's awaited I/O.
 const SLEEP_MS: u64 = 5;
 
-/// Marks one task finished and tells the client.
-fn finished() {
+/// Marks one task finished and tells the client: the count so far, then the task's `x` (the
+/// realistic workload's callers number their tasks with it).
+fn finished(x: i64) {
     let n = DONE.fetch_add(1, Ordering::Relaxed) + 1;
     if let Some(Some((sock, addr))) = NOTIFY.get() {
-        let _ = sock.send_to(&n.to_le_bytes(), addr);
+        let mut msg = [0u8; 16];
+        msg[..8].copy_from_slice(&n.to_le_bytes());
+        msg[8..].copy_from_slice(&x.to_le_bytes());
+        let _ = sock.send_to(&msg, addr);
     }
 }
 
@@ -94,20 +101,24 @@ impl Counter {
     }
 
     fn drain(&mut self) {
-        let mut buf = [0u8; 8];
-        while let Ok((8, _)) = self.sock.try_recv_from(&mut buf) {
-            self.seen = self.seen.max(u64::from_le_bytes(buf));
+        let mut buf = [0u8; 16];
+        while let Ok((len, _)) = self.sock.try_recv_from(&mut buf) {
+            self.take(&buf[..len]);
+        }
+    }
+
+    fn take(&mut self, msg: &[u8]) {
+        if let Some(n) = msg.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+            self.seen = self.seen.max(u64::from_le_bytes(n));
         }
     }
 
     async fn next(&mut self, timeout: Duration) -> Result<u64> {
-        let mut buf = [0u8; 8];
+        let mut buf = [0u8; 16];
         let (len, _) = tokio::time::timeout(timeout, self.sock.recv_from(&mut buf))
             .await
             .map_err(|_| "no report from the worker")??;
-        if len == 8 {
-            self.seen = self.seen.max(u64::from_le_bytes(buf));
-        }
+        self.take(&buf[..len]);
         Ok(self.seen)
     }
 
@@ -147,13 +158,15 @@ impl Workload {
 
 // ===== rusty-celery =====
 
+// rusty-celery's `#[task]` expands to an `impl` inside a `const` block.
+#[allow(non_local_definitions)]
 mod rc {
     use celery::prelude::*;
 
     /// The no-op task.
     #[celery::task(name = "add")]
     pub(crate) fn add(x: i64, y: i64) -> TaskResult<i64> {
-        super::finished();
+        super::finished(x);
         Ok(x + y)
     }
 
@@ -161,7 +174,7 @@ mod rc {
     #[celery::task(name = "add_io")]
     pub(crate) async fn add_io(x: i64, y: i64, pad: String) -> TaskResult<i64> {
         tokio::time::sleep(std::time::Duration::from_millis(super::SLEEP_MS)).await;
-        super::finished();
+        super::finished(x);
         Ok(x + y + i64::from(pad.is_empty()))
     }
 }
@@ -179,9 +192,13 @@ async fn rc_app(url: &str, queue: &str, prefetch: u16) -> Result<std::sync::Arc<
 }
 
 async fn rc_send(app: &celery::Celery, w: Workload, pad: &str) -> Result<()> {
+    rc_send_x(app, w, pad, 1).await
+}
+
+async fn rc_send_x(app: &celery::Celery, w: Workload, pad: &str, x: i64) -> Result<()> {
     match w {
-        Workload::Noop => app.send_task(rc::add::new(1, 2)).await?,
-        Workload::Realistic => app.send_task(rc::add_io::new(1, 2, pad.to_owned())).await?,
+        Workload::Noop => app.send_task(rc::add::new(x, 2)).await?,
+        Workload::Realistic => app.send_task(rc::add_io::new(x, 2, pad.to_owned())).await?,
     };
     Ok(())
 }
@@ -205,15 +222,19 @@ fn is_zero(v: &u64) -> bool {
 
 impl Job {
     fn of(w: Workload, pad: &str) -> Job {
+        Job::numbered(w, pad, 1)
+    }
+
+    fn numbered(w: Workload, pad: &str, x: i64) -> Job {
         match w {
             Workload::Noop => Job {
-                x: 1,
+                x,
                 y: 2,
                 pad: String::new(),
                 sleep_ms: 0,
             },
             Workload::Realistic => Job {
-                x: 1,
+                x,
                 y: 2,
                 pad: pad.to_owned(),
                 sleep_ms: SLEEP_MS,
@@ -226,7 +247,7 @@ async fn apalis_job(job: Job) -> Result<i64, apalis::prelude::BoxDynError> {
     if job.sleep_ms > 0 {
         tokio::time::sleep(Duration::from_millis(job.sleep_ms)).await;
     }
-    finished();
+    finished(job.x);
     Ok(job.x + job.y)
 }
 
@@ -267,7 +288,6 @@ async fn run(args: &[String]) -> Result<()> {
     let cmd = arg(args, 1, "command")?;
     let url = arg(args, 2, "url")?;
     let queue = arg(args, 3, "queue")?;
-    let pad = "x".repeat(PAD);
     match (peer.as_str(), cmd.as_str()) {
         (_, "worker") => {
             start_notifier()?;
@@ -279,7 +299,17 @@ async fn run(args: &[String]) -> Result<()> {
                 }
                 "apalis" => {
                     use apalis::prelude::*;
-                    let storage = apalis_storage(&url, &queue).await?;
+                    // apalis-redis 1.0.0 stores every push in its scheduled set (run_at is
+                    // never 0), so the pub/sub wake-up of its factory never fires, and an idle
+                    // worker would fetch only at its heartbeat (30 s): poll every 10 ms, and
+                    // fetch batches as large as the concurrency (default 10).
+                    let conn = apalis_redis::connect(url.as_str()).await?;
+                    let config = apalis_redis::Config::default()
+                        .queue(&queue)
+                        .batch_size(concurrency);
+                    let storage = apalis_redis::RedisStorage::<Job>::new(conn)
+                        .with_config(config)
+                        .poll_with_interval(Duration::from_millis(POLL_MS));
                     let worker = WorkerBuilder::new(format!("bench-{}", std::process::id()))
                         .backend(storage)
                         .concurrency(concurrency)
@@ -309,6 +339,13 @@ async fn run(args: &[String]) -> Result<()> {
             let max: u64 = num(args, 6, "max seconds")?;
             let samples = latency(&peer, &url, &queue, n, w, Duration::from_secs(max)).await?;
             println!("{}", json!({ "samples_ms": samples }));
+        }
+        (_, "closed") => {
+            let n: usize = num(args, 4, "n")?;
+            let callers: usize = num(args, 5, "callers")?;
+            let w = Workload::parse(&arg(args, 6, "workload")?)?;
+            let (rate, samples) = closed(&peer, &url, &queue, n, callers, w).await?;
+            println!("{}", json!({ "rate": rate, "samples_ms": samples }));
         }
         ("rusty-celery", "purge") if url.starts_with("amqp") => {
             let conn =
@@ -527,4 +564,93 @@ async fn latency(
         samples.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(samples)
+}
+
+/// A closed loop: `callers` concurrent callers, each sending one task and waiting for the
+/// worker's report of that very task (by its `x`) before sending the next, `n` tasks in all.
+/// Returns tasks per second and each call's milliseconds.
+async fn closed(
+    peer: &str,
+    url: &str,
+    queue: &str,
+    n: usize,
+    callers: usize,
+    w: Workload,
+) -> Result<(f64, Vec<f64>)> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::oneshot;
+
+    type Waiting = Arc<Mutex<HashMap<i64, oneshot::Sender<()>>>>;
+    let counter = Counter::open().await?;
+    let waiting: Waiting = Arc::default();
+    let listener = {
+        let waiting = waiting.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            while let Ok((len, _)) = counter.sock.recv_from(&mut buf).await {
+                let Some(x) = buf
+                    .get(8..len)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(i64::from_le_bytes)
+                else {
+                    continue;
+                };
+                let tx = waiting.lock().ok().and_then(|mut m| m.remove(&x));
+                if let Some(tx) = tx {
+                    let _ = tx.send(());
+                }
+            }
+        })
+    };
+    let rc = if peer == "rusty-celery" {
+        Some(rc_app(url, queue, 1).await?)
+    } else {
+        None
+    };
+    let storage = if peer == "apalis" {
+        Some(apalis_storage(url, queue).await?)
+    } else {
+        None
+    };
+    let next = Arc::new(AtomicU64::new(0));
+    // Numbers above any no-op task's x (1), unique per run.
+    let base = i64::from(std::process::id()) << 24;
+    let pad = Arc::new("x".repeat(PAD));
+    let clock = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..callers {
+        let (rc, mut storage) = (rc.clone(), storage.clone());
+        let (next, waiting, pad) = (next.clone(), waiting.clone(), pad.clone());
+        set.spawn(async move {
+            let mut samples = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n as u64 {
+                    return Ok::<_, BoxError>(samples);
+                }
+                let x = base + i as i64;
+                let (tx, rx) = oneshot::channel();
+                waiting.lock().map_err(|_| "poisoned")?.insert(x, tx);
+                let t = Instant::now();
+                if let Some(app) = &rc {
+                    rc_send_x(app, w, &pad, x).await?;
+                } else if let Some(storage) = &mut storage {
+                    use apalis::prelude::TaskSink as _;
+                    storage.push(Job::numbered(w, &pad, x)).await?;
+                }
+                tokio::time::timeout(Duration::from_secs(60), rx)
+                    .await
+                    .map_err(|_| format!("task {i} not reported in 60 s"))??;
+                samples.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(n);
+    while let Some(r) = set.join_next().await {
+        all.extend(r??);
+    }
+    let rate = n as f64 / clock.elapsed().as_secs_f64();
+    listener.abort();
+    Ok((rate, all))
 }

@@ -57,6 +57,11 @@ struct Args {
         default_value = "sqlite,redis,amqp,postgres,mysql,sqla"
     )]
     brokers: Vec<String>,
+    /// `noop` (the default: every figure with the no-op task add(1, 2)) or `realistic` (only a
+    /// closed loop of 100 callers on a worker of concurrency 100, tasks with 1 KiB of argument
+    /// that await 5 ms of I/O: throughput and call latency) or `both`.
+    #[arg(long, default_value = "noop", value_parser = ["noop", "realistic", "both"])]
+    workload: String,
     /// Rust peers to measure too, comma separated (rusty-celery, apalis): rusty-celery on Redis
     /// and RabbitMQ, apalis on Redis, from `bench/peers` (built by `scripts/bench --peers ...`).
     #[arg(long, value_delimiter = ',')]
@@ -92,6 +97,15 @@ struct Args {
     /// --without-remote-control`.
     #[arg(long, allow_hyphen_values = true)]
     worker_arg: Vec<String>,
+}
+
+/// Which workloads a run measures (`--workload`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Workloads {
+    /// Every figure with the no-op task.
+    pub(crate) noop: bool,
+    /// The closed loop of tasks with 1 KiB of argument and 5 ms of awaited I/O.
+    pub(crate) realistic: bool,
 }
 
 /// The sizes of one run.
@@ -177,7 +191,7 @@ impl Sizes {
 fn main() -> ExitCode {
     // `celeriac-bench worker ...` is the worker process the benchmark starts.
     if std::env::args().nth(1).as_deref() == Some("worker") {
-        return celeriac::cli::run(celeriac_examples::app());
+        return celeriac::cli::run(celeriac_examples::app().task::<ours::add_io>());
     }
     let args = Args::parse();
     if args.micro {
@@ -222,6 +236,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     ours::set_worker_args(extra);
     let sizes = Sizes::from_args(&args);
+    let wl = Workloads {
+        noop: args.workload != "realistic",
+        realistic: args.workload != "noop",
+    };
     eprintln!("sizes: {sizes:?}");
     let mut report = Report::new(sizes.clone());
     let python = if args.no_python || args.latency_only.is_some() {
@@ -288,7 +306,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     let _ = std::fs::remove_dir_all(&dir);
                     continue;
                 }
-                ours::run_all(&target, &sizes, &mut report).await?;
+                ours::run_workloads(&target, &sizes, &mut report, wl).await?;
                 report.note(
                     "SQLite, Python side: n/a. Celery has no embedded broker like ours; kombu's \
                      `sqla+sqlite` transport polls the table once per second and never \
@@ -308,18 +326,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     ours::latency_only(&target, n, &mut report).await?;
                     continue;
                 }
-                ours::run_all(&target, &sizes, &mut report).await?;
+                ours::run_workloads(&target, &sizes, &mut report, wl).await?;
                 if let Some(p) = &python {
                     let urls = python::Urls {
                         broker: url.clone(),
                         backend: url,
                     };
-                    p.run_all("redis", &urls, &sizes, &mut report).await?;
+                    p.run_workloads("redis", &urls, &sizes, &mut report, wl)
+                        .await?;
                 }
                 if let Some(p) = &peers {
                     for &peer in &peer_list {
-                        p.run(peer, "redis", "redis://127.0.0.1:6379/6", &sizes, &mut report)
-                            .await;
+                        let url = "redis://127.0.0.1:6379/6";
+                        p.run(peer, "redis", url, &sizes, &mut report, wl).await;
                     }
                 }
             }
@@ -335,7 +354,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     ours::latency_only(&target, n, &mut report).await?;
                     continue;
                 }
-                ours::run_all(&target, &sizes, &mut report).await?;
+                ours::run_workloads(&target, &sizes, &mut report, wl).await?;
                 report.note(
                     "RabbitMQ: results through the rpc:// backend (replies to the sender) on both \
                      sides, the pairing Celery's docs suggest for RabbitMQ. Celery's \
@@ -347,7 +366,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         broker: "amqp://guest:guest@127.0.0.1:5672//".to_owned(),
                         backend: "rpc://".to_owned(),
                     };
-                    p.run_all("amqp", &urls, &sizes, &mut report).await?;
+                    p.run_workloads("amqp", &urls, &sizes, &mut report, wl)
+                        .await?;
                 }
                 if let Some(p) = &peers {
                     for &peer in &peer_list {
@@ -358,7 +378,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             continue;
                         }
                         let url = "amqp://guest:guest@127.0.0.1:5672/%2F";
-                        p.run(peer, "amqp", url, &sizes, &mut report).await;
+                        p.run(peer, "amqp", url, &sizes, &mut report, wl).await;
                     }
                 }
             }
@@ -384,7 +404,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     ours::latency_only(&target, n, &mut report).await?;
                     continue;
                 }
-                ours::run_all(&target, &sizes, &mut report).await?;
+                ours::run_workloads(&target, &sizes, &mut report, wl).await?;
                 report.note(&format!(
                     "{name}: the native driver (celeriac-postgres: SKIP LOCKED fetches, \
                      LISTEN/NOTIFY, results in the same database), server on this machine \
@@ -416,7 +436,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     ours::latency_only(&target, n, &mut report).await?;
                     continue;
                 }
-                ours::run_all(&target, &sizes, &mut report).await?;
+                ours::run_workloads(&target, &sizes, &mut report, wl).await?;
                 report.note(
                     "MariaDB/MySQL: broker and results in one database (celeriac_bench), default \
                      settings (idle polling up to every 100 ms). Python side: n/a here; Celery's \
@@ -437,7 +457,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     continue;
                 }
                 let bounded = sizes.bounded_for_sql();
-                ours::run_all(&target, &bounded, &mut report).await?;
+                ours::run_workloads(&target, &bounded, &mut report, wl).await?;
                 report.note(&format!(
                     "sqla: kombu's SQLAlchemy transport (`sqla+postgresql://`) and Celery's \
                      database result backend (`db+postgresql://`) on the local PostgreSQL, both \
@@ -450,7 +470,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         broker: format!("sqla+postgresql://{location}"),
                         backend: format!("db+postgresql://{location}"),
                     };
-                    p.run_all("sqla", &urls, &bounded, &mut report).await?;
+                    p.run_workloads("sqla", &urls, &bounded, &mut report, wl)
+                        .await?;
                 }
             }
             other => {

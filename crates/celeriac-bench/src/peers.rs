@@ -18,10 +18,10 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::Sizes;
-use crate::ours::{cpu_rows, latency_rows};
+use crate::ours::{REALISTIC_CONCURRENCY, cpu_rows, latency_rows, realistic_n, realistic_rows};
 use crate::procs::{CpuMeter, Proc, Sampler, server_of, tree_rss_kb};
 use crate::report::{Better, Contender, Report, median};
+use crate::{Sizes, Workloads};
 
 const SENDERS: usize = 8;
 /// In-flight tasks of a peer's worker in the no-op runs (ours runs `-c 64`).
@@ -117,7 +117,13 @@ impl Peers {
         format!("{} (version unknown)", peer.krate())
     }
 
-    fn worker(&self, peer: Peer, url: &str, notify: &str, concurrency: usize) -> anyhow::Result<Proc> {
+    fn worker(
+        &self,
+        peer: Peer,
+        url: &str,
+        notify: &str,
+        concurrency: usize,
+    ) -> anyhow::Result<Proc> {
         let mut cmd = Command::new(&self.bin);
         cmd.env("BENCH_NOTIFY", notify)
             .args([peer.name(), "worker", url, peer.queue()])
@@ -152,29 +158,111 @@ impl Peers {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    /// Empties the peer's queue: on Redis the whole benchmark database (as for Celery), on
-    /// RabbitMQ the queue.
+    /// Empties the peer's queue: on Redis its keys only (the benchmark database may hold
+    /// other runs' queues: no FLUSHDB here), on RabbitMQ the queue.
     async fn flush(&self, peer: Peer, url: &str) -> anyhow::Result<()> {
         if url.starts_with("redis") {
             let db = url.rsplit('/').next().unwrap_or("0");
-            let st = Command::new("redis-cli")
-                .args(["-n", db, "flushdb"])
-                .stdout(std::process::Stdio::null())
-                .status()
-                .context("running redis-cli")?;
-            anyhow::ensure!(st.success(), "redis-cli flushdb failed");
+            let q = peer.queue();
+            // apalis: `<queue>:...`; rusty-celery: the list `<queue>`, its process map and
+            // delivery tags.
+            let mut keys = Vec::new();
+            for pattern in [format!("{q}*"), format!("_celery.{q}_*")] {
+                let out = Command::new("redis-cli")
+                    .args(["-n", db, "--scan", "--pattern", &pattern])
+                    .output()
+                    .context("running redis-cli")?;
+                anyhow::ensure!(out.status.success(), "redis-cli --scan failed");
+                keys.extend(
+                    String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .map(str::to_owned),
+                );
+            }
+            for chunk in keys.chunks(500) {
+                let st = Command::new("redis-cli")
+                    .args(["-n", db, "del"])
+                    .args(chunk)
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .context("running redis-cli")?;
+                anyhow::ensure!(st.success(), "redis-cli del failed");
+            }
         } else {
             self.client(peer, "purge", url, "127.0.0.1:9", &[]).await?;
         }
         Ok(())
     }
 
-    /// Every workload of `peer` on broker `b` at `url`; a failure becomes a note.
-    pub(crate) async fn run(&self, peer: Peer, b: &str, url: &str, s: &Sizes, r: &mut Report) {
-        if let Err(e) = self.run_all(peer, b, url, s, r).await {
-            r.note(&format!("{} on {b}: stopped: {e:#}.", peer.name()));
+    /// The workloads `w` of `peer` on broker `b` at `url`; a failure becomes a note.
+    pub(crate) async fn run(
+        &self,
+        peer: Peer,
+        b: &str,
+        url: &str,
+        s: &Sizes,
+        r: &mut Report,
+        w: Workloads,
+    ) {
+        if w.noop {
+            if let Err(e) = self.run_all(peer, b, url, s, r).await {
+                r.note(&format!("{} on {b}: stopped: {e:#}.", peer.name()));
+            }
+            let _ = self.flush(peer, url).await;
         }
-        let _ = self.flush(peer, url).await;
+        if w.realistic {
+            if let Err(e) = self.realistic(peer, b, url, s, r).await {
+                r.note(&format!(
+                    "{}, realistic workload on {b}: stopped: {e:#}.",
+                    peer.name()
+                ));
+            }
+            let _ = self.flush(peer, url).await;
+        }
+    }
+
+    /// The closed loop of `ours::realistic`: 100 callers, each waiting for the worker's
+    /// report of its own task before sending the next, on a worker of concurrency 100.
+    async fn realistic(
+        &self,
+        peer: Peer,
+        b: &str,
+        url: &str,
+        s: &Sizes,
+        r: &mut Report,
+    ) -> anyhow::Result<()> {
+        let notify = free_udp_addr()?;
+        self.flush(peer, url).await?;
+        let mut worker = self.worker(peer, url, &notify, REALISTIC_CONCURRENCY)?;
+        self.latency(peer, url, &notify, 2, "noop", 60).await?;
+        anyhow::ensure!(worker.alive(), "the worker exited at start");
+        let n = realistic_n(s);
+        let v = self
+            .client(
+                peer,
+                "closed",
+                url,
+                &notify,
+                &[
+                    n.to_string(),
+                    REALISTIC_CONCURRENCY.to_string(),
+                    "realistic".to_owned(),
+                ],
+            )
+            .await?;
+        let samples = v["samples_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        realistic_rows(
+            r,
+            b,
+            peer.contender(),
+            v["rate"].as_f64().unwrap_or(f64::NAN),
+            samples,
+        );
+        drop(worker);
+        Ok(())
     }
 
     async fn run_all(
@@ -186,6 +274,27 @@ impl Peers {
         r: &mut Report,
     ) -> anyhow::Result<()> {
         let who = peer.contender();
+        r.note(&match peer {
+            Peer::RustyCelery if b == "redis" => format!(
+                "rusty-celery on redis: no result backend (rows with results: n/a); its Redis \
+                 consumer RPOPs and sleeps 1 s whenever the queue is empty, hence its latency; \
+                 worker prefetch {CONCURRENCY}."
+            ),
+            Peer::RustyCelery => format!(
+                "rusty-celery on {b}: no result backend (rows with results: n/a); it publishes \
+                 without publisher confirms (fire and forget; ours waits for the broker's \
+                 confirm of each publish); worker prefetch {CONCURRENCY}."
+            ),
+            Peer::Apalis => format!(
+                "apalis on {b}: worker `.concurrency({CONCURRENCY})`, fetch batch = concurrency \
+                 (default 10), polling every 10 ms when idle (apalis-redis 1.0.0 files every \
+                 push in its scheduled set, so its pub/sub wake-up never fires and an idle \
+                 worker would otherwise fetch only at its 30 s heartbeat). It stores every \
+                 result (its default), in the ignore_result row too; with results, each sender \
+                 reads its tasks' results through `check_status` (1 ms between misses). Its \
+                 latency is send → the worker's report, without a result read."
+            ),
+        });
         let notify = free_udp_addr()?;
         self.flush(peer, url).await?;
         let n = s.n;

@@ -456,7 +456,14 @@ mod tests {
         let m = "throughput, 1 worker, ignore_result (until drained)";
         r.ours("redis", m, "tasks/s", Better::Higher, 20_000.0);
         r.celery("redis", m, "tasks/s", Better::Higher, 1_000.0);
-        r.record(Contender::Apalis, "redis", m, "tasks/s", Better::Higher, 4_000.0);
+        r.record(
+            Contender::Apalis,
+            "redis",
+            m,
+            "tasks/s",
+            Better::Higher,
+            4_000.0,
+        );
         r.ours("redis", "worker RSS idle", "MiB", Better::Lower, 10.0);
         r.record(
             Contender::Apalis,
@@ -472,7 +479,9 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains(&format!("| redis | {m} | tasks/s | 20000 | 1000 | 20.0× | 4000 | 5.0× |")),
+            md.contains(&format!(
+                "| redis | {m} | tasks/s | 20000 | 1000 | 20.0× | 4000 | 5.0× |"
+            )),
             "{md}"
         );
         assert!(
@@ -484,7 +493,10 @@ mod tests {
         let (stem, t) = &charts[0];
         assert_eq!(*stem, "throughput-ignore-result");
         assert_eq!(t.contenders, ["celeriac", "Python Celery", "apalis"]);
-        assert_eq!(t.groups[0].values, [Some(20_000.0), Some(1_000.0), Some(4_000.0)]);
+        assert_eq!(
+            t.groups[0].values,
+            [Some(20_000.0), Some(1_000.0), Some(4_000.0)]
+        );
         let mem = &charts[1].1;
         assert_eq!(mem.groups[0].values, [Some(10.0), None, Some(5.0)]);
     }
