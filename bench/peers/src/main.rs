@@ -45,6 +45,8 @@ static NOTIFY: OnceLock<Option<(UdpSocket, SocketAddr)>> = OnceLock::new();
 const PAD: usize = 1024;
 /// How often an idle apalis worker looks for tasks.
 const POLL_MS: u64 = 10;
+/// apalis's worker heartbeat (default 30 s), which also wakes a worker whose poll stalled.
+const HEARTBEAT_MS: u64 = 200;
 /// The realistic workload's awaited I/O.
 const SLEEP_MS: u64 = 5;
 
@@ -306,7 +308,8 @@ async fn run(args: &[String]) -> Result<()> {
                     let conn = apalis_redis::connect(url.as_str()).await?;
                     let config = apalis_redis::Config::default()
                         .queue(&queue)
-                        .batch_size(concurrency);
+                        .batch_size(concurrency)
+                        .heartbeat_interval(Duration::from_millis(HEARTBEAT_MS));
                     let storage = apalis_redis::RedisStorage::<Job>::new(conn)
                         .with_config(config)
                         .poll_with_interval(Duration::from_millis(POLL_MS));

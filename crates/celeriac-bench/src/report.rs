@@ -277,7 +277,7 @@ type ChartSpec = (
 );
 
 fn charts_of(rows: &[Row]) -> Vec<(&'static str, Chart)> {
-    let specs: [ChartSpec; 4] = [
+    let specs: [ChartSpec; 6] = [
         (
             "throughput",
             "Throughput, one worker, results stored and read",
@@ -306,6 +306,21 @@ fn charts_of(rows: &[Row]) -> Vec<(&'static str, Chart)> {
             &[
                 ("worker RSS idle", "idle"),
                 ("worker RSS peak while draining", "draining"),
+            ],
+        ),
+        (
+            "realistic",
+            "Realistic workload: 1 KiB args, 5 ms awaited I/O, 100 callers",
+            true,
+            &[(crate::ours::REALISTIC_THROUGHPUT, "")],
+        ),
+        (
+            "realistic-latency",
+            "Realistic workload: latency of a call, 100 callers",
+            false,
+            &[
+                ("realistic: call p50", "p50"),
+                ("realistic: call p99", "p99"),
             ],
         ),
     ];
