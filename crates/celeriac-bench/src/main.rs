@@ -31,8 +31,13 @@ use clap::Parser;
 
 use report::Report;
 
-/// The queue every benchmark uses.
-pub(crate) const QUEUE: &str = "bench";
+/// The queue our side uses (`--queue`, default `bench`); Celery's is this name with `_celery`
+/// appended.
+pub(crate) fn queue() -> &'static str {
+    QUEUE_NAME.get().map_or("bench", String::as_str)
+}
+
+static QUEUE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 #[derive(Parser, Debug)]
 #[command(about = "celeriac against Python Celery on the same broker")]
@@ -62,6 +67,10 @@ struct Args {
     /// that await 5 ms of I/O: throughput and call latency) or `both`.
     #[arg(long, default_value = "noop", value_parser = ["noop", "realistic", "both"])]
     workload: String,
+    /// Our queue's name (Celery's gets `_celery` appended): another name keeps this run apart
+    /// from other benchmark runs on the same servers.
+    #[arg(long, default_value = "bench")]
+    queue: String,
     /// Rust peers to measure too, comma separated (rusty-celery, apalis): rusty-celery on Redis
     /// and RabbitMQ, apalis on Redis, from `bench/peers` (built by `scripts/bench --peers ...`).
     #[arg(long, value_delimiter = ',')]
@@ -235,6 +244,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         extra.push("-E".to_owned());
     }
     ours::set_worker_args(extra);
+    let _ = QUEUE_NAME.set(args.queue.clone());
     let sizes = Sizes::from_args(&args);
     let wl = Workloads {
         noop: args.workload != "realistic",

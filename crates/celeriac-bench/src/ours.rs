@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::procs::{CpuMeter, CpuSplit, Proc, Sampler, server_of, tree_rss_kb};
 use crate::report::{Better, Contender, Report, median, percentiles};
-use crate::{QUEUE, Sizes, Workloads};
+use crate::{Sizes, Workloads, queue};
 
 const SENDERS: usize = 8;
 const BATCH: usize = 1_000;
@@ -51,7 +51,7 @@ impl Target {
         cmd.args(["worker", "-b", &self.url, "--result-backend", &self.backend])
             .args([
                 "-Q",
-                QUEUE,
+                queue(),
                 "-c",
                 &concurrency.to_string(),
                 "--prefetch-buffer",
@@ -59,7 +59,7 @@ impl Target {
                 "-l",
                 "warn",
             ])
-            .args(["-n", &format!("bench{index}@localhost")]);
+            .args(["-n", &format!("{}{index}@localhost", queue())]);
         cmd.args(WORKER_ARGS.get().into_iter().flatten());
         Proc::spawn(cmd)
     }
@@ -132,7 +132,7 @@ pub(crate) async fn realistic(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::
                     .arg(1)
                     .arg(2)
                     .arg(pad.as_str())
-                    .queue(QUEUE)
+                    .queue(queue())
                     .apply_async(&app)
                     .await?
                     .get_timeout(Duration::from_secs(60))
@@ -198,12 +198,12 @@ fn add() -> Signature<Value> {
     Signature::<Value>::new("tasks.add")
         .arg(1)
         .arg(2)
-        .queue(QUEUE)
+        .queue(queue())
 }
 
 async fn purge(app: &App) -> anyhow::Result<()> {
-    app.broker().declare(QUEUE).await?;
-    app.broker().purge(QUEUE).await?;
+    app.broker().declare(queue()).await?;
+    app.broker().purge(queue()).await?;
     Ok(())
 }
 
@@ -289,7 +289,7 @@ async fn send_and_collect(app: &App, n: usize, ignore: bool) -> anyhow::Result<(
 async fn wait_drained(app: &App) -> anyhow::Result<()> {
     let deadline = Instant::now() + PHASE_TIMEOUT;
     loop {
-        let s = app.broker().stats(QUEUE).await?;
+        let s = app.broker().stats(queue()).await?;
         if s.ready + s.unacked == 0 {
             return Ok(());
         }
@@ -572,7 +572,7 @@ pub(crate) async fn run_all(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Re
     let sampler = Sampler::start(vec![pid]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let with = sampler.finish().await;
-    let stats = app.broker().stats(QUEUE).await?;
+    let stats = app.broker().stats(queue()).await?;
     r.ours(
         b,
         "worker RSS with many delayed tasks waiting (count in notes)",

@@ -15,7 +15,9 @@ use crate::{Sizes, Workloads};
 
 /// Celery's queue: its own, so that its declaration (durable, no arguments) never clashes with
 /// ours on RabbitMQ.
-const QUEUE: &str = "bench_celery";
+fn celery_queue() -> String {
+    format!("{}_celery", crate::queue())
+}
 
 const SENDERS: usize = 8;
 
@@ -94,7 +96,7 @@ impl Python {
         cmd.current_dir(&self.dir)
             .env("BENCH_BROKER_URL", &url.broker)
             .env("BENCH_BACKEND_URL", &url.backend)
-            .env("BENCH_QUEUE", QUEUE);
+            .env("BENCH_QUEUE", celery_queue());
     }
 
     fn worker(&self, url: &Urls, pool: Pool, index: usize) -> anyhow::Result<Proc> {
@@ -112,7 +114,7 @@ impl Python {
             ])
             .args([
                 "-Q",
-                QUEUE,
+                &celery_queue(),
                 "-l",
                 "warning",
                 "-n",
@@ -127,7 +129,7 @@ impl Python {
         cmd.current_dir(&self.dir)
             .env("BENCH_BROKER_URL", &url.broker)
             .env("BENCH_BACKEND_URL", &url.backend)
-            .env("BENCH_QUEUE", QUEUE)
+            .env("BENCH_QUEUE", celery_queue())
             .arg("bench_celery.py")
             .args(args)
             .kill_on_drop(true);

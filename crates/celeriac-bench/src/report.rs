@@ -385,7 +385,9 @@ pub(crate) fn charts_from_markdown(text: &str) -> Vec<(&'static str, Chart)> {
     // The columns of each contender, from the heading (the last one above a row wins).
     let mut columns: Vec<(Contender, usize)> = vec![(Contender::Ours, 3), (Contender::Celery, 4)];
     let mut rows = Vec::new();
-    for l in text.lines().filter(|l| l.starts_with("| ")) {
+    // The hand-written analysis below the marker may quote other runs' tables.
+    let generated = text.split("<!-- analysis -->").next().unwrap_or(text);
+    for l in generated.lines().filter(|l| l.starts_with("| ")) {
         let c = split(l);
         if l.starts_with("| broker ") {
             columns = c
