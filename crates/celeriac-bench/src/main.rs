@@ -19,6 +19,7 @@
 mod chart;
 mod micro;
 mod ours;
+mod peers;
 mod procs;
 mod python;
 mod report;
@@ -30,8 +31,13 @@ use clap::Parser;
 
 use report::Report;
 
-/// The queue every benchmark uses.
-pub(crate) const QUEUE: &str = "bench";
+/// The queue our side uses (`--queue`, default `bench`); Celery's is this name with `_celery`
+/// appended.
+pub(crate) fn queue() -> &'static str {
+    QUEUE_NAME.get().map_or("bench", String::as_str)
+}
+
+static QUEUE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 #[derive(Parser, Debug)]
 #[command(about = "celeriac against Python Celery on the same broker")]
@@ -56,6 +62,19 @@ struct Args {
         default_value = "sqlite,redis,amqp,postgres,mysql,sqla"
     )]
     brokers: Vec<String>,
+    /// `noop` (the default: every figure with the no-op task add(1, 2)) or `realistic` (only a
+    /// closed loop of 100 callers on a worker of concurrency 100, tasks with 1 KiB of argument
+    /// that await 5 ms of I/O: throughput and call latency) or `both`.
+    #[arg(long, default_value = "noop", value_parser = ["noop", "realistic", "both"])]
+    workload: String,
+    /// Our queue's name (Celery's gets `_celery` appended): another name keeps this run apart
+    /// from other benchmark runs on the same servers.
+    #[arg(long, default_value = "bench")]
+    queue: String,
+    /// Rust peers to measure too, comma separated (rusty-celery, apalis): rusty-celery on Redis
+    /// and RabbitMQ, apalis on Redis, from `bench/peers` (built by `scripts/bench --peers ...`).
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
     /// Overrides the queue sizes of the scaling run, comma separated (e.g. 10000,1000000).
     #[arg(long, value_delimiter = ',')]
     scale: Option<Vec<usize>>,
@@ -91,6 +110,15 @@ struct Args {
     /// `publish_confirms=pipelined`.
     #[arg(long)]
     amqp_query: Option<String>,
+}
+
+/// Which workloads a run measures (`--workload`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Workloads {
+    /// Every figure with the no-op task.
+    pub(crate) noop: bool,
+    /// The closed loop of tasks with 1 KiB of argument and 5 ms of awaited I/O.
+    pub(crate) realistic: bool,
 }
 
 /// The sizes of one run.
@@ -176,7 +204,7 @@ impl Sizes {
 fn main() -> ExitCode {
     // `celeriac-bench worker ...` is the worker process the benchmark starts.
     if std::env::args().nth(1).as_deref() == Some("worker") {
-        return celeriac::cli::run(celeriac_examples::app());
+        return celeriac::cli::run(celeriac_examples::app().task::<ours::add_io>());
     }
     let args = Args::parse();
     if args.micro {
@@ -220,7 +248,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         extra.push("-E".to_owned());
     }
     ours::set_worker_args(extra);
+    let _ = QUEUE_NAME.set(args.queue.clone());
     let sizes = Sizes::from_args(&args);
+    let wl = Workloads {
+        noop: args.workload != "realistic",
+        realistic: args.workload != "noop",
+    };
     eprintln!("sizes: {sizes:?}");
     let mut report = Report::new(sizes.clone());
     let python = if args.no_python || args.latency_only.is_some() {
@@ -246,6 +279,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
             p.celery, p.kombu, p.python
         ));
     }
+    let peer_list = args
+        .peers
+        .iter()
+        .map(|p| peers::Peer::parse(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let peers = if peer_list.is_empty() || args.latency_only.is_some() {
+        None
+    } else {
+        match peers::Peers::find() {
+            Ok(p) => {
+                let versions: Vec<String> = peer_list.iter().map(|&x| p.version(x)).collect();
+                report.note(&format!(
+                    "Rust peers: {} (bench/peers, release), each with its own queue on the same \
+                     broker, {}-task client runs from a separate process; no-op task add(1, 2). \
+                     A peer's worker tells its client how many tasks it has finished over UDP on \
+                     loopback (one datagram per task): that is how a drain's end and a round \
+                     trip's end are seen where the peer has no result backend.",
+                    versions.join(", "),
+                    sizes.n
+                ));
+                Some(p)
+            }
+            Err(e) => {
+                report.note(&format!("Rust peers skipped: {e:#}."));
+                None
+            }
+        }
+    };
     for broker in &args.brokers {
         match broker.as_str() {
             "sqlite" => {
@@ -259,7 +320,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     let _ = std::fs::remove_dir_all(&dir);
                     continue;
                 }
-                ours::run_all(&target, &sizes, &mut report).await?;
+                ours::run_workloads(&target, &sizes, &mut report, wl).await?;
                 report.note(
                     "SQLite, Python side: n/a. Celery has no embedded broker like ours; kombu's \
                      `sqla+sqlite` transport polls the table once per second and never \
@@ -279,13 +340,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     ours::latency_only(&target, n, &mut report).await?;
                     continue;
                 }
-                ours::run_all(&target, &sizes, &mut report).await?;
+                ours::run_workloads(&target, &sizes, &mut report, wl).await?;
                 if let Some(p) = &python {
                     let urls = python::Urls {
                         broker: url.clone(),
                         backend: url,
                     };
-                    p.run_all("redis", &urls, &sizes, &mut report).await?;
+                    p.run_workloads("redis", &urls, &sizes, &mut report, wl)
+                        .await?;
+                }
+                if let Some(p) = &peers {
+                    for &peer in &peer_list {
+                        let url = "redis://127.0.0.1:6379/6";
+                        p.run(peer, "redis", url, &sizes, &mut report, wl).await;
+                    }
                 }
             }
             "redis-native" => {
@@ -319,7 +387,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     ours::latency_only(&target, n, &mut report).await?;
                     continue;
                 }
-                ours::run_all(&target, &sizes, &mut report).await?;
+                ours::run_workloads(&target, &sizes, &mut report, wl).await?;
                 report.note(
                     "RabbitMQ: results through the rpc:// backend (replies to the sender) on both \
                      sides, the pairing Celery's docs suggest for RabbitMQ. Celery's \
@@ -331,7 +399,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         broker: "amqp://guest:guest@127.0.0.1:5672//".to_owned(),
                         backend: "rpc://".to_owned(),
                     };
-                    p.run_all("amqp", &urls, &sizes, &mut report).await?;
+                    p.run_workloads("amqp", &urls, &sizes, &mut report, wl)
+                        .await?;
+                }
+                if let Some(p) = &peers {
+                    for &peer in &peer_list {
+                        if peer == peers::Peer::Apalis {
+                            report.note(
+                                "apalis on RabbitMQ: not measured (its Redis backend only here).",
+                            );
+                            continue;
+                        }
+                        let url = "amqp://guest:guest@127.0.0.1:5672/%2F";
+                        p.run(peer, "amqp", url, &sizes, &mut report, wl).await;
+                    }
                 }
             }
             "postgres" | "postgres-async" => {
@@ -356,7 +437,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     ours::latency_only(&target, n, &mut report).await?;
                     continue;
                 }
-                ours::run_all(&target, &sizes, &mut report).await?;
+                ours::run_workloads(&target, &sizes, &mut report, wl).await?;
                 report.note(&format!(
                     "{name}: the native driver (celeriac-postgres: SKIP LOCKED fetches, \
                      LISTEN/NOTIFY, results in the same database), server on this machine \
@@ -388,7 +469,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     ours::latency_only(&target, n, &mut report).await?;
                     continue;
                 }
-                ours::run_all(&target, &sizes, &mut report).await?;
+                ours::run_workloads(&target, &sizes, &mut report, wl).await?;
                 report.note(
                     "MariaDB/MySQL: broker and results in one database (celeriac_bench), default \
                      settings (idle polling up to every 100 ms). Python side: n/a here; Celery's \
@@ -409,7 +490,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     continue;
                 }
                 let bounded = sizes.bounded_for_sql();
-                ours::run_all(&target, &bounded, &mut report).await?;
+                ours::run_workloads(&target, &bounded, &mut report, wl).await?;
                 report.note(&format!(
                     "sqla: kombu's SQLAlchemy transport (`sqla+postgresql://`) and Celery's \
                      database result backend (`db+postgresql://`) on the local PostgreSQL, both \
@@ -422,7 +503,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         broker: format!("sqla+postgresql://{location}"),
                         backend: format!("db+postgresql://{location}"),
                     };
-                    p.run_all("sqla", &urls, &bounded, &mut report).await?;
+                    p.run_workloads("sqla", &urls, &bounded, &mut report, wl)
+                        .await?;
                 }
             }
             other => {

@@ -9,8 +9,8 @@ use celeriac::{App, Signature};
 use serde_json::Value;
 
 use crate::procs::{CpuMeter, CpuSplit, Proc, Sampler, server_of, tree_rss_kb};
-use crate::report::{Better, Report, median, percentiles};
-use crate::{QUEUE, Sizes};
+use crate::report::{Better, Contender, Report, median, percentiles};
+use crate::{Sizes, Workloads, queue};
 
 const SENDERS: usize = 8;
 const BATCH: usize = 1_000;
@@ -43,19 +43,23 @@ impl Target {
     }
 
     fn worker(&self, index: usize) -> anyhow::Result<Proc> {
+        self.worker_c(index, 64)
+    }
+
+    fn worker_c(&self, index: usize, concurrency: usize) -> anyhow::Result<Proc> {
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args(["worker", "-b", &self.url, "--result-backend", &self.backend])
             .args([
                 "-Q",
-                QUEUE,
+                queue(),
                 "-c",
-                "64",
+                &concurrency.to_string(),
                 "--prefetch-buffer",
                 "512",
                 "-l",
                 "warn",
             ])
-            .args(["-n", &format!("bench{index}@localhost")]);
+            .args(["-n", &format!("{}{index}@localhost", queue())]);
         cmd.args(WORKER_ARGS.get().into_iter().flatten());
         Proc::spawn(cmd)
     }
@@ -76,16 +80,130 @@ pub(crate) async fn reachable(addr: &str) -> bool {
         .is_ok_and(|r| r.is_ok())
 }
 
+/// The realistic workload's task (`--workload realistic`): an argument of [`PAD`] bytes and
+/// [`IO_MS`] of awaited I/O (a timer standing in for a database or HTTP call).
+#[celeriac::task(name = "bench.add_io")]
+pub(crate) async fn add_io(x: i64, y: i64, pad: String) -> i64 {
+    tokio::time::sleep(Duration::from_millis(IO_MS)).await;
+    x + y + i64::from(pad.is_empty())
+}
+
+/// The realistic workload's argument size.
+pub(crate) const PAD: usize = 1024;
+/// The realistic workload's awaited I/O, in milliseconds.
+pub(crate) const IO_MS: u64 = 5;
+/// In-flight tasks of the realistic workload: callers on the client side, concurrency on the
+/// worker's.
+pub(crate) const REALISTIC_CONCURRENCY: usize = 100;
+
+/// The realistic workload's task count for the Rust contenders.
+pub(crate) fn realistic_n(s: &Sizes) -> usize {
+    s.n.min(5_000)
+}
+
+/// A closed loop of [`REALISTIC_CONCURRENCY`] callers, each sending `bench.add_io` and reading
+/// its result before sending the next, `n` calls in all, against one worker of concurrency
+/// [`REALISTIC_CONCURRENCY`]: throughput and each call's latency.
+pub(crate) async fn realistic(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Result<()> {
+    let b = t.name;
+    let app = t.app().await.with_context(|| format!("opening {b}"))?;
+    purge(&app).await?;
+    let worker = t.worker_c(0, REALISTIC_CONCURRENCY)?;
+    for _ in 0..2 {
+        add()
+            .apply_async(&app)
+            .await?
+            .get_timeout(Duration::from_secs(30))
+            .await
+            .context("worker did not answer")?;
+    }
+    let n = realistic_n(s);
+    let pad = "x".repeat(PAD);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clock = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..REALISTIC_CONCURRENCY {
+        let (app, next, pad) = (app.clone(), next.clone(), pad.clone());
+        set.spawn(async move {
+            let mut samples = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                let t = Instant::now();
+                let v = Signature::<Value>::new("bench.add_io")
+                    .arg(1)
+                    .arg(2)
+                    .arg(pad.as_str())
+                    .queue(queue())
+                    .apply_async(&app)
+                    .await?
+                    .get_timeout(Duration::from_secs(60))
+                    .await?;
+                anyhow::ensure!(v == 3, "wrong result {v}");
+                samples.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            Ok::<_, anyhow::Error>(samples)
+        });
+    }
+    let mut samples = Vec::with_capacity(n);
+    while let Some(x) = set.join_next().await {
+        samples.extend(x??);
+    }
+    let rate = n as f64 / clock.elapsed().as_secs_f64();
+    realistic_rows(r, b, Contender::Ours, rate, samples);
+    drop(worker);
+    purge(&app).await?;
+    app.close().await?;
+    Ok(())
+}
+
+/// The realistic workload's rows: throughput and the calls' p50 and p99.
+pub(crate) fn realistic_rows(
+    r: &mut Report,
+    broker: &str,
+    who: Contender,
+    rate: f64,
+    samples: Vec<f64>,
+) {
+    r.record(
+        who,
+        broker,
+        REALISTIC_THROUGHPUT,
+        "tasks/s",
+        Better::Higher,
+        rate,
+    );
+    let p = percentiles(samples);
+    r.record(
+        who,
+        broker,
+        "realistic: call p50",
+        "ms",
+        Better::Lower,
+        p[0],
+    );
+    r.record(
+        who,
+        broker,
+        "realistic: call p99",
+        "ms",
+        Better::Lower,
+        p[2],
+    );
+}
+
+/// The realistic workload's throughput row.
+pub(crate) const REALISTIC_THROUGHPUT: &str =
+    "realistic: 1 KiB args, 5 ms awaited I/O, 100 callers, throughput";
+
 fn add() -> Signature<Value> {
     Signature::<Value>::new("tasks.add")
         .arg(1)
         .arg(2)
-        .queue(QUEUE)
+        .queue(queue())
 }
 
 async fn purge(app: &App) -> anyhow::Result<()> {
-    app.broker().declare(QUEUE).await?;
-    app.broker().purge(QUEUE).await?;
+    app.broker().declare(queue()).await?;
+    app.broker().purge(queue()).await?;
     Ok(())
 }
 
@@ -171,7 +289,7 @@ async fn send_and_collect(app: &App, n: usize, ignore: bool) -> anyhow::Result<(
 async fn wait_drained(app: &App) -> anyhow::Result<()> {
     let deadline = Instant::now() + PHASE_TIMEOUT;
     loop {
-        let s = app.broker().stats(QUEUE).await?;
+        let s = app.broker().stats(queue()).await?;
         if s.ready + s.unacked == 0 {
             return Ok(());
         }
@@ -232,11 +350,12 @@ pub(crate) fn cpu_rows(
     what: &str,
     runs: &[CpuSplit],
     n_per_run: usize,
-    ours: bool,
+    who: Contender,
 ) {
     let tasks = (n_per_run * runs.len()).max(1) as f64;
     let per = |f: &dyn Fn(&CpuSplit) -> f64| runs.iter().map(f).sum::<f64>() * 1e6 / tasks;
-    let client = if ours {
+    // Our client runs in this process; the others' clients are child processes.
+    let client = if who == Contender::Ours {
         per(&|c| c.client)
     } else {
         per(&|c| c.child_client)
@@ -245,13 +364,9 @@ pub(crate) fn cpu_rows(
     if runs.iter().all(|c| c.server.is_some()) {
         rows.push(("broker server", per(&|c| c.server.unwrap_or(0.0))));
     }
-    for (who, v) in rows {
-        let metric = format!("CPU per task, {what}: {who}");
-        if ours {
-            r.ours(broker, &metric, "µs", Better::Lower, v);
-        } else {
-            r.celery(broker, &metric, "µs", Better::Lower, v);
-        }
+    for (part, v) in rows {
+        let metric = format!("CPU per task, {what}: {part}");
+        r.record(who, broker, &metric, "µs", Better::Lower, v);
     }
 }
 
@@ -260,16 +375,12 @@ pub(crate) fn latency_rows(
     broker: &str,
     what: &str,
     samples: Vec<f64>,
-    ours: bool,
+    who: Contender,
 ) {
     let p = percentiles(samples);
     for (name, v) in ["p50", "p90", "p99", "max"].iter().zip(p) {
         let metric = format!("latency {what} {name}");
-        if ours {
-            r.ours(broker, &metric, "ms", Better::Lower, v);
-        } else {
-            r.celery(broker, &metric, "ms", Better::Lower, v);
-        }
+        r.record(who, broker, &metric, "ms", Better::Lower, v);
     }
 }
 
@@ -281,7 +392,29 @@ pub(crate) async fn latency_only(t: &Target, n: usize, r: &mut Report) -> anyhow
         .with_context(|| format!("opening {}", t.name))?;
     purge(&app).await?;
     let _workers = start_workers(t, &app, 1).await?;
-    latency_rows(r, t.name, "sequential", round_trips(&app, n).await?, true);
+    latency_rows(
+        r,
+        t.name,
+        "sequential",
+        round_trips(&app, n).await?,
+        Contender::Ours,
+    );
+    Ok(())
+}
+
+/// The workloads `w` against one broker.
+pub(crate) async fn run_workloads(
+    t: &Target,
+    s: &Sizes,
+    r: &mut Report,
+    w: Workloads,
+) -> anyhow::Result<()> {
+    if w.noop {
+        run_all(t, s, r).await?;
+    }
+    if w.realistic {
+        realistic(t, s, r).await?;
+    }
     Ok(())
 }
 
@@ -373,7 +506,7 @@ pub(crate) async fn run_all(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Re
             if ignore { "ignore_result" } else { "results" },
             &cpu,
             n,
-            true,
+            Contender::Ours,
         );
         r.ours(
             b,
@@ -402,14 +535,20 @@ pub(crate) async fn run_all(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Re
         b,
         "sequential",
         round_trips(&app, s.latency).await?,
-        true,
+        Contender::Ours,
     );
     let (stop, load) = background_load(&app, throughput / 2.0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let samples = round_trips(&app, s.latency).await;
     let _ = stop.send(true);
     let _ = load.await;
-    latency_rows(r, b, "under load (½ of max rate)", samples?, true);
+    latency_rows(
+        r,
+        b,
+        "under load (½ of max rate)",
+        samples?,
+        Contender::Ours,
+    );
     wait_drained(&app).await?;
 
     // Delayed tasks wait in the broker, not in the worker.
@@ -433,7 +572,7 @@ pub(crate) async fn run_all(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Re
     let sampler = Sampler::start(vec![pid]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let with = sampler.finish().await;
-    let stats = app.broker().stats(QUEUE).await?;
+    let stats = app.broker().stats(queue()).await?;
     r.ours(
         b,
         "worker RSS with many delayed tasks waiting (count in notes)",

@@ -8,14 +8,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::Sizes;
-use crate::ours::{cpu_rows, latency_rows};
+use crate::ours::{REALISTIC_CONCURRENCY, cpu_rows, latency_rows, realistic_n, realistic_rows};
 use crate::procs::{CpuMeter, Proc, Sampler, server_of, tree_rss_kb};
-use crate::report::{Better, Report, median};
+use crate::report::{Better, Contender, Report, median};
+use crate::{Sizes, Workloads};
 
 /// Celery's queue: its own, so that its declaration (durable, no arguments) never clashes with
 /// ours on RabbitMQ.
-const QUEUE: &str = "bench_celery";
+fn celery_queue() -> String {
+    format!("{}_celery", crate::queue())
+}
 
 const SENDERS: usize = 8;
 
@@ -94,7 +96,7 @@ impl Python {
         cmd.current_dir(&self.dir)
             .env("BENCH_BROKER_URL", &url.broker)
             .env("BENCH_BACKEND_URL", &url.backend)
-            .env("BENCH_QUEUE", QUEUE);
+            .env("BENCH_QUEUE", celery_queue());
     }
 
     fn worker(&self, url: &Urls, pool: Pool, index: usize) -> anyhow::Result<Proc> {
@@ -112,7 +114,7 @@ impl Python {
             ])
             .args([
                 "-Q",
-                QUEUE,
+                &celery_queue(),
                 "-l",
                 "warning",
                 "-n",
@@ -127,7 +129,7 @@ impl Python {
         cmd.current_dir(&self.dir)
             .env("BENCH_BROKER_URL", &url.broker)
             .env("BENCH_BACKEND_URL", &url.backend)
-            .env("BENCH_QUEUE", QUEUE)
+            .env("BENCH_QUEUE", celery_queue())
             .arg("bench_celery.py")
             .args(args)
             .kill_on_drop(true);
@@ -192,14 +194,76 @@ impl Python {
         v["ready"].as_u64().context("no count")
     }
 
-    /// Every workload, Celery's way, on broker `b` at `url`.
-    pub(crate) async fn run_all(
+    /// The workloads `w`, Celery's way, on broker `b` at `url`. The realistic one runs on
+    /// Celery's threads pool (`-c 100`); a failure there becomes a note.
+    pub(crate) async fn run_workloads(
+        &self,
+        b: &str,
+        url: &Urls,
+        s: &Sizes,
+        r: &mut Report,
+        w: Workloads,
+    ) -> anyhow::Result<()> {
+        if w.noop {
+            self.run_all(b, url, s, r).await?;
+        }
+        if w.realistic {
+            if let Err(e) = self.realistic(b, url, s, r).await {
+                r.note(&format!(
+                    "Celery, realistic workload on {b}: failed: {e:#}."
+                ));
+            }
+            self.flush(url).await?;
+        }
+        Ok(())
+    }
+
+    async fn realistic(
         &self,
         b: &str,
         url: &Urls,
         s: &Sizes,
         r: &mut Report,
     ) -> anyhow::Result<()> {
+        self.flush(url).await?;
+        let pool = Pool {
+            name: "threads",
+            concurrency: REALISTIC_CONCURRENCY,
+            prefetch: 4,
+        };
+        let _workers = self.start(url, pool, 1).await?;
+        let n = s.py_n.max(1_000).min(realistic_n(s));
+        let v = self
+            .client(
+                url,
+                &[
+                    "closed".into(),
+                    n.to_string(),
+                    REALISTIC_CONCURRENCY.to_string(),
+                    "120".into(),
+                ],
+            )
+            .await?;
+        let samples = v["samples_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        realistic_rows(
+            r,
+            b,
+            Contender::Celery,
+            v["rate"].as_f64().unwrap_or(f64::NAN),
+            samples,
+        );
+        r.note(&format!(
+            "Celery, realistic workload on {b}: threads pool -c {REALISTIC_CONCURRENCY} \
+             (prefetch ×4), {n} calls from {REALISTIC_CONCURRENCY} client threads."
+        ));
+        Ok(())
+    }
+
+    /// Every workload, Celery's way, on broker `b` at `url`.
+    async fn run_all(&self, b: &str, url: &Urls, s: &Sizes, r: &mut Report) -> anyhow::Result<()> {
         self.flush(url).await?;
         let n = s.py_n;
         let v = self
@@ -284,7 +348,7 @@ impl Python {
                 peak = peak.max(sampler.finish().await);
             }
             let which = if ignore { "ignore_result" } else { "results" };
-            cpu_rows(r, b, which, &cpu, n, false);
+            cpu_rows(r, b, which, &cpu, n, Contender::Celery);
             let what = if ignore {
                 "ignore_result (until drained)"
             } else {
@@ -325,7 +389,7 @@ impl Python {
                 ],
             )
             .await?;
-        latency_rows(r, b, "sequential", lat(seq), false);
+        latency_rows(r, b, "sequential", lat(seq), Contender::Celery);
         let loaded = self
             .client(
                 url,
@@ -337,7 +401,13 @@ impl Python {
                 ],
             )
             .await?;
-        latency_rows(r, b, "under load (½ of max rate)", lat(loaded), false);
+        latency_rows(
+            r,
+            b,
+            "under load (½ of max rate)",
+            lat(loaded),
+            Contender::Celery,
+        );
 
         // Celery keeps ETA tasks in the worker's memory.
         let before = tree_rss_kb(pid) as f64 / 1024.0;

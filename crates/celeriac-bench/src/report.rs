@@ -12,14 +12,65 @@ pub(crate) enum Better {
     Lower,
 }
 
+/// Who a figure belongs to: celeriac, then the peers it is compared with, in column order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Contender {
+    Ours,
+    Celery,
+    RustyCelery,
+    Apalis,
+}
+
+impl Contender {
+    /// Every contender, in column (and bar) order.
+    pub(crate) const ALL: [Contender; 4] = [
+        Contender::Ours,
+        Contender::Celery,
+        Contender::RustyCelery,
+        Contender::Apalis,
+    ];
+
+    /// The column heading.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Contender::Ours => "celeriac",
+            Contender::Celery => "Celery",
+            Contender::RustyCelery => "rusty-celery",
+            Contender::Apalis => "apalis",
+        }
+    }
+
+    /// The name in chart legends.
+    fn legend(self) -> &'static str {
+        match self {
+            Contender::Celery => "Python Celery",
+            other => other.name(),
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn from_name(name: &str) -> Option<Contender> {
+        Contender::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
 #[derive(Debug)]
 struct Row {
     broker: String,
     metric: String,
     unit: &'static str,
-    ours: Option<f64>,
-    celery: Option<f64>,
+    /// One value per [`Contender::ALL`].
+    values: [Option<f64>; 4],
     better: Better,
+}
+
+impl Row {
+    fn get(&self, c: Contender) -> Option<f64> {
+        self.values[c.index()]
+    }
 }
 
 /// Everything measured in one invocation.
@@ -53,8 +104,7 @@ impl Report {
         b: Better,
         v: f64,
     ) {
-        eprintln!("{broker:>7} {metric:<52} ours   {v:>12.2} {unit}");
-        self.row(broker, metric, unit, b).ours = Some(v);
+        self.record(Contender::Ours, broker, metric, unit, b, v);
     }
 
     /// Records Celery's figure for a metric.
@@ -66,8 +116,24 @@ impl Report {
         b: Better,
         v: f64,
     ) {
-        eprintln!("{broker:>7} {metric:<52} celery {v:>12.2} {unit}");
-        self.row(broker, metric, unit, b).celery = Some(v);
+        self.record(Contender::Celery, broker, metric, unit, b, v);
+    }
+
+    /// Records a contender's figure for a metric.
+    pub(crate) fn record(
+        &mut self,
+        who: Contender,
+        broker: &str,
+        metric: &str,
+        unit: &'static str,
+        b: Better,
+        v: f64,
+    ) {
+        eprintln!(
+            "{broker:>7} {metric:<52} {:<12} {v:>12.2} {unit}",
+            who.name()
+        );
+        self.row(broker, metric, unit, b).values[who.index()] = Some(v);
     }
 
     fn row(&mut self, broker: &str, metric: &str, unit: &'static str, better: Better) -> &mut Row {
@@ -82,8 +148,7 @@ impl Report {
                     broker: broker.to_owned(),
                     metric: metric.to_owned(),
                     unit,
-                    ours: None,
-                    celery: None,
+                    values: [None; 4],
                     better,
                 });
                 self.rows.len() - 1
@@ -92,42 +157,65 @@ impl Report {
         &mut self.rows[i]
     }
 
-    fn cells(r: &Row) -> [String; 6] {
+    /// The contenders shown: celeriac and Celery always, a peer when it has a figure.
+    fn shown(&self) -> Vec<Contender> {
+        Contender::ALL
+            .into_iter()
+            .filter(|&c| {
+                matches!(c, Contender::Ours | Contender::Celery)
+                    || self.rows.iter().any(|r| r.get(c).is_some())
+            })
+            .collect()
+    }
+
+    /// broker, metric, unit, then for each shown contender its value, and after each other
+    /// than celeriac the ratio (how many times better celeriac is).
+    fn cells(r: &Row, shown: &[Contender]) -> Vec<String> {
         let f = |v: Option<f64>| match v {
             Some(v) if v >= 100.0 => format!("{v:.0}"),
-            Some(v) => format!("{v:.2}"),
-            None => "n/a".to_owned(),
+            Some(v) if v.is_finite() => format!("{v:.2}"),
+            _ => "n/a".to_owned(),
         };
-        let ratio = match (r.ours, r.celery, r.better) {
-            (Some(o), Some(c), Better::Higher) if c > 0.0 => format!("{:.1}×", o / c),
-            (Some(o), Some(c), Better::Lower) if o > 0.0 => format!("{:.1}×", c / o),
-            _ => "–".to_owned(),
-        };
-        [
-            r.broker.clone(),
-            r.metric.clone(),
-            r.unit.to_owned(),
-            f(r.ours),
-            f(r.celery),
-            ratio,
-        ]
+        let mut out = vec![r.broker.clone(), r.metric.clone(), r.unit.to_owned()];
+        let ours = r.get(Contender::Ours);
+        for &c in shown {
+            out.push(f(r.get(c)));
+            if c != Contender::Ours {
+                out.push(ratio(ours, r.get(c), r.better));
+            }
+        }
+        out
+    }
+
+    fn headings(shown: &[Contender]) -> Vec<&'static str> {
+        let mut h = vec!["broker", "metric", "unit"];
+        for &c in shown {
+            h.push(c.name());
+            if c != Contender::Ours {
+                h.push("ratio");
+            }
+        }
+        h
     }
 
     /// A plain-text table.
     pub(crate) fn text(&self) -> String {
+        let shown = self.shown();
+        let line = |cells: &[String]| {
+            let mut l = format!("{:<7} {:<52} {:<8}", cells[0], cells[1], cells[2]);
+            for c in &cells[3..] {
+                let _ = write!(l, " {c:>12}");
+            }
+            l
+        };
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "{:<7} {:<52} {:<8} {:>12} {:>12} {:>8}",
-            "broker", "metric", "unit", "celeriac", "celery", "ratio"
-        );
+        let heads: Vec<String> = Self::headings(&shown)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let _ = writeln!(out, "{}", line(&heads));
         for r in &self.rows {
-            let c = Self::cells(r);
-            let _ = writeln!(
-                out,
-                "{:<7} {:<52} {:<8} {:>12} {:>12} {:>8}",
-                c[0], c[1], c[2], c[3], c[4], c[5]
-            );
+            let _ = writeln!(out, "{}", line(&Self::cells(r, &shown)));
         }
         for n in &self.notes {
             let _ = writeln!(out, "note: {n}");
@@ -135,27 +223,41 @@ impl Report {
         out
     }
 
-    /// The table as Markdown (ratio = how many times better celeriac is).
+    /// The table as Markdown (each ratio = how many times better celeriac is than the
+    /// contender on its left).
     pub(crate) fn markdown(&self) -> String {
+        let shown = self.shown();
+        let heads = Self::headings(&shown);
         let mut out = String::new();
         let _ = writeln!(out, "Sizes: {:?}\n", self.sizes);
-        let _ = writeln!(
-            out,
-            "| broker | metric | unit | celeriac | Celery | ratio |\n|---|---|---|---:|---:|---:|"
-        );
+        let _ = writeln!(out, "| {} |", heads.join(" | "));
+        let align: Vec<&str> = heads
+            .iter()
+            .enumerate()
+            .map(|(i, _)| if i < 3 { "---" } else { "---:" })
+            .collect();
+        let _ = writeln!(out, "|{}|", align.join("|"));
         for r in &self.rows {
-            let c = Self::cells(r);
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} |",
-                c[0], c[1], c[2], c[3], c[4], c[5]
-            );
+            let _ = writeln!(out, "| {} |", Self::cells(r, &shown).join(" | "));
         }
         out.push('\n');
         for n in &self.notes {
             let _ = writeln!(out, "- {n}");
         }
         out
+    }
+}
+
+/// How many times better `ours` is than `theirs`.
+fn ratio(ours: Option<f64>, theirs: Option<f64>, better: Better) -> String {
+    match (ours, theirs, better) {
+        (Some(o), Some(c), Better::Higher) if c > 0.0 && o.is_finite() && c.is_finite() => {
+            format!("{:.1}×", o / c)
+        }
+        (Some(o), Some(c), Better::Lower) if o > 0.0 && o.is_finite() && c.is_finite() => {
+            format!("{:.1}×", c / o)
+        }
+        _ => "–".to_owned(),
     }
 }
 
@@ -175,7 +277,7 @@ type ChartSpec = (
 );
 
 fn charts_of(rows: &[Row]) -> Vec<(&'static str, Chart)> {
-    let specs: [ChartSpec; 4] = [
+    let specs: [ChartSpec; 6] = [
         (
             "throughput",
             "Throughput, one worker, results stored and read",
@@ -206,12 +308,39 @@ fn charts_of(rows: &[Row]) -> Vec<(&'static str, Chart)> {
                 ("worker RSS peak while draining", "draining"),
             ],
         ),
+        (
+            "realistic",
+            "Realistic workload: 1 KiB args, 5 ms awaited I/O, 100 callers",
+            true,
+            &[(crate::ours::REALISTIC_THROUGHPUT, "")],
+        ),
+        (
+            "realistic-latency",
+            "Realistic workload: latency of a call, 100 callers",
+            false,
+            &[
+                ("realistic: call p50", "p50"),
+                ("realistic: call p99", "p99"),
+            ],
+        ),
     ];
     let mut out = Vec::new();
     for (stem, title, higher, metrics) in specs {
+        let mine: Vec<&Row> = rows
+            .iter()
+            .filter(|r| metrics.iter().any(|(m, _)| *m == r.metric))
+            .collect();
+        // celeriac and Celery always, a peer when it has a bar in this chart.
+        let shown: Vec<Contender> = Contender::ALL
+            .into_iter()
+            .filter(|&c| {
+                matches!(c, Contender::Ours | Contender::Celery)
+                    || mine.iter().any(|r| r.get(c).is_some())
+            })
+            .collect();
         let mut groups = Vec::new();
         let mut unit = String::new();
-        for r in rows {
+        for r in mine {
             let Some((_, what)) = metrics.iter().find(|(m, _)| *m == r.metric) else {
                 continue;
             };
@@ -222,7 +351,7 @@ fn charts_of(rows: &[Row]) -> Vec<(&'static str, Chart)> {
                 } else {
                     format!("{} · {what}", r.broker)
                 },
-                values: vec![r.ours, r.celery],
+                values: shown.iter().map(|&c| r.get(c)).collect(),
             });
         }
         if groups.is_empty() {
@@ -234,7 +363,7 @@ fn charts_of(rows: &[Row]) -> Vec<(&'static str, Chart)> {
                 title: title.to_owned(),
                 unit,
                 higher_is_better: higher,
-                contenders: vec!["celeriac".to_owned(), "Python Celery".to_owned()],
+                contenders: shown.iter().map(|c| c.legend().to_owned()).collect(),
                 groups,
             },
         ));
@@ -246,23 +375,43 @@ fn charts_of(rows: &[Row]) -> Vec<(&'static str, Chart)> {
 /// them without measuring again.
 pub(crate) fn charts_from_markdown(text: &str) -> Vec<(&'static str, Chart)> {
     let number = |c: &str| c.trim().replace(',', "").parse::<f64>().ok();
-    let rows: Vec<Row> = text
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| broker "))
-        .filter_map(|l| {
-            let c: Vec<&str> = l.trim_matches('|').split(" | ").map(str::trim).collect();
-            let cell = *c.get(2)?;
-            let unit = UNITS.iter().find(|u| **u == cell)?;
-            Some(Row {
-                broker: c[0].to_owned(),
-                metric: c[1].to_owned(),
-                unit,
-                ours: number(c.get(3)?),
-                celery: number(c.get(4)?),
-                better: Better::Higher,
-            })
-        })
-        .collect();
+    let split = |l: &str| -> Vec<String> {
+        l.trim()
+            .trim_matches('|')
+            .split(" | ")
+            .map(|c| c.trim().to_owned())
+            .collect()
+    };
+    // The columns of each contender, from the heading (the last one above a row wins).
+    let mut columns: Vec<(Contender, usize)> = vec![(Contender::Ours, 3), (Contender::Celery, 4)];
+    let mut rows = Vec::new();
+    // The hand-written analysis below the marker may quote other runs' tables.
+    let generated = text.split("<!-- analysis -->").next().unwrap_or(text);
+    for l in generated.lines().filter(|l| l.starts_with("| ")) {
+        let c = split(l);
+        if l.starts_with("| broker ") {
+            columns = c
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| Some((Contender::from_name(h)?, i)))
+                .collect();
+            continue;
+        }
+        let Some(unit) = c.get(2).and_then(|u| UNITS.iter().find(|x| *x == u)) else {
+            continue;
+        };
+        let mut values = [None; 4];
+        for &(who, i) in &columns {
+            values[who.index()] = c.get(i).and_then(|v| number(v));
+        }
+        rows.push(Row {
+            broker: c[0].clone(),
+            metric: c[1].clone(),
+            unit,
+            values,
+            better: Better::Higher,
+        });
+    }
     charts_of(&rows)
 }
 
@@ -306,5 +455,66 @@ mod tests {
         let l = &charts[1].1;
         assert_eq!(l.groups[1].label, "redis · p99");
         assert_eq!(l.unit, "ms");
+    }
+
+    #[test]
+    fn peers_get_columns_with_ratios_and_bars() {
+        let sizes = crate::Sizes {
+            n: 1,
+            latency: 1,
+            delayed: 1,
+            scale: vec![1],
+            runs: 1,
+            py_n: 1,
+            py_latency: 1,
+            py_delayed: 1,
+        };
+        let mut r = Report::new(sizes);
+        let m = "throughput, 1 worker, ignore_result (until drained)";
+        r.ours("redis", m, "tasks/s", Better::Higher, 20_000.0);
+        r.celery("redis", m, "tasks/s", Better::Higher, 1_000.0);
+        r.record(
+            Contender::Apalis,
+            "redis",
+            m,
+            "tasks/s",
+            Better::Higher,
+            4_000.0,
+        );
+        r.ours("redis", "worker RSS idle", "MiB", Better::Lower, 10.0);
+        r.record(
+            Contender::Apalis,
+            "redis",
+            "worker RSS idle",
+            "MiB",
+            Better::Lower,
+            5.0,
+        );
+        let md = r.markdown();
+        assert!(
+            md.contains("| broker | metric | unit | celeriac | Celery | ratio | apalis | ratio |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!(
+                "| redis | {m} | tasks/s | 20000 | 1000 | 20.0× | 4000 | 5.0× |"
+            )),
+            "{md}"
+        );
+        assert!(
+            md.contains("| worker RSS idle | MiB | 10.00 | n/a | – | 5.00 | 0.5× |"),
+            "{md}"
+        );
+        // Redrawn from the Markdown: the peer is a third bar.
+        let charts = charts_from_markdown(&md);
+        let (stem, t) = &charts[0];
+        assert_eq!(*stem, "throughput-ignore-result");
+        assert_eq!(t.contenders, ["celeriac", "Python Celery", "apalis"]);
+        assert_eq!(
+            t.groups[0].values,
+            [Some(20_000.0), Some(1_000.0), Some(4_000.0)]
+        );
+        let mem = &charts[1].1;
+        assert_eq!(mem.groups[0].values, [Some(10.0), None, Some(5.0)]);
     }
 }
