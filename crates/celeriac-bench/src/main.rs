@@ -359,7 +359,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "redis-native" => {
                 // The native layout (Redis Streams) for the benchmark's queue: ours only, since
                 // Python Celery cannot read it. Database 7, beside `redis` on 6.
-                let url = format!("redis://127.0.0.1:6379/7?native_queues={QUEUE}");
+                let url = format!("redis://127.0.0.1:6379/7?native_queues={}", queue());
                 if !ours::reachable("127.0.0.1:6379").await {
                     report
                         .note("Redis (native layout): skipped, nothing listens on 127.0.0.1:6379.");
