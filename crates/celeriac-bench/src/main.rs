@@ -99,6 +99,10 @@ struct Args {
     /// Celery is skipped): a quick probe while working on latency.
     #[arg(long)]
     latency_only: Option<usize>,
+    /// Only measures the scaling over 1, 2 and 4 worker processes (throughput with results and
+    /// CPU per task of each part) per broker; Python Celery and the peers are skipped.
+    #[arg(long, conflicts_with = "latency_only")]
+    scaling_only: bool,
     /// Our workers send task events (`worker -E`), to measure what events cost.
     #[arg(long)]
     task_events: bool,
@@ -256,11 +260,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     eprintln!("sizes: {sizes:?}");
     let mut report = Report::new(sizes.clone());
-    let python = if args.no_python || args.latency_only.is_some() {
+    let probe = match (args.latency_only, args.scaling_only) {
+        (Some(n), _) => Some(ours::Probe::Latency(n)),
+        (None, true) => Some(ours::Probe::Scaling),
+        (None, false) => None,
+    };
+    let python = if args.no_python || probe.is_some() {
         let why = if args.no_python {
             "--no-python"
         } else {
-            "--latency-only"
+            "a probe (--latency-only, --scaling-only)"
         };
         report.note(&format!("Python Celery skipped ({why})."));
         None
@@ -284,7 +293,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|p| peers::Peer::parse(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let peers = if peer_list.is_empty() || args.latency_only.is_some() {
+    let peers = if peer_list.is_empty() || probe.is_some() {
         None
     } else {
         match peers::Peers::find() {
@@ -315,8 +324,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 std::fs::create_dir_all(&dir)?;
                 let url = format!("sqlite://{}/bench.db", dir.display());
                 let target = ours::Target::new("sqlite", url);
-                if let Some(n) = args.latency_only {
-                    ours::latency_only(&target, n, &mut report).await?;
+                if let Some(p) = probe {
+                    ours::probe(&target, p, &sizes, &mut report).await?;
                     let _ = std::fs::remove_dir_all(&dir);
                     continue;
                 }
@@ -336,8 +345,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     continue;
                 }
                 let target = ours::Target::new("redis", url.clone());
-                if let Some(n) = args.latency_only {
-                    ours::latency_only(&target, n, &mut report).await?;
+                if let Some(p) = probe {
+                    ours::probe(&target, p, &sizes, &mut report).await?;
                     continue;
                 }
                 ours::run_workloads(&target, &sizes, &mut report, wl).await?;
@@ -366,8 +375,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     continue;
                 }
                 let target = ours::Target::new("redis-native", url);
-                if let Some(n) = args.latency_only {
-                    ours::latency_only(&target, n, &mut report).await?;
+                if let Some(p) = probe {
+                    ours::probe(&target, p, &sizes, &mut report).await?;
                     continue;
                 }
                 ours::run_all(&target, &sizes, &mut report).await?;
@@ -383,8 +392,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 };
                 let mut target = ours::Target::new("amqp", url);
                 target.backend = "rpc://guest:guest@127.0.0.1:5672/%2F".to_owned();
-                if let Some(n) = args.latency_only {
-                    ours::latency_only(&target, n, &mut report).await?;
+                if let Some(p) = probe {
+                    ours::probe(&target, p, &sizes, &mut report).await?;
                     continue;
                 }
                 ours::run_workloads(&target, &sizes, &mut report, wl).await?;
@@ -433,8 +442,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     "postgres-async"
                 };
                 let target = ours::Target::new(name, url);
-                if let Some(n) = args.latency_only {
-                    ours::latency_only(&target, n, &mut report).await?;
+                if let Some(p) = probe {
+                    ours::probe(&target, p, &sizes, &mut report).await?;
                     continue;
                 }
                 ours::run_workloads(&target, &sizes, &mut report, wl).await?;
@@ -465,8 +474,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     "mysql",
                     "mysql://root@127.0.0.1:3306/celeriac_bench".to_owned(),
                 );
-                if let Some(n) = args.latency_only {
-                    ours::latency_only(&target, n, &mut report).await?;
+                if let Some(p) = probe {
+                    ours::probe(&target, p, &sizes, &mut report).await?;
                     continue;
                 }
                 ours::run_workloads(&target, &sizes, &mut report, wl).await?;
@@ -485,8 +494,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let location = "postgres@127.0.0.1:5432/test";
                 let mut target = ours::Target::new("sqla", format!("sqla+postgresql://{location}"));
                 target.backend = format!("db+postgresql://{location}");
-                if let Some(n) = args.latency_only {
-                    ours::latency_only(&target, n, &mut report).await?;
+                if let Some(p) = probe {
+                    ours::probe(&target, p, &sizes, &mut report).await?;
                     continue;
                 }
                 let bounded = sizes.bounded_for_sql();

@@ -384,21 +384,75 @@ pub(crate) fn latency_rows(
     }
 }
 
-/// Only the sequential round trips, `n` of them, against one fresh worker.
-pub(crate) async fn latency_only(t: &Target, n: usize, r: &mut Report) -> anyhow::Result<()> {
+/// Throughput with results over 1, 2 and 4 worker processes, with the CPU time per task of
+/// the client, the workers together and the broker server at each count: whether more
+/// processes cost more per task, and where.
+async fn scaling(t: &Target, app: &App, s: &Sizes, r: &mut Report) -> anyhow::Result<()> {
+    let b = t.name;
+    let n = s.n;
+    for count in [1, 2, 4] {
+        purge(app).await?;
+        let workers = start_workers(t, app, count).await?;
+        let pids: Vec<u32> = workers.iter().map(Proc::pid).collect();
+        let mut rates = Vec::new();
+        let mut cpu = Vec::new();
+        for _ in 0..s.runs {
+            let meter = CpuMeter::start(pids.clone(), server_of(b));
+            let clock = Instant::now();
+            send_and_collect(app, n, false).await?;
+            rates.push(n as f64 / clock.elapsed().as_secs_f64());
+            cpu.push(meter.finish());
+        }
+        let what = format!("{count} worker process(es)");
+        r.ours(
+            b,
+            &format!("throughput, {what}, results"),
+            "tasks/s",
+            Better::Higher,
+            median(rates),
+        );
+        cpu_rows(r, b, &what, &cpu, n, Contender::Ours);
+        drop(workers);
+    }
+    Ok(())
+}
+
+/// A focused measurement instead of the whole run: `--latency-only n` or `--scaling-only`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Probe {
+    /// This many sequential round trips against one fresh worker.
+    Latency(usize),
+    /// The scaling over worker processes (see [`scaling`]).
+    Scaling,
+}
+
+/// Runs `probe` against one broker.
+pub(crate) async fn probe(
+    t: &Target,
+    probe: Probe,
+    s: &Sizes,
+    r: &mut Report,
+) -> anyhow::Result<()> {
     let app = t
         .app()
         .await
         .with_context(|| format!("opening {}", t.name))?;
     purge(&app).await?;
-    let _workers = start_workers(t, &app, 1).await?;
-    latency_rows(
-        r,
-        t.name,
-        "sequential",
-        round_trips(&app, n).await?,
-        Contender::Ours,
-    );
+    match probe {
+        Probe::Latency(n) => {
+            let _workers = start_workers(t, &app, 1).await?;
+            latency_rows(
+                r,
+                t.name,
+                "sequential",
+                round_trips(&app, n).await?,
+                Contender::Ours,
+            );
+        }
+        Probe::Scaling => scaling(t, &app, s, r).await?,
+    }
+    purge(&app).await?;
+    app.close().await?;
     Ok(())
 }
 
@@ -587,24 +641,7 @@ pub(crate) async fn run_all(t: &Target, s: &Sizes, r: &mut Report) -> anyhow::Re
     purge(&app).await?;
     drop(workers);
 
-    // Scaling over worker processes.
-    for count in [1, 2, 4] {
-        let workers = start_workers(t, &app, count).await?;
-        let mut rates = Vec::new();
-        for _ in 0..s.runs {
-            let clock = Instant::now();
-            send_and_collect(&app, n, false).await?;
-            rates.push(n as f64 / clock.elapsed().as_secs_f64());
-        }
-        r.ours(
-            b,
-            &format!("throughput, {count} worker process(es), results"),
-            "tasks/s",
-            Better::Higher,
-            median(rates),
-        );
-        drop(workers);
-    }
+    scaling(t, &app, s, r).await?;
 
     // Scaling over queue size: enqueue in batches, then drain with one worker.
     for &size in &s.scale {
