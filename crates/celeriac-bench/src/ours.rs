@@ -191,6 +191,21 @@ pub(crate) fn realistic_rows(
 }
 
 /// The realistic workload's throughput row.
+/// [`realistic_rows`] from a client program's JSON report (`rate`, `samples_ms`).
+pub(crate) fn realistic_rows_from(r: &mut Report, broker: &str, who: Contender, v: &Value) {
+    let samples = v["samples_ms"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    realistic_rows(
+        r,
+        broker,
+        who,
+        v["rate"].as_f64().unwrap_or(f64::NAN),
+        samples,
+    );
+}
+
 pub(crate) const REALISTIC_THROUGHPUT: &str =
     "realistic: 1 KiB args, 5 ms awaited I/O, 100 callers, throughput";
 

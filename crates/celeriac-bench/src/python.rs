@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::ours::{REALISTIC_CONCURRENCY, cpu_rows, latency_rows, realistic_n, realistic_rows};
+use crate::ours::{
+    REALISTIC_CONCURRENCY, cpu_rows, latency_rows, realistic_n, realistic_rows_from,
+};
 use crate::procs::{CpuMeter, Proc, Sampler, server_of, tree_rss_kb};
 use crate::report::{Better, Contender, Report, median};
 use crate::{Sizes, Workloads};
@@ -244,17 +246,7 @@ impl Python {
                 ],
             )
             .await?;
-        let samples = v["samples_ms"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_f64).collect())
-            .unwrap_or_default();
-        realistic_rows(
-            r,
-            b,
-            Contender::Celery,
-            v["rate"].as_f64().unwrap_or(f64::NAN),
-            samples,
-        );
+        realistic_rows_from(r, b, Contender::Celery, &v);
         r.note(&format!(
             "Celery, realistic workload on {b}: threads pool -c {REALISTIC_CONCURRENCY} \
              (prefetch ×4), {n} calls from {REALISTIC_CONCURRENCY} client threads."

@@ -3,27 +3,33 @@
 
 use std::process::Command;
 
-#[test]
-fn quick_run_without_python() {
+/// Runs `celeriac-bench` with `args`, asserts that it succeeded and returns its stdout.
+fn bench(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_celeriac-bench"))
-        .args([
-            "--quick",
-            "--n",
-            "200",
-            "--delayed",
-            "500",
-            "--no-python",
-            "--brokers",
-            "sqlite",
-        ])
+        .args(args)
         .output()
         .expect("runs celeriac-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "celeriac-bench failed\nstdout:\n{stdout}\nstderr:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn quick_run_without_python() {
+    let stdout = bench(&[
+        "--quick",
+        "--n",
+        "200",
+        "--delayed",
+        "500",
+        "--no-python",
+        "--brokers",
+        "sqlite",
+    ]);
     assert!(
         stdout.contains("throughput, 1 worker"),
         "no table:\n{stdout}"
@@ -36,16 +42,7 @@ fn quick_run_without_python() {
 
 #[test]
 fn scaling_probe_runs_alone() {
-    let out = Command::new(env!("CARGO_BIN_EXE_celeriac-bench"))
-        .args(["--scaling-only", "--n", "200", "--brokers", "sqlite"])
-        .output()
-        .expect("runs celeriac-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "celeriac-bench failed\nstdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = bench(&["--scaling-only", "--n", "200", "--brokers", "sqlite"]);
     assert!(
         stdout.contains("throughput, 2 worker process(es), results"),
         "no scaling rows:\n{stdout}"
@@ -58,10 +55,5 @@ fn scaling_probe_runs_alone() {
 
 #[test]
 fn micro_mode_runs() {
-    let out = Command::new(env!("CARGO_BIN_EXE_celeriac-bench"))
-        .arg("--micro")
-        .output()
-        .expect("runs celeriac-bench");
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("envelope decode"));
+    assert!(bench(&["--micro"]).contains("envelope decode"));
 }

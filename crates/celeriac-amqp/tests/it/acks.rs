@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use celeriac_amqp::wire::{Channel, Delivery, FieldTable, FieldValue, Properties, QueueDeclare};
+use celeriac_amqp::wire::{
+    Channel, Connection, Delivery, FieldTable, FieldValue, Properties, QueueDeclare,
+};
 use celeriac_core::{Broker, ConsumeOptions, PublishOptions};
 use celeriac_test::services::{test_message, unique_queue};
 
@@ -26,23 +28,30 @@ async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Delivery>) -> Delive
         .expect("the consumer is open")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_multiple_ack_never_covers_a_rejected_or_unsettled_delivery() {
-    if !util::rabbit_up() {
-        return;
-    }
-    let q = unique_queue("celeriac-test-acks");
-    let (_admin_conn, admin) = raw().await;
+/// A fresh queue named after `prefix` holding the bodies "0" to "n - 1", and the channel that
+/// filled it (kept open for passive declares).
+async fn seeded(prefix: &str, n: usize) -> (String, Connection, Channel) {
+    let q = unique_queue(prefix);
+    let (admin_conn, admin) = raw().await;
     admin
         .queue_declare(&q, &QueueDeclare::default())
         .await
         .unwrap();
-    for i in 0..8 {
+    for i in 0..n {
         admin
             .publish("", &q, &Properties::default(), i.to_string().as_bytes())
             .await
             .unwrap();
     }
+    (q, admin_conn, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multiple_ack_never_covers_a_rejected_or_unsettled_delivery() {
+    if !util::rabbit_up() {
+        return;
+    }
+    let (q, _admin_conn, admin) = seeded("celeriac-test-acks", 8).await;
 
     let (conn, ch) = raw().await;
     // Held for an hour unless flushed: only this test's flushes send them.
@@ -103,18 +112,7 @@ async fn held_acks_go_out_on_their_own_after_the_delay() {
     if !util::rabbit_up() {
         return;
     }
-    let q = unique_queue("celeriac-test-acks-timer");
-    let (_admin_conn, admin) = raw().await;
-    admin
-        .queue_declare(&q, &QueueDeclare::default())
-        .await
-        .unwrap();
-    for i in 0..20 {
-        admin
-            .publish("", &q, &Properties::default(), i.to_string().as_bytes())
-            .await
-            .unwrap();
-    }
+    let (q, _admin_conn, admin) = seeded("celeriac-test-acks-timer", 20).await;
     let (conn, ch) = raw().await;
     ch.batch_acks(Duration::from_millis(5), 1000);
     let (_, mut rx) = ch.basic_consume(&q, false).await.unwrap();
@@ -143,18 +141,7 @@ async fn a_consumer_killed_with_acks_held_loses_nothing() {
     // A process killed while it holds acks never sent them: RabbitMQ still counts those
     // deliveries unacked and requeues them with the connection. Dropping the connection
     // without closing it stands for the kill (no flush, the socket just goes).
-    let q = unique_queue("celeriac-test-acks-killed");
-    let (_admin_conn, admin) = raw().await;
-    admin
-        .queue_declare(&q, &QueueDeclare::default())
-        .await
-        .unwrap();
-    for i in 0..10 {
-        admin
-            .publish("", &q, &Properties::default(), i.to_string().as_bytes())
-            .await
-            .unwrap();
-    }
+    let (q, _admin_conn, admin) = seeded("celeriac-test-acks-killed", 10).await;
     let (conn, ch) = raw().await;
     ch.batch_acks(Duration::from_secs(3600), 1000);
     let (_, mut rx) = ch.basic_consume(&q, false).await.unwrap();
