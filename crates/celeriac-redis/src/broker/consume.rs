@@ -50,7 +50,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const WHOLE_SECOND_LEASES: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
-struct ConsumerShared {
+pub(crate) struct ConsumerShared {
     broker: Arc<Inner>,
     lease: Duration,
     /// The result key prefix to read each fetched task's state under, when the worker's
@@ -95,7 +95,7 @@ impl std::fmt::Debug for Wake {
 }
 
 /// A fetched delivery and the flag that, set, makes dropping it give the message back.
-type Fetched = (Delivery, Arc<AtomicBool>);
+pub(crate) type Fetched = (Delivery, Arc<AtomicBool>);
 
 /// A message the fetch script took and recorded, with what the transport read from it.
 struct Popped {
@@ -113,34 +113,83 @@ struct Popped {
     stored: Option<StoredState>,
 }
 
-/// The consumer of [`RedisBroker::consume`](super::RedisBroker#method.consume).
+/// A layout's fetching side, behind the [`Buffered`] consumer front.
+pub(crate) trait Fetch: Send + Sync + std::fmt::Debug + 'static {
+    /// Whether deliveries given back go last fetched first: kombu's lists take each one back
+    /// at their head, so the reverse order keeps the original one.
+    const GIVE_BACK_REVERSED: bool;
+
+    /// Fetches one batch (up to the free prefetch); `tx` is the reply channel of the consumer
+    /// waiting for it, closed once nobody does.
+    fn fetch<'a>(
+        self: &'a Arc<Self>,
+        tx: &'a oneshot::Sender<Result<Vec<Fetched>>>,
+    ) -> impl std::future::Future<Output = Result<Vec<Fetched>>> + Send + 'a;
+}
+
+/// Sets each delivery's give-back flag and drops it, so that its message goes back to the
+/// broker (in reverse when `reversed`, see [`Fetch::GIVE_BACK_REVERSED`]).
+pub(crate) fn give_back(batch: impl DoubleEndedIterator<Item = Fetched>, reversed: bool) {
+    let back = |(d, flag): Fetched| {
+        flag.store(true, Ordering::Release);
+        drop(d);
+    };
+    if reversed {
+        batch.rev().for_each(back);
+    } else {
+        batch.for_each(back);
+    }
+}
+
+/// The result key prefix a consumer reads each fetched task's state under: the worker's
+/// backend's, when it is on this server; empty for none.
+pub(crate) fn result_probe(broker: &Inner, options: &ConsumeOptions) -> String {
+    options
+        .result_probe
+        .as_ref()
+        .filter(|p| p.store == broker.redis.identity)
+        .map(|p| p.key_prefix.clone())
+        .unwrap_or_default()
+}
+
+/// A consumer front over a layout's [`Fetch`].
 ///
 /// Fetching runs in a spawned task whose result is kept across cancelled `next()` calls, so a
 /// message taken from Redis is never lost to a dropped future. One fetch takes up to the free
 /// prefetch; the deliveries wait here, leased, until `next()` hands them out. When the
-/// consumer itself is dropped, messages fetched for it and not handed out go back to the head
-/// of their lists.
+/// consumer itself is dropped, messages fetched for it and not handed out go back to the
+/// broker.
 #[derive(Debug)]
-pub(super) struct RedisConsumer {
-    shared: Arc<ConsumerShared>,
+pub(crate) struct Buffered<S: Fetch> {
+    shared: Arc<S>,
     pending: Option<oneshot::Receiver<Result<Vec<Fetched>>>>,
     buffer: VecDeque<Fetched>,
     closed: watch::Receiver<bool>,
 }
 
+impl<S: Fetch> Buffered<S> {
+    pub(crate) fn with(shared: Arc<S>, broker: &Inner) -> Self {
+        Buffered {
+            shared,
+            pending: None,
+            buffer: VecDeque::new(),
+            closed: broker.closed.subscribe(),
+        }
+    }
+}
+
+/// The consumer of [`RedisBroker::consume`](super::RedisBroker#method.consume) on kombu's
+/// layout.
+pub(super) type RedisConsumer = Buffered<ConsumerShared>;
+
 impl RedisConsumer {
     /// A consumer of `queues` (at least one) on `broker`'s server; it fetches nothing until
     /// the first `next()`.
     pub(super) fn new(broker: &Arc<Inner>, queues: &[String], options: ConsumeOptions) -> Self {
-        let probe = options
-            .result_probe
-            .filter(|p| p.store == broker.redis.identity)
-            .map(|p| p.key_prefix)
-            .unwrap_or_default();
         let shared = Arc::new(ConsumerShared {
             broker: broker.clone(),
             lease: options.lease.unwrap_or(broker.visibility_timeout),
-            probe,
+            probe: result_probe(broker, &options),
             permits: Arc::new(Semaphore::new(options.prefetch.max(1))),
             fetch: tokio::sync::Mutex::new(FetchState {
                 conn: None,
@@ -157,16 +206,11 @@ impl RedisConsumer {
                 switches: broker.redis.switch_count(),
             }),
         });
-        RedisConsumer {
-            shared,
-            pending: None,
-            buffer: VecDeque::new(),
-            closed: broker.closed.subscribe(),
-        }
+        Buffered::with(shared, broker)
     }
 }
 
-impl Consumer for RedisConsumer {
+impl<S: Fetch> Consumer for Buffered<S> {
     fn next(&mut self) -> BoxFuture<'_, Result<Option<Delivery>>> {
         Box::pin(async move {
             if *self.closed.borrow() {
@@ -202,24 +246,28 @@ impl Consumer for RedisConsumer {
     }
 }
 
-impl Drop for RedisConsumer {
+impl<S: Fetch> Drop for Buffered<S> {
     fn drop(&mut self) {
-        // Last fetched first, so that the RPUSHes leave them in their original order.
-        for (d, give_back) in self.buffer.drain(..).rev() {
-            give_back.store(true, Ordering::Release);
-            drop(d);
-        }
+        give_back(self.buffer.drain(..), S::GIVE_BACK_REVERSED);
     }
 }
 
-async fn fetch_task(shared: Arc<ConsumerShared>, tx: oneshot::Sender<Result<Vec<Fetched>>>) {
-    let r = shared.fetch_batch(&tx).await;
+async fn fetch_task<S: Fetch>(shared: Arc<S>, tx: oneshot::Sender<Result<Vec<Fetched>>>) {
+    let r = shared.fetch(&tx).await;
     if let Err(Ok(batch)) = tx.send(r) {
         // Nobody will take them: give them back at the consuming end, as kombu does at shutdown.
-        for (d, give_back) in batch.into_iter().rev() {
-            give_back.store(true, Ordering::Release);
-            drop(d);
-        }
+        give_back(batch.into_iter(), S::GIVE_BACK_REVERSED);
+    }
+}
+
+impl Fetch for ConsumerShared {
+    const GIVE_BACK_REVERSED: bool = true;
+
+    fn fetch<'a>(
+        self: &'a Arc<Self>,
+        tx: &'a oneshot::Sender<Result<Vec<Fetched>>>,
+    ) -> impl std::future::Future<Output = Result<Vec<Fetched>>> + Send + 'a {
+        self.fetch_batch(tx)
     }
 }
 
@@ -296,10 +344,7 @@ impl ConsumerShared {
                         .map(|(popped, permit)| self.register(popped, permit))
                         .collect();
                     if self.closed() {
-                        for (d, give_back) in out.into_iter().rev() {
-                            give_back.store(true, Ordering::Release);
-                            drop(d);
-                        }
+                        give_back(out.into_iter(), Self::GIVE_BACK_REVERSED);
                         return Ok(Vec::new());
                     }
                     return Ok(out);

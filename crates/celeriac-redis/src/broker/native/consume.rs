@@ -6,20 +6,20 @@
 //! messages, sweeping leases), at most a second.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use celeriac_core::protocol::{envelope, new_id};
-use celeriac_core::{BoxFuture, ConsumeOptions, Consumer, Delivery, Error, Result};
+use celeriac_core::{ConsumeOptions, Delivery, Error, Result};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::Instant;
 
 use super::ack::NativeAcker;
 use super::{GROUP, scripts};
-use crate::broker::consume::probed_state;
+use crate::broker::consume::{Buffered, Fetch, Fetched, give_back, probed_state, result_probe};
 use crate::broker::{BATCH_LIMIT, Info, Inner, ms_of, ours_from_kombu};
 use crate::conn::Backoff;
 use crate::keys::PRIORITY_STEPS;
@@ -38,9 +38,6 @@ const FETCH_MAX: usize = 128;
 /// How often a consumer looks for deliveries whose lease ran out.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// A fetched delivery and the flag that, set, makes dropping it give the message back.
-type Fetched = (Delivery, Arc<AtomicBool>);
-
 /// An entry a fetch took.
 #[derive(Debug)]
 struct Entry {
@@ -56,7 +53,7 @@ struct Entry {
 }
 
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     broker: Arc<Inner>,
     /// `c.<id>.<lease ms>`.
     name: String,
@@ -81,22 +78,12 @@ struct FetchState {
 }
 
 /// The consumer of native queues (see the [module docs](super)).
-#[derive(Debug)]
-pub(crate) struct NativeConsumer {
-    shared: Arc<Shared>,
-    pending: Option<oneshot::Receiver<Result<Vec<Fetched>>>>,
-    buffer: VecDeque<Fetched>,
-    closed: watch::Receiver<bool>,
-}
+pub(crate) type NativeConsumer = Buffered<Shared>;
 
 impl NativeConsumer {
     /// A consumer of `queues` (at least one, all native).
     pub(crate) fn new(broker: &Arc<Inner>, queues: &[String], options: ConsumeOptions) -> Self {
-        let probe = options
-            .result_probe
-            .filter(|p| p.store == broker.redis.identity)
-            .map(|p| p.key_prefix)
-            .unwrap_or_default();
+        let probe = result_probe(broker, &options);
         let lease = options.lease.unwrap_or(broker.visibility_timeout);
         let name_prefix = format!("c.{}.", new_id());
         let shared = Arc::new(Shared {
@@ -114,67 +101,19 @@ impl NativeConsumer {
                 overflow: VecDeque::new(),
             }),
         });
-        NativeConsumer {
-            shared,
-            pending: None,
-            buffer: VecDeque::new(),
-            closed: broker.closed.subscribe(),
-        }
+        Buffered::with(shared, broker)
     }
 }
 
-impl Consumer for NativeConsumer {
-    fn next(&mut self) -> BoxFuture<'_, Result<Option<Delivery>>> {
-        Box::pin(async move {
-            if *self.closed.borrow() {
-                return Ok(None);
-            }
-            if let Some((d, _)) = self.buffer.pop_front() {
-                return Ok(Some(d));
-            }
-            let rx = match &mut self.pending {
-                Some(rx) => rx,
-                None => {
-                    let (tx, rx) = oneshot::channel();
-                    tokio::spawn(fetch_task(self.shared.clone(), tx));
-                    self.pending.insert(rx)
-                }
-            };
-            let mut closed = self.closed.clone();
-            tokio::select! {
-                r = rx => {
-                    self.pending = None;
-                    match r {
-                        Ok(Ok(batch)) => {
-                            self.buffer.extend(batch);
-                            Ok(self.buffer.pop_front().map(|(d, _)| d))
-                        }
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => Err(Error::broker("redis consumer task ended unexpectedly")),
-                    }
-                }
-                _ = closed.wait_for(|c| *c) => Ok(None),
-            }
-        })
-    }
-}
+impl Fetch for Shared {
+    // Each message goes back to its stream's end, in the order fetched.
+    const GIVE_BACK_REVERSED: bool = false;
 
-impl Drop for NativeConsumer {
-    fn drop(&mut self) {
-        for (d, give_back) in self.buffer.drain(..) {
-            give_back.store(true, Ordering::Release);
-            drop(d);
-        }
-    }
-}
-
-async fn fetch_task(shared: Arc<Shared>, tx: oneshot::Sender<Result<Vec<Fetched>>>) {
-    let r = shared.fetch_batch(&tx).await;
-    if let Err(Ok(batch)) = tx.send(r) {
-        for (d, give_back) in batch {
-            give_back.store(true, Ordering::Release);
-            drop(d);
-        }
+    fn fetch<'a>(
+        self: &'a Arc<Self>,
+        tx: &'a oneshot::Sender<Result<Vec<Fetched>>>,
+    ) -> impl std::future::Future<Output = Result<Vec<Fetched>>> + Send + 'a {
+        self.fetch_batch(tx)
     }
 }
 
@@ -269,10 +208,7 @@ impl Shared {
                         }
                     }
                     if self.closed() {
-                        for (d, give_back) in out {
-                            give_back.store(true, Ordering::Release);
-                            drop(d);
-                        }
+                        give_back(out.into_iter(), Self::GIVE_BACK_REVERSED);
                         return Ok(Vec::new());
                     }
                     return Ok(out);
