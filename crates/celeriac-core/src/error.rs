@@ -96,6 +96,12 @@ impl Error {
         Self::new(ErrorKind::Broker, message)
     }
 
+    /// The broker error of an `extend_lease` too late: the lease ran out and the message may
+    /// already be with another consumer.
+    pub fn lease_expired() -> Self {
+        Self::broker("lease already expired: the message was handed to another consumer")
+    }
+
     /// A result backend error.
     pub fn backend(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Backend, message)

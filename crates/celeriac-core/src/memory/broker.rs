@@ -443,9 +443,7 @@ impl Acker for MemoryAcker {
                     lease.deadline = Instant::now() + by;
                     Ok(())
                 }
-                None => Err(Error::broker(
-                    "lease already expired: the message was handed to another consumer",
-                )),
+                None => Err(Error::lease_expired()),
             }
         })
     }

@@ -204,9 +204,7 @@ impl Acker for RedisAcker {
                 *self.token.lock().expect("token lock") = new;
                 Ok(())
             } else {
-                Err(Error::broker(
-                    "lease already expired: the message was handed to another consumer",
-                ))
+                Err(Error::lease_expired())
             }
         })
     }

@@ -226,9 +226,7 @@ impl Acker for NativeAcker {
             if done == 1 {
                 Ok(())
             } else {
-                Err(Error::broker(
-                    "lease already expired: the message was handed to another consumer",
-                ))
+                Err(Error::lease_expired())
             }
         })
     }
