@@ -248,13 +248,16 @@ impl ResultBackend for PgBackend {
                     }
                 });
             }
-            // Results of concurrent tasks share one statement and one commit.
+            // Results of concurrent tasks share one statement and one commit. The commit
+            // waits for the WAL flush (the publishing pool): the worker acks after a store
+            // returns, and an ack may run only after a server crash and restart (it waits for a
+            // connection through the outage), so a store must be durable when it returns.
             let tx = self
                 .batcher
                 .get_or_init(|| async {
                     let (tx, rx) = mpsc::unbounded_channel();
                     tokio::spawn(store_loop(
-                        self.store.fast.clone(),
+                        self.store.pool.clone(),
                         self.store.sql(STORE_MANY_SQL),
                         self.store.hub.result_ch.clone(),
                         rx,

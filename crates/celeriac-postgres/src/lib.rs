@@ -66,12 +66,14 @@
 //! invisible at once and deleted by a sweep at most once a minute, started by a store. The
 //! chord counter is an upsert returning the new value.
 //!
-//! **Durability.** Publishes commit with the server's `synchronous_commit` (on by default):
-//! a published task survives a server crash. Fetches, acks, rejects, lease extensions and
-//! result stores run on a second pool with `synchronous_commit = off`: a server crash may lose
-//! the last moments of them, which never loses a task, since PostgreSQL loses a suffix of the
-//! WAL and never a hole: a result store lost takes the later ack with it, and the message
-//! runs again (at-least-once).
+//! **Durability.** Publishes and result stores commit with the server's `synchronous_commit`
+//! (on by default): a published task and a stored result survive a server crash. Fetches,
+//! acks, rejects and lease extensions run on a second pool with `synchronous_commit = off`: a
+//! server crash may lose the last moments of them, which never loses a task: a lost ack or
+//! reject leaves the message leased, and it runs again when its lease ends (at-least-once).
+//! Stores must not be asynchronous: a worker acks after its store returns, and that ack may
+//! wait for a connection through the outage and commit after the restart, which would delete
+//! the message of a task whose result the crash took.
 //!
 //! **Dead letters.** As on every broker: the worker moves a message delivered too often, or
 //! one that does not decode, to `<queue>.dead` by publishing it there and acking the original.

@@ -27,9 +27,9 @@ pub(crate) fn ms(d: Duration) -> i64 {
 /// One pool, its schema, and the notifications it listens to.
 #[derive(Debug)]
 pub(crate) struct Store {
-    /// Publishing and reads: commits wait for the WAL flush.
+    /// Publishing, result stores and reads: commits wait for the WAL flush.
     pub(crate) pool: PgPool,
-    /// Settling and results (`synchronous_commit = off`; see the crate docs, **Durability**).
+    /// Fetches and settling (`synchronous_commit = off`; see the crate docs, **Durability**).
     pub(crate) fast: PgPool,
     acks: OnceCell<mpsc::UnboundedSender<AckCmd>>,
     publishes: OnceCell<mpsc::UnboundedSender<PubCmd>>,

@@ -21,6 +21,8 @@ pub(crate) struct PrivatePg {
     /// Whether the programs run as the `postgres` user (the tests run as root, which the
     /// server refuses).
     as_postgres: bool,
+    /// Server options added on every start (`-c name=value …`).
+    extra: String,
 }
 
 fn find_bin() -> Option<PathBuf> {
@@ -50,6 +52,11 @@ impl PrivatePg {
     /// Starts a server, or returns `None` after a `SKIPPED` notice when `initdb` cannot be
     /// found (a failure under `CELERIAC_REQUIRE_SERVICES=1`).
     pub(crate) fn start(name: &str) -> Option<Self> {
+        Self::start_with(name, "")
+    }
+
+    /// [`start`](Self::start) with server options (`-c name=value …`) kept for every start.
+    pub(crate) fn start_with(name: &str, extra: &str) -> Option<Self> {
         let Some(bin) = find_bin() else {
             let path = BIN_DIRS.join(":");
             let _ = celeriac_test::services::require_program(&format!(
@@ -70,6 +77,7 @@ impl PrivatePg {
             dir,
             bin,
             as_postgres,
+            extra: extra.to_owned(),
         };
         std::fs::write(pg.dir.join("pw"), PASSWORD).expect("write the password file");
         if as_postgres {
@@ -129,9 +137,10 @@ impl PrivatePg {
         let data = self.data();
         let log = self.dir.join("log");
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off {}",
             self.port,
-            path_str(&self.dir)
+            path_str(&self.dir),
+            self.extra
         );
         self.run(
             "pg_ctl",

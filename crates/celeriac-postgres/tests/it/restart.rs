@@ -34,7 +34,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_mid_run_loses_no_acks_late_task() {
     const N: usize = 600;
-    let Some(pg) = PrivatePg::start("restart") else {
+    let Some(pg) = PrivatePg::start_with("restart", "-c wal_writer_delay=10s") else {
         return;
     };
     let mut config = Config::default();
@@ -172,4 +172,60 @@ async fn a_server_restart_mid_run_loses_no_acks_late_task() {
     assert_eq!(missing, 0, "results lost");
     assert!(waited.is_ok(), "the waiter across the outage: {waited:?}");
     assert_eq!(runs.len(), ids.len());
+}
+
+/// A result store that returned `Ok` survives a crash, even when the task's ack runs only
+/// after the restart (it waited for a connection through the outage). With the store's commit
+/// still in the server's WAL buffers at the crash, the later ack would delete the message of a
+/// task whose result is gone. The WAL writer is slowed to its longest cycle so that an
+/// asynchronous commit surely is still unwritten at the crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_stored_before_a_crash_survives_it_when_the_ack_comes_after() {
+    let Some(pg) = PrivatePg::start_with("store-crash", "-c wal_writer_delay=10s") else {
+        return;
+    };
+    let config = Config::default();
+    let url = pg.url("postgres", PASSWORD, "postgres");
+    let broker = PgBroker::connect(&url, &config).await.unwrap();
+    let backend = PgBackend::connect(&url, &config).await.unwrap();
+    let m = celeriac_test::services::test_message("t.crash");
+    let id = m.id().to_owned();
+    broker
+        .publish("crash", &m, PublishOptions::default())
+        .await
+        .unwrap();
+    let mut c = broker
+        .consume(&["crash".to_owned()], ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let d = c.next().await.unwrap().expect("the task is delivered");
+    // A publish commits synchronously: it writes out the WAL before it, the delivery's lease
+    // included, so the lease survives the crash while the store below may not.
+    let other = celeriac_test::services::test_message("t.other");
+    broker
+        .publish("elsewhere", &other, PublishOptions::default())
+        .await
+        .unwrap();
+    backend
+        .store(&TaskMeta::success(&id, json!(7)))
+        .await
+        .unwrap();
+    pg.stop();
+    pg.start_again();
+    // The ack after the restart: it waits for a connection through the outage. (Should it
+    // fail instead, the message stays and runs again: nothing is lost either way.)
+    let acked = d.ack().await;
+    let stored = retry(Duration::from_secs(30), || backend.get(&id)).await;
+    let left = retry(Duration::from_secs(10), || broker.stats("crash")).await;
+    assert!(
+        stored.is_some() || left.total() > 0,
+        "the task's message was acked ({acked:?}) and its result is gone (queue: {left:?})"
+    );
+    assert_eq!(
+        stored.map(|m| m.result),
+        Some(json!(7)),
+        "a store that returned Ok is durable"
+    );
+    drop(c);
+    broker.close().await.unwrap();
 }
