@@ -10,9 +10,11 @@
 //! see [`STORES`]). What the worker and the app build on it:
 //!
 //! - **Cluster rate limits** ([`Coordination::throttle`]): GCRA (the generic cell rate
-//!   algorithm) over one timestamp per key, the same arithmetic as
-//!   [`TokenBucket`](crate::TokenBucket) with a burst of one: each admission moves the key's
-//!   "theoretical arrival time" one interval on, and a caller early by `d` waits `d`.
+//!   algorithm) over one timestamp per key, with reservations: a caller up to one interval
+//!   early is admitted to the next free slot and starts when it comes (each admission moves
+//!   the key's "theoretical arrival time" one interval on); a caller earlier than that waits.
+//!   Slots are one interval apart however late their callers wake, so a loaded machine keeps
+//!   the full rate.
 //! - **Unique tasks** ([`Coordination::lock`]): a key held by one task id until it is
 //!   released or its time runs out, so a crashed holder frees it by itself.
 //! - **Concurrency caps** ([`Coordination::acquire`]): `n` slots per key, each leased to a
@@ -34,9 +36,9 @@ use crate::ratelimit::RateLimit;
 /// Keys are the caller's; a store may prefix them. Every method is one atomic step on the
 /// store.
 pub trait Coordination: Send + Sync {
-    /// Asks to start one thing under `limit` for `key`: `Duration::ZERO` when admitted (the
-    /// budget is taken), else how long to wait before asking again (nothing is taken).
-    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Duration>>;
+    /// Asks to start one thing under `limit` for `key`: [`Admission::At`] when admitted (a
+    /// slot is taken; start when it comes), else [`Admission::Wait`] (nothing is taken).
+    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Admission>>;
 
     /// Takes lock `key` for `holder` for `ttl`, unless another holder has it: returns the
     /// holder after the call (`holder` itself when taken, or when it already held it).
@@ -64,19 +66,57 @@ pub trait Coordination: Send + Sync {
     fn release<'a>(&'a self, key: &'a str, holder: &'a str) -> BoxFuture<'a, Result<()>>;
 }
 
-/// GCRA in whole microseconds: given the key's theoretical arrival time `tat` (0: never
-/// used) and `now`, the new `tat` when admitted, or how long to wait. A caller is admitted
-/// from a quarter interval before `tat` on, and moves `tat` one interval past the later of
-/// `tat` and `now`: so callers that wake a little late (a sleep, a round trip to the store)
-/// keep the full rate, and over any long window no more than the rate is admitted. A burst
-/// is at most one call (Celery's per-worker bucket holds one token too).
-pub fn gcra(tat: u64, now: u64, limit: RateLimit) -> std::result::Result<u64, Duration> {
+/// A store's answer to [`Coordination::throttle`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Admitted: the caller holds the slot that begins after this delay (zero: now) and
+    /// starts then.
+    At(Duration),
+    /// Not admitted, nothing taken: ask again after this long.
+    Wait(Duration),
+}
+
+impl Admission {
+    /// Decodes the signed microseconds a store's script or statement returns: a slot's delay
+    /// when zero or more, else minus the wait.
+    pub fn from_micros(us: i64) -> Self {
+        if us >= 0 {
+            Admission::At(Duration::from_micros(us as u64))
+        } else {
+            Admission::Wait(Duration::from_micros(us.unsigned_abs()))
+        }
+    }
+}
+
+/// GCRA with reservations, in whole microseconds: given the key's theoretical arrival time
+/// `tat` (0: never used) and `now`, either the new `tat` and the admitted caller's delay, or
+/// how long to wait. A caller is admitted from one interval before `tat` on; its slot is the
+/// later of `tat` and `now`, and `tat` moves one interval past the slot. Slots are one
+/// interval apart, so callers that wake late (a loaded machine, a round trip to the store)
+/// keep the full rate as long as they ask within an interval of their slot, and no more
+/// than the rate starts over any window. At most one slot ahead is handed out per key (a
+/// slot held by a worker that shuts down is lost, never given twice), and an idle key has no
+/// burst: two callers at once get slots one interval apart.
+pub fn gcra(
+    tat: u64,
+    now: u64,
+    limit: RateLimit,
+) -> std::result::Result<(u64, Duration), Duration> {
     let interval = gcra_interval(limit);
-    let allow_at = tat.saturating_sub(interval / 4);
+    let allow_at = tat.saturating_sub(interval);
     if now >= allow_at {
-        Ok(tat.max(now) + interval)
+        let slot = tat.max(now);
+        Ok((slot + interval, Duration::from_micros(slot - now)))
     } else {
         Err(Duration::from_micros(allow_at - now))
+    }
+}
+
+/// [`gcra`]'s answer as an [`Admission`], with the new `tat` to write when admitted.
+pub fn gcra_admission(tat: u64, now: u64, limit: RateLimit) -> (Admission, Option<u64>) {
+    match gcra(tat, now, limit) {
+        Ok((next, delay)) => (Admission::At(delay), Some(next)),
+        Err(wait) => (Admission::Wait(wait), None),
     }
 }
 
@@ -136,17 +176,15 @@ fn local_micros(now: Instant) -> u64 {
 }
 
 impl Coordination for LocalCoordination {
-    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Duration>> {
+    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Admission>> {
         Box::pin(async move {
             Ok(self.with(|s, now| {
                 let tat = s.tats.get(key).copied().unwrap_or(0);
-                match gcra(tat, local_micros(now), limit) {
-                    Ok(next) => {
-                        s.tats.insert(key.to_owned(), next);
-                        Duration::ZERO
-                    }
-                    Err(wait) => wait,
+                let (admission, next) = gcra_admission(tat, local_micros(now), limit);
+                if let Some(next) = next {
+                    s.tats.insert(key.to_owned(), next);
                 }
+                admission
             }))
         })
     }
@@ -236,23 +274,42 @@ mod tests {
     }
 
     #[test]
-    fn gcra_admits_one_per_interval_and_says_how_long_to_wait() {
+    fn gcra_hands_out_slots_one_interval_apart_and_says_how_long_to_wait() {
         let ten: RateLimit = "10/s".parse().unwrap();
         assert_eq!(gcra_interval(ten), 100_000);
+        let ms = Duration::from_millis;
         let t0 = 5_000_000;
-        let tat = gcra(0, t0, ten).unwrap();
-        assert_eq!(tat, t0 + 100_000);
-        // A second call at once must wait until a quarter interval before the next...
-        assert_eq!(gcra(tat, t0 + 30_000, ten), Err(Duration::from_millis(45)));
-        // ... and then keeps the cadence: the next time is one interval after the last.
-        let tat = gcra(tat, t0 + 75_000, ten).unwrap();
-        assert_eq!(tat, t0 + 200_000);
-        // A late caller moves the time from when it came.
-        let tat = gcra(tat, t0 + 230_000, ten).unwrap();
-        assert_eq!(tat, t0 + 330_000);
-        // Idle for long: the budget does not pile up beyond one.
+        // An unused key: the slot is now.
+        let (tat, delay) = gcra(0, t0, ten).unwrap();
+        assert_eq!((tat, delay), (t0 + 100_000, ms(0)));
+        // A second caller at once gets the next slot, one interval on (no burst)...
+        let (tat, delay) = gcra(tat, t0 + 10_000, ten).unwrap();
+        assert_eq!((tat, delay), (t0 + 200_000, ms(90)));
+        // ... and a third must wait until one interval before the slot after that.
+        assert_eq!(gcra(tat, t0 + 30_000, ten), Err(ms(70)));
+        // Asking late by less than an interval loses nothing: the slot keeps the cadence.
+        let (tat, delay) = gcra(tat, t0 + 150_000, ten).unwrap();
+        assert_eq!((tat, delay), (t0 + 300_000, ms(50)));
+        // A caller later than its slot starts at once, and the cadence moves from then.
+        let (tat, delay) = gcra(tat, t0 + 330_000, ten).unwrap();
+        assert_eq!((tat, delay), (t0 + 430_000, ms(0)));
+        // Idle for long: the budget does not pile up; callers at once are spaced again.
         let later = t0 + 60_000_000;
-        let tat = gcra(tat, later, ten).unwrap();
-        assert!(gcra(tat, later, ten).is_err());
+        let (tat, delay) = gcra(tat, later, ten).unwrap();
+        assert_eq!(delay, ms(0));
+        assert_eq!(gcra(tat, later, ten).unwrap().1, ms(100));
+    }
+
+    #[test]
+    fn admissions_decode_from_signed_micros() {
+        assert_eq!(Admission::from_micros(0), Admission::At(Duration::ZERO));
+        assert_eq!(
+            Admission::from_micros(2_500),
+            Admission::At(Duration::from_micros(2_500))
+        );
+        assert_eq!(
+            Admission::from_micros(-40),
+            Admission::Wait(Duration::from_micros(40))
+        );
     }
 }

@@ -48,7 +48,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use celeriac_core::coord::{Coordination, gcra};
+use celeriac_core::coord::{Admission, Coordination, gcra};
 use celeriac_core::{BoxFuture, Error, ErrorKind, RateLimit, Result};
 use sha2::{Digest, Sha256};
 
@@ -137,7 +137,7 @@ impl MemcachedBackend {
 /// Times are the worker's wall clock, so workers' clocks must agree (NTP); an item memcached
 /// evicts frees its lock or slot early. See `docs/coordination.md`.
 impl Coordination for MemcachedBackend {
-    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Duration>> {
+    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Admission>> {
         Box::pin(async move {
             self.check_open()?;
             let client = self.client();
@@ -150,10 +150,10 @@ impl Coordination for MemcachedBackend {
                     .as_ref()
                     .and_then(|i| std::str::from_utf8(&i.data).ok()?.parse().ok())
                     .unwrap_or(0);
-                let next = match gcra(tat, now, limit) {
-                    Ok(next) => next,
+                let (next, delay) = match gcra(tat, now, limit) {
+                    Ok(admitted) => admitted,
                     // Nothing is written: the caller asks again after the wait.
-                    Err(wait) => return Ok(wait),
+                    Err(wait) => return Ok(Admission::Wait(wait)),
                 };
                 let value = next.to_string();
                 let exp = item_secs(next, now);
@@ -172,7 +172,7 @@ impl Coordination for MemcachedBackend {
                     }
                 };
                 if done {
-                    return Ok(Duration::ZERO);
+                    return Ok(Admission::At(delay));
                 }
             }
             Err(gave_up("throttle", &key))

@@ -27,7 +27,7 @@
 
 use std::time::Duration;
 
-use celeriac_core::coord::Coordination;
+use celeriac_core::coord::{Admission, Coordination};
 use celeriac_core::{BoxFuture, ErrorKind, RateLimit, Result};
 use sqlx::mysql::MySql;
 use sqlx::{Executor as _, Row as _, Transaction};
@@ -156,7 +156,7 @@ impl MysqlBackend {
 /// Cluster rate limits, unique-task locks and concurrency slots as rows (see the module docs),
 /// each step one transaction on the server's clock.
 impl Coordination for MysqlBackend {
-    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Duration>> {
+    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Admission>> {
         Box::pin(async move {
             self.coord_tables().await?;
             let name = format!("rate:{key}");
@@ -166,20 +166,17 @@ impl Coordination for MysqlBackend {
                 let mut tx = pool.begin().await?;
                 let row = lock_key(&mut tx, name).await?;
                 let (tat, now) = (row.until.max(0) as u64, row.now.max(0) as u64);
-                let wait = match celeriac_core::coord::gcra(tat, now, limit) {
-                    Ok(next) => {
-                        sqlx::query(SET_KEY)
-                            .bind(None::<&str>)
-                            .bind(i64::try_from(next).unwrap_or(i64::MAX))
-                            .bind(name)
-                            .execute(&mut *tx)
-                            .await?;
-                        Duration::ZERO
-                    }
-                    Err(wait) => wait,
-                };
+                let (admission, next) = celeriac_core::coord::gcra_admission(tat, now, limit);
+                if let Some(next) = next {
+                    sqlx::query(SET_KEY)
+                        .bind(None::<&str>)
+                        .bind(i64::try_from(next).unwrap_or(i64::MAX))
+                        .bind(name)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 tx.commit().await?;
-                Ok(wait)
+                Ok(admission)
             })
             .await
         })

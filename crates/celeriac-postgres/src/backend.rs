@@ -516,7 +516,7 @@ impl celeriac_core::coord::Coordination for PgBackend {
         &'a self,
         key: &'a str,
         limit: celeriac_core::RateLimit,
-    ) -> BoxFuture<'a, Result<Duration>> {
+    ) -> BoxFuture<'a, Result<celeriac_core::coord::Admission>> {
         Box::pin(async move {
             self.coord_tables().await?;
             let interval = celeriac_core::coord::gcra_interval(limit) as i64;
@@ -531,27 +531,29 @@ impl celeriac_core::coord::Coordination for PgBackend {
                 .execute(&self.store.pool)
                 .await
                 .map_err(|e| self.store.err("cannot throttle on postgres", e))?;
-            // GCRA as in celeriac_core::coord::gcra: admitted from a quarter interval before
-            // the key's time; the upsert moves it only when admitted. Returns the wait (us).
+            // GCRA as in celeriac_core::coord::gcra: admitted from one interval before the
+            // key's time to the later of it and now; the upsert moves it one interval past
+            // that slot only when admitted. Returns the delay to the slot (us), else minus
+            // the wait.
             let sql = self.store.sql(&format!(
                 "WITH now AS (SELECT {NOW_US} AS t), \
                  cur AS (SELECT COALESCE((SELECT until FROM {{s}}coord_keys WHERE key = $1 \
                                           FOR UPDATE), 0) AS tat), \
                  ins AS (INSERT INTO {{s}}coord_keys (key, holder, until) \
                          SELECT $1, NULL, GREATEST(cur.tat, now.t) + $2 FROM cur, now \
-                         WHERE now.t >= cur.tat - $2 / 4 \
+                         WHERE now.t >= cur.tat - $2 \
                          ON CONFLICT (key) DO UPDATE SET until = excluded.until \
                          RETURNING 1) \
-                 SELECT CASE WHEN EXISTS (SELECT 1 FROM ins) THEN 0 \
-                             ELSE cur.tat - $2 / 4 - now.t END FROM cur, now"
+                 SELECT CASE WHEN EXISTS (SELECT 1 FROM ins) THEN GREATEST(cur.tat - now.t, 0) \
+                             ELSE now.t - (cur.tat - $2) END FROM cur, now"
             ));
-            let wait: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
+            let answer: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
                 .bind(&key)
                 .bind(interval)
                 .fetch_one(&self.store.pool)
                 .await
                 .map_err(|e| self.store.err("cannot throttle on postgres", e))?;
-            Ok(Duration::from_micros(wait.max(0) as u64))
+            Ok(celeriac_core::coord::Admission::from_micros(answer))
         })
     }
 

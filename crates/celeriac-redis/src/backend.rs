@@ -889,11 +889,11 @@ impl celeriac_core::coord::Coordination for RedisBackend {
         &'a self,
         key: &'a str,
         limit: celeriac_core::RateLimit,
-    ) -> BoxFuture<'a, Result<Duration>> {
+    ) -> BoxFuture<'a, Result<celeriac_core::coord::Admission>> {
         Box::pin(async move {
             let interval = celeriac_core::coord::gcra_interval(limit);
             // Not retried after a lost reply: the budget may have been taken.
-            let wait: u64 = self
+            let answer: i64 = self
                 .coord(
                     "throttle on redis",
                     &scripts::COORD_THROTTLE,
@@ -902,7 +902,7 @@ impl celeriac_core::coord::Coordination for RedisBackend {
                     true,
                 )
                 .await?;
-            Ok(Duration::from_micros(wait))
+            Ok(celeriac_core::coord::Admission::from_micros(answer))
         })
     }
 

@@ -518,7 +518,8 @@ return 1
 
 /// Cluster rate limits ([`celeriac_core::coord::gcra`], the same arithmetic), on the server's
 /// clock. KEYS: the key's theoretical arrival time. ARGV: the interval in microseconds.
-/// Returns 0 when admitted (the time moved one interval on), else the wait in microseconds.
+/// Returns, in microseconds, the admitted caller's delay to its slot (0 or more; the time
+/// moved one interval past the slot), else minus the wait.
 pub(crate) static COORD_THROTTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -526,10 +527,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-local allow_at = tat - math.floor(interval / 4)
-if now < allow_at then return allow_at - now end
-redis.call('SET', KEYS[1], math.max(tat, now) + interval, 'PX', math.ceil(interval / 1000) * 2 + 1000)
-return 0
+if now < tat - interval then return now - (tat - interval) end
+local slot = math.max(tat, now)
+redis.call('SET', KEYS[1], slot + interval, 'PX', math.ceil((slot + interval - now) / 1000) + 1000)
+return slot - now
 "#,
     )
 });

@@ -391,7 +391,7 @@ impl celeriac_core::coord::Coordination for SqliteBackend {
         &'a self,
         key: &'a str,
         limit: celeriac_core::RateLimit,
-    ) -> BoxFuture<'a, Result<Duration>> {
+    ) -> BoxFuture<'a, Result<celeriac_core::coord::Admission>> {
         Box::pin(async move {
             self.check_open()?;
             let key = format!("rate:{key}");
@@ -405,19 +405,21 @@ impl celeriac_core::coord::Coordination for SqliteBackend {
                         .optional()?
                         .unwrap_or(0);
                     let now = now_us();
-                    match celeriac_core::coord::gcra(tat.max(0) as u64, now.max(0) as u64, limit) {
-                        Ok(next) => {
-                            db.conn
-                                .prepare_cached(
-                                    "INSERT INTO celeriac_coord_keys (key, holder, until) \
-                                     VALUES (?1, NULL, ?2) \
-                                     ON CONFLICT (key) DO UPDATE SET until = excluded.until",
-                                )?
-                                .execute((&key, next as i64))?;
-                            Ok(Duration::ZERO)
-                        }
-                        Err(wait) => Ok(wait),
+                    let (admission, next) = celeriac_core::coord::gcra_admission(
+                        tat.max(0) as u64,
+                        now.max(0) as u64,
+                        limit,
+                    );
+                    if let Some(next) = next {
+                        db.conn
+                            .prepare_cached(
+                                "INSERT INTO celeriac_coord_keys (key, holder, until) \
+                                 VALUES (?1, NULL, ?2) \
+                                 ON CONFLICT (key) DO UPDATE SET until = excluded.until",
+                            )?
+                            .execute((&key, next as i64))?;
                     }
+                    Ok(admission)
                 })
                 .await
         })

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use celeriac_core::coord::{Coordination, UNIQUE_HEADER};
+use celeriac_core::coord::{Admission, Coordination, UNIQUE_HEADER};
 use celeriac_core::{BoxFuture, DynBackend, RateLimitScope, Registry};
 
 use crate::pipeline::{Layer, Next, Outcome, Request};
@@ -111,21 +111,26 @@ impl Layer for CoordinationLayer {
         };
         Box::pin(async move {
             if let Some(limit) = cluster_limit {
-                // This worker's deliveries of the name ask in the order they arrived.
+                // This worker's deliveries of the name ask in the order they arrived; one
+                // admitted to a slot ahead gives up its turn and waits for the slot, so the
+                // next one asks meanwhile (slots come in the order they were handed out).
                 let turns = self.limiter.turns(req.name());
                 let admitted = async {
-                    let _turn = turns.take(req.seq()).await;
-                    loop {
-                        match store.throttle(req.name(), limit).await {
-                            Ok(wait) if wait.is_zero() => return,
-                            Ok(wait) => tokio::time::sleep(wait).await,
-                            Err(e) => {
-                                tracing::warn!(error = %format!("{e:#}"), task = req.name(),
-                                    "cannot reach the cluster rate limit; trying again in 1 s");
-                                tokio::time::sleep(Duration::from_secs(1)).await;
+                    let delay = {
+                        let _turn = turns.take(req.seq()).await;
+                        loop {
+                            match store.throttle(req.name(), limit).await {
+                                Ok(Admission::At(delay)) => break delay,
+                                Ok(Admission::Wait(wait)) => tokio::time::sleep(wait).await,
+                                Err(e) => {
+                                    tracing::warn!(error = %format!("{e:#}"), task = req.name(),
+                                        "cannot reach the cluster rate limit; trying again in 1 s");
+                                    tokio::time::sleep(Duration::from_secs(1)).await;
+                                }
                             }
                         }
-                    }
+                    };
+                    tokio::time::sleep(delay).await;
                 };
                 tokio::select! {
                     biased;

@@ -24,7 +24,7 @@
 
 use std::time::Duration;
 
-use celeriac_core::coord::Coordination;
+use celeriac_core::coord::{Admission, Coordination};
 use celeriac_core::{BoxFuture, Error, ErrorKind, RateLimit, Result};
 
 use super::SqlaBackend;
@@ -280,7 +280,7 @@ impl SqlaBackend {
 /// Cluster rate limits, unique-task locks and concurrency slots beside Celery's tables (see
 /// the module docs), each step one transaction on the server's clock.
 impl Coordination for SqlaBackend {
-    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Duration>> {
+    fn throttle<'a>(&'a self, key: &'a str, limit: RateLimit) -> BoxFuture<'a, Result<Admission>> {
         Box::pin(async move {
             self.coord_tables().await?;
             let c = self.coord_sql();
@@ -292,21 +292,19 @@ impl Coordination for SqlaBackend {
                     let mut tx = p.begin().await.map_err(what)?;
                     let row = lock_key!(tx, c, name).await.map_err(what)?;
                     let (tat, now) = (row.until.max(0) as u64, row.now.max(0) as u64);
-                    let wait = match celeriac_core::coord::gcra(tat, now, limit) {
-                        Ok(next) => {
-                            sqlx::query(sql(&c.set_key))
-                                .bind(None::<&str>)
-                                .bind(i64::try_from(next).unwrap_or(i64::MAX))
-                                .bind(name)
-                                .execute(&mut *tx)
-                                .await
-                                .map_err(what)?;
-                            Duration::ZERO
-                        }
-                        Err(wait) => wait,
-                    };
+                    let (admission, next) =
+                        celeriac_core::coord::gcra_admission(tat, now, limit);
+                    if let Some(next) = next {
+                        sqlx::query(sql(&c.set_key))
+                            .bind(None::<&str>)
+                            .bind(i64::try_from(next).unwrap_or(i64::MAX))
+                            .bind(name)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(what)?;
+                    }
                     tx.commit().await.map_err(what)?;
-                    Ok(wait)
+                    Ok(admission)
                 })
             })
             .await

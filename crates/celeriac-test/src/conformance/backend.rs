@@ -382,50 +382,70 @@ fn coordination<'a>(
     c
 }
 
-/// `throttle` admits one call per interval for a key, tells a caller that is early how long
-/// to wait, and keeps keys apart; concurrent callers together keep the rate.
+/// `throttle` hands out slots one interval apart for a key (the next one up to an interval
+/// ahead), tells a caller that is earlier than that how long to wait, and keeps keys apart;
+/// concurrent callers that start at their slots together keep the rate.
 pub async fn case_coord_throttle(backend: DynBackend) {
+    use celeriac_core::coord::Admission;
     let Some(c) = coordination(&backend, "case_coord_throttle") else {
         return;
     };
     let key = task_id("throttle");
     let ten: celeriac_core::RateLimit = "10/s".parse().unwrap();
-    assert_eq!(c.throttle(&key, ten).await.unwrap(), Duration::ZERO);
-    let wait = c.throttle(&key, ten).await.unwrap();
-    assert!(
-        wait > Duration::ZERO && wait <= Duration::from_millis(100),
-        "a second call at once must wait up to one interval, got {wait:?}"
+    let interval = Duration::from_millis(100);
+    assert_eq!(
+        c.throttle(&key, ten).await.unwrap(),
+        Admission::At(Duration::ZERO),
+        "an unused key's slot is now"
     );
+    match c.throttle(&key, ten).await.unwrap() {
+        Admission::At(d) if d > Duration::ZERO && d <= interval => {}
+        other => {
+            panic!("a second call at once gets the next slot, up to one interval on: {other:?}")
+        }
+    }
+    let wait = match c.throttle(&key, ten).await.unwrap() {
+        Admission::Wait(w) if w > Duration::ZERO && w <= interval => w,
+        other => panic!("a third call at once must wait up to one interval: {other:?}"),
+    };
     let other = task_id("throttle-other");
-    assert_eq!(c.throttle(&other, ten).await.unwrap(), Duration::ZERO);
+    assert_eq!(
+        c.throttle(&other, ten).await.unwrap(),
+        Admission::At(Duration::ZERO)
+    );
     tokio::time::sleep(wait).await;
-    assert_eq!(c.throttle(&key, ten).await.unwrap(), Duration::ZERO);
+    match c.throttle(&key, ten).await.unwrap() {
+        Admission::At(d) if d <= interval => {}
+        other => panic!("after the wait a slot is free: {other:?}"),
+    }
 
-    // Eight callers sharing 100/s: 21 admissions take at least 20 intervals.
+    // Eight callers sharing 100/s, each starting at its slot: 21 starts take at least 20
+    // intervals.
     let key = task_id("throttle-shared");
     let hundred: celeriac_core::RateLimit = "100/s".parse().unwrap();
-    let admitted = std::sync::atomic::AtomicU32::new(0);
+    let started = std::sync::atomic::AtomicU32::new(0);
     let t0 = Instant::now();
     let caller = || async {
         loop {
-            if admitted.load(std::sync::atomic::Ordering::SeqCst) >= 21 {
+            if started.load(std::sync::atomic::Ordering::SeqCst) >= 21 {
                 return;
             }
-            let wait = c.throttle(&key, hundred).await.unwrap();
-            if wait.is_zero() {
-                admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            } else {
-                tokio::time::sleep(wait).await;
+            match c.throttle(&key, hundred).await.unwrap() {
+                Admission::At(delay) => {
+                    tokio::time::sleep(delay).await;
+                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                Admission::Wait(wait) => tokio::time::sleep(wait).await,
             }
         }
     };
     futures_join_all((0..8).map(|_| caller())).await;
-    let n = admitted.load(std::sync::atomic::Ordering::SeqCst);
+    let n = started.load(std::sync::atomic::Ordering::SeqCst);
     let elapsed = t0.elapsed();
     let floor = Duration::from_millis(10) * (n - 1) - CLOCK_TOLERANCE;
     assert!(
         elapsed >= floor,
-        "{n} admissions at 100/s took {elapsed:?}: the budget is not shared"
+        "{n} starts at 100/s took {elapsed:?}: the budget is not shared"
     );
 }
 
