@@ -150,6 +150,8 @@ pub(crate) struct Db {
     messages_changed: bool,
     results_changed: bool,
     broadcast_changed: bool,
+    /// The file's `messages` wake sequence as last read or written here (see [`bump_messages`]).
+    message_seq: i64,
 }
 
 impl Db {
@@ -605,6 +607,7 @@ fn open_db(path: Option<&Path>, busy: Duration, display: &str, kind: ErrorKind) 
         messages_changed: false,
         results_changed: false,
         broadcast_changed: false,
+        message_seq: 0,
     })
 }
 
@@ -689,6 +692,7 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
     // The broadcast sequence last seen here: another process's write that raises it is a
     // broadcast row to read. Wakes nobody in vain when the write was a task or a result.
     let mut seq = broadcast_seq(&db.conn).unwrap_or_default();
+    db.message_seq = message_seq(&db.conn).unwrap_or_default();
     let mut interval = MAX_POLL;
     let mut last_watch = Instant::now();
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(64);
@@ -732,7 +736,23 @@ fn run(mut db: Db, rx: &mpsc::Receiver<Msg>, shared: &Shared) {
                 Ok(v) if v != version => {
                     version = v;
                     interval = MIN_POLL;
-                    shared.messages.notify_waiters();
+                    let grew = match message_seq(&db.conn) {
+                        Ok(s) if s > db.message_seq => {
+                            db.message_seq = s;
+                            true
+                        }
+                        Ok(_) => false,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the sqlite wake sequence");
+                            true
+                        }
+                    };
+                    // Idle consumers fetch only when another process brought messages. A writer
+                    // of an older release raises no sequence: its publishes are found by the
+                    // consumers' recheck (at most a second later).
+                    if grew {
+                        shared.messages.notify_waiters();
+                    }
                     shared.results.notify_waiters();
                     if shared.listeners.load(Ordering::Acquire) > 0 {
                         match broadcast_seq(&db.conn) {
@@ -781,16 +801,35 @@ fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
                 });
             }
         }
-        exec_cached(&db.conn, "COMMIT").map_err(|e| {
-            let err = TxnError::new(&e);
-            let _ = db.conn.execute_batch("ROLLBACK");
-            err
-        })
+        let bumped = if db.messages_changed {
+            Some(bump_messages(&db.conn).map_err(|e| TxnError::new(&e)))
+        } else {
+            None
+        };
+        let bumped = match bumped {
+            Some(Err(e)) => {
+                let _ = db.conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+            Some(Ok(seq)) => Some(seq),
+            None => None,
+        };
+        exec_cached(&db.conn, "COMMIT")
+            .map_err(|e| {
+                let err = TxnError::new(&e);
+                let _ = db.conn.execute_batch("ROLLBACK");
+                err
+            })
+            .map(|()| bumped)
     });
     if let Err(e) = &outcome {
         db.failed(e.code);
     }
-    if outcome.is_ok() {
+    if let Ok(bumped) = &outcome {
+        if let Some(seq) = bumped {
+            // This process's waiters are woken below; only others' bumps are news later.
+            db.message_seq = *seq;
+        }
         if std::mem::take(&mut db.messages_changed) {
             shared.messages.notify_waiters();
         }
@@ -812,6 +851,30 @@ fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
     }
 }
 
+/// Raises the file's `messages` wake sequence in the open transaction; returns the new value.
+///
+/// Every commit that makes messages deliverable (a publish, delayed ones included, a requeue,
+/// prefetched rows given back) raises it, so another process that sees the file change
+/// wakes its idle consumers only when it grew: acks, results and fetches of other processes
+/// change the file far more often and bring no work.
+fn bump_messages(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO celeriac_wake (what, seq) VALUES ('messages', 1) \
+         ON CONFLICT (what) DO UPDATE SET seq = seq + 1 RETURNING seq",
+    )?
+    .query_row([], |r| r.get(0))
+}
+
+/// The file's `messages` wake sequence (0 before the first bump).
+fn message_seq(conn: &Connection) -> rusqlite::Result<i64> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .prepare_cached("SELECT seq FROM celeriac_wake WHERE what = 'messages'")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
 /// Runs a parameterless statement, prepared once.
 fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
@@ -822,7 +885,7 @@ fn release_orphans(db: &mut Db, shared: &Shared) {
     if rows.is_empty() {
         return;
     }
-    let r = (|| -> rusqlite::Result<()> {
+    let r = (|| -> rusqlite::Result<i64> {
         let tx = db
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -835,10 +898,15 @@ fn release_orphans(db: &mut Db, shared: &Shared) {
                 stmt.execute((id, token))?;
             }
         }
-        tx.commit()
+        let seq = bump_messages(&tx)?;
+        tx.commit()?;
+        Ok(seq)
     })();
     match r {
-        Ok(()) => shared.messages.notify_waiters(),
+        Ok(seq) => {
+            db.message_seq = seq;
+            shared.messages.notify_waiters();
+        }
         Err(e) => {
             db.failed(e.sqlite_error_code());
             tracing::warn!(error = %e, rows = rows.len(), "cannot give back prefetched messages; retrying");
@@ -886,6 +954,60 @@ mod tests {
                 Err(e) => assert!(e.is_transient(), "{e:#}"),
             }
         }
+    }
+
+    /// Another process's write that brings no message (a result, an ack) leaves idle
+    /// consumers asleep; one that raises the wake sequence (a publish) wakes them.
+    #[tokio::test]
+    async fn only_writes_that_bring_messages_wake_idle_consumers() {
+        let path = celeriac_test::services::temp_sqlite_path("celeriac_sqlite_wake_seq");
+        let broker = SqliteBroker::open(&path, crate::SqliteOptions::default())
+            .await
+            .unwrap();
+        // Another connection to the file is what another process is to this one.
+        let other = Connection::open(&path).unwrap();
+        let conn = broker.conn();
+        let shared = conn.shared.clone();
+        let _watch = conn.watch();
+        let soon = Duration::from_millis(300);
+        for i in 0..3 {
+            let woken = shared.messages.notified();
+            let stored = shared.results.notified();
+            tokio::pin!(woken, stored);
+            woken.as_mut().enable();
+            stored.as_mut().enable();
+            other
+                .execute(
+                    "INSERT INTO celeriac_results (task_id, status, meta) VALUES (?1, 'SUCCESS', '{}')",
+                    [format!("t{i}")],
+                )
+                .unwrap();
+            conn.wake_watchers();
+            assert!(
+                tokio::time::timeout(soon, &mut woken).await.is_err(),
+                "a result stored by another process woke the consumers"
+            );
+            tokio::time::timeout(Duration::from_secs(2), &mut stored)
+                .await
+                .expect("result waiters hear of another process's store");
+        }
+        let woken = shared.messages.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        other
+            .execute(
+                "INSERT INTO celeriac_messages (queue, priority, state, visible_at, body) \
+                 VALUES ('q', 0, 0, 0, 'x')",
+                [],
+            )
+            .unwrap();
+        bump_messages(&other).unwrap();
+        other.execute_batch("COMMIT").unwrap();
+        conn.wake_watchers();
+        tokio::time::timeout(Duration::from_secs(2), woken)
+            .await
+            .expect("a publish by another process wakes the consumers");
     }
 
     /// When SQLite rolls a batch's transaction back (it does on `SQLITE_FULL`), the commands

@@ -126,11 +126,16 @@
 //! bytes are a valid envelope is not bad: it runs.
 //!
 //! **Waiting.** An idle consumer waits for an in-process notice (fired after a commit that made
-//! messages ready), for the next due time of its queues, or for a change by another process.
-//! The connection thread detects those by reading `PRAGMA data_version` while someone waits: at
-//! once when inotify (Linux) reports a write to the database's `-wal` file, and otherwise by
-//! polling every millisecond right after a change, backing off to every 20 ms. Result waiters
-//! use the same notices. Expired results are invisible at once and deleted by a sweep at most once a
+//! messages ready), for the next due time of its queues, or for another process's publish.
+//! The connection thread detects other processes' writes by reading `PRAGMA data_version`
+//! while someone waits: at once when inotify (Linux) reports a write to the database's `-wal`
+//! file, and otherwise by polling every millisecond right after a change, backing off to every
+//! 20 ms. A changed file wakes the idle consumers only when the file's `messages` wake
+//! sequence (table `celeriac_wake`, raised in the same transaction by every commit that makes
+//! messages deliverable: publishes, requeues, prefetched rows given back) grew: the other
+//! processes' acks, fetches and results, far more frequent, wake nobody in vain. A writer of
+//! an older release raises no sequence; its messages are found by the consumers' recheck, at
+//! most a second later. Result waiters wake on every change. Expired results are invisible at once and deleted by a sweep at most once a
 //! minute, piggybacked on a store.
 //!
 //! **Broadcast.** Sending a control request, a reply or an event is one `INSERT` into

@@ -3,7 +3,7 @@
 use rusqlite::Connection;
 
 /// The schema version this code writes.
-pub(crate) const VERSION: i64 = 3;
+pub(crate) const VERSION: i64 = 4;
 
 /// Every table of version 1. See the crate docs for what each column means.
 const V1: &str = "
@@ -81,10 +81,21 @@ CREATE TABLE IF NOT EXISTS celeriac_coord_slots (
 ) WITHOUT ROWID;
 ";
 
+/// Version 4 adds the wake sequences: `messages` grows with every commit that makes messages
+/// deliverable (publishes, requeues, given-back prefetches), so a process that sees the file
+/// change wakes its idle consumers only when that number grew, not for every ack and result
+/// of other processes (see `conn.rs`).
+const V4: &str = "
+CREATE TABLE IF NOT EXISTS celeriac_wake (
+    what  TEXT    PRIMARY KEY,
+    seq   INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
 /// The steps from an older version: each brings a file from the version before it to its
 /// own. Every statement is idempotent (`IF NOT EXISTS`), so two processes upgrading one file
 /// at once cannot fail on each other.
-const STEPS: [(i64, &str); 3] = [(1, V1), (2, V2), (3, V3)];
+const STEPS: [(i64, &str); 4] = [(1, V1), (2, V2), (3, V3), (4, V4)];
 
 /// Message states (the `state` column).
 pub(crate) const READY: i64 = 0;

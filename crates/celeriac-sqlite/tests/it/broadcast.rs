@@ -308,7 +308,15 @@ async fn a_version_1_file_is_upgraded() {
     let version: i64 = raw
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
+    let wake: i64 = raw
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'celeriac_wake'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(wake, 1, "version 4's wake sequences");
     let mut c = b
         .consume(&["q".to_owned()], ConsumeOptions::new(1))
         .await
