@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use celeriac_core::protocol::envelope;
@@ -326,8 +326,10 @@ impl Broker for PgBroker {
 #[derive(Debug)]
 struct LeasedRow {
     id: i64,
-    /// The row's `deliveries` after this lease: the lease's fencing token.
+    /// The row's `deliveries` after this lease: with `until`, the lease's fencing token.
     token: i32,
+    /// The lease's end as written by the fetch (ms).
+    until: i64,
     queue: String,
     body: String,
     stored: Option<StoredState>,
@@ -409,6 +411,7 @@ async fn fetch(
     let what = "cannot fetch from postgres queue";
     let mut conn = store.fast.acquire().await.map_err(|e| store.err(what, e))?;
     let now = now_ms();
+    let until = now + lease_ms;
     let mut rows = Vec::new();
     let read_at = Instant::now();
     for queue in &queues {
@@ -420,7 +423,7 @@ async fn fetch(
         let got = sqlx::query(AssertSqlSafe(store.sql(&format!("{CANDIDATES}{sql}"))))
             .bind(queue)
             .bind(i64::try_from(left).unwrap_or(i64::MAX))
-            .bind(now + lease_ms)
+            .bind(until)
             .bind(now)
             .fetch_all(&mut *conn)
             .await
@@ -444,6 +447,7 @@ async fn fetch(
                     LeasedRow {
                         id: r.get(0),
                         token: r.get(1),
+                        until,
                         queue: queue.clone(),
                         body: r.get(3),
                         stored,
@@ -478,7 +482,7 @@ async fn fetch(
 
 /// Gives leased rows back as never delivered (a consumer dropped or closed with rows it never
 /// handed out).
-fn release(store: &Arc<Store>, rows: Vec<(i64, i32)>) {
+fn release(store: &Arc<Store>, rows: Vec<(i64, i32, i64)>) {
     if rows.is_empty() || store.pool.is_closed() {
         return;
     }
@@ -487,16 +491,25 @@ fn release(store: &Arc<Store>, rows: Vec<(i64, i32)>) {
     };
     let store = store.clone();
     rt.spawn(async move {
-        let (ids, tokens): (Vec<i64>, Vec<i32>) = rows.into_iter().unzip();
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut tokens = Vec::with_capacity(rows.len());
+        let mut untils = Vec::with_capacity(rows.len());
+        for (id, token, until) in rows {
+            ids.push(id);
+            tokens.push(token);
+            untils.push(until);
+        }
         let r = sqlx::query(AssertSqlSafe(store.sql(
             "WITH u AS (UPDATE {s}messages m SET state = 0, deliveries = m.deliveries - 1 \
-             FROM unnest($1::bigint[], $2::int[]) AS r(id, tok) \
-             WHERE m.id = r.id AND m.deliveries = r.tok AND m.state = 2 RETURNING m.queue) \
+             FROM unnest($1::bigint[], $2::int[], $4::bigint[]) AS r(id, tok, lease) \
+             WHERE m.id = r.id AND m.deliveries = r.tok AND m.visible_at = r.lease \
+               AND m.state = 2 RETURNING m.queue) \
              SELECT pg_notify($3, queue) FROM (SELECT DISTINCT queue FROM u) d",
         )))
         .bind(ids)
         .bind(tokens)
         .bind(&store.hub.queue_ch)
+        .bind(untils)
         .execute(&store.pool)
         .await;
         if let Err(e) = r {
@@ -507,14 +520,21 @@ fn release(store: &Arc<Store>, rows: Vec<(i64, i32)>) {
 
 impl Drop for PgConsumer {
     fn drop(&mut self) {
-        let rows: Vec<_> = self.buffer.drain(..).map(|r| (r.id, r.token)).collect();
+        let rows: Vec<_> = self
+            .buffer
+            .drain(..)
+            .map(|r| (r.id, r.token, r.until))
+            .collect();
         release(&self.store, rows);
         if let Some((handle, _)) = self.pending.take() {
             let store = self.store.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     if let Ok(Ok(f)) = handle.await {
-                        release(&store, f.rows.iter().map(|r| (r.id, r.token)).collect());
+                        release(
+                            &store,
+                            f.rows.iter().map(|r| (r.id, r.token, r.until)).collect(),
+                        );
                     }
                 });
             }
@@ -532,6 +552,7 @@ impl PgConsumer {
             store: self.store.clone(),
             id: row.id,
             token: row.token,
+            until: AtomicI64::new(row.until),
             slots: self.slots.clone(),
             settled: AtomicBool::new(false),
         };
@@ -593,7 +614,11 @@ impl PgConsumer {
         let mut changes = store.hub.queues.subscribe();
         loop {
             if store.is_closed() {
-                let rows: Vec<_> = self.buffer.drain(..).map(|r| (r.id, r.token)).collect();
+                let rows: Vec<_> = self
+                    .buffer
+                    .drain(..)
+                    .map(|r| (r.id, r.token, r.until))
+                    .collect();
                 release(&store, rows);
                 return Ok(None);
             }
@@ -648,6 +673,8 @@ struct PgAcker {
     store: Arc<Store>,
     id: i64,
     token: i32,
+    /// The lease's end as last written by this holder (the fetch, then each extension).
+    until: AtomicI64,
     slots: Arc<Slots>,
     settled: AtomicBool,
 }
@@ -672,40 +699,42 @@ impl Acker for PgAcker {
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.settle();
-            self.store.ack(self.id, self.token).await
+            let until = self.until.load(Ordering::Acquire);
+            self.store.ack(self.id, self.token, until).await
         })
     }
 
     fn reject(&self, requeue: Requeue) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.settle();
+            let until = self.until.load(Ordering::Acquire);
             let q = match requeue {
-                Requeue::Drop => sqlx::query(AssertSqlSafe(
-                    self.store
-                        .sql("DELETE FROM {s}messages WHERE id = $1 AND deliveries = $2"),
-                )),
-                Requeue::Now => sqlx::query(AssertSqlSafe(self.store.sql(
-                    "WITH u AS (UPDATE {s}messages SET state = 0 \
-                     WHERE id = $1 AND deliveries = $2 RETURNING queue) \
-                     SELECT pg_notify($3, queue) FROM u",
+                Requeue::Drop => sqlx::query(AssertSqlSafe(self.store.sql(
+                    "DELETE FROM {s}messages WHERE id = $1 AND deliveries = $2 \
+                     AND visible_at = $3",
                 )))
                 .bind(self.id)
                 .bind(self.token)
-                .bind(&self.store.hub.queue_ch),
-                Requeue::After(d) => sqlx::query(AssertSqlSafe(self.store.sql(
-                    "WITH u AS (UPDATE {s}messages SET state = 1, visible_at = $4 \
-                     WHERE id = $1 AND deliveries = $2 RETURNING queue) \
+                .bind(until),
+                Requeue::Now => sqlx::query(AssertSqlSafe(self.store.sql(
+                    "WITH u AS (UPDATE {s}messages SET state = 0 \
+                     WHERE id = $1 AND deliveries = $2 AND visible_at = $4 RETURNING queue) \
                      SELECT pg_notify($3, queue) FROM u",
                 )))
                 .bind(self.id)
                 .bind(self.token)
                 .bind(&self.store.hub.queue_ch)
-                .bind(now_ms().saturating_add(ms(d))),
-            };
-            let q = if matches!(requeue, Requeue::Drop) {
-                q.bind(self.id).bind(self.token)
-            } else {
-                q
+                .bind(until),
+                Requeue::After(d) => sqlx::query(AssertSqlSafe(self.store.sql(
+                    "WITH u AS (UPDATE {s}messages SET state = 1, visible_at = $4 \
+                     WHERE id = $1 AND deliveries = $2 AND visible_at = $5 RETURNING queue) \
+                     SELECT pg_notify($3, queue) FROM u",
+                )))
+                .bind(self.id)
+                .bind(self.token)
+                .bind(&self.store.hub.queue_ch)
+                .bind(now_ms().saturating_add(ms(d)))
+                .bind(until),
             };
             q.execute(&self.store.fast)
                 .await
@@ -716,13 +745,15 @@ impl Acker for PgAcker {
 
     fn extend_lease(&self, by: Duration) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
+            let until = now_ms().saturating_add(ms(by));
             let r = sqlx::query(AssertSqlSafe(self.store.sql(
                 "UPDATE {s}messages SET state = 2, visible_at = $3 \
-                 WHERE id = $1 AND deliveries = $2",
+                 WHERE id = $1 AND deliveries = $2 AND visible_at = $4",
             )))
             .bind(self.id)
             .bind(self.token)
-            .bind(now_ms().saturating_add(ms(by)))
+            .bind(until)
+            .bind(self.until.load(Ordering::Acquire))
             .execute(&self.store.fast)
             .await
             .map_err(|e| self.store.err("cannot extend postgres lease", e))?;
@@ -731,6 +762,7 @@ impl Acker for PgAcker {
                     "lease lost: the message was settled or handed to another consumer",
                 ));
             }
+            self.until.store(until, Ordering::Release);
             Ok(())
         })
     }

@@ -47,10 +47,14 @@
 //! are grouped: one `DELETE … USING unnest(ids, tokens)` for every ack queued meanwhile, and
 //! publishes likewise (one `INSERT … SELECT FROM unnest(…)` and one notification per queue).
 //!
-//! **Fencing.** The new `deliveries` value is the lease's fencing token: ack, reject and
-//! `extend_lease` touch the row only `WHERE id = $1 AND deliveries = $2`. A worker whose lease
-//! ran out and whose message was handed to another cannot delete or requeue the new copy;
-//! its `extend_lease` fails with "lease lost". Redeliveries are `deliveries - 1`.
+//! **Fencing.** The new `deliveries` value and the lease's end (`visible_at`, moved by each
+//! extension) are the lease's fencing token: ack, reject and `extend_lease` touch the row only
+//! `WHERE id = $1 AND deliveries = $2 AND visible_at = $3`. A worker whose lease ran out and
+//! whose message was handed to another cannot delete or requeue the new copy; its
+//! `extend_lease` fails with "lease lost". The count alone can repeat after a server crash
+//! (fetches commit asynchronously, so the crash can take a lease whose holder still runs the
+//! task, and the next lease has the same count); the lease's end differs. Redeliveries are
+//! `deliveries - 1`.
 //!
 //! **Waking.** Publishing is one statement that inserts and calls `pg_notify` on the schema's
 //! queue channel. Each handle keeps one extra connection in `LISTEN` (its own one-connection

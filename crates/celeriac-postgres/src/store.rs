@@ -166,26 +166,32 @@ impl Store {
 
     /// Acks (deletes) the leased row `id` if it still holds lease `token`, batched with the
     /// acks of other deliveries that arrive meanwhile: one statement and one commit for all.
-    pub(crate) async fn ack(&self, id: i64, token: i32) -> Result<()> {
+    pub(crate) async fn ack(&self, id: i64, token: i32, until: i64) -> Result<()> {
         let tx = self
             .acks
             .get_or_init(|| async {
                 let (tx, rx) = mpsc::unbounded_channel();
                 tokio::spawn(ack_loop(
-                self.fast.clone(),
-                self.sql(
-                    "DELETE FROM {s}messages m USING unnest($1::bigint[], $2::int[]) AS r(id, tok) \
-                     WHERE m.id = r.id AND m.deliveries = r.tok",
-                ),
-                self.kind,
-                rx,
-            ));
+                    self.fast.clone(),
+                    self.sql(
+                        "DELETE FROM {s}messages m \
+                     USING unnest($1::bigint[], $2::int[], $3::bigint[]) AS r(id, tok, lease) \
+                     WHERE m.id = r.id AND m.deliveries = r.tok AND m.visible_at = r.lease",
+                    ),
+                    self.kind,
+                    rx,
+                ));
                 tx
             })
             .await;
         let (reply, answer) = oneshot::channel();
-        tx.send(AckCmd { id, token, reply })
-            .map_err(|_| Error::closed("postgres ack queue"))?;
+        tx.send(AckCmd {
+            id,
+            token,
+            until,
+            reply,
+        })
+        .map_err(|_| Error::closed("postgres ack queue"))?;
         answer
             .await
             .unwrap_or_else(|_| Err(Error::closed("postgres ack queue")))
@@ -420,6 +426,7 @@ impl ListenerTask {
 struct AckCmd {
     id: i64,
     token: i32,
+    until: i64,
     reply: oneshot::Sender<Result<()>>,
 }
 
@@ -436,10 +443,13 @@ async fn ack_loop(
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
-        let (ids, tokens): (Vec<i64>, Vec<i32>) = batch.iter().map(|c| (c.id, c.token)).unzip();
+        let ids: Vec<i64> = batch.iter().map(|c| c.id).collect();
+        let tokens: Vec<i32> = batch.iter().map(|c| c.token).collect();
+        let untils: Vec<i64> = batch.iter().map(|c| c.until).collect();
         let r = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
             .bind(ids)
             .bind(tokens)
+            .bind(untils)
             .execute(&pool)
             .await;
         match r {

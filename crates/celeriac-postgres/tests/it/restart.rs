@@ -229,3 +229,59 @@ async fn a_result_stored_before_a_crash_survives_it_when_the_ack_comes_after() {
     drop(c);
     broker.close().await.unwrap();
 }
+
+/// A lease lost in a crash (its fetch committed asynchronously) and the same message leased
+/// again after the restart, with the same `deliveries` count: the first holder's ack must not
+/// delete the second holder's message, which would then never run again should the second
+/// holder die. The lease's end, part of the fencing token, tells the two leases apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_for_a_lease_lost_in_a_crash_leaves_the_new_lease_alone() {
+    let Some(pg) = PrivatePg::start_with("lease-crash", "-c wal_writer_delay=10s") else {
+        return;
+    };
+    let config = Config::default();
+    let url = pg.url("postgres", PASSWORD, "postgres");
+    let broker = PgBroker::connect(&url, &config).await.unwrap();
+    let m = celeriac_test::services::test_message("t.lease");
+    broker
+        .publish("lease", &m, PublishOptions::default())
+        .await
+        .unwrap();
+    let mut first = broker
+        .consume(&["lease".to_owned()], ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let old = first.next().await.unwrap().expect("the task is delivered");
+    // The fetch's commit is still in the server's WAL buffers: the crash takes the lease.
+    pg.stop();
+    pg.start_again();
+    let other = PgBroker::connect(&url, &config).await.unwrap();
+    let queues = ["lease".to_owned()];
+    let mut second = retry(Duration::from_secs(30), || {
+        other.consume(&queues, ConsumeOptions::new(1))
+    })
+    .await;
+    let new = tokio::time::timeout(Duration::from_secs(30), second.next())
+        .await
+        .expect("the message is ready again after the crash")
+        .unwrap()
+        .expect("delivered again");
+    assert_eq!(new.message.as_ref().unwrap().id(), m.id());
+    assert_eq!(
+        new.redeliveries, 0,
+        "the crash took the first lease's count with it: both leases have one delivery"
+    );
+    let _ = old.ack().await;
+    let left = retry(Duration::from_secs(10), || other.stats("lease")).await;
+    assert_eq!(
+        left.total(),
+        1,
+        "the old holder's ack deleted the message leased to another consumer"
+    );
+    new.ack().await.unwrap();
+    let left = retry(Duration::from_secs(10), || other.stats("lease")).await;
+    assert_eq!(left.total(), 0, "the new holder's ack settles it");
+    drop((first, second));
+    broker.close().await.unwrap();
+    other.close().await.unwrap();
+}
