@@ -1043,8 +1043,11 @@ impl ResultBackend for SqlaBackend {
 
     fn capabilities(&self) -> BackendCapabilities<'_> {
         // Cluster rate limits, unique-task locks and concurrency slots, in tables of
-        // celeriac's own beside Celery's (`backend/coord.rs`).
-        BackendCapabilities::none().coordination(self)
+        // celeriac's own beside Celery's (`backend/coord.rs`). Python workers join chords
+        // here only through `celery.chord_unlock`, which chords sent here therefore send.
+        BackendCapabilities::none()
+            .coordination(self)
+            .chord_unlock()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {

@@ -458,10 +458,13 @@ async fn send(cx: &CanvasLayer, parent: &Request, sig: Signature, chain: Option<
             return;
         }
     };
-    for (gid, ids) in &p.groups {
+    let mut unlocks = Vec::new();
+    for (gid, ids, body) in &p.groups {
         let saved = match cx.backend.as_ref() {
             Some(b) => match b.save_group(gid, ids).await {
-                Ok(()) => announce_chord(&**b, gid, ids.len()).await,
+                Ok(()) => announce_chord(&**b, gid, ids, body)
+                    .await
+                    .map(|unlock| unlocks.extend(unlock)),
                 Err(e) => Err(e),
             },
             None => Err(celeriac_core::Error::config(
@@ -475,6 +478,9 @@ async fn send(cx: &CanvasLayer, parent: &Request, sig: Signature, chain: Option<
     }
     for step in p.steps {
         send_one(cx, parent, step.sig, step.chain).await;
+    }
+    for unlock in unlocks {
+        send_one(cx, parent, unlock, None).await;
     }
 }
 

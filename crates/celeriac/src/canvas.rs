@@ -68,8 +68,15 @@
 //! # Not yet
 //!
 //! A chain or group inside a chord header, a group as a chain's last step (use
-//! [`Group::apply_async`]), and the `celery.chord_unlock` task (needed only by Python clients
-//! on backends without counters). For dataflow graphs see [`crate::flow`].
+//! [`Group::apply_async`]). For dataflow graphs see [`crate::flow`].
+//!
+//! # Python workers
+//!
+//! On Celery's `db+` tables a Python worker counts no chord parts: Celery's clients send a
+//! `celery.chord_unlock` task with the chord, which polls the header's results every second
+//! and then sends the body. A chord sent there sends one too, so Python workers complete it;
+//! celeriac workers complete it through the counter or the unlock, whichever claims it
+//! first.
 
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -175,12 +182,17 @@ pub(crate) async fn send_planned(
         return Ok(());
     }
     let p = celeriac_core::canvas::plan(wire, chain)?;
-    for (gid, ids) in &p.groups {
+    let mut unlocks = Vec::new();
+    for (gid, ids, body) in &p.groups {
         app.backend().save_group(gid, ids).await?;
-        celeriac_core::canvas::announce_chord(&**app.backend(), gid, ids.len()).await?;
+        unlocks
+            .extend(celeriac_core::canvas::announce_chord(&**app.backend(), gid, ids, body).await?);
     }
     for step in p.steps {
         app.send_wire(&step.sig, None, step.chain).await?;
+    }
+    for unlock in unlocks {
+        app.send_wire(&unlock, None, None).await?;
     }
     Ok(())
 }
@@ -639,9 +651,11 @@ impl<P> Chord<P> {
         let frozen = self.header.iter().map(freeze).collect::<Result<Vec<_>>>()?;
         let ids: Vec<String> = frozen.iter().map(|f| f.id.clone()).collect();
         app.backend().save_group(&gid, &ids).await?;
-        if !frozen.is_empty() {
-            celeriac_core::canvas::announce_chord(&**app.backend(), &gid, ids.len()).await?;
-        }
+        let unlock = if frozen.is_empty() {
+            None
+        } else {
+            celeriac_core::canvas::announce_chord(&**app.backend(), &gid, &ids, &body_wire).await?
+        };
         if frozen.is_empty() {
             // Nothing to wait for: the body runs at once with no results.
             let body_wire =
@@ -657,6 +671,9 @@ impl<P> Chord<P> {
             wire.options.insert("group_index".into(), i.into());
             wire.options.insert("chord".into(), chord.clone());
             app.send_wire(&wire, f.options, None).await?;
+        }
+        if let Some(unlock) = unlock {
+            app.send_wire(&unlock, None, None).await?;
         }
         Ok(ChordResult {
             header: GroupResult::from_ids(app, gid, ids),

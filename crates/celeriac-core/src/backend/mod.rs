@@ -231,6 +231,10 @@ pub struct BackendCapabilities<'a> {
     /// Rate limits, locks and slots shared by every worker on this store (cluster rate
     /// limits, unique tasks, concurrency caps; see [`crate::coord`]).
     pub coordination: Option<&'a dyn crate::coord::Coordination>,
+    /// Python workers join chords on this backend only through Celery's
+    /// `celery.chord_unlock` task (they count no chord parts: Celery's `db+` SQL tables), so
+    /// a chord sent here sends one too ([`crate::canvas::announce_chord`]).
+    pub chord_unlock: bool,
 }
 
 impl<'a> BackendCapabilities<'a> {
@@ -273,6 +277,13 @@ impl<'a> BackendCapabilities<'a> {
         self.coordination = Some(store);
         self
     }
+
+    /// Chords here are joined by `celery.chord_unlock` (see [`Self::chord_unlock`]).
+    #[must_use]
+    pub fn chord_unlock(mut self) -> Self {
+        self.chord_unlock = true;
+        self
+    }
 }
 
 impl fmt::Debug for BackendCapabilities<'_> {
@@ -283,6 +294,7 @@ impl fmt::Debug for BackendCapabilities<'_> {
             .field("just_sent", &self.just_sent.is_some())
             .field("probe", &self.probe)
             .field("coordination", &self.coordination.is_some())
+            .field("chord_unlock", &self.chord_unlock)
             .finish()
     }
 }

@@ -25,8 +25,9 @@ pub struct Step {
 pub struct Plan {
     /// The messages, in sending order.
     pub steps: Vec<Step>,
-    /// `(group_id, member task ids)` to save with `save_group` first.
-    pub groups: Vec<(String, Vec<String>)>,
+    /// `(group_id, member task ids, chord body)` of each chord header, to save with
+    /// `save_group` and announce ([`announce_chord`](super::announce_chord)) first.
+    pub groups: Vec<(String, Vec<String>, Signature)>,
 }
 
 /// Flattens a signature that may be a composite map (§3.6 of the wire notes), followed by
@@ -222,7 +223,7 @@ fn plan_chord(
             chain: None,
         });
     }
-    p.groups.push((gid, ids));
+    p.groups.push((gid, ids, body));
     p.steps.extend(steps);
     Ok(())
 }

@@ -400,6 +400,21 @@ async fn our_client_python_worker(server: Server) {
     let remote = err.remote().expect("the task's exception");
     assert_eq!(remote.exc_type, "ValueError");
     assert_eq!(remote.exc_args, vec![json!("from rust")]);
+    // A chord: the Python worker counts no parts on these tables; the celery.chord_unlock
+    // our client sends with it (as Celery's does) joins it there.
+    let c = celeriac::canvas::chord(
+        celeriac::canvas::group((0..4).map(|i| tasks::add::s(i, i).queue(&queue))),
+        celeriac::Signature::<i64>::new("tasks.tsum").queue(&queue),
+    )
+    .apply_async(&app)
+    .await
+    .expect("send the chord");
+    assert_eq!(
+        c.get_timeout(t).await.expect("the chord body on python"),
+        12,
+        "python worker's log:\n{}",
+        py.log()
+    );
     drop(py);
 }
 
