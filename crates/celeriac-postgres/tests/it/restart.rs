@@ -174,6 +174,46 @@ async fn a_server_restart_mid_run_loses_no_acks_late_task() {
     assert_eq!(runs.len(), ids.len());
 }
 
+/// A private server whose WAL writer runs at its slowest (so that an asynchronous commit is
+/// still unwritten at a crash right after it), with one message published to `queue` and
+/// leased by a consumer.
+struct Leased {
+    pg: PrivatePg,
+    url: String,
+    broker: PgBroker,
+    consumer: Box<dyn celeriac_core::Consumer>,
+    delivery: celeriac_core::Delivery,
+    message: celeriac_core::Message,
+}
+
+async fn leased_on_a_slow_wal(name: &str, queue: &str) -> Option<Leased> {
+    let pg = PrivatePg::start_with(name, "-c wal_writer_delay=10s")?;
+    let url = pg.url("postgres", PASSWORD, "postgres");
+    let broker = PgBroker::connect(&url, &Config::default()).await.unwrap();
+    let message = celeriac_test::services::test_message("t.crash");
+    broker
+        .publish(queue, &message, PublishOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = broker
+        .consume(&[queue.to_owned()], ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let delivery = consumer
+        .next()
+        .await
+        .unwrap()
+        .expect("the task is delivered");
+    Some(Leased {
+        pg,
+        url,
+        broker,
+        consumer,
+        delivery,
+        message,
+    })
+}
+
 /// A result store that returned `Ok` survives a crash, even when the task's ack runs only
 /// after the restart (it waited for a connection through the outage). With the store's commit
 /// still in the server's WAL buffers at the crash, the later ack would delete the message of a
@@ -181,24 +221,19 @@ async fn a_server_restart_mid_run_loses_no_acks_late_task() {
 /// asynchronous commit surely is still unwritten at the crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_stored_before_a_crash_survives_it_when_the_ack_comes_after() {
-    let Some(pg) = PrivatePg::start_with("store-crash", "-c wal_writer_delay=10s") else {
+    let Some(Leased {
+        pg,
+        url,
+        broker,
+        consumer: c,
+        delivery: d,
+        message: m,
+    }) = leased_on_a_slow_wal("store-crash", "crash").await
+    else {
         return;
     };
-    let config = Config::default();
-    let url = pg.url("postgres", PASSWORD, "postgres");
-    let broker = PgBroker::connect(&url, &config).await.unwrap();
-    let backend = PgBackend::connect(&url, &config).await.unwrap();
-    let m = celeriac_test::services::test_message("t.crash");
+    let backend = PgBackend::connect(&url, &Config::default()).await.unwrap();
     let id = m.id().to_owned();
-    broker
-        .publish("crash", &m, PublishOptions::default())
-        .await
-        .unwrap();
-    let mut c = broker
-        .consume(&["crash".to_owned()], ConsumeOptions::new(1))
-        .await
-        .unwrap();
-    let d = c.next().await.unwrap().expect("the task is delivered");
     // A publish commits synchronously: it writes out the WAL before it, the delivery's lease
     // included, so the lease survives the crash while the store below may not.
     let other = celeriac_test::services::test_message("t.other");
@@ -236,22 +271,18 @@ async fn a_result_stored_before_a_crash_survives_it_when_the_ack_comes_after() {
 /// holder die. The lease's end, part of the fencing token, tells the two leases apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_for_a_lease_lost_in_a_crash_leaves_the_new_lease_alone() {
-    let Some(pg) = PrivatePg::start_with("lease-crash", "-c wal_writer_delay=10s") else {
+    let Some(Leased {
+        pg,
+        url,
+        broker,
+        consumer: first,
+        delivery: old,
+        message: m,
+    }) = leased_on_a_slow_wal("lease-crash", "lease").await
+    else {
         return;
     };
     let config = Config::default();
-    let url = pg.url("postgres", PASSWORD, "postgres");
-    let broker = PgBroker::connect(&url, &config).await.unwrap();
-    let m = celeriac_test::services::test_message("t.lease");
-    broker
-        .publish("lease", &m, PublishOptions::default())
-        .await
-        .unwrap();
-    let mut first = broker
-        .consume(&["lease".to_owned()], ConsumeOptions::new(1))
-        .await
-        .unwrap();
-    let old = first.next().await.unwrap().expect("the task is delivered");
     // The fetch's commit is still in the server's WAL buffers: the crash takes the lease.
     pg.stop();
     pg.start_again();
