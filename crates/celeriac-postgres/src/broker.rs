@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use celeriac_core::protocol::envelope;
@@ -328,7 +328,8 @@ struct LeasedRow {
     id: i64,
     /// The row's `deliveries` after this lease: with `until`, the lease's fencing token.
     token: i32,
-    /// The lease's end as written by the fetch (ms).
+    /// The lease's first end, written by the fetch to `visible_at` and to `lease`, which
+    /// extensions leave alone (ms).
     until: i64,
     queue: String,
     body: String,
@@ -386,7 +387,8 @@ const CANDIDATES: &str = "WITH r AS (SELECT id FROM {s}messages WHERE queue = $1
        ORDER BY visible_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
      c AS (SELECT m.id FROM {s}messages m WHERE m.id IN (SELECT id FROM r UNION ALL SELECT id FROM d) \
        ORDER BY m.priority DESC, m.id LIMIT $2), \
-     l AS (UPDATE {s}messages m SET state = 2, visible_at = $3, deliveries = m.deliveries + 1 \
+     l AS (UPDATE {s}messages m SET state = 2, visible_at = $3, lease = $3, \
+       deliveries = m.deliveries + 1 \
        FROM c WHERE m.id = c.id RETURNING m.id, m.deliveries, m.priority, m.body, m.task_id) ";
 
 /// Leases rows (see [`CANDIDATES`]).
@@ -502,7 +504,7 @@ fn release(store: &Arc<Store>, rows: Vec<(i64, i32, i64)>) {
         let r = sqlx::query(AssertSqlSafe(store.sql(
             "WITH u AS (UPDATE {s}messages m SET state = 0, deliveries = m.deliveries - 1 \
              FROM unnest($1::bigint[], $2::int[], $4::bigint[]) AS r(id, tok, lease) \
-             WHERE m.id = r.id AND m.deliveries = r.tok AND m.visible_at = r.lease \
+             WHERE m.id = r.id AND m.deliveries = r.tok AND m.lease = r.lease \
                AND m.state = 2 RETURNING m.queue) \
              SELECT pg_notify($3, queue) FROM (SELECT DISTINCT queue FROM u) d",
         )))
@@ -552,7 +554,7 @@ impl PgConsumer {
             store: self.store.clone(),
             id: row.id,
             token: row.token,
-            until: AtomicI64::new(row.until),
+            lease: row.until,
             slots: self.slots.clone(),
             settled: AtomicBool::new(false),
         };
@@ -673,8 +675,8 @@ struct PgAcker {
     store: Arc<Store>,
     id: i64,
     token: i32,
-    /// The lease's end as last written by this holder (the fetch, then each extension).
-    until: AtomicI64,
+    /// The lease's `lease` column (its first end): with `token`, its fencing token.
+    lease: i64,
     slots: Arc<Slots>,
     settled: AtomicBool,
 }
@@ -699,42 +701,40 @@ impl Acker for PgAcker {
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.settle();
-            let until = self.until.load(Ordering::Acquire);
-            self.store.ack(self.id, self.token, until).await
+            self.store.ack(self.id, self.token, self.lease).await
         })
     }
 
     fn reject(&self, requeue: Requeue) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.settle();
-            let until = self.until.load(Ordering::Acquire);
+            let lease = self.lease;
             let q = match requeue {
                 Requeue::Drop => sqlx::query(AssertSqlSafe(self.store.sql(
-                    "DELETE FROM {s}messages WHERE id = $1 AND deliveries = $2 \
-                     AND visible_at = $3",
+                    "DELETE FROM {s}messages WHERE id = $1 AND deliveries = $2 AND lease = $3",
                 )))
                 .bind(self.id)
                 .bind(self.token)
-                .bind(until),
+                .bind(lease),
                 Requeue::Now => sqlx::query(AssertSqlSafe(self.store.sql(
                     "WITH u AS (UPDATE {s}messages SET state = 0 \
-                     WHERE id = $1 AND deliveries = $2 AND visible_at = $4 RETURNING queue) \
+                     WHERE id = $1 AND deliveries = $2 AND lease = $4 RETURNING queue) \
                      SELECT pg_notify($3, queue) FROM u",
                 )))
                 .bind(self.id)
                 .bind(self.token)
                 .bind(&self.store.hub.queue_ch)
-                .bind(until),
+                .bind(lease),
                 Requeue::After(d) => sqlx::query(AssertSqlSafe(self.store.sql(
                     "WITH u AS (UPDATE {s}messages SET state = 1, visible_at = $4 \
-                     WHERE id = $1 AND deliveries = $2 AND visible_at = $5 RETURNING queue) \
+                     WHERE id = $1 AND deliveries = $2 AND lease = $5 RETURNING queue) \
                      SELECT pg_notify($3, queue) FROM u",
                 )))
                 .bind(self.id)
                 .bind(self.token)
                 .bind(&self.store.hub.queue_ch)
                 .bind(now_ms().saturating_add(ms(d)))
-                .bind(until),
+                .bind(lease),
             };
             q.execute(&self.store.fast)
                 .await
@@ -745,15 +745,14 @@ impl Acker for PgAcker {
 
     fn extend_lease(&self, by: Duration) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let until = now_ms().saturating_add(ms(by));
             let r = sqlx::query(AssertSqlSafe(self.store.sql(
                 "UPDATE {s}messages SET state = 2, visible_at = $3 \
-                 WHERE id = $1 AND deliveries = $2 AND visible_at = $4",
+                 WHERE id = $1 AND deliveries = $2 AND lease = $4",
             )))
             .bind(self.id)
             .bind(self.token)
-            .bind(until)
-            .bind(self.until.load(Ordering::Acquire))
+            .bind(now_ms().saturating_add(ms(by)))
+            .bind(self.lease)
             .execute(&self.store.fast)
             .await
             .map_err(|e| self.store.err("cannot extend postgres lease", e))?;
@@ -762,7 +761,6 @@ impl Acker for PgAcker {
                     "lease lost: the message was settled or handed to another consumer",
                 ));
             }
-            self.until.store(until, Ordering::Release);
             Ok(())
         })
     }

@@ -24,9 +24,11 @@
 //! Created on first use, in one transaction under an advisory lock (concurrent starts are
 //! safe), in its own schema; [`schema_sql`] prints it. Times are Unix milliseconds.
 //!
-//! - `messages(id bigserial, queue, priority, state, visible_at, deliveries, task_id, body)`:
-//!   every message; `body` is kombu's JSON envelope. `state` is 0 ready, 1 delayed, 2 leased;
-//!   `visible_at` is the not-before time of a delayed row and the lease expiry of a leased one.
+//! - `messages(id bigserial, queue, priority, state, visible_at, deliveries, task_id, body,
+//!   lease)`: every message; `body` is kombu's JSON envelope. `state` is 0 ready, 1 delayed,
+//!   2 leased; `visible_at` is the not-before time of a delayed row and the lease expiry of a
+//!   leased one; `lease` the current lease's first end (see **Fencing**; added by schema
+//!   version 2, which a process of this release adds to version 1 tables when it opens them).
 //!   Partial indexes `(queue, priority DESC, id) WHERE state = 0` and
 //!   `(queue, visible_at) WHERE state <> 0`.
 //! - `queues(name)`: declared queues.
@@ -47,14 +49,14 @@
 //! are grouped: one `DELETE … USING unnest(ids, tokens)` for every ack queued meanwhile, and
 //! publishes likewise (one `INSERT … SELECT FROM unnest(…)` and one notification per queue).
 //!
-//! **Fencing.** The new `deliveries` value and the lease's end (`visible_at`, moved by each
-//! extension) are the lease's fencing token: ack, reject and `extend_lease` touch the row only
-//! `WHERE id = $1 AND deliveries = $2 AND visible_at = $3`. A worker whose lease ran out and
-//! whose message was handed to another cannot delete or requeue the new copy; its
-//! `extend_lease` fails with "lease lost". The count alone can repeat after a server crash
-//! (fetches commit asynchronously, so the crash can take a lease whose holder still runs the
-//! task, and the next lease has the same count); the lease's end differs. Redeliveries are
-//! `deliveries - 1`.
+//! **Fencing.** The new `deliveries` value and the lease's first end (column `lease`, written
+//! by the fetch, left alone by extensions) are the lease's fencing token: ack, reject and
+//! `extend_lease` touch the row only `WHERE id = $1 AND deliveries = $2 AND lease = $3`. A
+//! worker whose lease ran out and whose message was handed to another cannot delete or requeue
+//! the new copy; its `extend_lease` fails with "lease lost". The count alone can repeat after
+//! a server crash (fetches commit asynchronously, so the crash can take a lease whose holder
+//! still runs the task, and the next lease has the same count); the lease's end differs.
+//! Redeliveries are `deliveries - 1`.
 //!
 //! **Waking.** Publishing is one statement that inserts and calls `pg_notify` on the schema's
 //! queue channel. Each handle keeps one extra connection in `LISTEN` (its own one-connection

@@ -9,7 +9,7 @@
 use sqlx::{AssertSqlSafe, PgConnection};
 
 /// The version written to `meta`; a later release migrates from it.
-pub(crate) const VERSION: i32 = 1;
+pub(crate) const VERSION: i32 = 2;
 
 const DDL: &str = r#"
 CREATE SCHEMA IF NOT EXISTS {s0};
@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS {s}messages (
     visible_at  bigint   NOT NULL,
     deliveries  integer  NOT NULL DEFAULT 0,
     task_id     text,
-    body        text     NOT NULL
+    body        text     NOT NULL,
+    lease       bigint
 );
 CREATE INDEX IF NOT EXISTS messages_ready
     ON {s}messages (queue, priority DESC, id) WHERE state = 0;
@@ -77,6 +78,15 @@ CREATE TABLE IF NOT EXISTS {s}beat_entries (
 INSERT INTO {s}meta (key, value) VALUES ('version', '{version}') ON CONFLICT DO NOTHING;
 "#;
 
+/// From version 1: `messages.lease`, the lease's first end, which with `deliveries` fences
+/// settling (a count alone can repeat after a server crash took a lease; `visible_at` moves
+/// with every extension). Instant in PostgreSQL 11 and later (no default to write).
+/// Processes of version 1 on the same tables keep working: they neither set nor check it.
+const UPGRADE_FROM_1: &str = r#"
+ALTER TABLE {s}messages ADD COLUMN IF NOT EXISTS lease bigint;
+UPDATE {s}meta SET value = '{version}' WHERE key = 'version' AND value = '1';
+"#;
+
 /// The DDL for `schema`, as one script (documentation and `psql` users can read it from
 /// [`crate::schema_sql`]).
 pub(crate) fn ddl(schema: &str) -> String {
@@ -99,14 +109,23 @@ pub(crate) async fn create(conn: &mut PgConnection, schema: &str) -> Result<(), 
         }
         _ => Err(e),
     })?;
-    if present.is_some() {
-        return Ok(());
-    }
+    let upgrade = match present.as_deref() {
+        None => None,
+        Some("1") => Some(UPGRADE_FROM_1),
+        Some(_) => return Ok(()),
+    };
     let mut script = String::from("BEGIN;\n");
     script.push_str(&format!(
         "SELECT pg_advisory_xact_lock(hashtext('celeriac schema {schema}'));\n"
     ));
-    script.push_str(&ddl(schema));
+    match upgrade {
+        Some(steps) => script.push_str(
+            &steps
+                .replace("{s}", &format!("\"{schema}\"."))
+                .replace("{version}", &VERSION.to_string()),
+        ),
+        None => script.push_str(&ddl(schema)),
+    }
     script.push_str("COMMIT;\n");
     let r = sqlx::raw_sql(AssertSqlSafe(script))
         .execute(&mut *conn)

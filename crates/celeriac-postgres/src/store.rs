@@ -176,7 +176,7 @@ impl Store {
                     self.sql(
                         "DELETE FROM {s}messages m \
                      USING unnest($1::bigint[], $2::int[], $3::bigint[]) AS r(id, tok, lease) \
-                     WHERE m.id = r.id AND m.deliveries = r.tok AND m.visible_at = r.lease",
+                     WHERE m.id = r.id AND m.deliveries = r.tok AND m.lease = r.lease",
                     ),
                     self.kind,
                     rx,

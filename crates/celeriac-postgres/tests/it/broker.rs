@@ -60,3 +60,65 @@ fn a_late_ack_of_an_expired_lease_does_not_delete_the_redelivered_message() {
         assert_eq!(broker.stats(&q).await.unwrap().total(), 0);
     });
 }
+
+/// Runs `sql` on the shared test server through `psql`; returns its unaligned output.
+fn psql(sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-At"])
+        .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql {sql:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Tables made by the first release (schema version 1, without `messages.lease`) are
+/// upgraded when a broker opens them: the column is added, the version is 2, and messages
+/// published before the upgrade are delivered, extended and acked under the new fencing.
+#[test]
+fn version_1_tables_are_upgraded() {
+    celeriac_test::conformance::run_case(async {
+        if !available() || !celeriac_test::services::require_program("psql") {
+            return;
+        }
+        let schema = crate::util::fresh_schema("v1");
+        let v1 = celeriac_postgres::schema_sql(&schema)
+            .replace(",\n    lease       bigint\n", "\n")
+            .replace("('version', '2')", "('version', '1')");
+        assert!(
+            !v1.contains("lease       bigint"),
+            "the version 1 DDL: {v1}"
+        );
+        psql(&v1);
+        psql(&format!(
+            "INSERT INTO \"{schema}\".queues VALUES ('old'); \
+             INSERT INTO \"{schema}\".messages (queue, visible_at, body) VALUES ('old', 0, 'x')"
+        ));
+        let broker = PgBroker::open(options(&schema)).await.unwrap();
+        let version = psql(&format!(
+            "SELECT value FROM \"{schema}\".meta WHERE key = 'version'"
+        ));
+        assert_eq!(version, "2");
+        let m = celeriac_test::services::test_message("t.upgraded");
+        broker
+            .publish("new", &m, PublishOptions::default())
+            .await
+            .unwrap();
+        let queues = ["new".to_owned()];
+        let mut c = broker
+            .consume(&queues, ConsumeOptions::new(1))
+            .await
+            .unwrap();
+        let d = c.next().await.unwrap().expect("delivered");
+        d.extend_lease(Duration::from_secs(60)).await.unwrap();
+        d.ack().await.unwrap();
+        assert_eq!(broker.stats("new").await.unwrap().total(), 0);
+        assert_eq!(broker.stats("old").await.unwrap().total(), 1, "kept");
+        broker.close().await.unwrap();
+        psql(&format!("DROP SCHEMA \"{schema}\" CASCADE"));
+    });
+}
