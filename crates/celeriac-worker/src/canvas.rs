@@ -464,7 +464,7 @@ async fn send(cx: &CanvasLayer, parent: &Request, sig: Signature, chain: Option<
             Some(b) => match b.save_group(gid, ids).await {
                 Ok(()) => announce_chord(&**b, gid, ids, body)
                     .await
-                    .map(|unlock| unlocks.extend(unlock)),
+                    .map(|unlock| unlocks.extend(unlock.map(|u| (u, body.task.as_str())))),
                 Err(e) => Err(e),
             },
             None => Err(celeriac_core::Error::config(
@@ -479,7 +479,16 @@ async fn send(cx: &CanvasLayer, parent: &Request, sig: Signature, chain: Option<
     for step in p.steps {
         send_one(cx, parent, step.sig, step.chain).await;
     }
-    for unlock in unlocks {
+    for (mut unlock, body_task) in unlocks {
+        // Where the body goes (its task's queue, else this task's), as Celery routes it.
+        if !unlock.options.contains_key("queue") {
+            let queue = cx
+                .registry
+                .get(body_task)
+                .and_then(|d| d.options.queue.clone())
+                .unwrap_or_else(|| parent.queue.clone());
+            unlock.options.insert("queue".into(), Value::String(queue));
+        }
         send_one(cx, parent, unlock, None).await;
     }
 }

@@ -203,7 +203,7 @@ impl App {
     /// The options task `name` is sent with: its registration's in this app (with the
     /// configuration's `[task_annotations]` applied at build), else `own` (a typed task's
     /// from its definition) or the defaults, with the annotations applied.
-    fn options_for(&self, name: &str, own: Option<TaskOptions>) -> TaskOptions {
+    pub(crate) fn options_for(&self, name: &str, own: Option<TaskOptions>) -> TaskOptions {
         if let Some(d) = self.inner.registry.get(name) {
             return d.options.clone();
         }

@@ -185,16 +185,34 @@ pub(crate) async fn send_planned(
     let mut unlocks = Vec::new();
     for (gid, ids, body) in &p.groups {
         app.backend().save_group(gid, ids).await?;
-        unlocks
-            .extend(celeriac_core::canvas::announce_chord(&**app.backend(), gid, ids, body).await?);
+        if let Some(unlock) =
+            celeriac_core::canvas::announce_chord(&**app.backend(), gid, ids, body).await?
+        {
+            unlocks.push((unlock, body.task.as_str()));
+        }
     }
     for step in p.steps {
         app.send_wire(&step.sig, None, step.chain).await?;
     }
-    for unlock in unlocks {
-        app.send_wire(&unlock, None, None).await?;
+    for (unlock, body_task) in unlocks {
+        send_unlock(app, unlock, body_task, None).await?;
     }
     Ok(())
+}
+
+/// Sends a chord's `celery.chord_unlock` where its body goes, as Celery routes it: the body's
+/// own queue, else its task's (registered, annotated or routed), else the default queue.
+async fn send_unlock(
+    app: &App,
+    mut unlock: celeriac_core::Signature,
+    body_task: &str,
+    body_options: Option<TaskOptions>,
+) -> Result<()> {
+    if !unlock.options.contains_key("queue") {
+        let queue = app.queue_for(body_task, &app.options_for(body_task, body_options));
+        unlock.options.insert("queue".into(), Value::String(queue));
+    }
+    app.send_wire(&unlock, None, None).await.map(|_| ())
 }
 
 /// A composite signature: `task` (`celery.group`, ...) with its members under `kwargs`.
@@ -660,7 +678,7 @@ impl<P> Chord<P> {
             // Nothing to wait for: the body runs at once with no results.
             let body_wire =
                 celeriac_core::canvas::with_parent_value(&body_wire, Value::Array(vec![]));
-            send_planned(app, &body_wire, body.options, None).await?;
+            send_planned(app, &body_wire, body.options.clone(), None).await?;
         }
         let chord = serde_json::to_value(&body_wire)
             .map_err(|e| Error::protocol(format!("cannot encode the chord body: {e}")))?;
@@ -673,7 +691,7 @@ impl<P> Chord<P> {
             app.send_wire(&wire, f.options, None).await?;
         }
         if let Some(unlock) = unlock {
-            app.send_wire(&unlock, None, None).await?;
+            send_unlock(app, unlock, &body_wire.task, body.options).await?;
         }
         Ok(ChordResult {
             header: GroupResult::from_ids(app, gid, ids),

@@ -64,10 +64,12 @@ pub async fn announce_chord(
         .then(|| chord_unlock_call(group_id, ids, body)))
 }
 
-/// Celery's `celery.chord_unlock(group_id, body, interval=1, max_retries=None, result=…)`
+/// Celery's `celery.chord_unlock(group_id, body, interval=None, max_retries=None, result=…)`
 /// call for chord `group_id`, as its clients send it: one second after the header, on the
-/// body's queue and priority; `result` lists each member's `as_tuple()` (`[[id, null],
-/// null]`). It retries every second until every member is ready, then sends the body.
+/// body's queue and priority when the body names them (the sender routes it as the body's
+/// task otherwise); `result` lists each member's `as_tuple()` (`[[id, null], null]`). It
+/// retries every `result_chord_retry_interval` (1 s by default) until every member is ready,
+/// then sends the body.
 pub fn chord_unlock_call(
     group_id: &str,
     ids: &[String],
@@ -76,7 +78,7 @@ pub fn chord_unlock_call(
     use serde_json::{Value, json};
     let body_map = serde_json::to_value(body).unwrap_or(Value::Null);
     let mut call = crate::Signature::new("celery.chord_unlock", vec![json!(group_id), body_map]);
-    call.kwargs.insert("interval".into(), json!(1));
+    call.kwargs.insert("interval".into(), Value::Null);
     call.kwargs.insert("max_retries".into(), Value::Null);
     call.kwargs.insert(
         "result".into(),
@@ -122,7 +124,7 @@ mod tests {
         assert_eq!(
             serde_json::Value::Object(call.kwargs),
             json!({
-                "interval": 1,
+                "interval": null,
                 "max_retries": null,
                 "result": [[["a", null], null], [["b", null], null]],
             })
