@@ -418,6 +418,50 @@ async fn our_client_python_worker(server: Server) {
     drop(py);
 }
 
+/// A chord's `celery.chord_unlock` goes where its body goes, as Celery routes it: a body
+/// naming no queue is routed by its task name, so the unlock is in the routed queue (one
+/// second delayed), not the default one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chords_unlock_is_routed_like_its_body() {
+    let server = Server::Postgres;
+    if !server.ready().await {
+        return;
+    }
+    let queue = celeriac_test::services::unique_queue("sqla-unlock-header");
+    let sums = celeriac_test::services::unique_queue("sqla-unlock-sums");
+    let app = celeriac::App::builder()
+        .broker_url(server.sqla_url())
+        .result_backend(server.db_url())
+        .task::<tasks::add>()
+        .task::<tasks::tsum>()
+        .route("tasks.tsum", sums.clone())
+        .build()
+        .await
+        .expect("an app on sqla+ and db+");
+    celeriac::canvas::chord(
+        celeriac::canvas::group((0..3).map(|i| tasks::add::s(i, i).queue(&queue))),
+        celeriac::Signature::<i64>::new("tasks.tsum"),
+    )
+    .apply_async(&app)
+    .await
+    .expect("send the chord");
+    assert_eq!(app.broker().stats(&queue).await.unwrap().total(), 3);
+    let queues = [sums.clone()];
+    let mut c = app
+        .broker()
+        .consume(&queues, celeriac_core::ConsumeOptions::new(1))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(std::time::Duration::from_secs(10), c.next())
+        .await
+        .expect("the unlock reaches the body's routed queue")
+        .unwrap()
+        .expect("a delivery");
+    let m = d.message.as_ref().unwrap();
+    assert_eq!(m.task(), "celery.chord_unlock");
+    d.ack().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_runs_tasks_on_our_worker_via_postgres() {
     python_client_our_worker(Server::Postgres).await;
