@@ -326,11 +326,11 @@ impl Broker for PgBroker {
 #[derive(Debug)]
 struct LeasedRow {
     id: i64,
-    /// The row's `deliveries` after this lease: with `until`, the lease's fencing token.
+    /// The row's `deliveries` after this lease: with `lease`, the lease's fencing token.
     token: i32,
     /// The lease's first end, written by the fetch to `visible_at` and to `lease`, which
     /// extensions leave alone (ms).
-    until: i64,
+    lease: i64,
     queue: String,
     body: String,
     stored: Option<StoredState>,
@@ -449,7 +449,7 @@ async fn fetch(
                     LeasedRow {
                         id: r.get(0),
                         token: r.get(1),
-                        until,
+                        lease: until,
                         queue: queue.clone(),
                         body: r.get(3),
                         stored,
@@ -493,14 +493,7 @@ fn release(store: &Arc<Store>, rows: Vec<(i64, i32, i64)>) {
     };
     let store = store.clone();
     rt.spawn(async move {
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut tokens = Vec::with_capacity(rows.len());
-        let mut untils = Vec::with_capacity(rows.len());
-        for (id, token, until) in rows {
-            ids.push(id);
-            tokens.push(token);
-            untils.push(until);
-        }
+        let (ids, tokens, leases) = crate::store::fences(rows.into_iter());
         let r = sqlx::query(AssertSqlSafe(store.sql(
             "WITH u AS (UPDATE {s}messages m SET state = 0, deliveries = m.deliveries - 1 \
              FROM unnest($1::bigint[], $2::int[], $4::bigint[]) AS r(id, tok, lease) \
@@ -511,7 +504,7 @@ fn release(store: &Arc<Store>, rows: Vec<(i64, i32, i64)>) {
         .bind(ids)
         .bind(tokens)
         .bind(&store.hub.queue_ch)
-        .bind(untils)
+        .bind(leases)
         .execute(&store.pool)
         .await;
         if let Err(e) = r {
@@ -525,7 +518,7 @@ impl Drop for PgConsumer {
         let rows: Vec<_> = self
             .buffer
             .drain(..)
-            .map(|r| (r.id, r.token, r.until))
+            .map(|r| (r.id, r.token, r.lease))
             .collect();
         release(&self.store, rows);
         if let Some((handle, _)) = self.pending.take() {
@@ -535,7 +528,7 @@ impl Drop for PgConsumer {
                     if let Ok(Ok(f)) = handle.await {
                         release(
                             &store,
-                            f.rows.iter().map(|r| (r.id, r.token, r.until)).collect(),
+                            f.rows.iter().map(|r| (r.id, r.token, r.lease)).collect(),
                         );
                     }
                 });
@@ -554,7 +547,7 @@ impl PgConsumer {
             store: self.store.clone(),
             id: row.id,
             token: row.token,
-            lease: row.until,
+            lease: row.lease,
             slots: self.slots.clone(),
             settled: AtomicBool::new(false),
         };
@@ -619,7 +612,7 @@ impl PgConsumer {
                 let rows: Vec<_> = self
                     .buffer
                     .drain(..)
-                    .map(|r| (r.id, r.token, r.until))
+                    .map(|r| (r.id, r.token, r.lease))
                     .collect();
                 release(&store, rows);
                 return Ok(None);

@@ -166,7 +166,7 @@ impl Store {
 
     /// Acks (deletes) the leased row `id` if it still holds lease `token`, batched with the
     /// acks of other deliveries that arrive meanwhile: one statement and one commit for all.
-    pub(crate) async fn ack(&self, id: i64, token: i32, until: i64) -> Result<()> {
+    pub(crate) async fn ack(&self, id: i64, token: i32, lease: i64) -> Result<()> {
         let tx = self
             .acks
             .get_or_init(|| async {
@@ -188,7 +188,7 @@ impl Store {
         tx.send(AckCmd {
             id,
             token,
-            until,
+            lease,
             reply,
         })
         .map_err(|_| Error::closed("postgres ack queue"))?;
@@ -426,7 +426,7 @@ impl ListenerTask {
 struct AckCmd {
     id: i64,
     token: i32,
-    until: i64,
+    lease: i64,
     reply: oneshot::Sender<Result<()>>,
 }
 
@@ -443,13 +443,11 @@ async fn ack_loop(
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
-        let ids: Vec<i64> = batch.iter().map(|c| c.id).collect();
-        let tokens: Vec<i32> = batch.iter().map(|c| c.token).collect();
-        let untils: Vec<i64> = batch.iter().map(|c| c.until).collect();
+        let (ids, tokens, leases) = fences(batch.iter().map(|c| (c.id, c.token, c.lease)));
         let r = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
             .bind(ids)
             .bind(tokens)
-            .bind(untils)
+            .bind(leases)
             .execute(&pool)
             .await;
         match r {
@@ -473,6 +471,20 @@ async fn ack_loop(
             }
         }
     }
+}
+
+/// Leases' fencing tokens `(id, deliveries, lease)` as the three arrays the settling
+/// statements unnest.
+pub(crate) fn fences(
+    rows: impl Iterator<Item = (i64, i32, i64)>,
+) -> (Vec<i64>, Vec<i32>, Vec<i64>) {
+    let (mut ids, mut tokens, mut leases) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, token, lease) in rows {
+        ids.push(id);
+        tokens.push(token);
+        leases.push(lease);
+    }
+    (ids, tokens, leases)
 }
 
 /// One error shared by the acks of a failed batch.

@@ -801,26 +801,18 @@ fn run_batch(db: &mut Db, batch: &mut Vec<Box<dyn Job>>, shared: &Shared) {
                 });
             }
         }
-        let bumped = if db.messages_changed {
-            Some(bump_messages(&db.conn).map_err(|e| TxnError::new(&e)))
-        } else {
-            None
+        let abort = |e: rusqlite::Error| {
+            let err = TxnError::new(&e);
+            let _ = db.conn.execute_batch("ROLLBACK");
+            err
         };
-        let bumped = match bumped {
-            Some(Err(e)) => {
-                let _ = db.conn.execute_batch("ROLLBACK");
-                return Err(e);
-            }
-            Some(Ok(seq)) => Some(seq),
-            None => None,
-        };
-        exec_cached(&db.conn, "COMMIT")
-            .map_err(|e| {
-                let err = TxnError::new(&e);
-                let _ = db.conn.execute_batch("ROLLBACK");
-                err
-            })
-            .map(|()| bumped)
+        let bumped = db
+            .messages_changed
+            .then(|| bump_messages(&db.conn))
+            .transpose()
+            .map_err(abort)?;
+        exec_cached(&db.conn, "COMMIT").map_err(abort)?;
+        Ok(bumped)
     });
     if let Err(e) = &outcome {
         db.failed(e.code);

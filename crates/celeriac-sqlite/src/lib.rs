@@ -135,8 +135,8 @@
 //! messages deliverable: publishes, requeues, prefetched rows given back) grew: the other
 //! processes' acks, fetches and results, far more frequent, wake nobody in vain. A writer of
 //! an older release raises no sequence; its messages are found by the consumers' recheck, at
-//! most a second later. Result waiters wake on every change. Expired results are invisible at once and deleted by a sweep at most once a
-//! minute, piggybacked on a store.
+//! most a second later. Result waiters wake on every change. Expired results are invisible at
+//! once and deleted by a sweep at most once a minute, piggybacked on a store.
 //!
 //! **Broadcast.** Sending a control request, a reply or an event is one `INSERT` into
 //! `celeriac_broadcast`, group-committed like a publish. An inbox is a cursor over that table:

@@ -70,11 +70,7 @@ pub async fn announce_chord(
 /// task otherwise); `result` lists each member's `as_tuple()` (`[[id, null], null]`). It
 /// retries every `result_chord_retry_interval` (1 s by default) until every member is ready,
 /// then sends the body.
-pub fn chord_unlock_call(
-    group_id: &str,
-    ids: &[String],
-    body: &crate::Signature,
-) -> crate::Signature {
+fn chord_unlock_call(group_id: &str, ids: &[String], body: &crate::Signature) -> crate::Signature {
     use serde_json::{Value, json};
     let body_map = serde_json::to_value(body).unwrap_or(Value::Null);
     let mut call = crate::Signature::new("celery.chord_unlock", vec![json!(group_id), body_map]);

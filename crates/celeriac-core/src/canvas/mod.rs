@@ -40,9 +40,7 @@ mod message;
 mod options;
 mod plan;
 
-pub use chord::{
-    ChordPart, ChordStatus, announce_chord, chord_claim_key, chord_counter_key, chord_unlock_call,
-};
+pub use chord::{ChordPart, ChordStatus, announce_chord, chord_claim_key, chord_counter_key};
 pub use message::{Call, Outgoing, Sender, build_call, build_message, repr, with_parent_value};
 pub use options::{Expires, SendOptions};
 pub use plan::{Plan, Step, chain_of, default_option, expand, plan};
